@@ -1,0 +1,780 @@
+/* module.c — the CPython extension `lorafuse._C`: the only file that sees Python objects.
+ *
+ * Each entry point: parse arguments, validate every array (type, dtype, ndim, shapes against
+ * each other, alignment, writability and aliasing of outputs), allocate missing outputs,
+ * release the GIL, call kernels/, and map a nonzero status to a Python exception.
+ * Inputs may be any float32 ndarray (any strides, negative included: the kernels read through
+ * strides) or any object with __dlpack__ (e.g. a CPU torch tensor), converted zero-copy.
+ * Outputs must be C-contiguous, aligned, writable float32 arrays that overlap no input.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "lorafuse/kernels.h"
+
+#ifndef LORAFUSE_VERSION
+#define LORAFUSE_VERSION "0.0.0"
+#endif
+
+/* ---------------------------------------------------------------- module state */
+
+typedef struct {
+    lf_pool *pool;
+    int in_flight;     /* kernels running with the GIL released (read/written under the GIL) */
+    lf_pool *retired;  /* a pool replaced while kernels were using it; freed when idle */
+    PyObject *from_dlpack; /* numpy.from_dlpack */
+} lf_state;
+
+static lf_state *state_of(PyObject *module) { return (lf_state *)PyModule_GetState(module); }
+
+static void release_retired(lf_state *st) {
+    if (st->retired && st->in_flight == 0) {
+        lf_pool_destroy(st->retired);
+        st->retired = NULL;
+    }
+}
+
+/* Take the pool for one call: the pointer stays valid until pool_release (see set_num_threads). */
+static lf_pool *pool_acquire(lf_state *st) {
+    st->in_flight++;
+    return st->pool;
+}
+
+static void pool_release(lf_state *st) {
+    st->in_flight--;
+    release_retired(st);
+}
+
+/* ---------------------------------------------------------------- errors */
+
+static PyObject *raise_status(int status, const char *func) {
+    switch (status) {
+    case LF_ENOMEM: return PyErr_Format(PyExc_MemoryError, "%s: out of memory for workspace", func);
+    case LF_EOVERFLOW: return PyErr_Format(PyExc_ValueError, "%s: sizes overflow int64", func);
+    case LF_EISA: return PyErr_Format(PyExc_ValueError, "%s: ISA not supported by this CPU", func);
+    default: return PyErr_Format(PyExc_ValueError, "%s: invalid argument (status %d)", func, status);
+    }
+}
+
+static const char *ndarray_type_name(PyObject *obj) { return Py_TYPE(obj)->tp_name; }
+
+/* "(2, 3)" */
+static PyObject *shape_str(PyArrayObject *a) {
+    PyObject *t = PyTuple_New(PyArray_NDIM(a));
+    if (!t) return NULL;
+    for (int d = 0; d < PyArray_NDIM(a); d++)
+        PyTuple_SET_ITEM(t, d, PyLong_FromSsize_t(PyArray_DIM(a, d)));
+    PyObject *s = PyObject_Str(t);
+    Py_DECREF(t);
+    return s;
+}
+
+static void shape_error(const char *func, const char *name, const char *expected, PyArrayObject *a) {
+    PyObject *s = shape_str(a);
+    if (s) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must have shape %s, got %U", func, name, expected, s);
+        Py_DECREF(s);
+    }
+}
+
+/* ---------------------------------------------------------------- array conversion */
+
+/* New reference to a float32 ndarray for obj, or NULL with TypeError naming `name`.
+ * ndarrays are used as they are; objects with __dlpack__ go through numpy.from_dlpack
+ * (zero-copy). Misaligned data is copied (the kernels do aligned element loads). */
+static PyArrayObject *as_f32(lf_state *st, PyObject *obj, const char *func, const char *name) {
+    PyObject *arr = NULL;
+    if (PyArray_Check(obj)) {
+        Py_INCREF(obj);
+        arr = obj;
+    } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
+        arr = PyObject_CallOneArg(st->from_dlpack, obj);
+        if (!arr) return NULL;
+        if (!PyArray_Check(arr)) {
+            Py_DECREF(arr);
+            PyErr_Format(PyExc_TypeError, "%s: %s: from_dlpack did not give an ndarray", func, name);
+            return NULL;
+        }
+    } else {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: %s must be a float32 numpy array or a CPU tensor with __dlpack__, got %s",
+                     func, name, ndarray_type_name(obj));
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)arr;
+    PyArray_Descr *d = PyArray_DESCR(a);
+    if (d->type_num != NPY_FLOAT32 || PyArray_ISBYTESWAPPED(a)) {
+        PyObject *ds = PyObject_Str((PyObject *)d);
+        if (ds) {
+            PyErr_Format(PyExc_TypeError, "%s: %s must be float32 (native byte order), got %U", func,
+                         name, ds);
+            Py_DECREF(ds);
+        }
+        Py_DECREF(arr);
+        return NULL;
+    }
+    if (!PyArray_ISALIGNED(a)) {
+        PyObject *c = PyArray_NewCopy(a, NPY_CORDER);
+        Py_DECREF(arr);
+        return (PyArrayObject *)c;
+    }
+    return a;
+}
+
+/* lowest and one-past-highest byte touched by a */
+static void byte_extent(PyArrayObject *a, char **lo, char **hi) {
+    char *base = PyArray_BYTES(a);
+    *lo = base;
+    *hi = base;
+    if (PyArray_SIZE(a) == 0) return;
+    for (int d = 0; d < PyArray_NDIM(a); d++) {
+        const npy_intp span = (PyArray_DIM(a, d) - 1) * PyArray_STRIDE(a, d);
+        if (span < 0) *lo += span;
+        else *hi += span;
+    }
+    *hi += PyArray_ITEMSIZE(a);
+}
+
+static int overlaps(PyArrayObject *a, PyArrayObject *b) {
+    if (!a || !b || PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
+    char *alo, *ahi, *blo, *bhi;
+    byte_extent(a, &alo, &ahi);
+    byte_extent(b, &blo, &bhi);
+    return alo < bhi && blo < ahi;
+}
+
+/* lf_view of a 2-D float32 array (strides in elements) */
+static lf_view view2(PyArrayObject *a) {
+    lf_view v = {(const float *)PyArray_DATA(a), 0, 0};
+    v.rs = PyArray_STRIDE(a, 0) / (npy_intp)sizeof(float);
+    v.cs = PyArray_STRIDE(a, 1) / (npy_intp)sizeof(float);
+    return v;
+}
+
+/* Flatten leading dims of a (…, last) into (n, last): a view when the strides allow, else a
+ * C-contiguous copy. New reference. */
+static PyArrayObject *flatten_2d(PyArrayObject *a, npy_intp last) {
+    npy_intp dims[2] = {0, last};
+    npy_intp n = 1;
+    for (int d = 0; d < PyArray_NDIM(a) - 1; d++) n *= PyArray_DIM(a, d);
+    dims[0] = n;
+    PyArray_Dims shape = {dims, 2};
+    return (PyArrayObject *)PyArray_Newshape(a, &shape, NPY_CORDER);
+}
+
+/* A new C-contiguous float32 array with shape lead[0:nlead] + (last,). */
+static PyArrayObject *new_output(PyArrayObject *like, npy_intp last) {
+    npy_intp dims[NPY_MAXDIMS];
+    const int nd = PyArray_NDIM(like);
+    for (int d = 0; d < nd - 1; d++) dims[d] = PyArray_DIM(like, d);
+    dims[nd - 1] = last;
+    return (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+}
+
+static PyArrayObject *new_2d(npy_intp rows, npy_intp cols) {
+    npy_intp dims[2] = {rows, cols};
+    return (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+}
+
+/* Output check: float32, C-contiguous, aligned, writable, shape == lead dims of `like` + (last,)
+ * (like == NULL: shape (d0, last)). Returns new reference or NULL. */
+static PyArrayObject *check_output(lf_state *st, PyObject *obj, const char *func, const char *name,
+                                   PyArrayObject *like, npy_intp d0, npy_intp last) {
+    PyArrayObject *o = as_f32(st, obj, func, name);
+    if (!o) return NULL;
+    if (o != (PyArrayObject *)obj && PyArray_Check(obj) && !PyArray_ISALIGNED((PyArrayObject *)obj)) {
+        Py_DECREF(o);
+        PyErr_Format(PyExc_ValueError, "%s: %s must be aligned (results would be lost in a copy)",
+                     func, name);
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(o)) {
+        Py_DECREF(o);
+        PyErr_Format(PyExc_ValueError, "%s: %s must be C-contiguous", func, name);
+        return NULL;
+    }
+    if (!PyArray_ISWRITEABLE(o)) {
+        Py_DECREF(o);
+        PyErr_Format(PyExc_ValueError, "%s: %s is read-only", func, name);
+        return NULL;
+    }
+    int ok;
+    if (like) {
+        ok = PyArray_NDIM(o) == PyArray_NDIM(like);
+        for (int d = 0; ok && d < PyArray_NDIM(like) - 1; d++)
+            ok = PyArray_DIM(o, d) == PyArray_DIM(like, d);
+        ok = ok && PyArray_DIM(o, PyArray_NDIM(o) - 1) == last;
+    } else {
+        ok = PyArray_NDIM(o) == 2 && PyArray_DIM(o, 0) == d0 && PyArray_DIM(o, 1) == last;
+    }
+    if (!ok) {
+        char expected[96];
+        if (like) snprintf(expected, sizeof expected, "(..., %ld) with the input's leading dims", (long)last);
+        else snprintf(expected, sizeof expected, "(%ld, %ld)", (long)d0, (long)last);
+        shape_error(func, name, expected, o);
+        Py_DECREF(o);
+        return NULL;
+    }
+    return o;
+}
+
+static int check_ndim(const char *func, const char *name, PyArrayObject *a, int ndim, const char *what) {
+    if (ndim > 0 ? PyArray_NDIM(a) == ndim : PyArray_NDIM(a) >= 1) return 0;
+    shape_error(func, name, what, a);
+    return -1;
+}
+
+static int check_dim(const char *func, const char *name, const char *expected, PyArrayObject *a,
+                     int axis, npy_intp want) {
+    if (PyArray_DIM(a, axis) == want) return 0;
+    shape_error(func, name, expected, a);
+    return -1;
+}
+
+static int parse_scale(PyObject *obj, const char *func, const char *name, float *out) {
+    if (!PyNumber_Check(obj) || PyBool_Check(obj) || PyComplex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a real number, got %s", func, name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+static int parse_dropout(PyObject *pobj, PyObject *seedobj, const char *func, float *p, uint64_t *seed) {
+    if (parse_scale(pobj, func, "dropout_p", p)) return -1;
+    if (!(*p >= 0.0f && *p < 1.0f)) {
+        PyErr_Format(PyExc_ValueError, "%s: dropout_p must be in [0, 1), got %R", func, pobj);
+        return -1;
+    }
+    if (!PyLong_Check(seedobj)) {
+        PyErr_Format(PyExc_TypeError, "%s: seed must be an int, got %s", func, Py_TYPE(seedobj)->tp_name);
+        return -1;
+    }
+    *seed = PyLong_AsUnsignedLongLong(seedobj);
+    if (PyErr_Occurred()) {
+        PyErr_Format(PyExc_ValueError, "%s: seed must be in [0, 2**64), got %R", func, seedobj);
+        return -1;
+    }
+    return 0;
+}
+
+/* x for dropout must be C-contiguous (mask index = flat offset): copy if it is not. */
+static PyArrayObject *contiguous_if(PyArrayObject *a, int needed) {
+    if (!needed || PyArray_IS_C_CONTIGUOUS(a)) {
+        Py_INCREF(a);
+        return a;
+    }
+    return (PyArrayObject *)PyArray_NewCopy(a, NPY_CORDER);
+}
+
+#define MAX_ARRS 16
+typedef struct {
+    PyArrayObject *a[MAX_ARRS];
+    int n;
+} arr_list;
+
+static PyArrayObject *keep(arr_list *l, PyArrayObject *a) {
+    if (a) l->a[l->n++] = a;
+    return a;
+}
+
+static void drop_all(arr_list *l) {
+    for (int i = 0; i < l->n; i++) Py_XDECREF(l->a[i]);
+    l->n = 0;
+}
+
+/* Reject an output that overlaps any of the inputs. */
+static int check_no_alias(const char *func, const char *oname, PyArrayObject *o, PyArrayObject **ins,
+                          const char **names, int nin) {
+    for (int i = 0; i < nin; i++) {
+        if (overlaps(o, ins[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: output %s overlaps input %s in memory", func, oname,
+                         names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- lora_forward */
+
+PyDoc_STRVAR(lora_forward_doc,
+"lora_forward(x, W, A, B, scale, bias=None, out=None, u_out=None, dropout_p=0.0, seed=0,\n"
+"             fan_in_fan_out=False) -> (y, u)\n\n"
+"y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ, u = x̃·Aᵀ. x (..., k); W (m, k) or (k, m) if fan_in_fan_out;\n"
+"A (r, k); B (m, r); bias (m,). Returns y (..., m) and u (..., r).");
+
+static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "lora_forward";
+    static char *kwlist[] = {"x", "W", "A", "B", "scale", "bias", "out", "u_out", "dropout_p",
+                             "seed", "fan_in_fan_out", NULL};
+    PyObject *ox, *oW, *oA, *oB, *oscale, *obias = Py_None, *oy = Py_None, *ou = Py_None;
+    PyObject *op = NULL, *oseed = NULL;
+    int fifo = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOp:lora_forward", kwlist, &ox, &oW, &oA,
+                                     &oB, &oscale, &obias, &oy, &ou, &op, &oseed, &fifo))
+        return NULL;
+    lf_state *st = state_of(self);
+    float scale, p = 0.0f;
+    uint64_t seed = 0;
+    if (parse_scale(oscale, F, "scale", &scale)) return NULL;
+    PyObject *zero = NULL;
+    if (!op || !oseed) zero = PyLong_FromLong(0);
+    if (parse_dropout(op ? op : zero, oseed ? oseed : zero, F, &p, &seed)) {
+        Py_XDECREF(zero);
+        return NULL;
+    }
+    Py_XDECREF(zero);
+    arr_list L = {{0}, 0};
+    PyArrayObject *x, *W, *A, *B, *bias = NULL, *y = NULL, *u = NULL, *x2, *y2, *u2;
+    if (!(x = keep(&L, as_f32(st, ox, F, "x"))) || check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
+    if (!(W = keep(&L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", W, 2, fifo ? "(k, m)" : "(m, k)"))
+        goto fail;
+    if (!(A = keep(&L, as_f32(st, oA, F, "A"))) || check_ndim(F, "A", A, 2, "(r, k)")) goto fail;
+    if (!(B = keep(&L, as_f32(st, oB, F, "B"))) || check_ndim(F, "B", B, 2, "(m, r)")) goto fail;
+    const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), r = PyArray_DIM(A, 0);
+    if (check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
+                  fifo ? 0 : 1, k) ||
+        check_dim(F, "A", "(r, k) with k = x.shape[-1]", A, 1, k) ||
+        check_dim(F, "B", "(m, r) with m, r from W and A", B, 0, m) ||
+        check_dim(F, "B", "(m, r) with m, r from W and A", B, 1, r))
+        goto fail;
+    if (obias != Py_None) {
+        if (!(bias = keep(&L, as_f32(st, obias, F, "bias"))) || check_ndim(F, "bias", bias, 1, "(m,)") ||
+            check_dim(F, "bias", "(m,) with m from W", bias, 0, m))
+            goto fail;
+        if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
+            goto fail;
+    }
+    y = keep(&L, oy == Py_None ? new_output(x, m) : check_output(st, oy, F, "out", x, 0, m));
+    u = keep(&L, ou == Py_None ? new_output(x, r) : check_output(st, ou, F, "u_out", x, 0, r));
+    if (!y || !u) goto fail;
+    {
+        PyArrayObject *ins[] = {x, W, A, B, bias};
+        const char *names[] = {"x", "W", "A", "B", "bias"};
+        if (check_no_alias(F, "out", y, ins, names, 5) || check_no_alias(F, "u_out", u, ins, names, 5))
+            goto fail;
+        if (overlaps(y, u)) {
+            PyErr_Format(PyExc_ValueError, "%s: out and u_out overlap in memory", F);
+            goto fail;
+        }
+    }
+    if (!(x2 = keep(&L, flatten_2d(x, k))) || !(x2 = keep(&L, contiguous_if(x2, p > 0.0f))) ||
+        !(y2 = keep(&L, flatten_2d(y, m))) || !(u2 = keep(&L, flatten_2d(u, r))))
+        goto fail;
+    {
+        const npy_intp n = PyArray_DIM(x2, 0);
+        lf_view vx = view2(x2), vW = view2(W), vA = view2(A), vB = view2(B);
+        if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs}; /* Conv1D stores Wᵀ: read it transposed */
+        const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
+        float *py = (float *)PyArray_DATA(y2), *pu = (float *)PyArray_DATA(u2);
+        lf_pool *pool = pool_acquire(st);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu);
+        Py_END_ALLOW_THREADS
+        pool_release(st);
+        if (status) {
+            raise_status(status, F);
+            goto fail;
+        }
+    }
+    PyObject *res = PyTuple_Pack(2, (PyObject *)y, (PyObject *)u);
+    drop_all(&L);
+    return res;
+fail:
+    drop_all(&L);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- lora_backward */
+
+PyDoc_STRVAR(lora_backward_doc,
+"lora_backward(g, x, u, W, A, B, scale, need_dx=True, dropout_p=0.0, seed=0, fan_in_fan_out=False,\n"
+"              dx_out=None, dA_out=None, dB_out=None) -> (dx or None, dA, dB)\n\n"
+"Adapter-only gradients: v = g·B, dB = scale·gᵀ·u, dA = scale·vᵀ·x̃, dx = g·W + scale·drop'(v·A).");
+
+static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "lora_backward";
+    static char *kwlist[] = {"g", "x", "u", "W", "A", "B", "scale", "need_dx", "dropout_p", "seed",
+                             "fan_in_fan_out", "dx_out", "dA_out", "dB_out", NULL};
+    PyObject *og, *ox, *ou, *oW, *oA, *oB, *oscale, *op = NULL, *oseed = NULL;
+    PyObject *odx = Py_None, *odA = Py_None, *odB = Py_None;
+    int need_dx = 1, fifo = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|pOOpOOO:lora_backward", kwlist, &og, &ox, &ou,
+                                     &oW, &oA, &oB, &oscale, &need_dx, &op, &oseed, &fifo, &odx, &odA,
+                                     &odB))
+        return NULL;
+    lf_state *st = state_of(self);
+    float scale, p = 0.0f;
+    uint64_t seed = 0;
+    if (parse_scale(oscale, F, "scale", &scale)) return NULL;
+    PyObject *zero = NULL;
+    if (!op || !oseed) zero = PyLong_FromLong(0);
+    if (parse_dropout(op ? op : zero, oseed ? oseed : zero, F, &p, &seed)) {
+        Py_XDECREF(zero);
+        return NULL;
+    }
+    Py_XDECREF(zero);
+    arr_list L = {{0}, 0};
+    PyArrayObject *g, *x, *u, *W, *A, *B, *dx = NULL, *dA, *dB, *g2, *x2, *u2, *dx2 = NULL;
+    if (!(g = keep(&L, as_f32(st, og, F, "g"))) || check_ndim(F, "g", g, 0, "(..., m)")) goto fail;
+    if (!(x = keep(&L, as_f32(st, ox, F, "x"))) || check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
+    if (!(u = keep(&L, as_f32(st, ou, F, "u"))) || check_ndim(F, "u", u, 0, "(..., r)")) goto fail;
+    if (!(W = keep(&L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", W, 2, fifo ? "(k, m)" : "(m, k)"))
+        goto fail;
+    if (!(A = keep(&L, as_f32(st, oA, F, "A"))) || check_ndim(F, "A", A, 2, "(r, k)")) goto fail;
+    if (!(B = keep(&L, as_f32(st, oB, F, "B"))) || check_ndim(F, "B", B, 2, "(m, r)")) goto fail;
+    const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), r = PyArray_DIM(A, 0);
+    if (check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
+                  fifo ? 0 : 1, k) ||
+        check_dim(F, "A", "(r, k) with k = x.shape[-1]", A, 1, k) ||
+        check_dim(F, "B", "(m, r) with m, r from W and A", B, 0, m) ||
+        check_dim(F, "B", "(m, r) with m, r from W and A", B, 1, r))
+        goto fail;
+    /* g and u must share x's leading dims */
+    {
+        int ok = PyArray_NDIM(g) == PyArray_NDIM(x) && PyArray_NDIM(u) == PyArray_NDIM(x) &&
+                 PyArray_DIM(g, PyArray_NDIM(g) - 1) == m && PyArray_DIM(u, PyArray_NDIM(u) - 1) == r;
+        for (int d = 0; ok && d < PyArray_NDIM(x) - 1; d++)
+            ok = PyArray_DIM(g, d) == PyArray_DIM(x, d) && PyArray_DIM(u, d) == PyArray_DIM(x, d);
+        if (!ok) {
+            PyObject *sg = shape_str(g), *su = shape_str(u), *sx = shape_str(x);
+            if (sg && su && sx)
+                PyErr_Format(PyExc_ValueError,
+                             "%s: g must have shape (..., m=%ld) and u (..., r=%ld) with x's leading "
+                             "dims; got g %U, u %U, x %U", F, (long)m, (long)r, sg, su, sx);
+            Py_XDECREF(sg);
+            Py_XDECREF(su);
+            Py_XDECREF(sx);
+            goto fail;
+        }
+    }
+    if (need_dx) {
+        dx = keep(&L, odx == Py_None ? new_output(x, k) : check_output(st, odx, F, "dx_out", x, 0, k));
+        if (!dx) goto fail;
+    }
+    dA = keep(&L, odA == Py_None ? new_2d(r, k)
+                                 : check_output(st, odA, F, "dA_out", NULL, r, k));
+    dB = keep(&L, odB == Py_None ? new_2d(m, r)
+                                 : check_output(st, odB, F, "dB_out", NULL, m, r));
+    if (!dA || !dB) goto fail;
+    {
+        PyArrayObject *ins[] = {g, x, u, W, A, B};
+        const char *names[] = {"g", "x", "u", "W", "A", "B"};
+        PyArrayObject *outs[] = {dx, dA, dB};
+        const char *onames[] = {"dx_out", "dA_out", "dB_out"};
+        for (int i = 0; i < 3; i++) {
+            if (outs[i] && check_no_alias(F, onames[i], outs[i], ins, names, 6)) goto fail;
+            for (int j = i + 1; j < 3; j++)
+                if (outs[i] && outs[j] && overlaps(outs[i], outs[j])) {
+                    PyErr_Format(PyExc_ValueError, "%s: outputs %s and %s overlap in memory", F,
+                                 onames[i], onames[j]);
+                    goto fail;
+                }
+        }
+    }
+    if (!(g2 = keep(&L, flatten_2d(g, m))) || !(x2 = keep(&L, flatten_2d(x, k))) ||
+        !(x2 = keep(&L, contiguous_if(x2, p > 0.0f))) || !(u2 = keep(&L, flatten_2d(u, r))))
+        goto fail;
+    if (dx && !(dx2 = keep(&L, flatten_2d(dx, k)))) goto fail;
+    {
+        const npy_intp n = PyArray_DIM(x2, 0);
+        lf_view vg = view2(g2), vx = view2(x2), vu = view2(u2), vW = view2(W), vA = view2(A), vB = view2(B);
+        if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
+        float *pdx = dx2 ? (float *)PyArray_DATA(dx2) : NULL;
+        float *pdA = (float *)PyArray_DATA(dA), *pdB = (float *)PyArray_DATA(dB);
+        lf_pool *pool = pool_acquire(st);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = lf_lora_backward_f32(pool, n, k, m, r, vg, vx, vu, vW, vA, vB, scale, p, seed, pdx,
+                                      pdA, pdB);
+        Py_END_ALLOW_THREADS
+        pool_release(st);
+        if (status) {
+            raise_status(status, F);
+            goto fail;
+        }
+    }
+    PyObject *res = PyTuple_Pack(3, dx ? (PyObject *)dx : Py_None, (PyObject *)dA, (PyObject *)dB);
+    drop_all(&L);
+    return res;
+fail:
+    drop_all(&L);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- merge */
+
+PyDoc_STRVAR(merge_doc,
+"merge(W, A, B, scale, fan_in_fan_out=False)\n\n"
+"In place: W += scale·B·A, or Wᵀ (stored (k, m)) += scale·(B·A)ᵀ when fan_in_fan_out.\n"
+"Pass -scale to unmerge.");
+
+static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "merge";
+    static char *kwlist[] = {"W", "A", "B", "scale", "fan_in_fan_out", NULL};
+    PyObject *oW, *oA, *oB, *oscale;
+    int fifo = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|p:merge", kwlist, &oW, &oA, &oB, &oscale, &fifo))
+        return NULL;
+    lf_state *st = state_of(self);
+    float scale;
+    if (parse_scale(oscale, F, "scale", &scale)) return NULL;
+    arr_list L = {{0}, 0};
+    PyArrayObject *A, *B, *W;
+    if (!(A = keep(&L, as_f32(st, oA, F, "A"))) || check_ndim(F, "A", A, 2, "(r, k)")) goto fail;
+    if (!(B = keep(&L, as_f32(st, oB, F, "B"))) || check_ndim(F, "B", B, 2, "(m, r)")) goto fail;
+    const npy_intp r = PyArray_DIM(A, 0), k = PyArray_DIM(A, 1), m = PyArray_DIM(B, 0);
+    if (check_dim(F, "B", "(m, r) with r = A.shape[0]", B, 1, r)) goto fail;
+    if (!(W = keep(&L, check_output(st, oW, F, "W", NULL, fifo ? k : m, fifo ? m : k)))) goto fail;
+    {
+        PyArrayObject *ins[] = {A, B};
+        const char *names[] = {"A", "B"};
+        if (check_no_alias(F, "W", W, ins, names, 2)) goto fail;
+    }
+    {
+        /* W (m,k) += s·B·A   or   Wᵀ (k,m) += s·Aᵀ·Bᵀ */
+        lf_view vA = view2(A), vB = view2(B);
+        lf_view left = fifo ? (lf_view){vA.p, vA.cs, vA.rs} : vB;
+        lf_view right = fifo ? (lf_view){vB.p, vB.cs, vB.rs} : vA;
+        const npy_intp M = fifo ? k : m, N = fifo ? m : k;
+        float *pw = (float *)PyArray_DATA(W);
+        lf_pool *pool = pool_acquire(st);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = lf_sgemm(pool, M, N, r, scale, left, right, 1.0f, NULL, pw, N);
+        Py_END_ALLOW_THREADS
+        pool_release(st);
+        if (status) {
+            raise_status(status, F);
+            goto fail;
+        }
+    }
+    drop_all(&L);
+    Py_RETURN_NONE;
+fail:
+    drop_all(&L);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- sgemm */
+
+PyDoc_STRVAR(sgemm_doc,
+"sgemm(a, b, alpha=1.0, bias=None, out=None) -> c\n\n"
+"c (M, N) = alpha·a (M, K)·b (K, N) + bias (N,): lorafuse's packed GEMM on its own.");
+
+static PyObject *py_sgemm(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "sgemm";
+    static char *kwlist[] = {"a", "b", "alpha", "bias", "out", NULL};
+    PyObject *oa, *ob, *oalpha = NULL, *obias = Py_None, *oc = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO:sgemm", kwlist, &oa, &ob, &oalpha, &obias, &oc))
+        return NULL;
+    lf_state *st = state_of(self);
+    float alpha = 1.0f;
+    if (oalpha && parse_scale(oalpha, F, "alpha", &alpha)) return NULL;
+    arr_list L = {{0}, 0};
+    PyArrayObject *a, *b, *bias = NULL, *c;
+    if (!(a = keep(&L, as_f32(st, oa, F, "a"))) || check_ndim(F, "a", a, 2, "(M, K)")) goto fail;
+    if (!(b = keep(&L, as_f32(st, ob, F, "b"))) || check_ndim(F, "b", b, 2, "(K, N)")) goto fail;
+    const npy_intp M = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), N = PyArray_DIM(b, 1);
+    if (check_dim(F, "b", "(K, N) with K = a.shape[1]", b, 0, K)) goto fail;
+    if (obias != Py_None) {
+        if (!(bias = keep(&L, as_f32(st, obias, F, "bias"))) || check_ndim(F, "bias", bias, 1, "(N,)") ||
+            check_dim(F, "bias", "(N,) with N = b.shape[1]", bias, 0, N))
+            goto fail;
+        if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
+            goto fail;
+    }
+    c = keep(&L, oc == Py_None ? new_2d(M, N)
+                               : check_output(st, oc, F, "out", NULL, M, N));
+    if (!c) goto fail;
+    {
+        PyArrayObject *ins[] = {a, b, bias};
+        const char *names[] = {"a", "b", "bias"};
+        if (check_no_alias(F, "out", c, ins, names, 3)) goto fail;
+        const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
+        lf_view va = view2(a), vb = view2(b);
+        float *pc = (float *)PyArray_DATA(c);
+        lf_pool *pool = pool_acquire(st);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = lf_sgemm(pool, M, N, K, alpha, va, vb, 0.0f, pb, pc, N);
+        Py_END_ALLOW_THREADS
+        pool_release(st);
+        if (status) {
+            raise_status(status, F);
+            goto fail;
+        }
+    }
+    Py_INCREF(c);
+    drop_all(&L);
+    return (PyObject *)c;
+fail:
+    drop_all(&L);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- dropout */
+
+PyDoc_STRVAR(dropout_doc,
+"dropout(x, dropout_p, seed) -> x̃\n\n"
+"x̃ = x ⊙ mask / (1-p) with the exact counter-based mask the LoRA kernels regenerate.");
+
+static PyObject *py_dropout(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "dropout";
+    static char *kwlist[] = {"x", "dropout_p", "seed", NULL};
+    PyObject *ox, *op, *oseed;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:dropout", kwlist, &ox, &op, &oseed)) return NULL;
+    lf_state *st = state_of(self);
+    float p;
+    uint64_t seed;
+    if (parse_dropout(op, oseed, F, &p, &seed)) return NULL;
+    PyArrayObject *x = as_f32(st, ox, F, "x"), *xc = NULL, *out = NULL;
+    if (!x) return NULL;
+    if (check_ndim(F, "x", x, 2, "(n, k)") || !(xc = contiguous_if(x, 1))) goto done;
+    out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(xc), NPY_FLOAT32);
+    if (!out) goto done;
+    {
+        const npy_intp n = PyArray_DIM(xc, 0), k = PyArray_DIM(xc, 1);
+        const float *px = (const float *)PyArray_DATA(xc);
+        float *po = (float *)PyArray_DATA(out);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = lf_dropout_f32(NULL, n, k, px, p, seed, po);
+        Py_END_ALLOW_THREADS
+        if (status) {
+            raise_status(status, F);
+            Py_CLEAR(out);
+        }
+    }
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(xc);
+    return (PyObject *)out;
+}
+
+/* ---------------------------------------------------------------- threads and ISA */
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
+    lf_state *st = state_of(self);
+    const long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 1024) return PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in [1, 1024], got %ld", n);
+    if (lf_pool_threads(st->pool) == n) Py_RETURN_NONE;
+    release_retired(st);
+    if (st->retired) /* a pool replaced earlier is still in use by a running kernel */
+        return PyErr_Format(PyExc_RuntimeError, "set_num_threads: kernels are still running");
+    lf_pool *fresh = lf_pool_create((int)n);
+    if (!fresh) return PyErr_NoMemory();
+    st->retired = st->pool; /* freed as soon as no kernel holds it */
+    st->pool = fresh;
+    release_retired(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(lf_pool_threads(state_of(self)->pool));
+}
+
+static int isa_from_name(const char *name, lf_isa *out) {
+    if (!strcmp(name, "generic")) *out = LF_ISA_GENERIC;
+    else if (!strcmp(name, "avx2")) *out = LF_ISA_AVX2;
+    else if (!strcmp(name, "avx512")) *out = LF_ISA_AVX512;
+    else return -1;
+    return 0;
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyUnicode_Check(arg))
+        return PyErr_Format(PyExc_TypeError, "set_isa: expected a str, got %s", Py_TYPE(arg)->tp_name);
+    lf_isa isa;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    if (isa_from_name(name, &isa))
+        return PyErr_Format(PyExc_ValueError, "set_isa: expected 'generic', 'avx2' or 'avx512', got %R", arg);
+    if (lf_set_isa(isa))
+        return PyErr_Format(PyExc_ValueError, "set_isa: this CPU does not support %s (best: %s)", name,
+                            lf_isa_name(lf_cpu_best_isa()));
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_isa(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    (void)self;
+    return PyUnicode_FromString(lf_isa_name(lf_get_isa()));
+}
+
+static PyObject *py_cpu_isa(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    (void)self;
+    return PyUnicode_FromString(lf_isa_name(lf_cpu_best_isa()));
+}
+
+static PyMethodDef methods[] = {
+    {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_VARARGS | METH_KEYWORDS, lora_forward_doc},
+    {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
+    {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
+    {"sgemm", (PyCFunction)(void (*)(void))py_sgemm, METH_VARARGS | METH_KEYWORDS, sgemm_doc},
+    {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by the kernels."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2' or 'avx512'."},
+    {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> the micro-kernel ISA in use"},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "cpu_isa() -> the best ISA this CPU supports"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *m) {
+    lf_state *st = state_of(m);
+    st->pool = lf_pool_create(1);
+    if (!st->pool) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (!np) return -1;
+    st->from_dlpack = PyObject_GetAttrString(np, "from_dlpack");
+    Py_DECREF(np);
+    if (!st->from_dlpack) return -1;
+    return PyModule_AddStringConstant(m, "__version__", LORAFUSE_VERSION);
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg) {
+    lf_state *st = state_of(m);
+    if (st) Py_VISIT(st->from_dlpack);
+    return 0;
+}
+
+static int module_clear(PyObject *m) {
+    lf_state *st = state_of(m);
+    if (st) Py_CLEAR(st->from_dlpack);
+    return 0;
+}
+
+static void module_free(void *mp) {
+    lf_state *st = state_of((PyObject *)mp);
+    if (!st) return;
+    module_clear((PyObject *)mp);
+    lf_pool_destroy(st->pool);
+    lf_pool_destroy(st->retired);
+    st->pool = st->retired = NULL;
+}
+
+static PyModuleDef_Slot slots[] = {{Py_mod_exec, module_exec}, {0, NULL}};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "lorafuse._C", "lorafuse C kernels (fp32 CPU)", sizeof(lf_state),
+    methods, slots, module_traverse, module_clear, module_free,
+};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    return PyModuleDef_Init(&moduledef);
+}

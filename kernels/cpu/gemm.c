@@ -1,0 +1,221 @@
+/* gemm.c — the packed GEMM core (Goto/BLIS loop order) that every LoRA kernel runs on.
+ *
+ *   C (M,N) = beta·C + a (M,K) · b (K,N)  (+ bias[j] when beta == 0)
+ *
+ * Loops, outermost first (BLIS names):
+ *   jc: NC columns of C   — pack b[pc:pc+KC, jc:jc+NC] into NR-wide k-major slivers (L3)
+ *   pc: KC of K           — a K block; the first one writes C, later ones accumulate
+ *   ic: MC rows of C      — pack a[ic:ic+MC, pc:pc+KC] into MR-tall k-major slivers (L2)
+ *   jr, ir                — the ISA micro-kernel on one MR×NR tile (registers)
+ * Operands are read through lf_operand, so packing also concatenates two K segments
+ * ("augmented K": [x | s·u]·[W | B]ᵀ in one GEMM), applies a per-segment scale, and applies
+ * the dropout mask — none of these need a pass of their own over memory.
+ *
+ * Threads: C is cut into a tm×tn grid of blocks (tm·tn = threads), each thread runs the whole
+ * loop nest on its block with its own packing buffers. The larger of M and N is split first,
+ * because splitting M repeats the packing of b (K·N) and splitting N repeats that of a (M·K).
+ */
+#include <stdatomic.h>
+#include <string.h>
+
+#include "internal.h"
+#include "lorafuse/dropout_hash.h"
+
+lf_operand lf_operand_plain(lf_view v, float scale) {
+    lf_operand o;
+    memset(&o, 0, sizeof o);
+    o.seg[0].v = v;
+    o.seg[0].scale = scale;
+    o.nseg = 1;
+    o.k_split = INT64_MAX;
+    return o;
+}
+
+/* K range [lo, hi) of segment t, intersected with [p0, p0+kc); returns segment start in K. */
+static int64_t seg_range(const lf_operand *o, int t, int64_t p0, int64_t kc, int64_t *lo,
+                         int64_t *hi) {
+    const int64_t begin = t == 0 ? 0 : o->k_split;
+    const int64_t end = (t == 0 && o->nseg > 1) ? o->k_split : INT64_MAX;
+    *lo = p0 > begin ? p0 : begin;
+    *hi = (p0 + kc) < end ? (p0 + kc) : end;
+    return begin;
+}
+
+/* value of the segment at memory offset off (scale, then dropout mask) */
+static inline float seg_value(const lf_segment *s, int64_t off) {
+    const float v = s->v.p[off] * s->scale;
+    if (s->drop_threshold && !lf_dropout_keep(s->seed, (uint64_t)off, s->drop_threshold))
+        return 0.0f;
+    return v;
+}
+
+/* dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR), p < kc */
+static void pack_a(const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int64_t kc, int MR,
+                   float *dst) {
+    if (mr < MR)
+        for (int64_t p = 0; p < kc; p++)
+            for (int64_t i = mr; i < MR; i++) dst[p * MR + i] = 0.0f;
+    for (int t = 0; t < a->nseg; t++) {
+        int64_t lo, hi;
+        const int64_t begin = seg_range(a, t, p0, kc, &lo, &hi);
+        if (lo >= hi) continue;
+        const lf_segment *s = &a->seg[t];
+        const int64_t rs = s->v.rs, cs = s->v.cs;
+        if (cs == 1 && !s->drop_threshold) { /* row-major source: read rows contiguously */
+            for (int64_t i = 0; i < mr; i++) {
+                const float *src = s->v.p + (i0 + i) * rs + (lo - begin);
+                float *d = dst + (lo - p0) * MR + i;
+                for (int64_t p = 0; p < hi - lo; p++) d[p * MR] = src[p] * s->scale;
+            }
+        } else {
+            for (int64_t p = lo; p < hi; p++) {
+                float *d = dst + (p - p0) * MR;
+                for (int64_t i = 0; i < mr; i++) d[i] = seg_value(s, (i0 + i) * rs + (p - begin) * cs);
+            }
+        }
+    }
+}
+
+/* dst[p*NR + j] = b(p0+p, j0+j) for j < nr (zero for nr <= j < NR), p < kc */
+static void pack_b(const lf_operand *b, int64_t j0, int64_t nr, int64_t p0, int64_t kc, int NR,
+                   float *dst) {
+    if (nr < NR)
+        for (int64_t p = 0; p < kc; p++)
+            for (int64_t j = nr; j < NR; j++) dst[p * NR + j] = 0.0f;
+    for (int t = 0; t < b->nseg; t++) {
+        int64_t lo, hi;
+        const int64_t begin = seg_range(b, t, p0, kc, &lo, &hi);
+        if (lo >= hi) continue;
+        const lf_segment *s = &b->seg[t];
+        const int64_t rs = s->v.rs, cs = s->v.cs;
+        if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (e.g. Wᵀ of row-major W) */
+            for (int64_t j = 0; j < nr; j++) {
+                const float *src = s->v.p + (j0 + j) * cs + (lo - begin);
+                float *d = dst + (lo - p0) * NR + j;
+                for (int64_t p = 0; p < hi - lo; p++) d[p * NR] = src[p] * s->scale;
+            }
+        } else {
+            for (int64_t p = lo; p < hi; p++) {
+                float *d = dst + (p - p0) * NR;
+                for (int64_t j = 0; j < nr; j++) d[j] = seg_value(s, (p - begin) * rs + (j0 + j) * cs);
+            }
+        }
+    }
+}
+
+typedef struct {
+    lf_pool *pool;
+    const lf_dispatch *dp;
+    int64_t M, N, K;
+    const lf_operand *a, *b;
+    float beta;
+    const float *bias;
+    float *c;
+    int64_t ldc;
+    int tm, tn;
+    int64_t mchunk, nchunk;
+    atomic_int failed; /* set by a thread whose scratch allocation failed */
+} gemm_job;
+
+static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+static void gemm_block(void *ctxp, int tid, int nt) {
+    gemm_job *job = ctxp;
+    const lf_dispatch *dp = job->dp;
+    const int MR = dp->mr, NR = dp->nr;
+    const int64_t ti = tid / job->tn, tj = tid % job->tn;
+    if (nt != job->tm * job->tn) return;
+    const int64_t m0 = ti * job->mchunk, m1 = min64(job->M, m0 + job->mchunk);
+    const int64_t n0 = tj * job->nchunk, n1 = min64(job->N, n0 + job->nchunk);
+    if (m0 >= m1 || n0 >= n1) return;
+    const int64_t K = job->K;
+    const int64_t kcmax = min64(dp->kc, K);
+    const int64_t ncmax = min64(dp->nc, (n1 - n0 + NR - 1) / NR * NR);
+    const int64_t mcmax = min64(dp->mc, (m1 - m0 + MR - 1) / MR * MR);
+    float *apack = lf_pool_scratch(job->pool, tid, 0, (size_t)(mcmax * kcmax) * sizeof(float));
+    float *bpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(ncmax * kcmax) * sizeof(float));
+    if (!apack || !bpack) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    for (int64_t jc = n0; jc < n1; jc += dp->nc) {
+        const int64_t nc = min64(dp->nc, n1 - jc);
+        for (int64_t pc = 0; pc < K; pc += dp->kc) {
+            const int64_t kc = min64(dp->kc, K - pc);
+            const int first = pc == 0;
+            for (int64_t jr = 0; jr < nc; jr += NR)
+                pack_b(job->b, jc + jr, min64(NR, nc - jr), pc, kc, NR, bpack + jr * kc);
+            for (int64_t ic = m0; ic < m1; ic += dp->mc) {
+                const int64_t mc = min64(dp->mc, m1 - ic);
+                for (int64_t ir = 0; ir < mc; ir += MR)
+                    pack_a(job->a, ic + ir, min64(MR, mc - ir), pc, kc, MR, apack + ir * kc);
+                for (int64_t jr = 0; jr < nc; jr += NR) {
+                    const int64_t nr = min64(NR, nc - jr);
+                    const float *bias =
+                        (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
+                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                        float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
+                        dp->ukernel(kc, apack + ir * kc, bpack + jr * kc, ct, job->ldc,
+                                    min64(MR, mc - ir), nr, !first || job->beta != 0.0f, bias);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* tm×tn = nt grid minimising the largest block, never cutting finer than one tile. */
+static void choose_grid(int64_t M, int64_t N, int nt, int MR, int NR, int *tm, int *tn) {
+    const int64_t mtiles = (M + MR - 1) / MR, ntiles = (N + NR - 1) / NR;
+    int64_t best = INT64_MAX;
+    *tm = 1;
+    *tn = 1;
+    for (int i = 1; i <= nt; i++) {
+        if (nt % i) continue;
+        const int j = nt / i;
+        if (i > mtiles || j > ntiles) continue;
+        const int64_t rows = (mtiles + i - 1) / i * MR, cols = (ntiles + j - 1) / j * NR;
+        const int64_t area = rows * cols;
+        /* on a tie, split the larger dimension (repeats the packing of the smaller operand) */
+        if (area < best || (area == best && ((M >= N) ? i > *tm : j > *tn))) {
+            best = area;
+            *tm = i;
+            *tn = j;
+        }
+    }
+}
+
+/* Below this many flops a job is done on the calling thread: waking a worker costs more. */
+#define LF_PARALLEL_MIN_FLOPS (1 << 18)
+
+int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
+            const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc) {
+    if (!pool || M < 0 || N < 0 || K < 0 || (beta != 0.0f && beta != 1.0f)) return LF_EINVAL;
+    if (M == 0 || N == 0) return LF_OK;
+    if (!c || ldc < N) return LF_EINVAL;
+    if (K == 0) { /* empty sum: C = beta·C + bias */
+        if (beta == 0.0f)
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++) c[i * ldc + j] = bias ? bias[j] : 0.0f;
+        return LF_OK;
+    }
+    int64_t mn, flops;
+    if (!lf_mul_ok(M, N, &mn) || !lf_mul_ok(mn, K, &flops) || !lf_mul_ok(flops, 2, &flops))
+        return LF_EOVERFLOW;
+    const lf_dispatch *dp = lf_current();
+    int nt = flops < LF_PARALLEL_MIN_FLOPS ? 1 : lf_pool_threads(pool);
+    gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
+                    .beta = beta, .bias = bias, .c = c, .ldc = ldc};
+    choose_grid(M, N, nt, dp->mr, dp->nr, &job.tm, &job.tn);
+    nt = job.tm * job.tn;
+    job.mchunk = ((M + dp->mr - 1) / dp->mr + job.tm - 1) / job.tm * dp->mr;
+    job.nchunk = ((N + dp->nr - 1) / dp->nr + job.tn - 1) / job.tn * dp->nr;
+    lf_pool_run(pool, nt, gemm_block, &job);
+    return atomic_load(&job.failed) ? LF_ENOMEM : LF_OK;
+}
+
+int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
+             float beta, const float *bias, float *c, int64_t ldc) {
+    const lf_operand oa = lf_operand_plain(a, alpha), ob = lf_operand_plain(b, 1.0f);
+    return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
+}

@@ -1,0 +1,70 @@
+/* internal.h — what the CPU kernels share with each other but not with the binding. */
+#ifndef LORAFUSE_CPU_INTERNAL_H
+#define LORAFUSE_CPU_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lorafuse/kernels.h"
+
+/* Micro-kernel: the MR×NR tile at c (row stride ldc) of  ap (MR×kc) · bp (kc×NR)  where
+ *   ap[p*MR + i] = a(i, p)   (packed A micro-panel, k-major)
+ *   bp[p*NR + j] = b(p, j)   (packed B micro-panel, k-major)
+ * Only the top-left mr×nr of the tile is stored (edge tiles: packing zero-pads the rest).
+ *   accumulate = 1:  c += ap·bp
+ *   accumulate = 0:  c  = ap·bp (+ bias[j] if bias != NULL; bias points at this tile's columns) */
+typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
+                              int64_t mr, int64_t nr, int accumulate, const float *bias);
+
+/* One ISA's micro-kernel and the cache blocking tuned for it. */
+typedef struct {
+    lf_isa isa;
+    int mr, nr;          /* register tile */
+    int64_t kc, mc, nc;  /* Goto/BLIS cache blocks: KC×NR B-sliver in L1, MC×KC A-block in L2,
+                            KC×NC B-panel in L3 */
+    lf_ukernel_fn ukernel;
+} lf_dispatch;
+
+const lf_dispatch *lf_current(void);
+
+extern const lf_dispatch lf_dispatch_generic;
+extern const lf_dispatch lf_dispatch_avx2;
+extern const lf_dispatch lf_dispatch_avx512;
+
+/* ---- GEMM operands: up to two segments concatenated along K ("augmented K") ----
+ * Segment t covers k ∈ [k_begin[t], k_begin[t+1]) and reads element (i, k) as
+ *     scale · v.p[i*rs + (k - k_begin)*cs] · mask(off) / (1-p)
+ * where mask(off) is the dropout hash of the memory offset off = i*rs + (k-k_begin)*cs
+ * (when drop_threshold > 0). For an A-operand i is the row (M) index; for a B-operand the
+ * roles swap: the view is indexed (k, j). */
+typedef struct {
+    lf_view v;
+    float scale;
+    uint32_t drop_threshold; /* round(p·2^24); 0 = no dropout */
+    uint64_t seed;
+} lf_segment;
+
+typedef struct {
+    lf_segment seg[2];
+    int nseg;
+    int64_t k_split; /* K extent of seg[0]; seg[1] (if any) covers [k_split, K) */
+} lf_operand;
+
+lf_operand lf_operand_plain(lf_view v, float scale);
+
+/* C (M,N) = beta·C + a·b (+ bias when beta == 0); a (M,K) and b (K,N) are operands. */
+int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
+            const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc);
+
+/* Thread pool: run fn(ctx, tid, nt) for tid in [0, nt) with nt <= lf_pool_threads(pool);
+ * the caller's thread runs tid 0. Returns when all are done. */
+typedef void (*lf_task_fn)(void *ctx, int tid, int nt);
+void lf_pool_run(lf_pool *pool, int nt, lf_task_fn fn, void *ctx);
+
+/* Per-thread scratch, 64-byte aligned, grow-only, owned by the pool; NULL on failure. */
+float *lf_pool_scratch(lf_pool *pool, int tid, int slot, size_t bytes);
+
+/* overflow-checked a*b for non-negative int64 sizes; 0 on overflow */
+int lf_mul_ok(int64_t a, int64_t b, int64_t *out);
+
+#endif

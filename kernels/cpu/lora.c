@@ -1,0 +1,159 @@
+/* lora.c — fused LoRA forward and adapter-only backward (fp32), all on lf_gemm.
+ *
+ * Legend: n tokens, k in_features, m out_features, r rank, s scale, p dropout.
+ *   x (n,k)  W (m,k)  bias (m)  A (r,k)  B (m,r)  g = ∂L/∂y (n,m)
+ *   x̃ = x ⊙ mask / (1-p)            mask(i,j) = lf_dropout_keep(seed, i·k + j)
+ */
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "internal.h"
+#include "lorafuse/dropout_hash.h"
+
+static lf_view transpose(lf_view v) { return (lf_view){v.p, v.cs, v.rs}; }
+
+static int check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p) {
+    if (n < 0 || k < 0 || m < 0 || r < 0) return LF_EINVAL;
+    if (!(p >= 0.0f && p < 1.0f)) return LF_EINVAL;
+    int64_t t;
+    if (!lf_mul_ok(n, k, &t) || !lf_mul_ok(n, m, &t) || !lf_mul_ok(m, k, &t) ||
+        !lf_mul_ok(n, r, &t) || !lf_mul_ok(r, k + m, &t))
+        return LF_EOVERFLOW;
+    return LF_OK;
+}
+
+/* operand reading x̃ (or x when p == 0): the mask index is the flat offset i·k + j */
+static lf_operand dropped(lf_view x, float scale, float p, uint64_t seed) {
+    lf_operand o = lf_operand_plain(x, p > 0.0f ? scale / (1.0f - p) : scale);
+    o.seg[0].drop_threshold = p > 0.0f ? lf_dropout_threshold(p) : 0u;
+    o.seg[0].seed = seed;
+    return o;
+}
+
+/* [p | q] along K: p covers [0, k_split), q covers [k_split, K) */
+static lf_operand concat_k(lf_view p, float sp, lf_view q, float sq, int64_t k_split) {
+    lf_operand o = lf_operand_plain(p, sp);
+    o.seg[1].v = q;
+    o.seg[1].scale = sq;
+    o.nseg = 2;
+    o.k_split = k_split;
+    return o;
+}
+
+static int contiguous_for_dropout(lf_view x, int64_t k, float p) {
+    return p == 0.0f || (x.cs == 1 && x.rs == k);
+}
+
+int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
+                        lf_view W, const float *bias, lf_view A, lf_view B, float scale,
+                        float dropout_p, uint64_t seed, float *y, float *u) {
+    int st = check_dims(n, k, m, r, dropout_p);
+    if (st) return st;
+    if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
+    /* u (n,r) = x̃ · Aᵀ  — a skinny GEMM (N = r) over one read of x */
+    const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
+    const lf_operand at = lf_operand_plain(transpose(A), 1.0f);
+    st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, u, r);
+    if (st) return st;
+    /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
+    const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
+    const lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);
+    return lf_gemm(pool, n, m, k + r, &xu, &wb, 0.0f, bias, y, m);
+}
+
+/* dx[i,:] += s/(1-p) · mask(i,:) ⊙ (v[i,:] · A)  for rows [i0, i1) — the dropout part of dx */
+typedef struct {
+    int64_t n, k, r;
+    const float *v;
+    lf_view A;
+    float coef;
+    uint32_t threshold;
+    uint64_t seed;
+    float *dx;
+    lf_pool *pool;
+    atomic_int failed;
+} dx_drop_job;
+
+static void dx_drop_rows(void *ctxp, int tid, int nt) {
+    dx_drop_job *job = ctxp;
+    const int64_t rows = (job->n + nt - 1) / nt, i0 = tid * rows;
+    const int64_t i1 = i0 + rows < job->n ? i0 + rows : job->n;
+    float *t = lf_pool_scratch(job->pool, tid, 2, (size_t)job->k * sizeof(float));
+    if (!t) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        for (int64_t j = 0; j < job->k; j++) t[j] = 0.0f;
+        for (int64_t q = 0; q < job->r; q++) { /* t = v[i,:] · A  (axpy over A's rows) */
+            const float vq = job->v[i * job->r + q];
+            const float *aq = job->A.p + q * job->A.rs;
+            for (int64_t j = 0; j < job->k; j++) t[j] += vq * aq[j * job->A.cs];
+        }
+        float *dxi = job->dx + i * job->k;
+        for (int64_t j = 0; j < job->k; j++)
+            if (lf_dropout_keep(job->seed, (uint64_t)(i * job->k + j), job->threshold))
+                dxi[j] += job->coef * t[j];
+    }
+}
+
+int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
+                         lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
+                         float dropout_p, uint64_t seed, float *dx, float *dA, float *dB) {
+    int st = check_dims(n, k, m, r, dropout_p);
+    if (st) return st;
+    if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
+    /* v (n,r) = g · B */
+    float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
+    if (!v) return LF_ENOMEM;
+    const lf_view vv = {v, r, 1};
+    const lf_operand go = lf_operand_plain(g, 1.0f), bo = lf_operand_plain(B, 1.0f);
+    st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    /* dB (m,r) = s · gᵀ · u */
+    if (!st) {
+        const lf_operand gt = lf_operand_plain(transpose(g), scale), uo = lf_operand_plain(u, 1.0f);
+        st = lf_gemm(pool, m, r, n, &gt, &uo, 0.0f, NULL, dB, r);
+    }
+    /* dA (r,k) = s · vᵀ · x̃ */
+    if (!st) {
+        const lf_operand vt = lf_operand_plain(transpose(vv), scale);
+        const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
+        st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, dA, k);
+    }
+    if (!st && dx) {
+        if (dropout_p == 0.0f) {
+            /* dx (n,k) = [g | s·v] · [W ; A]  — one GEMM over K' = m + r */
+            const lf_operand gv = concat_k(g, 1.0f, vv, scale, m);
+            const lf_operand wa = concat_k(W, 1.0f, A, 1.0f, m);
+            st = lf_gemm(pool, n, k, m + r, &gv, &wa, 0.0f, NULL, dx, k);
+        } else {
+            /* dx = g · W, then + s/(1-p) · mask ⊙ (v · A): the mask sits on the product */
+            const lf_operand wo = lf_operand_plain(W, 1.0f);
+            st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx, k);
+            if (!st && n > 0 && k > 0) {
+                dx_drop_job job = {.n = n, .k = k, .r = r, .v = v, .A = A,
+                                   .coef = scale / (1.0f - dropout_p),
+                                   .threshold = lf_dropout_threshold(dropout_p), .seed = seed,
+                                   .dx = dx, .pool = pool};
+                int nt = lf_pool_threads(pool);
+                if (nt > n) nt = (int)n;
+                lf_pool_run(pool, nt, dx_drop_rows, &job);
+                if (atomic_load(&job.failed)) st = LF_ENOMEM;
+            }
+        }
+    }
+    free(v);
+    return st;
+}
+
+int lf_dropout_f32(lf_pool *pool, int64_t n, int64_t k, const float *x, float dropout_p,
+                   uint64_t seed, float *out) {
+    (void)pool;
+    int st = check_dims(n, k, 0, 0, dropout_p);
+    if (st) return st;
+    const uint32_t thr = lf_dropout_threshold(dropout_p);
+    const float inv = 1.0f / (1.0f - dropout_p);
+    for (int64_t idx = 0; idx < n * k; idx++)
+        out[idx] = (dropout_p == 0.0f || lf_dropout_keep(seed, (uint64_t)idx, thr)) ? x[idx] * inv : 0.0f;
+    return LF_OK;
+}

@@ -1,0 +1,179 @@
+/* pool.c — a small pthread pool for the kernels.
+ *
+ * Why not OpenMP: torch ships its own libgomp; a second OpenMP runtime in the same process
+ * keeps its workers spin-waiting after every parallel region, and on 2 cores two spinning
+ * pools halve each other's throughput. These workers spin only briefly (~tens of µs) after a
+ * job and then sleep on a condition variable, so an idle lorafuse never steals a core from
+ * torch. Jobs are serialised by run_lock, so kernels may be called from many Python threads
+ * at once (the GIL is released around them): each job owns every worker's scratch while it runs.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define LF_SCRATCH_SLOTS 4
+#define LF_SPIN_ITERS 4000
+
+typedef struct {
+    void *p;
+    size_t bytes;
+} lf_scratch;
+
+typedef struct {
+    lf_pool *pool;
+    int tid;
+} lf_worker_arg;
+
+struct lf_pool {
+    int nthreads; /* including the caller, tid 0 */
+    pthread_t *threads;
+    lf_worker_arg *args;
+    pthread_mutex_t run_lock; /* one job at a time */
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work, cv_done;
+    lf_task_fn fn;
+    void *ctx;
+    int nt;
+    atomic_uint generation; /* bumped per job; workers wake on change */
+    atomic_int remaining;   /* workers still running the current job */
+    int stop;
+    lf_scratch (*scratch)[LF_SCRATCH_SLOTS];
+};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *argp) {
+    lf_worker_arg *arg = argp;
+    lf_pool *pool = arg->pool;
+    unsigned seen = atomic_load(&pool->generation);
+    for (;;) {
+        unsigned gen;
+        int spins = 0;
+        while ((gen = atomic_load_explicit(&pool->generation, memory_order_acquire)) == seen &&
+               spins < LF_SPIN_ITERS) {
+            cpu_relax();
+            spins++;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool->mu);
+            while ((gen = atomic_load(&pool->generation)) == seen && !pool->stop)
+                pthread_cond_wait(&pool->cv_work, &pool->mu);
+            const int stop = pool->stop;
+            pthread_mutex_unlock(&pool->mu);
+            if (stop) return NULL;
+        }
+        seen = gen;
+        if (arg->tid < pool->nt) pool->fn(pool->ctx, arg->tid, pool->nt);
+        if (atomic_fetch_sub_explicit(&pool->remaining, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool->mu);
+            pthread_cond_signal(&pool->cv_done);
+            pthread_mutex_unlock(&pool->mu);
+        }
+    }
+}
+
+lf_pool *lf_pool_create(int nthreads) {
+    if (nthreads < 1) return NULL;
+    lf_pool *pool = calloc(1, sizeof *pool);
+    if (!pool) return NULL;
+    pool->nthreads = nthreads;
+    pool->scratch = calloc((size_t)nthreads, sizeof *pool->scratch);
+    pool->threads = calloc((size_t)nthreads, sizeof *pool->threads);
+    pool->args = calloc((size_t)nthreads, sizeof *pool->args);
+    if (!pool->scratch || !pool->threads || !pool->args) goto fail;
+    pthread_mutex_init(&pool->run_lock, NULL);
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->cv_work, NULL);
+    pthread_cond_init(&pool->cv_done, NULL);
+    atomic_init(&pool->generation, 0u);
+    atomic_init(&pool->remaining, 0);
+    for (int t = 1; t < nthreads; t++) {
+        pool->args[t].pool = pool;
+        pool->args[t].tid = t;
+        if (pthread_create(&pool->threads[t], NULL, worker_main, &pool->args[t]) != 0) {
+            pool->nthreads = t; /* join the ones that started */
+            lf_pool_destroy(pool);
+            return NULL;
+        }
+    }
+    return pool;
+fail:
+    free(pool->scratch);
+    free(pool->threads);
+    free(pool->args);
+    free(pool);
+    return NULL;
+}
+
+void lf_pool_destroy(lf_pool *pool) {
+    if (!pool) return;
+    pthread_mutex_lock(&pool->mu);
+    pool->stop = 1;
+    pthread_cond_broadcast(&pool->cv_work);
+    pthread_mutex_unlock(&pool->mu);
+    for (int t = 1; t < pool->nthreads; t++) pthread_join(pool->threads[t], NULL);
+    for (int t = 0; t < pool->nthreads; t++)
+        for (int s = 0; s < LF_SCRATCH_SLOTS; s++) free(pool->scratch[t][s].p);
+    pthread_mutex_destroy(&pool->run_lock);
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->cv_work);
+    pthread_cond_destroy(&pool->cv_done);
+    free(pool->scratch);
+    free(pool->threads);
+    free(pool->args);
+    free(pool);
+}
+
+int lf_pool_threads(const lf_pool *pool) { return pool ? pool->nthreads : 1; }
+
+void lf_pool_run(lf_pool *pool, int nt, lf_task_fn fn, void *ctx) {
+    pthread_mutex_lock(&pool->run_lock);
+    if (nt <= 1 || pool->nthreads == 1) {
+        fn(ctx, 0, 1);
+        pthread_mutex_unlock(&pool->run_lock);
+        return;
+    }
+    if (nt > pool->nthreads) nt = pool->nthreads;
+    pool->fn = fn;
+    pool->ctx = ctx;
+    pool->nt = nt;
+    atomic_store(&pool->remaining, pool->nthreads - 1);
+    pthread_mutex_lock(&pool->mu);
+    atomic_fetch_add_explicit(&pool->generation, 1u, memory_order_release);
+    pthread_cond_broadcast(&pool->cv_work);
+    pthread_mutex_unlock(&pool->mu);
+    fn(ctx, 0, nt);
+    int spins = 0;
+    while (atomic_load_explicit(&pool->remaining, memory_order_acquire) > 0 &&
+           spins < LF_SPIN_ITERS) {
+        cpu_relax();
+        spins++;
+    }
+    if (atomic_load(&pool->remaining) > 0) {
+        pthread_mutex_lock(&pool->mu);
+        while (atomic_load(&pool->remaining) > 0) pthread_cond_wait(&pool->cv_done, &pool->mu);
+        pthread_mutex_unlock(&pool->mu);
+    }
+    pthread_mutex_unlock(&pool->run_lock);
+}
+
+float *lf_pool_scratch(lf_pool *pool, int tid, int slot, size_t bytes) {
+    if (!pool || tid < 0 || tid >= pool->nthreads || slot < 0 || slot >= LF_SCRATCH_SLOTS)
+        return NULL;
+    lf_scratch *s = &pool->scratch[tid][slot];
+    if (s->bytes < bytes) {
+        free(s->p);
+        const size_t rounded = (bytes + 63) & ~(size_t)63;
+        s->p = aligned_alloc(64, rounded);
+        s->bytes = s->p ? rounded : 0;
+    }
+    return s->p;
+}

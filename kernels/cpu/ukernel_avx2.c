@@ -1,0 +1,60 @@
+/* ukernel_avx2.c — AVX2+FMA micro-kernel: a 6×16 tile in 12 ymm accumulators.
+ * Per k: 2 aligned loads of the B sliver, 6 broadcasts of A, 12 FMAs (broadcast-FMA form).
+ *   c[i][j] (+)= Σ_p ap[p*6 + i] · bp[p*16 + j]     (see lf_ukernel_fn in internal.h)
+ * Edge tiles use maskload/maskstore on the columns and stop early on the rows.
+ * Compiled for any x86-64 with a target attribute; called only when cpuid reports AVX2+FMA. */
+#include "internal.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+enum { MR = 6, NR = 16 };
+
+#define LF_AVX2 __attribute__((target("avx2,fma")))
+
+LF_AVX2 static inline __m256i col_mask(int64_t valid) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(valid < 0 ? 0 : valid)), idx);
+}
+
+LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, float *c,
+                                 int64_t ldc, int64_t mr, int64_t nr, int accumulate,
+                                 const float *bias) {
+    __m256 acc[MR][2];
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < kc; p++) {
+        const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; i++) {
+            const __m256 a = _mm256_broadcast_ss(ap + i);
+            acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+        }
+        ap += MR;
+        bp += NR;
+    }
+    const __m256i m0 = col_mask(nr), m1 = col_mask(nr - 8);
+    __m256 base0 = _mm256_setzero_ps(), base1 = _mm256_setzero_ps();
+    if (!accumulate && bias) {
+        base0 = _mm256_maskload_ps(bias, m0);
+        base1 = _mm256_maskload_ps(bias + 8, m1);
+    }
+    for (int64_t i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        if (accumulate) {
+            base0 = _mm256_maskload_ps(ci, m0);
+            base1 = _mm256_maskload_ps(ci + 8, m1);
+        }
+        _mm256_maskstore_ps(ci, m0, _mm256_add_ps(base0, acc[i][0]));
+        _mm256_maskstore_ps(ci + 8, m1, _mm256_add_ps(base1, acc[i][1]));
+    }
+}
+
+const lf_dispatch lf_dispatch_avx2 = {
+    .isa = LF_ISA_AVX2, .mr = MR, .nr = NR, .kc = 256, .mc = 96, .nc = 2048,
+    .ukernel = ukernel_avx2,
+};
+#else
+const lf_dispatch lf_dispatch_avx2 = {0};
+#endif

@@ -1,0 +1,83 @@
+/* lorafuse — C API of the CUDA kernels (kernels/cuda/). No Python, no exceptions: every entry
+ * point returns an lf_cuda_status; on failure lf_cuda_last_error() (thread-local) names the call
+ * that failed and the CUDA/cuBLASLt status it returned.
+ *
+ * Conventions (PyTorch's, see docs/CONTRACTS.md and DESIGN.md §1), all buffers dense row-major
+ * device memory of one dtype:
+ *   x (n,k), W (m,k) — or (k,m) when w_kxm != 0 (fan_in_fan_out / a transposed view) —,
+ *   bias (m) or NULL, A (r,k), B (m,r), u (n,r), y (n,m), g (n,m), dx (n,k), dA (r,k), dB (m,r).
+ *   forward : u = drop(x)·Aᵀ ;  y = x·Wᵀ + bias + scale·u·Bᵀ
+ *   backward: v = g·B ; dB = scale·gᵀ·u ; dA = scale·vᵀ·drop(x) ; dx = g·W + scale·drop'(v·A)
+ *   drop(x)[i,j] = x[i,j]·mask(i·k+j) — mask from lorafuse/dropout_hash.h (same as the CPU path).
+ * Accumulation is fp32 for every dtype; fp32 inputs use TF32 tensor cores only when allow_tf32.
+ * Everything is enqueued on `stream` (a cudaStream_t; 0 = legacy default stream) of `device`; no
+ * host synchronisation; the only allocation is a cached cuBLASLt workspace per (device, stream),
+ * made at the first call on that stream.
+ * Workspaces from the caller (may be NULL when dropout_p == 0):
+ *   xdrop_ws: n·k elements, holds drop(x) when dropout_p > 0;  v_ws: n·r elements (backward).
+ */
+#ifndef LORAFUSE_CUDA_KERNELS_H
+#define LORAFUSE_CUDA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    LF_CUDA_OK = 0,
+    LF_CUDA_ERR_ARG = 1,       /* bad argument (caller bug): message names it */
+    LF_CUDA_ERR_CUDA = 2,      /* a CUDA runtime call failed */
+    LF_CUDA_ERR_CUBLAS = 3,    /* a cuBLASLt call failed or found no algorithm */
+} lf_cuda_status;
+
+typedef enum { LF_CUDA_F32 = 0, LF_CUDA_F16 = 1, LF_CUDA_BF16 = 2 } lf_cuda_dtype;
+
+typedef struct {
+    int device;          /* CUDA device ordinal all pointers live on */
+    void *stream;        /* cudaStream_t */
+    int dtype;           /* lf_cuda_dtype */
+    int allow_tf32;      /* fp32 only: allow CUBLAS_COMPUTE_32F_FAST_TF32 */
+    int64_t n, k, m, r;
+    int w_kxm;           /* W stored (k, m) row-major (fan_in_fan_out) instead of (m, k) */
+    float scale;
+    double dropout_p;    /* in [0, 1) */
+    uint64_t seed;
+} lf_cuda_lora_desc;
+
+/* y (n,m) and u (n,r) are written. bias may be NULL. */
+int lf_cuda_lora_forward(const lf_cuda_lora_desc *d, const void *x, const void *W, const void *bias,
+                         const void *A, const void *B, void *y, void *u, void *xdrop_ws);
+
+/* dx may be NULL (not needed). dA (r,k) and dB (m,r) are written (not accumulated). */
+int lf_cuda_lora_backward(const lf_cuda_lora_desc *d, const void *g, const void *x, const void *u,
+                          const void *W, const void *A, const void *B, void *dx, void *dA, void *dB,
+                          void *xdrop_ws, void *v_ws);
+
+/* dst[i,j] = src[i,j] · mask(seed, i·cols+j) · extra_scale (mask includes 1/(1-p)); rows×cols dense.
+ * In place (dst == src) is allowed. */
+int lf_cuda_dropout(int device, void *stream, int dtype, int64_t rows, int64_t cols, double p,
+                    uint64_t seed, float extra_scale, const void *src, void *dst);
+
+/* Versions: compile-time CUDA runtime (CUDART_VERSION), run-time cudaRuntimeGetVersion (-1 on
+ * failure), cuBLASLt header version and cublasLtGetVersion(); device count (-1 when the driver
+ * refused: no GPU / no driver). */
+typedef struct {
+    int cudart_compiled, cudart_runtime, driver_version;
+    long cublaslt_compiled, cublaslt_runtime;
+    int device_count;
+} lf_cuda_versions;
+int lf_cuda_get_versions(lf_cuda_versions *out);
+
+/* Frees the cached cuBLASLt handles and workspaces (tests; never needed in normal use). */
+int lf_cuda_release_caches(void);
+
+const char *lf_cuda_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LORAFUSE_CUDA_KERNELS_H */

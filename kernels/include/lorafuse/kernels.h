@@ -1,0 +1,79 @@
+/* lorafuse/kernels.h — the one C API that the CPython binding calls.
+ *
+ * Pure C11: raw pointers, int64_t sizes and strides, int status codes. Nothing here knows
+ * about Python, NumPy or torch.
+ *
+ * Dimension legend (DESIGN.md §1, PyTorch conventions):
+ *   n = tokens (batch·seq), k = in_features, m = out_features, r = LoRA rank, s = scale.
+ *   x (n,k)  W (m,k)  bias (m)  A (r,k) = lora_A.weight  B (m,r) = lora_B.weight
+ *
+ * Forward:   u = x̃·Aᵀ (n,r),   y = x·Wᵀ + bias + s·u·Bᵀ = [x | s·u]·[W | B]ᵀ + bias (n,m)
+ * Backward:  v = g·B (n,r),  dB = s·gᵀ·u,  dA = s·vᵀ·x̃,  dx = g·W + s·drop'(v·A)
+ * where x̃ = x ⊙ mask / (1-p), mask from dropout_hash.h (regenerated, never stored).
+ */
+#ifndef LORAFUSE_KERNELS_H
+#define LORAFUSE_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes: 0 is success; the binding maps each negative code to a Python exception. */
+enum {
+    LF_OK = 0,
+    LF_EINVAL = -1,    /* an argument is invalid (negative size, NULL where data is needed, p∉[0,1)) */
+    LF_ENOMEM = -2,    /* a workspace allocation failed */
+    LF_EOVERFLOW = -3, /* a size product overflows int64 */
+    LF_EISA = -4,      /* the requested instruction set is not supported by this CPU */
+};
+
+/* ---- instruction-set dispatch (the library's only global state) ---- */
+typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2 } lf_isa;
+
+lf_isa lf_cpu_best_isa(void);      /* best ISA this CPU and OS support (cpuid + xgetbv) */
+int lf_set_isa(lf_isa isa);        /* LF_EISA if the CPU lacks it; not thread-safe vs running kernels */
+lf_isa lf_get_isa(void);
+const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" */
+
+/* ---- thread pool: pthreads; workers sleep on a condition variable after a short spin, so
+ *      they never compete with another runtime's (e.g. torch's OpenMP) threads while idle ---- */
+typedef struct lf_pool lf_pool;
+lf_pool *lf_pool_create(int nthreads); /* nthreads >= 1; NULL on failure */
+void lf_pool_destroy(lf_pool *pool);
+int lf_pool_threads(const lf_pool *pool);
+
+/* ---- strided read-only matrix: element (i, j) at p[i*rs + j*cs] (strides in elements) ---- */
+typedef struct {
+    const float *p;
+    int64_t rs, cs;
+} lf_view;
+
+/* C (M,N; row stride ldc) = beta·C + alpha·a·b (+ bias[j] when beta == 0).
+ * a (M,K), b (K,N) strided; beta ∈ {0, 1}; bias (N) or NULL; C must not alias a, b or bias. */
+int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
+             float beta, const float *bias, float *c, int64_t ldc);
+
+/* Fused LoRA forward (fp32). y (n,m) and u (n,r) are C-contiguous outputs.
+ * dropout_p ∈ [0,1); when > 0, x must be C-contiguous (x.rs == k, x.cs == 1): the mask index
+ * is the flat element index i·k + j. */
+int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
+                        lf_view W, const float *bias, lf_view A, lf_view B, float scale,
+                        float dropout_p, uint64_t seed, float *y, float *u);
+
+/* Adapter-only backward (fp32). g (n,m), x (n,k), u (n,r) as saved by forward.
+ * Outputs C-contiguous: dx (n,k) or NULL to skip, dA (r,k), dB (m,r). dW is never formed. */
+int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
+                         lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
+                         float dropout_p, uint64_t seed, float *dx, float *dA, float *dB);
+
+/* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
+ * kernels apply (for tests and for the pure-torch path). */
+int lf_dropout_f32(lf_pool *pool, int64_t n, int64_t k, const float *x, float dropout_p,
+                   uint64_t seed, float *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,61 @@
+"""Threads, instruction set and build facts of the C extension."""
+from __future__ import annotations
+
+import os
+import sys
+
+from . import _C
+
+__all__ = ["set_num_threads", "get_num_threads", "show_config", "default_num_threads"]
+
+
+def default_num_threads() -> int:
+    """The thread count torch would use if it is imported, else the CPUs this process may run on
+    (respecting OMP_NUM_THREADS): so that lorafuse and torch compare at equal thread counts."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, int(torch.get_num_threads()))
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by every lorafuse CPU kernel (the caller's thread counts as one)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use."""
+    return _C.get_num_threads()
+
+
+def _cuda_line() -> str:
+    try:
+        from . import cuda
+    except ImportError:
+        return "not compiled in"
+    info = getattr(cuda, "cuda_info", None)
+    return str(info()) if info else "not compiled in"
+
+
+def show_config() -> None:
+    """Print version, the ISA chosen at run time, threads, and CUDA support."""
+    print(f"lorafuse {_C.__version__}")
+    print(f"  CPU ISA:  {_C.get_isa()} (best on this CPU: {_C.cpu_isa()}; "
+          "override with LORAFUSE_ISA=generic|avx2|avx512)")
+    print(f"  threads:  {_C.get_num_threads()} (lorafuse.set_num_threads)")
+    print(f"  CUDA:     {_cuda_line()}")
+
+
+def _init_from_env() -> None:
+    isa = os.environ.get("LORAFUSE_ISA", "").strip().lower()
+    if isa:
+        _C.set_isa(isa)  # ValueError names the ISA if this CPU lacks it
+    _C.set_num_threads(default_num_threads())

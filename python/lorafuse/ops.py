@@ -1,0 +1,69 @@
+"""Functional LoRA API on float32 arrays — works with NumPy alone (no torch needed).
+
+Shapes (PyTorch conventions): x (..., k), W (m, k) — (k, m) when ``fan_in_fan_out`` —,
+A (r, k) = ``lora_A.weight``, B (m, r) = ``lora_B.weight``, bias (m,), scale s = alpha / r.
+
+Inputs may be any float32 ndarray (strided views are read in place) or CPU tensors with
+``__dlpack__``; results are NumPy arrays. All validation happens in the C binding, which
+raises ``TypeError``/``ValueError`` naming the argument, what it expected and what it got.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _C
+
+__all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", "sgemm"]
+
+
+def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
+                 out: Optional[np.ndarray] = None, u_out: Optional[np.ndarray] = None,
+                 dropout_p: float = 0.0, seed: int = 0,
+                 fan_in_fan_out: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Fused LoRA forward in one pass over y.
+
+    u = x̃·Aᵀ (..., r) and y = x·Wᵀ + bias + scale·u·Bᵀ (..., m), computed as one GEMM over
+    the augmented K: y = [x | scale·u]·[W | B]ᵀ + bias. x̃ = x ⊙ mask / (1 - dropout_p) with
+    the mask of :func:`dropout_mask` (the base path always sees x). Returns ``(y, u)``; keep
+    ``u`` for :func:`lora_backward`.
+    """
+    return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out)
+
+
+def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, *,
+                  need_dx: bool = True, dropout_p: float = 0.0, seed: int = 0,
+                  fan_in_fan_out: bool = False, dx_out: Optional[np.ndarray] = None,
+                  dA_out: Optional[np.ndarray] = None, dB_out: Optional[np.ndarray] = None
+                  ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """Adapter-only gradients for g = ∂L/∂y (..., m); dW is never formed.
+
+    v = g·B (n, r);  dB = scale·gᵀ·u (m, r);  dA = scale·vᵀ·x̃ (r, k);
+    dx = g·W + scale·drop'(v·A) (..., k), or ``None`` when ``need_dx`` is false.
+    ``dropout_p`` and ``seed`` must be the forward's: the mask is regenerated, not stored.
+    """
+    return _C.lora_backward(g, x, u, W, A, B, scale, need_dx, dropout_p, seed, fan_in_fan_out,
+                            dx_out, dA_out, dB_out)
+
+
+def merge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:
+    """In place: W (m, k) += scale·B·A; with ``fan_in_fan_out`` W is (k, m) and gets (B·A)ᵀ."""
+    _C.merge(W, A, B, scale, fan_in_fan_out)
+
+
+def unmerge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:
+    """In place: W −= scale·B·A — the inverse of :func:`merge` up to fp32 rounding."""
+    _C.merge(W, A, B, -scale, fan_in_fan_out)
+
+
+def dropout_mask(n: int, k: int, p: float, seed: int) -> np.ndarray:
+    """The (n, k) dropout multiplier the kernels use: 0 or 1/(1-p), a pure function of
+    (seed, i·k + j), so it does not depend on threads or tiling."""
+    return _C.dropout(np.ones((n, k), dtype=np.float32), p, seed)
+
+
+def sgemm(a: Any, b: Any, alpha: float = 1.0, bias: Any = None,
+          out: Optional[np.ndarray] = None) -> np.ndarray:
+    """c (M, N) = alpha·a (M, K)·b (K, N) + bias: lorafuse's packed GEMM core on its own."""
+    return _C.sgemm(a, b, alpha, bias, out)
