@@ -1,0 +1,441 @@
+"""Model-independent validation of PEFT LoRA adapter directories (no torch needed).
+
+Everything an adapter directory can get wrong on its own is checked here, before any
+model is touched: the config JSON (types, ranges, ``peft_type``, regular expressions
+that could hang the matcher), the safetensors header (length cap, ``N + 8 <= size``,
+duplicate keys, NUL bytes, dtype set), the payload (parsed by the ``safetensors``
+package itself, never by hand), finiteness, and the LoRA rank of every ``lora_A`` /
+``lora_B`` pair against ``r`` / ``rank_pattern``.
+
+Nothing is ever unpickled: a directory that only holds ``adapter_model.bin`` (or
+``.pt``/``.pth``) is refused with an explanation (see ``reliability.md`` §2:
+``torch.load(weights_only=True)`` has had remote-code-execution CVEs).
+
+Regular-expression policy.  ``target_modules`` (as a string), ``exclude_modules`` (as a
+string), ``layers_pattern``, ``modules_to_save`` entries and ``rank_pattern`` /
+``alpha_pattern`` keys are regular expressions that PEFT matches against every module
+name.  Python's ``re`` has no time limit and does not release the GIL, so a hostile
+pattern such as ``(a+)+$`` would hang the loader.  Each such pattern is parsed with
+``re``'s own parser and refused when it is longer than :data:`MAX_PATTERN_LEN`, uses a
+back-reference, nests a repetition or an alternation inside an unbounded repetition
+(the shapes with exponential backtracking), or has more than
+:data:`MAX_UNBOUNDED_REPEATS` unbounded repetitions (bounding polynomial backtracking
+on module names of ~100 characters).  Every pattern PEFT itself writes
+(e.g. ``.*\\.(q_proj|v_proj)``) passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+try:  # Python >= 3.11
+    from re import _constants as _sre_constants
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.9 / 3.10
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+KEY_PREFIX = "base_model.model."
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
+MAX_RANK = 1 << 16
+MAX_PATTERN_LEN = 256
+MAX_UNBOUNDED_REPEATS = 3
+
+#: safetensors dtype -> (numpy view used for the finiteness check, exponent mask).
+FLOAT_DTYPES: Mapping[str, tuple[type, int]] = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+}
+
+LORA_PAIR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+EMBEDDING_PAIR_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file is invalid; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of one tensor of an adapter file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass
+class AdapterFiles:
+    """A validated adapter directory: its config, tensor table and raw weight bytes."""
+
+    directory: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    weights: bytes = field(repr=False)
+
+    @property
+    def num_parameters(self) -> int:
+        """Total number of elements over all tensors."""
+        return sum(info.numel for info in self.tensors.values())
+
+
+# --------------------------------------------------------------------------- regexes
+
+
+def _subpatterns(av: Any) -> Iterator[Any]:
+    """Yield the nested sub-patterns of one parsed regex node's argument."""
+    if isinstance(av, _sre_parse.SubPattern):
+        yield av
+    elif isinstance(av, (tuple, list)):
+        for item in av:
+            yield from _subpatterns(item)
+
+
+def _walk(pattern: Any) -> Iterator[tuple[Any, Any]]:
+    """Yield every ``(opcode, argument)`` node of a parsed regex, depth first."""
+    for op, av in pattern:
+        yield op, av
+        for sub in _subpatterns(av):
+            yield from _walk(sub)
+
+
+_REPEATS = {_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT}
+_REPEATS |= {getattr(_sre_constants, "POSSESSIVE_REPEAT", _sre_constants.MAX_REPEAT)}
+_BACKREFS = {_sre_constants.GROUPREF, _sre_constants.GROUPREF_EXISTS}
+
+
+def _is_repeat(op: Any, av: Any) -> bool:
+    """True for a repetition whose upper bound is more than one."""
+    return op in _REPEATS and av[1] > 1
+
+
+def check_pattern(pattern: str, what: str) -> None:
+    """Refuse a regular expression that is invalid or could backtrack catastrophically.
+
+    Raises:
+        AdapterFileError: naming ``what`` (the config field) and the reason.
+    """
+    if not isinstance(pattern, str):
+        raise AdapterFileError(f"{what}: expected a string pattern, got {type(pattern).__name__}")
+    if len(pattern) > MAX_PATTERN_LEN:
+        raise AdapterFileError(f"{what}: pattern is {len(pattern)} characters long (limit {MAX_PATTERN_LEN})")
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except re.error as exc:
+        raise AdapterFileError(f"{what}: invalid regular expression {pattern!r}: {exc}") from None
+    unbounded = 0
+    for op, av in _walk(parsed):
+        if op in _BACKREFS:
+            raise AdapterFileError(f"{what}: back-references are not allowed in {pattern!r}")
+        if not _is_repeat(op, av):
+            continue
+        unbounded += av[1] == _sre_constants.MAXREPEAT
+        for inner_op, inner_av in _walk(av[2]):
+            if _is_repeat(inner_op, inner_av) or inner_op == _sre_constants.BRANCH:
+                raise AdapterFileError(
+                    f"{what}: pattern {pattern!r} nests a repetition or alternation inside a repetition "
+                    "(catastrophic backtracking risk); rewrite it without nested quantifiers"
+                )
+    if unbounded > MAX_UNBOUNDED_REPEATS:
+        raise AdapterFileError(
+            f"{what}: pattern {pattern!r} has {unbounded} unbounded repetitions (limit {MAX_UNBOUNDED_REPEATS})"
+        )
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook: refuse duplicate keys instead of keeping the last one."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise AdapterFileError(f"duplicate key {key!r} in JSON object")
+        seen[key] = value
+    return seen
+
+
+def _parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Decode UTF-8 JSON bytes that must hold one object with unique keys."""
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AdapterFileError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_rank(value: Any, what: str) -> None:
+    if not _is_int(value) or not 0 < value <= MAX_RANK:
+        raise AdapterFileError(f"{what} must be an integer in [1, {MAX_RANK}], got {value!r}")
+
+
+def _check_str_list(value: Any, what: str, *, allow_str: bool) -> None:
+    """Accept None, a list of non-empty strings, or (if ``allow_str``) one string."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        kinds = "a string or a list of strings" if allow_str else "a list of strings"
+        raise AdapterFileError(f"{what} must be null or {kinds}, got {value!r}")
+
+
+def _check_patterns(config: Mapping[str, Any]) -> None:
+    """Run :func:`check_pattern` over every config value PEFT uses as a regex."""
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(name), str) and config[name].lower() != ALL_LINEAR:
+            check_pattern(config[name], name)
+    layers_pattern = config.get("layers_pattern")
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []:
+        check_pattern(pattern, "layers_pattern")
+    for pattern in config.get("modules_to_save") or []:
+        check_pattern(pattern, "modules_to_save")
+    for name in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(name) or {}:
+            check_pattern(pattern, f"{name} key")
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Check the LoRA fields of a parsed ``adapter_config.json`` (types, ranges, regexes).
+
+    Raises:
+        AdapterFileError: naming the field and the offending value.
+    """
+    if config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    _check_rank(config.get("r", 8), "r")
+    if not _is_number(config.get("lora_alpha", 8)):
+        raise AdapterFileError(f"lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise AdapterFileError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+        if not isinstance(config.get(name, False), bool):
+            raise AdapterFileError(f"{name} must be true or false, got {config[name]!r}")
+    if config.get("bias", "none") not in BIAS_MODES:
+        raise AdapterFileError(f"bias must be one of {BIAS_MODES}, got {config.get('bias')!r}")
+    _check_str_list(config.get("target_modules"), "target_modules", allow_str=True)
+    _check_str_list(config.get("exclude_modules"), "exclude_modules", allow_str=True)
+    _check_str_list(config.get("layers_pattern"), "layers_pattern", allow_str=True)
+    _check_str_list(config.get("modules_to_save"), "modules_to_save", allow_str=False)
+    if not config.get("target_modules"):
+        raise AdapterFileError("target_modules is missing or empty: cannot tell which modules the adapter wraps")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
+        raise AdapterFileError(f"layers_to_transform must be null, an integer or a list of integers, got {layers!r}")
+    for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", None)):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterFileError(f"{name} must be a JSON object, got {patterns!r}")
+        for key, value in patterns.items():
+            if check is not None:
+                check(value, f"{name}[{key!r}]")
+            elif not _is_number(value):
+                raise AdapterFileError(f"{name}[{key!r}] must be a finite number, got {value!r}")
+    _check_patterns(config)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """Read and validate an ``adapter_config.json`` file."""
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{path}: config is {size} bytes (limit {MAX_CONFIG_BYTES})")
+    with open(path, "rb") as handle:
+        config = _parse_json_object(handle.read(MAX_CONFIG_BYTES + 1), f"{path}")
+    try:
+        validate_config(config)
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{path}: {exc}") from None
+    return config
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _tensor_info(name: str, entry: Any) -> TensorInfo:
+    """Validate one header entry (beyond what ``safetensors`` checks) and describe it."""
+    if not name or "\x00" in name:
+        raise AdapterFileError(f"invalid tensor name {name!r} (empty or containing a NUL byte)")
+    if not isinstance(entry, dict):
+        raise AdapterFileError(f"tensor {name!r}: header entry must be an object")
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if dtype not in FLOAT_DTYPES:
+        raise AdapterFileError(f"tensor {name!r}: dtype {dtype!r} is not a float type {sorted(FLOAT_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise AdapterFileError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    return TensorInfo(name, dtype, tuple(shape))
+
+
+def parse_header(data: bytes) -> dict[str, TensorInfo]:
+    """Pre-validate a safetensors header with rules stricter than the reference reader.
+
+    Checks the 8-byte length against :data:`MAX_HEADER_BYTES` and the buffer size,
+    refuses duplicate keys, NUL bytes in names or metadata, non-string metadata and
+    non-float dtypes.  Offsets and sizes are left to :func:`decode_weights`.
+    """
+    if len(data) < 8:
+        raise AdapterFileError(f"safetensors file is {len(data)} bytes: too short for the 8-byte header length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > MAX_HEADER_BYTES:
+        raise AdapterFileError(f"safetensors header length {length} is absurd (limit {MAX_HEADER_BYTES} bytes)")
+    if length + 8 > len(data):
+        raise AdapterFileError(f"safetensors header length {length} + 8 exceeds the file size {len(data)} (truncated)")
+    header = _parse_json_object(data[8 : 8 + length], "safetensors header")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) and "\x00" not in k + v for k, v in metadata.items()
+    ):
+        raise AdapterFileError("safetensors __metadata__ must map strings to strings without NUL bytes")
+    return {name: _tensor_info(name, entry) for name, entry in header.items()}
+
+
+def _check_finite(name: str, dtype: str, raw: bytes) -> None:
+    """Refuse NaN or infinite values, read as integer bit patterns (works for bf16 too)."""
+    view, mask = FLOAT_DTYPES[dtype]
+    bits = np.frombuffer(raw, dtype=np.dtype(view).newbyteorder("<"))
+    if np.any((bits & view(mask)) == view(mask)):
+        raise AdapterFileError(f"tensor {name!r} contains NaN or infinite values")
+
+
+def decode_weights(data: bytes) -> dict[str, TensorInfo]:
+    """Fully validate safetensors bytes: header rules, the reference parser, finiteness.
+
+    The payload is parsed by the ``safetensors`` package (``safetensors.deserialize``,
+    no torch needed), which enforces offsets, sizes and the absence of trailing bytes.
+    """
+    import safetensors
+
+    infos = parse_header(data)
+    try:
+        entries = safetensors.deserialize(data)
+    except Exception as exc:  # SafetensorError is not importable on every version
+        raise AdapterFileError(f"safetensors file rejected by the safetensors parser: {exc}") from None
+    for name, entry in entries:
+        _check_finite(name, infos[name].dtype, entry["data"])
+    return infos
+
+
+# --------------------------------------------------------------------------- adapter dir
+
+
+def split_lora_key(key: str) -> Optional[tuple[str, str]]:
+    """Split ``base_model.model.<module>.lora_A.weight`` into (module, suffix), else None."""
+    for suffix in LORA_PAIR_SUFFIXES + EMBEDDING_PAIR_SUFFIXES:
+        if key.startswith(KEY_PREFIX) and key.endswith(suffix):
+            return key[len(KEY_PREFIX) : -len(suffix)], suffix
+    return None
+
+
+def allowed_ranks(config: Mapping[str, Any]) -> set[int]:
+    """Ranks a LoRA pair may have under ``r`` and ``rank_pattern`` (which module gets which
+    rank is decided against the model, where module names are known)."""
+    return {config.get("r", 8), *(config.get("rank_pattern") or {}).values()}
+
+
+def _pair_problem(key: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], ranks: set[int]) -> Optional[str]:
+    """What is wrong with one ``lora_A``/``lora_B`` (or embedding) tensor, if anything."""
+    module, suffix = split_lora_key(key)  # type: ignore[misc]
+    pair = LORA_PAIR_SUFFIXES if suffix in LORA_PAIR_SUFFIXES else EMBEDDING_PAIR_SUFFIXES
+    is_a = suffix == pair[0]
+    partner = tensors.get(KEY_PREFIX + module + pair[is_a])
+    if partner is None:
+        return f"{key} has no partner {KEY_PREFIX + module + pair[is_a]}"
+    if len(info.shape) != 2 or info.numel == 0:
+        return f"{key} must be a non-empty 2-D tensor, has shape {list(info.shape)}"
+    rank = info.shape[0 if is_a else 1]
+    if len(partner.shape) == 2 and partner.shape[1 if is_a else 0] != rank:
+        return f"{key} has rank {rank} but its partner has shape {list(partner.shape)}"
+    if rank not in ranks:
+        return f"{key} has rank {rank} but the config allows r in {sorted(ranks)}"
+    return None
+
+
+def _check_ranks(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    """Check every LoRA pair: both halves present, 2-D, equal ranks allowed by the config."""
+    ranks = allowed_ranks(config)
+    problems = [
+        problem
+        for key, info in sorted(tensors.items())
+        if split_lora_key(key) is not None and (problem := _pair_problem(key, info, tensors, ranks))
+    ]
+    if problems:
+        raise AdapterFileError("LoRA tensors disagree with the config: " + "; ".join(problems))
+
+
+def _refuse_pickles(directory: str, names: Iterable[str]) -> None:
+    pickles = sorted(set(names) & set(PICKLE_NAMES))
+    if pickles:
+        raise AdapterFileError(
+            f"{directory} holds {', '.join(pickles)} but no {WEIGHTS_NAME}: lorafuse never unpickles weights "
+            "(a pickle can run arbitrary code when loaded, and torch.load(weights_only=True) has had RCE bugs). "
+            "Convert it to safetensors in a trusted environment, e.g. "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors')"
+        )
+
+
+def read_adapter_dir(directory: str) -> AdapterFiles:
+    """Read and fully validate an adapter directory without touching any model.
+
+    Raises:
+        AdapterFileError: for every problem listed in the module docstring.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise AdapterFileError(f"{directory} is not a directory")
+    names = os.listdir(directory)
+    if not names:
+        raise AdapterFileError(f"{directory} is empty: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if WEIGHTS_NAME not in names:
+        _refuse_pickles(directory, names)
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
+    if CONFIG_NAME not in names:
+        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}")
+    config = read_config(os.path.join(directory, CONFIG_NAME))
+    with open(os.path.join(directory, WEIGHTS_NAME), "rb") as handle:
+        weights = handle.read()
+    try:
+        tensors = decode_weights(weights)
+        _check_key_grammar(tensors)
+        _check_ranks(config, tensors)
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{os.path.join(directory, WEIGHTS_NAME)}: {exc}") from None
+    return AdapterFiles(directory, config, tensors, weights)
+
+
+def _check_key_grammar(tensors: Mapping[str, TensorInfo]) -> None:
+    """Every tensor name must carry PEFT's ``base_model.model.`` prefix."""
+    if not tensors:
+        raise AdapterFileError("the file holds no tensors")
+    bad = sorted(name for name in tensors if not name.startswith(KEY_PREFIX))
+    if bad:
+        raise AdapterFileError(f"tensor names without the {KEY_PREFIX!r} prefix: {bad}")
