@@ -1,0 +1,176 @@
+"""One `torch.autograd.Function` for a LoRA linear layer: fused forward, adapter-only backward.
+
+Math (DESIGN.md §1), x (..., k), W (m, k) — or (k, m) with fan_in_fan_out —, A (r, k), B (m, r):
+
+    u  = drop(x) · Aᵀ                    (..., r)   saved for backward
+    y  = x · Wᵀ + b + s · u · Bᵀ         (..., m)
+    dB = s · gᵀ · u,   dA = s · (g·B)ᵀ · drop(x),   dx = g · W + s · drop'((g·B) · A)
+
+Only x, u and a dropout seed are saved: the dropped input is regenerated from the seed
+(`ops.dropout_mask` semantics). The kernels used come from `kernels_for`, the single
+dispatch point: `lorafuse.ops` (C) for float32 CPU tensors, `lorafuse.cuda` for CUDA
+tensors once that module provides the same entry points, else the pure-torch math below
+(any dtype or device; also the float64 reference for `torch.autograd.gradcheck`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["LoraLinearFunction", "lora_linear", "kernels_for", "backend_name", "dropout_mask", "draw_seed"]
+
+_SEED_HIGH = 2**31 - 1
+_loaded: dict[str, Optional[ModuleType]] = {}
+
+
+def _load(module: str, entry_points: tuple[str, ...]) -> Optional[ModuleType]:
+    """Import ``lorafuse.<module>`` once; None if missing, unbuilt, or lacking the entry points."""
+    if module not in _loaded:
+        try:
+            mod: Optional[ModuleType] = importlib.import_module(f"lorafuse.{module}")
+        except ImportError:
+            mod = None
+        if mod is not None and not all(hasattr(mod, e) for e in entry_points):
+            mod = None
+        _loaded[module] = mod
+    return _loaded[module]
+
+
+def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
+    """THE dispatch point: the kernel module for these tensors, or None for the torch path.
+
+    float32 CPU → `lorafuse.ops`; CUDA → `lorafuse.cuda` if it exposes `lora_forward` and
+    `lora_backward` with the `ops` signatures (arrays via DLPack, preallocated ``out=``
+    tensors); anything else (other dtypes, mixed devices, empty inputs) → None.
+    """
+    first = tensors[0]
+    if first.numel() == 0 or any(t.dtype != first.dtype or t.device != first.device for t in tensors):
+        return None
+    if first.device.type == "cpu" and first.dtype == torch.float32:
+        return _load("ops", ("lora_forward", "lora_backward", "dropout_mask"))
+    if first.device.type == "cuda":
+        return _load("cuda", ("lora_forward", "lora_backward"))
+    return None
+
+
+def backend_name(*tensors: torch.Tensor) -> str:
+    """'c', 'cuda' or 'torch': which implementation `lora_linear` would use for these tensors."""
+    kern = kernels_for(*tensors)
+    if kern is None:
+        return "torch"
+    return "cuda" if tensors[0].device.type == "cuda" else "c"
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default RNG, so `torch.manual_seed` makes runs reproducible."""
+    return int(torch.randint(0, _SEED_HIGH, (1,)).item())
+
+
+def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n, k) mask of 0 or 1/(1-p): the kernels' mask when `lorafuse.ops` is built, else a seeded torch draw."""
+    ops = _load("ops", ("dropout_mask",))
+    if ops is not None:
+        return torch.from_numpy(ops.dropout_mask(n, k, p, seed)).to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand((n, k), generator=gen) >= p
+    return (keep.to(torch.float64) / (1.0 - p)).to(device=device, dtype=dtype)
+
+
+def _arg(t: Optional[torch.Tensor]) -> Any:
+    """Zero-copy view for the kernels: a NumPy view on CPU, the tensor itself (DLPack) elsewhere."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``y = base(x) + scale · B(A(drop(x)))`` with W and bias frozen-by-default (gradients only if asked)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
+                fan_in_fan_out: bool) -> torch.Tensor:
+        """x (..., k) → y (..., m); saves x, u (n, r) and the seed."""
+        k = x.shape[-1]
+        x2 = x.detach().contiguous().view(-1, k)
+        n, r = x2.shape[0], lora_a.shape[0]
+        m = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+        kern = kernels_for(*(t for t in (x, weight, bias, lora_a, lora_b) if t is not None))
+        if kern is not None:
+            y = torch.empty((n, m), dtype=x.dtype, device=x.device)
+            u = torch.empty((n, r), dtype=x.dtype, device=x.device)
+            kern.lora_forward(_arg(x2), _arg(weight), _arg(lora_a), _arg(lora_b), scale, bias=_arg(bias),
+                              out=_arg(y), u_out=_arg(u), dropout_p=dropout_p, seed=seed,
+                              fan_in_fan_out=fan_in_fan_out)
+        else:
+            y, u = _torch_forward(x2, weight.detach(), None if bias is None else bias.detach(),
+                                  lora_a.detach(), lora_b.detach(), scale, dropout_p, seed, fan_in_fan_out)
+        ctx.save_for_backward(x2, u, weight, lora_a, lora_b)
+        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out, tuple(x.shape))
+        return y.view(*x.shape[:-1], m)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        """Gradients for x, W, bias, A, B (None where not needed); dW only if W requires grad."""
+        x2, u, weight, lora_a, lora_b = ctx.saved_tensors
+        scale, dropout_p, seed, fifo, x_shape = ctx.conf
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        g = grad.contiguous().view(-1, grad.shape[-1])
+        dx = dA = dB = None
+        if need_x or need_a or need_bb:
+            kern = kernels_for(g, x2, u, weight, lora_a, lora_b)
+            if kern is not None:
+                dx = torch.empty_like(x2) if need_x else None
+                dA, dB = torch.empty_like(lora_a), torch.empty_like(lora_b)
+                kern.lora_backward(_arg(g), _arg(x2), _arg(u), _arg(weight), _arg(lora_a), _arg(lora_b), scale,
+                                   need_dx=need_x, dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo,
+                                   dx_out=_arg(dx), dA_out=_arg(dA), dB_out=_arg(dB))
+            else:
+                dx, dA, dB = _torch_backward(g, x2, u, weight.detach(), lora_a.detach(), lora_b.detach(), scale,
+                                             dropout_p, seed, fifo, need_x)
+        dW = (x2.t() @ g if fifo else g.t() @ x2) if need_w else None
+        db = g.sum(0) if need_b else None
+        return (None if dx is None else dx.view(x_shape), dW, db, dA if need_a else None,
+                dB if need_bb else None, None, None, None, None)
+
+
+def _torch_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
+                   fifo: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference forward on (n, k) input: returns y (n, m) and u (n, r)."""
+    xd = x2 * dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else x2
+    u = xd @ lora_a.t()
+    y = x2 @ (weight if fifo else weight.t())
+    if bias is not None:
+        y = y + bias
+    return y + scale * (u @ lora_b.t()), u
+
+
+def _torch_backward(g: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+                    need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Reference adapter-only backward on (n, ·) matrices: dx (n, k) or None, dA (r, k), dB (m, r)."""
+    mask = dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else None
+    v = g @ lora_b
+    dB = scale * (g.t() @ u)
+    dA = scale * (v.t() @ (x2 * mask if mask is not None else x2))
+    dx = None
+    if need_dx:
+        dxd = v @ lora_a
+        dx = g @ (weight.t() if fifo else weight) + scale * (dxd * mask if mask is not None else dxd)
+    return dx, dA, dB
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Functional LoRA linear: x (..., k) → (..., m). See `LoraLinearFunction`."""
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
+                                    bool(fan_in_fan_out))
