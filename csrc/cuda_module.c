@@ -1,0 +1,158 @@
+/* lorafuse._C_cuda — CPython binding of the CUDA kernels (kernels/include/lorafuse/cuda_kernels.h).
+ *
+ * Deliberately thin: it takes raw device addresses, sizes, the dtype code and the caller's stream as
+ * Python ints. Everything about tensors (device agreement, dtype, shapes, contiguity, aliasing,
+ * workspaces) is validated by python/lorafuse/cuda.py before a call gets here; this file only
+ * releases the GIL, calls the kernels and turns a status into an exception:
+ *   LF_CUDA_ERR_ARG  -> ValueError
+ *   anything else    -> lorafuse._C_cuda.CudaError (a RuntimeError) naming the failing CUDA/cuBLASLt call.
+ * No CUDA header is included here: the module compiles with the plain C compiler.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+
+#include "lorafuse/cuda_kernels.h"
+
+#ifndef LORAFUSE_CUDA_ARCHS
+#define LORAFUSE_CUDA_ARCHS "unknown"
+#endif
+#ifndef LORAFUSE_NVCC_VERSION
+#define LORAFUSE_NVCC_VERSION "unknown"
+#endif
+#ifndef LORAFUSE_CUBLASLT_SOURCE
+#define LORAFUSE_CUBLASLT_SOURCE "unknown"
+#endif
+
+static PyObject *CudaError = NULL;
+
+static PyObject *raise_status(int status, const char *entry) {
+    const char *msg = lf_cuda_last_error();
+    if (!msg || !msg[0]) msg = "(no message)";
+    if (status == LF_CUDA_ERR_ARG)
+        PyErr_Format(PyExc_ValueError, "lorafuse CUDA %s: %s", entry, msg);
+    else
+        PyErr_Format(CudaError, "lorafuse CUDA %s: %s", entry, msg);
+    return NULL;
+}
+
+#define PTR(v) ((void *)(uintptr_t)(v))
+
+static PyObject *py_lora_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    int device, dtype, allow_tf32, w_kxm;
+    unsigned long long stream, seed, x, W, bias, A, B, y, u, xdrop;
+    long long n, k, m, r;
+    float scale;
+    double p;
+    if (!PyArg_ParseTuple(args, "iKiiLLLLifdKKKKKKKKK:lora_forward", &device, &stream, &dtype, &allow_tf32, &n, &k,
+                          &m, &r, &w_kxm, &scale, &p, &seed, &x, &W, &bias, &A, &B, &y, &u, &xdrop))
+        return NULL;
+    lf_cuda_lora_desc d;
+    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.allow_tf32 = allow_tf32;
+    d.n = n; d.k = k; d.m = m; d.r = r; d.w_kxm = w_kxm; d.scale = scale; d.dropout_p = p; d.seed = seed;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = lf_cuda_lora_forward(&d, PTR(x), PTR(W), PTR(bias), PTR(A), PTR(B), PTR(y), PTR(u), PTR(xdrop));
+    Py_END_ALLOW_THREADS
+    if (st != LF_CUDA_OK) return raise_status(st, "lora_forward");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_lora_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    int device, dtype, allow_tf32, w_kxm;
+    unsigned long long stream, seed, g, x, u, W, A, B, dx, dA, dB, xdrop, vws;
+    long long n, k, m, r;
+    float scale;
+    double p;
+    if (!PyArg_ParseTuple(args, "iKiiLLLLifdKKKKKKKKKKKK:lora_backward", &device, &stream, &dtype, &allow_tf32, &n,
+                          &k, &m, &r, &w_kxm, &scale, &p, &seed, &g, &x, &u, &W, &A, &B, &dx, &dA, &dB, &xdrop,
+                          &vws))
+        return NULL;
+    lf_cuda_lora_desc d;
+    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.allow_tf32 = allow_tf32;
+    d.n = n; d.k = k; d.m = m; d.r = r; d.w_kxm = w_kxm; d.scale = scale; d.dropout_p = p; d.seed = seed;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = lf_cuda_lora_backward(&d, PTR(g), PTR(x), PTR(u), PTR(W), PTR(A), PTR(B), PTR(dx), PTR(dA), PTR(dB),
+                               PTR(xdrop), PTR(vws));
+    Py_END_ALLOW_THREADS
+    if (st != LF_CUDA_OK) return raise_status(st, "lora_backward");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dropout(PyObject *self, PyObject *args) {
+    (void)self;
+    int device, dtype;
+    unsigned long long stream, seed, src, dst;
+    long long rows, cols;
+    double p;
+    float extra;
+    if (!PyArg_ParseTuple(args, "iKiLLdKfKK:dropout", &device, &stream, &dtype, &rows, &cols, &p, &seed, &extra,
+                          &src, &dst))
+        return NULL;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = lf_cuda_dropout(device, PTR(stream), dtype, rows, cols, p, seed, extra, PTR(src), PTR(dst));
+    Py_END_ALLOW_THREADS
+    if (st != LF_CUDA_OK) return raise_status(st, "dropout");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_versions(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    lf_cuda_versions v;
+    lf_cuda_get_versions(&v);
+    const char *err = lf_cuda_last_error();
+    return Py_BuildValue("{s:i,s:i,s:i,s:l,s:l,s:i,s:s,s:s,s:s,s:s}", "cudart_compiled", v.cudart_compiled,
+                         "cudart_runtime", v.cudart_runtime, "driver", v.driver_version, "cublaslt_compiled",
+                         v.cublaslt_compiled, "cublaslt_runtime", v.cublaslt_runtime, "device_count",
+                         v.device_count, "device_error", err ? err : "", "archs", LORAFUSE_CUDA_ARCHS, "nvcc",
+                         LORAFUSE_NVCC_VERSION, "cublaslt_source", LORAFUSE_CUBLASLT_SOURCE);
+}
+
+static PyObject *py_release_caches(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    lf_cuda_release_caches();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"lora_forward", py_lora_forward, METH_VARARGS,
+     "lora_forward(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, dropout_p, seed,\n"
+     "             x, W, bias, A, B, y, u, xdrop_ws) -- raw device addresses; use lorafuse.cuda instead."},
+    {"lora_backward", py_lora_backward, METH_VARARGS,
+     "lora_backward(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, dropout_p, seed,\n"
+     "              g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws) -- raw device addresses."},
+    {"dropout", py_dropout, METH_VARARGS,
+     "dropout(device, stream, dtype, rows, cols, p, seed, extra_scale, src, dst) -- dst = src*mask*extra."},
+    {"versions", py_versions, METH_NOARGS, "Compile- and run-time CUDA/cuBLASLt versions, device count, archs."},
+    {"release_caches", py_release_caches, METH_NOARGS, "Free cached cuBLASLt handles and workspaces."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "lorafuse._C_cuda",
+                                       "lorafuse CUDA kernels (cuBLASLt); see lorafuse.cuda.", -1, methods,
+                                       NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+    PyObject *mod = PyModule_Create(&moduledef);
+    if (!mod) return NULL;
+    CudaError = PyErr_NewExceptionWithDoc("lorafuse._C_cuda.CudaError",
+                                          "A CUDA runtime or cuBLASLt call made by lorafuse failed.",
+                                          PyExc_RuntimeError, NULL);
+    if (!CudaError || PyModule_AddObject(mod, "CudaError", CudaError) < 0) {
+        Py_XDECREF(CudaError);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    Py_INCREF(CudaError);
+    PyModule_AddStringConstant(mod, "ARCHS", LORAFUSE_CUDA_ARCHS);
+    PyModule_AddStringConstant(mod, "NVCC_VERSION", LORAFUSE_NVCC_VERSION);
+    PyModule_AddIntConstant(mod, "DTYPE_F32", LF_CUDA_F32);
+    PyModule_AddIntConstant(mod, "DTYPE_F16", LF_CUDA_F16);
+    PyModule_AddIntConstant(mod, "DTYPE_BF16", LF_CUDA_BF16);
+    return mod;
+}
