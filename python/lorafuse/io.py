@@ -462,6 +462,7 @@ def from_pretrained(
     try:
         _fill(peft_model, adapter_name, files, tensors, is_trainable)
     except BaseException:
+        peft_model.delete_adapter(adapter_name)
         peft_model.unload()
         raise
     if not is_trainable:

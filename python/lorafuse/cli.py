@@ -1,0 +1,117 @@
+"""The ``lorafuse`` command line (console script ``lorafuse = lorafuse.cli:main``).
+
+Subcommands are registered in :data:`COMMANDS`: each maps a name to a function that adds
+its arguments to an ``argparse`` sub-parser and returns the handler to run, so further
+commands (``demo``, ``bench``) plug in without touching the others.
+
+``lorafuse inspect DIR`` prints an adapter directory's config, each tensor (name, shape,
+dtype), the parameter count and whether the directory validates; the exit status is 0
+when it does and 1 (with the reason) when it does not.  Only the files are checked: no
+model is loaded, and torch is not imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from .io_validate import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, AdapterFiles, parse_header, read_adapter_dir
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_config(config: dict) -> None:
+    print(f"== {CONFIG_NAME}")
+    print(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _print_tensors(files: AdapterFiles) -> None:
+    print(f"== {WEIGHTS_NAME}")
+    for name in sorted(files.tensors):
+        info = files.tensors[name]
+        print(f"{name}  {list(info.shape)}  {info.dtype}")
+    print(f"parameters: {files.num_parameters:,d} in {len(files.tensors)} tensors")
+
+
+def _sub_adapters(directory: str) -> list[str]:
+    """Names of the non-default adapters saved next to this one (``DIR/<name>/``)."""
+    return sorted(
+        entry.name for entry in os.scandir(directory)
+        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, CONFIG_NAME))
+    )
+
+
+def _print_partial(directory: str) -> None:
+    """What can still be shown of an invalid directory: the raw config and the header."""
+    for name, show in ((CONFIG_NAME, _show_raw_config), (WEIGHTS_NAME, _show_raw_header)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                show(path)
+            except (OSError, ValueError):  # the reason is printed by the caller
+                print(f"== {name}: unreadable")
+
+
+def _show_raw_config(path: str) -> None:
+    with open(path, "rb") as handle:
+        config = json.loads(handle.read(1 << 20))
+    _print_config(config)
+
+
+def _show_raw_header(path: str) -> None:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    print(f"== {WEIGHTS_NAME} (header only)")
+    for name, info in sorted(parse_header(data).items()):
+        print(f"{name}  {list(info.shape)}  {info.dtype}")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Handler of ``lorafuse inspect DIR``."""
+    try:
+        files = read_adapter_dir(args.directory)
+    except AdapterFileError as exc:
+        if os.path.isdir(args.directory):
+            _print_partial(args.directory)
+        print(f"INVALID: {exc}")
+        return 1
+    _print_config(files.config)
+    _print_tensors(files)
+    others = _sub_adapters(args.directory)
+    if others:
+        print(f"other adapters in subdirectories: {', '.join(others)}")
+    print("valid: yes (files only; run load_adapter to check against a model)")
+    return 0
+
+
+def _add_inspect(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("directory", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    return run_inspect
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {
+    "inspect": ("show and validate a PEFT/lorafuse adapter directory", _add_inspect),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="lorafuse", description="lorafuse: fused LoRA kernels and tools")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=add_arguments(sub))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lorafuse`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
