@@ -254,8 +254,8 @@ int launch_dropout(cudaStream_t stream, int dtype, int64_t rows, int64_t cols, d
                    float extra, const void *src, void *dst, const char *what) {
     const uint64_t total = (uint64_t)rows * (uint64_t)cols;
     if (total == 0) return LF_CUDA_OK;
-    const uint32_t thr = lf_dropout_threshold(p);
-    const float keep = lf_dropout_scale(p) * extra;
+    const uint32_t thr = lf_dropout_threshold((float)p);
+    const float keep = lf_dropout_scale((float)p) * extra;
     const int threads = 256;
     uint64_t blocks = (total + threads * 4 - 1) / (threads * 4);
     if (blocks > 65535u * 16u) blocks = 65535u * 16u;

@@ -47,8 +47,8 @@ struct RefBackend : lorafuse::plan::Backend {
     }
     int dropout(const char *, int64_t rows, int64_t cols, double p, uint64_t seed, float extra,
                 const void *src, void *dst) override {
-        const uint32_t thr = lf_dropout_threshold(p);
-        const float keep = lf_dropout_scale(p) * extra;
+        const uint32_t thr = lf_dropout_threshold((float)p);
+        const float keep = lf_dropout_scale((float)p) * extra;
         const float *s = (const float *)src;
         float *d = (float *)dst;
         const uint64_t total = (uint64_t)rows * (uint64_t)cols;
@@ -98,8 +98,8 @@ int lf_ref_backward(int64_t n, int64_t k, int64_t m, int64_t r, int w_kxm, float
 
 /* the mask itself, for comparison with the pure-Python copy of the hash */
 void lf_ref_dropout_mask(int64_t rows, int64_t cols, double p, uint64_t seed, float *out) {
-    const uint32_t thr = lf_dropout_threshold(p);
-    const float keep = lf_dropout_scale(p);
+    const uint32_t thr = lf_dropout_threshold((float)p);
+    const float keep = lf_dropout_scale((float)p);
     for (uint64_t i = 0; i < (uint64_t)rows * (uint64_t)cols; ++i)
         out[i] = lf_dropout_keep(seed, i, thr) ? keep : 0.0f;
 }

@@ -3,11 +3,13 @@
  * mask(i, j) for an n×k input (leading dims flattened, row-major, element index idx = i·k + j):
  *     keep  iff  (splitmix64(seed ^ idx) >> 40) >= ceil(p · 2^24)
  *     value =   keep ? 1/(1-p) : 0
+ * p is a float (the kernels' C type): callers holding a double round it to float first, so that every
+ * implementation derives the same integer threshold.
  * splitmix64 is Vigna's finaliser applied to (x + golden gamma). The top 24 bits of the hash are
  * compared with an integer threshold, so the decision is exact integer arithmetic: the CPU and the
  * GPU (and the pure-Python copy in lorafuse/cuda.py, used by the tests) agree bit for bit.
- * p·2^24 is exact in double for every double p, so ceil() of it is the same everywhere.
- * The 1/(1-p) scale is computed once, in double, then rounded to float (lf_dropout_scale).
+ * p·2^24 is exact in double for every float p, so ceil() of it is the same everywhere.
+ * The 1/(1-p) scale is computed in float (lf_dropout_scale), as 1.0f / (1.0f - p).
  *
  * Portable: static inline, no dependencies beyond <stdint.h>; usable from host and device code.
  */
@@ -34,15 +36,15 @@ static inline LF_HD uint64_t lf_splitmix64(uint64_t x) {
 }
 
 /* Integer threshold on the top 24 hash bits: ceil(p·2^24), p in [0, 1). */
-static inline uint32_t lf_dropout_threshold(double p) {
-    double t = p * 16777216.0; /* exact */
+static inline uint32_t lf_dropout_threshold(float p) {
+    double t = (double)p * 16777216.0; /* exact */
     uint32_t ti = (uint32_t)t;  /* floor for t >= 0 */
     if ((double)ti < t) ti += 1u;
     return ti;
 }
 
-/* Scale applied to kept elements: (float)(1 / (1 - p)). */
-static inline float lf_dropout_scale(double p) { return (float)(1.0 / (1.0 - p)); }
+/* Scale applied to kept elements: 1/(1-p) in float. */
+static inline float lf_dropout_scale(float p) { return 1.0f / (1.0f - p); }
 
 /* 1 when element idx (= i·k + j) is kept, 0 when dropped. */
 static inline LF_HD int lf_dropout_keep(uint64_t seed, uint64_t idx, uint32_t threshold) {
