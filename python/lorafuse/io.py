@@ -216,8 +216,7 @@ def config_to_json(peft_model: nn.Module, adapter_name: str) -> str:
     config.pop("runtime_config", None)
     config["inference_mode"] = True
     base = peft_model.get_base_model()
-    if config.get("base_model_name_or_path") is None:
-        config["base_model_name_or_path"] = getattr(base, "name_or_path", None) or None
+    config["base_model_name_or_path"] = config.get("base_model_name_or_path") or getattr(base, "name_or_path", None) or None
     if config.get("task_type") is None:
         config["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     return json.dumps(config, indent=2, sort_keys=True)
