@@ -365,7 +365,10 @@ def check_against_base(base: nn.Module, config: Any, files: AdapterFiles) -> Non
     if config.bias == "all":
         biases = {_canonical_bias(k): found.pop(k) for k in list(found) if _is_free_bias(k)}
         check_tensors(expected_biases(base), biases, files.directory)
-    expected = expected_tensors(base, config)
+    try:
+        expected = expected_tensors(base, config)
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{files.directory}: {exc}") from None
     if config.bias == "all":
         expected = {k: v for k, v in expected.items() if not _is_free_bias(k)}
     check_tensors(expected, found, files.directory)

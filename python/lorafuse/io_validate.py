@@ -167,12 +167,16 @@ def check_pattern(pattern: str, what: str) -> None:
 # --------------------------------------------------------------------------- config
 
 
+class _DuplicateKey(Exception):
+    """Raised by :func:`_reject_duplicates` inside ``json.loads``."""
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json`` object hook: refuse duplicate keys instead of keeping the last one."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise AdapterFileError(f"duplicate key {key!r} in JSON object")
+            raise _DuplicateKey(key)
         seen[key] = value
     return seen
 
@@ -181,7 +185,9 @@ def _parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     """Decode UTF-8 JSON bytes that must hold one object with unique keys."""
     try:
         value = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except _DuplicateKey as exc:
+        raise AdapterFileError(f"{what} has a duplicate key {exc.args[0]!r}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise AdapterFileError(f"{what} is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(value, dict):
         raise AdapterFileError(f"{what} must be a JSON object, got {type(value).__name__}")

@@ -1,0 +1,84 @@
+"""``lorafuse inspect DIR``: config, tensors, parameter count, validity and exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lorafuse import cli
+from lorafuse.io_validate import CONFIG_NAME, WEIGHTS_NAME
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+np = pytest.importorskip("numpy")
+
+A_KEY = "base_model.model.layer.q.lora_A.weight"
+B_KEY = "base_model.model.layer.q.lora_B.weight"
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> Path:
+    """A small valid adapter directory written without torch: r=2, in 6, out 5."""
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], "inference_mode": True}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    tensors = {A_KEY: np.ones((2, 6), np.float32), B_KEY: np.zeros((5, 2), np.float32)}
+    safetensors_numpy.save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata={"format": "pt"})
+    return tmp_path
+
+
+def test_valid_directory(adapter: Path, capsys: pytest.CaptureFixture) -> None:
+    (adapter / "second").mkdir()
+    (adapter / "second" / CONFIG_NAME).write_text("{}")
+    assert cli.main(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert '"target_modules": [\n    "q"\n  ]' in out
+    assert f"{A_KEY}  [2, 6]  F32" in out and f"{B_KEY}  [5, 2]  F32" in out
+    assert "parameters: 22 in 2 tensors" in out
+    assert "other adapters in subdirectories: second" in out
+    assert "valid: yes" in out
+
+
+def test_invalid_directory_shows_what_it_can(adapter: Path, capsys: pytest.CaptureFixture) -> None:
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    (adapter / CONFIG_NAME).write_text(json.dumps(dict(config, r=4)))
+    assert cli.main(["inspect", str(adapter)]) == 1
+    out = capsys.readouterr().out
+    assert f"{A_KEY}  [2, 6]  F32" in out  # header still listed
+    assert "INVALID:" in out and "has rank 2 but the config allows r in [4]" in out
+
+
+@pytest.mark.parametrize("breakage", ["missing", "garbage weights", "garbage config"])
+def test_broken_files_exit_nonzero(adapter: Path, breakage: str, capsys: pytest.CaptureFixture) -> None:
+    if breakage == "missing":
+        target = adapter / "nowhere"
+    else:
+        name = WEIGHTS_NAME if breakage == "garbage weights" else CONFIG_NAME
+        (adapter / name).write_bytes(b"\x07garbage")
+        target = adapter
+    assert cli.main(["inspect", str(target)]) == 1
+    assert "INVALID:" in capsys.readouterr().out
+
+
+def test_console_entry_point_via_python_m(adapter: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "lorafuse", "inspect", str(adapter)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "valid: yes" in done.stdout
+
+
+def test_subcommand_is_required(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+
+
+def test_commands_registry_builds_subparsers() -> None:
+    parser: Any = cli.build_parser()
+    args = parser.parse_args(["inspect", "somewhere"])
+    assert args.handler is cli.run_inspect and args.directory == "somewhere"
