@@ -17,8 +17,9 @@ from torch import nn
 
 from .config import LoraConfig, TaskType
 from .layers import LoraLinear
-from .tuners_utils import (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper,
-                           check_target_module_exists, get_pattern_key, linear_module_names, wrap_modules_to_save)
+from .tuners_utils import (MIN_TARGET_MODULES_FOR_OPTIMIZATION, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+                           ModulesToSaveWrapper, check_target_module_exists, get_pattern_key, linear_module_names,
+                           minimal_target_modules, wrap_modules_to_save)
 
 __all__ = ["LoraModel", "PeftModel", "get_peft_model"]
 
@@ -101,14 +102,18 @@ class LoraModel(nn.Module):
         self._prepare_config(config, model)
         inside_lora = {f"{n}." for n, m in model.named_modules() if isinstance(m, LoraLinear)}
         keys = [k for k, _ in model.named_modules() if k and not any(k.startswith(p) for p in inside_lora)]
+        self._minimise_targets(config, keys)
         matched = [k for k in keys if check_target_module_exists(config, k)]
         if not matched:
             raise ValueError(f"Target modules {config.target_modules} not found in the base model. "
                              "Please check the target modules and try again.")
+        replaced: list[tuple[nn.Module, str, nn.Module]] = []
         try:
             for key in matched:
-                self._create_and_replace(config, adapter_name, key)
-        except Exception:
+                self._create_and_replace(config, adapter_name, key, replaced)
+        except Exception:  # roll back: the model is left as it was
+            for parent, child, original in replaced:
+                setattr(parent, child, original)
             for layer in self.lora_layers():
                 layer.delete_adapter(adapter_name)
             raise
@@ -121,12 +126,26 @@ class LoraModel(nn.Module):
         if config.modules_to_save:
             wrap_modules_to_save(model, config.modules_to_save, adapter_name, activate, config.inference_mode)
 
+    @staticmethod
+    def _minimise_targets(config: LoraConfig, keys: list[str]) -> None:
+        """Replace 20+ listed targets by the minimal suffix set, as PEFT does (this is what gets saved)."""
+        targets = config.target_modules
+        if isinstance(targets, str) or targets is None or len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+            return
+        ends = tuple(f".{t}" for t in targets)
+        others = [k for k in keys if k not in targets and not k.endswith(ends)]
+        minimal = minimal_target_modules(targets, others)
+        if len(minimal) < len(targets):
+            config.target_modules = minimal
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         if sum(c.bias != "none" for c in self.peft_config.values()) > 1:
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias "
                              "to 'none' for all adapters.")
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str) -> None:
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str,
+                            replaced: list[tuple[nn.Module, str, nn.Module]]) -> None:
+        """Add the adapter at ``key``; new wrappers are recorded in ``replaced`` as (parent, name, original)."""
         parent, child = _submodule_parent(self.model, key)
         target = getattr(parent, child)
         rank_key = get_pattern_key(config.rank_pattern, key)
@@ -143,6 +162,7 @@ class LoraModel(nn.Module):
         if adapter_name not in self.active_adapters:
             new.set_adapter(self.active_adapters)
         setattr(parent, child, new)
+        replaced.append((parent, child, target))
 
     def _mark_only_adapters_as_trainable(self) -> None:
         """Freeze all but adapter weights (and wrapped modules_to_save); then biases per the active config."""

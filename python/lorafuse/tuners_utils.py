@@ -17,6 +17,7 @@ __all__ = [
     "get_pattern_key",
     "is_conv1d",
     "linear_module_names",
+    "minimal_target_modules",
 ]
 
 # PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (peft 0.21, utils/constants.py).
@@ -104,6 +105,31 @@ def get_pattern_key(pattern_keys: Iterable[str], key: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({pattern})$", key):
             return pattern
     return None
+
+
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
+
+
+def minimal_target_modules(targets: set[str], other_names: Iterable[str]) -> set[str]:
+    """PEFT's `_find_minimal_target_modules`: fewest dotted suffixes that select ``targets`` and no other name.
+
+    Used (as in PEFT) when 20 or more names are targeted, so the saved config lists e.g.
+    ``{"q_proj", "v_proj"}`` rather than every full module name.
+    """
+    def suffixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    taken = {s for name in other_names for s in suffixes(name)}
+    required: set[str] = set()
+    for name, candidates in sorted(((n, suffixes(n)) for n in targets), key=lambda item: item[1]):
+        for suffix in candidates:
+            if suffix in required or suffix in taken:
+                continue
+            if not any(name.endswith("." + req) for req in required):
+                required.add(suffix)
+                break
+    return required
 
 
 def linear_module_names(model: nn.Module, config: LoraConfig) -> set[str]:
