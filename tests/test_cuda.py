@@ -1,0 +1,433 @@
+"""lorafuse.cuda on a GPU: parity with a float64 torch reference and with PEFT, gradients, dropout,
+streams, CUDA graphs, odd shapes. Skipped (with the reason) where no GPU or no CUDA build is present;
+benchmarks/gpu_check.sh runs it on an H200.
+
+Tolerances are bounds, not guesses. For an output accumulated in fp32 over K terms and rounded to the
+output dtype, with `mag` the same expression on absolute values (e.g. |x|·|W|ᵀ + |b| + s·|u|·|B|ᵀ):
+  * fp32 (TF32 off): each GEMM's result is within γ_K·mag (γ_K ≈ K·2⁻²⁴); the plan chains at most four
+    roundings of partial results (x̃ when p > 0, u or v, the low-rank term, the sum), so
+    |err| ≤ 6·(K+2)·2⁻²⁴·mag.
+  * bf16 / fp16: inputs are exact in the reference (it upcasts the same values); the errors are at most
+    four roundings (x̃ or the masked term when p > 0, u or v, the low-rank partial result, the output), each
+    ≤ ulp/2 = 2⁻⁹ (bf16) / 2⁻¹¹ (fp16) relative to a quantity bounded by `mag`, plus the fp32
+    accumulation (K·2⁻²⁴, negligible): |err| ≤ 5·2⁻⁹·mag (bf16), 5·2⁻¹¹·mag (fp16).
+  * TF32: inputs rounded to 10-bit mantissas (2⁻¹¹ each, two operands): |err| ≤ 2⁻⁸·mag.
+Against PEFT (which runs cuBLAS through torch, in another summation order) in fp32 the logits agree to
+rtol = atol = 1e-5: both sides are within ~1e-6 relative of the exact value per GEMM, and the tiny model's
+two decoder layers (RMSNorm, softmax) amplify that by well under 10×. In bf16 our error against a float64
+copy of the model must be no worse than 2× PEFT's own bf16 error (plus 1e-3 absolute).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import lorafuse.cuda as lc  # noqa: E402
+
+DEVICE = "cuda"
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    if not lc.is_compiled():
+        return "lorafuse was built without CUDA support (lorafuse._C_cuda missing): " + str(lc.cuda_info())
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+U = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Tests run with TF32 off unless they turn it on (torch's own default for matmul)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _rand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
+
+
+def _mask64(n, k, p, seed):
+    return torch.from_numpy(lc.reference_dropout_mask(n, k, p, seed).astype(np.float64)).to(DEVICE)
+
+
+def _ref(x, W, bias, A, B, s, p, seed, g, fifo=False):
+    """float64 forward/backward and the matching magnitudes (|·| everywhere) for the bounds."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    x, W, bias, A, B, g = map(d, (x, W, bias, A, B, g))
+    if fifo:
+        W = W.t()
+    k = x.shape[-1]
+    x2, g2 = x.reshape(-1, k), g.reshape(-1, W.shape[0])
+    n = x2.shape[0]
+    mask = _mask64(n, k, p, seed) if p > 0 else torch.ones_like(x2)
+    xd = x2 * mask
+    u = xd @ A.t()
+    y = x2 @ W.t() + s * u @ B.t() + (0 if bias is None else bias)
+    v = g2 @ B
+    dB = s * g2.t() @ u
+    dA = s * v.t() @ xd
+    dx = g2 @ W + s * (v @ A) * mask
+    a = lambda t: t.abs()  # noqa: E731
+    ua = a(xd) @ a(A).t()
+    va = a(g2) @ a(B)
+    mags = dict(
+        y=a(x2) @ a(W).t() + s * ua @ a(B).t() + (0 if bias is None else a(bias)),
+        u=ua,
+        dB=s * a(g2).t() @ ua,
+        dA=s * va.t() @ a(xd),
+        dx=a(g2) @ a(W) + s * (va @ a(A)) * mask,
+    )
+    return dict(y=y, u=u, dx=dx, dA=dA, dB=dB), mags
+
+
+def _bound(dtype, K, mag, tf32=False):
+    if dtype == torch.float32:
+        rel = 2.0 ** -8 if tf32 else 6 * (K + 2) * U[torch.float32]
+    elif dtype == torch.bfloat16:
+        rel = 5 * 2.0 ** -9
+    else:
+        rel = 5 * 2.0 ** -11
+    return rel * mag + 1e-30
+
+
+def _check(name, got, ref, mag, dtype, K, tf32=False):
+    got = got.double().reshape(ref.shape)
+    err = (got - ref).abs()
+    lim = _bound(dtype, K, mag, tf32)
+    bad = err > lim
+    assert not bool(bad.any()), (f"{name} ({dtype}, K={K}): {int(bad.sum())}/{bad.numel()} elements off; worst "
+                                 f"err {float(err[bad].max()):.3g} vs bound {float(lim[bad].min()):.3g}")
+
+
+SHAPES = [  # lead dims, k, m, r
+    ((32,), 64, 48, 8),
+    ((1,), 13, 7, 1),          # n = 1, r = 1, k not a multiple of 8 (rows not 16-byte aligned)
+    ((2, 5), 24, 40, 16),      # leading batch dims
+    ((7,), 33, 130, 3),        # odd everything
+    ((257,), 128, 96, 16),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _problem(lead, k, m, r, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = _rand(lead + (k,), dtype, gen)
+    W = _rand((m, k), dtype, gen, k ** -0.5)
+    b = _rand((m,), dtype, gen) if bias else None
+    A = _rand((r, k), dtype, gen, k ** -0.5)
+    B = _rand((m, r), dtype, gen, r ** -0.5)
+    g = _rand(lead + (m,), dtype, gen)
+    return x, W, b, A, B, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,m,r", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_backward_vs_float64(dtype, lead, k, m, r, bias):
+    x, W, b, A, B, g = _problem(lead, k, m, r, dtype, bias)
+    s = 2.0
+    y, u = lc.cuda_lora_forward(x, W, A, B, s, b)
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, s)
+    torch.cuda.synchronize()
+    assert y.shape == lead + (m,) and u.shape == lead + (r,) and dx.shape == x.shape
+    assert y.dtype == dtype and dA.shape == (r, k) and dB.shape == (m, r)
+    ref, mag = _ref(x, W, b, A, B, s, 0.0, 0, g)
+    n = int(np.prod(lead))
+    _check("u", u, ref["u"], mag["u"], dtype, k)
+    _check("y", y, ref["y"], mag["y"], dtype, k + r)
+    _check("dx", dx, ref["dx"], mag["dx"], dtype, m + r)
+    _check("dA", dA, ref["dA"], mag["dA"], dtype, n + m)
+    _check("dB", dB, ref["dB"], mag["dB"], dtype, n + k)
+
+
+def test_tf32_only_when_torch_allows():
+    x, W, b, A, B, g = _problem((64,), 256, 128, 8, torch.float32)
+    ref, mag = _ref(x, W, b, A, B, 1.0, 0.0, 0, g)
+    assert lc._allow_tf32(torch.float32) == 0
+    y, _ = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+    _check("y (TF32 off)", y, ref["y"], mag["y"], torch.float32, 256 + 8)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert lc._allow_tf32(torch.float32) == 1
+    assert lc._allow_tf32(torch.bfloat16) == 0
+    y, _ = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+    _check("y (TF32 on)", y, ref["y"], mag["y"], torch.float32, 256 + 8, tf32=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fan_in_fan_out_and_transposed_views(dtype):
+    x, W, b, A, B, g = _problem((19,), 40, 24, 4, dtype)
+    ref, mag = _ref(x, W, b, A, B, 0.5, 0.0, 0, g)
+    Wt = W.t().contiguous()  # (k, m): GPT-2 Conv1D layout
+    y1, u1 = lc.cuda_lora_forward(x, Wt, A, B, 0.5, b, fan_in_fan_out=True)
+    dx1, dA1, dB1 = lc.cuda_lora_backward(g, x, u1, Wt, A, B, 0.5, fan_in_fan_out=True)
+    y2, u2 = lc.cuda_lora_forward(x, Wt.t(), A, B, 0.5, b)  # non-contiguous view of W: read in place
+    for name, got in (("y fifo", y1), ("y view", y2)):
+        _check(name, got, ref["y"], mag["y"], dtype, 44)
+    _check("dx fifo", dx1, ref["dx"], mag["dx"], dtype, 28)
+    _check("dA fifo", dA1, ref["dA"], mag["dA"], dtype, 19 + 24)
+    with pytest.raises(ValueError, match="never copied"):
+        lc.cuda_lora_forward(x[:, ::2].contiguous(), W[:, ::2], A[:, ::2].contiguous(), B, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_matches_reference_and_regenerates(dtype):
+    lead, k, m, r, p, seed = (45,), 72, 56, 8, 0.25, 987654321
+    x, W, b, A, B, g = _problem(lead, k, m, r, dtype)
+    y, u = lc.cuda_lora_forward(x, W, A, B, 1.5, b, dropout_p=p, seed=seed)
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, 1.5, dropout_p=p, seed=seed)
+    ref, mag = _ref(x, W, b, A, B, 1.5, p, seed, g)
+    _check("u", u, ref["u"], mag["u"], dtype, k)
+    _check("y", y, ref["y"], mag["y"], dtype, k + r)
+    _check("dx", dx, ref["dx"], mag["dx"], dtype, m + r)
+    _check("dA", dA, ref["dA"], mag["dA"], dtype, 45 + m)
+    _check("dB", dB, ref["dB"], mag["dB"], dtype, 45 + k)
+
+
+def test_dropout_deterministic_by_seed_and_same_mask_as_cpu():
+    n, k, p = 123, 77, 0.3
+    m1 = lc.dropout_mask(n, k, p, 42)
+    m2 = lc.dropout_mask(n, k, p, 42)
+    m3 = lc.dropout_mask(n, k, p, 43)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    ref = torch.from_numpy(lc.reference_dropout_mask(n, k, p, 42)).to(DEVICE)
+    assert torch.equal(m1, ref)
+    try:
+        from lorafuse import ops
+    except ImportError:
+        return
+    assert torch.equal(m1.cpu() != 0, torch.from_numpy(ops.dropout_mask(n, k, p, 42)) != 0)
+    x, W, b, A, B, g = _problem((n,), k, 32, 4, torch.bfloat16)
+    ya, ua = lc.cuda_lora_forward(x, W, A, B, 1.0, b, dropout_p=p, seed=7)
+    yb, ub = lc.cuda_lora_forward(x, W, A, B, 1.0, b, dropout_p=p, seed=7)
+    yc, _ = lc.cuda_lora_forward(x, W, A, B, 1.0, b, dropout_p=p, seed=8)
+    assert torch.equal(ya, yb) and torch.equal(ua, ub) and not torch.equal(ya, yc)
+
+
+def test_runs_on_the_current_stream():
+    """The inputs are written on a side stream after a long GPU sleep; only kernels that run on that
+    (current) stream see them. Work on any other stream would read the stale values."""
+    x, W, b, A, B, g = _problem((512,), 256, 256, 16, torch.float32)
+    x_new = x * -3.0
+    ref, mag = _ref(x_new, W, b, A, B, 1.0, 0.0, 0, g)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on `side`
+        x.copy_(x_new)
+        y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+        dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, 1.0)
+    side.synchronize()
+    _check("y", y, ref["y"], mag["y"], torch.float32, 272)
+    _check("dx", dx, ref["dx"], mag["dx"], torch.float32, 272)
+    _check("dA", dA, ref["dA"], mag["dA"], torch.float32, 512 + 256)
+
+
+def test_cuda_graph_capture_and_replay():
+    """No host synchronisation and no allocation on the hot path: the calls capture into a CUDA graph."""
+    x, W, b, A, B, g = _problem((64,), 128, 96, 8, torch.bfloat16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # warm-up: workspace for this stream + algorithm cache
+        y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+        lc.cuda_lora_backward(g, x, u, W, A, B, 1.0)
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+        dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, 1.0)
+    x.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, mag = _ref(x, W, b, A, B, 1.0, 0.0, 0, g)
+    _check("y", y, ref["y"], mag["y"], torch.bfloat16, 136)
+    _check("dA", dA, ref["dA"], mag["dA"], torch.bfloat16, 64 + 96)
+
+
+def test_threads_on_separate_streams():
+    probs = [_problem((100 + i,), 64, 80, 8, torch.bfloat16, seed=i) for i in range(4)]
+    results, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            st = torch.cuda.Stream()
+            with torch.cuda.stream(st):
+                x, W, b, A, B, g = probs[i]
+                for _ in range(5):
+                    y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+                results[i] = (y, u)
+            st.synchronize()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    for i, (x, W, b, A, B, g) in enumerate(probs):
+        ref, mag = _ref(x, W, b, A, B, 1.0, 0.0, 0, g)
+        _check(f"y[{i}]", results[i][0], ref["y"], mag["y"], torch.bfloat16, 72)
+
+
+def test_empty_batch():
+    x, W, b, A, B, g = _problem((0,), 16, 8, 2, torch.float32)
+    y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, 1.0)
+    torch.cuda.synchronize()
+    assert y.shape == (0, 8) and dx.shape == (0, 16)
+    assert not dA.any() and not dB.any()
+
+
+def test_argument_errors():
+    x, W, b, A, B, g = _problem((4,), 16, 8, 2, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        lc.cuda_lora_forward(x, W.double(), A, B, 1.0)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        lc.cuda_lora_forward(x.cpu(), W, A, B, 1.0)
+    with pytest.raises(ValueError, match="on cpu"):
+        lc.cuda_lora_forward(x, W.cpu(), A, B, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        lc.cuda_lora_forward(x, W, A, B[:, :1], 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lc.cuda_lora_forward(x, W, A, B, 1.0, dropout_p=1.0)
+    out = torch.empty(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="overlaps"):
+        lc.cuda_lora_forward(x, W, A, B, 1.0, out=out, u_out=out.view(-1)[:8].view(4, 2))
+    y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, out=out)
+    assert y.data_ptr() == out.data_ptr()
+
+
+# ------------------------------------------------------------------------------ through autograd
+
+class _FusedLoraFn(torch.autograd.Function):
+    """Minimal autograd wrapper over lorafuse.cuda (independent of lorafuse.autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, s):
+        y, u = lc.cuda_lora_forward(x, W, A, B, s, bias)
+        ctx.save_for_backward(x, u, W, A, B)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, u, W, A, B = ctx.saved_tensors
+        dx, dA, dB = lc.cuda_lora_backward(gy.contiguous(), x, u, W, A, B, ctx.s,
+                                           need_dx=ctx.needs_input_grad[0])
+        return dx, None, None, dA, dB, None
+
+
+def test_lorafuse_autograd_dispatches_here():
+    """lorafuse.autograd (the torch layer) routes same-dtype CUDA tensors to these kernels."""
+    autograd = pytest.importorskip("lorafuse.autograd")
+    x, W, b, A, B, g = _problem((3, 11), 40, 24, 4, torch.bfloat16)
+    assert autograd.backend_name(x, W, b, A, B) == "cuda"
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    y = autograd.lora_linear(x, W, b, A, B, 2.0)
+    y.backward(g)
+    ref, mag = _ref(x.detach(), W, b, A.detach(), B.detach(), 2.0, 0.0, 0, g)
+    _check("y", y.detach(), ref["y"], mag["y"], torch.bfloat16, 44)
+    _check("dx", x.grad, ref["dx"], mag["dx"], torch.bfloat16, 28)
+    _check("dA", A.grad, ref["dA"], mag["dA"], torch.bfloat16, 33 + 24)
+    _check("dB", B.grad, ref["dB"], mag["dB"], torch.bfloat16, 33 + 40)
+
+
+def _tiny_llama(dtype):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model.to(device=DEVICE, dtype=dtype).eval()
+
+
+def _peft_model(base, dtype):
+    peft = pytest.importorskip("peft")
+    conf = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"])
+    return peft.get_peft_model(base, conf, autocast_adapter_dtype=False)
+
+
+def _fuse(peft_model):
+    """Route every PEFT LoRA linear of a deep copy through _FusedLoraFn (sharing nothing with the original)."""
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    fused = copy.deepcopy(peft_model)
+    for mod in fused.modules():
+        if isinstance(mod, PeftLoraLinear):
+            def fwd(x, *args, _m=mod, **kw):
+                name = _m.active_adapters[0]
+                base = _m.get_base_layer()
+                return _FusedLoraFn.apply(x, base.weight, base.bias, _m.lora_A[name].weight, _m.lora_B[name].weight,
+                                          float(_m.scaling[name]))
+            mod.forward = fwd
+    return fused
+
+
+def _lora_grads(model):
+    return {n: p.grad.detach().double().clone() for n, p in model.named_parameters()
+            if "lora_" in n and p.grad is not None}
+
+
+def _run(model, ids):
+    """logits and LoRA gradients of a fixed random linear functional of the logits (O(1) gradients)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    (logits.to(w.dtype) * w.to(logits.dtype).to(w.dtype)).sum().backward()
+    return logits.detach().double(), _lora_grads(model)
+
+
+def test_llama_vs_peft_fp32():
+    model = _peft_model(_tiny_llama(torch.float32), torch.float32)
+    fused = _fuse(model)
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE, generator=None)
+    l_peft, g_peft = _run(model, ids)
+    l_ours, g_ours = _run(fused, ids)
+    torch.testing.assert_close(l_ours, l_peft, rtol=1e-5, atol=1e-5)
+    assert g_peft.keys() == g_ours.keys() and len(g_peft) == 2 * 7 * 2
+    for name in g_peft:  # gradients: sums over all tokens of products of the above, so 10× looser, normwise
+        err = (g_ours[name] - g_peft[name]).abs().max().item()
+        assert err <= 1e-4 * g_peft[name].abs().max().item() + 1e-7, (name, err)
+
+
+def test_llama_vs_peft_bf16_no_worse_than_peft():
+    peft_bf16 = _peft_model(_tiny_llama(torch.bfloat16), torch.bfloat16)
+    exact = copy.deepcopy(peft_bf16).to(torch.float64)  # the same bf16 weights, evaluated in float64
+    fused = _fuse(peft_bf16)
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE)
+    l_ref, g_ref = _run(exact, ids)
+    l_peft, g_peft = _run(peft_bf16, ids)
+    l_ours, g_ours = _run(fused, ids)
+    e_peft = (l_peft - l_ref).abs().max().item()
+    e_ours = (l_ours - l_ref).abs().max().item()
+    assert e_ours <= 2 * e_peft + 1e-3, (e_ours, e_peft)
+    for name in g_ref:
+        scale = g_ref[name].abs().max().item() + 1e-12
+        ep = (g_peft[name] - g_ref[name]).abs().max().item() / scale
+        eo = (g_ours[name] - g_ref[name]).abs().max().item() / scale
+        assert eo <= 2 * ep + 1e-2, (name, eo, ep)
+
+
+def test_cuda_info_reports_build():
+    info = lc.cuda_info()
+    assert info["compiled"] and info["device_count"] >= 1
+    assert "sm_90" in info["archs"] and info["cublaslt_runtime"] > 0
+    assert "compiled in" in str(info)
