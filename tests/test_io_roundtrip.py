@@ -9,6 +9,7 @@ the saving process is SIGKILLed.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -66,6 +67,9 @@ CASES: dict[str, tuple[Callable[[], Any], dict]] = {
     "gpt2": (tiny_gpt2, dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
     "bert": (tiny_bert, dict(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
                              bias="lora_only")),
+    # SEQ_CLS (PEFT appends the classifier head to modules_to_save again); every bias is saved
+    "bert_seq_cls": (tiny_bert, dict(r=2, target_modules=["key"], task_type="SEQ_CLS", bias="all",
+                                     modules_to_save=["classifier"])),
 }
 SECOND = dict(r=3, lora_alpha=6)  # a second adapter on the same targets
 
@@ -73,18 +77,19 @@ SECOND = dict(r=3, lora_alpha=6)  # a second adapter on the same targets
 def randomize_adapters(model: Any, seed: int) -> None:
     """Give every adapter tensor (and modules_to_save copy) distinct non-zero values."""
     gen = torch.Generator().manual_seed(seed)
-    saved_bias = model.peft_config["default"].bias != "none"
+    bias = model.peft_config["default"].bias
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_" in name or ".modules_to_save." in name or (saved_bias and name.endswith(".base_layer.bias")):
+            saved_bias = bias == "all" and name.endswith(".bias") or bias == "lora_only" and ".base_layer.bias" in name
+            if "lora_" in name or ".modules_to_save." in name or saved_bias:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
 
 
 def lorafuse_model(case: str, seed: int = 1, second: bool = False) -> Any:
-    build, kwargs = CASES[case]
+    build, kwargs = CASES[case][0], copy.deepcopy(CASES[case][1])  # configs mutate their lists
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(build(), LoraConfig(**kwargs))
+        model = get_peft_model(build(), LoraConfig(**copy.deepcopy(kwargs)))
         if second:
             model.add_adapter("second", LoraConfig(**{**kwargs, **SECOND, "bias": "none"}))
     randomize_adapters(model, seed)
@@ -92,10 +97,10 @@ def lorafuse_model(case: str, seed: int = 1, second: bool = False) -> Any:
 
 
 def peft_model_like(case: str, second: bool = False) -> Any:
-    build, kwargs = CASES[case]
+    build, kwargs = CASES[case][0], copy.deepcopy(CASES[case][1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(build(), peft.LoraConfig(**kwargs))
+        model = peft.get_peft_model(build(), peft.LoraConfig(**copy.deepcopy(kwargs)))
         if second:
             model.add_adapter("second", peft.LoraConfig(**{**kwargs, **SECOND, "bias": "none"}))
     return model
@@ -150,7 +155,13 @@ def test_peft_to_lorafuse_logits(case: str, tmp_path: Any) -> None:
         torch.testing.assert_close(logits(loaded, adapter), logits(source, adapter))
 
 
-@pytest.mark.parametrize("case", CASES)
+ADD_ADAPTER_HEADS_GAP = pytest.mark.xfail(
+    strict=True, reason="lorafuse PeftModel.add_adapter does not append the SEQ_CLS head to modules_to_save "
+                        "as PEFT's does (model.py), so the second adapter's config differs")
+
+
+@pytest.mark.parametrize("case", [c if c != "bert_seq_cls" else pytest.param(c, marks=ADD_ADAPTER_HEADS_GAP)
+                                  for c in CASES])
 def test_same_files_as_peft(case: str, tmp_path: Any) -> None:
     """Equal weights give byte-identical safetensors; configs agree on every key PEFT writes."""
     ours = lorafuse_model(case, second=True)
