@@ -122,6 +122,14 @@ def test_state_dict_keys_and_trainable_counts_match_peft(name: str, capsys: Any)
     assert capsys.readouterr().out == expected
     adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
     assert adapted == {n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    # the config as adapted to the model (fan_in_fan_out, modules_to_save, ...) is what PEFT would save
+    config_theirs = theirs.peft_config["default"].to_dict()
+    config_theirs.pop("runtime_config", None)
+    config_ours = ours.peft_config["default"].to_dict()
+    for key in ("peft_version", "peft_type", "task_type", "target_modules"):
+        config_theirs.pop(key), config_ours.pop(key)
+    assert config_ours == config_theirs
+    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -502,5 +502,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                       "model with a different config, make sure to call `.unload()` before.")
     if adapter_name in LoraModel.prefix:
         warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{LoraModel.prefix}'.")
-    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None)
+    old_name = peft_config.base_model_name_or_path
+    new_name = model.__dict__.get("name_or_path", None) or None  # "" (from-config models) is no Hub id
+    peft_config.base_model_name_or_path = new_name
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.")
     return PeftModel(model, peft_config, adapter_name)

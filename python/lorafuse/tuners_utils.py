@@ -226,7 +226,7 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
                 raise
             return getattr(self.active_module(), name)
 

@@ -1,0 +1,131 @@
+"""Peak RSS and step time of LoRA training, lorafuse vs torch + PEFT, each in its own process.
+
+Default workload (issue 3): a 4-layer Llama-config model (hidden 1024, intermediate 2816,
+16 heads, vocab 32000), batch 4 × seq 256, LoRA r=16 on every linear layer but the head
+(PEFT's "all-linear"), lora_dropout=0.1, AdamW on the adapter weights, 20 steps, same seed
+and thread count in both processes. Peak RSS is the child's ``ru_maxrss``; the step time is
+the mean over the steps after the first (warm-up). Runs alternate lorafuse/PEFT.
+
+    python benchmarks/bench_train.py [--repeats 2] [--targets q_proj,v_proj] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("lorafuse", "peft")
+
+
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """Train in this process with ``args.impl``; returns peak RSS (MiB) and step times (s)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    if args.impl == "lorafuse":
+        import lorafuse
+        from lorafuse.config import LoraConfig
+        from lorafuse.model import get_peft_model
+
+        lorafuse.set_num_threads(args.threads)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(args.seed)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
+        max_position_embeddings=args.seq)
+    model = transformers.LlamaForCausalLM(config)
+    targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    rss_before = _max_rss_mib()
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return {"impl": args.impl, "peak_rss_mib": _max_rss_mib(), "rss_before_training_mib": rss_before,
+            "step_s": times, "losses": losses}
+
+
+def _spawn(impl: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl] + _forwarded(args)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    keys = ("steps", "layers", "hidden", "intermediate", "vocab", "seq", "batch", "r", "dropout", "targets",
+            "threads", "seed")
+    return [item for k in keys for item in (f"--{k}", str(getattr(args, k)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", choices=IMPLS, dest="impl", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--targets", default="all-linear", help='"all-linear" or a comma-separated list')
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating lorafuse/PEFT runs of each")
+    args = parser.parse_args()
+    if args.impl:
+        print(json.dumps(run_child(args)))
+        return
+
+    import torch
+
+    print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}, "
+          f"torch {torch.__version__}, threads {args.threads}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# {args.layers}-layer Llama h={args.hidden} ff={args.intermediate} vocab={args.vocab}, "
+          f"batch {args.batch} x seq {args.seq}, r={args.r}, dropout={args.dropout}, targets={args.targets}, "
+          f"{args.steps} steps")
+    results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+    for _ in range(args.repeats):
+        for impl in IMPLS:
+            results[impl].append(_spawn(impl, args))
+    summary = {}
+    for impl, runs in results.items():
+        peak = min(r["peak_rss_mib"] for r in runs)
+        before = min(r["rss_before_training_mib"] for r in runs)
+        step = statistics.median(statistics.mean(r["step_s"][1:] or r["step_s"]) for r in runs)
+        summary[impl] = (peak, before, step)
+        print(f"{impl:9s} peak RSS {peak:8.1f} MiB (before training {before:7.1f} MiB, training adds "
+              f"{peak - before:7.1f} MiB)  mean step {step * 1e3:8.1f} ms  loss {runs[0]['losses'][0]:.4f} -> "
+              f"{runs[0]['losses'][-1]:.4f}")
+    (lf_peak, lf_before, lf_step), (pf_peak, pf_before, pf_step) = summary["lorafuse"], summary["peft"]
+    print(f"ratio lorafuse/PEFT: peak RSS {lf_peak / pf_peak:.3f}, training-added RSS "
+          f"{(lf_peak - lf_before) / (pf_peak - pf_before):.3f}, step time {lf_step / pf_step:.3f}")
+
+
+if __name__ == "__main__":
+    main()
