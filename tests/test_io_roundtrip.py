@@ -287,3 +287,15 @@ def test_failed_write_keeps_previous_adapter(tmp_path: Any, monkeypatch: pytest.
     monkeypatch.undo()
     assert {n: (tmp_path / n).read_bytes() for n in before} == before
     assert sorted(os.listdir(tmp_path)) == sorted(before)
+
+
+def test_other_adapter_names_and_trainable_load_adapter(tmp_path: Any) -> None:
+    source = lorafuse_model("gpt2", second=True)
+    source.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "second"), adapter_name="renamed")
+    assert list(loaded.peft_config) == ["renamed"]
+    torch.testing.assert_close(logits(loaded, "renamed"), logits(source, "second"))
+    loaded.load_adapter(str(tmp_path), "again", is_trainable=True)
+    again = [p.requires_grad for n, p in loaded.named_parameters() if ".again." in n]
+    assert again and all(again)
+    torch.testing.assert_close(logits(loaded, "again"), logits(source, "default"))

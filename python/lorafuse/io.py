@@ -17,15 +17,19 @@ would get (target modules found in the base model, rank per ``rank_pattern``, ba
 in/out features), and only then is the model mutated (``add_adapter`` + copy).  If anything
 fails after the mutation the adapter is deleted again.  Nothing is ever unpickled.
 
-Works on any PEFT-structured model: ``peft_config``, ``get_base_model()``,
-``add_adapter``/``delete_adapter`` and LoRA layers holding ``lora_A[name]`` /
-``lora_B[name]`` (lorafuse's ``PeftModel`` and PEFT's own).
+The model side is lorafuse's ``PeftModel`` (``peft_config``, ``get_base_model()``,
+``add_adapter``/``delete_adapter``/``unload``, `LoraLinear` layers holding
+``lora_A[name]``/``lora_B[name]``, `ModulesToSaveWrapper`), whose structure and state-dict
+keys are PEFT's.  LoRA on Linear and GPT-2 ``Conv1D`` layers is supported; files with
+other PEFT features (embedding LoRA, DoRA, ``lora_bias``) are refused before the model is
+touched, because their tensors have no place in the model.
 """
 
 from __future__ import annotations
 
 import copy
 import enum
+import json
 import os
 import re
 import tempfile
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from .io_validate import (
+    ALL_LINEAR,
     CONFIG_NAME,
     KEY_PREFIX,
     WEIGHTS_NAME,
@@ -47,8 +52,7 @@ from .tuners_utils import check_target_module_exists, get_pattern_key, is_conv1d
 __all__ = ["AdapterFileError", "save_pretrained", "load_adapter", "from_pretrained", "adapter_state_dict"]
 
 #: Per-adapter containers of a LoRA layer, as PEFT names them.
-LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-ALL_LINEAR = "all-linear"
+LORA_CONTAINERS = ("lora_A", "lora_B")
 
 
 # --------------------------------------------------------------------------- model structure
@@ -73,10 +77,10 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def _outer_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` without the insides of LoRA layers and modules_to_save wrappers."""
     skip: list[str] = []
-    for name, module in model.named_modules(prefix=prefix):
+    for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
             continue
         if _is_lora_layer(module) or _is_saved_wrapper(module):
@@ -104,16 +108,10 @@ def _lora_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if not _is_lora_layer(module):
             continue
         for container in LORA_CONTAINERS:
-            entries = getattr(module, container, None)
-            if entries is None or name not in entries:
-                continue
-            entry = entries[name]
-            if isinstance(entry, torch.Tensor):
-                out[f"{path}.{container}"] = entry
-                continue
-            for param_name, param in entry.named_parameters():
-                dora = container == "lora_magnitude_vector" and param_name == "weight"
-                out[f"{path}.{container}" if dora else f"{path}.{container}.{param_name}"] = param
+            entries = getattr(module, container)
+            if name in entries:
+                for param_name, param in entries[name].named_parameters():
+                    out[f"{path}.{container}.{param_name}"] = param
     return out
 
 
@@ -210,13 +208,12 @@ def _plain(value: Any) -> Any:
 
 def config_to_json(peft_model: nn.Module, adapter_name: str) -> str:
     """``adapter_config.json`` text as PEFT's ``save_pretrained`` writes it."""
-    import json
-
     config = {k: _plain(v) for k, v in peft_model.peft_config[adapter_name].to_dict().items()}
     config.pop("runtime_config", None)
     config["inference_mode"] = True
     base = peft_model.get_base_model()
-    config["base_model_name_or_path"] = config.get("base_model_name_or_path") or getattr(base, "name_or_path", None) or None
+    name_or_path = config.get("base_model_name_or_path") or getattr(base, "name_or_path", None)
+    config["base_model_name_or_path"] = name_or_path or None
     if config.get("task_type") is None:
         config["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     return json.dumps(config, indent=2, sort_keys=True)
@@ -259,20 +256,15 @@ def save_pretrained(
 def _lora_shapes(path: str, module: nn.Module, rank: int, config: Any) -> dict[str, tuple[int, ...]]:
     """File tensors (name -> shape) a LoRA on ``module`` has; refuses module types LoRA cannot wrap."""
     key = KEY_PREFIX + path
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Embedding):
-        return {f"{key}.lora_embedding_A": (rank, module.num_embeddings), f"{key}.lora_embedding_B": (module.embedding_dim, rank)}
     if isinstance(module, nn.Linear):
-        out_f, in_f = weight.shape
+        out_f, in_f = module.weight.shape
     elif is_conv1d(module):
-        in_f, out_f = weight.shape
+        in_f, out_f = module.weight.shape
     else:
-        raise AdapterFileError(f"target module {path} is a {type(module).__name__}, which LoRA cannot wrap")
+        raise AdapterFileError(
+            f"target module {path} is a {type(module).__name__}; lorafuse's LoRA wraps only Linear and Conv1D"
+        )
     shapes = {f"{key}.lora_A.weight": (rank, in_f), f"{key}.lora_B.weight": (out_f, rank)}
-    if getattr(config, "lora_bias", False):
-        shapes[f"{key}.lora_B.bias"] = (out_f,)
-    if getattr(config, "use_dora", False):
-        shapes[f"{key}.lora_magnitude_vector"] = (out_f,)
     if config.bias == "lora_only" and getattr(module, "bias", None) is not None:
         shapes[f"{key}.base_layer.bias"] = tuple(module.bias.shape)
     return shapes
@@ -311,7 +303,9 @@ def expected_tensors(base: nn.Module, config: Any) -> dict[str, tuple[int, ...]]
             shapes.update(_lora_shapes(name, plain, rank, config))
             matched += 1
     if not matched:
-        raise AdapterFileError(f"Target modules {_plain(config.target_modules)} not found in the base model {type(base).__name__}")
+        raise AdapterFileError(
+            f"Target modules {_plain(config.target_modules)} not found in the base model {type(base).__name__}"
+        )
     return shapes
 
 
@@ -331,7 +325,7 @@ def expected_biases(base: nn.Module) -> dict[str, tuple[int, ...]]:
         f"{KEY_PREFIX}{name}.bias": tuple(plain.bias.shape)
         for name, module in _outer_modules(base)
         for plain in [_unwrap(module)]
-        if isinstance(plain._parameters.get("bias"), torch.Tensor)
+        if "bias" in dict(plain.named_parameters(recurse=False))
     }
 
 
@@ -377,19 +371,12 @@ def check_against_base(base: nn.Module, config: Any, files: AdapterFiles) -> Non
 # --------------------------------------------------------------------------- loading
 
 
-def _default_config_cls() -> type:
+def make_config(files: AdapterFiles, is_trainable: bool) -> Any:
+    """A `LoraConfig` from the file's dict (``inference_mode = not is_trainable``)."""
     from .config import LoraConfig
 
-    return LoraConfig
-
-
-def make_config(config_cls: type, files: AdapterFiles, is_trainable: bool) -> Any:
-    """Build a config object of ``config_cls`` from the file's dict (``inference_mode = not is_trainable``)."""
-    data = dict(files.config, inference_mode=not is_trainable)
     try:
-        if hasattr(config_cls, "from_dict"):
-            return config_cls.from_dict(data)
-        return config_cls.from_peft_type(**data)
+        return LoraConfig.from_dict(dict(files.config, inference_mode=not is_trainable))
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{os.path.join(files.directory, CONFIG_NAME)}: {exc}") from None
 
@@ -429,7 +416,7 @@ def load_adapter(peft_model: nn.Module, model_id_dir: str, adapter_name: str, is
     if adapter_name in peft_model.peft_config:
         raise AdapterFileError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
     files = read_adapter_dir(model_id_dir)
-    config = make_config(type(next(iter(peft_model.peft_config.values()))), files, is_trainable)
+    config = make_config(files, is_trainable)
     tensors = _plan(peft_model.get_base_model(), config, files)
     try:
         peft_model.add_adapter(adapter_name, config)
@@ -446,19 +433,17 @@ def from_pretrained(
     model_id_dir: str,
     adapter_name: str = "default",
     is_trainable: bool = False,
-    *,
-    config_cls: Optional[type] = None,
 ) -> nn.Module:
     """Wrap ``model`` in ``cls`` with the adapter saved in ``model_id_dir``.
 
     ``cls(model, config, adapter_name=adapter_name)`` builds the wrapper (as PEFT's
-    ``PeftModel`` does); ``config_cls`` defaults to :class:`lorafuse.config.LoraConfig`.
+    ``PeftModel`` does).
     Unless ``is_trainable``, every parameter is frozen and the model is put in eval mode.
     Everything is validated before ``model`` is modified; if loading fails afterwards the
     wrapper is unloaded again.
     """
     files = read_adapter_dir(model_id_dir)
-    config = make_config(config_cls or _default_config_cls(), files, is_trainable)
+    config = make_config(files, is_trainable)
     tensors = _plan(model, config, files)
     peft_model = cls(model, config, adapter_name=adapter_name)
     try:

@@ -32,7 +32,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
