@@ -176,7 +176,9 @@ int get_workspace(int device, cudaStream_t stream, Workspace *out) {
     }
     Workspace w;
     void *p = nullptr;
-    if (cudaMalloc(&p, LORAFUSE_CUBLASLT_WORKSPACE_BYTES) == cudaSuccess) {
+    /* Bounded: beyond 64 streams (torch's pools hold 32 per priority), new streams run without a
+     * workspace — a workspace cannot be freed while work queued on its stream may still use it. */
+    if (g_ws.size() < 64 && cudaMalloc(&p, LORAFUSE_CUBLASLT_WORKSPACE_BYTES) == cudaSuccess) {
         w.ptr = p;
         w.bytes = LORAFUSE_CUBLASLT_WORKSPACE_BYTES;
     } else {
@@ -314,11 +316,7 @@ struct LtBackend : lorafuse::plan::Backend {
                            cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                           sizeof g.bias),
                            g.what);
-            const int32_t bias_t = (int32_t)dt; /* bias in the output dtype (what the binding checks) */
-            LF_CUBLAS_CALL("cublasLtMatmulDescSetAttribute(BIAS_DATA_TYPE)",
-                           cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_t,
-                                                          sizeof bias_t),
-                           g.what);
+            /* bias dtype: cuBLASLt's default for non-FP8 outputs is D's dtype, which the binding enforces */
         }
         /* stored shapes: op(A) is m×k, op(B) is k×n, C is m×n (column-major) */
         const uint64_t a_rows = g.transa ? g.k : g.m, a_cols = g.transa ? g.m : g.k;
