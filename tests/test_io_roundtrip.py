@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -252,23 +253,36 @@ def _check_consistent(directory: str) -> None:
     assert all(bool((t == first).all()) for t in tensors.values()), "torn adapter file"
 
 
-@pytest.mark.parametrize("trial", range(6))
-def test_sigkill_during_save_never_leaves_partial_files(trial: int, tmp_path: Any) -> None:
-    script = tmp_path / "saver.py"
-    script.write_text(SAVER)
-    target = tmp_path / "adapter"
+def _kill_during_write(script: Path, target: Path, delay: float) -> bool:
+    """Run the saver, SIGKILL it ``delay`` s after a temp file appears; True if one was left behind."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     child = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, env=env)
     try:
         assert child.stdout.readline().strip() == b"ready"
-        time.sleep(random.Random(trial).uniform(0.0, 0.4))
+        deadline = time.monotonic() + 20
+        while not any(n.endswith(".tmp") for n in os.listdir(target)) and time.monotonic() < deadline:
+            pass
+        time.sleep(delay)
         child.send_signal(signal.SIGKILL)
     finally:
         child.kill()
         child.wait()
-    _check_consistent(str(target))
-    leftovers = [n for n in os.listdir(target) if n not in (CONFIG_NAME, WEIGHTS_NAME)]
-    assert all(n.startswith(".") and n.endswith(".tmp") for n in leftovers), leftovers
+    return any(n.endswith(".tmp") for n in os.listdir(target))
+
+
+def test_sigkill_during_save_never_leaves_partial_files(tmp_path: Path) -> None:
+    """Kill the saving process inside its writes, repeatedly: final names always hold complete files."""
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    rng = random.Random(0)
+    killed_mid_write = 0
+    for trial in range(8):
+        target = tmp_path / f"adapter{trial}"
+        killed_mid_write += _kill_during_write(script, target, rng.uniform(0.0, 0.004))
+        _check_consistent(str(target))
+        leftovers = [n for n in os.listdir(target) if n not in (CONFIG_NAME, WEIGHTS_NAME)]
+        assert all(n.startswith(".") and n.endswith(".tmp") for n in leftovers), leftovers
+    assert killed_mid_write > 0, "no kill landed inside a write; the test proved nothing"
 
 
 def test_failed_write_keeps_previous_adapter(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
