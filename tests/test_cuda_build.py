@@ -285,3 +285,93 @@ def test_cuda_module_imports_without_extension():
         assert not hasattr(lc, "lora_forward")
         with pytest.raises(lc.CudaUnavailableError, match="LORAFUSE_CUDA=1"):
             lc.cuda_lora_forward(None, None, None, None, 1.0)
+
+
+# ------------------------------------------------------------------------------------ lorafuse.cuda plumbing
+
+class _HostC:
+    """Stand-in for lorafuse._C_cuda that runs the plan's host reference backend on the raw addresses
+    lorafuse.cuda passes (CPU float32 tensors), so the wrapper's argument order, sizes, layouts and
+    workspaces are checked end to end without a GPU."""
+
+    DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, []
+
+    def lora_forward(self, device, stream, dtype, tf32, n, k, m, r, w_kxm, scale, p, seed, *ptrs):
+        self.calls.append(("forward", n, k, m, r, w_kxm, p, seed, ptrs))
+        assert dtype == 0 and stream == 0 and device == 0
+        st = self.lib.lf_ref_forward(n, k, m, r, w_kxm, scale, p, seed, *[c or None for c in ptrs])
+        if st:
+            raise ValueError(self.lib.lf_ref_last_error().decode())
+
+    def lora_backward(self, device, stream, dtype, tf32, n, k, m, r, w_kxm, scale, p, seed, *ptrs):
+        self.calls.append(("backward", n, k, m, r, w_kxm, p, seed, ptrs))
+        assert dtype == 0 and ptrs[-1]  # v workspace always given
+        st = self.lib.lf_ref_backward(n, k, m, r, w_kxm, scale, p, seed, *[c or None for c in ptrs])
+        if st:
+            raise ValueError(self.lib.lf_ref_last_error().decode())
+
+
+@pytest.fixture
+def host_cuda(ref_lib, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import lorafuse.cuda as lc
+
+    fake = _HostC(ref_lib)
+    monkeypatch.setattr(lc, "_C", fake)
+    monkeypatch.setattr(lc, "_DEVICE_TYPE", "cpu")
+    return torch, lc, fake
+
+
+@pytest.mark.parametrize("lead,k,m,r", [((6,), 16, 12, 4), ((1,), 13, 7, 1), ((2, 3), 9, 5, 2), ((0,), 4, 3, 2)])
+@pytest.mark.parametrize("layout", ["mk", "fifo", "view"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_wrapper_plumbing_on_host(host_cuda, lead, k, m, r, layout, p):
+    torch, lc, fake = host_cuda
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(lead + (k,), generator=gen)
+    W = torch.randn(m, k, generator=gen)
+    A, B = torch.randn(r, k, generator=gen), torch.randn(m, r, generator=gen)
+    bias, g = torch.randn(m, generator=gen), torch.randn(lead + (m,), generator=gen)
+    s, seed = 1.25, 99
+    Wt = W.t().contiguous()
+    Warg = {"mk": W, "fifo": Wt, "view": Wt.t()}[layout]
+    y, u = lc.cuda_lora_forward(x, Warg, A, B, s, bias, dropout_p=p, seed=seed, fan_in_fan_out=layout == "fifo")
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, Warg, A, B, s, dropout_p=p, seed=seed,
+                                       fan_in_fan_out=layout == "fifo")
+    assert fake.calls[0][5] == (0 if layout == "mk" else 1)  # w_kxm: fifo and transposed views read in place
+    assert Warg.data_ptr() in fake.calls[0][8]  # the base weight itself, never a copy
+    assert y.shape == lead + (m,) and u.shape == lead + (r,) and dx.shape == x.shape
+    n = int(np.prod(lead))
+    d = lambda t: t.double().numpy().reshape(-1, t.shape[-1])  # noqa: E731
+    ry, ru, rdx, rdA, rdB = _reference(d(x), W.double().numpy(), bias.double().numpy(), d(A), d(B), s, p, seed,
+                                       d(g) if n else np.zeros((0, m)))
+    for name, got, ref in (("y", y, ry), ("u", u, ru), ("dx", dx, rdx), ("dA", dA, rdA), ("dB", dB, rdB)):
+        got = got.double().numpy().reshape(ref.shape)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max(initial=0)),
+                                   err_msg=name)
+
+
+def test_wrapper_outputs_and_errors_on_host(host_cuda):
+    torch, lc, fake = host_cuda
+    x, W, A, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    out, u_out = torch.empty(4, 6), torch.empty(4, 2)
+    y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, out=out, u_out=u_out)
+    assert y is out and u is u_out
+    g = torch.randn(4, 6)
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, 1.0, need_dx=False)
+    assert dx is None and fake.calls[-1][8][6] == 0  # dx pointer NULL
+    with pytest.raises(ValueError, match="overlaps input x"):
+        lc.cuda_lora_forward(x, W, A, B, 1.0, out=x.view(-1)[:24].view(4, 6))
+    with pytest.raises(ValueError, match="never copied"):
+        lc.cuda_lora_forward(x[:, :4], W[:, ::2], A[:, :4], B, 1.0)
+    with pytest.raises(ValueError, match=r"B must have shape \(6, 2\)"):
+        lc.cuda_lora_forward(x, W, A, B.t(), 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        lc.cuda_lora_forward(x, W.double(), A, B, 1.0)
+    with pytest.raises(ValueError, match="seed"):
+        lc.cuda_lora_forward(x, W, A, B, 1.0, seed=-1)
+    with pytest.raises(ValueError, match="g must be"):
+        lc.cuda_lora_backward(g[:, :5], x, u, W, A, B, 1.0)

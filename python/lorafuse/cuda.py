@@ -52,6 +52,9 @@ class CudaUnavailableError(RuntimeError):
 
 _C: Any = None
 _load_error: Optional[BaseException] = None
+# Test seam: tests/test_cuda_build.py sets "cpu" together with a host stand-in for _C (built on the
+# plan's reference backend) to check this module's pointer and size plumbing on machines with no GPU.
+_DEVICE_TYPE = "cuda"
 
 
 def _load() -> Any:
@@ -270,6 +273,8 @@ def _weight(W: Any, fan_in_fan_out: bool, x: Any) -> Tuple[Any, int, int]:
 
 
 def _stream(device: Any) -> int:
+    if device.type != "cuda":
+        return 0
     return int(_torch().cuda.current_stream(device).cuda_stream)
 
 
@@ -286,7 +291,7 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
     x = _as_tensor("x", x)
-    if x.device.type != "cuda":
+    if x.device.type != _DEVICE_TYPE:
         raise ValueError(f"lorafuse.cuda: x must be a CUDA tensor, got device {x.device}")
     code = _dtype_code(x)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -315,7 +320,7 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
         _no_overlap(oname, o, x=x2, W=W, A=A, B=B, bias=bias)
     _no_overlap("out", y, u_out=u)
     xd = _torch().empty_like(x2) if p > 0.0 and n > 0 else None
-    C.lora_forward(x.device.index, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
+    C.lora_forward(x.device.index or 0, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
                    seed, x2.data_ptr(), W.data_ptr(), 0 if bias is None else bias.data_ptr(), A.data_ptr(),
                    B.data_ptr(), y.data_ptr(), u.data_ptr(), 0 if xd is None else xd.data_ptr())
     return y, u
@@ -331,7 +336,7 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
     x = _as_tensor("x", x)
-    if x.device.type != "cuda":
+    if x.device.type != _DEVICE_TYPE:
         raise ValueError(f"lorafuse.cuda: x must be a CUDA tensor, got device {x.device}")
     code = _dtype_code(x)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -369,7 +374,7 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     _no_overlap("dB_out", dB, dx_out=dx)
     v_ws = torch.empty((max(n, 1), r), dtype=x.dtype, device=x.device)
     xd = torch.empty_like(x2) if p > 0.0 and n > 0 else None
-    C.lora_backward(x.device.index, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
+    C.lora_backward(x.device.index or 0, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
                     seed, g2.data_ptr(), x2.data_ptr(), u2.data_ptr(), W.data_ptr(), A.data_ptr(), B.data_ptr(),
                     0 if dx is None else dx.data_ptr(), dA.data_ptr(), dB.data_ptr(),
                     0 if xd is None else xd.data_ptr(), v_ws.data_ptr())
