@@ -210,6 +210,16 @@ def test_selected_adapters_and_unknown_name(tmp_path: Any) -> None:
         model.save_pretrained(str(tmp_path), selected_adapters=["nope"])
 
 
+def test_peft_save_arguments(tmp_path: Any) -> None:
+    model = lorafuse_model("gpt2")
+    model.save_pretrained(str(tmp_path), is_main_process=False)
+    assert not os.listdir(tmp_path)
+    with pytest.raises(ValueError, match="pickle"):
+        model.save_pretrained(str(tmp_path), safe_serialization=False)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
 def test_refuses_to_save_non_finite(tmp_path: Any) -> None:
     model = lorafuse_model("gpt2")
     with torch.no_grad():

@@ -220,15 +220,26 @@ def config_to_json(peft_model: nn.Module, adapter_name: str) -> str:
 
 
 def save_pretrained(
-    peft_model: nn.Module, save_directory: str, selected_adapters: Optional[Sequence[str]] = None
+    peft_model: nn.Module,
+    save_directory: str,
+    selected_adapters: Optional[Sequence[str]] = None,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
 ) -> None:
     """Write adapters in PEFT's layout: ``default`` in ``save_directory``, others in ``save_directory/<name>``.
 
+    ``safe_serialization`` and ``is_main_process`` are PEFT's arguments: pickles are never
+    written (False is refused), and only the main process writes (in distributed runs).
+
     Raises:
-        ValueError: unknown adapter names, ``save_directory`` is a file, or non-finite weights.
+        ValueError: unknown adapter names, ``save_directory`` is a file, ``safe_serialization=False``,
+            or non-finite weights.
     """
     from safetensors.torch import save as safetensors_save
 
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False would write a pickle (adapter_model.bin); lorafuse writes "
+                         "only safetensors, which PEFT reads too")
     save_directory = os.fspath(save_directory)
     names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = sorted(set(names) - set(peft_model.peft_config))
@@ -243,6 +254,8 @@ def save_pretrained(
         )
         for name in names
     }
+    if not is_main_process:
+        return
     for name, (weights, config) in payloads.items():
         directory = save_directory if name == "default" else os.path.join(save_directory, name)
         os.makedirs(directory, exist_ok=True)
