@@ -106,10 +106,10 @@ static PyObject *py_versions(PyObject *self, PyObject *noargs) {
     lf_cuda_versions v;
     lf_cuda_get_versions(&v);
     const char *err = lf_cuda_last_error();
-    return Py_BuildValue("{s:i,s:i,s:i,s:l,s:l,s:i,s:s,s:s,s:s,s:s}", "cudart_compiled", v.cudart_compiled,
+    return Py_BuildValue("{s:i,s:i,s:i,s:l,s:l,s:i,s:l,s:s,s:s,s:s,s:s}", "cudart_compiled", v.cudart_compiled,
                          "cudart_runtime", v.cudart_runtime, "driver", v.driver_version, "cublaslt_compiled",
                          v.cublaslt_compiled, "cublaslt_runtime", v.cublaslt_runtime, "device_count",
-                         v.device_count, "device_error", err ? err : "", "archs", LORAFUSE_CUDA_ARCHS, "nvcc",
+                         v.device_count, "fallback_gemms", v.fallback_gemms, "device_error", err ? err : "", "archs", LORAFUSE_CUDA_ARCHS, "nvcc",
                          LORAFUSE_NVCC_VERSION, "cublaslt_source", LORAFUSE_CUBLASLT_SOURCE);
 }
 

@@ -20,6 +20,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 
@@ -142,12 +143,14 @@ struct AlgoKeyHash {
 };
 struct AlgoEntry {
     cublasLtMatmulAlgo_t algo;
+    bool fallback; /* cuBLASLt declined this problem: use naive_gemm_kernel */
 };
 
 std::mutex g_mu;
 std::unordered_map<int, cublasLtHandle_t> g_handles;
 std::unordered_map<WsKey, Workspace, WsKeyHash> g_ws;
 std::unordered_map<AlgoKey, AlgoEntry, AlgoKeyHash> g_algos;
+std::atomic<long> g_fallback_gemms{0};
 
 int get_handle(int device, cublasLtHandle_t *out) {
     std::lock_guard<std::mutex> lock(g_mu);
@@ -279,6 +282,58 @@ int launch_dropout(cudaStream_t stream, int dtype, int64_t rows, int64_t cols, d
     return LF_CUDA_OK;
 }
 
+/* ---------------------------------------------------------------- fallback GEMM */
+
+/* Column-major C(m×n) = alpha·op(A)·op(B) + beta·C + bias[row], fp32 accumulation: the same semantics
+ * (and indexing) as plan_reference.cpp. Used only for problems cuBLASLt's heuristic declines (it has
+ * been seen to refuse a dimension of 1 with some epilogues: r = 1, n = 1), so that every shape works;
+ * one thread per element of C, consecutive threads on consecutive rows (coalesced C). */
+template <typename T>
+__global__ void naive_gemm_kernel(int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
+                                  const T *A, int64_t lda, const T *B, int64_t ldb, float beta, T *C,
+                                  int64_t ldc, const T *bias) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= m) return;
+    for (int64_t j = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; j < n; j += (int64_t)gridDim.y * blockDim.y) {
+        float acc = 0.0f;
+        for (int64_t p = 0; p < k; ++p) {
+            const float a = to_f<T>(transa ? A[p + i * lda] : A[i + p * lda]);
+            const float b = to_f<T>(transb ? B[j + p * ldb] : B[p + j * ldb]);
+            acc = fmaf(a, b, acc);
+        }
+        float c = alpha * acc;
+        if (beta != 0.0f) c += beta * to_f<T>(C[i + j * ldc]);
+        if (bias) c += to_f<T>(bias[i]);
+        C[i + j * ldc] = from_f<T>(c);
+    }
+}
+
+int launch_naive_gemm(cudaStream_t stream, int dtype, const Gemm &g) {
+    const dim3 block(32, 8);
+    int64_t gy = (g.n + block.y - 1) / block.y;
+    if (gy > 65535) gy = 65535;
+    const dim3 grid((unsigned)((g.m + block.x - 1) / block.x), (unsigned)gy);
+    switch (dtype) {
+    case LF_CUDA_F32:
+        naive_gemm_kernel<float><<<grid, block, 0, stream>>>(g.transa, g.transb, g.m, g.n, g.k, g.alpha,
+                                                             (const float *)g.A, g.lda, (const float *)g.B, g.ldb,
+                                                             g.beta, (float *)g.C, g.ldc, (const float *)g.bias);
+        break;
+    case LF_CUDA_F16:
+        naive_gemm_kernel<__half><<<grid, block, 0, stream>>>(g.transa, g.transb, g.m, g.n, g.k, g.alpha,
+                                                              (const __half *)g.A, g.lda, (const __half *)g.B, g.ldb,
+                                                              g.beta, (__half *)g.C, g.ldc, (const __half *)g.bias);
+        break;
+    default:
+        naive_gemm_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(
+            g.transa, g.transb, g.m, g.n, g.k, g.alpha, (const __nv_bfloat16 *)g.A, g.lda,
+            (const __nv_bfloat16 *)g.B, g.ldb, g.beta, (__nv_bfloat16 *)g.C, g.ldc, (const __nv_bfloat16 *)g.bias);
+        break;
+    }
+    LF_CUDA_CALL(cudaGetLastError(), g.what);
+    return LF_CUDA_OK;
+}
+
 /* ---------------------------------------------------------------- the cuBLASLt backend */
 
 struct LtBackend : lorafuse::plan::Backend {
@@ -297,6 +352,28 @@ struct LtBackend : lorafuse::plan::Backend {
     }
 
     int gemm(const Gemm &g) override {
+        if (g.m == 0 || g.n == 0) return LF_CUDA_OK;
+        AlgoKey key;
+        memset(&key, 0, sizeof key); /* padding must be zero: the key is hashed and compared bytewise */
+        key.device = device; key.dtype = dtype; key.tf32 = tf32;
+        key.transa = g.transa; key.transb = g.transb; key.bias = g.bias != nullptr;
+        key.m = g.m; key.n = g.n; key.k = g.k; key.lda = g.lda; key.ldb = g.ldb; key.ldc = g.ldc;
+        key.align_a = alignment_of(g.A); key.align_b = alignment_of(g.B); key.align_c = alignment_of(g.C);
+        key.align_bias = g.bias ? alignment_of(g.bias) : 0;
+        key.ws = ws.bytes;
+
+        cublasLtMatmulAlgo_t algo;
+        bool found = false, fallback = false;
+        {
+            std::lock_guard<std::mutex> lock(g_mu);
+            auto it = g_algos.find(key);
+            if (it != g_algos.end()) {
+                if (it->second.fallback) fallback = true;
+                algo = it->second.algo;
+                found = true;
+            }
+        }
+        if (fallback) return launch_naive_gemm(stream, dtype, g);
         const cudaDataType_t dt = data_type(dtype);
         const cublasComputeType_t ct = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
         const cudaDataType_t scale_t = CUDA_R_32F;
@@ -328,25 +405,6 @@ struct LtBackend : lorafuse::plan::Backend {
         LF_CUBLAS_CALL("cublasLtMatrixLayoutCreate(C)",
                        cublasLtMatrixLayoutCreate(&d.c, dt, (uint64_t)g.m, (uint64_t)g.n, g.ldc), g.what);
 
-        AlgoKey key;
-        memset(&key, 0, sizeof key); /* padding must be zero: the key is hashed and compared bytewise */
-        key.device = device; key.dtype = dtype; key.tf32 = tf32;
-        key.transa = g.transa; key.transb = g.transb; key.bias = g.bias != nullptr;
-        key.m = g.m; key.n = g.n; key.k = g.k; key.lda = g.lda; key.ldb = g.ldb; key.ldc = g.ldc;
-        key.align_a = alignment_of(g.A); key.align_b = alignment_of(g.B); key.align_c = alignment_of(g.C);
-        key.align_bias = g.bias ? alignment_of(g.bias) : 0;
-        key.ws = ws.bytes;
-
-        cublasLtMatmulAlgo_t algo;
-        bool found = false;
-        {
-            std::lock_guard<std::mutex> lock(g_mu);
-            auto it = g_algos.find(key);
-            if (it != g_algos.end()) {
-                algo = it->second.algo;
-                found = true;
-            }
-        }
         if (!found) {
             LF_CUBLAS_CALL("cublasLtMatmulPreferenceCreate", cublasLtMatmulPreferenceCreate(&d.pref), g.what);
             const uint64_t wsb = ws.bytes;
@@ -376,19 +434,22 @@ struct LtBackend : lorafuse::plan::Backend {
             cublasLtMatmulHeuristicResult_t res[1];
             memset(res, 0, sizeof res);
             int count = 0;
-            LF_CUBLAS_CALL("cublasLtMatmulAlgoGetHeuristic",
-                           cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, res, &count),
-                           g.what);
-            if (count < 1 || res[0].state != CUBLAS_STATUS_SUCCESS)
-                return set_error(LF_CUDA_ERR_CUBLAS,
-                                 "cublasLtMatmulAlgoGetHeuristic found no algorithm (%s): m=%lld n=%lld k=%lld "
-                                 "lda=%lld ldb=%lld ldc=%lld dtype=%d",
-                                 g.what, (long long)g.m, (long long)g.n, (long long)g.k, (long long)g.lda,
-                                 (long long)g.ldb, (long long)g.ldc, dtype);
+            const cublasStatus_t hs =
+                cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, res, &count);
+            const bool declined = hs == CUBLAS_STATUS_NOT_SUPPORTED || hs == CUBLAS_STATUS_INVALID_VALUE ||
+                                  (hs == CUBLAS_STATUS_SUCCESS && (count < 1 || res[0].state != CUBLAS_STATUS_SUCCESS));
+            if (!declined && hs != CUBLAS_STATUS_SUCCESS)
+                return cublas_fail("cublasLtMatmulAlgoGetHeuristic", g.what, hs);
             algo = res[0].algo;
-            std::lock_guard<std::mutex> lock(g_mu);
-            if (g_algos.size() > 4096) g_algos.clear(); /* bounded: shapes in a model are few */
-            g_algos[key] = AlgoEntry{algo};
+            {
+                std::lock_guard<std::mutex> lock(g_mu);
+                if (g_algos.size() > 4096) g_algos.clear(); /* bounded: shapes in a model are few */
+                g_algos[key] = AlgoEntry{algo, declined};
+            }
+            if (declined) {
+                g_fallback_gemms.fetch_add(1, std::memory_order_relaxed); /* counted once per problem */
+                return launch_naive_gemm(stream, dtype, g);
+            }
         }
         const float alpha = g.alpha, beta = g.beta;
         LF_CUBLAS_CALL("cublasLtMatmul",
@@ -474,6 +535,7 @@ int lf_cuda_get_versions(lf_cuda_versions *out) {
     out->cublaslt_compiled = 0;
 #endif
     out->cublaslt_runtime = (long)cublasLtGetVersion();
+    out->fallback_gemms = g_fallback_gemms.load(std::memory_order_relaxed);
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {

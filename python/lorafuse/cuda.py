@@ -117,7 +117,9 @@ class CudaInfo(dict):
         dev = f"{devs} device(s)" if devs is not None and devs >= 0 else "no usable device"
         return (f"compiled in (archs {self['archs']}; nvcc {self['nvcc']}; CUDA runtime {ver(self['cudart_runtime'])}"
                 f" (built {ver(self['cudart_compiled'])}); cuBLASLt {cl // 10000}.{(cl // 100) % 100}.{cl % 100}; "
-                f"driver {ver(self['driver'])}; {dev})")
+                f"driver {ver(self['driver'])}; {dev}"
+                + (f"; {self['fallback_gemms']} GEMM shape(s) on the fallback kernel" if self.get("fallback_gemms") else "")
+                + ")")
 
 
 def cuda_info() -> CudaInfo:

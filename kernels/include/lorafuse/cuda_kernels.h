@@ -68,6 +68,7 @@ typedef struct {
     int cudart_compiled, cudart_runtime, driver_version;
     long cublaslt_compiled, cublaslt_runtime;
     int device_count;
+    long fallback_gemms; /* distinct GEMM problems cuBLASLt declined (run by the naive fallback kernel) */
 } lf_cuda_versions;
 int lf_cuda_get_versions(lf_cuda_versions *out);
 
