@@ -230,6 +230,7 @@ def main(argv=None):
           f"ours fwd+bwd / torch+PEFT fwd+bwd = {gm('ratio_fb_vs_peft'):.3f} (target <= 0.85); "
           f"ours fwd / PEFT fwd = {gm('ratio_fwd_vs_peft'):.3f}")
     print(f"ours path: {results[0]['ours_path']}")
+    print(f"lorafuse CUDA after the runs: {lc.cuda_info()}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(results=results, device=props.name, torch=torch.__version__), fh, indent=1)

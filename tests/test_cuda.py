@@ -431,3 +431,15 @@ def test_cuda_info_reports_build():
     assert info["compiled"] and info["device_count"] >= 1
     assert "sm_90" in info["archs"] and info["cublaslt_runtime"] > 0
     assert "compiled in" in str(info)
+
+
+def test_aligned_shapes_run_on_cublaslt_not_the_fallback():
+    """The naive fallback GEMM is for problems cuBLASLt declines (dimensions of 1); aligned shapes must not
+    land there (it would be correct but slow)."""
+    before = lc.cuda_info()["fallback_gemms"]
+    for dtype in DTYPES:
+        x, W, b, A, B, g = _problem((64,), 128, 96, 16, dtype, seed=11)
+        y, u = lc.cuda_lora_forward(x, W, A, B, 1.0, b)
+        lc.cuda_lora_backward(g, x, u, W, A, B, 1.0)
+    torch.cuda.synchronize()
+    assert lc.cuda_info()["fallback_gemms"] == before
