@@ -384,16 +384,6 @@ def check_against_base(base: nn.Module, config: Any, files: AdapterFiles) -> Non
 # --------------------------------------------------------------------------- loading
 
 
-def make_config(files: AdapterFiles, is_trainable: bool) -> Any:
-    """A `LoraConfig` from the file's dict (``inference_mode = not is_trainable``)."""
-    from .config import LoraConfig
-
-    try:
-        return LoraConfig.from_dict(dict(files.config, inference_mode=not is_trainable))
-    except (TypeError, ValueError) as exc:
-        raise AdapterFileError(f"{os.path.join(files.directory, CONFIG_NAME)}: {exc}") from None
-
-
 def _plan(base: nn.Module, config: Any, files: AdapterFiles) -> dict[str, torch.Tensor]:
     """Check the files against ``base`` without mutating anything; return the tensors to load."""
     from safetensors.torch import load as safetensors_load
@@ -429,7 +419,8 @@ def load_adapter(peft_model: nn.Module, model_id_dir: str, adapter_name: str, is
     if adapter_name in peft_model.peft_config:
         raise AdapterFileError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
     files = read_adapter_dir(model_id_dir)
-    config = make_config(files, is_trainable)
+    config = files.lora_config
+    config.inference_mode = not is_trainable
     tensors = _plan(peft_model.get_base_model(), config, files)
     try:
         peft_model.add_adapter(adapter_name, config)
@@ -456,7 +447,8 @@ def from_pretrained(
     wrapper is unloaded again.
     """
     files = read_adapter_dir(model_id_dir)
-    config = make_config(files, is_trainable)
+    config = files.lora_config
+    config.inference_mode = not is_trainable
     tensors = _plan(model, config, files)
     peft_model = cls(model, config, adapter_name=adapter_name)
     try:

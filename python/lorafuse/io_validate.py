@@ -1,8 +1,9 @@
 """Model-independent validation of PEFT LoRA adapter directories (no torch needed).
 
 Everything an adapter directory can get wrong on its own is checked here, before any
-model is touched: the config JSON (types, ranges, ``peft_type``, regular expressions
-that could hang the matcher), the safetensors header (length cap, ``N + 8 <= size``,
+model is touched: the config JSON (types, ranges and ``peft_type`` through
+:class:`lorafuse.config.LoraConfig`, plus regular expressions that could hang the
+matcher), the safetensors header (length cap, ``N + 8 <= size``,
 duplicate keys, NUL bytes, dtype set), the payload (parsed by the ``safetensors``
 package itself, never by hand), finiteness, and the LoRA rank of every ``lora_A`` /
 ``lora_B`` pair against ``r`` / ``rank_pattern``.
@@ -17,8 +18,8 @@ string), ``layers_pattern``, ``modules_to_save`` entries and ``rank_pattern`` /
 name.  Python's ``re`` has no time limit and does not release the GIL, so a hostile
 pattern such as ``(a+)+$`` would hang the loader.  Each such pattern is parsed with
 ``re``'s own parser and refused when it is longer than :data:`MAX_PATTERN_LEN`, uses a
-back-reference, nests a repetition or an alternation inside an unbounded repetition
-(the shapes with exponential backtracking), or has more than
+back-reference, nests a repetition or an alternation inside a repetition (the shapes
+with exponential backtracking), or has more than
 :data:`MAX_UNBOUNDED_REPEATS` unbounded repetitions (bounding polynomial backtracking
 on module names of ~100 characters).  Every pattern PEFT itself writes
 (e.g. ``.*\\.(q_proj|v_proj)``) passes.
@@ -36,6 +37,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from .config import LoraConfig
+
 try:  # Python >= 3.11
     from re import _constants as _sre_constants
     from re import _parser as _sre_parse
@@ -50,7 +53,6 @@ KEY_PREFIX = "base_model.model."
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20
-MAX_RANK = 1 << 16
 MAX_PATTERN_LEN = 256
 MAX_UNBOUNDED_REPEATS = 3
 
@@ -65,7 +67,6 @@ FLOAT_DTYPES: Mapping[str, tuple[type, int]] = {
 LORA_PAIR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_PAIR_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 ALL_LINEAR = "all-linear"
-BIAS_MODES = ("none", "all", "lora_only")
 
 
 class AdapterFileError(ValueError):
@@ -92,6 +93,7 @@ class AdapterFiles:
 
     directory: str
     config: dict[str, Any]
+    lora_config: LoraConfig
     tensors: dict[str, TensorInfo]
     weights: bytes = field(repr=False)
 
@@ -198,91 +200,53 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _check_rank(value: Any, what: str) -> None:
-    if not _is_int(value) or not 0 < value <= MAX_RANK:
-        raise AdapterFileError(f"{what} must be an integer in [1, {MAX_RANK}], got {value!r}")
-
-
-def _check_str_list(value: Any, what: str, *, allow_str: bool) -> None:
-    """Accept None, a list of non-empty strings, or (if ``allow_str``) one string."""
-    if value is None or (allow_str and isinstance(value, str)):
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        kinds = "a string or a list of strings" if allow_str else "a list of strings"
-        raise AdapterFileError(f"{what} must be null or {kinds}, got {value!r}")
-
-
-def _check_patterns(config: Mapping[str, Any]) -> None:
-    """Run :func:`check_pattern` over every config value PEFT uses as a regex."""
+def _check_patterns(config: LoraConfig) -> None:
+    """Run :func:`check_pattern` over every config value PEFT matches as a regex."""
     for name in ("target_modules", "exclude_modules"):
-        if isinstance(config.get(name), str) and config[name].lower() != ALL_LINEAR:
-            check_pattern(config[name], name)
-    layers_pattern = config.get("layers_pattern")
+        value = getattr(config, name)
+        if isinstance(value, str) and value.lower() != ALL_LINEAR:
+            check_pattern(value, name)
+    layers_pattern = config.layers_pattern
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []:
         check_pattern(pattern, "layers_pattern")
-    for pattern in config.get("modules_to_save") or []:
+    for pattern in config.modules_to_save or []:
         check_pattern(pattern, "modules_to_save")
     for name in ("rank_pattern", "alpha_pattern"):
-        for pattern in config.get(name) or {}:
+        for pattern in getattr(config, name):
             check_pattern(pattern, f"{name} key")
 
 
-def validate_config(config: dict[str, Any]) -> None:
-    """Check the LoRA fields of a parsed ``adapter_config.json`` (types, ranges, regexes).
+def validate_config(config: dict[str, Any]) -> LoraConfig:
+    """Build the `LoraConfig` of a parsed ``adapter_config.json`` and vet its regexes.
+
+    Types, ranges and ``peft_type`` are checked by `LoraConfig` itself; this adds that
+    ``target_modules`` must be present (a saved adapter always names its modules) and the
+    regular-expression policy of this module.
 
     Raises:
         AdapterFileError: naming the field and the offending value.
     """
-    if config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
-    _check_rank(config.get("r", 8), "r")
-    if not _is_number(config.get("lora_alpha", 8)):
-        raise AdapterFileError(f"lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise AdapterFileError(f"lora_dropout must be in [0, 1), got {dropout!r}")
-    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
-        if not isinstance(config.get(name, False), bool):
-            raise AdapterFileError(f"{name} must be true or false, got {config[name]!r}")
-    if config.get("bias", "none") not in BIAS_MODES:
-        raise AdapterFileError(f"bias must be one of {BIAS_MODES}, got {config.get('bias')!r}")
-    _check_str_list(config.get("target_modules"), "target_modules", allow_str=True)
-    _check_str_list(config.get("exclude_modules"), "exclude_modules", allow_str=True)
-    _check_str_list(config.get("layers_pattern"), "layers_pattern", allow_str=True)
-    _check_str_list(config.get("modules_to_save"), "modules_to_save", allow_str=False)
-    if not config.get("target_modules"):
+    try:
+        lora_config = LoraConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise AdapterFileError(str(exc)) from None
+    if not lora_config.target_modules:
         raise AdapterFileError("target_modules is missing or empty: cannot tell which modules the adapter wraps")
-    layers = config.get("layers_to_transform")
-    if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
-        raise AdapterFileError(f"layers_to_transform must be null, an integer or a list of integers, got {layers!r}")
-    for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", None)):
-        patterns = config.get(name) or {}
-        if not isinstance(patterns, dict):
-            raise AdapterFileError(f"{name} must be a JSON object, got {patterns!r}")
-        for key, value in patterns.items():
-            if check is not None:
-                check(value, f"{name}[{key!r}]")
-            elif not _is_number(value):
-                raise AdapterFileError(f"{name}[{key!r}] must be a finite number, got {value!r}")
-    _check_patterns(config)
+    _check_patterns(lora_config)
+    return lora_config
 
 
-def read_config(path: str) -> dict[str, Any]:
-    """Read and validate an ``adapter_config.json`` file."""
+def read_config(path: str) -> tuple[dict[str, Any], LoraConfig]:
+    """Read and validate an ``adapter_config.json`` file: the raw dict and its `LoraConfig`."""
     size = os.path.getsize(path)
     if size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{path}: config is {size} bytes (limit {MAX_CONFIG_BYTES})")
     with open(path, "rb") as handle:
-        config = _parse_json_object(handle.read(MAX_CONFIG_BYTES + 1), f"{path}")
+        config = _parse_json_object(handle.read(MAX_CONFIG_BYTES + 1), path)
     try:
-        validate_config(config)
+        return config, validate_config(config)
     except AdapterFileError as exc:
         raise AdapterFileError(f"{path}: {exc}") from None
-    return config
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -362,10 +326,10 @@ def split_lora_key(key: str) -> Optional[tuple[str, str]]:
     return None
 
 
-def allowed_ranks(config: Mapping[str, Any]) -> set[int]:
+def allowed_ranks(config: LoraConfig) -> set[int]:
     """Ranks a LoRA pair may have under ``r`` and ``rank_pattern`` (which module gets which
     rank is decided against the model, where module names are known)."""
-    return {config.get("r", 8), *(config.get("rank_pattern") or {}).values()}
+    return {config.r, *config.rank_pattern.values()}
 
 
 def _pair_problem(key: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], ranks: set[int]) -> Optional[str]:
@@ -386,7 +350,7 @@ def _pair_problem(key: str, info: TensorInfo, tensors: Mapping[str, TensorInfo],
     return None
 
 
-def _check_ranks(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+def _check_ranks(config: LoraConfig, tensors: Mapping[str, TensorInfo]) -> None:
     """Check every LoRA pair: both halves present, 2-D, equal ranks allowed by the config."""
     ranks = allowed_ranks(config)
     problems = [
@@ -426,16 +390,16 @@ def read_adapter_dir(directory: str) -> AdapterFiles:
         raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
     if CONFIG_NAME not in names:
         raise AdapterFileError(f"{directory} has no {CONFIG_NAME}")
-    config = read_config(os.path.join(directory, CONFIG_NAME))
+    config, lora_config = read_config(os.path.join(directory, CONFIG_NAME))
     with open(os.path.join(directory, WEIGHTS_NAME), "rb") as handle:
         weights = handle.read()
     try:
         tensors = decode_weights(weights)
         _check_key_grammar(tensors)
-        _check_ranks(config, tensors)
+        _check_ranks(lora_config, tensors)
     except AdapterFileError as exc:
         raise AdapterFileError(f"{os.path.join(directory, WEIGHTS_NAME)}: {exc}") from None
-    return AdapterFiles(directory, config, tensors, weights)
+    return AdapterFiles(directory, config, lora_config, tensors, weights)
 
 
 def _check_key_grammar(tensors: Mapping[str, TensorInfo]) -> None:
