@@ -3,11 +3,11 @@
 Integration in setup.py (the CPU extension stays as it is and never links CUDA)::
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # PEP 517 builds don't add it
-    from setup_cuda import cuda_extensions, wrap_build_ext
-    setup(..., ext_modules=[cpu_ext, *cuda_extensions()],
-          cmdclass={"build_ext": wrap_build_ext(build_ext)})     # build_ext: yours or setuptools'
+    from setup_cuda import CudaBuildExt, cuda_extensions
+    setup(..., ext_modules=[cpu_ext, *cuda_extensions()], cmdclass={"build_ext": CudaBuildExt})
 
-(or subclass ``CudaBuildExtMixin`` first in your own build_ext: ``class B(CudaBuildExtMixin, build_ext)``).
+``CudaBuildExt`` is setuptools' build_ext with the nvcc step; with a build_ext of your own, use
+``wrap_build_ext(YourBuildExt)`` or ``class B(CudaBuildExtMixin, YourBuildExt)``.
 
 What it does:
 
@@ -47,6 +47,7 @@ from typing import List, Optional, Sequence
 
 __all__ = [
     "CudaConfig",
+    "CudaBuildExt",
     "CudaBuildExtMixin",
     "cuda_config",
     "cuda_extensions",
@@ -372,6 +373,16 @@ class CudaBuildExtMixin:
 def wrap_build_ext(base):
     """A subclass of ``base`` (a setuptools build_ext) that also builds the CUDA extension."""
     return type("build_ext", (CudaBuildExtMixin, base), {})
+
+
+def _default_build_ext():
+    from setuptools.command.build_ext import build_ext
+
+    return wrap_build_ext(build_ext)
+
+
+# Ready-made command for setup.py: ``cmdclass={"build_ext": CudaBuildExt}``.
+CudaBuildExt = _default_build_ext()
 
 
 if __name__ == "__main__":
