@@ -256,3 +256,17 @@ def test_io_hooks_delegate_to_lorafuse_io(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert calls[0] == ("save", (model, tmp_path, ["default"]), {"safe_serialization": True})
     assert calls[1] == ("load", (model, tmp_path, "other", True), {})
     assert calls[2][1][0] is PeftModel and calls[2][1][2:] == (tmp_path, "default", False)
+
+
+def test_merge_and_unload_after_merge_adapter_does_not_merge_twice() -> None:
+    model = get_peft_model(_llama(2), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    _randomise_adapters(model)
+    model.eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="All adapters are already merged"):
+            plain = model.merge_and_unload()
+        assert not _adapted(plain, LoraLinear)
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

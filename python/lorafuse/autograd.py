@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 __all__ = ["LoraLinearFunction", "lora_linear", "kernels_for", "backend_name", "dropout_mask", "draw_seed"]
 
 _SEED_HIGH = 2**31 - 1
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
@@ -44,7 +45,7 @@ def _load(module: str, entry_points: tuple[str, ...]) -> Optional[ModuleType]:
 def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     """THE dispatch point: the kernel module for these tensors, or None for the torch path.
 
-    float32 CPU → `lorafuse.ops`; CUDA → `lorafuse.cuda` if it exposes `lora_forward` and
+    float32 CPU → `lorafuse.ops`; CUDA fp32/fp16/bf16 → `lorafuse.cuda` if it exposes `lora_forward` and
     `lora_backward` with the `ops` signatures (arrays via DLPack, preallocated ``out=``
     tensors); anything else (other dtypes, mixed devices, empty inputs) → None.
     """
@@ -53,7 +54,7 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
         return None
     if first.device.type == "cpu" and first.dtype == torch.float32:
         return _load("ops", ("lora_forward", "lora_backward", "dropout_mask"))
-    if first.device.type == "cuda":
+    if first.device.type == "cuda" and first.dtype in _CUDA_DTYPES:
         return _load("cuda", ("lora_forward", "lora_backward"))
     return None
 

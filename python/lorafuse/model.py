@@ -166,13 +166,9 @@ class LoraModel(nn.Module):
 
     def _mark_only_adapters_as_trainable(self) -> None:
         """Freeze all but adapter weights (and wrapped modules_to_save); then biases per the active config."""
-        keep: set[int] = set()
-        for module in list(self.lora_layers()) + list(self._wrappers()):
-            for name in ("lora_A", "lora_B", "modules_to_save"):
-                if hasattr(module, name) and name in module._modules:
-                    keep.update(id(p) for p in getattr(module, name).parameters())
-            if isinstance(module, ModulesToSaveWrapper):
-                keep.update(id(p) for p in module.original_module.parameters())
+        keep = {id(p) for layer in self.lora_layers() for p in [*layer.lora_A.parameters(),
+                                                                 *layer.lora_B.parameters()]}
+        keep.update(id(p) for wrapper in self._wrappers() for p in wrapper.parameters())  # they manage their own
         for p in self.model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
