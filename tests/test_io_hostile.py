@@ -286,3 +286,35 @@ def test_ordinary_patterns_pass(pattern: str) -> None:
 def test_dangerous_patterns_fail(pattern: str) -> None:
     with pytest.raises(AdapterFileError, match="target_modules"):
         check_pattern(pattern, "target_modules")
+
+
+def test_failure_after_injection_is_rolled_back(tmp_path: Path) -> None:
+    """A SEQ_CLS config without its head's tensors only fails once PeftModel has wrapped the head:
+    from_pretrained must unload again and restore the requires_grad flags."""
+    from test_io_roundtrip import tiny_bert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
+    source.save_pretrained(str(tmp_path))
+    edit_config(tmp_path, task_type="SEQ_CLS")
+    plain_bert = tiny_bert()
+    before = snapshot(plain_bert)
+    with pytest.raises(ValueError, match=r"missing tensors.*classifier\.weight"):
+        PeftModel.from_pretrained(plain_bert, str(tmp_path))
+    assert_unchanged(before, snapshot(plain_bert))
+    assert not hasattr(plain_bert, "peft_config")
+
+
+def test_load_adapter_failure_after_add_adapter_is_rolled_back(good: Path, host: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorafuse import io
+
+    def broken_fill(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated failure after add_adapter")
+
+    monkeypatch.setattr(io, "_fill", broken_fill)
+    before = snapshot(host)
+    with pytest.raises(RuntimeError, match="simulated"):
+        host.load_adapter(str(good), "extra")
+    assert_unchanged(before, snapshot(host))

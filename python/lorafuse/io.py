@@ -33,7 +33,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -407,6 +408,36 @@ def _fill(peft_model: nn.Module, adapter_name: str, files: AdapterFiles, tensors
             tensor.requires_grad_(is_trainable)
 
 
+def _wrapper_paths(model: nn.Module) -> set[str]:
+    """Paths of the LoRA layers and modules_to_save wrappers in ``model``."""
+    return {name for name, module in model.named_modules() if _is_lora_layer(module) or _is_saved_wrapper(module)}
+
+
+def _unwrap_new(model: nn.Module, keep: set[str]) -> None:
+    """Put back the original module wherever a wrapper not in ``keep`` was inserted."""
+    for name in sorted(_wrapper_paths(model) - keep, key=len, reverse=True):
+        parent_name, _, child = name.rpartition(".")
+        wrapper = model.get_submodule(name)
+        original = wrapper.base_layer if _is_lora_layer(wrapper) else wrapper.original_module
+        setattr(model.get_submodule(parent_name), child, original)
+
+
+def _grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(param, param.requires_grad) for param in model.parameters()]
+
+
+@contextmanager
+def _undo_on_error(flags: list[tuple[nn.Parameter, bool]], undo: Callable[[], None]) -> Iterator[None]:
+    """On any exception: run ``undo``, then restore the ``requires_grad`` flags saved in ``flags``."""
+    try:
+        yield
+    except BaseException:
+        undo()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+
 def load_adapter(peft_model: nn.Module, model_id_dir: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Validate the directory completely, then add it to ``peft_model`` as ``adapter_name``.
 
@@ -422,13 +453,16 @@ def load_adapter(peft_model: nn.Module, model_id_dir: str, adapter_name: str, is
     config = files.lora_config
     config.inference_mode = not is_trainable
     tensors = _plan(peft_model.get_base_model(), config, files)
-    try:
-        peft_model.add_adapter(adapter_name, config)
-        _fill(peft_model, adapter_name, files, tensors, is_trainable)
-    except BaseException:
+    wrapped_before = _wrapper_paths(peft_model)
+
+    def undo() -> None:
         if adapter_name in peft_model.peft_config:
             peft_model.delete_adapter(adapter_name)
-        raise
+        _unwrap_new(peft_model, wrapped_before)
+
+    with _undo_on_error(_grad_flags(peft_model), undo):
+        peft_model.add_adapter(adapter_name, config)
+        _fill(peft_model, adapter_name, files, tensors, is_trainable)
 
 
 def from_pretrained(
@@ -450,13 +484,16 @@ def from_pretrained(
     config = files.lora_config
     config.inference_mode = not is_trainable
     tensors = _plan(model, config, files)
-    peft_model = cls(model, config, adapter_name=adapter_name)
-    try:
-        _fill(peft_model, adapter_name, files, tensors, is_trainable)
-    except BaseException:
+    flags = _grad_flags(model)
+    with _undo_on_error(flags, lambda: None):
+        peft_model = cls(model, config, adapter_name=adapter_name)
+
+    def undo() -> None:
         peft_model.delete_adapter(adapter_name)
         peft_model.unload()
-        raise
+
+    with _undo_on_error(flags, undo):
+        _fill(peft_model, adapter_name, files, tensors, is_trainable)
     if not is_trainable:
         peft_model.requires_grad_(False)
         peft_model.eval()
