@@ -66,6 +66,10 @@ CASES: dict[str, tuple[Callable[[], Any], dict]] = {
                                use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3},
                                modules_to_save=["lm_head"])),
     "gpt2": (tiny_gpt2, dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    # regex target_modules, exclude_modules; layer selection on GPT-2's "h" blocks
+    "llama_regex": (tiny_llama, dict(r=2, target_modules=r".*\.(q_proj|o_proj)",
+                                     exclude_modules=["model.layers.1.self_attn.o_proj"])),
+    "gpt2_layers": (tiny_gpt2, dict(r=2, target_modules=["c_proj"], layers_to_transform=[1], layers_pattern="h")),
     "bert": (tiny_bert, dict(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
                              bias="lora_only")),
     # SEQ_CLS (PEFT appends the classifier head to modules_to_save again); every bias is saved
