@@ -18,7 +18,16 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from .io_validate import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, AdapterFiles, parse_header, read_adapter_dir
+from .io_validate import (
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    WEIGHTS_NAME,
+    AdapterFileError,
+    AdapterFiles,
+    TensorInfo,
+    parse_header,
+    read_adapter_dir,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -28,11 +37,14 @@ def _print_config(config: dict) -> None:
     print(json.dumps(config, indent=2, sort_keys=True))
 
 
+def _print_tensor_table(tensors: dict[str, TensorInfo]) -> None:
+    for name in sorted(tensors):
+        print(f"{name}  {list(tensors[name].shape)}  {tensors[name].dtype}")
+
+
 def _print_tensors(files: AdapterFiles) -> None:
     print(f"== {WEIGHTS_NAME}")
-    for name in sorted(files.tensors):
-        info = files.tensors[name]
-        print(f"{name}  {list(info.shape)}  {info.dtype}")
+    _print_tensor_table(files.tensors)
     print(f"parameters: {files.num_parameters:,d} in {len(files.tensors)} tensors")
 
 
@@ -51,22 +63,22 @@ def _print_partial(directory: str) -> None:
         if os.path.isfile(path):
             try:
                 show(path)
-            except (OSError, ValueError):  # the reason is printed by the caller
+            except (OSError, ValueError, RecursionError):  # the reason is printed by the caller
                 print(f"== {name}: unreadable")
 
 
 def _show_raw_config(path: str) -> None:
     with open(path, "rb") as handle:
-        config = json.loads(handle.read(1 << 20))
+        config = json.loads(handle.read(MAX_CONFIG_BYTES))
     _print_config(config)
 
 
 def _show_raw_header(path: str) -> None:
     with open(path, "rb") as handle:
         data = handle.read()
+    tensors = parse_header(data)
     print(f"== {WEIGHTS_NAME} (header only)")
-    for name, info in sorted(parse_header(data).items()):
-        print(f"{name}  {list(info.shape)}  {info.dtype}")
+    _print_tensor_table(tensors)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
