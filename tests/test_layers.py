@@ -266,6 +266,22 @@ def test_bf16_base_uses_float32_adapters_like_peft() -> None:
     torch.testing.assert_close(out, expected)
 
 
+def test_half_precision_adapters_without_autocast() -> None:
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)).to(torch.bfloat16), LoraConfig(target_modules=["0"]),
+                           autocast_adapter_dtype=False)
+    layer = model.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer(x.float().to(torch.bfloat16)).float() + (x.float() @ a.float().t() @ b.float().t())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    out.sum().backward()
+    assert a.grad.dtype == torch.bfloat16 and x.grad is not None
+
+
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="not supported"):
         LoraLinear(nn.Embedding(10, 4), "default", r=2, lora_alpha=2)

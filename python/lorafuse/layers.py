@@ -20,11 +20,12 @@ from .tuners_utils import is_conv1d
 __all__ = ["LoraLinear"]
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """PEFT's adapter dtype: the base's float dtype, with fp16/bf16 autocast to float32."""
-    if weight.dtype in (torch.float32, torch.float64):
-        return weight.dtype
-    return torch.float32
+def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.dtype:
+    """PEFT's adapter dtype: the base's float dtype; fp16/bf16 become float32 with autocast_adapter_dtype."""
+    if not weight.dtype.is_floating_point or (autocast_adapter_dtype and weight.dtype in (torch.float16,
+                                                                                          torch.bfloat16)):
+        return torch.float32
+    return weight.dtype
 
 
 class LoraLinear(nn.Module):
@@ -41,7 +42,8 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
-                 init_lora_weights: Union[bool, str] = True, use_rslora: bool = False) -> None:
+                 init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         if isinstance(base_layer, nn.Linear):
             if fan_in_fan_out:
@@ -72,12 +74,19 @@ class LoraLinear(nn.Module):
         self._active_adapter: list[str] = [adapter_name]
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
+                          autocast_adapter_dtype)
 
     # ----------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights: Union[bool, str] = True, use_rslora: bool = False) -> None:
-        """Add adapter ``adapter_name``: A (r, in), B (out, r), PEFT's init and RNG use."""
+                     init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
+                     autocast_adapter_dtype: bool = True) -> None:
+        """Add adapter ``adapter_name``: A (r, in), B (out, r), PEFT's init and RNG use.
+
+        The adapter takes the base weight's device and dtype, except that fp16/bf16 bases get
+        float32 adapters unless ``autocast_adapter_dtype`` is False (PEFT's default and option;
+        same-dtype adapters are what lets half-precision layers use the fused kernels).
+        """
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if adapter_name in self.lora_A:
@@ -90,7 +99,7 @@ class LoraLinear(nn.Module):
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self._reset_lora_parameters(adapter_name, init_lora_weights)
         weight = self.base_layer.weight
-        dtype = _adapter_dtype(weight)
+        dtype = _adapter_dtype(weight, autocast_adapter_dtype)
         self.lora_A[adapter_name].to(device=weight.device, dtype=dtype)
         self.lora_B[adapter_name].to(device=weight.device, dtype=dtype)
         self.set_adapter(self.active_adapters)

@@ -39,13 +39,14 @@ class LoraModel(nn.Module):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {adapter_name: config}
         self.active_adapter: Union[str, list[str]] = adapter_name
         try:
-            self.inject_adapter(model, adapter_name)
+            self.inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         except Exception:
             del self.peft_config[adapter_name]
             raise
@@ -95,8 +96,13 @@ class LoraModel(nn.Module):
         if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
             config.target_modules = linear_module_names(model, config)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, activate: bool = True) -> None:
-        """Wrap every targeted module in a `LoraLinear` (or add the adapter to an existing one)."""
+    def inject_adapter(self, model: nn.Module, adapter_name: str, activate: bool = True,
+                       autocast_adapter_dtype: bool = True) -> None:
+        """Wrap every targeted module in a `LoraLinear` (or add the adapter to an existing one).
+
+        activate: make the new adapter's modules_to_save copies active (first adapter only);
+        autocast_adapter_dtype: fp16/bf16 bases get float32 adapters (PEFT's default).
+        """
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         self._prepare_config(config, model)
@@ -110,7 +116,7 @@ class LoraModel(nn.Module):
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         try:
             for key in matched:
-                self._create_and_replace(config, adapter_name, key, replaced)
+                self._create_and_replace(config, adapter_name, key, replaced, autocast_adapter_dtype)
         except Exception:  # roll back: the model is left as it was
             for parent, child, original in replaced:
                 setattr(parent, child, original)
@@ -144,7 +150,7 @@ class LoraModel(nn.Module):
                              "to 'none' for all adapters.")
 
     def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str,
-                            replaced: list[tuple[nn.Module, str, nn.Module]]) -> None:
+                            replaced: list[tuple[nn.Module, str, nn.Module]], autocast_adapter_dtype: bool) -> None:
         """Add the adapter at ``key``; new wrappers are recorded in ``replaced`` as (parent, name, original)."""
         parent, child = _submodule_parent(self.model, key)
         target = getattr(parent, child)
@@ -154,10 +160,10 @@ class LoraModel(nn.Module):
         alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
         if isinstance(target, LoraLinear):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora)
+                                config.use_rslora, autocast_adapter_dtype)
             return
         new = LoraLinear(target, adapter_name, r, alpha, config.lora_dropout, config.fan_in_fan_out,
-                         config.init_lora_weights, config.use_rslora)
+                         config.init_lora_weights, config.use_rslora, autocast_adapter_dtype)
         config.fan_in_fan_out = new.fan_in_fan_out  # PEFT corrects the config in place, with the warning
         if adapter_name not in self.active_adapters:
             new.set_adapter(self.active_adapters)
@@ -368,7 +374,8 @@ def _combine(layer: LoraLinear, present: list[tuple[str, float]], kind: str, new
 class PeftModel(nn.Module):
     """PEFT's `PeftModel` for LoRA: ``self.base_model`` is the `LoraModel`; attributes pass through."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         heads = _TASK_HEADS.get(peft_config.task_type)
         if heads:
@@ -376,7 +383,7 @@ class PeftModel(nn.Module):
                 peft_config.modules_to_save = list(heads)
             else:
                 peft_config.modules_to_save.extend(heads)
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -436,7 +443,7 @@ class PeftModel(nn.Module):
         finally:
             self.base_model.enable_adapter_layers()
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, autocast_adapter_dtype: bool = True) -> None:
         """Inject a new adapter (not activated, frozen); the name must be new."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
@@ -449,7 +456,8 @@ class PeftModel(nn.Module):
                              f"{getattr(peft_config, 'peft_type', type(peft_config).__name__)}.")
         self.peft_config[adapter_name] = peft_config
         try:
-            self.base_model.inject_adapter(self.base_model.model, adapter_name, activate=False)
+            self.base_model.inject_adapter(self.base_model.model, adapter_name, activate=False,
+                                           autocast_adapter_dtype=autocast_adapter_dtype)
         except Exception:
             self.peft_config.pop(adapter_name, None)
             raise
@@ -489,8 +497,13 @@ class PeftModel(nn.Module):
         return io.from_pretrained(cls, model, model_id, adapter_name, is_trainable, **kwargs)
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
-    """PEFT's `get_peft_model` for LoRA: modifies ``model`` in place and wraps it in a `PeftModel`."""
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    """PEFT's `get_peft_model` for LoRA: modifies ``model`` in place and wraps it in a `PeftModel`.
+
+    autocast_adapter_dtype: as in PEFT, fp16/bf16 models get float32 adapters; pass False to
+    keep them in the model's dtype (then half-precision layers can run on fused kernels).
+    """
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a lorafuse LoraConfig, got {type(peft_config).__name__}")
     if any(isinstance(m, LoraLinear) for m in model.modules()):
@@ -504,4 +517,4 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if old_name is not None and old_name != new_name:
         warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
                       "Please ensure that the correct base model is loaded when loading this checkpoint.")
-    return PeftModel(model, peft_config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
