@@ -285,6 +285,10 @@ def test_half_precision_adapters_without_autocast() -> None:
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="not supported"):
         LoraLinear(nn.Embedding(10, 4), "default", r=2, lora_alpha=2)
+    quantized = nn.Linear(4, 4)
+    quantized.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized base layers are not supported"):
+        LoraLinear(quantized, "default", r=2, lora_alpha=2)
     with pytest.raises(ValueError, match="positive integer"):
         LoraLinear(nn.Linear(4, 4), "default", r=0, lora_alpha=2)
     layer = _layer(nn.Linear(4, 3))
@@ -299,3 +303,21 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_rslora_scaling() -> None:
     layer = LoraLinear(nn.Linear(4, 4), "default", r=16, lora_alpha=8, use_rslora=True)
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(16))
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward: must not be bypassed by the fused path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+def test_subclassed_or_hooked_base_layers_keep_their_own_forward() -> None:
+    for base in (_ScaledLinear(6, 3), nn.Linear(6, 3)):
+        if type(base) is nn.Linear:
+            base.register_forward_hook(lambda mod, inp, out: out + 1.0)
+        layer = _layer(base)
+        assert layer.backend == "torch"
+        x = torch.randn(4, 6)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ a.t() @ b.t())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .autograd import backend_name, draw_seed, kernels_for, lora_linear
-from .tuners_utils import is_conv1d
+from .tuners_utils import conv1d_class, is_conv1d
 
 __all__ = ["LoraLinear"]
 
@@ -62,7 +62,13 @@ class LoraLinear(nn.Module):
                 f"Target module {base_layer} is not supported. Currently, only `torch.nn.Linear` and "
                 "`transformers.pytorch_utils.Conv1D` are supported."
             )
+        if not base_layer.weight.dtype.is_floating_point:
+            raise ValueError(f"Target module {type(base_layer).__name__} has a {base_layer.weight.dtype} weight; "
+                             "quantized base layers are not supported.")
         self.base_layer = base_layer
+        # Only the plain classes are computed from their weight directly; subclasses keep their own
+        # forward, through PEFT's formulation.
+        self._plain_base = type(base_layer) in (nn.Linear, conv1d_class())
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -234,14 +240,15 @@ class LoraLinear(nn.Module):
     @property
     def backend(self) -> str:
         """'c', 'cuda' or 'torch': the implementation forward uses for inputs of the base weight's dtype."""
-        name = self._single_active()
-        if name is None:
-            return "torch"
-        return backend_name(self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight)
-
-    def _single_active(self) -> Optional[str]:
         active = [a for a in self._active_adapter if a in self.lora_A]
-        return active[0] if len(active) == 1 else None
+        if len(active) != 1 or not self._fusable_base():
+            return "torch"
+        return backend_name(self.base_layer.weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight)
+
+    def _fusable_base(self) -> bool:
+        """A plain Linear/Conv1D without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
+        base = self.base_layer
+        return self._plain_base and not base._forward_hooks and not base._forward_pre_hooks
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
@@ -252,16 +259,15 @@ class LoraLinear(nn.Module):
         active = [a for a in self._active_adapter if a in self.lora_A]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        weight = self.base_layer.weight
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
-            raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
-                            f"{weight.dtype}; cast the input or the model.")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LoraLinear: expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        a = self.lora_A[active[0]].weight
-        if len(active) == 1 and not autocast and not args and not kwargs and a.dtype == weight.dtype:
-            return self._fused_forward(x, active[0])
+        if self._fusable_base() and not torch.is_autocast_enabled(x.device.type):
+            weight = self.base_layer.weight
+            if x.dtype != weight.dtype:
+                raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
+                                f"{weight.dtype}; cast the input or the model.")
+            if len(active) == 1 and not args and not kwargs and self.lora_A[active[0]].weight.dtype == weight.dtype:
+                return self._fused_forward(x, active[0])
         return self._torch_forward(x, active, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
     "ModulesToSaveWrapper",
     "check_target_module_exists",
+    "conv1d_class",
     "get_pattern_key",
     "is_conv1d",
     "linear_module_names",
@@ -42,13 +43,19 @@ TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, Union[list[str], s
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' GPT-2 style `Conv1D` (weight stored (in, out)); False without transformers."""
+def conv1d_class() -> Optional[type]:
+    """transformers' GPT-2 style `Conv1D` class (weight stored (in, out)), or None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
-        return False
-    return isinstance(module, Conv1D)
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for an instance of transformers' `Conv1D` (or a subclass)."""
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
 
 
 def check_target_module_exists(config: LoraConfig, key: str) -> bool:
