@@ -131,12 +131,13 @@ def test_generate_matches_peft() -> None:
     assert torch.equal(ours.generate(input_ids=ids, **kwargs), theirs.generate(input_ids=ids, **kwargs))
 
 
-def test_hf_gradient_checkpointing_with_dropout_matches_plain_training() -> None:
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_with_dropout_matches_plain_training(reentrant: bool) -> None:
     def grads(checkpointing: bool) -> dict:
         model = get_peft_model(_llama(2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.2))
         _randomise_adapters(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         model.train()
         torch.manual_seed(4)
