@@ -248,7 +248,8 @@ class LoraLinear(nn.Module):
     def _fusable_base(self) -> bool:
         """A plain Linear/Conv1D without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
         base = self.base_layer
-        return self._plain_base and not base._forward_hooks and not base._forward_pre_hooks
+        hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
+        return self._plain_base and not any(hooks)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
