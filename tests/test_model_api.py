@@ -217,6 +217,10 @@ def test_disable_adapter_restores_state_and_unload_returns_base() -> None:
             torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
         assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
         torch.testing.assert_close(model(input_ids=ids).logits, adapted)
+        model.disable_adapter_layers()  # LoraModel's methods, through PeftModel's attribute pass-through
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        model.enable_adapter_layers()
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted)
         model.merge_adapter()
         with model.disable_adapter():  # merged layers are unmerged lazily
             torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
