@@ -53,7 +53,7 @@ static inline void cpu_relax(void) {
 static void *worker_main(void *argp) {
     lf_worker_arg *arg = argp;
     lf_pool *pool = arg->pool;
-    unsigned seen = atomic_load(&pool->generation);
+    unsigned seen = 0; /* the generation at creation: a job may be posted before we run */
     for (;;) {
         unsigned gen;
         int spins = 0;
