@@ -1,12 +1,34 @@
 """lorafuse: fused LoRA kernels (C, CUDA) with a PEFT-compatible PyTorch layer.
 
-NumPy users: :mod:`lorafuse.ops`. PyTorch users: ``from lorafuse import LoraConfig,
-get_peft_model`` exactly as with PEFT.
+NumPy users: :mod:`lorafuse.ops` (no torch needed). PyTorch users: ``from lorafuse import
+LoraConfig, get_peft_model`` exactly as with PEFT; these names load torch on first use.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from . import ops
 from ._C import __version__
-from ._runtime import get_num_threads, set_num_threads, show_config, _init_from_env
+from ._runtime import _init_from_env, get_num_threads, set_num_threads, show_config
 
-__all__ = ["ops", "set_num_threads", "get_num_threads", "show_config", "__version__"]
+# torch-dependent names, imported on first access so that `import lorafuse` needs only NumPy
+_LAZY = {
+    "LoraConfig": "config",
+    "TaskType": "config",
+    "get_peft_model": "model",
+    "PeftModel": "model",
+    "LoraModel": "model",
+    "LoraLinear": "layers",
+}
+
+__all__ = ["ops", "set_num_threads", "get_num_threads", "show_config", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lorafuse' has no attribute {name!r}")
+
 
 _init_from_env()

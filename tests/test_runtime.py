@@ -1,0 +1,76 @@
+"""Run-time dispatch, threads and show_config: the ISA comes from cpuid (or LORAFUSE_ISA),
+never from the build machine."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lorafuse
+from lorafuse import _C
+from conftest import supported_isas
+
+
+def run_py(code: str, **env) -> subprocess.CompletedProcess:
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["generic", "avx2", "avx512"])
+def test_env_var_forces_isa(name):
+    res = run_py("import lorafuse; from lorafuse import _C; print(_C.get_isa())", LORAFUSE_ISA=name)
+    if name in supported_isas():
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == name
+    else:
+        assert res.returncode != 0 and "does not support" in res.stderr
+
+
+def test_env_var_rejects_unknown_isa():
+    res = run_py("import lorafuse", LORAFUSE_ISA="sse9")
+    assert res.returncode != 0 and "expected 'generic', 'avx2' or 'avx512'" in res.stderr
+
+
+def test_every_isa_gives_the_same_result_within_rounding():
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((50, 70), dtype=np.float32), rng.standard_normal((40, 70), dtype=np.float32)
+    A, B = rng.standard_normal((4, 70), dtype=np.float32), rng.standard_normal((40, 4), dtype=np.float32)
+    before = _C.get_isa()
+    outs = []
+    try:
+        for name in supported_isas():
+            _C.set_isa(name)
+            outs.append(lorafuse.ops.lora_forward(x, W, A, B, 1.0)[0])
+    finally:
+        _C.set_isa(before)
+    for y in outs[1:]:
+        np.testing.assert_allclose(y, outs[0], rtol=1e-5, atol=1e-4)
+
+
+def test_show_config_reports_version_isa_threads_cuda(capsys):
+    lorafuse.show_config()
+    text = capsys.readouterr().out
+    assert f"lorafuse {lorafuse.__version__}" in text
+    assert f"CPU ISA:  {_C.get_isa()}" in text
+    assert f"threads:  {lorafuse.get_num_threads()}" in text
+    assert "CUDA:" in text
+
+
+def test_threads_follow_omp_num_threads_without_torch():
+    res = run_py("import lorafuse; print(lorafuse.get_num_threads())", OMP_NUM_THREADS="1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "1"
+
+
+def test_numpy_api_works_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, lorafuse\n"
+            "y, u = lorafuse.ops.lora_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32),"
+            " np.ones((1, 3), np.float32), np.ones((4, 1), np.float32), 0.5)\n"
+            "print(float(y[0, 0]))")
+    res = run_py(code)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) == pytest.approx(3.0 + 0.5 * 3.0)
