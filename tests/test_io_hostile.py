@@ -318,3 +318,40 @@ def test_load_adapter_failure_after_add_adapter_is_rolled_back(good: Path, host:
     with pytest.raises(RuntimeError, match="simulated"):
         host.load_adapter(str(good), "extra")
     assert_unchanged(before, snapshot(host))
+
+
+def test_every_truncation_is_rejected(good: Path) -> None:
+    """reliability.md L2: each proper prefix of a valid weights file is refused."""
+    from lorafuse.io_validate import decode_weights
+
+    data = (good / WEIGHTS_NAME).read_bytes()
+    for end in range(len(data)):
+        with pytest.raises(AdapterFileError):
+            decode_weights(data[:end])
+
+
+def test_random_mutations_agree_with_safetensors(good: Path) -> None:
+    """reliability.md L3: a mutated file is either refused, or accepted with the reference's reading."""
+    import random
+
+    from safetensors.torch import load
+
+    from lorafuse.io_validate import decode_weights
+
+    data = (good / WEIGHTS_NAME).read_bytes()
+    rng = random.Random(0)
+    accepted = 0
+    for _ in range(2000):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        try:
+            infos = decode_weights(bytes(mutated))
+        except AdapterFileError:
+            continue
+        accepted += 1
+        reference = load(bytes(mutated))
+        assert {k: (list(t.shape), t.dtype) for k, t in reference.items()} == {
+            k: (list(i.shape), torch.float32) for k, i in infos.items()
+        }
+    assert accepted > 0  # mutations inside the payload keep the file valid
