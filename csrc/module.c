@@ -12,6 +12,8 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <signal.h>
+
 #include "lorafuse/kernels.h"
 
 #ifndef LORAFUSE_VERSION
@@ -25,6 +27,8 @@ typedef struct {
     int in_flight;     /* kernels running with the GIL released (read/written under the GIL) */
     lf_pool *retired;  /* a pool replaced while kernels were using it; freed when idle */
     PyObject *from_dlpack; /* numpy.from_dlpack */
+    PyObject *getsignal, *default_int_handler; /* signal.getsignal, signal.default_int_handler */
+    unsigned long main_thread;                 /* threading.main_thread().ident */
 } lf_state;
 
 static lf_state *state_of(PyObject *module) { return (lf_state *)PyModule_GetState(module); }
@@ -47,6 +51,55 @@ static void pool_release(lf_state *st) {
     release_retired(st);
 }
 
+/* ---------------------------------------------------------------- Ctrl-C
+ * A long kernel runs with the GIL released, so Python's SIGINT handler cannot raise until it
+ * returns. For calls above LF_INTERRUPTIBLE_FLOPS made from the main thread while SIGINT has
+ * Python's default handler, we install a handler that asks the kernels to stop at their next
+ * cache block, then restore Python's and raise KeyboardInterrupt ourselves. A user's own
+ * SIGINT handler is never replaced. */
+#define LF_INTERRUPTIBLE_FLOPS 2e7
+
+static void on_sigint(int sig) {
+    (void)sig;
+    lf_interrupt_request();
+}
+
+typedef struct {
+    int installed;
+    struct sigaction prev;
+} sigint_guard;
+
+static void guard_begin(lf_state *st, double flops, sigint_guard *g) {
+    g->installed = 0;
+    if (flops < LF_INTERRUPTIBLE_FLOPS || PyThread_get_thread_ident() != st->main_thread) return;
+    PyObject *signum = PyLong_FromLong(SIGINT);
+    PyObject *cur = signum ? PyObject_CallOneArg(st->getsignal, signum) : NULL;
+    Py_XDECREF(signum);
+    if (!cur) {
+        PyErr_Clear();
+        return;
+    }
+    const int is_default = cur == st->default_int_handler;
+    Py_DECREF(cur);
+    if (!is_default) return;
+    struct sigaction ours;
+    memset(&ours, 0, sizeof ours);
+    ours.sa_handler = on_sigint;
+    sigemptyset(&ours.sa_mask);
+    lf_interrupt_clear();
+    g->installed = sigaction(SIGINT, &ours, &g->prev) == 0;
+}
+
+/* 1 if Ctrl-C arrived while the guard was up (KeyboardInterrupt is then set) */
+static int guard_end(sigint_guard *g) {
+    if (!g->installed) return 0;
+    sigaction(SIGINT, &g->prev, NULL);
+    const int hit = lf_interrupt_pending();
+    lf_interrupt_clear();
+    if (hit) PyErr_SetNone(PyExc_KeyboardInterrupt);
+    return hit;
+}
+
 /* ---------------------------------------------------------------- errors */
 
 static PyObject *raise_status(int status, const char *func) {
@@ -54,6 +107,7 @@ static PyObject *raise_status(int status, const char *func) {
     case LF_ENOMEM: return PyErr_Format(PyExc_MemoryError, "%s: out of memory for workspace", func);
     case LF_EOVERFLOW: return PyErr_Format(PyExc_ValueError, "%s: sizes overflow int64", func);
     case LF_EISA: return PyErr_Format(PyExc_ValueError, "%s: ISA not supported by this CPU", func);
+    case LF_EINTR: PyErr_SetNone(PyExc_KeyboardInterrupt); return NULL;
     default: return PyErr_Format(PyExc_ValueError, "%s: invalid argument (status %d)", func, status);
     }
 }
@@ -374,12 +428,15 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs}; /* Conv1D stores Wᵀ: read it transposed */
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         float *py = (float *)PyArray_DATA(y2), *pu = (float *)PyArray_DATA(u2);
+        sigint_guard guard;
+        guard_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);
         lf_pool *pool = pool_acquire(st);
         int status;
         Py_BEGIN_ALLOW_THREADS
         status = lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu);
         Py_END_ALLOW_THREADS
         pool_release(st);
+        if (guard_end(&guard)) goto fail;
         if (status) {
             raise_status(status, F);
             goto fail;
@@ -491,6 +548,8 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
         if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
         float *pdx = dx2 ? (float *)PyArray_DATA(dx2) : NULL;
         float *pdA = (float *)PyArray_DATA(dA), *pdB = (float *)PyArray_DATA(dB);
+        sigint_guard guard;
+        guard_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
         lf_pool *pool = pool_acquire(st);
         int status;
         Py_BEGIN_ALLOW_THREADS
@@ -498,6 +557,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
                                       pdA, pdB);
         Py_END_ALLOW_THREADS
         pool_release(st);
+        if (guard_end(&guard)) goto fail;
         if (status) {
             raise_status(status, F);
             goto fail;
@@ -603,12 +663,15 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args, PyObject *kw) {
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         lf_view va = view2(a), vb = view2(b);
         float *pc = (float *)PyArray_DATA(c);
+        sigint_guard guard;
+        guard_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
         lf_pool *pool = pool_acquire(st);
         int status;
         Py_BEGIN_ALLOW_THREADS
         status = lf_sgemm(pool, M, N, K, alpha, va, vb, 0.0f, pb, pc, N);
         Py_END_ALLOW_THREADS
         pool_release(st);
+        if (guard_end(&guard)) goto fail;
         if (status) {
             raise_status(status, F);
             goto fail;
@@ -743,18 +806,47 @@ static int module_exec(PyObject *m) {
     st->from_dlpack = PyObject_GetAttrString(np, "from_dlpack");
     Py_DECREF(np);
     if (!st->from_dlpack) return -1;
+    PyObject *sig = PyImport_ImportModule("signal"), *thr = PyImport_ImportModule("threading");
+    if (!sig || !thr) {
+        Py_XDECREF(sig);
+        Py_XDECREF(thr);
+        return -1;
+    }
+    st->getsignal = PyObject_GetAttrString(sig, "getsignal");
+    st->default_int_handler = PyObject_GetAttrString(sig, "default_int_handler");
+    PyObject *main = PyObject_CallMethod(thr, "main_thread", NULL);
+    PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
+    Py_DECREF(sig);
+    Py_DECREF(thr);
+    Py_XDECREF(main);
+    if (!st->getsignal || !st->default_int_handler || !ident) {
+        Py_XDECREF(ident);
+        return -1;
+    }
+    st->main_thread = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (PyErr_Occurred()) return -1;
+    if (PyModule_AddIntConstant(m, "interruptible", 1)) return -1;
     return PyModule_AddStringConstant(m, "__version__", LORAFUSE_VERSION);
 }
 
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     lf_state *st = state_of(m);
-    if (st) Py_VISIT(st->from_dlpack);
+    if (st) {
+        Py_VISIT(st->from_dlpack);
+        Py_VISIT(st->getsignal);
+        Py_VISIT(st->default_int_handler);
+    }
     return 0;
 }
 
 static int module_clear(PyObject *m) {
     lf_state *st = state_of(m);
-    if (st) Py_CLEAR(st->from_dlpack);
+    if (st) {
+        Py_CLEAR(st->from_dlpack);
+        Py_CLEAR(st->getsignal);
+        Py_CLEAR(st->default_int_handler);
+    }
     return 0;
 }
 

@@ -1,5 +1,7 @@
 /* dispatch.c — run-time choice of the micro-kernel (cpuid + xgetbv), never the build machine's.
- * The dispatch pointer is the library's only global; it is set once at import (or by tests). */
+ * The library's only globals live here: the dispatch pointer, set once at import (or by tests),
+ * and the interrupt flag, which a signal handler can reach only through a global. */
+#include <signal.h>
 #include <stddef.h>
 
 #include "internal.h"
@@ -65,3 +67,10 @@ const char *lf_isa_name(lf_isa isa) {
 }
 
 int lf_mul_ok(int64_t a, int64_t b, int64_t *out) { return !__builtin_mul_overflow(a, b, out); }
+
+/* Set from a SIGINT handler, polled by the GEMM at each cache block. */
+static volatile sig_atomic_t g_interrupt = 0;
+
+void lf_interrupt_request(void) { g_interrupt = 1; }
+void lf_interrupt_clear(void) { g_interrupt = 0; }
+int lf_interrupt_pending(void) { return g_interrupt != 0; }

@@ -114,7 +114,8 @@ typedef struct {
     int64_t ldc;
     int tm, tn;
     int64_t mchunk, nchunk;
-    atomic_int failed; /* set by a thread whose scratch allocation failed */
+    atomic_int failed;    /* set by a thread whose scratch allocation failed */
+    atomic_int cancelled; /* set by a thread that saw lf_interrupt_pending() */
 } gemm_job;
 
 static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
@@ -146,6 +147,10 @@ static void gemm_block(void *ctxp, int tid, int nt) {
             for (int64_t jr = 0; jr < nc; jr += NR)
                 pack_b(job->b, jc + jr, min64(NR, nc - jr), pc, kc, NR, bpack + jr * kc);
             for (int64_t ic = m0; ic < m1; ic += dp->mc) {
+                if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
+                    atomic_store(&job->cancelled, 1);
+                    return;
+                }
                 const int64_t mc = min64(dp->mc, m1 - ic);
                 for (int64_t ir = 0; ir < mc; ir += MR)
                     pack_a(job->a, ic + ir, min64(MR, mc - ir), pc, kc, MR, apack + ir * kc);
@@ -211,6 +216,7 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     job.mchunk = ((M + dp->mr - 1) / dp->mr + job.tm - 1) / job.tm * dp->mr;
     job.nchunk = ((N + dp->nr - 1) / dp->nr + job.tn - 1) / job.tn * dp->nr;
     lf_pool_run(pool, nt, gemm_block, &job);
+    if (atomic_load(&job.cancelled)) return LF_EINTR;
     return atomic_load(&job.failed) ? LF_ENOMEM : LF_OK;
 }
 

@@ -84,6 +84,7 @@ static void dx_drop_rows(void *ctxp, int tid, int nt) {
         return;
     }
     for (int64_t i = i0; i < i1; i++) {
+        if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
         for (int64_t j = 0; j < job->k; j++) t[j] = 0.0f;
         for (int64_t q = 0; q < job->r; q++) { /* t = v[i,:] · A  (axpy over A's rows) */
             const float vq = job->v[i * job->r + q];
@@ -139,6 +140,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                 if (nt > n) nt = (int)n;
                 lf_pool_run(pool, nt, dx_drop_rows, &job);
                 if (atomic_load(&job.failed)) st = LF_ENOMEM;
+                if (lf_interrupt_pending()) st = LF_EINTR;
             }
         }
     }

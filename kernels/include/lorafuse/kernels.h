@@ -27,7 +27,14 @@ enum {
     LF_ENOMEM = -2,    /* a workspace allocation failed */
     LF_EOVERFLOW = -3, /* a size product overflows int64 */
     LF_EISA = -4,      /* the requested instruction set is not supported by this CPU */
+    LF_EINTR = -5,     /* stopped early by lf_interrupt_request(); outputs are incomplete */
 };
+
+/* ---- interruption: a signal handler may call lf_interrupt_request(); running kernels then
+ *      stop at their next cache block (well under a millisecond) and return LF_EINTR ---- */
+void lf_interrupt_request(void);      /* async-signal-safe */
+void lf_interrupt_clear(void);
+int lf_interrupt_pending(void);
 
 /* ---- instruction-set dispatch (the library's only global state) ---- */
 typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2 } lf_isa;
