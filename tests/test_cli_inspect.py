@@ -52,13 +52,16 @@ def test_invalid_directory_shows_what_it_can(adapter: Path, capsys: pytest.Captu
     assert "INVALID:" in out and "has rank 2 but the config allows r in [4]" in out
 
 
-@pytest.mark.parametrize("breakage", ["missing", "garbage weights", "garbage config", "deep config"])
+@pytest.mark.parametrize("breakage", ["missing", "garbage weights", "garbage config", "deep config", "fifo config"])
 def test_broken_files_exit_nonzero(adapter: Path, breakage: str, capsys: pytest.CaptureFixture) -> None:
     target = adapter
     if breakage == "missing":
         target = adapter / "nowhere"
     elif breakage == "deep config":
         (adapter / CONFIG_NAME).write_text("[" * 100_000)
+    elif breakage == "fifo config":
+        (adapter / CONFIG_NAME).unlink()
+        os.mkfifo(adapter / CONFIG_NAME)
     else:
         name = WEIGHTS_NAME if breakage == "garbage weights" else CONFIG_NAME
         (adapter / name).write_bytes(b"\x07garbage")

@@ -10,6 +10,7 @@ unchanged.  The pickle cases also prove that nothing was unpickled.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import time
@@ -147,7 +148,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing config": (lambda d: (d / CONFIG_NAME).unlink(), "has no adapter_config.json"),
     "config not json": (lambda d: (d / CONFIG_NAME).write_text("{'r': 4,"), "not valid UTF-8 JSON"),
     "config is a list": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), "must be a JSON object"),
-    "config too big": (lambda d: (d / CONFIG_NAME).write_text(" " * (2 << 20)), "limit"),
+    "config too big": (lambda d: (d / CONFIG_NAME).write_text(" " * (2 << 20)), "limit 1048576"),
     "duplicate config keys": (lambda d: (d / CONFIG_NAME).write_text('{"peft_type": "LORA", "r": 4, "r": 8}'),
                               "has a duplicate key .r."),
     "wrong peft_type": (lambda d: edit_config(d, peft_type="IA3"), "peft_type must be 'LORA'"),
@@ -194,6 +195,10 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "NUL in tensor name": (_header_with('{"base_model.model.x\\u0000.lora_A.weight": %s}' % ENTRY), "NUL"),
     "header is a list": (_header_with("[1, 2]"), "must be a JSON object"),
     "non-string metadata": (_header_with('{"__metadata__": {"format": 1}, "x": %s}' % ENTRY), "__metadata__"),
+    "weights is a FIFO": (lambda d: ((d / WEIGHTS_NAME).unlink(), os.mkfifo(d / WEIGHTS_NAME)),
+                          "is not a regular file"),
+    "weights -> /dev/zero": (lambda d: ((d / WEIGHTS_NAME).unlink(), (d / WEIGHTS_NAME).symlink_to("/dev/zero")),
+                             "is not a regular file"),
     "pickle only": (_pickle_only, "never unpickles"),
     "pickle renamed": (_pickle_renamed, "safetensors"),
 }

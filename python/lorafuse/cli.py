@@ -27,6 +27,7 @@ from .io_validate import (
     TensorInfo,
     parse_header,
     read_adapter_dir,
+    read_regular_file,
 )
 
 Handler = Callable[[argparse.Namespace], int]
@@ -68,15 +69,11 @@ def _print_partial(directory: str) -> None:
 
 
 def _show_raw_config(path: str) -> None:
-    with open(path, "rb") as handle:
-        config = json.loads(handle.read(MAX_CONFIG_BYTES))
-    _print_config(config)
+    _print_config(json.loads(read_regular_file(path, MAX_CONFIG_BYTES)))
 
 
 def _show_raw_header(path: str) -> None:
-    with open(path, "rb") as handle:
-        data = handle.read()
-    tensors = parse_header(data)
+    tensors = parse_header(read_regular_file(path))
     print(f"== {WEIGHTS_NAME} (header only)")
     _print_tensor_table(tensors)
 

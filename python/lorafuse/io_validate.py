@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -236,13 +237,22 @@ def validate_config(config: dict[str, Any]) -> LoraConfig:
     return lora_config
 
 
+def read_regular_file(path: str, limit: Optional[int] = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (not a FIFO or a device such as
+    ``/dev/zero``, which would block or never end) of at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterFileError(f"{path} is not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise AdapterFileError(f"{path} is {info.st_size} bytes (limit {limit})")
+        return handle.read(info.st_size)
+
+
 def read_config(path: str) -> tuple[dict[str, Any], LoraConfig]:
     """Read and validate an ``adapter_config.json`` file: the raw dict and its `LoraConfig`."""
-    size = os.path.getsize(path)
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{path}: config is {size} bytes (limit {MAX_CONFIG_BYTES})")
-    with open(path, "rb") as handle:
-        config = _parse_json_object(handle.read(MAX_CONFIG_BYTES + 1), path)
+    config = _parse_json_object(read_regular_file(path, MAX_CONFIG_BYTES), path)
     try:
         return config, validate_config(config)
     except AdapterFileError as exc:
@@ -391,8 +401,7 @@ def read_adapter_dir(directory: str) -> AdapterFiles:
     if CONFIG_NAME not in names:
         raise AdapterFileError(f"{directory} has no {CONFIG_NAME}")
     config, lora_config = read_config(os.path.join(directory, CONFIG_NAME))
-    with open(os.path.join(directory, WEIGHTS_NAME), "rb") as handle:
-        weights = handle.read()
+    weights = read_regular_file(os.path.join(directory, WEIGHTS_NAME))
     try:
         tensors = decode_weights(weights)
         _check_key_grammar(tensors)
