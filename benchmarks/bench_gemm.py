@@ -1,0 +1,73 @@
+"""lorafuse's packed sgemm vs torch.matmul (MKL/oneDNN) on the LoRA shapes, against this CPU's
+measured fp32 peak (benchmarks/fma_peak.c: register-only FMA loop, 1 and N threads).
+
+    python benchmarks/bench_gemm.py [--threads 2] [--rounds 9] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import numpy as np
+import torch
+
+from lorafuse import ops
+from timing import header, interleaved, set_threads
+
+SHAPES = [  # M (tokens) × K (in) × N (out): y = x·Wᵀ
+    (512, 576, 576), (512, 1024, 1024),
+    (2048, 2048, 2048), (1024, 4096, 4096), (256, 4096, 14336), (256, 14336, 4096),
+]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fma_peak(threads: int) -> dict:
+    """GFLOP/s of the FMA-only loop for zmm and ymm, 1 thread and `threads` threads."""
+    exe = os.path.join(tempfile.gettempdir(), "lorafuse_fma_peak")
+    subprocess.run(["gcc", "-O2", "-mavx512f", "-pthread", os.path.join(HERE, "fma_peak.c"), "-o", exe],
+                   check=True)
+    res = {}
+    for width in ("zmm", "ymm"):
+        for t in sorted({1, threads}):
+            out = subprocess.run([exe, str(t), width], capture_output=True, text=True, check=True)
+            res[(width, t)] = float(out.stdout)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    header("bench_gemm: lorafuse sgemm vs torch.matmul", args.threads)
+    peak = fma_peak(args.threads)
+    for (width, t), g in peak.items():
+        print(f"# FMA-only loop {width} x{t} thread(s): {g:.1f} GFLOP/s")
+    p1, pn = peak[("zmm", 1)], peak[("zmm", args.threads)]
+    print(f"# scaling {args.threads} threads / 1 = {pn / p1:.2f} "
+          f"({'independent cores' if pn / p1 > 0.9 * args.threads else 'shared FMA units (SMT?)'})")
+    peak_n = max(peak[("zmm", args.threads)], peak[("ymm", args.threads)])
+    print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | {'ours/torch':>10} | {'% peak':>6}")
+    rng = np.random.default_rng(0)
+    for M, K, N in (SHAPES[:3] if args.quick else SHAPES):
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        w = rng.standard_normal((N, K), dtype=np.float32)
+        out = np.empty((M, N), np.float32)
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        tout = torch.empty(M, N)
+        t = interleaved({"ours": lambda: ops.sgemm(x, w.T, out=out),
+                         "torch": lambda: torch.matmul(tx, tw.t(), out=tout)},
+                        rounds=3 if args.quick else args.rounds)
+        fl = 2.0 * M * N * K
+        g_ours, g_torch = fl / t["ours"] / 1e9, fl / t["torch"] / 1e9
+        print(f"{M:6d} {K:6d} {N:6d} | {g_ours:13.1f} {g_torch:10.1f} | {t['torch'] / t['ours']:10.3f} | "
+              f"{100 * g_ours / peak_n:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

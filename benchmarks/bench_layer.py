@@ -1,0 +1,103 @@
+"""A lorafuse `LoraLinear` vs a real PEFT LoRA layer vs torch `F.linear` (frozen base alone):
+both LoRA layers wrap the same `nn.Linear` with the same adapter weights; fp32, same thread
+count, one process, interleaved, medians. Prints every ratio of issue 6's table.
+
+    python benchmarks/bench_layer.py [--threads 2] [--rounds 9] [--quick] [--only CLASS]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timing import header, interleaved, set_threads
+
+SHAPES = {  # class: [(n tokens, k in, m out, r)]
+    "decode": [(8, 576, 576, 16), (1, 4096, 4096, 16)],
+    "small": [(512, 384, 384, 8), (512, 576, 576, 16), (512, 576, 1536, 16), (512, 896, 128, 16),
+              (512, 1024, 1024, 16)],
+    "large": [(2048, 2048, 2048, 16), (1024, 4096, 4096, 16), (256, 4096, 14336, 16),
+              (256, 14336, 4096, 16)],
+}
+TARGETS = {"decode": (0.60, None), "small": (0.85, 0.85), "large": (0.97, 0.97)}
+
+
+class Holder(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.proj = lin
+
+
+def make_layers(k: int, m: int, r: int):
+    """(lorafuse LoraLinear, peft lora.Linear, base nn.Linear) sharing W, b, A and B."""
+    import peft
+
+    import lorafuse
+
+    torch.manual_seed(0)
+    base = nn.Linear(k, m)
+    cfg = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
+    pm = peft.get_peft_model(Holder(base), peft.LoraConfig(**cfg))
+    lm = lorafuse.get_peft_model(Holder(base), lorafuse.LoraConfig(**cfg))
+    p_layer, l_layer = pm.base_model.model.proj, lm.base_model.model.proj
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            w = torch.randn_like(getattr(p_layer, name)["default"].weight) * 0.05
+            getattr(p_layer, name)["default"].weight.copy_(w)
+            getattr(l_layer, name)["default"].weight.copy_(w)
+    return l_layer, p_layer, base
+
+
+def fwd_bwd(layer, x, g):
+    def step():
+        xx = x.detach().requires_grad_(True)
+        layer(xx).backward(g)
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--quick", action="store_true", help="one shape per class, 3 rounds")
+    ap.add_argument("--only", choices=sorted(SHAPES))
+    args = ap.parse_args()
+    set_threads(args.threads)
+    header("bench_layer: lorafuse LoraLinear vs PEFT lora.Linear vs F.linear (fp32)", args.threads)
+    rounds = 3 if args.quick else args.rounds
+    print(f"\n{'class':7s} {'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'fwd ms lf/peft/base':>24} | "
+          f"{'fwd lf/peft':>11} {'lf/base':>8} | {'f+b ms lf/peft':>17} | {'f+b lf/peft':>11}")
+    for cls, shapes in SHAPES.items():
+        if args.only and cls != args.only:
+            continue
+        for n, k, m, r in (shapes[:1] if args.quick else shapes):
+            lf, pf, base = make_layers(k, m, r)
+            x, g = torch.randn(n, k), torch.randn(n, m)
+            W, b = base.weight.detach(), base.bias.detach()
+            with torch.no_grad():
+                torch.testing.assert_close(lf(x), pf(x), rtol=1e-4, atol=1e-4)
+            cands = {}
+            with torch.no_grad():
+                cands = {"lf": lambda: lf(x), "peft": lambda: pf(x), "base": lambda: F.linear(x, W, b)}
+                tf = interleaved(cands, rounds=rounds)
+            tb = {}
+            if cls != "decode":
+                tb = interleaved({"lf": fwd_bwd(lf, x, g), "peft": fwd_bwd(pf, x, g)}, rounds=rounds)
+            fwd_t, fb_t = TARGETS[cls]
+            line = (f"{cls:7s} {n:5d} {k:6d} {m:6d} {r:3d} | {tf['lf'] * 1e3:7.3f} {tf['peft'] * 1e3:7.3f} "
+                    f"{tf['base'] * 1e3:7.3f} | {tf['lf'] / tf['peft']:6.3f}{'✓' if tf['lf'] / tf['peft'] <= fwd_t else '✗'}    "
+                    f"{tf['lf'] / tf['base']:7.3f} | ")
+            if tb:
+                ratio = tb["lf"] / tb["peft"]
+                line += f"{tb['lf'] * 1e3:8.2f} {tb['peft'] * 1e3:8.2f} | {ratio:6.3f}{'✓' if ratio <= fb_t else '✗'}"
+            else:
+                line += f"{'—':>17} | {'—':>11}"
+            print(line, flush=True)
+    print("\ntargets: decode fwd ≤ 0.60 (d=576); small fwd/f+b ≤ 0.85; large fwd/f+b ≤ 0.97 "
+          "and lf/base ≤ 1.03")
+
+
+if __name__ == "__main__":
+    main()
