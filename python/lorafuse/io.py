@@ -176,8 +176,8 @@ def atomic_write(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; PEFT's files are ordinary 0644 files
         with os.fdopen(fd, "wb") as handle:
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; PEFT's files are ordinary 0644 files
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -475,10 +475,9 @@ def from_pretrained(
     """Wrap ``model`` in ``cls`` with the adapter saved in ``model_id_dir``.
 
     ``cls(model, config, adapter_name=adapter_name)`` builds the wrapper (as PEFT's
-    ``PeftModel`` does).
-    Unless ``is_trainable``, every parameter is frozen and the model is put in eval mode.
-    Everything is validated before ``model`` is modified; if loading fails afterwards the
-    wrapper is unloaded again.
+    ``PeftModel`` does).  Unless ``is_trainable``, every parameter is frozen and the model
+    is put in eval mode.  Everything is validated before ``model`` is modified; if loading
+    fails afterwards, the wrapper is unloaded and the ``requires_grad`` flags restored.
     """
     files = read_adapter_dir(model_id_dir)
     config = files.lora_config
