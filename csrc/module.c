@@ -133,6 +133,24 @@ static void shape_error(const char *func, const char *name, const char *expected
     }
 }
 
+/* Run CALL (an expression giving a kernel status; it may use `pool`) with the GIL released,
+ * the pool held and Ctrl-C armed for calls of at least FLOPS work; on failure the Python
+ * exception is set and control jumps to the caller's `fail` label. */
+#define RUN_KERNEL(FUNC, FLOPS, CALL)                          \
+    do {                                                       \
+        sigint_guard guard_;                                   \
+        guard_begin(st, (FLOPS), &guard_);                     \
+        lf_pool *pool = pool_acquire(st);                      \
+        int status_;                                           \
+        Py_BEGIN_ALLOW_THREADS status_ = (CALL);               \
+        Py_END_ALLOW_THREADS pool_release(st);                 \
+        if (guard_end(&guard_)) goto fail;                     \
+        if (status_) {                                         \
+            raise_status(status_, FUNC);                       \
+            goto fail;                                         \
+        }                                                      \
+    } while (0)
+
 /* ---------------------------------------------------------------- array conversion */
 
 /* New reference to a float32 ndarray for obj, or NULL with TypeError naming `name`.
@@ -317,6 +335,17 @@ static int parse_dropout(PyObject *pobj, PyObject *seedobj, const char *func, fl
     return 0;
 }
 
+/* scale, and the optional dropout_p / seed (NULL: 0) */
+static int parse_scalars(PyObject *oscale, PyObject *op, PyObject *oseed, const char *func, float *scale,
+                         float *p, uint64_t *seed) {
+    if (parse_scale(oscale, func, "scale", scale)) return -1;
+    PyObject *zero = PyLong_FromLong(0);
+    if (!zero) return -1;
+    const int rc = parse_dropout(op ? op : zero, oseed ? oseed : zero, func, p, seed);
+    Py_DECREF(zero);
+    return rc;
+}
+
 /* x for dropout must be C-contiguous (mask index = flat offset): copy if it is not. */
 static PyArrayObject *contiguous_if(PyArrayObject *a, int needed) {
     if (!needed || PyArray_IS_C_CONTIGUOUS(a)) {
@@ -355,6 +384,25 @@ static int check_no_alias(const char *func, const char *oname, PyArrayObject *o,
     return 0;
 }
 
+/* W (m,k) — (k,m) with fan_in_fan_out —, A (r,k), B (m,r) for x's k; the arrays go into L. */
+static int parse_weights(lf_state *st, const char *F, arr_list *L, PyObject *oW, PyObject *oA, PyObject *oB,
+                         int fifo, npy_intp k, PyArrayObject **W, PyArrayObject **A, PyArrayObject **B,
+                         npy_intp *m, npy_intp *r) {
+    if (!(*W = keep(L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", *W, 2, fifo ? "(k, m)" : "(m, k)"))
+        return -1;
+    if (!(*A = keep(L, as_f32(st, oA, F, "A"))) || check_ndim(F, "A", *A, 2, "(r, k)")) return -1;
+    if (!(*B = keep(L, as_f32(st, oB, F, "B"))) || check_ndim(F, "B", *B, 2, "(m, r)")) return -1;
+    *m = PyArray_DIM(*W, fifo ? 1 : 0);
+    *r = PyArray_DIM(*A, 0);
+    if (check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", *W,
+                  fifo ? 0 : 1, k) ||
+        check_dim(F, "A", "(r, k) with k = x.shape[-1]", *A, 1, k) ||
+        check_dim(F, "B", "(m, r) with m, r from W and A", *B, 0, *m) ||
+        check_dim(F, "B", "(m, r) with m, r from W and A", *B, 1, *r))
+        return -1;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- lora_forward */
 
 PyDoc_STRVAR(lora_forward_doc,
@@ -376,29 +424,13 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     lf_state *st = state_of(self);
     float scale, p = 0.0f;
     uint64_t seed = 0;
-    if (parse_scale(oscale, F, "scale", &scale)) return NULL;
-    PyObject *zero = NULL;
-    if (!op || !oseed) zero = PyLong_FromLong(0);
-    if (parse_dropout(op ? op : zero, oseed ? oseed : zero, F, &p, &seed)) {
-        Py_XDECREF(zero);
-        return NULL;
-    }
-    Py_XDECREF(zero);
+    if (parse_scalars(oscale, op, oseed, F, &scale, &p, &seed)) return NULL;
     arr_list L = {{0}, 0};
     PyArrayObject *x, *W, *A, *B, *bias = NULL, *y = NULL, *u = NULL, *x2, *y2, *u2;
     if (!(x = keep(&L, as_f32(st, ox, F, "x"))) || check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
-    if (!(W = keep(&L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", W, 2, fifo ? "(k, m)" : "(m, k)"))
-        goto fail;
-    if (!(A = keep(&L, as_f32(st, oA, F, "A"))) || check_ndim(F, "A", A, 2, "(r, k)")) goto fail;
-    if (!(B = keep(&L, as_f32(st, oB, F, "B"))) || check_ndim(F, "B", B, 2, "(m, r)")) goto fail;
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
-    const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), r = PyArray_DIM(A, 0);
-    if (check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
-                  fifo ? 0 : 1, k) ||
-        check_dim(F, "A", "(r, k) with k = x.shape[-1]", A, 1, k) ||
-        check_dim(F, "B", "(m, r) with m, r from W and A", B, 0, m) ||
-        check_dim(F, "B", "(m, r) with m, r from W and A", B, 1, r))
-        goto fail;
+    npy_intp m, r;
+    if (parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r)) goto fail;
     if (obias != Py_None) {
         if (!(bias = keep(&L, as_f32(st, obias, F, "bias"))) || check_ndim(F, "bias", bias, 1, "(m,)") ||
             check_dim(F, "bias", "(m,) with m from W", bias, 0, m))
@@ -428,19 +460,8 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs}; /* Conv1D stores Wᵀ: read it transposed */
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         float *py = (float *)PyArray_DATA(y2), *pu = (float *)PyArray_DATA(u2);
-        sigint_guard guard;
-        guard_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);
-        lf_pool *pool = pool_acquire(st);
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu);
-        Py_END_ALLOW_THREADS
-        pool_release(st);
-        if (guard_end(&guard)) goto fail;
-        if (status) {
-            raise_status(status, F);
-            goto fail;
-        }
+        RUN_KERNEL(F, 2.0 * (double)n * (double)(k + r) * (double)m,
+                   lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu));
     }
     PyObject *res = PyTuple_Pack(2, (PyObject *)y, (PyObject *)u);
     drop_all(&L);
@@ -471,31 +492,15 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     lf_state *st = state_of(self);
     float scale, p = 0.0f;
     uint64_t seed = 0;
-    if (parse_scale(oscale, F, "scale", &scale)) return NULL;
-    PyObject *zero = NULL;
-    if (!op || !oseed) zero = PyLong_FromLong(0);
-    if (parse_dropout(op ? op : zero, oseed ? oseed : zero, F, &p, &seed)) {
-        Py_XDECREF(zero);
-        return NULL;
-    }
-    Py_XDECREF(zero);
+    if (parse_scalars(oscale, op, oseed, F, &scale, &p, &seed)) return NULL;
     arr_list L = {{0}, 0};
     PyArrayObject *g, *x, *u, *W, *A, *B, *dx = NULL, *dA, *dB, *g2, *x2, *u2, *dx2 = NULL;
     if (!(g = keep(&L, as_f32(st, og, F, "g"))) || check_ndim(F, "g", g, 0, "(..., m)")) goto fail;
     if (!(x = keep(&L, as_f32(st, ox, F, "x"))) || check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
     if (!(u = keep(&L, as_f32(st, ou, F, "u"))) || check_ndim(F, "u", u, 0, "(..., r)")) goto fail;
-    if (!(W = keep(&L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", W, 2, fifo ? "(k, m)" : "(m, k)"))
-        goto fail;
-    if (!(A = keep(&L, as_f32(st, oA, F, "A"))) || check_ndim(F, "A", A, 2, "(r, k)")) goto fail;
-    if (!(B = keep(&L, as_f32(st, oB, F, "B"))) || check_ndim(F, "B", B, 2, "(m, r)")) goto fail;
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
-    const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), r = PyArray_DIM(A, 0);
-    if (check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
-                  fifo ? 0 : 1, k) ||
-        check_dim(F, "A", "(r, k) with k = x.shape[-1]", A, 1, k) ||
-        check_dim(F, "B", "(m, r) with m, r from W and A", B, 0, m) ||
-        check_dim(F, "B", "(m, r) with m, r from W and A", B, 1, r))
-        goto fail;
+    npy_intp m, r;
+    if (parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r)) goto fail;
     /* g and u must share x's leading dims */
     {
         int ok = PyArray_NDIM(g) == PyArray_NDIM(x) && PyArray_NDIM(u) == PyArray_NDIM(x) &&
@@ -548,20 +553,9 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
         if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
         float *pdx = dx2 ? (float *)PyArray_DATA(dx2) : NULL;
         float *pdA = (float *)PyArray_DATA(dA), *pdB = (float *)PyArray_DATA(dB);
-        sigint_guard guard;
-        guard_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
-        lf_pool *pool = pool_acquire(st);
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = lf_lora_backward_f32(pool, n, k, m, r, vg, vx, vu, vW, vA, vB, scale, p, seed, pdx,
-                                      pdA, pdB);
-        Py_END_ALLOW_THREADS
-        pool_release(st);
-        if (guard_end(&guard)) goto fail;
-        if (status) {
-            raise_status(status, F);
-            goto fail;
-        }
+        RUN_KERNEL(F, 2.0 * (double)n * (double)(m + r) * (double)(k + r),
+                   lf_lora_backward_f32(pool, n, k, m, r, vg, vx, vu, vW, vA, vB, scale, p, seed, pdx,
+                                          pdA, pdB));
     }
     PyObject *res = PyTuple_Pack(3, dx ? (PyObject *)dx : Py_None, (PyObject *)dA, (PyObject *)dB);
     drop_all(&L);
@@ -607,16 +601,8 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw) {
         lf_view right = fifo ? (lf_view){vB.p, vB.cs, vB.rs} : vA;
         const npy_intp M = fifo ? k : m, N = fifo ? m : k;
         float *pw = (float *)PyArray_DATA(W);
-        lf_pool *pool = pool_acquire(st);
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = lf_sgemm(pool, M, N, r, scale, left, right, 1.0f, NULL, pw, N);
-        Py_END_ALLOW_THREADS
-        pool_release(st);
-        if (status) {
-            raise_status(status, F);
-            goto fail;
-        }
+        RUN_KERNEL(F, 0.0,
+                   lf_sgemm(pool, M, N, r, scale, left, right, 1.0f, NULL, pw, N));
     }
     drop_all(&L);
     Py_RETURN_NONE;
@@ -663,19 +649,8 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args, PyObject *kw) {
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         lf_view va = view2(a), vb = view2(b);
         float *pc = (float *)PyArray_DATA(c);
-        sigint_guard guard;
-        guard_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
-        lf_pool *pool = pool_acquire(st);
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = lf_sgemm(pool, M, N, K, alpha, va, vb, 0.0f, pb, pc, N);
-        Py_END_ALLOW_THREADS
-        pool_release(st);
-        if (guard_end(&guard)) goto fail;
-        if (status) {
-            raise_status(status, F);
-            goto fail;
-        }
+        RUN_KERNEL(F, 2.0 * (double)M * (double)N * (double)K,
+                   lf_sgemm(pool, M, N, K, alpha, va, vb, 0.0f, pb, pc, N));
     }
     Py_INCREF(c);
     drop_all(&L);
@@ -711,7 +686,7 @@ static PyObject *py_dropout(PyObject *self, PyObject *args, PyObject *kw) {
         float *po = (float *)PyArray_DATA(out);
         int status;
         Py_BEGIN_ALLOW_THREADS
-        status = lf_dropout_f32(NULL, n, k, px, p, seed, po);
+        status = lf_dropout_f32(n, k, px, p, seed, po);
         Py_END_ALLOW_THREADS
         if (status) {
             raise_status(status, F);

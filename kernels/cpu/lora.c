@@ -148,9 +148,8 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     return st;
 }
 
-int lf_dropout_f32(lf_pool *pool, int64_t n, int64_t k, const float *x, float dropout_p,
+int lf_dropout_f32(int64_t n, int64_t k, const float *x, float dropout_p,
                    uint64_t seed, float *out) {
-    (void)pool;
     int st = check_dims(n, k, 0, 0, dropout_p);
     if (st) return st;
     const uint32_t thr = lf_dropout_threshold(dropout_p);

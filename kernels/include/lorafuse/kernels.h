@@ -77,7 +77,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */
-int lf_dropout_f32(lf_pool *pool, int64_t n, int64_t k, const float *x, float dropout_p,
+int lf_dropout_f32(int64_t n, int64_t k, const float *x, float dropout_p,
                    uint64_t seed, float *out);
 
 #ifdef __cplusplus
