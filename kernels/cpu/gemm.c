@@ -208,6 +208,7 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     if (!lf_mul_ok(M, N, &mn) || !lf_mul_ok(mn, K, &flops) || !lf_mul_ok(flops, 2, &flops))
         return LF_EOVERFLOW;
     const lf_dispatch *dp = lf_current();
+    if (dp->narrow && N <= dp->narrow->nr) dp = dp->narrow;
     int nt = flops < LF_PARALLEL_MIN_FLOPS ? 1 : lf_pool_threads(pool);
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
                     .beta = beta, .bias = bias, .c = c, .ldc = ldc};

@@ -16,14 +16,36 @@
 typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                               int64_t mr, int64_t nr, int accumulate, const float *bias);
 
-/* One ISA's micro-kernel and the cache blocking tuned for it. */
+/* One ISA's rank-r kernels (skinny.c, skinny_body.h). */
 typedef struct {
+    int vw; /* floats per vector */
+    void (*rowdot_rows)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_view a,
+                        const float *bt, float scale, float *c);
+    void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
+                              lf_view w, float scale, float *c, int64_t ldc);
+} lf_skinny;
+
+/* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
+#define LF_SKINNY_MAX_R 64
+
+/* 1 if `big` (the n-row operand) can be streamed in place: rows contiguous, 0 < r ≤ max */
+int lf_skinny_ok(lf_view big, int64_t r);
+/* c (M, R) = scale · a (M, K) · b (K, R);  a.cs == 1, c contiguous */
+int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view b, float scale, float *c);
+/* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w (T, Q);  w.cs == 1 */
+int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
+                   float *c, int64_t ldc);
+
+/* One ISA's micro-kernel and the cache blocking tuned for it. */
+typedef struct lf_dispatch lf_dispatch;
+struct lf_dispatch {
     lf_isa isa;
     int mr, nr;          /* register tile */
     int64_t kc, mc, nc;  /* Goto/BLIS cache blocks: KC×NR B-sliver in L1, MC×KC A-block in L2,
                             KC×NC B-panel in L3 */
     lf_ukernel_fn ukernel;
-} lf_dispatch;
+    const lf_dispatch *narrow; /* tile for N ≤ its nr (the rank-r GEMMs), or NULL */
+};
 
 const lf_dispatch *lf_current(void);
 

@@ -50,10 +50,14 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
-    /* u (n,r) = x̃ · Aᵀ  — a skinny GEMM (N = r) over one read of x */
-    const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
-    const lf_operand at = lf_operand_plain(transpose(A), 1.0f);
-    st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, u, r);
+    /* u (n,r) = x̃ · Aᵀ  — one streaming read of x (skinny.c), or a GEMM with dropout */
+    if (dropout_p == 0.0f && lf_skinny_ok(x, r)) {
+        st = lf_rowdot(pool, n, k, r, x, transpose(A), 1.0f, u);
+    } else {
+        const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
+        const lf_operand at = lf_operand_plain(transpose(A), 1.0f);
+        st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, u, r);
+    }
     if (st) return st;
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
@@ -108,18 +112,32 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     if (!v) return LF_ENOMEM;
     const lf_view vv = {v, r, 1};
-    const lf_operand go = lf_operand_plain(g, 1.0f), bo = lf_operand_plain(B, 1.0f);
-    st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    const lf_operand go = lf_operand_plain(g, 1.0f);
+    const int g_streams = lf_skinny_ok(g, r) && lf_skinny_ok(u, r);
+    if (g_streams) {
+        st = lf_rowdot(pool, n, m, r, g, B, 1.0f, v);
+    } else {
+        const lf_operand bo = lf_operand_plain(B, 1.0f);
+        st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    }
     /* dB (m,r) = s · gᵀ · u */
     if (!st) {
-        const lf_operand gt = lf_operand_plain(transpose(g), scale), uo = lf_operand_plain(u, 1.0f);
-        st = lf_gemm(pool, m, r, n, &gt, &uo, 0.0f, NULL, dB, r);
+        if (g_streams) {
+            st = lf_rank_update(pool, m, r, n, g, u, scale, dB, r);
+        } else {
+            const lf_operand gt = lf_operand_plain(transpose(g), scale), uo = lf_operand_plain(u, 1.0f);
+            st = lf_gemm(pool, m, r, n, &gt, &uo, 0.0f, NULL, dB, r);
+        }
     }
     /* dA (r,k) = s · vᵀ · x̃ */
     if (!st) {
-        const lf_operand vt = lf_operand_plain(transpose(vv), scale);
-        const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
-        st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, dA, k);
+        if (dropout_p == 0.0f && lf_skinny_ok(x, r)) {
+            st = lf_rank_update(pool, r, k, n, vv, x, scale, dA, k);
+        } else {
+            const lf_operand vt = lf_operand_plain(transpose(vv), scale);
+            const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
+            st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, dA, k);
+        }
     }
     if (!st && dx) {
         if (dropout_p == 0.0f) {

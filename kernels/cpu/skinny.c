@@ -1,0 +1,116 @@
+/* skinny.c — the rank-r products of LoRA without packing (see skinny_body.h for the loops):
+ *   forward   u  = x̃ · Aᵀ        (n, r)   rowdot       reads x once
+ *   backward  v  = g · B          (n, r)   rowdot       reads g once
+ *             dB = s · gᵀ · u     (m, r)   rank_update  reads g once more
+ *             dA = s · vᵀ · x̃     (r, k)   rank_update  reads x once
+ * A GEMM would pack x or g first — for N = r that copy costs as much as the arithmetic.
+ * Only for dropout-free, row-contiguous big operands and r ≤ LF_SKINNY_MAX_R; otherwise the
+ * caller uses lf_gemm. One body, compiled per ISA: AVX-512 (16-wide), AVX2+FMA (8), generic (4). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+#if defined(__x86_64__)
+#define VW 16
+#define SUFFIX _avx512
+#define TARGET __attribute__((target("avx512f"), optimize("fp-contract=fast")))
+#include "skinny_body.h"
+#undef VW
+#undef SUFFIX
+#undef TARGET
+
+#define VW 8
+#define SUFFIX _avx2
+#define TARGET __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#include "skinny_body.h"
+#undef VW
+#undef SUFFIX
+#undef TARGET
+#endif
+
+#define VW 4
+#define SUFFIX _generic
+#define TARGET __attribute__((optimize("fp-contract=fast")))
+#include "skinny_body.h"
+#undef VW
+#undef SUFFIX
+#undef TARGET
+
+static const lf_skinny *skinny_for(lf_isa isa) {
+#if defined(__x86_64__)
+    if (isa == LF_ISA_AVX512) return &skinny_avx512;
+    if (isa == LF_ISA_AVX2) return &skinny_avx2;
+#endif
+    return &skinny_generic;
+}
+
+typedef struct {
+    const lf_skinny *k;
+    int64_t M, K, R, Rp, P, Q, T, ldc, chunk;
+    lf_view a, s, w;
+    const float *bt;
+    float scale;
+    float *c;
+    int split_p; /* rank_update: threads split P (else Q) */
+} skinny_job;
+
+static void rowdot_task(void *ctxp, int tid, int nt) {
+    (void)nt;
+    skinny_job *j = ctxp;
+    const int64_t m0 = tid * j->chunk, m1 = m0 + j->chunk < j->M ? m0 + j->chunk : j->M;
+    if (m0 < m1) j->k->rowdot_rows(m0, m1, j->K, j->R, j->Rp, j->a, j->bt, j->scale, j->c);
+}
+
+static void rank_update_task(void *ctxp, int tid, int nt) {
+    (void)nt;
+    skinny_job *j = ctxp;
+    const int64_t len = j->split_p ? j->P : j->Q;
+    const int64_t b0 = tid * j->chunk, b1 = b0 + j->chunk < len ? b0 + j->chunk : len;
+    if (b0 >= b1) return;
+    if (j->split_p) j->k->rank_update_block(b0, b1, 0, j->Q, j->T, j->s, j->w, j->scale, j->c, j->ldc);
+    else j->k->rank_update_block(0, j->P, b0, b1, j->T, j->s, j->w, j->scale, j->c, j->ldc);
+}
+
+static int threads_for(lf_pool *pool, double flops, int64_t units) {
+    int nt = flops < (1 << 18) ? 1 : lf_pool_threads(pool);
+    return nt > units ? (int)(units > 0 ? units : 1) : nt;
+}
+
+int lf_skinny_ok(lf_view big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }
+
+int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view b, float scale, float *c) {
+    if (M == 0 || R == 0) return LF_OK;
+    const lf_skinny *k = skinny_for(lf_get_isa());
+    const int64_t Rp = (R + k->vw - 1) / k->vw * k->vw;
+    float *bt = calloc((size_t)(K > 0 ? K : 1) * (size_t)Rp, sizeof(float));
+    if (!bt) return LF_ENOMEM;
+    for (int64_t p = 0; p < K; p++) /* bt (K, Rp): b zero-padded to whole vectors */
+        for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = b.p[p * b.rs + q * b.cs];
+    skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c};
+    const int nt = threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
+    job.chunk = ((M + nt - 1) / nt + 7) / 8 * 8;
+    lf_pool_run(pool, nt, rowdot_task, &job);
+    free(bt);
+    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+}
+
+int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
+                   float *c, int64_t ldc) {
+    if (P == 0 || Q == 0) return LF_OK;
+    const lf_skinny *k = skinny_for(lf_get_isa());
+    skinny_job job = {.k = k, .P = P, .Q = Q, .T = T, .s = s, .w = w, .scale = scale, .c = c, .ldc = ldc};
+    const int64_t qchunks = (Q + k->vw - 1) / k->vw;
+    job.split_p = qchunks < lf_pool_threads(pool); /* too few column vectors to share: split rows */
+    const int nt = threads_for(pool, 2.0 * (double)P * (double)Q * (double)T, job.split_p ? P : qchunks);
+    if (job.split_p) {
+        job.chunk = (P + nt - 1) / nt;
+    } else {
+        job.chunk = (qchunks + nt - 1) / nt * k->vw;
+    }
+    lf_pool_run(pool, nt, rank_update_task, &job);
+    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+}
