@@ -101,7 +101,21 @@ def _add_inspect(parser: argparse.ArgumentParser) -> Handler:
     return run_inspect
 
 
+def _add_demo(parser: argparse.ArgumentParser) -> Handler:
+    from .demo import add_arguments  # torch/transformers load only when the demo runs
+
+    return add_arguments(parser)
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> Handler:
+    from .bench_cli import add_arguments
+
+    return add_arguments(parser)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {
+    "demo": ("fine-tune a pretrained model with LoRA, side by side with PEFT", _add_demo),
+    "bench": ("layer benchmark: lorafuse vs torch F.linear vs torch + PEFT", _add_bench),
     "inspect": ("show and validate a PEFT/lorafuse adapter directory", _add_inspect),
 }
 

