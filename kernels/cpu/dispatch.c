@@ -23,8 +23,8 @@ lf_isa lf_cpu_best_isa(void) {
     const uint64_t xcr0 = xgetbv0();
     if ((xcr0 & 0x6) != 0x6) return LF_ISA_GENERIC; /* OS saves XMM and YMM state */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return LF_ISA_GENERIC;
-    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1;
-    if (avx512f && (xcr0 & 0xE6) == 0xE6) return LF_ISA_AVX512; /* + opmask, ZMM state */
+    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1;
+    if (avx512f && avx512dq && (xcr0 & 0xE6) == 0xE6) return LF_ISA_AVX512; /* + opmask, ZMM */
     if (avx2 && fma) return LF_ISA_AVX2;
     return LF_ISA_GENERIC;
 }

@@ -61,11 +61,22 @@ static void pack_a(const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int6
         if (lo >= hi) continue;
         const lf_segment *s = &a->seg[t];
         const int64_t rs = s->v.rs, cs = s->v.cs;
-        if (cs == 1 && !s->drop_threshold) { /* row-major source: read rows contiguously */
+        if (cs == 1) { /* row-major source: read rows contiguously (x̃: mask the run first) */
+            float run[LF_MAX_KC];
             for (int64_t i = 0; i < mr; i++) {
-                const float *src = s->v.p + (i0 + i) * rs + (lo - begin);
+                const int64_t off = (i0 + i) * rs + (lo - begin);
+                const float *src = s->v.p + off;
                 float *d = dst + (lo - p0) * MR + i;
-                for (int64_t p = 0; p < hi - lo; p++) d[p * MR] = src[p] * s->scale;
+                if (s->drop_threshold) {
+                    for (int64_t p0r = 0; p0r < hi - lo; p0r += LF_MAX_KC) {
+                        const int64_t len = hi - lo - p0r < LF_MAX_KC ? hi - lo - p0r : LF_MAX_KC;
+                        lf_skinny_current()->dropout_span(src + p0r, len, (uint64_t)(off + p0r), s->seed,
+                                                          s->drop_threshold, s->scale, run);
+                        for (int64_t p = 0; p < len; p++) d[(p0r + p) * MR] = run[p];
+                    }
+                } else {
+                    for (int64_t p = 0; p < hi - lo; p++) d[p * MR] = src[p] * s->scale;
+                }
             }
         } else {
             for (int64_t p = lo; p < hi; p++) {
@@ -88,7 +99,13 @@ static void pack_b(const lf_operand *b, int64_t j0, int64_t nr, int64_t p0, int6
         if (lo >= hi) continue;
         const lf_segment *s = &b->seg[t];
         const int64_t rs = s->v.rs, cs = s->v.cs;
-        if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (e.g. Wᵀ of row-major W) */
+        if (cs == 1 && s->drop_threshold) { /* x̃ rows: mask each contiguous run in place */
+            for (int64_t p = lo; p < hi; p++) {
+                const int64_t off = (p - begin) * rs + j0;
+                lf_skinny_current()->dropout_span(s->v.p + off, nr, (uint64_t)off, s->seed, s->drop_threshold,
+                                                  s->scale, dst + (p - p0) * NR);
+            }
+        } else if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (Wᵀ of row-major W) */
             for (int64_t j = 0; j < nr; j++) {
                 const float *src = s->v.p + (j0 + j) * cs + (lo - begin);
                 float *d = dst + (lo - p0) * NR + j;

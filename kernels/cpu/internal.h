@@ -23,7 +23,15 @@ typedef struct {
                         const float *bt, float scale, float *c);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
                               lf_view w, float scale, float *c, int64_t ldc);
+    /* dst[j] = mask(off0 + j) ? src[j]·scale : 0 */
+    void (*dropout_span)(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
+                         float *dst);
+    /* dst[j] += mask(off0 + j) ? coef·t[j] : 0 */
+    void (*dropout_axpy_span)(const float *t, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr,
+                              float coef, float *dst);
 } lf_skinny;
+
+const lf_skinny *lf_skinny_current(void);
 
 /* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
 #define LF_SKINNY_MAX_R 64
@@ -35,6 +43,10 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view
 /* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w (T, Q);  w.cs == 1 */
 int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
                    float *c, int64_t ldc);
+
+/* Length of the stack buffer that packing uses to mask a run of x̃ (any kc works: runs are
+ * chunked; every dispatch's kc is ≤ this, so a run is one chunk). */
+#define LF_MAX_KC 512
 
 /* One ISA's micro-kernel and the cache blocking tuned for it. */
 typedef struct lf_dispatch lf_dispatch;

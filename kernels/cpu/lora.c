@@ -95,10 +95,8 @@ static void dx_drop_rows(void *ctxp, int tid, int nt) {
             const float *aq = job->A.p + q * job->A.rs;
             for (int64_t j = 0; j < job->k; j++) t[j] += vq * aq[j * job->A.cs];
         }
-        float *dxi = job->dx + i * job->k;
-        for (int64_t j = 0; j < job->k; j++)
-            if (lf_dropout_keep(job->seed, (uint64_t)(i * job->k + j), job->threshold))
-                dxi[j] += job->coef * t[j];
+        lf_skinny_current()->dropout_axpy_span(t, job->k, (uint64_t)(i * job->k), job->seed, job->threshold,
+                                               job->coef, job->dx + i * job->k);
     }
 }
 
@@ -170,9 +168,8 @@ int lf_dropout_f32(int64_t n, int64_t k, const float *x, float dropout_p,
                    uint64_t seed, float *out) {
     int st = check_dims(n, k, 0, 0, dropout_p);
     if (st) return st;
-    const uint32_t thr = lf_dropout_threshold(dropout_p);
-    const float inv = 1.0f / (1.0f - dropout_p);
-    for (int64_t idx = 0; idx < n * k; idx++)
-        out[idx] = (dropout_p == 0.0f || lf_dropout_keep(seed, (uint64_t)idx, thr)) ? x[idx] * inv : 0.0f;
+    /* threshold 0 keeps every element, so p = 0 is the identity */
+    lf_skinny_current()->dropout_span(x, n * k, 0, seed, lf_dropout_threshold(dropout_p),
+                                      1.0f / (1.0f - dropout_p), out);
     return LF_OK;
 }

@@ -1,4 +1,5 @@
-/* skinny.c — the rank-r products of LoRA without packing (see skinny_body.h for the loops):
+/* skinny.c — the rank-r products of LoRA without packing, and the vectorised dropout mask
+ * (see skinny_body.h for the loops):
  *   forward   u  = x̃ · Aᵀ        (n, r)   rowdot       reads x once
  *   backward  v  = g · B          (n, r)   rowdot       reads g once
  *             dB = s · gᵀ · u     (m, r)   rank_update  reads g once more
@@ -10,6 +11,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "lorafuse/dropout_hash.h"
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -17,7 +19,7 @@
 #if defined(__x86_64__)
 #define VW 16
 #define SUFFIX _avx512
-#define TARGET __attribute__((target("avx512f"), optimize("fp-contract=fast")))
+#define TARGET __attribute__((target("avx512f,avx512dq"), optimize("fp-contract=fast")))
 #include "skinny_body.h"
 #undef VW
 #undef SUFFIX
@@ -39,6 +41,10 @@
 #undef VW
 #undef SUFFIX
 #undef TARGET
+
+static const lf_skinny *skinny_for(lf_isa isa);
+
+const lf_skinny *lf_skinny_current(void) { return skinny_for(lf_get_isa()); }
 
 static const lf_skinny *skinny_for(lf_isa isa) {
 #if defined(__x86_64__)

@@ -9,6 +9,7 @@
  *                (the worker computes a block [p0, P) × [q0, q1) of it)
  *                for each VW-chunk of Q: load w[t, chunk] for 8 tokens, then for every p
  *                c[p, chunk] += Σ_t s[t, p] · w[t, chunk]
+ *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
 
 typedef float CAT(vf, SUFFIX) __attribute__((vector_size(VW * 4), aligned(4)));
@@ -81,8 +82,29 @@ TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t
     }
 }
 
+/* dst[j] = keep(off0 + j) ? src[j] · scale : 0 — dropout on a contiguous run (x̃ rows);
+ * the hash vectorises (64-bit lane multiplies) under the ISA's target. */
+TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64_t off0, uint64_t seed,
+                                             uint32_t thr, float scale, float *dst) {
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t h = (uint32_t)(lf_splitmix64(seed ^ (off0 + (uint64_t)j)) >> 40);
+        dst[j] = h >= thr ? src[j] * scale : 0.0f;
+    }
+}
+
+/* dst[j] += keep(off0 + j) ? coef · t[j] : 0 — the dropout part of dx, one row at a time */
+TARGET static void CAT(dropout_axpy_span, SUFFIX)(const float *t, int64_t n, uint64_t off0, uint64_t seed,
+                                                  uint32_t thr, float coef, float *dst) {
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t h = (uint32_t)(lf_splitmix64(seed ^ (off0 + (uint64_t)j)) >> 40);
+        dst[j] += h >= thr ? coef * t[j] : 0.0f;
+    }
+}
+
 static const lf_skinny CAT(skinny, SUFFIX) = {
     .vw = VW,
+    .dropout_span = CAT(dropout_span, SUFFIX),
+    .dropout_axpy_span = CAT(dropout_axpy_span, SUFFIX),
     .rowdot_rows = CAT(rowdot_rows, SUFFIX),
     .rank_update_block = CAT(rank_update_block, SUFFIX),
 };
