@@ -73,13 +73,10 @@ def draw_seed() -> int:
 
 
 def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(n, k) mask of 0 or 1/(1-p): the kernels' mask when `lorafuse.ops` is built, else a seeded torch draw."""
-    ops = _load("ops", ("dropout_mask",))
-    if ops is not None:
-        return torch.from_numpy(ops.dropout_mask(n, k, p, seed)).to(device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand((n, k), generator=gen) >= p
-    return (keep.to(torch.float64) / (1.0 - p)).to(device=device, dtype=dtype)
+    """(n, k) mask of 0 or 1/(1-p): exactly the kernels' (`lorafuse.ops.dropout_mask`), for the torch path."""
+    from . import ops
+
+    return torch.from_numpy(ops.dropout_mask(n, k, p, seed)).to(device=device, dtype=dtype)
 
 
 def _arg(t: Optional[torch.Tensor]) -> Any:
