@@ -321,3 +321,29 @@ def test_subclassed_or_hooked_base_layers_keep_their_own_forward() -> None:
         x = torch.randn(4, 6)
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ a.t() @ b.t())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_layer_matches_the_float64_reference(p: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # full float32 on both paths
+    layer = _layer(nn.Linear(64, 48), p=p).cuda()
+    assert layer.backend in ("cuda", "torch")
+    x = torch.randn(5, 7, 64, device="cuda", requires_grad=True)
+    torch.manual_seed(2)
+    out = layer(x)
+    out.square().sum().backward()
+    torch.manual_seed(2)
+    seed = lf_autograd.draw_seed() if p else 0
+    t64 = {"x": x.detach().double().cpu().requires_grad_(True),
+           "weight": layer.base_layer.weight.detach().double().cpu(),
+           "bias": layer.base_layer.bias.detach().double().cpu(),
+           "lora_a": layer.lora_A["default"].weight.detach().double().cpu().requires_grad_(True),
+           "lora_b": layer.lora_B["default"].weight.detach().double().cpu()}
+    ref = _reference(t64, layer.scaling["default"], p, seed, False)
+    ref.square().sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.detach().double().cpu(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad.double().cpu(), t64["x"].grad, **tol)
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad.double().cpu(), t64["lora_a"].grad, **tol)
