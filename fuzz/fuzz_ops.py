@@ -1,0 +1,362 @@
+"""atheris harness for the `lorafuse._C` entry points (through `lorafuse.ops`).
+
+Each input picks an entry point (lora_forward, lora_backward, merge/unmerge, sgemm, dropout_mask)
+and builds its arguments from the fuzz bytes: consistent shapes most of the time (so that calls
+succeed and their results are checked against a float64 NumPy reference), perturbed shapes
+otherwise; dtypes (float32 mostly, float64, float16, int32, bool, complex64, big-endian >f4,
+object); layouts (contiguous, transposed, negative-stride, step-sliced, misaligned by one byte,
+read-only, 0-stride broadcast, zero-memory huge ``as_strided`` views, CPU torch tensors through
+DLPack when torch is importable); ``out``/``u_out``/``d*_out`` arguments that are fresh, wrong, or
+alias / overlap an input. The contract checked:
+
+* a call either succeeds with the reference result, or raises TypeError / ValueError /
+  OverflowError / MemoryError (never anything else, never a crash);
+* inputs are never written (snapshots compared after the call); a failed call writes no output.
+
+Run:  python fuzz/fuzz_ops.py [libFuzzer flags, e.g. -max_total_time=60 -print_final_stats=1 corpus_dir]
+Under ASan (scripts/sanitize.sh builds the library) set LORAFUSE_FUZZ_NO_LIBFUZZER=1 to import
+``atheris_no_libfuzzer``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("LORAFUSE_FUZZ_NO_LIBFUZZER") == "1":
+    import atheris_no_libfuzzer as atheris  # type: ignore
+else:
+    import atheris
+
+import numpy as np
+
+with atheris.instrument_imports(include=["lorafuse"]):
+    import lorafuse
+    from lorafuse import ops
+
+try:  # torch tensors reach the binding through DLPack; optional
+    if os.environ.get("LORAFUSE_FUZZ_TORCH", "1") == "1":
+        import torch
+    else:
+        torch = None
+except ImportError:  # pragma: no cover
+    torch = None
+
+ALLOWED = (TypeError, ValueError, OverflowError, MemoryError)
+# Known finding (reported to the binding owner): numpy.from_dlpack's own RuntimeError
+# ("Unsupported dtype in DLTensor", e.g. bfloat16) and BufferError pass through `as_f32`
+# instead of becoming a TypeError naming the argument. Tolerated unless LORAFUSE_FUZZ_STRICT=1.
+if os.environ.get("LORAFUSE_FUZZ_STRICT") != "1":
+    ALLOWED = ALLOWED + (RuntimeError, BufferError)
+BAD_DTYPES = [np.float64, np.float16, np.int32, np.bool_, np.complex64, np.dtype(">f4"), object]
+lorafuse.set_num_threads(int(os.environ.get("LORAFUSE_FUZZ_THREADS", "2")))
+
+
+class Gen:
+    """Argument builder driven by a FuzzedDataProvider."""
+
+    def __init__(self, data: bytes) -> None:
+        self.fdp = atheris.FuzzedDataProvider(data)
+        self.rng = np.random.default_rng(self.fdp.ConsumeIntInRange(0, 2**16))
+        self.huge_used = False  # one huge dim per input: two consistent ones would be a valid 10^12-flop call
+
+    def pick(self, n: int) -> int:
+        return self.fdp.ConsumeIntInRange(0, n - 1)
+
+    def chance(self, one_in: int) -> bool:
+        return self.fdp.ConsumeIntInRange(0, one_in - 1) == 0
+
+    def dim(self, value: int) -> int:
+        """The intended size, or (rarely) a perturbed one."""
+        if self.chance(12):
+            choice = [0, 1, value + 1, max(value - 1, 0), 2**40, 2**60][self.pick(6)]
+            if choice >= 2**40:
+                if self.huge_used:
+                    return 0
+                self.huge_used = True
+            return choice
+        return value
+
+    def array(self, shape: tuple, writable_out: bool = False) -> object:
+        """A float32 array of `shape` (values from the rng) in some layout, or a bad-dtype one."""
+        shape = tuple(int(s) for s in shape)
+        if any(s >= 2**40 for s in shape):  # zero memory, astronomically large: must be refused
+            first = next(i for i, s in enumerate(shape) if s >= 2**40)  # one huge dim (numpy's limit)
+            cap = 16 if shape[first] <= 2**40 else 1
+            shape = tuple(s if i == first else min(s, cap) for i, s in enumerate(shape))
+            return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=shape,
+                                                   strides=(0,) * len(shape))
+        if int(np.prod(shape, dtype=np.int64)) > 4096:
+            shape = tuple(min(s, 16) for s in shape)
+        base = self.rng.standard_normal(shape).astype(np.float32)
+        if not writable_out and self.chance(20):
+            dt = BAD_DTYPES[self.pick(len(BAD_DTYPES))]
+            return base.astype(dt)
+        layout = self.pick(10) if not writable_out else self.pick(3)
+        if layout == 1 and base.ndim >= 2:  # transposed view of a contiguous array
+            return np.ascontiguousarray(np.swapaxes(base, -1, -2)).swapaxes(-1, -2)
+        if layout == 2 and base.ndim >= 1:  # every other element along the last axis
+            wide = np.zeros(shape[:-1] + (2 * shape[-1],), np.float32)
+            wide[..., ::2] = base
+            return wide[..., ::2]
+        if layout == 3 and base.ndim >= 1:  # negative stride
+            return np.ascontiguousarray(base[..., ::-1])[..., ::-1]
+        if layout == 4:  # misaligned by one byte
+            buf = bytearray(base.nbytes + 1)
+            arr = np.frombuffer(buf, np.float32, count=base.size, offset=1).reshape(shape)
+            arr[...] = base
+            return arr
+        if layout == 5:  # read-only
+            base.flags.writeable = False
+            return base
+        if layout == 6 and base.ndim >= 1 and shape[0] > 0:  # 0-stride broadcast of one row
+            return np.broadcast_to(base[:1], shape)
+        if layout == 7 and torch is not None:
+            t = torch.from_numpy(base)
+            if self.chance(3) and base.ndim >= 2:
+                t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+            if self.chance(4):
+                t = t.to([torch.float16, torch.bfloat16, torch.float64][self.pick(3)])
+            return t
+        if layout == 8 and base.ndim >= 1:  # Fortran order
+            return np.asfortranarray(base)
+        return base
+
+    def scalar(self) -> object:
+        k = self.pick(8)
+        return [1.0, 0.5, -2.0, 0.0, float("nan"), float("inf"), 3, "s"][k]
+
+
+def small(*arrs: object) -> bool:
+    """All arrays small enough for a float64 reference (huge 0-stride views are not)."""
+    return all(a is None or max(a.shape, default=0) <= 10**6 for a in arrs)
+
+
+def as_ref(a: object) -> np.ndarray:
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def snapshot(args: dict) -> dict:
+    snaps = {}
+    for key, a in args.items():
+        if isinstance(a, np.ndarray) and a.dtype != object and a.size < 10**6:
+            snaps[key] = a.copy()
+        elif torch is not None and isinstance(a, torch.Tensor):
+            snaps[key] = a.clone()
+    return snaps
+
+
+def unchanged(before: dict, args: dict, skip: set) -> None:
+    for key, snap in before.items():
+        if key in skip:
+            continue
+        now = args[key]
+        same = torch.equal(now, snap) if torch is not None and isinstance(now, torch.Tensor) else \
+            np.array_equal(now, snap, equal_nan=True)
+        if not same:
+            raise AssertionError(f"input {key} was modified by the call")
+
+
+def all_f32(*arrs: object) -> bool:
+    for a in arrs:
+        if a is None:
+            continue
+        if isinstance(a, np.ndarray):
+            if a.dtype != np.float32 or a.dtype.byteorder == ">":
+                return False
+        elif torch is not None and isinstance(a, torch.Tensor):
+            if a.dtype != torch.float32:
+                return False
+        else:
+            return False
+    return True
+
+
+def check_close(got: np.ndarray, ref: np.ndarray, mag: np.ndarray, k_eff: int, what: str) -> None:
+    if not np.all(np.isfinite(ref)):
+        return
+    tol = (k_eff + 2) * 2.0**-24 * 4 * mag + 1e-30
+    if got.shape != ref.shape or not np.all(np.abs(got.astype(np.float64) - ref) <= tol):
+        raise AssertionError(f"{what}: result differs from the float64 reference")
+
+
+def fuzz_forward(G: Gen) -> None:
+    n, k, m, r = G.pick(9), 1 + G.pick(9), 1 + G.pick(9), 1 + G.pick(4)
+    lead = (n,) if G.pick(3) else (max(n // 2, 1), 2)
+    fifo = G.chance(4)
+    args = {"x": G.array(lead[:-1] + (lead[-1], G.dim(k)) if len(lead) == 2 else (lead[0], G.dim(k))),
+            "W": G.array((G.dim(k), G.dim(m)) if fifo else (G.dim(m), G.dim(k))),
+            "A": G.array((G.dim(r), G.dim(k))), "B": G.array((G.dim(m), G.dim(r))),
+            "bias": G.array((G.dim(m),)) if G.chance(2) else None}
+    p = [0.0, 0.0, 0.3, 0.9, 1.0, -0.1][G.pick(6)]
+    seed = [0, 1, 2**63, -1, 2**64][G.pick(5)]
+    scale = G.scalar()
+    nrows = int(np.prod(lead))
+    out_kind, u_kind = G.pick(6), G.pick(4)
+    out = u_out = None
+    if out_kind == 1:
+        out = np.empty(lead + (m,), np.float32)
+    elif out_kind == 2:  # wrong shape / dtype / read-only
+        out = [np.empty(lead + (m + 1,), np.float32), np.empty(lead + (m,), np.float64),
+               np.broadcast_to(np.zeros(m, np.float32), lead + (m,))][G.pick(3)]
+    elif out_kind == 3 and isinstance(args["x"], np.ndarray) and args["x"].dtype == np.float32 and k == m:
+        out = args["x"]  # out aliases x
+    elif out_kind == 4:  # out overlaps u_out
+        flat = np.zeros(nrows * m + nrows * r + 8, np.float32)
+        out = flat[:nrows * m].reshape(lead + (m,))
+        u_out = flat[3:3 + nrows * r].reshape(lead + (r,))
+    if u_kind == 1 and u_out is None:
+        u_out = np.empty(lead + (r,), np.float32)
+    elif u_kind == 2 and u_out is None and isinstance(args["A"], np.ndarray) and args["A"].flags.writeable:
+        u_out = args["A"]  # aliases an input (shape rarely fits; either way it must not corrupt A)
+    before = snapshot(args)
+    out_before = out.copy() if isinstance(out, np.ndarray) and out.size < 10**6 else None
+    try:
+        y, u = ops.lora_forward(args["x"], args["W"], args["A"], args["B"], scale, args["bias"], out=out,
+                                u_out=u_out, dropout_p=p, seed=seed, fan_in_fan_out=fifo)
+    except ALLOWED:
+        unchanged(before, args, set())
+        if out_before is not None and out is not args["x"] and out.flags.writeable and u_kind != 2:
+            if not np.array_equal(out, out_before, equal_nan=True):
+                raise AssertionError("a failed call wrote its output")
+        return
+    unchanged(before, args, set())
+    if not all_f32(*args.values()) or not isinstance(scale, (int, float)):
+        raise AssertionError("a call with non-float32 input succeeded")
+    if not small(*args.values()):
+        return
+    x, W, A, B = (as_ref(args[k_]) for k_ in "xWAB")
+    x2 = x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1])
+    mask = ops.dropout_mask(x2.shape[0], x2.shape[1], p, seed).astype(np.float64) if p else 1.0
+    Wm = W.T if fifo else W
+    u_ref = (x2 * mask) @ A.T
+    y_ref = x2 @ Wm.T + scale * u_ref @ B.T
+    mag = np.abs(x2) @ np.abs(Wm).T + abs(scale) * (np.abs(x2 * mask) @ np.abs(A).T) @ np.abs(B).T
+    if args["bias"] is not None:
+        b = as_ref(args["bias"])
+        y_ref = y_ref + b
+        mag = mag + np.abs(b)
+    kk = x2.shape[1]
+    check_close(np.asarray(u).reshape(u_ref.shape), u_ref, (np.abs(x2 * mask) @ np.abs(A).T), kk, "u")
+    check_close(np.asarray(y).reshape(y_ref.shape), y_ref, mag, kk + A.shape[0], "y")
+
+
+def fuzz_backward(G: Gen) -> None:
+    n, k, m, r = G.pick(9), 1 + G.pick(9), 1 + G.pick(9), 1 + G.pick(4)
+    fifo = G.chance(4)
+    args = {"g": G.array((n, G.dim(m))), "x": G.array((n, G.dim(k))), "u": G.array((n, G.dim(r))),
+            "W": G.array((G.dim(k), G.dim(m)) if fifo else (G.dim(m), G.dim(k))),
+            "A": G.array((G.dim(r), G.dim(k))), "B": G.array((G.dim(m), G.dim(r)))}
+    need_dx = not G.chance(3)
+    p = [0.0, 0.0, 0.5, 1.0][G.pick(4)]
+    outs = {}
+    kind = G.pick(5)
+    if kind == 1:
+        outs = {"dx_out": np.empty((n, k), np.float32), "dA_out": np.empty((r, k), np.float32),
+                "dB_out": np.empty((m, r), np.float32)}
+    elif kind == 2 and isinstance(args["A"], np.ndarray) and args["A"].dtype == np.float32:
+        outs = {"dA_out": args["A"]}  # aliases A
+    elif kind == 3:
+        outs = {"dB_out": np.empty((m, r + 1), np.float32)}
+    before = snapshot(args)
+    try:
+        dx, dA, dB = ops.lora_backward(args["g"], args["x"], args["u"], args["W"], args["A"], args["B"], 0.7,
+                                       need_dx=need_dx, dropout_p=p, seed=5, fan_in_fan_out=fifo, **outs)
+    except ALLOWED:
+        unchanged(before, args, set())
+        return
+    unchanged(before, args, set())
+    if not all_f32(*args.values()):
+        raise AssertionError("a call with non-float32 input succeeded")
+    if not small(*args.values()):
+        return
+    g, x, u, W, A, B = (as_ref(args[k_]) for k_ in ("g", "x", "u", "W", "A", "B"))
+    mask = ops.dropout_mask(x.shape[0], x.shape[1], p, 5).astype(np.float64) if p else 1.0
+    Wm = W.T if fifo else W
+    v = g @ B
+    check_close(np.asarray(dB), 0.7 * g.T @ u, 0.7 * np.abs(g).T @ np.abs(u), x.shape[0], "dB")
+    check_close(np.asarray(dA), 0.7 * v.T @ (x * mask), 0.7 * (np.abs(g) @ np.abs(B)).T @ np.abs(x * mask),
+                x.shape[0] + B.shape[0], "dA")
+    if need_dx:
+        check_close(np.asarray(dx), g @ Wm + 0.7 * (v @ A) * mask,
+                    np.abs(g) @ np.abs(Wm) + 0.7 * (np.abs(g) @ np.abs(B) @ np.abs(A)) * np.abs(mask),
+                    Wm.shape[0] + 2 * A.shape[0], "dx")
+    elif dx is not None:
+        raise AssertionError("need_dx=False returned dx")
+
+
+def fuzz_merge(G: Gen) -> None:
+    k, m, r = G.pick(9), G.pick(9), 1 + G.pick(4)
+    fifo = G.chance(3)
+    W = G.array((G.dim(k), G.dim(m)) if fifo else (G.dim(m), G.dim(k)), writable_out=not G.chance(4))
+    args = {"A": G.array((G.dim(r), G.dim(k))), "B": G.array((G.dim(m), G.dim(r)))}
+    if G.chance(6) and isinstance(W, np.ndarray) and W.dtype == np.float32 and W.shape == (m, r):
+        args["B"] = W  # W aliases B
+    before = snapshot(args)
+    W0 = W.copy() if isinstance(W, np.ndarray) and W.dtype != object and W.size < 10**6 else None
+    try:
+        (ops.unmerge if G.chance(2) else ops.merge)(W, args["A"], args["B"], 0.5, fan_in_fan_out=fifo)
+    except ALLOWED:
+        unchanged(before, args, set())
+        if W0 is not None and not np.array_equal(W, W0, equal_nan=W0.dtype.kind in "fc"):
+            raise AssertionError("a failed merge modified W")
+        return
+    unchanged(before, args, set())
+
+
+def fuzz_sgemm(G: Gen) -> None:
+    M, K, N = G.pick(9), G.pick(9), G.pick(9)
+    args = {"a": G.array((G.dim(M), G.dim(K))), "b": G.array((G.dim(K), G.dim(N))),
+            "bias": G.array((G.dim(N),)) if G.chance(2) else None}
+    out = np.empty((M, N), np.float32) if G.chance(2) else None
+    before = snapshot(args)
+    try:
+        c = ops.sgemm(args["a"], args["b"], 1.5, args["bias"], out)
+    except ALLOWED:
+        unchanged(before, args, set())
+        return
+    unchanged(before, args, set())
+    if not small(*args.values()):
+        return
+    a, b = as_ref(args["a"]), as_ref(args["b"])
+    ref = 1.5 * a @ b
+    mag = 1.5 * np.abs(a) @ np.abs(b)
+    if args["bias"] is not None:
+        ref, mag = ref + as_ref(args["bias"]), mag + np.abs(as_ref(args["bias"]))
+    check_close(np.asarray(c), ref, mag, a.shape[1], "sgemm")
+
+
+def fuzz_dropout(G: Gen) -> None:
+    n, k = [G.pick(9), -1, 2**40][G.pick(3) if G.chance(8) else 0], G.pick(9)
+    p = [0.0, 0.5, 0.999, 1.0, -0.5, float("nan")][G.pick(6)]
+    try:
+        mask = ops.dropout_mask(n, k, p, G.pick(1000))
+    except ALLOWED:
+        return
+    keep = np.unique(mask[mask != 0])
+    if mask.shape != (n, k) or len(keep) > 1 or (len(keep) and abs(keep[0] * (1 - p) - 1) > 1e-4):
+        raise AssertionError("dropout mask has values other than 0 and 1/(1-p)")
+
+
+# The C extension is not compiled with coverage instrumentation (that needs clang's
+# -fsanitize=fuzzer-no-link); instrumenting the harness gives libFuzzer feedback on which
+# argument shapes and which accept/reject branches were reached.
+fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout = (
+    atheris.instrument_func(f) for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout))
+Gen.array = atheris.instrument_func(Gen.array)
+ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout]
+
+
+def TestOneInput(data: bytes) -> None:
+    G = Gen(data)
+    ENTRY[G.pick(len(ENTRY))](G)
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
