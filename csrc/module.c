@@ -722,6 +722,12 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *Py_UNUSED(ignored)
     return PyLong_FromLong(lf_pool_threads(state_of(self)->pool));
 }
 
+static PyObject *py_threading_backend(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    lf_state *st = state_of(self);
+    return PyUnicode_FromString(lf_pool_uses_openmp(st->pool) ? "openmp (the process's libgomp, e.g. torch's)"
+                                                                : "pthreads (lorafuse's own workers)");
+}
+
 static int isa_from_name(const char *name, lf_isa *out) {
     if (!strcmp(name, "generic")) *out = LF_ISA_GENERIC;
     else if (!strcmp(name, "avx2")) *out = LF_ISA_AVX2;
@@ -763,6 +769,8 @@ static PyMethodDef methods[] = {
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by the kernels."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"threading_backend", py_threading_backend, METH_NOARGS,
+     "threading_backend() -> where parallel regions run: the loaded OpenMP runtime or pthreads"},
     {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2' or 'avx512'."},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> the micro-kernel ISA in use"},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "cpu_isa() -> the best ISA this CPU supports"},

@@ -74,3 +74,22 @@ def test_numpy_api_works_without_torch():
     res = run_py(code)
     assert res.returncode == 0, res.stderr
     assert float(res.stdout) == pytest.approx(3.0 + 0.5 * 3.0)
+
+
+def test_threading_backend_follows_torch():
+    """Without torch the pthread workers run the jobs; once torch (and its libgomp) is loaded,
+    the same jobs run on torch's OpenMP threads — one pool in the process, not two."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, lorafuse\n"
+            "from lorafuse import _C, ops\n"
+            "lorafuse.set_num_threads(2)\n"
+            "print(_C.threading_backend().split()[0])\n"
+            "a = np.random.default_rng(0).standard_normal((300, 400), dtype=np.float32)\n"
+            "print(float(np.abs(ops.sgemm(a, a.T) - a.astype(np.float64) @ a.T).max()))")
+    res = run_py(code)
+    assert res.returncode == 0, res.stderr
+    backend, err = res.stdout.split()
+    assert backend == "pthreads" and float(err) < 1e-3
+    import torch  # noqa: F401  (loads libgomp with global symbols)
+
+    assert _C.threading_backend().startswith("openmp")

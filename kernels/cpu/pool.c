@@ -1,13 +1,17 @@
-/* pool.c — a small pthread pool for the kernels.
+/* pool.c — where the kernels' parallel regions run.
  *
- * Why not OpenMP: torch ships its own libgomp; a second OpenMP runtime in the same process
- * keeps its workers spin-waiting after every parallel region, and on 2 cores two spinning
- * pools halve each other's throughput. These workers spin only briefly (~tens of µs) after a
- * job and then sleep on a condition variable, so an idle lorafuse never steals a core from
- * torch. Jobs are serialised by run_lock, so kernels may be called from many Python threads
- * at once (the GIL is released around them): each job owns every worker's scratch while it runs.
+ * Two pools on 2 cores fight: an OpenMP runtime keeps its workers spin-waiting for a while
+ * after every parallel region, so a second runtime starting work then finds a core taken.
+ * torch ships its own libgomp, so lorafuse links no OpenMP runtime at all. Instead:
+ *   - when a libgomp is already loaded in the process (torch imports one, with global
+ *     symbols), jobs run on it through GOMP_parallel: the very threads torch uses, one pool;
+ *   - otherwise (NumPy-only use) on a small pthread pool whose workers spin only briefly
+ *     (~tens of µs) after a job and then sleep on a condition variable.
+ * Jobs are serialised by run_lock, so kernels may be called from many Python threads at once
+ * (the GIL is released around them): each job owns every worker's scratch while it runs.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -17,6 +21,11 @@
 
 #define LF_SCRATCH_SLOTS 4
 #define LF_SPIN_ITERS 4000
+#define LF_GOMP_RECHECK 1024 /* parallel jobs between looks for a libgomp loaded later */
+
+/* libgomp's entry points (stable ABI since GCC 4.9) */
+typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+typedef int (*omp_int_fn)(void);
 
 typedef struct {
     void *p;
@@ -42,7 +51,40 @@ struct lf_pool {
     atomic_int remaining;   /* workers still running the current job */
     int stop;
     lf_scratch (*scratch)[LF_SCRATCH_SLOTS];
+    gomp_parallel_fn gomp_parallel; /* NULL until a loaded libgomp is found */
+    omp_int_fn omp_thread_num, omp_num_threads;
+    unsigned gomp_misses; /* parallel jobs since the last look (under run_lock) */
 };
+
+/* Find a libgomp already loaded with global symbols (torch's); called under run_lock. */
+static void find_gomp(lf_pool *pool) {
+    if (pool->gomp_parallel || pool->gomp_misses++ % LF_GOMP_RECHECK) return;
+    void *par = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+    void *tn = dlsym(RTLD_DEFAULT, "omp_get_thread_num");
+    void *nt = dlsym(RTLD_DEFAULT, "omp_get_num_threads");
+    if (!par || !tn || !nt) return;
+    /* function pointers from dlsym: the POSIX-sanctioned conversion through a union */
+    union { void *p; gomp_parallel_fn f; } up = {par};
+    union { void *p; omp_int_fn f; } ut = {tn}, un = {nt};
+    pool->omp_thread_num = ut.f;
+    pool->omp_num_threads = un.f;
+    pool->gomp_parallel = up.f;
+}
+
+typedef struct {
+    lf_pool *pool;
+    lf_task_fn fn;
+    void *ctx;
+    int nt;
+} gomp_job;
+
+/* Body of the OpenMP region: task ids tid, tid + team, … so every task runs even if the
+ * runtime gave us a smaller team than asked. */
+static void gomp_body(void *p) {
+    gomp_job *job = p;
+    const int team = job->pool->omp_num_threads(), me = job->pool->omp_thread_num();
+    for (int t = me; t < job->nt; t += team) job->fn(job->ctx, t, job->nt);
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -134,6 +176,15 @@ void lf_pool_destroy(lf_pool *pool) {
 
 int lf_pool_threads(const lf_pool *pool) { return pool ? pool->nthreads : 1; }
 
+int lf_pool_uses_openmp(lf_pool *pool) {
+    pthread_mutex_lock(&pool->run_lock);
+    pool->gomp_misses = 0; /* look now */
+    find_gomp(pool);
+    const int found = pool->gomp_parallel != NULL;
+    pthread_mutex_unlock(&pool->run_lock);
+    return found;
+}
+
 void lf_pool_run(lf_pool *pool, int nt, lf_task_fn fn, void *ctx) {
     pthread_mutex_lock(&pool->run_lock);
     if (nt <= 1 || pool->nthreads == 1) {
@@ -142,6 +193,13 @@ void lf_pool_run(lf_pool *pool, int nt, lf_task_fn fn, void *ctx) {
         return;
     }
     if (nt > pool->nthreads) nt = pool->nthreads;
+    find_gomp(pool);
+    if (pool->gomp_parallel) {
+        gomp_job job = {pool, fn, ctx, nt};
+        pool->gomp_parallel(gomp_body, &job, (unsigned)nt, 0);
+        pthread_mutex_unlock(&pool->run_lock);
+        return;
+    }
     pool->fn = fn;
     pool->ctx = ctx;
     pool->nt = nt;

@@ -50,7 +50,7 @@ def show_config() -> None:
     print(f"lorafuse {_C.__version__}")
     print(f"  CPU ISA:  {_C.get_isa()} (best on this CPU: {_C.cpu_isa()}; "
           "override with LORAFUSE_ISA=generic|avx2|avx512)")
-    print(f"  threads:  {_C.get_num_threads()} (lorafuse.set_num_threads)")
+    print(f"  threads:  {_C.get_num_threads()} (lorafuse.set_num_threads) on {_C.threading_backend()}")
     print(f"  CUDA:     {_cuda_line()}")
 
 

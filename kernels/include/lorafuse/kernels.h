@@ -44,12 +44,14 @@ int lf_set_isa(lf_isa isa);        /* LF_EISA if the CPU lacks it; not thread-sa
 lf_isa lf_get_isa(void);
 const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" */
 
-/* ---- thread pool: pthreads; workers sleep on a condition variable after a short spin, so
- *      they never compete with another runtime's (e.g. torch's OpenMP) threads while idle ---- */
+/* ---- thread pool: torch's OpenMP runtime when one is loaded (one pool for both, nothing to
+ *      fight), else pthreads that sleep on a condition variable after a short spin ---- */
 typedef struct lf_pool lf_pool;
 lf_pool *lf_pool_create(int nthreads); /* nthreads >= 1; NULL on failure */
 void lf_pool_destroy(lf_pool *pool);
 int lf_pool_threads(const lf_pool *pool);
+/* 1 if jobs run on an already-loaded libgomp (torch's) rather than the pthread workers */
+int lf_pool_uses_openmp(lf_pool *pool);
 
 /* ---- strided read-only matrix: element (i, j) at p[i*rs + j*cs] (strides in elements) ---- */
 typedef struct {
