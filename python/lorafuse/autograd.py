@@ -84,7 +84,26 @@ def _arg(t: Optional[torch.Tensor]) -> Any:
     if t is None:
         return None
     t = t.detach()
-    return t.numpy() if t.device.type == "cpu" else t
+    return t.numpy() if t.is_cpu else t
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+             lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
+             fifo: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., k) → (y (..., m), x2 (n, k) = x as a matrix, u (n, r)), on the kernels or in torch."""
+    k = x.shape[-1]
+    x2 = x.detach().contiguous().view(-1, k)
+    m = weight.shape[1] if fifo else weight.shape[0]
+    kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
+    if kern is not None:
+        y = torch.empty((x2.shape[0], m), dtype=x.dtype, device=x.device)
+        u = torch.empty((x2.shape[0], lora_a.shape[0]), dtype=x.dtype, device=x.device)
+        kern.lora_forward(_arg(x2), _arg(weight), _arg(lora_a), _arg(lora_b), scale, bias=_arg(bias), out=_arg(y),
+                          u_out=_arg(u), dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
+    else:
+        y, u = _torch_forward(x2, weight.detach(), None if bias is None else bias.detach(), lora_a.detach(),
+                              lora_b.detach(), scale, dropout_p, seed, fifo)
+    return y.view(*x.shape[:-1], m), x2, u
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -95,23 +114,10 @@ class LoraLinearFunction(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
                 fan_in_fan_out: bool) -> torch.Tensor:
         """x (..., k) → y (..., m); saves x, u (n, r) and the seed."""
-        k = x.shape[-1]
-        x2 = x.detach().contiguous().view(-1, k)
-        n, r = x2.shape[0], lora_a.shape[0]
-        m = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-        kern = kernels_for(*(t for t in (x, weight, bias, lora_a, lora_b) if t is not None))
-        if kern is not None:
-            y = torch.empty((n, m), dtype=x.dtype, device=x.device)
-            u = torch.empty((n, r), dtype=x.dtype, device=x.device)
-            kern.lora_forward(_arg(x2), _arg(weight), _arg(lora_a), _arg(lora_b), scale, bias=_arg(bias),
-                              out=_arg(y), u_out=_arg(u), dropout_p=dropout_p, seed=seed,
-                              fan_in_fan_out=fan_in_fan_out)
-        else:
-            y, u = _torch_forward(x2, weight.detach(), None if bias is None else bias.detach(),
-                                  lora_a.detach(), lora_b.detach(), scale, dropout_p, seed, fan_in_fan_out)
+        y, x2, u = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
         ctx.save_for_backward(x2, u, weight, lora_a, lora_b)
         ctx.conf = (scale, dropout_p, seed, fan_in_fan_out, tuple(x.shape))
-        return y.view(*x.shape[:-1], m)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -169,6 +175,14 @@ def _torch_backward(g: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, weight: 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
                 fan_in_fan_out: bool = False) -> torch.Tensor:
-    """Functional LoRA linear: x (..., k) → (..., m). See `LoraLinearFunction`."""
+    """Functional LoRA linear: x (..., k) → (..., m). See `LoraLinearFunction`.
+
+    When no gradient can flow (grad mode off, or no input requires grad) the kernels are
+    called directly, without an autograd node: nothing is saved.
+    """
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                           or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
+        return _forward(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
+                        bool(fan_in_fan_out))[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
                                     bool(fan_in_fan_out))

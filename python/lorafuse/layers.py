@@ -253,30 +253,29 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
+        base = self.base_layer
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return base(x, *args, **kwargs)
         active = [a for a in self._active_adapter if a in self.lora_A]
         if self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
+            return base(x, *args, **kwargs)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LoraLinear: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         if self._fusable_base() and not torch.is_autocast_enabled(x.device.type):
-            weight = self.base_layer.weight
+            weight = base.weight
             if x.dtype != weight.dtype:
                 raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
                                 f"{weight.dtype}; cast the input or the model.")
-            if len(active) == 1 and not args and not kwargs and self.lora_A[active[0]].weight.dtype == weight.dtype:
-                return self._fused_forward(x, active[0])
+            name = active[0]
+            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+            if len(active) == 1 and not args and not kwargs and lora_a.dtype == weight.dtype == lora_b.dtype:
+                dropout = self.lora_dropout[name]
+                p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+                return lora_linear(x, weight, base.bias, lora_a, lora_b, self.scaling[name], p,
+                                   draw_seed() if p > 0.0 else 0, self.fan_in_fan_out)
         return self._torch_forward(x, active, *args, **kwargs)
-
-    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        seed = draw_seed() if p > 0.0 else 0
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                           self.lora_B[name].weight, self.scaling[name], p, seed, self.fan_in_fan_out)
 
     def _torch_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """PEFT's formulation: base(x) + Σ B(A(dropout(x in adapter dtype))) · s, cast back."""
