@@ -347,3 +347,12 @@ def test_cuda_layer_matches_the_float64_reference(p: float, monkeypatch: pytest.
     torch.testing.assert_close(out.detach().double().cpu(), ref.detach(), **tol)
     torch.testing.assert_close(x.grad.double().cpu(), t64["x"].grad, **tol)
     torch.testing.assert_close(layer.lora_A["default"].weight.grad.double().cpu(), t64["lora_a"].grad, **tol)
+
+
+def test_no_autograd_node_when_no_gradient_can_flow() -> None:
+    t = _tensors(torch.float32)
+    assert lora_linear(*t.values(), 1.0).grad_fn is None  # nothing requires grad
+    t["lora_a"].requires_grad_(True)
+    with torch.no_grad():
+        assert lora_linear(*t.values(), 1.0).grad_fn is None
+    assert type(lora_linear(*t.values(), 1.0).grad_fn).__name__ == "LoraLinearFunctionBackward"
