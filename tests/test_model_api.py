@@ -99,6 +99,13 @@ def test_unsupported_module_type_raises_and_rolls_back() -> None:
     assert list(model.state_dict()) == list(before)
 
 
+def test_modules_to_save_naming_a_lora_child_raises_and_rolls_back() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="child of a LoRA layer"):
+        get_peft_model(model, LoraConfig(target_modules=["0"], modules_to_save=["default"]))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+
+
 def test_only_adapter_weights_train_and_bias_modes() -> None:
     model = get_peft_model(_llama(), LoraConfig(target_modules=["q_proj"]))
     assert all(("lora_A" in n or "lora_B" in n) == p.requires_grad for n, p in model.named_parameters())

@@ -117,6 +117,8 @@ class LoraModel(nn.Module):
         try:
             for key in matched:
                 self._create_and_replace(config, adapter_name, key, replaced, autocast_adapter_dtype)
+            if config.modules_to_save:  # checks all names before wrapping any
+                wrap_modules_to_save(model, config.modules_to_save, adapter_name, activate, config.inference_mode)
         except Exception:  # roll back: the model is left as it was
             for parent, child, original in replaced:
                 setattr(parent, child, original)
@@ -129,8 +131,6 @@ class LoraModel(nn.Module):
                 for attr in layer.adapter_layer_names:
                     if adapter_name in getattr(layer, attr):
                         getattr(layer, attr)[adapter_name].requires_grad_(False)
-        if config.modules_to_save:
-            wrap_modules_to_save(model, config.modules_to_save, adapter_name, activate, config.inference_mode)
 
     @staticmethod
     def _minimise_targets(config: LoraConfig, keys: list[str]) -> None:

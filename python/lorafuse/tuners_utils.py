@@ -19,6 +19,7 @@ __all__ = [
     "is_conv1d",
     "linear_module_names",
     "minimal_target_modules",
+    "wrap_modules_to_save",
 ]
 
 # PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (peft 0.21, utils/constants.py).
@@ -241,18 +242,23 @@ class ModulesToSaveWrapper(nn.Module):
 def wrap_modules_to_save(model: nn.Module, module_names: list[str], adapter_name: str,
                          activate: bool, inference_mode: bool) -> None:
     """PEFT's `_set_trainable`: wrap every module whose name ends with an entry (plain `endswith`)."""
+    from .layers import LoraLinear
+
     keys = [k for k, _ in model.named_modules() if k and any(k.endswith(t) for t in module_names)]
-    for key in keys:
-        parent_name, _, child_name = key.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if isinstance(parent, nn.ModuleDict) and isinstance(_grandparent(model, parent_name), _adapter_layer_types()):
+    for key in keys:  # check everything before changing anything
+        parent_name = key.rpartition(".")[0]
+        if parent_name and isinstance(model.get_submodule(parent_name), nn.ModuleDict) and isinstance(
+                model.get_submodule(parent_name.rpartition(".")[0]), LoraLinear):
             raise ValueError(
                 f"modules_to_save entry matches {key!r}, a child of a LoRA layer; make sure the adapter name "
                 f"{adapter_name!r} does not conflict with the targeted module names."
             )
-        target = getattr(parent, child_name, None)
+    for key in keys:
+        parent_name, _, child_name = key.rpartition(".")
+        parent = model.get_submodule(parent_name)
         if isinstance(parent, ModulesToSaveWrapper):
-            continue  # inside a wrapper already handled through the wrapper itself
+            continue  # inside a wrapper: handled through the wrapper itself
+        target = getattr(parent, child_name)
         if isinstance(target, ModulesToSaveWrapper):
             target.update(adapter_name)
             wrapper = target
@@ -261,16 +267,3 @@ def wrap_modules_to_save(model: nn.Module, module_names: list[str], adapter_name
             setattr(parent, child_name, wrapper)
         if activate:
             wrapper.set_adapter(adapter_name, inference_mode=inference_mode)
-
-
-def _grandparent(model: nn.Module, parent_name: str) -> Optional[nn.Module]:
-    if not parent_name:
-        return None
-    return model.get_submodule(parent_name.rpartition(".")[0])
-
-
-def _adapter_layer_types() -> tuple[type, ...]:
-    from .layers import LoraLinear
-
-    return (LoraLinear,)
-
