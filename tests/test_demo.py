@@ -95,3 +95,25 @@ def test_format_table_ratios():
     assert "0.50x" in table  # step time 200 ms vs 400 ms (first step excluded)
     assert "0.50x" in [line for line in table.splitlines() if "growth" in line][0]
     assert "100.0%" in table and "50.0%" in table
+
+
+def test_train_one_on_a_llama_style_model_dir(tmp_path):
+    """`--model DIR` with a Llama-architecture model: `score` head, q/k/v/o projections, pad token."""
+    import torch
+    import transformers
+
+    from lorafuse.demo import default_model_dir, train_one
+
+    model_dir = tmp_path / "tiny-llama"
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    transformers.AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(model_dir)
+    opts = dict(model=str(model_dir), steps=2, r=4, alpha=8, dropout=0.0, target_modules=None, lr=1e-3, batch=8,
+                threads=1, seed=0, save_dir=str(tmp_path / "adapter"))
+    result = train_one("lorafuse", opts)
+    assert result["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert len(result["losses"]) == 2 and len(result["test_logits"]) == 160
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "score" in saved["modules_to_save"]

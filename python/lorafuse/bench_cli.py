@@ -218,6 +218,11 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"lorafuse bench: {title}")
     print("float32, base nn.Linear with bias, frozen; fwd = no_grad forward; fwd+bwd = forward + backward "
           "to x, A, B\n")
+    from .demo import busy_warning
+
+    busy = busy_warning()
+    if busy:
+        print(busy + "\n")
     rows = []
     for shape in shapes:
         started = time.perf_counter()

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 from .demo_data import LABELS, make_task
@@ -49,6 +50,19 @@ def default_model_dir() -> Optional[str]:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
+def busy_warning() -> Optional[str]:
+    """A note when other processes already keep the CPUs busy (timings are then not comparable)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load < 0.75 * cpus:
+        return None
+    return (f"note: load average {load:.1f} on {cpus} CPUs -- other processes are running; step times will be "
+            "slow and noisy (multi-threaded torch suffers most). --threads 1 helps on a busy machine.")
+
+
 def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports kB
 
@@ -60,6 +74,8 @@ def _load(model_dir: str, seed: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # "newly initialized: classifier" is expected here
+    transformers.utils.logging.disable_progress_bar()  # one bar on screen: the fine-tune's
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation notices
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:  # Llama-style tokenizers
         tokenizer.pad_token = tokenizer.eos_token
@@ -121,7 +137,7 @@ def _set_threads(threads: int) -> None:
 def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune with ``impl`` ("lorafuse" or "peft") in this process; returns the measurements."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     _set_threads(opts["threads"])
     if impl == "lorafuse":
@@ -330,6 +346,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
           f"{','.join(targets) if targets else 'the attention projections'} + classification head; "
           f"{args.steps} steps, batch {args.batch}, AdamW lr={args.lr:g}, {threads} threads, seed {args.seed}")
+    busy = busy_warning()
+    if busy:
+        print(busy)
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="lorafuse-demo-") as work:
