@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def fma_peak(threads: int) -> dict:
     """GFLOP/s of the FMA-only loop for zmm and ymm, 1 thread and `threads` threads."""
     exe = os.path.join(tempfile.gettempdir(), "lorafuse_fma_peak")
-    subprocess.run(["gcc", "-O2", "-mavx512f", "-pthread", os.path.join(HERE, "fma_peak.c"), "-o", exe],
+    subprocess.run(["gcc", "-O2", "-mavx512f", "-mfma", "-pthread", os.path.join(HERE, "fma_peak.c"), "-o", exe],
                    check=True)
     res = {}
     for width in ("zmm", "ymm"):
@@ -67,6 +67,23 @@ def main() -> None:
         g_ours, g_torch = fl / t["ours"] / 1e9, fl / t["torch"] / 1e9
         print(f"{M:6d} {K:6d} {N:6d} | {g_ours:13.1f} {g_torch:10.1f} | {t['torch'] / t['ours']:10.3f} | "
               f"{100 * g_ours / peak_n:5.1f}%")
+    packing_share(3 if args.quick else args.rounds)
+
+
+def packing_share(rounds: int) -> None:
+    """How much a cache of W's packed panels could save: with M = 12 (one row panel) the GEMM
+    is almost only the packing of W (k·m floats); compare with the full call at n tokens."""
+    print("\n# W-packing share (what caching packed W across calls could save)")
+    print(f"{'k':>6} {'m':>6} {'n':>5} | {'M=12 call ms':>12} {'full call ms':>12} | {'share':>6} | packed W MiB")
+    rng = np.random.default_rng(1)
+    for k, m, n in ((576, 576, 512), (1024, 1024, 512), (4096, 4096, 1024)):
+        w = rng.standard_normal((m, k), dtype=np.float32)
+        x12, xn = rng.standard_normal((12, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+        t = interleaved({"12": lambda: ops.sgemm(x12, w.T), "n": lambda: ops.sgemm(xn, w.T)}, rounds=rounds)
+        compute12 = t["n"] * 12 / n  # the arithmetic of 12 rows at the full call's rate
+        pack = max(t["12"] - compute12, 0.0)
+        print(f"{k:6d} {m:6d} {n:5d} | {t['12'] * 1e3:12.3f} {t['n'] * 1e3:12.3f} | {100 * pack / t['n']:5.1f}% | "
+              f"{k * m * 4 / 2**20:.1f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
  * × throughput (up to 2/cycle) — no loads or stores in the loop, so the rate is the FMA units'
  * alone. Run with T threads (pthreads) to see whether the cores scale (real cores: ×T;
  * SMT siblings sharing FMA units: less).
- * Build: gcc -O2 -mavx512f -pthread fma_peak.c -o fma_peak     Run: ./fma_peak THREADS [ymm]
+ * Build: gcc -O2 -mavx512f -mfma -pthread fma_peak.c -o fma_peak     Run: ./fma_peak THREADS [ymm]
  * Prints GFLOP/s (1 FMA = 2 flops). */
 #define _POSIX_C_SOURCE 200809L
 #include <immintrin.h>
