@@ -154,11 +154,13 @@ def _ddp_worker(rank: int, tmp: str) -> None:
             save_file(tensors, os.path.join(tmp, f"grads_{tag}_rank{rank}.safetensors"))
             dist.barrier()
             print(f"rank {rank} {tag} done after {time.perf_counter() - t0:.1f}s", flush=True)
-        try:
-            _fsdp_run(rank, tmp)
-        except Exception as exc:  # recorded; the FSDP test skips with the reason
-            Path(tmp, f"fsdp_error_rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
-        print(f"rank {rank} fsdp done after {time.perf_counter() - t0:.1f}s", flush=True)
+        for dtype in (torch.float64, torch.float32):  # float32 last: it fails on both ranks alike (see test)
+            tag = str(dtype).split(".")[-1]
+            try:
+                _fsdp_run(rank, tmp, dtype)
+            except Exception as exc:  # recorded; the FSDP test reports it
+                Path(tmp, f"fsdp_error_{tag}_rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+            print(f"rank {rank} fsdp {tag} done after {time.perf_counter() - t0:.1f}s", flush=True)
     finally:
         dist.destroy_process_group()
 
@@ -228,12 +230,12 @@ def test_rank0_adapter_holds_the_trained_weights(ddp_run: Path) -> None:
 # --------------------------------------------------------------------------- FSDP
 
 
-def _fsdp_run(rank: int, tmp: str) -> None:
+def _fsdp_run(rank: int, tmp: str, dtype: Any) -> None:
     """Inside the DDP ranks' process group: FSDP with use_orig_params=True, same steps."""
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    model = build_model(torch.float64)
+    model = build_model(dtype)
     fsdp = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
     ids = fixed_batch().chunk(WORLD)[rank]
     opt = torch.optim.SGD([p for p in fsdp.parameters() if p.requires_grad], lr=LR)
@@ -244,25 +246,38 @@ def _fsdp_run(rank: int, tmp: str) -> None:
     with FSDP.summon_full_params(fsdp):
         lora = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
                 for n, p in fsdp.named_parameters() if p.requires_grad}
-    save_file(lora, os.path.join(tmp, f"fsdp_rank{rank}.safetensors"))
+    save_file(lora, os.path.join(tmp, f"fsdp_{str(dtype).split('.')[-1]}_rank{rank}.safetensors"))
+
+
+def _check_fsdp(ddp_run: Path, dtype: Any, tol: float) -> None:
+    from safetensors.torch import load_file
+
+    tag = str(dtype).split(".")[-1]
+    err = ddp_run / f"fsdp_error_{tag}_rank0.txt"
+    if err.exists():
+        pytest.fail(f"FSDP on CPU/gloo, {tag}: {err.read_text()[:500]}")
+    _, model = reference(dtype)
+    live = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    got = load_file(str(ddp_run / f"fsdp_{tag}_rank0.safetensors"))
+    assert got.keys() == load_file(str(ddp_run / f"fsdp_{tag}_rank1.safetensors")).keys()
+    assert set(got) == set(live), (sorted(got)[:3], sorted(live)[:3])
+    worst = max((got[n] - live[n]).abs().max().item() for n in live)
+    print(f"FSDP vs single process, {tag}: max |adapter diff| after {STEPS} steps = {worst:.3g}")
+    assert worst < tol
 
 
 def test_fsdp_use_orig_params_on_cpu(ddp_run: Path) -> None:
-    """FSDP (use_orig_params=True: frozen and trainable parameters may share a flat parameter)
-    trains the same adapter as one process on the whole batch."""
-    from safetensors.torch import load_file
+    """FSDP (use_orig_params=True: frozen and trainable parameters share flat parameters) trains
+    the same adapter as one process on the whole batch (float64: the torch path of the layer)."""
+    _check_fsdp(ddp_run, torch.float64, 1e-6)
 
-    err = ddp_run / "fsdp_error_rank0.txt"
-    if err.exists():  # pragma: no cover - depends on the torch build
-        pytest.skip(f"FSDP does not run on CPU/gloo with this torch: {err.read_text()}")
-    _, model = reference(torch.float64)
-    live = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    got = load_file(str(ddp_run / "fsdp_rank0.safetensors"))
-    assert got.keys() == load_file(str(ddp_run / "fsdp_rank1.safetensors")).keys()
-    assert set(got) == set(live), (sorted(got)[:3], sorted(live)[:3])
-    worst = max((got[n] - live[n]).abs().max().item() for n in live)
-    print(f"FSDP vs single process, float64: max |adapter diff| after {STEPS} steps = {worst:.3g}")
-    assert worst < 1e-6
+
+@pytest.mark.xfail(strict=False, reason="autograd._arg hands CPU tensors to the C kernels as t.numpy(), which marks "
+                                        "the storage non-resizable; FSDP then fails to free its unsharded flat "
+                                        "parameter ('Trying to resize storage that is not resizable'). Fix: pass "
+                                        "the detached tensor itself (DLPack) — reported")
+def test_fsdp_float32_fused_path(ddp_run: Path) -> None:
+    _check_fsdp(ddp_run, torch.float32, 2e-5)
 
 
 if __name__ == "__main__":  # pragma: no cover
