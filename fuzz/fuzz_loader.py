@@ -245,6 +245,9 @@ def write(weights: bytes, config: bytes) -> None:
                 f.write(blob)
 
 
+COUNTS = {"accepted": 0, "rejected": 0}
+
+
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     mode = fdp.ConsumeIntInRange(0, 5)
@@ -269,8 +272,9 @@ def TestOneInput(data: bytes) -> None:
     try:
         lf_io.load_adapter(MODEL, WORK, "fz", is_trainable=False)
         accepted = True
+        COUNTS["accepted"] += 1
     except io_validate.AdapterFileError:
-        pass
+        COUNTS["rejected"] += 1
     except Exception as exc:
         label = "" if STRICT else known_finding(exc)
         if not label:
@@ -291,7 +295,27 @@ fuzz_targets = (mutate_bytes, mutate_header, mutate_config)
 mutate_bytes, mutate_header, mutate_config = (atheris.instrument_func(f) for f in fuzz_targets)
 
 
+def replay(paths: list) -> None:
+    """Run a corpus (files or directories) once and count accepted / rejected / known-finding inputs."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    files = []
+    for p in paths:
+        files += [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
+    for f in files:
+        with open(f, "rb") as fh:
+            TestOneInput(fh.read())
+    print(f"replayed {len(files)} inputs: {COUNTS['rejected']} rejected with AdapterFileError, "
+          f"{COUNTS['accepted']} accepted (differentially checked against safetensors), "
+          f"{sum(KNOWN.values())} hit known findings")
+    _report_known()
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--replay":
+        replay(sys.argv[2:])
+        return
     import atexit
 
     atexit.register(_report_known)
