@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import lorafuse
 from lorafuse import ops
 from reference import forward, rand
 from tolerances import assert_within
@@ -134,8 +135,6 @@ def test_dropout_mask_statistics_and_determinism():
 
 
 def test_matches_numpy_on_one_thread_and_two():
-    import lorafuse
-
     rng = np.random.default_rng(9)
     x, W, A, B = rand(rng, 300, 200), rand(rng, 100, 200), rand(rng, 8, 200), rand(rng, 100, 8)
     before = lorafuse.get_num_threads()
@@ -148,3 +147,16 @@ def test_matches_numpy_on_one_thread_and_two():
         lorafuse.set_num_threads(before)
     # each output element is reduced in the same order whatever the thread split
     np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9])
+def test_decode_rows_read_W_in_place(isa, n):
+    """n ≤ 8 takes the dot-product path (W streamed in place, two rows at a time, tails of k
+    not a multiple of the vector width, odd m); n = 9 the packed GEMM. Both on 2 threads."""
+    before = lorafuse.get_num_threads()
+    lorafuse.set_num_threads(2)
+    try:
+        check_forward(np.random.default_rng(n), n, 1000, 701, 16)
+        check_forward(np.random.default_rng(n), n, 7, 3, 1, bias=False)
+    finally:
+        lorafuse.set_num_threads(before)

@@ -17,8 +17,13 @@ typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, floa
                               int64_t mr, int64_t nr, int accumulate, const float *bias);
 
 /* One ISA's rank-r kernels (skinny.c, skinny_body.h). */
+/* Most token rows for the decode path (rowdots): up to here W is read in place. */
+#define LF_ROWDOTS_MAX_N 8
+
 typedef struct {
     int vw; /* floats per vector */
+    void (*rowdots_block)(int64_t j0, int64_t j1, int64_t n, int64_t K, lf_view a, lf_view b, float scale,
+                          float *c, int64_t ldc, int accumulate);
     void (*rowdot_rows)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_view a,
                         const float *bt, float scale, float *c);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
@@ -40,6 +45,9 @@ const lf_skinny *lf_skinny_current(void);
 int lf_skinny_ok(lf_view big, int64_t r);
 /* c (M, R) = scale · a (M, K) · b (K, R);  a.cs == 1, c contiguous */
 int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view b, float scale, float *c);
+/* c (n, M; row stride ldc) (+)= scale · a (n, K) · b (M, K)ᵀ;  n ≤ LF_ROWDOTS_MAX_N, a.cs == b.cs == 1 */
+int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_view a, lf_view b, float scale, float *c,
+               int64_t ldc, int accumulate);
 /* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w (T, Q);  w.cs == 1 */
 int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
                    float *c, int64_t ldc);

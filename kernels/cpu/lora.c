@@ -59,6 +59,16 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
         st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, u, r);
     }
     if (st) return st;
+    /* decode (a few tokens): every y element is a dot of contiguous rows — W streamed once in
+     * place, never packed:  y = x·Wᵀ, then y += s·u·Bᵀ, then + bias (y is a few rows) */
+    if (n <= LF_ROWDOTS_MAX_N && x.cs == 1 && W.cs == 1 && B.cs == 1) {
+        st = lf_rowdots(pool, n, m, k, x, W, 1.0f, y, m, 0);
+        if (!st) st = lf_rowdots(pool, n, m, r, (lf_view){u, r, 1}, B, scale, y, m, 1);
+        if (!st && bias)
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < m; j++) y[i * m + j] += bias[j];
+        return st;
+    }
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
     const lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);

@@ -16,31 +16,48 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
+/* horizontal sum of one vector (HSUM), per ISA */
 #if defined(__x86_64__)
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) static inline float hsum_avx512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+__attribute__((target("avx2"))) static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
 #define VW 16
 #define SUFFIX _avx512
 #define TARGET __attribute__((target("avx512f,avx512dq"), optimize("fp-contract=fast")))
+#define HSUM(v) hsum_avx512((__m512)(v))
 #include "skinny_body.h"
 #undef VW
 #undef SUFFIX
 #undef TARGET
+#undef HSUM
 
 #define VW 8
 #define SUFFIX _avx2
 #define TARGET __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#define HSUM(v) hsum_avx2((__m256)(v))
 #include "skinny_body.h"
 #undef VW
 #undef SUFFIX
 #undef TARGET
+#undef HSUM
 #endif
 
 #define VW 4
 #define SUFFIX _generic
 #define TARGET __attribute__((optimize("fp-contract=fast")))
+#define HSUM(v) ((v)[0] + (v)[1] + (v)[2] + (v)[3])
 #include "skinny_body.h"
 #undef VW
 #undef SUFFIX
 #undef TARGET
+#undef HSUM
 
 static const lf_skinny *skinny_for(lf_isa isa);
 
@@ -61,7 +78,8 @@ typedef struct {
     const float *bt;
     float scale;
     float *c;
-    int split_p; /* rank_update: threads split P (else Q) */
+    int split_p;    /* rank_update: threads split P (else Q) */
+    int accumulate; /* rowdots: add to c */
 } skinny_job;
 
 static void rowdot_task(void *ctxp, int tid, int nt) {
@@ -84,6 +102,26 @@ static void rank_update_task(void *ctxp, int tid, int nt) {
 static int threads_for(lf_pool *pool, double flops, int64_t units) {
     int nt = flops < (1 << 18) ? 1 : lf_pool_threads(pool);
     return nt > units ? (int)(units > 0 ? units : 1) : nt;
+}
+
+static void rowdots_task(void *ctxp, int tid, int nt) {
+    (void)nt;
+    skinny_job *j = ctxp;
+    const int64_t j0 = tid * j->chunk, j1 = j0 + j->chunk < j->M ? j0 + j->chunk : j->M;
+    if (j0 < j1) j->k->rowdots_block(j0, j1, j->T, j->K, j->a, j->w, j->scale, j->c, j->ldc, j->accumulate);
+}
+
+int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_view a, lf_view b, float scale, float *c,
+               int64_t ldc, int accumulate) {
+    if (n == 0 || M == 0) return LF_OK;
+    if (n > LF_ROWDOTS_MAX_N || a.cs != 1 || b.cs != 1) return LF_EINVAL;
+    /* T = the n rows of a; M = the rows of b, i.e. outputs per row */
+    skinny_job job = {.k = skinny_for(lf_get_isa()), .M = M, .K = K, .T = n, .a = a, .w = b, .scale = scale,
+                      .c = c, .ldc = ldc, .accumulate = accumulate};
+    const int nt = threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + 1) / 2);
+    job.chunk = ((M + nt - 1) / nt + 1) / 2 * 2;
+    lf_pool_run(pool, nt, rowdots_task, &job);
+    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
 }
 
 int lf_skinny_ok(lf_view big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }

@@ -9,6 +9,8 @@
  *                (the worker computes a block [p0, P) × [q0, q1) of it)
  *                for each VW-chunk of Q: load w[t, chunk] for 8 tokens, then for every p
  *                c[p, chunk] += Σ_t s[t, p] · w[t, chunk]
+ *   rowdots:     c (n, M) = scale · a (n, K) · b (M, K)ᵀ for a few rows n (decode): dot products
+ *                of contiguous rows, b streamed once
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
 
@@ -101,7 +103,44 @@ TARGET static void CAT(dropout_axpy_span, SUFFIX)(const float *t, int64_t n, uin
     }
 }
 
+/* rows j ∈ [j0, j1) of c (n, ·) (+)= scale · a (n, K) · b (·, K)ᵀ for n ≤ LF_ROWDOTS_MAX_N: each
+ * output is a dot product of two contiguous rows, and b (W at decode) is streamed once, in
+ * place — packing it would cost more than the few rows of arithmetic. */
+TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n, int64_t K, lf_view a,
+                                              lf_view b, float scale, float *c, int64_t ldc, int accumulate) {
+    const int64_t kfull = K / VW * VW;
+    for (int64_t j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        const float *b0 = b.p + j * b.rs, *b1 = b.p + (j + two) * b.rs;
+        VF acc[LF_ROWDOTS_MAX_N][2];
+        for (int64_t i = 0; i < n; i++) acc[i][0] = acc[i][1] = (VF){0};
+        for (int64_t p = 0; p < K; p += VW) {
+            VF w0, w1;
+            if (p < kfull) {
+                memcpy(&w0, b0 + p, sizeof w0);
+                memcpy(&w1, b1 + p, sizeof w1);
+            } else {
+                w0 = CAT(vload, SUFFIX)(b0 + p, K - p);
+                w1 = CAT(vload, SUFFIX)(b1 + p, K - p);
+            }
+            for (int64_t i = 0; i < n; i++) {
+                VF xv;
+                if (p < kfull) memcpy(&xv, a.p + i * a.rs + p, sizeof xv);
+                else xv = CAT(vload, SUFFIX)(a.p + i * a.rs + p, K - p);
+                acc[i][0] += xv * w0;
+                acc[i][1] += xv * w1;
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            float *ci = c + i * ldc + j;
+            ci[0] = (accumulate ? ci[0] : 0.0f) + scale * HSUM(acc[i][0]);
+            if (two) ci[1] = (accumulate ? ci[1] : 0.0f) + scale * HSUM(acc[i][1]);
+        }
+    }
+}
+
 static const lf_skinny CAT(skinny, SUFFIX) = {
+    .rowdots_block = CAT(rowdots_block, SUFFIX),
     .vw = VW,
     .dropout_span = CAT(dropout_span, SUFFIX),
     .dropout_axpy_span = CAT(dropout_axpy_span, SUFFIX),
