@@ -60,7 +60,7 @@ def busy_warning() -> Optional[str]:
     if load < 0.75 * cpus:
         return None
     return (f"note: load average {load:.1f} on {cpus} CPUs -- other processes are running; step times will be "
-            "slow and noisy (multi-threaded torch suffers most). --threads 1 helps on a busy machine.")
+            "slow and noisy.")
 
 
 def _max_rss_mib() -> float:
@@ -307,7 +307,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="comma-separated module names (default: the model's attention projections)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both sides (default: torch's; 1 when other jobs keep the CPUs busy)")
     parser.add_argument("--out", metavar="DIR", default="./lorafuse-demo",
                         help="where the adapter (PEFT format), loss_curves.png and demo_results.json go")
     parser.add_argument("--no-compare", action="store_true", help="train with lorafuse only (skip the PEFT run)")
@@ -330,7 +331,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"error: --model {model_dir!r} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 2
-    threads = args.threads or torch.get_num_threads()
+    busy = busy_warning()
+    # on a machine that other jobs keep busy, multi-threaded torch mostly waits for its own threads to be
+    # scheduled (a 100-step run goes from ~1 to ~10 minutes): default to one thread there, on both sides
+    threads = args.threads or (1 if busy else torch.get_num_threads())
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     opts = dict(model=os.path.abspath(model_dir), steps=args.steps, r=args.r, alpha=args.alpha,
                 dropout=args.dropout, target_modules=targets, lr=args.lr, batch=args.batch, threads=threads,
@@ -345,10 +349,10 @@ def run_demo(args: argparse.Namespace) -> int:
           f"(held-out subjects unseen in training)")
     print(f"LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
           f"{','.join(targets) if targets else 'the attention projections'} + classification head; "
-          f"{args.steps} steps, batch {args.batch}, AdamW lr={args.lr:g}, {threads} threads, seed {args.seed}")
-    busy = busy_warning()
+          f"{args.steps} steps, batch {args.batch}, AdamW lr={args.lr:g}, "
+          f"{threads} thread{'s' if threads != 1 else ''}, seed {args.seed}")
     if busy:
-        print(busy)
+        print(busy + ("" if args.threads else " Using 1 thread on both sides (--threads N overrides)."))
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="lorafuse-demo-") as work:
