@@ -37,6 +37,10 @@ torch = pytest.importorskip("torch")
 from lorafuse.autograd import lora_linear  # noqa: E402
 
 INTERRUPTIBLE = bool(getattr(_C, "interruptible", False))
+# Under scripts/sanitize.sh (ASan preloaded, PYTHONMALLOC=malloc) freed memory sits in ASan's
+# quarantine and every object is a separate malloc: RSS and traced-heap sizes then measure the
+# sanitizer, not lorafuse. Those assertions are skipped there (refcounts are still checked).
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
 def rss_bytes() -> int:
@@ -318,6 +322,8 @@ def test_ten_thousand_calls_leak_nothing() -> None:
     rss_grown = rss_bytes() - rss0
     assert {key: sys.getrefcount(a) for key, a in P.items()} == refs
     print(f"10^4 calls: tracemalloc +{grown} B, RSS +{rss_grown / 2**20:.2f} MiB")
+    if UNDER_ASAN:
+        return
     assert grown < 64 * 1024, grown
     assert rss_grown < 4 * 2**20, rss_grown
 
@@ -401,6 +407,8 @@ def test_ctrl_c_interrupts_a_long_kernel(kind: str, threads: int) -> None:
     print(f"{kind}, {threads} thread(s): SIGINT → KeyboardInterrupt in "
           f"{', '.join(f'{1e3 * t:.1f}' for t in latencies)} ms; RSS growth {growth / 2**20:.2f} MiB")
     assert max(latencies) < 0.5, latencies
+    if UNDER_ASAN:
+        return
     # each interrupted call allocated an n×1024 float32 output (≥ 16 MiB): a leak would show
     assert growth < 8 * 2**20, growth
 
