@@ -379,7 +379,8 @@ _SIGINT_CHILD = textwrap.dedent(r"""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.xfail(not INTERRUPTIBLE, strict=True,
+# strict once the extension declares SIGINT cancellation (lorafuse._C.interruptible): no xfail then
+@pytest.mark.xfail(not INTERRUPTIBLE, strict=False,
                    reason="lorafuse._C has no SIGINT cancellation yet (lorafuse._C.interruptible missing)")
 @pytest.mark.parametrize("kind,threads", [("lora_forward", 1), ("sgemm", 2), ("lora_forward", 2)])
 def test_ctrl_c_interrupts_a_long_kernel(kind: str, threads: int) -> None:
