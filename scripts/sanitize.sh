@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SAN=${LORAFUSE_SAN_DIR:-$ROOT/build/sanitize}
 PY=${PYTHON:-python}
+PY=$($PY -c 'import sys; print(sys.executable)')   # the real interpreter, not a shell shim (it would run under ASan too)
 CC=${CC:-gcc}
 
 ASAN_RT=$($CC -print-file-name=libasan.so)
@@ -76,11 +77,17 @@ set +e
 $PY -m pytest -q -p no:cacheprovider -p no:xdist "$@" 2>&1 | tee "$SAN/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
-reports=$(find "$SAN/reports" -type f | wc -l)
+# a report is an ASan/LSan error or a UBSan "runtime error"; allocator warnings (e.g. a refused
+# multi-TiB allocation with allocator_may_return_null=1, which Python sees as MemoryError) are not
+reports=$(grep -lE 'ERROR: (Address|Leak)Sanitizer|runtime error:' "$SAN"/reports/* 2>/dev/null | wc -l)
+warnings=$(find "$SAN/reports" -type f | wc -l)
 summary=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ passed' "$SAN/pytest.log" | tail -1)
-echo "== sanitizer summary: ${summary:-no pytest summary} | ASan/UBSan reports: $reports"
+echo "== sanitizer summary: ${summary:-no pytest summary} | ASan/UBSan reports: $reports" \
+     "(report files incl. allocator warnings: $warnings)"
 if [ "$reports" -ne 0 ]; then
-    for f in "$SAN"/reports/*; do echo "--- $f"; head -40 "$f"; done
+    for f in $(grep -lE 'ERROR: (Address|Leak)Sanitizer|runtime error:' "$SAN"/reports/*); do
+        echo "--- $f"; head -40 "$f"
+    done
     exit 1
 fi
 exit "$rc"
