@@ -76,6 +76,8 @@ TRAINER = textwrap.dedent(r'''
         opt.load_state_dict(sd)
         torch.set_rng_state(state["rng"])
     print("ready", start, flush=True)
+    import time
+    t_ready = time.perf_counter()
     log = open(os.path.join(root, "losses.txt"), "a")
     for step in range(start + 1, steps + 1):
         g = torch.Generator().manual_seed(step)
@@ -97,12 +99,13 @@ TRAINER = textwrap.dedent(r'''
                 st[f"{i}.step"], st[f"{i}.exp_avg"], st[f"{i}.exp_avg_sq"] = s["step"], s["exp_avg"], s["exp_avg_sq"]
             atomic_write(os.path.join(d, "trainer_state.safetensors"), save(st))
             atomic_write(latest, str(step).encode())
-    print("done", flush=True)
+    print("done", time.perf_counter() - t_ready, flush=True)
 ''')
 
 
-def run_trainer(root: Path, kill_after: float | None = None) -> str:
-    """Run (or resume) the trainer; SIGKILL it ``kill_after`` s after it is ready. Returns how it ended."""
+def run_trainer(root: Path, kill_after: float | None = None) -> tuple:
+    """Run (or resume) the trainer; SIGKILL it ``kill_after`` s after it is ready.
+    Returns ("killed", None) or ("done", seconds of training after start-up)."""
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(root), str(STEPS), str(K)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -118,10 +121,10 @@ def run_trainer(root: Path, kill_after: float | None = None) -> str:
             proc.kill()
             proc.wait()
     if proc.returncode == -signal.SIGKILL:
-        return "killed"
+        return "killed", None
     assert proc.returncode == 0, err
-    assert "done" in out
-    return "done"
+    assert "done" in out, out
+    return "done", float(out.split("done")[1].split()[0])
 
 
 def losses(root: Path) -> dict:
@@ -166,7 +169,9 @@ def check_loadable(root: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    assert run_trainer(root) == "done"
+    ended, seconds = run_trainer(root)
+    assert ended == "done"
+    (root / "seconds").write_text(str(seconds))
     return root
 
 
@@ -174,19 +179,23 @@ def test_killed_and_resumed_training_is_identical(reference: Path, tmp_path: Pat
     rng = random.Random(2024)
     ref_losses, ref_state = losses(reference), final_state(reference)
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
+    duration = float((reference / "seconds").read_text())
     kills = runs = 0
     while True:
         runs += 1
         assert runs < 40, "training never finished"
-        # random kill point inside the run (import done, ~0.1–0.4 s of training + saving left)
-        delay = rng.uniform(0.0, 0.15) if kills < 4 else None
-        ended = run_trainer(tmp_path, delay)
+        # a random kill point inside what is left of the run (scaled by the uninterrupted run's time)
+        latest = tmp_path / "ckpt" / "latest"
+        left = duration * (STEPS - (int(latest.read_text()) if latest.exists() else 0)) / STEPS
+        delay = rng.uniform(0.0, 0.8 * left) if kills < 4 else None
+        ended, _ = run_trainer(tmp_path, delay)
         check_loadable(tmp_path)
         if ended == "done":
             break
         kills += 1
     got_losses, got_state = losses(tmp_path), final_state(tmp_path)
-    print(f"{kills} SIGKILLs over {runs} runs; every checkpoint left behind loaded")
+    print(f"{kills} SIGKILLs over {runs} runs (uninterrupted training: {duration:.2f} s); "
+          "every checkpoint left behind loaded")
     assert kills >= 3, "the kills did not land inside training (machine too fast?)"
     assert got_losses == ref_losses
     assert got_state.keys() == ref_state.keys()
