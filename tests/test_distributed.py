@@ -304,5 +304,19 @@ def test_fsdp_float32_fused_path(ddp_run: Path) -> None:
     _check_fsdp(ddp_run, torch.float32, 2e-5)
 
 
+def test_example_ddp_train_script(tmp_path: Path) -> None:
+    """examples/ddp_train.py --nproc 2 runs end to end (a few steps) and only rank 0's adapter appears."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    out = tmp_path / "adapter"
+    proc = subprocess.run([sys.executable, str(script), "--nproc", "2", "--steps", "3", "--global-batch", "4",
+                           "--seq", "8", "--out", str(out)], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "adapter written by rank 0" in proc.stdout and "step    3" in proc.stdout, proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q", "-s"]))
