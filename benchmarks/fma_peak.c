@@ -23,22 +23,32 @@ static double now(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
+/* 12 named accumulators (not an array: each must live in its own register); the empty asm
+ * makes every chain observable, so the compiler can neither drop nor fold any FMA */
+#define CHAINS(T, FMA, SET)                                                                      \
+    T a0 = SET(0), a1 = SET(1), a2 = SET(2), a3 = SET(3), a4 = SET(4), a5 = SET(5), a6 = SET(6),  \
+      a7 = SET(7), a8 = SET(8), a9 = SET(9), a10 = SET(10), a11 = SET(11), b = SET(1.0000001f),   \
+      c = SET(1e-7f);                                                                            \
+    for (long it = 0; it < n; it++) {                                                            \
+        __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));       \
+        __asm__ volatile("" : "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));     \
+        a0 = FMA(a0, b, c); a1 = FMA(a1, b, c); a2 = FMA(a2, b, c); a3 = FMA(a3, b, c);          \
+        a4 = FMA(a4, b, c); a5 = FMA(a5, b, c); a6 = FMA(a6, b, c); a7 = FMA(a7, b, c);          \
+        a8 = FMA(a8, b, c); a9 = FMA(a9, b, c); a10 = FMA(a10, b, c); a11 = FMA(a11, b, c);      \
+    }
+
 static void *run(void *out) {
     float sink = 0;
     if (use_ymm) {
-        __m256 a[12], b = _mm256_set1_ps(1.0000001f), c = _mm256_set1_ps(1e-7f);
-        for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i);
-        for (long it = 0; it < ITERS / 2; it++)
-            for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
-        for (int i = 0; i < 12; i++) sink += _mm256_cvtss_f32(a[i]);
-        *(double *)out = (double)ITERS / 2 * 12 * 8 * 2;
+        const long n = ITERS / 2;
+        CHAINS(__m256, _mm256_fmadd_ps, _mm256_set1_ps)
+        sink = _mm256_cvtss_f32(a0) + _mm256_cvtss_f32(a6) + _mm256_cvtss_f32(a11);
+        *(double *)out = (double)n * 12 * 8 * 2;
     } else {
-        __m512 a[12], b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
-        for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps((float)i);
-        for (long it = 0; it < ITERS / 4; it++)
-            for (int i = 0; i < 12; i++) a[i] = _mm512_fmadd_ps(a[i], b, c);
-        for (int i = 0; i < 12; i++) sink += _mm512_cvtss_f32(a[i]);
-        *(double *)out = (double)ITERS / 4 * 12 * 16 * 2;
+        const long n = ITERS / 4;
+        CHAINS(__m512, _mm512_fmadd_ps, _mm512_set1_ps)
+        sink = _mm512_cvtss_f32(a0) + _mm512_cvtss_f32(a6) + _mm512_cvtss_f32(a11);
+        *(double *)out = (double)n * 12 * 16 * 2;
     }
     if (sink == 12345.f) puts("");
     return NULL;
