@@ -14,17 +14,24 @@
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
 
-typedef float CAT(vf, SUFFIX) __attribute__((vector_size(VW * 4), aligned(4)));
+typedef float CAT(vf, SUFFIX) __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 #define VF CAT(vf, SUFFIX)
 
+/* VW floats from p, or the first n of them (rest zero) when n < VW. Full vectors are plain
+ * unaligned vector loads (no memcpy call: under a target attribute GCC does not expand it). */
 TARGET static inline __attribute__((always_inline)) VF CAT(vload, SUFFIX)(const float *p, int64_t n) {
+    if (n >= VW) return *(const VF *)p;
     VF v = {0};
-    memcpy(&v, p, (size_t)(n < VW ? n : VW) * sizeof(float));
+    for (int64_t l = 0; l < n; l++) v[l] = p[l];
     return v;
 }
 
 TARGET static inline __attribute__((always_inline)) void CAT(vstore, SUFFIX)(float *p, VF v, int64_t n) {
-    memcpy(p, &v, (size_t)(n < VW ? n : VW) * sizeof(float));
+    if (n >= VW) {
+        *(VF *)p = v;
+        return;
+    }
+    for (int64_t l = 0; l < n; l++) p[l] = v[l];
 }
 
 #define ROWS 8 /* tokens per step: 8 independent accumulators hide the FMA latency */
@@ -41,8 +48,7 @@ TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, i
             for (int t = 0; t < ROWS; t++) acc[t] = (VF){0};
             const float *b = bt + j0;
             for (int64_t p = 0; p < K; p++, b += Rp) {
-                VF bv;
-                memcpy(&bv, b, sizeof bv); /* bt is zero-padded to Rp: a full vector is there */
+                const VF bv = *(const VF *)b; /* bt is zero-padded to Rp: a full vector is there */
 #pragma GCC unroll 8
                 for (int t = 0; t < ROWS; t++) acc[t] += ar[t][p] * bv;
             }
@@ -105,37 +111,54 @@ TARGET static void CAT(dropout_axpy_span, SUFFIX)(const float *t, int64_t n, uin
 
 /* rows j ∈ [j0, j1) of c (n, ·) (+)= scale · a (n, K) · b (·, K)ᵀ for n ≤ LF_ROWDOTS_MAX_N: each
  * output is a dot product of two contiguous rows, and b (W at decode) is streamed once, in
- * place — packing it would cost more than the few rows of arithmetic. */
-TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n, int64_t K, lf_view a,
-                                              lf_view b, float scale, float *c, int64_t ldc, int accumulate) {
+ * place — packing it would cost more than the few rows of arithmetic. The body is inlined with
+ * a constant n (1…8) so that the 2·n accumulators stay in registers. */
+TARGET static inline __attribute__((always_inline)) void CAT(rowdots_n, SUFFIX)(
+    const int n, int64_t j0, int64_t j1, int64_t K, lf_view a, lf_view b, float scale, float *c, int64_t ldc,
+    int accumulate) {
     const int64_t kfull = K / VW * VW;
     for (int64_t j = j0; j < j1; j += 2) {
         const int two = j + 1 < j1;
         const float *b0 = b.p + j * b.rs, *b1 = b.p + (j + two) * b.rs;
-        VF acc[LF_ROWDOTS_MAX_N][2];
-        for (int64_t i = 0; i < n; i++) acc[i][0] = acc[i][1] = (VF){0};
-        for (int64_t p = 0; p < K; p += VW) {
-            VF w0, w1;
-            if (p < kfull) {
-                memcpy(&w0, b0 + p, sizeof w0);
-                memcpy(&w1, b1 + p, sizeof w1);
-            } else {
-                w0 = CAT(vload, SUFFIX)(b0 + p, K - p);
-                w1 = CAT(vload, SUFFIX)(b1 + p, K - p);
-            }
-            for (int64_t i = 0; i < n; i++) {
-                VF xv;
-                if (p < kfull) memcpy(&xv, a.p + i * a.rs + p, sizeof xv);
-                else xv = CAT(vload, SUFFIX)(a.p + i * a.rs + p, K - p);
-                acc[i][0] += xv * w0;
-                acc[i][1] += xv * w1;
+        VF acc0[LF_ROWDOTS_MAX_N], acc1[LF_ROWDOTS_MAX_N];
+#pragma GCC unroll 8
+        for (int i = 0; i < n; i++) acc0[i] = acc1[i] = (VF){0};
+        for (int64_t p = 0; p < kfull; p += VW) {
+            const VF w0 = *(const VF *)(b0 + p), w1 = *(const VF *)(b1 + p);
+#pragma GCC unroll 8
+            for (int i = 0; i < n; i++) {
+                const VF xv = *(const VF *)(a.p + i * a.rs + p);
+                acc0[i] += xv * w0;
+                acc1[i] += xv * w1;
             }
         }
-        for (int64_t i = 0; i < n; i++) {
+        if (kfull < K) { /* tail of K: zero-filled partial vectors */
+            const VF w0 = CAT(vload, SUFFIX)(b0 + kfull, K - kfull), w1 = CAT(vload, SUFFIX)(b1 + kfull, K - kfull);
+#pragma GCC unroll 8
+            for (int i = 0; i < n; i++) {
+                const VF xv = CAT(vload, SUFFIX)(a.p + i * a.rs + kfull, K - kfull);
+                acc0[i] += xv * w0;
+                acc1[i] += xv * w1;
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < n; i++) {
             float *ci = c + i * ldc + j;
-            ci[0] = (accumulate ? ci[0] : 0.0f) + scale * HSUM(acc[i][0]);
-            if (two) ci[1] = (accumulate ? ci[1] : 0.0f) + scale * HSUM(acc[i][1]);
+            ci[0] = (accumulate ? ci[0] : 0.0f) + scale * HSUM(acc0[i]);
+            if (two) ci[1] = (accumulate ? ci[1] : 0.0f) + scale * HSUM(acc1[i]);
         }
+    }
+}
+
+TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n, int64_t K, lf_view a,
+                                              lf_view b, float scale, float *c, int64_t ldc, int accumulate) {
+    switch (n) {
+#define ROWDOTS_CASE(N) \
+    case N: CAT(rowdots_n, SUFFIX)(N, j0, j1, K, a, b, scale, c, ldc, accumulate); break;
+        ROWDOTS_CASE(1) ROWDOTS_CASE(2) ROWDOTS_CASE(3) ROWDOTS_CASE(4)
+        ROWDOTS_CASE(5) ROWDOTS_CASE(6) ROWDOTS_CASE(7) ROWDOTS_CASE(8)
+#undef ROWDOTS_CASE
+    default: break; /* n > LF_ROWDOTS_MAX_N is refused by lf_rowdots */
     }
 }
 
