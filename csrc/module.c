@@ -163,7 +163,16 @@ static PyArrayObject *as_f32(lf_state *st, PyObject *obj, const char *func, cons
         arr = obj;
     } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
         arr = PyObject_CallOneArg(st->from_dlpack, obj);
-        if (!arr) return NULL;
+        if (!arr) { /* e.g. bfloat16, sparse, meta, or requires-grad tensors */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_Format(PyExc_TypeError, "%s: %s (a %s) cannot be read as a float32 CPU array: %S", func, name,
+                         Py_TYPE(obj)->tp_name, value ? value : Py_None);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            return NULL;
+        }
         if (!PyArray_Check(arr)) {
             Py_DECREF(arr);
             PyErr_Format(PyExc_TypeError, "%s: %s: from_dlpack did not give an ndarray", func, name);

@@ -296,10 +296,6 @@ def test_fsdp_use_orig_params_on_cpu(ddp_run: Path) -> None:
     _check_fsdp(ddp_run, torch.float64, 1e-6)
 
 
-@pytest.mark.xfail(strict=False, reason="autograd._arg hands CPU tensors to the C kernels as t.numpy(), which marks "
-                                        "the storage non-resizable; FSDP then fails to free its unsharded flat "
-                                        "parameter ('Trying to resize storage that is not resizable'). Fix: pass "
-                                        "the detached tensor itself (DLPack) — reported")
 def test_fsdp_float32_fused_path(ddp_run: Path) -> None:
     _check_fsdp(ddp_run, torch.float32, 2e-5)
 

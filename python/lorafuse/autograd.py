@@ -80,11 +80,10 @@ def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, dev
 
 
 def _arg(t: Optional[torch.Tensor]) -> Any:
-    """Zero-copy view for the kernels: a NumPy view on CPU, the tensor itself (DLPack) elsewhere."""
-    if t is None:
-        return None
-    t = t.detach()
-    return t.numpy() if t.is_cpu else t
+    """Zero-copy hand-off to the kernels: the detached tensor, which the binding reads through
+    DLPack. Not ``t.numpy()``: that marks the storage non-resizable for good, and FSDP resizes
+    the storage of the parameters it gathers and frees."""
+    return None if t is None else t.detach()
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,

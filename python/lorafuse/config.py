@@ -168,6 +168,10 @@ class LoraConfig:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        pat = self.layers_pattern
+        if pat is not None and not (isinstance(pat, str) or
+                                    (isinstance(pat, (list, tuple)) and all(isinstance(p, str) for p in pat))):
+            raise ValueError(f"layers_pattern must be a str or a list of str, got {pat!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         layers = self.layers_to_transform

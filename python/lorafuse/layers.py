@@ -196,7 +196,7 @@ class LoraLinear(nn.Module):
         ops = kernels_for(weight, a, b) if weight.device.type == "cpu" else None
         if ops is not None and not safe_merge and weight.is_contiguous():
             fn = ops.merge if sign > 0 else ops.unmerge
-            fn(weight.detach().numpy(), a.detach().numpy(), b.detach().numpy(), self.scaling[adapter_name],
+            fn(weight.detach(), a.detach(), b.detach(), self.scaling[adapter_name],
                fan_in_fan_out=self.fan_in_fan_out)
             return
         delta = self.get_delta_weight(adapter_name).to(weight.dtype)
