@@ -113,15 +113,17 @@ def test_merge_then_unmerge_restores_W(isa, fifo):
     assert_within(W.T if fifo else W, W0.astype(np.float64), 2 * mag, r + 2, "unmerged W")
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("r", [1, 16, 17, 64, 65])
-def test_threaded_skinny_and_gemm_paths(isa, r):
+def test_threaded_skinny_and_gemm_paths(isa, r, p):
     """Big enough to run on every thread: the streaming rank-r kernels (r ≤ 64: u, v, dB split
-    by rows, dA split by columns) and the GEMM fallback (r > 64) must agree with the reference."""
+    by rows, dA split by columns, x̃ regenerated while streamed; the dropout part of dx) and the
+    GEMM fallback (r > 64) must agree with the reference."""
     import lorafuse
 
     before = lorafuse.get_num_threads()
     lorafuse.set_num_threads(2)
     try:
-        check_backward(np.random.default_rng(r), 300, 700, 500, r)
+        check_backward(np.random.default_rng(r), 300, 700, 500, r, p=p, seed=5)
     finally:
         lorafuse.set_num_threads(before)

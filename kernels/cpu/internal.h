@@ -17,6 +17,14 @@ typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, floa
                               int64_t mr, int64_t nr, int accumulate, const float *bias);
 
 /* One ISA's rank-r kernels (skinny.c, skinny_body.h). */
+/* Dropout applied while reading an operand: keep iff lf_dropout_keep(seed, offset, threshold),
+ * kept values times scale (= 1/(1-p), possibly times another factor). */
+typedef struct {
+    uint64_t seed;
+    uint32_t threshold;
+    float scale;
+} lf_mask;
+
 /* Most token rows for the decode path (rowdots): up to here W is read in place. */
 #define LF_ROWDOTS_MAX_N 8
 
@@ -27,7 +35,7 @@ typedef struct {
     void (*rowdot_rows)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_view a,
                         const float *bt, float scale, float *c);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
-                              lf_view w, float scale, float *c, int64_t ldc);
+                              lf_view w, float scale, float *c, int64_t ldc, const lf_mask *wmask);
     /* dst[j] = mask(off0 + j) ? src[j]·scale : 0 */
     void (*dropout_span)(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
                          float *dst);
@@ -48,9 +56,9 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view
 /* c (n, M; row stride ldc) (+)= scale · a (n, K) · b (M, K)ᵀ;  n ≤ LF_ROWDOTS_MAX_N, a.cs == b.cs == 1 */
 int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_view a, lf_view b, float scale, float *c,
                int64_t ldc, int accumulate);
-/* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w (T, Q);  w.cs == 1 */
+/* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w̃ (T, Q);  w.cs == 1; w̃ = w or w dropped by wmask */
 int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
-                   float *c, int64_t ldc);
+                   float *c, int64_t ldc, const lf_mask *wmask);
 
 /* Length of the stack buffer that packing uses to mask a run of x̃ (any kc works: runs are
  * chunked; every dispatch's kc is ≤ this, so a run is one chunk). */

@@ -88,25 +88,29 @@ typedef struct {
     atomic_int failed;
 } dx_drop_job;
 
+/* Rows in one step of the dropout part of dx: t (DX_ROWS, k) = v (DX_ROWS, r) · A (r, k) is a
+ * rank-r update (skinny.c), then masked into dx row by row. */
+#define DX_ROWS 8
+
 static void dx_drop_rows(void *ctxp, int tid, int nt) {
     dx_drop_job *job = ctxp;
     const int64_t rows = (job->n + nt - 1) / nt, i0 = tid * rows;
     const int64_t i1 = i0 + rows < job->n ? i0 + rows : job->n;
-    float *t = lf_pool_scratch(job->pool, tid, 2, (size_t)job->k * sizeof(float));
+    const lf_skinny *sk = lf_skinny_current();
+    float *t = lf_pool_scratch(job->pool, tid, 2, (size_t)(DX_ROWS * job->k) * sizeof(float));
     if (!t) {
         atomic_store(&job->failed, 1);
         return;
     }
-    for (int64_t i = i0; i < i1; i++) {
+    for (int64_t b0 = i0; b0 < i1; b0 += DX_ROWS) {
         if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-        for (int64_t j = 0; j < job->k; j++) t[j] = 0.0f;
-        for (int64_t q = 0; q < job->r; q++) { /* t = v[i,:] · A  (axpy over A's rows) */
-            const float vq = job->v[i * job->r + q];
-            const float *aq = job->A.p + q * job->A.rs;
-            for (int64_t j = 0; j < job->k; j++) t[j] += vq * aq[j * job->A.cs];
-        }
-        lf_skinny_current()->dropout_axpy_span(t, job->k, (uint64_t)(i * job->k), job->seed, job->threshold,
-                                               job->coef, job->dx + i * job->k);
+        const int64_t nb = i1 - b0 < DX_ROWS ? i1 - b0 : DX_ROWS;
+        /* t (nb, k) = coef · vᵀᵀ: s = v[b0:b0+nb]ᵀ viewed (r, nb), w = A (r, k) */
+        const lf_view vt = {job->v + b0 * job->r, 1, job->r};
+        sk->rank_update_block(0, nb, 0, job->k, job->r, vt, job->A, job->coef, t, job->k, NULL);
+        for (int64_t i = 0; i < nb; i++)
+            sk->dropout_axpy_span(t + i * job->k, job->k, (uint64_t)((b0 + i) * job->k), job->seed,
+                                  job->threshold, 1.0f, job->dx + (b0 + i) * job->k);
     }
 }
 
@@ -131,7 +135,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     /* dB (m,r) = s · gᵀ · u */
     if (!st) {
         if (g_streams) {
-            st = lf_rank_update(pool, m, r, n, g, u, scale, dB, r);
+            st = lf_rank_update(pool, m, r, n, g, u, scale, dB, r, NULL);
         } else {
             const lf_operand gt = lf_operand_plain(transpose(g), scale), uo = lf_operand_plain(u, 1.0f);
             st = lf_gemm(pool, m, r, n, &gt, &uo, 0.0f, NULL, dB, r);
@@ -139,8 +143,10 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     }
     /* dA (r,k) = s · vᵀ · x̃ */
     if (!st) {
-        if (dropout_p == 0.0f && lf_skinny_ok(x, r)) {
-            st = lf_rank_update(pool, r, k, n, vv, x, scale, dA, k);
+        if (lf_skinny_ok(x, r)) { /* x̃ regenerated as x is streamed */
+            const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u,
+                                1.0f / (1.0f - dropout_p)};
+            st = lf_rank_update(pool, r, k, n, vv, x, scale, dA, k, dropout_p > 0.0f ? &xm : NULL);
         } else {
             const lf_operand vt = lf_operand_plain(transpose(vv), scale);
             const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
@@ -157,8 +163,17 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
             /* dx = g · W, then + s/(1-p) · mask ⊙ (v · A): the mask sits on the product */
             const lf_operand wo = lf_operand_plain(W, 1.0f);
             st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx, k);
+            float *acopy = NULL; /* the rank-r update reads A's rows as vectors */
+            lf_view Ar = A;
+            if (!st && n > 0 && k > 0 && A.cs != 1 && r > 0) {
+                acopy = malloc((size_t)(r * k) * sizeof(float));
+                if (!acopy) st = LF_ENOMEM;
+                for (int64_t q = 0; acopy && q < r; q++)
+                    for (int64_t j = 0; j < k; j++) acopy[q * k + j] = A.p[q * A.rs + j * A.cs];
+                Ar = (lf_view){acopy, k, 1};
+            }
             if (!st && n > 0 && k > 0) {
-                dx_drop_job job = {.n = n, .k = k, .r = r, .v = v, .A = A,
+                dx_drop_job job = {.n = n, .k = k, .r = r, .v = v, .A = Ar,
                                    .coef = scale / (1.0f - dropout_p),
                                    .threshold = lf_dropout_threshold(dropout_p), .seed = seed,
                                    .dx = dx, .pool = pool};
@@ -168,6 +183,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                 if (atomic_load(&job.failed)) st = LF_ENOMEM;
                 if (lf_interrupt_pending()) st = LF_EINTR;
             }
+            free(acopy);
         }
     }
     free(v);

@@ -80,6 +80,7 @@ typedef struct {
     float *c;
     int split_p;    /* rank_update: threads split P (else Q) */
     int accumulate; /* rowdots: add to c */
+    const lf_mask *wmask; /* rank_update: dropout on w, or NULL */
 } skinny_job;
 
 static void rowdot_task(void *ctxp, int tid, int nt) {
@@ -95,8 +96,8 @@ static void rank_update_task(void *ctxp, int tid, int nt) {
     const int64_t len = j->split_p ? j->P : j->Q;
     const int64_t b0 = tid * j->chunk, b1 = b0 + j->chunk < len ? b0 + j->chunk : len;
     if (b0 >= b1) return;
-    if (j->split_p) j->k->rank_update_block(b0, b1, 0, j->Q, j->T, j->s, j->w, j->scale, j->c, j->ldc);
-    else j->k->rank_update_block(0, j->P, b0, b1, j->T, j->s, j->w, j->scale, j->c, j->ldc);
+    if (j->split_p) j->k->rank_update_block(b0, b1, 0, j->Q, j->T, j->s, j->w, j->scale, j->c, j->ldc, j->wmask);
+    else j->k->rank_update_block(0, j->P, b0, b1, j->T, j->s, j->w, j->scale, j->c, j->ldc, j->wmask);
 }
 
 static int threads_for(lf_pool *pool, double flops, int64_t units) {
@@ -143,10 +144,11 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view
 }
 
 int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
-                   float *c, int64_t ldc) {
+                   float *c, int64_t ldc, const lf_mask *wmask) {
     if (P == 0 || Q == 0) return LF_OK;
     const lf_skinny *k = skinny_for(lf_get_isa());
-    skinny_job job = {.k = k, .P = P, .Q = Q, .T = T, .s = s, .w = w, .scale = scale, .c = c, .ldc = ldc};
+    skinny_job job = {.k = k, .P = P, .Q = Q, .T = T, .s = s, .w = w, .scale = scale, .c = c, .ldc = ldc,
+                      .wmask = wmask};
     const int64_t qchunks = (Q + k->vw - 1) / k->vw;
     job.split_p = qchunks < lf_pool_threads(pool); /* too few column vectors to share: split rows */
     const int nt = threads_for(pool, 2.0 * (double)P * (double)Q * (double)T, job.split_p ? P : qchunks);

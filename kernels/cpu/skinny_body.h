@@ -58,9 +58,14 @@ TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, i
     }
 }
 
-/* block [p0, p1) × [q0, q1) of c = scale · sᵀ · w, c row stride ldc */
+TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64_t off0, uint64_t seed,
+                                             uint32_t thr, float scale, float *dst);
+
+/* block [p0, p1) × [q0, q1) of c = scale · sᵀ · w̃, c row stride ldc; w̃ = w, or the dropped
+ * w ⊙ mask · wmask->scale when wmask (mask index = flat offset t·w.rs + j: x̃ regenerated) */
 TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T,
-                                                  lf_view s, lf_view w, float scale, float *c, int64_t ldc) {
+                                                  lf_view s, lf_view w, float scale, float *c, int64_t ldc,
+                                                  const lf_mask *wmask) {
     for (int64_t j = q0; j < q1; j += VW) {
         const int64_t width = q1 - j;
         for (int64_t p = p0; p < P; p++) CAT(vstore, SUFFIX)(c + p * ldc + j, (VF){0}, width);
@@ -70,7 +75,17 @@ TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t
             const float *sr[ROWS];
             for (int t = 0; t < ROWS; t++) {
                 const int64_t tt = t0 + (t < rows ? t : 0);
-                wv[t] = t < rows ? CAT(vload, SUFFIX)(w.p + tt * w.rs + j, width) : (VF){0};
+                if (t >= rows) {
+                    wv[t] = (VF){0};
+                } else if (wmask) {
+                    float run[VW];
+                    const int64_t off = tt * w.rs + j, len = width < VW ? width : VW;
+                    CAT(dropout_span, SUFFIX)(w.p + off, len, (uint64_t)off, wmask->seed, wmask->threshold,
+                                              wmask->scale, run);
+                    wv[t] = CAT(vload, SUFFIX)(run, len);
+                } else {
+                    wv[t] = CAT(vload, SUFFIX)(w.p + tt * w.rs + j, width);
+                }
                 sr[t] = s.p + tt * s.rs;
             }
             for (int64_t p = p0; p < P; p++) {
