@@ -282,16 +282,9 @@ def _stream(device: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------- API
 
-def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *, out: Any = None,
-                      u_out: Any = None, dropout_p: float = 0.0, seed: int = 0,
-                      fan_in_fan_out: bool = False) -> Tuple[Any, Any]:
-    """u = drop(x)·Aᵀ (..., r); y = x·Wᵀ + bias + scale·u·Bᵀ (..., m). Returns (y, u).
-
-    x (..., k); W (m, k) — (k, m) with fan_in_fan_out —; A (r, k); B (m, r); bias (m,) or None; all CUDA
-    tensors on one device with one dtype. out / u_out: optional preallocated contiguous outputs with
-    n·m / n·r elements (returned as given)."""
-    C = _load()
-    scale, p, seed = _scalars(scale, dropout_p, seed)
+def _layer_inputs(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: bool) -> tuple:
+    """Checked (x, dtype code, k, W, w_kxm, m, A, B, r) shared by forward and backward:
+    x (..., k) CUDA; W (m, k) or (k, m); A (r, k); B (m, r); one device and dtype."""
     x = _as_tensor("x", x)
     if x.device.type != _DEVICE_TYPE:
         raise ValueError(f"lorafuse.cuda: x must be a CUDA tensor, got device {x.device}")
@@ -307,6 +300,20 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
         raise ValueError(f"lorafuse.cuda: A must be (r, k={k}) with r >= 1, got {tuple(A.shape)}")
     r = A.shape[0]
     _check_shape("B", B, (m, r))
+    return x, code, k, W, w_kxm, m, A, B, r
+
+
+def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *, out: Any = None,
+                      u_out: Any = None, dropout_p: float = 0.0, seed: int = 0,
+                      fan_in_fan_out: bool = False) -> Tuple[Any, Any]:
+    """u = drop(x)·Aᵀ (..., r); y = x·Wᵀ + bias + scale·u·Bᵀ (..., m). Returns (y, u).
+
+    x (..., k); W (m, k) — (k, m) with fan_in_fan_out —; A (r, k); B (m, r); bias (m,) or None; all CUDA
+    tensors on one device with one dtype. out / u_out: optional preallocated contiguous outputs with
+    n·m / n·r elements (returned as given)."""
+    C = _load()
+    scale, p, seed = _scalars(scale, dropout_p, seed)
+    x, code, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
     bias = _as_tensor("bias", bias, optional=True)
     if bias is not None:
         _check_same("bias", bias, x)
@@ -337,21 +344,7 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     Returns (dx or None, dA, dB). dW is never formed."""
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
-    x = _as_tensor("x", x)
-    if x.device.type != _DEVICE_TYPE:
-        raise ValueError(f"lorafuse.cuda: x must be a CUDA tensor, got device {x.device}")
-    code = _dtype_code(x)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"lorafuse.cuda: x must be (..., k) with k >= 1, got shape {tuple(x.shape)}")
-    k = x.shape[-1]
-    W, w_kxm, m = _weight(_as_tensor("W", W), fan_in_fan_out, x)
-    A, B = _as_tensor("A", A), _as_tensor("B", B)
-    _check_same("A", A, x)
-    _check_same("B", B, x)
-    if A.dim() != 2 or A.shape[1] != k or A.shape[0] < 1:
-        raise ValueError(f"lorafuse.cuda: A must be (r, k={k}) with r >= 1, got {tuple(A.shape)}")
-    r = A.shape[0]
-    _check_shape("B", B, (m, r))
+    x, code, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
     x2 = _dense("x", x).reshape(-1, k)
     n = x2.shape[0]
     g, u = _as_tensor("g", g), _as_tensor("u", u)
