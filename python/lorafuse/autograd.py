@@ -95,10 +95,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     m = weight.shape[1] if fifo else weight.shape[0]
     kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
     if kern is not None:
-        y = torch.empty((x2.shape[0], m), dtype=x.dtype, device=x.device)
-        u = torch.empty((x2.shape[0], lora_a.shape[0]), dtype=x.dtype, device=x.device)
-        kern.lora_forward(_arg(x2), _arg(weight), _arg(lora_a), _arg(lora_b), scale, bias=_arg(bias), out=_arg(y),
-                          u_out=_arg(u), dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
+        # outputs allocated by the kernels' module (NumPy arrays on CPU, wrapped without a copy):
+        # cheaper than torch.empty + a DLPack hand-off per output
+        y, u = kern.lora_forward(_arg(x2), _arg(weight), _arg(lora_a), _arg(lora_b), scale, bias=_arg(bias),
+                                 dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
+        if not isinstance(y, torch.Tensor):
+            y, u = torch.from_numpy(y), torch.from_numpy(u)
     else:
         y, u = _torch_forward(x2, weight.detach(), None if bias is None else bias.detach(), lora_a.detach(),
                               lora_b.detach(), scale, dropout_p, seed, fifo)
