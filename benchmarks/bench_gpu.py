@@ -64,36 +64,12 @@ def _peft_linear(W, r, alpha, dtype):
 
 
 def _ours_fn():
-    """The real training path: lorafuse.autograd.lora_linear, else a minimal Function over lorafuse.cuda."""
-    import lorafuse.cuda as lc
+    """The real training path: lorafuse.autograd.lora_linear (dispatches CUDA tensors to lorafuse.cuda)."""
+    from lorafuse.autograd import backend_name, lora_linear
 
-    try:
-        from lorafuse.autograd import lora_linear, backend_name
-    except ImportError:
-        lora_linear = backend_name = None
-
-    class Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, W, A, B, s):
-            y, u = lc.cuda_lora_forward(x, W, A, B, s)
-            ctx.save_for_backward(x, u, W, A, B)
-            ctx.s = s
-            return y
-
-        @staticmethod
-        def backward(ctx, g):
-            x, u, W, A, B = ctx.saved_tensors
-            dx, dA, dB = lc.cuda_lora_backward(g.contiguous(), x, u, W, A, B, ctx.s, need_dx=ctx.needs_input_grad[0])
-            return dx, None, dA, dB, None
-
-    def via_function(x, W, A, B, s):
-        return Fn.apply(x, W, A, B, s)
-
-    if lora_linear is not None:
-        def via_autograd(x, W, A, B, s):
-            return lora_linear(x, W, None, A, B, s)
-        return via_autograd, backend_name, "lorafuse.autograd.lora_linear"
-    return via_function, None, "local autograd.Function over lorafuse.cuda"
+    def via_autograd(x, W, A, B, s):
+        return lora_linear(x, W, None, A, B, s)
+    return via_autograd, backend_name, "lorafuse.autograd.lora_linear"
 
 
 def bench_shape(n, k, m, r, dtype, iters, rounds, warmup):

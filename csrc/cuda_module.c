@@ -39,6 +39,16 @@ static PyObject *raise_status(int status, const char *entry) {
 
 #define PTR(v) ((void *)(uintptr_t)(v))
 
+/* The problem description both entry points pass to the kernels. */
+static lf_cuda_lora_desc make_desc(int device, unsigned long long stream, int dtype, int allow_tf32, long long n,
+                                   long long k, long long m, long long r, int w_kxm, float scale, double p,
+                                   unsigned long long seed) {
+    lf_cuda_lora_desc d;
+    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.allow_tf32 = allow_tf32;
+    d.n = n; d.k = k; d.m = m; d.r = r; d.w_kxm = w_kxm; d.scale = scale; d.dropout_p = p; d.seed = seed;
+    return d;
+}
+
 static PyObject *py_lora_forward(PyObject *self, PyObject *args) {
     (void)self;
     int device, dtype, allow_tf32, w_kxm;
@@ -49,9 +59,7 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKiiLLLLifdKKKKKKKKK:lora_forward", &device, &stream, &dtype, &allow_tf32, &n, &k,
                           &m, &r, &w_kxm, &scale, &p, &seed, &x, &W, &bias, &A, &B, &y, &u, &xdrop))
         return NULL;
-    lf_cuda_lora_desc d;
-    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.allow_tf32 = allow_tf32;
-    d.n = n; d.k = k; d.m = m; d.r = r; d.w_kxm = w_kxm; d.scale = scale; d.dropout_p = p; d.seed = seed;
+    const lf_cuda_lora_desc d = make_desc(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, p, seed);
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = lf_cuda_lora_forward(&d, PTR(x), PTR(W), PTR(bias), PTR(A), PTR(B), PTR(y), PTR(u), PTR(xdrop));
@@ -71,9 +79,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args) {
                           &k, &m, &r, &w_kxm, &scale, &p, &seed, &g, &x, &u, &W, &A, &B, &dx, &dA, &dB, &xdrop,
                           &vws))
         return NULL;
-    lf_cuda_lora_desc d;
-    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.allow_tf32 = allow_tf32;
-    d.n = n; d.k = k; d.m = m; d.r = r; d.w_kxm = w_kxm; d.scale = scale; d.dropout_p = p; d.seed = seed;
+    const lf_cuda_lora_desc d = make_desc(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, p, seed);
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = lf_cuda_lora_backward(&d, PTR(g), PTR(x), PTR(u), PTR(W), PTR(A), PTR(B), PTR(dx), PTR(dA), PTR(dB),

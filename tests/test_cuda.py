@@ -311,24 +311,6 @@ def test_argument_errors():
 
 # ------------------------------------------------------------------------------ through autograd
 
-class _FusedLoraFn(torch.autograd.Function):
-    """Minimal autograd wrapper over lorafuse.cuda (independent of lorafuse.autograd)."""
-
-    @staticmethod
-    def forward(ctx, x, W, bias, A, B, s):
-        y, u = lc.cuda_lora_forward(x, W, A, B, s, bias)
-        ctx.save_for_backward(x, u, W, A, B)
-        ctx.s = s
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, u, W, A, B = ctx.saved_tensors
-        dx, dA, dB = lc.cuda_lora_backward(gy.contiguous(), x, u, W, A, B, ctx.s,
-                                           need_dx=ctx.needs_input_grad[0])
-        return dx, None, None, dA, dB, None
-
-
 def test_lorafuse_autograd_dispatches_here():
     """lorafuse.autograd (the torch layer) routes same-dtype CUDA tensors to these kernels."""
     autograd = pytest.importorskip("lorafuse.autograd")
@@ -366,8 +348,11 @@ def _peft_model(base, dtype):
 
 
 def _fuse(peft_model):
-    """Route every PEFT LoRA linear of a deep copy through _FusedLoraFn (sharing nothing with the original)."""
+    """Route every PEFT LoRA linear of a deep copy (sharing nothing with the original) through
+    lorafuse.autograd.lora_linear — the layer's own path, which must dispatch to these kernels."""
     from peft.tuners.lora import Linear as PeftLoraLinear
+
+    from lorafuse.autograd import backend_name, lora_linear
 
     fused = copy.deepcopy(peft_model)
     for mod in fused.modules():
@@ -375,8 +360,9 @@ def _fuse(peft_model):
             def fwd(x, *args, _m=mod, **kw):
                 name = _m.active_adapters[0]
                 base = _m.get_base_layer()
-                return _FusedLoraFn.apply(x, base.weight, base.bias, _m.lora_A[name].weight, _m.lora_B[name].weight,
-                                          float(_m.scaling[name]))
+                args = (x, base.weight, base.bias, _m.lora_A[name].weight, _m.lora_B[name].weight)
+                assert backend_name(*(a for a in args if a is not None)) == "cuda"
+                return lora_linear(*args, float(_m.scaling[name]))
             mod.forward = fwd
     return fused
 
