@@ -160,3 +160,21 @@ def test_decode_rows_read_W_in_place(isa, n):
         check_forward(np.random.default_rng(n), n, 7, 3, 1, bias=False)
     finally:
         lorafuse.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_decode_rows_with_dropout_and_transposed_adapter(isa, n):
+    """The decode path with the dropped u (a GEMM) and with A given as a transposed view
+    (u through the streaming rank-r kernel instead of the dot products)."""
+    rng = np.random.default_rng(40 + n)
+    k, m, r, p = 45, 37, 5, 0.3
+    x, W, A, B, b = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, m)
+    mask = ops.dropout_mask(n, k, p, seed=99)
+    y, u = ops.lora_forward(x, W, A, B, 0.5, b, dropout_p=p, seed=99)
+    ry, ru, my, mu = forward(x, W, A, B, 0.5, b, mask=mask)
+    assert_within(u, ru, mu, k + 2, "u")
+    assert_within(y, ry, my, 2 * k + r + 6, "y")
+    At = np.asfortranarray(A)  # same values, column-major: A.cs != 1
+    y, u = ops.lora_forward(x, W, At, B, 0.5, b)
+    ry, ru, my, mu = forward(x, W, A, B, 0.5, b)
+    assert_within(y, ry, my, 2 * k + r + 4, "y")

@@ -28,10 +28,19 @@ typedef struct {
 /* Most token rows for the decode path (rowdots): up to here W is read in place. */
 #define LF_ROWDOTS_MAX_N 8
 
+/* One K segment of a rowdots product: a (n, K) rows against b (M, K) rows, both cs == 1. */
+typedef struct {
+    lf_view a, b;
+    int64_t K;
+} lf_dots_seg;
+
+/* Most K segments of one rowdots product ([x | s·u] · [W | B]ᵀ has two). */
+#define LF_ROWDOTS_MAX_SEG 2
+
 typedef struct {
     int vw; /* floats per vector */
-    void (*rowdots_block)(int64_t j0, int64_t j1, int64_t n, int64_t K, lf_view a, lf_view b, float scale,
-                          float *c, int64_t ldc, int accumulate);
+    void (*rowdots_block)(int64_t j0, int64_t j1, int64_t n, const lf_dots_seg *seg, int nseg, float scale,
+                          const float *bias, float *c, int64_t ldc);
     void (*rowdot_rows)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_view a,
                         const float *bt, float scale, float *c);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
@@ -53,9 +62,12 @@ const lf_skinny *lf_skinny_current(void);
 int lf_skinny_ok(lf_view big, int64_t r);
 /* c (M, R) = scale · a (M, K) · b (K, R);  a.cs == 1, c contiguous */
 int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view b, float scale, float *c);
-/* c (n, M; row stride ldc) (+)= scale · a (n, K) · b (M, K)ᵀ;  n ≤ LF_ROWDOTS_MAX_N, a.cs == b.cs == 1 */
-int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_view a, lf_view b, float scale, float *c,
-               int64_t ldc, int accumulate);
+/* c (n, M; row stride ldc) = scale · Σ_seg a_seg (n, K_seg) · b_seg (M, K_seg)ᵀ + bias (NULL: none);
+ * n ≤ LF_ROWDOTS_MAX_N, 1 ≤ nseg ≤ LF_ROWDOTS_MAX_SEG, every a.cs == b.cs == 1 */
+int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int nseg, float scale,
+               const float *bias, float *c, int64_t ldc);
+/* 1 if these views suit lf_rowdots (n ≤ LF_ROWDOTS_MAX_N, contiguous rows) */
+int lf_rowdots_ok(int64_t n, lf_view a, lf_view b);
 /* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w̃ (T, Q);  w.cs == 1; w̃ = w or w dropped by wmask */
 int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
                    float *c, int64_t ldc, const lf_mask *wmask);

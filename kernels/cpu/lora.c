@@ -44,14 +44,34 @@ static int contiguous_for_dropout(lf_view x, int64_t k, float p) {
     return p == 0.0f || (x.cs == 1 && x.rs == k);
 }
 
+/* y (n,m) = [x | s·u] · [W | B]ᵀ + bias on the rowdots kernel, for n ≤ LF_ROWDOTS_MAX_N tokens
+ * (su = s·u: a few rows, copied) */
+static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
+                         const float *bias, lf_view B, float scale, const float *u, float *y) {
+    float *su = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
+    if (!su) return LF_ENOMEM;
+    for (int64_t i = 0; i < n * r; i++) su[i] = scale * u[i];
+    const lf_dots_seg seg[2] = {{x, W, k}, {(lf_view){su, r, 1}, B, r}};
+    const int st = lf_rowdots(pool, n, m, seg, 2, 1.0f, bias, y, m);
+    free(su);
+    return st;
+}
+
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
                         float dropout_p, uint64_t seed, float *y, float *u) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
-    /* u (n,r) = x̃ · Aᵀ  — one streaming read of x (skinny.c), or a GEMM with dropout */
-    if (dropout_p == 0.0f && lf_skinny_ok(x, r)) {
+    /* decode (a few tokens): every output is a dot product of contiguous rows, W streamed once
+     * in place and never packed */
+    const int decode = lf_rowdots_ok(n, x, W) && B.cs == 1;
+    /* u (n,r) = x̃ · Aᵀ  — dot products of rows at decode, else one streaming read of x
+     * (skinny.c), or a GEMM with dropout */
+    if (dropout_p == 0.0f && decode && A.cs == 1) {
+        const lf_dots_seg useg = {x, A, k};
+        st = lf_rowdots(pool, n, r, &useg, 1, 1.0f, NULL, u, r);
+    } else if (dropout_p == 0.0f && lf_skinny_ok(x, r)) {
         st = lf_rowdot(pool, n, k, r, x, transpose(A), 1.0f, u);
     } else {
         const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
@@ -59,16 +79,7 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
         st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, u, r);
     }
     if (st) return st;
-    /* decode (a few tokens): every y element is a dot of contiguous rows — W streamed once in
-     * place, never packed:  y = x·Wᵀ, then y += s·u·Bᵀ, then + bias (y is a few rows) */
-    if (n <= LF_ROWDOTS_MAX_N && x.cs == 1 && W.cs == 1 && B.cs == 1) {
-        st = lf_rowdots(pool, n, m, k, x, W, 1.0f, y, m, 0);
-        if (!st) st = lf_rowdots(pool, n, m, r, (lf_view){u, r, 1}, B, scale, y, m, 1);
-        if (!st && bias)
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t j = 0; j < m; j++) y[i * m + j] += bias[j];
-        return st;
-    }
+    if (decode) return decode_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
     const lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);

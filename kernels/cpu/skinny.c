@@ -79,7 +79,9 @@ typedef struct {
     float scale;
     float *c;
     int split_p;    /* rank_update: threads split P (else Q) */
-    int accumulate; /* rowdots: add to c */
+    const lf_dots_seg *seg; /* rowdots: the K segments */
+    int nseg;
+    const float *bias; /* rowdots: added to c, or NULL */
     const lf_mask *wmask; /* rank_update: dropout on w, or NULL */
 } skinny_job;
 
@@ -109,17 +111,24 @@ static void rowdots_task(void *ctxp, int tid, int nt) {
     (void)nt;
     skinny_job *j = ctxp;
     const int64_t j0 = tid * j->chunk, j1 = j0 + j->chunk < j->M ? j0 + j->chunk : j->M;
-    if (j0 < j1) j->k->rowdots_block(j0, j1, j->T, j->K, j->a, j->w, j->scale, j->c, j->ldc, j->accumulate);
+    if (j0 < j1) j->k->rowdots_block(j0, j1, j->T, j->seg, j->nseg, j->scale, j->bias, j->c, j->ldc);
 }
 
-int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_view a, lf_view b, float scale, float *c,
-               int64_t ldc, int accumulate) {
+int lf_rowdots_ok(int64_t n, lf_view a, lf_view b) { return n <= LF_ROWDOTS_MAX_N && a.cs == 1 && b.cs == 1; }
+
+int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int nseg, float scale,
+               const float *bias, float *c, int64_t ldc) {
+    if (nseg < 1 || nseg > LF_ROWDOTS_MAX_SEG) return LF_EINVAL;
+    double K = 0.0;
+    for (int s = 0; s < nseg; s++) {
+        if (!lf_rowdots_ok(n, seg[s].a, seg[s].b)) return LF_EINVAL;
+        K += (double)seg[s].K;
+    }
     if (n == 0 || M == 0) return LF_OK;
-    if (n > LF_ROWDOTS_MAX_N || a.cs != 1 || b.cs != 1) return LF_EINVAL;
     /* T = the n rows of a; M = the rows of b, i.e. outputs per row */
-    skinny_job job = {.k = skinny_for(lf_get_isa()), .M = M, .K = K, .T = n, .a = a, .w = b, .scale = scale,
-                      .c = c, .ldc = ldc, .accumulate = accumulate};
-    const int nt = threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + 1) / 2);
+    skinny_job job = {.k = skinny_for(lf_get_isa()), .M = M, .T = n, .seg = seg, .nseg = nseg, .scale = scale,
+                      .bias = bias, .c = c, .ldc = ldc};
+    const int nt = threads_for(pool, 2.0 * (double)n * (double)M * K, (M + 1) / 2);
     job.chunk = ((M + nt - 1) / nt + 1) / 2 * 2;
     lf_pool_run(pool, nt, rowdots_task, &job);
     return lf_interrupt_pending() ? LF_EINTR : LF_OK;

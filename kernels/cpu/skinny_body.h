@@ -9,8 +9,8 @@
  *                (the worker computes a block [p0, P) × [q0, q1) of it)
  *                for each VW-chunk of Q: load w[t, chunk] for 8 tokens, then for every p
  *                c[p, chunk] += Σ_t s[t, p] · w[t, chunk]
- *   rowdots:     c (n, M) = scale · a (n, K) · b (M, K)ᵀ for a few rows n (decode): dot products
- *                of contiguous rows, b streamed once
+ *   rowdots:     c (n, M) = scale · Σ_seg a (n, K) · b (M, K)ᵀ + bias for a few rows n (decode):
+ *                dot products of contiguous rows, b streamed once
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
 
@@ -124,52 +124,63 @@ TARGET static void CAT(dropout_axpy_span, SUFFIX)(const float *t, int64_t n, uin
     }
 }
 
-/* rows j ∈ [j0, j1) of c (n, ·) (+)= scale · a (n, K) · b (·, K)ᵀ for n ≤ LF_ROWDOTS_MAX_N: each
- * output is a dot product of two contiguous rows, and b (W at decode) is streamed once, in
- * place — packing it would cost more than the few rows of arithmetic. The body is inlined with
- * a constant n (1…8) so that the 2·n accumulators stay in registers. */
-TARGET static inline __attribute__((always_inline)) void CAT(rowdots_n, SUFFIX)(
-    const int n, int64_t j0, int64_t j1, int64_t K, lf_view a, lf_view b, float scale, float *c, int64_t ldc,
-    int accumulate) {
+/* acc0[i] += a_i · b0 and acc1[i] += a_i · b1 (elementwise, summed later) over one K segment:
+ * rows i < n of a against two contiguous rows b0, b1 of b; the K tail as zero-filled vectors */
+TARGET static inline __attribute__((always_inline)) void CAT(dots_segment, SUFFIX)(
+    const int n, int64_t K, lf_view a, const float *b0, const float *b1, VF *acc0, VF *acc1) {
     const int64_t kfull = K / VW * VW;
-    for (int64_t j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        const float *b0 = b.p + j * b.rs, *b1 = b.p + (j + two) * b.rs;
-        VF acc0[LF_ROWDOTS_MAX_N], acc1[LF_ROWDOTS_MAX_N];
-#pragma GCC unroll 8
-        for (int i = 0; i < n; i++) acc0[i] = acc1[i] = (VF){0};
-        for (int64_t p = 0; p < kfull; p += VW) {
-            const VF w0 = *(const VF *)(b0 + p), w1 = *(const VF *)(b1 + p);
-#pragma GCC unroll 8
-            for (int i = 0; i < n; i++) {
-                const VF xv = *(const VF *)(a.p + i * a.rs + p);
-                acc0[i] += xv * w0;
-                acc1[i] += xv * w1;
-            }
-        }
-        if (kfull < K) { /* tail of K: zero-filled partial vectors */
-            const VF w0 = CAT(vload, SUFFIX)(b0 + kfull, K - kfull), w1 = CAT(vload, SUFFIX)(b1 + kfull, K - kfull);
-#pragma GCC unroll 8
-            for (int i = 0; i < n; i++) {
-                const VF xv = CAT(vload, SUFFIX)(a.p + i * a.rs + kfull, K - kfull);
-                acc0[i] += xv * w0;
-                acc1[i] += xv * w1;
-            }
-        }
+    for (int64_t p = 0; p < kfull; p += VW) {
+        const VF w0 = *(const VF *)(b0 + p), w1 = *(const VF *)(b1 + p);
 #pragma GCC unroll 8
         for (int i = 0; i < n; i++) {
-            float *ci = c + i * ldc + j;
-            ci[0] = (accumulate ? ci[0] : 0.0f) + scale * HSUM(acc0[i]);
-            if (two) ci[1] = (accumulate ? ci[1] : 0.0f) + scale * HSUM(acc1[i]);
+            const VF xv = *(const VF *)(a.p + i * a.rs + p);
+            acc0[i] += xv * w0;
+            acc1[i] += xv * w1;
+        }
+    }
+    if (kfull < K) {
+        const VF w0 = CAT(vload, SUFFIX)(b0 + kfull, K - kfull), w1 = CAT(vload, SUFFIX)(b1 + kfull, K - kfull);
+#pragma GCC unroll 8
+        for (int i = 0; i < n; i++) {
+            const VF xv = CAT(vload, SUFFIX)(a.p + i * a.rs + kfull, K - kfull);
+            acc0[i] += xv * w0;
+            acc1[i] += xv * w1;
         }
     }
 }
 
-TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n, int64_t K, lf_view a,
-                                              lf_view b, float scale, float *c, int64_t ldc, int accumulate) {
+/* columns j ∈ [j0, j1) of c (n, ·) = scale · Σ_seg a_seg (n, K_seg) · b_seg (·, K_seg)ᵀ + bias
+ * for n ≤ LF_ROWDOTS_MAX_N: each output is a dot product of contiguous rows over the
+ * concatenated K of the segments (the LoRA decode forward: [x | s·u] · [W | B]ᵀ), and b (W)
+ * is streamed once, in place — packing it would cost more than the few rows of arithmetic.
+ * The body is inlined with a constant n (1…8) so that the 2·n accumulators stay in registers. */
+TARGET static inline __attribute__((always_inline)) void CAT(rowdots_n, SUFFIX)(
+    const int n, int64_t j0, int64_t j1, const lf_dots_seg *seg, int nseg, float scale, const float *bias,
+    float *c, int64_t ldc) {
+    for (int64_t j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        VF acc0[LF_ROWDOTS_MAX_N], acc1[LF_ROWDOTS_MAX_N];
+#pragma GCC unroll 8
+        for (int i = 0; i < n; i++) acc0[i] = acc1[i] = (VF){0};
+        for (int s = 0; s < nseg; s++) {
+            const lf_view b = seg[s].b;
+            CAT(dots_segment, SUFFIX)(n, seg[s].K, seg[s].a, b.p + j * b.rs, b.p + (j + two) * b.rs, acc0, acc1);
+        }
+        const float b0 = bias ? bias[j] : 0.0f, b1 = bias && two ? bias[j + 1] : 0.0f;
+#pragma GCC unroll 8
+        for (int i = 0; i < n; i++) {
+            float *ci = c + i * ldc + j;
+            ci[0] = scale * HSUM(acc0[i]) + b0;
+            if (two) ci[1] = scale * HSUM(acc1[i]) + b1;
+        }
+    }
+}
+
+TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n, const lf_dots_seg *seg,
+                                              int nseg, float scale, const float *bias, float *c, int64_t ldc) {
     switch (n) {
 #define ROWDOTS_CASE(N) \
-    case N: CAT(rowdots_n, SUFFIX)(N, j0, j1, K, a, b, scale, c, ldc, accumulate); break;
+    case N: CAT(rowdots_n, SUFFIX)(N, j0, j1, seg, nseg, scale, bias, c, ldc); break;
         ROWDOTS_CASE(1) ROWDOTS_CASE(2) ROWDOTS_CASE(3) ROWDOTS_CASE(4)
         ROWDOTS_CASE(5) ROWDOTS_CASE(6) ROWDOTS_CASE(7) ROWDOTS_CASE(8)
 #undef ROWDOTS_CASE
