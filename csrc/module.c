@@ -9,8 +9,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#define PY_ARRAY_UNIQUE_SYMBOL lorafuse_ARRAY_API
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
+
+#include "dlpack_in.h"
 
 #include <signal.h>
 
@@ -26,7 +29,7 @@ typedef struct {
     lf_pool *pool;
     int in_flight;     /* kernels running with the GIL released (read/written under the GIL) */
     lf_pool *retired;  /* a pool replaced while kernels were using it; freed when idle */
-    PyObject *from_dlpack; /* numpy.from_dlpack */
+    lf_dlpack_exporters dlpack; /* torch's C exporter, found once torch is loaded */
     PyObject *getsignal, *default_int_handler; /* signal.getsignal, signal.default_int_handler */
     unsigned long main_thread;                 /* threading.main_thread().ident */
 } lf_state;
@@ -154,28 +157,23 @@ static void shape_error(const char *func, const char *name, const char *expected
 /* ---------------------------------------------------------------- array conversion */
 
 /* New reference to a float32 ndarray for obj, or NULL with TypeError naming `name`.
- * ndarrays are used as they are; objects with __dlpack__ go through numpy.from_dlpack
- * (zero-copy). Misaligned data is copied (the kernels do aligned element loads). */
-static PyArrayObject *as_f32(lf_state *st, PyObject *obj, const char *func, const char *name) {
+ * ndarrays are used as they are; objects with __dlpack__ (CPU torch tensors) are viewed in place
+ * (dlpack_in.c). An output (`writable`) may not be a torch tensor that requires grad: writing
+ * into it would bypass autograd. Misaligned inputs are copied (the kernels do aligned element
+ * loads). */
+static PyArrayObject *as_f32_arg(lf_state *st, PyObject *obj, const char *func, const char *name, int writable) {
     PyObject *arr = NULL;
     if (PyArray_Check(obj)) {
         Py_INCREF(obj);
         arr = obj;
     } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
-        arr = PyObject_CallOneArg(st->from_dlpack, obj);
-        if (!arr) { /* e.g. bfloat16, sparse, meta, or requires-grad tensors */
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_Format(PyExc_TypeError, "%s: %s (a %s) cannot be read as a float32 CPU array: %S", func, name,
-                         Py_TYPE(obj)->tp_name, value ? value : Py_None);
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(tb);
-            return NULL;
-        }
-        if (!PyArray_Check(arr)) {
+        int requires_grad = 0;
+        arr = lf_array_from_dlpack(&st->dlpack, obj, func, name, &requires_grad);
+        if (!arr) return NULL;
+        if (writable && requires_grad) {
             Py_DECREF(arr);
-            PyErr_Format(PyExc_TypeError, "%s: %s: from_dlpack did not give an ndarray", func, name);
+            PyErr_Format(PyExc_TypeError, "%s: %s requires grad; outputs are written in place outside autograd "
+                         "(pass a tensor that does not require grad)", func, name);
             return NULL;
         }
     } else {
@@ -202,6 +200,10 @@ static PyArrayObject *as_f32(lf_state *st, PyObject *obj, const char *func, cons
         return (PyArrayObject *)c;
     }
     return a;
+}
+
+static PyArrayObject *as_f32(lf_state *st, PyObject *obj, const char *func, const char *name) {
+    return as_f32_arg(st, obj, func, name, 0);
 }
 
 /* lowest and one-past-highest byte touched by a */
@@ -263,7 +265,7 @@ static PyArrayObject *new_2d(npy_intp rows, npy_intp cols) {
  * (like == NULL: shape (d0, last)). Returns new reference or NULL. */
 static PyArrayObject *check_output(lf_state *st, PyObject *obj, const char *func, const char *name,
                                    PyArrayObject *like, npy_intp d0, npy_intp last) {
-    PyArrayObject *o = as_f32(st, obj, func, name);
+    PyArrayObject *o = as_f32_arg(st, obj, func, name, 1);
     if (!o) return NULL;
     if (o != (PyArrayObject *)obj && PyArray_Check(obj) && !PyArray_ISALIGNED((PyArrayObject *)obj)) {
         Py_DECREF(o);
@@ -793,11 +795,6 @@ static int module_exec(PyObject *m) {
         PyErr_NoMemory();
         return -1;
     }
-    PyObject *np = PyImport_ImportModule("numpy");
-    if (!np) return -1;
-    st->from_dlpack = PyObject_GetAttrString(np, "from_dlpack");
-    Py_DECREF(np);
-    if (!st->from_dlpack) return -1;
     PyObject *sig = PyImport_ImportModule("signal"), *thr = PyImport_ImportModule("threading");
     if (!sig || !thr) {
         Py_XDECREF(sig);
@@ -825,7 +822,8 @@ static int module_exec(PyObject *m) {
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     lf_state *st = state_of(m);
     if (st) {
-        Py_VISIT(st->from_dlpack);
+        Py_VISIT(st->dlpack.tensor_type);
+        Py_VISIT(st->dlpack.to_dlpack);
         Py_VISIT(st->getsignal);
         Py_VISIT(st->default_int_handler);
     }
@@ -835,7 +833,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
 static int module_clear(PyObject *m) {
     lf_state *st = state_of(m);
     if (st) {
-        Py_CLEAR(st->from_dlpack);
+        lf_dlpack_exporters_clear(&st->dlpack);
         Py_CLEAR(st->getsignal);
         Py_CLEAR(st->default_int_handler);
     }

@@ -46,17 +46,23 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     """THE dispatch point: the kernel module for these tensors, or None for the torch path.
 
     float32 CPU → `lorafuse.ops`; CUDA fp32/fp16/bf16 → `lorafuse.cuda` if it exposes `lora_forward` and
-    `lora_backward` with the `ops` signatures (arrays via DLPack, preallocated ``out=``
-    tensors); anything else (other dtypes, mixed devices, empty inputs) → None.
+    `lora_backward` with the `ops` signatures (arrays via DLPack, outputs allocated when not given);
+    anything else (other dtypes, mixed devices, empty inputs) → None. Called on every forward,
+    so it is a plain loop (no generator, no device objects).
     """
     first = tensors[0]
-    if first.numel() == 0 or any(t.dtype != first.dtype or t.device != first.device for t in tensors):
+    dtype, on_cpu = first.dtype, first.is_cpu
+    for t in tensors:
+        if t.dtype != dtype or t.is_cpu != on_cpu:
+            return None
+    if first.numel() == 0:
         return None
-    if first.device.type == "cpu" and first.dtype == torch.float32:
-        return _load("ops", ("lora_forward", "lora_backward", "dropout_mask"))
-    if first.device.type == "cuda" and first.dtype in _CUDA_DTYPES:
-        return _load("cuda", ("lora_forward", "lora_backward"))
-    return None
+    if on_cpu:
+        return _load("ops", ("lora_forward", "lora_backward", "dropout_mask")) if dtype == torch.float32 else None
+    device = first.device
+    if device.type != "cuda" or dtype not in _CUDA_DTYPES or any(t.device != device for t in tensors):
+        return None
+    return _load("cuda", ("lora_forward", "lora_backward"))
 
 
 def backend_name(*tensors: torch.Tensor) -> str:
@@ -79,32 +85,27 @@ def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, dev
     return torch.from_numpy(ops.dropout_mask(n, k, p, seed)).to(device=device, dtype=dtype)
 
 
-def _arg(t: Optional[torch.Tensor]) -> Any:
-    """Zero-copy hand-off to the kernels: the detached tensor, which the binding reads through
-    DLPack. Not ``t.numpy()``: that marks the storage non-resizable for good, and FSDP resizes
-    the storage of the parameters it gathers and frees."""
-    return None if t is None else t.detach()
+def _tensor(a: Any) -> torch.Tensor:
+    """A kernel result as a tensor: the CPU kernels return NumPy arrays, wrapped without a copy."""
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
              lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-             fifo: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., k) → (y (..., m), x2 (n, k) = x as a matrix, u (n, r)), on the kernels or in torch."""
-    k = x.shape[-1]
-    x2 = x.detach().contiguous().view(-1, k)
-    m = weight.shape[1] if fifo else weight.shape[0]
+             fifo: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., k) → (y (..., m), u (..., r)), on the kernels or in torch.
+
+    The kernels take the tensors as they are (the binding views them through DLPack and flattens
+    the leading dims itself; tensors that require grad are only read) and allocate y and u."""
     kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
     if kern is not None:
-        # outputs allocated by the kernels' module (NumPy arrays on CPU, wrapped without a copy):
-        # cheaper than torch.empty + a DLPack hand-off per output
-        y, u = kern.lora_forward(_arg(x2), _arg(weight), _arg(lora_a), _arg(lora_b), scale, bias=_arg(bias),
-                                 dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
-        if not isinstance(y, torch.Tensor):
-            y, u = torch.from_numpy(y), torch.from_numpy(u)
-    else:
-        y, u = _torch_forward(x2, weight.detach(), None if bias is None else bias.detach(), lora_a.detach(),
-                              lora_b.detach(), scale, dropout_p, seed, fifo)
-    return y.view(*x.shape[:-1], m), x2, u
+        y, u = kern.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed,
+                                 fan_in_fan_out=fifo)
+        return _tensor(y), _tensor(u)
+    k = x.shape[-1]
+    y, u = _torch_forward(x.detach().reshape(-1, k), weight.detach(), None if bias is None else bias.detach(),
+                          lora_a.detach(), lora_b.detach(), scale, dropout_p, seed, fifo)
+    return y.view(*x.shape[:-1], y.shape[-1]), u.view(*x.shape[:-1], u.shape[-1])
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -114,36 +115,40 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
                 fan_in_fan_out: bool) -> torch.Tensor:
-        """x (..., k) → y (..., m); saves x, u (n, r) and the seed."""
-        y, x2, u = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
-        ctx.save_for_backward(x2, u, weight, lora_a, lora_b)
-        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out, tuple(x.shape))
+        """x (..., k) → y (..., m); saves x, u (..., r) and the seed."""
+        y, u = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
+        ctx.save_for_backward(x, u, weight, lora_a, lora_b)
+        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """Gradients for x, W, bias, A, B (None where not needed); dW only if W requires grad."""
-        x2, u, weight, lora_a, lora_b = ctx.saved_tensors
-        scale, dropout_p, seed, fifo, x_shape = ctx.conf
+        x, u, weight, lora_a, lora_b = ctx.saved_tensors
+        scale, dropout_p, seed, fifo = ctx.conf
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        g = grad.contiguous().view(-1, grad.shape[-1])
         dx = dA = dB = None
         if need_x or need_a or need_bb:
-            kern = kernels_for(g, x2, u, weight, lora_a, lora_b)
+            kern = kernels_for(grad, x, u, weight, lora_a, lora_b)
             if kern is not None:
-                dx = torch.empty_like(x2) if need_x else None
-                dA, dB = torch.empty_like(lora_a), torch.empty_like(lora_b)
-                kern.lora_backward(_arg(g), _arg(x2), _arg(u), _arg(weight), _arg(lora_a), _arg(lora_b), scale,
-                                   need_dx=need_x, dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo,
-                                   dx_out=_arg(dx), dA_out=_arg(dA), dB_out=_arg(dB))
+                dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_x,
+                                                dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
+                dx = None if dx is None else _tensor(dx)
+                dA, dB = _tensor(dA), _tensor(dB)
             else:
-                dx, dA, dB = _torch_backward(g, x2, u, weight.detach(), lora_a.detach(), lora_b.detach(), scale,
-                                             dropout_p, seed, fifo, need_x)
-        dW = (x2.t() @ g if fifo else g.t() @ x2) if need_w else None
-        db = g.sum(0) if need_b else None
-        return (None if dx is None else dx.view(x_shape), dW, db, dA if need_a else None,
-                dB if need_bb else None, None, None, None, None)
+                k, m = x.shape[-1], grad.shape[-1]
+                dx, dA, dB = _torch_backward(grad.reshape(-1, m), x.detach().reshape(-1, k), u.reshape(-1, u.shape[-1]),
+                                             weight.detach(), lora_a.detach(), lora_b.detach(), scale, dropout_p,
+                                             seed, fifo, need_x)
+                dx = None if dx is None else dx.view(x.shape)
+        db = dW = None
+        if need_w or need_b:
+            g2 = grad.reshape(-1, grad.shape[-1])
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
+            db = g2.sum(0) if need_b else None
+        return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None)
 
 
 def _torch_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,

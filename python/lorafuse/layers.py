@@ -28,6 +28,13 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype
 
 
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """module.weight without nn.Module.__getattr__: the registered parameter, or — when a wrapper
+    such as FSDP has replaced it by a plain tensor attribute — that attribute."""
+    weight = module._parameters.get("weight")
+    return module.weight if weight is None else weight
+
+
 class LoraLinear(nn.Module):
     """A LoRA-adapted `nn.Linear` or transformers `Conv1D`: ``y = base(x) + Σ_a s_a · B_a(A_a(drop_a(x)))``.
 
@@ -247,12 +254,43 @@ class LoraLinear(nn.Module):
 
     def _fusable_base(self) -> bool:
         """A plain Linear/Conv1D without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
-        base = self.base_layer
-        hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
-        return self._plain_base and not any(hooks)
+        base = self._modules["base_layer"]
+        return self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                                         or base._backward_pre_hooks)
+
+    def _fused_operands(self, x: torch.Tensor) -> Optional[tuple]:
+        """(W, bias, A, B, scale, dropout p, seed, fan_in_fan_out) for the one-call fused path, or None
+        when forward must take the general route: adapters disabled or merged, not exactly one active
+        adapter, hooks or autocast, a wrong input width (that route reports it), mixed dtypes.
+        Runs on every call, so it reads the submodules' dicts directly (nn.Module.__getattr__ costs
+        ~0.5 µs per lookup — at decode sizes the whole fused kernel call is a few µs)."""
+        active = self._active_adapter
+        if self._disable_adapters or self.merged_adapters or len(active) != 1 or not self._fusable_base():
+            return None
+        name, modules = active[0], self._modules
+        lin_a = modules["lora_A"]._modules.get(name)
+        if lin_a is None or x.shape[-1] != self.in_features:
+            return None
+        if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+            return None
+        base, lin_b = modules["base_layer"], modules["lora_B"]._modules[name]
+        weight, lora_a, lora_b = _weight_of(base), _weight_of(lin_a), _weight_of(lin_b)
+        if x.dtype != weight.dtype:
+            raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
+                            f"{weight.dtype}; cast the input or the model.")
+        if not lora_a.dtype == weight.dtype == lora_b.dtype:
+            return None
+        dropout = modules["lora_dropout"]._modules[name]
+        p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+        bias = base._parameters.get("bias") if "bias" in base._parameters else base.bias
+        return (weight, bias, lora_a, lora_b, self.scaling[name], p, draw_seed() if p > 0.0 else 0,
+                self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
+        fused = None if args or kwargs else self._fused_operands(x)
+        if fused is not None:
+            return lora_linear(x, *fused)
         base = self.base_layer
         if self._disable_adapters:
             if self.merged:
@@ -263,18 +301,6 @@ class LoraLinear(nn.Module):
             return base(x, *args, **kwargs)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LoraLinear: expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        if self._fusable_base() and not torch.is_autocast_enabled(x.device.type):
-            weight = base.weight
-            if x.dtype != weight.dtype:
-                raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
-                                f"{weight.dtype}; cast the input or the model.")
-            name = active[0]
-            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-            if len(active) == 1 and not args and not kwargs and lora_a.dtype == weight.dtype == lora_b.dtype:
-                dropout = self.lora_dropout[name]
-                p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-                return lora_linear(x, weight, base.bias, lora_a, lora_b, self.scaling[name], p,
-                                   draw_seed() if p > 0.0 else 0, self.fan_in_fan_out)
         return self._torch_forward(x, active, *args, **kwargs)
 
     def _torch_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,0 +1,25 @@
+/* dlpack_in.h — read a DLPack producer (a CPU torch tensor, or anything with __dlpack__) as an
+ * ndarray viewing the same memory, without numpy.from_dlpack's Python round trip. */
+#ifndef LORAFUSE_DLPACK_IN_H
+#define LORAFUSE_DLPACK_IN_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* Exporters looked up once: torch.Tensor and torch.utils.dlpack.to_dlpack (a C function, ~10×
+ * cheaper than Tensor.__dlpack__, which is Python code) — NULL until torch has been imported. */
+typedef struct {
+    PyObject *tensor_type;
+    PyObject *to_dlpack;
+} lf_dlpack_exporters;
+
+/* New reference to an ndarray (any dtype the capsule holds; the caller checks it) viewing obj's
+ * memory, the DLPack capsule kept alive as its base; or NULL with TypeError naming func and name
+ * (non-CPU device, lanes ≠ 1, unsupported dtype, exporter error). *requires_grad is set to 1 for
+ * a torch tensor that requires grad (the caller decides whether it may be written). */
+PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, const char *func, const char *name,
+                               int *requires_grad);
+
+void lf_dlpack_exporters_clear(lf_dlpack_exporters *ex);
+
+#endif
