@@ -49,9 +49,23 @@ static inline float seg_value(const lf_segment *s, int64_t off) {
     return v;
 }
 
+/* dst[q·ld + i] = scale · src[i·rs + q] for i < rows, q < len: rows of a row-major source packed
+ * k-major — whole 16×16 blocks through the ISA's register transpose (t16), the edges element
+ * by element (the same product, so the same rounding) */
+static void pack_rows(lf_transpose_fn t16, const float *src, int64_t rs, int64_t rows, int64_t len, float scale,
+                      float *dst, int64_t ld) {
+    int64_t q0 = 0;
+    if (t16)
+        for (; q0 + 16 <= len; q0 += 16)
+            for (int64_t i = 0; i < rows; i += 16)
+                t16(src + i * rs + q0, rs, rows - i < 16 ? (int)(rows - i) : 16, scale, dst + q0 * ld + i, ld);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t q = q0; q < len; q++) dst[q * ld + i] = src[i * rs + q] * scale;
+}
+
 /* dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR), p < kc */
-static void pack_a(const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int64_t kc, int MR,
-                   float *dst) {
+static void pack_a(lf_transpose_fn t16, const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int64_t kc,
+                   int MR, float *dst) {
     if (mr < MR)
         for (int64_t p = 0; p < kc; p++)
             for (int64_t i = mr; i < MR; i++) dst[p * MR + i] = 0.0f;
@@ -61,21 +75,19 @@ static void pack_a(const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int6
         if (lo >= hi) continue;
         const lf_segment *s = &a->seg[t];
         const int64_t rs = s->v.rs, cs = s->v.cs;
-        if (cs == 1) { /* row-major source: read rows contiguously (x̃: mask the run first) */
+        if (cs == 1 && !s->drop_threshold) { /* row-major source (x): a transpose */
+            pack_rows(t16, s->v.p + i0 * rs + (lo - begin), rs, mr, hi - lo, s->scale, dst + (lo - p0) * MR, MR);
+        } else if (cs == 1) { /* x̃ rows: mask each contiguous run first */
             float run[LF_MAX_KC];
             for (int64_t i = 0; i < mr; i++) {
                 const int64_t off = (i0 + i) * rs + (lo - begin);
                 const float *src = s->v.p + off;
                 float *d = dst + (lo - p0) * MR + i;
-                if (s->drop_threshold) {
-                    for (int64_t p0r = 0; p0r < hi - lo; p0r += LF_MAX_KC) {
-                        const int64_t len = hi - lo - p0r < LF_MAX_KC ? hi - lo - p0r : LF_MAX_KC;
-                        lf_skinny_current()->dropout_span(src + p0r, len, (uint64_t)(off + p0r), s->seed,
-                                                          s->drop_threshold, s->scale, run);
-                        for (int64_t p = 0; p < len; p++) d[(p0r + p) * MR] = run[p];
-                    }
-                } else {
-                    for (int64_t p = 0; p < hi - lo; p++) d[p * MR] = src[p] * s->scale;
+                for (int64_t p0r = 0; p0r < hi - lo; p0r += LF_MAX_KC) {
+                    const int64_t len = hi - lo - p0r < LF_MAX_KC ? hi - lo - p0r : LF_MAX_KC;
+                    lf_skinny_current()->dropout_span(src + p0r, len, (uint64_t)(off + p0r), s->seed,
+                                                      s->drop_threshold, s->scale, run);
+                    for (int64_t p = 0; p < len; p++) d[(p0r + p) * MR] = run[p];
                 }
             }
         } else {
@@ -87,35 +99,56 @@ static void pack_a(const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int6
     }
 }
 
-/* dst[p*NR + j] = b(p0+p, j0+j) for j < nr (zero for nr <= j < NR), p < kc */
-static void pack_b(const lf_operand *b, int64_t j0, int64_t nr, int64_t p0, int64_t kc, int NR,
-                   float *dst) {
-    if (nr < NR)
+/* rows [lo, hi) of segment s (starting at K = begin) into one sliver: dst[p*NR + j] =
+ * b(p0+p, j0+j) for j < nr */
+static void pack_b_sliver(lf_transpose_fn t16, const lf_segment *s, int64_t begin, int64_t lo, int64_t hi,
+                          int64_t j0, int64_t nr, int64_t p0, int NR, float *dst) {
+    const int64_t rs = s->v.rs, cs = s->v.cs;
+    if (cs == 1 && s->drop_threshold) { /* x̃ rows: mask each contiguous run in place */
+        for (int64_t p = lo; p < hi; p++) {
+            const int64_t off = (p - begin) * rs + j0;
+            lf_skinny_current()->dropout_span(s->v.p + off, nr, (uint64_t)off, s->seed, s->drop_threshold, s->scale,
+                                              dst + (p - p0) * NR);
+        }
+    } else if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (Wᵀ of row-major W) */
+        pack_rows(t16, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR);
+    } else {
+        for (int64_t p = lo; p < hi; p++) {
+            float *d = dst + (p - p0) * NR;
+            for (int64_t j = 0; j < nr; j++) d[j] = seg_value(s, (p - begin) * rs + (j0 + j) * cs);
+        }
+    }
+}
+
+/* The kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at dst + q·NR·kc:
+ * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major plain segment (W in
+ * dx = g·W) is copied row by row across all slivers, so b is read in address order — one
+ * stream instead of one per sliver; the others are packed sliver by sliver. */
+static void pack_b(lf_transpose_fn t16, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+                   int NR, float *dst) {
+    const int64_t nslivers = (nc + NR - 1) / NR, tail = nc - (nslivers - 1) * NR;
+    float *last = dst + (nslivers - 1) * NR * kc;
+    if (tail < NR)
         for (int64_t p = 0; p < kc; p++)
-            for (int64_t j = nr; j < NR; j++) dst[p * NR + j] = 0.0f;
+            for (int64_t j = tail; j < NR; j++) last[p * NR + j] = 0.0f;
     for (int t = 0; t < b->nseg; t++) {
         int64_t lo, hi;
         const int64_t begin = seg_range(b, t, p0, kc, &lo, &hi);
         if (lo >= hi) continue;
         const lf_segment *s = &b->seg[t];
-        const int64_t rs = s->v.rs, cs = s->v.cs;
-        if (cs == 1 && s->drop_threshold) { /* x̃ rows: mask each contiguous run in place */
+        if (s->v.cs == 1 && !s->drop_threshold) {
             for (int64_t p = lo; p < hi; p++) {
-                const int64_t off = (p - begin) * rs + j0;
-                lf_skinny_current()->dropout_span(s->v.p + off, nr, (uint64_t)off, s->seed, s->drop_threshold,
-                                                  s->scale, dst + (p - p0) * NR);
-            }
-        } else if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (Wᵀ of row-major W) */
-            for (int64_t j = 0; j < nr; j++) {
-                const float *src = s->v.p + (j0 + j) * cs + (lo - begin);
-                float *d = dst + (lo - p0) * NR + j;
-                for (int64_t p = 0; p < hi - lo; p++) d[p * NR] = src[p] * s->scale;
+                const float *src = s->v.p + (p - begin) * s->v.rs + j0;
+                for (int64_t q = 0; q < nslivers; q++) {
+                    float *d = dst + q * NR * kc + (p - p0) * NR;
+                    const int64_t nr = q == nslivers - 1 ? tail : NR;
+                    for (int64_t j = 0; j < nr; j++) d[j] = src[q * NR + j] * s->scale;
+                }
             }
         } else {
-            for (int64_t p = lo; p < hi; p++) {
-                float *d = dst + (p - p0) * NR;
-                for (int64_t j = 0; j < nr; j++) d[j] = seg_value(s, (p - begin) * rs + (j0 + j) * cs);
-            }
+            for (int64_t q = 0; q < nslivers; q++)
+                pack_b_sliver(t16, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR,
+                              dst + q * NR * kc);
         }
     }
 }
@@ -161,8 +194,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         for (int64_t pc = 0; pc < K; pc += dp->kc) {
             const int64_t kc = min64(dp->kc, K - pc);
             const int first = pc == 0;
-            for (int64_t jr = 0; jr < nc; jr += NR)
-                pack_b(job->b, jc + jr, min64(NR, nc - jr), pc, kc, NR, bpack + jr * kc);
+            pack_b(dp->transpose16, job->b, jc, nc, pc, kc, NR, bpack);
             for (int64_t ic = m0; ic < m1; ic += dp->mc) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
@@ -170,7 +202,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
                 }
                 const int64_t mc = min64(dp->mc, m1 - ic);
                 for (int64_t ir = 0; ir < mc; ir += MR)
-                    pack_a(job->a, ic + ir, min64(MR, mc - ir), pc, kc, MR, apack + ir * kc);
+                    pack_a(dp->transpose16, job->a, ic + ir, min64(MR, mc - ir), pc, kc, MR, apack + ir * kc);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t nr = min64(NR, nc - jr);
                     const float *bias =
