@@ -418,26 +418,31 @@ static int parse_weights(lf_state *st, const char *F, arr_list *L, PyObject *oW,
 
 PyDoc_STRVAR(lora_forward_doc,
 "lora_forward(x, W, A, B, scale, bias=None, out=None, u_out=None, dropout_p=0.0, seed=0,\n"
-"             fan_in_fan_out=False) -> (y, u)\n\n"
+"             fan_in_fan_out=False, need_u=True) -> (y, u)\n\n"
 "y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ, u = x̃·Aᵀ. x (..., k); W (m, k) or (k, m) if fan_in_fan_out;\n"
-"A (r, k); B (m, r); bias (m,). Returns y (..., m) and u (..., r).");
+"A (r, k); B (m, r); bias (m,). Returns y (..., m) and u (..., r), or (y, None) when need_u is\n"
+"false (inference: u_out must then be None).");
 
 static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "lora_forward";
     static char *kwlist[] = {"x", "W", "A", "B", "scale", "bias", "out", "u_out", "dropout_p",
-                             "seed", "fan_in_fan_out", NULL};
+                             "seed", "fan_in_fan_out", "need_u", NULL};
     PyObject *ox, *oW, *oA, *oB, *oscale, *obias = Py_None, *oy = Py_None, *ou = Py_None;
     PyObject *op = NULL, *oseed = NULL;
-    int fifo = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOp:lora_forward", kwlist, &ox, &oW, &oA,
-                                     &oB, &oscale, &obias, &oy, &ou, &op, &oseed, &fifo))
+    int fifo = 0, need_u = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOpp:lora_forward", kwlist, &ox, &oW, &oA,
+                                     &oB, &oscale, &obias, &oy, &ou, &op, &oseed, &fifo, &need_u))
         return NULL;
+    if (!need_u && ou != Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s: u_out given with need_u=False", F);
+        return NULL;
+    }
     lf_state *st = state_of(self);
     float scale, p = 0.0f;
     uint64_t seed = 0;
     if (parse_scalars(oscale, op, oseed, F, &scale, &p, &seed)) return NULL;
     arr_list L = {{0}, 0};
-    PyArrayObject *x, *W, *A, *B, *bias = NULL, *y = NULL, *u = NULL, *x2, *y2, *u2;
+    PyArrayObject *x, *W, *A, *B, *bias = NULL, *y = NULL, *u = NULL, *x2, *y2, *u2 = NULL;
     if (!(x = keep(&L, as_f32(st, ox, F, "x"))) || check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     npy_intp m, r;
@@ -450,12 +455,13 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
             goto fail;
     }
     y = keep(&L, oy == Py_None ? new_output(x, m) : check_output(st, oy, F, "out", x, 0, m));
-    u = keep(&L, ou == Py_None ? new_output(x, r) : check_output(st, ou, F, "u_out", x, 0, r));
-    if (!y || !u) goto fail;
+    if (need_u)
+        u = keep(&L, ou == Py_None ? new_output(x, r) : check_output(st, ou, F, "u_out", x, 0, r));
+    if (!y || (need_u && !u)) goto fail;
     {
         PyArrayObject *ins[] = {x, W, A, B, bias};
         const char *names[] = {"x", "W", "A", "B", "bias"};
-        if (check_no_alias(F, "out", y, ins, names, 5) || check_no_alias(F, "u_out", u, ins, names, 5))
+        if (check_no_alias(F, "out", y, ins, names, 5) || (u && check_no_alias(F, "u_out", u, ins, names, 5)))
             goto fail;
         if (overlaps(y, u)) {
             PyErr_Format(PyExc_ValueError, "%s: out and u_out overlap in memory", F);
@@ -463,18 +469,18 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         }
     }
     if (!(x2 = keep(&L, flatten_2d(x, k))) || !(x2 = keep(&L, contiguous_if(x2, p > 0.0f))) ||
-        !(y2 = keep(&L, flatten_2d(y, m))) || !(u2 = keep(&L, flatten_2d(u, r))))
+        !(y2 = keep(&L, flatten_2d(y, m))) || (u && !(u2 = keep(&L, flatten_2d(u, r)))))
         goto fail;
     {
         const npy_intp n = PyArray_DIM(x2, 0);
         lf_view vx = view2(x2), vW = view2(W), vA = view2(A), vB = view2(B);
         if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs}; /* Conv1D stores Wᵀ: read it transposed */
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
-        float *py = (float *)PyArray_DATA(y2), *pu = (float *)PyArray_DATA(u2);
+        float *py = (float *)PyArray_DATA(y2), *pu = u ? (float *)PyArray_DATA(u2) : NULL;
         RUN_KERNEL(F, 2.0 * (double)n * (double)(k + r) * (double)m,
                    lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu));
     }
-    PyObject *res = PyTuple_Pack(2, (PyObject *)y, (PyObject *)u);
+    PyObject *res = PyTuple_Pack(2, (PyObject *)y, u ? (PyObject *)u : Py_None);
     drop_all(&L);
     return res;
 fail:

@@ -71,10 +71,16 @@ def test_dlpack_conversion_failures_are_type_errors() -> None:
     from lorafuse import ops
 
     W, B = np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32)
-    for bad in (torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3, requires_grad=True),
-                torch.zeros(2, 3).to_sparse(), torch.zeros(2, 3, device="meta")):
+    for bad in (torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3).to_sparse(),
+                torch.zeros(2, 3, device="meta")):
         with pytest.raises(TypeError, match="A"):
             ops.lora_forward(np.zeros((5, 3), np.float32), W, bad, B, 1.0)
+    # a tensor that requires grad is only read as an input, and refused as an output
+    A = torch.ones(2, 3, requires_grad=True)
+    y, _ = ops.lora_forward(np.ones((5, 3), np.float32), W, A, np.ones((4, 2), np.float32), 1.0)
+    np.testing.assert_array_equal(y, np.full((5, 4), 6.0, np.float32))
+    with pytest.raises(TypeError, match="out requires grad"):
+        ops.lora_forward(np.zeros((5, 3), np.float32), W, A.detach(), B, 1.0, out=torch.zeros(5, 4, requires_grad=True))
 
 
 @pytest.mark.parametrize("value", [1, {"a": 1}])

@@ -178,3 +178,37 @@ def test_decode_rows_with_dropout_and_transposed_adapter(isa, n):
     y, u = ops.lora_forward(x, W, At, B, 0.5, b)
     ry, ru, my, mu = forward(x, W, A, B, 0.5, b)
     assert_within(y, ry, my, 2 * k + r + 4, "y")
+
+
+@pytest.mark.parametrize("n,k,m,r", [
+    (300, 40, 24, 5),     # many tokens, few outputs: W + s·B·A merged while W is packed
+    (257, 33, 17, 64),    # the largest rank merged, edges on every axis
+    (300, 40, 24, 65),    # rank beyond the merged path's limit: augmented GEMM
+    (20, 300, 300, 8),    # few tokens: augmented GEMM
+    (5, 64, 48, 4),       # decode dot products
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_forward_without_u(isa, n, k, m, r, threads):
+    """need_u=False gives (y, None) with y within the same bound, whichever path it takes."""
+    rng = np.random.default_rng(n + k + m + r)
+    x, W, A, B, b = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, m)
+    before = lorafuse.get_num_threads()
+    lorafuse.set_num_threads(threads)
+    try:
+        y, u = ops.lora_forward(x, W, A, B, 0.7, b, need_u=False)
+        y_fifo, _ = ops.lora_forward(x, np.ascontiguousarray(W.T), A, B, 0.7, None, fan_in_fan_out=True,
+                                     need_u=False)
+    finally:
+        lorafuse.set_num_threads(before)
+    assert u is None
+    ry, _, my, _ = forward(x, W, A, B, 0.7, b)
+    assert_within(y, ry, my, 2 * k + r + 4, "y")
+    ry, _, my, _ = forward(x, W, A, B, 0.7)
+    assert_within(y_fifo, ry, my, 2 * k + r + 4, "y (fan_in_fan_out)")
+
+
+def test_inference_forward_refuses_u_out():
+    rng = np.random.default_rng(11)
+    x, W, A, B = rand(rng, 4, 6), rand(rng, 5, 6), rand(rng, 2, 6), rand(rng, 5, 2)
+    with pytest.raises(ValueError, match="u_out given with need_u=False"):
+        ops.lora_forward(x, W, A, B, 1.0, u_out=np.empty((4, 2), np.float32), need_u=False)

@@ -120,6 +120,18 @@ static void pack_b_sliver(lf_transpose_fn t16, const lf_segment *s, int64_t begi
     }
 }
 
+/* dst[p·NR + j] += s · Σ_q L(p0+p, q) · R(q, j0+j) for rows [lo, hi) of segment 0 and j < nr
+ * (the low-rank addend of the operand; lf_lowrank) */
+static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t j0, int64_t nr, int64_t p0, int NR,
+                          float *dst) {
+    float rt[LF_SKINNY_MAX_R * LF_MAX_NR]; /* s·R[:, j0:j0+nr], zero-padded to NR */
+    for (int64_t q = 0; q < lr->r; q++)
+        for (int64_t j = 0; j < NR; j++)
+            rt[q * NR + j] = j < nr ? lr->scale * lr->R.p[q * lr->R.rs + (j0 + j) * lr->R.cs] : 0.0f;
+    const lf_view L = {lr->L.p + lo * lr->L.rs, lr->L.rs, lr->L.cs};
+    lf_skinny_current()->rank_add(hi - lo, NR, lr->r, L, rt, NR, dst + (lo - p0) * NR, NR);
+}
+
 /* The kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at dst + q·NR·kc:
  * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major plain segment (W in
  * dx = g·W) is copied row by row across all slivers, so b is read in address order — one
@@ -150,6 +162,12 @@ static void pack_b(lf_transpose_fn t16, const lf_operand *b, int64_t j0, int64_t
                 pack_b_sliver(t16, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR,
                               dst + q * NR * kc);
         }
+    }
+    if (b->add) {
+        int64_t lo, hi;
+        seg_range(b, 0, p0, kc, &lo, &hi);
+        for (int64_t q = 0; lo < hi && q < nslivers; q++)
+            pack_b_addend(b->add, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR, dst + q * NR * kc);
     }
 }
 

@@ -45,6 +45,9 @@ typedef struct {
                         const float *bt, float scale, float *c);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
                               lf_view w, float scale, float *c, int64_t ldc, const lf_mask *wmask);
+    /* c[p·ldc + j] += Σ_q a(p, q) · bt[q·ldb + j] for p < P, j < Q (Q a multiple of vw), q < R */
+    void (*rank_add)(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt, int64_t ldb, float *c,
+                     int64_t ldc);
     /* dst[j] = mask(off0 + j) ? src[j]·scale : 0 */
     void (*dropout_span)(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
                          float *dst);
@@ -75,6 +78,8 @@ int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf
 /* Length of the stack buffer that packing uses to mask a run of x̃ (any kc works: runs are
  * chunked; every dispatch's kc is ≤ this, so a run is one chunk). */
 #define LF_MAX_KC 512
+/* Widest register tile (AVX-512: 32); bounds the stack buffers of packing. */
+#define LF_MAX_NR 32
 
 /* dst[q·ld + i] = scale · src[i·rs + q] for i < rows ≤ 16, q < 16: one 16×16 block of a
  * row-major operand packed k-major (pack_avx512.c); rows ≥ `rows` of dst are not written. */
@@ -112,10 +117,20 @@ typedef struct {
     uint64_t seed;
 } lf_segment;
 
+/* A rank-r term added to segment 0 of a B-operand as it is packed:
+ *     b(k, j) += scale · Σ_q L(k, q) · R(q, j),   L (K0, r), R (r, N)
+ * — the LoRA forward with W merged on the fly, W + s·B·A, read as Wᵀ + s·Aᵀ·Bᵀ. */
+typedef struct {
+    lf_view L, R;
+    int64_t r; /* ≤ LF_SKINNY_MAX_R */
+    float scale;
+} lf_lowrank;
+
 typedef struct {
     lf_segment seg[2];
     int nseg;
     int64_t k_split; /* K extent of seg[0]; seg[1] (if any) covers [k_split, K) */
+    const lf_lowrank *add; /* B-operands only: added to seg[0] while packing, or NULL */
 } lf_operand;
 
 lf_operand lf_operand_plain(lf_view v, float scale);

@@ -188,7 +188,22 @@ TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n,
     }
 }
 
+/* c[p·ldc + j] += Σ_q a(p, q) · bt[q·ldb + j] for p < P, j < Q, q < R: a rank-R update of a
+ * row-major block whose width Q is a whole number of vectors (a packed B sliver; bt zero-padded
+ * to it). One accumulator per (p, vector): the R-long chains of different p overlap. */
+TARGET static void CAT(rank_add, SUFFIX)(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt, int64_t ldb,
+                                         float *c, int64_t ldc) {
+    for (int64_t j = 0; j < Q; j += VW)
+        for (int64_t p = 0; p < P; p++) {
+            VF acc = *(const VF *)(c + p * ldc + j);
+            const float *ap = a.p + p * a.rs;
+            for (int64_t q = 0; q < R; q++) acc += ap[q * a.cs] * *(const VF *)(bt + q * ldb + j);
+            *(VF *)(c + p * ldc + j) = acc;
+        }
+}
+
 static const lf_skinny CAT(skinny, SUFFIX) = {
+    .rank_add = CAT(rank_add, SUFFIX),
     .rowdots_block = CAT(rowdots_block, SUFFIX),
     .vw = VW,
     .dropout_span = CAT(dropout_span, SUFFIX),

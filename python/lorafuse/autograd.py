@@ -92,16 +92,17 @@ def _tensor(a: Any) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
              lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-             fifo: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., k) → (y (..., m), u (..., r)), on the kernels or in torch.
+             fifo: bool, need_u: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """x (..., k) → (y (..., m), u (..., r)), on the kernels or in torch; u may be None when not
+    needed (the kernels may then merge the rank-r term into W's packed panels instead).
 
     The kernels take the tensors as they are (the binding views them through DLPack and flattens
     the leading dims itself; tensors that require grad are only read) and allocate y and u."""
     kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
     if kern is not None:
         y, u = kern.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed,
-                                 fan_in_fan_out=fifo)
-        return _tensor(y), _tensor(u)
+                                 fan_in_fan_out=fifo, need_u=need_u)
+        return _tensor(y), None if u is None else _tensor(u)
     k = x.shape[-1]
     y, u = _torch_forward(x.detach().reshape(-1, k), weight.detach(), None if bias is None else bias.detach(),
                           lora_a.detach(), lora_b.detach(), scale, dropout_p, seed, fifo)
@@ -189,6 +190,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                            or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         return _forward(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
-                        bool(fan_in_fan_out))[0]
+                        bool(fan_in_fan_out), need_u=False)[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
                                     bool(fan_in_fan_out))

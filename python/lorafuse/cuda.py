@@ -305,8 +305,9 @@ def _layer_inputs(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: bool) -> tuple
 
 def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *, out: Any = None,
                       u_out: Any = None, dropout_p: float = 0.0, seed: int = 0,
-                      fan_in_fan_out: bool = False) -> Tuple[Any, Any]:
-    """u = drop(x)·Aᵀ (..., r); y = x·Wᵀ + bias + scale·u·Bᵀ (..., m). Returns (y, u).
+                      fan_in_fan_out: bool = False, need_u: bool = True) -> Tuple[Any, Any]:
+    """u = drop(x)·Aᵀ (..., r); y = x·Wᵀ + bias + scale·u·Bᵀ (..., m). Returns (y, u), or (y, None)
+    with ``need_u=False`` (u is still formed: the low-rank term is accumulated from it).
 
     x (..., k); W (m, k) — (k, m) with fan_in_fan_out —; A (r, k); B (m, r); bias (m,) or None; all CUDA
     tensors on one device with one dtype. out / u_out: optional preallocated contiguous outputs with
@@ -332,7 +333,7 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     C.lora_forward(x.device.index or 0, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
                    seed, x2.data_ptr(), W.data_ptr(), 0 if bias is None else bias.data_ptr(), A.data_ptr(),
                    B.data_ptr(), y.data_ptr(), u.data_ptr(), 0 if xd is None else xd.data_ptr())
-    return y, u
+    return y, (u if need_u else None)
 
 
 def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, *, need_dx: bool = True,

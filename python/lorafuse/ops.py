@@ -20,16 +20,18 @@ __all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", 
 
 def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
                  out: Optional[np.ndarray] = None, u_out: Optional[np.ndarray] = None,
-                 dropout_p: float = 0.0, seed: int = 0,
-                 fan_in_fan_out: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                 dropout_p: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False,
+                 need_u: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Fused LoRA forward in one pass over y.
 
     u = x̃·Aᵀ (..., r) and y = x·Wᵀ + bias + scale·u·Bᵀ (..., m), computed as one GEMM over
     the augmented K: y = [x | scale·u]·[W | B]ᵀ + bias. x̃ = x ⊙ mask / (1 - dropout_p) with
     the mask of :func:`dropout_mask` (the base path always sees x). Returns ``(y, u)``; keep
-    ``u`` for :func:`lora_backward`.
+    ``u`` for :func:`lora_backward`. With ``need_u=False`` (inference) returns ``(y, None)``
+    and may compute y as x·(W + scale·B·A)ᵀ + bias, the rank-r term added to W's packed panels
+    on the fly (never to W itself), when that is fewer flops (few outputs m, many tokens).
     """
-    return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out)
+    return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u)
 
 
 def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, *,

@@ -64,7 +64,8 @@ typedef struct {
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
              float beta, const float *bias, float *c, int64_t ldc);
 
-/* Fused LoRA forward (fp32). y (n,m) and u (n,r) are C-contiguous outputs.
+/* Fused LoRA forward (fp32). y (n,m) and u (n,r) are C-contiguous outputs; u == NULL means u is
+ * not wanted (inference): y may then be computed with W + s·B·A merged on the fly.
  * dropout_p ∈ [0,1); when > 0, x must be C-contiguous (x.rs == k, x.cs == 1): the mask index
  * is the flat element index i·k + j. */
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
