@@ -131,7 +131,7 @@ typedef struct {
 
 /* Rows in one step of the dropout part of dx: t (DX_ROWS, k) = v (DX_ROWS, r) · A (r, k) is a
  * rank-r update (skinny.c), then masked into dx row by row. */
-#define DX_ROWS 8
+#define DX_ROWS 16
 
 static void dx_drop_rows(void *ctxp, int tid, int nt) {
     dx_drop_job *job = ctxp;

@@ -61,47 +61,42 @@ TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, i
 TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64_t off0, uint64_t seed,
                                              uint32_t thr, float scale, float *dst);
 
-/* block [p0, p1) × [q0, q1) of c = scale · sᵀ · w̃, c row stride ldc; w̃ = w, or the dropped
- * w ⊙ mask · wmask->scale when wmask (mask index = flat offset t·w.rs + j: x̃ regenerated) */
+/* block [p0, P) × [q0, q1) of c = scale · sᵀ · w̃, c row stride ldc; w̃ = w, or the dropped
+ * w ⊙ mask · wmask->scale when wmask (mask index = flat offset t·w.rs + j: x̃ regenerated).
+ * Register-blocked outer products: RU_ROWS rows of c × one vector of columns accumulate over
+ * all T tokens in registers,
+ *     acc[i] += s[t, p+i] · w̃[t, j:j+VW]     (one load of w̃ and RU_ROWS broadcasts per token),
+ * so c is written once and the RU_ROWS chains are independent. A short last row block
+ * computes duplicates of its first row and stores only the real ones. */
 TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T,
                                                   lf_view s, lf_view w, float scale, float *c, int64_t ldc,
                                                   const lf_mask *wmask) {
     for (int64_t j = q0; j < q1; j += VW) {
-        const int64_t width = q1 - j;
-        for (int64_t p = p0; p < P; p++) CAT(vstore, SUFFIX)(c + p * ldc + j, (VF){0}, width);
-        for (int64_t t0 = 0; t0 < T; t0 += ROWS) {
-            const int64_t rows = T - t0 < ROWS ? T - t0 : ROWS;
-            VF wv[ROWS];
-            const float *sr[ROWS];
-            for (int t = 0; t < ROWS; t++) {
-                const int64_t tt = t0 + (t < rows ? t : 0);
-                if (t >= rows) {
-                    wv[t] = (VF){0};
-                } else if (wmask) {
+        const int64_t width = q1 - j < VW ? q1 - j : VW;
+        for (int64_t p = p0; p < P; p += RU_ROWS) {
+            const int64_t rows = P - p < RU_ROWS ? P - p : RU_ROWS;
+            int64_t scol[RU_ROWS]; /* column offsets into s's rows; past `rows`: row p again */
+            for (int i = 0; i < RU_ROWS; i++) scol[i] = (p + (i < rows ? i : 0)) * s.cs;
+            VF acc[RU_ROWS];
+#pragma GCC unroll 16
+            for (int i = 0; i < RU_ROWS; i++) acc[i] = (VF){0};
+            for (int64_t t = 0; t < T; t++) {
+                VF wv;
+                if (wmask) {
                     float run[VW];
-                    const int64_t off = tt * w.rs + j, len = width < VW ? width : VW;
-                    CAT(dropout_span, SUFFIX)(w.p + off, len, (uint64_t)off, wmask->seed, wmask->threshold,
+                    const int64_t off = t * w.rs + j;
+                    CAT(dropout_span, SUFFIX)(w.p + off, width, (uint64_t)off, wmask->seed, wmask->threshold,
                                               wmask->scale, run);
-                    wv[t] = CAT(vload, SUFFIX)(run, len);
+                    wv = CAT(vload, SUFFIX)(run, width);
                 } else {
-                    wv[t] = CAT(vload, SUFFIX)(w.p + tt * w.rs + j, width);
+                    wv = CAT(vload, SUFFIX)(w.p + t * w.rs + j, width);
                 }
-                sr[t] = s.p + tt * s.rs;
+                const float *st = s.p + t * s.rs;
+#pragma GCC unroll 16
+                for (int i = 0; i < RU_ROWS; i++) acc[i] += st[scol[i]] * wv;
             }
-            for (int64_t p = p0; p < P; p++) {
-                VF acc = CAT(vload, SUFFIX)(c + p * ldc + j, width);
-                const int64_t off = p * s.cs;
-                if (rows == ROWS) {
-#pragma GCC unroll 8
-                    for (int t = 0; t < ROWS; t++) acc += sr[t][off] * wv[t];
-                } else { /* last token block: only real rows (a padded row could hold inf) */
-                    for (int t = 0; t < rows; t++) acc += sr[t][off] * wv[t];
-                }
-                CAT(vstore, SUFFIX)(c + p * ldc + j, acc, width);
-            }
+            for (int64_t i = 0; i < rows; i++) CAT(vstore, SUFFIX)(c + (p + i) * ldc + j, acc[i] * scale, width);
         }
-        for (int64_t p = p0; p < P; p++)
-            CAT(vstore, SUFFIX)(c + p * ldc + j, CAT(vload, SUFFIX)(c + p * ldc + j, width) * scale, width);
     }
 }
 
