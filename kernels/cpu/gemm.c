@@ -50,21 +50,23 @@ static inline float seg_value(const lf_segment *s, int64_t off) {
 }
 
 /* dst[q·ld + i] = scale · src[i·rs + q] for i < rows, q < len: rows of a row-major source packed
- * k-major — whole 16×16 blocks through the ISA's register transpose (t16), the edges element
- * by element (the same product, so the same rounding) */
-static void pack_rows(lf_transpose_fn t16, const float *src, int64_t rs, int64_t rows, int64_t len, float scale,
+ * k-major — whole TB×TB blocks through the ISA's register transpose, the edges element by
+ * element (the same product, so the same rounding) */
+static void pack_rows(const lf_dispatch *dp, const float *src, int64_t rs, int64_t rows, int64_t len, float scale,
                       float *dst, int64_t ld) {
     int64_t q0 = 0;
-    if (t16)
-        for (; q0 + 16 <= len; q0 += 16)
-            for (int64_t i = 0; i < rows; i += 16)
-                t16(src + i * rs + q0, rs, rows - i < 16 ? (int)(rows - i) : 16, scale, dst + q0 * ld + i, ld);
+    const int tb = dp->tb;
+    if (dp->transpose)
+        for (; q0 + tb <= len; q0 += tb)
+            for (int64_t i = 0; i < rows; i += tb)
+                dp->transpose(src + i * rs + q0, rs, rows - i < tb ? (int)(rows - i) : tb, scale, dst + q0 * ld + i,
+                              ld);
     for (int64_t i = 0; i < rows; i++)
         for (int64_t q = q0; q < len; q++) dst[q * ld + i] = src[i * rs + q] * scale;
 }
 
 /* dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR), p < kc */
-static void pack_a(lf_transpose_fn t16, const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int64_t kc,
+static void pack_a(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t p0, int64_t kc,
                    int MR, float *dst) {
     if (mr < MR)
         for (int64_t p = 0; p < kc; p++)
@@ -76,7 +78,7 @@ static void pack_a(lf_transpose_fn t16, const lf_operand *a, int64_t i0, int64_t
         const lf_segment *s = &a->seg[t];
         const int64_t rs = s->v.rs, cs = s->v.cs;
         if (cs == 1 && !s->drop_threshold) { /* row-major source (x): a transpose */
-            pack_rows(t16, s->v.p + i0 * rs + (lo - begin), rs, mr, hi - lo, s->scale, dst + (lo - p0) * MR, MR);
+            pack_rows(dp, s->v.p + i0 * rs + (lo - begin), rs, mr, hi - lo, s->scale, dst + (lo - p0) * MR, MR);
         } else if (cs == 1) { /* x̃ rows: mask each contiguous run first */
             float run[LF_MAX_KC];
             for (int64_t i = 0; i < mr; i++) {
@@ -101,7 +103,7 @@ static void pack_a(lf_transpose_fn t16, const lf_operand *a, int64_t i0, int64_t
 
 /* rows [lo, hi) of segment s (starting at K = begin) into one sliver: dst[p*NR + j] =
  * b(p0+p, j0+j) for j < nr */
-static void pack_b_sliver(lf_transpose_fn t16, const lf_segment *s, int64_t begin, int64_t lo, int64_t hi,
+static void pack_b_sliver(const lf_dispatch *dp, const lf_segment *s, int64_t begin, int64_t lo, int64_t hi,
                           int64_t j0, int64_t nr, int64_t p0, int NR, float *dst) {
     const int64_t rs = s->v.rs, cs = s->v.cs;
     if (cs == 1 && s->drop_threshold) { /* x̃ rows: mask each contiguous run in place */
@@ -111,7 +113,7 @@ static void pack_b_sliver(lf_transpose_fn t16, const lf_segment *s, int64_t begi
                                               dst + (p - p0) * NR);
         }
     } else if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (Wᵀ of row-major W) */
-        pack_rows(t16, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR);
+        pack_rows(dp, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR);
     } else {
         for (int64_t p = lo; p < hi; p++) {
             float *d = dst + (p - p0) * NR;
@@ -136,7 +138,7 @@ static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t 
  * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major plain segment (W in
  * dx = g·W) is copied row by row across all slivers, so b is read in address order — one
  * stream instead of one per sliver; the others are packed sliver by sliver. */
-static void pack_b(lf_transpose_fn t16, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+static void pack_b(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
                    int NR, float *dst) {
     const int64_t nslivers = (nc + NR - 1) / NR, tail = nc - (nslivers - 1) * NR;
     float *last = dst + (nslivers - 1) * NR * kc;
@@ -159,7 +161,7 @@ static void pack_b(lf_transpose_fn t16, const lf_operand *b, int64_t j0, int64_t
             }
         } else {
             for (int64_t q = 0; q < nslivers; q++)
-                pack_b_sliver(t16, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR,
+                pack_b_sliver(dp, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR,
                               dst + q * NR * kc);
         }
     }
@@ -212,7 +214,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         for (int64_t pc = 0; pc < K; pc += dp->kc) {
             const int64_t kc = min64(dp->kc, K - pc);
             const int first = pc == 0;
-            pack_b(dp->transpose16, job->b, jc, nc, pc, kc, NR, bpack);
+            pack_b(dp, job->b, jc, nc, pc, kc, NR, bpack);
             for (int64_t ic = m0; ic < m1; ic += dp->mc) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
@@ -220,7 +222,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
                 }
                 const int64_t mc = min64(dp->mc, m1 - ic);
                 for (int64_t ir = 0; ir < mc; ir += MR)
-                    pack_a(dp->transpose16, job->a, ic + ir, min64(MR, mc - ir), pc, kc, MR, apack + ir * kc);
+                    pack_a(dp, job->a, ic + ir, min64(MR, mc - ir), pc, kc, MR, apack + ir * kc);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t nr = min64(NR, nc - jr);
                     const float *bias =

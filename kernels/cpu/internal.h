@@ -81,10 +81,11 @@ int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf
 /* Widest register tile (AVX-512: 32); bounds the stack buffers of packing. */
 #define LF_MAX_NR 32
 
-/* dst[q·ld + i] = scale · src[i·rs + q] for i < rows ≤ 16, q < 16: one 16×16 block of a
- * row-major operand packed k-major (pack_avx512.c); rows ≥ `rows` of dst are not written. */
+/* dst[q·ld + i] = scale · src[i·rs + q] for i < rows ≤ TB, q < TB: one TB×TB block of a
+ * row-major operand packed k-major (transpose.c); rows ≥ `rows` of dst are not written. */
 typedef void (*lf_transpose_fn)(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
+void lf_transpose8_avx2(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
 
 /* One ISA's micro-kernel and the cache blocking tuned for it. */
 typedef struct lf_dispatch lf_dispatch;
@@ -95,7 +96,8 @@ struct lf_dispatch {
                             KC×NC B-panel in L3 */
     lf_ukernel_fn ukernel;
     const lf_dispatch *narrow; /* tile for N ≤ its nr (the rank-r GEMMs), or NULL */
-    lf_transpose_fn transpose16; /* vectorised packing of row-major operands, or NULL (scalar) */
+    lf_transpose_fn transpose; /* vectorised packing of row-major operands, or NULL (scalar) */
+    int tb;                    /* its block size TB */
 };
 
 const lf_dispatch *lf_current(void);

@@ -40,7 +40,12 @@ LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, f
         base0 = _mm256_maskload_ps(bias, m0);
         base1 = _mm256_maskload_ps(bias + 8, m1);
     }
-    for (int64_t i = 0; i < mr; i++) {
+    /* a constant trip count, unrolled: every acc index is a constant, so the accumulators stay
+     * in registers in the k loop (a loop to a run-time mr made GCC mirror all 12 of them to the
+     * stack on every k step: 36 % of peak instead of ~85 %) */
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; i++) {
+        if (i >= mr) break;
         float *ci = c + i * ldc;
         if (accumulate) {
             base0 = _mm256_maskload_ps(ci, m0);
@@ -53,7 +58,7 @@ LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, f
 
 const lf_dispatch lf_dispatch_avx2 = {
     .isa = LF_ISA_AVX2, .mr = MR, .nr = NR, .kc = 256, .mc = 96, .nc = 2048,
-    .ukernel = ukernel_avx2,
+    .ukernel = ukernel_avx2, .transpose = lf_transpose8_avx2, .tb = 8,
 };
 #else
 const lf_dispatch lf_dispatch_avx2 = {0};

@@ -79,12 +79,12 @@ LF_AVX512 static void ukernel_avx512_narrow(int64_t kc, const float *ap, const f
 
 static const lf_dispatch narrow = {
     .isa = LF_ISA_AVX512, .mr = 24, .nr = 16, .kc = 384, .mc = 240, .nc = 16,
-    .ukernel = ukernel_avx512_narrow, .narrow = NULL, .transpose16 = lf_transpose16_avx512,
+    .ukernel = ukernel_avx512_narrow, .narrow = NULL, .transpose = lf_transpose16_avx512, .tb = 16,
 };
 
 const lf_dispatch lf_dispatch_avx512 = {
     .isa = LF_ISA_AVX512, .mr = 12, .nr = 32, .kc = 384, .mc = 120, .nc = 3072,
-    .ukernel = ukernel_avx512_wide, .narrow = &narrow, .transpose16 = lf_transpose16_avx512,
+    .ukernel = ukernel_avx512_wide, .narrow = &narrow, .transpose = lf_transpose16_avx512, .tb = 16,
 };
 #else
 const lf_dispatch lf_dispatch_avx512 = {0};

@@ -1,12 +1,12 @@
-/* pack_avx512.c — the packing of row-major operands into k-major slivers, 16×16 blocks at a time.
+/* transpose.c — the packing of row-major operands into k-major slivers, one square block of
+ * TB×TB floats at a time (TB = the vector width: 16 for AVX-512, 8 for AVX2).
  *
  * Packing x (rows of K) into an MR-tall A sliver and Wᵀ (W's rows of K) into an NR-wide B
  * sliver are the same operation: a transpose,
- *     dst[q·ld + i] = scale · src[i·rs + q]     i < rows ≤ 16, q < 16,
- * done here in registers — 16 row loads, the classic 4-stage shuffle network (unpack ps,
- * unpack pd, two 128-bit lane shuffles: 64 shuffles per 256 floats) and 16 masked row stores —
- * instead of one scalar load and strided store per element. gemm.c calls it for every whole
- * 16×16 block and keeps its scalar loops for the edges. */
+ *     dst[q·ld + i] = scale · src[i·rs + q]     i < rows ≤ TB, q < TB,
+ * done here in registers — TB row loads, a shuffle network, TB masked row stores — instead of
+ * one scalar load and one strided store per element. gemm.c calls it for every whole block
+ * and keeps its scalar loops for the edges. */
 #include "internal.h"
 
 #if defined(__x86_64__)
@@ -19,6 +19,7 @@ LF_AVX512 static inline __m512 unpack_pd(__m512 a, __m512 b, int hi) {
     return _mm512_castpd_ps(hi ? _mm512_unpackhi_pd(x, y) : _mm512_unpacklo_pd(x, y));
 }
 
+/* 16×16: unpack ps, unpack pd, two rounds of 128-bit lane shuffles (64 shuffles per 256 floats) */
 LF_AVX512 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld) {
     __m512 r[16], t[16];
     for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_ps(src + i * rs) : _mm512_setzero_ps();
@@ -52,5 +53,33 @@ LF_AVX512 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, flo
     }
     const __mmask16 m = (__mmask16)((1u << rows) - 1u);
     for (int q = 0; q < 16; q++) _mm512_mask_storeu_ps(dst + q * ld, m, r[q]);
+}
+
+#define LF_AVX2 __attribute__((target("avx2,fma")))
+
+/* 8×8: unpack ps, shuffle ps, 128-bit lane permutes (24 shuffles per 64 floats) */
+LF_AVX2 void lf_transpose8_avx2(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = i < rows ? _mm256_loadu_ps(src + i * rs) : _mm256_setzero_ps();
+    if (scale != 1.0f) {
+        const __m256 s = _mm256_set1_ps(scale);
+        for (int i = 0; i < 8; i++) r[i] = _mm256_mul_ps(r[i], s);
+    }
+    for (int i = 0; i < 8; i += 2) { /* interleave row pairs */
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) { /* each 128-bit lane: one column of four rows */
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) { /* join rows 0-3 and 4-7 */
+        t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int q = 0; q < 8; q++) _mm256_maskstore_ps(dst + q * ld, m, t[q]);
 }
 #endif
