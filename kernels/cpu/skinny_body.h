@@ -61,13 +61,34 @@ TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, i
 TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64_t off0, uint64_t seed,
                                              uint32_t thr, float scale, float *dst);
 
+/* w̃[t, j : j+width] as a vector: w, or w dropped by wmask (mask index = flat offset t·w.rs + j) */
+TARGET static inline __attribute__((always_inline)) VF CAT(w_row, SUFFIX)(lf_view w, int64_t t, int64_t j,
+                                                                         int64_t width, const lf_mask *wmask);
+
+/* acc[i] += s[t, p+i] · w̃[t, j:j+VW] over all T tokens for NB rows of c at once; s's columns at
+ * sp + off(i): i·cs when cs is given (≥ 1), else scol[i]. Inlined with constants (NB; cs = 1,
+ * a whole vector and no mask on the fast path) so that the accumulators stay in registers and
+ * the per-token branches fold away. */
+TARGET static inline __attribute__((always_inline)) void CAT(ru_tokens, SUFFIX)(
+    const int NB, const int64_t cs, const int64_t *scol, const float *sp, int64_t srs, int64_t T, lf_view w,
+    int64_t j, const int64_t width, const lf_mask *wmask, VF *acc) {
+    for (int64_t t = 0; t < T; t++) {
+        const VF wv = CAT(w_row, SUFFIX)(w, t, j, width, wmask);
+        const float *st = sp + t * srs;
+#pragma GCC unroll 16
+        for (int i = 0; i < NB; i++) acc[i] += st[cs ? i * cs : scol[i]] * wv;
+    }
+}
+
 /* block [p0, P) × [q0, q1) of c = scale · sᵀ · w̃, c row stride ldc; w̃ = w, or the dropped
- * w ⊙ mask · wmask->scale when wmask (mask index = flat offset t·w.rs + j: x̃ regenerated).
+ * w ⊙ mask · wmask->scale when wmask (x̃ regenerated as it is read).
  * Register-blocked outer products: RU_ROWS rows of c × one vector of columns accumulate over
  * all T tokens in registers,
  *     acc[i] += s[t, p+i] · w̃[t, j:j+VW]     (one load of w̃ and RU_ROWS broadcasts per token),
- * so c is written once and the RU_ROWS chains are independent. A short last row block
- * computes duplicates of its first row and stores only the real ones. */
+ * so c is written once and the RU_ROWS chains are independent. Blocks of RU_ROWS or RU_ROWS/2
+ * rows of row-contiguous s (s.cs = 1: v, g) over a whole vector of undropped w take a fast path
+ * with constant offsets; any other block reads through per-row offsets and duplicates its
+ * first row past P (computed, never stored). */
 TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T,
                                                   lf_view s, lf_view w, float scale, float *c, int64_t ldc,
                                                   const lf_mask *wmask) {
@@ -75,29 +96,34 @@ TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t
         const int64_t width = q1 - j < VW ? q1 - j : VW;
         for (int64_t p = p0; p < P; p += RU_ROWS) {
             const int64_t rows = P - p < RU_ROWS ? P - p : RU_ROWS;
-            int64_t scol[RU_ROWS]; /* column offsets into s's rows; past `rows`: row p again */
-            for (int i = 0; i < RU_ROWS; i++) scol[i] = (p + (i < rows ? i : 0)) * s.cs;
+            const float *sp = s.p + p * s.cs;
             VF acc[RU_ROWS];
 #pragma GCC unroll 16
             for (int i = 0; i < RU_ROWS; i++) acc[i] = (VF){0};
-            for (int64_t t = 0; t < T; t++) {
-                VF wv;
-                if (wmask) {
-                    float run[VW];
-                    const int64_t off = t * w.rs + j;
-                    CAT(dropout_span, SUFFIX)(w.p + off, width, (uint64_t)off, wmask->seed, wmask->threshold,
-                                              wmask->scale, run);
-                    wv = CAT(vload, SUFFIX)(run, width);
-                } else {
-                    wv = CAT(vload, SUFFIX)(w.p + t * w.rs + j, width);
-                }
-                const float *st = s.p + t * s.rs;
-#pragma GCC unroll 16
-                for (int i = 0; i < RU_ROWS; i++) acc[i] += st[scol[i]] * wv;
+            const int fast = s.cs == 1 && width == VW && !wmask;
+            if (fast && rows == RU_ROWS) {
+                CAT(ru_tokens, SUFFIX)(RU_ROWS, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
+            } else if (fast && rows == RU_ROWS / 2) {
+                CAT(ru_tokens, SUFFIX)(RU_ROWS / 2, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
+            } else {
+                int64_t scol[RU_ROWS]; /* column offsets; past `rows`: the block's first row again */
+                for (int i = 0; i < RU_ROWS; i++) scol[i] = (i < rows ? i : 0) * s.cs;
+                CAT(ru_tokens, SUFFIX)(RU_ROWS, 0, scol, sp, s.rs, T, w, j, width, wmask, acc);
             }
-            for (int64_t i = 0; i < rows; i++) CAT(vstore, SUFFIX)(c + (p + i) * ldc + j, acc[i] * scale, width);
+#pragma GCC unroll 16
+            for (int i = 0; i < RU_ROWS; i++)
+                if (i < rows) CAT(vstore, SUFFIX)(c + (p + i) * ldc + j, acc[i] * scale, width);
         }
     }
+}
+
+TARGET static inline __attribute__((always_inline)) VF CAT(w_row, SUFFIX)(lf_view w, int64_t t, int64_t j,
+                                                                         int64_t width, const lf_mask *wmask) {
+    if (!wmask) return CAT(vload, SUFFIX)(w.p + t * w.rs + j, width);
+    float run[VW];
+    const int64_t off = t * w.rs + j;
+    CAT(dropout_span, SUFFIX)(w.p + off, width, (uint64_t)off, wmask->seed, wmask->threshold, wmask->scale, run);
+    return CAT(vload, SUFFIX)(run, width);
 }
 
 /* dst[j] = keep(off0 + j) ? src[j] · scale : 0 — dropout on a contiguous run (x̃ rows);
