@@ -262,6 +262,23 @@ static void choose_grid(int64_t M, int64_t N, int nt, int MR, int NR, int *tm, i
 /* Below this many flops a job is done on the calling thread: waking a worker costs more. */
 #define LF_PARALLEL_MIN_FLOPS (1 << 18)
 
+/* the micro-kernel for N columns: the narrow tile when N fits it (the rank-r GEMMs) */
+static const lf_dispatch *dispatch_for(int64_t N) {
+    const lf_dispatch *dp = lf_current();
+    return dp->narrow && N <= dp->narrow->nr ? dp->narrow : dp;
+}
+
+static int threads_for(lf_pool *pool, double flops) {
+    return flops < LF_PARALLEL_MIN_FLOPS ? 1 : lf_pool_threads(pool);
+}
+
+int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K) {
+    const lf_dispatch *dp = dispatch_for(N);
+    int tm, tn;
+    choose_grid(M, N, threads_for(pool, 2.0 * (double)M * (double)N * (double)K), dp->mr, dp->nr, &tm, &tn);
+    return tm;
+}
+
 int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
             const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc) {
     if (!pool || M < 0 || N < 0 || K < 0 || (beta != 0.0f && beta != 1.0f)) return LF_EINVAL;
@@ -276,11 +293,10 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     int64_t mn, flops;
     if (!lf_mul_ok(M, N, &mn) || !lf_mul_ok(mn, K, &flops) || !lf_mul_ok(flops, 2, &flops))
         return LF_EOVERFLOW;
-    const lf_dispatch *dp = lf_current();
-    if (dp->narrow && N <= dp->narrow->nr) dp = dp->narrow;
-    int nt = flops < LF_PARALLEL_MIN_FLOPS ? 1 : lf_pool_threads(pool);
+    const lf_dispatch *dp = dispatch_for(N);
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
                     .beta = beta, .bias = bias, .c = c, .ldc = ldc};
+    int nt = threads_for(pool, (double)flops);
     choose_grid(M, N, nt, dp->mr, dp->nr, &job.tm, &job.tn);
     nt = job.tm * job.tn;
     job.mchunk = ((M + dp->mr - 1) / dp->mr + job.tm - 1) / job.tm * dp->mr;

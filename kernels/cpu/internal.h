@@ -137,6 +137,9 @@ typedef struct {
 
 lf_operand lf_operand_plain(lf_view v, float scale);
 
+/* How many row blocks lf_gemm cuts C into for these sizes: each of them packs all of b. */
+int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K);
+
 /* C (M,N) = beta·C + a·b (+ bias when beta == 0); a (M,K) and b (K,N) are operands. */
 int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
             const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc);

@@ -87,12 +87,14 @@ static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
 
 /* Inference (u not wanted): y = x · (W + s·B·A)ᵀ + bias with the rank-r term added to W's
  * panels as they are packed, when that costs fewer flops than producing u and the r extra
- * K columns: each W element is packed once per thread row of the GEMM grid (≤ threads), so
- *     merged: 2·m·k·r·threads      augmented: 2·n·r·(k + m)
- * (small m and large n favour merging: 512×896×128 r16 on 2 threads 7.3 vs 16.8 Mflop). */
+ * K columns. Each W element is packed once per row block of the GEMM's thread grid, so
+ *     merged: 2·m·k·r·row_blocks      augmented: 2·n·r·(k + m)
+ * (few outputs m, many tokens n favour merging: 512×896×128 r16, M cut in 2: 7.3 vs 16.8 Mflop;
+ * 512×576×576, N cut in 2: 10.6 vs 18.9). */
 static int merged_is_cheaper(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r) {
     if (r <= 0 || r > LF_SKINNY_MAX_R || n <= LF_ROWDOTS_MAX_N) return 0;
-    return (double)m * (double)k * (double)lf_pool_threads(pool) < (double)n * (double)(k + m);
+    const double row_blocks = (double)lf_gemm_row_splits(pool, n, m, k);
+    return (double)m * (double)k * row_blocks < (double)n * (double)(k + m);
 }
 
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
