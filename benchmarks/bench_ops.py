@@ -1,5 +1,7 @@
 """lorafuse.ops (fused C) vs NumPy composition, torch F.linear (base alone) and the PEFT-style
 unfused torch path — forward and forward+backward, same thread count, interleaved, medians.
+NumPy's composition is timed in a group of its own (its OpenBLAS pool spin-waits between calls
+and slowed every other candidate when interleaved with them).
 Then: does lorafuse's thread pool slow torch (or the reverse) when calls alternate?
 
     python benchmarks/bench_ops.py [--threads 2] [--rounds 7] [--quick]
@@ -7,6 +9,7 @@ Then: does lorafuse's thread pool slow torch (or the reverse) when calls alterna
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -32,15 +35,18 @@ def bench_shape(n, k, m, r, rounds, torch):
     x, W, b, A, B, g = f(n, k), f(m, k), f(m), f(r, k) * 0.1, f(m, r) * 0.1, f(n, m)
     s = 2.0
     y, u = ops.lora_forward(x, W, A, B, s, b)
-    cands = {
+    fused = {
         "lorafuse fwd": lambda: ops.lora_forward(x, W, A, B, s, b, out=y, u_out=u),
-        "numpy fwd": lambda: numpy_forward(x, W, b, A, B, s),
         "lorafuse fwd+bwd": lambda: (ops.lora_forward(x, W, A, B, s, b, out=y, u_out=u),
                                      ops.lora_backward(g, x, u, W, A, B, s)),
     }
+    # NumPy's own BLAS (OpenBLAS) has a thread pool of its own that spin-waits after each call:
+    # timed in a group of its own, so that it cannot slow the torch and lorafuse calls
+    t = interleaved({**fused, "numpy fwd": lambda: numpy_forward(x, W, b, A, B, s)}, rounds=rounds)
     if torch is not None:
         import torch.nn.functional as F
 
+        time.sleep(0.5)  # let OpenBLAS's workers go to sleep
         tx, tW, tb, tA, tB, tg = (torch.from_numpy(a) for a in (x, W, b, A, B, g))
 
         def torch_unfused_fwd_bwd():
@@ -50,15 +56,18 @@ def bench_shape(n, k, m, r, rounds, torch):
             yy = F.linear(xx, tW, tb) + s * F.linear(F.linear(xx, a_), b_)
             yy.backward(tg)
 
-        cands["torch F.linear base fwd"] = lambda: F.linear(tx, tW, tb)
-        cands["torch unfused fwd"] = lambda: F.linear(tx, tW, tb) + s * F.linear(F.linear(tx, tA), tB)
-        cands["torch unfused fwd+bwd"] = torch_unfused_fwd_bwd
-    t = interleaved(cands, rounds=rounds)
+        t_torch = interleaved({**fused,
+                               "torch F.linear base fwd": lambda: F.linear(tx, tW, tb),
+                               "torch unfused fwd": lambda: F.linear(tx, tW, tb) + s * F.linear(F.linear(tx, tA), tB),
+                               "torch unfused fwd+bwd": torch_unfused_fwd_bwd}, rounds=rounds)
+        t = {**{f"{name} (vs numpy)" if name in fused else name: sec for name, sec in t.items()}, **t_torch}
     flops = 2 * n * (k * m + r * (k + m))
     print(f"\n## n={n} k={k} m={m} r={r}  ({flops / 1e9:.3f} GFLOP fwd)")
     for name, sec in t.items():
         print(f"  {name:28s} {sec * 1e3:9.3f} ms")
-    print(f"  ratio lorafuse/numpy fwd          {t['lorafuse fwd'] / t['numpy fwd']:.3f}")
+    fwd_vs_numpy = t.get("lorafuse fwd (vs numpy)", t["lorafuse fwd"])
+    print(f"  ratio lorafuse/numpy fwd          {fwd_vs_numpy / t['numpy fwd']:.3f}"
+          "   (NumPy group: OpenBLAS's spinning workers share the cores)")
     if torch is not None:
         print(f"  ratio lorafuse/F.linear base fwd  {t['lorafuse fwd'] / t['torch F.linear base fwd']:.3f}")
         print(f"  ratio lorafuse/torch unfused fwd  {t['lorafuse fwd'] / t['torch unfused fwd']:.3f}")
