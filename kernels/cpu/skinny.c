@@ -30,24 +30,28 @@ __attribute__((target("avx2"))) static inline float hsum_avx2(__m256 v) {
 
 #define VW 16
 #define RU_ROWS 16 /* rank_update rows per register block: 16 accumulators of 32 zmm */
+#define RA_ROWS 8  /* rank_add rows per register block (× 2 vectors: 16 accumulators) */
 #define SUFFIX _avx512
 #define TARGET __attribute__((target("avx512f,avx512dq"), optimize("fp-contract=fast")))
 #define HSUM(v) hsum_avx512((__m512)(v))
 #include "skinny_body.h"
 #undef VW
 #undef RU_ROWS
+#undef RA_ROWS
 #undef SUFFIX
 #undef TARGET
 #undef HSUM
 
 #define VW 8
 #define RU_ROWS 8 /* 8 accumulators of 16 ymm */
+#define RA_ROWS 4 /* × 2 vectors: 8 accumulators */
 #define SUFFIX _avx2
 #define TARGET __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
 #define HSUM(v) hsum_avx2((__m256)(v))
 #include "skinny_body.h"
 #undef VW
 #undef RU_ROWS
+#undef RA_ROWS
 #undef SUFFIX
 #undef TARGET
 #undef HSUM
@@ -55,12 +59,14 @@ __attribute__((target("avx2"))) static inline float hsum_avx2(__m256 v) {
 
 #define VW 4
 #define RU_ROWS 8
+#define RA_ROWS 4
 #define SUFFIX _generic
 #define TARGET __attribute__((optimize("fp-contract=fast")))
 #define HSUM(v) ((v)[0] + (v)[1] + (v)[2] + (v)[3])
 #include "skinny_body.h"
 #undef VW
 #undef RU_ROWS
+#undef RA_ROWS
 #undef SUFFIX
 #undef TARGET
 #undef HSUM

@@ -211,16 +211,44 @@ TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n,
 
 /* c[p·ldc + j] += Σ_q a(p, q) · bt[q·ldb + j] for p < P, j < Q, q < R: a rank-R update of a
  * row-major block whose width Q is a whole number of vectors (a packed B sliver; bt zero-padded
- * to it). One accumulator per (p, vector): the R-long chains of different p overlap. */
+ * to it) — the W + s·B·A addend of the inference forward, added to each packed panel.
+ * Register-blocked: RA_ROWS rows × two vectors accumulate over q in registers,
+ *     acc[i][v] += a(p+i, q) · bt[q, j + v·VW]      (2 loads of bt, RA_ROWS broadcasts per q),
+ * and a(p..p+RA_ROWS, q) is contiguous when a.rs = 1 (a = Aᵀ: the rows of A); then c += acc.
+ * Other blocks (a last short one, one vector left, a.rs ≠ 1) take the plain loop. */
 TARGET static void CAT(rank_add, SUFFIX)(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt, int64_t ldb,
                                          float *c, int64_t ldc) {
-    for (int64_t j = 0; j < Q; j += VW)
-        for (int64_t p = 0; p < P; p++) {
-            VF acc = *(const VF *)(c + p * ldc + j);
-            const float *ap = a.p + p * a.rs;
-            for (int64_t q = 0; q < R; q++) acc += ap[q * a.cs] * *(const VF *)(bt + q * ldb + j);
-            *(VF *)(c + p * ldc + j) = acc;
+    for (int64_t j = 0; j < Q; j += 2 * VW) {
+        for (int64_t p = 0; p < P; p += RA_ROWS) {
+            if (a.rs == 1 && P - p >= RA_ROWS && Q - j >= 2 * VW) {
+                VF acc[RA_ROWS][2];
+#pragma GCC unroll 8
+                for (int i = 0; i < RA_ROWS; i++) acc[i][0] = acc[i][1] = (VF){0};
+                for (int64_t q = 0; q < R; q++) {
+                    const VF b0 = *(const VF *)(bt + q * ldb + j), b1 = *(const VF *)(bt + q * ldb + j + VW);
+                    const float *aq = a.p + p + q * a.cs;
+#pragma GCC unroll 8
+                    for (int i = 0; i < RA_ROWS; i++) {
+                        acc[i][0] += aq[i] * b0;
+                        acc[i][1] += aq[i] * b1;
+                    }
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < RA_ROWS; i++) {
+                    *(VF *)(c + (p + i) * ldc + j) += acc[i][0];
+                    *(VF *)(c + (p + i) * ldc + j + VW) += acc[i][1];
+                }
+                continue;
+            }
+            const int64_t p1 = P - p < RA_ROWS ? P : p + RA_ROWS;
+            for (int64_t jj = j; jj < j + 2 * VW && jj < Q; jj += VW)
+                for (int64_t pp = p; pp < p1; pp++) {
+                    VF acc = *(const VF *)(c + pp * ldc + jj);
+                    for (int64_t q = 0; q < R; q++) acc += a.p[pp * a.rs + q * a.cs] * *(const VF *)(bt + q * ldb + jj);
+                    *(VF *)(c + pp * ldc + jj) = acc;
+                }
         }
+    }
 }
 
 static const lf_skinny CAT(skinny, SUFFIX) = {
