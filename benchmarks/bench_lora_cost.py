@@ -7,23 +7,16 @@ medians. Explains the small-shape rows of bench_layer.py: lf/base = (sgemm/F.lin
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from lorafuse import _C
 from bench_layer import SHAPES
-from timing import header, interleaved, set_threads
+from timing import interleaved, start
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    args = ap.parse_args()
-    set_threads(args.threads)
-    header("bench_lora_cost: the rank-r term on top of the GEMM (fp32)", args.threads)
+    args = start(__doc__, "bench_lora_cost: the rank-r term on top of the GEMM (fp32)")
     print(f"\n{'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'sgemm/F.linear':>14} | {'infer/sgemm':>11} {'with u/sgemm':>12} "
           f"| {'infer/F.linear':>14}")
     torch.manual_seed(0)

@@ -6,8 +6,6 @@ lora.Linear and a bare torch F.linear. What is left at decode sizes is this over
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,16 +13,11 @@ import torch.nn.functional as F
 from bench_layer import make_layers
 from lorafuse import _C, ops
 from lorafuse.autograd import lora_linear
-from timing import header, interleaved, set_threads
+from timing import interleaved, start
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    args = ap.parse_args()
-    set_threads(args.threads)
-    header("bench_overhead: per-call cost of each layer (n=1, k=m=16, r=4)", args.threads)
+    args = start(__doc__, "bench_overhead: per-call cost of each layer (n=1, k=m=16, r=4)")
     n, k, m, r = 1, 16, 16, 4
     lf, pf, base = make_layers(k, m, r)
     x = torch.randn(n, k)

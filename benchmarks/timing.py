@@ -3,6 +3,7 @@ machine (turbo, a noisy neighbour) hits every candidate alike; each gets the med
 rounds. Thread counts are set equal for torch and lorafuse before anything is timed."""
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import subprocess
@@ -21,6 +22,18 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
     except ImportError:
         pass
+
+
+def start(description: str, title: str, rounds: int = 9) -> argparse.Namespace:
+    """The common start of a benchmark script: --threads (default 2) and --rounds parsed, the
+    thread counts set for both sides, the header printed. Returns the parsed arguments."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    header(title, args.threads)
+    return args
 
 
 def interleaved(cands: Dict[str, Callable[[], object]], rounds: int = 9, min_time: float = 0.02,
