@@ -16,6 +16,10 @@
 typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                               int64_t mr, int64_t nr, int accumulate, const float *bias);
 
+/* The same tile reading A in place from a row-major source: row i of the tile at a + i·lda. */
+typedef void (*lf_ukernel_direct_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, float *c,
+                                     int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
+
 /* One ISA's rank-r kernels (skinny.c, skinny_body.h). */
 /* Dropout applied while reading an operand: keep iff lf_dropout_keep(seed, offset, threshold),
  * kept values times scale (= 1/(1-p), possibly times another factor). */
@@ -95,6 +99,7 @@ struct lf_dispatch {
     int64_t kc, mc, nc;  /* Goto/BLIS cache blocks: KC×NR B-sliver in L1, MC×KC A-block in L2,
                             KC×NC B-panel in L3 */
     lf_ukernel_fn ukernel;
+    lf_ukernel_direct_fn ukernel_direct; /* the tile on an unpacked row-major A, or NULL */
     const lf_dispatch *narrow; /* tile for N ≤ its nr (the rank-r GEMMs), or NULL */
     lf_transpose_fn transpose; /* vectorised packing of row-major operands, or NULL (scalar) */
     int tb;                    /* its block size TB */
