@@ -8,8 +8,11 @@
  *   ic: MC rows of C      — pack a[ic:ic+MC, pc:pc+KC] into MR-tall k-major slivers (L2)
  *   jr, ir                — the ISA micro-kernel on one MR×NR tile (registers)
  * Operands are read through lf_operand, so packing also concatenates two K segments
- * ("augmented K": [x | s·u]·[W | B]ᵀ in one GEMM), applies a per-segment scale, and applies
- * the dropout mask — none of these need a pass of their own over memory.
+ * ("augmented K": [x | s·u]·[W | B]ᵀ in one GEMM), applies a per-segment scale, applies the
+ * dropout mask, and adds a rank-r term to b (W + s·B·A for the inference forward) — none of
+ * these need a pass of their own over memory. Row-major sources are packed by register
+ * transposes (transpose.c); a plain row-major A is read in place, unpacked, when a thread has
+ * few columns (uses_a_in_place).
  *
  * Threads: C is cut into a tm×tn grid of blocks (tm·tn = threads), each thread runs the whole
  * loop nest on its block with its own packing buffers. The larger of M and N is split first,
