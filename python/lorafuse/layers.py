@@ -28,11 +28,12 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype
 
 
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    """module.weight without nn.Module.__getattr__: the registered parameter, or — when a wrapper
-    such as FSDP has replaced it by a plain tensor attribute — that attribute."""
-    weight = module._parameters.get("weight")
-    return module.weight if weight is None else weight
+def _param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """module.<name> without nn.Module.__getattr__: the registered parameter (None for a Linear
+    built with bias=False), or — when a wrapper such as FSDP has replaced it by a plain tensor
+    attribute — that attribute."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
 
 
 class LoraLinear(nn.Module):
@@ -274,7 +275,7 @@ class LoraLinear(nn.Module):
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return None
         base, lin_b = modules["base_layer"], modules["lora_B"]._modules[name]
-        weight, lora_a, lora_b = _weight_of(base), _weight_of(lin_a), _weight_of(lin_b)
+        weight, lora_a, lora_b = _param_of(base, "weight"), _param_of(lin_a, "weight"), _param_of(lin_b, "weight")
         if x.dtype != weight.dtype:
             raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
                             f"{weight.dtype}; cast the input or the model.")
@@ -282,7 +283,7 @@ class LoraLinear(nn.Module):
             return None
         dropout = modules["lora_dropout"]._modules[name]
         p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-        bias = base._parameters.get("bias") if "bias" in base._parameters else base.bias
+        bias = _param_of(base, "bias")
         return (weight, bias, lora_a, lora_b, self.scaling[name], p, draw_seed() if p > 0.0 else 0,
                 self.fan_in_fan_out)
 
