@@ -92,9 +92,11 @@ def _tensor(a: Any) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
              lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-             fifo: bool, need_u: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """x (..., k) → (y (..., m), u (..., r)), on the kernels or in torch; u may be None when not
-    needed (the kernels may then merge the rank-r term into W's packed panels instead).
+             fifo: bool, need_u: bool = True
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[ModuleType]]:
+    """x (..., k) → (y (..., m), u (..., r), the kernel module used or None for torch), on the
+    kernels or in torch; u may be None when not needed (the kernels may then merge the rank-r
+    term into W's packed panels instead).
 
     The kernels take the tensors as they are (the binding views them through DLPack and flattens
     the leading dims itself; tensors that require grad are only read) and allocate y and u."""
@@ -102,11 +104,11 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if kern is not None:
         y, u = kern.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed,
                                  fan_in_fan_out=fifo, need_u=need_u)
-        return _tensor(y), None if u is None else _tensor(u)
+        return _tensor(y), None if u is None else _tensor(u), kern
     k = x.shape[-1]
     y, u = _torch_forward(x.detach().reshape(-1, k), weight.detach(), None if bias is None else bias.detach(),
                           lora_a.detach(), lora_b.detach(), scale, dropout_p, seed, fifo)
-    return y.view(*x.shape[:-1], y.shape[-1]), u.view(*x.shape[:-1], u.shape[-1])
+    return y.view(*x.shape[:-1], y.shape[-1]), u.view(*x.shape[:-1], u.shape[-1]), None
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -117,9 +119,11 @@ class LoraLinearFunction(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
                 fan_in_fan_out: bool) -> torch.Tensor:
         """x (..., k) → y (..., m); saves x, u (..., r) and the seed."""
-        y, u = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
+        y, u, kern = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
         ctx.save_for_backward(x, u, weight, lora_a, lora_b)
-        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out)
+        # the backward runs on the forward's kernels: its grad has y's dtype and device, and
+        # skipping a second dispatch matters (each touch of a cold code path costs µs)
+        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out, kern)
         return y
 
     @staticmethod
@@ -127,11 +131,10 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """Gradients for x, W, bias, A, B (None where not needed); dW only if W requires grad."""
         x, u, weight, lora_a, lora_b = ctx.saved_tensors
-        scale, dropout_p, seed, fifo = ctx.conf
+        scale, dropout_p, seed, fifo, kern = ctx.conf
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dA = dB = None
         if need_x or need_a or need_bb:
-            kern = kernels_for(grad, x, u, weight, lora_a, lora_b)
             if kern is not None:
                 dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_x,
                                                 dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
