@@ -399,7 +399,9 @@ def test_ctrl_c_interrupts_a_long_kernel(kind: str, threads: int) -> None:
                 line = proc.stdout.readline()
             assert line.startswith("interrupted"), line + proc.stderr.read()
             latencies.append(float(line.split()[1]) - sent)
-        rest, err = proc.communicate(timeout=60)
+        # not communicate(): it reads the raw pipe, and readline() may already hold the last lines
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
