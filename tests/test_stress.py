@@ -399,9 +399,10 @@ def test_ctrl_c_interrupts_a_long_kernel(kind: str, threads: int) -> None:
                 line = proc.stdout.readline()
             assert line.startswith("interrupted"), line + proc.stderr.read()
             latencies.append(float(line.split()[1]) - sent)
-        # not communicate(): it reads the raw pipe, and readline() may already hold the last lines
-        rest, err = proc.stdout.read(), proc.stderr.read()
+        # not communicate(): it reads the raw pipe, and readline() may already hold the last lines;
+        # what is left is a few lines, so it fits the pipes while the child finishes
         proc.wait(timeout=60)
+        rest, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
