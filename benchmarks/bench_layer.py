@@ -1,6 +1,8 @@
 """A lorafuse `LoraLinear` vs a real PEFT LoRA layer vs torch `F.linear` (frozen base alone):
 both LoRA layers wrap the same `nn.Linear` with the same adapter weights; fp32, same thread
-count, one process, interleaved, medians. Prints every ratio of issue 6's table.
+count, one process, interleaved, medians. Prints every ratio of issue 6's table (default
+lorafuse layer), and the same ratios for a lorafuse layer with the opt-in packed-W cache
+(`set_packed_weight_cache`, columns "pw": W's panels packed once, +1 copy of W per direction).
 
     python benchmarks/bench_layer.py [--threads 2] [--rounds 9] [--quick] [--only CLASS]
 """
@@ -31,7 +33,8 @@ class Holder(nn.Module):
 
 
 def make_layers(k: int, m: int, r: int):
-    """(lorafuse LoraLinear, peft lora.Linear, base nn.Linear) sharing W, b, A and B."""
+    """(lorafuse LoraLinear, the same with the packed-W cache, peft lora.Linear, base nn.Linear)
+    sharing W, b, A and B."""
     import peft
 
     import lorafuse
@@ -40,14 +43,16 @@ def make_layers(k: int, m: int, r: int):
     base = nn.Linear(k, m)
     cfg = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
     pm = peft.get_peft_model(Holder(base), peft.LoraConfig(**cfg))
-    lm = lorafuse.get_peft_model(Holder(base), lorafuse.LoraConfig(**cfg))
-    p_layer, l_layer = pm.base_model.model.proj, lm.base_model.model.proj
+    layers = [lorafuse.get_peft_model(Holder(base), lorafuse.LoraConfig(**cfg)).base_model.model.proj
+              for _ in range(2)]
+    layers[1].set_packed_weight_cache(True)
+    p_layer = pm.base_model.model.proj
     with torch.no_grad():
         for name in ("lora_A", "lora_B"):
             w = torch.randn_like(getattr(p_layer, name)["default"].weight) * 0.05
-            getattr(p_layer, name)["default"].weight.copy_(w)
-            getattr(l_layer, name)["default"].weight.copy_(w)
-    return l_layer, p_layer, base
+            for layer in (p_layer, *layers):
+                getattr(layer, name)["default"].weight.copy_(w)
+    return layers[0], layers[1], p_layer, base
 
 
 def fwd_bwd(layer, x, g):
@@ -68,35 +73,40 @@ def main() -> None:
     header("bench_layer: lorafuse LoraLinear vs PEFT lora.Linear vs F.linear (fp32)", args.threads)
     rounds = 3 if args.quick else args.rounds
     print(f"\n{'class':7s} {'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'fwd ms lf/peft/base':>24} | "
-          f"{'fwd lf/peft':>11} {'lf/base':>8} | {'f+b ms lf/peft':>17} | {'f+b lf/peft':>11}")
+          f"{'fwd lf/peft':>11} {'lf/base':>8} | {'f+b ms lf/peft':>17} | {'f+b lf/peft':>11} | "
+          f"{'pw: fwd/peft':>12} {'/base':>6} {'f+b/peft':>9}")
     for cls, shapes in SHAPES.items():
         if args.only and cls != args.only:
             continue
         for n, k, m, r in (shapes[:1] if args.quick else shapes):
-            lf, pf, base = make_layers(k, m, r)
+            lf, pw, pf, base = make_layers(k, m, r)
             x, g = torch.randn(n, k), torch.randn(n, m)
             W, b = base.weight.detach(), base.bias.detach()
             with torch.no_grad():
                 torch.testing.assert_close(lf(x), pf(x), rtol=1e-4, atol=1e-4)
-            cands = {}
-            with torch.no_grad():
-                cands = {"lf": lambda: lf(x), "peft": lambda: pf(x), "base": lambda: F.linear(x, W, b)}
+                torch.testing.assert_close(pw(x), pf(x), rtol=1e-4, atol=1e-4)
+                cands = {"lf": lambda: lf(x), "pw": lambda: pw(x), "peft": lambda: pf(x),
+                         "base": lambda: F.linear(x, W, b)}
                 tf = interleaved(cands, rounds=rounds)
             tb = {}
             if cls != "decode":
-                tb = interleaved({"lf": fwd_bwd(lf, x, g), "peft": fwd_bwd(pf, x, g)}, rounds=rounds)
+                tb = interleaved({"lf": fwd_bwd(lf, x, g), "pw": fwd_bwd(pw, x, g), "peft": fwd_bwd(pf, x, g)},
+                                 rounds=rounds)
             fwd_t, fb_t = TARGETS[cls]
             line = (f"{cls:7s} {n:5d} {k:6d} {m:6d} {r:3d} | {tf['lf'] * 1e3:7.3f} {tf['peft'] * 1e3:7.3f} "
                     f"{tf['base'] * 1e3:7.3f} | {tf['lf'] / tf['peft']:6.3f}{'✓' if tf['lf'] / tf['peft'] <= fwd_t else '✗'}    "
                     f"{tf['lf'] / tf['base']:7.3f} | ")
             if tb:
                 ratio = tb["lf"] / tb["peft"]
-                line += f"{tb['lf'] * 1e3:8.2f} {tb['peft'] * 1e3:8.2f} | {ratio:6.3f}{'✓' if ratio <= fb_t else '✗'}"
+                line += f"{tb['lf'] * 1e3:8.2f} {tb['peft'] * 1e3:8.2f} | {ratio:6.3f}{'✓' if ratio <= fb_t else '✗'}    "
             else:
-                line += f"{'—':>17} | {'—':>11}"
+                line += f"{'—':>17} | {'—':>11} "
+            line += f" | {tf['pw'] / tf['peft']:11.3f} {tf['pw'] / tf['base']:6.3f} "
+            line += f"{tb['pw'] / tb['peft']:9.3f}" if tb else f"{'—':>9}"
             print(line, flush=True)
     print("\ntargets: decode fwd ≤ 0.60 (d=576); small fwd/f+b ≤ 0.85; large fwd/f+b ≤ 0.97 "
-          "and lf/base ≤ 1.03")
+          "and lf/base ≤ 1.03 (✓/✗: the default layer; pw: the opt-in packed-W cache, "
+          "decode never packs W)")
 
 
 if __name__ == "__main__":

@@ -414,24 +414,98 @@ static int parse_weights(lf_state *st, const char *F, arr_list *L, PyObject *oW,
     return 0;
 }
 
+/* ---------------------------------------------------------------- packed weights */
+
+static const char PACKED_NAME[] = "lorafuse.packed_weight";
+
+static void packed_capsule_free(PyObject *cap) {
+    lf_packed_weight_free(PyCapsule_GetPointer(cap, PACKED_NAME));
+}
+
+/* The packed W in `obj` (None: NULL, no error); -1 with an exception when obj is not one of
+ * pack_weight's capsules or was packed from another array, view or direction of W. */
+static int parse_packed(PyObject *obj, const char *F, PyArrayObject *W, int fifo, int for_backward,
+                        const lf_packed_b **out) {
+    *out = NULL;
+    if (obj == Py_None) return 0;
+    if (!PyCapsule_IsValid(obj, PACKED_NAME)) {
+        PyErr_Format(PyExc_TypeError, "%s: packed_w must be the result of pack_weight() or None, got %s", F,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const lf_packed_b *pw = PyCapsule_GetPointer(obj, PACKED_NAME);
+    lf_view vW = view2(W);
+    if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
+    const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), k = PyArray_DIM(W, fifo ? 0 : 1);
+    if (!lf_packed_weight_matches(pw, vW, m, k, for_backward)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: packed_w was not packed from this W (same array, strides, fan_in_fan_out) with "
+                     "for_backward=%s", F, for_backward ? "True" : "False");
+        return -1;
+    }
+    *out = pw;
+    return 0;
+}
+
+PyDoc_STRVAR(pack_weight_doc,
+"pack_weight(W, fan_in_fan_out=False, for_backward=False) -> (packed, nbytes)\n\n"
+"W (m, k) — (k, m) if fan_in_fan_out — packed into the GEMM panels lora_forward (for_backward\n"
+"False) or lora_backward's dx (True) would pack on every call, for the current ISA. Pass it as\n"
+"packed_w while W is unchanged; it keeps no reference to W and must not outlive W's contents.");
+
+static PyObject *py_pack_weight(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "pack_weight";
+    static char *kwlist[] = {"W", "fan_in_fan_out", "for_backward", NULL};
+    PyObject *oW;
+    int fifo = 0, for_backward = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|pp:pack_weight", kwlist, &oW, &fifo, &for_backward)) return NULL;
+    lf_state *st = state_of(self);
+    arr_list L = {{0}, 0};
+    PyArrayObject *W;
+    lf_packed_b *pw = NULL;
+    if (!(W = keep(&L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", W, 2, fifo ? "(k, m)" : "(m, k)")) goto fail;
+    {
+        lf_view vW = view2(W);
+        if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
+        const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), k = PyArray_DIM(W, fifo ? 0 : 1);
+        int status;
+        Py_BEGIN_ALLOW_THREADS status = lf_pack_weight(vW, m, k, for_backward, &pw);
+        Py_END_ALLOW_THREADS
+        if (status) {
+            raise_status(status, F);
+            goto fail;
+        }
+    }
+    PyObject *cap = PyCapsule_New(pw, PACKED_NAME, packed_capsule_free);
+    if (!cap) {
+        lf_packed_weight_free(pw);
+        goto fail;
+    }
+    drop_all(&L);
+    return Py_BuildValue("(Nn)", cap, (Py_ssize_t)lf_packed_weight_bytes(pw));
+fail:
+    drop_all(&L);
+    return NULL;
+}
+
 /* ---------------------------------------------------------------- lora_forward */
 
 PyDoc_STRVAR(lora_forward_doc,
 "lora_forward(x, W, A, B, scale, bias=None, out=None, u_out=None, dropout_p=0.0, seed=0,\n"
-"             fan_in_fan_out=False, need_u=True) -> (y, u)\n\n"
+"             fan_in_fan_out=False, need_u=True, packed_w=None) -> (y, u)\n\n"
 "y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ, u = x̃·Aᵀ. x (..., k); W (m, k) or (k, m) if fan_in_fan_out;\n"
 "A (r, k); B (m, r); bias (m,). Returns y (..., m) and u (..., r), or (y, None) when need_u is\n"
-"false (inference: u_out must then be None).");
+"false (inference: u_out must then be None). packed_w: pack_weight(W, fan_in_fan_out) or None.");
 
 static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "lora_forward";
     static char *kwlist[] = {"x", "W", "A", "B", "scale", "bias", "out", "u_out", "dropout_p",
-                             "seed", "fan_in_fan_out", "need_u", NULL};
+                             "seed", "fan_in_fan_out", "need_u", "packed_w", NULL};
     PyObject *ox, *oW, *oA, *oB, *oscale, *obias = Py_None, *oy = Py_None, *ou = Py_None;
-    PyObject *op = NULL, *oseed = NULL;
+    PyObject *op = NULL, *oseed = NULL, *opacked = Py_None;
     int fifo = 0, need_u = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOpp:lora_forward", kwlist, &ox, &oW, &oA,
-                                     &oB, &oscale, &obias, &oy, &ou, &op, &oseed, &fifo, &need_u))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOppO:lora_forward", kwlist, &ox, &oW, &oA,
+                                     &oB, &oscale, &obias, &oy, &ou, &op, &oseed, &fifo, &need_u, &opacked))
         return NULL;
     if (!need_u && ou != Py_None) {
         PyErr_Format(PyExc_ValueError, "%s: u_out given with need_u=False", F);
@@ -446,7 +520,9 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     if (!(x = keep(&L, as_f32(st, ox, F, "x"))) || check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     npy_intp m, r;
-    if (parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r)) goto fail;
+    const lf_packed_b *pw;
+    if (parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r) || parse_packed(opacked, F, W, fifo, 0, &pw))
+        goto fail;
     if (obias != Py_None) {
         if (!(bias = keep(&L, as_f32(st, obias, F, "bias"))) || check_ndim(F, "bias", bias, 1, "(m,)") ||
             check_dim(F, "bias", "(m,) with m from W", bias, 0, m))
@@ -478,7 +554,7 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         float *py = (float *)PyArray_DATA(y2), *pu = u ? (float *)PyArray_DATA(u2) : NULL;
         RUN_KERNEL(F, 2.0 * (double)n * (double)(k + r) * (double)m,
-                   lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu));
+                   lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed, py, pu, pw));
     }
     PyObject *res = PyTuple_Pack(2, (PyObject *)y, u ? (PyObject *)u : Py_None);
     drop_all(&L);
@@ -492,19 +568,20 @@ fail:
 
 PyDoc_STRVAR(lora_backward_doc,
 "lora_backward(g, x, u, W, A, B, scale, need_dx=True, dropout_p=0.0, seed=0, fan_in_fan_out=False,\n"
-"              dx_out=None, dA_out=None, dB_out=None) -> (dx or None, dA, dB)\n\n"
-"Adapter-only gradients: v = g·B, dB = scale·gᵀ·u, dA = scale·vᵀ·x̃, dx = g·W + scale·drop'(v·A).");
+"              dx_out=None, dA_out=None, dB_out=None, packed_w=None) -> (dx or None, dA, dB)\n\n"
+"Adapter-only gradients: v = g·B, dB = scale·gᵀ·u, dA = scale·vᵀ·x̃, dx = g·W + scale·drop'(v·A).\n"
+"packed_w: pack_weight(W, fan_in_fan_out, for_backward=True) or None.");
 
 static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "lora_backward";
     static char *kwlist[] = {"g", "x", "u", "W", "A", "B", "scale", "need_dx", "dropout_p", "seed",
-                             "fan_in_fan_out", "dx_out", "dA_out", "dB_out", NULL};
+                             "fan_in_fan_out", "dx_out", "dA_out", "dB_out", "packed_w", NULL};
     PyObject *og, *ox, *ou, *oW, *oA, *oB, *oscale, *op = NULL, *oseed = NULL;
-    PyObject *odx = Py_None, *odA = Py_None, *odB = Py_None;
+    PyObject *odx = Py_None, *odA = Py_None, *odB = Py_None, *opacked = Py_None;
     int need_dx = 1, fifo = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|pOOpOOO:lora_backward", kwlist, &og, &ox, &ou,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|pOOpOOOO:lora_backward", kwlist, &og, &ox, &ou,
                                      &oW, &oA, &oB, &oscale, &need_dx, &op, &oseed, &fifo, &odx, &odA,
-                                     &odB))
+                                     &odB, &opacked))
         return NULL;
     lf_state *st = state_of(self);
     float scale, p = 0.0f;
@@ -517,7 +594,9 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     if (!(u = keep(&L, as_f32(st, ou, F, "u"))) || check_ndim(F, "u", u, 0, "(..., r)")) goto fail;
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     npy_intp m, r;
-    if (parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r)) goto fail;
+    const lf_packed_b *pw;
+    if (parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r) || parse_packed(opacked, F, W, fifo, 1, &pw))
+        goto fail;
     /* g and u must share x's leading dims */
     {
         int ok = PyArray_NDIM(g) == PyArray_NDIM(x) && PyArray_NDIM(u) == PyArray_NDIM(x) &&
@@ -572,7 +651,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
         float *pdA = (float *)PyArray_DATA(dA), *pdB = (float *)PyArray_DATA(dB);
         RUN_KERNEL(F, 2.0 * (double)n * (double)(m + r) * (double)(k + r),
                    lf_lora_backward_f32(pool, n, k, m, r, vg, vx, vu, vW, vA, vB, scale, p, seed, pdx,
-                                          pdA, pdB));
+                                          pdA, pdB, pw));
     }
     PyObject *res = PyTuple_Pack(3, dx ? (PyObject *)dx : Py_None, (PyObject *)dA, (PyObject *)dB);
     drop_all(&L);
@@ -782,6 +861,7 @@ static PyMethodDef methods[] = {
     {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_VARARGS | METH_KEYWORDS, lora_forward_doc},
     {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
+    {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},
     {"sgemm", (PyCFunction)(void (*)(void))py_sgemm, METH_VARARGS | METH_KEYWORDS, sgemm_doc},
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by the kernels."},

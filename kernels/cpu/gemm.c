@@ -19,6 +19,7 @@
  * because splitting M repeats the packing of b (K·N) and splitting N repeats that of a (M·K).
  */
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -158,12 +159,18 @@ static void pack_b(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64
     if (tail < NR)
         for (int64_t p = 0; p < kc; p++)
             for (int64_t j = tail; j < NR; j++) last[p * NR + j] = 0.0f;
+    const lf_packed_b *pk = b->packed && b->packed->dp == dp ? b->packed : NULL;
     for (int t = 0; t < b->nseg; t++) {
         int64_t lo, hi;
         const int64_t begin = seg_range(b, t, p0, kc, &lo, &hi);
         if (lo >= hi) continue;
         const lf_segment *s = &b->seg[t];
-        if (s->v.cs == 1 && !s->drop_threshold) {
+        if (t == 0 && pk) { /* the rows of segment 0 from its kept block (length K0 - p0 < kc) */
+            const int64_t kcb = pk->K - p0 < dp->kc ? pk->K - p0 : dp->kc;
+            const float *src = pk->data + p0 * pk->nsl * NR + j0 / NR * NR * kcb + (lo - p0) * NR;
+            for (int64_t q = 0; q < nslivers; q++)
+                memcpy(dst + q * NR * kc + (lo - p0) * NR, src + q * NR * kcb, (size_t)((hi - lo) * NR) * sizeof(float));
+        } else if (s->v.cs == 1 && !s->drop_threshold) {
             for (int64_t p = lo; p < hi; p++) {
                 const float *src = s->v.p + (p - begin) * s->v.rs + j0;
                 for (int64_t q = 0; q < nslivers; q++) {
@@ -184,6 +191,15 @@ static void pack_b(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64
         for (int64_t q = 0; lo < hi && q < nslivers; q++)
             pack_b_addend(b->add, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR, dst + q * NR * kc);
     }
+}
+
+/* The kept panel of b at K block pc (length kc), columns from jc, when b was packed in advance
+ * for this tile and the block lies wholly in the packed rows; else NULL (pack it now). Block
+ * starts agree with lf_gemm's: both step K by dp->kc from 0. */
+static const float *cached_panel(const lf_packed_b *pk, const lf_dispatch *dp, int64_t jc, int64_t pc,
+                                 int64_t kc) {
+    if (!pk || pk->dp != dp || pc + kc > pk->K) return NULL;
+    return pk->data + pc * pk->nsl * dp->nr + jc / dp->nr * dp->nr * kc;
 }
 
 typedef struct {
@@ -244,7 +260,11 @@ static void gemm_block(void *ctxp, int tid, int nt) {
             const int64_t kc = min64(dp->kc, K - pc);
             const int first = pc == 0;
             const int direct = uses_a_in_place(dp, job->a, n1 - n0, pc, kc);
-            pack_b(dp, job->b, jc, nc, pc, kc, NR, bpack);
+            const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
+            if (!bpanel) {
+                pack_b(dp, job->b, jc, nc, pc, kc, NR, bpack);
+                bpanel = bpack;
+            }
             for (int64_t ic = m0; ic < m1; ic += dp->mc) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
@@ -263,10 +283,10 @@ static void gemm_block(void *ctxp, int tid, int nt) {
                         float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
                         const int accumulate = !first || job->beta != 0.0f;
                         if (direct)
-                            dp->ukernel_direct(kc, a0->v.p + (ic + ir) * a0->v.rs + pc, a0->v.rs, bpack + jr * kc, ct,
+                            dp->ukernel_direct(kc, a0->v.p + (ic + ir) * a0->v.rs + pc, a0->v.rs, bpanel + jr * kc, ct,
                                                job->ldc, min64(MR, mc - ir), nr, accumulate, bias);
                         else
-                            dp->ukernel(kc, apack + ir * kc, bpack + jr * kc, ct, job->ldc, min64(MR, mc - ir), nr,
+                            dp->ukernel(kc, apack + ir * kc, bpanel + jr * kc, ct, job->ldc, min64(MR, mc - ir), nr,
                                         accumulate, bias);
                     }
                 }
@@ -331,6 +351,8 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     if (!lf_mul_ok(M, N, &mn) || !lf_mul_ok(mn, K, &flops) || !lf_mul_ok(flops, 2, &flops))
         return LF_EOVERFLOW;
     const lf_dispatch *dp = dispatch_for(N);
+    if (b->packed && (b->packed->N != N || b->packed->K != (b->nseg > 1 ? b->k_split : K) || b->add))
+        return LF_EINVAL;
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
                     .beta = beta, .bias = bias, .c = c, .ldc = ldc};
     int nt = threads_for(pool, (double)flops);
@@ -341,6 +363,36 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     lf_pool_run(pool, nt, gemm_block, &job);
     if (atomic_load(&job.cancelled)) return LF_EINTR;
     return atomic_load(&job.failed) ? LF_ENOMEM : LF_OK;
+}
+
+int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out) {
+    *out = NULL;
+    if (K < 0 || N < 0) return LF_EINVAL;
+    const lf_dispatch *dp = dispatch_for(N);
+    const int64_t nsl = (N + dp->nr - 1) / dp->nr;
+    int64_t n;
+    if (!lf_mul_ok(nsl, dp->nr, &n) || !lf_mul_ok(n, K, &n) || !lf_mul_ok(n, (int64_t)sizeof(float), &n))
+        return LF_EOVERFLOW;
+    const size_t bytes = ((size_t)n + 63) / 64 * 64;
+    lf_packed_b *pk = malloc(sizeof *pk);
+    float *data = bytes ? aligned_alloc(64, bytes) : NULL;
+    if (!pk || (bytes && !data)) {
+        free(pk);
+        free(data);
+        return LF_ENOMEM;
+    }
+    *pk = (lf_packed_b){.dp = dp, .K = K, .N = N, .nsl = nsl, .src = b, .data = data, .bytes = bytes};
+    const lf_operand ob = lf_operand_plain(b, 1.0f);
+    for (int64_t pc = 0; pc < K && N > 0; pc += dp->kc) /* block pc at data + pc·nsl·NR */
+        pack_b(dp, &ob, 0, N, pc, min64(dp->kc, K - pc), dp->nr, data + pc * nsl * dp->nr);
+    *out = pk;
+    return LF_OK;
+}
+
+void lf_packed_b_free(lf_packed_b *pk) {
+    if (!pk) return;
+    free(pk->data);
+    free(pk);
 }
 
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,

@@ -111,6 +111,21 @@ extern const lf_dispatch lf_dispatch_generic;
 extern const lf_dispatch lf_dispatch_avx2;
 extern const lf_dispatch lf_dispatch_avx512;
 
+/* A B-operand (K, N) packed once for the tile of dispatch_for(N) — the panels lf_gemm would pack
+ * on every call, kept: K blocks of dp->kc (the last one shorter), each ceil(N/NR) slivers of
+ * NR×kc, so the panel at (pc, jc) starts at data + pc·nsl·NR + (jc/NR)·NR·kc. */
+struct lf_packed_b {
+    const lf_dispatch *dp;
+    int64_t K, N, nsl;
+    lf_view src; /* the view it was packed from (callers check that they pass the same one) */
+    float *data;
+    size_t bytes;
+};
+
+/* Packs b (K, N) as above; LF_ENOMEM / LF_EOVERFLOW / LF_EINVAL (negative sizes). */
+int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out);
+void lf_packed_b_free(lf_packed_b *pk);
+
 /* ---- GEMM operands: up to two segments concatenated along K ("augmented K") ----
  * Segment t covers k ∈ [k_begin[t], k_begin[t+1]) and reads element (i, k) as
  *     scale · v.p[i*rs + (k - k_begin)*cs] · mask(off) / (1-p)
@@ -138,6 +153,9 @@ typedef struct {
     int nseg;
     int64_t k_split; /* K extent of seg[0]; seg[1] (if any) covers [k_split, K) */
     const lf_lowrank *add; /* B-operands only: added to seg[0] while packing, or NULL */
+    /* B-operands only: seg[0]'s panels packed in advance (lf_pack_b), or NULL. Used for every K
+     * block lying wholly in it when it was packed for this GEMM's tile and N; else ignored. */
+    const lf_packed_b *packed;
 } lf_operand;
 
 lf_operand lf_operand_plain(lf_view v, float scale);

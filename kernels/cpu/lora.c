@@ -60,7 +60,7 @@ static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 /* u (n,r) = x̃·Aᵀ, then y from it (the decode dot products or the augmented-K GEMM) */
 static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
                           const float *bias, lf_view A, lf_view B, float scale, float dropout_p, uint64_t seed,
-                          float *y, float *u) {
+                          float *y, float *u, const lf_packed_b *wpack) {
     int st;
     /* decode (a few tokens): every output is a dot product of contiguous rows, W streamed once
      * in place and never packed */
@@ -81,7 +81,8 @@ static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (decode) return decode_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
-    const lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);
+    lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);
+    wb.packed = wpack;
     return lf_gemm(pool, n, m, k + r, &xu, &wb, 0.0f, bias, y, m);
 }
 
@@ -99,10 +100,13 @@ static int merged_is_cheaper(lf_pool *pool, int64_t n, int64_t k, int64_t m, int
 
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
-                        float dropout_p, uint64_t seed, float *y, float *u) {
+                        float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
+    if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 0)) return LF_EINVAL;
+    /* taken even when W's panels are kept (wpack is then unused): where merging wins, W is small
+     * next to x, so its packing is cheap (512×896×128: kept panels + u 0.90 × PEFT, merged 0.83) */
     if (!u && dropout_p == 0.0f && merged_is_cheaper(pool, n, k, m, r)) {
         /* b (k, m) = Wᵀ + s·Aᵀ·Bᵀ, packed on the fly */
         const lf_lowrank add = {transpose(A), transpose(B), r, scale};
@@ -113,9 +117,29 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
     }
     float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     if (!ubuf) return LF_ENOMEM;
-    st = forward_with_u(pool, n, k, m, r, x, W, bias, A, B, scale, dropout_p, seed, y, ubuf);
+    st = forward_with_u(pool, n, k, m, r, x, W, bias, A, B, scale, dropout_p, seed, y, ubuf, wpack);
     if (!u) free(ubuf);
     return st;
+}
+
+/* W (m,k) as the B-operand it is in the forward (Wᵀ, k×m) or in dx = g·W (W, m×k) */
+static lf_view weight_operand(lf_view W, int for_backward) { return for_backward ? W : transpose(W); }
+
+int lf_pack_weight(lf_view W, int64_t m, int64_t k, int for_backward, lf_packed_b **out) {
+    if (!out) return LF_EINVAL;
+    *out = NULL;
+    if (m < 0 || k < 0 || (m > 0 && k > 0 && !W.p)) return LF_EINVAL;
+    return lf_pack_b(weight_operand(W, for_backward), for_backward ? m : k, for_backward ? k : m, out);
+}
+
+void lf_packed_weight_free(lf_packed_b *pw) { lf_packed_b_free(pw); }
+
+size_t lf_packed_weight_bytes(const lf_packed_b *pw) { return pw ? pw->bytes : 0; }
+
+int lf_packed_weight_matches(const lf_packed_b *pw, lf_view W, int64_t m, int64_t k, int for_backward) {
+    const lf_view b = weight_operand(W, for_backward);
+    return pw && pw->src.p == b.p && pw->src.rs == b.rs && pw->src.cs == b.cs && pw->K == (for_backward ? m : k) &&
+           pw->N == (for_backward ? k : m);
 }
 
 /* dx[i,:] += s/(1-p) · mask(i,:) ⊙ (v[i,:] · A)  for rows [i0, i1) — the dropout part of dx */
@@ -159,10 +183,12 @@ static void dx_drop_rows(void *ctxp, int tid, int nt) {
 
 int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
-                         float dropout_p, uint64_t seed, float *dx, float *dA, float *dB) {
+                         float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
+                         const lf_packed_b *wpack) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
+    if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 1)) return LF_EINVAL;
     /* v (n,r) = g · B */
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     if (!v) return LF_ENOMEM;
@@ -200,11 +226,13 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         if (dropout_p == 0.0f) {
             /* dx (n,k) = [g | s·v] · [W ; A]  — one GEMM over K' = m + r */
             const lf_operand gv = concat_k(g, 1.0f, vv, scale, m);
-            const lf_operand wa = concat_k(W, 1.0f, A, 1.0f, m);
+            lf_operand wa = concat_k(W, 1.0f, A, 1.0f, m);
+            wa.packed = wpack;
             st = lf_gemm(pool, n, k, m + r, &gv, &wa, 0.0f, NULL, dx, k);
         } else {
             /* dx = g · W, then + s/(1-p) · mask ⊙ (v · A): the mask sits on the product */
-            const lf_operand wo = lf_operand_plain(W, 1.0f);
+            lf_operand wo = lf_operand_plain(W, 1.0f);
+            wo.packed = wpack;
             st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx, k);
             float *acopy = NULL; /* the rank-r update reads A's rows as vectors */
             lf_view Ar = A;

@@ -20,6 +20,7 @@ _LAZY = {
     "PeftModel": "model",
     "LoraModel": "model",
     "LoraLinear": "layers",
+    "cache_packed_weights": "layers",
 }
 
 __all__ = ["ops", "set_num_threads", "get_num_threads", "show_config", "__version__", *_LAZY]

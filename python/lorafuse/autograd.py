@@ -22,6 +22,8 @@ from typing import Any, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .weight_cache import PackedWeightCache
+
 __all__ = ["LoraLinearFunction", "lora_linear", "kernels_for", "backend_name", "dropout_mask", "draw_seed"]
 
 _SEED_HIGH = 2**31 - 1
@@ -90,20 +92,29 @@ def _tensor(a: Any) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
 
 
+def _packed(cache: Optional[PackedWeightCache], weight: torch.Tensor, fifo: bool, for_backward: bool) -> dict:
+    """``packed_w=...`` for a C kernel call when the layer keeps W's packed panels, else nothing."""
+    if cache is None or not weight.is_cpu:
+        return {}
+    pack = cache.get(weight, fifo, for_backward)
+    return {} if pack is None else {"packed_w": pack}
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
              lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-             fifo: bool, need_u: bool = True
+             fifo: bool, need_u: bool = True, weight_cache: Optional[PackedWeightCache] = None
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[ModuleType]]:
     """x (..., k) → (y (..., m), u (..., r), the kernel module used or None for torch), on the
     kernels or in torch; u may be None when not needed (the kernels may then merge the rank-r
     term into W's packed panels instead).
 
     The kernels take the tensors as they are (the binding views them through DLPack and flattens
-    the leading dims itself; tensors that require grad are only read) and allocate y and u."""
+    the leading dims itself; tensors that require grad are only read) and allocate y and u.
+    ``weight_cache``: the layer's kept panels of W (C kernels only), or None."""
     kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
     if kern is not None:
         y, u = kern.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed,
-                                 fan_in_fan_out=fifo, need_u=need_u)
+                                 fan_in_fan_out=fifo, need_u=need_u, **_packed(weight_cache, weight, fifo, False))
         return _tensor(y), None if u is None else _tensor(u), kern
     k = x.shape[-1]
     y, u = _torch_forward(x.detach().reshape(-1, k), weight.detach(), None if bias is None else bias.detach(),
@@ -117,13 +128,14 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-                fan_in_fan_out: bool) -> torch.Tensor:
+                fan_in_fan_out: bool, weight_cache: Optional[PackedWeightCache] = None) -> torch.Tensor:
         """x (..., k) → y (..., m); saves x, u (..., r) and the seed."""
-        y, u, kern = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
+        y, u, kern = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out,
+                              weight_cache=weight_cache)
         ctx.save_for_backward(x, u, weight, lora_a, lora_b)
         # the backward runs on the forward's kernels: its grad has y's dtype and device, and
         # skipping a second dispatch matters (each touch of a cold code path costs µs)
-        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out, kern)
+        ctx.conf = (scale, dropout_p, seed, fan_in_fan_out, kern, weight_cache)
         return y
 
     @staticmethod
@@ -131,13 +143,14 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """Gradients for x, W, bias, A, B (None where not needed); dW only if W requires grad."""
         x, u, weight, lora_a, lora_b = ctx.saved_tensors
-        scale, dropout_p, seed, fifo, kern = ctx.conf
+        scale, dropout_p, seed, fifo, kern, weight_cache = ctx.conf
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dA = dB = None
         if need_x or need_a or need_bb:
             if kern is not None:
+                packed = _packed(weight_cache, weight, fifo, True) if need_x else {}
                 dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_x,
-                                                dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo)
+                                                dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo, **packed)
                 dx = None if dx is None else _tensor(dx)
                 dA, dB = _tensor(dA), _tensor(dB)
             else:
@@ -152,7 +165,7 @@ class LoraLinearFunction(torch.autograd.Function):
             x2 = x.detach().reshape(-1, x.shape[-1])
             dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
             db = g2.sum(0) if need_b else None
-        return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None)
+        return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None)
 
 
 def _torch_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -184,15 +197,16 @@ def _torch_backward(g: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, weight: 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
-                fan_in_fan_out: bool = False) -> torch.Tensor:
+                fan_in_fan_out: bool = False, weight_cache: Optional[PackedWeightCache] = None) -> torch.Tensor:
     """Functional LoRA linear: x (..., k) → (..., m). See `LoraLinearFunction`.
 
     When no gradient can flow (grad mode off, or no input requires grad) the kernels are
-    called directly, without an autograd node: nothing is saved.
+    called directly, without an autograd node: nothing is saved. ``weight_cache``: keeps W's
+    packed panels across calls (`lorafuse.weight_cache`), or None.
     """
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                            or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         return _forward(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
-                        bool(fan_in_fan_out), need_u=False)[0]
+                        bool(fan_in_fan_out), need_u=False, weight_cache=weight_cache)[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
-                                    bool(fan_in_fan_out))
+                                    bool(fan_in_fan_out), weight_cache)

@@ -16,8 +16,9 @@ from torch import nn
 
 from .autograd import backend_name, draw_seed, kernels_for, lora_linear
 from .tuners_utils import conv1d_class, is_conv1d
+from .weight_cache import PackedWeightCache
 
-__all__ = ["LoraLinear"]
+__all__ = ["LoraLinear", "cache_packed_weights"]
 
 
 def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.dtype:
@@ -88,6 +89,7 @@ class LoraLinear(nn.Module):
         self._active_adapter: list[str] = [adapter_name]
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = int(in_features), int(out_features)
+        self._weight_cache: Optional[PackedWeightCache] = None  # opt-in: set_packed_weight_cache
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
                           autocast_adapter_dtype)
 
@@ -199,6 +201,8 @@ class LoraLinear(nn.Module):
 
     def _apply_delta(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
         """W ± delta in place (the C kernel for float32 CPU, no m×k temporary)."""
+        if self._weight_cache is not None:  # W changes behind its version counter
+            self._weight_cache.clear()
         weight = self.base_layer.weight
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         ops = kernels_for(weight, a, b) if weight.device.type == "cpu" else None
@@ -244,6 +248,23 @@ class LoraLinear(nn.Module):
             if name in self.lora_A:
                 self._apply_delta(name, -1)
 
+    # ------------------------------------------------------------ packed W cache
+    def set_packed_weight_cache(self, enabled: bool = True) -> None:
+        """Keep the frozen base weight's packed GEMM panels across calls (float32 CPU only).
+
+        Each forward and backward then skips re-packing W — measured a few percent of a layer's
+        time (benchmarks/RESULTS.md) — for about one extra copy of W per direction, made on
+        first use (``packed_weight_bytes``). Results are bit-identical. W must stay frozen:
+        in-place changes that bypass autograd's version counter (``weight.data.add_``, NumPy
+        views) need ``set_packed_weight_cache(False)`` or a re-enable to be seen.
+        """
+        self._weight_cache = PackedWeightCache() if enabled else None
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Memory held by the kept panels of W (0 when the cache is off or not filled yet)."""
+        return 0 if self._weight_cache is None else self._weight_cache.nbytes
+
     # ------------------------------------------------------------------ forward
     @property
     def backend(self) -> str:
@@ -260,7 +281,7 @@ class LoraLinear(nn.Module):
                                          or base._backward_pre_hooks)
 
     def _fused_operands(self, x: torch.Tensor) -> Optional[tuple]:
-        """(W, bias, A, B, scale, dropout p, seed, fan_in_fan_out) for the one-call fused path, or None
+        """(W, bias, A, B, scale, dropout p, seed, fan_in_fan_out, W's cache) for the fused path, or None
         when forward must take the general route: adapters disabled or merged, not exactly one active
         adapter, hooks or autocast, a wrong input width (that route reports it), mixed dtypes.
         Runs on every call, so it reads the submodules' dicts directly (nn.Module.__getattr__ costs
@@ -285,7 +306,7 @@ class LoraLinear(nn.Module):
         p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
         bias = _param_of(base, "bias")
         return (weight, bias, lora_a, lora_b, self.scaling[name], p, draw_seed() if p > 0.0 else 0,
-                self.fan_in_fan_out)
+                self.fan_in_fan_out, self._weight_cache)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
@@ -325,3 +346,15 @@ class LoraLinear(nn.Module):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def cache_packed_weights(model: nn.Module, enabled: bool = True) -> int:
+    """`LoraLinear.set_packed_weight_cache` on every LoRA layer of ``model``; returns how many.
+
+    Opt-in speed for training and inference with frozen float32 CPU weights: each layer keeps
+    W's packed panels (about one extra copy of W per direction used, made on first use).
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.set_packed_weight_cache(enabled)
+    return len(layers)

@@ -15,13 +15,47 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", "sgemm"]
+__all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", "sgemm", "pack_weight",
+           "PackedWeight"]
+
+
+class PackedWeight:
+    """A frozen W's GEMM panels, packed once by :func:`pack_weight` for one direction.
+
+    ``nbytes``: memory it holds (about W's size); ``for_backward``: which GEMM it serves.
+    It holds no reference to W: it is valid only while W's memory and contents are unchanged.
+    """
+
+    __slots__ = ("handle", "nbytes", "for_backward")
+
+    def __init__(self, handle: Any, nbytes: int, for_backward: bool) -> None:
+        self.handle, self.nbytes, self.for_backward = handle, nbytes, for_backward
+
+    def __repr__(self) -> str:
+        return f"PackedWeight(nbytes={self.nbytes}, for_backward={self.for_backward})"
+
+
+def _handle(packed_w: Optional[PackedWeight]) -> Any:
+    if packed_w is None or isinstance(packed_w, PackedWeight):
+        return None if packed_w is None else packed_w.handle
+    raise TypeError(f"packed_w must be a lorafuse.ops.PackedWeight or None, got {type(packed_w).__name__}")
+
+
+def pack_weight(W: Any, *, fan_in_fan_out: bool = False, for_backward: bool = False) -> PackedWeight:
+    """W (m, k) — (k, m) with ``fan_in_fan_out`` — packed into the panels that
+    :func:`lora_forward` (or, with ``for_backward``, the dx GEMM of :func:`lora_backward`) would
+    pack on every call. Passing it as ``packed_w`` skips that packing; results are bit-identical.
+    Costs about W's size in memory; the caller must repack after changing W.
+    """
+    handle, nbytes = _C.pack_weight(W, fan_in_fan_out, for_backward)
+    return PackedWeight(handle, nbytes, for_backward)
 
 
 def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
                  out: Optional[np.ndarray] = None, u_out: Optional[np.ndarray] = None,
                  dropout_p: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False,
-                 need_u: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                 need_u: bool = True, packed_w: Optional[PackedWeight] = None
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Fused LoRA forward in one pass over y.
 
     u = x̃·Aᵀ (..., r) and y = x·Wᵀ + bias + scale·u·Bᵀ (..., m), computed as one GEMM over
@@ -30,23 +64,26 @@ def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     ``u`` for :func:`lora_backward`. With ``need_u=False`` (inference) returns ``(y, None)``
     and may compute y as x·(W + scale·B·A)ᵀ + bias, the rank-r term added to W's packed panels
     on the fly (never to W itself), when that is fewer flops (few outputs m, many tokens).
+    ``packed_w``: ``pack_weight(W, fan_in_fan_out=...)`` of this very W, or None.
     """
-    return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u)
+    return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u,
+                           _handle(packed_w))
 
 
 def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, *,
                   need_dx: bool = True, dropout_p: float = 0.0, seed: int = 0,
                   fan_in_fan_out: bool = False, dx_out: Optional[np.ndarray] = None,
-                  dA_out: Optional[np.ndarray] = None, dB_out: Optional[np.ndarray] = None
-                  ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+                  dA_out: Optional[np.ndarray] = None, dB_out: Optional[np.ndarray] = None,
+                  packed_w: Optional[PackedWeight] = None) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
     """Adapter-only gradients for g = ∂L/∂y (..., m); dW is never formed.
 
     v = g·B (n, r);  dB = scale·gᵀ·u (m, r);  dA = scale·vᵀ·x̃ (r, k);
     dx = g·W + scale·drop'(v·A) (..., k), or ``None`` when ``need_dx`` is false.
     ``dropout_p`` and ``seed`` must be the forward's: the mask is regenerated, not stored.
+    ``packed_w``: ``pack_weight(W, fan_in_fan_out=..., for_backward=True)`` of this W, or None.
     """
     return _C.lora_backward(g, x, u, W, A, B, scale, need_dx, dropout_p, seed, fan_in_fan_out,
-                            dx_out, dA_out, dB_out)
+                            dx_out, dA_out, dB_out, _handle(packed_w))
 
 
 def merge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:

@@ -64,19 +64,33 @@ typedef struct {
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
              float beta, const float *bias, float *c, int64_t ldc);
 
+/* ---- packed frozen weight (opt-in cache): the GEMM panels of W, packed once and reused by
+ *      every call while W is unchanged — a call then skips re-packing W, at the memory cost
+ *      of a copy of W per direction. The caller guarantees W is not modified meanwhile. ---- */
+typedef struct lf_packed_b lf_packed_b;
+/* *out = W (m,k) packed for the forward (for_backward = 0: the operand Wᵀ of y = x·Wᵀ) or for
+ * dx = g·W (for_backward = 1), for the current ISA. Free with lf_packed_weight_free. */
+int lf_pack_weight(lf_view W, int64_t m, int64_t k, int for_backward, lf_packed_b **out);
+void lf_packed_weight_free(lf_packed_b *pw);
+size_t lf_packed_weight_bytes(const lf_packed_b *pw);
+/* 1 if pw was packed from this very view of W (m,k) in this direction */
+int lf_packed_weight_matches(const lf_packed_b *pw, lf_view W, int64_t m, int64_t k, int for_backward);
+
 /* Fused LoRA forward (fp32). y (n,m) and u (n,r) are C-contiguous outputs; u == NULL means u is
  * not wanted (inference): y may then be computed with W + s·B·A merged on the fly.
  * dropout_p ∈ [0,1); when > 0, x must be C-contiguous (x.rs == k, x.cs == 1): the mask index
- * is the flat element index i·k + j. */
+ * is the flat element index i·k + j. wpack: W packed by lf_pack_weight(..., 0), or NULL. */
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
-                        float dropout_p, uint64_t seed, float *y, float *u);
+                        float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack);
 
 /* Adapter-only backward (fp32). g (n,m), x (n,k), u (n,r) as saved by forward.
- * Outputs C-contiguous: dx (n,k) or NULL to skip, dA (r,k), dB (m,r). dW is never formed. */
+ * Outputs C-contiguous: dx (n,k) or NULL to skip, dA (r,k), dB (m,r). dW is never formed.
+ * wpack: W packed by lf_pack_weight(..., 1), or NULL. */
 int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
-                         float dropout_p, uint64_t seed, float *dx, float *dA, float *dB);
+                         float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
+                         const lf_packed_b *wpack);
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */
