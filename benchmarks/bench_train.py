@@ -4,7 +4,9 @@ Default workload (issue 3): a 4-layer Llama-config model (hidden 1024, intermedi
 16 heads, vocab 32000), batch 4 × seq 256, LoRA r=16 on every linear layer but the head
 (PEFT's "all-linear"), lora_dropout=0.1, AdamW on the adapter weights, 20 steps, same seed
 and thread count in both processes. Peak RSS is the child's ``ru_maxrss``; the step time is
-the mean over the steps after the first (warm-up). Runs alternate lorafuse/PEFT.
+the mean over the steps after the first (warm-up). Runs alternate lorafuse/PEFT, with a third
+child, "lorafuse+pw": lorafuse with the opt-in packed-W cache (`lorafuse.cache_packed_weights`)
+— the memory it costs and the step time it saves.
 
     python benchmarks/bench_train.py [--repeats 2] [--targets q_proj,v_proj] [--threads N]
 """
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("lorafuse", "peft")
+IMPLS = ("lorafuse", "lorafuse+pw", "peft")
 
 
 def _max_rss_mib() -> float:
@@ -34,7 +36,7 @@ def run_child(args: argparse.Namespace) -> dict:
     import transformers
 
     torch.set_num_threads(args.threads)
-    if args.impl == "lorafuse":
+    if args.impl.startswith("lorafuse"):
         import lorafuse
         from lorafuse.config import LoraConfig
         from lorafuse.model import get_peft_model
@@ -52,6 +54,8 @@ def run_child(args: argparse.Namespace) -> dict:
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
+    if args.impl == "lorafuse+pw":
+        lorafuse.cache_packed_weights(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
@@ -96,7 +100,7 @@ def main() -> None:
     parser.add_argument("--targets", default="all-linear", help='"all-linear" or a comma-separated list')
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating lorafuse/PEFT runs of each")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
     args = parser.parse_args()
     if args.impl:
         print(json.dumps(run_child(args)))
@@ -119,12 +123,14 @@ def main() -> None:
         before = min(r["rss_before_training_mib"] for r in runs)
         step = statistics.median(statistics.mean(r["step_s"][1:] or r["step_s"]) for r in runs)
         summary[impl] = (peak, before, step)
-        print(f"{impl:9s} peak RSS {peak:8.1f} MiB (before training {before:7.1f} MiB, training adds "
+        print(f"{impl:11s} peak RSS {peak:8.1f} MiB (before training {before:7.1f} MiB, training adds "
               f"{peak - before:7.1f} MiB)  mean step {step * 1e3:8.1f} ms  loss {runs[0]['losses'][0]:.4f} -> "
               f"{runs[0]['losses'][-1]:.4f}")
-    (lf_peak, lf_before, lf_step), (pf_peak, pf_before, pf_step) = summary["lorafuse"], summary["peft"]
-    print(f"ratio lorafuse/PEFT: peak RSS {lf_peak / pf_peak:.3f}, training-added RSS "
-          f"{(lf_peak - lf_before) / (pf_peak - pf_before):.3f}, step time {lf_step / pf_step:.3f}")
+    pf_peak, pf_before, pf_step = summary["peft"]
+    for impl in IMPLS[:-1]:
+        lf_peak, lf_before, lf_step = summary[impl]
+        print(f"ratio {impl}/PEFT: peak RSS {lf_peak / pf_peak:.3f}, training-added RSS "
+              f"{(lf_peak - lf_before) / (pf_peak - pf_before):.3f}, step time {lf_step / pf_step:.3f}")
 
 
 if __name__ == "__main__":
