@@ -418,6 +418,15 @@ static int parse_weights(lf_state *st, const char *F, arr_list *L, PyObject *oW,
 
 static const char PACKED_NAME[] = "lorafuse.packed_weight";
 
+/* W as the kernels read it, (m, k): a (k, m) array with fan_in_fan_out (Conv1D stores Wᵀ) is
+ * read transposed */
+static lf_view weight_view(PyArrayObject *W, int fifo, npy_intp *m, npy_intp *k) {
+    const lf_view v = view2(W);
+    *m = PyArray_DIM(W, fifo ? 1 : 0);
+    *k = PyArray_DIM(W, fifo ? 0 : 1);
+    return fifo ? (lf_view){v.p, v.cs, v.rs} : v;
+}
+
 static void packed_capsule_free(PyObject *cap) {
     lf_packed_weight_free(PyCapsule_GetPointer(cap, PACKED_NAME));
 }
@@ -434,9 +443,8 @@ static int parse_packed(PyObject *obj, const char *F, PyArrayObject *W, int fifo
         return -1;
     }
     const lf_packed_b *pw = PyCapsule_GetPointer(obj, PACKED_NAME);
-    lf_view vW = view2(W);
-    if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
-    const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), k = PyArray_DIM(W, fifo ? 0 : 1);
+    npy_intp m, k;
+    const lf_view vW = weight_view(W, fifo, &m, &k);
     if (!lf_packed_weight_matches(pw, vW, m, k, for_backward)) {
         PyErr_Format(PyExc_ValueError,
                      "%s: packed_w was not packed from this W (same array, strides, fan_in_fan_out) with "
@@ -465,9 +473,8 @@ static PyObject *py_pack_weight(PyObject *self, PyObject *args, PyObject *kw) {
     lf_packed_b *pw = NULL;
     if (!(W = keep(&L, as_f32(st, oW, F, "W"))) || check_ndim(F, "W", W, 2, fifo ? "(k, m)" : "(m, k)")) goto fail;
     {
-        lf_view vW = view2(W);
-        if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
-        const npy_intp m = PyArray_DIM(W, fifo ? 1 : 0), k = PyArray_DIM(W, fifo ? 0 : 1);
+        npy_intp m, k;
+        const lf_view vW = weight_view(W, fifo, &m, &k);
         int status;
         Py_BEGIN_ALLOW_THREADS status = lf_pack_weight(vW, m, k, for_backward, &pw);
         Py_END_ALLOW_THREADS
