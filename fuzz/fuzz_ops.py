@@ -7,7 +7,8 @@ otherwise; dtypes (float32 mostly, float64, float16, int32, bool, complex64, big
 object); layouts (contiguous, transposed, negative-stride, step-sliced, misaligned by one byte,
 read-only, 0-stride broadcast, zero-memory huge ``as_strided`` views, CPU torch tensors through
 DLPack when torch is importable); ``out``/``u_out``/``d*_out`` arguments that are fresh, wrong, or
-alias / overlap an input. The contract checked:
+alias / overlap an input; ``packed_w`` that is None, W's own ``pack_weight`` (made from the fuzzed
+W), a pack for the other layout or direction, or not a pack. The contract checked:
 
 * a call either succeeds with the reference result, or raises TypeError / ValueError /
   OverflowError / MemoryError (never anything else, never a crash);
@@ -176,6 +177,22 @@ def check_close(got: np.ndarray, ref: np.ndarray, mag: np.ndarray, k_eff: int, w
         raise AssertionError(f"{what}: result differs from the float64 reference")
 
 
+def packed_arg(G: Gen, W: object, fifo: bool, for_backward: bool) -> object:
+    """packed_w for a call: None, W's own pack, a pack of W for the other layout/direction (must
+    be refused), or not a pack at all; pack_weight itself sees the fuzzed W."""
+    kind = G.pick(6)
+    try:
+        if kind == 1:
+            return ops.pack_weight(W, fan_in_fan_out=fifo, for_backward=for_backward)
+        if kind == 2:
+            return ops.pack_weight(W, fan_in_fan_out=not fifo, for_backward=for_backward)
+        if kind == 3:
+            return ops.pack_weight(W, fan_in_fan_out=fifo, for_backward=not for_backward)
+    except ALLOWED:
+        return None
+    return "not a pack" if kind == 4 else None
+
+
 def fuzz_forward(G: Gen) -> None:
     n, k, m, r = G.pick(9), 1 + G.pick(9), 1 + G.pick(9), 1 + G.pick(4)
     lead = (n,) if G.pick(3) else (max(n // 2, 1), 2)
@@ -205,11 +222,12 @@ def fuzz_forward(G: Gen) -> None:
         u_out = np.empty(lead + (r,), np.float32)
     elif u_kind == 2 and u_out is None and isinstance(args["A"], np.ndarray) and args["A"].flags.writeable:
         u_out = args["A"]  # aliases an input (shape rarely fits; either way it must not corrupt A)
+    packed = packed_arg(G, args["W"], fifo, False)
     before = snapshot(args)
     out_before = out.copy() if isinstance(out, np.ndarray) and out.size < 10**6 else None
     try:
         y, u = ops.lora_forward(args["x"], args["W"], args["A"], args["B"], scale, args["bias"], out=out,
-                                u_out=u_out, dropout_p=p, seed=seed, fan_in_fan_out=fifo)
+                                u_out=u_out, dropout_p=p, seed=seed, fan_in_fan_out=fifo, packed_w=packed)
     except ALLOWED:
         unchanged(before, args, set())
         if out_before is not None and out is not args["x"] and out.flags.writeable and u_kind != 2:
@@ -254,10 +272,12 @@ def fuzz_backward(G: Gen) -> None:
         outs = {"dA_out": args["A"]}  # aliases A
     elif kind == 3:
         outs = {"dB_out": np.empty((m, r + 1), np.float32)}
+    packed = packed_arg(G, args["W"], fifo, True)
     before = snapshot(args)
     try:
         dx, dA, dB = ops.lora_backward(args["g"], args["x"], args["u"], args["W"], args["A"], args["B"], 0.7,
-                                       need_dx=need_dx, dropout_p=p, seed=5, fan_in_fan_out=fifo, **outs)
+                                       need_dx=need_dx, dropout_p=p, seed=5, fan_in_fan_out=fifo, packed_w=packed,
+                                       **outs)
     except ALLOWED:
         unchanged(before, args, set())
         return
@@ -337,8 +357,9 @@ def fuzz_dropout(G: Gen) -> None:
 # The C extension is not compiled with coverage instrumentation (that needs clang's
 # -fsanitize=fuzzer-no-link); instrumenting the harness gives libFuzzer feedback on which
 # argument shapes and which accept/reject branches were reached.
-fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout = (
-    atheris.instrument_func(f) for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout))
+fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, packed_arg = (
+    atheris.instrument_func(f)
+    for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, packed_arg))
 Gen.array = atheris.instrument_func(Gen.array)
 ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout]
 
