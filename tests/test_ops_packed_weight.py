@@ -175,6 +175,12 @@ def test_layer_cache_bit_identical_and_repacks_when_w_changes(fifo):
         cached.base_layer.weight.mul_(-2.0)
     for a, b in zip(_step(plain, x, g, 2), _step(cached, x, g, 2)):
         assert torch.equal(a, b)
+    # a new Parameter with the same shape (load_state_dict(assign=True), a user swapping W): repacked
+    new_w = torch.randn_like(plain.base_layer.weight)
+    plain.base_layer.weight = torch.nn.Parameter(new_w.clone(), requires_grad=False)
+    cached.base_layer.weight = torch.nn.Parameter(new_w.clone(), requires_grad=False)
+    for a, b in zip(_step(plain, x, g, 3), _step(cached, x, g, 3)):
+        assert torch.equal(a, b)
     cached.set_packed_weight_cache(False)
     assert cached.packed_weight_bytes == 0
 

@@ -5,14 +5,16 @@ again for dx = g·W — the same work each step, since a LoRA base weight never 
 cache on, each direction is packed once (`ops.pack_weight`) and reused: a few percent of a
 layer's time saved (benchmarks/RESULTS.md) for about one extra copy of W per direction packed.
 
-The packs are valid while the weight is the same tensor storage, unchanged: the key is its data
-pointer, shape, strides, autograd version counter and the kernels' ISA. In-place writes that
+The packs are valid while the weight is the same tensor, unchanged: the key is the tensor object
+(a weak reference), its data pointer, shape, strides, autograd version counter and the kernels'
+ISA. In-place writes that
 bypass the version counter (``weight.data.add_``, writes through a NumPy view) are not seen:
 call ``clear()`` after them. A weight that requires grad (full fine-tuning) is never cached.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -25,10 +27,11 @@ __all__ = ["PackedWeightCache"]
 class PackedWeightCache:
     """The forward and backward packs of one layer's weight, made on first use."""
 
-    __slots__ = ("_key", "_packs")
+    __slots__ = ("_key", "_weight", "_packs")
 
     def __init__(self) -> None:
         self._key: Optional[tuple] = None
+        self._weight: Optional[weakref.ref] = None  # the tensor packed (a new Parameter repacks)
         self._packs: list[Optional[ops.PackedWeight]] = [None, None]  # [forward, backward]
 
     def get(self, weight: torch.Tensor, fan_in_fan_out: bool, for_backward: bool) -> Optional[ops.PackedWeight]:
@@ -36,11 +39,10 @@ class PackedWeightCache:
         when it must not be cached (it requires grad, or is not a float32 CPU tensor)."""
         if weight.requires_grad or weight.dtype != torch.float32 or not weight.is_cpu:
             return None
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), fan_in_fan_out,
-               ops._C.get_isa())
-        if key != self._key:
+        key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), fan_in_fan_out, ops._C.get_isa())
+        if key != self._key or self._weight is None or self._weight() is not weight:
             self.clear()
-            self._key = key
+            self._key, self._weight = key, weakref.ref(weight)
         slot = 1 if for_backward else 0
         pack = self._packs[slot]
         if pack is None:
@@ -58,7 +60,7 @@ class PackedWeightCache:
 
     def clear(self) -> None:
         """Drop both packs (the next call repacks)."""
-        self._key = None
+        self._key = self._weight = None
         self._packs = [None, None]
 
     @property
