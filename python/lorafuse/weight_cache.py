@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import _C, ops
 
 __all__ = ["PackedWeightCache"]
 
@@ -39,7 +39,7 @@ class PackedWeightCache:
         when it must not be cached (it requires grad, or is not a float32 CPU tensor)."""
         if weight.requires_grad or weight.dtype != torch.float32 or not weight.is_cpu:
             return None
-        key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), fan_in_fan_out, ops._C.get_isa())
+        key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), fan_in_fan_out, _C.get_isa())
         if key != self._key or self._weight is None or self._weight() is not weight:
             self.clear()
             self._key, self._weight = key, weakref.ref(weight)
