@@ -170,6 +170,9 @@ def test_layer_cache_bit_identical_and_repacks_when_w_changes(fifo):
     for a, b in zip(_step(plain, x, g, 1), _step(cached, x, g, 1)):
         assert torch.equal(a, b)
     assert cached.packed_weight_bytes >= 2 * 4 * 96 * 80
+    packs = list(cached._weight_cache._packs)
+    _step(cached, x, g, 1)  # W unchanged: the same packs serve the next step (nothing repacked)
+    assert all(a is b for a, b in zip(packs, cached._weight_cache._packs))
     with torch.no_grad():  # an in-place change through autograd bumps the version: repacked
         plain.base_layer.weight.mul_(-2.0)
         cached.base_layer.weight.mul_(-2.0)
