@@ -206,6 +206,28 @@ def test_layer_cache_cleared_by_merge_and_skips_trainable_weights():
     assert cached.packed_weight_bytes == 0
 
 
+def test_layer_cache_under_inference_mode():
+    # a layer built under inference_mode has inference tensors (no version counter): not cached,
+    # still computed right; a normal layer called under inference_mode is cached
+    plain, cached = _layer_pair()
+    plain.eval()
+    cached.eval()
+    x = torch.randn(20, 96)
+    with torch.inference_mode():
+        assert torch.equal(plain(x), cached(x))
+        assert cached.packed_weight_bytes > 0
+        from lorafuse import LoraLinear
+
+        base = torch.nn.Linear(96, 80)
+        inf = LoraLinear(base, "default", 8, 16)
+        inf.set_packed_weight_cache(True)
+        assert base.weight.is_inference()
+        y = inf(x)
+        assert inf.packed_weight_bytes == 0
+        ref = torch.nn.functional.linear(x, base.weight, base.bias)  # B = 0 at init: y is the base alone
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_cache_survives_deepcopy_and_pickle():
     _, cached = _layer_pair()
     x, g = torch.randn(4, 96), torch.randn(4, 80)

@@ -9,7 +9,8 @@ The packs are valid while the weight is the same tensor, unchanged: the key is t
 (a weak reference), its data pointer, shape, strides, autograd version counter and the kernels'
 ISA. In-place writes that
 bypass the version counter (``weight.data.add_``, writes through a NumPy view) are not seen:
-call ``clear()`` after them. A weight that requires grad (full fine-tuning) is never cached.
+call ``clear()`` after them. A weight that requires grad (full fine-tuning) or an inference tensor
+(no version counter) is never cached.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class PackedWeightCache:
 
     def get(self, weight: torch.Tensor, fan_in_fan_out: bool, for_backward: bool) -> Optional[ops.PackedWeight]:
         """The pack of ``weight`` for this direction (made now if missing or stale), or None
-        when it must not be cached (it requires grad, or is not a float32 CPU tensor)."""
-        if weight.requires_grad or weight.dtype != torch.float32 or not weight.is_cpu:
+        when it must not be cached: it requires grad, is not a float32 CPU tensor, or is an
+        inference tensor (made under ``torch.inference_mode``: no version counter to watch)."""
+        if weight.requires_grad or weight.dtype != torch.float32 or not weight.is_cpu or weight.is_inference():
             return None
         key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), fan_in_fan_out, _C.get_isa())
         if key != self._key or self._weight is None or self._weight() is not weight:
