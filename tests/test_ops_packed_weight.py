@@ -228,6 +228,18 @@ def test_layer_cache_under_inference_mode():
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_declines_what_it_cannot_watch():
+    from lorafuse.weight_cache import PackedWeightCache
+
+    cache = PackedWeightCache()
+    for w in (torch.randn(8, 6).to_sparse(), torch.randn(8, 6, dtype=torch.float64),
+              torch.randn(8, 6, requires_grad=True), torch.randn(8, 6, device="meta")):
+        assert cache.get(w, False, False) is None and cache.nbytes == 0
+    w = torch.randn(8, 6)
+    assert cache.get(w, False, False) is cache.get(w, False, False)  # kept while unchanged
+    assert cache.get(w, True, False) is not None  # another layout: repacked
+
+
 def test_layer_cache_survives_deepcopy_and_pickle():
     _, cached = _layer_pair()
     x, g = torch.randn(4, 96), torch.randn(4, 80)

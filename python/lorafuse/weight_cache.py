@@ -37,9 +37,10 @@ class PackedWeightCache:
 
     def get(self, weight: torch.Tensor, fan_in_fan_out: bool, for_backward: bool) -> Optional[ops.PackedWeight]:
         """The pack of ``weight`` for this direction (made now if missing or stale), or None
-        when it must not be cached: it requires grad, is not a float32 CPU tensor, or is an
+        when it must not be cached: it requires grad, is not a dense float32 CPU tensor, or is an
         inference tensor (made under ``torch.inference_mode``: no version counter to watch)."""
-        if weight.requires_grad or weight.dtype != torch.float32 or not weight.is_cpu or weight.is_inference():
+        if (weight.requires_grad or weight.dtype != torch.float32 or not weight.is_cpu or weight.is_inference()
+                or weight.layout != torch.strided):
             return None
         key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), fan_in_fan_out, _C.get_isa())
         if key != self._key or self._weight is None or self._weight() is not weight:
