@@ -212,3 +212,23 @@ def test_inference_forward_refuses_u_out():
     x, W, A, B = rand(rng, 4, 6), rand(rng, 5, 6), rand(rng, 2, 6), rand(rng, 5, 2)
     with pytest.raises(ValueError, match="u_out given with need_u=False"):
         ops.lora_forward(x, W, A, B, 1.0, u_out=np.empty((4, 2), np.float32), need_u=False)
+
+
+@pytest.mark.parametrize("n", [9, 17, 24, 31, 32, 33])
+@pytest.mark.parametrize("case", ["bias", "no bias, strided x", "dropout", "W row stride"])
+def test_few_tokens_with_a_large_weight(isa, n, case):
+    """9–32 tokens and W ≥ 4 MB: on AVX-512 y is computed as (W·xᵀ)ᵀ with W read in place (lora.c
+    few_tokens); the edges of that range (9, 33) take the other paths — all against the reference."""
+    rng = np.random.default_rng(n)
+    k, m, r = 1031, 1029, 8
+    x, A, B, b = rand(rng, n, k), rand(rng, r, k), rand(rng, m, r), rand(rng, m)
+    W = rand(rng, m, k + 3)[:, :k] if case == "W row stride" else rand(rng, m, k)
+    if case == "no bias, strided x":
+        x = rand(rng, n, 2 * k)[:, ::2]
+        b = None
+    p = 0.2 if case == "dropout" else 0.0
+    mask = ops.dropout_mask(n, k, p, seed=3) if p else None
+    y, u = ops.lora_forward(x, W, A, B, 0.75, b, dropout_p=p, seed=3)
+    ry, ru, my, mu = forward(np.ascontiguousarray(x), W, A, B, 0.75, b, mask=mask)
+    assert_within(u, ru, mu, k + 2, "u")
+    assert_within(y, ry, my, 2 * k + r + 6, "y")

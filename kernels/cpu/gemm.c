@@ -219,6 +219,8 @@ typedef struct {
 
 static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
+static const lf_dispatch *dispatch_for(int64_t N);
+
 /* Columns of C per thread up to which A is read in place instead of packed: with few columns
  * the packing of A is amortised over few of them, while the tile reads a plain row-major A just
  * as well from its rows (12 address streams). Measured on 2 threads (AVX-512): 512×896×128
@@ -232,6 +234,15 @@ static int uses_a_in_place(const lf_dispatch *dp, const lf_operand *a, int64_t n
     const lf_segment *s = &a->seg[0];
     return dp->ukernel_direct && ncols <= LF_DIRECT_A_MAX_N && pc + kc <= a->k_split && s->v.cs == 1 &&
            s->scale == 1.0f && !s->drop_threshold;
+}
+
+int lf_gemm_reads_a_in_place(int64_t N) {
+    const lf_dispatch *dp = dispatch_for(N);
+    return dp->ukernel_direct && N <= LF_DIRECT_A_MAX_N;
+}
+
+void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld) {
+    pack_rows(lf_current(), src, rs, rows, cols, 1.0f, dst, ld, 0, 0);
 }
 
 static void gemm_block(void *ctxp, int tid, int nt) {

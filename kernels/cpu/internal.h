@@ -160,6 +160,13 @@ typedef struct {
 
 lf_operand lf_operand_plain(lf_view v, float scale);
 
+/* 1 if lf_gemm reads a plain row-major A in place (unpacked) when C has N ≤ 320 columns: the
+ * tile for N has an in-place variant on this ISA. */
+int lf_gemm_reads_a_in_place(int64_t N);
+
+/* dst[q·ld + i] = src[i·rs + q] for i < rows, q < cols (the ISA's register transposes) */
+void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld);
+
 /* How many row blocks lf_gemm cuts C into for these sizes: each of them packs all of b. */
 int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K);
 

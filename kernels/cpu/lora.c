@@ -57,7 +57,40 @@ static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     return st;
 }
 
-/* u (n,r) = x̃·Aᵀ, then y from it (the decode dot products or the augmented-K GEMM) */
+/* When the forward computes yᵀ (few_tokens_output): more tokens than the decode path takes, at
+ * most one sliver of the wide tile (NR = 32: C's columns are the tokens), and a W too big to stay
+ * in cache (≥ 4 MB), whose packing then costs as much as the arithmetic. lora_forward, yᵀ path /
+ * packed path, W from DRAM (6 layers rotated), 2 threads, AVX-512, two runs: 4096² n = 17 0.82–0.84,
+ * 24 0.82–0.93, 32 0.70–0.78; 14336² 17 0.87, 24 0.89, 32 0.70; 1024² 17 0.95, 24 1.00, 32 0.77.
+ * Beyond one sliver the padded columns cost more than packing W saves (4096², n = 40–48: 1.10–1.34;
+ * 64 0.88–0.91 but 96–256 0.96–1.2), and a W in cache packs cheaply (576², n = 17–24: 1.07–1.17). */
+static int few_tokens(int64_t n, int64_t k, int64_t m, lf_view W) {
+    return n > LF_ROWDOTS_MAX_N && n <= 32 && (double)m * (double)k >= (double)(1 << 20) && W.cs == 1 &&
+           lf_gemm_reads_a_in_place(n);
+}
+
+/* y (n,m) = ([W | B] · [x | s·u]ᵀ)ᵀ + bias for a few tokens: W (rows contiguous) is the GEMM's
+ * A-operand, read in place by the micro-kernel and never packed — with few rows of x per W panel,
+ * packing W (reading it and writing the panels) costs as much as the arithmetic. yᵀ (m,n) is
+ * transposed into y. */
+static int few_tokens_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
+                             const float *bias, lf_view B, float scale, const float *u, float *y) {
+    float *yt = malloc((size_t)(m * n > 0 ? m * n : 1) * sizeof(float));
+    if (!yt) return LF_ENOMEM;
+    const lf_operand wb = concat_k(W, 1.0f, B, 1.0f, k);
+    const lf_operand xu = concat_k(transpose(x), 1.0f, (lf_view){u, 1, r}, scale, k); /* (k + r, n) */
+    const int st = lf_gemm(pool, m, n, k + r, &wb, &xu, 0.0f, NULL, yt, n);
+    if (!st) {
+        lf_transpose_f32(yt, n, m, n, y, m);
+        for (int64_t i = 0; bias && i < n; i++)
+            for (int64_t j = 0; j < m; j++) y[i * m + j] += bias[j];
+    }
+    free(yt);
+    return st;
+}
+
+/* u (n,r) = x̃·Aᵀ, then y from it (the decode dot products, yᵀ for a few tokens, or the
+ * augmented-K GEMM) */
 static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
                           const float *bias, lf_view A, lf_view B, float scale, float dropout_p, uint64_t seed,
                           float *y, float *u, const lf_packed_b *wpack) {
@@ -79,6 +112,7 @@ static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     }
     if (st) return st;
     if (decode) return decode_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
+    if (!wpack && few_tokens(n, k, m, W)) return few_tokens_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
     lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);
