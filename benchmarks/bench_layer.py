@@ -3,6 +3,8 @@ both LoRA layers wrap the same `nn.Linear` with the same adapter weights; fp32, 
 count, one process, interleaved, medians. Prints every ratio of issue 6's table (default
 lorafuse layer), and the same ratios for a lorafuse layer with the opt-in packed-W cache
 (`set_packed_weight_cache`, columns "pw": W's panels packed once, +1 copy of W per direction).
+The "few" class (24–64 tokens × 4096², batched decoding or tiny training batches) has no target
+in the issue; it shows the few-token forward (W read in place, lora.c few_tokens).
 
     python benchmarks/bench_layer.py [--threads 2] [--rounds 9] [--quick] [--only CLASS]
 """
@@ -22,8 +24,10 @@ SHAPES = {  # class: [(n tokens, k in, m out, r)]
               (512, 1024, 1024, 16)],
     "large": [(2048, 2048, 2048, 16), (1024, 4096, 4096, 16), (256, 4096, 14336, 16),
               (256, 14336, 4096, 16)],
+    "few": [(24, 4096, 4096, 16), (32, 4096, 4096, 16), (64, 4096, 4096, 16)],  # not in issue 6's table
 }
-TARGETS = {"decode": (0.60, None), "small": (0.85, 0.85), "large": (0.97, 0.97)}  # decode: d = 576 only
+TARGETS = {"decode": (0.60, None), "small": (0.85, 0.85), "large": (0.97, 0.97),  # decode: d = 576 only
+           "few": (None, None)}
 
 
 def mark(ratio: float, target: float | None) -> str:

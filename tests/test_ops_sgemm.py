@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lorafuse import ops
-from reference import f64, rand
+from reference import f64, forward, rand
 from tolerances import assert_within
 
 SIZES = [1, 15, 16, 17, 33, 257]
@@ -59,3 +59,33 @@ def test_several_cache_blocks(isa):
     """K beyond one KC block, N beyond one NC panel on some ISAs, M beyond one MC block."""
     check(np.random.default_rng(1), 300, 1100, 2100, "row", "col", with_bias=True)
     check(np.random.default_rng(2), 300, 1100, 700, "row", "row")
+
+
+def test_few_rows_several_blocks_and_column_views(isa):
+    """Few rows of a (dx = g·W for a few tokens): several K blocks and NC panels, column edges, a
+    negative row stride, and b a column block of a wider matrix."""
+    check(np.random.default_rng(3), 40, 1100, 2100, "row", "row", with_bias=True)
+    check(np.random.default_rng(4), 64, 777, 333, "row", "reversed")
+    rng = np.random.default_rng(5)
+    a, wide = rand(rng, 9, 300), rand(rng, 300, 900)
+    b = wide[:, 100:171]  # row stride 900, 71 columns: the last sliver's loads are masked
+    c = ops.sgemm(a, b)
+    assert_within(c, f64(a) @ f64(b), np.abs(f64(a)) @ np.abs(f64(b)), 300, "column block of b")
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_broadcast_rows_are_read_as_rows(isa, which):
+    """A row stride of 0 (np.broadcast_to): every row the same memory. The in-place tiles take
+    stride 0 to mean "packed", so such operands must be packed — a regression test: x broadcast
+    over 40 rows once read past its single row (NaN or garbage)."""
+    rng = np.random.default_rng(6)
+    M, K, N = 40, 64, 48
+    a = np.broadcast_to(rand(rng, K), (M, K)) if which == "a" else rand(rng, M, K)
+    b = np.broadcast_to(rand(rng, N), (K, N)) if which == "b" else rand(rng, K, N)
+    c = ops.sgemm(a, b)
+    assert_within(c, f64(a) @ f64(b), np.abs(f64(a)) @ np.abs(f64(b)), K, f"broadcast {which}")
+    if which == "a":  # the same through the LoRA forward (x is the A-operand of y = x·Wᵀ)
+        W, A, B = rand(rng, N, K), rand(rng, 4, K), rand(rng, N, 4)
+        y, _ = ops.lora_forward(a, W, A, B, 0.5)
+        ry, _, my, _ = forward(np.ascontiguousarray(a), W, A, B, 0.5)
+        assert_within(y, ry, my, 2 * K + 8, "lora_forward, broadcast x")

@@ -229,11 +229,12 @@ static const lf_dispatch *dispatch_for(int64_t N);
 #define LF_DIRECT_A_MAX_N 320
 
 /* 1 if the K block [pc, pc + kc) of A can be read in place: it lies in a plain row-major
- * segment 0 (x or g: no scale, no dropout) and this thread has few columns */
+ * segment 0 (x or g: no scale, no dropout; rows at a nonzero stride — the tile takes lda = 0 for
+ * a packed A, so a broadcast row, rs = 0, is packed) and this thread has few columns */
 static int uses_a_in_place(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
     return dp->ukernel_direct && ncols <= LF_DIRECT_A_MAX_N && pc + kc <= a->k_split && s->v.cs == 1 &&
-           s->scale == 1.0f && !s->drop_threshold;
+           s->v.rs != 0 && s->scale == 1.0f && !s->drop_threshold;
 }
 
 int lf_gemm_reads_a_in_place(int64_t N) {
