@@ -61,6 +61,11 @@ class Gen:
     def chance(self, one_in: int) -> bool:
         return self.fdp.ConsumeIntInRange(0, one_in - 1) == 0
 
+    def size(self) -> int:
+        """A matrix size: mostly 0–8, sometimes one that reaches the wide tiles and the in-place
+        and few-token paths (more than 16 columns, more than 8 tokens)."""
+        return self.pick(9) if self.pick(4) else [17, 24, 33, 40][self.pick(4)]
+
     def dim(self, value: int) -> int:
         """The intended size, or (rarely) a perturbed one."""
         if self.chance(12):
@@ -194,7 +199,7 @@ def packed_arg(G: Gen, W: object, fifo: bool, for_backward: bool) -> object:
 
 
 def fuzz_forward(G: Gen) -> None:
-    n, k, m, r = G.pick(9), 1 + G.pick(9), 1 + G.pick(9), 1 + G.pick(4)
+    n, k, m, r = G.size(), 1 + G.size(), 1 + G.size(), 1 + G.pick(4)
     lead = (n,) if G.pick(3) else (max(n // 2, 1), 2)
     fifo = G.chance(4)
     args = {"x": G.array(lead[:-1] + (lead[-1], G.dim(k)) if len(lead) == 2 else (lead[0], G.dim(k))),
@@ -256,7 +261,7 @@ def fuzz_forward(G: Gen) -> None:
 
 
 def fuzz_backward(G: Gen) -> None:
-    n, k, m, r = G.pick(9), 1 + G.pick(9), 1 + G.pick(9), 1 + G.pick(4)
+    n, k, m, r = G.size(), 1 + G.size(), 1 + G.size(), 1 + G.pick(4)
     fifo = G.chance(4)
     args = {"g": G.array((n, G.dim(m))), "x": G.array((n, G.dim(k))), "u": G.array((n, G.dim(r))),
             "W": G.array((G.dim(k), G.dim(m)) if fifo else (G.dim(m), G.dim(k))),
@@ -321,7 +326,7 @@ def fuzz_merge(G: Gen) -> None:
 
 
 def fuzz_sgemm(G: Gen) -> None:
-    M, K, N = G.pick(9), G.pick(9), G.pick(9)
+    M, K, N = G.size(), G.size(), G.size()
     args = {"a": G.array((G.dim(M), G.dim(K))), "b": G.array((G.dim(K), G.dim(N))),
             "bias": G.array((G.dim(N),)) if G.chance(2) else None}
     out = np.empty((M, N), np.float32) if G.chance(2) else None
