@@ -75,9 +75,9 @@ def test_few_rows_several_blocks_and_column_views(isa):
 
 @pytest.mark.parametrize("which", ["a", "b"])
 def test_broadcast_rows_are_read_as_rows(isa, which):
-    """A row stride of 0 (np.broadcast_to): every row the same memory. The in-place tiles take
-    stride 0 to mean "packed", so such operands must be packed — a regression test: x broadcast
-    over 40 rows once read past its single row (NaN or garbage)."""
+    """A row stride of 0 (np.broadcast_to): every row the same memory, read in place like any
+    other stride — a regression test: the in-place tile once took lda = 0 to mean "packed" and
+    read x broadcast over 40 rows past its single row (NaN or garbage)."""
     rng = np.random.default_rng(6)
     M, K, N = 40, 64, 48
     a = np.broadcast_to(rand(rng, K), (M, K)) if which == "a" else rand(rng, M, K)

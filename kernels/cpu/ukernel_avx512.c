@@ -26,9 +26,11 @@ static inline __mmask16 col_mask(int64_t valid) {
 /* One body for both tiles: MR rows × NV zmm columns (NR = 16·NV). Inlined with constant MR and
  * NV, the loops unroll fully and the accumulators live in registers. */
 LF_AVX512 static inline __attribute__((always_inline)) void tile(
-    const int MR, const int NV, int64_t kc, const float *ap, const int64_t lda, const float *bp, float *c,
-    int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
-    const float *ar[MAX_MR]; /* lda > 0: the rows of an unpacked A (past mr: the last row again) */
+    const int MR, const int NV, const int in_place, int64_t kc, const float *ap, const int64_t lda, const float *bp,
+    float *c, int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
+    /* in_place (a constant): A unpacked, row i at ap + i·lda (past mr: the last row again; any
+     * lda, 0 included — a broadcast row); else ap is the packed sliver */
+    const float *ar[MAX_MR];
 #pragma GCC unroll 24
     for (int i = 0; i < MR; i++) ar[i] = ap + (i < mr ? i : mr - 1) * lda;
     __m512 acc[MAX_MR][MAX_NV];
@@ -45,11 +47,11 @@ LF_AVX512 static inline __attribute__((always_inline)) void tile(
         _mm_prefetch((const char *)(bp + 8 * 16 * NV), _MM_HINT_T0);
 #pragma GCC unroll 24
         for (int i = 0; i < MR; i++) {
-            const __m512 a = _mm512_set1_ps(lda ? ar[i][p] : ap[i]);
+            const __m512 a = _mm512_set1_ps(in_place ? ar[i][p] : ap[i]);
 #pragma GCC unroll 2
             for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
         }
-        if (!lda) ap += MR;
+        if (!in_place) ap += MR;
         bp += 16 * NV;
     }
     __mmask16 mask[MAX_NV];
@@ -71,19 +73,19 @@ LF_AVX512 static inline __attribute__((always_inline)) void tile(
 
 LF_AVX512 static void ukernel_avx512_wide(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
                                           int64_t mr, int64_t nr, int accumulate, const float *bias) {
-    tile(12, 2, kc, ap, 0, bp, c, ldc, mr, nr, accumulate, bias);
+    tile(12, 2, 0, kc, ap, 0, bp, c, ldc, mr, nr, accumulate, bias);
 }
 
 /* the wide tile reading A in place: a row-major, rows i at a + i·lda (no packing of A) */
 LF_AVX512 static void ukernel_avx512_direct(int64_t kc, const float *a, int64_t lda, const float *bp, float *c,
                                             int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
-    tile(12, 2, kc, a, lda, bp, c, ldc, mr, nr, accumulate, bias);
+    tile(12, 2, 1, kc, a, lda, bp, c, ldc, mr, nr, accumulate, bias);
 }
 
 LF_AVX512 static void ukernel_avx512_narrow(int64_t kc, const float *ap, const float *bp, float *c,
                                             int64_t ldc, int64_t mr, int64_t nr, int accumulate,
                                             const float *bias) {
-    tile(24, 1, kc, ap, 0, bp, c, ldc, mr, nr, accumulate, bias);
+    tile(24, 1, 0, kc, ap, 0, bp, c, ldc, mr, nr, accumulate, bias);
 }
 
 static const lf_dispatch narrow = {
