@@ -229,12 +229,12 @@ static const lf_dispatch *dispatch_for(int64_t N);
 #define LF_DIRECT_A_MAX_N 320
 
 /* 1 if the K block [pc, pc + kc) of A can be read in place: it lies in a plain row-major
- * segment 0 (x or g: no scale, no dropout; rows at a nonzero stride — the tile takes lda = 0 for
- * a packed A, so a broadcast row, rs = 0, is packed) and this thread has few columns */
+ * segment 0 (x or g: no scale, no dropout; any row stride, 0 for a broadcast row included) and
+ * this thread has few columns */
 static int uses_a_in_place(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
     return dp->ukernel_direct && ncols <= LF_DIRECT_A_MAX_N && pc + kc <= a->k_split && s->v.cs == 1 &&
-           s->v.rs != 0 && s->scale == 1.0f && !s->drop_threshold;
+           s->scale == 1.0f && !s->drop_threshold;
 }
 
 int lf_gemm_reads_a_in_place(int64_t N) {
@@ -401,11 +401,13 @@ int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out) {
     return LF_OK;
 }
 
-void lf_packed_b_free(lf_packed_b *pk) {
+void lf_packed_weight_free(lf_packed_b *pk) {
     if (!pk) return;
     free(pk->data);
     free(pk);
 }
+
+size_t lf_packed_weight_bytes(const lf_packed_b *pk) { return pk ? pk->bytes : 0; }
 
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
              float beta, const float *bias, float *c, int64_t ldc) {

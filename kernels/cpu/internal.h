@@ -122,9 +122,9 @@ struct lf_packed_b {
     size_t bytes;
 };
 
-/* Packs b (K, N) as above; LF_ENOMEM / LF_EOVERFLOW / LF_EINVAL (negative sizes). */
+/* Packs b (K, N) as above; LF_ENOMEM / LF_EOVERFLOW / LF_EINVAL (negative sizes). Freed by
+ * lf_packed_weight_free (kernels.h). */
 int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out);
-void lf_packed_b_free(lf_packed_b *pk);
 
 /* ---- GEMM operands: up to two segments concatenated along K ("augmented K") ----
  * Segment t covers k ∈ [k_begin[t], k_begin[t+1]) and reads element (i, k) as

@@ -166,10 +166,6 @@ int lf_pack_weight(lf_view W, int64_t m, int64_t k, int for_backward, lf_packed_
     return lf_pack_b(weight_operand(W, for_backward), for_backward ? m : k, for_backward ? k : m, out);
 }
 
-void lf_packed_weight_free(lf_packed_b *pw) { lf_packed_b_free(pw); }
-
-size_t lf_packed_weight_bytes(const lf_packed_b *pw) { return pw ? pw->bytes : 0; }
-
 int lf_packed_weight_matches(const lf_packed_b *pw, lf_view W, int64_t m, int64_t k, int for_backward) {
     const lf_view b = weight_operand(W, for_backward);
     return pw && pw->src.p == b.p && pw->src.rs == b.rs && pw->src.cs == b.cs && pw->K == (for_backward ? m : k) &&
