@@ -395,6 +395,15 @@ static int check_no_alias(const char *func, const char *oname, PyArrayObject *o,
     return 0;
 }
 
+/* W as the kernels read it, (m, k): a (k, m) array with fan_in_fan_out (Conv1D stores Wᵀ) is
+ * read transposed; *m and *k get its sizes when not NULL */
+static lf_view weight_view(PyArrayObject *W, int fifo, npy_intp *m, npy_intp *k) {
+    const lf_view v = view2(W);
+    if (m) *m = PyArray_DIM(W, fifo ? 1 : 0);
+    if (k) *k = PyArray_DIM(W, fifo ? 0 : 1);
+    return fifo ? (lf_view){v.p, v.cs, v.rs} : v;
+}
+
 /* W (m,k) — (k,m) with fan_in_fan_out —, A (r,k), B (m,r) for x's k; the arrays go into L. */
 static int parse_weights(lf_state *st, const char *F, arr_list *L, PyObject *oW, PyObject *oA, PyObject *oB,
                          int fifo, npy_intp k, PyArrayObject **W, PyArrayObject **A, PyArrayObject **B,
@@ -418,14 +427,6 @@ static int parse_weights(lf_state *st, const char *F, arr_list *L, PyObject *oW,
 
 static const char PACKED_NAME[] = "lorafuse.packed_weight";
 
-/* W as the kernels read it, (m, k): a (k, m) array with fan_in_fan_out (Conv1D stores Wᵀ) is
- * read transposed */
-static lf_view weight_view(PyArrayObject *W, int fifo, npy_intp *m, npy_intp *k) {
-    const lf_view v = view2(W);
-    *m = PyArray_DIM(W, fifo ? 1 : 0);
-    *k = PyArray_DIM(W, fifo ? 0 : 1);
-    return fifo ? (lf_view){v.p, v.cs, v.rs} : v;
-}
 
 static void packed_capsule_free(PyObject *cap) {
     lf_packed_weight_free(PyCapsule_GetPointer(cap, PACKED_NAME));
@@ -556,8 +557,7 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         goto fail;
     {
         const npy_intp n = PyArray_DIM(x2, 0);
-        lf_view vx = view2(x2), vW = view2(W), vA = view2(A), vB = view2(B);
-        if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs}; /* Conv1D stores Wᵀ: read it transposed */
+        const lf_view vx = view2(x2), vW = weight_view(W, fifo, NULL, NULL), vA = view2(A), vB = view2(B);
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         float *py = (float *)PyArray_DATA(y2), *pu = u ? (float *)PyArray_DATA(u2) : NULL;
         RUN_KERNEL(F, 2.0 * (double)n * (double)(k + r) * (double)m,
@@ -652,8 +652,8 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     if (dx && !(dx2 = keep(&L, flatten_2d(dx, k)))) goto fail;
     {
         const npy_intp n = PyArray_DIM(x2, 0);
-        lf_view vg = view2(g2), vx = view2(x2), vu = view2(u2), vW = view2(W), vA = view2(A), vB = view2(B);
-        if (fifo) vW = (lf_view){vW.p, vW.cs, vW.rs};
+        const lf_view vg = view2(g2), vx = view2(x2), vu = view2(u2), vW = weight_view(W, fifo, NULL, NULL),
+                      vA = view2(A), vB = view2(B);
         float *pdx = dx2 ? (float *)PyArray_DATA(dx2) : NULL;
         float *pdA = (float *)PyArray_DATA(dA), *pdB = (float *)PyArray_DATA(dB);
         RUN_KERNEL(F, 2.0 * (double)n * (double)(m + r) * (double)(k + r),
