@@ -92,12 +92,14 @@ def _tensor(a: Any) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
 
 
+_NO_KWARGS: dict = {}
+
+
 def _packed(cache: Optional[PackedWeightCache], weight: torch.Tensor, fifo: bool, for_backward: bool) -> dict:
-    """``packed_w=...`` for a C kernel call when the layer keeps W's packed panels, else nothing."""
-    if cache is None or not weight.is_cpu:
-        return {}
-    pack = cache.get(weight, fifo, for_backward)
-    return {} if pack is None else {"packed_w": pack}
+    """``packed_w=...`` for a C kernel call when the layer keeps W's packed panels, else nothing
+    (callers skip the call when there is no cache: the default path stays as it was)."""
+    pack = cache.get(weight, fifo, for_backward) if cache is not None and weight.is_cpu else None
+    return _NO_KWARGS if pack is None else {"packed_w": pack}
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -114,7 +116,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
     if kern is not None:
         y, u = kern.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed,
-                                 fan_in_fan_out=fifo, need_u=need_u, **_packed(weight_cache, weight, fifo, False))
+                                 fan_in_fan_out=fifo, need_u=need_u,
+                                 **(_NO_KWARGS if weight_cache is None else _packed(weight_cache, weight, fifo, False)))
         return _tensor(y), None if u is None else _tensor(u), kern
     k = x.shape[-1]
     y, u = _torch_forward(x.detach().reshape(-1, k), weight.detach(), None if bias is None else bias.detach(),
@@ -148,7 +151,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dA = dB = None
         if need_x or need_a or need_bb:
             if kern is not None:
-                packed = _packed(weight_cache, weight, fifo, True) if need_x else {}
+                packed = _packed(weight_cache, weight, fifo, True) if need_x and weight_cache is not None else _NO_KWARGS
                 dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_x,
                                                 dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo, **packed)
                 dx = None if dx is None else _tensor(dx)

@@ -35,9 +35,10 @@ class PackedWeight:
         return f"PackedWeight(nbytes={self.nbytes}, for_backward={self.for_backward})"
 
 
-def _handle(packed_w: Optional[PackedWeight]) -> Any:
-    if packed_w is None or isinstance(packed_w, PackedWeight):
-        return None if packed_w is None else packed_w.handle
+def _handle(packed_w: PackedWeight) -> Any:
+    """The C handle of a pack (callers pass None through without calling this)."""
+    if isinstance(packed_w, PackedWeight):
+        return packed_w.handle
     raise TypeError(f"packed_w must be a lorafuse.ops.PackedWeight or None, got {type(packed_w).__name__}")
 
 
@@ -67,7 +68,7 @@ def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     ``packed_w``: ``pack_weight(W, fan_in_fan_out=...)`` of this very W, or None.
     """
     return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u,
-                           _handle(packed_w))
+                           None if packed_w is None else _handle(packed_w))
 
 
 def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, *,
@@ -83,7 +84,7 @@ def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, 
     ``packed_w``: ``pack_weight(W, fan_in_fan_out=..., for_backward=True)`` of this W, or None.
     """
     return _C.lora_backward(g, x, u, W, A, B, scale, need_dx, dropout_p, seed, fan_in_fan_out,
-                            dx_out, dA_out, dB_out, _handle(packed_w))
+                            dx_out, dA_out, dB_out, None if packed_w is None else _handle(packed_w))
 
 
 def merge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:
