@@ -14,6 +14,7 @@
 #include <numpy/arrayobject.h>
 
 #include "dlpack_in.h"
+#include "out_cache.h"
 
 #include <signal.h>
 
@@ -32,6 +33,7 @@ typedef struct {
     lf_dlpack_exporters dlpack; /* torch's C exporter, found once torch is loaded */
     PyObject *getsignal, *default_int_handler; /* signal.getsignal, signal.default_int_handler */
     unsigned long main_thread;                 /* threading.main_thread().ident */
+    lf_out_cache *outs;                        /* kept blocks for large outputs (out_cache.h) */
 } lf_state;
 
 static lf_state *state_of(PyObject *module) { return (lf_state *)PyModule_GetState(module); }
@@ -247,18 +249,19 @@ static PyArrayObject *flatten_2d(PyArrayObject *a, npy_intp last) {
     return (PyArrayObject *)PyArray_Newshape(a, &shape, NPY_CORDER);
 }
 
-/* A new C-contiguous float32 array with shape lead[0:nlead] + (last,). */
-static PyArrayObject *new_output(PyArrayObject *like, npy_intp last) {
+/* A new C-contiguous float32 array with like's leading dims + (last,) (large ones from the
+ * kept blocks of st->outs). */
+static PyArrayObject *new_output(lf_state *st, PyArrayObject *like, npy_intp last) {
     npy_intp dims[NPY_MAXDIMS];
     const int nd = PyArray_NDIM(like);
     for (int d = 0; d < nd - 1; d++) dims[d] = PyArray_DIM(like, d);
     dims[nd - 1] = last;
-    return (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+    return lf_out_cache_array(st->outs, nd, dims);
 }
 
-static PyArrayObject *new_2d(npy_intp rows, npy_intp cols) {
-    npy_intp dims[2] = {rows, cols};
-    return (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+static PyArrayObject *new_2d(lf_state *st, npy_intp rows, npy_intp cols) {
+    const npy_intp dims[2] = {rows, cols};
+    return lf_out_cache_array(st->outs, 2, dims);
 }
 
 /* Output check: float32, C-contiguous, aligned, writable, shape == lead dims of `like` + (last,)
@@ -538,9 +541,9 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
             goto fail;
     }
-    y = keep(&L, oy == Py_None ? new_output(x, m) : check_output(st, oy, F, "out", x, 0, m));
+    y = keep(&L, oy == Py_None ? new_output(st, x, m) : check_output(st, oy, F, "out", x, 0, m));
     if (need_u)
-        u = keep(&L, ou == Py_None ? new_output(x, r) : check_output(st, ou, F, "u_out", x, 0, r));
+        u = keep(&L, ou == Py_None ? new_output(st, x, r) : check_output(st, ou, F, "u_out", x, 0, r));
     if (!y || (need_u && !u)) goto fail;
     {
         PyArrayObject *ins[] = {x, W, A, B, bias};
@@ -623,12 +626,12 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
         }
     }
     if (need_dx) {
-        dx = keep(&L, odx == Py_None ? new_output(x, k) : check_output(st, odx, F, "dx_out", x, 0, k));
+        dx = keep(&L, odx == Py_None ? new_output(st, x, k) : check_output(st, odx, F, "dx_out", x, 0, k));
         if (!dx) goto fail;
     }
-    dA = keep(&L, odA == Py_None ? new_2d(r, k)
+    dA = keep(&L, odA == Py_None ? new_2d(st, r, k)
                                  : check_output(st, odA, F, "dA_out", NULL, r, k));
-    dB = keep(&L, odB == Py_None ? new_2d(m, r)
+    dB = keep(&L, odB == Py_None ? new_2d(st, m, r)
                                  : check_output(st, odB, F, "dB_out", NULL, m, r));
     if (!dA || !dB) goto fail;
     {
@@ -742,7 +745,7 @@ static PyObject *py_sgemm(PyObject *self, PyObject *args, PyObject *kw) {
         if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
             goto fail;
     }
-    c = keep(&L, oc == Py_None ? new_2d(M, N)
+    c = keep(&L, oc == Py_None ? new_2d(st, M, N)
                                : check_output(st, oc, F, "out", NULL, M, N));
     if (!c) goto fail;
     {
@@ -781,7 +784,7 @@ static PyObject *py_dropout(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *x = as_f32(st, ox, F, "x"), *xc = NULL, *out = NULL;
     if (!x) return NULL;
     if (check_ndim(F, "x", x, 2, "(n, k)") || !(xc = contiguous_if(x, 1))) goto done;
-    out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(xc), NPY_FLOAT32);
+    out = new_2d(st, PyArray_DIM(xc, 0), PyArray_DIM(xc, 1));
     if (!out) goto done;
     {
         const npy_intp n = PyArray_DIM(xc, 0), k = PyArray_DIM(xc, 1);
@@ -831,6 +834,25 @@ static PyObject *py_threading_backend(PyObject *self, PyObject *Py_UNUSED(ignore
                                                                 : "pthreads (lorafuse's own workers)");
 }
 
+/* ---------------------------------------------------------------- kept output blocks */
+
+static PyObject *py_set_output_cache_limit(PyObject *self, PyObject *arg) {
+    if (!PyLong_Check(arg) || PyBool_Check(arg))
+        return PyErr_Format(PyExc_TypeError, "set_output_cache_limit: max_bytes must be an int, got %s",
+                            Py_TYPE(arg)->tp_name);
+    const long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) return PyErr_Format(PyExc_ValueError, "set_output_cache_limit: max_bytes must be >= 0, got %lld", n);
+    return PyLong_FromSize_t(lf_out_cache_set_limit(state_of(self)->outs, (size_t)n));
+}
+
+static PyObject *py_output_cache_stats(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    const lf_out_cache_stats s = lf_out_cache_get_stats(state_of(self)->outs);
+    return Py_BuildValue("{s:n,s:n,s:l,s:n,s:l,s:L,s:L}", "limit", (Py_ssize_t)s.limit, "held_bytes",
+                         (Py_ssize_t)s.held_bytes, "held_blocks", s.held_blocks, "lent_bytes", (Py_ssize_t)s.lent_bytes,
+                         "lent_blocks", s.lent_blocks, "hits", s.hits, "misses", s.misses);
+}
+
 static int isa_from_name(const char *name, lf_isa *out) {
     if (!strcmp(name, "generic")) *out = LF_ISA_GENERIC;
     else if (!strcmp(name, "avx2")) *out = LF_ISA_AVX2;
@@ -875,6 +897,10 @@ static PyMethodDef methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"threading_backend", py_threading_backend, METH_NOARGS,
      "threading_backend() -> where parallel regions run: the loaded OpenMP runtime or pthreads"},
+    {"set_output_cache_limit", py_set_output_cache_limit, METH_O,
+     "set_output_cache_limit(max_bytes) -> old limit: most bytes of freed output blocks kept for reuse (0: none)."},
+    {"output_cache_stats", py_output_cache_stats, METH_NOARGS,
+     "output_cache_stats() -> dict: limit, held/lent bytes and blocks, hits, misses."},
     {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2' or 'avx512'."},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> the micro-kernel ISA in use"},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "cpu_isa() -> the best ISA this CPU supports"},
@@ -884,7 +910,8 @@ static PyMethodDef methods[] = {
 static int module_exec(PyObject *m) {
     lf_state *st = state_of(m);
     st->pool = lf_pool_create(1);
-    if (!st->pool) {
+    st->outs = lf_out_cache_new(LF_OUT_CACHE_DEFAULT_BYTES);
+    if (!st->pool || !st->outs) {
         PyErr_NoMemory();
         return -1;
     }
@@ -940,6 +967,8 @@ static void module_free(void *mp) {
     lf_pool_destroy(st->pool);
     lf_pool_destroy(st->retired);
     st->pool = st->retired = NULL;
+    lf_out_cache_release(st->outs); /* blocks still lent out free themselves when their arrays die */
+    st->outs = NULL;
 }
 
 static PyModuleDef_Slot slots[] = {{Py_mod_exec, module_exec}, {0, NULL}};

@@ -10,7 +10,8 @@ from typing import Any
 
 from . import ops
 from ._C import __version__
-from ._runtime import _init_from_env, get_num_threads, set_num_threads, show_config
+from ._runtime import (_init_from_env, get_num_threads, output_cache_stats, set_num_threads, set_output_cache_limit,
+                       show_config)
 
 # torch-dependent names, imported on first access so that `import lorafuse` needs only NumPy
 _LAZY = {
@@ -23,7 +24,8 @@ _LAZY = {
     "cache_packed_weights": "layers",
 }
 
-__all__ = ["ops", "set_num_threads", "get_num_threads", "show_config", "__version__", *_LAZY]
+__all__ = ["ops", "set_num_threads", "get_num_threads", "set_output_cache_limit", "output_cache_stats", "show_config",
+           "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,8 @@ import sys
 
 from . import _C
 
-__all__ = ["set_num_threads", "get_num_threads", "show_config", "default_num_threads"]
+__all__ = ["set_num_threads", "get_num_threads", "show_config", "default_num_threads", "set_output_cache_limit",
+           "output_cache_stats"]
 
 
 def default_num_threads() -> int:
@@ -36,6 +37,27 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
+def set_output_cache_limit(max_bytes: int) -> int:
+    """Most bytes of freed output memory the CPU kernels keep for reuse; returns the old limit.
+
+    Large outputs (y, u, dx, dA, dB of ≥ 256 KiB) are 64-byte-aligned blocks that go back to
+    lorafuse, not to the C library, when their array or tensor dies, and the next output of a
+    similar size takes one: a training step then allocates no fresh pages for them (glibc
+    shrinks and regrows the heap otherwise, faulting in every page each step). Default 64 MiB;
+    0 keeps nothing (plain NumPy allocations).
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"set_output_cache_limit: max_bytes must be an int, got {type(max_bytes).__name__}")
+    return _C.set_output_cache_limit(max_bytes)
+
+
+def output_cache_stats() -> dict:
+    """The output cache: ``limit``, ``held_bytes``/``held_blocks`` (kept, free),
+    ``lent_bytes``/``lent_blocks`` (in live arrays), ``hits`` and ``misses`` (requests served
+    from a kept block / by a new allocation)."""
+    return _C.output_cache_stats()
+
+
 def _cuda_line() -> str:
     try:
         from . import cuda
@@ -51,6 +73,9 @@ def show_config() -> None:
     print(f"  CPU ISA:  {_C.get_isa()} (best on this CPU: {_C.cpu_isa()}; "
           "override with LORAFUSE_ISA=generic|avx2|avx512)")
     print(f"  threads:  {_C.get_num_threads()} (lorafuse.set_num_threads) on {_C.threading_backend()}")
+    cache = _C.output_cache_stats()
+    print(f"  outputs:  up to {cache['limit'] / 2**20:.0f} MiB of freed output blocks kept for reuse "
+          f"(lorafuse.set_output_cache_limit), {cache['held_bytes'] / 2**20:.1f} MiB kept now")
     print(f"  CUDA:     {_cuda_line()}")
 
 
