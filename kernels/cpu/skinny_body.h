@@ -65,6 +65,11 @@ TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64
 TARGET static inline __attribute__((always_inline)) VF CAT(w_row, SUFFIX)(lf_view w, int64_t t, int64_t j,
                                                                          int64_t width, const lf_mask *wmask);
 
+/* Tokens ahead that ru_tokens prefetches. Its w (x in dA = s·vᵀ·x) is read one vector per row,
+ * rows k floats apart, which the hardware prefetchers do not follow across pages: dA at
+ * 512×1024 r16 from L3 (2 threads) 0.24-0.26 -> 0.16-0.17 ms median (8 tokens ahead 0.17, 32 0.18). */
+#define RU_PREFETCH 16
+
 /* acc[i] += s[t, p+i] · w̃[t, j:j+VW] over all T tokens for NB rows of c at once; s's columns at
  * sp + off(i): i·cs when cs is given (≥ 1), else scol[i]. Inlined with constants (NB; cs = 1,
  * a whole vector and no mask on the fast path) so that the accumulators stay in registers and
@@ -73,6 +78,10 @@ TARGET static inline __attribute__((always_inline)) void CAT(ru_tokens, SUFFIX)(
     const int NB, const int64_t cs, const int64_t *scol, const float *sp, int64_t srs, int64_t T, lf_view w,
     int64_t j, const int64_t width, const lf_mask *wmask, VF *acc) {
     for (int64_t t = 0; t < T; t++) {
+        if (t + RU_PREFETCH < T) { /* rows of w and s a row stride apart: a new page each token */
+            __builtin_prefetch(w.p + (t + RU_PREFETCH) * w.rs + j, 0, 3);
+            __builtin_prefetch(sp + (t + RU_PREFETCH) * srs, 0, 3);
+        }
         const VF wv = CAT(w_row, SUFFIX)(w, t, j, width, wmask);
         const float *st = sp + t * srs;
 #pragma GCC unroll 16
