@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -124,6 +125,27 @@ def test_torch_tensors_keep_their_block_alive(cache_limit):
     np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-4)
     del t, other
     assert lorafuse.output_cache_stats()["lent_blocks"] == lent - 1
+
+
+def test_threads_calling_at_once_get_their_own_blocks(cache_limit):
+    a, b, want = _product(BIG, 8)
+    lent = lorafuse.output_cache_stats()["lent_blocks"]
+    errors = []
+
+    def work() -> None:
+        for _ in range(30):
+            out = ops.sgemm(a, b)  # kernels run with the GIL released, other threads allocate meanwhile
+            if not np.allclose(out, want, rtol=1e-5, atol=1e-4):
+                errors.append("wrong result")
+            out.fill(np.nan)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert lorafuse.output_cache_stats()["lent_blocks"] == lent
 
 
 @pytest.mark.parametrize("bad, err", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("8", TypeError)])
