@@ -7,8 +7,8 @@
  *                T rows of a at once: acc[t] += a[t, p] · bt[p, :]  (bt rows stay in L1/L2)
  *   rank_update: c (P, Q) = scale · s (T, P)ᵀ · w (T, Q)      w rows contiguous (cs = 1)
  *                (the worker computes a block [p0, P) × [q0, q1) of it)
- *                for each VW-chunk of Q: load w[t, chunk] for 8 tokens, then for every p
- *                c[p, chunk] += Σ_t s[t, p] · w[t, chunk]
+ *                for each VW-chunk of Q and RU_ROWS rows p of c, over all T tokens:
+ *                acc[p] += s[t, p] · w[t, chunk]  (rows prefetched RU_PREFETCH tokens ahead)
  *   rowdots:     c (n, M) = scale · Σ_seg a (n, K) · b (M, K)ᵀ + bias for a few rows n (decode):
  *                dot products of contiguous rows, b streamed once
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
