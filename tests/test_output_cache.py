@@ -78,6 +78,38 @@ def test_every_output_of_forward_and_backward_is_correct_after_reuse(cache_limit
     assert lorafuse.output_cache_stats()["hits"] > 0
 
 
+def _poison_blocks() -> None:
+    """Leaves NaN-filled blocks of many sizes in the cache (fresh pages would be zeros)."""
+    outs = [ops.sgemm(np.ones((rows, 4), np.float32), np.ones((4, cols), np.float32))
+            for rows, cols in [(64, 4096), (128, 4096), (256, 512), (512, 512), (300, 1024), (1024, 1024),
+                               (300, 4096)]]
+    for o in outs:
+        o.fill(np.nan)
+
+
+def test_empty_sums_are_written_as_zeros_into_reused_blocks(cache_limit):
+    rng = np.random.default_rng(9)
+    r, k, m = 64, 4096, 2048
+    W, A, B = reference.rand(rng, m, k), reference.rand(rng, r, k), reference.rand(rng, m, r)
+    _poison_blocks()
+    _, dA, dB = ops.lora_backward(np.zeros((0, m), np.float32), np.zeros((0, k), np.float32),
+                                  np.zeros((0, r), np.float32), W, A, B, 0.5)  # n = 0: sums over no token
+    assert dA.nbytes >= 256 << 10 and not dA.any() and not dB.any()
+    _poison_blocks()
+    bias = reference.rand(rng, m)
+    y, u = ops.lora_forward(np.zeros((300, 0), np.float32), np.zeros((m, 0), np.float32),
+                            np.zeros((r, 0), np.float32), B, 0.5, bias)  # k = 0
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, y.shape))
+    assert not u.any()
+    _poison_blocks()
+    x = reference.rand(rng, 300, k)
+    y2, u2 = ops.lora_forward(x, np.zeros((0, k), np.float32), A, np.zeros((0, r), np.float32), 0.5)  # m = 0
+    dx, _, _ = ops.lora_backward(np.zeros((300, 0), np.float32), x, u2, np.zeros((0, k), np.float32), A,
+                                 np.zeros((0, r), np.float32), 0.5)
+    assert y2.shape == (300, 0) and dx.nbytes >= 256 << 10 and not dx.any()
+    assert lorafuse.output_cache_stats()["hits"] >= 3
+
+
 def test_small_outputs_bypass_the_cache(cache_limit):
     a, b, _ = _product(SMALL, 3)
     before = lorafuse.output_cache_stats()
