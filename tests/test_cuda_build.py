@@ -7,11 +7,12 @@
    lorafuse.cuda, and the CPU kernels' lorafuse.ops.dropout_mask give the same mask.
 3. Whenever nvcc (CUDA >= 12) is on the machine — GPU or not — the CUDA extension is built through
    setup_cuda.py's own hook (nvcc for sm_80 + sm_90 + PTX, then the C compiler and the linker) into a
-   temporary folder. Without cuBLASLt headers (CI's toolkit has none: they ship in the 400+ MB
-   nvidia-cublas wheel), the .cu is compiled against kernels/cuda/cublaslt_decls.h and the link leaves
-   the cuBLASLt symbols undefined; with them, the real header is used, the module is imported in a
-   subprocess and its error path is exercised, and cublaslt_decls.h is proven equal to the real
-   header (static_asserts in kernels/cuda/check_cublaslt_decls.cu).
+   temporary folder. Without cuBLASLt headers (the toolkit on CI's machine has none: they ship in
+   the 400+ MB nvidia-cublas wheel, which .ci/run installs where nvcc 13 is found), the .cu is
+   compiled against kernels/cuda/cublaslt_decls.h and the link leaves the cuBLASLt symbols
+   undefined; with them, the real header is used, the module is imported in a subprocess and its
+   error path is exercised, and cublaslt_decls.h is proven equal to the real header
+   (static_asserts in kernels/cuda/check_cublaslt_decls.cu).
 """
 from __future__ import annotations
 
