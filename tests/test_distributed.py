@@ -20,6 +20,7 @@ FSDP (``use_orig_params=True``) is tried on CPU as well; see README "Distributed
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 from pathlib import Path
@@ -171,7 +172,14 @@ def _ddp_worker(rank: int, tmp: str) -> None:
             except Exception as exc:  # recorded; the FSDP test reports it
                 Path(tmp, f"fsdp_error_{tag}_rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
             print(f"rank {rank} fsdp {tag} done after {time.perf_counter() - t0:.1f}s", flush=True)
+        # no collective may still be in flight when the process group goes (a rank that failed
+        # above skips this and tears down at once, so that the other one fails fast)
+        dist.barrier()
     finally:
+        # every wrapper holding the group (DDP, FSDP) gone before the interpreter's teardown:
+        # gloo's worker threads otherwise release tensors there (std::terminate, SIGABRT; seen
+        # once in a CI run, both ranks, after all their work was done)
+        gc.collect()
         dist.destroy_process_group()
 
 
