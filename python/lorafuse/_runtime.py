@@ -44,10 +44,8 @@ def set_output_cache_limit(max_bytes: int) -> int:
     lorafuse, not to the C library, when their array or tensor dies, and the next output of a
     similar size takes one: a training step then allocates no fresh pages for them (glibc
     shrinks and regrows the heap otherwise, faulting in every page each step). Default 64 MiB;
-    0 keeps nothing (plain NumPy allocations).
+    0 keeps nothing (plain NumPy allocations). A non-int is a TypeError, a negative one a ValueError.
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-        raise TypeError(f"set_output_cache_limit: max_bytes must be an int, got {type(max_bytes).__name__}")
     return _C.set_output_cache_limit(max_bytes)
 
 
