@@ -840,9 +840,11 @@ static PyObject *py_set_output_cache_limit(PyObject *self, PyObject *arg) {
     if (!PyLong_Check(arg) || PyBool_Check(arg))
         return PyErr_Format(PyExc_TypeError, "set_output_cache_limit: max_bytes must be an int, got %s",
                             Py_TYPE(arg)->tp_name);
-    const long long n = PyLong_AsLongLong(arg);
+    int overflow;
+    const long long n = PyLong_AsLongLongAndOverflow(arg, &overflow);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "set_output_cache_limit: max_bytes must be >= 0, got %lld", n);
+    if (overflow || n < 0)
+        return PyErr_Format(PyExc_ValueError, "set_output_cache_limit: max_bytes must be in [0, 2**63), got %R", arg);
     return PyLong_FromSize_t(lf_out_cache_set_limit(state_of(self)->outs, (size_t)n));
 }
 

@@ -180,7 +180,8 @@ def test_threads_calling_at_once_get_their_own_blocks(cache_limit):
     assert lorafuse.output_cache_stats()["lent_blocks"] == lent
 
 
-@pytest.mark.parametrize("bad, err", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("8", TypeError)])
+@pytest.mark.parametrize("bad, err", [(-1, ValueError), (2**70, ValueError), (1.5, TypeError), (True, TypeError),
+                                      ("8", TypeError)])
 def test_bad_limits_are_refused(bad, err):
     with pytest.raises(err, match="set_output_cache_limit"):
         lorafuse.set_output_cache_limit(bad)
