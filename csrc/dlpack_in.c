@@ -88,17 +88,26 @@ void lf_dlpack_exporters_clear(lf_dlpack_exporters *ex) {
 /* obj's capsule: torch tensors through to_dlpack (it exports tensors that require grad too;
  * *requires_grad tells), anything else through obj.__dlpack__() */
 static PyObject *export_capsule(lf_dlpack_exporters *ex, PyObject *obj, int *requires_grad) {
-    *requires_grad = 0;
+    if (requires_grad) *requires_grad = 0;
     const int have_torch = find_torch(ex);
     if (have_torch < 0) return NULL;
     if (have_torch && PyObject_TypeCheck(obj, (PyTypeObject *)ex->tensor_type)) {
-        PyObject *rg = PyObject_GetAttrString(obj, "requires_grad");
-        if (!rg) return NULL;
-        *requires_grad = PyObject_IsTrue(rg) == 1;
-        Py_DECREF(rg);
+        if (requires_grad) { /* asked for outputs only: each attribute read costs µs on cold caches */
+            PyObject *rg = PyObject_GetAttrString(obj, "requires_grad");
+            if (!rg) return NULL;
+            *requires_grad = PyObject_IsTrue(rg) == 1;
+            Py_DECREF(rg);
+        }
         return PyObject_CallOneArg(ex->to_dlpack, obj);
     }
     return PyObject_CallMethod(obj, "__dlpack__", NULL);
+}
+
+int lf_is_dlpack_producer(lf_dlpack_exporters *ex, PyObject *obj) {
+    const int have_torch = find_torch(ex);
+    if (have_torch < 0) return -1;
+    if (have_torch && PyObject_TypeCheck(obj, (PyTypeObject *)ex->tensor_type)) return 1;
+    return PyObject_HasAttrString(obj, "__dlpack__");
 }
 
 /* TypeError "<func>: <name> (a <type>) cannot be read as a CPU array: <why>" */

@@ -13,10 +13,14 @@ typedef struct {
     PyObject *to_dlpack;
 } lf_dlpack_exporters;
 
+/* 1 if obj can be read through DLPack (a torch tensor — told by its type, without an attribute
+ * lookup — or anything with __dlpack__), 0 if not, -1 with an exception set */
+int lf_is_dlpack_producer(lf_dlpack_exporters *ex, PyObject *obj);
+
 /* New reference to an ndarray (any dtype the capsule holds; the caller checks it) viewing obj's
  * memory, the DLPack capsule kept alive as its base; or NULL with TypeError naming func and name
- * (non-CPU device, lanes ≠ 1, unsupported dtype, exporter error). *requires_grad is set to 1 for
- * a torch tensor that requires grad (the caller decides whether it may be written). */
+ * (non-CPU device, lanes ≠ 1, unsupported dtype, exporter error). requires_grad: NULL, or set to
+ * 1 for a torch tensor that requires grad (the caller decides whether it may be written). */
 PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, const char *func, const char *name,
                                int *requires_grad);
 

@@ -165,14 +165,16 @@ static void shape_error(const char *func, const char *name, const char *expected
  * loads). */
 static PyArrayObject *as_f32_arg(lf_state *st, PyObject *obj, const char *func, const char *name, int writable) {
     PyObject *arr = NULL;
+    int producer;
     if (PyArray_Check(obj)) {
         Py_INCREF(obj);
         arr = obj;
-    } else if (PyObject_HasAttrString(obj, "__dlpack__")) {
+    } else if ((producer = lf_is_dlpack_producer(&st->dlpack, obj)) != 0) {
+        if (producer < 0) return NULL;
         int requires_grad = 0;
-        arr = lf_array_from_dlpack(&st->dlpack, obj, func, name, &requires_grad);
+        arr = lf_array_from_dlpack(&st->dlpack, obj, func, name, writable ? &requires_grad : NULL);
         if (!arr) return NULL;
-        if (writable && requires_grad) {
+        if (requires_grad) {
             Py_DECREF(arr);
             PyErr_Format(PyExc_TypeError, "%s: %s requires grad; outputs are written in place outside autograd "
                          "(pass a tensor that does not require grad)", func, name);
