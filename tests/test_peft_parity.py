@@ -147,6 +147,31 @@ def test_logits_loss_and_every_gradient_match_peft(name: str) -> None:
         torch.testing.assert_close(grads_o[key], grad, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_double_backward_gradient_penalty_matches_peft(name: str) -> None:
+    """create_graph=True through the fused layers (float32, the C kernels' forward): a penalty on
+    the adapters' own gradients, backpropagated, gives PEFT's gradients (PEFT's modules are twice
+    differentiable, so lorafuse's must be too)."""
+    theirs, ours = _pair(name)
+    assert {m.backend for m in ours.modules() if isinstance(m, LoraLinear)} == {"c"}
+    inputs = _inputs(CASES[name])
+
+    def penalised_grads(model: Any) -> dict:
+        model.get_base_model().set_attn_implementation("eager")  # SDPA on the CPU has no double backward
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + sum(g.square().sum() for g in grads)).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    grads_t, grads_o = penalised_grads(theirs), penalised_grads(ours)
+    assert grads_o.keys() == grads_t.keys() and grads_o
+    for key, grad in grads_t.items():
+        torch.testing.assert_close(grads_o[key], grad, msg=lambda m: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_eval_mode_matches_peft_with_dropout_configured(name: str) -> None:
     theirs, ours = _pair(name, lora_dropout=0.3)

@@ -20,11 +20,11 @@ from types import ModuleType
 from typing import Any, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .weight_cache import PackedWeightCache
 
-__all__ = ["LoraLinearFunction", "lora_linear", "kernels_for", "backend_name", "dropout_mask", "draw_seed"]
+__all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "kernels_for", "cpu_kernels", "backend_name",
+           "dropout_mask", "draw_seed", "DISPATCH"]
 
 _SEED_HIGH = 2**31 - 1
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,7 +45,8 @@ def _load(module: str, entry_points: tuple[str, ...]) -> Optional[ModuleType]:
 
 
 def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
-    """THE dispatch point: the kernel module for these tensors, or None for the torch path.
+    """THE dispatch rule: the kernel module for these tensors, or None for the torch path (the
+    layer applies its first case itself, `cpu_kernels`, having read x's device and dtypes).
 
     float32 CPU → `lorafuse.ops`; CUDA fp32/fp16/bf16 → `lorafuse.cuda` if it exposes `lora_forward` and
     `lora_backward` with the `ops` signatures (arrays via DLPack, outputs allocated when not given);
@@ -60,11 +61,16 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     if first.numel() == 0:
         return None
     if on_cpu:
-        return _load("ops", ("lora_forward", "lora_backward", "dropout_mask")) if dtype == torch.float32 else None
+        return cpu_kernels() if dtype == torch.float32 else None
     device = first.device
     if device.type != "cuda" or dtype not in _CUDA_DTYPES or any(t.device != device for t in tensors):
         return None
     return _load("cuda", ("lora_forward", "lora_backward"))
+
+
+def cpu_kernels() -> Optional[ModuleType]:
+    """`lorafuse.ops` (the C kernels for float32 CPU tensors), or None where it is not built."""
+    return _load("ops", ("lora_forward", "lora_backward", "dropout_mask"))
 
 
 def backend_name(*tensors: torch.Tensor) -> str:
@@ -93,6 +99,7 @@ def _tensor(a: Any) -> torch.Tensor:
 
 
 _NO_KWARGS: dict = {}
+DISPATCH: Any = object()  # `kern` argument: not chosen yet, ask `kernels_for`
 
 
 def _packed(cache: Optional[PackedWeightCache], weight: torch.Tensor, fifo: bool, for_backward: bool) -> dict:
@@ -104,16 +111,19 @@ def _packed(cache: Optional[PackedWeightCache], weight: torch.Tensor, fifo: bool
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
              lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-             fifo: bool, need_u: bool = True, weight_cache: Optional[PackedWeightCache] = None
-             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[ModuleType]]:
+             fifo: bool, need_u: bool = True, weight_cache: Optional[PackedWeightCache] = None,
+             kern: Any = DISPATCH) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[ModuleType]]:
     """x (..., k) → (y (..., m), u (..., r), the kernel module used or None for torch), on the
     kernels or in torch; u may be None when not needed (the kernels may then merge the rank-r
     term into W's packed panels instead).
 
     The kernels take the tensors as they are (the binding views them through DLPack and flattens
     the leading dims itself; tensors that require grad are only read) and allocate y and u.
-    ``weight_cache``: the layer's kept panels of W (C kernels only), or None."""
-    kern = kernels_for(x, weight, lora_a, lora_b) if bias is None else kernels_for(x, weight, bias, lora_a, lora_b)
+    ``weight_cache``: the layer's kept panels of W (C kernels only), or None. ``kern``: the
+    kernel module (or None for torch) when the caller has already chosen it, else `kernels_for`."""
+    if kern is DISPATCH:
+        kern = (kernels_for(x, weight, lora_a, lora_b) if bias is None
+                else kernels_for(x, weight, bias, lora_a, lora_b))
     if kern is not None:
         y, u = kern.lora_forward(x, weight, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed,
                                  fan_in_fan_out=fifo, need_u=need_u,
@@ -131,10 +141,11 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
-                fan_in_fan_out: bool, weight_cache: Optional[PackedWeightCache] = None) -> torch.Tensor:
+                fan_in_fan_out: bool, weight_cache: Optional[PackedWeightCache] = None,
+                kern: Any = DISPATCH) -> torch.Tensor:
         """x (..., k) → y (..., m); saves x, u (..., r) and the seed."""
         y, u, kern = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out,
-                              weight_cache=weight_cache)
+                              weight_cache=weight_cache, kern=kern)
         ctx.save_for_backward(x, u, weight, lora_a, lora_b)
         # the backward runs on the forward's kernels: its grad has y's dtype and device, and
         # skipping a second dispatch matters (each touch of a cold code path costs µs)
@@ -142,16 +153,24 @@ class LoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        """Gradients for x, W, bias, A, B (None where not needed); dW only if W requires grad."""
+        """Gradients for x, W, bias, A, B (None where not needed); dW only if W requires grad.
+
+        Under ``create_graph=True`` (grad mode on here) the gradients are computed by the torch
+        math below from the saved inputs, u recomputed, so that they are differentiable in turn
+        (double backward, as PEFT's modules allow); otherwise on the forward's kernels."""
         x, u, weight, lora_a, lora_b = ctx.saved_tensors
         scale, dropout_p, seed, fifo, kern, weight_cache = ctx.conf
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        create_graph = torch.is_grad_enabled()
         dx = dA = dB = None
         if need_x or need_a or need_bb:
-            if kern is not None:
-                packed = _packed(weight_cache, weight, fifo, True) if need_x and weight_cache is not None else _NO_KWARGS
+            if create_graph:
+                dx, dA, dB = _differentiable_backward(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo,
+                                                      need_x)
+            elif kern is not None:
+                packed = (_packed(weight_cache, weight, fifo, True) if need_x and weight_cache is not None
+                          else _NO_KWARGS)
                 dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_x,
                                                 dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo, **packed)
                 dx = None if dx is None else _tensor(dx)
@@ -165,10 +184,23 @@ class LoraLinearFunction(torch.autograd.Function):
         db = dW = None
         if need_w or need_b:
             g2 = grad.reshape(-1, grad.shape[-1])
-            x2 = x.detach().reshape(-1, x.shape[-1])
+            x2 = (x if create_graph else x.detach()).reshape(-1, x.shape[-1])
             dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
             db = g2.sum(0) if need_b else None
-        return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None)
+        return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None)
+
+
+def _differentiable_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                             lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+                             need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`_torch_backward` on the saved tensors themselves (not detached) with u = x̃·Aᵀ recomputed,
+    so that autograd records it: dx (x's shape) or None, dA (r, k), dB (m, r)."""
+    k, m = x.shape[-1], grad.shape[-1]
+    x2 = x.reshape(-1, k)
+    xd = x2 * dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else x2
+    dx, dA, dB = _torch_backward(grad.reshape(-1, m), x2, xd @ lora_a.t(), weight, lora_a, lora_b, scale, dropout_p,
+                                 seed, fifo, need_dx)
+    return None if dx is None else dx.view(x.shape), dA, dB
 
 
 def _torch_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -207,9 +239,20 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     called directly, without an autograd node: nothing is saved. ``weight_cache``: keeps W's
     packed panels across calls (`lorafuse.weight_cache`), or None.
     """
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or lora_a.requires_grad
-                                           or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
-        return _forward(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
-                        bool(fan_in_fan_out), need_u=False, weight_cache=weight_cache)[0]
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
-                                    bool(fan_in_fan_out), weight_cache)
+    return fused_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
+                        bool(fan_in_fan_out), weight_cache, DISPATCH)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int, fan_in_fan_out: bool,
+                 weight_cache: Optional[PackedWeightCache], kern: Any) -> torch.Tensor:
+    """`lora_linear` for callers that have typed the scalars and may have chosen the kernel module
+    (``kern``: a module, None for the torch math, or `DISPATCH`): the layer's per-call path,
+    where each cold tensor attribute read costs µs. The adapter's requires_grad is asked first —
+    in training it decides alone."""
+    if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or x.requires_grad
+                                           or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out, need_u=False,
+                        weight_cache=weight_cache, kern=kern)[0]
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out,
+                                    weight_cache, kern)

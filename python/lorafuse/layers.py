@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .autograd import backend_name, draw_seed, kernels_for, lora_linear
+from .autograd import DISPATCH, backend_name, cpu_kernels, draw_seed, fused_linear, kernels_for
 from .tuners_utils import conv1d_class, is_conv1d
 from .weight_cache import PackedWeightCache
 
@@ -281,38 +281,45 @@ class LoraLinear(nn.Module):
                                          or base._backward_pre_hooks)
 
     def _fused_operands(self, x: torch.Tensor) -> Optional[tuple]:
-        """(W, bias, A, B, scale, dropout p, seed, fan_in_fan_out, W's cache) for the fused path, or None
-        when forward must take the general route: adapters disabled or merged, not exactly one active
-        adapter, hooks or autocast, a wrong input width (that route reports it), mixed dtypes.
-        Runs on every call, so it reads the submodules' dicts directly (nn.Module.__getattr__ costs
-        ~0.5 µs per lookup — at decode sizes the whole fused kernel call is a few µs)."""
+        """`fused_linear`'s arguments after x — (W, bias, A, B, scale, dropout p, seed,
+        fan_in_fan_out, W's cache, the kernel module) — for the fused path, or None when forward
+        must take the general route: adapters disabled or merged, not exactly one active adapter,
+        hooks or autocast, a wrong input width (that route reports it), mixed dtypes.
+        Runs on every call, on caches a kernel has just flushed, where each tensor attribute read
+        costs µs: it reads the submodules' dicts directly (no nn.Module.__getattr__), each
+        attribute once, and picks the C kernels itself for float32 CPU input (no `kernels_for`,
+        which reads every operand's dtype and device; an operand on another device is then
+        refused by the binding's TypeError instead of torch's error)."""
         active = self._active_adapter
         if self._disable_adapters or self.merged_adapters or len(active) != 1 or not self._fusable_base():
             return None
         name, modules = active[0], self._modules
         lin_a = modules["lora_A"]._modules.get(name)
-        if lin_a is None or x.shape[-1] != self.in_features:
+        shape = x.shape
+        if lin_a is None or shape[-1] != self.in_features:
             return None
-        if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+        on_cpu = x.is_cpu
+        if torch.is_autocast_enabled("cpu" if on_cpu else x.device.type):
             return None
         base, lin_b = modules["base_layer"], modules["lora_B"]._modules[name]
         weight, lora_a, lora_b = _param_of(base, "weight"), _param_of(lin_a, "weight"), _param_of(lin_b, "weight")
-        if x.dtype != weight.dtype:
+        dtype = weight.dtype
+        if x.dtype != dtype:
             raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
-                            f"{weight.dtype}; cast the input or the model.")
-        if not lora_a.dtype == weight.dtype == lora_b.dtype:
+                            f"{dtype}; cast the input or the model.")
+        if not lora_a.dtype == dtype == lora_b.dtype:
             return None
         dropout = modules["lora_dropout"]._modules[name]
-        p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-        bias = _param_of(base, "bias")
-        return (weight, bias, lora_a, lora_b, self.scaling[name], p, draw_seed() if p > 0.0 else 0,
-                self.fan_in_fan_out, self._weight_cache)
+        p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+        kern = cpu_kernels() if on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
+        return (weight, _param_of(base, "bias"), lora_a, lora_b, float(self.scaling[name]), p,
+                draw_seed() if p > 0.0 else 0, bool(self.fan_in_fan_out), self._weight_cache, kern)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
         fused = None if args or kwargs else self._fused_operands(x)
         if fused is not None:
-            return lora_linear(x, *fused)
+            return fused_linear(x, *fused)
         base = self.base_layer
         if self._disable_adapters:
             if self.merged:
