@@ -302,6 +302,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         layer(torch.randn(2, 5))
     with pytest.raises(ValueError, match="already exists"):
         layer.update_layer("default", 2, 2, 0.0)
+    layer.lora_A["default"].to("meta")  # an adapter off the input's device: named, never read
+    with pytest.raises(TypeError, match="A .* cannot be read as a CPU array"):
+        layer(torch.randn(2, 4))
 
 
 def test_rslora_scaling() -> None:
