@@ -177,9 +177,10 @@ class LoraLinearFunction(torch.autograd.Function):
                 dA, dB = _tensor(dA), _tensor(dB)
             else:
                 k, m = x.shape[-1], grad.shape[-1]
-                dx, dA, dB = _torch_backward(grad.reshape(-1, m), x.detach().reshape(-1, k), u.reshape(-1, u.shape[-1]),
-                                             weight.detach(), lora_a.detach(), lora_b.detach(), scale, dropout_p,
-                                             seed, fifo, need_x)
+                x2 = x.detach().reshape(-1, k)
+                dx, dA, dB = _torch_backward(grad.reshape(-1, m), x2, u.reshape(-1, u.shape[-1]), weight.detach(),
+                                             lora_a.detach(), lora_b.detach(), scale, _mask(x2, dropout_p, seed),
+                                             fifo, need_x)
                 dx = None if dx is None else dx.view(x.shape)
         db = dW = None
         if need_w or need_b:
@@ -197,9 +198,9 @@ def _differentiable_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.
     so that autograd records it: dx (x's shape) or None, dA (r, k), dB (m, r)."""
     k, m = x.shape[-1], grad.shape[-1]
     x2 = x.reshape(-1, k)
-    xd = x2 * dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else x2
-    dx, dA, dB = _torch_backward(grad.reshape(-1, m), x2, xd @ lora_a.t(), weight, lora_a, lora_b, scale, dropout_p,
-                                 seed, fifo, need_dx)
+    mask = _mask(x2, dropout_p, seed)
+    u = (x2 if mask is None else x2 * mask) @ lora_a.t()
+    dx, dA, dB = _torch_backward(grad.reshape(-1, m), x2, u, weight, lora_a, lora_b, scale, mask, fifo, need_dx)
     return None if dx is None else dx.view(x.shape), dA, dB
 
 
@@ -207,19 +208,24 @@ def _torch_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                    lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
                    fifo: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference forward on (n, k) input: returns y (n, m) and u (n, r)."""
-    xd = x2 * dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else x2
-    u = xd @ lora_a.t()
+    mask = _mask(x2, dropout_p, seed)
+    u = (x2 if mask is None else x2 * mask) @ lora_a.t()
     y = x2 @ (weight if fifo else weight.t())
     if bias is not None:
         y = y + bias
     return y + scale * (u @ lora_b.t()), u
 
 
+def _mask(x2: torch.Tensor, dropout_p: float, seed: int) -> Optional[torch.Tensor]:
+    """The (n, k) dropout multiplier for x2 (`dropout_mask`), or None without dropout."""
+    return dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else None
+
+
 def _torch_backward(g: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+                    lora_b: torch.Tensor, scale: float, mask: Optional[torch.Tensor], fifo: bool,
                     need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Reference adapter-only backward on (n, ·) matrices: dx (n, k) or None, dA (r, k), dB (m, r)."""
-    mask = dropout_mask(*x2.shape, dropout_p, seed, dtype=x2.dtype, device=x2.device) if dropout_p else None
+    """Reference adapter-only backward on (n, ·) matrices: dx (n, k) or None, dA (r, k), dB (m, r);
+    mask: the forward's dropout multiplier (n, k) or None."""
     v = g @ lora_b
     dB = scale * (g.t() @ u)
     dA = scale * (v.t() @ (x2 * mask if mask is not None else x2))
