@@ -87,11 +87,9 @@ void lf_dlpack_exporters_clear(lf_dlpack_exporters *ex) {
 
 /* obj's capsule: torch tensors through to_dlpack (it exports tensors that require grad too;
  * *requires_grad tells), anything else through obj.__dlpack__() */
-static PyObject *export_capsule(lf_dlpack_exporters *ex, PyObject *obj, int *requires_grad) {
+static PyObject *export_capsule(lf_dlpack_exporters *ex, PyObject *obj, int kind, int *requires_grad) {
     if (requires_grad) *requires_grad = 0;
-    const int have_torch = find_torch(ex);
-    if (have_torch < 0) return NULL;
-    if (have_torch && PyObject_TypeCheck(obj, (PyTypeObject *)ex->tensor_type)) {
+    if (kind == LF_DLPACK_TORCH) {
         if (requires_grad) { /* asked for outputs only: each attribute read costs µs on cold caches */
             PyObject *rg = PyObject_GetAttrString(obj, "requires_grad");
             if (!rg) return NULL;
@@ -103,11 +101,11 @@ static PyObject *export_capsule(lf_dlpack_exporters *ex, PyObject *obj, int *req
     return PyObject_CallMethod(obj, "__dlpack__", NULL);
 }
 
-int lf_is_dlpack_producer(lf_dlpack_exporters *ex, PyObject *obj) {
+int lf_dlpack_kind(lf_dlpack_exporters *ex, PyObject *obj) {
     const int have_torch = find_torch(ex);
     if (have_torch < 0) return -1;
-    if (have_torch && PyObject_TypeCheck(obj, (PyTypeObject *)ex->tensor_type)) return 1;
-    return PyObject_HasAttrString(obj, "__dlpack__");
+    if (have_torch && PyObject_TypeCheck(obj, (PyTypeObject *)ex->tensor_type)) return LF_DLPACK_TORCH;
+    return PyObject_HasAttrString(obj, "__dlpack__") ? LF_DLPACK_OTHER : LF_DLPACK_NONE;
 }
 
 /* TypeError "<func>: <name> (a <type>) cannot be read as a CPU array: <why>" */
@@ -117,9 +115,9 @@ static PyObject *refuse(PyObject *obj, const char *func, const char *name, const
     return NULL;
 }
 
-PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, const char *func, const char *name,
+PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, int kind, const char *func, const char *name,
                                int *requires_grad) {
-    PyObject *capsule = export_capsule(ex, obj, requires_grad);
+    PyObject *capsule = export_capsule(ex, obj, kind, requires_grad);
     if (!capsule) { /* e.g. a sparse or meta tensor: the exporter's message, as a TypeError */
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);

@@ -13,15 +13,18 @@ typedef struct {
     PyObject *to_dlpack;
 } lf_dlpack_exporters;
 
-/* 1 if obj can be read through DLPack (a torch tensor — told by its type, without an attribute
- * lookup — or anything with __dlpack__), 0 if not, -1 with an exception set */
-int lf_is_dlpack_producer(lf_dlpack_exporters *ex, PyObject *obj);
+/* How obj can be read through DLPack: LF_DLPACK_TORCH (a torch tensor, told by its type without
+ * an attribute lookup), LF_DLPACK_OTHER (anything else with __dlpack__), LF_DLPACK_NONE; -1 with
+ * an exception set */
+enum { LF_DLPACK_NONE = 0, LF_DLPACK_OTHER = 1, LF_DLPACK_TORCH = 2 };
+int lf_dlpack_kind(lf_dlpack_exporters *ex, PyObject *obj);
 
 /* New reference to an ndarray (any dtype the capsule holds; the caller checks it) viewing obj's
  * memory, the DLPack capsule kept alive as its base; or NULL with TypeError naming func and name
- * (non-CPU device, lanes ≠ 1, unsupported dtype, exporter error). requires_grad: NULL, or set to
- * 1 for a torch tensor that requires grad (the caller decides whether it may be written). */
-PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, const char *func, const char *name,
+ * (non-CPU device, lanes ≠ 1, unsupported dtype, exporter error). kind: lf_dlpack_kind(obj), not
+ * NONE. requires_grad: NULL, or set to 1 for a torch tensor that requires grad (the caller
+ * decides whether it may be written). */
+PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, int kind, const char *func, const char *name,
                                int *requires_grad);
 
 void lf_dlpack_exporters_clear(lf_dlpack_exporters *ex);

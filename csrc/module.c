@@ -165,14 +165,14 @@ static void shape_error(const char *func, const char *name, const char *expected
  * loads). */
 static PyArrayObject *as_f32_arg(lf_state *st, PyObject *obj, const char *func, const char *name, int writable) {
     PyObject *arr = NULL;
-    int producer;
+    int kind;
     if (PyArray_Check(obj)) {
         Py_INCREF(obj);
         arr = obj;
-    } else if ((producer = lf_is_dlpack_producer(&st->dlpack, obj)) != 0) {
-        if (producer < 0) return NULL;
+    } else if ((kind = lf_dlpack_kind(&st->dlpack, obj)) != LF_DLPACK_NONE) {
+        if (kind < 0) return NULL;
         int requires_grad = 0;
-        arr = lf_array_from_dlpack(&st->dlpack, obj, func, name, writable ? &requires_grad : NULL);
+        arr = lf_array_from_dlpack(&st->dlpack, obj, kind, func, name, writable ? &requires_grad : NULL);
         if (!arr) return NULL;
         if (requires_grad) {
             Py_DECREF(arr);
