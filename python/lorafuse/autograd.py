@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from torch.compiler import is_compiling
 
+from .compiled import SEED_HIGH, lora_linear_op, seed_tensor
 from .weight_cache import PackedWeightCache
 
-__all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "kernels_for", "cpu_kernels", "backend_name",
-           "dropout_mask", "draw_seed", "DISPATCH"]
+__all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "adapter_backward", "kernels_for", "cpu_kernels",
+           "backend_name", "dropout_mask", "draw_seed", "DISPATCH"]
 
-_SEED_HIGH = 2**31 - 1
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _loaded: dict[str, Optional[ModuleType]] = {}
 
@@ -83,7 +84,7 @@ def backend_name(*tensors: torch.Tensor) -> str:
 
 def draw_seed() -> int:
     """A dropout seed from torch's default RNG, so `torch.manual_seed` makes runs reproducible."""
-    return int(torch.randint(0, _SEED_HIGH, (1,)).item())
+    return int(torch.randint(0, SEED_HIGH, (1,)).item())
 
 
 def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,20 +169,9 @@ class LoraLinearFunction(torch.autograd.Function):
             if create_graph:
                 dx, dA, dB = _differentiable_backward(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo,
                                                       need_x)
-            elif kern is not None:
-                packed = (_packed(weight_cache, weight, fifo, True) if need_x and weight_cache is not None
-                          else _NO_KWARGS)
-                dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_x,
-                                                dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo, **packed)
-                dx = None if dx is None else _tensor(dx)
-                dA, dB = _tensor(dA), _tensor(dB)
             else:
-                k, m = x.shape[-1], grad.shape[-1]
-                x2 = x.detach().reshape(-1, k)
-                dx, dA, dB = _torch_backward(grad.reshape(-1, m), x2, u.reshape(-1, u.shape[-1]), weight.detach(),
-                                             lora_a.detach(), lora_b.detach(), scale, _mask(x2, dropout_p, seed),
-                                             fifo, need_x)
-                dx = None if dx is None else dx.view(x.shape)
+                dx, dA, dB = adapter_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, need_x,
+                                              kern, weight_cache)
         db = dW = None
         if need_w or need_b:
             g2 = grad.reshape(-1, grad.shape[-1])
@@ -189,6 +179,25 @@ class LoraLinearFunction(torch.autograd.Function):
             dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
             db = g2.sum(0) if need_b else None
         return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None)
+
+
+def adapter_backward(grad: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+                     need_dx: bool, kern: Optional[ModuleType],
+                     weight_cache: Optional[PackedWeightCache] = None
+                     ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """grad (..., m) → dx (x's shape) or None, dA (r, k), dB (m, r), on the kernel module ``kern``
+    (None: the torch math); u (..., r) is the forward's. No autograd graph is recorded."""
+    if kern is not None:
+        packed = _packed(weight_cache, weight, fifo, True) if need_dx and weight_cache is not None else _NO_KWARGS
+        dx, dA, dB = kern.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, need_dx=need_dx,
+                                        dropout_p=dropout_p, seed=seed, fan_in_fan_out=fifo, **packed)
+        return (None if dx is None else _tensor(dx)), _tensor(dA), _tensor(dB)
+    k, m = x.shape[-1], grad.shape[-1]
+    x2 = x.detach().reshape(-1, k)
+    dx, dA, dB = _torch_backward(grad.reshape(-1, m), x2, u.reshape(-1, u.shape[-1]), weight.detach(), lora_a.detach(),
+                                 lora_b.detach(), scale, _mask(x2, dropout_p, seed), fifo, need_dx)
+    return (None if dx is None else dx.view(x.shape)), dA, dB
 
 
 def _differentiable_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
@@ -250,12 +259,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int, fan_in_fan_out: bool,
-                 weight_cache: Optional[PackedWeightCache], kern: Any) -> torch.Tensor:
+                 lora_b: torch.Tensor, scale: float, dropout_p: float, seed: Union[int, torch.Tensor],
+                 fan_in_fan_out: bool, weight_cache: Optional[PackedWeightCache], kern: Any) -> torch.Tensor:
     """`lora_linear` for callers that have typed the scalars and may have chosen the kernel module
     (``kern``: a module, None for the torch math, or `DISPATCH`): the layer's per-call path,
     where each cold tensor attribute read costs µs. The adapter's requires_grad is asked first —
-    in training it decides alone."""
+    in training it decides alone. While `torch.compile` traces, the custom operators of
+    `lorafuse.compiled` run instead (``seed``: an int, or the tensor `compiled.seed_tensor` made)."""
+    if is_compiling():
+        if not isinstance(seed, torch.Tensor):
+            seed = seed_tensor(dropout_p, seed)
+        return lora_linear_op(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
     if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or x.requires_grad
                                            or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out, need_u=False,

@@ -13,8 +13,10 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from .autograd import DISPATCH, backend_name, cpu_kernels, draw_seed, fused_linear, kernels_for
+from .compiled import seed_tensor
 from .tuners_utils import conv1d_class, is_conv1d
 from .weight_cache import PackedWeightCache
 
@@ -35,6 +37,14 @@ def _param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     attribute — that attribute."""
     params = module._parameters
     return params[name] if name in params else getattr(module, name)
+
+
+def _layer_seed(dropout_p: float) -> Union[int, torch.Tensor]:
+    """A forward's dropout seed: 0 without dropout, else drawn from torch's RNG — an int, or while
+    `torch.compile` traces a tensor drawn in the graph (an int would need `.item()`)."""
+    if dropout_p == 0.0:
+        return 0
+    return seed_tensor(dropout_p) if is_compiling() else draw_seed()
 
 
 class LoraLinear(nn.Module):
@@ -313,7 +323,7 @@ class LoraLinear(nn.Module):
         p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
         kern = cpu_kernels() if on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
         return (weight, _param_of(base, "bias"), lora_a, lora_b, float(self.scaling[name]), p,
-                draw_seed() if p > 0.0 else 0, bool(self.fan_in_fan_out), self._weight_cache, kern)
+                _layer_seed(p), bool(self.fan_in_fan_out), self._weight_cache, kern)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
