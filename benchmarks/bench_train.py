@@ -6,9 +6,11 @@ Default workload (issue 3): a 4-layer Llama-config model (hidden 1024, intermedi
 and thread count in both processes. Peak RSS is the child's ``ru_maxrss``; the step time is
 the mean over the steps after the first (warm-up). Runs alternate lorafuse/PEFT, with a third
 child, "lorafuse+pw": lorafuse with the opt-in packed-W cache (`lorafuse.cache_packed_weights`)
-— the memory it costs and the step time it saves.
+— the memory it costs and the step time it saves. With ``--compile`` both models run under
+`torch.compile` (lorafuse through its custom operators, which do not use the packed-W cache, so
+there is no "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
-    python benchmarks/bench_train.py [--repeats 2] [--targets q_proj,v_proj] [--threads N]
+    python benchmarks/bench_train.py [--repeats 2] [--targets q_proj,v_proj] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.impl == "lorafuse+pw":
         lorafuse.cache_packed_weights(model)
     model.train()
+    step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     rss_before = _max_rss_mib()
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -82,7 +85,7 @@ def _spawn(impl: str, args: argparse.Namespace) -> dict:
 def _forwarded(args: argparse.Namespace) -> list[str]:
     keys = ("steps", "layers", "hidden", "intermediate", "vocab", "seq", "batch", "r", "dropout", "targets",
             "threads", "seed")
-    return [item for k in keys for item in (f"--{k}", str(getattr(args, k)))]
+    return [item for k in keys for item in (f"--{k}", str(getattr(args, k)))] + (["--compile"] if args.compile else [])
 
 
 def main() -> None:
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
+    parser.add_argument("--compile", action="store_true", help="train both models under torch.compile")
     args = parser.parse_args()
     if args.impl:
         print(json.dumps(run_child(args)))
@@ -112,10 +116,11 @@ def main() -> None:
           f"torch {torch.__version__}, threads {args.threads}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# {args.layers}-layer Llama h={args.hidden} ff={args.intermediate} vocab={args.vocab}, "
           f"batch {args.batch} x seq {args.seq}, r={args.r}, dropout={args.dropout}, targets={args.targets}, "
-          f"{args.steps} steps")
-    results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+          f"{args.steps} steps{', torch.compile' if args.compile else ''}")
+    impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw"))
+    results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for _ in range(args.repeats):
-        for impl in IMPLS:
+        for impl in impls:
             results[impl].append(_spawn(impl, args))
     summary = {}
     for impl, runs in results.items():
@@ -127,7 +132,7 @@ def main() -> None:
               f"{peak - before:7.1f} MiB)  mean step {step * 1e3:8.1f} ms  loss {runs[0]['losses'][0]:.4f} -> "
               f"{runs[0]['losses'][-1]:.4f}")
     pf_peak, pf_before, pf_step = summary["peft"]
-    for impl in IMPLS[:-1]:
+    for impl in impls[:-1]:
         lf_peak, lf_before, lf_step = summary[impl]
         print(f"ratio {impl}/PEFT: peak RSS {lf_peak / pf_peak:.3f}, training-added RSS "
               f"{(lf_peak - lf_before) / (pf_peak - pf_before):.3f}, step time {lf_step / pf_step:.3f}")
