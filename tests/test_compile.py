@@ -14,14 +14,17 @@ import torch._dynamo  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 import lorafuse  # noqa: E402
+import lorafuse.autograd  # noqa: E402
 from lorafuse.autograd import lora_linear  # noqa: E402
 from lorafuse.compiled import seed_tensor  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles from scratch; Inductor draws random numbers with torch's eager generator
-    (fallback_random), so a compiled dropout seed equals the one eager mode draws."""
+def _fresh_dynamo(monkeypatch):
+    """Each test compiles from scratch, as in a fresh process (no kernel module loaded yet by an
+    eager call); Inductor draws random numbers with torch's eager generator (fallback_random), so
+    a compiled dropout seed equals the one eager mode draws."""
+    monkeypatch.setattr(lorafuse.autograd, "_loaded", {})
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
         yield
@@ -72,19 +75,19 @@ def test_compiled_llama_fullgraph_matches_eager_with_dropout() -> None:
     model = _llama(0.1)
     model.train()
     ids = torch.randint(0, 97, (2, 12))
+    compiled = torch.compile(model, fullgraph=True)  # first: nothing has run eagerly yet
+    torch.manual_seed(1)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = _adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+
     torch.manual_seed(1)
     eager_loss = model(input_ids=ids, labels=ids).loss
     eager_loss.backward()
     eager_grads = _adapter_grads(model)
     assert len(eager_grads) == 2 * 5 * 2  # A and B of five projections in two layers
-    model.zero_grad(set_to_none=True)
-
-    compiled = torch.compile(model, fullgraph=True)
-    torch.manual_seed(1)
-    loss = compiled(input_ids=ids, labels=ids).loss
-    loss.backward()
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-    grads = _adapter_grads(model)
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -113,14 +116,16 @@ class _Functional(torch.nn.Module):
 @pytest.mark.parametrize("fifo", [False, True])
 def test_compiled_functional_with_trainable_base_matches_eager(fifo: bool) -> None:
     """x, W, bias, A and B gradients of a compiled `lora_linear` (an int seed, dropout 0.2)
-    equal eager mode's."""
+    equal eager mode's, at a first shape and at a second one (recompiled with dynamic shapes)."""
     module = _Functional(33, 17, 4, fifo)
-    x = torch.randn(3, 5, 33)
-    results = []
-    for run in (module, torch.compile(module, fullgraph=True)):
-        xx = x.clone().requires_grad_(True)
-        run(xx, 7).square().sum().backward()
-        results.append([xx.grad] + [p.grad.clone() for p in module.parameters()])
-        module.zero_grad(set_to_none=True)
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    compiled = torch.compile(module, fullgraph=True)
+    for shape in ((3, 5, 33), (4, 7, 33)):
+        x = torch.randn(*shape)
+        results = []
+        for run in (compiled, module):
+            xx = x.clone().requires_grad_(True)
+            run(xx, 7).square().sum().backward()
+            results.append([xx.grad] + [p.grad.clone() for p in module.parameters()])
+            module.zero_grad(set_to_none=True)
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

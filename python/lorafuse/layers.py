@@ -39,14 +39,6 @@ def _param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return params[name] if name in params else getattr(module, name)
 
 
-def _layer_seed(dropout_p: float) -> Union[int, torch.Tensor]:
-    """A forward's dropout seed: 0 without dropout, else drawn from torch's RNG — an int, or while
-    `torch.compile` traces a tensor drawn in the graph (an int would need `.item()`)."""
-    if dropout_p == 0.0:
-        return 0
-    return seed_tensor(dropout_p) if is_compiling() else draw_seed()
-
-
 class LoraLinear(nn.Module):
     """A LoRA-adapted `nn.Linear` or transformers `Conv1D`: ``y = base(x) + Σ_a s_a · B_a(A_a(drop_a(x)))``.
 
@@ -321,9 +313,13 @@ class LoraLinear(nn.Module):
             return None
         dropout = modules["lora_dropout"]._modules[name]
         p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-        kern = cpu_kernels() if on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
-        return (weight, _param_of(base, "bias"), lora_a, lora_b, float(self.scaling[name]), p,
-                _layer_seed(p), bool(self.fan_in_fan_out), self._weight_cache, kern)
+        # while torch.compile traces: no kernel module (the custom operators pick theirs when they
+        # run; importing one is not traceable) and a seed tensor drawn in the graph
+        compiling = is_compiling()
+        kern = cpu_kernels() if not compiling and on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
+        seed = 0 if p == 0.0 else seed_tensor(p) if compiling else draw_seed()
+        return (weight, _param_of(base, "bias"), lora_a, lora_b, float(self.scaling[name]), p, seed,
+                bool(self.fan_in_fan_out), self._weight_cache, kern)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
