@@ -11,6 +11,8 @@ Only x, u and a dropout seed are saved: the dropped input is regenerated from th
 dispatch point: `lorafuse.ops` (C) for float32 CPU tensors, `lorafuse.cuda` for CUDA
 tensors once that module provides the same entry points, else the pure-torch math below
 (any dtype or device; also the float64 reference for `torch.autograd.gradcheck`).
+While `torch.compile` traces, `fused_linear` calls the same kernels as the custom operators of
+`lorafuse.compiled` instead of this Function (which Dynamo cannot trace).
 """
 
 from __future__ import annotations
