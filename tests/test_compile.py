@@ -129,3 +129,25 @@ def test_compiled_functional_with_trainable_base_matches_eager(fifo: bool) -> No
             module.zero_grad(set_to_none=True)
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_operators_refuse_bad_input_with_named_errors() -> None:
+    """A wrong width, a float or multi-element seed, a dropout p of 1: TypeError / ValueError
+    naming what was wrong, from the operator called directly and from a compiled caller."""
+    x, W, A, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    seed = seed_tensor(0.0)
+    op = torch.ops.lorafuse.lora_forward
+    with pytest.raises(ValueError, match=r"W must have shape \(m, k\)"):
+        op(x, torch.randn(6, 9), None, A, B, 1.0, 0.0, seed, False, True)
+    with pytest.raises(TypeError, match="seed"):
+        op(x, W, None, A, B, 1.0, 0.0, torch.zeros(1), False, True)
+    with pytest.raises(ValueError, match="seed"):
+        op(x, W, None, A, B, 1.0, 0.0, torch.zeros(2, dtype=torch.int64), False, True)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        op(x, W, None, A, B, 1.0, 1.0, seed, False, True)
+    with pytest.raises(TypeError, match="seed"):
+        torch.ops.lorafuse.lora_backward(torch.randn(4, 6), x, torch.randn(4, 2), W, A, B, 1.0, 0.0,
+                                         torch.zeros(1), False, True)
+    compiled = torch.compile(lambda a: lora_linear(a, torch.randn(6, 9), None, A, B, 1.0), fullgraph=True)
+    with pytest.raises(ValueError, match=r"W must have shape \(m, k\)"):
+        compiled(x)

@@ -41,6 +41,15 @@ def seed_tensor(dropout_p: float, seed: Optional[int] = None) -> Tensor:
     return torch.zeros(1, dtype=torch.int64)
 
 
+def _seed_value(seed: Tensor) -> int:
+    """The int in a one-element integer seed tensor; TypeError / ValueError naming it otherwise."""
+    if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+        raise TypeError(f"lorafuse: seed must be an integer tensor (see seed_tensor), got dtype {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"lorafuse: seed must hold one value, got shape {tuple(seed.shape)}")
+    return int(seed.item())
+
+
 def _out_features(weight: Tensor, fan_in_fan_out: bool) -> int:
     return weight.shape[1] if fan_in_fan_out else weight.shape[0]
 
@@ -51,7 +60,7 @@ def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Ten
     """x (..., k) → y (..., m), u (..., r) on the kernels `autograd.kernels_for` picks."""
     from .autograd import _forward
 
-    y, u, _ = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed.item()), fan_in_fan_out,
+    y, u, _ = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_value(seed), fan_in_fan_out,
                        need_u=need_u)
     return y, (u if u is not None else x.new_empty(0))
 
@@ -73,7 +82,7 @@ def _lora_backward(grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_a: T
     from .autograd import adapter_backward, kernels_for
 
     kern = kernels_for(grad, x, u, weight, lora_a, lora_b)
-    dx, dA, dB = adapter_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, int(seed.item()),
+    dx, dA, dB = adapter_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, _seed_value(seed),
                                   fan_in_fan_out, need_dx, kern)
     return (dx if dx is not None else x.new_empty(0)), dA, dB
 
