@@ -11,8 +11,8 @@ Only x, u and a dropout seed are saved: the dropped input is regenerated from th
 dispatch point: `lorafuse.ops` (C) for float32 CPU tensors, `lorafuse.cuda` for CUDA
 tensors once that module provides the same entry points, else the pure-torch math below
 (any dtype or device; also the float64 reference for `torch.autograd.gradcheck`).
-While `torch.compile` traces, `fused_linear` calls the same kernels as the custom operators of
-`lorafuse.compiled` instead of this Function (which Dynamo cannot trace).
+While `torch.compile` traces, the layer and `lora_linear` call the same kernels as the custom
+operators of `lorafuse.compiled` instead of this Function (which Dynamo cannot trace).
 """
 
 from __future__ import annotations
@@ -254,8 +254,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     When no gradient can flow (grad mode off, or no input requires grad) the kernels are
     called directly, without an autograd node: nothing is saved. ``weight_cache``: keeps W's
-    packed panels across calls (`lorafuse.weight_cache`), or None.
+    packed panels across calls (`lorafuse.weight_cache`), or None (not used while `torch.compile`
+    traces: then the custom operators of `lorafuse.compiled` run).
     """
+    if is_compiling():
+        return lora_linear_op(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
+                              seed_tensor(dropout_p, int(seed)), bool(fan_in_fan_out))
     return fused_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed),
                         bool(fan_in_fan_out), weight_cache, DISPATCH)
 
@@ -266,11 +270,9 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """`lora_linear` for callers that have typed the scalars and may have chosen the kernel module
     (``kern``: a module, None for the torch math, or `DISPATCH`): the layer's per-call path,
     where each cold tensor attribute read costs µs. The adapter's requires_grad is asked first —
-    in training it decides alone. While `torch.compile` traces, the custom operators of
-    `lorafuse.compiled` run instead (``seed``: an int, or the tensor `compiled.seed_tensor` made)."""
-    if is_compiling():
-        if not isinstance(seed, torch.Tensor):
-            seed = seed_tensor(dropout_p, seed)
+    in training it decides alone. A seed *tensor* (`compiled.seed_tensor`: what the layer passes
+    while `torch.compile` traces) routes to the custom operators of `lorafuse.compiled` instead."""
+    if isinstance(seed, torch.Tensor):
         return lora_linear_op(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, fan_in_fan_out)
     if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or x.requires_grad
                                            or weight.requires_grad or (bias is not None and bias.requires_grad)):

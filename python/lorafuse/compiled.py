@@ -2,7 +2,7 @@
 
 Eager calls go through `autograd.LoraLinearFunction`, whose forward hands tensors to the C
 kernels through DLPack and NumPy — code Dynamo cannot trace, so a compiled model would break its
-graph at every LoRA layer. While compiling, `autograd.fused_linear` calls `lora_linear_op`
+graph at every LoRA layer. While compiling, the layer and `autograd.lora_linear` call `lora_linear_op`
 instead: the same kernels behind two opaque operators with shape functions and an autograd
 formula, so `torch.compile(model, fullgraph=True)` works and Inductor calls the kernels as it
 would any extern kernel.

@@ -317,7 +317,7 @@ class LoraLinear(nn.Module):
         # run; importing one is not traceable) and a seed tensor drawn in the graph
         compiling = is_compiling()
         kern = cpu_kernels() if not compiling and on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
-        seed = 0 if p == 0.0 else seed_tensor(p) if compiling else draw_seed()
+        seed = seed_tensor(p) if compiling else draw_seed() if p > 0.0 else 0
         return (weight, _param_of(base, "bias"), lora_a, lora_b, float(self.scaling[name]), p, seed,
                 bool(self.fan_in_fan_out), self._weight_cache, kern)
 
