@@ -270,3 +270,32 @@ def test_add_weighted_adapter_matches_peft(kind: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert ours.peft_config["mix"].r == theirs.peft_config["mix"].r
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_compiled_model_matches_peft(name: str) -> None:
+    """`torch.compile(fullgraph=True)` over the lorafuse model (its layers then run as custom
+    operators; a graph break would be an error) against eager PEFT: logits and every gradient of a
+    loss on them — trained biases (qwen2, bias="lora_only": the operators' bias gradient) and
+    GPT-2's Conv1D (fan_in_fan_out) included. Eval mode: the base models' own dropout is off. No
+    labels go in: transformers' loss path logs a warning, a graph break of its own."""
+    theirs, ours = _pair(name)
+    ids = _inputs(CASES[name])["input_ids"]
+
+    def logits_and_grads(model: Any, run: Callable[..., Any]) -> tuple[torch.Tensor, dict]:
+        logits = run(input_ids=ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    theirs.eval()
+    ours.eval()
+    logits_t, grads_t = logits_and_grads(theirs, theirs)
+    torch._dynamo.reset()
+    try:
+        logits_o, grads_o = logits_and_grads(ours, torch.compile(ours, fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits_o, logits_t)
+    assert grads_o.keys() == grads_t.keys() and grads_o
+    for key, grad in grads_t.items():
+        torch.testing.assert_close(grads_o[key], grad, msg=lambda m: f"{key}: {m}")
