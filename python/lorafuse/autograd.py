@@ -27,8 +27,8 @@ from torch.compiler import is_compiling
 from .compiled import SEED_HIGH, lora_linear_op, seed_tensor
 from .weight_cache import PackedWeightCache
 
-__all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "adapter_backward", "kernels_for", "cpu_kernels",
-           "backend_name", "dropout_mask", "draw_seed", "DISPATCH"]
+__all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "adapter_backward", "base_grads", "kernels_for",
+           "cpu_kernels", "backend_name", "dropout_mask", "draw_seed", "DISPATCH"]
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _loaded: dict[str, Optional[ModuleType]] = {}
@@ -174,13 +174,19 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 dx, dA, dB = adapter_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, need_x,
                                               kern, weight_cache)
-        db = dW = None
-        if need_w or need_b:
-            g2 = grad.reshape(-1, grad.shape[-1])
-            x2 = (x if create_graph else x.detach()).reshape(-1, x.shape[-1])
-            dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
-            db = g2.sum(0) if need_b else None
+        dW, db = base_grads(grad, x if create_graph else x.detach(), fifo, need_w, need_b)
         return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None)
+
+
+def base_grads(grad: torch.Tensor, x: torch.Tensor, fifo: bool, need_w: bool,
+               need_b: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dW (W's layout: (m, k), or (k, m) with fan_in_fan_out) and db (m) — each None unless asked
+    for — when the base layer trains: torch math on grad (..., m) and x (..., k)."""
+    if not (need_w or need_b):
+        return None, None
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
+    return dW, (g2.sum(0) if need_b else None)
 
 
 def adapter_backward(grad: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,

@@ -103,17 +103,16 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx: Any, grad: Tensor, _grad_u: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Gradients for (x, W, bias, A, B); the scalars and the seed get None."""
+    from .autograd import base_grads
+
     x, u, weight, lora_a, lora_b, seed = ctx.saved_tensors
     scale, dropout_p, fifo = ctx.conf
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx = dA = dB = dW = db = None
+    dx = dA = dB = None
     if need_x or need_a or need_bb:
         dx, dA, dB = torch.ops.lorafuse.lora_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, seed,
                                                       fifo, need_x)
-    if need_w or need_b:
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        dW = (x2.t() @ g2 if fifo else g2.t() @ x2) if need_w else None
-        db = g2.sum(0) if need_b else None
+    dW, db = base_grads(grad, x, fifo, need_w, need_b)
     return (dx if need_x else None, dW, db, dA if need_a else None, dB if need_bb else None,
             None, None, None, None, None)
 
