@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from torch.compiler import is_compiling
 
-from .compiled import SEED_HIGH, lora_linear_op, seed_tensor
+from .compiled import draw_seed_tensor, lora_linear_op, seed_tensor
 from .weight_cache import PackedWeightCache
 
 __all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "adapter_backward", "base_grads", "kernels_for",
@@ -86,7 +86,7 @@ def backend_name(*tensors: torch.Tensor) -> str:
 
 def draw_seed() -> int:
     """A dropout seed from torch's default RNG, so `torch.manual_seed` makes runs reproducible."""
-    return int(torch.randint(0, SEED_HIGH, (1,)).item())
+    return int(draw_seed_tensor().item())
 
 
 def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -26,18 +26,25 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["lora_linear_op", "seed_tensor", "SEED_HIGH"]
+__all__ = ["lora_linear_op", "seed_tensor", "draw_seed_tensor"]
 
-SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from [0, SEED_HIGH)
+_SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from [0, _SEED_HIGH)
+
+
+def draw_seed_tensor() -> Tensor:
+    """A (1,) int64 dropout seed from torch's default RNG — the one draw of both paths (eager
+    `autograd.draw_seed` reads it as an int), so a compiled run with Inductor's `fallback_random`
+    draws the seeds an eager run draws."""
+    return torch.randint(0, _SEED_HIGH, (1,))
 
 
 def seed_tensor(dropout_p: float, seed: Optional[int] = None) -> Tensor:
-    """The (1,) int64 dropout seed for the operators: ``seed`` as given, else (p > 0) drawn from
-    torch's RNG as `autograd.draw_seed` draws it, else 0 (no dropout: unused)."""
+    """The (1,) int64 dropout seed for the operators: ``seed`` as given, else (p > 0) a fresh draw,
+    else 0 (no dropout: unused)."""
     if seed is not None:
         return torch.full((1,), seed, dtype=torch.int64)
     if dropout_p > 0.0:
-        return torch.randint(0, SEED_HIGH, (1,))
+        return draw_seed_tensor()
     return torch.zeros(1, dtype=torch.int64)
 
 
