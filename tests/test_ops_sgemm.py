@@ -73,13 +73,35 @@ def test_few_rows_several_blocks_and_column_views(isa):
     assert_within(c, f64(a) @ f64(b), np.abs(f64(a)) @ np.abs(f64(b)), 300, "column block of b")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 121])
+def test_many_columns_a_thread(isa, threads, M):
+    """More than 320 columns of C a thread: a plain row-major A is then read in place by the
+    AVX-512 pair tile (6 rows × two 32-wide slivers). Its edges: M not a multiple of 6 (and of
+    MC = 120), a last pair holding one sliver (352 = 11 × 32) or a partial one (341 columns a
+    thread), A's rows 4 KiB apart (K = 1024, the stride the 6-row tile exists for) across several
+    K blocks, a strided and a reversed A, bias."""
+    import lorafuse
+
+    before = lorafuse.get_num_threads()
+    lorafuse.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(M)
+        for K, N in [(1024, 352 * threads), (45, 341 * threads), (1100, 700)]:
+            for how_a in ("row", "strided", "reversed"):
+                check(rng, M, K, N, how_a, "col", alpha=0.5 if how_a == "row" else 1.0, with_bias=True)
+        check(rng, M, 777, 1000, "row", "row")
+    finally:
+        lorafuse.set_num_threads(before)
+
+
 @pytest.mark.parametrize("which", ["a", "b"])
 def test_broadcast_rows_are_read_as_rows(isa, which):
     """A row stride of 0 (np.broadcast_to): every row the same memory, read in place like any
     other stride — a regression test: the in-place tile once took lda = 0 to mean "packed" and
     read x broadcast over 40 rows past its single row (NaN or garbage)."""
     rng = np.random.default_rng(6)
-    M, K, N = 40, 64, 48
+    M, K, N = 40, 64, 48 if which == "b" else 700  # 700: the pair tile reads a broadcast row too
     a = np.broadcast_to(rand(rng, K), (M, K)) if which == "a" else rand(rng, M, K)
     b = np.broadcast_to(rand(rng, N), (K, N)) if which == "b" else rand(rng, K, N)
     c = ops.sgemm(a, b)

@@ -12,7 +12,7 @@
  * dropout mask, and adds a rank-r term to b (W + s·B·A for the inference forward) — none of
  * these need a pass of their own over memory. Row-major sources are packed by register
  * transposes (transpose.c); a plain row-major A is read in place, unpacked, when a thread has
- * few columns (uses_a_in_place).
+ * few columns, by a 6-row tile over two slivers at once when it has many (how_a_is_read).
  *
  * Threads: C is cut into a tm×tn grid of blocks (tm·tn = threads), each thread runs the whole
  * loop nest on its block with its own packing buffers. The larger of M and N is split first,
@@ -221,20 +221,25 @@ static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
 static const lf_dispatch *dispatch_for(int64_t N);
 
-/* Columns of C per thread up to which A is read in place instead of packed: with few columns
- * the packing of A is amortised over few of them, while the tile reads a plain row-major A just
- * as well from its rows (12 address streams). Measured on 2 threads (AVX-512): 512×896×128
- * 195 -> 209-220 GFLOP/s, 512×576×576 (288 columns a thread) +6-8 %; at 512 columns a thread
- * (512×1024×1024) reading in place lost 10-25 %. */
+/* Columns of C per thread up to which A is read in place by the MR×NR tile instead of packed:
+ * with few columns the packing of A is amortised over few of them, while the tile reads a plain
+ * row-major A just as well from its rows (12 address streams). Measured on 2 threads (AVX-512):
+ * 512×896×128 195 -> 209-220 GFLOP/s, 512×576×576 (288 columns a thread) +6-8 %; at 512 columns a
+ * thread (512×1024×1024) reading in place lost 10-25 % (12 rows 4 KiB apart: one L1 set). */
 #define LF_DIRECT_A_MAX_N 320
 
-/* 1 if the K block [pc, pc + kc) of A can be read in place: it lies in a plain row-major
- * segment 0 (x or g: no scale, no dropout; any row stride, 0 for a broadcast row included) and
- * this thread has few columns */
-static int uses_a_in_place(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
+/* How a K block of A is read: packed into MR-tall slivers, or in place by the MR×NR tile, or in
+ * place by the pair tile (6 rows × two slivers; more columns a thread, where packing A is the
+ * cost this saves and twelve rows 4 KiB apart would thrash the L1) */
+typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
+
+/* A_IN_PLACE* if the K block [pc, pc + kc) of A lies in a plain row-major segment 0 (x or g: no
+ * scale, no dropout; any row stride, 0 for a broadcast row included) and the ISA has the tile */
+static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
-    return dp->ukernel_direct && ncols <= LF_DIRECT_A_MAX_N && pc + kc <= a->k_split && s->v.cs == 1 &&
-           s->scale == 1.0f && !s->drop_threshold;
+    if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold) return A_PACKED;
+    if (ncols <= LF_DIRECT_A_MAX_N) return dp->ukernel_direct ? A_IN_PLACE : A_PACKED;
+    return dp->ukernel_pair ? A_IN_PLACE_PAIR : A_PACKED;
 }
 
 int lf_gemm_reads_a_in_place(int64_t N) {
@@ -271,35 +276,42 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         for (int64_t pc = 0; pc < K; pc += dp->kc) {
             const int64_t kc = min64(dp->kc, K - pc);
             const int first = pc == 0;
-            const int direct = uses_a_in_place(dp, job->a, n1 - n0, pc, kc);
+            const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
             if (!bpanel) {
                 pack_b(dp, job->b, jc, nc, pc, kc, NR, bpack);
                 bpanel = bpack;
             }
+            const int accumulate = !first || job->beta != 0.0f;
+            /* tile rows and columns: MR×NR, or pair_mr × two slivers */
+            const int64_t tr = how == A_IN_PLACE_PAIR ? dp->pair_mr : MR, tc = how == A_IN_PLACE_PAIR ? 2 * NR : NR;
             for (int64_t ic = m0; ic < m1; ic += dp->mc) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
                     return;
                 }
                 const int64_t mc = min64(dp->mc, m1 - ic);
-                if (!direct)
+                if (how == A_PACKED)
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         pack_a(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,
                                apack + ir * kc);
-                for (int64_t jr = 0; jr < nc; jr += NR) {
-                    const int64_t nr = min64(NR, nc - jr);
+                for (int64_t jr = 0; jr < nc; jr += tc) {
+                    const int64_t nr = min64(tc, nc - jr);
                     const float *bias =
                         (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
-                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                    const float *bp = bpanel + jr * kc;
+                    for (int64_t ir = 0; ir < mc; ir += tr) {
                         float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
-                        const int accumulate = !first || job->beta != 0.0f;
-                        if (direct)
-                            dp->ukernel_direct(kc, a0->v.p + (ic + ir) * a0->v.rs + pc, a0->v.rs, bpanel + jr * kc, ct,
-                                               job->ldc, min64(MR, mc - ir), nr, accumulate, bias);
+                        const int64_t mr = min64(tr, mc - ir);
+                        if (how == A_PACKED) {
+                            dp->ukernel(kc, apack + ir * kc, bp, ct, job->ldc, mr, nr, accumulate, bias);
+                            continue;
+                        }
+                        const float *arow = a0->v.p + (ic + ir) * a0->v.rs + pc;
+                        if (how == A_IN_PLACE_PAIR)
+                            dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * kc, ct, job->ldc, mr, nr, accumulate, bias);
                         else
-                            dp->ukernel(kc, apack + ir * kc, bpanel + jr * kc, ct, job->ldc, min64(MR, mc - ir), nr,
-                                        accumulate, bias);
+                            dp->ukernel_direct(kc, arow, a0->v.rs, bp, ct, job->ldc, mr, nr, accumulate, bias);
                     }
                 }
             }

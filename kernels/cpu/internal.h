@@ -20,6 +20,11 @@ typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, floa
 typedef void (*lf_ukernel_direct_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, float *c,
                                      int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
 
+/* Two adjacent NR-wide slivers of B at once (the second at bp + bstride), A read in place:
+ * the pair_mr × 2·NR tile at c; nr ≤ 2·NR columns stored (nr ≤ NR: the first sliver alone). */
+typedef void (*lf_ukernel_pair_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, int64_t bstride,
+                                   float *c, int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
+
 /* One ISA's rank-r kernels (skinny.c, skinny_body.h). */
 /* Dropout applied while reading an operand: keep iff lf_dropout_keep(seed, offset, threshold),
  * kept values times scale (= 1/(1-p), possibly times another factor). */
@@ -100,6 +105,8 @@ struct lf_dispatch {
                             KC×NC B-panel in L3 */
     lf_ukernel_fn ukernel;
     lf_ukernel_direct_fn ukernel_direct; /* the tile on an unpacked row-major A, or NULL */
+    lf_ukernel_pair_fn ukernel_pair;     /* the two-sliver tile on an unpacked A, or NULL */
+    int pair_mr;                         /* its rows */
     const lf_dispatch *narrow; /* tile for N ≤ its nr (the rank-r GEMMs), or NULL */
     lf_transpose_fn transpose; /* vectorised packing of row-major operands, or NULL (scalar) */
     int tb;                    /* its block size TB */
