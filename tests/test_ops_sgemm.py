@@ -75,19 +75,19 @@ def test_few_rows_several_blocks_and_column_views(isa):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 121])
-def test_many_columns_a_thread(isa, threads, M):
-    """More than 320 columns of C a thread: a plain row-major A is then read in place by the
-    AVX-512 pair tile (6 rows × two 32-wide slivers). Its edges: M not a multiple of 6 (and of
-    MC = 120), a last pair holding one sliver (352 = 11 × 32) or a partial one (341 columns a
-    thread), A's rows 4 KiB apart (K = 1024, the stride the 6-row tile exists for) across several
-    K blocks, a strided and a reversed A, bias."""
+def test_pair_tile_reads_a_in_place(isa, threads, M):
+    """More than 320 columns of C a thread, or A's rows 4 KiB apart (K = 1024: twelve such rows
+    share an L1 set) and more than one 32-wide sliver: a plain row-major A is then read in place
+    by the AVX-512 pair tile (6 rows × two slivers). Its edges: M not a multiple of 6 (and of
+    MC = 120), a last pair holding one sliver (352 = 11 × 32; 100) or a partial one (341 columns a
+    thread), K = 1024 over several K blocks, a strided and a reversed A, bias."""
     import lorafuse
 
     before = lorafuse.get_num_threads()
     lorafuse.set_num_threads(threads)
     try:
         rng = np.random.default_rng(M)
-        for K, N in [(1024, 352 * threads), (45, 341 * threads), (1100, 700)]:
+        for K, N in [(1024, 352 * threads), (45, 341 * threads), (1100, 700), (1024, 100 * threads)]:
             for how_a in ("row", "strided", "reversed"):
                 check(rng, M, K, N, how_a, "col", alpha=0.5 if how_a == "row" else 1.0, with_bias=True)
         check(rng, M, 777, 1000, "row", "row")

@@ -229,8 +229,14 @@ static const lf_dispatch *dispatch_for(int64_t N);
 #define LF_DIRECT_A_MAX_N 320
 
 /* How a K block of A is read: packed into MR-tall slivers, or in place by the MR×NR tile, or in
- * place by the pair tile (6 rows × two slivers; more columns a thread, where packing A is the
- * cost this saves and twelve rows 4 KiB apart would thrash the L1) */
+ * place by the pair tile (6 rows × two slivers): where a thread has more columns (packing A is
+ * the cost this saves) or A's rows are 4 KiB apart (a row stride a multiple of 1024 floats: k =
+ * 1024, 4096…), where twelve rows fall in one set of the 8-way L1 and evict each other on every
+ * k step. Measured (lora_forward and sgemm, 2 threads, interleaved with F.linear): 512×1024×256
+ * sgemm 0.97–1.16 -> 0.82–0.83 × F.linear, 512×4096×256 1.00–1.18 -> 0.85–0.86, 256×1024×640
+ * 1.04–1.08 -> 0.88–0.90; rows 2 KiB apart (k = 512, 1536, 2560) gain nothing from it. With one
+ * sliver of columns (the few-token forward: W, streamed from DRAM, is A) the 12×32 tile stays
+ * ahead (24×4096² forward 0.55–0.63 vs 0.59–0.65 × F.linear with the pair tile). */
 typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
 
 /* A_IN_PLACE* if the K block [pc, pc + kc) of A lies in a plain row-major segment 0 (x or g: no
@@ -238,8 +244,9 @@ typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
 static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
     if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold) return A_PACKED;
-    if (ncols <= LF_DIRECT_A_MAX_N) return dp->ukernel_direct ? A_IN_PLACE : A_PACKED;
-    return dp->ukernel_pair ? A_IN_PLACE_PAIR : A_PACKED;
+    const int rows_in_one_set = s->v.rs % 1024 == 0 && ncols > dp->nr;
+    if (dp->ukernel_pair && (ncols > LF_DIRECT_A_MAX_N || rows_in_one_set)) return A_IN_PLACE_PAIR;
+    return dp->ukernel_direct && ncols <= LF_DIRECT_A_MAX_N ? A_IN_PLACE : A_PACKED;
 }
 
 int lf_gemm_reads_a_in_place(int64_t N) {
