@@ -164,10 +164,32 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view
     return lf_interrupt_pending() ? LF_EINTR : LF_OK;
 }
 
+/* c (P, Q < VW) = scale · sᵀ · w through a whole vector: w's rows copied zero-padded to VW
+ * floats, c computed VW wide into a scratch block and its first Q columns copied out. Each token
+ * is then one vector load on the fast path; read in place, a row shorter than a vector is built
+ * element by element (dB = s·gᵀ·u at r = 8, 512×1024: backward without dx 0.52–0.54 ms against
+ * 0.25 at r = 16). */
+static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
+                              float *c, int64_t ldc, int64_t vw) {
+    float *wp = calloc((size_t)(T > 0 ? T : 1) * (size_t)vw, sizeof(float));
+    float *cp = malloc((size_t)P * (size_t)vw * sizeof(float));
+    int st = wp && cp ? LF_OK : LF_ENOMEM;
+    if (!st) {
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t q = 0; q < Q; q++) wp[t * vw + q] = w.p[t * w.rs + q];
+        st = lf_rank_update(pool, P, vw, T, s, (lf_view){wp, vw, 1}, scale, cp, vw, NULL);
+    }
+    for (int64_t p = 0; !st && p < P; p++) memcpy(c + p * ldc, cp + p * vw, (size_t)Q * sizeof(float));
+    free(wp);
+    free(cp);
+    return st;
+}
+
 int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
                    float *c, int64_t ldc, const lf_mask *wmask) {
     if (P == 0 || Q == 0) return LF_OK;
     const lf_skinny *k = skinny_for(lf_get_isa());
+    if (Q < k->vw && !wmask) return rank_update_narrow(pool, P, Q, T, s, w, scale, c, ldc, k->vw);
     skinny_job job = {.k = k, .P = P, .Q = Q, .T = T, .s = s, .w = w, .scale = scale, .c = c, .ldc = ldc,
                       .wmask = wmask};
     const int64_t qchunks = (Q + k->vw - 1) / k->vw;
