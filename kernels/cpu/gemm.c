@@ -225,7 +225,10 @@ static const lf_dispatch *dispatch_for(int64_t N);
  * with few columns the packing of A is amortised over few of them, while the tile reads a plain
  * row-major A just as well from its rows (12 address streams). Measured on 2 threads (AVX-512):
  * 512×896×128 195 -> 209-220 GFLOP/s, 512×576×576 (288 columns a thread) +6-8 %; at 512 columns a
- * thread (512×1024×1024) reading in place lost 10-25 % (12 rows 4 KiB apart: one L1 set). */
+ * thread (512×1024×1024) reading in place lost 10-25 % (12 rows 4 KiB apart: one L1 set). AVX2's
+ * 6×16 tile (sgemm × F.linear, AVX2 forced): 512×896×128 1.35-1.39 -> 1.09, 512×576×576
+ * 1.18-1.21 -> 1.09-1.12; in place beyond 320 columns it lost 2-17 % (512×1024×1024, 2048³,
+ * 256×4096×14336). */
 #define LF_DIRECT_A_MAX_N 320
 
 /* How a K block of A is read: packed into MR-tall slivers, or in place by the MR×NR tile, or in

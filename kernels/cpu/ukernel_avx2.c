@@ -1,6 +1,8 @@
 /* ukernel_avx2.c — AVX2+FMA micro-kernel: a 6×16 tile in 12 ymm accumulators.
  * Per k: 2 aligned loads of the B sliver, 6 broadcasts of A, 12 FMAs (broadcast-FMA form).
  *   c[i][j] (+)= Σ_p ap[p*6 + i] · bp[p*16 + j]     (see lf_ukernel_fn in internal.h)
+ * A second variant reads A in place from its rows (gemm.c uses it where a thread has few
+ * columns, as for the AVX-512 tile).
  * Edge tiles use maskload/maskstore on the columns and stop early on the rows.
  * Compiled for any x86-64 with a target attribute; called only when cpuid reports AVX2+FMA. */
 #include "internal.h"
@@ -17,9 +19,15 @@ LF_AVX2 static inline __m256i col_mask(int64_t valid) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(valid < 0 ? 0 : valid)), idx);
 }
 
-LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, float *c,
-                                 int64_t ldc, int64_t mr, int64_t nr, int accumulate,
-                                 const float *bias) {
+/* One body for both variants: in_place (a constant) reads A unpacked, row i at a + i·lda (past
+ * mr: the last row again; any lda, 0 included — a broadcast row); else ap is the packed sliver. */
+LF_AVX2 static inline __attribute__((always_inline)) void tile(const int in_place, int64_t kc, const float *ap,
+                                                               const int64_t lda, const float *bp, float *c,
+                                                               int64_t ldc, int64_t mr, int64_t nr, int accumulate,
+                                                               const float *bias) {
+    const float *ar[MR];
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; i++) ar[i] = ap + (i < mr ? i : mr - 1) * lda;
     __m256 acc[MR][2];
 #pragma GCC unroll 6
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -27,11 +35,11 @@ LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, f
         const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
 #pragma GCC unroll 6
         for (int i = 0; i < MR; i++) {
-            const __m256 a = _mm256_broadcast_ss(ap + i);
+            const __m256 a = _mm256_broadcast_ss(in_place ? ar[i] + p : ap + i);
             acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
             acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
         }
-        ap += MR;
+        if (!in_place) ap += MR;
         bp += NR;
     }
     const __m256i m0 = col_mask(nr), m1 = col_mask(nr - 8);
@@ -56,9 +64,20 @@ LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, f
     }
 }
 
+LF_AVX2 static void ukernel_avx2(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int64_t mr,
+                                 int64_t nr, int accumulate, const float *bias) {
+    tile(0, kc, ap, 0, bp, c, ldc, mr, nr, accumulate, bias);
+}
+
+/* the tile reading A in place: a row-major, row i at a + i·lda (no packing of A) */
+LF_AVX2 static void ukernel_avx2_direct(int64_t kc, const float *a, int64_t lda, const float *bp, float *c,
+                                        int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
+    tile(1, kc, a, lda, bp, c, ldc, mr, nr, accumulate, bias);
+}
+
 const lf_dispatch lf_dispatch_avx2 = {
     .isa = LF_ISA_AVX2, .mr = MR, .nr = NR, .kc = 256, .mc = 96, .nc = 2048,
-    .ukernel = ukernel_avx2, .transpose = lf_transpose8_avx2, .tb = 8,
+    .ukernel = ukernel_avx2, .ukernel_direct = ukernel_avx2_direct, .transpose = lf_transpose8_avx2, .tb = 8,
 };
 #else
 const lf_dispatch lf_dispatch_avx2 = {0};
