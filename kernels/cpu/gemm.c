@@ -254,7 +254,7 @@ static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t 
 
 int lf_gemm_reads_a_in_place(int64_t N) {
     const lf_dispatch *dp = dispatch_for(N);
-    return dp->ukernel_direct && N <= LF_DIRECT_A_MAX_N;
+    return dp->ukernel_direct && 2 * N <= 3 * dp->nr;
 }
 
 void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld) {

@@ -167,8 +167,9 @@ typedef struct {
 
 lf_operand lf_operand_plain(lf_view v, float scale);
 
-/* 1 if lf_gemm reads a plain row-major A in place (unpacked) when C has N ≤ 320 columns: the
- * tile for N has an in-place variant on this ISA. */
+/* 1 if lf_gemm reads a plain row-major A in place (unpacked) with the MR×NR tile when C has N
+ * columns, N at most one and a half slivers (a second sliver re-reads A's rows: see lora.c
+ * few_tokens): the tile for N has an in-place variant on this ISA. */
 int lf_gemm_reads_a_in_place(int64_t N);
 
 /* dst[q·ld + i] = src[i·rs + q] for i < rows, q < cols (the ISA's register transposes) */

@@ -63,7 +63,10 @@ static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
  * packed path, W from DRAM (6 layers rotated), 2 threads, AVX-512, two runs: 4096² n = 17 0.82–0.84,
  * 24 0.82–0.93, 32 0.70–0.78; 14336² 17 0.87, 24 0.89, 32 0.70; 1024² 17 0.95, 24 1.00, 32 0.77.
  * Beyond one sliver the padded columns cost more than packing W saves (4096², n = 40–48: 1.10–1.34;
- * 64 0.88–0.91 but 96–256 0.96–1.2), and a W in cache packs cheaply (576², n = 17–24: 1.07–1.17). */
+ * 64 0.88–0.91 but 96–256 0.96–1.2), and a W in cache packs cheaply (576², n = 17–24: 1.07–1.17).
+ * AVX2's 16-wide tile (forced on this CPU, × F.linear, W read in place / packed): 4096², n = 17
+ * 0.94 / 1.09–1.15, 24 0.70–0.81 / 0.94–1.05, but 32 (two slivers) 0.95–0.98 / 0.85–0.86; 1024²,
+ * n = 24 0.96–0.98 / 1.46–1.47 — so at most one and a half slivers (lf_gemm_reads_a_in_place). */
 static int few_tokens(int64_t n, int64_t k, int64_t m, lf_view W) {
     return n > LF_ROWDOTS_MAX_N && n <= 32 && (double)m * (double)k >= (double)(1 << 20) && W.cs == 1 &&
            lf_gemm_reads_a_in_place(n);
