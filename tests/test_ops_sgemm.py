@@ -73,14 +73,15 @@ def test_few_rows_several_blocks_and_column_views(isa):
     assert_within(c, f64(a) @ f64(b), np.abs(f64(a)) @ np.abs(f64(b)), 300, "column block of b")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 121])
 def test_pair_tile_reads_a_in_place(isa, threads, M):
     """More than 320 columns of C a thread, or A's rows 4 KiB apart (K = 1024: twelve such rows
     share an L1 set) and more than one 32-wide sliver: a plain row-major A is then read in place
     by the AVX-512 pair tile (6 rows × two slivers). Its edges: M not a multiple of 6 (and of
     MC = 120), a last pair holding one sliver (352 = 11 × 32; 100) or a partial one (341 columns a
-    thread), K = 1024 over several K blocks, a strided and a reversed A, bias."""
+    thread), K = 1024 over several K blocks, a strided and a reversed A, bias; 3 threads cut C
+    into blocks of other widths (and rows, where M is large)."""
     import lorafuse
 
     before = lorafuse.get_num_threads()
