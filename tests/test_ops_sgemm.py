@@ -26,6 +26,10 @@ def layout(a: np.ndarray, how: str) -> np.ndarray:
         return buf[:, 1::2][:, : a.shape[1]]
     if how == "reversed":  # negative row stride
         return np.ascontiguousarray(a[::-1])[::-1]
+    if how == "wide":  # rows of a wider row-major buffer: row stride K + 24, columns contiguous
+        buf = np.zeros((a.shape[0], a.shape[1] + 24), np.float32)
+        buf[:, : a.shape[1]] = a
+        return buf[:, : a.shape[1]]
     raise ValueError(how)
 
 
@@ -80,16 +84,18 @@ def test_pair_tile_reads_a_in_place(isa, threads, M):
     share an L1 set) and more than one 32-wide sliver: a plain row-major A is then read in place
     by the AVX-512 pair tile (6 rows × two slivers). Its edges: M not a multiple of 6 (and of
     MC = 120), a last pair holding one sliver (352 = 11 × 32; 100) or a partial one (341 columns a
-    thread), K = 1024 over several K blocks, a strided and a reversed A, bias; 3 threads cut C
-    into blocks of other widths (and rows, where M is large)."""
+    thread), K = 1024 over several K blocks, A a row view of a wider buffer (row stride K + 24:
+    1024 at K = 1000, the 4 KiB rule with a stride other than K), a reversed A, a column-strided
+    one (packed), bias; 3 threads cut C into blocks of other widths (and rows, where M is large)."""
     import lorafuse
 
     before = lorafuse.get_num_threads()
     lorafuse.set_num_threads(threads)
     try:
         rng = np.random.default_rng(M)
-        for K, N in [(1024, 352 * threads), (45, 341 * threads), (1100, 700), (1024, 100 * threads)]:
-            for how_a in ("row", "strided", "reversed"):
+        for K, N in [(1024, 352 * threads), (45, 341 * threads), (1100, 700), (1024, 100 * threads),
+                     (1000, 100 * threads)]:
+            for how_a in ("row", "wide", "reversed", "strided"):
                 check(rng, M, K, N, how_a, "col", alpha=0.5 if how_a == "row" else 1.0, with_bias=True)
         check(rng, M, 777, 1000, "row", "row")
     finally:
