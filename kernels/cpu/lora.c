@@ -58,8 +58,9 @@ static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 }
 
 /* When the forward computes yᵀ (few_tokens_output): more tokens than the decode path takes, at
- * most one sliver of the wide tile (NR = 32: C's columns are the tokens), and a W too big to stay
- * in cache (≥ 4 MB), whose packing then costs as much as the arithmetic. lora_forward, yᵀ path /
+ * most 32 (one sliver of the AVX-512 wide tile: C's columns are the tokens; on AVX2 the bound of
+ * lf_gemm_reads_a_in_place, 24, comes first), and a W too big to stay in cache (≥ 4 MB), whose
+ * packing then costs as much as the arithmetic. lora_forward, yᵀ path /
  * packed path, W from DRAM (6 layers rotated), 2 threads, AVX-512, two runs: 4096² n = 17 0.82–0.84,
  * 24 0.82–0.93, 32 0.70–0.78; 14336² 17 0.87, 24 0.89, 32 0.70; 1024² 17 0.95, 24 1.00, 32 0.77.
  * Beyond one sliver the padded columns cost more than packing W saves (4096², n = 40–48: 1.10–1.34;
