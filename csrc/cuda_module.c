@@ -40,29 +40,32 @@ static PyObject *raise_status(int status, const char *entry) {
 #define PTR(v) ((void *)(uintptr_t)(v))
 
 /* The problem description both entry points pass to the kernels. */
-static lf_cuda_lora_desc make_desc(int device, unsigned long long stream, int dtype, int allow_tf32, long long n,
-                                   long long k, long long m, long long r, int w_kxm, float scale, double p,
-                                   unsigned long long seed) {
+static lf_cuda_lora_desc make_desc(int device, unsigned long long stream, int dtype, int adapter_dtype,
+                                   int allow_tf32, long long n, long long k, long long m, long long r, int w_kxm,
+                                   float scale, double p, unsigned long long seed) {
     lf_cuda_lora_desc d;
-    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.allow_tf32 = allow_tf32;
+    d.device = device; d.stream = PTR(stream); d.dtype = dtype; d.adapter_dtype = adapter_dtype;
+    d.allow_tf32 = allow_tf32;
     d.n = n; d.k = k; d.m = m; d.r = r; d.w_kxm = w_kxm; d.scale = scale; d.dropout_p = p; d.seed = seed;
     return d;
 }
 
 static PyObject *py_lora_forward(PyObject *self, PyObject *args) {
     (void)self;
-    int device, dtype, allow_tf32, w_kxm;
-    unsigned long long stream, seed, x, W, bias, A, B, y, u, xdrop;
+    int device, dtype, adapter_dtype, allow_tf32, w_kxm;
+    unsigned long long stream, seed, x, W, bias, A, B, y, u, xdrop, mixed;
     long long n, k, m, r;
     float scale;
     double p;
-    if (!PyArg_ParseTuple(args, "iKiiLLLLifdKKKKKKKKK:lora_forward", &device, &stream, &dtype, &allow_tf32, &n, &k,
-                          &m, &r, &w_kxm, &scale, &p, &seed, &x, &W, &bias, &A, &B, &y, &u, &xdrop))
+    if (!PyArg_ParseTuple(args, "iKiiiLLLLifdKKKKKKKKKK:lora_forward", &device, &stream, &dtype, &adapter_dtype,
+                          &allow_tf32, &n, &k, &m, &r, &w_kxm, &scale, &p, &seed, &x, &W, &bias, &A, &B, &y, &u,
+                          &xdrop, &mixed))
         return NULL;
-    const lf_cuda_lora_desc d = make_desc(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, p, seed);
+    const lf_cuda_lora_desc d =
+        make_desc(device, stream, dtype, adapter_dtype, allow_tf32, n, k, m, r, w_kxm, scale, p, seed);
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = lf_cuda_lora_forward(&d, PTR(x), PTR(W), PTR(bias), PTR(A), PTR(B), PTR(y), PTR(u), PTR(xdrop));
+    st = lf_cuda_lora_forward(&d, PTR(x), PTR(W), PTR(bias), PTR(A), PTR(B), PTR(y), PTR(u), PTR(xdrop), PTR(mixed));
     Py_END_ALLOW_THREADS
     if (st != LF_CUDA_OK) return raise_status(st, "lora_forward");
     Py_RETURN_NONE;
@@ -70,23 +73,34 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args) {
 
 static PyObject *py_lora_backward(PyObject *self, PyObject *args) {
     (void)self;
-    int device, dtype, allow_tf32, w_kxm;
-    unsigned long long stream, seed, g, x, u, W, A, B, dx, dA, dB, xdrop, vws;
+    int device, dtype, adapter_dtype, allow_tf32, w_kxm;
+    unsigned long long stream, seed, g, x, u, W, A, B, dx, dA, dB, xdrop, vws, mixed;
     long long n, k, m, r;
     float scale;
     double p;
-    if (!PyArg_ParseTuple(args, "iKiiLLLLifdKKKKKKKKKKKK:lora_backward", &device, &stream, &dtype, &allow_tf32, &n,
-                          &k, &m, &r, &w_kxm, &scale, &p, &seed, &g, &x, &u, &W, &A, &B, &dx, &dA, &dB, &xdrop,
-                          &vws))
+    if (!PyArg_ParseTuple(args, "iKiiiLLLLifdKKKKKKKKKKKKK:lora_backward", &device, &stream, &dtype, &adapter_dtype,
+                          &allow_tf32, &n, &k, &m, &r, &w_kxm, &scale, &p, &seed, &g, &x, &u, &W, &A, &B, &dx, &dA,
+                          &dB, &xdrop, &vws, &mixed))
         return NULL;
-    const lf_cuda_lora_desc d = make_desc(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, p, seed);
+    const lf_cuda_lora_desc d =
+        make_desc(device, stream, dtype, adapter_dtype, allow_tf32, n, k, m, r, w_kxm, scale, p, seed);
     int st;
     Py_BEGIN_ALLOW_THREADS
     st = lf_cuda_lora_backward(&d, PTR(g), PTR(x), PTR(u), PTR(W), PTR(A), PTR(B), PTR(dx), PTR(dA), PTR(dB),
-                               PTR(xdrop), PTR(vws));
+                               PTR(xdrop), PTR(vws), PTR(mixed));
     Py_END_ALLOW_THREADS
     if (st != LF_CUDA_OK) return raise_status(st, "lora_backward");
     Py_RETURN_NONE;
+}
+
+static PyObject *py_mixed_ws_bytes(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, adapter_dtype, backward;
+    long long n, k, m, r;
+    if (!PyArg_ParseTuple(args, "iiLLLLp:mixed_ws_bytes", &dtype, &adapter_dtype, &n, &k, &m, &r, &backward))
+        return NULL;
+    const lf_cuda_lora_desc d = make_desc(0, 0, dtype, adapter_dtype, 0, n, k, m, r, 0, 1.0f, 0.0, 0);
+    return PyLong_FromSize_t(lf_cuda_lora_mixed_ws_bytes(&d, backward));
 }
 
 static PyObject *py_dropout(PyObject *self, PyObject *args) {
@@ -127,11 +141,13 @@ static PyObject *py_release_caches(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"lora_forward", py_lora_forward, METH_VARARGS,
-     "lora_forward(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, dropout_p, seed,\n"
-     "             x, W, bias, A, B, y, u, xdrop_ws) -- raw device addresses; use lorafuse.cuda instead."},
+     "lora_forward(device, stream, dtype, adapter_dtype, allow_tf32, n, k, m, r, w_kxm, scale, dropout_p, seed,\n"
+     "             x, W, bias, A, B, y, u, xdrop_ws, mixed_ws) -- raw device addresses; use lorafuse.cuda."},
     {"lora_backward", py_lora_backward, METH_VARARGS,
-     "lora_backward(device, stream, dtype, allow_tf32, n, k, m, r, w_kxm, scale, dropout_p, seed,\n"
-     "              g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws) -- raw device addresses."},
+     "lora_backward(device, stream, dtype, adapter_dtype, allow_tf32, n, k, m, r, w_kxm, scale, dropout_p,\n"
+     "              seed, g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws, mixed_ws) -- raw device addresses."},
+    {"mixed_ws_bytes", py_mixed_ws_bytes, METH_VARARGS,
+     "mixed_ws_bytes(dtype, adapter_dtype, n, k, m, r, backward) -- bytes of the mixed-dtype workspace."},
     {"dropout", py_dropout, METH_VARARGS,
      "dropout(device, stream, dtype, rows, cols, p, seed, extra_scale, src, dst) -- dst = src*mask*extra."},
     {"versions", py_versions, METH_NOARGS, "Compile- and run-time CUDA/cuBLASLt versions, device count, archs."},

@@ -462,3 +462,138 @@ def test_compiled_lora_linear_matches_eager_on_cuda():
         torch._dynamo.reset()
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ bf16 base with float32 adapters (PEFT's default)
+
+def _bound_mixed(name, mag):
+    """y, dx: bf16 outputs (5·2⁻⁹·mag as for bf16 above); u, dA, dB: float32 outputs whose fp32 operands went
+    through the GEMMs as bf16 hi + lo parts (each product exact to ~2⁻¹⁶), bounded by 2⁻¹⁴·mag."""
+    rel = 5 * 2.0 ** -9 if name in ("y", "dx") else 2.0 ** -14
+    return rel * mag + 1e-30
+
+
+@pytest.mark.parametrize("lead,k,m,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("fifo", [False, True])
+def test_fp32_adapters_on_bf16_vs_float64(lead, k, m, r, p, fifo):
+    x, W, b, _, _, g = _problem(lead, k, m, r, torch.bfloat16, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    A = _rand((r, k), torch.float32, gen, k ** -0.5)
+    B = _rand((m, r), torch.float32, gen, r ** -0.5)
+    Warg = W.t().contiguous() if fifo else W
+    s, seed = 2.0, 77
+    y, u = lc.cuda_lora_forward(x, Warg, A, B, s, b, dropout_p=p, seed=seed, fan_in_fan_out=fifo)
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, Warg, A, B, s, dropout_p=p, seed=seed, fan_in_fan_out=fifo)
+    torch.cuda.synchronize()
+    assert (y.dtype, dx.dtype) == (torch.bfloat16,) * 2 and (u.dtype, dA.dtype, dB.dtype) == (torch.float32,) * 3
+    ref, mag = _ref(x, W, b, A, B, s, p, seed, g)
+    for name, got in (("y", y), ("u", u), ("dx", dx), ("dA", dA), ("dB", dB)):
+        err = (got.double().reshape(ref[name].shape) - ref[name]).abs()
+        lim = _bound_mixed(name, mag[name])
+        assert not bool((err > lim).any()), (name, float(err.max()), float((err / (mag[name] + 1e-30)).max()))
+
+
+def _lora_conf(peft_mod, lora_mod):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+    return peft_mod.LoraConfig(init_lora_weights=False, **kw), lora_mod.LoraConfig(**kw)
+
+
+def _twins(dtype):
+    """(PEFT model, lorafuse model) on one tiny Llama in ``dtype`` with PEFT's default adapter dtype
+    (float32 on a half-precision base) and the same adapter weights (B ≠ 0)."""
+    peft = pytest.importorskip("peft")
+    import lorafuse
+
+    base = _tiny_llama(dtype)
+    conf_peft, conf_ours = _lora_conf(peft, lorafuse)
+    ours = lorafuse.get_peft_model(copy.deepcopy(base), conf_ours)
+    theirs = peft.get_peft_model(base, conf_peft)
+    lora = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    missing = set(lora) - set(ours.state_dict())
+    assert not missing, sorted(missing)[:3]
+    ours.load_state_dict(lora, strict=False)
+    return theirs, ours
+
+
+def _count_fused(monkeypatch):
+    calls = []
+    real = lc.cuda_lora_forward
+
+    def counting(*a, **kw):
+        calls.append(a[0].dtype)
+        return real(*a, **kw)
+    monkeypatch.setitem(lc._KERNELS, "lora_forward", counting)
+    monkeypatch.setattr(lc, "lora_forward", counting, raising=False)
+    from lorafuse import autograd
+
+    monkeypatch.setitem(autograd._loaded, "cuda", lc)
+    return calls
+
+
+def _errors(l_ref, g_ref, l, g):
+    el = (l - l_ref).abs().max().item()
+    eg = {n: (g[n] - g_ref[n]).abs().max().item() / (g_ref[n].abs().max().item() + 1e-12) for n in g_ref}
+    return el, eg
+
+
+def test_llama_bf16_fp32_adapters_fused_vs_peft(monkeypatch):
+    """A bf16 Llama with PEFT's default fp32 adapters: every LoRA layer runs the fused CUDA kernels
+    (backend 'cuda', one kernel call per layer), and logits and every adapter gradient are no further
+    from a float64 copy of the same model than PEFT's own bf16 results are (2× + slack)."""
+    theirs, ours = _twins(torch.bfloat16)
+    layers = [m for m in ours.modules() if hasattr(m, "backend") and hasattr(m, "lora_A")]
+    assert len(layers) == 14 and {m.backend for m in layers} == {"cuda"}
+    assert {m.lora_A["default"].weight.dtype for m in layers} == {torch.float32}
+    exact = copy.deepcopy(theirs).to(torch.float64)
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE)
+    calls = _count_fused(monkeypatch)
+    l_ours, g_ours = _run(ours, ids)
+    assert len(calls) == 14 and set(calls) == {torch.bfloat16}
+    l_ref, g_ref = _run(exact, ids)
+    l_peft, g_peft = _run(theirs, ids)
+    assert g_ref.keys() == g_ours.keys() == g_peft.keys() and len(g_ref) == 28
+    assert {v.dtype for n, v in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    ep, gp = _errors(l_ref, g_ref, l_peft, g_peft)
+    eo, go = _errors(l_ref, g_ref, l_ours, g_ours)
+    assert eo <= 2 * ep + 1e-3, (eo, ep)
+    for name in g_ref:
+        assert go[name] <= 2 * gp[name] + 1e-2, (name, go[name], gp[name])
+
+
+def test_llama_fp32_under_bf16_autocast_fused_vs_peft(monkeypatch):
+    """An fp32 Llama under torch.autocast("cuda", bfloat16): the LoRA layers cast their operands to bf16
+    (as autocast casts PEFT's linears) and run the fused kernels; logits and adapter gradients are no further
+    from the float64 model than PEFT's under the same autocast."""
+    theirs, ours = _twins(torch.float32)
+    exact = copy.deepcopy(theirs).to(torch.float64)
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE)
+    calls = _count_fused(monkeypatch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        l_ours, g_ours = _run(ours, ids)
+        l_peft, g_peft = _run(theirs, ids)
+    assert len(calls) == 14 and set(calls) == {torch.bfloat16}
+    assert {p.grad.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    l_ref, g_ref = _run(exact, ids)
+    ep, gp = _errors(l_ref, g_ref, l_peft, g_peft)
+    eo, go = _errors(l_ref, g_ref, l_ours, g_ours)
+    assert eo <= 2 * ep + 1e-3, (eo, ep)
+    for name in g_ref:
+        assert go[name] <= 2 * gp[name] + 1e-2, (name, go[name], gp[name])
+
+
+def test_bf16_gpu_matches_cpu_kernels():
+    """The same bf16 model with fp32 adapters: the CUDA kernels (bf16) against lorafuse's C kernels on the
+    CPU (the same weights upcast to fp32, exactly): within 2× PEFT-on-GPU's distance from that CPU result."""
+    theirs, ours = _twins(torch.bfloat16)
+    cpu = copy.deepcopy(ours).to(device="cpu", dtype=torch.float32)
+    layers = [m for m in cpu.modules() if hasattr(m, "backend") and hasattr(m, "lora_A")]
+    assert {m.backend for m in layers} == {"c"}
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE)
+    with torch.no_grad():
+        l_cpu = cpu(input_ids=ids.cpu()).logits.double()
+        l_ours = ours(input_ids=ids).logits.double().cpu()
+        l_peft = theirs(input_ids=ids).logits.double().cpu()
+    eo, ep = (l_ours - l_cpu).abs().max().item(), (l_peft - l_cpu).abs().max().item()
+    assert eo <= 2 * ep + 1e-3, (eo, ep)

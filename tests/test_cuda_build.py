@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import setup_cuda  # noqa: E402  (repository root)
 
 GXX = shutil.which("g++") or shutil.which("c++")
+F32, BF16 = 0, 2  # lf_cuda_dtype codes (kernels/include/lorafuse/cuda_kernels.h)
 
 
 # ------------------------------------------------------------------------------------ reference lib
@@ -49,8 +50,10 @@ def ref_lib(tmp_path_factory):
     lib = ctypes.CDLL(str(out))
     i64, f32, f64, u64, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_uint64, ctypes.c_int
     vp = ctypes.c_void_p
-    lib.lf_ref_forward.argtypes = [i64, i64, i64, i64, i32, f32, f64, u64] + [vp] * 8
-    lib.lf_ref_backward.argtypes = [i64, i64, i64, i64, i32, f32, f64, u64] + [vp] * 11
+    lib.lf_ref_forward.argtypes = [i32, i32, i64, i64, i64, i64, i32, f32, f64, u64] + [vp] * 9
+    lib.lf_ref_backward.argtypes = [i32, i32, i64, i64, i64, i64, i32, f32, f64, u64] + [vp] * 12
+    lib.lf_ref_mixed_ws_bytes.argtypes = [i32, i32, i64, i64, i64, i64, i32]
+    lib.lf_ref_mixed_ws_bytes.restype = ctypes.c_size_t
     lib.lf_ref_dropout_mask.argtypes = [i64, i64, f64, u64, vp]
     lib.lf_ref_forward.restype = lib.lf_ref_backward.restype = i32
     lib.lf_ref_last_error.restype = ctypes.c_char_p
@@ -104,13 +107,13 @@ def test_plan_matches_float64_reference(ref_lib, n, k, m, r, fifo, with_bias, p)
     Wst = np.ascontiguousarray(W.T) if fifo else W
     y, u = np.full((n, m), np.nan, f), np.full((n, r), np.nan, f)
     xd = np.empty((n, k), f)
-    st = ref_lib.lf_ref_forward(n, k, m, r, int(fifo), s, p, seed, _p(x), _p(Wst), _p(bias), _p(A), _p(B), _p(y),
-                                _p(u), _p(xd))
+    st = ref_lib.lf_ref_forward(F32, F32, n, k, m, r, int(fifo), s, p, seed, _p(x), _p(Wst), _p(bias), _p(A), _p(B),
+                                _p(y), _p(u), _p(xd), None)
     assert st == 0, ref_lib.lf_ref_last_error()
     dx, dA, dB = np.full((n, k), np.nan, f), np.full((r, k), np.nan, f), np.full((m, r), np.nan, f)
     v = np.empty((n, r), f)
-    st = ref_lib.lf_ref_backward(n, k, m, r, int(fifo), s, p, seed, _p(g), _p(x), _p(u), _p(Wst), _p(A), _p(B),
-                                 _p(dx), _p(dA), _p(dB), _p(xd), _p(v))
+    st = ref_lib.lf_ref_backward(F32, F32, n, k, m, r, int(fifo), s, p, seed, _p(g), _p(x), _p(u), _p(Wst), _p(A),
+                                 _p(B), _p(dx), _p(dA), _p(dB), _p(xd), _p(v), None)
     assert st == 0, ref_lib.lf_ref_last_error()
     d = lambda a: a.astype(np.float64)  # noqa: E731
     ry, ru, rdx, rdA, rdB = _reference(d(x), d(W), None if bias is None else d(bias), d(A), d(B), s, p, seed, d(g))
@@ -126,8 +129,8 @@ def test_plan_n_zero_zeroes_grads(ref_lib):
     W, A, B = np.ones((m, k), f), np.ones((r, k), f), np.ones((m, r), f)
     x, g, u = np.empty((0, k), f), np.empty((0, m), f), np.empty((0, r), f)
     dA, dB = np.full((r, k), 7, f), np.full((m, r), 7, f)
-    st = ref_lib.lf_ref_backward(0, k, m, r, 0, 1.0, 0.0, 0, _p(g), _p(x), _p(u), _p(W), _p(A), _p(B), None,
-                                 _p(dA), _p(dB), None, None)
+    st = ref_lib.lf_ref_backward(F32, F32, 0, k, m, r, 0, 1.0, 0.0, 0, _p(g), _p(x), _p(u), _p(W), _p(A), _p(B),
+                                 None, _p(dA), _p(dB), None, None, None)
     assert st == 0, ref_lib.lf_ref_last_error()
     assert not dA.any() and not dB.any()
 
@@ -135,10 +138,14 @@ def test_plan_n_zero_zeroes_grads(ref_lib):
 def test_plan_rejects_bad_arguments(ref_lib):
     f = np.float32
     a = np.ones((4, 4), f)
-    st = ref_lib.lf_ref_forward(2, 4, 4, 2, 0, 1.0, 1.0, 0, *[_p(a)] * 8)
+    st = ref_lib.lf_ref_forward(F32, F32, 2, 4, 4, 2, 0, 1.0, 1.0, 0, *[_p(a)] * 9)
     assert st == 1 and b"dropout_p" in ref_lib.lf_ref_last_error()
-    st = ref_lib.lf_ref_forward(2, 4, 4, 0, 0, 1.0, 0.0, 0, *[_p(a)] * 8)
+    st = ref_lib.lf_ref_forward(F32, F32, 2, 4, 4, 0, 0, 1.0, 0.0, 0, *[_p(a)] * 9)
     assert st == 1 and b"r must be" in ref_lib.lf_ref_last_error()
+    st = ref_lib.lf_ref_forward(F32, BF16, 2, 4, 4, 2, 0, 1.0, 0.0, 0, *[_p(a)] * 9)  # bf16 adapters on fp32
+    assert st == 1 and b"float32 adapters on a bfloat16 base" in ref_lib.lf_ref_last_error()
+    st = ref_lib.lf_ref_forward(BF16, F32, 2, 4, 4, 2, 0, 1.0, 0.0, 0, *[_p(a)] * 8, None)  # no workspace
+    assert st == 1 and b"mixed_ws" in ref_lib.lf_ref_last_error()
 
 
 # ------------------------------------------------------------------------------------ dropout hash
@@ -235,14 +242,16 @@ def test_cuda_extension_builds_with_the_setup_hook(tmp_path):
         assert v["archs"] == "sm_80,sm_90,compute_90", v
         assert v["cublaslt_runtime"] > 0, v
         try:
-            m.lora_forward(0, 0, 2, 0, 4, 8, 8, 2, 0, 1.0, 1.5, 0, 1, 1, 0, 1, 1, 1, 1, 0)
+            m.lora_forward(0, 0, 2, 2, 0, 4, 8, 8, 2, 0, 1.0, 1.5, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0)
         except ValueError as e:
             assert "dropout_p" in str(e), e
         else:
             raise AssertionError("bad dropout_p accepted")
+        assert m.mixed_ws_bytes(2, 2, 4, 8, 8, 2, False) == 0  # same-dtype adapters need none
+        assert m.mixed_ws_bytes(2, 0, 4, 8, 8, 2, True) > m.mixed_ws_bytes(2, 0, 4, 8, 8, 2, False) > 0
         if v["device_count"] < 1:  # no GPU: device calls must raise CudaError, not crash
             try:
-                m.lora_forward(0, 0, 2, 0, 4, 8, 8, 2, 0, 1.0, 0.0, 0, 1, 1, 0, 1, 1, 1, 1, 0)
+                m.lora_forward(0, 0, 2, 2, 0, 4, 8, 8, 2, 0, 1.0, 0.0, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0)
             except m.CudaError as e:
                 assert "failed" in str(e), e
             else:
@@ -300,17 +309,34 @@ class _HostC:
     def __init__(self, lib):
         self.lib, self.calls = lib, []
 
-    def lora_forward(self, device, stream, dtype, tf32, n, k, m, r, w_kxm, scale, p, seed, *ptrs):
+    def mixed_ws_bytes(self, dtype, adtype, n, k, m, r, backward):
+        return self.lib.lf_ref_mixed_ws_bytes(dtype, adtype, n, k, m, r, int(backward))
+
+    def _guarded(self, dtype, adtype, n, k, m, r, backward, ws_ptr, run):
+        """Runs ``run(ws)`` on a canaried copy of the mixed workspace: its bytes must be exactly
+        what the plan uses (nothing written past the size mixed_ws_bytes reports)."""
+        size = self.mixed_ws_bytes(dtype, adtype, n, k, m, r, backward)
+        assert bool(ws_ptr) == (size > 0)  # the wrapper passes a workspace exactly when one is needed
+        if not size:
+            return run(None)
+        buf = np.full(size + 4096, 0xAB, np.uint8)
+        st = run(buf.ctypes.data_as(ctypes.c_void_p))
+        assert (buf[size:] == 0xAB).all(), "the mixed plan wrote past its workspace"
+        return st
+
+    def lora_forward(self, device, stream, dtype, adtype, tf32, n, k, m, r, w_kxm, scale, p, seed, *ptrs):
         self.calls.append(("forward", n, k, m, r, w_kxm, p, seed, ptrs))
-        assert dtype == 0 and stream == 0 and device == 0
-        st = self.lib.lf_ref_forward(n, k, m, r, w_kxm, scale, p, seed, *[c or None for c in ptrs])
+        assert dtype in (F32, BF16) and stream == 0 and device == 0
+        st = self._guarded(dtype, adtype, n, k, m, r, False, ptrs[-1], lambda ws: self.lib.lf_ref_forward(
+            dtype, adtype, n, k, m, r, w_kxm, scale, p, seed, *[c or None for c in ptrs[:-1]], ws))
         if st:
             raise ValueError(self.lib.lf_ref_last_error().decode())
 
-    def lora_backward(self, device, stream, dtype, tf32, n, k, m, r, w_kxm, scale, p, seed, *ptrs):
+    def lora_backward(self, device, stream, dtype, adtype, tf32, n, k, m, r, w_kxm, scale, p, seed, *ptrs):
         self.calls.append(("backward", n, k, m, r, w_kxm, p, seed, ptrs))
-        assert dtype == 0 and ptrs[-1]  # v workspace always given
-        st = self.lib.lf_ref_backward(n, k, m, r, w_kxm, scale, p, seed, *[c or None for c in ptrs])
+        assert dtype in (F32, BF16) and bool(ptrs[-2]) == (dtype == adtype)  # v workspace: same-dtype plan only
+        st = self._guarded(dtype, adtype, n, k, m, r, True, ptrs[-1], lambda ws: self.lib.lf_ref_backward(
+            dtype, adtype, n, k, m, r, w_kxm, scale, p, seed, *[c or None for c in ptrs[:-1]], ws))
         if st:
             raise ValueError(self.lib.lf_ref_last_error().decode())
 
@@ -376,3 +402,65 @@ def test_wrapper_outputs_and_errors_on_host(host_cuda):
         lc.cuda_lora_forward(x, W, A, B, 1.0, seed=-1)
     with pytest.raises(ValueError, match="g must be"):
         lc.cuda_lora_backward(g[:, :5], x, u, W, A, B, 1.0)
+
+
+# ------------------------------------------------------------------------------------ fp32 adapters on bf16
+
+def _mags(x, W, bias, A, B, s, mask, g):
+    """float64 magnitude bounds |·| of each result's terms (error bounds scale with these, not with the
+    results, which may cancel): y, u, dx, dA, dB."""
+    ax, aW, aA, aB, ag = (np.abs(t) for t in (x, W, A, B, g))
+    axd = ax * mask
+    mu = axd @ aA.T
+    my = ax @ aW.T + s * mu @ aB.T + (0 if bias is None else np.abs(bias))
+    mv = ag @ aB
+    return my, mu, ag @ aW + s * (mv @ aA) * mask, s * mv.T @ axd, s * ag.T @ mu
+
+
+@pytest.mark.parametrize("lead,k,m,r", [((6,), 16, 12, 4), ((1,), 13, 7, 1), ((2, 5), 33, 9, 3), ((17,), 40, 65, 8)])
+@pytest.mark.parametrize("layout", ["mk", "fifo"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_mixed_plan_fp32_adapters_on_bf16(host_cuda, lead, k, m, r, layout, p):
+    """bf16 x, W, bias, g with float32 A, B (PEFT's default): y and dx (bf16) within bf16 rounding of the
+    float64 result of the same inputs; u, dA, dB (float32) within 2^-14 of their terms' magnitude —
+    rounding A or B (or u, v) to bf16 instead of splitting them into hi + lo parts would miss that by ~30×."""
+    torch, lc, fake = host_cuda
+    gen = torch.Generator().manual_seed(k * 100 + m + r)
+    bf = torch.bfloat16
+    x = torch.randn(lead + (k,), generator=gen).to(bf)
+    W = torch.randn(m, k, generator=gen).to(bf)
+    A, B = torch.randn(r, k, generator=gen) * 0.3, torch.randn(m, r, generator=gen) * 0.3
+    bias, g = torch.randn(m, generator=gen).to(bf), torch.randn(lead + (m,), generator=gen).to(bf)
+    s, seed = 1.5, 4242
+    Warg = W.t().contiguous() if layout == "fifo" else W
+    y, u = lc.cuda_lora_forward(x, Warg, A, B, s, bias, dropout_p=p, seed=seed, fan_in_fan_out=layout == "fifo")
+    dx, dA, dB = lc.cuda_lora_backward(g, x, u, Warg, A, B, s, dropout_p=p, seed=seed,
+                                       fan_in_fan_out=layout == "fifo")
+    assert (y.dtype, dx.dtype, u.dtype, dA.dtype, dB.dtype) == (bf, bf, torch.float32, torch.float32, torch.float32)
+    assert fake.calls[0][0] == "forward" and fake.calls[0][8][-1] != 0  # the mixed workspace was passed
+    d = lambda t: t.double().numpy().reshape(-1, t.shape[-1])  # noqa: E731
+    n = int(np.prod(lead))
+    xs, gs = d(x), d(g)
+    ref = _reference(xs, W.double().numpy(), bias.double().numpy(), A.double().numpy(), B.double().numpy(), s, p,
+                     seed, gs)
+    mask = _np_mask(n, k, p, seed) if p > 0 else np.ones((n, k))
+    mags = _mags(xs, W.double().numpy(), bias.double().numpy(), A.double().numpy(), B.double().numpy(), s, mask, gs)
+    for name, got, want, mag, rel in (("y", y, ref[0], mags[0], 2.0**-7), ("u", u, ref[1], mags[1], 2.0**-14),
+                                      ("dx", dx, ref[2], mags[2], 2.0**-7), ("dA", dA, ref[3], mags[3], 2.0**-14),
+                                      ("dB", dB, ref[4], mags[4], 2.0**-14)):
+        err = np.abs(got.double().numpy().reshape(want.shape) - want)
+        worst = (err - rel * mag).max()
+        assert worst <= 1e-30, (name, float(err.max()), float((err / (mag + 1e-300)).max()))
+
+
+def test_mixed_plan_refuses_other_dtype_pairs(host_cuda):
+    torch, lc, _ = host_cuda
+    x, W = torch.randn(4, 8).half(), torch.randn(6, 8).half()
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(TypeError, match="float32 on a bfloat16 x"):
+        lc.cuda_lora_forward(x, W, A, B, 1.0)  # fp16 base: only same-dtype adapters
+    with pytest.raises(TypeError, match="B has dtype"):
+        lc.cuda_lora_forward(x.bfloat16(), W.bfloat16(), A, B.bfloat16(), 1.0)
+    assert lc.adapter_dtypes_fuse(torch.bfloat16, torch.float32)
+    assert not lc.adapter_dtypes_fuse(torch.float16, torch.float32)
+    assert not lc.adapter_dtypes_fuse(torch.float32, torch.bfloat16)

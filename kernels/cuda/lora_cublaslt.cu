@@ -127,7 +127,7 @@ struct Workspace {
 };
 
 struct AlgoKey {
-    int device, dtype, tf32, transa, transb, bias;
+    int device, ab_type, c_type, tf32, transa, transb, bias;
     int64_t m, n, k, lda, ldb, ldc;
     int align_a, align_b, align_c, align_bias;
     size_t ws;
@@ -199,8 +199,6 @@ int alignment_of(const void *p) {
     return al;
 }
 
-size_t elem_size(int dtype) { return dtype == LF_CUDA_F32 ? 4 : 2; }
-
 cudaDataType_t data_type(int dtype) {
     switch (dtype) {
     case LF_CUDA_F16: return CUDA_R_16F;
@@ -255,12 +253,14 @@ __global__ void dropout_kernel(const T *__restrict__ src, T *dst, uint64_t total
         dst[i] = from_f<T>(lf_dropout_keep(seed, i, threshold) ? to_f<T>(src[i]) * keep_scale : 0.0f);
 }
 
+/* kept elements are multiplied by 1/(1-p)·extra when scaled, else kept as they are (the mixed plan's
+ * exact bf16 mask, its 1/(1-p) going into a GEMM's alpha) */
 int launch_dropout(cudaStream_t stream, int dtype, int64_t rows, int64_t cols, double p, uint64_t seed,
-                   float extra, const void *src, void *dst, const char *what) {
+                   bool scaled, float extra, const void *src, void *dst, const char *what) {
     const uint64_t total = (uint64_t)rows * (uint64_t)cols;
     if (total == 0) return LF_CUDA_OK;
     const uint32_t thr = lf_dropout_threshold((float)p);
-    const float keep = lf_dropout_scale((float)p) * extra;
+    const float keep = scaled ? lf_dropout_scale((float)p) * extra : 1.0f;
     const int threads = 256;
     uint64_t blocks = (total + threads * 4 - 1) / (threads * 4);
     if (blocks > 65535u * 16u) blocks = 65535u * 16u;
@@ -288,10 +288,10 @@ int launch_dropout(cudaStream_t stream, int dtype, int64_t rows, int64_t cols, d
  * (and indexing) as plan_reference.cpp. Used only for problems cuBLASLt's heuristic declines (it has
  * been seen to refuse a dimension of 1 with some epilogues: r = 1, n = 1), so that every shape works;
  * one thread per element of C, consecutive threads on consecutive rows (coalesced C). */
-template <typename T>
+template <typename T, typename TC>
 __global__ void naive_gemm_kernel(int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                                  const T *A, int64_t lda, const T *B, int64_t ldb, float beta, T *C,
-                                  int64_t ldc, const T *bias) {
+                                  const T *A, int64_t lda, const T *B, int64_t ldb, float beta, TC *C,
+                                  int64_t ldc, const TC *bias) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= m) return;
     for (int64_t j = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; j < n; j += (int64_t)gridDim.y * blockDim.y) {
@@ -302,35 +302,70 @@ __global__ void naive_gemm_kernel(int transa, int transb, int64_t m, int64_t n, 
             acc = fmaf(a, b, acc);
         }
         float c = alpha * acc;
-        if (beta != 0.0f) c += beta * to_f<T>(C[i + j * ldc]);
-        if (bias) c += to_f<T>(bias[i]);
-        C[i + j * ldc] = from_f<T>(c);
+        if (beta != 0.0f) c += beta * to_f<TC>(C[i + j * ldc]);
+        if (bias) c += to_f<TC>(bias[i]);
+        C[i + j * ldc] = from_f<TC>(c);
     }
 }
 
-int launch_naive_gemm(cudaStream_t stream, int dtype, const Gemm &g) {
+template <typename T, typename TC>
+void naive_gemm(cudaStream_t stream, const Gemm &g) {
     const dim3 block(32, 8);
     int64_t gy = (g.n + block.y - 1) / block.y;
     if (gy > 65535) gy = 65535;
     const dim3 grid((unsigned)((g.m + block.x - 1) / block.x), (unsigned)gy);
-    switch (dtype) {
-    case LF_CUDA_F32:
-        naive_gemm_kernel<float><<<grid, block, 0, stream>>>(g.transa, g.transb, g.m, g.n, g.k, g.alpha,
-                                                             (const float *)g.A, g.lda, (const float *)g.B, g.ldb,
-                                                             g.beta, (float *)g.C, g.ldc, (const float *)g.bias);
-        break;
-    case LF_CUDA_F16:
-        naive_gemm_kernel<__half><<<grid, block, 0, stream>>>(g.transa, g.transb, g.m, g.n, g.k, g.alpha,
-                                                              (const __half *)g.A, g.lda, (const __half *)g.B, g.ldb,
-                                                              g.beta, (__half *)g.C, g.ldc, (const __half *)g.bias);
-        break;
+    naive_gemm_kernel<T, TC><<<grid, block, 0, stream>>>(g.transa, g.transb, g.m, g.n, g.k, g.alpha, (const T *)g.A,
+                                                         g.lda, (const T *)g.B, g.ldb, g.beta, (TC *)g.C, g.ldc,
+                                                         (const TC *)g.bias);
+}
+
+/* operand types as the plan uses them: (T, T) for T in fp32/fp16/bf16, and (half, fp32 output) */
+int launch_naive_gemm(cudaStream_t stream, const Gemm &g) {
+    const bool c32 = g.c_type == LF_CUDA_F32;
+    switch (g.ab_type) {
+    case LF_CUDA_F32: naive_gemm<float, float>(stream, g); break;
+    case LF_CUDA_F16: c32 ? naive_gemm<__half, float>(stream, g) : naive_gemm<__half, __half>(stream, g); break;
     default:
-        naive_gemm_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(
-            g.transa, g.transb, g.m, g.n, g.k, g.alpha, (const __nv_bfloat16 *)g.A, g.lda,
-            (const __nv_bfloat16 *)g.B, g.ldb, g.beta, (__nv_bfloat16 *)g.C, g.ldc, (const __nv_bfloat16 *)g.bias);
+        c32 ? naive_gemm<__nv_bfloat16, float>(stream, g) : naive_gemm<__nv_bfloat16, __nv_bfloat16>(stream, g);
         break;
     }
     LF_CUDA_CALL(cudaGetLastError(), g.what);
+    return LF_CUDA_OK;
+}
+
+/* ---------------------------------------------------------------- fold / split (lora_plan.h FoldSplit) */
+
+/* One thread per element (i, j) of the rows×cols result:
+ *   val = scale·(src[i·ld + j] + src[i·ld + j + half]) ; out[i·cols + j] = val ;
+ *   hi = T(val), lo = T(val − hi) ; split[p·part_stride + i·split_ld + j] = bit p of lo_mask ? lo : hi.
+ * val − float(hi) is exact in fp32 (hi is val's nearest T value), so hi + lo holds val to 2·T's bits. */
+template <typename T>
+__global__ void fold_split_kernel(lorafuse::plan::FoldSplit f, uint64_t total) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t i = (int64_t)(e / (uint64_t)f.cols), j = (int64_t)(e % (uint64_t)f.cols);
+        const float *s = f.src + i * f.src_ld + j;
+        const float val = f.scale * (f.half ? s[0] + s[f.half] : s[0]);
+        if (f.out) f.out[e] = val;
+        if (f.split) {
+            const T hi = from_f<T>(val), lo = from_f<T>(val - to_f<T>(hi));
+            T *dst = (T *)f.split + i * f.split_ld + j;
+            for (int p = 0; p < f.nparts; ++p) dst[p * f.part_stride] = ((f.lo_mask >> p) & 1u) ? lo : hi;
+        }
+    }
+}
+
+int launch_fold_split(cudaStream_t stream, const lorafuse::plan::FoldSplit &f) {
+    const uint64_t total = (uint64_t)f.rows * (uint64_t)f.cols;
+    if (total == 0) return LF_CUDA_OK;
+    const int threads = 256;
+    uint64_t blocks = (total + threads - 1) / threads;
+    if (blocks > 65535u * 16u) blocks = 65535u * 16u;
+    if (f.split_type == LF_CUDA_F16)
+        fold_split_kernel<__half><<<(unsigned)blocks, threads, 0, stream>>>(f, total);
+    else
+        fold_split_kernel<__nv_bfloat16><<<(unsigned)blocks, threads, 0, stream>>>(f, total);
+    LF_CUDA_CALL(cudaGetLastError(), f.what);
     return LF_CUDA_OK;
 }
 
@@ -343,7 +378,7 @@ struct LtBackend : lorafuse::plan::Backend {
     Workspace ws;
 
     LtBackend(int dev, cudaStream_t s, int dt, int allow_tf32)
-        : device(dev), dtype(dt), tf32(dt == LF_CUDA_F32 && allow_tf32), stream(s) {}
+        : device(dev), dtype(dt), tf32(allow_tf32 != 0), stream(s) {}
 
     int init() {
         int st = get_handle(device, &handle);
@@ -355,7 +390,8 @@ struct LtBackend : lorafuse::plan::Backend {
         if (g.m == 0 || g.n == 0) return LF_CUDA_OK;
         AlgoKey key;
         memset(&key, 0, sizeof key); /* padding must be zero: the key is hashed and compared bytewise */
-        key.device = device; key.dtype = dtype; key.tf32 = tf32;
+        const int use_tf32 = tf32 && g.ab_type == LF_CUDA_F32;
+        key.device = device; key.ab_type = g.ab_type; key.c_type = g.c_type; key.tf32 = use_tf32;
         key.transa = g.transa; key.transb = g.transb; key.bias = g.bias != nullptr;
         key.m = g.m; key.n = g.n; key.k = g.k; key.lda = g.lda; key.ldb = g.ldb; key.ldc = g.ldc;
         key.align_a = alignment_of(g.A); key.align_b = alignment_of(g.B); key.align_c = alignment_of(g.C);
@@ -373,9 +409,9 @@ struct LtBackend : lorafuse::plan::Backend {
                 found = true;
             }
         }
-        if (fallback) return launch_naive_gemm(stream, dtype, g);
-        const cudaDataType_t dt = data_type(dtype);
-        const cublasComputeType_t ct = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+        if (fallback) return launch_naive_gemm(stream, g);
+        const cudaDataType_t dt = data_type(g.ab_type), ct_c = data_type(g.c_type);
+        const cublasComputeType_t ct = use_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
         const cudaDataType_t scale_t = CUDA_R_32F;
         Descs d;
         LF_CUBLAS_CALL("cublasLtMatmulDescCreate", cublasLtMatmulDescCreate(&d.op, ct, scale_t), g.what);
@@ -393,7 +429,7 @@ struct LtBackend : lorafuse::plan::Backend {
                            cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                           sizeof g.bias),
                            g.what);
-            /* bias dtype: cuBLASLt's default for non-FP8 outputs is D's dtype, which the binding enforces */
+            /* bias dtype: cuBLASLt's default for non-FP8 outputs is D's dtype, which the plan gives it */
         }
         /* stored shapes: op(A) is m×k, op(B) is k×n, C is m×n (column-major) */
         const uint64_t a_rows = g.transa ? g.k : g.m, a_cols = g.transa ? g.m : g.k;
@@ -403,7 +439,7 @@ struct LtBackend : lorafuse::plan::Backend {
         LF_CUBLAS_CALL("cublasLtMatrixLayoutCreate(B)", cublasLtMatrixLayoutCreate(&d.b, dt, b_rows, b_cols, g.ldb),
                        g.what);
         LF_CUBLAS_CALL("cublasLtMatrixLayoutCreate(C)",
-                       cublasLtMatrixLayoutCreate(&d.c, dt, (uint64_t)g.m, (uint64_t)g.n, g.ldc), g.what);
+                       cublasLtMatrixLayoutCreate(&d.c, ct_c, (uint64_t)g.m, (uint64_t)g.n, g.ldc), g.what);
 
         if (!found) {
             LF_CUBLAS_CALL("cublasLtMatmulPreferenceCreate", cublasLtMatmulPreferenceCreate(&d.pref), g.what);
@@ -448,7 +484,7 @@ struct LtBackend : lorafuse::plan::Backend {
             }
             if (declined) {
                 g_fallback_gemms.fetch_add(1, std::memory_order_relaxed); /* counted once per problem */
-                return launch_naive_gemm(stream, dtype, g);
+                return launch_naive_gemm(stream, g);
             }
         }
         const float alpha = g.alpha, beta = g.beta;
@@ -459,13 +495,15 @@ struct LtBackend : lorafuse::plan::Backend {
         return LF_CUDA_OK;
     }
 
-    int dropout(const char *what, int64_t rows, int64_t cols, double p, uint64_t seed, float extra,
+    int dropout(const char *what, int64_t rows, int64_t cols, double p, uint64_t seed, bool scaled,
                 const void *src, void *dst) override {
-        return launch_dropout(stream, dtype, rows, cols, p, seed, extra, src, dst, what);
+        return launch_dropout(stream, dtype, rows, cols, p, seed, scaled, 1.0f, src, dst, what);
     }
 
-    int zero(const char *what, void *ptr, int64_t elems) override {
-        LF_CUDA_CALL(cudaMemsetAsync(ptr, 0, (size_t)elems * elem_size(dtype), stream), what);
+    int fold_split(const lorafuse::plan::FoldSplit &f) override { return launch_fold_split(stream, f); }
+
+    int zero(const char *what, void *ptr, int64_t bytes) override {
+        LF_CUDA_CALL(cudaMemsetAsync(ptr, 0, (size_t)bytes, stream), what);
         return LF_CUDA_OK;
     }
 
@@ -481,7 +519,7 @@ extern "C" {
 const char *lf_cuda_last_error(void) { return t_err; }
 
 int lf_cuda_lora_forward(const lf_cuda_lora_desc *d, const void *x, const void *W, const void *bias,
-                         const void *A, const void *B, void *y, void *u, void *xdrop_ws) {
+                         const void *A, const void *B, void *y, void *u, void *xdrop_ws, void *mixed_ws) {
     t_err[0] = '\0';
     if (!d) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_lora_forward: desc is NULL");
     LtBackend be(d->device, (cudaStream_t)d->stream, d->dtype, d->allow_tf32);
@@ -492,12 +530,12 @@ int lf_cuda_lora_forward(const lf_cuda_lora_desc *d, const void *x, const void *
     if (guard.status != LF_CUDA_OK) return guard.status;
     st = be.init();
     if (st != LF_CUDA_OK) return st;
-    return lorafuse::plan::forward(be, *d, x, W, bias, A, B, y, u, xdrop_ws);
+    return lorafuse::plan::forward(be, *d, x, W, bias, A, B, y, u, xdrop_ws, mixed_ws);
 }
 
 int lf_cuda_lora_backward(const lf_cuda_lora_desc *d, const void *g, const void *x, const void *u,
                           const void *W, const void *A, const void *B, void *dx, void *dA, void *dB,
-                          void *xdrop_ws, void *v_ws) {
+                          void *xdrop_ws, void *v_ws, void *mixed_ws) {
     t_err[0] = '\0';
     if (!d) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_lora_backward: desc is NULL");
     LtBackend be(d->device, (cudaStream_t)d->stream, d->dtype, d->allow_tf32);
@@ -507,7 +545,11 @@ int lf_cuda_lora_backward(const lf_cuda_lora_desc *d, const void *g, const void 
     if (guard.status != LF_CUDA_OK) return guard.status;
     st = be.init();
     if (st != LF_CUDA_OK) return st;
-    return lorafuse::plan::backward(be, *d, g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws);
+    return lorafuse::plan::backward(be, *d, g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws, mixed_ws);
+}
+
+size_t lf_cuda_lora_mixed_ws_bytes(const lf_cuda_lora_desc *d, int backward) {
+    return d ? lorafuse::plan::mixed_ws_bytes(*d, backward) : 0;
 }
 
 int lf_cuda_dropout(int device, void *stream, int dtype, int64_t rows, int64_t cols, double p, uint64_t seed,
@@ -519,7 +561,7 @@ int lf_cuda_dropout(int device, void *stream, int dtype, int64_t rows, int64_t c
     if ((uint64_t)rows * (uint64_t)cols == 0) return LF_CUDA_OK;
     DeviceGuard guard(device);
     if (guard.status != LF_CUDA_OK) return guard.status;
-    return launch_dropout((cudaStream_t)stream, dtype, rows, cols, p, seed, extra_scale, src, dst,
+    return launch_dropout((cudaStream_t)stream, dtype, rows, cols, p, seed, true, extra_scale, src, dst,
                           "lf_cuda_dropout");
 }
 

@@ -51,22 +51,25 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     """THE dispatch rule: the kernel module for these tensors, or None for the torch path (the
     layer applies its first case itself, `cpu_kernels`, having read x's device and dtypes).
 
-    float32 CPU → `lorafuse.ops`; CUDA fp32/fp16/bf16 → `lorafuse.cuda` if it exposes `lora_forward` and
-    `lora_backward` with the `ops` signatures (arrays via DLPack, outputs allocated when not given);
-    anything else (other dtypes, mixed devices, empty inputs) → None. Called on every forward,
-    so it is a plain loop (no generator, no device objects).
+    The first tensor is on the base side (x, W or g), the last an adapter (B); every tensor has one
+    of those two dtypes. float32 CPU (one dtype) → `lorafuse.ops`; CUDA, all on one device, fp32/fp16/bf16
+    with same-dtype adapters or float32 adapters on bf16 → `lorafuse.cuda` if it exposes
+    `lora_forward` and `lora_backward` with the `ops` signatures; anything else (other dtypes, mixed
+    devices, empty inputs) → None. Called on every forward, so it is a plain loop.
     """
     first = tensors[0]
-    dtype, on_cpu = first.dtype, first.is_cpu
+    dtype, adtype, on_cpu = first.dtype, tensors[-1].dtype, first.is_cpu
     for t in tensors:
-        if t.dtype != dtype or t.is_cpu != on_cpu:
+        if (t.dtype != dtype and t.dtype != adtype) or t.is_cpu != on_cpu:
             return None
     if first.numel() == 0:
         return None
     if on_cpu:
-        return cpu_kernels() if dtype == torch.float32 else None
+        return cpu_kernels() if dtype == torch.float32 == adtype else None
     device = first.device
     if device.type != "cuda" or dtype not in _CUDA_DTYPES or any(t.device != device for t in tensors):
+        return None
+    if adtype != dtype and not (dtype == torch.bfloat16 and adtype == torch.float32):
         return None
     return _load("cuda", ("lora_forward", "lora_backward"))
 

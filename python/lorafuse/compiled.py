@@ -78,7 +78,8 @@ def _lora_forward_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
                          need_u: bool) -> tuple[Tensor, Tensor]:
     lead = x.shape[:-1]
     y = x.new_empty(*lead, _out_features(weight, fan_in_fan_out))
-    return y, (x.new_empty(*lead, lora_a.shape[0]) if need_u else x.new_empty(0))
+    u = x.new_empty((*lead, lora_a.shape[0]), dtype=lora_a.dtype)  # u has the adapters' dtype
+    return y, (u if need_u else x.new_empty(0))
 
 
 @torch.library.custom_op("lorafuse::lora_backward", mutates_args=())

@@ -4,6 +4,9 @@ The same contract as :mod:`lorafuse.ops` (docs/CONTRACTS.md), on torch CUDA tens
 ``__dlpack__`` object on a CUDA device, e.g. CuPy), float32, float16 or bfloat16 with float32
 accumulation (float32 uses TF32 tensor cores only when torch allows it:
 ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``).
+The adapters A, B (and so u, dA, dB) have x's dtype, or are float32 on a bfloat16 x and W — PEFT's
+default for half-precision models; those fp32 operands enter bf16 tensor-core GEMMs as hi + lo
+bf16 parts (kernels/cuda/lora_plan.h), so the rank-r math is fp32-accurate to ~2^-16.
 Every kernel runs on torch's *current stream* of the tensors' device; nothing synchronises the host.
 
     y, u        = lora_forward(x, W, A, B, scale, bias=None, *, out=None, u_out=None,
@@ -35,6 +38,7 @@ __all__ = [
     "cuda_lora_backward",
     "dropout_mask",
     "reference_dropout_mask",
+    "adapter_dtypes_fuse",
 ]
 
 _HOW_TO = (
@@ -167,11 +171,13 @@ def _as_tensor(name: str, obj: Any, optional: bool = False) -> Any:
                     f"got {type(obj).__name__}")
 
 
-def _check_same(name: str, t: Any, ref: Any) -> None:
+def _check_same(name: str, t: Any, ref: Any, dtype: Any = None, what: str = "the dtype of x") -> None:
+    """t on ref's device with dtype ``dtype`` (default: ref's)."""
     if t.device != ref.device:
         raise ValueError(f"lorafuse.cuda: {name} is on {t.device}, expected {ref.device} (the device of x)")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"lorafuse.cuda: {name} has dtype {t.dtype}, expected {ref.dtype} (the dtype of x)")
+    want = ref.dtype if dtype is None else dtype
+    if t.dtype != want:
+        raise TypeError(f"lorafuse.cuda: {name} has dtype {t.dtype}, expected {want} ({what})")
 
 
 def _check_shape(name: str, t: Any, shape: Tuple[int, ...]) -> None:
@@ -204,12 +210,14 @@ def _no_overlap(out_name: str, out: Any, **inputs: Any) -> None:
             raise ValueError(f"lorafuse.cuda: output {out_name} overlaps input {name}")
 
 
-def _output(name: str, given: Any, shape: Tuple[int, ...], ref: Any) -> Any:
+def _output(name: str, given: Any, shape: Tuple[int, ...], ref: Any, dtype: Any = None) -> Any:
+    """A contiguous output of ``shape`` on ref's device, dtype ``dtype`` (default ref's): ``given`` checked, or new."""
     torch = _torch()
+    dtype = ref.dtype if dtype is None else dtype
     if given is None:
-        return torch.empty(shape, dtype=ref.dtype, device=ref.device)
+        return torch.empty(shape, dtype=dtype, device=ref.device)
     t = _as_tensor(name, given)
-    _check_same(name, t, ref)
+    _check_same(name, t, ref, dtype, "the dtype it is computed in")
     if t.numel() != int(np.prod(shape, dtype=np.int64)):
         raise ValueError(f"lorafuse.cuda: {name} must have {int(np.prod(shape))} elements (shape {tuple(shape)}), "
                          f"got shape {tuple(t.shape)}")
@@ -282,9 +290,19 @@ def _stream(device: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------- API
 
+def adapter_dtypes_fuse(dtype: Any, adapter_dtype: Any) -> bool:
+    """True when these kernels take adapters of ``adapter_dtype`` on a base of ``dtype``: the same
+    float dtype, or float32 adapters on bfloat16 (PEFT's default for a bf16 model)."""
+    torch = _torch()
+    if adapter_dtype == dtype:
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return dtype == torch.bfloat16 and adapter_dtype == torch.float32
+
+
 def _layer_inputs(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: bool) -> tuple:
-    """Checked (x, dtype code, k, W, w_kxm, m, A, B, r) shared by forward and backward:
-    x (..., k) CUDA; W (m, k) or (k, m); A (r, k); B (m, r); one device and dtype."""
+    """Checked (x, dtype code, adapter dtype code, k, W, w_kxm, m, A, B, r) shared by forward and
+    backward: x (..., k) CUDA; W (m, k) or (k, m) of x's dtype; A (r, k) and B (m, r) of one dtype,
+    x's or (bf16 x) float32; one device."""
     x = _as_tensor("x", x)
     if x.device.type != _DEVICE_TYPE:
         raise ValueError(f"lorafuse.cuda: x must be a CUDA tensor, got device {x.device}")
@@ -294,13 +312,24 @@ def _layer_inputs(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: bool) -> tuple
     k = x.shape[-1]
     W, w_kxm, m = _weight(_as_tensor("W", W), fan_in_fan_out, x)
     A, B = _as_tensor("A", A), _as_tensor("B", B)
-    _check_same("A", A, x)
-    _check_same("B", B, x)
+    if A.device == x.device and not adapter_dtypes_fuse(x.dtype, A.dtype):
+        raise TypeError(f"lorafuse.cuda: A has dtype {A.dtype}; the adapters must have x's dtype ({x.dtype}), "
+                        "or be float32 on a bfloat16 x")
+    _check_same("A", A, x, A.dtype)
+    _check_same("B", B, x, A.dtype, "the dtype of A")
     if A.dim() != 2 or A.shape[1] != k or A.shape[0] < 1:
         raise ValueError(f"lorafuse.cuda: A must be (r, k={k}) with r >= 1, got {tuple(A.shape)}")
     r = A.shape[0]
     _check_shape("B", B, (m, r))
-    return x, code, k, W, w_kxm, m, A, B, r
+    return x, code, _dtype_code(A), k, W, w_kxm, m, A, B, r
+
+
+def _mixed_ws(C: Any, code: int, acode: int, n: int, k: int, m: int, r: int, backward: bool, x: Any) -> Any:
+    """The mixed-dtype plan's workspace (bytes on x's device; None when A has x's dtype)."""
+    if code == acode or n == 0:
+        return None
+    nbytes = C.mixed_ws_bytes(code, acode, n, k, m, r, backward)
+    return _torch().empty(nbytes, dtype=_torch().uint8, device=x.device)
 
 
 def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *, out: Any = None,
@@ -310,11 +339,12 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     with ``need_u=False`` (u is still formed: the low-rank term is accumulated from it).
 
     x (..., k); W (m, k) — (k, m) with fan_in_fan_out —; A (r, k); B (m, r); bias (m,) or None; all CUDA
-    tensors on one device with one dtype. out / u_out: optional preallocated contiguous outputs with
-    n·m / n·r elements (returned as given)."""
+    tensors on one device with one dtype, except that A and B may be float32 on a bfloat16 x (u is then
+    float32). out / u_out: optional preallocated contiguous outputs with n·m / n·r elements (returned as
+    given)."""
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
-    x, code, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
+    x, code, acode, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
     bias = _as_tensor("bias", bias, optional=True)
     if bias is not None:
         _check_same("bias", bias, x)
@@ -325,14 +355,16 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     A, B = _dense("A", A), _dense("B", B)
     lead = tuple(x.shape[:-1])
     y = _output("out", out, lead + (m,), x)
-    u = _output("u_out", u_out, lead + (r,), x)
+    u = _output("u_out", u_out, lead + (r,), x, A.dtype)
     for oname, o in (("out", y), ("u_out", u)):
         _no_overlap(oname, o, x=x2, W=W, A=A, B=B, bias=bias)
     _no_overlap("out", y, u_out=u)
     xd = _torch().empty_like(x2) if p > 0.0 and n > 0 else None
-    C.lora_forward(x.device.index or 0, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
-                   seed, x2.data_ptr(), W.data_ptr(), 0 if bias is None else bias.data_ptr(), A.data_ptr(),
-                   B.data_ptr(), y.data_ptr(), u.data_ptr(), 0 if xd is None else xd.data_ptr())
+    ws = _mixed_ws(C, code, acode, n, k, m, r, False, x)
+    C.lora_forward(x.device.index or 0, _stream(x.device), code, acode, _allow_tf32(x.dtype), n, k, m, r, w_kxm,
+                   scale, p, seed, x2.data_ptr(), W.data_ptr(), 0 if bias is None else bias.data_ptr(), A.data_ptr(),
+                   B.data_ptr(), y.data_ptr(), u.data_ptr(), 0 if xd is None else xd.data_ptr(),
+                   0 if ws is None else ws.data_ptr())
     return y, (u if need_u else None)
 
 
@@ -342,15 +374,15 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     """v = g·B; dB = scale·gᵀ·u (m, r); dA = scale·vᵀ·drop(x) (r, k); dx = g·W + scale·drop'(v·A) (..., k).
 
     g (..., m) = dL/dy; x (..., k) and u (..., r) as saved by forward; the same dropout_p and seed as forward.
-    Returns (dx or None, dA, dB). dW is never formed."""
+    Returns (dx or None, dA, dB): dx in x's dtype, dA and dB in the adapters'. dW is never formed."""
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
-    x, code, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
+    x, code, acode, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
     x2 = _dense("x", x).reshape(-1, k)
     n = x2.shape[0]
     g, u = _as_tensor("g", g), _as_tensor("u", u)
     _check_same("g", g, x)
-    _check_same("u", u, x)
+    _check_same("u", u, x, A.dtype, "the dtype of A")
     if g.numel() != n * m or (g.dim() >= 1 and g.shape[-1] != m):
         raise ValueError(f"lorafuse.cuda: g must be (..., m={m}) with {n} rows like x, got {tuple(g.shape)}")
     if u.numel() != n * r or (u.dim() >= 1 and u.shape[-1] != r):
@@ -360,20 +392,22 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     A, B = _dense("A", A), _dense("B", B)
     torch = _torch()
     dx = _output("dx_out", dx_out, tuple(x.shape), x) if need_dx else None
-    dA = _output("dA_out", dA_out, (r, k), x)
-    dB = _output("dB_out", dB_out, (m, r), x)
+    dA = _output("dA_out", dA_out, (r, k), x, A.dtype)
+    dB = _output("dB_out", dB_out, (m, r), x, A.dtype)
     ins = dict(g=g2, x=x2, u=u2, W=W, A=A, B=B)
     for oname, o in (("dx_out", dx), ("dA_out", dA), ("dB_out", dB)):
         if o is not None:
             _no_overlap(oname, o, **ins)
     _no_overlap("dA_out", dA, dB_out=dB, dx_out=dx)
     _no_overlap("dB_out", dB, dx_out=dx)
-    v_ws = torch.empty((max(n, 1), r), dtype=x.dtype, device=x.device)
+    v_ws = torch.empty((max(n, 1), r), dtype=x.dtype, device=x.device) if code == acode else None
     xd = torch.empty_like(x2) if p > 0.0 and n > 0 else None
-    C.lora_backward(x.device.index or 0, _stream(x.device), code, _allow_tf32(x.dtype), n, k, m, r, w_kxm, scale, p,
-                    seed, g2.data_ptr(), x2.data_ptr(), u2.data_ptr(), W.data_ptr(), A.data_ptr(), B.data_ptr(),
-                    0 if dx is None else dx.data_ptr(), dA.data_ptr(), dB.data_ptr(),
-                    0 if xd is None else xd.data_ptr(), v_ws.data_ptr())
+    ws = _mixed_ws(C, code, acode, n, k, m, r, True, x)
+    C.lora_backward(x.device.index or 0, _stream(x.device), code, acode, _allow_tf32(x.dtype), n, k, m, r, w_kxm,
+                    scale, p, seed, g2.data_ptr(), x2.data_ptr(), u2.data_ptr(), W.data_ptr(), A.data_ptr(),
+                    B.data_ptr(), 0 if dx is None else dx.data_ptr(), dA.data_ptr(), dB.data_ptr(),
+                    0 if xd is None else xd.data_ptr(), 0 if v_ws is None else v_ws.data_ptr(),
+                    0 if ws is None else ws.data_ptr())
     return dx, dA, dB
 
 

@@ -283,10 +283,14 @@ class LoraLinear(nn.Module):
                                          or base._backward_pre_hooks)
 
     def _fused_operands(self, x: torch.Tensor) -> Optional[tuple]:
-        """`fused_linear`'s arguments after x — (W, bias, A, B, scale, dropout p, seed,
-        fan_in_fan_out, W's cache, the kernel module) — for the fused path, or None when forward
-        must take the general route: adapters disabled or merged, not exactly one active adapter,
-        hooks or autocast, a wrong input width (that route reports it), mixed dtypes.
+        """`fused_linear`'s arguments — (x, W, bias, A, B, scale, dropout p, seed, fan_in_fan_out,
+        W's cache, the kernel module) — for the fused path, or None when forward must take the
+        general route: adapters disabled or merged, not exactly one active adapter, hooks, autocast on
+        the CPU, a wrong input width (that route reports it), adapter dtypes no kernel takes (fp16
+        base with fp32 adapters; any half-precision base on the CPU).
+        Under CUDA autocast to a half dtype, every operand is cast to it first (as autocast casts
+        PEFT's linears: the base and the adapters compute in that dtype); x, W, A, B of a bf16
+        layer with PEFT's default fp32 adapters go to the CUDA kernels as they are.
         Runs on every call, on caches a kernel has just flushed, where each tensor attribute read
         costs µs: it reads the submodules' dicts directly (no nn.Module.__getattr__), each
         attribute once, and picks the C kernels itself for float32 CPU input (no `kernels_for`,
@@ -301,15 +305,25 @@ class LoraLinear(nn.Module):
         if lin_a is None or shape[-1] != self.in_features:
             return None
         on_cpu = x.is_cpu
-        if torch.is_autocast_enabled("cpu" if on_cpu else x.device.type):
+        autocast = torch.is_autocast_enabled("cpu" if on_cpu else x.device.type)
+        if autocast and (on_cpu or x.device.type != "cuda"):
             return None
         base, lin_b = modules["base_layer"], modules["lora_B"]._modules[name]
         weight, lora_a, lora_b = _param_of(base, "weight"), _param_of(lin_a, "weight"), _param_of(lin_b, "weight")
+        bias = _param_of(base, "bias")
+        if autocast:
+            cast = torch.get_autocast_dtype("cuda")
+            if cast not in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
+                return None
+            x, weight, lora_a, lora_b = x.to(cast), weight.to(cast), lora_a.to(cast), lora_b.to(cast)
+            bias = None if bias is None else bias.to(cast)
         dtype = weight.dtype
         if x.dtype != dtype:
             raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
                             f"{dtype}; cast the input or the model.")
-        if not lora_a.dtype == dtype == lora_b.dtype:
+        adtype = lora_a.dtype
+        if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not (dtype == torch.bfloat16
+                                                                          and adtype == torch.float32))):
             return None
         dropout = modules["lora_dropout"]._modules[name]
         p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
@@ -318,14 +332,14 @@ class LoraLinear(nn.Module):
         compiling = is_compiling()
         kern = cpu_kernels() if not compiling and on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
         seed = seed_tensor(p) if compiling else draw_seed() if p > 0.0 else 0
-        return (weight, _param_of(base, "bias"), lora_a, lora_b, float(self.scaling[name]), p, seed,
-                bool(self.fan_in_fan_out), self._weight_cache, kern)
+        return (x, weight, bias, lora_a, lora_b, float(self.scaling[name]), p, seed, bool(self.fan_in_fan_out),
+                self._weight_cache, kern)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
         fused = None if args or kwargs else self._fused_operands(x)
         if fused is not None:
-            return fused_linear(x, *fused)
+            return fused_linear(*fused)
         base = self.base_layer
         if self._disable_adapters:
             if self.merged:

@@ -2,8 +2,9 @@
  * point returns an lf_cuda_status; on failure lf_cuda_last_error() (thread-local) names the call
  * that failed and the CUDA/cuBLASLt status it returned.
  *
- * Conventions (PyTorch's, see docs/CONTRACTS.md and DESIGN.md §1), all buffers dense row-major
- * device memory of one dtype:
+ * Conventions (PyTorch's, see docs/CONTRACTS.md), all buffers dense row-major device memory of the
+ * problem's dtype, except A, B, u, dA, dB, which are in adapter_dtype (the same dtype, or float32
+ * adapters on a bfloat16 base: PEFT's default for half-precision models, see lora_plan.h):
  *   x (n,k), W (m,k) — or (k,m) when w_kxm != 0 (fan_in_fan_out / a transposed view) —,
  *   bias (m) or NULL, A (r,k), B (m,r), u (n,r), y (n,m), g (n,m), dx (n,k), dA (r,k), dB (m,r).
  *   forward : u = drop(x)·Aᵀ ;  y = x·Wᵀ + bias + scale·u·Bᵀ
@@ -13,8 +14,10 @@
  * Everything is enqueued on `stream` (a cudaStream_t; 0 = legacy default stream) of `device`; no
  * host synchronisation; the only allocation is a cached cuBLASLt workspace per (device, stream),
  * made at the first call on that stream.
- * Workspaces from the caller (may be NULL when dropout_p == 0):
- *   xdrop_ws: n·k elements, holds drop(x) when dropout_p > 0;  v_ws: n·r elements (backward).
+ * Workspaces from the caller (NULL where not needed):
+ *   xdrop_ws: n·k elements, holds drop(x) when dropout_p > 0;
+ *   v_ws: n·r elements (backward, same-dtype adapters);
+ *   mixed_ws: lf_cuda_lora_mixed_ws_bytes() bytes, 256-byte aligned (float32 adapters on bf16 only).
  */
 #ifndef LORAFUSE_CUDA_KERNELS_H
 #define LORAFUSE_CUDA_KERNELS_H
@@ -38,7 +41,8 @@ typedef enum { LF_CUDA_F32 = 0, LF_CUDA_F16 = 1, LF_CUDA_BF16 = 2 } lf_cuda_dtyp
 typedef struct {
     int device;          /* CUDA device ordinal all pointers live on */
     void *stream;        /* cudaStream_t */
-    int dtype;           /* lf_cuda_dtype */
+    int dtype;           /* lf_cuda_dtype of x, W, bias, y, g, dx */
+    int adapter_dtype;   /* lf_cuda_dtype of A, B, u, dA, dB: dtype, or LF_CUDA_F32 with dtype BF16 */
     int allow_tf32;      /* fp32 only: allow CUBLAS_COMPUTE_32F_FAST_TF32 */
     int64_t n, k, m, r;
     int w_kxm;           /* W stored (k, m) row-major (fan_in_fan_out) instead of (m, k) */
@@ -49,12 +53,16 @@ typedef struct {
 
 /* y (n,m) and u (n,r) are written. bias may be NULL. */
 int lf_cuda_lora_forward(const lf_cuda_lora_desc *d, const void *x, const void *W, const void *bias,
-                         const void *A, const void *B, void *y, void *u, void *xdrop_ws);
+                         const void *A, const void *B, void *y, void *u, void *xdrop_ws, void *mixed_ws);
 
 /* dx may be NULL (not needed). dA (r,k) and dB (m,r) are written (not accumulated). */
 int lf_cuda_lora_backward(const lf_cuda_lora_desc *d, const void *g, const void *x, const void *u,
                           const void *W, const void *A, const void *B, void *dx, void *dA, void *dB,
-                          void *xdrop_ws, void *v_ws);
+                          void *xdrop_ws, void *v_ws, void *mixed_ws);
+
+/* Bytes of mixed_ws that forward (backward = 0) or backward (1) needs for this problem (0 when A and B
+ * have the problem's dtype). */
+size_t lf_cuda_lora_mixed_ws_bytes(const lf_cuda_lora_desc *d, int backward);
 
 /* dst[i,j] = src[i,j] · mask(seed, i·cols+j) · extra_scale (mask includes 1/(1-p)); rows×cols dense.
  * In place (dst == src) is allowed. */
