@@ -402,6 +402,12 @@ def test_wrapper_outputs_and_errors_on_host(host_cuda):
         lc.cuda_lora_forward(x, W, A, B, 1.0, seed=-1)
     with pytest.raises(ValueError, match="g must be"):
         lc.cuda_lora_backward(g[:, :5], x, u, W, A, B, 1.0)
+    buf = torch.empty(2 * 8 + 6 * 2)
+    with pytest.raises(ValueError, match="dA_out overlaps input dB_out"):  # two given outputs sharing memory
+        lc.cuda_lora_backward(g, x, u, W, A, B, 1.0, need_dx=False, dA_out=buf[:16].view(2, 8),
+                              dB_out=buf[4:16].view(6, 2))
+    with pytest.raises(ValueError, match="u_out overlaps input A"):
+        lc.cuda_lora_forward(x, W, A, B, 1.0, u_out=A.view(-1)[:8].view(4, 2))
 
 
 # ------------------------------------------------------------------------------------ fp32 adapters on bf16

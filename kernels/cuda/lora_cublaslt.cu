@@ -141,10 +141,17 @@ struct AlgoKeyHash {
         return (size_t)h;
     }
 };
+/* What a problem needs at every call after the first: the algorithm and the descriptors (immutable once
+ * made; cublasLtMatmul only reads them). `op` is NULL for GEMMs with a bias: the bias pointer is an
+ * attribute of the op descriptor, so those get a fresh one per call. Entries live until
+ * lf_cuda_release_caches. */
 struct AlgoEntry {
     cublasLtMatmulAlgo_t algo;
     bool fallback; /* cuBLASLt declined this problem: use naive_gemm_kernel */
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, c;
 };
+const size_t kMaxCachedProblems = 4096; /* shapes in a model are few; beyond this, calls are not cached */
 
 std::mutex g_mu;
 std::unordered_map<int, cublasLtHandle_t> g_handles;
@@ -207,7 +214,7 @@ cudaDataType_t data_type(int dtype) {
     }
 }
 
-/* RAII holders for cuBLASLt descriptors */
+/* RAII holders for cuBLASLt descriptors (a pointer set to NULL has been handed over to the cache) */
 struct Descs {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -335,13 +342,18 @@ int launch_naive_gemm(cudaStream_t stream, const Gemm &g) {
 
 /* ---------------------------------------------------------------- fold / split (lora_plan.h FoldSplit) */
 
-/* One thread per element (i, j) of the rows×cols result:
+struct FoldSplitBatch {
+    lorafuse::plan::FoldSplit jobs[lorafuse::plan::LF_PLAN_MAX_JOBS];
+};
+
+/* Job blockIdx.y of the batch; one thread per element (i, j) of its rows×cols result:
  *   val = scale·(src[i·ld + j] + src[i·ld + j + half]) ; out[i·cols + j] = val ;
  *   hi = T(val), lo = T(val − hi) ; split[p·part_stride + i·split_ld + j] = bit p of lo_mask ? lo : hi.
  * val − float(hi) is exact in fp32 (hi is val's nearest T value), so hi + lo holds val to 2·T's bits. */
 template <typename T>
-__global__ void fold_split_kernel(lorafuse::plan::FoldSplit f, uint64_t total) {
-    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+__global__ void fold_split_kernel(FoldSplitBatch batch) {
+    const lorafuse::plan::FoldSplit &f = batch.jobs[blockIdx.y];
+    const uint64_t total = (uint64_t)f.rows * (uint64_t)f.cols, stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int64_t i = (int64_t)(e / (uint64_t)f.cols), j = (int64_t)(e % (uint64_t)f.cols);
         const float *s = f.src + i * f.src_ld + j;
@@ -355,17 +367,29 @@ __global__ void fold_split_kernel(lorafuse::plan::FoldSplit f, uint64_t total) {
     }
 }
 
-int launch_fold_split(cudaStream_t stream, const lorafuse::plan::FoldSplit &f) {
-    const uint64_t total = (uint64_t)f.rows * (uint64_t)f.cols;
-    if (total == 0) return LF_CUDA_OK;
+int launch_fold_split(cudaStream_t stream, const lorafuse::plan::FoldSplit *jobs, int count) {
+    if (count < 1 || count > lorafuse::plan::LF_PLAN_MAX_JOBS)
+        return set_error(LF_CUDA_ERR_ARG, "fold_split: %d jobs (1..%d)", count, (int)lorafuse::plan::LF_PLAN_MAX_JOBS);
+    FoldSplitBatch batch;
+    memset(&batch, 0, sizeof batch);
+    uint64_t most = 0;
+    for (int q = 0; q < count; ++q) {
+        batch.jobs[q] = jobs[q];
+        if (jobs[q].split && jobs[q].split_type != jobs[0].split_type)
+            return set_error(LF_CUDA_ERR_ARG, "fold_split: jobs of one launch split into one type");
+        const uint64_t total = (uint64_t)jobs[q].rows * (uint64_t)jobs[q].cols;
+        if (total > most) most = total;
+    }
+    if (most == 0) return LF_CUDA_OK;
     const int threads = 256;
-    uint64_t blocks = (total + threads - 1) / threads;
+    uint64_t blocks = (most + threads - 1) / threads;
     if (blocks > 65535u * 16u) blocks = 65535u * 16u;
-    if (f.split_type == LF_CUDA_F16)
-        fold_split_kernel<__half><<<(unsigned)blocks, threads, 0, stream>>>(f, total);
+    const dim3 grid((unsigned)blocks, (unsigned)count);
+    if (jobs[0].split_type == LF_CUDA_F16)
+        fold_split_kernel<__half><<<grid, threads, 0, stream>>>(batch);
     else
-        fold_split_kernel<__nv_bfloat16><<<(unsigned)blocks, threads, 0, stream>>>(f, total);
-    LF_CUDA_CALL(cudaGetLastError(), f.what);
+        fold_split_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(batch);
+    LF_CUDA_CALL(cudaGetLastError(), jobs[0].what);
     return LF_CUDA_OK;
 }
 
@@ -386,51 +410,33 @@ struct LtBackend : lorafuse::plan::Backend {
         return get_workspace(device, stream, &ws);
     }
 
-    int gemm(const Gemm &g) override {
-        if (g.m == 0 || g.n == 0) return LF_CUDA_OK;
-        AlgoKey key;
-        memset(&key, 0, sizeof key); /* padding must be zero: the key is hashed and compared bytewise */
-        const int use_tf32 = tf32 && g.ab_type == LF_CUDA_F32;
-        key.device = device; key.ab_type = g.ab_type; key.c_type = g.c_type; key.tf32 = use_tf32;
-        key.transa = g.transa; key.transb = g.transb; key.bias = g.bias != nullptr;
-        key.m = g.m; key.n = g.n; key.k = g.k; key.lda = g.lda; key.ldb = g.ldb; key.ldc = g.ldc;
-        key.align_a = alignment_of(g.A); key.align_b = alignment_of(g.B); key.align_c = alignment_of(g.C);
-        key.align_bias = g.bias ? alignment_of(g.bias) : 0;
-        key.ws = ws.bytes;
-
-        cublasLtMatmulAlgo_t algo;
-        bool found = false, fallback = false;
-        {
-            std::lock_guard<std::mutex> lock(g_mu);
-            auto it = g_algos.find(key);
-            if (it != g_algos.end()) {
-                if (it->second.fallback) fallback = true;
-                algo = it->second.algo;
-                found = true;
-            }
-        }
-        if (fallback) return launch_naive_gemm(stream, g);
-        const cudaDataType_t dt = data_type(g.ab_type), ct_c = data_type(g.c_type);
-        const cublasComputeType_t ct = use_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-        const cudaDataType_t scale_t = CUDA_R_32F;
-        Descs d;
-        LF_CUBLAS_CALL("cublasLtMatmulDescCreate", cublasLtMatmulDescCreate(&d.op, ct, scale_t), g.what);
+    /* op descriptor for g: transposes, compute type, and the bias epilogue with g's bias pointer */
+    static int make_op(const Gemm &g, cublasComputeType_t ct, cublasLtMatmulDesc_t *out) {
+        LF_CUBLAS_CALL("cublasLtMatmulDescCreate", cublasLtMatmulDescCreate(out, ct, CUDA_R_32F), g.what);
         const int32_t ta = g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.transb ? CUBLAS_OP_T : CUBLAS_OP_N;
         LF_CUBLAS_CALL("cublasLtMatmulDescSetAttribute(TRANSA)",
-                       cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), g.what);
+                       cublasLtMatmulDescSetAttribute(*out, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), g.what);
         LF_CUBLAS_CALL("cublasLtMatmulDescSetAttribute(TRANSB)",
-                       cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), g.what);
+                       cublasLtMatmulDescSetAttribute(*out, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), g.what);
         if (g.bias) {
             const uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
             LF_CUBLAS_CALL("cublasLtMatmulDescSetAttribute(EPILOGUE)",
-                           cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi),
+                           cublasLtMatmulDescSetAttribute(*out, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi),
                            g.what);
             LF_CUBLAS_CALL("cublasLtMatmulDescSetAttribute(BIAS_POINTER)",
-                           cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                           cublasLtMatmulDescSetAttribute(*out, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                           sizeof g.bias),
                            g.what);
             /* bias dtype: cuBLASLt's default for non-FP8 outputs is D's dtype, which the plan gives it */
         }
+        return LF_CUDA_OK;
+    }
+
+    /* First call of a problem: descriptors and cublasLtMatmulAlgoGetHeuristic, told the real pointer
+     * alignments (views with storage offsets and odd k are less aligned than its 256-byte default). */
+    int plan_problem(const Gemm &g, const AlgoKey &key, cublasComputeType_t ct, Descs &d, AlgoEntry *e) {
+        const cudaDataType_t dt = data_type(g.ab_type), ct_c = data_type(g.c_type);
+        LF_PLAN_TRY(make_op(g, ct, &d.op));
         /* stored shapes: op(A) is m×k, op(B) is k×n, C is m×n (column-major) */
         const uint64_t a_rows = g.transa ? g.k : g.m, a_cols = g.transa ? g.m : g.k;
         const uint64_t b_rows = g.transb ? g.n : g.k, b_cols = g.transb ? g.k : g.n;
@@ -440,57 +446,84 @@ struct LtBackend : lorafuse::plan::Backend {
                        g.what);
         LF_CUBLAS_CALL("cublasLtMatrixLayoutCreate(C)",
                        cublasLtMatrixLayoutCreate(&d.c, ct_c, (uint64_t)g.m, (uint64_t)g.n, g.ldc), g.what);
+        LF_CUBLAS_CALL("cublasLtMatmulPreferenceCreate", cublasLtMatmulPreferenceCreate(&d.pref), g.what);
+        const uint64_t wsb = ws.bytes;
+        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)",
+                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+                                                            sizeof wsb),
+                       g.what);
+        const uint32_t al_a = key.align_a, al_b = key.align_b, al_c = key.align_c;
+        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)",
+                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                                            sizeof al_a),
+                       g.what);
+        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)",
+                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                                            sizeof al_b),
+                       g.what);
+        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)",
+                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
+                                                            sizeof al_c),
+                       g.what);
+        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)",
+                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
+                                                            sizeof al_c),
+                       g.what);
+        cublasLtMatmulHeuristicResult_t res[1];
+        memset(res, 0, sizeof res);
+        int count = 0;
+        const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, res, &count);
+        const bool declined = hs == CUBLAS_STATUS_NOT_SUPPORTED || hs == CUBLAS_STATUS_INVALID_VALUE ||
+                              (hs == CUBLAS_STATUS_SUCCESS && (count < 1 || res[0].state != CUBLAS_STATUS_SUCCESS));
+        if (!declined && hs != CUBLAS_STATUS_SUCCESS) return cublas_fail("cublasLtMatmulAlgoGetHeuristic", g.what, hs);
+        *e = AlgoEntry{res[0].algo, declined, g.bias ? nullptr : d.op, d.a, d.b, d.c};
+        if (declined) g_fallback_gemms.fetch_add(1, std::memory_order_relaxed); /* once per problem */
+        return LF_CUDA_OK;
+    }
 
+    int gemm(const Gemm &g) override {
+        if (g.m == 0 || g.n == 0) return LF_CUDA_OK;
+        const int use_tf32 = tf32 && g.ab_type == LF_CUDA_F32;
+        AlgoKey key;
+        memset(&key, 0, sizeof key); /* padding must be zero: the key is hashed and compared bytewise */
+        key.device = device; key.ab_type = g.ab_type; key.c_type = g.c_type; key.tf32 = use_tf32;
+        key.transa = g.transa; key.transb = g.transb; key.bias = g.bias != nullptr;
+        key.m = g.m; key.n = g.n; key.k = g.k; key.lda = g.lda; key.ldb = g.ldb; key.ldc = g.ldc;
+        key.align_a = alignment_of(g.A); key.align_b = alignment_of(g.B); key.align_c = alignment_of(g.C);
+        key.align_bias = g.bias ? alignment_of(g.bias) : 0;
+        key.ws = ws.bytes;
+        const cublasComputeType_t ct = use_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+
+        AlgoEntry e;
+        bool found = false;
+        {
+            std::lock_guard<std::mutex> lock(g_mu);
+            auto it = g_algos.find(key);
+            if (it != g_algos.end()) {
+                e = it->second;
+                found = true;
+            }
+        }
+        Descs fresh; /* this call's descriptors: kept by the cache when the problem is new, else freed */
         if (!found) {
-            LF_CUBLAS_CALL("cublasLtMatmulPreferenceCreate", cublasLtMatmulPreferenceCreate(&d.pref), g.what);
-            const uint64_t wsb = ws.bytes;
-            LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)",
-                           cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
-                                                                sizeof wsb),
-                           g.what);
-            /* The heuristic assumes 256-byte aligned pointers unless told otherwise; views with
-             * storage offsets (and odd k) are less aligned, so pass the real alignment. */
-            const uint32_t al_a = key.align_a, al_b = key.align_b, al_c = key.align_c;
-            LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)",
-                           cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                                &al_a, sizeof al_a),
-                           g.what);
-            LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)",
-                           cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                                &al_b, sizeof al_b),
-                           g.what);
-            LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)",
-                           cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                                &al_c, sizeof al_c),
-                           g.what);
-            LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)",
-                           cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                                &al_c, sizeof al_c),
-                           g.what);
-            cublasLtMatmulHeuristicResult_t res[1];
-            memset(res, 0, sizeof res);
-            int count = 0;
-            const cublasStatus_t hs =
-                cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, res, &count);
-            const bool declined = hs == CUBLAS_STATUS_NOT_SUPPORTED || hs == CUBLAS_STATUS_INVALID_VALUE ||
-                                  (hs == CUBLAS_STATUS_SUCCESS && (count < 1 || res[0].state != CUBLAS_STATUS_SUCCESS));
-            if (!declined && hs != CUBLAS_STATUS_SUCCESS)
-                return cublas_fail("cublasLtMatmulAlgoGetHeuristic", g.what, hs);
-            algo = res[0].algo;
-            {
-                std::lock_guard<std::mutex> lock(g_mu);
-                if (g_algos.size() > 4096) g_algos.clear(); /* bounded: shapes in a model are few */
-                g_algos[key] = AlgoEntry{algo, declined};
+            LF_PLAN_TRY(plan_problem(g, key, ct, fresh, &e));
+            std::lock_guard<std::mutex> lock(g_mu);
+            if (g_algos.size() < kMaxCachedProblems && g_algos.emplace(key, e).second) {
+                if (!g.bias) fresh.op = nullptr; /* owned by the cache now */
+                fresh.a = fresh.b = fresh.c = nullptr;
             }
-            if (declined) {
-                g_fallback_gemms.fetch_add(1, std::memory_order_relaxed); /* counted once per problem */
-                return launch_naive_gemm(stream, g);
-            }
+        }
+        if (e.fallback) return launch_naive_gemm(stream, g);
+        Descs per_call;
+        cublasLtMatmulDesc_t op = e.op;
+        if (!op) { /* a bias GEMM: its op descriptor carries this call's bias pointer */
+            LF_PLAN_TRY(make_op(g, ct, &per_call.op));
+            op = per_call.op;
         }
         const float alpha = g.alpha, beta = g.beta;
         LF_CUBLAS_CALL("cublasLtMatmul",
-                       cublasLtMatmul(handle, d.op, &alpha, g.A, d.a, g.B, d.b, &beta, g.C, d.c, g.C, d.c, &algo,
-                                      ws.ptr, ws.bytes, stream),
+                       cublasLtMatmul(handle, op, &alpha, g.A, e.a, g.B, e.b, &beta, g.C, e.c, g.C, e.c, &e.algo, ws.ptr,
+                                      ws.bytes, stream),
                        g.what);
         return LF_CUDA_OK;
     }
@@ -500,7 +533,9 @@ struct LtBackend : lorafuse::plan::Backend {
         return launch_dropout(stream, dtype, rows, cols, p, seed, scaled, 1.0f, src, dst, what);
     }
 
-    int fold_split(const lorafuse::plan::FoldSplit &f) override { return launch_fold_split(stream, f); }
+    int fold_split(const lorafuse::plan::FoldSplit *jobs, int count) override {
+        return launch_fold_split(stream, jobs, count);
+    }
 
     int zero(const char *what, void *ptr, int64_t bytes) override {
         LF_CUDA_CALL(cudaMemsetAsync(ptr, 0, (size_t)bytes, stream), what);
@@ -597,6 +632,12 @@ int lf_cuda_release_caches(void) {
     g_ws.clear();
     for (auto &kv : g_handles) cublasLtDestroy(kv.second);
     g_handles.clear();
+    for (auto &kv : g_algos) {
+        if (kv.second.op) cublasLtMatmulDescDestroy(kv.second.op);
+        if (kv.second.a) cublasLtMatrixLayoutDestroy(kv.second.a);
+        if (kv.second.b) cublasLtMatrixLayoutDestroy(kv.second.b);
+        if (kv.second.c) cublasLtMatrixLayoutDestroy(kv.second.c);
+    }
     g_algos.clear();
     return LF_CUDA_OK;
 }

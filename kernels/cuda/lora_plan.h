@@ -52,6 +52,8 @@ struct Gemm {
  * hi + lo carries 16 significant bits of val (bf16: 8 + 8), so a GEMM over such parts in bf16
  * tensor cores with fp32 accumulation computes an fp32 product to ~2^-17 relative (products of
  * bf16 values are exact in fp32). `half` folds the two halves that such a GEMM writes. */
+enum { LF_PLAN_MAX_JOBS = 4 };
+
 struct FoldSplit {
     const char *what;
     int64_t rows, cols;
@@ -73,7 +75,8 @@ struct Backend {
      * dtype; dst may equal src. The unscaled form is exact in any dtype (elements kept or zeroed). */
     virtual int dropout(const char *what, int64_t rows, int64_t cols, double p, uint64_t seed,
                         bool scaled, const void *src, void *dst) = 0;
-    virtual int fold_split(const FoldSplit &f) = 0;
+    /* `count` (1..LF_PLAN_MAX_JOBS) independent FoldSplits, in one launch on a GPU */
+    virtual int fold_split(const FoldSplit *jobs, int count) = 0;
     virtual int zero(const char *what, void *ptr, int64_t bytes) = 0;
     virtual int fail(const char *msg) = 0; /* records an argument error, returns LF_CUDA_ERR_ARG */
 };
@@ -275,8 +278,11 @@ static inline int forward_mixed(Backend &be, const lf_cuda_lora_desc &d, const v
         xd = xdrop_ws;
         keep_scale = lf_dropout_scale((float)d.dropout_p);
     }
-    LF_PLAN_TRY(be.fold_split(split_rows("split A -> [A_hi; A_lo]", A, r, k, t, b.A2, 2, 0x2u)));
-    LF_PLAN_TRY(be.fold_split(split_cols("split B -> [B_hi B_lo B_hi]", B, m, r, t, b.B3, 3, 0x2u)));
+    {
+        const FoldSplit prep[2] = {split_rows("split A -> [A_hi; A_lo]", A, r, k, t, b.A2, 2, 0x2u),
+                                   split_cols("split B -> [B_hi B_lo B_hi]", B, m, r, t, b.B3, 3, 0x2u)};
+        LF_PLAN_TRY(be.fold_split(prep, 2));
+    }
     /* u2 = keep·xd·A2ᵀ ⇔ u2ᵀ(2r×n, ld 2r) = keep·A2·xdᵀ ; A2 = op_T(A2ᵀ: k×2r ld k) ; xdᵀ = (k×n ld k) */
     {
         Gemm g = {"u2 = drop(x)·[A_hi;A_lo]^T", OP_T, OP_N, 2 * r, n, k, keep_scale, b.A2, k, xd, k, 0.0f, b.u2,
@@ -285,9 +291,9 @@ static inline int forward_mixed(Backend &be, const lf_cuda_lora_desc &d, const v
     }
     /* u = u2[:, :r] + u2[:, r:] (fp32, saved for backward) and u3 = [u_hi u_hi u_lo] */
     {
-        FoldSplit f = {"fold u2 -> u, split -> [u_hi u_hi u_lo]", n, r, b.u2, 2 * r, r, 1.0f, (float *)u, b.u3, t,
-                       r, 3 * r, 3, 0x4u};
-        LF_PLAN_TRY(be.fold_split(f));
+        const FoldSplit f = {"fold u2 -> u, split -> [u_hi u_hi u_lo]", n, r, b.u2, 2 * r, r, 1.0f, (float *)u, b.u3,
+                             t, r, 3 * r, 3, 0x4u};
+        LF_PLAN_TRY(be.fold_split(&f, 1));
     }
     /* y = s·u3·B3ᵀ ⇔ yᵀ(m×n, ld m) = s·B3·u3ᵀ ; B3 = op_T(B3ᵀ: 3r×m ld 3r) ; u3ᵀ = (3r×n ld 3r) */
     {
@@ -309,8 +315,12 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
     Carver c = {(char *)mixed_ws, 0};
     const MixedBackwardBufs b = carve_backward(d, c);
     const float keep_scale = d.dropout_p > 0.0 ? lf_dropout_scale((float)d.dropout_p) : 1.0f;
-    LF_PLAN_TRY(be.fold_split(split_cols("split B -> [B_hi B_lo]", B, m, r, t, b.B2, 2, 0x2u)));
-    LF_PLAN_TRY(be.fold_split(split_cols("split u -> [u_hi u_lo]", u, n, r, t, b.us2, 2, 0x2u)));
+    {
+        const FoldSplit prep[3] = {split_cols("split B -> [B_hi B_lo]", B, m, r, t, b.B2, 2, 0x2u),
+                                   split_cols("split u -> [u_hi u_lo]", u, n, r, t, b.us2, 2, 0x2u),
+                                   split_rows("split A -> [A_hi; A_lo; A_hi]", A, r, k, t, b.A3, 3, 0x2u)};
+        LF_PLAN_TRY(be.fold_split(prep, dx ? 3 : 2)); /* A's parts only for dx */
+    }
     /* v2 = g·B2 ⇔ v2ᵀ(2r×n, ld 2r) = B2ᵀ·gᵀ ; B2ᵀ = (2r×m ld 2r) op N ; gᵀ = (m×n ld m) op N */
     {
         Gemm g = {"v2 = g·[B_hi B_lo]", OP_N, OP_N, 2 * r, n, m, 1.0f, b.B2, 2 * r, gy, m, 0.0f, b.v2, 2 * r,
@@ -318,17 +328,15 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
         LF_PLAN_TRY(be.gemm(g));
     }
     {
-        FoldSplit f = {"fold v2 -> v, split -> [v_hi v_hi v_lo]", n, r, b.v2, 2 * r, r, 1.0f, nullptr, b.v3, t, r,
-                       3 * r, 3, 0x4u};
-        LF_PLAN_TRY(be.fold_split(f));
+        const FoldSplit f = {"fold v2 -> v, split -> [v_hi v_hi v_lo]", n, r, b.v2, 2 * r, r, 1.0f, nullptr, b.v3, t,
+                             r, 3 * r, 3, 0x4u};
+        LF_PLAN_TRY(be.fold_split(&f, 1));
     }
     /* dB2 = gᵀ·us2 ⇔ dB2ᵀ(2r×m, ld 2r) = us2ᵀ·g ; us2ᵀ = (2r×n ld 2r) op N ; g = op_T(gᵀ: m×n ld m) */
     {
         Gemm g = {"dB2 = g^T·[u_hi u_lo]", OP_N, OP_T, 2 * r, m, n, 1.0f, b.us2, 2 * r, gy, m, 0.0f, b.dB2, 2 * r,
                   nullptr, t, f32};
         LF_PLAN_TRY(be.gemm(g));
-        FoldSplit f = {"fold dB2 -> dB", m, r, b.dB2, 2 * r, r, d.scale, (float *)dB, nullptr, t, 0, 0, 0, 0};
-        LF_PLAN_TRY(be.fold_split(f));
     }
     /* dA2 = keep·[v_hi v_lo]ᵀ·xd ⇔ dA2ᵀ(k×2r, ld k) = keep·xdᵀ·[v_hi v_lo] ; xdᵀ = (k×n ld k) op N ;
      * [v_hi v_lo] = columns r..3r of v3 = op_T(k... : 2r×n ld 3r); dA2 is (2r, k) row-major */
@@ -344,11 +352,13 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
         Gemm g = {"dA2 = [v_hi v_lo]^T·drop(x)", OP_N, OP_T, k, 2 * r, n, keep_scale, xd, k, v_hl, 3 * r, 0.0f,
                   b.dA2, k, nullptr, t, f32};
         LF_PLAN_TRY(be.gemm(g));
-        FoldSplit f = {"fold dA2 -> dA", r, k, b.dA2, k, r * k, d.scale, (float *)dA, nullptr, t, 0, 0, 0, 0};
-        LF_PLAN_TRY(be.fold_split(f));
+    }
+    {
+        const FoldSplit f[2] = {{"fold dB2 -> dB", m, r, b.dB2, 2 * r, r, d.scale, (float *)dB, nullptr, t, 0, 0, 0, 0},
+                                {"fold dA2 -> dA", r, k, b.dA2, k, r * k, d.scale, (float *)dA, nullptr, t, 0, 0, 0, 0}};
+        LF_PLAN_TRY(be.fold_split(f, 2));
     }
     if (!dx) return LF_CUDA_OK;
-    LF_PLAN_TRY(be.fold_split(split_rows("split A -> [A_hi; A_lo; A_hi]", A, r, k, t, b.A3, 3, 0x2u)));
     /* dx = s·keep·v3·A3 ⇔ dxᵀ(k×n, ld k) = s·keep·A3ᵀ·v3ᵀ ; A3ᵀ = (k×3r ld k) op N ; v3ᵀ = (3r×n ld 3r) op N */
     {
         Gemm g = {"dx = s·[v_hi v_hi v_lo]·[A_hi;A_lo;A_hi]", OP_N, OP_N, k, n, 3 * r, d.scale * keep_scale, b.A3, k,

@@ -88,7 +88,12 @@ struct RefBackend : lorafuse::plan::Backend {
             store(dst, dtype, (int64_t)i, lf_dropout_keep(seed, i, thr) ? load(src, dtype, (int64_t)i) * keep : 0.0f);
         return LF_CUDA_OK;
     }
-    int fold_split(const FoldSplit &f) override {
+    int fold_split(const FoldSplit *jobs, int count) override {
+        if (count < 1 || count > lorafuse::plan::LF_PLAN_MAX_JOBS) return fail("fold_split: bad job count");
+        for (int q = 0; q < count; ++q) LF_PLAN_TRY(fold_split_one(jobs[q]));
+        return LF_CUDA_OK;
+    }
+    int fold_split_one(const FoldSplit &f) {
         if (f.split && f.split_type != LF_CUDA_BF16) return fail("fold_split: the host backend splits into bf16 only");
         for (int64_t i = 0; i < f.rows; ++i)
             for (int64_t j = 0; j < f.cols; ++j) {

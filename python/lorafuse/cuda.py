@@ -148,13 +148,17 @@ def _torch():
     return torch
 
 
+_CODES: dict = {}  # torch dtype -> the kernels' dtype code, filled on first use
+
+
 def _dtype_code(t: Any) -> int:
-    torch = _torch()
-    C = _load()
-    codes = {torch.float32: C.DTYPE_F32, torch.float16: C.DTYPE_F16, torch.bfloat16: C.DTYPE_BF16}
-    if t.dtype not in codes:
+    if not _CODES:
+        torch, C = _torch(), _load()
+        _CODES.update({torch.float32: C.DTYPE_F32, torch.float16: C.DTYPE_F16, torch.bfloat16: C.DTYPE_BF16})
+    code = _CODES.get(t.dtype)
+    if code is None:
         raise TypeError(f"lorafuse.cuda: x must be float32, float16 or bfloat16, got {t.dtype}")
-    return codes[t.dtype]
+    return code
 
 
 def _as_tensor(name: str, obj: Any, optional: bool = False) -> Any:
@@ -283,9 +287,15 @@ def _weight(W: Any, fan_in_fan_out: bool, x: Any) -> Tuple[Any, int, int]:
 
 
 def _stream(device: Any) -> int:
+    """torch's current stream on ``device`` as a raw cudaStream_t (the private getter skips building a
+    Stream object: a few µs per call, and the layer calls this twice per training step)."""
     if device.type != "cuda":
         return 0
-    return int(_torch().cuda.current_stream(device).cuda_stream)
+    torch = _torch()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device.index if device.index is not None else torch.cuda.current_device()))
+    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -356,9 +366,11 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     lead = tuple(x.shape[:-1])
     y = _output("out", out, lead + (m,), x)
     u = _output("u_out", u_out, lead + (r,), x, A.dtype)
-    for oname, o in (("out", y), ("u_out", u)):
-        _no_overlap(oname, o, x=x2, W=W, A=A, B=B, bias=bias)
-    _no_overlap("out", y, u_out=u)
+    # outputs allocated here overlap nothing; the caller's are checked against every input and each other
+    if out is not None:
+        _no_overlap("out", y, x=x2, W=W, A=A, B=B, bias=bias, u_out=u)
+    if u_out is not None:
+        _no_overlap("u_out", u, x=x2, W=W, A=A, B=B, bias=bias)
     xd = _torch().empty_like(x2) if p > 0.0 and n > 0 else None
     ws = _mixed_ws(C, code, acode, n, k, m, r, False, x)
     C.lora_forward(x.device.index or 0, _stream(x.device), code, acode, _allow_tf32(x.dtype), n, k, m, r, w_kxm,
@@ -394,12 +406,12 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     dx = _output("dx_out", dx_out, tuple(x.shape), x) if need_dx else None
     dA = _output("dA_out", dA_out, (r, k), x, A.dtype)
     dB = _output("dB_out", dB_out, (m, r), x, A.dtype)
-    ins = dict(g=g2, x=x2, u=u2, W=W, A=A, B=B)
-    for oname, o in (("dx_out", dx), ("dA_out", dA), ("dB_out", dB)):
-        if o is not None:
-            _no_overlap(oname, o, **ins)
-    _no_overlap("dA_out", dA, dB_out=dB, dx_out=dx)
-    _no_overlap("dB_out", dB, dx_out=dx)
+    # outputs allocated here overlap nothing; the caller's are checked against every input and each other
+    given = {name: t for name, t, arg in (("dx_out", dx, dx_out), ("dA_out", dA, dA_out), ("dB_out", dB, dB_out))
+             if arg is not None and t is not None}
+    for oname, o in given.items():
+        others = {name: t for name, t in (("dx_out", dx), ("dA_out", dA), ("dB_out", dB)) if name != oname}
+        _no_overlap(oname, o, g=g2, x=x2, u=u2, W=W, A=A, B=B, **others)
     v_ws = torch.empty((max(n, 1), r), dtype=x.dtype, device=x.device) if code == acode else None
     xd = torch.empty_like(x2) if p > 0.0 and n > 0 else None
     ws = _mixed_ws(C, code, acode, n, k, m, r, True, x)
