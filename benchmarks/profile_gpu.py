@@ -1,6 +1,6 @@
 """Where a LoRA layer's time goes on the GPU: torch.profiler's per-kernel CUDA time, lorafuse vs PEFT.
 
-    python benchmarks/profile_gpu.py [--tokens 8192] [--shapes 4096x4096,4096x1024] [--rank 16]
+    python benchmarks/profile_gpu.py [--tokens 8192] [--shapes 4096x4096,4096x1024] [--rank 16] [--host-profile]
 
 For each shape: the layers of benchmarks/bench_gpu.py (bf16 base, PEFT's default fp32 adapters, the same
 weights), a few warm-up calls, then `--iters` fwd (no_grad) and `--iters` fwd+bwd calls of each side under
@@ -10,7 +10,10 @@ elementwise passes that make up the gap to the base GEMM.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 from typing import Optional, Sequence
 
@@ -39,6 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--host-profile", action="store_true", help="also cProfile ours fwd+bwd (host side)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_gpu: no CUDA GPU visible to torch", file=sys.stderr)
@@ -70,7 +74,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     torch.cuda.synchronize()
                 print(f"  {side} {name}:")
                 print(kernel_table(prof, args.iters, args.top))
+            if side == "ours" and args.host_profile:
+                host_profile(fwd_bwd, args.iters * 4)
     return 0
+
+
+def host_profile(fn, calls: int) -> None:
+    """The Python functions behind `calls` calls of fn, by own time: the host side of a small layer."""
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    print(f"  ours fwd+bwd host side ({calls} calls, cProfile):")
+    print("\n".join("    " + line for line in out.getvalue().splitlines() if line.strip()))
 
 
 if __name__ == "__main__":
