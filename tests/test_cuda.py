@@ -532,6 +532,12 @@ def _count_fused(monkeypatch):
     return calls
 
 
+def _loss(model, ids):
+    """The causal-LM loss (next-token cross-entropy) of ids, as a float."""
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.double().item()
+
+
 def _errors(l_ref, g_ref, l, g):
     el = (l - l_ref).abs().max().item()
     eg = {n: (g[n] - g_ref[n]).abs().max().item() / (g_ref[n].abs().max().item() + 1e-12) for n in g_ref}
@@ -540,8 +546,8 @@ def _errors(l_ref, g_ref, l, g):
 
 def test_llama_bf16_fp32_adapters_fused_vs_peft(monkeypatch):
     """A bf16 Llama with PEFT's default fp32 adapters: every LoRA layer runs the fused CUDA kernels
-    (backend 'cuda', one kernel call per layer), and logits and every adapter gradient are no further
-    from a float64 copy of the same model than PEFT's own bf16 results are (2× + slack)."""
+    (backend 'cuda', one kernel call per layer), and logits, the LM loss and every adapter gradient are
+    no further from a float64 copy of the same model than PEFT's own bf16 results are (2× + slack)."""
     theirs, ours = _twins(torch.bfloat16)
     layers = [m for m in ours.modules() if hasattr(m, "backend") and hasattr(m, "lora_A")]
     assert len(layers) == 14 and {m.backend for m in layers} == {"cuda"}
@@ -560,12 +566,14 @@ def test_llama_bf16_fp32_adapters_fused_vs_peft(monkeypatch):
     assert eo <= 2 * ep + 1e-3, (eo, ep)
     for name in g_ref:
         assert go[name] <= 2 * gp[name] + 1e-2, (name, go[name], gp[name])
+    loss_ref, loss_peft, loss_ours = _loss(exact, ids), _loss(theirs, ids), _loss(ours, ids)
+    assert abs(loss_ours - loss_ref) <= 2 * abs(loss_peft - loss_ref) + 1e-3, (loss_ours, loss_peft, loss_ref)
 
 
 def test_llama_fp32_under_bf16_autocast_fused_vs_peft(monkeypatch):
     """An fp32 Llama under torch.autocast("cuda", bfloat16): the LoRA layers cast their operands to bf16
-    (as autocast casts PEFT's linears) and run the fused kernels; logits and adapter gradients are no further
-    from the float64 model than PEFT's under the same autocast."""
+    (as autocast casts PEFT's linears) and run the fused kernels; logits, the LM loss and adapter gradients
+    are no further from the float64 model than PEFT's under the same autocast."""
     theirs, ours = _twins(torch.float32)
     exact = copy.deepcopy(theirs).to(torch.float64)
     ids = torch.randint(0, 96, (2, 17), device=DEVICE)
@@ -581,6 +589,10 @@ def test_llama_fp32_under_bf16_autocast_fused_vs_peft(monkeypatch):
     assert eo <= 2 * ep + 1e-3, (eo, ep)
     for name in g_ref:
         assert go[name] <= 2 * gp[name] + 1e-2, (name, go[name], gp[name])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_peft, loss_ours = _loss(theirs, ids), _loss(ours, ids)
+    loss_ref = _loss(exact, ids)
+    assert abs(loss_ours - loss_ref) <= 2 * abs(loss_peft - loss_ref) + 1e-3, (loss_ours, loss_peft, loss_ref)
 
 
 def test_bf16_gpu_matches_cpu_kernels():
