@@ -437,6 +437,21 @@ def bench_shape(n: int, k: int, m: int, args: argparse.Namespace, device: torch.
     }
 
 
+def add_common_args(ap: argparse.ArgumentParser, *, tol: float, tol_help: str, strict_help: str) -> None:
+    """The options both GPU benchmarks take: --rank, --alpha (None: 2·rank), --dtype, --adapter-dtype,
+    --seed, --tol, --strict, --json."""
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 * rank)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="base model/layer (and input) dtype")
+    ap.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="fp32: PEFT's default (autocast_adapter_dtype=True; fp16/bf16 bases get fp32 adapters); "
+                         "bf16: autocast_adapter_dtype=False, adapters in the base dtype (--dtype)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tol", type=float, default=tol, help=tol_help)
+    ap.add_argument("--strict", action="store_true", help=f"exit {EXIT_STRICT} when {strict_help}")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write all results here (atomically)")
+
+
 def _mem_text(entry: Optional[dict[str, float]]) -> str:
     return f"{entry['extra_mib']:8.0f}" if entry else f"{'n/a':>8}"
 
@@ -449,20 +464,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help=f"rows of x (default {FULL_SIZE['tokens']}; cpu {SMOKE_SIZE['tokens']})")
     ap.add_argument("--shapes", default=None,
                     help=f"kxm,... in→out (default {FULL_SIZE['shapes']}; cpu {SMOKE_SIZE['shapes']})")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 * rank)")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="base layer (and input) dtype")
-    ap.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="fp32: PEFT's default (autocast_adapter_dtype=True; fp16/bf16 bases get fp32 adapters); "
-                         "bf16: autocast_adapter_dtype=False, adapters in the base dtype (--dtype)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over them)")
     ap.add_argument("--iters", type=int, default=10, help="back-to-back calls per timed sample")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tol", type=float, default=2e-2, help="correctness guard: max relative difference vs PEFT")
-    ap.add_argument("--strict", action="store_true",
-                    help=f"exit {EXIT_STRICT} when ours is not on the CUDA path or fails the correctness guard")
-    ap.add_argument("--json", default=None, metavar="PATH", help="write all results here (atomically)")
+    add_common_args(ap, tol=2e-2, tol_help="correctness guard: max relative difference vs PEFT",
+                    strict_help="ours is not on the CUDA path or fails the correctness guard")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     if device is None:

@@ -58,7 +58,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import (DTYPES, EXIT_NO_GPU, EXIT_STRICT, copy_lora_weights, header,  # noqa: E402
+from bench_gpu import (DTYPES, EXIT_NO_GPU, EXIT_STRICT, add_common_args, copy_lora_weights, header,  # noqa: E402
                        interleave_rotating, loud_warning, median_s, peak_extra_mib, resolve_device, synchronize,
                        write_json_atomic)
 
@@ -153,21 +153,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, (gpu, cpu) in SIZES.items():
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
                         help=f"default {gpu} (cpu: {cpu})")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="model dtype")
-    ap.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="fp32: PEFT's default (autocast_adapter_dtype=True); bf16: autocast_adapter_dtype=False, "
-                         "adapters in the model dtype (--dtype)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tol", type=float, default=1e-2, help="max relative difference of the first-step losses")
-    ap.add_argument("--strict", action="store_true",
-                    help=f"exit {EXIT_STRICT} when a layer is not on the CUDA path or the losses disagree")
-    ap.add_argument("--json", default=None, metavar="PATH", help="write all results here (atomically)")
+    add_common_args(ap, tol=1e-2, tol_help="max relative difference of the first-step losses",
+                    strict_help="a layer is not on the CUDA path or the losses disagree")
     args = ap.parse_args(argv)
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
     device = resolve_device(args.device)
     if device is None:
         print("bench_gpu_train: no CUDA GPU visible to torch (use --device cpu for a smoke test)", file=sys.stderr)

@@ -38,3 +38,29 @@ def test_benchmark_script_runs(script: str, args: list, last: str) -> None:
                          text=True, timeout=600)
     assert res.returncode == 0, f"{script} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     assert last in res.stdout, f"{script}: {last!r} not in its output:\n{res.stdout[-2000:]}"
+
+
+# The GPU scripts in their CPU smoke mode (tiny shapes, wall-clock timing: they check the plumbing, module
+# construction and JSON output, not the CUDA kernels); profile_gpu.py needs a GPU and must say so.
+GPU_RUNS = [
+    ("bench_gpu.py", ["--device", "cpu", "--rounds", "1", "--iters", "1", "--warmup", "1"], 0, "kernel path measured"),
+    ("bench_gpu_train.py", ["--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "1"], 0,
+     "ours / peft training step"),
+    ("profile_gpu.py", [], 2, "no CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("script,args,rc,text", GPU_RUNS, ids=[r[0] for r in GPU_RUNS])
+def test_gpu_benchmark_script_smoke(script: str, args: list, rc: int, text: str, tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    if script == "profile_gpu.py" and torch.cuda.is_available():
+        pytest.skip("a GPU is present: profile_gpu.py runs for real in benchmarks/gpu_check.sh")
+    json_args = ["--json", str(tmp_path / "out.json")] if rc == 0 else []
+    res = subprocess.run([sys.executable, script, *args, *json_args], cwd=BENCH_DIR, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == rc, f"{script} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    assert text in res.stdout + res.stderr, f"{script}: {text!r} not in its output:\n{res.stdout[-2000:]}"
+    if rc == 0:
+        import json
+
+        assert json.loads((tmp_path / "out.json").read_text())["device_type"] == "cpu"
