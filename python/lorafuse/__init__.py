@@ -1,7 +1,8 @@
 """lorafuse: fused LoRA kernels (C, CUDA) with a PEFT-compatible PyTorch layer.
 
 NumPy users: :mod:`lorafuse.ops` (no torch needed). PyTorch users: ``from lorafuse import
-LoraConfig, get_peft_model`` exactly as with PEFT; these names load torch on first use.
+LoraConfig, get_peft_model`` exactly as with PEFT, or ``lorafuse.patch_peft()`` to make stock PEFT
+build lorafuse's fused layers (`lorafuse.peft_fused`); these names load torch on first use.
 """
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ _LAZY = {
     "LoraModel": "model",
     "LoraLinear": "layers",
     "cache_packed_weights": "layers",
+    "patch_peft": "peft_fused",
+    "unpatch_peft": "peft_fused",
+    "peft_is_patched": "peft_fused",
+    "fuse_peft_model": "peft_fused",
+    "unfuse_peft_model": "peft_fused",
+    "FusedLinear": "peft_fused",
 }
 
 __all__ = ["ops", "set_num_threads", "get_num_threads", "set_output_cache_limit", "output_cache_stats", "show_config",

@@ -20,7 +20,7 @@ from .compiled import seed_tensor
 from .tuners_utils import conv1d_class, is_conv1d
 from .weight_cache import PackedWeightCache
 
-__all__ = ["LoraLinear", "cache_packed_weights"]
+__all__ = ["LoraLinear", "cache_packed_weights", "fused_operands", "plain_base"]
 
 
 def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.dtype:
@@ -37,6 +37,59 @@ def _param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     attribute — that attribute."""
     params = module._parameters
     return params[name] if name in params else getattr(module, name)
+
+
+def _no_hooks(base: nn.Module) -> bool:
+    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
+
+
+def plain_base(base: nn.Module) -> bool:
+    """A plain Linear/Conv1D (not a subclass) without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
+    return type(base) in (nn.Linear, conv1d_class()) and _no_hooks(base)
+
+
+def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn.Module, dropout: nn.Module,
+                   scaling: float, fan_in_fan_out: bool,
+                   weight_cache: Optional[PackedWeightCache] = None) -> Optional[tuple]:
+    """`fused_linear`'s arguments — (x, W, bias, A, B, scale, dropout p, seed, fan_in_fan_out, W's
+    cache, the kernel module) — for one adapter (lin_a, lin_b, dropout) on a plain base layer, or
+    None where no kernel takes these operands: autocast on the CPU, adapter dtypes no kernel takes
+    (an fp16 base with fp32 adapters; any half-precision base on the CPU). The caller has checked
+    the layer's state (one active adapter, not merged, no hooks, x's width).
+
+    Under CUDA autocast to a half dtype every operand is cast to it first (as autocast casts PEFT's
+    linears: the base and the adapters compute in that dtype); a bf16 layer with PEFT's default fp32
+    adapters goes to the CUDA kernels as it is. Runs on every call, on caches a kernel has just
+    flushed, where each tensor attribute read costs µs: each attribute is read once, and the C
+    kernels are picked here for float32 CPU input (no `kernels_for`, which reads every operand's
+    dtype and device; an operand on another device is then refused by the binding's TypeError)."""
+    on_cpu = x.is_cpu
+    autocast = torch.is_autocast_enabled("cpu" if on_cpu else x.device.type)
+    if autocast and (on_cpu or x.device.type != "cuda"):
+        return None
+    weight, lora_a, lora_b = _param_of(base, "weight"), _param_of(lin_a, "weight"), _param_of(lin_b, "weight")
+    bias = _param_of(base, "bias")
+    if autocast:
+        cast = torch.get_autocast_dtype("cuda")
+        if cast not in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
+            return None
+        x, weight, lora_a, lora_b = x.to(cast), weight.to(cast), lora_a.to(cast), lora_b.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    dtype = weight.dtype
+    if x.dtype != dtype:
+        raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
+                        f"{dtype}; cast the input or the model.")
+    adtype = lora_a.dtype
+    if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not (dtype == torch.bfloat16
+                                                                      and adtype == torch.float32))):
+        return None
+    p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+    # while torch.compile traces: no kernel module (the custom operators pick theirs when they
+    # run; importing one is not traceable) and a seed tensor drawn in the graph
+    compiling = is_compiling()
+    kern = cpu_kernels() if not compiling and on_cpu and dtype == torch.float32 and 0 not in x.shape else DISPATCH
+    seed = seed_tensor(p) if compiling else draw_seed() if p > 0.0 else 0
+    return (x, weight, bias, lora_a, lora_b, scaling, p, seed, fan_in_fan_out, weight_cache, kern)
 
 
 class LoraLinear(nn.Module):
@@ -278,62 +331,23 @@ class LoraLinear(nn.Module):
 
     def _fusable_base(self) -> bool:
         """A plain Linear/Conv1D without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
-        base = self._modules["base_layer"]
-        return self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                                         or base._backward_pre_hooks)
+        return self._plain_base and _no_hooks(self._modules["base_layer"])
 
     def _fused_operands(self, x: torch.Tensor) -> Optional[tuple]:
-        """`fused_linear`'s arguments — (x, W, bias, A, B, scale, dropout p, seed, fan_in_fan_out,
-        W's cache, the kernel module) — for the fused path, or None when forward must take the
-        general route: adapters disabled or merged, not exactly one active adapter, hooks, autocast on
-        the CPU, a wrong input width (that route reports it), adapter dtypes no kernel takes (fp16
-        base with fp32 adapters; any half-precision base on the CPU).
-        Under CUDA autocast to a half dtype, every operand is cast to it first (as autocast casts
-        PEFT's linears: the base and the adapters compute in that dtype); x, W, A, B of a bf16
-        layer with PEFT's default fp32 adapters go to the CUDA kernels as they are.
-        Runs on every call, on caches a kernel has just flushed, where each tensor attribute read
-        costs µs: it reads the submodules' dicts directly (no nn.Module.__getattr__), each
-        attribute once, and picks the C kernels itself for float32 CPU input (no `kernels_for`,
-        which reads every operand's dtype and device; an operand on another device is then
-        refused by the binding's TypeError instead of torch's error)."""
+        """`fused_linear`'s arguments for the fused path (`fused_operands`), or None when forward must
+        take the general route: adapters disabled or merged, not exactly one active adapter, hooks,
+        a wrong input width (that route reports it), or what `fused_operands` declines.
+        Runs on every call: it reads the submodules' dicts directly (no nn.Module.__getattr__)."""
         active = self._active_adapter
         if self._disable_adapters or self.merged_adapters or len(active) != 1 or not self._fusable_base():
             return None
         name, modules = active[0], self._modules
         lin_a = modules["lora_A"]._modules.get(name)
-        shape = x.shape
-        if lin_a is None or shape[-1] != self.in_features:
+        if lin_a is None or x.shape[-1] != self.in_features:
             return None
-        on_cpu = x.is_cpu
-        autocast = torch.is_autocast_enabled("cpu" if on_cpu else x.device.type)
-        if autocast and (on_cpu or x.device.type != "cuda"):
-            return None
-        base, lin_b = modules["base_layer"], modules["lora_B"]._modules[name]
-        weight, lora_a, lora_b = _param_of(base, "weight"), _param_of(lin_a, "weight"), _param_of(lin_b, "weight")
-        bias = _param_of(base, "bias")
-        if autocast:
-            cast = torch.get_autocast_dtype("cuda")
-            if cast not in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
-                return None
-            x, weight, lora_a, lora_b = x.to(cast), weight.to(cast), lora_a.to(cast), lora_b.to(cast)
-            bias = None if bias is None else bias.to(cast)
-        dtype = weight.dtype
-        if x.dtype != dtype:
-            raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
-                            f"{dtype}; cast the input or the model.")
-        adtype = lora_a.dtype
-        if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not (dtype == torch.bfloat16
-                                                                          and adtype == torch.float32))):
-            return None
-        dropout = modules["lora_dropout"]._modules[name]
-        p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-        # while torch.compile traces: no kernel module (the custom operators pick theirs when they
-        # run; importing one is not traceable) and a seed tensor drawn in the graph
-        compiling = is_compiling()
-        kern = cpu_kernels() if not compiling and on_cpu and dtype == torch.float32 and 0 not in shape else DISPATCH
-        seed = seed_tensor(p) if compiling else draw_seed() if p > 0.0 else 0
-        return (x, weight, bias, lora_a, lora_b, float(self.scaling[name]), p, seed, bool(self.fan_in_fan_out),
-                self._weight_cache, kern)
+        return fused_operands(x, modules["base_layer"], lin_a, modules["lora_B"]._modules[name],
+                              modules["lora_dropout"]._modules[name], float(self.scaling[name]),
+                              bool(self.fan_in_fan_out), self._weight_cache)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""

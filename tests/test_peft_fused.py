@@ -1,0 +1,248 @@
+"""lorafuse inside PEFT (`lorafuse.peft_fused`): stock PEFT models whose LoRA Linear layers are
+`FusedLinear`. Each test builds the same tiny model twice — stock PEFT and patched/fused PEFT, the same
+weights — and compares logits, losses and every adapter gradient; the paths lorafuse does not fuse
+must be PEFT's own code (identical results), and files cross both ways.
+
+Bounds: fused and stock differ only in fp32 summation order (one GEMM per projection in each), which
+the tiny two-layer models amplify by well under 10×: logits to 1e-5, gradients to 1e-5 of their scale.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import lorafuse  # noqa: E402
+from lorafuse.peft_fused import FusedLinear, PeftLinear  # noqa: E402
+
+LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: the twins must agree
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture
+def patched():
+    """patch_peft() for the test, unpatch_peft() after it whatever happens."""
+    lorafuse.patch_peft()
+    yield
+    lorafuse.unpatch_peft()
+
+
+def _twins(make=_llama, **conf):
+    """(stock PEFT model, PEFT model built while patched) on copies of one base, the same adapter weights."""
+    base = make()
+    config = dict(LORA, **conf)
+    stock = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    lorafuse.patch_peft()
+    try:
+        fused = peft.get_peft_model(base, peft.LoraConfig(**config))
+    finally:
+        lorafuse.unpatch_peft()
+    fused.load_state_dict(stock.state_dict())
+    return stock, fused
+
+
+def _fused_layers(model):
+    return [m for m in model.modules() if isinstance(m, FusedLinear)]
+
+
+def _step(model, ids, **kw):
+    """logits, loss and adapter gradients of one causal-LM forward/backward."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.item(), grads
+
+
+def _assert_same(a, b, tol=1e-5):
+    (la, lossa, ga), (lb, lossb, gb) = a, b
+    torch.testing.assert_close(lb, la, rtol=tol, atol=tol)
+    assert abs(lossa - lossb) <= tol * max(1.0, abs(lossa))
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        scale = ga[name].abs().max().item() + 1e-12
+        assert (ga[name] - gb[name]).abs().max().item() <= tol * scale, name
+
+
+def test_patch_makes_stock_peft_build_fused_layers(patched):
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(**LORA))
+    assert isinstance(model, peft.PeftModel) and lorafuse.peft_is_patched()
+    layers = _fused_layers(model)
+    assert len(layers) == 14 and all(isinstance(m, PeftLinear) for m in layers)
+    assert "lora.FusedLinear" in repr(layers[0])
+    lorafuse.unpatch_peft()
+    assert not lorafuse.peft_is_patched()
+    stock = peft.get_peft_model(_llama(), peft.LoraConfig(**LORA))
+    assert not _fused_layers(stock) and sum(type(m) is PeftLinear for m in stock.modules()) == 14
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2-conv1d"])
+def test_fused_equals_stock_peft(make):
+    stock, fused = _twins(make)
+    ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    ref = _step(stock, ids)
+    got = _step(fused, ids)
+    layers = _fused_layers(fused)
+    assert layers and {m.lorafuse_path for m in layers} == {"fused"}
+    _assert_same(ref, got)
+
+
+@pytest.mark.parametrize("conf", [dict(use_dora=True), dict(lora_bias=True)], ids=["dora", "lora_bias"])
+def test_unfused_variants_run_peft_code(conf):
+    """DoRA and lora_bias are not fused yet: PEFT's own forward runs, so results are PEFT's exactly."""
+    base_conf = dict(conf)
+    if conf.get("lora_bias"):
+        make = _gpt2  # a base layer with a bias
+    else:
+        make = _llama
+    stock, fused = _twins(make, **base_conf)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    ref, got = _step(stock, ids), _step(fused, ids)
+    assert {m.lorafuse_path for m in _fused_layers(fused)} == {"peft"}
+    _assert_same(ref, got, tol=0)
+
+
+def test_mixed_adapter_batch_and_disable_and_merge_are_peft():
+    stock, fused = _twins()
+    for model in (stock, fused):
+        torch.manual_seed(3)
+        model.add_adapter("other", peft.LoraConfig(**LORA))
+    fused.load_state_dict(stock.state_dict())
+    stock.eval()  # PEFT takes adapter_names in eval mode only
+    fused.eval()
+    ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(4))
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        ref = stock(input_ids=ids, adapter_names=names).logits
+        got = fused(input_ids=ids, adapter_names=names).logits
+        assert {m.lorafuse_path for m in _fused_layers(fused)} == {"peft"}
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        with pytest.raises(ValueError):  # unknown names rejected as PEFT rejects them
+            fused(input_ids=ids, adapter_names=["default", "nope", "__base__"])
+        with fused.disable_adapter(), stock.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=0, atol=0)
+        fused.set_adapter("other")
+        stock.set_adapter("other")
+        y_fused = fused(input_ids=ids).logits
+        assert {m.lorafuse_path for m in _fused_layers(fused)} == {"fused"}
+        torch.testing.assert_close(y_fused, stock(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        fused.base_model.merge_adapter()
+        y_merged = fused(input_ids=ids).logits
+        assert {m.lorafuse_path for m in _fused_layers(fused)} == {"peft"}
+        torch.testing.assert_close(y_merged, y_fused, rtol=1e-4, atol=1e-4)
+
+
+def test_files_cross_both_ways(tmp_path):
+    stock, fused = _twins()
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(5))
+    fused.save_pretrained(tmp_path / "from_fused")
+    stock.save_pretrained(tmp_path / "from_stock")
+    assert sorted(os.listdir(tmp_path / "from_fused")) == sorted(os.listdir(tmp_path / "from_stock"))
+    loaded_stock = peft.PeftModel.from_pretrained(_llama(), tmp_path / "from_fused")
+    lorafuse.patch_peft()
+    try:
+        loaded_fused = peft.PeftModel.from_pretrained(_llama(), tmp_path / "from_stock")
+    finally:
+        lorafuse.unpatch_peft()
+    assert len(_fused_layers(loaded_fused)) == 14 and not _fused_layers(loaded_stock)
+    with torch.no_grad():
+        ref = stock(input_ids=ids).logits
+        torch.testing.assert_close(loaded_stock(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded_fused(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_and_unfuse_an_existing_model_in_place():
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(**LORA))
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(6))
+    params = {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert lorafuse.fuse_peft_model(model) == 14
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params  # nothing copied or re-made
+    _assert_same(_step(reference, ids), _step(model, ids))
+    assert lorafuse.fuse_peft_model(model) == 0
+    assert lorafuse.unfuse_peft_model(model) == 14 and not _fused_layers(model)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        lorafuse.fuse_peft_model("model")
+
+
+def test_trainer_default_arguments_train_and_checkpoint_adapters(tmp_path, patched):
+    """transformers.Trainer with default TrainingArguments (plus a small step count) on a patched PEFT
+    model: it trains, logs eval_loss, its checkpoints hold PEFT adapter files only, the losses equal an
+    unpatched run's, resuming from a checkpoint gives the uninterrupted run's adapter, and save_model's
+    output loads in stock PEFT with the same logits."""
+    datasets = pytest.importorskip("datasets")
+    gen = torch.Generator().manual_seed(7)
+    rows = [{"input_ids": torch.randint(0, 96, (12,), generator=gen).tolist()} for _ in range(16)]
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+    data = datasets.Dataset.from_list(rows)
+
+    def trainer_for(out, fused):
+        if not fused:
+            lorafuse.unpatch_peft()
+        try:
+            model = peft.get_peft_model(_llama(), peft.LoraConfig(**LORA))
+        finally:
+            lorafuse.patch_peft()
+        assert bool(_fused_layers(model)) == fused
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4,
+                                              eval_strategy="steps", eval_steps=2, save_steps=2, logging_steps=1,
+                                              report_to=[], use_cpu=True, seed=0, data_seed=0)
+        return transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+
+    def history(trainer):
+        logs = trainer.state.log_history
+        return [e["loss"] for e in logs if "loss" in e], [e["eval_loss"] for e in logs if "eval_loss" in e]
+
+    def adapter(trainer):
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+    fused = trainer_for(tmp_path / "fused", True)
+    fused.train()
+    stock = trainer_for(tmp_path / "stock", False)
+    stock.train()
+    (losses, evals), (ref_losses, ref_evals) = history(fused), history(stock)
+    assert len(losses) == 4 and len(evals) == 2
+    assert losses == pytest.approx(ref_losses, rel=1e-4) and evals == pytest.approx(ref_evals, rel=1e-4)
+    files = set(os.listdir(tmp_path / "fused" / "checkpoint-4"))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files), files
+
+    resumed = trainer_for(tmp_path / "resumed", True)  # from the fused run's step-2 checkpoint to step 4
+    resumed.train(resume_from_checkpoint=str(tmp_path / "fused" / "checkpoint-2"))
+    want, got = adapter(fused), adapter(resumed)
+    assert want.keys() == got.keys() and len(want) == 28
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+    fused.save_model(str(tmp_path / "saved"))  # loads in stock PEFT with the trained model's logits
+    lorafuse.unpatch_peft()
+    try:
+        reloaded = peft.PeftModel.from_pretrained(_llama(), str(tmp_path / "saved"))
+    finally:
+        lorafuse.patch_peft()
+    assert not _fused_layers(reloaded)
+    ids = torch.tensor([rows[0]["input_ids"]])
+    fused.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, fused.model(input_ids=ids).logits, rtol=1e-5,
+                                   atol=1e-5)
