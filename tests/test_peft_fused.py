@@ -246,3 +246,69 @@ def test_trainer_default_arguments_train_and_checkpoint_adapters(tmp_path, patch
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, fused.model(input_ids=ids).logits, rtol=1e-5,
                                    atol=1e-5)
+
+
+def _saved_adapter(tmp_path, **conf):
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(**dict(LORA, **conf)))
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, PeftLinear)]
+
+
+@pytest.mark.parametrize("damage", ["pickle_only", "bad_header", "hostile_regex", "nan"])
+def test_patched_peft_loaders_refuse_hostile_adapter_dirs(tmp_path, patched, damage):
+    """While patched, PEFT's own loaders validate a local directory first: AdapterFileError, model
+    untouched (no LoRA layer injected), nothing unpickled."""
+    import json
+
+    from lorafuse.io_validate import AdapterFileError
+    from safetensors.torch import load_file, save_file
+
+    lorafuse.unpatch_peft()
+    _saved_adapter(tmp_path)
+    lorafuse.patch_peft()
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    if damage == "pickle_only":
+        weights.rename(tmp_path / "adapter_model.bin")
+    elif damage == "bad_header":
+        weights.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    elif damage == "hostile_regex":
+        conf = json.loads(config.read_text())
+        conf["target_modules"] = "(a+)+$"
+        config.write_text(json.dumps(conf))
+    else:
+        tensors = load_file(weights)
+        next(iter(tensors.values()))[0, 0] = float("nan")
+        save_file(tensors, weights)
+    base = _llama()
+    with pytest.raises(AdapterFileError):
+        peft.PeftModel.from_pretrained(base, tmp_path)
+    assert not _lora_layers(base)
+    host = peft.get_peft_model(_llama(), peft.LoraConfig(**LORA))
+    with pytest.raises(AdapterFileError):
+        host.load_adapter(tmp_path, adapter_name="other")
+    assert "other" not in host.peft_config
+
+
+def test_patched_loaders_take_what_peft_writes_and_unpatch_restores(tmp_path, patched):
+    """A DoRA adapter PEFT saved loads through the patched (validating) loader as through stock PEFT;
+    unpatch_peft gives PEFT's loaders back."""
+    lorafuse.unpatch_peft()
+    saved = _saved_adapter(tmp_path, use_dora=True)
+    stock_loaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
+    lorafuse.patch_peft()
+    loaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
+    assert len(_fused_layers(loaded)) == 14
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = saved(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=0, atol=0)
+        torch.testing.assert_close(stock_loaded(input_ids=ids).logits, ref, rtol=0, atol=0)
+    lorafuse.unpatch_peft()
+    from lorafuse import peft_fused
+
+    assert peft.PeftModel.__dict__["from_pretrained"] is peft_fused._STOCK_FROM_PRETRAINED
+    assert peft.PeftModel.__dict__["load_adapter"] is peft_fused._STOCK_LOAD_ADAPTER

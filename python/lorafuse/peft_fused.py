@@ -22,26 +22,39 @@ one active adapter is plain LoRA (no DoRA or other variant, no ``lora_bias``), t
 nn.Linear / Conv1D without hooks, no extra forward argument is given (``adapter_names`` means PEFT's
 mixed batch), and a kernel takes the operands' dtypes (`layers.fused_operands`). Anything else runs
 PEFT's forward unchanged. ``layer.lorafuse_path`` tells which ran last: 'fused' or 'peft'.
+
+While patched, ``PeftModel.from_pretrained`` and ``load_adapter`` also validate a local adapter
+directory with `lorafuse.io_validate.read_adapter_dir` before PEFT reads it: a hostile or broken
+directory (pickled weights only, a malformed safetensors header, non-finite values, regular expressions
+that could hang the module matcher, ranks that contradict the config) raises ``AdapterFileError`` and
+the model is left untouched; nothing is ever unpickled. Hub ids (not a local directory) go to PEFT as
+they are.
 With dropout 0 the fused result is PEFT's math up to fp32 summation order; with dropout the mask comes
 from lorafuse's seeded hash (x̃ is never stored), not from torch's RNG stream as in PEFT.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
+from peft import PeftModel
 from peft.tuners.lora import layer as _peft_layer
 from peft.tuners.lora import model as _peft_model
 from torch import nn
 
 from .autograd import fused_linear
+from .io_validate import read_adapter_dir
 from .layers import fused_operands, plain_base
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched", "fuse_peft_model", "unfuse_peft_model"]
 
 PeftLinear = _peft_layer.Linear
 _STOCK_DISPATCH: Callable[..., Optional[nn.Module]] = _peft_model.dispatch_default
+_STOCK_FROM_PRETRAINED = PeftModel.__dict__["from_pretrained"]  # a classmethod object
+_STOCK_LOAD_ADAPTER = PeftModel.__dict__["load_adapter"]
 
 
 class FusedLinear(PeftLinear):
@@ -85,15 +98,42 @@ def _dispatch_fused(target: nn.Module, adapter_name: str, **kwargs: Any) -> Opti
     return module
 
 
+def _validate_local(model_id: Any, kwargs: dict) -> None:
+    """`read_adapter_dir` on ``model_id`` (+ ``subfolder``) when it names a local directory."""
+    if not isinstance(model_id, (str, os.PathLike)) or not os.path.isdir(model_id):
+        return
+    path = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+    with warnings.catch_warnings():  # its notes on options lorafuse's own loader ignores do not apply to PEFT
+        warnings.simplefilter("ignore")
+        read_adapter_dir(path)
+
+
+def _from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> PeftModel:
+    """PEFT's ``PeftModel.from_pretrained`` after `_validate_local`."""
+    _validate_local(model_id, kwargs)
+    return _STOCK_FROM_PRETRAINED.__func__(cls, model, model_id, *args, **kwargs)
+
+
+def _load_adapter(self: PeftModel, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+    """PEFT's ``PeftModel.load_adapter`` after `_validate_local`."""
+    _validate_local(model_id, kwargs)
+    return _STOCK_LOAD_ADAPTER(self, model_id, *args, **kwargs)
+
+
 def patch_peft() -> None:
-    """From now on, LoRA layers that stock PEFT creates on nn.Linear / Conv1D are `FusedLinear`
-    (idempotent). Layers that exist already keep their class: `fuse_peft_model` converts them."""
+    """From now on, LoRA layers that stock PEFT creates on nn.Linear / Conv1D are `FusedLinear`, and
+    local adapter directories are validated before PEFT loads them (idempotent). Layers that exist
+    already keep their class: `fuse_peft_model` converts them."""
     _peft_model.dispatch_default = _dispatch_fused
+    PeftModel.from_pretrained = classmethod(_from_pretrained)
+    PeftModel.load_adapter = _load_adapter
 
 
 def unpatch_peft() -> None:
-    """Stock PEFT again: new LoRA layers are PEFT's ``lora.Linear`` (idempotent)."""
+    """Stock PEFT again: new LoRA layers are PEFT's ``lora.Linear``, its loaders its own (idempotent)."""
     _peft_model.dispatch_default = _STOCK_DISPATCH
+    PeftModel.from_pretrained = _STOCK_FROM_PRETRAINED
+    PeftModel.load_adapter = _STOCK_LOAD_ADAPTER
 
 
 def peft_is_patched() -> bool:
