@@ -88,7 +88,8 @@ def test_patch_makes_stock_peft_build_fused_layers(patched):
     assert isinstance(model, peft.PeftModel) and lorafuse.peft_is_patched()
     layers = _fused_layers(model)
     assert len(layers) == 14 and all(isinstance(m, PeftLinear) for m in layers)
-    assert "lora.FusedLinear" in repr(layers[0])
+    text = repr(layers[0])  # PEFT's "lora.Linear(", and the path
+    assert text.startswith("lora.Linear(") and "lorafuse fused forward (last path: none yet)" in text
     lorafuse.unpatch_peft()
     assert not lorafuse.peft_is_patched()
     stock = peft.get_peft_model(_llama(), peft.LoraConfig(**LORA))
@@ -103,6 +104,7 @@ def test_fused_equals_stock_peft(make):
     got = _step(fused, ids)
     layers = _fused_layers(fused)
     assert layers and {m.lorafuse_path for m in layers} == {"fused"}
+    assert "(last path: fused)" in repr(layers[0])
     _assert_same(ref, got)
 
 
@@ -312,3 +314,36 @@ def test_patched_loaders_take_what_peft_writes_and_unpatch_restores(tmp_path, pa
 
     assert peft.PeftModel.__dict__["from_pretrained"] is peft_fused._STOCK_FROM_PRETRAINED
     assert peft.PeftModel.__dict__["load_adapter"] is peft_fused._STOCK_LOAD_ADAPTER
+
+
+class _ConvNet(torch.nn.Module):
+    """A Conv2d and a Linear: PEFT puts LoRA on both (4-D lora_A / lora_B for the convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.lin = torch.nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["lora-conv2d", "ia3"])
+def test_patched_loaders_take_other_peft_adapters(tmp_path, patched, method):
+    """PEFT adapters lorafuse's own loader would not take (a Conv2d LoRA, another PEFT method) load
+    through the patched loaders exactly as through stock PEFT: the validation there is method-independent."""
+    if method == "ia3":
+        config = peft.IA3Config(target_modules=["conv", "lin"], feedforward_modules=["lin"], init_ia3_weights=False)
+    else:
+        config = peft.LoraConfig(target_modules=["conv", "lin"], r=2, init_lora_weights=False)
+    lorafuse.unpatch_peft()
+    saved = peft.get_peft_model(_ConvNet(), config)
+    saved.save_pretrained(tmp_path)
+    lorafuse.patch_peft()
+    loaded = peft.PeftModel.from_pretrained(_ConvNet(), tmp_path)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), saved(x), rtol=1e-6, atol=1e-6)
+    if method == "lora-conv2d":
+        assert len(_fused_layers(loaded)) == 1  # the Linear; the Conv2d layer is PEFT's own

@@ -201,20 +201,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _regex_fields(get: Any) -> Iterator[tuple[Any, str]]:
+    """(pattern, field) for every config value PEFT matches as a regex; ``get(name)`` reads a field."""
+    for name in ("target_modules", "exclude_modules"):
+        value = get(name)
+        if isinstance(value, str) and value.lower() != ALL_LINEAR:
+            yield value, name
+    layers_pattern = get("layers_pattern")
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []:
+        yield pattern, "layers_pattern"
+    for pattern in get("modules_to_save") or []:
+        yield pattern, "modules_to_save"
+    for name in ("rank_pattern", "alpha_pattern"):
+        for pattern in get(name) or {}:
+            yield pattern, f"{name} key"
+
+
 def _check_patterns(config: LoraConfig) -> None:
     """Run :func:`check_pattern` over every config value PEFT matches as a regex."""
-    for name in ("target_modules", "exclude_modules"):
-        value = getattr(config, name)
-        if isinstance(value, str) and value.lower() != ALL_LINEAR:
-            check_pattern(value, name)
-    layers_pattern = config.layers_pattern
-    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []:
-        check_pattern(pattern, "layers_pattern")
-    for pattern in config.modules_to_save or []:
-        check_pattern(pattern, "modules_to_save")
-    for name in ("rank_pattern", "alpha_pattern"):
-        for pattern in getattr(config, name):
-            check_pattern(pattern, f"{name} key")
+    for pattern, what in _regex_fields(lambda name: getattr(config, name)):
+        check_pattern(pattern, what)
 
 
 def validate_config(config: dict[str, Any]) -> LoraConfig:
@@ -409,6 +415,41 @@ def read_adapter_dir(directory: str) -> AdapterFiles:
     except AdapterFileError as exc:
         raise AdapterFileError(f"{os.path.join(directory, WEIGHTS_NAME)}: {exc}") from None
     return AdapterFiles(directory, config, lora_config, tensors, weights)
+
+
+def check_peft_dir(directory: str) -> None:
+    """What can be checked of any PEFT adapter directory before PEFT itself reads it, without
+    lorafuse's own limits on what an adapter may be (PEFT also loads Conv, Embedding, DoRA and other
+    methods' adapters): ``adapter_config.json`` of at most 1 MiB holding one JSON object with unique
+    keys; for a LoRA config, no regular expression that could hang PEFT's module matcher
+    (:func:`check_pattern`); pickled weights refused; the safetensors file fully validated
+    (`decode_weights`: header rules, the reference parser, finite values). A directory without
+    ``adapter_config.json`` is left to PEFT's own error.
+
+    Raises:
+        AdapterFileError: naming the file and the problem.
+    """
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        return
+    config = _parse_json_object(read_regular_file(config_path, MAX_CONFIG_BYTES), config_path)
+    if str(config.get("peft_type", "")).split(".")[-1].upper() == "LORA":
+        for pattern, what in _regex_fields(config.get):
+            if isinstance(pattern, str):
+                try:
+                    check_pattern(pattern, what)
+                except AdapterFileError as exc:
+                    raise AdapterFileError(f"{config_path}: {exc}") from None
+    names = os.listdir(directory)
+    if WEIGHTS_NAME not in names:
+        _refuse_pickles(directory, names)
+        return
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        decode_weights(read_regular_file(weights_path))
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{weights_path}: {exc}") from None
 
 
 def _check_key_grammar(tensors: Mapping[str, TensorInfo]) -> None:

@@ -24,11 +24,12 @@ mixed batch), and a kernel takes the operands' dtypes (`layers.fused_operands`).
 PEFT's forward unchanged. ``layer.lorafuse_path`` tells which ran last: 'fused' or 'peft'.
 
 While patched, ``PeftModel.from_pretrained`` and ``load_adapter`` also validate a local adapter
-directory with `lorafuse.io_validate.read_adapter_dir` before PEFT reads it: a hostile or broken
+directory with `lorafuse.io_validate.check_peft_dir` before PEFT reads it: a hostile or broken LoRA
 directory (pickled weights only, a malformed safetensors header, non-finite values, regular expressions
 that could hang the module matcher, ranks that contradict the config) raises ``AdapterFileError`` and
-the model is left untouched; nothing is ever unpickled. Hub ids (not a local directory) go to PEFT as
-they are.
+the model is left untouched; nothing is ever unpickled. Other PEFT methods' directories get the checks
+that do not depend on the method (config JSON, no pickles, the safetensors file). Hub ids (not a local
+directory) go to PEFT as they are.
 With dropout 0 the fused result is PEFT's math up to fp32 summation order; with dropout the mask comes
 from lorafuse's seeded hash (x̃ is never stored), not from torch's RNG stream as in PEFT.
 """
@@ -46,7 +47,7 @@ from peft.tuners.lora import model as _peft_model
 from torch import nn
 
 from .autograd import fused_linear
-from .io_validate import read_adapter_dir
+from .io_validate import check_peft_dir
 from .layers import fused_operands, plain_base
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched", "fuse_peft_model", "unfuse_peft_model"]
@@ -81,6 +82,12 @@ class FusedLinear(PeftLinear):
         return fused_operands(x, base, lin_a, self.lora_B._modules[name], self.lora_dropout._modules[name],
                               float(self.scaling[name]), bool(self.fan_in_fan_out))
 
+    def _get_name(self) -> str:
+        return "Linear"  # its repr stays PEFT's "lora.Linear(...)"; extra_repr names lorafuse
+
+    def extra_repr(self) -> str:
+        return f"lorafuse fused forward (last path: {self.lorafuse_path or 'none yet'})"
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         fused = None if args or kwargs else self._lorafuse_operands(x)
         # the instance dict directly: nn.Module.__setattr__ costs µs on every call
@@ -99,13 +106,13 @@ def _dispatch_fused(target: nn.Module, adapter_name: str, **kwargs: Any) -> Opti
 
 
 def _validate_local(model_id: Any, kwargs: dict) -> None:
-    """`read_adapter_dir` on ``model_id`` (+ ``subfolder``) when it names a local directory."""
+    """`check_peft_dir` on ``model_id`` (+ ``subfolder``) when it names a local directory."""
     if not isinstance(model_id, (str, os.PathLike)) or not os.path.isdir(model_id):
         return
     path = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
     with warnings.catch_warnings():  # its notes on options lorafuse's own loader ignores do not apply to PEFT
         warnings.simplefilter("ignore")
-        read_adapter_dir(path)
+        check_peft_dir(path)
 
 
 def _from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> PeftModel:
