@@ -347,3 +347,46 @@ def test_patched_loaders_take_other_peft_adapters(tmp_path, patched, method):
         torch.testing.assert_close(loaded(x), saved(x), rtol=1e-6, atol=1e-6)
     if method == "lora-conv2d":
         assert len(_fused_layers(loaded)) == 1  # the Linear; the Conv2d layer is PEFT's own
+
+
+def test_trl_sft_trainer_with_peft_config_after_patch(tmp_path):
+    """trl's SFTTrainer(model=base, peft_config=peft.LoraConfig(...)) after patch_peft() trains with
+    lorafuse layers inside a real PeftModel; the losses equal the unpatched run's (dropout 0)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = "the a cat dog sat ran on under mat log big small red blue".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]"] + words)}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", pad_token="[PAD]",
+                                               eos_token="[EOS]")
+    gen = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (10,), generator=gen)) for _ in range(16)]
+    data = datasets.Dataset.from_dict({"text": texts})
+
+    def run(patched, out):
+        cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=136,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                       eos_token_id=2, bos_token_id=None)
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(cfg)
+        if patched:
+            lorafuse.patch_peft()
+        try:
+            args = trl.SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                                 use_cpu=True, max_length=16, seed=0, logging_steps=1, save_strategy="no")
+            trainer = trl.SFTTrainer(model=base, args=args, train_dataset=data, processing_class=tok,
+                                     peft_config=peft.LoraConfig(**LORA))
+            trainer.train()
+        finally:
+            lorafuse.unpatch_peft()
+        assert isinstance(trainer.model, peft.PeftModel)
+        kinds = {type(m) for m in trainer.model.modules() if isinstance(m, PeftLinear)}
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], kinds
+
+    losses, kinds = run(True, tmp_path / "fused")
+    ref, ref_kinds = run(False, tmp_path / "stock")
+    assert kinds == {FusedLinear} and ref_kinds == {PeftLinear}
+    assert len(losses) == 3 and losses == pytest.approx(ref, rel=1e-5)
