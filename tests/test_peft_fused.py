@@ -123,7 +123,7 @@ def test_unfused_variants_run_peft_code(conf):
     _assert_same(ref, got, tol=0)
 
 
-def test_mixed_adapter_batch_and_disable_and_merge_are_peft():
+def test_mixed_adapter_batch_generate_disable_and_merge_are_peft():
     stock, fused = _twins()
     for model in (stock, fused):
         torch.manual_seed(3)
@@ -140,6 +140,9 @@ def test_mixed_adapter_batch_and_disable_and_merge_are_peft():
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
         with pytest.raises(ValueError):  # unknown names rejected as PEFT rejects them
             fused(input_ids=ids, adapter_names=["default", "nope", "__base__"])
+        gen = dict(max_new_tokens=4, do_sample=False, adapter_names=names, pad_token_id=0)
+        torch.testing.assert_close(fused.generate(input_ids=ids, **gen), stock.generate(input_ids=ids, **gen),
+                                   rtol=0, atol=0)
         with fused.disable_adapter(), stock.disable_adapter():
             torch.testing.assert_close(fused(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=0, atol=0)
         fused.set_adapter("other")

@@ -71,15 +71,15 @@ class FusedLinear(PeftLinear):
         active = self.active_adapters
         if len(active) != 1:
             return None
-        name = active[0]
-        lin_a = self.lora_A._modules.get(name)
+        name, modules = active[0], self._modules  # submodules read from _modules: no nn.Module.__getattr__
+        lin_a = modules["lora_A"]._modules.get(name)
         if (lin_a is None or x.shape[-1] != self.in_features or name in getattr(self, "lora_variant", ())
                 or getattr(self, "use_dora", {}).get(name) or self.lora_bias.get(name)):
             return None
-        base = self._modules["base_layer"]
+        base = modules["base_layer"]
         if not plain_base(base):
             return None
-        return fused_operands(x, base, lin_a, self.lora_B._modules[name], self.lora_dropout._modules[name],
+        return fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name],
                               float(self.scaling[name]), bool(self.fan_in_fan_out))
 
     def _get_name(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Any, Iterable, Optional, Union
 
@@ -44,8 +45,10 @@ TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, Union[list[str], s
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
+@functools.lru_cache(maxsize=None)
 def conv1d_class() -> Optional[type]:
-    """transformers' GPT-2 style `Conv1D` class (weight stored (in, out)), or None without transformers."""
+    """transformers' GPT-2 style `Conv1D` class (weight stored (in, out)), or None without transformers
+    (looked up once: the fused layers ask on every forward)."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
