@@ -393,3 +393,25 @@ def test_trl_sft_trainer_with_peft_config_after_patch(tmp_path):
     ref, ref_kinds = run(False, tmp_path / "stock")
     assert kinds == {FusedLinear} and ref_kinds == {PeftLinear}
     assert len(losses) == 3 and losses == pytest.approx(ref, rel=1e-5)
+
+
+def test_packed_weight_cache_on_fused_layers():
+    """lorafuse.cache_packed_weights reaches FusedLinear: the same results bit for bit, W's panels kept
+    (packed_weight_bytes > 0), dropped by PEFT's merge, a merged-unmerged W repacked."""
+    stock, fused = _twins()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(11))
+    plain = _step(fused, ids)
+    assert lorafuse.cache_packed_weights(fused) == 14
+    layers = _fused_layers(fused)
+    assert sum(m.packed_weight_bytes for m in layers) == 0
+    cached = _step(fused, ids)
+    assert all(m.packed_weight_bytes > 0 for m in layers)
+    _assert_same(plain, cached, tol=0)
+    fused.base_model.merge_adapter()
+    assert sum(m.packed_weight_bytes for m in layers) == 0
+    fused.base_model.unmerge_adapter()
+    stock.base_model.merge_adapter()
+    stock.base_model.unmerge_adapter()  # the same round trip of W on the stock side
+    _assert_same(_step(stock, ids), _step(fused, ids))
+    assert lorafuse.cache_packed_weights(fused, enabled=False) == 14
+    assert sum(m.packed_weight_bytes for m in layers) == 0

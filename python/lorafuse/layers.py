@@ -390,12 +390,13 @@ class LoraLinear(nn.Module):
 
 
 def cache_packed_weights(model: nn.Module, enabled: bool = True) -> int:
-    """`LoraLinear.set_packed_weight_cache` on every LoRA layer of ``model``; returns how many.
+    """``set_packed_weight_cache`` on every lorafuse LoRA layer of ``model`` (`LoraLinear`, and the
+    PEFT-native `lorafuse.FusedLinear`); returns how many.
 
     Opt-in speed for training and inference with frozen float32 CPU weights: each layer keeps
     W's packed panels (about one extra copy of W per direction used, made on first use).
     """
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    layers = [m for m in model.modules() if hasattr(type(m), "set_packed_weight_cache")]
     for layer in layers:
         layer.set_packed_weight_cache(enabled)
     return len(layers)

@@ -11,8 +11,8 @@ fused kernels where they apply, and the switch that makes stock PEFT create it.
 Mechanism (docs/DESIGN.md): PEFT builds every LoRA layer through the dispatchers of
 ``LoraModel._create_new_module``; ``dispatch_default`` makes ``lora.Linear`` for nn.Linear and
 transformers' Conv1D. `patch_peft` wraps that one function: the Linear it returns gets the class
-`FusedLinear`. `FusedLinear` adds no state — no parameter, buffer or attribute that PEFT does not
-have — so switching the class of a live layer is safe both ways, and everything except the forward is
+`FusedLinear`. `FusedLinear` adds no state — no parameter or buffer, nothing in a state dict; only the
+opt-in packed-W cache, a run-time attribute — so switching the class of a live layer is safe both ways, and everything except the forward is
 PEFT's own code: state dicts and files, merge/unmerge, adapter add/set/delete, modules_to_save,
 ``disable_adapter``, gradient checkpointing, mixed-adapter batches, DoRA and the other variants.
 
@@ -49,6 +49,7 @@ from torch import nn
 from .autograd import fused_linear
 from .io_validate import check_peft_dir
 from .layers import fused_operands, plain_base
+from .weight_cache import PackedWeightCache
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched", "fuse_peft_model", "unfuse_peft_model"]
 
@@ -63,6 +64,30 @@ class FusedLinear(PeftLinear):
     x (..., in_features) → (..., out_features). See the module docstring for when it is fused."""
 
     lorafuse_path: Optional[str] = None  # 'fused' or 'peft': the path of the last forward
+    _weight_cache: Optional[PackedWeightCache] = None  # opt-in: set_packed_weight_cache (not in state dicts)
+
+    def set_packed_weight_cache(self, enabled: bool = True) -> None:
+        """Keep the frozen base weight's packed GEMM panels across calls (float32 CPU only; the
+        `lorafuse.LoraLinear` option of the same name): each call skips packing W, for one extra copy
+        of W per direction, made on first use. Results are bit-identical; merge/unmerge drop the panels."""
+        self.__dict__["_weight_cache"] = PackedWeightCache() if enabled else None
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Memory held by the kept panels of W (0 when the cache is off or not filled yet)."""
+        return 0 if self._weight_cache is None else self._weight_cache.nbytes
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's merge; W changes through ``.data`` (no version bump), so the kept panels go first."""
+        if self._weight_cache is not None:
+            self._weight_cache.clear()
+        super().merge(*args, **kwargs)
+
+    def unmerge(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's unmerge, the kept panels dropped first (see `merge`)."""
+        if self._weight_cache is not None:
+            self._weight_cache.clear()
+        super().unmerge(*args, **kwargs)
 
     def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:
         """`fused_linear`'s arguments, or None where PEFT's forward must run."""
@@ -80,7 +105,7 @@ class FusedLinear(PeftLinear):
         if not plain_base(base):
             return None
         return fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name],
-                              float(self.scaling[name]), bool(self.fan_in_fan_out))
+                              float(self.scaling[name]), bool(self.fan_in_fan_out), self._weight_cache)
 
     def _get_name(self) -> str:
         return "Linear"  # its repr stays PEFT's "lora.Linear(...)"; extra_repr names lorafuse
