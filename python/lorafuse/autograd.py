@@ -25,6 +25,7 @@ import torch
 from torch.compiler import is_compiling
 
 from .compiled import draw_seed_tensor, lora_linear_op, seed_tensor
+from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache
 
 __all__ = ["LoraLinearFunction", "lora_linear", "fused_linear", "adapter_backward", "base_grads", "kernels_for",
@@ -69,7 +70,7 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     device = first.device
     if device.type != "cuda" or dtype not in _CUDA_DTYPES or any(t.device != device for t in tensors):
         return None
-    if adtype != dtype and not (dtype == torch.bfloat16 and adtype == torch.float32):
+    if adtype != dtype and not adapter_dtypes_fuse(dtype, adtype):
         return None
     return _load("cuda", ("lora_forward", "lora_backward"))
 

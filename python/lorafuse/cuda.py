@@ -300,13 +300,18 @@ def _stream(device: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------- API
 
+_PAIRS: set = set()  # (base dtype, adapter dtype) pairs the kernels take, filled on first use
+
+
 def adapter_dtypes_fuse(dtype: Any, adapter_dtype: Any) -> bool:
     """True when these kernels take adapters of ``adapter_dtype`` on a base of ``dtype``: the same
-    float dtype, or float32 adapters on bfloat16 (PEFT's default for a bf16 model)."""
-    torch = _torch()
-    if adapter_dtype == dtype:
-        return dtype in (torch.float32, torch.float16, torch.bfloat16)
-    return dtype == torch.bfloat16 and adapter_dtype == torch.float32
+    float dtype, or float32 adapters on bfloat16 (PEFT's default for a bf16 model). The one rule:
+    `lorafuse.autograd.kernels_for` and the layers ask it too."""
+    if not _PAIRS:
+        torch = _torch()
+        _PAIRS.update({(t, t) for t in (torch.float32, torch.float16, torch.bfloat16)})
+        _PAIRS.add((torch.bfloat16, torch.float32))
+    return (dtype, adapter_dtype) in _PAIRS
 
 
 def _layer_inputs(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: bool) -> tuple:
@@ -322,10 +327,10 @@ def _layer_inputs(x: Any, W: Any, A: Any, B: Any, fan_in_fan_out: bool) -> tuple
     k = x.shape[-1]
     W, w_kxm, m = _weight(_as_tensor("W", W), fan_in_fan_out, x)
     A, B = _as_tensor("A", A), _as_tensor("B", B)
-    if A.device == x.device and not adapter_dtypes_fuse(x.dtype, A.dtype):
+    _check_same("A", A, x, A.dtype)  # its device
+    if not adapter_dtypes_fuse(x.dtype, A.dtype):
         raise TypeError(f"lorafuse.cuda: A has dtype {A.dtype}; the adapters must have x's dtype ({x.dtype}), "
                         "or be float32 on a bfloat16 x")
-    _check_same("A", A, x, A.dtype)
     _check_same("B", B, x, A.dtype, "the dtype of A")
     if A.dim() != 2 or A.shape[1] != k or A.shape[0] < 1:
         raise ValueError(f"lorafuse.cuda: A must be (r, k={k}) with r >= 1, got {tuple(A.shape)}")
@@ -338,8 +343,8 @@ def _mixed_ws(C: Any, code: int, acode: int, n: int, k: int, m: int, r: int, bac
     """The mixed-dtype plan's workspace (bytes on x's device; None when A has x's dtype)."""
     if code == acode or n == 0:
         return None
-    nbytes = C.mixed_ws_bytes(code, acode, n, k, m, r, backward)
-    return _torch().empty(nbytes, dtype=_torch().uint8, device=x.device)
+    torch = _torch()
+    return torch.empty(C.mixed_ws_bytes(code, acode, n, k, m, r, backward), dtype=torch.uint8, device=x.device)
 
 
 def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *, out: Any = None,

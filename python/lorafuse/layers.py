@@ -16,9 +16,10 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from .autograd import DISPATCH, backend_name, cpu_kernels, draw_seed, fused_linear, kernels_for
+from .cuda import adapter_dtypes_fuse
 from .compiled import seed_tensor
 from .tuners_utils import conv1d_class, is_conv1d
-from .weight_cache import PackedWeightCache
+from .weight_cache import PackedWeightCache, PackedWeightOption
 
 __all__ = ["LoraLinear", "cache_packed_weights", "fused_operands", "plain_base"]
 
@@ -39,13 +40,10 @@ def _param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return params[name] if name in params else getattr(module, name)
 
 
-def _no_hooks(base: nn.Module) -> bool:
-    return not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
-
-
 def plain_base(base: nn.Module) -> bool:
     """A plain Linear/Conv1D (not a subclass) without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
-    return type(base) in (nn.Linear, conv1d_class()) and _no_hooks(base)
+    return type(base) in (nn.Linear, conv1d_class()) and not (base._forward_hooks or base._forward_pre_hooks
+                                                              or base._backward_hooks or base._backward_pre_hooks)
 
 
 def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn.Module, dropout: nn.Module,
@@ -77,11 +75,10 @@ def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn
         bias = None if bias is None else bias.to(cast)
     dtype = weight.dtype
     if x.dtype != dtype:
-        raise TypeError(f"LoraLinear: input dtype {x.dtype} does not match the base layer's weight dtype "
+        raise TypeError(f"lorafuse: input dtype {x.dtype} does not match the base layer's weight dtype "
                         f"{dtype}; cast the input or the model.")
     adtype = lora_a.dtype
-    if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not (dtype == torch.bfloat16
-                                                                      and adtype == torch.float32))):
+    if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not adapter_dtypes_fuse(dtype, adtype))):
         return None
     p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
     # while torch.compile traces: no kernel module (the custom operators pick theirs when they
@@ -92,7 +89,7 @@ def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn
     return (x, weight, bias, lora_a, lora_b, scaling, p, seed, fan_in_fan_out, weight_cache, kern)
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(PackedWeightOption, nn.Module):
     """A LoRA-adapted `nn.Linear` or transformers `Conv1D`: ``y = base(x) + Σ_a s_a · B_a(A_a(drop_a(x)))``.
 
     x (..., in_features) → y (..., out_features). With one active adapter and matching
@@ -130,9 +127,6 @@ class LoraLinear(nn.Module):
             raise ValueError(f"Target module {type(base_layer).__name__} has a {base_layer.weight.dtype} weight; "
                              "quantized base layers are not supported.")
         self.base_layer = base_layer
-        # Only the plain classes are computed from their weight directly; subclasses keep their own
-        # forward, through PEFT's formulation.
-        self._plain_base = type(base_layer) in (nn.Linear, conv1d_class())
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -144,7 +138,6 @@ class LoraLinear(nn.Module):
         self._active_adapter: list[str] = [adapter_name]
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self._weight_cache: Optional[PackedWeightCache] = None  # opt-in: set_packed_weight_cache
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
                           autocast_adapter_dtype)
 
@@ -303,23 +296,6 @@ class LoraLinear(nn.Module):
             if name in self.lora_A:
                 self._apply_delta(name, -1)
 
-    # ------------------------------------------------------------ packed W cache
-    def set_packed_weight_cache(self, enabled: bool = True) -> None:
-        """Keep the frozen base weight's packed GEMM panels across calls (float32 CPU only).
-
-        Each forward and backward then skips re-packing W — measured a few percent of a layer's
-        time (benchmarks/RESULTS.md) — for about one extra copy of W per direction, made on
-        first use (``packed_weight_bytes``). Results are bit-identical. W must stay frozen:
-        in-place changes that bypass autograd's version counter (``weight.data.add_``, NumPy
-        views) need ``set_packed_weight_cache(False)`` or a re-enable to be seen.
-        """
-        self._weight_cache = PackedWeightCache() if enabled else None
-
-    @property
-    def packed_weight_bytes(self) -> int:
-        """Memory held by the kept panels of W (0 when the cache is off or not filled yet)."""
-        return 0 if self._weight_cache is None else self._weight_cache.nbytes
-
     # ------------------------------------------------------------------ forward
     @property
     def backend(self) -> str:
@@ -330,8 +306,9 @@ class LoraLinear(nn.Module):
         return backend_name(self.base_layer.weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight)
 
     def _fusable_base(self) -> bool:
-        """A plain Linear/Conv1D without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
-        return self._plain_base and _no_hooks(self._modules["base_layer"])
+        """`plain_base`: only a plain Linear/Conv1D without hooks is computed from its weight directly;
+        subclasses keep their own forward, through PEFT's formulation."""
+        return plain_base(self._modules["base_layer"])
 
     def _fused_operands(self, x: torch.Tensor) -> Optional[tuple]:
         """`fused_linear`'s arguments for the fused path (`fused_operands`), or None when forward must
@@ -396,7 +373,7 @@ def cache_packed_weights(model: nn.Module, enabled: bool = True) -> int:
     Opt-in speed for training and inference with frozen float32 CPU weights: each layer keeps
     W's packed panels (about one extra copy of W per direction used, made on first use).
     """
-    layers = [m for m in model.modules() if hasattr(type(m), "set_packed_weight_cache")]
+    layers = [m for m in model.modules() if isinstance(m, PackedWeightOption)]
     for layer in layers:
         layer.set_packed_weight_cache(enabled)
     return len(layers)

@@ -37,7 +37,6 @@ from lorafuse's seeded hash (x̃ is never stored), not from torch's RNG stream a
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -49,7 +48,7 @@ from torch import nn
 from .autograd import fused_linear
 from .io_validate import check_peft_dir
 from .layers import fused_operands, plain_base
-from .weight_cache import PackedWeightCache
+from .weight_cache import PackedWeightOption
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched", "fuse_peft_model", "unfuse_peft_model"]
 
@@ -59,23 +58,11 @@ _STOCK_FROM_PRETRAINED = PeftModel.__dict__["from_pretrained"]  # a classmethod 
 _STOCK_LOAD_ADAPTER = PeftModel.__dict__["load_adapter"]
 
 
-class FusedLinear(PeftLinear):
+class FusedLinear(PackedWeightOption, PeftLinear):
     """PEFT's ``lora.Linear`` (same parameters, state-dict keys, methods) with a fused forward:
     x (..., in_features) → (..., out_features). See the module docstring for when it is fused."""
 
     lorafuse_path: Optional[str] = None  # 'fused' or 'peft': the path of the last forward
-    _weight_cache: Optional[PackedWeightCache] = None  # opt-in: set_packed_weight_cache (not in state dicts)
-
-    def set_packed_weight_cache(self, enabled: bool = True) -> None:
-        """Keep the frozen base weight's packed GEMM panels across calls (float32 CPU only; the
-        `lorafuse.LoraLinear` option of the same name): each call skips packing W, for one extra copy
-        of W per direction, made on first use. Results are bit-identical; merge/unmerge drop the panels."""
-        self.__dict__["_weight_cache"] = PackedWeightCache() if enabled else None
-
-    @property
-    def packed_weight_bytes(self) -> int:
-        """Memory held by the kept panels of W (0 when the cache is off or not filled yet)."""
-        return 0 if self._weight_cache is None else self._weight_cache.nbytes
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         """PEFT's merge; W changes through ``.data`` (no version bump), so the kept panels go first."""
@@ -134,10 +121,7 @@ def _validate_local(model_id: Any, kwargs: dict) -> None:
     """`check_peft_dir` on ``model_id`` (+ ``subfolder``) when it names a local directory."""
     if not isinstance(model_id, (str, os.PathLike)) or not os.path.isdir(model_id):
         return
-    path = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
-    with warnings.catch_warnings():  # its notes on options lorafuse's own loader ignores do not apply to PEFT
-        warnings.simplefilter("ignore")
-        check_peft_dir(path)
+    check_peft_dir(os.path.join(os.fspath(model_id), kwargs.get("subfolder") or ""))
 
 
 def _from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> PeftModel:

@@ -22,7 +22,7 @@ import torch
 
 from . import _C, ops
 
-__all__ = ["PackedWeightCache"]
+__all__ = ["PackedWeightCache", "PackedWeightOption"]
 
 
 class PackedWeightCache:
@@ -70,3 +70,27 @@ class PackedWeightCache:
     def nbytes(self) -> int:
         """Memory held by the packs."""
         return sum(p.nbytes for p in self._packs if p is not None)
+
+
+class PackedWeightOption:
+    """The opt-in packed-W cache of a lorafuse layer (`LoraLinear`, `FusedLinear`), a mixin: the
+    layer passes ``self._weight_cache`` to the kernels and clears it wherever it changes W itself
+    (merge/unmerge). A run-time attribute: never in a state dict, empty after a copy."""
+
+    _weight_cache: Optional[PackedWeightCache] = None
+
+    def set_packed_weight_cache(self, enabled: bool = True) -> None:
+        """Keep the frozen base weight's packed GEMM panels across calls (float32 CPU only).
+
+        Each forward and backward then skips re-packing W — measured a few percent of a layer's
+        time (benchmarks/RESULTS.md) — for about one extra copy of W per direction, made on
+        first use (``packed_weight_bytes``). Results are bit-identical. W must stay frozen:
+        in-place changes that bypass autograd's version counter (``weight.data.add_``, NumPy
+        views) need ``set_packed_weight_cache(False)`` or a re-enable to be seen.
+        """
+        self.__dict__["_weight_cache"] = PackedWeightCache() if enabled else None  # not nn.Module's setattr
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Memory held by the kept panels of W (0 when the cache is off or not filled yet)."""
+        return 0 if self._weight_cache is None else self._weight_cache.nbytes
