@@ -65,6 +65,7 @@ CUDA_DEPENDS = [
     "kernels/include/lorafuse/cuda_kernels.h",
     "kernels/include/lorafuse/dropout_hash.h",
     "kernels/cuda/lora_plan.h",
+    "kernels/cuda/small_kernels.h",
     "kernels/cuda/cublaslt_decls.h",
 ]
 INCLUDE_DIRS = ["kernels/include", "kernels/cuda"]

@@ -27,6 +27,7 @@
 #include "lorafuse/cuda_kernels.h"
 #include "lorafuse/dropout_hash.h"
 #include "lora_plan.h"
+#include "small_kernels.h"
 
 #ifndef LORAFUSE_CUBLASLT_WORKSPACE_BYTES
 #define LORAFUSE_CUBLASLT_WORKSPACE_BYTES (32u << 20) /* what torch uses on Hopper */
@@ -35,6 +36,7 @@
 namespace {
 
 using lorafuse::plan::Gemm;
+namespace small = lorafuse::small_kernels;
 
 /* ---------------------------------------------------------------- errors */
 
@@ -228,171 +230,6 @@ struct Descs {
     }
 };
 
-/* ---------------------------------------------------------------- dropout kernel */
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-/* dst[i] = keep(seed, i) ? src[i]·keep_scale : 0, i = row·cols + col over a dense buffer.
- * Memory-bound; four independent elements per thread per iteration keep loads in flight. */
-template <typename T>
-__global__ void dropout_kernel(const T *__restrict__ src, T *dst, uint64_t total, uint64_t seed,
-                               uint32_t threshold, float keep_scale) {
-    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < total; i += 4 * stride) {
-        float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) v[q] = to_f<T>(src[i + q * stride]);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const uint64_t idx = i + q * stride;
-            dst[idx] = from_f<T>(lf_dropout_keep(seed, idx, threshold) ? v[q] * keep_scale : 0.0f);
-        }
-    }
-    for (; i < total; i += stride)
-        dst[i] = from_f<T>(lf_dropout_keep(seed, i, threshold) ? to_f<T>(src[i]) * keep_scale : 0.0f);
-}
-
-/* kept elements are multiplied by 1/(1-p)·extra when scaled, else kept as they are (the mixed plan's
- * exact bf16 mask, its 1/(1-p) going into a GEMM's alpha) */
-int launch_dropout(cudaStream_t stream, int dtype, int64_t rows, int64_t cols, double p, uint64_t seed,
-                   bool scaled, float extra, const void *src, void *dst, const char *what) {
-    const uint64_t total = (uint64_t)rows * (uint64_t)cols;
-    if (total == 0) return LF_CUDA_OK;
-    const uint32_t thr = lf_dropout_threshold((float)p);
-    const float keep = scaled ? lf_dropout_scale((float)p) * extra : 1.0f;
-    const int threads = 256;
-    uint64_t blocks = (total + threads * 4 - 1) / (threads * 4);
-    if (blocks > 65535u * 16u) blocks = 65535u * 16u;
-    switch (dtype) {
-    case LF_CUDA_F32:
-        dropout_kernel<float><<<(unsigned)blocks, threads, 0, stream>>>((const float *)src, (float *)dst, total,
-                                                                        seed, thr, keep);
-        break;
-    case LF_CUDA_F16:
-        dropout_kernel<__half><<<(unsigned)blocks, threads, 0, stream>>>((const __half *)src, (__half *)dst,
-                                                                         total, seed, thr, keep);
-        break;
-    default:
-        dropout_kernel<__nv_bfloat16><<<(unsigned)blocks, threads, 0, stream>>>(
-            (const __nv_bfloat16 *)src, (__nv_bfloat16 *)dst, total, seed, thr, keep);
-        break;
-    }
-    LF_CUDA_CALL(cudaGetLastError(), what);
-    return LF_CUDA_OK;
-}
-
-/* ---------------------------------------------------------------- fallback GEMM */
-
-/* Column-major C(m×n) = alpha·op(A)·op(B) + beta·C + bias[row], fp32 accumulation: the same semantics
- * (and indexing) as plan_reference.cpp. Used only for problems cuBLASLt's heuristic declines (it has
- * been seen to refuse a dimension of 1 with some epilogues: r = 1, n = 1), so that every shape works;
- * one thread per element of C, consecutive threads on consecutive rows (coalesced C). */
-template <typename T, typename TC>
-__global__ void naive_gemm_kernel(int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                                  const T *A, int64_t lda, const T *B, int64_t ldb, float beta, TC *C,
-                                  int64_t ldc, const TC *bias) {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= m) return;
-    for (int64_t j = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; j < n; j += (int64_t)gridDim.y * blockDim.y) {
-        float acc = 0.0f;
-        for (int64_t p = 0; p < k; ++p) {
-            const float a = to_f<T>(transa ? A[p + i * lda] : A[i + p * lda]);
-            const float b = to_f<T>(transb ? B[j + p * ldb] : B[p + j * ldb]);
-            acc = fmaf(a, b, acc);
-        }
-        float c = alpha * acc;
-        if (beta != 0.0f) c += beta * to_f<TC>(C[i + j * ldc]);
-        if (bias) c += to_f<TC>(bias[i]);
-        C[i + j * ldc] = from_f<TC>(c);
-    }
-}
-
-template <typename T, typename TC>
-void naive_gemm(cudaStream_t stream, const Gemm &g) {
-    const dim3 block(32, 8);
-    int64_t gy = (g.n + block.y - 1) / block.y;
-    if (gy > 65535) gy = 65535;
-    const dim3 grid((unsigned)((g.m + block.x - 1) / block.x), (unsigned)gy);
-    naive_gemm_kernel<T, TC><<<grid, block, 0, stream>>>(g.transa, g.transb, g.m, g.n, g.k, g.alpha, (const T *)g.A,
-                                                         g.lda, (const T *)g.B, g.ldb, g.beta, (TC *)g.C, g.ldc,
-                                                         (const TC *)g.bias);
-}
-
-/* operand types as the plan uses them: (T, T) for T in fp32/fp16/bf16, and (half, fp32 output) */
-int launch_naive_gemm(cudaStream_t stream, const Gemm &g) {
-    const bool c32 = g.c_type == LF_CUDA_F32;
-    switch (g.ab_type) {
-    case LF_CUDA_F32: naive_gemm<float, float>(stream, g); break;
-    case LF_CUDA_F16: c32 ? naive_gemm<__half, float>(stream, g) : naive_gemm<__half, __half>(stream, g); break;
-    default:
-        c32 ? naive_gemm<__nv_bfloat16, float>(stream, g) : naive_gemm<__nv_bfloat16, __nv_bfloat16>(stream, g);
-        break;
-    }
-    LF_CUDA_CALL(cudaGetLastError(), g.what);
-    return LF_CUDA_OK;
-}
-
-/* ---------------------------------------------------------------- fold / split (lora_plan.h FoldSplit) */
-
-struct FoldSplitBatch {
-    lorafuse::plan::FoldSplit jobs[lorafuse::plan::LF_PLAN_MAX_JOBS];
-};
-
-/* Job blockIdx.y of the batch; one thread per element (i, j) of its rows×cols result:
- *   val = scale·(src[i·ld + j] + src[i·ld + j + half]) ; out[i·cols + j] = val ;
- *   hi = T(val), lo = T(val − hi) ; split[p·part_stride + i·split_ld + j] = bit p of lo_mask ? lo : hi.
- * val − float(hi) is exact in fp32 (hi is val's nearest T value), so hi + lo holds val to 2·T's bits. */
-template <typename T>
-__global__ void fold_split_kernel(FoldSplitBatch batch) {
-    const lorafuse::plan::FoldSplit &f = batch.jobs[blockIdx.y];
-    const uint64_t total = (uint64_t)f.rows * (uint64_t)f.cols, stride = (uint64_t)gridDim.x * blockDim.x;
-    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const int64_t i = (int64_t)(e / (uint64_t)f.cols), j = (int64_t)(e % (uint64_t)f.cols);
-        const float *s = f.src + i * f.src_ld + j;
-        const float val = f.scale * (f.half ? s[0] + s[f.half] : s[0]);
-        if (f.out) f.out[e] = val;
-        if (f.split) {
-            const T hi = from_f<T>(val), lo = from_f<T>(val - to_f<T>(hi));
-            T *dst = (T *)f.split + i * f.split_ld + j;
-            for (int p = 0; p < f.nparts; ++p) dst[p * f.part_stride] = ((f.lo_mask >> p) & 1u) ? lo : hi;
-        }
-    }
-}
-
-int launch_fold_split(cudaStream_t stream, const lorafuse::plan::FoldSplit *jobs, int count) {
-    if (count < 1 || count > lorafuse::plan::LF_PLAN_MAX_JOBS)
-        return set_error(LF_CUDA_ERR_ARG, "fold_split: %d jobs (1..%d)", count, (int)lorafuse::plan::LF_PLAN_MAX_JOBS);
-    FoldSplitBatch batch;
-    memset(&batch, 0, sizeof batch);
-    uint64_t most = 0;
-    for (int q = 0; q < count; ++q) {
-        batch.jobs[q] = jobs[q];
-        if (jobs[q].split && jobs[q].split_type != jobs[0].split_type)
-            return set_error(LF_CUDA_ERR_ARG, "fold_split: jobs of one launch split into one type");
-        const uint64_t total = (uint64_t)jobs[q].rows * (uint64_t)jobs[q].cols;
-        if (total > most) most = total;
-    }
-    if (most == 0) return LF_CUDA_OK;
-    const int threads = 256;
-    uint64_t blocks = (most + threads - 1) / threads;
-    if (blocks > 65535u * 16u) blocks = 65535u * 16u;
-    const dim3 grid((unsigned)blocks, (unsigned)count);
-    if (jobs[0].split_type == LF_CUDA_F16)
-        fold_split_kernel<__half><<<grid, threads, 0, stream>>>(batch);
-    else
-        fold_split_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(batch);
-    LF_CUDA_CALL(cudaGetLastError(), jobs[0].what);
-    return LF_CUDA_OK;
-}
-
 /* ---------------------------------------------------------------- the cuBLASLt backend */
 
 struct LtBackend : lorafuse::plan::Backend {
@@ -452,23 +289,16 @@ struct LtBackend : lorafuse::plan::Backend {
                        cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
                                                             sizeof wsb),
                        g.what);
-        const uint32_t al_a = key.align_a, al_b = key.align_b, al_c = key.align_c;
-        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)",
-                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
-                                                            sizeof al_a),
-                       g.what);
-        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)",
-                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
-                                                            sizeof al_b),
-                       g.what);
-        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)",
-                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
-                                                            sizeof al_c),
-                       g.what);
-        LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)",
-                       cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
-                                                            sizeof al_c),
-                       g.what);
+        const struct {
+            cublasLtMatmulPreferenceAttributes_t attr;
+            uint32_t bytes;
+        } aligns[4] = {{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, (uint32_t)key.align_a},
+                       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, (uint32_t)key.align_b},
+                       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, (uint32_t)key.align_c},
+                       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, (uint32_t)key.align_c}}; /* D is C */
+        for (const auto &al : aligns)
+            LF_CUBLAS_CALL("cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_*_BYTES)",
+                           cublasLtMatmulPreferenceSetAttribute(d.pref, al.attr, &al.bytes, sizeof al.bytes), g.what);
         cublasLtMatmulHeuristicResult_t res[1];
         memset(res, 0, sizeof res);
         int count = 0;
@@ -513,7 +343,10 @@ struct LtBackend : lorafuse::plan::Backend {
                 fresh.a = fresh.b = fresh.c = nullptr;
             }
         }
-        if (e.fallback) return launch_naive_gemm(stream, g);
+        if (e.fallback) {
+            LF_CUDA_CALL(small::launch_naive_gemm(stream, g), g.what);
+            return LF_CUDA_OK;
+        }
         Descs per_call;
         cublasLtMatmulDesc_t op = e.op;
         if (!op) { /* a bias GEMM: its op descriptor carries this call's bias pointer */
@@ -530,11 +363,18 @@ struct LtBackend : lorafuse::plan::Backend {
 
     int dropout(const char *what, int64_t rows, int64_t cols, double p, uint64_t seed, bool scaled,
                 const void *src, void *dst) override {
-        return launch_dropout(stream, dtype, rows, cols, p, seed, scaled, 1.0f, src, dst, what);
+        LF_CUDA_CALL(small::launch_dropout(stream, dtype, rows, cols, p, seed, scaled, 1.0f, src, dst), what);
+        return LF_CUDA_OK;
     }
 
     int fold_split(const lorafuse::plan::FoldSplit *jobs, int count) override {
-        return launch_fold_split(stream, jobs, count);
+        if (count < 1 || count > lorafuse::plan::LF_PLAN_MAX_JOBS)
+            return set_error(LF_CUDA_ERR_ARG, "fold_split: %d jobs (1..%d)", count, (int)lorafuse::plan::LF_PLAN_MAX_JOBS);
+        for (int q = 1; q < count; ++q)
+            if (jobs[q].split && jobs[q].split_type != jobs[0].split_type)
+                return set_error(LF_CUDA_ERR_ARG, "fold_split: jobs of one launch split into one type");
+        LF_CUDA_CALL(small::launch_fold_split(stream, jobs, count), jobs[0].what);
+        return LF_CUDA_OK;
     }
 
     int zero(const char *what, void *ptr, int64_t bytes) override {
@@ -596,8 +436,9 @@ int lf_cuda_dropout(int device, void *stream, int dtype, int64_t rows, int64_t c
     if ((uint64_t)rows * (uint64_t)cols == 0) return LF_CUDA_OK;
     DeviceGuard guard(device);
     if (guard.status != LF_CUDA_OK) return guard.status;
-    return launch_dropout((cudaStream_t)stream, dtype, rows, cols, p, seed, true, extra_scale, src, dst,
-                          "lf_cuda_dropout");
+    LF_CUDA_CALL(small::launch_dropout((cudaStream_t)stream, dtype, rows, cols, p, seed, true, extra_scale, src, dst),
+                 "lf_cuda_dropout");
+    return LF_CUDA_OK;
 }
 
 int lf_cuda_get_versions(lf_cuda_versions *out) {

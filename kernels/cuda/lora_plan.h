@@ -50,7 +50,7 @@ struct Gemm {
  *   hi = round(val), lo = round(val − hi)        (in split_type: bf16/fp16)
  *   split[p·part_stride + i·split_ld + j] = ((lo_mask >> p) & 1) ? lo : hi,  p < nparts
  * hi + lo carries 16 significant bits of val (bf16: 8 + 8), so a GEMM over such parts in bf16
- * tensor cores with fp32 accumulation computes an fp32 product to ~2^-17 relative (products of
+ * tensor cores with fp32 accumulation computes an fp32 product to ~2^-16 relative (products of
  * bf16 values are exact in fp32). `half` folds the two halves that such a GEMM writes. */
 enum { LF_PLAN_MAX_JOBS = 4 };
 
