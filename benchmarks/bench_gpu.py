@@ -83,9 +83,10 @@ Samples = dict[str, list[list[float]]]  # candidate -> rounds -> seconds (one pe
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-def resolve_device(name: str) -> Optional[torch.device]:
-    """torch.device for --device; None when CUDA was asked for and torch sees no GPU."""
+def resolve_device(name: str, script: str) -> Optional[torch.device]:
+    """torch.device for --device; None, said on stderr, when CUDA was asked for and torch sees no GPU."""
     if name == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: no CUDA GPU visible to torch (use --device cpu for a smoke test)", file=sys.stderr)
         return None
     return torch.device(name)
 
@@ -438,8 +439,10 @@ def bench_shape(n: int, k: int, m: int, args: argparse.Namespace, device: torch.
 
 
 def add_common_args(ap: argparse.ArgumentParser, *, tol: float, tol_help: str, strict_help: str) -> None:
-    """The options both GPU benchmarks take: --rank, --alpha (None: 2·rank), --dtype, --adapter-dtype,
-    --seed, --tol, --strict, --json."""
+    """The options both GPU benchmarks take: --device, --rank, --alpha (None: 2·rank), --dtype,
+    --adapter-dtype, --seed, --tol, --strict, --json."""
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: smoke test at tiny sizes with wall-clock timing")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 * rank)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="base model/layer (and input) dtype")
@@ -458,8 +461,6 @@ def _mem_text(entry: Optional[dict[str, float]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cpu: smoke test with tiny shapes and wall-clock timing")
     ap.add_argument("--tokens", type=int, default=None,
                     help=f"rows of x (default {FULL_SIZE['tokens']}; cpu {SMOKE_SIZE['tokens']})")
     ap.add_argument("--shapes", default=None,
@@ -470,9 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_common_args(ap, tol=2e-2, tol_help="correctness guard: max relative difference vs PEFT",
                     strict_help="ours is not on the CUDA path or fails the correctness guard")
     args = ap.parse_args(argv)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "bench_gpu")
     if device is None:
-        print("bench_gpu: no CUDA GPU visible to torch (use --device cpu for a smoke test)", file=sys.stderr)
         return EXIT_NO_GPU
     size = FULL_SIZE if device.type == "cuda" else SMOKE_SIZE
     tokens = args.tokens if args.tokens is not None else size["tokens"]

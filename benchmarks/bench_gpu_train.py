@@ -148,8 +148,6 @@ def _mib(device: torch.device) -> Optional[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cpu: smoke test with a tiny model and wall-clock timing")
     for name, (gpu, cpu) in SIZES.items():
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
                         help=f"default {gpu} (cpu: {cpu})")
@@ -161,9 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "bench_gpu_train")
     if device is None:
-        print("bench_gpu_train: no CUDA GPU visible to torch (use --device cpu for a smoke test)", file=sys.stderr)
         return EXIT_NO_GPU
     pick = 0 if device.type == "cuda" else 1
     for name, sizes in SIZES.items():

@@ -431,6 +431,23 @@ def test_aligned_shapes_run_on_cublaslt_not_the_fallback():
     assert lc.cuda_info()["fallback_gemms"] == before
 
 
+def _compiled_and_eager_grads(step, x, params):
+    """[x's gradient, then each param's] of step(x).backward(), first under torch.compile(fullgraph=True),
+    then eagerly: two lists to compare."""
+    torch._dynamo.reset()
+    results = []
+    try:
+        for run in (torch.compile(step, fullgraph=True), step):
+            xx = x.clone().requires_grad_(True)
+            run(xx).backward()
+            results.append([xx.grad] + [p.grad.clone() for p in params])
+            for p in params:
+                p.grad = None
+    finally:
+        torch._dynamo.reset()
+    return results
+
+
 def test_compiled_lora_linear_matches_eager_on_cuda():
     """torch.compile(fullgraph=True) over `lora_linear` on CUDA tensors (fp32, dropout 0.2, a trained
     base): the custom operators reach the CUDA kernels, and x, W, bias, A, B gradients equal eager
@@ -449,17 +466,7 @@ def test_compiled_lora_linear_matches_eager_on_cuda():
     def step(xx):
         return torch.tanh(lora_linear(xx, W, b, A, B, 1.5, 0.2, 7)).square().sum()
 
-    torch._dynamo.reset()
-    results = []
-    try:
-        for run in (torch.compile(step, fullgraph=True), step):
-            xx = x.clone().requires_grad_(True)
-            run(xx).backward()
-            results.append([xx.grad] + [p.grad.clone() for p in (W, b, A, B)])
-            for p in (W, b, A, B):
-                p.grad = None
-    finally:
-        torch._dynamo.reset()
+    results = _compiled_and_eager_grads(step, x, (W, b, A, B))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -627,16 +634,7 @@ def test_compiled_fp32_adapters_on_bf16_match_eager():
     def step(xx):
         return lora_linear(xx, W, None, A, B, 2.0).float().square().sum()
 
-    torch._dynamo.reset()
-    results = []
-    try:
-        for run in (torch.compile(step, fullgraph=True), step):
-            xx = x.clone().requires_grad_(True)
-            run(xx).backward()
-            results.append([xx.grad, A.grad.clone(), B.grad.clone()])
-            A.grad = B.grad = None
-    finally:
-        torch._dynamo.reset()
+    results = _compiled_and_eager_grads(step, x, (A, B))
     assert results[0][1].dtype == torch.float32 and results[0][0].dtype == torch.bfloat16
     for got, want in zip(*results):  # the same kernels on the same inputs: equal to the dtype's round-off
         torch.testing.assert_close(got, want)
