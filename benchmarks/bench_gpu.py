@@ -537,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if failed:
         print(f"FAILED shapes (left out of the geomeans): {', '.join(f['shape'] for f in failed)}")
     backends = sorted({r["backend_ours"] for r in results})
-    print(f"kernel path measured (ours LoraLinear.backend): {', '.join(backends) or 'none'}")
+    print(f"kernel path measured (ours FusedLinear.backend): {', '.join(backends) or 'none'}")
     backend_warning = None
     if backends != ["cuda"]:
         backend_warning = (f"ours ran on backend(s) {backends}, not 'cuda': these numbers do NOT measure "

@@ -33,7 +33,7 @@ Printed:
     ours / peft      median step time ratio                           (issue target: <= 0.85)
     first loss       the loss of each model's first step (identical weights and batch): must agree;
                      relative difference printed (WARNING beyond --tol), and of the last step
-    backends         lorafuse layers counted by ``LoraLinear.backend`` (e.g. {'cuda': 14}); anything but
+    backends         lorafuse layers counted by ``FusedLinear.backend`` (e.g. {'cuda': 14}); anything but
                      'cuda' on a GPU gets a loud WARNING (it is measured anyway) and goes into the JSON
     peak memory      one extra step per model: max_memory_allocated - allocated before it (and the
                      absolute peak, both models resident), MiB
@@ -136,9 +136,9 @@ def make_step(model: nn.Module, ids: torch.Tensor, losses: list[torch.Tensor]) -
 
 
 def backend_counts(model: nn.Module) -> dict[str, int]:
-    from lorafuse import LoraLinear
+    from lorafuse import FusedLinear
 
-    counts = collections.Counter(m.backend for m in model.modules() if isinstance(m, LoraLinear))
+    counts = collections.Counter(m.backend for m in model.modules() if isinstance(m, FusedLinear))
     return dict(sorted(counts.items()))
 
 
@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backends = backend_counts(models["ours"])
     print(f"# LoRA layers: peft {n_lora['peft']}, ours {n_lora['ours']}; trainable parameters: peft "
           f"{trainable['peft']:,}, ours {trainable['ours']:,}")
-    print(f"kernel path measured (lorafuse layers by LoraLinear.backend): {backends}", flush=True)
+    print(f"kernel path measured (lorafuse layers by FusedLinear.backend): {backends}", flush=True)
     backend_warning = None
     if set(backends) != {"cuda"}:
         backend_warning = (f"lorafuse layers by backend {backends}: not all on 'cuda'; the numbers do NOT measure "

@@ -1,4 +1,4 @@
-"""A lorafuse `LoraLinear` vs a real PEFT LoRA layer vs torch `F.linear` (frozen base alone):
+"""A lorafuse layer (`FusedLinear`, PEFT's layer with the fused forward, from `lorafuse.get_peft_model`) vs a real PEFT LoRA layer vs torch `F.linear` (frozen base alone):
 both LoRA layers wrap the same `nn.Linear` with the same adapter weights; fp32, same thread
 count, one process, interleaved, medians. Prints every ratio of issue 6's table (default
 lorafuse layer), and the same ratios for a lorafuse layer with the opt-in packed-W cache
@@ -42,7 +42,7 @@ class Holder(nn.Module):
 
 
 def make_layers(k: int, m: int, r: int):
-    """(lorafuse LoraLinear, the same with the packed-W cache, peft lora.Linear, base nn.Linear)
+    """(lorafuse FusedLinear, the same with the packed-W cache, peft lora.Linear, base nn.Linear)
     sharing W, b, A and B."""
     import peft
 
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(SHAPES))
     args = ap.parse_args()
     set_threads(args.threads)
-    header("bench_layer: lorafuse LoraLinear vs PEFT lora.Linear vs F.linear (fp32)", args.threads)
+    header("bench_layer: lorafuse FusedLinear vs PEFT lora.Linear vs F.linear (fp32)", args.threads)
     rounds = 3 if args.quick else args.rounds
     print(f"\n{'class':7s} {'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'fwd ms lf/peft/base':>24} | "
           f"{'fwd lf/peft':>11} {'lf/base':>8} | {'f+b ms lf/peft':>17} | {'f+b lf/peft':>11} | "

@@ -1,5 +1,5 @@
 """Per-call overhead of each layer of the stack, on a shape so small that the arithmetic is
-negligible (n=1, k=m=16, r=4): _C → ops → autograd.Function → LoraLinear module, next to PEFT's
+negligible (n=1, k=m=16, r=4): _C → ops → autograd.Function → FusedLinear module (PEFT's layer, fused), next to PEFT's
 lora.Linear and a bare torch F.linear. What is left at decode sizes is this overhead.
 
 "cold": the same path as it runs in a model, right after a large kernel has flushed the caches.
@@ -122,8 +122,8 @@ def cold_section(lf: Any, x: torch.Tensor, g: torch.Tensor, rounds: int) -> None
     ops._C = FlushingC(flush)
     try:
         t = cold_medians({"_C.lora_forward + torch.from_numpy": (c_fwd, False),
-                          "LoraLinear forward (no grad)": (layer_fwd, False),
-                          "LoraLinear forward+backward": (layer_fb, True),
+                          "FusedLinear forward (no grad)": (layer_fwd, False),
+                          "FusedLinear forward+backward": (layer_fb, True),
                           "no-op autograd.Function f+b": (noop_fb, True),
                           "torch x*2 forward+backward": (mul_fb, True)}, flush, rounds)
     finally:
@@ -148,7 +148,7 @@ def main() -> None:
             "_C.lora_forward (preallocated out)": lambda: _C.lora_forward(xn, Wn, An, Bn, 2.0, bn, y, u),
             "ops.lora_forward": lambda: ops.lora_forward(xn, Wn, An, Bn, 2.0, bn),
             "autograd lora_linear": lambda: lora_linear(x, W, b, A, B, 2.0),
-            "lorafuse LoraLinear module": lambda: lf(x),
+            "lorafuse FusedLinear module": lambda: lf(x),
             "PEFT lora.Linear module": lambda: pf(x),
             "torch F.linear (base only)": lambda: F.linear(x, W, b),
         }, rounds=args.rounds, min_time=0.05)

@@ -40,8 +40,7 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.impl.startswith("lorafuse"):
         import lorafuse
-        from lorafuse.config import LoraConfig
-        from lorafuse.model import get_peft_model
+        from lorafuse import LoraConfig, get_peft_model
 
         lorafuse.set_num_threads(args.threads)
     else:

@@ -149,7 +149,7 @@ def main(argv: Any = None) -> int:
 
     files = read_adapter_dir(args.out)
     print(f"reloaded: {files.num_parameters:,d} LoRA parameters in {len(files.tensors)} tensors, "
-          f"r={files.lora_config.r}")
+          f"r={files.config['r']}")
     return 0
 
 

@@ -4,12 +4,14 @@
 # This notebook builds a small Llama-architecture model from a config (random weights, so it
 # runs anywhere with no download), puts LoRA adapters into its attention projections with
 # lorafuse, trains a few steps, saves the adapter in PEFT's format, reloads it with **PEFT
-# itself**, and merges the adapter into the weights. The only lorafuse-specific line is the import.
+# itself**, and merges the adapter into the weights. The only lorafuse-specific line is the import:
+# the model lorafuse returns *is* a PEFT model (`peft.PeftModel`), whose LoRA layers run fused kernels.
 
 # %%
 import copy
 import warnings
 
+import peft
 import torch
 import transformers
 
@@ -34,12 +36,15 @@ lora_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["
                          task_type="CAUSAL_LM")
 model = get_peft_model(base, lora_config)
 model.print_trainable_parameters()
-print(model.base_model.model.model.layers[0].self_attn.q_proj)
+print(type(model).__name__, "is a peft.PeftModel:", isinstance(model, peft.PeftModel))
+print(model.base_model.model.model.layers[0].self_attn.q_proj)  # PEFT's lora.Linear, as lorafuse.FusedLinear
 
 # %% [markdown]
 # ## 2. Train a few steps
 # The task: continue a repeating pattern of tokens. Only `lora_A` / `lora_B` are trainable;
 # lorafuse computes each LoRA layer's forward and its adapter-only backward in fused C kernels.
+# Each layer's `lorafuse_path` tells which path its last forward took: `'c'` (the fused CPU
+# kernels), `'cuda'`, or `'peft'` (PEFT's own forward, for what the kernels do not cover).
 
 # %%
 pattern = torch.arange(8).repeat(8)[None, :48] * 7 % 256         # 1 × 48 token ids
@@ -55,6 +60,9 @@ for step in range(30):
     losses.append(loss.item())
 print(f"loss: step 1 {losses[0]:.3f} -> step {len(losses)} {losses[-1]:.3f}")
 assert losses[-1] < losses[0]
+paths = {layer.lorafuse_path for layer in model.modules() if isinstance(layer, lorafuse.FusedLinear)}
+print("path of every LoRA layer's last forward:", paths)
+assert paths == {"c"}
 
 # %% [markdown]
 # ## 3. Save in PEFT's format, reload with PEFT
@@ -62,8 +70,6 @@ assert losses[-1] < losses[0]
 # %%
 import os
 import tempfile
-
-import peft
 
 model.eval()
 with torch.no_grad():
@@ -84,7 +90,7 @@ print("PEFT reloads the lorafuse adapter: same logits, max |diff| =", (ours - th
 
 # %% [markdown]
 # ## 4. Merge the adapter into the weights
-# `merge_and_unload()` computes `W += s·B·A` in place (a C kernel) and returns the plain model.
+# PEFT's `merge_and_unload()` computes `W += s·B·A` in place and returns the plain model.
 
 # %%
 merged = model.merge_and_unload()

@@ -26,7 +26,6 @@ RUNS = [
     ("bench_gemm.py", ["--quick", "--rounds", "1"], "share"),
     ("bench_ops.py", ["--quick", "--rounds", "1"], "ratio alternating"),
     ("bench_lora_cost.py", ["--rounds", "1"], "512   1024   1024  16"),
-    ("bench_peft_fused.py", ["--quick"], "fused/peft: FusedLinear"),
     ("bench_train.py", TINY_TRAIN, "ratio lorafuse/PEFT"),
     ("bench_train.py", TINY_TRAIN + ["--compile"], "ratio lorafuse/PEFT"),
 ]

@@ -3,22 +3,22 @@
 The child process (``TRAINER`` below) trains a small LoRA model (dropout on, AdamW) and every
 ``K`` steps writes
 
-* ``ckpt/adapter/`` — ``save_pretrained`` over the same directory each time (atomic per file:
-  the adapter a user would pick up at any moment),
+* ``ckpt/adapter/`` — lorafuse's ``save_pretrained`` over the same directory each time (PEFT's
+  files, moved into place atomically one by one: the adapter a user would pick up at any moment),
 * ``ckpt/step-<s>/`` — adapter (``save_pretrained``) + ``trainer_state.safetensors``
-  (AdamW moments, torch RNG state, step) written with ``lorafuse.io.atomic_write``,
+  (AdamW moments, torch RNG state, step) written with ``lorafuse.atomic.atomic_write``,
 * ``ckpt/latest`` — the step number, written last with ``atomic_write``: the commit marker.
 
 It is killed with SIGKILL at random moments (several times per run) and restarted with
-``--resume``, which loads ``step-<latest>`` with ``PeftModel.from_pretrained`` and restores the
-optimizer and RNG state. Checked after every kill: ``ckpt/adapter`` and the checkpoint
-``latest`` names always load (never a corrupt or partial adapter; stray ``.tmp`` files are
-ignored); and at the end, the resumed run's per-step losses and final adapter + optimizer
-state are bit-identical to an uninterrupted run's.
+``--resume``, which loads ``step-<latest>`` with ``lorafuse.PeftModel.from_pretrained`` and restores
+the optimizer and RNG state. Checked after every kill: ``ckpt/adapter`` and the checkpoint ``latest``
+names always validate and load into the model (never a corrupt or partial adapter; the stray temp
+files and hidden ``.lorafuse-save-*`` staging folders a kill leaves are ignored); and at the end, the
+resumed run's per-step losses and final adapter + optimizer state are bit-identical to an
+uninterrupted run's.
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -34,14 +34,21 @@ pytest.importorskip("safetensors")
 
 STEPS, K = 30, 3
 
-TRAINER = textwrap.dedent(r'''
-    import os, sys
+# the base model, shared by the trainer and by the checks here
+BASE = textwrap.dedent('''
     import torch
     from torch import nn
+
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 4))
+''')
+
+TRAINER = BASE + textwrap.dedent(r'''
+    import os, sys
     import lorafuse
-    from lorafuse.config import LoraConfig
-    from lorafuse.model import PeftModel, get_peft_model
-    from lorafuse.io import atomic_write
+    from lorafuse import LoraConfig, PeftModel, get_peft_model
+    from lorafuse.atomic import atomic_write
     from safetensors.torch import load_file, save
 
     torch.set_num_threads(1)
@@ -49,10 +56,6 @@ TRAINER = textwrap.dedent(r'''
     root, steps, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     ckpt = os.path.join(root, "ckpt")
     os.makedirs(ckpt, exist_ok=True)
-
-    def base():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 4))
 
     latest = os.path.join(ckpt, "latest")
     start = 0
@@ -149,20 +152,39 @@ def final_state(root: Path) -> dict:
     return out
 
 
+def base_model() -> torch.nn.Module:
+    """The trainer's base model (``BASE``)."""
+    namespace: dict = {}
+    exec(BASE, namespace)
+    return namespace["base"]()
+
+
+def assert_loads(directory: Path) -> None:
+    """``directory`` validates and loads with lorafuse's loader, holding exactly its file's tensors."""
+    from safetensors.torch import load_file
+
+    import lorafuse
+    from lorafuse.io_validate import read_adapter_dir
+
+    assert read_adapter_dir(str(directory)).num_parameters > 0
+    model = lorafuse.PeftModel.from_pretrained(base_model(), str(directory))
+    state = model.state_dict()
+    for key, value in load_file(str(directory / "adapter_model.safetensors")).items():
+        module = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+        assert torch.equal(state[f"base_model.model.{module}.default.weight"], value), key
+
+
 def check_loadable(root: Path) -> None:
     """Whatever the kill left behind: the user-facing adapter and the committed checkpoint load."""
     from safetensors.torch import load_file
 
-    from lorafuse.io_validate import read_adapter_dir
-
     ckpt = root / "ckpt"
     if (ckpt / "adapter" / "adapter_model.safetensors").exists():
-        files = read_adapter_dir(str(ckpt / "adapter"))
-        assert files.num_parameters > 0
+        assert_loads(ckpt / "adapter")
     if (ckpt / "latest").exists():
         step = int((ckpt / "latest").read_text())
         d = ckpt / f"step-{step}"
-        read_adapter_dir(str(d))
+        assert_loads(d)
         load_file(str(d / "trainer_state.safetensors"))
 
 
@@ -201,5 +223,5 @@ def test_killed_and_resumed_training_is_identical(reference: Path, tmp_path: Pat
     assert got_state.keys() == ref_state.keys()
     for key in ref_state:
         assert torch.equal(got_state[key], ref_state[key]), key
-    stray = [p.name for p in (tmp_path / "ckpt").rglob("*.tmp")]
-    print(f"stray temp files left by kills (ignored by loaders): {len(stray)}")
+    stray = sorted(str(p.relative_to(tmp_path / "ckpt")) for p in (tmp_path / "ckpt").glob("*/.*"))
+    print(f"stray temp files and staging folders left by kills (ignored by the loaders): {stray}")

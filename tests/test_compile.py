@@ -1,6 +1,7 @@
 """`torch.compile` over lorafuse layers: the custom operators (`lorafuse.compiled`) pass torch's
-operator checks, a LoRA-wrapped Llama compiles with fullgraph=True (a graph break at a LoRA layer
-would be an error) and gives eager mode's loss and gradients, dropout included."""
+operator checks, a Llama from `lorafuse.get_peft_model` (`FusedLinear` layers) compiles with
+fullgraph=True (a graph break at a LoRA layer would be an error), runs the fused kernels and gives
+eager mode's loss and gradients, dropout included."""
 from __future__ import annotations
 
 from typing import Any
@@ -69,22 +70,31 @@ def _adapter_grads(model: Any) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _paths(model: Any) -> list:
+    """``lorafuse_path`` of every LoRA layer: which path each one's last forward took."""
+    return [m.lorafuse_path for m in model.modules() if isinstance(m, lorafuse.FusedLinear)]
+
+
 def test_compiled_llama_fullgraph_matches_eager_with_dropout() -> None:
     """Training step (dropout 0.1): the compiled model's loss and every adapter gradient equal
-    eager mode's, with the same seeds drawn; then inference under no_grad gives eager's logits."""
+    eager mode's, with the same seeds drawn, both through the fused kernels (``lorafuse_path``
+    'c' on every LoRA layer); then inference under no_grad gives eager's logits."""
     model = _llama(0.1)
     model.train()
     ids = torch.randint(0, 97, (2, 12))
+    assert _paths(model) == [None] * 10
     compiled = torch.compile(model, fullgraph=True)  # first: nothing has run eagerly yet
     torch.manual_seed(1)
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
+    assert _paths(model) == ["c"] * 10
     grads = _adapter_grads(model)
     model.zero_grad(set_to_none=True)
 
     torch.manual_seed(1)
     eager_loss = model(input_ids=ids, labels=ids).loss
     eager_loss.backward()
+    assert _paths(model) == ["c"] * 10
     eager_grads = _adapter_grads(model)
     assert len(eager_grads) == 2 * 5 * 2  # A and B of five projections in two layers
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)

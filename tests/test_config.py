@@ -1,99 +1,135 @@
-"""LoraConfig: PEFT's defaults and dict keys, validation, adapter_config.json round trips."""
+"""Adapter configs: `lorafuse.io_validate.validate_config` (torch-free) refuses each broken LoRA field with an
+`AdapterFileError` that names the field, leaves the config as it was, and passes what PEFT itself writes;
+``lorafuse.LoraConfig`` / ``TaskType`` / ``LoraModel`` are PEFT's own classes.
+
+Hostile and broken adapter *directories* (and `check_pattern`'s regex catalogue) are tests/test_io_hostile.py's;
+here each rule is checked on its own, on a dict, with the boundary values on both sides.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
-import warnings
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lorafuse.config import PEFT_ONLY_DEFAULTS, LoraConfig, TaskType
+from lorafuse.io_validate import AdapterFileError, validate_config
 
-peft = pytest.importorskip("peft")
-
-
-def test_defaults_equal_peft() -> None:
-    ours, theirs = LoraConfig(), peft.LoraConfig()
-    for f in dataclasses.fields(ours):
-        if f.name in ("peft_extra", "peft_version"):
-            continue
-        assert getattr(ours, f.name) == getattr(theirs, f.name), f.name
-    for key, value in PEFT_ONLY_DEFAULTS.items():
-        assert getattr(theirs, key) == value, key
+MINIMAL = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+DROP = object()  # as a value in `_config`: remove the key
+NAN, INF = float("nan"), float("inf")
 
 
-def test_to_dict_has_exactly_peft_keys_and_is_json() -> None:
-    kwargs = dict(r=16, lora_alpha=32, target_modules=["v_proj", "q_proj"], task_type="CAUSAL_LM",
-                  modules_to_save=["lm_head"], rank_pattern={"q_proj": 4})
-    ours = LoraConfig(**kwargs).to_dict()
-    theirs = peft.LoraConfig(**kwargs).to_dict()
-    theirs.pop("runtime_config", None)  # PEFT never saves it
-    assert set(ours) == set(theirs)
-    assert ours["target_modules"] == ["q_proj", "v_proj"] and ours["task_type"] == "CAUSAL_LM"
-    for key in ours:
-        if key not in ("peft_version", "target_modules", "task_type", "peft_type"):
-            assert ours[key] == theirs[key], key
-    json.dumps(ours)
+def _config(**changes: Any) -> dict[str, Any]:
+    """A copy of `MINIMAL` (the keys an early PEFT file has) with ``changes`` applied."""
+    config = copy.deepcopy(MINIMAL)
+    for key, value in changes.items():
+        if value is DROP:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
 
 
-def test_from_dict_round_trips_a_peft_file_without_warnings() -> None:
-    theirs = peft.LoraConfig(r=4, target_modules="model.*proj", lora_dropout=0.1, use_rslora=True)
-    d = json.loads(json.dumps(theirs.to_dict() | {"runtime_config": None}, default=str))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ours = LoraConfig.from_dict(d)
-    assert (ours.r, ours.target_modules, ours.lora_dropout, ours.use_rslora) == (4, "model.*proj", 0.1, True)
-    assert ours.peft_type == "LORA"
-    again = LoraConfig.from_dict(ours.to_dict())
-    assert again.to_dict() == ours.to_dict()
+def _cases(message: str, field: str, values: list) -> list:
+    """pytest params: ``field`` set to each of ``values`` must be refused with ``message``."""
+    return [pytest.param({field: v}, message, id=f"{field}={v!r}"[:60]) for v in values]
 
 
-def test_unsupported_peft_options_are_kept_with_a_warning() -> None:
-    d = LoraConfig(target_modules=["q"]).to_dict() | {"use_dora": True, "brand_new_option": 3}
-    with pytest.warns(UserWarning, match=r"\['brand_new_option', 'use_dora'\]"):
-        config = LoraConfig.from_dict(d)
-    out = config.to_dict()
-    assert out["use_dora"] is True and out["brand_new_option"] == 3
+REFUSED = [
+    *_cases("peft_type must be 'LORA'", "peft_type", ["IA3", "PeftType.ADALORA", None, 3, DROP]),
+    *_cases("`r` should be a positive integer", "r", [0, -2, 2.5, True, "4", None]),
+    *_cases("lora_alpha must be a finite number", "lora_alpha", [NAN, INF, -INF, "8", True, None]),
+    *_cases("lora_dropout must be a number in [0, 1)", "lora_dropout", [1.0, -0.1, NAN, "0.1", True, None]),
+    *_cases("rank_pattern must map", "rank_pattern", [{"q_proj": 0}, {"q_proj": 2.0}, {"q_proj": True},
+                                                      ["q_proj"], "q_proj=2"]),
+    *_cases("alpha_pattern must map", "alpha_pattern", [{"q_proj": "16"}, {"q_proj": NAN}, {"q_proj": None},
+                                                        [16]]),
+    *_cases("target_modules is missing", "target_modules", [DROP, None, [], ""]),
+    *_cases("target_modules must be a string or a list of non-empty strings", "target_modules",
+            [5, [1], ["q_proj", ""], {"q_proj": 1}]),
+    *_cases("exclude_modules must be a string or a list of non-empty strings", "exclude_modules", [5, [""]]),
+    *_cases("layers_pattern must be a string or a list of non-empty strings", "layers_pattern", [[3], 1]),
+    *_cases("modules_to_save must be a list of non-empty strings", "modules_to_save", ["score", [None]]),
+    *_cases("layers_to_transform must be a non-negative int or a list of them", "layers_to_transform",
+            [-1, [0, -1], "0", [0.5], True]),
+    # every field PEFT matches as a regular expression goes through the policy, under its own name
+    *_cases("target_modules: ", "target_modules", ["(a+)+$", r"(.)\1"]),
+    *_cases("exclude_modules: ", "exclude_modules", ["(a|aa)*b"]),
+    *_cases("layers_pattern: ", "layers_pattern", ["(x+)+", ["layers", "(x+)+"]]),
+    *_cases("modules_to_save: ", "modules_to_save", [["score", "(c+)+"]]),
+    *_cases("rank_pattern key: ", "rank_pattern", [{"(q+)+": 2}]),
+    *_cases("alpha_pattern key: ", "alpha_pattern", [{"(q|qq)*": 2}]),
+]
 
 
-def test_old_peft_file_with_a_key_subset_loads() -> None:
-    config = LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 2})
-    assert config.r == 2 and config.target_modules == {"q_proj"} and config.lora_alpha == 8
+@pytest.mark.parametrize("changes, message", REFUSED)
+def test_each_rule_refuses_naming_the_field(changes: dict, message: str) -> None:
+    config = _config(**changes)
+    before = repr(config)  # NaN != NaN: compare the text
+    with pytest.raises(AdapterFileError, match="^" + re.escape(message)):
+        validate_config(config)
+    assert repr(config) == before
 
 
-def test_task_type_and_list_to_set() -> None:
-    config = LoraConfig(task_type="SEQ_CLS", target_modules=("a", "b", "a"))
-    assert config.task_type == TaskType.SEQ_CLS and config.target_modules == {"a", "b"}
+@pytest.mark.parametrize("changes", [
+    dict(peft_type="PeftType.LORA"), dict(peft_type="lora"),  # older PEFT files; any case
+    dict(r=1), dict(r=DROP, lora_alpha=DROP),  # absent: PEFT's defaults (8, 8)
+    dict(lora_alpha=0), dict(lora_alpha=-16), dict(lora_alpha=0.5),
+    dict(lora_dropout=0), dict(lora_dropout=0.999), dict(lora_dropout=DROP),
+    dict(rank_pattern=None, alpha_pattern=None), dict(rank_pattern={"q_proj": 1}, alpha_pattern={"q_proj": -0.5}),
+    dict(target_modules="all-linear"), dict(target_modules=r".*\.(q_proj|v_proj)"), dict(target_modules="q_proj"),
+    dict(target_modules=None, target_parameters=["experts.gate_up_proj"]),
+    dict(exclude_modules=["o_proj"]), dict(exclude_modules=r".*layers\.0\..*"),
+    dict(layers_pattern="layers", layers_to_transform=[0, 1]), dict(layers_pattern=["layers", "h"]),
+    dict(layers_to_transform=0), dict(layers_to_transform=None, layers_pattern=None),
+    dict(modules_to_save=["score", "classifier"]),
+], ids=lambda changes: ",".join(f"{k}={'<absent>' if v is DROP else v!r}" for k, v in changes.items())[:60])
+def test_boundary_values_pass(changes: dict) -> None:
+    config = _config(**changes)
+    assert validate_config(config) is config
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(r=0), "positive integer"),
-    (dict(r=2.5), "positive integer"),
-    (dict(r=True), "positive integer"),
-    (dict(lora_alpha="8"), "lora_alpha"),
-    (dict(lora_alpha=float("nan")), "lora_alpha"),
-    (dict(lora_dropout=1.0), "lora_dropout"),
-    (dict(lora_dropout=-0.1), "lora_dropout"),
-    (dict(bias="some"), "bias"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights"),
-    (dict(task_type="TRANSLATE"), "task_type"),
-    (dict(peft_type="IA3"), "peft_type"),
-    (dict(target_modules=[1, 2]), "target_modules"),
-    (dict(target_modules=5), "target_modules"),
-    (dict(modules_to_save="classifier"), "modules_to_save"),
-    (dict(target_modules=".*q", layers_to_transform=[0]), "layers_to_transform"),
-    (dict(target_modules=["q"], layers_pattern="layers"), "layers_to_transform"),
-    (dict(target_modules=["q"], layers_to_transform=[-1]), "layers_to_transform"),
-    (dict(rank_pattern={"q": 0}), "rank_pattern"),
-    (dict(alpha_pattern={"q": "x"}), "alpha_pattern"),
-    (dict(use_rslora="yes"), "use_rslora"),
-])
-def test_invalid_values_raise_value_error(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        LoraConfig(**kwargs)
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(use_dora=True, use_rslora=True, rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+         alpha_pattern={"v_proj": 3}),
+    dict(lora_bias=True, lora_dropout=0.1, bias="lora_only"),
+    dict(init_lora_weights="pissa", task_type="SEQ_CLS", modules_to_save=["score"]),
+    dict(init_lora_weights="gaussian", layers_to_transform=[0], layers_pattern="layers"),
+    dict(target_modules=r".*\.(q_proj|v_proj)", exclude_modules=r".*layers\.0\..*"),
+    dict(init_lora_weights="olora", target_modules="all-linear", exclude_modules=["o_proj"], task_type="CAUSAL_LM"),
+    dict(target_modules=None, target_parameters=["mlp.experts.gate_up_proj"]),
+], ids=["defaults", "dora-rslora-patterns", "lora-bias", "pissa-seq-cls", "gaussian-layers", "regexes",
+        "olora-all-linear", "target-parameters"])
+def test_configs_peft_writes_pass(kwargs: dict, tmp_path: Path) -> None:
+    """``adapter_config.json`` exactly as PEFT saves it, with the options lorafuse leaves to PEFT."""
+    peft = pytest.importorskip("peft")
+    kwargs = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **kwargs}
+    peft.LoraConfig(**kwargs).save_pretrained(str(tmp_path))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert validate_config(written) is written
+    assert all(written[k] == v for k, v in kwargs.items() if not isinstance(v, list)), written
 
 
-def test_scaling() -> None:
-    assert LoraConfig(r=4, lora_alpha=16).scaling == 4.0
-    assert LoraConfig(r=4, lora_alpha=16, use_rslora=True).scaling == 8.0
+def test_lorafuse_config_names_are_peft_classes() -> None:
+    peft = pytest.importorskip("peft")
+    import lorafuse
+
+    assert lorafuse.LoraConfig is peft.LoraConfig and lorafuse.TaskType is peft.TaskType
+    assert lorafuse.LoraModel is peft.LoraModel
+    config = lorafuse.LoraConfig(task_type=lorafuse.TaskType.SEQ_CLS, target_modules=["q_proj"])
+    assert config.task_type == "SEQ_CLS" and validate_config(json.loads(json.dumps(config.to_dict(), default=list)))
+
+
+def test_validation_imports_no_torch() -> None:
+    """`lorafuse.io_validate` is for tools without torch: importing lorafuse and validating loads none."""
+    code = ("import sys, lorafuse; from lorafuse.io_validate import validate_config; "
+            f"validate_config({MINIMAL!r}); print(sorted(m for m in ('torch', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -339,32 +339,43 @@ def _tiny_llama(dtype):
     return model.to(device=DEVICE, dtype=dtype).eval()
 
 
-def _peft_model(base, dtype):
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_config():
+    """A fresh LoRA config (r 8, no dropout, random B ≠ 0) on every projection of `_tiny_llama`, for
+    either side (``lorafuse.LoraConfig`` is PEFT's own class)."""
     peft = pytest.importorskip("peft")
-    conf = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"])
-    return peft.get_peft_model(base, conf, autocast_adapter_dtype=False)
+    return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules=TARGETS)
+
+
+def _peft_model(base):
+    """Stock PEFT on ``base``, adapters in the base's dtype (``autocast_adapter_dtype=False``)."""
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(base, _lora_config(), autocast_adapter_dtype=False)
+
+
+def _fused_layers(model):
+    from lorafuse import FusedLinear
+
+    return [m for m in model.modules() if isinstance(m, FusedLinear)]
 
 
 def _fuse(peft_model):
-    """Route every PEFT LoRA linear of a deep copy (sharing nothing with the original) through
-    lorafuse.autograd.lora_linear — the layer's own path, which must dispatch to these kernels."""
-    from peft.tuners.lora import Linear as PeftLoraLinear
-
-    from lorafuse.autograd import backend_name, lora_linear
+    """A deep copy of a stock PEFT model (sharing nothing with it) converted by `lorafuse.fuse_peft_model`:
+    every LoRA layer a `FusedLinear`, whose forward must dispatch to these kernels (``backend`` 'cuda')."""
+    import lorafuse
 
     fused = copy.deepcopy(peft_model)
-    for mod in fused.modules():
-        if isinstance(mod, PeftLoraLinear):
-            def fwd(x, *args, _m=mod, **kw):
-                name = _m.active_adapters[0]
-                base = _m.get_base_layer()
-                args = (x, base.weight, base.bias, _m.lora_A[name].weight, _m.lora_B[name].weight)
-                assert backend_name(*(a for a in args if a is not None)) == "cuda"
-                return lora_linear(*args, float(_m.scaling[name]))
-            mod.forward = fwd
+    assert lorafuse.fuse_peft_model(fused) == 2 * len(TARGETS)
+    assert {m.backend for m in _fused_layers(fused)} == {"cuda"}
     return fused
+
+
+def _assert_ran_fused(model, path="cuda"):
+    """Every LoRA layer's last forward took ``path`` ('cuda': these kernels; 'c': the CPU ones)."""
+    layers = _fused_layers(model)
+    assert len(layers) == 2 * len(TARGETS) and {m.lorafuse_path for m in layers} == {path}
 
 
 def _lora_grads(model):
@@ -382,11 +393,12 @@ def _run(model, ids):
 
 
 def test_llama_vs_peft_fp32():
-    model = _peft_model(_tiny_llama(torch.float32), torch.float32)
+    model = _peft_model(_tiny_llama(torch.float32))
     fused = _fuse(model)
     ids = torch.randint(0, 96, (2, 17), device=DEVICE, generator=None)
     l_peft, g_peft = _run(model, ids)
     l_ours, g_ours = _run(fused, ids)
+    _assert_ran_fused(fused)
     torch.testing.assert_close(l_ours, l_peft, rtol=1e-5, atol=1e-5)
     assert g_peft.keys() == g_ours.keys() and len(g_peft) == 2 * 7 * 2
     for name in g_peft:  # gradients: sums over all tokens of products of the above, so 10× looser, normwise
@@ -395,13 +407,14 @@ def test_llama_vs_peft_fp32():
 
 
 def test_llama_vs_peft_bf16_no_worse_than_peft():
-    peft_bf16 = _peft_model(_tiny_llama(torch.bfloat16), torch.bfloat16)
+    peft_bf16 = _peft_model(_tiny_llama(torch.bfloat16))
     exact = copy.deepcopy(peft_bf16).to(torch.float64)  # the same bf16 weights, evaluated in float64
     fused = _fuse(peft_bf16)
     ids = torch.randint(0, 96, (2, 17), device=DEVICE)
     l_ref, g_ref = _run(exact, ids)
     l_peft, g_peft = _run(peft_bf16, ids)
     l_ours, g_ours = _run(fused, ids)
+    _assert_ran_fused(fused)
     e_peft = (l_peft - l_ref).abs().max().item()
     e_ours = (l_ours - l_ref).abs().max().item()
     assert e_ours <= 2 * e_peft + 1e-3, (e_ours, e_peft)
@@ -501,12 +514,6 @@ def test_fp32_adapters_on_bf16_vs_float64(lead, k, m, r, p, fifo):
         assert not bool((err > lim).any()), (name, float(err.max()), float((err / (mag[name] + 1e-30)).max()))
 
 
-def _lora_conf(peft_mod, lora_mod):
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
-    return peft_mod.LoraConfig(init_lora_weights=False, **kw), lora_mod.LoraConfig(**kw)
-
-
 def _twins(dtype):
     """(PEFT model, lorafuse model) on one tiny Llama in ``dtype`` with PEFT's default adapter dtype
     (float32 on a half-precision base) and the same adapter weights (B ≠ 0)."""
@@ -514,9 +521,8 @@ def _twins(dtype):
     import lorafuse
 
     base = _tiny_llama(dtype)
-    conf_peft, conf_ours = _lora_conf(peft, lorafuse)
-    ours = lorafuse.get_peft_model(copy.deepcopy(base), conf_ours)
-    theirs = peft.get_peft_model(base, conf_peft)
+    ours = lorafuse.get_peft_model(copy.deepcopy(base), _lora_config())
+    theirs = peft.get_peft_model(base, _lora_config())
     lora = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
     missing = set(lora) - set(ours.state_dict())
     assert not missing, sorted(missing)[:3]
@@ -556,7 +562,7 @@ def test_llama_bf16_fp32_adapters_fused_vs_peft(monkeypatch):
     (backend 'cuda', one kernel call per layer), and logits, the LM loss and every adapter gradient are
     no further from a float64 copy of the same model than PEFT's own bf16 results are (2× + slack)."""
     theirs, ours = _twins(torch.bfloat16)
-    layers = [m for m in ours.modules() if hasattr(m, "backend") and hasattr(m, "lora_A")]
+    layers = _fused_layers(ours)
     assert len(layers) == 14 and {m.backend for m in layers} == {"cuda"}
     assert {m.lora_A["default"].weight.dtype for m in layers} == {torch.float32}
     exact = copy.deepcopy(theirs).to(torch.float64)
@@ -564,6 +570,7 @@ def test_llama_bf16_fp32_adapters_fused_vs_peft(monkeypatch):
     calls = _count_fused(monkeypatch)
     l_ours, g_ours = _run(ours, ids)
     assert len(calls) == 14 and set(calls) == {torch.bfloat16}
+    _assert_ran_fused(ours)
     l_ref, g_ref = _run(exact, ids)
     l_peft, g_peft = _run(theirs, ids)
     assert g_ref.keys() == g_ours.keys() == g_peft.keys() and len(g_ref) == 28
@@ -589,6 +596,7 @@ def test_llama_fp32_under_bf16_autocast_fused_vs_peft(monkeypatch):
         l_ours, g_ours = _run(ours, ids)
         l_peft, g_peft = _run(theirs, ids)
     assert len(calls) == 14 and set(calls) == {torch.bfloat16}
+    _assert_ran_fused(ours)
     assert {p.grad.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
     l_ref, g_ref = _run(exact, ids)
     ep, gp = _errors(l_ref, g_ref, l_peft, g_peft)
@@ -607,13 +615,14 @@ def test_bf16_gpu_matches_cpu_kernels():
     CPU (the same weights upcast to fp32, exactly): within 2× PEFT-on-GPU's distance from that CPU result."""
     theirs, ours = _twins(torch.bfloat16)
     cpu = copy.deepcopy(ours).to(device="cpu", dtype=torch.float32)
-    layers = [m for m in cpu.modules() if hasattr(m, "backend") and hasattr(m, "lora_A")]
-    assert {m.backend for m in layers} == {"c"}
+    assert {m.backend for m in _fused_layers(cpu)} == {"c"}
     ids = torch.randint(0, 96, (2, 17), device=DEVICE)
     with torch.no_grad():
         l_cpu = cpu(input_ids=ids.cpu()).logits.double()
         l_ours = ours(input_ids=ids).logits.double().cpu()
         l_peft = theirs(input_ids=ids).logits.double().cpu()
+    _assert_ran_fused(cpu, "c")
+    _assert_ran_fused(ours)
     eo, ep = (l_ours - l_cpu).abs().max().item(), (l_peft - l_cpu).abs().max().item()
     assert eo <= 2 * ep + 1e-3, (eo, ep)
 

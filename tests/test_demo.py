@@ -74,6 +74,7 @@ def test_demo_short_compare_matches_peft(tmp_path):
     lf, pf = summary["results"]["lorafuse"], summary["results"]["peft"]
     assert lf["trainable_params"] == pf["trainable_params"]
     assert lf["targets"] == ["query", "value"]
+    assert lf["layer_paths"] == ["c"] and pf["layer_paths"] == ["stock"]  # lorafuse's side ran fused
     # same seed, data, config: the two fine-tunes follow the same loss curve (fp32 round-off only)
     assert lf["losses"] == pytest.approx(pf["losses"], abs=1e-4)
     assert lf["acc_before"] == pf["acc_before"]
@@ -114,6 +115,6 @@ def test_train_one_on_a_llama_style_model_dir(tmp_path):
                 threads=1, seed=0, save_dir=str(tmp_path / "adapter"))
     result = train_one("lorafuse", opts)
     assert result["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    assert len(result["losses"]) == 2 and len(result["test_logits"]) == 160
+    assert len(result["losses"]) == 2 and len(result["test_logits"]) == 160 and result["layer_paths"] == ["c"]
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "score" in saved["modules_to_save"]

@@ -7,13 +7,16 @@ Llama-config model (random weights, LoRA on q/k/v/o and the MLP) for a few SGD s
 half of a fixed batch. Checked:
 
 * adapter gradients after DDP's all-reduce are bit-identical on both ranks;
-* in float64 they equal (max abs diff < 1e-6) the gradients of one process on the whole batch
-  (torch path); in float32 (the fused C kernels) within fp32 rounding;
+* they equal the gradients of one process on the whole batch, with lorafuse and with stock PEFT:
+  in float64 (no fused kernel: PEFT's own forward) to max abs diff < 1e-6, in float32 within fp32
+  rounding, every LoRA layer (`lorafuse.FusedLinear`) having run the fused C kernels
+  (``lorafuse_path == 'c'``) under DDP and under FSDP;
 * DDP's reducer holds exactly the ``requires_grad`` parameters (the LoRA ones): no frozen
   weight is ever bucketed or all-reduced, and frozen weights stay bit-identical to the
   initial ones on every rank;
-* only rank 0 writes the adapter (``save_pretrained(..., is_main_process=rank == 0)``), and the
-  file it writes holds the trained weights.
+* only rank 0 writes the adapter (``save_pretrained(..., is_main_process=rank == 0)``: PEFT's saver,
+  its files moved into place atomically by lorafuse, no staging folder left), and the file it
+  writes holds the trained weights.
 
 FSDP (``use_orig_params=True``) is tried on CPU as well; see README "Distributed training".
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,21 +44,25 @@ STEPS = 3
 BATCH, SEQ, VOCAB = 4, 8, 64
 LR = 0.5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # what PEFT's saver writes
 
 
 # --------------------------------------------------------------------------- shared set-up
 
 
-def build_model(dtype: Any) -> Any:
-    """Tiny Llama with LoRA; identical on every process (seeded), B initialised non-zero."""
-    from lorafuse.config import LoraConfig
-    from lorafuse.model import get_peft_model
+def build_model(dtype: Any, library: str = "lorafuse") -> Any:
+    """Tiny Llama with LoRA from ``library``'s ``get_peft_model`` ("lorafuse", or "peft": stock PEFT,
+    the parity reference); identical on every process (seeded), B initialised non-zero."""
+    import peft
 
+    import lorafuse
+
+    get_peft_model = {"lorafuse": lorafuse.get_peft_model, "peft": peft.get_peft_model}[library]
     torch.manual_seed(1234)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
     base = transformers.LlamaForCausalLM(cfg).to(dtype)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    model = get_peft_model(base, lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
     with torch.no_grad():  # B = 0 would make every dA zero at step 1: start from a random adapter
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -88,17 +96,30 @@ def train(model: Any, ids: Any, steps: int = STEPS) -> list:
 _REFERENCE: dict = {}
 
 
-def reference(dtype: Any) -> tuple:
-    """(gradient history, trained model) of one process on the whole batch; computed once."""
-    if dtype not in _REFERENCE:
+def reference(dtype: Any, library: str = "lorafuse") -> tuple:
+    """(gradient history, trained model) of one process on the whole batch (`build_model`'s
+    ``library``); computed once."""
+    key = (dtype, library)
+    if key not in _REFERENCE:
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            model = build_model(dtype)
-            _REFERENCE[dtype] = (train(model, fixed_batch()), model)
+            model = build_model(dtype, library)
+            _REFERENCE[key] = (train(model, fixed_batch()), model)
         finally:
             torch.set_num_threads(threads)
-    return _REFERENCE[dtype]
+    return _REFERENCE[key]
+
+
+def layer_paths(model: Any) -> list:
+    """The sorted distinct ``lorafuse_path`` values of ``model``'s LoRA layers: which path ran last."""
+    from lorafuse import FusedLinear
+
+    return sorted({str(m.lorafuse_path) for m in model.modules() if isinstance(m, FusedLinear)})
+
+
+def _record_paths(tmp: str, run: str, rank: int, model: Any) -> None:
+    Path(tmp, f"paths_{run}_rank{rank}.json").write_text(json.dumps(layer_paths(model)))
 
 
 def _one_thread() -> None:
@@ -138,6 +159,7 @@ def _ddp_worker(rank: int, tmp: str) -> None:
             facts = torch.tensor([float(in_reducer == trainable), float(frozen_in), float(len(trainable))],
                                  dtype=torch.float64)
             history = train(ddp, ids)
+            _record_paths(tmp, f"ddp_{tag}", rank, model)
             # gradients identical across ranks: gather rank 1's to rank 0
             flat = torch.cat([torch.cat([g.flatten() for _, g in sorted(h.items())]) for h in history])
             gathered = [torch.empty_like(flat) for _ in range(WORLD)]
@@ -213,14 +235,23 @@ def test_ddp_gradients_match_single_process(ddp_run: Path, dtype: Any, tol: floa
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
 
-    ref, _ = reference(dtype)
-    worst = 0.0
-    for step, grads in enumerate(ref):
-        for name, g in grads.items():
-            got = ranks[0][f"step{step}/{name}"]
-            worst = max(worst, (got - g).abs().max().item())
-    print(f"DDP vs single process, {tag}: max |grad diff| = {worst:.3g} over {STEPS} steps")
-    assert worst < tol
+    for library in ("lorafuse", "peft"):  # one lorafuse process, and stock PEFT's (parity)
+        ref, _ = reference(dtype, library)
+        assert sum(len(grads) for grads in ref) == STEPS * n_trainable
+        worst = max((ranks[0][f"step{step}/{name}"] - g).abs().max().item()
+                    for step, grads in enumerate(ref) for name, g in grads.items())
+        print(f"DDP vs single {library} process, {tag}: max |grad diff| = {worst:.3g} over {STEPS} steps")
+        assert worst < tol, library
+
+
+# float64 on the CPU has no fused kernel: PEFT's forward runs (lorafuse_path 'peft')
+@pytest.mark.parametrize("run,expected", [("ddp_float32", "c"), ("fsdp_float32", "c"),
+                                          ("ddp_float64", "peft"), ("fsdp_float64", "peft")])
+def test_lora_layers_took_the_expected_path(ddp_run: Path, run: str, expected: str) -> None:
+    """After training under DDP / FSDP every LoRA layer's last forward, on each rank, took one path:
+    the fused C kernels in float32, PEFT's own forward in float64."""
+    for rank in range(WORLD):
+        assert json.loads((ddp_run / f"paths_{run}_rank{rank}.json").read_text()) == [expected], (run, rank)
 
 
 @pytest.mark.parametrize("tag", ["float64", "float32"])
@@ -228,10 +259,10 @@ def test_only_rank0_writes_the_adapter(ddp_run: Path, tag: str) -> None:
     from lorafuse.io_validate import read_adapter_dir
 
     out = ddp_run / f"out_{tag}"
-    assert sorted(p.name for p in (out / "rank0").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert not (out / "rank1").exists(), "rank 1 wrote files"
+    assert sorted(os.listdir(out / "rank0")) == ADAPTER_FILES  # no hidden staging folder left either
+    assert not list((out / "rank1").rglob("*")), "rank 1 wrote files"  # PEFT makes the folder, empty
     files = read_adapter_dir(str(out / "rank0"))
-    assert files.lora_config.r == 4
+    assert files.config["r"] == 4
 
 
 def test_rank0_adapter_holds_the_trained_weights(ddp_run: Path) -> None:
@@ -261,6 +292,7 @@ def _fsdp_run(rank: int, tmp: str, dtype: Any) -> None:
         opt.zero_grad(set_to_none=True)
         fsdp(input_ids=ids, labels=ids).loss.backward()
         opt.step()
+    _record_paths(tmp, f"fsdp_{str(dtype).split('.')[-1]}", rank, model)
     with FSDP.summon_full_params(fsdp):
         lora = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
                 for n, p in fsdp.named_parameters() if p.requires_grad}
@@ -319,7 +351,7 @@ def test_example_ddp_train_script(tmp_path: Path) -> None:
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "adapter written by rank 0" in proc.stdout and "step    3" in proc.stdout, proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ADAPTER_FILES
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,9 +86,8 @@ def test_dlpack_conversion_failures_are_type_errors() -> None:
 @pytest.mark.parametrize("value", [1, {"a": 1}])
 def test_non_string_layers_pattern_is_an_adapter_file_error(tmp_path: Path, value: object) -> None:
     torch = pytest.importorskip("torch")
-    from lorafuse.config import LoraConfig
+    from lorafuse import LoraConfig, get_peft_model
     from lorafuse.io_validate import AdapterFileError, read_adapter_dir
-    from lorafuse.model import get_peft_model
 
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
     model.save_pretrained(tmp_path)

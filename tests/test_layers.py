@@ -1,26 +1,39 @@
-"""LoraLinear and the autograd function: gradcheck, C path vs torch path, dropout, modes, errors."""
+"""lorafuse's LoRA layer (`lorafuse.FusedLinear`: PEFT's ``lora.Linear`` with a fused forward) and
+the autograd function under it: gradcheck, the C path vs a float64 reference, which path a layer
+takes (the fused kernels, 'c', or PEFT's own forward, 'peft') and that the 'peft' path is PEFT's code
+exactly, dropout, merge/unmerge, Conv1D (fan_in_fan_out), errors, the packed-W cache.
+
+Layers are built in pairs (`layer_pair`, also used by test_stress.py): stock PEFT's and lorafuse's on
+copies of one base layer, with the same non-zero adapter weights. fp32 comparisons of the fused path
+allow summation-order differences (1e-5); where PEFT's forward runs in both, results must be
+bit-identical.
+"""
 
 from __future__ import annotations
 
-import math
+import copy
 import warnings
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
+import lorafuse  # noqa: E402
+from lorafuse import FusedLinear  # noqa: E402
 from lorafuse import autograd as lf_autograd  # noqa: E402
 from lorafuse.autograd import backend_name, dropout_mask, lora_linear  # noqa: E402
-from lorafuse.config import LoraConfig  # noqa: E402
-from lorafuse.layers import LoraLinear  # noqa: E402
-from lorafuse.model import get_peft_model  # noqa: E402
 
 Conv1D = transformers.pytorch_utils.Conv1D
 ops = pytest.importorskip("lorafuse.ops")
+PeftLinear = peft.tuners.lora.Linear
+LORA = dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)  # B random: the adapter counts
+TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _tensors(dtype: torch.dtype, fifo: bool = False, bias: bool = True, shape: tuple = (2, 5), k: int = 6,
@@ -44,6 +57,9 @@ def _reference(t: dict, scale: float, p: float, seed: int, fifo: bool) -> torch.
     w = t["weight"] if fifo else t["weight"].t()
     y = x @ w + scale * (xd @ t["lora_a"].t()) @ t["lora_b"].t()
     return y if t["bias"] is None else y + t["bias"]
+
+
+# --------------------------------------------------------------------------- the autograd function
 
 
 @pytest.mark.parametrize("fifo", [False, True])
@@ -77,10 +93,9 @@ def test_c_path_matches_float64_reference(fifo: bool, p: float) -> None:
     g = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     y32.backward(g.float())
     y64.backward(g)
-    torch.testing.assert_close(y32.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y32.double(), y64.detach(), **TOL)
     for key in ("x", "bias", "lora_a", "lora_b"):
-        torch.testing.assert_close(t32[key].grad.double(), t64[key].grad, rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"d{key}: {m}")
+        torch.testing.assert_close(t32[key].grad.double(), t64[key].grad, **TOL, msg=lambda m: f"d{key}: {m}")
     assert t32["weight"].grad is None
 
 
@@ -134,72 +149,277 @@ def test_weight_gradient_when_base_is_unfrozen() -> None:
         v.requires_grad_(True)
     lora_linear(*t.values(), 0.3).square().sum().backward()
     _reference(t64, 0.3, 0.0, 0, False).square().sum().backward()
-    torch.testing.assert_close(t["weight"].grad.double(), t64["weight"].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t["weight"].grad.double(), t64["weight"].grad, **TOL)
 
 
-def _layer(base: nn.Module, p: float = 0.0, r: int = 4) -> LoraLinear:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        layer = LoraLinear(base, "default", r=r, lora_alpha=8, lora_dropout=p)
-    nn.init.normal_(layer.lora_B["default"].weight)
-    return layer
-
-
-def test_seed_document_example_512x512_rank_8() -> None:
-    model = get_peft_model(nn.Sequential(nn.Linear(512, 512, bias=False)), LoraConfig(r=8, target_modules=["0"]))
-    trainable, total = model.get_nb_trainable_parameters()
-    assert (trainable, total - trainable) == (8_192, 262_144)
-    assert 1 - trainable / (total - trainable) == pytest.approx(0.96875)  # the "−97%"
-
-
-def test_conv1d_layer_matches_base_plus_lora_and_sets_fan_in_fan_out() -> None:
-    torch.manual_seed(0)
-    base = Conv1D(10, 6)  # nf=out=10, nx=in=6, weight (6, 10)
-    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
-        layer = LoraLinear(base, "default", r=2, lora_alpha=4)
-    nn.init.normal_(layer.lora_B["default"].weight)
-    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (6, 10)
-    x = torch.randn(3, 4, 6)
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ a.t() @ b.t())
-
-
-def test_any_leading_shape_and_repr() -> None:
-    layer = _layer(nn.Linear(8, 5))
-    for shape in [(8,), (3, 8), (2, 3, 8), (2, 1, 3, 8)]:
-        x = torch.randn(*shape)
-        y = layer(x)
-        assert y.shape == shape[:-1] + (5,)
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        torch.testing.assert_close(y, layer.base_layer(x) + 2.0 * x @ a.t() @ b.t())
-    text = repr(layer)
-    assert text.startswith("lora.") and "r=4" in text and "lora_alpha=8" in text and "backend='c'" in text
-    assert "backend='torch'" in repr(_layer(nn.Linear(8, 5).double()))
-
-
-def test_no_grad_inference_mode_and_eval_disable_dropout() -> None:
-    layer = _layer(nn.Linear(12, 6), p=0.5)
-    x = torch.randn(4, 12)
-    layer.eval()
-    expected = layer(x)
+def test_no_autograd_node_when_no_gradient_can_flow() -> None:
+    t = _tensors(torch.float32)
+    assert lora_linear(*t.values(), 1.0).grad_fn is None  # nothing requires grad
+    t["lora_a"].requires_grad_(True)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected)
+        assert lora_linear(*t.values(), 1.0).grad_fn is None
+    assert type(lora_linear(*t.values(), 1.0).grad_fn).__name__ == "LoraLinearFunctionBackward"
+
+
+# --------------------------------------------------------------------------- the layer: helpers
+
+
+def layer_pair(base: nn.Module, autocast_adapter_dtype: bool = True, **lora: Any) -> tuple[PeftLinear, FusedLinear]:
+    """(stock PEFT ``lora.Linear``, lorafuse `FusedLinear`) on copies of ``base``, each made by
+    ``get_peft_model`` on a holder module, with the same adapter weights (LORA, updated by ``lora``)."""
+    config = {**LORA, **lora}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notice that it sets fan_in_fan_out for Conv1D
+        stock = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)), peft.LoraConfig(**config),
+                                    autocast_adapter_dtype=autocast_adapter_dtype)
+        fused = lorafuse.get_peft_model(nn.Sequential(base), lorafuse.LoraConfig(**config),
+                                        autocast_adapter_dtype=autocast_adapter_dtype)
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    stock_layer, fused_layer = stock.base_model.model[0], fused.base_model.model[0]
+    assert type(stock_layer) is PeftLinear and type(fused_layer) is FusedLinear
+    return stock_layer, fused_layer
+
+
+def _trainable(layer: nn.Module) -> list:
+    """The layer's parameters that require grad (the active adapters'), in a fixed order."""
+    return [p for _, p in sorted(layer.named_parameters()) if p.requires_grad]
+
+
+def _loss(y: torch.Tensor) -> torch.Tensor:
+    """Σ y ⊙ sin(0, 1, 2, ...): a loss whose incoming gradient is fixed and non-uniform."""
+    return (y * torch.arange(y.numel(), dtype=torch.float64).sin().view_as(y).to(y.dtype)).sum()
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor,
+                     run: Callable[[nn.Module, torch.Tensor], torch.Tensor] = nn.Module.__call__,
+                     seed: int = 0) -> tuple[list, Optional[str]]:
+    """[y, dx, d(each trainable parameter) or None where unused] for `_loss`, and the path
+    ``layer.backend`` reported right after the call (None for a stock layer). ``run(layer, x)``
+    makes the call (default ``layer(x)``); torch is seeded with ``seed`` first."""
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = run(layer, x)
+    backend = getattr(layer, "backend", None)
+    grads = torch.autograd.grad(_loss(y), [x, *_trainable(layer)], allow_unused=True)
+    return [y.detach(), *grads], backend
+
+
+def assert_all_close(got: list, want: list, **tol: Any) -> None:
+    """Two equally long, non-empty lists of tensors (or Nones) pairwise close to ``tol``."""
+    assert len(got) == len(want) and want
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"tensor {i}: {m}")
+
+
+def _base(kind: str) -> nn.Module:
+    """A seeded base layer: in 24 → out 20 (Conv1D: nx=24, nf=20, weight stored (24, 20))."""
+    torch.manual_seed(0)
+    return {"linear": lambda: nn.Linear(24, 20), "linear-no-bias": lambda: nn.Linear(24, 20, bias=False),
+            "conv1d": lambda: Conv1D(20, 24)}[kind]()
+
+
+# --------------------------------------------------------------------------- the fused path
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-no-bias", "conv1d"])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3), (2, 1, 3)], ids=str)
+def test_fused_layer_matches_peft_and_the_float64_reference(kind: str, lead: tuple) -> None:
+    """Output, dx, dA and dB of the fused layer ('c') vs stock PEFT and vs float64 autograd, for any
+    leading shape; a Conv1D base gets fan_in_fan_out from PEFT and is fused in that layout."""
+    stock, fused = layer_pair(_base(kind))
+    assert fused.backend == "c" and fused.fan_in_fan_out == stock.fan_in_fan_out == (kind == "conv1d")
+    x = torch.randn(*lead, 24)
+    got, _ = forward_backward(fused, x)
+    assert fused.lorafuse_path == "c" and got[0].shape == (*lead, 20)
+    assert_all_close(got, forward_backward(stock, x)[0], **TOL)
+
+    def as64(t: Optional[torch.Tensor], grad: bool = False) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().double().requires_grad_(grad)
+
+    base = fused.base_layer
+    t64 = dict(x=as64(x, True), weight=as64(base.weight), bias=as64(base.bias),
+               lora_a=as64(fused.lora_A["default"].weight, True), lora_b=as64(fused.lora_B["default"].weight, True))
+    y64 = _reference(t64, fused.scaling["default"], 0.0, 0, fused.fan_in_fan_out)
+    want64 = [y64.detach(), *torch.autograd.grad(_loss(y64), [t64["x"], t64["lora_a"], t64["lora_b"]])]
+    assert_all_close([g.double() for g in got], want64, **TOL)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward: must not be bypassed by the fused path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+def _plain() -> nn.Module:
+    return nn.Linear(8, 5)
+
+
+def _hooked(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    return layer(x)
+
+
+def _cpu_autocast(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if isinstance(layer, FusedLinear):
+            assert layer.backend == "peft"  # `backend` sees the autocast state
+        return layer(x)
+
+
+def _two_active(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(7)  # the same second adapter in both layers
+    layer.update_layer("other", 2, 4, config=peft.LoraConfig(init_lora_weights=False))
+    layer.set_adapter(["default", "other"])
+    return layer(x)
+
+
+def _disabled(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.enable_adapters(False)
+    return layer(x)
+
+
+def _merged(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.merge()
+    return layer(x)
+
+
+def _mixed_batch(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x, adapter_names=["default", "__base__", "default"])
+
+
+_CALL = nn.Module.__call__
+# (base layer, how the layer is called, `backend` after the call, get_peft_model's autocast_adapter_dtype)
+PEFT_PATH = {
+    "bf16-base-fp32-adapters": (lambda: nn.Linear(8, 5).to(torch.bfloat16), _CALL, "peft", True),
+    "subclassed-base": (lambda: _ScaledLinear(8, 5), _CALL, "peft", True),
+    "hooked-base": (_plain, _hooked, "peft", True),
+    "cpu-autocast": (_plain, _cpu_autocast, "c", True),  # `backend` outside autocast: 'c'
+    "two-active-adapters": (_plain, _two_active, "peft", True),
+    "adapters-disabled": (_plain, _disabled, "peft", True),
+    "merged": (_plain, _merged, "peft", True),
+    "mixed-batch-adapter-names": (_plain, _mixed_batch, "c", True),  # `backend` does not see call arguments
+    "float64-layer": (lambda: nn.Linear(8, 5).double(), _CALL, "peft", True),
+    "bf16-base-bf16-adapters": (lambda: nn.Linear(8, 5).to(torch.bfloat16), _CALL, "peft", False),
+}
+
+
+@pytest.mark.parametrize("name", list(PEFT_PATH))
+def test_unfused_configurations_run_peft_forward_exactly(name: str) -> None:
+    """Where the kernels do not apply — a half-precision base with PEFT's fp32 adapters on the CPU,
+    CPU autocast, a base layer with hooks or its own forward, several active adapters, adapters
+    disabled or merged, PEFT's mixed batch (``adapter_names``), anything but float32 on the CPU — the
+    layer reports and takes PEFT's path, and its output and every gradient are stock PEFT's bit for bit."""
+    make_base, run, backend, autocast_adapter_dtype = PEFT_PATH[name]
+    base = make_base()
+    stock, fused = layer_pair(base, autocast_adapter_dtype=autocast_adapter_dtype)
+    x = torch.randn(3, 8).to(base.weight.dtype)
+    got, backend_seen = forward_backward(fused, x, run)
+    assert (backend_seen, fused.lorafuse_path) == (backend, "peft")
+    want, _ = forward_backward(stock, x, run)
+    assert_all_close(got, want, rtol=0, atol=0)
+
+
+def test_wrong_input_width_raises_like_peft() -> None:
+    stock, fused = layer_pair(nn.Linear(8, 5))
+    errors = []
+    for layer in (stock, fused):
+        with pytest.raises(Exception) as info:
+            layer(torch.randn(2, 9))
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+    assert fused.lorafuse_path == "peft"
+
+
+def test_input_dtype_mismatch_and_foreign_adapters_raise_type_errors() -> None:
+    """A float64 input to a float32 layer names both dtypes; an adapter off the input's device names A."""
+    _, fused = layer_pair(nn.Linear(4, 3))
+    with pytest.raises(TypeError, match=r"input dtype torch\.float64 does not match .*torch\.float32"):
+        fused(torch.randn(2, 4, dtype=torch.float64))
+    fused.lora_A["default"].to("meta")
+    with pytest.raises(TypeError, match="A .* cannot be read as a CPU array"):
+        fused(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_and_unmerge_match_peft(kind: str) -> None:
+    """PEFT's merge on both layers gives the same W; merged, PEFT's forward runs and equals the
+    unmerged fused output; unmerged, W is back and the fused path runs again."""
+    stock, fused = layer_pair(_base(kind))
+    x = torch.randn(5, 24)
+    w0 = fused.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = fused(x)
+        for layer in (stock, fused):
+            layer.merge()
+        torch.testing.assert_close(fused.base_layer.weight, stock.base_layer.weight, rtol=0, atol=0)
+        torch.testing.assert_close(fused(x), unmerged, **TOL)
+        assert fused.merged and fused.lorafuse_path == "peft"
+        for layer in (stock, fused):
+            layer.unmerge()
+        torch.testing.assert_close(fused.base_layer.weight, w0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused(x), stock(x), **TOL)
+        assert not fused.merged and fused.lorafuse_path == "c"
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_is_seeded_and_off_in_eval_no_grad_and_inference_mode() -> None:
+    stock, fused = layer_pair(nn.Linear(12, 6), lora_dropout=0.5)
+    x = torch.randn(4, 12)
+    stock.eval()
+    fused.eval()
+    expected = fused(x)
+    torch.testing.assert_close(expected, stock(x), **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
     with torch.inference_mode():
-        torch.testing.assert_close(layer(x), expected)
-    layer.train()
-    torch.manual_seed(3)
-    train_a = layer(x)
-    torch.manual_seed(3)
-    train_b = layer(x)
-    torch.testing.assert_close(train_a, train_b)  # seeded from torch's RNG: reproducible
-    assert not torch.allclose(train_a, expected)  # dropout acts in training
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
+    fused.train()
+    runs = {}
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.setdefault(seed, []).append(fused(x))
+        assert fused.lorafuse_path == "c"
+    torch.testing.assert_close(runs[3][0], runs[3][1], rtol=0, atol=0)  # the seed comes from torch's RNG
+    assert not torch.allclose(runs[3][0], runs[4][0])
+    assert not torch.allclose(runs[3][0], expected)  # dropout acts in training
+
+
+def test_dropout_statistics_match_peft() -> None:
+    """With A = B = I and s = 1 the adapter term is drop(x) itself: the fused layer's mask keeps each
+    element with probability 1 - p, scales kept ones by 1/(1 - p) and draws each row anew, as PEFT's
+    nn.Dropout does. n·k = 16,384 Bernoulli draws per layer: bounds of 6 standard deviations."""
+    p, n, k = 0.3, 512, 32
+    stock, fused = layer_pair(nn.Linear(k, k), r=k, lora_alpha=k, lora_dropout=p)
+    x = torch.rand(n, k) + 0.5  # no zeros: a dropped element is exactly 0
+    fractions = []
+    for layer in (stock, fused):
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.eye(k))
+            layer.lora_B["default"].weight.copy_(torch.eye(k))
+            dropped = layer(x) - layer.base_layer(x)
+        kept = dropped.abs() > 1e-3
+        torch.testing.assert_close(dropped[kept], x[kept] / (1 - p), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dropped[~kept], torch.zeros_like(dropped[~kept]), rtol=0, atol=1e-5)
+        same_as_next_row = (kept[1:] == kept[:-1]).double().mean().item()
+        fractions.append((1 - kept.double().mean().item(), same_as_next_row))
+    assert fused.lorafuse_path == "c"
+    sd = (p * (1 - p) / (n * k)) ** 0.5
+    agree = p * p + (1 - p) ** 2  # two independent rows agree at a position
+    sd_agree = (agree * (1 - agree) / ((n - 1) * k)) ** 0.5
+    for drop_fraction, row_agreement in fractions:
+        assert abs(drop_fraction - p) < 6 * sd, fractions
+        assert abs(row_agreement - agree) < 6 * sd_agree, fractions
 
 
 def test_dropout_gradients_use_the_forward_mask() -> None:
-    layer = _layer(nn.Linear(16, 8), p=0.3)
+    _, layer = layer_pair(nn.Linear(16, 8), lora_dropout=0.3)
     x = torch.randn(5, 16, requires_grad=True)
     torch.manual_seed(11)
     layer(x).square().sum().backward()
+    assert layer.lorafuse_path == "c"
     torch.manual_seed(11)
     seed = lf_autograd.draw_seed()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -210,124 +430,48 @@ def test_dropout_gradients_use_the_forward_mask() -> None:
     base = nn.functional.linear(ref["x"], layer.base_layer.weight.double(), layer.base_layer.bias.double())
     y = base + layer.scaling["default"] * (xd @ ref["a"].t()) @ b.detach().double().t()
     y.square().sum().backward()
-    torch.testing.assert_close(x.grad.double(), ref["x"].grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.grad.double(), ref["a"].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref["x"].grad, **TOL)
+    torch.testing.assert_close(a.grad.double(), ref["a"].grad, **TOL)
 
 
 def test_gradient_checkpointing_with_dropout_gives_the_same_gradients() -> None:
-    layer = _layer(nn.Linear(16, 16), p=0.2)
-    x = torch.randn(6, 16, requires_grad=True)
+    _, layer = layer_pair(nn.Linear(16, 16), lora_dropout=0.2)
+    x = torch.randn(6, 16)
 
-    def grads(use_checkpoint: bool) -> list:
-        layer.zero_grad()
-        x.grad = None
-        torch.manual_seed(21)
-        out = checkpoint(layer, x, use_reentrant=False) if use_checkpoint else layer(x)
-        out.square().sum().backward()
-        return [x.grad.clone(), layer.lora_A["default"].weight.grad.clone()]
+    def checkpointed(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        return checkpoint(module, inp, use_reentrant=False)
 
-    for plain, ckpt in zip(grads(False), grads(True)):
-        torch.testing.assert_close(plain, ckpt)
+    plain, _ = forward_backward(layer, x, seed=21)
+    assert_all_close(forward_backward(layer, x, checkpointed, seed=21)[0], plain, rtol=0, atol=0)
+    assert layer.lorafuse_path == "c"
 
 
-def test_merge_unmerge_roundtrip_and_merging_twice_warns() -> None:
-    layer = _layer(nn.Linear(9, 7))
-    layer.eval()
-    x = torch.randn(3, 9)
-    expected = layer(x)
-    w0 = layer.base_layer.weight.detach().clone()
-    layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.base_layer.weight - w0, layer.get_delta_weight("default"))
-    with pytest.warns(UserWarning, match="All adapters are already merged"):
-        layer.merge()
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # not counted twice
-    layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-6, atol=1e-6)
-    with pytest.warns(UserWarning, match="Already unmerged"):
-        layer.unmerge()
+# --------------------------------------------------------------------------- packed-W cache
 
 
-def test_safe_merge_rejects_non_finite_weights() -> None:
-    layer = _layer(nn.Linear(4, 4))
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_packed_weight_cache_is_bit_identical_and_follows_w(kind: str) -> None:
+    """With the cache on: the same output and gradients bit for bit, W's panels kept; W changed in
+    place (version bump) is repacked — still stock PEFT's result; PEFT's merge drops the panels."""
+    stock, fused = layer_pair(_base(kind))
+    x = torch.randn(2, 3, 24)
+    plain, _ = forward_backward(fused, x)
+    assert lorafuse.cache_packed_weights(nn.Sequential(fused)) == 1 and fused.packed_weight_bytes == 0
+    assert_all_close(forward_backward(fused, x)[0], plain, rtol=0, atol=0)
+    kept = fused.packed_weight_bytes
+    assert kept > 0 and fused.lorafuse_path == "c"
     with torch.no_grad():
-        layer.lora_A["default"].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaNs detected"):
-        layer.merge(safe_merge=True)
-    assert not layer.merged and torch.isfinite(layer.base_layer.weight).all()
+        for layer in (stock, fused):
+            layer.base_layer.weight.mul_(-0.5)
+    assert_all_close(forward_backward(fused, x)[0], forward_backward(stock, x)[0], **TOL)
+    assert fused.packed_weight_bytes == kept
+    fused.merge()
+    assert fused.packed_weight_bytes == 0
+    fused.set_packed_weight_cache(False)
+    assert fused.packed_weight_bytes == 0
 
 
-def test_bf16_base_uses_float32_adapters_like_peft() -> None:
-    base = nn.Linear(8, 4).to(torch.bfloat16)
-    layer = _layer(base)
-    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.backend == "torch"
-    x = torch.randn(3, 8, dtype=torch.bfloat16)
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    expected = (base(x) + (x.float() @ a.t() @ b.t()) * 2.0).to(torch.bfloat16)
-    out = layer(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected)
-
-
-def test_half_precision_adapters_without_autocast() -> None:
-    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)).to(torch.bfloat16), LoraConfig(target_modules=["0"]),
-                           autocast_adapter_dtype=False)
-    layer = model.base_model.model[0]
-    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
-    nn.init.normal_(layer.lora_B["default"].weight)
-    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
-    out = model(x)
-    assert out.dtype == torch.bfloat16
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    expected = layer.base_layer(x.float().to(torch.bfloat16)).float() + (x.float() @ a.float().t() @ b.float().t())
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
-    out.sum().backward()
-    assert a.grad.dtype == torch.bfloat16 and x.grad is not None
-
-
-def test_bad_inputs_raise_clear_errors() -> None:
-    with pytest.raises(ValueError, match="not supported"):
-        LoraLinear(nn.Embedding(10, 4), "default", r=2, lora_alpha=2)
-    quantized = nn.Linear(4, 4)
-    quantized.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.uint8), requires_grad=False)
-    with pytest.raises(ValueError, match="quantized base layers are not supported"):
-        LoraLinear(quantized, "default", r=2, lora_alpha=2)
-    with pytest.raises(ValueError, match="positive integer"):
-        LoraLinear(nn.Linear(4, 4), "default", r=0, lora_alpha=2)
-    layer = _layer(nn.Linear(4, 3))
-    with pytest.raises(TypeError, match="float64 does not match .*float32"):
-        layer(torch.randn(2, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"expected input \(\.\.\., 4\)"):
-        layer(torch.randn(2, 5))
-    with pytest.raises(ValueError, match="already exists"):
-        layer.update_layer("default", 2, 2, 0.0)
-    layer.lora_A["default"].to("meta")  # an adapter off the input's device: named, never read
-    with pytest.raises(TypeError, match="A .* cannot be read as a CPU array"):
-        layer(torch.randn(2, 4))
-
-
-def test_rslora_scaling() -> None:
-    layer = LoraLinear(nn.Linear(4, 4), "default", r=16, lora_alpha=8, use_rslora=True)
-    assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(16))
-
-
-class _ScaledLinear(nn.Linear):
-    """A Linear subclass with its own forward: must not be bypassed by the fused path."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2.0 * super().forward(x)
-
-
-def test_subclassed_or_hooked_base_layers_keep_their_own_forward() -> None:
-    for base in (_ScaledLinear(6, 3), nn.Linear(6, 3)):
-        if type(base) is nn.Linear:
-            base.register_forward_hook(lambda mod, inp, out: out + 1.0)
-        layer = _layer(base)
-        assert layer.backend == "torch"
-        x = torch.randn(4, 6)
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ a.t() @ b.t())
+# --------------------------------------------------------------------------- CUDA
 
 
 @pytest.mark.cuda
@@ -335,11 +479,13 @@ def test_subclassed_or_hooked_base_layers_keep_their_own_forward() -> None:
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_cuda_layer_matches_the_float64_reference(p: float, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # full float32 on both paths
-    layer = _layer(nn.Linear(64, 48), p=p).cuda()
-    assert layer.backend in ("cuda", "torch")
+    _, layer = layer_pair(nn.Linear(64, 48), lora_dropout=p)
+    layer.cuda()
+    assert layer.backend == "cuda"
     x = torch.randn(5, 7, 64, device="cuda", requires_grad=True)
     torch.manual_seed(2)
     out = layer(x)
+    assert layer.lorafuse_path == "cuda"
     out.square().sum().backward()
     torch.manual_seed(2)
     seed = lf_autograd.draw_seed() if p else 0
@@ -354,12 +500,3 @@ def test_cuda_layer_matches_the_float64_reference(p: float, monkeypatch: pytest.
     torch.testing.assert_close(out.detach().double().cpu(), ref.detach(), **tol)
     torch.testing.assert_close(x.grad.double().cpu(), t64["x"].grad, **tol)
     torch.testing.assert_close(layer.lora_A["default"].weight.grad.double().cpu(), t64["lora_a"].grad, **tol)
-
-
-def test_no_autograd_node_when_no_gradient_can_flow() -> None:
-    t = _tensors(torch.float32)
-    assert lora_linear(*t.values(), 1.0).grad_fn is None  # nothing requires grad
-    t["lora_a"].requires_grad_(True)
-    with torch.no_grad():
-        assert lora_linear(*t.values(), 1.0).grad_fn is None
-    assert type(lora_linear(*t.values(), 1.0).grad_fn).__name__ == "LoraLinearFunctionBackward"

@@ -1,284 +1,305 @@
-"""PeftModel/LoraModel API: target matching (vs PEFT), adapter management, errors, pass-through."""
+"""lorafuse's model-level API (`lorafuse.peft_api`) against stock PEFT: `get_peft_model` returns PEFT's own
+model class (its lorafuse twin) with `FusedLoraModel` and `FusedLinear` layers, targets exactly what PEFT
+targets, and every adapter-management scenario gives PEFT's logits, fused where one plain adapter is
+active ('c') and PEFT's own forward elsewhere ('peft'); `fuse_peft_model` / `unfuse_peft_model`, pickle,
+deepcopy, direct construction, argument errors and ``generate``.
+
+Bounds: fused and stock differ only in fp32 summation order inside each projection; on these two-layer
+models with hidden size 32 that stays far below rtol 1e-4 / atol 1e-5 on the logits.
+"""
 
 from __future__ import annotations
 
 import copy
-import warnings
-from typing import Any
+import functools
+import pickle
+import types
+from typing import Any, Callable
 
 import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+from peft.tuners.lora import LoraLayer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lorafuse.config import LoraConfig  # noqa: E402
-from lorafuse.layers import LoraLinear  # noqa: E402
-from lorafuse.model import LoraModel, PeftModel, get_peft_model  # noqa: E402
-from lorafuse.tuners_utils import ModulesToSaveWrapper  # noqa: E402
+import lorafuse  # noqa: E402
+from lorafuse.peft_api import FusedLoraModel  # noqa: E402
+from lorafuse.peft_fused import FusedLinear, PeftLinear  # noqa: E402
 
 VOCAB = 53
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+Pair = tuple[Any, Any]  # (stock PEFT model, lorafuse model)
 
 
-def _llama(layers: int = 3) -> Any:
-    torch.manual_seed(0)
+def _llama(layers: int = 2, head: str = "causal") -> Any:
+    """A tiny Llama with deterministic random weights: causal LM or 3-label sequence classifier."""
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _adapted(model: nn.Module, cls: type) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, cls)}
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   pad_token_id=0, num_labels=3)
+    torch.manual_seed(0)
+    cls = transformers.LlamaForCausalLM if head == "causal" else transformers.LlamaForSequenceClassification
+    return cls(cfg).eval()
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(seed))
 
 
-def _randomise_adapters(model: nn.Module, seed: int = 1) -> None:
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _paths(model: nn.Module) -> dict[str, str]:
+    """Which path each LoRA layer's last forward took, keyed by a short name such as '0.self_attn.q_proj'."""
+    return {name.split("layers.")[-1]: m.lorafuse_path for name, m in _lora_layers(model).items()}
+
+
+def _randomise(model: nn.Module, seed: int = 1) -> None:
+    """Non-zero adapters (PEFT initialises B to zero) and trained-looking modules_to_save copies."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name or "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(target_modules=["q_proj", "v_proj"]),
-    dict(target_modules=["self_attn.o_proj", "mlp.up_proj"]),
-    dict(target_modules=r".*\.(q|k)_proj"),
-    dict(target_modules="all-linear"),
-    dict(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"]),
-    dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*layers\.0\..*"),
-    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
-    dict(target_modules=["down_proj"], layers_to_transform=1, layers_pattern="layers"),
-    dict(target_modules=None),
-    dict(target_modules=["q_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"q_proj": 3}),
-])
-def test_targeted_modules_ranks_and_scalings_match_peft(kwargs: dict) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, **copy.deepcopy(kwargs)))
-        ours = get_peft_model(_llama(), LoraConfig(r=4, **copy.deepcopy(kwargs)))
-    names = _adapted(ours, LoraLinear)
-    assert names and names == _adapted(theirs, peft.tuners.lora.LoraLayer)
-    for name in names:
-        mine, ref = ours.get_submodule(name), theirs.get_submodule(name)
-        assert (mine.r, mine.scaling) == (ref.r, ref.scaling), name
-    assert "base_model.model.lm_head" not in names
-    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+def _sync(pair: Pair) -> None:
+    """Give the lorafuse model the stock model's (randomised) weights; the keys must be identical."""
+    stock, ours = pair
+    _randomise(stock)
+    ours.load_state_dict(stock.state_dict(), strict=True)
 
 
-def test_all_linear_on_a_plain_module_includes_the_last_layer() -> None:
-    model = get_peft_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
-                           LoraConfig(target_modules="all-linear"))
-    assert _adapted(model, LoraLinear) == {"base_model.model.0", "base_model.model.2"}
+def _twins(make: Callable[[], Any] = _llama, **conf: Any) -> Pair:
+    """(stock PEFT model, lorafuse model) on copies of one base, with the same random adapter weights."""
+    base = make()
+    pair = (peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**conf)),
+            lorafuse.get_peft_model(base, lorafuse.LoraConfig(**conf)))
+    _sync(pair)
+    return pair
 
 
-def test_target_modules_matching_nothing_names_them() -> None:
-    model = _llama()
-    with pytest.raises(ValueError, match=r"Target modules \{'qproj'\} not found"):
-        get_peft_model(model, LoraConfig(target_modules=["qproj"]))
-    with pytest.raises(ValueError, match="not found"):
-        get_peft_model(model, LoraConfig(target_modules=["proj"]))  # suffix only on "." boundaries
-    assert not _adapted(model, LoraLinear)
+def _on_both(pair: Pair, action: Callable[[Any], Any]) -> tuple[Any, Any]:
+    return action(pair[0]), action(pair[1])
 
 
-def test_no_default_targets_for_unknown_models() -> None:
-    with pytest.raises(ValueError, match="Please specify `target_modules`"):
-        get_peft_model(nn.Sequential(nn.Linear(3, 3)), LoraConfig())
+def _assert_same_logits(pair: Pair, ids: torch.Tensor) -> torch.Tensor:
+    """Stock and lorafuse logits agree (fp32 summation-order bounds); returns lorafuse's."""
+    with torch.no_grad():
+        ref, got = _on_both(pair, lambda m: m(input_ids=ids).logits)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    return got
 
 
-def test_unsupported_module_type_raises_and_rolls_back() -> None:
-    model = _llama()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="is not supported"):
-        get_peft_model(model, LoraConfig(target_modules=["q_proj", "norm"]))  # model.norm is an RMSNorm
-    assert not _adapted(model, LoraLinear)
-    assert list(model.state_dict()) == list(before)
+def _assert_converted(model: Any, stock_cls: type) -> None:
+    """``model`` is the lorafuse twin of PEFT's ``stock_cls``, its tuner and every LoRA Linear converted."""
+    assert isinstance(model, stock_cls) and type(model).__mro__[1] is stock_cls
+    assert type(model).__name__ == stock_cls.__name__
+    assert type(model.base_model) is FusedLoraModel and repr(model.base_model).startswith("LoraModel(")
+    layers = _lora_layers(model)
+    assert layers and all(type(m) is FusedLinear for m in layers.values())
 
 
-def test_modules_to_save_naming_a_lora_child_raises_and_rolls_back() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="child of a LoRA layer"):
-        get_peft_model(model, LoraConfig(target_modules=["0"], modules_to_save=["default"]))
-    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
-
-
-def test_only_adapter_weights_train_and_bias_modes() -> None:
-    model = get_peft_model(_llama(), LoraConfig(target_modules=["q_proj"]))
-    assert all(("lora_A" in n or "lora_B" in n) == p.requires_grad for n, p in model.named_parameters())
-    with_bias = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    model = get_peft_model(with_bias, LoraConfig(target_modules=["0"], bias="all"))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"base_model.model.0.base_layer.bias", "base_model.model.1.bias"} <= trainable
-    frozen = get_peft_model(_llama(), LoraConfig(target_modules=["q_proj"], inference_mode=True))
-    assert frozen.get_nb_trainable_parameters()[0] == 0
-
-
-def test_structure_and_attribute_pass_through() -> None:
+@pytest.mark.parametrize("task_type, stock_cls", [(None, peft.PeftModel), ("CAUSAL_LM", peft.PeftModelForCausalLM)])
+def test_get_peft_model_returns_the_peft_model_of_the_task_converted(task_type: Any, stock_cls: type) -> None:
     base = _llama()
-    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    assert isinstance(model, PeftModel) and isinstance(model.base_model, LoraModel)
-    assert model.base_model.model is base and model.get_base_model() is base
-    assert model.config is base.config and model.peft_config is base.peft_config
-    assert model.active_adapter == "default" and model.active_adapters == ["default"]
-    layer = base.model.layers[0].self_attn.q_proj
-    assert isinstance(layer.base_layer, nn.Linear) and layer.weight is layer.base_layer.weight
+    model = lorafuse.get_peft_model(base, lorafuse.LoraConfig(task_type=task_type, **LORA))
+    _assert_converted(model, stock_cls)
+    stock = peft.get_peft_model(_llama(), peft.LoraConfig(task_type=task_type, **LORA))
+    assert type(stock) is stock_cls and type(model) is not stock_cls  # no global patch left behind
+    assert model.get_base_model() is base and model.active_adapters == ["default"]
+    if task_type is None:
+        assert type(model) is lorafuse.PeftModel
 
 
-def test_generate_matches_peft() -> None:
-    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    _randomise_adapters(theirs)
-    ours = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    ours.load_state_dict(theirs.state_dict())
-    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    ids = _ids()
-    assert torch.equal(ours.generate(input_ids=ids, **kwargs), theirs.generate(input_ids=ids, **kwargs))
+_LLAMA3 = functools.partial(_llama, 3)  # three layers, so that layers_to_transform picks some
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_hf_gradient_checkpointing_with_dropout_matches_plain_training(reentrant: bool) -> None:
-    def grads(checkpointing: bool) -> dict:
-        model = get_peft_model(_llama(2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.2))
-        _randomise_adapters(model)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            model.enable_input_require_grads()
-        model.train()
-        torch.manual_seed(4)
-        ids = _ids()
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+@pytest.mark.parametrize("make, kwargs", [
+    (_LLAMA3, dict(target_modules=["q_proj", "v_proj"])),
+    (_LLAMA3, dict(target_modules=["self_attn.o_proj", "mlp.up_proj"])),
+    (_LLAMA3, dict(target_modules=r".*\.(q|k)_proj")),
+    (_LLAMA3, dict(target_modules="all-linear")),
+    (_LLAMA3, dict(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"])),
+    (_LLAMA3, dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*layers\.0\..*")),
+    (_LLAMA3, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2])),
+    (_LLAMA3, dict(target_modules=["down_proj"], layers_to_transform=1, layers_pattern="layers")),
+    (_LLAMA3, dict(target_modules=None)),
+    (_LLAMA3, dict(target_modules=["q_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+                   alpha_pattern={"q_proj": 3})),
+    (lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), dict(target_modules="all-linear")),
+], ids=["list", "dotted-suffix", "regex", "all-linear", "exclude-list", "exclude-regex", "layers-list",
+        "layers-pattern", "default-targets", "rank-alpha-pattern", "plain-module-all-linear"])
+def test_targeted_modules_ranks_and_scalings_match_peft(make: Callable[[], nn.Module], kwargs: dict) -> None:
+    base = make()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **copy.deepcopy(kwargs)))
+    ours = lorafuse.get_peft_model(base, lorafuse.LoraConfig(r=4, **copy.deepcopy(kwargs)))
+    mine, ref = _lora_layers(ours), _lora_layers(theirs)
+    assert mine.keys() == ref.keys() and mine
+    assert all(type(m) is FusedLinear for m in mine.values()) and all(type(m) is PeftLinear for m in ref.values())
+    assert {n: (m.r, m.scaling) for n, m in mine.items()} == {n: (m.r, m.scaling) for n, m in ref.items()}
+    assert ours.peft_config["default"].target_modules == theirs.peft_config["default"].target_modules
 
-    plain, ckpt = grads(False), grads(True)
-    assert plain.keys() == ckpt.keys() and plain
-    for key in plain:
-        torch.testing.assert_close(ckpt[key], plain[key])
+
+def test_add_set_and_delete_adapter_match_peft() -> None:
+    """An adapter added on new target modules (k_proj) gets FusedLinear layers; each layer is fused exactly
+    when it holds the one active adapter."""
+    pair = _twins(**LORA)
+    ours, ids = pair[1], _ids()
+    _assert_same_logits(pair, ids)
+    assert set(_paths(ours).values()) == {"c"}
+    _on_both(pair, lambda m: m.add_adapter("second", lorafuse.LoraConfig(r=2, lora_alpha=4,
+                                                                         target_modules=["k_proj", "v_proj"])))
+    _sync(pair)
+    _assert_converted(ours, type(pair[0]))  # the k_proj layers are new, and FusedLinear too
+
+    def paths_by_projection() -> dict[str, set[str]]:
+        """Logits checked against PEFT's, then the paths the forward took, per kind of projection."""
+        _assert_same_logits(pair, ids)
+        paths = _paths(ours)
+        return {proj: {p for n, p in paths.items() if n.endswith(proj)} for proj in ("q_proj", "k_proj", "v_proj")}
+
+    assert paths_by_projection() == {"q_proj": {"c"}, "k_proj": {"peft"}, "v_proj": {"c"}}
+    _on_both(pair, lambda m: m.set_adapter("second"))
+    assert paths_by_projection() == {"q_proj": {"peft"}, "k_proj": {"c"}, "v_proj": {"c"}}
+    _on_both(pair, lambda m: m.base_model.set_adapter(["default", "second"]))  # two active: PEFT sums them
+    assert paths_by_projection() == {"q_proj": {"peft"}, "k_proj": {"peft"}, "v_proj": {"peft"}}
+    _on_both(pair, lambda m: m.set_adapter("default"))
+    _on_both(pair, lambda m: m.delete_adapter("second"))
+    assert set(ours.peft_config) == {"default"} and not any(".second." in k for k in ours.state_dict())
+    assert paths_by_projection() == {"q_proj": {"c"}, "k_proj": {"peft"}, "v_proj": {"c"}}
 
 
-def _two_adapters() -> PeftModel:
-    model = get_peft_model(_llama(2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    model.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
-    _randomise_adapters(model)
-    return model
+def test_disable_merge_unmerge_and_unload_match_peft() -> None:
+    pair = _twins(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"])
+    ours, ids = pair[1], _ids(1)
+    with pair[0].disable_adapter(), ours.disable_adapter():
+        disabled = _assert_same_logits(pair, ids)
+        assert set(_paths(ours).values()) == {"peft"}
+    adapted = _assert_same_logits(pair, ids)
+    assert set(_paths(ours).values()) == {"c"} and not torch.allclose(adapted, disabled)
+    _on_both(pair, lambda m: m.merge_adapter())
+    _assert_same_logits(pair, ids)  # merged: PEFT's own merge and forward in both
+    assert set(_paths(ours).values()) == {"peft"}
+    _on_both(pair, lambda m: m.unmerge_adapter())
+    _assert_same_logits(pair, ids)
+    assert set(_paths(ours).values()) == {"c"}
+    merged = _on_both(pair, lambda m: copy.deepcopy(m).merge_and_unload())
+    _assert_same_logits(merged, ids)
+    unloaded = _on_both(pair, lambda m: m.unload())
+    for plain in (*merged, *unloaded):
+        assert not _lora_layers(plain) and type(plain) is transformers.LlamaForCausalLM
+    # unload() keeps W as merge/unmerge left it: the base model again up to that rounding
+    torch.testing.assert_close(_assert_same_logits(unloaded, ids), disabled, rtol=1e-4, atol=1e-5)
 
 
-def test_add_set_and_delete_adapters() -> None:
-    model = _two_adapters()
-    assert set(model.peft_config) == {"default", "second"} and model.active_adapter == "default"
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".default." in n for n in trainable)
-    ids = _ids()
+@pytest.mark.parametrize("combination_type", ["linear", "cat"])
+def test_add_weighted_adapter_matches_peft(combination_type: str) -> None:
+    pair = _twins(**LORA)
+    _on_both(pair, lambda m: m.add_adapter("second", lorafuse.LoraConfig(**LORA)))
+    _sync(pair)
+    _on_both(pair, lambda m: m.add_weighted_adapter(["default", "second"], [0.6, 0.9], "mix",
+                                                    combination_type=combination_type))
+    _on_both(pair, lambda m: m.set_adapter("mix"))
+    _assert_same_logits(pair, _ids(2))
+    assert set(_paths(pair[1]).values()) == {"c"}
+
+
+def test_sequence_classification_head_matches_peft() -> None:
+    """task_type SEQ_CLS: PEFT wraps the head (``score``) in its modules_to_save wrapper; logits, loss and
+    every trainable gradient (adapters and head copy) equal PEFT's, the adapters fused."""
+    pair = _twins(lambda: _llama(head="cls"), task_type="SEQ_CLS", **LORA)
+    stock, ours = pair
+    _assert_converted(ours, peft.PeftModelForSequenceClassification)
+    score = ours.base_model.model.score
+    assert type(score) is type(stock.base_model.model.score) and score.active_adapters == ["default"]
+    ids, labels = _ids(3), torch.tensor([0, 2])
+
+    def step(model: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (ref, ref_grads), (got, grads) = _on_both(pair, step)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any("modules_to_save" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5 * ref_grads[name].abs().max().item())
+    assert set(_paths(ours).values()) == {"c"}
+    with stock.disable_adapter(), ours.disable_adapter():
+        _assert_same_logits(pair, ids)
+    _assert_same_logits(_on_both(pair, lambda m: m.merge_and_unload()), ids)
+
+
+def test_fuse_and_unfuse_a_stock_model_restore_the_exact_stock_classes() -> None:
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    _randomise(model)
+    ids = _ids(4)
     with torch.no_grad():
-        out_default = model(input_ids=ids).logits
-        model.set_adapter("second")
-        out_second = model(input_ids=ids).logits
-    assert not torch.allclose(out_default, out_second)
-    assert all(".second." in n for n, p in model.named_parameters() if p.requires_grad)
-    with pytest.warns(UserWarning, match="Setting active adapter to default"):
-        model.delete_adapter("second")
-    assert model.active_adapter == "default" and set(model.peft_config) == {"default"}
-    assert not any(".second." in n for n in model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, out_default)
+        ref = model(input_ids=ids).logits
+        count = len(_lora_layers(model))
+        assert count == 14 and lorafuse.fuse_peft_model(model) == count
+        _assert_converted(model, peft.PeftModelForCausalLM)
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-5)
+        assert set(_paths(model).values()) == {"c"}
+        assert lorafuse.unfuse_peft_model(model) == count
+        assert type(model) is peft.PeftModelForCausalLM and type(model.base_model) is peft.LoraModel
+        assert all(type(m) is PeftLinear for m in _lora_layers(model).values())
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)  # PEFT's code again
+    holder = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["0", "2"]),
+                                          nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    assert lorafuse.fuse_peft_model(holder) == 2 and type(holder[0]) is FusedLinear and type(holder) is nn.Sequential
 
 
-def test_adapter_management_errors() -> None:
-    model = _two_adapters()
-    with pytest.raises(ValueError, match="already exists"):
-        model.add_adapter("second", LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="not found"):
-        model.set_adapter("missing")
-    with pytest.raises(ValueError, match="not found"):
-        model.base_model.set_adapter(["default", "missing"])
-    with pytest.raises(ValueError, match="does not exist"):
-        model.delete_adapter("missing")
-    with pytest.raises(ValueError, match="not found"):
-        model.add_adapter("third", LoraConfig(target_modules=["nothing_here"]))
-    assert "third" not in model.peft_config
-    with pytest.raises(ValueError, match="different peft types"):
-        model.add_adapter("fourth", peft.IA3Config(target_modules=["q_proj"]))
-    model.merge_adapter()
-    with pytest.raises(ValueError, match="while they are merged"):
-        model.delete_adapter("default")
-    with pytest.warns(UserWarning, match="already merged"):
-        model.merge_adapter()
-    model.unmerge_adapter()
-    model.delete_adapter("default")
+@pytest.mark.parametrize("clone", [lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_keep_the_lorafuse_classes(clone: Callable[[Any], Any]) -> None:
+    pair = _twins(task_type="CAUSAL_LM", **LORA)
+    copied = clone(pair[1])
+    assert type(copied) is type(pair[1]) and copied.base_model.model is not pair[1].base_model.model
+    _assert_converted(copied, peft.PeftModelForCausalLM)
+    _assert_same_logits((pair[0], copied), _ids(5))
+    assert set(_paths(copied).values()) == {"c"}
 
 
-def test_disable_adapter_restores_state_and_unload_returns_base() -> None:
-    base = _llama(2)
-    reference = copy.deepcopy(base).eval()
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
-    _randomise_adapters(model)
-    model.eval()
-    ids = _ids()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        adapted = model(input_ids=ids).logits
-        with model.disable_adapter():
-            assert not any(p.requires_grad for p in model.parameters())
-            torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-        assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-        torch.testing.assert_close(model(input_ids=ids).logits, adapted)
-        model.disable_adapter_layers()  # LoraModel's methods, through PeftModel's attribute pass-through
-        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-        model.enable_adapter_layers()
-        torch.testing.assert_close(model(input_ids=ids).logits, adapted)
-        model.merge_adapter()
-        with model.disable_adapter():  # merged layers are unmerged lazily
-            torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
-                                       rtol=1e-5, atol=1e-5)
-        plain = model.unload()
-        assert plain is base and not _adapted(plain, (LoraLinear, ModulesToSaveWrapper))
-        torch.testing.assert_close(plain(input_ids=ids).logits, reference(input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("twin, stock_cls", [
+    (lorafuse.PeftModel, peft.PeftModel),
+    (lorafuse.peft_api.FusedPeftModelForCausalLM, peft.PeftModelForCausalLM),
+], ids=["PeftModel", "PeftModelForCausalLM"])
+def test_direct_construction_is_converted(twin: type, stock_cls: type) -> None:
+    base = _llama()
+    pair = (stock_cls(copy.deepcopy(base), peft.LoraConfig(**LORA)), twin(base, lorafuse.LoraConfig(**LORA)))
+    assert type(pair[1]) is twin
+    _assert_converted(pair[1], stock_cls)
+    _sync(pair)
+    _assert_same_logits(pair, _ids(6))
+    assert set(_paths(pair[1]).values()) == {"c"}
 
 
-def test_modules_to_save_wrapper_behaviour() -> None:
-    model = get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)),
-                           LoraConfig(target_modules=["0"], modules_to_save=["1"]))
-    wrapper = model.base_model.model[1]
-    assert isinstance(wrapper, ModulesToSaveWrapper)
-    assert not any(p.requires_grad for p in wrapper.original_module.parameters())
-    assert all(p.requires_grad for p in wrapper.modules_to_save["default"].parameters())
-    assert wrapper.weight is wrapper.modules_to_save["default"].weight
-    with torch.no_grad():
-        wrapper.modules_to_save["default"].weight.add_(1.0)
-    x = torch.randn(3, 4)
-    with model.disable_adapter():
-        torch.testing.assert_close(model(x), wrapper.original_module(model.base_model.model[0](x)))
-    plain = model.merge_and_unload()
-    assert plain[1] is wrapper.modules_to_save["default"]
+_HOLDER = nn.Sequential(nn.Linear(4, 4))
+_OLD_STYLE = types.SimpleNamespace(peft_type="LORA", r=4, lora_alpha=8, target_modules=["0"])
 
 
-def test_io_hooks_delegate_to_lorafuse_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    io = pytest.importorskip("lorafuse.io")
-    calls = []
-    monkeypatch.setattr(io, "save_pretrained", lambda *a, **k: calls.append(("save", a, k)))
-    monkeypatch.setattr(io, "load_adapter", lambda *a, **k: calls.append(("load", a, k)) or "result")
-    monkeypatch.setattr(io, "from_pretrained", lambda *a, **k: calls.append(("from", a, k)) or "model")
-    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
-    model.save_pretrained(tmp_path, selected_adapters=["default"], safe_serialization=True)
-    assert model.load_adapter(tmp_path, "other", is_trainable=True) == "result"
-    assert PeftModel.from_pretrained(nn.Linear(2, 2), tmp_path) == "model"
-    assert calls[0] == ("save", (model, tmp_path, ["default"]), {"safe_serialization": True})
-    assert calls[1] == ("load", (model, tmp_path, "other", True), {})
-    assert calls[2][1][0] is PeftModel and calls[2][1][2:] == (tmp_path, "default", False)
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: lorafuse.get_peft_model("model", lorafuse.LoraConfig(target_modules=["0"])), TypeError,
+     "model must be a torch.nn.Module"),
+    (lambda: lorafuse.get_peft_model(_HOLDER, {"r": 4, "target_modules": ["0"]}), TypeError, "peft_config"),
+    (lambda: lorafuse.get_peft_model(_HOLDER, _OLD_STYLE), TypeError, "peft_config"),
+    (lambda: lorafuse.get_peft_model(_HOLDER, lorafuse.LoraConfig(target_modules=["0"]), adapter_name=""),
+     ValueError, "adapter_name"),
+    (lambda: lorafuse.fuse_peft_model("model"), TypeError, "torch.nn.Module"),
+    (lambda: lorafuse.unfuse_peft_model(None), TypeError, "torch.nn.Module"),
+], ids=["model-str", "config-dict", "config-old-style", "adapter-name-empty", "fuse-str", "unfuse-none"])
+def test_bad_arguments_raise_before_touching_the_model(call: Callable[[], Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
+    assert type(_HOLDER[0]) is nn.Linear and not hasattr(_HOLDER, "peft_config")
 
 
-def test_merge_and_unload_after_merge_adapter_does_not_merge_twice() -> None:
-    model = get_peft_model(_llama(2), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
-    _randomise_adapters(model)
-    model.eval()
-    ids = _ids()
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-        model.merge_adapter()
-        with pytest.warns(UserWarning, match="All adapters are already merged"):
-            plain = model.merge_and_unload()
-        assert not _adapted(plain, LoraLinear)
-        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+def test_generate_matches_peft_greedy() -> None:
+    pair = _twins(task_type="CAUSAL_LM", **LORA)
+    kwargs = dict(input_ids=_ids(7), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    ref, got = _on_both(pair, lambda m: m.generate(**kwargs))
+    assert got.shape == (2, 9) and torch.equal(got, ref)
+    assert set(_paths(pair[1]).values()) == {"c"}

@@ -46,5 +46,7 @@ def test_notebook_executes(tmp_path):
     client.execute()  # raises CellExecutionError with the traceback if any cell fails
     text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
     assert "trainable params: 16,384" in text
+    assert "PeftModelForCausalLM is a peft.PeftModel: True" in text  # lorafuse's model is PEFT's
+    assert "path of every LoRA layer's last forward: {'c'}" in text  # and it trained on the fused kernels
     assert "PEFT reloads the lorafuse adapter: same logits" in text
     assert "merged model gives the same logits" in text

@@ -1,7 +1,8 @@
 """The opt-in packed-W cache: `ops.pack_weight` + ``packed_w`` give the same bits as packing on
 every call (every ISA, odd and zero-size shapes, strided and fan_in_fan_out W, dropout), match
-the float64 reference, reject packs of another W; `LoraLinear`'s cache repacks when W changes,
-is cleared by merge, never caches a trainable W, and survives deepcopy and pickling."""
+the float64 reference, reject packs of another W; the cache of a lorafuse layer (`FusedLinear`,
+built by `lorafuse.get_peft_model`) repacks when W changes, is cleared by PEFT's merge, never caches
+a trainable W, and survives deepcopy and pickling."""
 from __future__ import annotations
 
 import copy
@@ -138,14 +139,30 @@ def test_pack_of_another_weight_or_direction_is_rejected():
 torch = pytest.importorskip("torch")
 
 
+class _Holder(torch.nn.Module):
+    """A module whose one child ``proj`` is the LoRA target."""
+
+    def __init__(self, proj: torch.nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+
+def _fused_layer(base: torch.nn.Module, fifo: bool = False, dropout: float = 0.0):
+    """The `FusedLinear` that `lorafuse.get_peft_model` puts on ``base`` (r 8, alpha 16; frozen base)."""
+    from lorafuse import FusedLinear, LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, fan_in_fan_out=fifo, target_modules=["proj"])
+    layer = get_peft_model(_Holder(base), config).base_model.model.proj
+    assert isinstance(layer, FusedLinear) and layer.backend == "c"
+    return layer
+
+
 def _layer_pair(fifo: bool = False):
-    from lorafuse import LoraLinear
-    from lorafuse.tuners_utils import conv1d_class
+    """(plain, cached): the same layer (dropout 0.1, B ≠ 0) twice, the second with the packed-W cache on."""
+    from lorafuse.layers import conv1d_class
 
     torch.manual_seed(0)
-    base = conv1d_class()(80, 96) if fifo else torch.nn.Linear(96, 80)
-    base.requires_grad_(False)
-    plain = LoraLinear(base, "default", 8, 16, lora_dropout=0.1, fan_in_fan_out=fifo)
+    plain = _fused_layer(conv1d_class()(80, 96) if fifo else torch.nn.Linear(96, 80), fifo, dropout=0.1)
     torch.nn.init.normal_(plain.lora_B["default"].weight)
     cached = copy.deepcopy(plain)
     cached.set_packed_weight_cache(True)
@@ -156,6 +173,7 @@ def _step(layer, x, g, seed):
     torch.manual_seed(seed)
     x = x.detach().clone().requires_grad_()
     y = layer(x)
+    assert layer.lorafuse_path == "c"  # the fused kernels ran (the cache is theirs)
     y.backward(g)
     grads = (x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
     layer.zero_grad()
@@ -193,7 +211,7 @@ def test_layer_cache_cleared_by_merge_and_skips_trainable_weights():
     x, g = torch.randn(5, 96), torch.randn(5, 80)
     _step(cached, x, g, 0)
     assert cached.packed_weight_bytes > 0
-    cached.merge()  # W changes in C, behind the version counter: the cache must be dropped
+    cached.merge()  # PEFT writes W through .data, behind the version counter: the cache must be dropped
     assert cached.packed_weight_bytes == 0
     cached.unmerge()
     plain.merge()
@@ -216,14 +234,12 @@ def test_layer_cache_under_inference_mode():
     with torch.inference_mode():
         assert torch.equal(plain(x), cached(x))
         assert cached.packed_weight_bytes > 0
-        from lorafuse import LoraLinear
-
         base = torch.nn.Linear(96, 80)
-        inf = LoraLinear(base, "default", 8, 16)
+        inf = _fused_layer(base)
         inf.set_packed_weight_cache(True)
         assert base.weight.is_inference()
         y = inf(x)
-        assert inf.packed_weight_bytes == 0
+        assert inf.lorafuse_path == "c" and inf.packed_weight_bytes == 0
         ref = torch.nn.functional.linear(x, base.weight, base.bias)  # B = 0 at init: y is the base alone
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
 

@@ -103,8 +103,8 @@ def test_fused_equals_stock_peft(make):
     ref = _step(stock, ids)
     got = _step(fused, ids)
     layers = _fused_layers(fused)
-    assert layers and {m.lorafuse_path for m in layers} == {"fused"}
-    assert "(last path: fused)" in repr(layers[0])
+    assert layers and {m.lorafuse_path for m in layers} == {"c"}
+    assert "(last path: c)" in repr(layers[0])
     _assert_same(ref, got)
 
 
@@ -148,7 +148,7 @@ def test_mixed_adapter_batch_generate_disable_and_merge_are_peft():
         fused.set_adapter("other")
         stock.set_adapter("other")
         y_fused = fused(input_ids=ids).logits
-        assert {m.lorafuse_path for m in _fused_layers(fused)} == {"fused"}
+        assert {m.lorafuse_path for m in _fused_layers(fused)} == {"c"}
         torch.testing.assert_close(y_fused, stock(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         fused.base_model.merge_adapter()
         y_merged = fused(input_ids=ids).logits

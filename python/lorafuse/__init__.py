@@ -1,8 +1,9 @@
-"""lorafuse: fused LoRA kernels (C, CUDA) with a PEFT-compatible PyTorch layer.
+"""lorafuse: fused LoRA kernels (C, CUDA), the compute inside Hugging Face PEFT.
 
 NumPy users: :mod:`lorafuse.ops` (no torch needed). PyTorch users: ``from lorafuse import
-LoraConfig, get_peft_model`` exactly as with PEFT, or ``lorafuse.patch_peft()`` to make stock PEFT
-build lorafuse's fused layers (`lorafuse.peft_fused`); these names load torch on first use.
+LoraConfig, get_peft_model, PeftModel`` exactly as with PEFT — the models are real ``peft.PeftModel``
+objects with fused LoRA layers (`lorafuse.peft_api`) — or ``lorafuse.patch_peft()`` to make stock
+PEFT build them (`lorafuse.peft_fused`). These names load torch and peft on first use.
 """
 from __future__ import annotations
 
@@ -16,19 +17,18 @@ from ._runtime import (_init_from_env, get_num_threads, output_cache_stats, set_
 
 # torch-dependent names, imported on first access so that `import lorafuse` needs only NumPy
 _LAZY = {
-    "LoraConfig": "config",
-    "TaskType": "config",
-    "get_peft_model": "model",
-    "PeftModel": "model",
-    "LoraModel": "model",
-    "LoraLinear": "layers",
-    "cache_packed_weights": "layers",
+    "LoraConfig": "peft_api",
+    "TaskType": "peft_api",
+    "LoraModel": "peft_api",
+    "get_peft_model": "peft_api",
+    "PeftModel": "peft_api",
+    "fuse_peft_model": "peft_api",
+    "unfuse_peft_model": "peft_api",
+    "FusedLinear": "peft_fused",
     "patch_peft": "peft_fused",
     "unpatch_peft": "peft_fused",
     "peft_is_patched": "peft_fused",
-    "fuse_peft_model": "peft_fused",
-    "unfuse_peft_model": "peft_fused",
-    "FusedLinear": "peft_fused",
+    "cache_packed_weights": "layers",
 }
 
 __all__ = ["ops", "set_num_threads", "get_num_threads", "set_output_cache_limit", "output_cache_stats", "show_config",

@@ -5,7 +5,7 @@ For each shape (n tokens × k in_features × m out_features, rank r) the same fr
 
 - ``F.linear``  -- torch's base matmul alone, no adapter: the floor any LoRA layer pays;
 - ``PEFT``      -- ``peft.tuners.lora.Linear`` wrapping that ``nn.Linear`` (the thing we replace);
-- ``lorafuse``  -- ``lorafuse.LoraLinear`` wrapping the same ``nn.Linear``, with PEFT's adapter
+- ``lorafuse``  -- ``lorafuse.FusedLinear`` (PEFT's layer, fused) wrapping the same ``nn.Linear``, with PEFT's adapter
   weights copied in (``B`` is random, not zero, so the adapter does real work).
 
 Two passes: ``fwd`` (inference, ``torch.no_grad``) and ``fwd+bwd`` (training: ``x`` needs
@@ -58,7 +58,7 @@ def _make_layers(n: int, k: int, m: int, r: int, seed: int):
     from peft.tuners.lora import Linear as PeftLinear
     from torch import nn
 
-    from .layers import LoraLinear
+    from .peft_fused import FusedLinear
 
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(k, m)
@@ -67,8 +67,9 @@ def _make_layers(n: int, k: int, m: int, r: int, seed: int):
         base.bias.copy_(torch.randn(m, generator=gen))
     base.requires_grad_(False)
     alpha = 2 * r
-    peft_layer = PeftLinear(base, "default", config=PeftLoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha)
-    fused = LoraLinear(base, "default", r=r, lora_alpha=alpha)  # the same base module, shared, not copied
+    config = PeftLoraConfig(r=r, lora_alpha=alpha)
+    peft_layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=alpha)
+    fused = FusedLinear(base, "default", config=config, r=r, lora_alpha=alpha)  # the same base module, shared
     with torch.no_grad():
         peft_layer.lora_A["default"].weight.copy_(torch.randn(r, k, generator=gen) / k ** 0.5)
         peft_layer.lora_B["default"].weight.copy_(torch.randn(m, r, generator=gen) / r ** 0.5)

@@ -50,10 +50,11 @@ def _print_tensors(files: AdapterFiles) -> None:
 
 
 def _sub_adapters(directory: str) -> list[str]:
-    """Names of the non-default adapters saved next to this one (``DIR/<name>/``)."""
+    """Names of the non-default adapters saved next to this one (``DIR/<name>/``); hidden folders (a
+    killed save's ``.lorafuse-save-*`` staging folder) are not adapters."""
     return sorted(
         entry.name for entry in os.scandir(directory)
-        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, CONFIG_NAME))
+        if not entry.name.startswith(".") and entry.is_dir() and os.path.isfile(os.path.join(entry.path, CONFIG_NAME))
     )
 
 

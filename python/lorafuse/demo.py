@@ -191,6 +191,9 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
         "acc_before": acc_before, "acc_after": acc_after, "losses": losses, "step_s": step_s,
         "peak_rss_mib": peak, "rss_before_training_mib": rss_before, "threads": opts["threads"],
         "test_logits": logits.tolist(),
+        # which path each LoRA layer's last forward took: lorafuse's 'c' (fused) or 'peft'; 'stock' in PEFT
+        "layer_paths": sorted({getattr(m, "lorafuse_path", None) or "stock" for m in model.modules()
+                               if hasattr(m, "lora_A")}),
     }
     if opts.get("save_dir"):
         model.save_pretrained(opts["save_dir"])

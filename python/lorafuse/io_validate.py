@@ -1,9 +1,9 @@
 """Model-independent validation of PEFT LoRA adapter directories (no torch needed).
 
 Everything an adapter directory can get wrong on its own is checked here, before any
-model is touched: the config JSON (types, ranges and ``peft_type`` through
-:class:`lorafuse.config.LoraConfig`, plus regular expressions that could hang the
-matcher), the safetensors header (length cap, ``N + 8 <= size``,
+model is touched: the config JSON (for LoRA: ``peft_type``, the types and ranges of ``r``,
+``lora_alpha``, ``lora_dropout``, ``rank_pattern``/``alpha_pattern``, ``target_modules``, and
+regular expressions that could hang PEFT's module matcher), the safetensors header (length cap, ``N + 8 <= size``,
 duplicate keys, NUL bytes, dtype set), the payload (parsed by the ``safetensors``
 package itself, never by hand), finiteness, and the LoRA rank of every ``lora_A`` /
 ``lora_B`` pair against ``r`` / ``rank_pattern``.
@@ -38,8 +38,6 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .config import LoraConfig
-
 try:  # Python >= 3.11
     from re import _constants as _sre_constants
     from re import _parser as _sre_parse
@@ -68,6 +66,7 @@ FLOAT_DTYPES: Mapping[str, tuple[type, int]] = {
 LORA_PAIR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_PAIR_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")  # PEFT's LoraConfig.bias
 
 
 class AdapterFileError(ValueError):
@@ -93,8 +92,7 @@ class AdapterFiles:
     """A validated adapter directory: its config, tensor table and raw weight bytes."""
 
     directory: str
-    config: dict[str, Any]
-    lora_config: LoraConfig
+    config: dict[str, Any]  # adapter_config.json as parsed; validated by `validate_config`
     tensors: dict[str, TensorInfo]
     weights: bytes = field(repr=False)
 
@@ -217,30 +215,68 @@ def _regex_fields(get: Any) -> Iterator[tuple[Any, str]]:
             yield pattern, f"{name} key"
 
 
-def _check_patterns(config: LoraConfig) -> None:
-    """Run :func:`check_pattern` over every config value PEFT matches as a regex."""
-    for pattern, what in _regex_fields(lambda name: getattr(config, name)):
-        check_pattern(pattern, what)
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_config(config: dict[str, Any]) -> LoraConfig:
-    """Build the `LoraConfig` of a parsed ``adapter_config.json`` and vet its regexes.
+def _is_lora(config: Mapping[str, Any]) -> bool:
+    """PEFT writes ``"LORA"``; older files ``"PeftType.LORA"``."""
+    return str(config.get("peft_type", "")).split(".")[-1].upper() == "LORA"
 
-    Types, ranges and ``peft_type`` are checked by `LoraConfig` itself; this adds that
-    ``target_modules`` must be present (a saved adapter always names its modules) and the
-    regular-expression policy of this module.
+
+def _field_problem(config: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with the LoRA fields of a config that PEFT would take as they are and fail
+    on later (or never), if anything."""
+    r, alpha, dropout = config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
+    if not _is_int(r) or r <= 0:
+        return f"`r` should be a positive integer value but the value passed is {r!r}"
+    if not _is_real(alpha):
+        return f"lora_alpha must be a finite number, got {alpha!r}"
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+        return f"lora_dropout must be a number in [0, 1), got {dropout!r}"
+    if config.get("bias", "none") not in BIAS_MODES:
+        return f"bias must be one of {BIAS_MODES}, got {config.get('bias')!r}"
+    for name, check, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive ints"),
+                              ("alpha_pattern", _is_real, "finite numbers")):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
+            return f"{name} must map module-name patterns to {what}, got {pattern!r}"
+    targets = config.get("target_modules")
+    if not targets and not config.get("target_parameters"):
+        return "target_modules is missing or empty: cannot tell which modules the adapter wraps"
+    for name, may_be_str in (("target_modules", True), ("exclude_modules", True), ("layers_pattern", True),
+                             ("modules_to_save", False)):
+        value = config.get(name)
+        if value is not None and not ((may_be_str and isinstance(value, str)) or _is_name_list(value)):
+            kinds = "a string or a list of non-empty strings" if may_be_str else "a list of non-empty strings"
+            return f"{name} must be {kinds}, got {value!r}"
+    layers = config.get("layers_to_transform")
+    items = [layers] if _is_int(layers) else layers
+    if layers is not None and not (isinstance(items, list) and all(_is_int(i) and i >= 0 for i in items)):
+        return f"layers_to_transform must be a non-negative int or a list of them, got {layers!r}"
+    return None
+
+
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check a parsed LoRA ``adapter_config.json``: ``peft_type``, the fields of `_field_problem`,
+    and the regular-expression policy of this module. Options PEFT has and these checks do not
+    name (DoRA, ``lora_bias``, initialisations, ...) are PEFT's to interpret. Returns ``config``.
 
     Raises:
         AdapterFileError: naming the field and the offending value.
     """
-    try:
-        lora_config = LoraConfig.from_dict(config)
-    except (TypeError, ValueError) as exc:
-        raise AdapterFileError(str(exc)) from None
-    if not lora_config.target_modules:
-        raise AdapterFileError("target_modules is missing or empty: cannot tell which modules the adapter wraps")
-    _check_patterns(lora_config)
-    return lora_config
+    if not _is_lora(config):
+        raise AdapterFileError(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    problem = _field_problem(config)
+    if problem:
+        raise AdapterFileError(problem)
+    for pattern, what in _regex_fields(config.get):
+        check_pattern(pattern, what)
+    return config
 
 
 def read_regular_file(path: str, limit: Optional[int] = None) -> bytes:
@@ -256,11 +292,11 @@ def read_regular_file(path: str, limit: Optional[int] = None) -> bytes:
         return handle.read(info.st_size)
 
 
-def read_config(path: str) -> tuple[dict[str, Any], LoraConfig]:
-    """Read and validate an ``adapter_config.json`` file: the raw dict and its `LoraConfig`."""
+def read_config(path: str) -> dict[str, Any]:
+    """Read and validate (`validate_config`) a LoRA ``adapter_config.json`` file."""
     config = _parse_json_object(read_regular_file(path, MAX_CONFIG_BYTES), path)
     try:
-        return config, validate_config(config)
+        return validate_config(config)
     except AdapterFileError as exc:
         raise AdapterFileError(f"{path}: {exc}") from None
 
@@ -342,33 +378,50 @@ def split_lora_key(key: str) -> Optional[tuple[str, str]]:
     return None
 
 
-def allowed_ranks(config: LoraConfig) -> set[int]:
-    """Ranks a LoRA pair may have under ``r`` and ``rank_pattern`` (which module gets which
-    rank is decided against the model, where module names are known)."""
-    return {config.r, *config.rank_pattern.values()}
+def allowed_ranks(config: Mapping[str, Any]) -> set[int]:
+    """Ranks a LoRA pair may have under ``r`` and ``rank_pattern`` of a validated config (which
+    module gets which rank is decided against the model, where module names are known)."""
+    return {config.get("r", 8), *(config.get("rank_pattern") or {}).values()}
+
+
+def _lora_rank(key: str, info: TensorInfo) -> Optional[int]:
+    """The rank of a LoRA ``A`` tensor (its dim 0: (r, in_features[, kernel...]) for Linear, Conv and
+    Embedding LoRA alike), None for any other tensor. B's shape is not checked: PEFT's variants store B
+    in other shapes (grouped convolutions (out, r / groups, ...), block-diagonal LoRA)."""
+    split = split_lora_key(key)
+    if split is None or split[1] not in (LORA_PAIR_SUFFIXES[0], EMBEDDING_PAIR_SUFFIXES[0]):
+        return None
+    return info.shape[0] if info.shape else None
 
 
 def _pair_problem(key: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], ranks: set[int]) -> Optional[str]:
     """What is wrong with one ``lora_A``/``lora_B`` (or embedding) tensor, if anything."""
     module, suffix = split_lora_key(key)  # type: ignore[misc]
     pair = LORA_PAIR_SUFFIXES if suffix in LORA_PAIR_SUFFIXES else EMBEDDING_PAIR_SUFFIXES
-    is_a = suffix == pair[0]
-    partner = tensors.get(KEY_PREFIX + module + pair[is_a])
-    if partner is None:
-        return f"{key} has no partner {KEY_PREFIX + module + pair[is_a]}"
-    if len(info.shape) != 2 or info.numel == 0:
-        return f"{key} must be a non-empty 2-D tensor, has shape {list(info.shape)}"
-    rank = info.shape[0 if is_a else 1]
-    if len(partner.shape) == 2 and partner.shape[1 if is_a else 0] != rank:
-        return f"{key} has rank {rank} but its partner has shape {list(partner.shape)}"
-    if rank not in ranks:
+    partner = KEY_PREFIX + module + pair[suffix == pair[0]]
+    if partner not in tensors:
+        return f"{key} has no partner {partner}"
+    if len(info.shape) < 2 or info.numel == 0:  # Linear: 2-D; Conv: (r, in, k...)
+        return f"{key} must be a non-empty tensor of 2 or more dimensions, has shape {list(info.shape)}"
+    rank = _lora_rank(key, info)
+    if rank is not None and rank not in ranks:
         return f"{key} has rank {rank} but the config allows r in {sorted(ranks)}"
     return None
 
 
-def _check_ranks(config: LoraConfig, tensors: Mapping[str, TensorInfo]) -> None:
-    """Check every LoRA pair: both halves present, 2-D, equal ranks allowed by the config."""
+def _check_ranks(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    """Check every LoRA pair: both halves present, A's rank allowed by the config; and no rank of the
+    config above every rank in the file (a module targeted but absent from the file gets an adapter of
+    the config's rank when PEFT loads it: an edited ``r`` of 2²² would allocate gigabytes; a legitimate
+    ``r`` above every rank in the file, where ``rank_pattern`` sets every target's rank, stays within the
+    layer widths)."""
     ranks = allowed_ranks(config)
+    found = [rank for key, info in tensors.items() if (rank := _lora_rank(key, info)) is not None]
+    widest = max((d for key, info in tensors.items() if split_lora_key(key) is not None for d in info.shape), default=0)
+    if found and max(ranks) > max(max(found), widest):
+        raise AdapterFileError(f"the config allows r up to {max(ranks)} (r, rank_pattern), above every LoRA tensor's "
+                               f"rank (max {max(found)}) and every layer width in the file (max {widest}): "
+                               "refusing to build adapters that large")
     problems = [
         problem
         for key, info in sorted(tensors.items())
@@ -389,8 +442,23 @@ def _refuse_pickles(directory: str, names: Iterable[str]) -> None:
         )
 
 
+def _read_weights(directory: str, lora_config: Optional[Mapping[str, Any]]) -> tuple[dict[str, TensorInfo], bytes]:
+    """``adapter_model.safetensors`` of ``directory``, fully validated (`decode_weights`); for a LoRA
+    config also PEFT's key prefix and every pair's rank (`_check_ranks`)."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    weights = read_regular_file(path)
+    try:
+        tensors = decode_weights(weights)
+        if lora_config is not None:
+            _check_key_grammar(tensors)
+            _check_ranks(lora_config, tensors)
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{path}: {exc}") from None
+    return tensors, weights
+
+
 def read_adapter_dir(directory: str) -> AdapterFiles:
-    """Read and fully validate an adapter directory without touching any model.
+    """Read and fully validate a LoRA adapter directory without touching any model.
 
     Raises:
         AdapterFileError: for every problem listed in the module docstring.
@@ -406,25 +474,19 @@ def read_adapter_dir(directory: str) -> AdapterFiles:
         raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
     if CONFIG_NAME not in names:
         raise AdapterFileError(f"{directory} has no {CONFIG_NAME}")
-    config, lora_config = read_config(os.path.join(directory, CONFIG_NAME))
-    weights = read_regular_file(os.path.join(directory, WEIGHTS_NAME))
-    try:
-        tensors = decode_weights(weights)
-        _check_key_grammar(tensors)
-        _check_ranks(lora_config, tensors)
-    except AdapterFileError as exc:
-        raise AdapterFileError(f"{os.path.join(directory, WEIGHTS_NAME)}: {exc}") from None
-    return AdapterFiles(directory, config, lora_config, tensors, weights)
+    config = read_config(os.path.join(directory, CONFIG_NAME))
+    tensors, weights = _read_weights(directory, config)
+    return AdapterFiles(directory, config, tensors, weights)
 
 
 def check_peft_dir(directory: str) -> None:
-    """What can be checked of any PEFT adapter directory before PEFT itself reads it, without
-    lorafuse's own limits on what an adapter may be (PEFT also loads Conv, Embedding, DoRA and other
-    methods' adapters): ``adapter_config.json`` of at most 1 MiB holding one JSON object with unique
-    keys; for a LoRA config, no regular expression that could hang PEFT's module matcher
-    (:func:`check_pattern`); pickled weights refused; the safetensors file fully validated
-    (`decode_weights`: header rules, the reference parser, finite values). A directory without
-    ``adapter_config.json`` is left to PEFT's own error.
+    """What can be checked of any PEFT adapter directory before PEFT itself reads it (PEFT also loads
+    Conv, Embedding, DoRA and other methods' adapters): ``adapter_config.json`` of at most 1 MiB
+    holding one JSON object with unique keys; for a LoRA config, `validate_config` (fields and the
+    regular-expression policy) and every LoRA pair's rank against ``r``/``rank_pattern``; pickled
+    weights refused, and a directory with a config but no ``adapter_model.safetensors``; the safetensors
+    file fully validated (`decode_weights`: header rules, the reference parser, finite values). A
+    directory without ``adapter_config.json`` is left to PEFT's own error.
 
     Raises:
         AdapterFileError: naming the file and the problem.
@@ -434,22 +496,17 @@ def check_peft_dir(directory: str) -> None:
     if not os.path.isfile(config_path):
         return
     config = _parse_json_object(read_regular_file(config_path, MAX_CONFIG_BYTES), config_path)
-    if str(config.get("peft_type", "")).split(".")[-1].upper() == "LORA":
-        for pattern, what in _regex_fields(config.get):
-            if isinstance(pattern, str):
-                try:
-                    check_pattern(pattern, what)
-                except AdapterFileError as exc:
-                    raise AdapterFileError(f"{config_path}: {exc}") from None
+    lora = _is_lora(config)
+    if lora:
+        try:
+            validate_config(config)
+        except AdapterFileError as exc:
+            raise AdapterFileError(f"{config_path}: {exc}") from None
     names = os.listdir(directory)
     if WEIGHTS_NAME not in names:
         _refuse_pickles(directory, names)
-        return
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    try:
-        decode_weights(read_regular_file(weights_path))
-    except AdapterFileError as exc:
-        raise AdapterFileError(f"{weights_path}: {exc}") from None
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME}")
+    _read_weights(directory, config if lora else None)
 
 
 def _check_key_grammar(tensors: Mapping[str, TensorInfo]) -> None:

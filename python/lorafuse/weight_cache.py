@@ -73,7 +73,7 @@ class PackedWeightCache:
 
 
 class PackedWeightOption:
-    """The opt-in packed-W cache of a lorafuse layer (`LoraLinear`, `FusedLinear`), a mixin: the
+    """The opt-in packed-W cache of a lorafuse layer (`FusedLinear`), a mixin: the
     layer passes ``self._weight_cache`` to the kernels and clears it wherever it changes W itself
     (merge/unmerge). A run-time attribute: never in a state dict, empty after a copy."""
 
