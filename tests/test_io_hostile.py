@@ -184,6 +184,7 @@ CHECKED: dict[str, tuple[Callable[[Path], None], str]] = {
     "rank_pattern value": (config(rank_pattern={"q_proj": "2"}), "rank_pattern must map"),
     "no target_modules": (config(target_modules=None), "target_modules is missing"),
     "modules_to_save not a list": (config(modules_to_save="lm_head"), "modules_to_save must be"),
+    "modules_to_save a number": (config(modules_to_save=3), "modules_to_save must be"),  # fuzz finding
     "bias unknown": (config(bias="some"), "bias must be one of"),
     "missing weights": (lambda d: (d / WEIGHTS_NAME).unlink(), "has no adapter_model.safetensors"),
     # ranks against r / rank_pattern (the file's tensors are rank 4)
@@ -243,6 +244,8 @@ PEFT_REFUSED: dict[str, tuple[Callable[[Path], None], str]] = {
     "peft_type a number": (config(peft_type=7), "could not load"),
     "peft_type null": (config(peft_type=None), "could not load"),
     "target modules absent": (config(target_modules=["nonexistent_proj"]), "nonexistent_proj"),
+    # fuzz finding: PEFT fails after adding part of the adapter
+    "unknown init_lora_weights": (config(init_lora_weights="(a+)+$"), "could not load"),
     "shape mismatch": (tensor(f"{Q0}.lora_A.weight", torch.ones(4, 48)), "size mismatch"),
     "rank_pattern gives a module another rank": (config(rank_pattern={"layers.0.self_attn.q_proj": 2}),
                                                  "size mismatch"),
