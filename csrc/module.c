@@ -113,6 +113,9 @@ static PyObject *raise_status(int status, const char *func) {
     case LF_EOVERFLOW: return PyErr_Format(PyExc_ValueError, "%s: sizes overflow int64", func);
     case LF_EISA: return PyErr_Format(PyExc_ValueError, "%s: ISA not supported by this CPU", func);
     case LF_EINTR: PyErr_SetNone(PyExc_KeyboardInterrupt); return NULL;
+    case LF_EINTERNAL:
+        return PyErr_Format(PyExc_RuntimeError, "%s: internal error in the kernels (a lorafuse bug, please report it)",
+                            func);
     default: return PyErr_Format(PyExc_ValueError, "%s: invalid argument (status %d)", func, status);
     }
 }
@@ -377,8 +380,15 @@ typedef struct {
     int n;
 } arr_list;
 
+/* Keep a (a new reference, or NULL with the error set) for drop_all; NULL + RuntimeError when full. */
 static PyArrayObject *keep(arr_list *l, PyArrayObject *a) {
-    if (a) l->a[l->n++] = a;
+    if (!a) return NULL;
+    if (l->n == MAX_ARRS) {
+        Py_DECREF(a);
+        PyErr_SetString(PyExc_RuntimeError, "lorafuse: internal error, too many arrays kept in one call");
+        return NULL;
+    }
+    l->a[l->n++] = a;
     return a;
 }
 

@@ -17,7 +17,7 @@ import torch._inductor.config  # noqa: E402
 import lorafuse  # noqa: E402
 import lorafuse.autograd  # noqa: E402
 from lorafuse.autograd import lora_linear  # noqa: E402
-from lorafuse.compiled import seed_tensor  # noqa: E402
+from lorafuse.backend import seed_tensor  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _fresh_dynamo(monkeypatch):
     """Each test compiles from scratch, as in a fresh process (no kernel module loaded yet by an
     eager call); Inductor draws random numbers with torch's eager generator (fallback_random), so
     a compiled dropout seed equals the one eager mode draws."""
-    monkeypatch.setattr(lorafuse.autograd, "_loaded", {})
+    monkeypatch.setattr(lorafuse.backend, "_loaded", {})
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
         yield

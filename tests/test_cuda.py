@@ -314,8 +314,10 @@ def test_argument_errors():
 def test_lorafuse_autograd_dispatches_here():
     """lorafuse.autograd (the torch layer) routes same-dtype CUDA tensors to these kernels."""
     autograd = pytest.importorskip("lorafuse.autograd")
+    from lorafuse.backend import backend_name
+
     x, W, b, A, B, g = _problem((3, 11), 40, 24, 4, torch.bfloat16)
-    assert autograd.backend_name(x, W, b, A, B) == "cuda"
+    assert backend_name(x, W, b, A, B) == "cuda"
     x.requires_grad_(True)
     A.requires_grad_(True)
     B.requires_grad_(True)
@@ -465,7 +467,8 @@ def test_compiled_lora_linear_matches_eager_on_cuda():
     """torch.compile(fullgraph=True) over `lora_linear` on CUDA tensors (fp32, dropout 0.2, a trained
     base): the custom operators reach the CUDA kernels, and x, W, bias, A, B gradients equal eager
     mode's (the same kernels both ways)."""
-    from lorafuse.autograd import backend_name, lora_linear
+    from lorafuse.autograd import lora_linear
+    from lorafuse.backend import backend_name
 
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
@@ -539,9 +542,9 @@ def _count_fused(monkeypatch):
         return real(*a, **kw)
     monkeypatch.setitem(lc._KERNELS, "lora_forward", counting)
     monkeypatch.setattr(lc, "lora_forward", counting, raising=False)
-    from lorafuse import autograd
+    from lorafuse import backend
 
-    monkeypatch.setitem(autograd._loaded, "cuda", lc)
+    monkeypatch.setitem(backend._loaded, "cuda", lc)
     return calls
 
 
@@ -630,7 +633,8 @@ def test_bf16_gpu_matches_cpu_kernels():
 def test_compiled_fp32_adapters_on_bf16_match_eager():
     """torch.compile(fullgraph=True) over `lora_linear` with a bf16 x and W and float32 A, B: the operators'
     shape functions give u, dA, dB the adapters' dtype, and the compiled gradients equal eager mode's."""
-    from lorafuse.autograd import backend_name, lora_linear
+    from lorafuse.autograd import lora_linear
+    from lorafuse.backend import backend_name
 
     torch.manual_seed(1)
     dev = torch.device(DEVICE)

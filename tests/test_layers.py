@@ -26,8 +26,8 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import lorafuse  # noqa: E402
 from lorafuse import FusedLinear  # noqa: E402
-from lorafuse import autograd as lf_autograd  # noqa: E402
-from lorafuse.autograd import backend_name, dropout_mask, lora_linear  # noqa: E402
+from lorafuse.autograd import lora_linear  # noqa: E402
+from lorafuse.backend import backend_name, draw_seed, dropout_mask  # noqa: E402
 
 Conv1D = transformers.pytorch_utils.Conv1D
 ops = pytest.importorskip("lorafuse.ops")
@@ -421,7 +421,7 @@ def test_dropout_gradients_use_the_forward_mask() -> None:
     layer(x).square().sum().backward()
     assert layer.lorafuse_path == "c"
     torch.manual_seed(11)
-    seed = lf_autograd.draw_seed()
+    seed = draw_seed()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     # float64 reference: the fp32 kernels and an fp32 torch reference sum in different orders,
     # and a few dA elements cancel to ~1e-3, so fp32-vs-fp32 at atol 1e-5 would test round-off
@@ -488,7 +488,7 @@ def test_cuda_layer_matches_the_float64_reference(p: float, monkeypatch: pytest.
     assert layer.lorafuse_path == "cuda"
     out.square().sum().backward()
     torch.manual_seed(2)
-    seed = lf_autograd.draw_seed() if p else 0
+    seed = draw_seed() if p else 0
     t64 = {"x": x.detach().double().cpu().requires_grad_(True),
            "weight": layer.base_layer.weight.detach().double().cpu(),
            "bias": layer.base_layer.bias.detach().double().cpu(),

@@ -38,7 +38,8 @@ from lorafuse import _C, ops
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from lorafuse.autograd import backend_name, lora_linear  # noqa: E402
+from lorafuse.autograd import lora_linear  # noqa: E402
+from lorafuse.backend import backend_name  # noqa: E402
 from test_layers import TOL, assert_all_close, forward_backward, layer_pair  # noqa: E402
 
 INTERRUPTIBLE = bool(getattr(_C, "interruptible", False))

@@ -213,7 +213,7 @@ typedef struct {
     int64_t ldc;
     int tm, tn;
     int64_t mchunk, nchunk;
-    atomic_int failed;    /* set by a thread whose scratch allocation failed */
+    atomic_int failed;    /* 0, or the LF_E* status of a thread that could not do its block */
     atomic_int cancelled; /* set by a thread that saw lf_interrupt_pending() */
 } gemm_job;
 
@@ -266,7 +266,10 @@ static void gemm_block(void *ctxp, int tid, int nt) {
     const lf_dispatch *dp = job->dp;
     const int MR = dp->mr, NR = dp->nr;
     const int64_t ti = tid / job->tn, tj = tid % job->tn;
-    if (nt != job->tm * job->tn) return;
+    if (nt != job->tm * job->tn) { /* the pool ran another grid than planned: say so, never skip blocks */
+        atomic_store(&job->failed, LF_EINTERNAL);
+        return;
+    }
     const int64_t m0 = ti * job->mchunk, m1 = min64(job->M, m0 + job->mchunk);
     const int64_t n0 = tj * job->nchunk, n1 = min64(job->N, n0 + job->nchunk);
     if (m0 >= m1 || n0 >= n1) return;
@@ -278,7 +281,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
     float *apack = lf_pool_scratch(job->pool, tid, 0, (size_t)(mcmax * kcmax) * sizeof(float));
     float *bpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(ncmax * kcmax) * sizeof(float));
     if (!apack || !bpack) {
-        atomic_store(&job->failed, 1);
+        atomic_store(&job->failed, LF_ENOMEM);
         return;
     }
     for (int64_t jc = n0; jc < n1; jc += dp->nc) {
@@ -396,7 +399,7 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     job.nchunk = ((N + dp->nr - 1) / dp->nr + job.tn - 1) / job.tn * dp->nr;
     lf_pool_run(pool, nt, gemm_block, &job);
     if (atomic_load(&job.cancelled)) return LF_EINTR;
-    return atomic_load(&job.failed) ? LF_ENOMEM : LF_OK;
+    return atomic_load(&job.failed); /* LF_OK (0) or a thread's status */
 }
 
 int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out) {

@@ -142,7 +142,7 @@ int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out);
 typedef struct {
     lf_view v;
     float scale;
-    uint32_t drop_threshold; /* round(p·2^24); 0 = no dropout */
+    uint32_t drop_threshold; /* ceil(p·2^24) (dropout_hash.h); 0 = no dropout */
     uint64_t seed;
 } lf_segment;
 

@@ -36,7 +36,7 @@ TARGET static inline __attribute__((always_inline)) void CAT(vstore, SUFFIX)(flo
 
 #define ROWS 8 /* tokens per step: 8 independent accumulators hide the FMA latency */
 
-/* rows [m0, m1) of c = scale · a · bt, for R ≤ RMAX·VW (bt is K × Rp, Rp = padded R) */
+/* rows [m0, m1) of c = scale · a · bt, VW columns of c at a time (bt is K × Rp, Rp = R padded to VW) */
 TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp,
                                             lf_view a, const float *bt, float scale, float *c) {
     for (int64_t j0 = 0; j0 < R; j0 += VW) {

@@ -26,27 +26,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["lora_linear_op", "seed_tensor", "draw_seed_tensor"]
+from .backend import adapter_backward, base_grads, forward, kernels_for
 
-_SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from [0, _SEED_HIGH)
-
-
-def draw_seed_tensor() -> Tensor:
-    """A (1,) int64 dropout seed from torch's default RNG — the one draw of both paths (eager
-    `autograd.draw_seed` reads it as an int), so a compiled run with Inductor's `fallback_random`
-    draws the seeds an eager run draws."""
-    return torch.randint(0, _SEED_HIGH, (1,))
-
-
-def seed_tensor(dropout_p: float, seed: Optional[int] = None) -> Tensor:
-    """The (1,) int64 dropout seed for the operators: ``seed`` as given, else (p > 0) a fresh draw,
-    else 0 (no dropout: unused)."""
-    if seed is not None:
-        return torch.full((1,), seed, dtype=torch.int64)
-    if dropout_p > 0.0:
-        return draw_seed_tensor()
-    return torch.zeros(1, dtype=torch.int64)
-
+__all__ = ["lora_linear_op"]
 
 def _seed_value(seed: Tensor) -> int:
     """The int in a one-element integer seed tensor; TypeError / ValueError naming it otherwise."""
@@ -64,10 +46,8 @@ def _out_features(weight: Tensor, fan_in_fan_out: bool) -> int:
 @torch.library.custom_op("lorafuse::lora_forward", mutates_args=())
 def _lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
                   dropout_p: float, seed: Tensor, fan_in_fan_out: bool, need_u: bool) -> tuple[Tensor, Tensor]:
-    """x (..., k) → y (..., m), u (..., r) on the kernels `autograd.kernels_for` picks."""
-    from .autograd import _forward
-
-    y, u, _ = _forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_value(seed), fan_in_fan_out,
+    """x (..., k) → y (..., m), u (..., r) on the kernels `backend.kernels_for` picks."""
+    y, u, _ = forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_value(seed), fan_in_fan_out,
                        need_u=need_u)
     return y, (u if u is not None else x.new_empty(0))
 
@@ -87,8 +67,6 @@ def _lora_backward(grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_a: T
                    dropout_p: float, seed: Tensor, fan_in_fan_out: bool,
                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """grad (..., m) → dx (x's shape, or (0,)), dA (r, k), dB (m, r); dW is never formed."""
-    from .autograd import adapter_backward, kernels_for
-
     kern = kernels_for(grad, x, u, weight, lora_a, lora_b)
     dx, dA, dB = adapter_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, _seed_value(seed),
                                   fan_in_fan_out, need_dx, kern)
@@ -111,8 +89,6 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx: Any, grad: Tensor, _grad_u: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Gradients for (x, W, bias, A, B); the scalars and the seed get None."""
-    from .autograd import base_grads
-
     x, u, weight, lora_a, lora_b, seed = ctx.saved_tensors
     scale, dropout_p, fifo = ctx.conf
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]

@@ -306,7 +306,7 @@ _PAIRS: set = set()  # (base dtype, adapter dtype) pairs the kernels take, fille
 def adapter_dtypes_fuse(dtype: Any, adapter_dtype: Any) -> bool:
     """True when these kernels take adapters of ``adapter_dtype`` on a base of ``dtype``: the same
     float dtype, or float32 adapters on bfloat16 (PEFT's default for a bf16 model). The one rule:
-    `lorafuse.autograd.kernels_for` and the layers ask it too."""
+    `lorafuse.backend.kernels_for` and the layers ask it too."""
     if not _PAIRS:
         torch = _torch()
         _PAIRS.update({(t, t) for t in (torch.float32, torch.float16, torch.bfloat16)})
@@ -458,7 +458,7 @@ def reference_dropout_mask(n: int, k: int, p: float, seed: int) -> np.ndarray:
     return mask.reshape(int(n), int(k))
 
 
-# `lorafuse.autograd.kernels_for` looks for `lora_forward` / `lora_backward` (the `lorafuse.ops` names).
+# `lorafuse.backend.kernels_for` looks for `lora_forward` / `lora_backward` (the `lorafuse.ops` names).
 # They resolve only when the extension loads, so that `hasattr` is False on CPU-only builds and the
 # autograd layer falls back to torch there; touching them on such a build explains how to get CUDA.
 _KERNELS = {"lora_forward": cuda_lora_forward, "lora_backward": cuda_lora_backward}

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.compiler import is_compiling
 
-from .autograd import DISPATCH, cpu_kernels, draw_seed
-from .compiled import seed_tensor
+from .backend import DISPATCH, cpu_kernels, draw_seed, seed_tensor
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache, PackedWeightOption
 

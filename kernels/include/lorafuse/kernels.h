@@ -28,6 +28,7 @@ enum {
     LF_EOVERFLOW = -3, /* a size product overflows int64 */
     LF_EISA = -4,      /* the requested instruction set is not supported by this CPU */
     LF_EINTR = -5,     /* stopped early by lf_interrupt_request(); outputs are incomplete */
+    LF_EINTERNAL = -6, /* an internal invariant failed (a lorafuse bug); outputs are incomplete */
 };
 
 /* ---- interruption: a signal handler may call lf_interrupt_request(); running kernels then
