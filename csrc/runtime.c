@@ -1,0 +1,123 @@
+/* runtime.c — run-time plumbing of lorafuse._C (declared in runtime.h): the thread pool a call
+ * holds while its kernel runs (and a resized pool's retirement), the Ctrl-C guard that lets a
+ * long kernel be interrupted, and the mapping of kernel statuses (LF_E*) to Python exceptions.
+ * No NumPy here: the module state is set up and torn down in module.c.
+ */
+#include "runtime.h"
+
+#include <string.h>
+
+/* ---------------------------------------------------------------- pool */
+
+static void release_retired(lf_state *st) {
+    if (st->retired && st->in_flight == 0) {
+        lf_pool_destroy(st->retired);
+        st->retired = NULL;
+    }
+}
+
+/* Take the pool for one call: the pointer stays valid until pool_release (see lf_py_pool_resize). */
+static lf_pool *pool_acquire(lf_state *st) {
+    st->in_flight++;
+    return st->pool;
+}
+
+static void pool_release(lf_state *st) {
+    st->in_flight--;
+    release_retired(st);
+}
+
+/* set_num_threads: a pool still held by running kernels is retired, not destroyed */
+int lf_py_pool_resize(lf_state *st, int n) {
+    if (lf_pool_threads(st->pool) == n) return 0;
+    release_retired(st);
+    if (st->retired) { /* a pool replaced earlier is still in use by a running kernel */
+        PyErr_Format(PyExc_RuntimeError, "set_num_threads: kernels are still running");
+        return -1;
+    }
+    lf_pool *fresh = lf_pool_create(n);
+    if (!fresh) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    st->retired = st->pool; /* freed as soon as no kernel holds it */
+    st->pool = fresh;
+    release_retired(st);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Ctrl-C
+ * A long kernel runs with the GIL released, so Python's SIGINT handler cannot raise until it
+ * returns. For calls above LF_INTERRUPTIBLE_FLOPS made from the main thread while SIGINT has
+ * Python's default handler, we install a handler that asks the kernels to stop at their next
+ * cache block, then restore Python's and raise KeyboardInterrupt ourselves. A user's own
+ * SIGINT handler is never replaced. */
+#define LF_INTERRUPTIBLE_FLOPS 2e7
+
+static void on_sigint(int sig) {
+    (void)sig;
+    lf_interrupt_request();
+}
+
+static void guard_begin(lf_state *st, double flops, lf_py_sigint_guard *g) {
+    g->installed = 0;
+    if (flops < LF_INTERRUPTIBLE_FLOPS || PyThread_get_thread_ident() != st->main_thread) return;
+    PyObject *signum = PyLong_FromLong(SIGINT);
+    PyObject *cur = signum ? PyObject_CallOneArg(st->getsignal, signum) : NULL;
+    Py_XDECREF(signum);
+    if (!cur) {
+        PyErr_Clear();
+        return;
+    }
+    const int is_default = cur == st->default_int_handler;
+    Py_DECREF(cur);
+    if (!is_default) return;
+    struct sigaction ours;
+    memset(&ours, 0, sizeof ours);
+    ours.sa_handler = on_sigint;
+    sigemptyset(&ours.sa_mask);
+    lf_interrupt_clear();
+    g->installed = sigaction(SIGINT, &ours, &g->prev) == 0;
+}
+
+/* 1 if Ctrl-C arrived while the guard was up (KeyboardInterrupt is then set) */
+static int guard_end(lf_py_sigint_guard *g) {
+    if (!g->installed) return 0;
+    sigaction(SIGINT, &g->prev, NULL);
+    const int hit = lf_interrupt_pending();
+    lf_interrupt_clear();
+    if (hit) PyErr_SetNone(PyExc_KeyboardInterrupt);
+    return hit;
+}
+
+/* ---------------------------------------------------------------- errors */
+
+PyObject *lf_py_raise_status(int status, const char *func) {
+    switch (status) {
+    case LF_ENOMEM: return PyErr_Format(PyExc_MemoryError, "%s: out of memory for workspace", func);
+    case LF_EOVERFLOW: return PyErr_Format(PyExc_ValueError, "%s: sizes overflow int64", func);
+    case LF_EISA: return PyErr_Format(PyExc_ValueError, "%s: ISA not supported by this CPU", func);
+    case LF_EINTR: PyErr_SetNone(PyExc_KeyboardInterrupt); return NULL;
+    case LF_EINTERNAL:
+        return PyErr_Format(PyExc_RuntimeError, "%s: internal error in the kernels (a lorafuse bug, please report it)",
+                            func);
+    default: return PyErr_Format(PyExc_ValueError, "%s: invalid argument (status %d)", func, status);
+    }
+}
+
+/* ---------------------------------------------------------------- a kernel call */
+
+lf_pool *lf_py_kernel_begin(lf_state *st, double flops, lf_py_sigint_guard *g) {
+    guard_begin(st, flops, g);
+    return pool_acquire(st);
+}
+
+int lf_py_kernel_end(lf_state *st, lf_py_sigint_guard *g, int status, const char *func) {
+    pool_release(st);
+    if (guard_end(g)) return -1;
+    if (status) {
+        lf_py_raise_status(status, func);
+        return -1;
+    }
+    return 0;
+}

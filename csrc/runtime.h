@@ -1,0 +1,62 @@
+/* runtime.h — run-time plumbing of lorafuse._C (runtime.c): the module state, the thread pool a
+ * call holds while its kernel runs, the Ctrl-C guard around long kernels, and kernel statuses
+ * turned into Python exceptions.
+ *
+ * An entry point (module.c) runs a kernel as
+ *
+ *     lf_py_sigint_guard guard;
+ *     lf_pool *pool = lf_py_kernel_begin(st, flops, &guard);
+ *     int status;
+ *     Py_BEGIN_ALLOW_THREADS status = lf_...(pool, ...);
+ *     Py_END_ALLOW_THREADS
+ *     if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
+ *
+ * Everything declared here is called with the GIL held.
+ */
+#ifndef LORAFUSE_RUNTIME_H
+#define LORAFUSE_RUNTIME_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <signal.h>
+
+#include "dlpack_in.h"
+#include "lorafuse/kernels.h"
+
+struct lf_out_cache; /* out_cache.h (which needs NumPy's headers) */
+
+/* The module's state (PyModule_GetState): one per module object. */
+typedef struct {
+    lf_pool *pool;
+    int in_flight;     /* kernels running with the GIL released (read/written under the GIL) */
+    lf_pool *retired;  /* a pool replaced while kernels were using it; freed when idle */
+    lf_dlpack_exporters dlpack; /* torch's C exporter, found once torch is loaded */
+    PyObject *getsignal, *default_int_handler; /* signal.getsignal, signal.default_int_handler */
+    unsigned long main_thread;                 /* threading.main_thread().ident */
+    struct lf_out_cache *outs;                 /* kept blocks for large outputs (out_cache.h) */
+} lf_state;
+
+/* Ctrl-C handling of one kernel call, on the caller's stack from lf_py_kernel_begin to
+ * lf_py_kernel_end. */
+typedef struct {
+    int installed;
+    struct sigaction prev;
+} lf_py_sigint_guard;
+
+/* Before a kernel call: arm Ctrl-C for calls of at least `flops` work (see runtime.c) and take
+ * the pool, valid until lf_py_kernel_end. Never fails. */
+lf_pool *lf_py_kernel_begin(lf_state *st, double flops, lf_py_sigint_guard *g);
+
+/* After the call, with the GIL back: give the pool back and disarm Ctrl-C. 0 on success; -1 with
+ * the Python exception set when Ctrl-C arrived (KeyboardInterrupt) or status is nonzero. */
+int lf_py_kernel_end(lf_state *st, lf_py_sigint_guard *g, int status, const char *func);
+
+/* Sets the exception for a nonzero kernel status (LF_E*); always returns NULL. */
+PyObject *lf_py_raise_status(int status, const char *func);
+
+/* Replace the pool by one of n threads (n checked by the caller; the same size: nothing to do).
+ * 0, or -1 with the exception set (a pool replaced earlier is still in use, out of memory). */
+int lf_py_pool_resize(lf_state *st, int n);
+
+#endif
