@@ -4,13 +4,15 @@ Default workload (issue 3): a 4-layer Llama-config model (hidden 1024, intermedi
 16 heads, vocab 32000), batch 4 × seq 256, LoRA r=16 on every linear layer but the head
 (PEFT's "all-linear"), lora_dropout=0.1, AdamW on the adapter weights, 20 steps, same seed
 and thread count in both processes. Peak RSS is the child's ``ru_maxrss``; the step time is
-the mean over the steps after the first (warm-up). Runs alternate lorafuse/PEFT, with a third
+the mean over the steps after the first (warm-up); 3 repeats by default, the order of the
+implementations rotated from repeat to repeat, peak RSS the minimum and step time the median over
+repeats. Runs alternate lorafuse/PEFT, with a third
 child, "lorafuse+pw": lorafuse with the opt-in packed-W cache (`lorafuse.cache_packed_weights`)
 — the memory it costs and the step time it saves. With ``--compile`` both models run under
 `torch.compile` (lorafuse through its custom operators, which do not use the packed-W cache, so
 there is no "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
-    python benchmarks/bench_train.py [--repeats 2] [--targets q_proj,v_proj] [--threads N] [--compile]
+    python benchmarks/bench_train.py [--repeats 3] [--targets q_proj,v_proj] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--targets", default="all-linear", help='"all-linear" or a comma-separated list')
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each implementation (default 3)")
     parser.add_argument("--compile", action="store_true", help="train both models under torch.compile")
     args = parser.parse_args()
     if args.impl:
@@ -118,8 +120,8 @@ def main() -> None:
           f"{args.steps} steps{', torch.compile' if args.compile else ''}")
     impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw"))
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
-    for _ in range(args.repeats):
-        for impl in impls:
+    for i in range(args.repeats):  # rotated: each implementation runs first in some repeat
+        for impl in impls[i % len(impls):] + impls[:i % len(impls)]:
             results[impl].append(_spawn(impl, args))
     summary = {}
     for impl, runs in results.items():

@@ -1,4 +1,4 @@
-"""Shared timing for the benchmarks: candidates run interleaved, round-robin, so drift in the
+"""Shared timing for the benchmarks: candidates run interleaved, round-robin in rotated order, so drift in the
 machine (turbo, a noisy neighbour) hits every candidate alike; each gets the median of its
 rounds. Thread counts are set equal for torch and lorafuse before anything is timed."""
 from __future__ import annotations
@@ -38,8 +38,8 @@ def start(description: str, title: str, rounds: int = 9) -> argparse.Namespace:
 
 def interleaved(cands: Dict[str, Callable[[], object]], rounds: int = 9, min_time: float = 0.02,
                 warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call for each candidate, timed round-robin over `rounds` rounds;
-    each round calls a candidate enough times to last ~min_time."""
+    """Median seconds per call for each candidate, timed round-robin over `rounds` rounds in rotated
+    order; each round calls a candidate enough times to last ~min_time."""
     iters: Dict[str, int] = {}
     for name, fn in cands.items():
         for _ in range(warmup):
@@ -49,8 +49,11 @@ def interleaved(cands: Dict[str, Callable[[], object]], rounds: int = 9, min_tim
         dt = max(time.perf_counter() - t0, 1e-7)
         iters[name] = max(1, int(min_time / dt))
     samples: Dict[str, list] = {name: [] for name in cands}
-    for _ in range(rounds):
-        for name, fn in cands.items():
+    order = list(cands.items())
+    for i in range(rounds):
+        # rotated: round i starts at candidate i, so no candidate always runs right after the same one
+        # (caches it leaves warm or cold, frequency it leaves high)
+        for name, fn in order[i % len(order):] + order[:i % len(order)]:
             n = iters[name]
             t0 = time.perf_counter()
             for _ in range(n):

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 TINY_TRAIN = ["--steps", "2", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "101", "--seq",
-              "16", "--batch", "2"]
+              "16", "--batch", "2", "--repeats", "1"]
 # script, arguments for its smallest run, a fragment of its last output
 RUNS = [
     ("bench_overhead.py", ["--rounds", "1"], "torch x*2 forward+backward"),
