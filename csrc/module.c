@@ -150,10 +150,13 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);
         int status;
+        lf_forward_plan plan = {LF_U_NONE, LF_Y_MERGED};
         Py_BEGIN_ALLOW_THREADS status = lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed,
-                                                            py, pu, pw);
+                                                            py, pu, pw, &plan);
         Py_END_ALLOW_THREADS
         if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
+        st->last_forward_plan = plan;
+        st->has_forward_plan = 1;
     }
     PyObject *res = PyTuple_Pack(2, (PyObject *)y, u ? (PyObject *)u : Py_None);
     lf_py_drop_all(&L);
@@ -485,8 +488,26 @@ static PyObject *py_cpu_isa(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     return PyUnicode_FromString(lf_isa_name(lf_cpu_best_isa()));
 }
 
+/* ---------------------------------------------------------------- last_forward_plan */
+
+PyDoc_STRVAR(last_forward_plan_doc,
+"last_forward_plan() -> (u_path, y_path) or None\n\n"
+"The paths the last lora_forward call of this process took (any thread; a debugging aid):\n"
+"u_path in 'none' (u not formed), 'rowdots', 'skinny', 'gemm'; y_path in 'merged', 'decode',\n"
+"'few_tokens', 'augmented' (kernels/cpu/lora.c, lf_plan_forward). None before the first call.");
+
+static PyObject *py_last_forward_plan(PyObject *self, PyObject *noargs) {
+    (void)noargs;
+    static const char *const u_names[] = {"none", "rowdots", "skinny", "gemm"};
+    static const char *const y_names[] = {"merged", "decode", "few_tokens", "augmented"};
+    const lf_state *st = state_of(self);
+    if (!st->has_forward_plan) Py_RETURN_NONE;
+    return Py_BuildValue("(ss)", u_names[st->last_forward_plan.u], y_names[st->last_forward_plan.y]);
+}
+
 static PyMethodDef methods[] = {
     {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_VARARGS | METH_KEYWORDS, lora_forward_doc},
+    {"last_forward_plan", py_last_forward_plan, METH_NOARGS, last_forward_plan_doc},
     {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},

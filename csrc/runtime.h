@@ -35,6 +35,8 @@ typedef struct {
     PyObject *getsignal, *default_int_handler; /* signal.getsignal, signal.default_int_handler */
     unsigned long main_thread;                 /* threading.main_thread().ident */
     struct lf_out_cache *outs;                 /* kept blocks for large outputs (out_cache.h) */
+    lf_forward_plan last_forward_plan;         /* the plan of the last lora_forward (any thread) */
+    int has_forward_plan;                      /* 0 until a lora_forward has run */
 } lf_state;
 
 /* Ctrl-C handling of one kernel call, on the caller's stack from lf_py_kernel_begin to

@@ -93,21 +93,15 @@ static int few_tokens_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int
     return st;
 }
 
-/* u (n,r) = x̃·Aᵀ, then y from it (the decode dot products, yᵀ for a few tokens, or the
- * augmented-K GEMM) */
-static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
-                          const float *bias, lf_view A, lf_view B, float scale, float dropout_p, uint64_t seed,
-                          float *y, float *u, const lf_packed_b *wpack) {
+/* u (n,r) = x̃·Aᵀ, then y from it, on the paths of `plan` (lf_plan_forward) */
+static int forward_with_u(lf_pool *pool, lf_forward_plan plan, int64_t n, int64_t k, int64_t m, int64_t r,
+                          lf_view x, lf_view W, const float *bias, lf_view A, lf_view B, float scale,
+                          float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack) {
     int st;
-    /* decode (a few tokens): every output is a dot product of contiguous rows, W streamed once
-     * in place and never packed */
-    const int decode = lf_rowdots_ok(n, x, W) && B.cs == 1;
-    /* u (n,r) = x̃ · Aᵀ  — dot products of rows at decode, else one streaming read of x
-     * (skinny.c), or a GEMM with dropout */
-    if (dropout_p == 0.0f && decode && A.cs == 1) {
+    if (plan.u == LF_U_ROWDOTS) {
         const lf_dots_seg useg = {x, A, k};
         st = lf_rowdots(pool, n, r, &useg, 1, 1.0f, NULL, u, r);
-    } else if (dropout_p == 0.0f && lf_skinny_ok(x, r)) {
+    } else if (plan.u == LF_U_SKINNY) {
         st = lf_rowdot(pool, n, k, r, x, transpose(A), 1.0f, u);
     } else {
         const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
@@ -115,8 +109,8 @@ static int forward_with_u(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
         st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, u, r);
     }
     if (st) return st;
-    if (decode) return decode_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
-    if (!wpack && few_tokens(n, k, m, W)) return few_tokens_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
+    if (plan.y == LF_Y_DECODE) return decode_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
+    if (plan.y == LF_Y_FEW_TOKENS) return few_tokens_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
     lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);
@@ -136,16 +130,38 @@ static int merged_is_cheaper(lf_pool *pool, int64_t n, int64_t k, int64_t m, int
     return (double)m * (double)k * row_blocks < (double)n * (double)(k + m);
 }
 
+lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
+                                lf_view A, lf_view B, float dropout_p, int need_u, const lf_packed_b *wpack) {
+    /* merged: taken even when W's panels are kept (wpack is then unused): where merging wins, W is
+     * small next to x, so its packing is cheap (512×896×128: kept panels + u 0.90 × PEFT, merged 0.83) */
+    if (!need_u && dropout_p == 0.0f && merged_is_cheaper(pool, n, k, m, r))
+        return (lf_forward_plan){LF_U_NONE, LF_Y_MERGED};
+    /* decode (a few tokens): every output is a dot product of contiguous rows, W streamed once
+     * in place and never packed */
+    const int decode = lf_rowdots_ok(n, x, W) && B.cs == 1;
+    lf_forward_plan plan;
+    /* u (n,r) = x̃ · Aᵀ  — dot products of rows at decode, else one streaming read of x
+     * (skinny.c), or a GEMM with dropout */
+    plan.u = dropout_p == 0.0f && decode && A.cs == 1      ? LF_U_ROWDOTS
+             : dropout_p == 0.0f && lf_skinny_ok(x, r) ? LF_U_SKINNY
+                                                       : LF_U_GEMM;
+    plan.y = decode                                  ? LF_Y_DECODE
+             : !wpack && few_tokens(n, k, m, W) ? LF_Y_FEW_TOKENS
+                                                : LF_Y_AUGMENTED;
+    return plan;
+}
+
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
-                        float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack) {
+                        float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack,
+                        lf_forward_plan *plan_out) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
     if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 0)) return LF_EINVAL;
-    /* taken even when W's panels are kept (wpack is then unused): where merging wins, W is small
-     * next to x, so its packing is cheap (512×896×128: kept panels + u 0.90 × PEFT, merged 0.83) */
-    if (!u && dropout_p == 0.0f && merged_is_cheaper(pool, n, k, m, r)) {
+    const lf_forward_plan plan = lf_plan_forward(pool, n, k, m, r, x, W, A, B, dropout_p, u != NULL, wpack);
+    if (plan_out) *plan_out = plan;
+    if (plan.y == LF_Y_MERGED) {
         /* b (k, m) = Wᵀ + s·Aᵀ·Bᵀ, packed on the fly */
         const lf_lowrank add = {transpose(A), transpose(B), r, scale};
         const lf_operand xo = lf_operand_plain(x, 1.0f);
@@ -155,7 +171,7 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
     }
     float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     if (!ubuf) return LF_ENOMEM;
-    st = forward_with_u(pool, n, k, m, r, x, W, bias, A, B, scale, dropout_p, seed, y, ubuf, wpack);
+    st = forward_with_u(pool, plan, n, k, m, r, x, W, bias, A, B, scale, dropout_p, seed, y, ubuf, wpack);
     if (!u) free(ubuf);
     return st;
 }

@@ -77,13 +77,38 @@ size_t lf_packed_weight_bytes(const lf_packed_b *pw);
 /* 1 if pw was packed from this very view of W (m,k) in this direction */
 int lf_packed_weight_matches(const lf_packed_b *pw, lf_view W, int64_t m, int64_t k, int for_backward);
 
+/* The forward's plan: how u = x̃·Aᵀ is formed and how y is, chosen by lf_plan_forward alone
+ * (lora.c says when each applies and why). */
+typedef enum {
+    LF_U_NONE = 0, /* u not formed: y from W + s·B·A merged into W's packed panels */
+    LF_U_ROWDOTS,  /* dot products of contiguous rows (decode sizes) */
+    LF_U_SKINNY,   /* one streaming read of x (skinny.c) */
+    LF_U_GEMM,     /* a GEMM over x̃ (dropout, or strides the others do not take) */
+} lf_forward_u_path;
+typedef enum {
+    LF_Y_MERGED = 0, /* x · (W + s·B·A)ᵀ, the rank-r term added while W is packed */
+    LF_Y_DECODE,     /* dot products of rows, W streamed once in place */
+    LF_Y_FEW_TOKENS, /* yᵀ = [W | B]·[x | s·u]ᵀ, W read in place by the micro-kernel */
+    LF_Y_AUGMENTED,  /* one GEMM over k + r: [x | s·u] · [Wᵀ ; Bᵀ] */
+} lf_forward_y_path;
+typedef struct {
+    lf_forward_u_path u;
+    lf_forward_y_path y;
+} lf_forward_plan;
+
+/* The plan lf_lora_forward_f32 runs for these operands (need_u: whether u is an output). */
+lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
+                                lf_view A, lf_view B, float dropout_p, int need_u, const lf_packed_b *wpack);
+
 /* Fused LoRA forward (fp32). y (n,m) and u (n,r) are C-contiguous outputs; u == NULL means u is
  * not wanted (inference): y may then be computed with W + s·B·A merged on the fly.
  * dropout_p ∈ [0,1); when > 0, x must be C-contiguous (x.rs == k, x.cs == 1): the mask index
- * is the flat element index i·k + j. wpack: W packed by lf_pack_weight(..., 0), or NULL. */
+ * is the flat element index i·k + j. wpack: W packed by lf_pack_weight(..., 0), or NULL.
+ * plan: where to write the plan it ran (lf_plan_forward's), or NULL. */
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
-                        float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack);
+                        float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack,
+                        lf_forward_plan *plan);
 
 /* Adapter-only backward (fp32). g (n,m), x (n,k), u (n,r) as saved by forward.
  * Outputs C-contiguous: dx (n,k) or NULL to skip, dA (r,k), dB (m,r). dW is never formed.
