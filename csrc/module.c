@@ -256,10 +256,13 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
         int status;
+        lf_backward_plan plan = {LF_VB_SKINNY, LF_DA_SKINNY, LF_DX_NONE};
         Py_BEGIN_ALLOW_THREADS status = lf_lora_backward_f32(pool, n, k, m, r, vg, vx, vu, vW, vA, vB, scale, p,
-                                                             seed, pdx, pdA, pdB, pw);
+                                                             seed, pdx, pdA, pdB, pw, &plan);
         Py_END_ALLOW_THREADS
         if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
+        st->last_backward_plan = plan;
+        st->has_backward_plan = 1;
     }
     PyObject *res = PyTuple_Pack(3, dx ? (PyObject *)dx : Py_None, (PyObject *)dA, (PyObject *)dB);
     lf_py_drop_all(&L);
@@ -488,7 +491,7 @@ static PyObject *py_cpu_isa(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     return PyUnicode_FromString(lf_isa_name(lf_cpu_best_isa()));
 }
 
-/* ---------------------------------------------------------------- last_forward_plan */
+/* ---------------------------------------------------------------- last plans */
 
 PyDoc_STRVAR(last_forward_plan_doc,
 "last_forward_plan() -> (u_path, y_path) or None\n\n"
@@ -505,9 +508,26 @@ static PyObject *py_last_forward_plan(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("(ss)", u_names[st->last_forward_plan.u], y_names[st->last_forward_plan.y]);
 }
 
+PyDoc_STRVAR(last_backward_plan_doc,
+"last_backward_plan() -> (v_dB_path, dA_path, dx_path) or None\n\n"
+"The paths the last lora_backward call of this process took (any thread; a debugging aid):\n"
+"v_dB_path and dA_path in 'skinny', 'gemm'; dx_path in 'none', 'augmented', 'masked'\n"
+"(kernels/cpu/lora.c, lf_plan_backward). None before the first call.");
+
+static PyObject *py_last_backward_plan(PyObject *self, PyObject *noargs) {
+    (void)noargs;
+    static const char *const two_names[] = {"skinny", "gemm"};
+    static const char *const dx_names[] = {"none", "augmented", "masked"};
+    const lf_state *st = state_of(self);
+    if (!st->has_backward_plan) Py_RETURN_NONE;
+    const lf_backward_plan *plan = &st->last_backward_plan;
+    return Py_BuildValue("(sss)", two_names[plan->vb], two_names[plan->da], dx_names[plan->dx]);
+}
+
 static PyMethodDef methods[] = {
     {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_VARARGS | METH_KEYWORDS, lora_forward_doc},
     {"last_forward_plan", py_last_forward_plan, METH_NOARGS, last_forward_plan_doc},
+    {"last_backward_plan", py_last_backward_plan, METH_NOARGS, last_backward_plan_doc},
     {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},

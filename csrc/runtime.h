@@ -37,6 +37,8 @@ typedef struct {
     struct lf_out_cache *outs;                 /* kept blocks for large outputs (out_cache.h) */
     lf_forward_plan last_forward_plan;         /* the plan of the last lora_forward (any thread) */
     int has_forward_plan;                      /* 0 until a lora_forward has run */
+    lf_backward_plan last_backward_plan;       /* the plan of the last lora_backward (any thread) */
+    int has_backward_plan;                     /* 0 until a lora_backward has run */
 } lf_state;
 
 /* Ctrl-C handling of one kernel call, on the caller's stack from lf_py_kernel_begin to

@@ -231,21 +231,30 @@ static void dx_drop_rows(void *ctxp, int tid, int nt) {
     }
 }
 
+lf_backward_plan lf_plan_backward(int64_t r, lf_view g, lf_view x, lf_view u, float dropout_p, int need_dx) {
+    lf_backward_plan plan;
+    plan.vb = lf_skinny_ok(g, r) && lf_skinny_ok(u, r) ? LF_VB_SKINNY : LF_VB_GEMM;
+    plan.da = lf_skinny_ok(x, r) ? LF_DA_SKINNY : LF_DA_GEMM;
+    plan.dx = !need_dx ? LF_DX_NONE : dropout_p == 0.0f ? LF_DX_AUGMENTED : LF_DX_MASKED;
+    return plan;
+}
+
 int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
                          float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
-                         const lf_packed_b *wpack) {
+                         const lf_packed_b *wpack, lf_backward_plan *plan_out) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
     if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 1)) return LF_EINVAL;
+    const lf_backward_plan plan = lf_plan_backward(r, g, x, u, dropout_p, dx != NULL);
+    if (plan_out) *plan_out = plan;
     /* v (n,r) = g · B */
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     if (!v) return LF_ENOMEM;
     const lf_view vv = {v, r, 1};
     const lf_operand go = lf_operand_plain(g, 1.0f);
-    const int g_streams = lf_skinny_ok(g, r) && lf_skinny_ok(u, r);
-    if (g_streams) {
+    if (plan.vb == LF_VB_SKINNY) {
         st = lf_rowdot(pool, n, m, r, g, B, 1.0f, v);
     } else {
         const lf_operand bo = lf_operand_plain(B, 1.0f);
@@ -253,7 +262,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     }
     /* dB (m,r) = s · gᵀ · u */
     if (!st) {
-        if (g_streams) {
+        if (plan.vb == LF_VB_SKINNY) {
             st = lf_rank_update(pool, m, r, n, g, u, scale, dB, r, NULL);
         } else {
             const lf_operand gt = lf_operand_plain(transpose(g), scale), uo = lf_operand_plain(u, 1.0f);
@@ -262,7 +271,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     }
     /* dA (r,k) = s · vᵀ · x̃ */
     if (!st) {
-        if (lf_skinny_ok(x, r)) { /* x̃ regenerated as x is streamed */
+        if (plan.da == LF_DA_SKINNY) { /* x̃ regenerated as x is streamed */
             const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u,
                                 1.0f / (1.0f - dropout_p)};
             st = lf_rank_update(pool, r, k, n, vv, x, scale, dA, k, dropout_p > 0.0f ? &xm : NULL);
@@ -272,8 +281,8 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
             st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, dA, k);
         }
     }
-    if (!st && dx) {
-        if (dropout_p == 0.0f) {
+    if (!st && plan.dx != LF_DX_NONE) {
+        if (plan.dx == LF_DX_AUGMENTED) {
             /* dx (n,k) = [g | s·v] · [W ; A]  — one GEMM over K' = m + r */
             const lf_operand gv = concat_k(g, 1.0f, vv, scale, m);
             lf_operand wa = concat_k(W, 1.0f, A, 1.0f, m);

@@ -110,13 +110,36 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
                         float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack,
                         lf_forward_plan *plan);
 
+/* The backward's plan, chosen by lf_plan_backward alone (lora.c). */
+typedef enum {
+    LF_VB_SKINNY = 0, /* v = g·B and dB = s·gᵀ·u with g streamed once per product (skinny.c) */
+    LF_VB_GEMM,       /* both as GEMMs (strides the skinny kernels do not take, r > 64) */
+} lf_backward_vb_path;
+typedef enum {
+    LF_DA_SKINNY = 0, /* dA = s·vᵀ·x̃ with x streamed, x̃ regenerated from the seed on the way */
+    LF_DA_GEMM,       /* a GEMM over x̃ */
+} lf_backward_da_path;
+typedef enum {
+    LF_DX_NONE = 0,  /* dx not wanted */
+    LF_DX_AUGMENTED, /* no dropout: one GEMM over m + r, [g | s·v] · [W ; A] */
+    LF_DX_MASKED,    /* dropout: g·W, then + s/(1-p)·mask ⊙ (v·A) row block by row block */
+} lf_backward_dx_path;
+typedef struct {
+    lf_backward_vb_path vb;
+    lf_backward_da_path da;
+    lf_backward_dx_path dx;
+} lf_backward_plan;
+
+/* The plan lf_lora_backward_f32 runs for these operands (need_dx: whether dx is an output). */
+lf_backward_plan lf_plan_backward(int64_t r, lf_view g, lf_view x, lf_view u, float dropout_p, int need_dx);
+
 /* Adapter-only backward (fp32). g (n,m), x (n,k), u (n,r) as saved by forward.
  * Outputs C-contiguous: dx (n,k) or NULL to skip, dA (r,k), dB (m,r). dW is never formed.
- * wpack: W packed by lf_pack_weight(..., 1), or NULL. */
+ * wpack: W packed by lf_pack_weight(..., 1), or NULL. plan: where to write the plan it ran, or NULL. */
 int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
                          float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
-                         const lf_packed_b *wpack);
+                         const lf_packed_b *wpack, lf_backward_plan *plan);
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */

@@ -1,0 +1,92 @@
+"""The kernels' plans (kernels/cpu/lora.c `lf_plan_forward`, `lf_plan_backward`), observed through
+`_C.last_forward_plan()` / `_C.last_backward_plan()`: each path is reached by the operands meant for
+it, on every ISA, and gives the float64 reference's result there — so a retune that moves a shape
+off its path fails here, not silently."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lorafuse
+from lorafuse import _C, ops
+from reference import backward, forward, rand
+from tolerances import assert_within
+
+# name: (n, k, m, r, dropout p, need_u, the plan expected)
+CASES = {
+    "decode": (5, 64, 48, 4, 0.0, True, ("rowdots", "decode")),
+    "decode with dropout": (5, 64, 48, 4, 0.3, True, ("gemm", "decode")),
+    "tokens": (200, 96, 80, 8, 0.0, True, ("skinny", "augmented")),
+    "tokens with dropout": (200, 96, 80, 8, 0.2, True, ("gemm", "augmented")),
+    "rank above the skinny kernels": (200, 96, 80, 100, 0.0, True, ("gemm", "augmented")),
+    "a few tokens, W of 4 MiB": (20, 1024, 1024, 8, 0.0, True, ("skinny", "few_tokens")),
+    "inference, few outputs": (512, 896, 128, 16, 0.0, False, ("none", "merged")),
+}
+
+
+@pytest.fixture
+def two_threads():
+    before = lorafuse.get_num_threads()
+    lorafuse.set_num_threads(2)  # the merged path's cost model counts the GEMM's row blocks
+    yield
+    lorafuse.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_path_is_taken_and_exact(isa, two_threads, case):
+    n, k, m, r, p, need_u, plan = CASES[case]
+    if plan[1] == "few_tokens" and isa == "generic":
+        plan = (plan[0], "augmented")  # W read in place needs a direct micro-kernel (AVX2, AVX-512)
+    rng = np.random.default_rng(n + k + m + r)
+    x, W, A, B, b = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, m)
+    y, u = ops.lora_forward(x, W, A, B, 0.75, b, dropout_p=p, seed=11, need_u=need_u)
+    assert _C.last_forward_plan() == plan
+    mask = ops.dropout_mask(n, k, p, 11).astype(np.float64) if p else None
+    ry, ru, my, mu = forward(x, W, A, B, 0.75, b, mask)
+    assert_within(y, ry, my, 2 * k + r + 4, "y")
+    if need_u:
+        assert_within(u, ru, mu, k, "u")
+    else:
+        assert u is None
+
+
+# name: (dropout p, need_dx, x column-major, g column-major, the plan expected); n, k, m, r = 200, 96, 80, 8
+BACKWARD_CASES = {
+    "training": (0.0, True, False, False, ("skinny", "skinny", "augmented")),
+    "training with dropout": (0.2, True, False, False, ("skinny", "skinny", "masked")),
+    "first layer (no dx)": (0.0, False, False, False, ("skinny", "skinny", "none")),
+    "x column-major": (0.0, True, True, False, ("skinny", "gemm", "augmented")),
+    "g column-major": (0.0, True, False, True, ("gemm", "skinny", "augmented")),
+}
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_each_backward_path_is_taken_and_exact(isa, case):
+    p, need_dx, x_cols, g_cols, plan = BACKWARD_CASES[case]
+    n, k, m, r, scale = 200, 96, 80, 8, 0.6
+    rng = np.random.default_rng(len(case))
+    x, W, A, B, g = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, n, m)
+    x_in, g_in = np.asfortranarray(x) if x_cols else x, np.asfortranarray(g) if g_cols else g
+    _, u = ops.lora_forward(x_in, W, A, B, scale, dropout_p=p, seed=5)
+    dx, dA, dB = ops.lora_backward(g_in, x_in, u, W, A, B, scale, dropout_p=p, seed=5, need_dx=need_dx)
+    assert _C.last_backward_plan() == plan
+    mask = ops.dropout_mask(n, k, p, 5).astype(np.float64) if p else None
+    (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, scale, mask=mask)
+    assert_within(dA, rdA, mdA, m + n + 6, "dA")
+    assert_within(dB, rdB, mdB, k + n + 6, "dB")
+    if need_dx:
+        assert_within(dx, rdx, mdx, 2 * m + r + 6, "dx")
+    else:
+        assert dx is None
+
+
+def test_rank_above_the_skinny_kernels_takes_the_gemms():
+    n, k, m, r = 64, 48, 40, 100
+    rng = np.random.default_rng(9)
+    x, W, A, B, g = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, n, m)
+    _, u = ops.lora_forward(x, W, A, B, 0.5)
+    dx, dA, dB = ops.lora_backward(g, x, u, W, A, B, 0.5)
+    assert _C.last_backward_plan() == ("gemm", "gemm", "augmented")
+    (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, 0.5)
+    assert_within(dx, rdx, mdx, 2 * m + r + 6, "dx")
+    assert_within(dA, rdA, mdA, m + n + 6, "dA")
