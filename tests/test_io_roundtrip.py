@@ -384,3 +384,26 @@ def test_sigkill_during_save_never_leaves_partial_files(tmp_path: Path) -> None:
     assert list(model.peft_config) == ["default"]
     head = model.base_model.model[3].modules_to_save["default"].weight
     assert torch.equal(head, torch.full_like(head, _saved_version(left_behind[0])))
+
+
+def test_first_save_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A save into a new (or empty) directory is staged beside it and renamed into place in one step:
+    while PEFT writes, the directory does not exist yet (or stays empty), so a kill at any moment leaves
+    nothing or the whole adapter — never weights without their config."""
+    from lorafuse.atomic import atomic_directory_write
+
+    model = lorafuse.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                                    lorafuse.LoraConfig(r=2, target_modules=["0"]))
+    for target in (tmp_path / "new", tmp_path / "empty"):
+        if target.name == "empty":
+            target.mkdir()
+        seen: list = []
+
+        def write(staging: str) -> None:  # PEFT's own saver, what lorafuse's save_pretrained wraps
+            peft.PeftModel.save_pretrained(model, staging)
+            seen.append(sorted(os.listdir(target)) if target.exists() else None)
+
+        atomic_directory_write(str(target), write)
+        assert seen == ([None] if target.name == "new" else [[]])
+        assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(target))
+        assert not [n for n in os.listdir(tmp_path) if "lorafuse-save" in n]

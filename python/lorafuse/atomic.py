@@ -2,9 +2,11 @@
 final name either complete-new or complete-old, never partial.
 
 Each file is written to a temporary name in its final directory, flushed and fsynced, moved
-over the final name with ``os.replace`` (atomic on POSIX and Windows), and the directory is
-fsynced so that the rename itself survives a crash. A killed writer may leave a hidden
-temporary (``.name.*.tmp`` or ``.lorafuse-save-*/``) behind; loaders never look at it.
+over the final name with ``os.replace`` (atomic on POSIX), and the directory is fsynced so that
+the rename itself survives a crash; a new directory is staged beside its final name and renamed
+into place whole. A killed writer may leave a hidden temporary (``.name.*.tmp``,
+``.lorafuse-save-*/`` inside the directory, or ``.<name>.lorafuse-save-*/`` beside it) behind;
+loaders never look at it.
 """
 
 from __future__ import annotations
@@ -58,27 +60,35 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 def atomic_directory_write(directory: str, write: Callable[[str], None]) -> None:
-    """Run ``write(staging)`` — anything that fills a directory, e.g. PEFT's ``save_pretrained`` —
-    into a hidden staging folder inside ``directory``, then move each file it wrote to the same
-    relative path under ``directory`` with `os.replace` (config files last in each folder).
+    """Run ``write(staging)`` — anything that fills a directory, e.g. PEFT's ``save_pretrained`` — into a
+    hidden staging folder, then put what it wrote in place:
 
-    Files of ``directory`` that ``write`` does not produce are left alone. If ``write`` raises,
-    nothing in ``directory`` has changed (a ``directory`` this call created is removed again); the
-    staging folder is removed in every case.
+    - ``directory`` missing or empty: the staging folder (a sibling in the same parent) is renamed to
+      ``directory`` in one step — a reader sees nothing or the whole new directory;
+    - ``directory`` holding files: each file is moved to the same relative path with `os.replace`
+      (config files last in each folder), so each file is complete-old or complete-new; files ``write``
+      does not produce are left alone.
+
+    If ``write`` raises, nothing in ``directory`` has changed; the staging folder is removed in every case.
     """
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"Provided path ({directory}) should be a directory, not a file")
-    created = not os.path.exists(directory)
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".lorafuse-save-", dir=directory)
+    directory = os.path.abspath(directory)
+    fresh = not os.path.exists(directory) or not os.listdir(directory)
+    if fresh:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.lorafuse-save-",
+                                   dir=os.path.dirname(directory))
+    else:
+        staging = tempfile.mkdtemp(prefix=".lorafuse-save-", dir=directory)
     try:
         write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:  # nothing of this call left behind (rmdir: only while it is still empty)
-            os.rmdir(directory)
-        raise
-    try:
+        if fresh:
+            _fsync_tree(staging)
+            os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a saved adapter is an ordinary folder
+            os.replace(staging, directory)  # onto a missing or empty directory: one atomic rename
+            _fsync_dir(os.path.dirname(directory))
+            return
         for root, dirs, files in os.walk(staging):
             dirs.sort()
             target = os.path.join(directory, os.path.relpath(root, staging))
@@ -89,3 +99,11 @@ def atomic_directory_write(directory: str, write: Callable[[str], None]) -> None
             _fsync_dir(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_tree(top: str) -> None:
+    """fsync every file and folder under ``top`` (before a rename makes them visible)."""
+    for root, _dirs, files in os.walk(top):
+        for name in files:
+            _fsync_file(os.path.join(root, name))
+        _fsync_dir(root)
