@@ -491,43 +491,10 @@ static PyObject *py_cpu_isa(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     return PyUnicode_FromString(lf_isa_name(lf_cpu_best_isa()));
 }
 
-/* ---------------------------------------------------------------- last plans */
-
-PyDoc_STRVAR(last_forward_plan_doc,
-"last_forward_plan() -> (u_path, y_path) or None\n\n"
-"The paths the last lora_forward call of this process took (any thread; a debugging aid):\n"
-"u_path in 'none' (u not formed), 'rowdots', 'skinny', 'gemm'; y_path in 'merged', 'decode',\n"
-"'few_tokens', 'augmented' (kernels/cpu/lora.c, lf_plan_forward). None before the first call.");
-
-static PyObject *py_last_forward_plan(PyObject *self, PyObject *noargs) {
-    (void)noargs;
-    static const char *const u_names[] = {"none", "rowdots", "skinny", "gemm"};
-    static const char *const y_names[] = {"merged", "decode", "few_tokens", "augmented"};
-    const lf_state *st = state_of(self);
-    if (!st->has_forward_plan) Py_RETURN_NONE;
-    return Py_BuildValue("(ss)", u_names[st->last_forward_plan.u], y_names[st->last_forward_plan.y]);
-}
-
-PyDoc_STRVAR(last_backward_plan_doc,
-"last_backward_plan() -> (v_dB_path, dA_path, dx_path) or None\n\n"
-"The paths the last lora_backward call of this process took (any thread; a debugging aid):\n"
-"v_dB_path and dA_path in 'skinny', 'gemm'; dx_path in 'none', 'augmented', 'masked'\n"
-"(kernels/cpu/lora.c, lf_plan_backward). None before the first call.");
-
-static PyObject *py_last_backward_plan(PyObject *self, PyObject *noargs) {
-    (void)noargs;
-    static const char *const two_names[] = {"skinny", "gemm"};
-    static const char *const dx_names[] = {"none", "augmented", "masked"};
-    const lf_state *st = state_of(self);
-    if (!st->has_backward_plan) Py_RETURN_NONE;
-    const lf_backward_plan *plan = &st->last_backward_plan;
-    return Py_BuildValue("(sss)", two_names[plan->vb], two_names[plan->da], dx_names[plan->dx]);
-}
-
 static PyMethodDef methods[] = {
     {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_VARARGS | METH_KEYWORDS, lora_forward_doc},
-    {"last_forward_plan", py_last_forward_plan, METH_NOARGS, last_forward_plan_doc},
-    {"last_backward_plan", py_last_backward_plan, METH_NOARGS, last_backward_plan_doc},
+    {"last_forward_plan", lf_py_last_forward_plan, METH_NOARGS, lf_py_last_forward_plan_doc},
+    {"last_backward_plan", lf_py_last_backward_plan, METH_NOARGS, lf_py_last_backward_plan_doc},
     {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},

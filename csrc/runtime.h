@@ -63,4 +63,9 @@ PyObject *lf_py_raise_status(int status, const char *func);
  * 0, or -1 with the exception set (a pool replaced earlier is still in use, out of memory). */
 int lf_py_pool_resize(lf_state *st, int n);
 
+/* _C.last_forward_plan() / _C.last_backward_plan() (plans.c): the paths the last kernel call took. */
+extern const char lf_py_last_forward_plan_doc[], lf_py_last_backward_plan_doc[];
+PyObject *lf_py_last_forward_plan(PyObject *module, PyObject *noargs);
+PyObject *lf_py_last_backward_plan(PyObject *module, PyObject *noargs);
+
 #endif

@@ -25,8 +25,8 @@ from torch import Tensor
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache
 
-__all__ = ["kernels_for", "cpu_kernels", "backend_name", "forward", "adapter_backward", "base_grads", "torch_backward", "mask_for",
-           "dropout_mask", "draw_seed", "draw_seed_tensor", "seed_tensor", "DISPATCH"]
+__all__ = ["KERNEL_DTYPES", "kernels_for", "cpu_kernels", "backend_name", "forward", "adapter_backward", "base_grads",
+           "torch_backward", "mask_for", "dropout_mask", "draw_seed", "draw_seed_tensor", "seed_tensor", "DISPATCH"]
 
 _SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from [0, _SEED_HIGH)
 
@@ -48,7 +48,8 @@ def seed_tensor(dropout_p: float, seed: Optional[int] = None) -> Tensor:
     return torch.zeros(1, dtype=torch.int64)
 
 
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the base dtypes a kernel takes, per device type (adapter dtypes: `cuda.adapter_dtypes_fuse`)
+KERNEL_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
@@ -83,9 +84,9 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     if first.numel() == 0:
         return None
     if on_cpu:
-        return cpu_kernels() if dtype == torch.float32 == adtype else None
+        return cpu_kernels() if dtype in KERNEL_DTYPES["cpu"] and adtype == dtype else None
     device = first.device
-    if device.type != "cuda" or dtype not in _CUDA_DTYPES or any(t.device != device for t in tensors):
+    if device.type != "cuda" or dtype not in KERNEL_DTYPES["cuda"] or any(t.device != device for t in tensors):
         return None
     if adtype != dtype and not adapter_dtypes_fuse(dtype, adtype):
         return None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.compiler import is_compiling
 
-from .backend import DISPATCH, cpu_kernels, draw_seed, seed_tensor
+from .backend import DISPATCH, KERNEL_DTYPES, cpu_kernels, draw_seed, seed_tensor
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache, PackedWeightOption
 
@@ -47,10 +47,6 @@ def plain_base(base: nn.Module) -> bool:
     """A plain Linear/Conv1D (not a subclass) without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
     return type(base) in _PLAIN_BASES and not (base._forward_hooks or base._forward_pre_hooks
                                                               or base._backward_hooks or base._backward_pre_hooks)
-
-
-# the base dtypes the kernels take, per device type (adapter dtypes: `cuda.adapter_dtypes_fuse`)
-_KERNEL_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn.Module, dropout: nn.Module,
@@ -87,7 +83,7 @@ def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn
     if x.dtype != dtype:
         raise TypeError(f"lorafuse: input dtype {x.dtype} does not match the base layer's weight dtype "
                         f"{dtype}; cast the input or the model.")
-    if dtype not in _KERNEL_DTYPES["cpu" if on_cpu else "cuda"]:
+    if dtype not in KERNEL_DTYPES["cpu" if on_cpu else "cuda"]:
         return None
     adtype = lora_a.dtype
     if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not adapter_dtypes_fuse(dtype, adtype))):
