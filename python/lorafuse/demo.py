@@ -91,14 +91,6 @@ def _load(model_dir: str, seed: int):
     return tokenizer, model
 
 
-def head_name(model) -> str:
-    """The classification head's attribute name (``classifier`` for BERT, ``score`` for Llama)."""
-    for name in ("classifier", "score"):
-        if getattr(model, name, None) is not None:
-            return name
-    raise ValueError(f"{type(model).__name__} has neither a `classifier` nor a `score` head")
-
-
 def default_targets(model) -> list[str]:
     """The attention projections of ``model``, by the names its modules use."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
