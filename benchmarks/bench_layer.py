@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timing import header, interleaved, set_threads
+from timing import header, interleaved, plan_label, set_threads
 
 SHAPES = {  # class: [(n tokens, k in, m out, r)]
     "decode": [(8, 576, 576, 16), (1, 4096, 4096, 16)],
@@ -83,7 +83,7 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     print(f"\n{'class':7s} {'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'fwd ms lf/peft/base':>24} | "
           f"{'fwd lf/peft':>11} {'lf/base':>8} | {'f+b ms lf/peft':>17} | {'f+b lf/peft':>11} | "
-          f"{'pw: fwd/peft':>12} {'/base':>6} {'f+b/peft':>9}")
+          f"{'pw: fwd/peft':>12} {'/base':>6} {'f+b/peft':>9} | lorafuse plan: fwd ; f+b")
     for cls, shapes in SHAPES.items():
         if args.only and cls != args.only:
             continue
@@ -97,10 +97,12 @@ def main() -> None:
                 cands = {"lf": lambda: lf(x), "pw": lambda: pw(x), "peft": lambda: pf(x),
                          "base": lambda: F.linear(x, W, b)}
                 tf = interleaved(cands, rounds=rounds)
+                plans = plan_label(cands["lf"])
             tb = {}
             if cls != "decode":
                 tb = interleaved({"lf": fwd_bwd(lf, x, g), "pw": fwd_bwd(pw, x, g), "peft": fwd_bwd(pf, x, g)},
                                  rounds=rounds)
+                plans += " ; " + plan_label(fwd_bwd(lf, x, g))
             fwd_t, fb_t = TARGETS[cls] if cls != "decode" or k == 576 else (None, None)
             line = (f"{cls:7s} {n:5d} {k:6d} {m:6d} {r:3d} | {tf['lf'] * 1e3:7.3f} {tf['peft'] * 1e3:7.3f} "
                     f"{tf['base'] * 1e3:7.3f} | {tf['lf'] / tf['peft']:6.3f}{mark(tf['lf'] / tf['peft'], fwd_t)}    "
@@ -112,6 +114,7 @@ def main() -> None:
                 line += f"{'—':>17} | {'—':>11} "
             line += f" | {tf['pw'] / tf['peft']:11.3f} {tf['pw'] / tf['base']:6.3f} "
             line += f"{tb['pw'] / tb['peft']:9.3f}" if tb else f"{'—':>9}"
+            line += f" | {plans}"
             print(line, flush=True)
     print("\ntargets: decode fwd ≤ 0.60 (d=576); small fwd/f+b ≤ 0.85; large fwd/f+b ≤ 0.97 "
           "and lf/base ≤ 1.03 (✓/✗: the default layer; pw: the opt-in packed-W cache, "

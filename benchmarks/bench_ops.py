@@ -15,7 +15,7 @@ import numpy as np
 
 import lorafuse
 from lorafuse import ops
-from timing import header, interleaved, set_threads
+from timing import header, interleaved, plan_label, set_threads
 
 SHAPES = [  # n tokens, k in, m out, r
     (8, 576, 576, 16),
@@ -62,7 +62,8 @@ def bench_shape(n, k, m, r, rounds, torch):
                                "torch unfused fwd+bwd": torch_unfused_fwd_bwd}, rounds=rounds)
         t = {**{f"{name} (vs numpy)" if name in fused else name: sec for name, sec in t.items()}, **t_torch}
     flops = 2 * n * (k * m + r * (k + m))
-    print(f"\n## n={n} k={k} m={m} r={r}  ({flops / 1e9:.3f} GFLOP fwd)")
+    print(f"\n## n={n} k={k} m={m} r={r}  ({flops / 1e9:.3f} GFLOP fwd)  "
+          f"lorafuse plan: fwd+bwd {plan_label(fused['lorafuse fwd+bwd'])}")
     for name, sec in t.items():
         print(f"  {name:28s} {sec * 1e3:9.3f} ms")
     fwd_vs_numpy = t.get("lorafuse fwd (vs numpy)", t["lorafuse fwd"])

@@ -10,6 +10,8 @@ import subprocess
 import time
 from typing import Callable, Dict
 
+from lorafuse.bench_cli import plan_label  # noqa: F401  (the benchmarks label rows with it)
+
 
 def set_threads(n: int) -> None:
     """Same thread count for torch (if imported) and lorafuse."""

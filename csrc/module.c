@@ -81,20 +81,23 @@ fail:
 
 PyDoc_STRVAR(lora_forward_doc,
 "lora_forward(x, W, A, B, scale, bias=None, out=None, u_out=None, dropout_p=0.0, seed=0,\n"
-"             fan_in_fan_out=False, need_u=True, packed_w=None) -> (y, u)\n\n"
+"             fan_in_fan_out=False, need_u=True, packed_w=None, plan=None) -> (y, u)\n\n"
 "y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ, u = x̃·Aᵀ. x (..., k); W (m, k) or (k, m) if fan_in_fan_out;\n"
 "A (r, k); B (m, r); bias (m,). Returns y (..., m) and u (..., r), or (y, None) when need_u is\n"
-"false (inference: u_out must then be None). packed_w: pack_weight(W, fan_in_fan_out) or None.");
+"false (inference: u_out must then be None). packed_w: pack_weight(W, fan_in_fan_out) or None.\n"
+"plan: (u_path, y_path) to run instead of the kernels' choice (see last_forward_plan), or None.");
 
 static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "lora_forward";
     static char *kwlist[] = {"x", "W", "A", "B", "scale", "bias", "out", "u_out", "dropout_p",
-                             "seed", "fan_in_fan_out", "need_u", "packed_w", NULL};
+                             "seed", "fan_in_fan_out", "need_u", "packed_w", "plan", NULL};
     PyObject *ox, *oW, *oA, *oB, *oscale, *obias = Py_None, *oy = Py_None, *ou = Py_None;
-    PyObject *op = NULL, *oseed = NULL, *opacked = Py_None;
+    PyObject *op = NULL, *oseed = NULL, *opacked = Py_None, *oplan = Py_None;
     int fifo = 0, need_u = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOppO:lora_forward", kwlist, &ox, &oW, &oA,
-                                     &oB, &oscale, &obias, &oy, &ou, &op, &oseed, &fifo, &need_u, &opacked))
+    lf_forward_plan force;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|OOOOOppOO:lora_forward", kwlist, &ox, &oW, &oA, &oB, &oscale,
+                                     &obias, &oy, &ou, &op, &oseed, &fifo, &need_u, &opacked, &oplan) ||
+        (oplan != Py_None && lf_py_parse_forward_plan(oplan, F, &force)))
         return NULL;
     if (!need_u && ou != Py_None) {
         PyErr_Format(PyExc_ValueError, "%s: u_out given with need_u=False", F);
@@ -147,12 +150,15 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
                       vB = lf_py_view2(B);
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
         float *py = (float *)PyArray_DATA(y2), *pu = u ? (float *)PyArray_DATA(u2) : NULL;
+        if (oplan != Py_None &&
+            lf_py_plan_unfit(F, oplan, lf_forward_plan_unfit(force, n, r, vx, vW, vA, vB, p, need_u)))
+            goto fail;
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);
         int status;
         lf_forward_plan plan = {LF_U_NONE, LF_Y_MERGED};
         Py_BEGIN_ALLOW_THREADS status = lf_lora_forward_f32(pool, n, k, m, r, vx, vW, pb, vA, vB, scale, p, seed,
-                                                            py, pu, pw, &plan);
+                                                            py, pu, pw, oplan != Py_None ? &force : NULL, &plan);
         Py_END_ALLOW_THREADS
         if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
         st->last_forward_plan = plan;
@@ -170,20 +176,22 @@ fail:
 
 PyDoc_STRVAR(lora_backward_doc,
 "lora_backward(g, x, u, W, A, B, scale, need_dx=True, dropout_p=0.0, seed=0, fan_in_fan_out=False,\n"
-"              dx_out=None, dA_out=None, dB_out=None, packed_w=None) -> (dx or None, dA, dB)\n\n"
+"              dx_out=None, dA_out=None, dB_out=None, packed_w=None, plan=None) -> (dx or None, dA, dB)\n\n"
 "Adapter-only gradients: v = g·B, dB = scale·gᵀ·u, dA = scale·vᵀ·x̃, dx = g·W + scale·drop'(v·A).\n"
-"packed_w: pack_weight(W, fan_in_fan_out, for_backward=True) or None.");
+"packed_w: pack_weight(W, fan_in_fan_out, for_backward=True) or None. plan: (v_dB_path, dA_path,\n"
+"dx_path) to run instead of the kernels' choice (see last_backward_plan), or None.");
 
 static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "lora_backward";
     static char *kwlist[] = {"g", "x", "u", "W", "A", "B", "scale", "need_dx", "dropout_p", "seed",
-                             "fan_in_fan_out", "dx_out", "dA_out", "dB_out", "packed_w", NULL};
+                             "fan_in_fan_out", "dx_out", "dA_out", "dB_out", "packed_w", "plan", NULL};
     PyObject *og, *ox, *ou, *oW, *oA, *oB, *oscale, *op = NULL, *oseed = NULL;
-    PyObject *odx = Py_None, *odA = Py_None, *odB = Py_None, *opacked = Py_None;
+    PyObject *odx = Py_None, *odA = Py_None, *odB = Py_None, *opacked = Py_None, *oplan = Py_None;
     int need_dx = 1, fifo = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|pOOpOOOO:lora_backward", kwlist, &og, &ox, &ou,
-                                     &oW, &oA, &oB, &oscale, &need_dx, &op, &oseed, &fifo, &odx, &odA,
-                                     &odB, &opacked))
+    lf_backward_plan force;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|pOOpOOOOO:lora_backward", kwlist, &og, &ox, &ou, &oW, &oA,
+                                     &oB, &oscale, &need_dx, &op, &oseed, &fifo, &odx, &odA, &odB, &opacked, &oplan) ||
+        (oplan != Py_None && lf_py_parse_backward_plan(oplan, F, &force)))
         return NULL;
     lf_state *st = state_of(self);
     float scale, p = 0.0f;
@@ -253,12 +261,15 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
                       vW = lf_py_weight_view(W, fifo, NULL, NULL), vA = lf_py_view2(A), vB = lf_py_view2(B);
         float *pdx = dx2 ? (float *)PyArray_DATA(dx2) : NULL;
         float *pdA = (float *)PyArray_DATA(dA), *pdB = (float *)PyArray_DATA(dB);
+        if (oplan != Py_None &&
+            lf_py_plan_unfit(F, oplan, lf_backward_plan_unfit(force, r, vg, vx, vu, p, need_dx)))
+            goto fail;
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
         int status;
         lf_backward_plan plan = {LF_VB_SKINNY, LF_DA_SKINNY, LF_DX_NONE};
         Py_BEGIN_ALLOW_THREADS status = lf_lora_backward_f32(pool, n, k, m, r, vg, vx, vu, vW, vA, vB, scale, p,
-                                                             seed, pdx, pdA, pdB, pw, &plan);
+                                                             seed, pdx, pdA, pdB, pw, oplan != Py_None ? &force : NULL, &plan);
         Py_END_ALLOW_THREADS
         if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
         st->last_backward_plan = plan;
@@ -495,6 +506,7 @@ static PyMethodDef methods[] = {
     {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_VARARGS | METH_KEYWORDS, lora_forward_doc},
     {"last_forward_plan", lf_py_last_forward_plan, METH_NOARGS, lf_py_last_forward_plan_doc},
     {"last_backward_plan", lf_py_last_backward_plan, METH_NOARGS, lf_py_last_backward_plan_doc},
+    {"clear_last_plans", lf_py_clear_last_plans, METH_NOARGS, lf_py_clear_last_plans_doc},
     {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},

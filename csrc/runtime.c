@@ -48,10 +48,11 @@ int lf_py_pool_resize(lf_state *st, int n) {
 
 /* ---------------------------------------------------------------- Ctrl-C
  * A long kernel runs with the GIL released, so Python's SIGINT handler cannot raise until it
- * returns. For calls above LF_INTERRUPTIBLE_FLOPS made from the main thread while SIGINT has
- * Python's default handler, we install a handler that asks the kernels to stop at their next
- * cache block, then restore Python's and raise KeyboardInterrupt ourselves. A user's own
- * SIGINT handler is never replaced. */
+ * returns. Every call binds a cancellation token of its own to its thread (kernels.h). For calls
+ * above LF_INTERRUPTIBLE_FLOPS made from the main thread while SIGINT has Python's default
+ * handler, we install a handler that requests that call's token — the kernels of that call stop
+ * at their next block, those of calls on other threads run on — then restore Python's handler
+ * and raise KeyboardInterrupt ourselves. A user's own SIGINT handler is never replaced. */
 #define LF_INTERRUPTIBLE_FLOPS 2e7
 
 static void on_sigint(int sig) {
@@ -61,6 +62,8 @@ static void on_sigint(int sig) {
 
 static void guard_begin(lf_state *st, double flops, lf_py_sigint_guard *g) {
     g->installed = 0;
+    g->cancel.requested = 0;
+    lf_cancel_bind(&g->cancel);
     if (flops < LF_INTERRUPTIBLE_FLOPS || PyThread_get_thread_ident() != st->main_thread) return;
     PyObject *signum = PyLong_FromLong(SIGINT);
     PyObject *cur = signum ? PyObject_CallOneArg(st->getsignal, signum) : NULL;
@@ -76,16 +79,18 @@ static void guard_begin(lf_state *st, double flops, lf_py_sigint_guard *g) {
     memset(&ours, 0, sizeof ours);
     ours.sa_handler = on_sigint;
     sigemptyset(&ours.sa_mask);
-    lf_interrupt_clear();
+    lf_interrupt_target(&g->cancel);
     g->installed = sigaction(SIGINT, &ours, &g->prev) == 0;
+    if (!g->installed) lf_interrupt_target(NULL);
 }
 
 /* 1 if Ctrl-C arrived while the guard was up (KeyboardInterrupt is then set) */
 static int guard_end(lf_py_sigint_guard *g) {
+    lf_cancel_bind(NULL);
     if (!g->installed) return 0;
     sigaction(SIGINT, &g->prev, NULL);
-    const int hit = lf_interrupt_pending();
-    lf_interrupt_clear();
+    lf_interrupt_target(NULL);
+    const int hit = __atomic_load_n(&g->cancel.requested, __ATOMIC_ACQUIRE);
     if (hit) PyErr_SetNone(PyExc_KeyboardInterrupt);
     return hit;
 }

@@ -46,6 +46,7 @@ typedef struct {
 typedef struct {
     int installed;
     struct sigaction prev;
+    lf_cancel cancel; /* this call's token: bound to the calling thread, SIGINT's target when installed */
 } lf_py_sigint_guard;
 
 /* Before a kernel call: arm Ctrl-C for calls of at least `flops` work (see runtime.c) and take
@@ -63,9 +64,19 @@ PyObject *lf_py_raise_status(int status, const char *func);
  * 0, or -1 with the exception set (a pool replaced earlier is still in use, out of memory). */
 int lf_py_pool_resize(lf_state *st, int n);
 
-/* _C.last_forward_plan() / _C.last_backward_plan() (plans.c): the paths the last kernel call took. */
+/* _C.last_forward_plan() / last_backward_plan() / clear_last_plans() (plans.c): the paths the last kernel
+ * calls took. */
 extern const char lf_py_last_forward_plan_doc[], lf_py_last_backward_plan_doc[];
 PyObject *lf_py_last_forward_plan(PyObject *module, PyObject *noargs);
 PyObject *lf_py_last_backward_plan(PyObject *module, PyObject *noargs);
+extern const char lf_py_clear_last_plans_doc[];
+PyObject *lf_py_clear_last_plans(PyObject *module, PyObject *noargs);
+
+/* plan= of lora_forward / lora_backward (plans.c): the tuple of path names as a plan. 0, or -1
+ * with TypeError / ValueError set (not a tuple of the right length, an unknown name). */
+int lf_py_parse_forward_plan(PyObject *obj, const char *func, lf_forward_plan *plan);
+int lf_py_parse_backward_plan(PyObject *obj, const char *func, lf_backward_plan *plan);
+/* -1 with ValueError naming the plan and `why` (lf_*_plan_unfit's sentence) when why != NULL, else 0. */
+int lf_py_plan_unfit(const char *func, PyObject *obj, const char *why);
 
 #endif

@@ -23,6 +23,10 @@ def test_bench_quick(tmp_path):
     for row in data["rows"]:
         assert row["max_abs_diff_vs_peft"] < 1e-3
         assert len(row["median_s"]) == 6 and all(t > 0 for t in row["median_s"].values())
+        # every row names the fused paths it measured: a forward plan, and a backward one for fwd+bwd
+        fwd, train = row["lorafuse_plan"]["fwd"], row["lorafuse_plan"]["fwd+bwd"]
+        assert fwd.count("/") == 1 and train.count(" + ") == 1, row["lorafuse_plan"]
+        assert train in proc.stdout
 
 
 def test_bench_custom_shape_in_process(tmp_path, capsys):

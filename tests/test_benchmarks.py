@@ -24,6 +24,7 @@ RUNS = [
     ("bench_overhead.py", ["--rounds", "1"], "torch x*2 forward+backward"),
     ("bench_layer.py", ["--quick", "--only", "decode"], "targets:"),
     ("bench_gemm.py", ["--quick", "--rounds", "1"], "share"),
+    ("bench_plans.py", ["--quick", "--rounds", "1"], "plans measured"),
     ("bench_ops.py", ["--quick", "--rounds", "1"], "ratio alternating"),
     ("bench_lora_cost.py", ["--rounds", "1"], "512   1024   1024  16"),
     ("bench_train.py", TINY_TRAIN, "ratio lorafuse/PEFT"),

@@ -90,3 +90,104 @@ def test_rank_above_the_skinny_kernels_takes_the_gemms():
     (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, 0.5)
     assert_within(dx, rdx, mdx, 2 * m + r + 6, "dx")
     assert_within(dA, rdA, mdA, m + n + 6, "dA")
+
+
+# ---- forced plans: every path on every ISA, whatever the kernels would choose
+
+U_PATHS = ("rowdots", "skinny", "gemm")
+Y_PATHS = ("decode", "few_tokens", "augmented")
+FORWARD_PLANS = [("none", "merged")] + [(u, y) for u in U_PATHS for y in Y_PATHS]
+
+
+def _forward_fits(plan, n, p, need_u):
+    """The preconditions of lf_forward_plan_unfit (kernels/cpu/lora.c) for C-contiguous operands, r ≤ 64."""
+    u, y = plan
+    if y == "merged":
+        return not need_u and p == 0.0
+    return (u != "rowdots" or (p == 0.0 and n <= 8)) and (u != "skinny" or p == 0.0) and (y != "decode" or n <= 8)
+
+
+@pytest.mark.parametrize("plan", FORWARD_PLANS, ids="-".join)
+@pytest.mark.parametrize("n, p, need_u", [(1, 0.0, True), (7, 0.25, True), (33, 0.0, True), (33, 0.0, False),
+                                          (257, 0.1, True)])
+def test_every_forward_plan_is_exact_where_it_fits(isa, plan, n, p, need_u):
+    k, m, r = 37, 29, 5
+    rng = np.random.default_rng(n + len(plan[0]) + len(plan[1]))
+    x, W, A, B, b = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, m)
+    if not _forward_fits(plan, n, p, need_u):
+        with pytest.raises(ValueError, match="cannot run these operands"):
+            ops.lora_forward(x, W, A, B, 0.5, b, dropout_p=p, seed=3, need_u=need_u, plan=plan)
+        return
+    y, u = ops.lora_forward(x, W, A, B, 0.5, b, dropout_p=p, seed=3, need_u=need_u, plan=plan)
+    assert _C.last_forward_plan() == plan
+    mask = ops.dropout_mask(n, k, p, 3).astype(np.float64) if p else None
+    ry, ru, my, mu = forward(x, W, A, B, 0.5, b, mask)
+    assert_within(y, ry, my, 2 * k + r + 4, "y")
+    if need_u:
+        assert_within(u, ru, mu, k, "u")
+
+
+BACKWARD_PLANS = [(vb, da, dx) for vb in ("skinny", "gemm") for da in ("skinny", "gemm")
+                  for dx in ("none", "augmented", "masked")]
+
+
+@pytest.mark.parametrize("plan", BACKWARD_PLANS, ids="-".join)
+@pytest.mark.parametrize("n, p", [(1, 0.0), (33, 0.2), (257, 0.0)])
+def test_every_backward_plan_is_exact_where_it_fits(isa, plan, n, p):
+    k, m, r, scale = 37, 29, 5, 0.7
+    need_dx = plan[2] != "none"
+    rng = np.random.default_rng(n + 7)
+    x, W, A, B, g = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, n, m)
+    _, u = ops.lora_forward(x, W, A, B, scale, dropout_p=p, seed=5)
+    if plan[2] == "augmented" and p > 0:
+        with pytest.raises(ValueError, match="'augmented' takes no dropout"):
+            ops.lora_backward(g, x, u, W, A, B, scale, dropout_p=p, seed=5, plan=plan)
+        return
+    dx, dA, dB = ops.lora_backward(g, x, u, W, A, B, scale, dropout_p=p, seed=5, need_dx=need_dx, plan=plan)
+    assert _C.last_backward_plan() == plan
+    mask = ops.dropout_mask(n, k, p, 5).astype(np.float64) if p else None
+    (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, scale, mask=mask)
+    assert_within(dA, rdA, mdA, m + n + 6, "dA")
+    assert_within(dB, rdB, mdB, k + n + 6, "dB")
+    if need_dx:
+        assert_within(dx, rdx, mdx, 2 * m + r + 6, "dx")
+    else:
+        assert dx is None
+
+
+@pytest.mark.parametrize("plan, why", [
+    (("skinny", "augmented"), "rows of x contiguous"),          # x column-major below
+    (("none", "merged"), "does not form u"),                     # need_u
+    (("gemm", "merged"), "goes with y 'merged'"),
+    (("none", "augmented"), "goes with y 'merged'"),
+])
+def test_a_forced_forward_plan_that_does_not_fit_names_why(plan, why):
+    rng = np.random.default_rng(2)
+    x, W, A, B = np.asfortranarray(rand(rng, 40, 24)), rand(rng, 16, 24), rand(rng, 4, 24), rand(rng, 16, 4)
+    with pytest.raises(ValueError, match=why):
+        ops.lora_forward(x, W, A, B, 1.0, plan=plan)
+
+
+@pytest.mark.parametrize("plan, err", [(("skinny",), TypeError), ("skinny,augmented", TypeError),
+                                       (("skinny", 3), TypeError), (("fast", "augmented"), ValueError),
+                                       (("skinny", "merged", "x"), TypeError)])
+def test_a_malformed_plan_is_refused(plan, err):
+    rng = np.random.default_rng(3)
+    x, W, A, B = rand(rng, 8, 24), rand(rng, 16, 24), rand(rng, 4, 24), rand(rng, 16, 4)
+    with pytest.raises(err, match="plan"):
+        ops.lora_forward(x, W, A, B, 1.0, plan=plan)
+    with pytest.raises(TypeError, match="plan"):
+        ops.lora_backward(rand(rng, 8, 16), x, rand(rng, 8, 4), W, A, B, 1.0, plan=("gemm", "gemm"))
+
+
+def test_backward_plan_refusals_name_why():
+    rng = np.random.default_rng(4)
+    n, k, m, r = 20, 24, 16, 4
+    x, W, A, B, g = rand(rng, n, k), rand(rng, m, k), rand(rng, r, k), rand(rng, m, r), rand(rng, n, m)
+    _, u = ops.lora_forward(x, W, A, B, 1.0)
+    with pytest.raises(ValueError, match="dx is wanted"):
+        ops.lora_backward(g, x, u, W, A, B, 1.0, plan=("skinny", "skinny", "none"))
+    with pytest.raises(ValueError, match="dx is not wanted"):
+        ops.lora_backward(g, x, u, W, A, B, 1.0, need_dx=False, plan=("skinny", "skinny", "augmented"))
+    with pytest.raises(ValueError, match="rows of g and u contiguous"):
+        ops.lora_backward(np.asfortranarray(g), x, u, W, A, B, 1.0, plan=("skinny", "gemm", "augmented"))

@@ -621,3 +621,73 @@ def test_thread_count_training_losses_within_tolerance() -> None:
         torch.set_num_threads(before[0])
         lorafuse.set_num_threads(before[1])
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6, atol=0)
+
+
+_SIGINT_TWO_THREADS_CHILD = textwrap.dedent(r"""
+    import sys, threading, time
+    import numpy as np
+    import lorafuse
+    from lorafuse import ops
+
+    lorafuse.set_num_threads(int(sys.argv[1]))
+    rng = np.random.default_rng(0)
+    k = m = 512
+    W = rng.standard_normal((m, k), dtype=np.float32)
+    A = rng.standard_normal((8, k), dtype=np.float32)
+    B = rng.standard_normal((m, 8), dtype=np.float32)
+    xs = rng.standard_normal((2048, k), dtype=np.float32)   # the other thread's calls: ~10-50 ms each
+    expect = ops.lora_forward(xs, W, A, B, 0.5)[0]
+    x = rng.standard_normal((120_000, k), dtype=np.float32)  # the main thread's call: seconds
+    stop, seen = threading.Event(), {"calls": 0, "errors": []}
+
+    def other_thread():
+        while not stop.is_set():
+            try:
+                y = ops.lora_forward(xs, W, A, B, 0.5)[0]
+                assert np.array_equal(y, expect), "a result differs"
+                seen["calls"] += 1
+            except BaseException as exc:  # KeyboardInterrupt here is the bug this guards against
+                seen["errors"].append(repr(exc))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    while seen["calls"] < 2:
+        time.sleep(0.01)
+    for trial in range(3):
+        print("start", flush=True)
+        try:
+            while True:
+                ops.lora_forward(x, W, A, B, 0.5)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    time.sleep(0.3)  # the other thread keeps calling after the interrupts
+    stop.set()
+    t.join()
+    print("other thread", seen["calls"], "calls, errors", seen["errors"], flush=True)
+    print("ok" if not seen["errors"] else "FAILED", flush=True)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ctrl_c_stops_the_main_threads_kernel_only(threads: int) -> None:
+    """Cancellation is per call: SIGINT stops the main thread's kernel, while the kernels another Python
+    thread calls meanwhile (queued on the same pool, or running) finish with the right result."""
+    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_TWO_THREADS_CHILD, str(threads)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):  # a signal while both threads run kernels, three times
+            line = proc.stdout.readline()
+            assert line.startswith("start"), line + proc.stderr.read()
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            line = proc.stdout.readline()
+            assert line.startswith("interrupted"), line + proc.stderr.read()
+        proc.wait(timeout=120)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("ok"), out + err

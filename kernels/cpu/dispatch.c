@@ -1,7 +1,7 @@
 /* dispatch.c — run-time choice of the micro-kernel (cpuid + xgetbv), never the build machine's.
  * The library's only globals live here: the dispatch pointer, set once at import (or by tests),
- * and the interrupt flag, which a signal handler can reach only through a global. */
-#include <signal.h>
+ * and the SIGINT target, which a signal handler can reach only through a global (with the
+ * thread-local cancellation token of the calling thread). */
 #include <stddef.h>
 
 #include "internal.h"
@@ -68,9 +68,21 @@ const char *lf_isa_name(lf_isa isa) {
 
 int lf_mul_ok(int64_t a, int64_t b, int64_t *out) { return !__builtin_mul_overflow(a, b, out); }
 
-/* Set from a SIGINT handler, polled by the GEMM at each cache block. */
-static volatile sig_atomic_t g_interrupt = 0;
+/* ---- per-call cancellation (kernels.h). The token a thread's kernels poll is thread-local; the
+ * pool binds the caller's token on its workers for each job (pool.c). The SIGINT target is the
+ * second global: a signal handler can reach nothing else. Tokens are read and written with
+ * lock-free atomic builtins (async-signal-safe). */
+static _Thread_local lf_cancel *tl_cancel = NULL;
+static lf_cancel *g_sigint_target = NULL;
 
-void lf_interrupt_request(void) { g_interrupt = 1; }
-void lf_interrupt_clear(void) { g_interrupt = 0; }
-int lf_interrupt_pending(void) { return g_interrupt != 0; }
+void lf_cancel_bind(lf_cancel *c) { tl_cancel = c; }
+lf_cancel *lf_cancel_bound(void) { return tl_cancel; }
+void lf_cancel_request(lf_cancel *c) {
+    if (c) __atomic_store_n(&c->requested, 1, __ATOMIC_RELEASE);
+}
+int lf_interrupt_pending(void) {
+    const lf_cancel *c = tl_cancel;
+    return c && __atomic_load_n(&c->requested, __ATOMIC_ACQUIRE);
+}
+void lf_interrupt_target(lf_cancel *c) { __atomic_store_n(&g_sigint_target, c, __ATOMIC_RELEASE); }
+void lf_interrupt_request(void) { lf_cancel_request(__atomic_load_n(&g_sigint_target, __ATOMIC_ACQUIRE)); }

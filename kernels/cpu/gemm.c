@@ -58,8 +58,8 @@ static inline float seg_value(const lf_segment *s, int64_t off) {
  * element (the same product, so the same rounding).
  * Each block also prefetches (to L2) the same block of the next sliver's rows, the `next_rows`
  * rows at src + next (next_rows = 0: none): a cold operand (W streamed from DRAM) is read 32 rows
- * at a time, too many streams for the hardware prefetcher — measured on a 1024×512 panel of Wᵀ
- * from DRAM: 0.40 -> 0.20-0.22 ms; the GEMM at 512×576×576 206 -> 213 GFLOP/s (2 threads). */
+ * at a time, too many streams for the hardware prefetcher (benchmarks/RESULTS.md, "Where the
+ * thresholds come from"). */
 static void pack_rows(const lf_dispatch *dp, const float *src, int64_t rs, int64_t rows, int64_t len, float scale,
                       float *dst, int64_t ld, int64_t next, int64_t next_rows) {
     int64_t q0 = 0;
@@ -166,7 +166,7 @@ static void pack_b(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64
         if (lo >= hi) continue;
         const lf_segment *s = &b->seg[t];
         if (t == 0 && pk) { /* the rows of segment 0 from its kept block (length K0 - p0 < kc) */
-            const int64_t kcb = pk->K - p0 < dp->kc ? pk->K - p0 : dp->kc;
+            const int64_t kcb = pk->K - p0 < dp->blk->kc ? pk->K - p0 : dp->blk->kc;
             const float *src = pk->data + p0 * pk->nsl * NR + j0 / NR * NR * kcb + (lo - p0) * NR;
             for (int64_t q = 0; q < nslivers; q++)
                 memcpy(dst + q * NR * kc + (lo - p0) * NR, src + q * NR * kcb, (size_t)((hi - lo) * NR) * sizeof(float));
@@ -195,7 +195,7 @@ static void pack_b(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64
 
 /* The kept panel of b at K block pc (length kc), columns from jc, when b was packed in advance
  * for this tile and the block lies wholly in the packed rows; else NULL (pack it now). Block
- * starts agree with lf_gemm's: both step K by dp->kc from 0. */
+ * starts agree with lf_gemm's: both step K by dp->blk->kc from 0. */
 static const float *cached_panel(const lf_packed_b *pk, const lf_dispatch *dp, int64_t jc, int64_t pc,
                                  int64_t kc) {
     if (!pk || pk->dp != dp || pc + kc > pk->K) return NULL;
@@ -221,25 +221,16 @@ static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
 static const lf_dispatch *dispatch_for(int64_t N);
 
-/* Columns of C per thread up to which A is read in place by the MR×NR tile instead of packed:
- * with few columns the packing of A is amortised over few of them, while the tile reads a plain
- * row-major A just as well from its rows (12 address streams). Measured on 2 threads (AVX-512):
- * 512×896×128 195 -> 209-220 GFLOP/s, 512×576×576 (288 columns a thread) +6-8 %; at 512 columns a
- * thread (512×1024×1024) reading in place lost 10-25 % (12 rows 4 KiB apart: one L1 set). AVX2's
- * 6×16 tile (sgemm × F.linear, AVX2 forced): 512×896×128 1.35-1.39 -> 1.09, 512×576×576
- * 1.18-1.21 -> 1.09-1.12; in place beyond 320 columns it lost 2-17 % (512×1024×1024, 2048³,
- * 256×4096×14336). */
-#define LF_DIRECT_A_MAX_N 320
-
-/* How a K block of A is read: packed into MR-tall slivers, or in place by the MR×NR tile, or in
- * place by the pair tile (6 rows × two slivers): where a thread has more columns (packing A is
- * the cost this saves) or A's rows are 4 KiB apart (a row stride a multiple of 1024 floats: k =
- * 1024, 4096…), where twelve rows fall in one set of the 8-way L1 and evict each other on every
- * k step. Measured (lora_forward and sgemm, 2 threads, interleaved with F.linear): 512×1024×256
- * sgemm 0.97–1.16 -> 0.82–0.83 × F.linear, 512×4096×256 1.00–1.18 -> 0.85–0.86, 256×1024×640
- * 1.04–1.08 -> 0.88–0.90; rows 2 KiB apart (k = 512, 1536, 2560) gain nothing from it. With one
- * sliver of columns (the few-token forward: W, streamed from DRAM, is A) the 12×32 tile stays
- * ahead (24×4096² forward 0.55–0.63 vs 0.59–0.65 × F.linear with the pair tile). */
+/* How a K block of A is read (tunables: direct_a_max_cols, a_same_set_stride):
+ *   A_PACKED        packed into MR-tall slivers (pack_a);
+ *   A_IN_PLACE      read in place by the MR×NR tile, when a thread has few columns of C: packing
+ *                   A would be amortised over few of them, while the tile reads a plain row-major
+ *                   A just as well from its rows;
+ *   A_IN_PLACE_PAIR read in place by the pair tile (pair_mr rows × two slivers), when a thread has
+ *                   more columns (packing A is the cost this saves) or A's rows are a multiple of
+ *                   4 KiB apart, where the MR×NR tile's rows fall in one L1 set and evict each
+ *                   other on every k step. With one sliver of columns (the few-token forward: W,
+ *                   streamed from DRAM, is A) the MR×NR tile stays ahead. */
 typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
 
 /* A_IN_PLACE* if the K block [pc, pc + kc) of A lies in a plain row-major segment 0 (x or g: no
@@ -247,14 +238,15 @@ typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
 static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
     if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold) return A_PACKED;
-    const int rows_in_one_set = s->v.rs % 1024 == 0 && ncols > dp->nr;
-    if (dp->ukernel_pair && (ncols > LF_DIRECT_A_MAX_N || rows_in_one_set)) return A_IN_PLACE_PAIR;
-    return dp->ukernel_direct && ncols <= LF_DIRECT_A_MAX_N ? A_IN_PLACE : A_PACKED;
+    const lf_tunables *tu = lf_tune();
+    const int rows_in_one_set = tu->a_same_set_stride && s->v.rs % tu->a_same_set_stride == 0 && ncols > dp->nr;
+    if (dp->ukernel_pair && (ncols > tu->direct_a_max_cols || rows_in_one_set)) return A_IN_PLACE_PAIR;
+    return dp->ukernel_direct && ncols <= tu->direct_a_max_cols ? A_IN_PLACE : A_PACKED;
 }
 
 int lf_gemm_reads_a_in_place(int64_t N) {
     const lf_dispatch *dp = dispatch_for(N);
-    return dp->ukernel_direct && 2 * N <= 3 * dp->nr;
+    return dp->ukernel_direct && 2 * N <= lf_tune()->direct_max_half_slivers * (int64_t)dp->nr;
 }
 
 void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld) {
@@ -275,19 +267,19 @@ static void gemm_block(void *ctxp, int tid, int nt) {
     if (m0 >= m1 || n0 >= n1) return;
     const int64_t K = job->K;
     const lf_segment *a0 = &job->a->seg[0];
-    const int64_t kcmax = min64(dp->kc, K);
-    const int64_t ncmax = min64(dp->nc, (n1 - n0 + NR - 1) / NR * NR);
-    const int64_t mcmax = min64(dp->mc, (m1 - m0 + MR - 1) / MR * MR);
+    const int64_t kcmax = min64(dp->blk->kc, K);
+    const int64_t ncmax = min64(dp->blk->nc, (n1 - n0 + NR - 1) / NR * NR);
+    const int64_t mcmax = min64(dp->blk->mc, (m1 - m0 + MR - 1) / MR * MR);
     float *apack = lf_pool_scratch(job->pool, tid, 0, (size_t)(mcmax * kcmax) * sizeof(float));
     float *bpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(ncmax * kcmax) * sizeof(float));
     if (!apack || !bpack) {
         atomic_store(&job->failed, LF_ENOMEM);
         return;
     }
-    for (int64_t jc = n0; jc < n1; jc += dp->nc) {
-        const int64_t nc = min64(dp->nc, n1 - jc);
-        for (int64_t pc = 0; pc < K; pc += dp->kc) {
-            const int64_t kc = min64(dp->kc, K - pc);
+    for (int64_t jc = n0; jc < n1; jc += dp->blk->nc) {
+        const int64_t nc = min64(dp->blk->nc, n1 - jc);
+        for (int64_t pc = 0; pc < K; pc += dp->blk->kc) {
+            const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
             const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
@@ -298,12 +290,12 @@ static void gemm_block(void *ctxp, int tid, int nt) {
             const int accumulate = !first || job->beta != 0.0f;
             /* tile rows and columns: MR×NR, or pair_mr × two slivers */
             const int64_t tr = how == A_IN_PLACE_PAIR ? dp->pair_mr : MR, tc = how == A_IN_PLACE_PAIR ? 2 * NR : NR;
-            for (int64_t ic = m0; ic < m1; ic += dp->mc) {
+            for (int64_t ic = m0; ic < m1; ic += dp->blk->mc) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
                     return;
                 }
-                const int64_t mc = min64(dp->mc, m1 - ic);
+                const int64_t mc = min64(dp->blk->mc, m1 - ic);
                 if (how == A_PACKED)
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         pack_a(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,
@@ -353,23 +345,16 @@ static void choose_grid(int64_t M, int64_t N, int nt, int MR, int NR, int *tm, i
     }
 }
 
-/* Below this many flops a job is done on the calling thread: waking a worker costs more. */
-#define LF_PARALLEL_MIN_FLOPS (1 << 18)
-
 /* the micro-kernel for N columns: the narrow tile when N fits it (the rank-r GEMMs) */
 static const lf_dispatch *dispatch_for(int64_t N) {
     const lf_dispatch *dp = lf_current();
     return dp->narrow && N <= dp->narrow->nr ? dp->narrow : dp;
 }
 
-static int threads_for(lf_pool *pool, double flops) {
-    return flops < LF_PARALLEL_MIN_FLOPS ? 1 : lf_pool_threads(pool);
-}
-
 int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K) {
     const lf_dispatch *dp = dispatch_for(N);
     int tm, tn;
-    choose_grid(M, N, threads_for(pool, 2.0 * (double)M * (double)N * (double)K), dp->mr, dp->nr, &tm, &tn);
+    choose_grid(M, N, lf_threads_for(pool, 2.0 * (double)M * (double)N * (double)K, INT64_MAX), dp->mr, dp->nr, &tm, &tn);
     return tm;
 }
 
@@ -392,7 +377,7 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
         return LF_EINVAL;
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
                     .beta = beta, .bias = bias, .c = c, .ldc = ldc};
-    int nt = threads_for(pool, (double)flops);
+    int nt = lf_threads_for(pool, (double)flops, INT64_MAX);
     choose_grid(M, N, nt, dp->mr, dp->nr, &job.tm, &job.tn);
     nt = job.tm * job.tn;
     job.mchunk = ((M + dp->mr - 1) / dp->mr + job.tm - 1) / job.tm * dp->mr;
@@ -420,8 +405,8 @@ int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out) {
     }
     *pk = (lf_packed_b){.dp = dp, .K = K, .N = N, .nsl = nsl, .src = b, .data = data, .bytes = bytes};
     const lf_operand ob = lf_operand_plain(b, 1.0f);
-    for (int64_t pc = 0; pc < K && N > 0; pc += dp->kc) /* block pc at data + pc·nsl·NR */
-        pack_b(dp, &ob, 0, N, pc, min64(dp->kc, K - pc), dp->nr, data + pc * nsl * dp->nr);
+    for (int64_t pc = 0; pc < K && N > 0; pc += dp->blk->kc) /* block pc at data + pc·nsl·NR */
+        pack_b(dp, &ob, 0, N, pc, min64(dp->blk->kc, K - pc), dp->nr, data + pc * nsl * dp->nr);
     *out = pk;
     return LF_OK;
 }

@@ -96,13 +96,51 @@ typedef void (*lf_transpose_fn)(const float *src, int64_t rs, int rows, float sc
 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
 void lf_transpose8_avx2(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
 
-/* One ISA's micro-kernel and the cache blocking tuned for it. */
+/* Goto/BLIS cache blocks of one register tile: KC×NR B-sliver in L1, MC×KC A-block in L2,
+ * KC×NC B-panel in L3. */
+typedef struct {
+    int64_t kc, mc, nc;
+} lf_blocking;
+
+/* Every number that chooses a path, a blocking or a thread count, for one ISA: the table is
+ * tunables.c (one entry per ISA, each field's reason beside it; the measurements behind them:
+ * benchmarks/bench_plans.py and benchmarks/RESULTS.md). Limits that size arrays or kernel cases
+ * (LF_ROWDOTS_MAX_N, LF_SKINNY_MAX_R, LF_MAX_KC, LF_MAX_NR) are not tunables. */
+typedef struct {
+    lf_isa isa;
+    lf_blocking wide, narrow; /* the blocks of the ISA's tile and of its narrow tile (if any) */
+    /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
+     * place by the MR×NR tile instead of packed (0: never) */
+    int64_t direct_a_max_cols;
+    /* gemm.c how_a_is_read: A's rows whose stride is a multiple of this many floats share one
+     * L1 set; read by the pair tile (fewer rows) when there is one (0: no such rule) */
+    int64_t a_same_set_stride;
+    /* lf_gemm_reads_a_in_place: the few-token forward reads W in place for N ≤ this many
+     * half-slivers of the tile (3: one and a half slivers) */
+    int direct_max_half_slivers;
+    /* lora.c few_tokens: the yᵀ forward for LF_ROWDOTS_MAX_N < n ≤ this and W of at least
+     * few_tokens_min_w elements */
+    int64_t few_tokens_max_n;
+    double few_tokens_min_w;
+    /* gemm.c and skinny.c: a job of fewer flops runs on the calling thread */
+    double parallel_min_flops;
+} lf_tunables;
+
+extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512;
+
+/* The tunables of the ISA in use (lf_current()). */
+const lf_tunables *lf_tune(void);
+
+/* Threads for a job of `flops` split into at most `units` parts (≥ 1): one below
+ * parallel_min_flops, else the pool's, never more than units. */
+int lf_threads_for(lf_pool *pool, double flops, int64_t units);
+
+/* One ISA's micro-kernel and its cache blocking (from its tunables). */
 typedef struct lf_dispatch lf_dispatch;
 struct lf_dispatch {
     lf_isa isa;
-    int mr, nr;          /* register tile */
-    int64_t kc, mc, nc;  /* Goto/BLIS cache blocks: KC×NR B-sliver in L1, MC×KC A-block in L2,
-                            KC×NC B-panel in L3 */
+    int mr, nr;             /* register tile */
+    const lf_blocking *blk; /* its cache blocks (lf_tunables) */
     lf_ukernel_fn ukernel;
     lf_ukernel_direct_fn ukernel_direct; /* the tile on an unpacked row-major A, or NULL */
     lf_ukernel_pair_fn ukernel_pair;     /* the two-sliver tile on an unpacked A, or NULL */
@@ -119,7 +157,7 @@ extern const lf_dispatch lf_dispatch_avx2;
 extern const lf_dispatch lf_dispatch_avx512;
 
 /* A B-operand (K, N) packed once for the tile of dispatch_for(N) — the panels lf_gemm would pack
- * on every call, kept: K blocks of dp->kc (the last one shorter), each ceil(N/NR) slivers of
+ * on every call, kept: K blocks of dp->blk->kc (the last one shorter), each ceil(N/NR) slivers of
  * NR×kc, so the panel at (pc, jc) starts at data + pc·nsl·NR + (jc/NR)·NR·kc. */
 struct lf_packed_b {
     const lf_dispatch *dp;
@@ -181,6 +219,10 @@ int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K);
 /* C (M,N) = beta·C + a·b (+ bias when beta == 0); a (M,K) and b (K,N) are operands. */
 int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
             const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc);
+
+/* The token bound to the calling thread (lf_cancel_bind), or NULL: what the pool binds on its
+ * workers while they run this thread's job. */
+lf_cancel *lf_cancel_bound(void);
 
 /* Thread pool: run fn(ctx, tid, nt) for tid in [0, nt) with nt <= lf_pool_threads(pool);
  * the caller's thread runs tid 0. Returns when all are done. */

@@ -58,19 +58,14 @@ static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 }
 
 /* When the forward computes yᵀ (few_tokens_output): more tokens than the decode path takes, at
- * most 32 (one sliver of the AVX-512 wide tile: C's columns are the tokens; on AVX2 the bound of
- * lf_gemm_reads_a_in_place, 24, comes first), and a W too big to stay in cache (≥ 4 MB), whose
- * packing then costs as much as the arithmetic. lora_forward, yᵀ path /
- * packed path, W from DRAM (6 layers rotated), 2 threads, AVX-512, two runs: 4096² n = 17 0.82–0.84,
- * 24 0.82–0.93, 32 0.70–0.78; 14336² 17 0.87, 24 0.89, 32 0.70; 1024² 17 0.95, 24 1.00, 32 0.77.
- * Beyond one sliver the padded columns cost more than packing W saves (4096², n = 40–48: 1.10–1.34;
- * 64 0.88–0.91 but 96–256 0.96–1.2), and a W in cache packs cheaply (576², n = 17–24: 1.07–1.17).
- * AVX2's 16-wide tile (forced on this CPU, × F.linear, W read in place / packed): 4096², n = 17
- * 0.94 / 1.09–1.15, 24 0.70–0.81 / 0.94–1.05, but 32 (two slivers) 0.95–0.98 / 0.85–0.86; 1024²,
- * n = 24 0.96–0.98 / 1.46–1.47 — so at most one and a half slivers (lf_gemm_reads_a_in_place). */
+ * most few_tokens_max_n (one sliver of the AVX-512 wide tile: C's columns are the tokens), and a
+ * W too big to stay in cache (few_tokens_min_w elements), whose packing then costs as much as the
+ * arithmetic — and the tile reads W in place (lf_gemm_reads_a_in_place). Beyond one sliver the
+ * padded columns cost more than packing W saves, and a W in cache packs cheaply. */
 static int few_tokens(int64_t n, int64_t k, int64_t m, lf_view W) {
-    return n > LF_ROWDOTS_MAX_N && n <= 32 && (double)m * (double)k >= (double)(1 << 20) && W.cs == 1 &&
-           lf_gemm_reads_a_in_place(n);
+    const lf_tunables *tu = lf_tune();
+    return n > LF_ROWDOTS_MAX_N && n <= tu->few_tokens_max_n && (double)m * (double)k >= tu->few_tokens_min_w &&
+           W.cs == 1 && lf_gemm_reads_a_in_place(n);
 }
 
 /* y (n,m) = ([W | B] · [x | s·u]ᵀ)ᵀ + bias for a few tokens: W (rows contiguous) is the GEMM's
@@ -123,7 +118,7 @@ static int forward_with_u(lf_pool *pool, lf_forward_plan plan, int64_t n, int64_
  * K columns. Each W element is packed once per row block of the GEMM's thread grid, so
  *     merged: 2·m·k·r·row_blocks      augmented: 2·n·r·(k + m)
  * (few outputs m, many tokens n favour merging: 512×896×128 r16, M cut in 2: 7.3 vs 16.8 Mflop;
- * 512×576×576, N cut in 2: 10.6 vs 18.9). */
+ * 512×576×576, N cut in 2: 10.6 vs 18.9 — counts, not timings). */
 static int merged_is_cheaper(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r) {
     if (r <= 0 || r > LF_SKINNY_MAX_R || n <= LF_ROWDOTS_MAX_N) return 0;
     const double row_blocks = (double)lf_gemm_row_splits(pool, n, m, k);
@@ -133,7 +128,7 @@ static int merged_is_cheaper(lf_pool *pool, int64_t n, int64_t k, int64_t m, int
 lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
                                 lf_view A, lf_view B, float dropout_p, int need_u, const lf_packed_b *wpack) {
     /* merged: taken even when W's panels are kept (wpack is then unused): where merging wins, W is
-     * small next to x, so its packing is cheap (512×896×128: kept panels + u 0.90 × PEFT, merged 0.83) */
+     * small next to x, so its packing is cheap */
     if (!need_u && dropout_p == 0.0f && merged_is_cheaper(pool, n, k, m, r))
         return (lf_forward_plan){LF_U_NONE, LF_Y_MERGED};
     /* decode (a few tokens): every output is a dot product of contiguous rows, W streamed once
@@ -151,15 +146,33 @@ lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, 
     return plan;
 }
 
+const char *lf_forward_plan_unfit(lf_forward_plan plan, int64_t n, int64_t r, lf_view x, lf_view W, lf_view A,
+                                  lf_view B, float dropout_p, int need_u) {
+    if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_AUGMENTED) return "unknown path";
+    if ((plan.u == LF_U_NONE) != (plan.y == LF_Y_MERGED)) return "u 'none' goes with y 'merged' and only with it";
+    if (plan.y == LF_Y_MERGED && need_u) return "y 'merged' does not form u, which is wanted";
+    if (plan.y == LF_Y_MERGED && dropout_p > 0.0f) return "y 'merged' takes no dropout";
+    if (plan.y == LF_Y_MERGED && r > LF_SKINNY_MAX_R) return "y 'merged' takes a rank of at most 64";
+    if (plan.u == LF_U_ROWDOTS && !(dropout_p == 0.0f && lf_rowdots_ok(n, x, A)))
+        return "u 'rowdots' needs no dropout, at most 8 tokens, rows of x and A contiguous";
+    if (plan.u == LF_U_SKINNY && !(dropout_p == 0.0f && lf_skinny_ok(x, r)))
+        return "u 'skinny' needs no dropout, rows of x contiguous and 1 <= r <= 64";
+    if (plan.y == LF_Y_DECODE && !(lf_rowdots_ok(n, x, W) && B.cs == 1))
+        return "y 'decode' needs at most 8 tokens and rows of x, W and B contiguous";
+    return NULL;
+}
+
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
                         float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack,
-                        lf_forward_plan *plan_out) {
+                        const lf_forward_plan *force, lf_forward_plan *plan_out) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
     if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 0)) return LF_EINVAL;
-    const lf_forward_plan plan = lf_plan_forward(pool, n, k, m, r, x, W, A, B, dropout_p, u != NULL, wpack);
+    if (force && lf_forward_plan_unfit(*force, n, r, x, W, A, B, dropout_p, u != NULL)) return LF_EINVAL;
+    const lf_forward_plan plan =
+        force ? *force : lf_plan_forward(pool, n, k, m, r, x, W, A, B, dropout_p, u != NULL, wpack);
     if (plan_out) *plan_out = plan;
     if (plan.y == LF_Y_MERGED) {
         /* b (k, m) = Wᵀ + s·Aᵀ·Bᵀ, packed on the fly */
@@ -239,15 +252,29 @@ lf_backward_plan lf_plan_backward(int64_t r, lf_view g, lf_view x, lf_view u, fl
     return plan;
 }
 
+const char *lf_backward_plan_unfit(lf_backward_plan plan, int64_t r, lf_view g, lf_view x, lf_view u,
+                                   float dropout_p, int need_dx) {
+    if ((unsigned)plan.vb > LF_VB_GEMM || (unsigned)plan.da > LF_DA_GEMM || (unsigned)plan.dx > LF_DX_MASKED)
+        return "unknown path";
+    if ((plan.dx == LF_DX_NONE) == (need_dx != 0)) return need_dx ? "dx is wanted: dx 'none' does not form it"
+                                                                 : "dx is not wanted: its path must be 'none'";
+    if (plan.dx == LF_DX_AUGMENTED && dropout_p > 0.0f) return "dx 'augmented' takes no dropout (use 'masked')";
+    if (plan.vb == LF_VB_SKINNY && !(lf_skinny_ok(g, r) && lf_skinny_ok(u, r)))
+        return "v/dB 'skinny' needs rows of g and u contiguous and 1 <= r <= 64";
+    if (plan.da == LF_DA_SKINNY && !lf_skinny_ok(x, r)) return "dA 'skinny' needs rows of x contiguous and 1 <= r <= 64";
+    return NULL;
+}
+
 int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
                          float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
-                         const lf_packed_b *wpack, lf_backward_plan *plan_out) {
+                         const lf_packed_b *wpack, const lf_backward_plan *force, lf_backward_plan *plan_out) {
     int st = check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
     if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 1)) return LF_EINVAL;
-    const lf_backward_plan plan = lf_plan_backward(r, g, x, u, dropout_p, dx != NULL);
+    if (force && lf_backward_plan_unfit(*force, r, g, x, u, dropout_p, dx != NULL)) return LF_EINVAL;
+    const lf_backward_plan plan = force ? *force : lf_plan_backward(r, g, x, u, dropout_p, dx != NULL);
     if (plan_out) *plan_out = plan;
     /* v (n,r) = g · B */
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));

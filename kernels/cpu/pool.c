@@ -47,6 +47,7 @@ struct lf_pool {
     lf_task_fn fn;
     void *ctx;
     int nt;
+    lf_cancel *cancel;      /* the job's caller's cancellation token, bound on the workers */
     atomic_uint generation; /* bumped per job; workers wake on change */
     atomic_int remaining;   /* workers still running the current job */
     int stop;
@@ -76,6 +77,7 @@ typedef struct {
     lf_task_fn fn;
     void *ctx;
     int nt;
+    lf_cancel *cancel;
 } gomp_job;
 
 /* Body of the OpenMP region: task ids tid, tid + team, … so every task runs even if the
@@ -83,7 +85,10 @@ typedef struct {
 static void gomp_body(void *p) {
     gomp_job *job = p;
     const int team = job->pool->omp_num_threads(), me = job->pool->omp_thread_num();
+    lf_cancel *const before = lf_cancel_bound(); /* torch's threads: leave them as found */
+    lf_cancel_bind(job->cancel);
     for (int t = me; t < job->nt; t += team) job->fn(job->ctx, t, job->nt);
+    lf_cancel_bind(before);
 }
 
 static inline void cpu_relax(void) {
@@ -113,7 +118,11 @@ static void *worker_main(void *argp) {
             if (stop) return NULL;
         }
         seen = gen;
-        if (arg->tid < pool->nt) pool->fn(pool->ctx, arg->tid, pool->nt);
+        if (arg->tid < pool->nt) {
+            lf_cancel_bind(pool->cancel);
+            pool->fn(pool->ctx, arg->tid, pool->nt);
+            lf_cancel_bind(NULL);
+        }
         if (atomic_fetch_sub_explicit(&pool->remaining, 1, memory_order_acq_rel) == 1) {
             pthread_mutex_lock(&pool->mu);
             pthread_cond_signal(&pool->cv_done);
@@ -195,7 +204,7 @@ void lf_pool_run(lf_pool *pool, int nt, lf_task_fn fn, void *ctx) {
     if (nt > pool->nthreads) nt = pool->nthreads;
     find_gomp(pool);
     if (pool->gomp_parallel) {
-        gomp_job job = {pool, fn, ctx, nt};
+        gomp_job job = {pool, fn, ctx, nt, lf_cancel_bound()};
         pool->gomp_parallel(gomp_body, &job, (unsigned)nt, 0);
         pthread_mutex_unlock(&pool->run_lock);
         return;
@@ -203,6 +212,7 @@ void lf_pool_run(lf_pool *pool, int nt, lf_task_fn fn, void *ctx) {
     pool->fn = fn;
     pool->ctx = ctx;
     pool->nt = nt;
+    pool->cancel = lf_cancel_bound();
     atomic_store(&pool->remaining, pool->nthreads - 1);
     pthread_mutex_lock(&pool->mu);
     atomic_fetch_add_explicit(&pool->generation, 1u, memory_order_release);

@@ -76,7 +76,7 @@ LF_AVX2 static void ukernel_avx2_direct(int64_t kc, const float *a, int64_t lda,
 }
 
 const lf_dispatch lf_dispatch_avx2 = {
-    .isa = LF_ISA_AVX2, .mr = MR, .nr = NR, .kc = 256, .mc = 96, .nc = 2048,
+    .isa = LF_ISA_AVX2, .mr = MR, .nr = NR, .blk = &lf_tunables_avx2.wide,
     .ukernel = ukernel_avx2, .ukernel_direct = ukernel_avx2_direct, .transpose = lf_transpose8_avx2, .tb = 8,
 };
 #else

@@ -1,8 +1,7 @@
 /* ukernel_avx512.c — AVX-512F micro-kernels in broadcast-FMA form, three register tiles:
  *   wide   12×32: 24 zmm accumulators; per k 2 aligned loads of B, 12 broadcasts, 24 FMAs;
- *          the C tile is prefetched before the k loop (measured +3-10 % on 512-row shapes), both
- *          lines of each row (called right after a torch GEMM on other data, 512×1024×1024 and
- *          512×576×576: 1-3 % faster than the first line alone; warm, the same or better)
+ *          the C tile (both lines of each row) is prefetched before the k loop: y is often cold,
+ *          other work having run since the last call
  *   pair   6×64 reading A in place: two adjacent 32-wide slivers of the packed B at once, 24
  *          accumulators; per k 4 loads of B and 6 broadcasts from 6 rows of A. Six rows, not
  *          twelve: rows of a row-major A whose stride is a multiple of 4 KiB (k = 1024, 2048,
@@ -14,8 +13,7 @@
  *   c[i][j] (+)= Σ_p ap[p*MR + i] · bp[p*NR + j]     (see lf_ukernel_fn in internal.h)
  * Edge tiles: __mmask16 column masks on loads/stores, rows stop at mr. The store loop runs a
  * constant MR times (leaving at mr): with a run-time trip count GCC kept the 24 accumulators in
- * a stack array, a spill and reload per tile (measured: 512×1024×1024 best of 40 on 2 threads
- * 202-208 -> 209-211 GFLOP/s, 512×896×128 208 -> 216, 2048³ 198-200 -> 200-203).
+ * a stack array, a spill and reload per tile.
  * Compiled for any x86-64 with a target attribute; called only when cpuid reports AVX-512F
  * and the OS saves ZMM state. */
 #include "internal.h"
@@ -121,12 +119,12 @@ LF_AVX512 static void ukernel_avx512_narrow(int64_t kc, const float *ap, const f
 }
 
 static const lf_dispatch narrow = {
-    .isa = LF_ISA_AVX512, .mr = 24, .nr = 16, .kc = 384, .mc = 240, .nc = 16,
+    .isa = LF_ISA_AVX512, .mr = 24, .nr = 16, .blk = &lf_tunables_avx512.narrow,
     .ukernel = ukernel_avx512_narrow, .narrow = NULL, .transpose = lf_transpose16_avx512, .tb = 16,
 };
 
 const lf_dispatch lf_dispatch_avx512 = {
-    .isa = LF_ISA_AVX512, .mr = 12, .nr = 32, .kc = 384, .mc = 120, .nc = 3072,
+    .isa = LF_ISA_AVX512, .mr = 12, .nr = 32, .blk = &lf_tunables_avx512.wide,
     .ukernel = ukernel_avx512_wide, .narrow = &narrow, .transpose = lf_transpose16_avx512, .tb = 16,
     .ukernel_direct = ukernel_avx512_direct, .ukernel_pair = ukernel_avx512_pair, .pair_mr = 6,
 };

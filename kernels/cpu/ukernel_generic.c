@@ -22,6 +22,6 @@ static void ukernel_generic(int64_t kc, const float *ap, const float *bp, float 
 }
 
 const lf_dispatch lf_dispatch_generic = {
-    .isa = LF_ISA_GENERIC, .mr = MR, .nr = NR, .kc = 256, .mc = 64, .nc = 1024,
+    .isa = LF_ISA_GENERIC, .mr = MR, .nr = NR, .blk = &lf_tunables_generic.wide,
     .ukernel = ukernel_generic,
 };

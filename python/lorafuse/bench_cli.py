@@ -116,6 +116,18 @@ def _check_parity(peft_layer, fused, x) -> float:
         return (peft_layer(x) - fused(x)).abs().max().item()
 
 
+def plan_label(fn: Callable[[], Any]) -> str:
+    """The kernel paths one call of fn takes: 'u/y' of its last lora_forward, then 'vb/dA/dx' of its
+    last lora_backward if it ran one (kernels/cpu/lora.c; e.g. 'skinny/augmented +
+    skinny/skinny/augmented'); 'torch' if it ran no fused CPU kernel (PEFT's or torch's own path)."""
+    from . import _C
+
+    _C.clear_last_plans()
+    fn()
+    plans = [p for p in (_C.last_forward_plan(), _C.last_backward_plan()) if p is not None]
+    return " + ".join("/".join(p) for p in plans) or "torch"
+
+
 def _time(call: Callable[[], Any], inner: int) -> float:
     start = time.perf_counter()
     for _ in range(inner):
@@ -139,11 +151,13 @@ def bench_shape(shape, repeats: int, target_s: float, seed: int) -> dict[str, An
         for key in rotated:
             samples[key].append(_time(calls[key], inner[key]))
     return {"shape": list(shape), "max_abs_diff_vs_peft": _check_parity(peft_layer, fused, x),
-            "median_s": {f"{impl}|{p}": statistics.median(samples[(impl, p)]) for impl, p in keys}}
+            "median_s": {f"{impl}|{p}": statistics.median(samples[(impl, p)]) for impl, p in keys},
+            "lorafuse_plan": {p: plan_label(calls[("lorafuse", p)]) for p in PASSES}}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["n×k×m, r", "pass", "F.linear ms", "PEFT ms", "lorafuse ms", "lorafuse/PEFT", "lorafuse/F.linear"]
+    header = ["n×k×m, r", "pass", "F.linear ms", "PEFT ms", "lorafuse ms", "lorafuse/PEFT", "lorafuse/F.linear",
+              "lorafuse plan"]
     lines = []
     for row in rows:
         n, k, m, r = row["shape"]
@@ -151,9 +165,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             t = {impl: row["median_s"][f"{impl}|{p}"] for impl in IMPLS}
             lines.append([f"{n}×{k}×{m}, r={r}", p, f"{1e3 * t['F.linear']:.3f}", f"{1e3 * t['PEFT']:.3f}",
                           f"{1e3 * t['lorafuse']:.3f}", f"{t['lorafuse'] / t['PEFT']:.2f}x",
-                          f"{t['lorafuse'] / t['F.linear']:.2f}x"])
+                          f"{t['lorafuse'] / t['F.linear']:.2f}x", row["lorafuse_plan"][p]])
     widths = [max(len(c[i]) for c in [header] + lines) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    out = ["  ".join(c.ljust(w) if i < 2 or i == 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in [header] + lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)

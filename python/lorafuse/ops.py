@@ -55,8 +55,8 @@ def pack_weight(W: Any, *, fan_in_fan_out: bool = False, for_backward: bool = Fa
 def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
                  out: Optional[np.ndarray] = None, u_out: Optional[np.ndarray] = None,
                  dropout_p: float = 0.0, seed: int = 0, fan_in_fan_out: bool = False,
-                 need_u: bool = True, packed_w: Optional[PackedWeight] = None
-                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                 need_u: bool = True, packed_w: Optional[PackedWeight] = None,
+                 plan: Optional[Tuple[str, str]] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Fused LoRA forward in one pass over y.
 
     u = x̃·Aᵀ (..., r) and y = x·Wᵀ + bias + scale·u·Bᵀ (..., m), computed as one GEMM over
@@ -66,25 +66,29 @@ def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     and may compute y as x·(W + scale·B·A)ᵀ + bias, the rank-r term added to W's packed panels
     on the fly (never to W itself), when that is fewer flops (few outputs m, many tokens).
     ``packed_w``: ``pack_weight(W, fan_in_fan_out=...)`` of this very W, or None.
+    ``plan``: ``(u_path, y_path)`` to run instead of the kernels' own choice (names as
+    ``_C.last_forward_plan()`` reports them; ValueError if these operands do not suit it), or None.
     """
     return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u,
-                           None if packed_w is None else _handle(packed_w))
+                           None if packed_w is None else _handle(packed_w), plan)
 
 
 def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, *,
                   need_dx: bool = True, dropout_p: float = 0.0, seed: int = 0,
                   fan_in_fan_out: bool = False, dx_out: Optional[np.ndarray] = None,
                   dA_out: Optional[np.ndarray] = None, dB_out: Optional[np.ndarray] = None,
-                  packed_w: Optional[PackedWeight] = None) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+                  packed_w: Optional[PackedWeight] = None, plan: Optional[Tuple[str, str, str]] = None
+                  ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
     """Adapter-only gradients for g = ∂L/∂y (..., m); dW is never formed.
 
     v = g·B (n, r);  dB = scale·gᵀ·u (m, r);  dA = scale·vᵀ·x̃ (r, k);
     dx = g·W + scale·drop'(v·A) (..., k), or ``None`` when ``need_dx`` is false.
     ``dropout_p`` and ``seed`` must be the forward's: the mask is regenerated, not stored.
     ``packed_w``: ``pack_weight(W, fan_in_fan_out=..., for_backward=True)`` of this W, or None.
+    ``plan``: ``(v_dB_path, dA_path, dx_path)`` to run instead of the kernels' choice, or None.
     """
     return _C.lora_backward(g, x, u, W, A, B, scale, need_dx, dropout_p, seed, fan_in_fan_out,
-                            dx_out, dA_out, dB_out, None if packed_w is None else _handle(packed_w))
+                            dx_out, dA_out, dB_out, None if packed_w is None else _handle(packed_w), plan)
 
 
 def merge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:

@@ -31,11 +31,20 @@ enum {
     LF_EINTERNAL = -6, /* an internal invariant failed (a lorafuse bug); outputs are incomplete */
 };
 
-/* ---- interruption: a signal handler may call lf_interrupt_request(); running kernels then
- *      stop at their next cache block (well under a millisecond) and return LF_EINTR ---- */
-void lf_interrupt_request(void);      /* async-signal-safe */
-void lf_interrupt_clear(void);
-int lf_interrupt_pending(void);
+/* ---- cancellation, per call: a caller binds a token to its thread (lf_cancel_bind); the kernels
+ *      it then calls poll that token — on its thread and on the pool workers running its jobs — at
+ *      every block (well under a millisecond), and return LF_EINTR once it is requested. Kernels
+ *      called from other threads (another token, or none) never see it. ---- */
+typedef struct {
+    int requested; /* read and written atomically (lf_cancel_request, lf_interrupt_pending) */
+} lf_cancel;
+void lf_cancel_bind(lf_cancel *c);    /* the calling thread's token from now on; NULL: none */
+void lf_cancel_request(lf_cancel *c); /* async-signal-safe */
+int lf_interrupt_pending(void);       /* 1 if the token bound to this thread is requested */
+/* For a SIGINT handler: lf_interrupt_request() (async-signal-safe) requests the token last given to
+ * lf_interrupt_target (NULL: none, the request is dropped) — the call the user meant to stop. */
+void lf_interrupt_target(lf_cancel *c);
+void lf_interrupt_request(void);
 
 /* ---- instruction-set dispatch (the library's only global state) ---- */
 typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2 } lf_isa;
@@ -100,15 +109,21 @@ typedef struct {
 lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
                                 lf_view A, lf_view B, float dropout_p, int need_u, const lf_packed_b *wpack);
 
+/* NULL if `plan` can run these operands, else why not (a static sentence naming the path). Every
+ * path has preconditions; lf_plan_forward only picks plans that meet them. */
+const char *lf_forward_plan_unfit(lf_forward_plan plan, int64_t n, int64_t r, lf_view x, lf_view W, lf_view A,
+                                  lf_view B, float dropout_p, int need_u);
+
 /* Fused LoRA forward (fp32). y (n,m) and u (n,r) are C-contiguous outputs; u == NULL means u is
  * not wanted (inference): y may then be computed with W + s·B·A merged on the fly.
  * dropout_p ∈ [0,1); when > 0, x must be C-contiguous (x.rs == k, x.cs == 1): the mask index
  * is the flat element index i·k + j. wpack: W packed by lf_pack_weight(..., 0), or NULL.
- * plan: where to write the plan it ran (lf_plan_forward's), or NULL. */
+ * force: the plan to run instead of lf_plan_forward's (LF_EINVAL if lf_forward_plan_unfit), or NULL.
+ * plan: where to write the plan it ran, or NULL. */
 int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x,
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
                         float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack,
-                        lf_forward_plan *plan);
+                        const lf_forward_plan *force, lf_forward_plan *plan);
 
 /* The backward's plan, chosen by lf_plan_backward alone (lora.c). */
 typedef enum {
@@ -133,13 +148,19 @@ typedef struct {
 /* The plan lf_lora_backward_f32 runs for these operands (need_dx: whether dx is an output). */
 lf_backward_plan lf_plan_backward(int64_t r, lf_view g, lf_view x, lf_view u, float dropout_p, int need_dx);
 
+/* NULL if `plan` can run these operands, else why not (lf_forward_plan_unfit's counterpart). */
+const char *lf_backward_plan_unfit(lf_backward_plan plan, int64_t r, lf_view g, lf_view x, lf_view u,
+                                   float dropout_p, int need_dx);
+
 /* Adapter-only backward (fp32). g (n,m), x (n,k), u (n,r) as saved by forward.
  * Outputs C-contiguous: dx (n,k) or NULL to skip, dA (r,k), dB (m,r). dW is never formed.
- * wpack: W packed by lf_pack_weight(..., 1), or NULL. plan: where to write the plan it ran, or NULL. */
+ * wpack: W packed by lf_pack_weight(..., 1), or NULL. force: the plan to run instead of
+ * lf_plan_backward's (LF_EINVAL if lf_backward_plan_unfit), or NULL. plan: where to write the plan
+ * it ran, or NULL. */
 int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view g,
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
                          float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
-                         const lf_packed_b *wpack, lf_backward_plan *plan);
+                         const lf_packed_b *wpack, const lf_backward_plan *force, lf_backward_plan *plan);
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */

@@ -1,0 +1,59 @@
+/* tunables.c — the one table of numbers that choose paths, blockings and thread counts, one
+ * entry per ISA (lf_tunables in internal.h says what each field decides). The register tiles
+ * (MR×NR) belong to the micro-kernel code; everything tunable about using them is here.
+ *
+ * Where the values come from: measured on the CPUs named in benchmarks/RESULTS.md ("Where the
+ * thresholds come from"); benchmarks/bench_plans.py times the plan's paths on either side of the
+ * plan thresholds (forcing each path) on the machine it runs on. A retune changes this file
+ * only; tests/test_ops_plans.py asserts which path each of its shapes takes, so a retune that
+ * moves them shows there.
+ */
+#include "internal.h"
+
+/* Portable 4×16 tile: no in-place reading of A, so none of the A-reading rules apply. */
+const lf_tunables lf_tunables_generic = {
+    .isa = LF_ISA_GENERIC,
+    .wide = {.kc = 256, .mc = 64, .nc = 1024},
+    .direct_a_max_cols = 0,
+    .a_same_set_stride = 0,
+    .direct_max_half_slivers = 0,
+    .few_tokens_max_n = 0,
+    .few_tokens_min_w = 0.0,
+    .parallel_min_flops = 1 << 18, /* waking a worker costs more than this much arithmetic */
+};
+
+/* 6×16 tile (16 ymm accumulators). */
+const lf_tunables lf_tunables_avx2 = {
+    .isa = LF_ISA_AVX2,
+    .wide = {.kc = 256, .mc = 96, .nc = 2048},
+    .direct_a_max_cols = 320,       /* beyond it packing A pays for itself again */
+    .a_same_set_stride = 0,         /* no pair tile on AVX2 */
+    .direct_max_half_slivers = 3,   /* 24 tokens: two slivers re-read W's rows */
+    .few_tokens_max_n = 32,         /* bounded first by direct_max_half_slivers (24) */
+    .few_tokens_min_w = 1 << 20,    /* a W of 4 MB: from DRAM, packing it costs what the math does */
+    .parallel_min_flops = 1 << 18,
+};
+
+/* 12×32 wide tile, 24×16 narrow tile (N ≤ 16: the rank-r GEMMs), 6×64 pair tile. */
+const lf_tunables lf_tunables_avx512 = {
+    .isa = LF_ISA_AVX512,
+    .wide = {.kc = 384, .mc = 120, .nc = 3072},
+    .narrow = {.kc = 384, .mc = 240, .nc = 16},
+    .direct_a_max_cols = 320,       /* at 512 columns a thread reading in place lost 10-25 % */
+    .a_same_set_stride = 1024,      /* rows 4 KiB apart: twelve of them evict each other in L1 */
+    .direct_max_half_slivers = 3,
+    .few_tokens_max_n = 32,         /* one sliver of the wide tile: C's columns are the tokens */
+    .few_tokens_min_w = 1 << 20,
+    .parallel_min_flops = 1 << 18,
+};
+
+static const lf_tunables *const tunables_by_isa[] = {
+    [LF_ISA_GENERIC] = &lf_tunables_generic, [LF_ISA_AVX2] = &lf_tunables_avx2, [LF_ISA_AVX512] = &lf_tunables_avx512};
+
+const lf_tunables *lf_tune(void) { return tunables_by_isa[lf_current()->isa]; }
+
+int lf_threads_for(lf_pool *pool, double flops, int64_t units) {
+    const int nt = flops < lf_tune()->parallel_min_flops ? 1 : lf_pool_threads(pool);
+    if (units < 1) return 1;
+    return units < nt ? (int)units : nt;
+}
