@@ -66,6 +66,10 @@ typedef struct {
 } lf_skinny;
 
 const lf_skinny *lf_skinny_current(void);
+/* one table per ISA: skinny_generic.c, skinny_avx2.c, skinny_avx512.c (the AVX ones zero off x86-64) */
+extern const lf_skinny lf_skinny_generic;
+extern const lf_skinny lf_skinny_avx2;
+extern const lf_skinny lf_skinny_avx512;
 
 /* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
 #define LF_SKINNY_MAX_R 64

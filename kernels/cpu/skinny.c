@@ -6,70 +6,12 @@
  *             dA = s · vᵀ · x̃     (r, k)   rank_update  reads x once
  * A GEMM would pack x or g first — for N = r that copy costs as much as the arithmetic.
  * Only for dropout-free, row-contiguous big operands and r ≤ LF_SKINNY_MAX_R; otherwise the
- * caller uses lf_gemm. One body, compiled per ISA: AVX-512 (16-wide), AVX2+FMA (8), generic (4). */
+ * caller uses lf_gemm. One body, compiled per ISA: AVX-512 (16-wide), AVX2+FMA (8), generic (4)
+ * in skinny_avx512.c, skinny_avx2.c, skinny_generic.c; here the ISA-independent drivers. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
-#include "lorafuse/dropout_hash.h"
-
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-
-/* horizontal sum of one vector (HSUM), per ISA */
-#if defined(__x86_64__)
-#include <immintrin.h>
-
-__attribute__((target("avx512f"))) static inline float hsum_avx512(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-__attribute__((target("avx2"))) static inline float hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-
-#define VW 16
-#define RU_ROWS 16 /* rank_update rows per register block: 16 accumulators of 32 zmm */
-#define RA_ROWS 8  /* rank_add rows per register block (× 2 vectors: 16 accumulators) */
-#define SUFFIX _avx512
-#define TARGET __attribute__((target("avx512f,avx512dq"), optimize("fp-contract=fast")))
-#define HSUM(v) hsum_avx512((__m512)(v))
-#include "skinny_body.h"
-#undef VW
-#undef RU_ROWS
-#undef RA_ROWS
-#undef SUFFIX
-#undef TARGET
-#undef HSUM
-
-#define VW 8
-#define RU_ROWS 8 /* 8 accumulators of 16 ymm */
-#define RA_ROWS 4 /* × 2 vectors: 8 accumulators */
-#define SUFFIX _avx2
-#define TARGET __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#define HSUM(v) hsum_avx2((__m256)(v))
-#include "skinny_body.h"
-#undef VW
-#undef RU_ROWS
-#undef RA_ROWS
-#undef SUFFIX
-#undef TARGET
-#undef HSUM
-#endif
-
-#define VW 4
-#define RU_ROWS 8
-#define RA_ROWS 4
-#define SUFFIX _generic
-#define TARGET __attribute__((optimize("fp-contract=fast")))
-#define HSUM(v) ((v)[0] + (v)[1] + (v)[2] + (v)[3])
-#include "skinny_body.h"
-#undef VW
-#undef RU_ROWS
-#undef RA_ROWS
-#undef SUFFIX
-#undef TARGET
-#undef HSUM
 
 static const lf_skinny *skinny_for(lf_isa isa);
 
@@ -77,10 +19,10 @@ const lf_skinny *lf_skinny_current(void) { return skinny_for(lf_get_isa()); }
 
 static const lf_skinny *skinny_for(lf_isa isa) {
 #if defined(__x86_64__)
-    if (isa == LF_ISA_AVX512) return &skinny_avx512;
-    if (isa == LF_ISA_AVX2) return &skinny_avx2;
+    if (isa == LF_ISA_AVX512) return &lf_skinny_avx512;
+    if (isa == LF_ISA_AVX2) return &lf_skinny_avx2;
 #endif
-    return &skinny_generic;
+    return &lf_skinny_generic;
 }
 
 typedef struct {

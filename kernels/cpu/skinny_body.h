@@ -1,5 +1,7 @@
 /* skinny_body.h — the rank-r kernels, written once with GCC vector extensions and compiled
- * once per ISA by skinny.c (which defines VW, SUFFIX and TARGET before including this file).
+ * once per ISA by skinny_avx512.c, skinny_avx2.c and skinny_generic.c: each defines VW, RU_ROWS,
+ * RA_ROWS and HSUM, includes this file and exports its table lf_skinny_<isa> = SKINNY_KERNELS;
+ * setup.py compiles each with -ffp-contract=fast and its ISA's flags.
  * They stream the big operand (x or g) once, in place, with no packing: for N = r the packing
  * a GEMM would do costs as much as the arithmetic.
  *
@@ -13,20 +15,25 @@
  *                dot products of contiguous rows, b streamed once
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
+#if !defined(VW) || !defined(RU_ROWS) || !defined(RA_ROWS) || !defined(HSUM)
+#error "skinny_body.h: define VW, RU_ROWS, RA_ROWS and HSUM before including it"
+#endif
 
-typedef float CAT(vf, SUFFIX) __attribute__((vector_size(VW * 4), aligned(4), may_alias));
-#define VF CAT(vf, SUFFIX)
+#include "internal.h"
+#include "lorafuse/dropout_hash.h"
+
+typedef float VF __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 
 /* VW floats from p, or the first n of them (rest zero) when n < VW. Full vectors are plain
  * unaligned vector loads (no memcpy call: under a target attribute GCC does not expand it). */
-TARGET static inline __attribute__((always_inline)) VF CAT(vload, SUFFIX)(const float *p, int64_t n) {
+static inline __attribute__((always_inline)) VF vload(const float *p, int64_t n) {
     if (n >= VW) return *(const VF *)p;
     VF v = {0};
     for (int64_t l = 0; l < n; l++) v[l] = p[l];
     return v;
 }
 
-TARGET static inline __attribute__((always_inline)) void CAT(vstore, SUFFIX)(float *p, VF v, int64_t n) {
+static inline __attribute__((always_inline)) void vstore(float *p, VF v, int64_t n) {
     if (n >= VW) {
         *(VF *)p = v;
         return;
@@ -37,8 +44,8 @@ TARGET static inline __attribute__((always_inline)) void CAT(vstore, SUFFIX)(flo
 #define ROWS 8 /* tokens per step: 8 independent accumulators hide the FMA latency */
 
 /* rows [m0, m1) of c = scale · a · bt, VW columns of c at a time (bt is K × Rp, Rp = R padded to VW) */
-TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp,
-                                            lf_view a, const float *bt, float scale, float *c) {
+static void rowdot_rows(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_view a, const float *bt,
+                        float scale, float *c) {
     for (int64_t j0 = 0; j0 < R; j0 += VW) {
         for (int64_t i0 = m0; i0 < m1; i0 += ROWS) {
             const int64_t rows = m1 - i0 < ROWS ? m1 - i0 : ROWS;
@@ -53,17 +60,17 @@ TARGET static void CAT(rowdot_rows, SUFFIX)(int64_t m0, int64_t m1, int64_t K, i
                 for (int t = 0; t < ROWS; t++) acc[t] += ar[t][p] * bv;
             }
             for (int64_t t = 0; t < rows; t++)
-                CAT(vstore, SUFFIX)(c + (i0 + t) * R + j0, acc[t] * scale, R - j0);
+                vstore(c + (i0 + t) * R + j0, acc[t] * scale, R - j0);
         }
     }
 }
 
-TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64_t off0, uint64_t seed,
-                                             uint32_t thr, float scale, float *dst);
+static void dropout_span(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
+                         float *dst);
 
 /* w̃[t, j : j+width] as a vector: w, or w dropped by wmask (mask index = flat offset t·w.rs + j) */
-TARGET static inline __attribute__((always_inline)) VF CAT(w_row, SUFFIX)(lf_view w, int64_t t, int64_t j,
-                                                                         int64_t width, const lf_mask *wmask);
+static inline __attribute__((always_inline)) VF w_row(lf_view w, int64_t t, int64_t j, int64_t width,
+                                                      const lf_mask *wmask);
 
 /* Tokens ahead that ru_tokens prefetches. Its w (x in dA = s·vᵀ·x) is read one vector per row,
  * rows k floats apart, which the hardware prefetchers do not follow across pages: dA at
@@ -74,7 +81,7 @@ TARGET static inline __attribute__((always_inline)) VF CAT(w_row, SUFFIX)(lf_vie
  * sp + off(i): i·cs when cs is given (≥ 1), else scol[i]. Inlined with constants (NB; cs = 1,
  * a whole vector and no mask on the fast path) so that the accumulators stay in registers and
  * the per-token branches fold away. */
-TARGET static inline __attribute__((always_inline)) void CAT(ru_tokens, SUFFIX)(
+static inline __attribute__((always_inline)) void ru_tokens(
     const int NB, const int64_t cs, const int64_t *scol, const float *sp, int64_t srs, int64_t T, lf_view w,
     int64_t j, const int64_t width, const lf_mask *wmask, VF *acc) {
     for (int64_t t = 0; t < T; t++) {
@@ -82,7 +89,7 @@ TARGET static inline __attribute__((always_inline)) void CAT(ru_tokens, SUFFIX)(
             __builtin_prefetch(w.p + (t + RU_PREFETCH) * w.rs + j, 0, 3);
             __builtin_prefetch(sp + (t + RU_PREFETCH) * srs, 0, 3);
         }
-        const VF wv = CAT(w_row, SUFFIX)(w, t, j, width, wmask);
+        const VF wv = w_row(w, t, j, width, wmask);
         const float *st = sp + t * srs;
 #pragma GCC unroll 16
         for (int i = 0; i < NB; i++) acc[i] += st[cs ? i * cs : scol[i]] * wv;
@@ -98,9 +105,8 @@ TARGET static inline __attribute__((always_inline)) void CAT(ru_tokens, SUFFIX)(
  * rows of row-contiguous s (s.cs = 1: v, g) over a whole vector of undropped w take a fast path
  * with constant offsets; any other block reads through per-row offsets and duplicates its
  * first row past P (computed, never stored). */
-TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T,
-                                                  lf_view s, lf_view w, float scale, float *c, int64_t ldc,
-                                                  const lf_mask *wmask) {
+static void rank_update_block(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T, lf_view s, lf_view w,
+                              float scale, float *c, int64_t ldc, const lf_mask *wmask) {
     for (int64_t j = q0; j < q1; j += VW) {
         const int64_t width = q1 - j < VW ? q1 - j : VW;
         for (int64_t p = p0; p < P; p += RU_ROWS) {
@@ -111,34 +117,34 @@ TARGET static void CAT(rank_update_block, SUFFIX)(int64_t p0, int64_t P, int64_t
             for (int i = 0; i < RU_ROWS; i++) acc[i] = (VF){0};
             const int fast = s.cs == 1 && width == VW && !wmask;
             if (fast && rows == RU_ROWS) {
-                CAT(ru_tokens, SUFFIX)(RU_ROWS, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
+                ru_tokens(RU_ROWS, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
             } else if (fast && rows == RU_ROWS / 2) {
-                CAT(ru_tokens, SUFFIX)(RU_ROWS / 2, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
+                ru_tokens(RU_ROWS / 2, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
             } else {
                 int64_t scol[RU_ROWS]; /* column offsets; past `rows`: the block's first row again */
                 for (int i = 0; i < RU_ROWS; i++) scol[i] = (i < rows ? i : 0) * s.cs;
-                CAT(ru_tokens, SUFFIX)(RU_ROWS, 0, scol, sp, s.rs, T, w, j, width, wmask, acc);
+                ru_tokens(RU_ROWS, 0, scol, sp, s.rs, T, w, j, width, wmask, acc);
             }
 #pragma GCC unroll 16
             for (int i = 0; i < RU_ROWS; i++)
-                if (i < rows) CAT(vstore, SUFFIX)(c + (p + i) * ldc + j, acc[i] * scale, width);
+                if (i < rows) vstore(c + (p + i) * ldc + j, acc[i] * scale, width);
         }
     }
 }
 
-TARGET static inline __attribute__((always_inline)) VF CAT(w_row, SUFFIX)(lf_view w, int64_t t, int64_t j,
-                                                                         int64_t width, const lf_mask *wmask) {
-    if (!wmask) return CAT(vload, SUFFIX)(w.p + t * w.rs + j, width);
+static inline __attribute__((always_inline)) VF w_row(lf_view w, int64_t t, int64_t j, int64_t width,
+                                                      const lf_mask *wmask) {
+    if (!wmask) return vload(w.p + t * w.rs + j, width);
     float run[VW];
     const int64_t off = t * w.rs + j;
-    CAT(dropout_span, SUFFIX)(w.p + off, width, (uint64_t)off, wmask->seed, wmask->threshold, wmask->scale, run);
-    return CAT(vload, SUFFIX)(run, width);
+    dropout_span(w.p + off, width, (uint64_t)off, wmask->seed, wmask->threshold, wmask->scale, run);
+    return vload(run, width);
 }
 
 /* dst[j] = keep(off0 + j) ? src[j] · scale : 0 — dropout on a contiguous run (x̃ rows);
  * the hash vectorises (64-bit lane multiplies) under the ISA's target. */
-TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64_t off0, uint64_t seed,
-                                             uint32_t thr, float scale, float *dst) {
+static void dropout_span(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
+                         float *dst) {
     for (int64_t j = 0; j < n; j++) {
         const uint32_t h = (uint32_t)(lf_splitmix64(seed ^ (off0 + (uint64_t)j)) >> 40);
         dst[j] = h >= thr ? src[j] * scale : 0.0f;
@@ -146,8 +152,8 @@ TARGET static void CAT(dropout_span, SUFFIX)(const float *src, int64_t n, uint64
 }
 
 /* dst[j] += keep(off0 + j) ? coef · t[j] : 0 — the dropout part of dx, one row at a time */
-TARGET static void CAT(dropout_axpy_span, SUFFIX)(const float *t, int64_t n, uint64_t off0, uint64_t seed,
-                                                  uint32_t thr, float coef, float *dst) {
+static void dropout_axpy_span(const float *t, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float coef,
+                              float *dst) {
     for (int64_t j = 0; j < n; j++) {
         const uint32_t h = (uint32_t)(lf_splitmix64(seed ^ (off0 + (uint64_t)j)) >> 40);
         dst[j] += h >= thr ? coef * t[j] : 0.0f;
@@ -156,7 +162,7 @@ TARGET static void CAT(dropout_axpy_span, SUFFIX)(const float *t, int64_t n, uin
 
 /* acc0[i] += a_i · b0 and acc1[i] += a_i · b1 (elementwise, summed later) over one K segment:
  * rows i < n of a against two contiguous rows b0, b1 of b; the K tail as zero-filled vectors */
-TARGET static inline __attribute__((always_inline)) void CAT(dots_segment, SUFFIX)(
+static inline __attribute__((always_inline)) void dots_segment(
     const int n, int64_t K, lf_view a, const float *b0, const float *b1, VF *acc0, VF *acc1) {
     const int64_t kfull = K / VW * VW;
     for (int64_t p = 0; p < kfull; p += VW) {
@@ -169,10 +175,10 @@ TARGET static inline __attribute__((always_inline)) void CAT(dots_segment, SUFFI
         }
     }
     if (kfull < K) {
-        const VF w0 = CAT(vload, SUFFIX)(b0 + kfull, K - kfull), w1 = CAT(vload, SUFFIX)(b1 + kfull, K - kfull);
+        const VF w0 = vload(b0 + kfull, K - kfull), w1 = vload(b1 + kfull, K - kfull);
 #pragma GCC unroll 8
         for (int i = 0; i < n; i++) {
-            const VF xv = CAT(vload, SUFFIX)(a.p + i * a.rs + kfull, K - kfull);
+            const VF xv = vload(a.p + i * a.rs + kfull, K - kfull);
             acc0[i] += xv * w0;
             acc1[i] += xv * w1;
         }
@@ -184,7 +190,7 @@ TARGET static inline __attribute__((always_inline)) void CAT(dots_segment, SUFFI
  * concatenated K of the segments (the LoRA decode forward: [x | s·u] · [W | B]ᵀ), and b (W)
  * is streamed once, in place — packing it would cost more than the few rows of arithmetic.
  * The body is inlined with a constant n (1…8) so that the 2·n accumulators stay in registers. */
-TARGET static inline __attribute__((always_inline)) void CAT(rowdots_n, SUFFIX)(
+static inline __attribute__((always_inline)) void rowdots_n(
     const int n, int64_t j0, int64_t j1, const lf_dots_seg *seg, int nseg, float scale, const float *bias,
     float *c, int64_t ldc) {
     for (int64_t j = j0; j < j1; j += 2) {
@@ -194,7 +200,7 @@ TARGET static inline __attribute__((always_inline)) void CAT(rowdots_n, SUFFIX)(
         for (int i = 0; i < n; i++) acc0[i] = acc1[i] = (VF){0};
         for (int s = 0; s < nseg; s++) {
             const lf_view b = seg[s].b;
-            CAT(dots_segment, SUFFIX)(n, seg[s].K, seg[s].a, b.p + j * b.rs, b.p + (j + two) * b.rs, acc0, acc1);
+            dots_segment(n, seg[s].K, seg[s].a, b.p + j * b.rs, b.p + (j + two) * b.rs, acc0, acc1);
         }
         const float b0 = bias ? bias[j] : 0.0f, b1 = bias && two ? bias[j + 1] : 0.0f;
 #pragma GCC unroll 8
@@ -206,11 +212,11 @@ TARGET static inline __attribute__((always_inline)) void CAT(rowdots_n, SUFFIX)(
     }
 }
 
-TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n, const lf_dots_seg *seg,
-                                              int nseg, float scale, const float *bias, float *c, int64_t ldc) {
+static void rowdots_block(int64_t j0, int64_t j1, int64_t n, const lf_dots_seg *seg, int nseg, float scale,
+                          const float *bias, float *c, int64_t ldc) {
     switch (n) {
 #define ROWDOTS_CASE(N) \
-    case N: CAT(rowdots_n, SUFFIX)(N, j0, j1, seg, nseg, scale, bias, c, ldc); break;
+    case N: rowdots_n(N, j0, j1, seg, nseg, scale, bias, c, ldc); break;
         ROWDOTS_CASE(1) ROWDOTS_CASE(2) ROWDOTS_CASE(3) ROWDOTS_CASE(4)
         ROWDOTS_CASE(5) ROWDOTS_CASE(6) ROWDOTS_CASE(7) ROWDOTS_CASE(8)
 #undef ROWDOTS_CASE
@@ -225,8 +231,8 @@ TARGET static void CAT(rowdots_block, SUFFIX)(int64_t j0, int64_t j1, int64_t n,
  *     acc[i][v] += a(p+i, q) · bt[q, j + v·VW]      (2 loads of bt, RA_ROWS broadcasts per q),
  * and a(p..p+RA_ROWS, q) is contiguous when a.rs = 1 (a = Aᵀ: the rows of A); then c += acc.
  * Other blocks (a last short one, one vector left, a.rs ≠ 1) take the plain loop. */
-TARGET static void CAT(rank_add, SUFFIX)(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt, int64_t ldb,
-                                         float *c, int64_t ldc) {
+static void rank_add(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt, int64_t ldb, float *c,
+                     int64_t ldc) {
     for (int64_t j = 0; j < Q; j += 2 * VW) {
         for (int64_t p = 0; p < P; p += RA_ROWS) {
             if (a.rs == 1 && P - p >= RA_ROWS && Q - j >= 2 * VW) {
@@ -260,14 +266,14 @@ TARGET static void CAT(rank_add, SUFFIX)(int64_t P, int64_t Q, int64_t R, lf_vie
     }
 }
 
-static const lf_skinny CAT(skinny, SUFFIX) = {
-    .rank_add = CAT(rank_add, SUFFIX),
-    .rowdots_block = CAT(rowdots_block, SUFFIX),
-    .vw = VW,
-    .dropout_span = CAT(dropout_span, SUFFIX),
-    .dropout_axpy_span = CAT(dropout_axpy_span, SUFFIX),
-    .rowdot_rows = CAT(rowdot_rows, SUFFIX),
-    .rank_update_block = CAT(rank_update_block, SUFFIX),
-};
-
-#undef VF
+/* the kernels above as a table initializer: const lf_skinny lf_skinny_<isa> = SKINNY_KERNELS; */
+#define SKINNY_KERNELS                             \
+    {                                              \
+        .rank_add = rank_add,                      \
+        .rowdots_block = rowdots_block,            \
+        .vw = VW,                                  \
+        .dropout_span = dropout_span,              \
+        .dropout_axpy_span = dropout_axpy_span,    \
+        .rowdot_rows = rowdot_rows,                \
+        .rank_update_block = rank_update_block,    \
+    }
