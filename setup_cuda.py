@@ -63,6 +63,9 @@ DEFAULT_ARCHS = "80;90"
 CUDA_SOURCES = ["csrc/cuda_module.c", "kernels/cuda/lora_cublaslt.cu"]
 CUDA_DEPENDS = [
     "kernels/include/lorafuse/cuda_kernels.h",
+    "kernels/include/lorafuse/status.h",
+    "kernels/include/lorafuse/validate.h",
+    "csrc/status_py.h",
     "kernels/include/lorafuse/dropout_hash.h",
     "kernels/cuda/lora_plan.h",
     "kernels/cuda/small_kernels.h",

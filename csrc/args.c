@@ -17,6 +17,7 @@
 #include "args.h"
 #include "dlpack_in.h"
 #include "out_cache.h"
+#include "lorafuse/validate.h"
 
 #include <stdio.h>
 
@@ -97,26 +98,14 @@ PyArrayObject *lf_py_as_f32(lf_state *st, PyObject *obj, const char *func, const
     return as_f32_arg(st, obj, func, name, 0);
 }
 
-/* lowest and one-past-highest byte touched by a */
-static void byte_extent(PyArrayObject *a, char **lo, char **hi) {
-    char *base = PyArray_BYTES(a);
-    *lo = base;
-    *hi = base;
-    if (PyArray_SIZE(a) == 0) return;
-    for (int d = 0; d < PyArray_NDIM(a); d++) {
-        const npy_intp span = (PyArray_DIM(a, d) - 1) * PyArray_STRIDE(a, d);
-        if (span < 0) *lo += span;
-        else *hi += span;
-    }
-    *hi += PyArray_ITEMSIZE(a);
+/* the one overlap rule (lorafuse/validate.h) on the byte extents of two arrays */
+static lf_extent array_extent(PyArrayObject *a) {
+    return lf_strided_extent(PyArray_BYTES(a), PyArray_NDIM(a), PyArray_DIMS(a), PyArray_STRIDES(a),
+                             PyArray_ITEMSIZE(a));
 }
 
 int lf_py_overlaps(PyArrayObject *a, PyArrayObject *b) {
-    if (!a || !b || PyArray_SIZE(a) == 0 || PyArray_SIZE(b) == 0) return 0;
-    char *alo, *ahi, *blo, *bhi;
-    byte_extent(a, &alo, &ahi);
-    byte_extent(b, &blo, &bhi);
-    return alo < bhi && blo < ahi;
+    return a && b && lf_extents_overlap(array_extent(a), array_extent(b));
 }
 
 /* lf_view of a 2-D float32 array (strides in elements) */

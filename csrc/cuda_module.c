@@ -1,12 +1,14 @@
 /* lorafuse._C_cuda — CPython binding of the CUDA kernels (kernels/include/lorafuse/cuda_kernels.h).
  *
- * Deliberately thin: it takes raw device addresses, sizes, the dtype code and the caller's stream as
- * Python ints. Everything about tensors (device agreement, dtype, shapes, contiguity, aliasing,
- * workspaces) is validated by python/lorafuse/cuda.py before a call gets here; this file only
- * releases the GIL, calls the kernels and turns a status into an exception:
- *   LF_CUDA_ERR_ARG  -> ValueError
- *   anything else    -> lorafuse._C_cuda.CudaError (a RuntimeError) naming the failing CUDA/cuBLASLt call.
- * No CUDA header is included here: the module compiles with the plain C compiler.
+ * Thin: it takes raw device addresses, sizes, the dtype code and the caller's stream as Python ints.
+ * What only tensors show (device agreement, torch dtypes, shapes, contiguity) is checked by
+ * python/lorafuse/cuda.py; everything the raw arguments show — sizes and their products, dtype
+ * codes, dropout_p, NULL operands and workspaces, alignment, outputs overlapping other operands — is
+ * checked by the kernels' C API before anything touches the device (lorafuse/validate.h, the plan's
+ * check_forward / check_backward). This file releases the GIL, calls the kernels and turns a status
+ * into an exception by the one mapping of csrc/status_py.h: LF_EINVAL -> ValueError naming the
+ * argument; LF_ECUDA / LF_ECUBLAS -> lorafuse._C_cuda.CudaError (a RuntimeError) naming the failing
+ * call. No CUDA header is included here: the module compiles with the plain C compiler.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -14,6 +16,7 @@
 #include <stdint.h>
 
 #include "lorafuse/cuda_kernels.h"
+#include "status_py.h"
 
 #ifndef LORAFUSE_CUDA_ARCHS
 #define LORAFUSE_CUDA_ARCHS "unknown"
@@ -27,14 +30,9 @@
 
 static PyObject *CudaError = NULL;
 
+/* entry: "lorafuse CUDA lora_forward" */
 static PyObject *raise_status(int status, const char *entry) {
-    const char *msg = lf_cuda_last_error();
-    if (!msg || !msg[0]) msg = "(no message)";
-    if (status == LF_CUDA_ERR_ARG)
-        PyErr_Format(PyExc_ValueError, "lorafuse CUDA %s: %s", entry, msg);
-    else
-        PyErr_Format(CudaError, "lorafuse CUDA %s: %s", entry, msg);
-    return NULL;
+    return lf_py_status_error(status, entry, lf_cuda_last_error(), CudaError);
 }
 
 #define PTR(v) ((void *)(uintptr_t)(v))
@@ -67,7 +65,7 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     st = lf_cuda_lora_forward(&d, PTR(x), PTR(W), PTR(bias), PTR(A), PTR(B), PTR(y), PTR(u), PTR(xdrop), PTR(mixed));
     Py_END_ALLOW_THREADS
-    if (st != LF_CUDA_OK) return raise_status(st, "lora_forward");
+    if (st != LF_OK) return raise_status(st, "lorafuse CUDA lora_forward");
     Py_RETURN_NONE;
 }
 
@@ -89,7 +87,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args) {
     st = lf_cuda_lora_backward(&d, PTR(g), PTR(x), PTR(u), PTR(W), PTR(A), PTR(B), PTR(dx), PTR(dA), PTR(dB),
                                PTR(xdrop), PTR(vws), PTR(mixed));
     Py_END_ALLOW_THREADS
-    if (st != LF_CUDA_OK) return raise_status(st, "lora_backward");
+    if (st != LF_OK) return raise_status(st, "lorafuse CUDA lora_backward");
     Py_RETURN_NONE;
 }
 
@@ -100,7 +98,10 @@ static PyObject *py_mixed_ws_bytes(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiLLLLp:mixed_ws_bytes", &dtype, &adapter_dtype, &n, &k, &m, &r, &backward))
         return NULL;
     const lf_cuda_lora_desc d = make_desc(0, 0, dtype, adapter_dtype, 0, n, k, m, r, 0, 1.0f, 0.0, 0);
-    return PyLong_FromSize_t(lf_cuda_lora_mixed_ws_bytes(&d, backward));
+    size_t bytes = 0;
+    const int st = lf_cuda_lora_mixed_ws_bytes(&d, backward, &bytes);
+    if (st != LF_OK) return raise_status(st, "lorafuse CUDA mixed_ws_bytes");
+    return PyLong_FromSize_t(bytes);
 }
 
 static PyObject *py_dropout(PyObject *self, PyObject *args) {
@@ -117,7 +118,7 @@ static PyObject *py_dropout(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     st = lf_cuda_dropout(device, PTR(stream), dtype, rows, cols, p, seed, extra, PTR(src), PTR(dst));
     Py_END_ALLOW_THREADS
-    if (st != LF_CUDA_OK) return raise_status(st, "dropout");
+    if (st != LF_OK) return raise_status(st, "lorafuse CUDA dropout");
     Py_RETURN_NONE;
 }
 

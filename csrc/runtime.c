@@ -97,18 +97,10 @@ static int guard_end(lf_py_sigint_guard *g) {
 
 /* ---------------------------------------------------------------- errors */
 
-PyObject *lf_py_raise_status(int status, const char *func) {
-    switch (status) {
-    case LF_ENOMEM: return PyErr_Format(PyExc_MemoryError, "%s: out of memory for workspace", func);
-    case LF_EOVERFLOW: return PyErr_Format(PyExc_ValueError, "%s: sizes overflow int64", func);
-    case LF_EISA: return PyErr_Format(PyExc_ValueError, "%s: ISA not supported by this CPU", func);
-    case LF_EINTR: PyErr_SetNone(PyExc_KeyboardInterrupt); return NULL;
-    case LF_EINTERNAL:
-        return PyErr_Format(PyExc_RuntimeError, "%s: internal error in the kernels (a lorafuse bug, please report it)",
-                            func);
-    default: return PyErr_Format(PyExc_ValueError, "%s: invalid argument (status %d)", func, status);
-    }
-}
+#include "status_py.h"
+
+/* the CPU kernels keep no detail message (lorafuse/status.h): the entry point and the code's name */
+PyObject *lf_py_raise_status(int status, const char *func) { return lf_py_status_error(status, func, NULL, NULL); }
 
 /* ---------------------------------------------------------------- a kernel call */
 

@@ -34,6 +34,7 @@ import setup_cuda  # noqa: E402  (repository root)
 
 GXX = shutil.which("g++") or shutil.which("c++")
 F32, BF16 = 0, 2  # lf_cuda_dtype codes (kernels/include/lorafuse/cuda_kernels.h)
+LF_EINVAL = -1  # kernels/include/lorafuse/status.h
 
 
 # ------------------------------------------------------------------------------------ reference lib
@@ -139,13 +140,24 @@ def test_plan_rejects_bad_arguments(ref_lib):
     f = np.float32
     a = np.ones((4, 4), f)
     st = ref_lib.lf_ref_forward(F32, F32, 2, 4, 4, 2, 0, 1.0, 1.0, 0, *[_p(a)] * 9)
-    assert st == 1 and b"dropout_p" in ref_lib.lf_ref_last_error()
+    assert st == LF_EINVAL and b"dropout_p" in ref_lib.lf_ref_last_error()
     st = ref_lib.lf_ref_forward(F32, F32, 2, 4, 4, 0, 0, 1.0, 0.0, 0, *[_p(a)] * 9)
-    assert st == 1 and b"r must be" in ref_lib.lf_ref_last_error()
+    assert st == LF_EINVAL and b"r must be" in ref_lib.lf_ref_last_error()
     st = ref_lib.lf_ref_forward(F32, BF16, 2, 4, 4, 2, 0, 1.0, 0.0, 0, *[_p(a)] * 9)  # bf16 adapters on fp32
-    assert st == 1 and b"float32 adapters on a bfloat16 base" in ref_lib.lf_ref_last_error()
+    assert st == LF_EINVAL and b"float32 adapters on a bfloat16 base" in ref_lib.lf_ref_last_error()
     st = ref_lib.lf_ref_forward(BF16, F32, 2, 4, 4, 2, 0, 1.0, 0.0, 0, *[_p(a)] * 8, None)  # no workspace
-    assert st == 1 and b"mixed_ws" in ref_lib.lf_ref_last_error()
+    assert st == LF_EINVAL and b"mixed_ws is NULL" in ref_lib.lf_ref_last_error()
+    # the operand checks (lorafuse/validate.h) run in the plan, so this backend refuses what the GPU one does
+    st = ref_lib.lf_ref_forward(F32, F32, 2, 4, 4, 2, 0, 1.0, 0.0, 0, *[_p(a)] * 9)  # y written over x
+    assert st == LF_EINVAL and b"output y overlaps input x" in ref_lib.lf_ref_last_error()
+    x, W, A, B, y, u = (np.ones(s, f) for s in ((2, 4), (4, 4), (2, 4), (4, 2), (2, 4), (2, 2)))
+    st = ref_lib.lf_ref_forward(F32, F32, 2, 4, 4, 2, 0, 1.0, 0.0, 0, None, _p(W), None, _p(A), _p(B), _p(y), _p(u),
+                                None, None)
+    assert st == LF_EINVAL and ref_lib.lf_ref_last_error() == b"x is NULL"
+    dA, dB = np.empty((2, 4), f), np.empty((4, 2), f)
+    st = ref_lib.lf_ref_backward(F32, F32, 2, 4, 4, 2, 0, 1.0, 0.0, 0, _p(y), _p(x), _p(u), None, _p(A), _p(B),
+                                 _p(np.empty((2, 4), f)), _p(dA), _p(dB), None, _p(np.empty((2, 2), f)), None)
+    assert st == LF_EINVAL and ref_lib.lf_ref_last_error() == b"W is NULL (dx needs W)"
 
 
 # ------------------------------------------------------------------------------------ dropout hash
@@ -250,8 +262,9 @@ def test_cuda_extension_builds_with_the_setup_hook(tmp_path):
         assert m.mixed_ws_bytes(2, 2, 4, 8, 8, 2, False) == 0  # same-dtype adapters need none
         assert m.mixed_ws_bytes(2, 0, 4, 8, 8, 2, True) > m.mixed_ws_bytes(2, 0, 4, 8, 8, 2, False) > 0
         if v["device_count"] < 1:  # no GPU: device calls must raise CudaError, not crash
+            ptrs = [i << 16 for i in (1, 2, 0, 3, 4, 5, 6)]  # distinct, aligned: valid, never dereferenced
             try:
-                m.lora_forward(0, 0, 2, 2, 0, 4, 8, 8, 2, 0, 1.0, 0.0, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0)
+                m.lora_forward(0, 0, 2, 2, 0, 4, 8, 8, 2, 0, 1.0, 0.0, 0, *ptrs, 0, 0)
             except m.CudaError as e:
                 assert "failed" in str(e), e
             else:
@@ -390,7 +403,7 @@ def test_wrapper_outputs_and_errors_on_host(host_cuda):
     g = torch.randn(4, 6)
     dx, dA, dB = lc.cuda_lora_backward(g, x, u, W, A, B, 1.0, need_dx=False)
     assert dx is None and fake.calls[-1][8][6] == 0  # dx pointer NULL
-    with pytest.raises(ValueError, match="overlaps input x"):
+    with pytest.raises(ValueError, match="output y overlaps input x"):  # the C side's names: out is y
         lc.cuda_lora_forward(x, W, A, B, 1.0, out=x.view(-1)[:24].view(4, 6))
     with pytest.raises(ValueError, match="never copied"):
         lc.cuda_lora_forward(x[:, :4], W[:, ::2], A[:, :4], B, 1.0)
@@ -403,10 +416,10 @@ def test_wrapper_outputs_and_errors_on_host(host_cuda):
     with pytest.raises(ValueError, match="g must be"):
         lc.cuda_lora_backward(g[:, :5], x, u, W, A, B, 1.0)
     buf = torch.empty(2 * 8 + 6 * 2)
-    with pytest.raises(ValueError, match="dA_out overlaps input dB_out"):  # two given outputs sharing memory
+    with pytest.raises(ValueError, match="output dA overlaps output dB"):  # two given outputs sharing memory
         lc.cuda_lora_backward(g, x, u, W, A, B, 1.0, need_dx=False, dA_out=buf[:16].view(2, 8),
                               dB_out=buf[4:16].view(6, 2))
-    with pytest.raises(ValueError, match="u_out overlaps input A"):
+    with pytest.raises(ValueError, match="output u overlaps input A"):
         lc.cuda_lora_forward(x, W, A, B, 1.0, u_out=A.view(-1)[:8].view(4, 2))
 
 

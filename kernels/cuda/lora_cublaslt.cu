@@ -52,7 +52,7 @@ int set_error(int status, const char *fmt, ...) {
 
 int cuda_fail(const char *call, const char *what, cudaError_t e) {
     cudaGetLastError(); /* clear the (non-sticky) error so that torch does not trip on it later */
-    return set_error(LF_CUDA_ERR_CUDA, "%s failed (%s): %s (%s, %d)", call, what, cudaGetErrorString(e),
+    return set_error(LF_ECUDA, "%s failed (%s): %s (%s, %d)", call, what, cudaGetErrorString(e),
                      cudaGetErrorName(e), (int)e);
 }
 
@@ -73,7 +73,7 @@ const char *cublas_status_name(cublasStatus_t s) {
 }
 
 int cublas_fail(const char *call, const char *what, cublasStatus_t s) {
-    return set_error(LF_CUDA_ERR_CUBLAS, "%s failed (%s): %s (%d)", call, what, cublas_status_name(s), (int)s);
+    return set_error(LF_ECUBLAS, "%s failed (%s): %s (%d)", call, what, cublas_status_name(s), (int)s);
 }
 
 #define LF_CUDA_CALL(call, what)                                        \
@@ -91,7 +91,7 @@ int cublas_fail(const char *call, const char *what, cublasStatus_t s) {
 /* ---------------------------------------------------------------- device guard */
 
 struct DeviceGuard {
-    int prev = -1, status = LF_CUDA_OK;
+    int prev = -1, status = LF_OK;
     bool switched = false;
     explicit DeviceGuard(int device) {
         cudaError_t e = cudaGetDevice(&prev);
@@ -166,13 +166,13 @@ int get_handle(int device, cublasLtHandle_t *out) {
     auto it = g_handles.find(device);
     if (it != g_handles.end()) {
         *out = it->second;
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     cublasLtHandle_t h = nullptr;
     LF_CUBLAS_CALL("cublasLtCreate", cublasLtCreate(&h), "creating the per-device cuBLASLt handle");
     g_handles[device] = h;
     *out = h;
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 /* The workspace is per stream: two streams running GEMMs concurrently must not share one. It is
@@ -184,7 +184,7 @@ int get_workspace(int device, cudaStream_t stream, Workspace *out) {
     auto it = g_ws.find(key);
     if (it != g_ws.end()) {
         *out = it->second;
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     Workspace w;
     void *p = nullptr;
@@ -198,7 +198,7 @@ int get_workspace(int device, cudaStream_t stream, Workspace *out) {
     }
     g_ws[key] = w;
     *out = w;
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 int alignment_of(const void *p) {
@@ -243,7 +243,7 @@ struct LtBackend : lorafuse::plan::Backend {
 
     int init() {
         int st = get_handle(device, &handle);
-        if (st != LF_CUDA_OK) return st;
+        if (st != LF_OK) return st;
         return get_workspace(device, stream, &ws);
     }
 
@@ -266,7 +266,7 @@ struct LtBackend : lorafuse::plan::Backend {
                            g.what);
             /* bias dtype: cuBLASLt's default for non-FP8 outputs is D's dtype, which the plan gives it */
         }
-        return LF_CUDA_OK;
+        return LF_OK;
     }
 
     /* First call of a problem: descriptors and cublasLtMatmulAlgoGetHeuristic, told the real pointer
@@ -308,11 +308,11 @@ struct LtBackend : lorafuse::plan::Backend {
         if (!declined && hs != CUBLAS_STATUS_SUCCESS) return cublas_fail("cublasLtMatmulAlgoGetHeuristic", g.what, hs);
         *e = AlgoEntry{res[0].algo, declined, g.bias ? nullptr : d.op, d.a, d.b, d.c};
         if (declined) g_fallback_gemms.fetch_add(1, std::memory_order_relaxed); /* once per problem */
-        return LF_CUDA_OK;
+        return LF_OK;
     }
 
     int gemm(const Gemm &g) override {
-        if (g.m == 0 || g.n == 0) return LF_CUDA_OK;
+        if (g.m == 0 || g.n == 0) return LF_OK;
         const int use_tf32 = tf32 && g.ab_type == LF_CUDA_F32;
         AlgoKey key;
         memset(&key, 0, sizeof key); /* padding must be zero: the key is hashed and compared bytewise */
@@ -345,7 +345,7 @@ struct LtBackend : lorafuse::plan::Backend {
         }
         if (e.fallback) {
             LF_CUDA_CALL(small::launch_naive_gemm(stream, g), g.what);
-            return LF_CUDA_OK;
+            return LF_OK;
         }
         Descs per_call;
         cublasLtMatmulDesc_t op = e.op;
@@ -358,31 +358,31 @@ struct LtBackend : lorafuse::plan::Backend {
                        cublasLtMatmul(handle, op, &alpha, g.A, e.a, g.B, e.b, &beta, g.C, e.c, g.C, e.c, &e.algo, ws.ptr,
                                       ws.bytes, stream),
                        g.what);
-        return LF_CUDA_OK;
+        return LF_OK;
     }
 
     int dropout(const char *what, int64_t rows, int64_t cols, double p, uint64_t seed, bool scaled,
                 const void *src, void *dst) override {
         LF_CUDA_CALL(small::launch_dropout(stream, dtype, rows, cols, p, seed, scaled, 1.0f, src, dst), what);
-        return LF_CUDA_OK;
+        return LF_OK;
     }
 
     int fold_split(const lorafuse::plan::FoldSplit *jobs, int count) override {
         if (count < 1 || count > lorafuse::plan::LF_PLAN_MAX_JOBS)
-            return set_error(LF_CUDA_ERR_ARG, "fold_split: %d jobs (1..%d)", count, (int)lorafuse::plan::LF_PLAN_MAX_JOBS);
+            return set_error(LF_EINTERNAL, "fold_split: %d jobs (1..%d)", count, (int)lorafuse::plan::LF_PLAN_MAX_JOBS);
         for (int q = 1; q < count; ++q)
             if (jobs[q].split && jobs[q].split_type != jobs[0].split_type)
-                return set_error(LF_CUDA_ERR_ARG, "fold_split: jobs of one launch split into one type");
+                return set_error(LF_EINTERNAL, "fold_split: jobs of one launch split into one type");
         LF_CUDA_CALL(small::launch_fold_split(stream, jobs, count), jobs[0].what);
-        return LF_CUDA_OK;
+        return LF_OK;
     }
 
     int zero(const char *what, void *ptr, int64_t bytes) override {
         LF_CUDA_CALL(cudaMemsetAsync(ptr, 0, (size_t)bytes, stream), what);
-        return LF_CUDA_OK;
+        return LF_OK;
     }
 
-    int fail(const char *msg) override { return set_error(LF_CUDA_ERR_ARG, "%s", msg); }
+    int fail(const char *msg) override { return set_error(LF_EINVAL, "%s", msg); }
 };
 
 } // namespace
@@ -396,15 +396,16 @@ const char *lf_cuda_last_error(void) { return t_err; }
 int lf_cuda_lora_forward(const lf_cuda_lora_desc *d, const void *x, const void *W, const void *bias,
                          const void *A, const void *B, void *y, void *u, void *xdrop_ws, void *mixed_ws) {
     t_err[0] = '\0';
-    if (!d) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_lora_forward: desc is NULL");
+    if (!d) return set_error(LF_EINVAL, "desc is NULL");
     LtBackend be(d->device, (cudaStream_t)d->stream, d->dtype, d->allow_tf32);
-    int st = lorafuse::plan::check_desc(be, *d); /* argument errors before touching the device */
-    if (st != LF_CUDA_OK) return st;
-    if (d->n == 0) return LF_CUDA_OK;
+    /* every argument error before touching the device (plan::forward checks again: cheap) */
+    int st = lorafuse::plan::check_forward(be, *d, x, W, bias, A, B, y, u, xdrop_ws, mixed_ws);
+    if (st != LF_OK) return st;
+    if (d->n == 0) return LF_OK;
     DeviceGuard guard(d->device);
-    if (guard.status != LF_CUDA_OK) return guard.status;
+    if (guard.status != LF_OK) return guard.status;
     st = be.init();
-    if (st != LF_CUDA_OK) return st;
+    if (st != LF_OK) return st;
     return lorafuse::plan::forward(be, *d, x, W, bias, A, B, y, u, xdrop_ws, mixed_ws);
 }
 
@@ -412,33 +413,52 @@ int lf_cuda_lora_backward(const lf_cuda_lora_desc *d, const void *g, const void 
                           const void *W, const void *A, const void *B, void *dx, void *dA, void *dB,
                           void *xdrop_ws, void *v_ws, void *mixed_ws) {
     t_err[0] = '\0';
-    if (!d) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_lora_backward: desc is NULL");
+    if (!d) return set_error(LF_EINVAL, "desc is NULL");
     LtBackend be(d->device, (cudaStream_t)d->stream, d->dtype, d->allow_tf32);
-    int st = lorafuse::plan::check_desc(be, *d); /* argument errors before touching the device */
-    if (st != LF_CUDA_OK) return st;
+    int st = lorafuse::plan::check_backward(be, *d, g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws, mixed_ws);
+    if (st != LF_OK) return st;
     DeviceGuard guard(d->device);
-    if (guard.status != LF_CUDA_OK) return guard.status;
+    if (guard.status != LF_OK) return guard.status;
     st = be.init();
-    if (st != LF_CUDA_OK) return st;
+    if (st != LF_OK) return st;
     return lorafuse::plan::backward(be, *d, g, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws, mixed_ws);
 }
 
-size_t lf_cuda_lora_mixed_ws_bytes(const lf_cuda_lora_desc *d, int backward) {
-    return d ? lorafuse::plan::mixed_ws_bytes(*d, backward) : 0;
+int lf_cuda_lora_mixed_ws_bytes(const lf_cuda_lora_desc *d, int backward, size_t *bytes) {
+    t_err[0] = '\0';
+    if (!d || !bytes) return set_error(LF_EINVAL, d ? "bytes is NULL" : "desc is NULL");
+    *bytes = 0;
+    LtBackend be(d->device, (cudaStream_t)d->stream, d->dtype, d->allow_tf32);
+    const int st = lorafuse::plan::check_desc(be, *d);
+    if (st == LF_OK) *bytes = lorafuse::plan::mixed_ws_bytes(*d, backward);
+    return st;
 }
 
 int lf_cuda_dropout(int device, void *stream, int dtype, int64_t rows, int64_t cols, double p, uint64_t seed,
                     float extra_scale, const void *src, void *dst) {
     t_err[0] = '\0';
-    if (rows < 0 || cols < 0) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_dropout: negative size");
-    if (!(p >= 0.0 && p < 1.0)) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_dropout: p must be in [0, 1)");
-    if (dtype < LF_CUDA_F32 || dtype > LF_CUDA_BF16) return set_error(LF_CUDA_ERR_ARG, "lf_cuda_dropout: bad dtype");
-    if ((uint64_t)rows * (uint64_t)cols == 0) return LF_CUDA_OK;
+    if (device < 0) return set_error(LF_EINVAL, "device must be >= 0, got %d", device);
+    if (rows < 0 || cols < 0) return set_error(LF_EINVAL, "rows and cols must be >= 0, got %lld, %lld",
+                                               (long long)rows, (long long)cols);
+    if (!(p >= 0.0 && p < 1.0 && (float)p < 1.0f)) return set_error(LF_EINVAL, "p must be in [0, 1), got %g", p);
+    if (dtype != LF_CUDA_F32 && dtype != LF_CUDA_F16 && dtype != LF_CUDA_BF16)
+        return set_error(LF_EINVAL, "dtype: unknown dtype code %d (0 float32, 1 float16, 2 bfloat16)", dtype);
+    const int64_t e = (int64_t)lorafuse::plan::dtype_bytes(dtype);
+    int64_t bytes = 0;
+    if (lf_mul_i64(rows, cols, &bytes) || lf_mul_i64(bytes, e, &bytes))
+        return set_error(LF_EINVAL, "rows*cols = %lld*%lld elements overflow int64 bytes",
+                         (long long)rows, (long long)cols);
+    /* in place (dst == src) is allowed: then dst alone is checked */
+    const lf_operand ops[2] = {{"dst", dst, bytes, e, LF_OPERAND_OUT, bytes > 0, nullptr},
+                               {"src", src, bytes, e, LF_OPERAND_IN, bytes > 0, nullptr}};
+    char msg[256];
+    if (lf_check_operands(ops, src == dst ? 1 : 2, msg, sizeof msg) != LF_OK) return set_error(LF_EINVAL, "%s", msg);
+    if (bytes == 0) return LF_OK;
     DeviceGuard guard(device);
-    if (guard.status != LF_CUDA_OK) return guard.status;
+    if (guard.status != LF_OK) return guard.status;
     LF_CUDA_CALL(small::launch_dropout((cudaStream_t)stream, dtype, rows, cols, p, seed, true, extra_scale, src, dst),
                  "lf_cuda_dropout");
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 int lf_cuda_get_versions(lf_cuda_versions *out) {
@@ -459,11 +479,11 @@ int lf_cuda_get_versions(lf_cuda_versions *out) {
     if (e != cudaSuccess) {
         cudaGetLastError();
         out->device_count = -1;
-        set_error(LF_CUDA_ERR_CUDA, "cudaGetDeviceCount: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+        set_error(LF_ECUDA, "cudaGetDeviceCount: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
     } else {
         out->device_count = count;
     }
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 int lf_cuda_release_caches(void) {
@@ -480,7 +500,7 @@ int lf_cuda_release_caches(void) {
         if (kv.second.c) cublasLtMatrixLayoutDestroy(kv.second.c);
     }
     g_algos.clear();
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 } // extern "C"

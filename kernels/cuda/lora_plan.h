@@ -14,10 +14,13 @@
 #ifndef LORAFUSE_LORA_PLAN_H
 #define LORAFUSE_LORA_PLAN_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include "lorafuse/cuda_kernels.h"
 #include "lorafuse/dropout_hash.h"
+#include "lorafuse/validate.h"
 
 namespace lorafuse {
 namespace plan {
@@ -78,13 +81,13 @@ struct Backend {
     /* `count` (1..LF_PLAN_MAX_JOBS) independent FoldSplits, in one launch on a GPU */
     virtual int fold_split(const FoldSplit *jobs, int count) = 0;
     virtual int zero(const char *what, void *ptr, int64_t bytes) = 0;
-    virtual int fail(const char *msg) = 0; /* records an argument error, returns LF_CUDA_ERR_ARG */
+    virtual int fail(const char *msg) = 0; /* records an argument error, returns LF_EINVAL */
 };
 
 #define LF_PLAN_TRY(expr)                  \
     do {                                   \
         int lf_st_ = (expr);               \
-        if (lf_st_ != LF_CUDA_OK) return lf_st_; \
+        if (lf_st_ != LF_OK) return lf_st_; \
     } while (0)
 
 static inline size_t dtype_bytes(int dtype) { return dtype == LF_CUDA_F32 ? 4 : 2; }
@@ -93,14 +96,51 @@ static inline size_t dtype_bytes(int dtype) { return dtype == LF_CUDA_F32 ? 4 : 
  * fp32 with a bf16 problem ("mixed": PEFT's default fp32 adapters on a bf16 base). */
 static inline bool is_mixed(const lf_cuda_lora_desc &d) { return d.adapter_dtype != d.dtype; }
 
+/* be.fail with a printf-style message */
+static inline int failf(Backend &be, const char *fmt, ...) {
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return be.fail(msg);
+}
+
+static inline bool known_dtype(int t) { return t == LF_CUDA_F32 || t == LF_CUDA_F16 || t == LF_CUDA_BF16; }
+
+/* rows·cols·parts 4-byte elements, with room for the sums of such buffers that the mixed plan's
+ * workspace adds up (at most eight, each padded to 256 bytes), fit int64 (and so size_t) */
+static inline bool fits(int64_t rows, int64_t cols, int64_t parts) {
+    int64_t t;
+    return lf_mul_i64(rows, cols, &t) == 0 && lf_mul_i64(t, parts * 4 * 16, &t) == 0;
+}
+
+/* The problem description: sizes, dtype codes, dropout_p, device. */
 static inline int check_desc(Backend &be, const lf_cuda_lora_desc &d) {
-    if (d.n < 0) return be.fail("n must be >= 0");
-    if (d.k < 1 || d.m < 1 || d.r < 1) return be.fail("k, m and r must be >= 1");
-    if (!(d.dropout_p >= 0.0 && d.dropout_p < 1.0)) return be.fail("dropout_p must be in [0, 1)");
-    if (d.dtype < LF_CUDA_F32 || d.dtype > LF_CUDA_BF16) return be.fail("unknown dtype code");
+    if (d.device < 0) return failf(be, "device must be >= 0, got %d", d.device);
+    if (d.n < 0) return failf(be, "n must be >= 0, got %lld", (long long)d.n);
+    if (d.k < 1) return failf(be, "k must be >= 1, got %lld", (long long)d.k);
+    if (d.m < 1) return failf(be, "m must be >= 1, got %lld", (long long)d.m);
+    if (d.r < 1) return failf(be, "r must be >= 1, got %lld", (long long)d.r);
+    /* the threshold and 1/(1-p) are computed from the float32 value (dropout_hash.h) */
+    if (!(d.dropout_p >= 0.0 && d.dropout_p < 1.0 && (float)d.dropout_p < 1.0f))
+        return failf(be, "dropout_p must be in [0, 1), got %g", d.dropout_p);
+    if (!known_dtype(d.dtype))
+        return failf(be, "dtype: unknown dtype code %d (0 float32, 1 float16, 2 bfloat16)", d.dtype);
+    if (!known_dtype(d.adapter_dtype))
+        return failf(be, "adapter_dtype: unknown dtype code %d (0 float32, 1 float16, 2 bfloat16)", d.adapter_dtype);
     if (is_mixed(d) && !(d.adapter_dtype == LF_CUDA_F32 && d.dtype == LF_CUDA_BF16))
-        return be.fail("adapters of another dtype than the base: only float32 adapters on a bfloat16 base");
-    return LF_CUDA_OK;
+        return failf(be, "adapter_dtype %d with dtype %d: the adapters have the base's dtype, or are float32 "
+                         "adapters on a bfloat16 base", d.adapter_dtype, d.dtype);
+    /* the mixed plan stacks up to three parts along r */
+    const struct { const char *what; int64_t a, b, parts; } products[] = {
+        {"n*k", d.n, d.k, 1}, {"m*k", d.m, d.k, 1}, {"n*m", d.n, d.m, 1},
+        {"n*r", d.n, d.r, 3}, {"m*r", d.m, d.r, 3}, {"r*k", d.r, d.k, 3}};
+    for (const auto &p : products)
+        if (!fits(p.a, p.b, p.parts))
+            return failf(be, "%s = %lld*%lld elements overflow int64 bytes", p.what,
+                         (long long)p.a, (long long)p.b);
+    return LF_OK;
 }
 
 /* ---------------------------------------------------------------- same dtype everywhere */
@@ -112,7 +152,6 @@ static inline int forward_same(Backend &be, const lf_cuda_lora_desc &d, const vo
     const int t = d.dtype;
     const void *xd = x;
     if (d.dropout_p > 0.0) {
-        if (!xdrop_ws) return be.fail("forward: dropout_p > 0 needs the n*k workspace xdrop_ws");
         LF_PLAN_TRY(be.dropout("dropout(x) in forward", n, k, d.dropout_p, d.seed, true, x, xdrop_ws));
         xd = xdrop_ws;
     }
@@ -128,7 +167,7 @@ static inline int forward_same(Backend &be, const lf_cuda_lora_desc &d, const vo
         Gemm g = {"y = s·u·B^T", OP_T, OP_N, m, n, r, d.scale, B, r, u, r, 0.0f, y, m, nullptr, t, t};
         LF_PLAN_TRY(be.gemm(g));
     }
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 /* backward without the base GEMM: v = g·B ; dB = s·gᵀ·u ; dA = s·vᵀ·drop(x) ; dx = s·drop'(v·A) */
@@ -137,7 +176,6 @@ static inline int backward_same(Backend &be, const lf_cuda_lora_desc &d, const v
                                 void *xdrop_ws, void *v_ws) {
     const int64_t n = d.n, k = d.k, m = d.m, r = d.r;
     const int t = d.dtype;
-    if (!v_ws) return be.fail("backward: the n*r workspace v_ws is required");
     /* 4. v = g·B ⇔ vᵀ(r×n, ld r) = Bᵀ·gᵀ ; Bᵀ = (r×m ld r) op N ; gᵀ = (m×n ld m) op N */
     {
         Gemm g = {"v = g·B", OP_N, OP_N, r, n, m, 1.0f, B, r, gy, m, 0.0f, v_ws, r, nullptr, t, t};
@@ -152,7 +190,6 @@ static inline int backward_same(Backend &be, const lf_cuda_lora_desc &d, const v
     {
         const void *xd = x;
         if (d.dropout_p > 0.0) {
-            if (!xdrop_ws) return be.fail("backward: dropout_p > 0 needs the n*k workspace xdrop_ws");
             LF_PLAN_TRY(be.dropout("dropout(x) regenerated in backward", n, k, d.dropout_p, d.seed, true, x,
                                    xdrop_ws));
             xd = xdrop_ws;
@@ -160,7 +197,7 @@ static inline int backward_same(Backend &be, const lf_cuda_lora_desc &d, const v
         Gemm g = {"dA = s·v^T·drop(x)", OP_N, OP_T, k, r, n, d.scale, xd, k, v_ws, r, 0.0f, dA, k, nullptr, t, t};
         LF_PLAN_TRY(be.gemm(g));
     }
-    if (!dx) return LF_CUDA_OK;
+    if (!dx) return LF_OK;
     /* 7. dx = s·v·A ⇔ dxᵀ(k×n, ld k) = s·Aᵀ·vᵀ ; Aᵀ = (k×r ld k) op N ; vᵀ = (r×n ld r) op N */
     {
         Gemm g = {"dx = s·v·A", OP_N, OP_N, k, n, r, d.scale, A, k, v_ws, r, 0.0f, dx, k, nullptr, t, t};
@@ -168,7 +205,7 @@ static inline int backward_same(Backend &be, const lf_cuda_lora_desc &d, const v
     }
     if (d.dropout_p > 0.0)
         LF_PLAN_TRY(be.dropout("dropout'(s·v·A) in backward", n, k, d.dropout_p, d.seed, true, dx, dx));
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 /* ---------------------------------------------------------------- fp32 adapters on a bf16 base
@@ -267,13 +304,11 @@ static inline int forward_mixed(Backend &be, const lf_cuda_lora_desc &d, const v
                                 const void *B, void *y, void *u, void *xdrop_ws, void *mixed_ws) {
     const int64_t n = d.n, k = d.k, m = d.m, r = d.r;
     const int t = d.dtype, f32 = LF_CUDA_F32;
-    if (!mixed_ws) return be.fail("forward: fp32 adapters on a bf16 base need the workspace mixed_ws");
     Carver c = {(char *)mixed_ws, 0};
     const MixedForwardBufs b = carve_forward(d, c);
     const void *xd = x;
     float keep_scale = 1.0f;
     if (d.dropout_p > 0.0) {
-        if (!xdrop_ws) return be.fail("forward: dropout_p > 0 needs the n*k workspace xdrop_ws");
         LF_PLAN_TRY(be.dropout("dropout(x) in forward (unscaled)", n, k, d.dropout_p, d.seed, false, x, xdrop_ws));
         xd = xdrop_ws;
         keep_scale = lf_dropout_scale((float)d.dropout_p);
@@ -301,7 +336,7 @@ static inline int forward_mixed(Backend &be, const lf_cuda_lora_desc &d, const v
                   3 * r, 0.0f, y, m, nullptr, t, t};
         LF_PLAN_TRY(be.gemm(g));
     }
-    return LF_CUDA_OK;
+    return LF_OK;
 }
 
 /* backward, mixed (dx without the base GEMM): v = g·[B_hi B_lo] folded ; dB = s·gᵀ·[u_hi u_lo] folded ;
@@ -311,7 +346,6 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
                                  void *xdrop_ws, void *mixed_ws) {
     const int64_t n = d.n, k = d.k, m = d.m, r = d.r;
     const int t = d.dtype, f32 = LF_CUDA_F32;
-    if (!mixed_ws) return be.fail("backward: fp32 adapters on a bf16 base need the workspace mixed_ws");
     Carver c = {(char *)mixed_ws, 0};
     const MixedBackwardBufs b = carve_backward(d, c);
     const float keep_scale = d.dropout_p > 0.0 ? lf_dropout_scale((float)d.dropout_p) : 1.0f;
@@ -343,7 +377,6 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
     {
         const void *xd = x;
         if (d.dropout_p > 0.0) {
-            if (!xdrop_ws) return be.fail("backward: dropout_p > 0 needs the n*k workspace xdrop_ws");
             LF_PLAN_TRY(be.dropout("dropout(x) regenerated in backward (unscaled)", n, k, d.dropout_p, d.seed, false,
                                    x, xdrop_ws));
             xd = xdrop_ws;
@@ -358,7 +391,7 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
                                 {"fold dA2 -> dA", r, k, b.dA2, k, r * k, d.scale, (float *)dA, nullptr, t, 0, 0, 0, 0}};
         LF_PLAN_TRY(be.fold_split(f, 2));
     }
-    if (!dx) return LF_CUDA_OK;
+    if (!dx) return LF_OK;
     /* dx = s·keep·v3·A3 ⇔ dxᵀ(k×n, ld k) = s·keep·A3ᵀ·v3ᵀ ; A3ᵀ = (k×3r ld k) op N ; v3ᵀ = (3r×n ld 3r) op N */
     {
         Gemm g = {"dx = s·[v_hi v_hi v_lo]·[A_hi;A_lo;A_hi]", OP_N, OP_N, k, n, 3 * r, d.scale * keep_scale, b.A3, k,
@@ -367,7 +400,83 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
     }
     if (d.dropout_p > 0.0)
         LF_PLAN_TRY(be.dropout("dropout'(dx) in backward (unscaled)", n, k, d.dropout_p, d.seed, false, dx, dx));
-    return LF_CUDA_OK;
+    return LF_OK;
+}
+
+/* ---------------------------------------------------------------- the operands, checked */
+
+static inline int check_operands(Backend &be, const lf_operand *ops, int count) {
+    char msg[256];
+    return lf_check_operands(ops, count, msg, sizeof msg) == LF_OK ? LF_OK : be.fail(msg);
+}
+
+/* What the operand lists of forward and backward share: sizes, element sizes (problem / adapters),
+ * which optional operands the problem uses, and the two workspaces. */
+struct OperandSizes {
+    int64_t n, k, m, r, e, ea;
+    int rows, drop, mixed; /* n > 0; dropout used; the mixed plan used */
+    OperandSizes(const lf_cuda_lora_desc &d)
+        : n(d.n), k(d.k), m(d.m), r(d.r), e((int64_t)dtype_bytes(d.dtype)),
+          ea((int64_t)dtype_bytes(d.adapter_dtype)), rows(d.n > 0), drop(d.n > 0 && d.dropout_p > 0.0),
+          mixed(d.n > 0 && is_mixed(d)) {}
+    lf_operand xdrop(const void *ws) const {
+        return {"xdrop_ws", drop ? ws : nullptr, n * k * e, e, LF_OPERAND_OUT, drop,
+                "dropout_p > 0 needs the n*k workspace"};
+    }
+    lf_operand mixed_ws(const lf_cuda_lora_desc &d, int backward, const void *ws) const {
+        return {"mixed_ws", mixed ? ws : nullptr, (int64_t)mixed_ws_bytes(d, backward), 4, LF_OPERAND_OUT, mixed,
+                "fp32 adapters on a bf16 base need it"};
+    }
+};
+
+/* Everything forward can see before it runs (lorafuse/validate.h): the description, then each operand
+ * the problem needs present, aligned to its element size, and no output or workspace overlapping
+ * another operand. The n-row operands are needed only when n > 0; each workspace only when used. */
+static inline int check_forward(Backend &be, const lf_cuda_lora_desc &d, const void *x, const void *W,
+                                const void *bias, const void *A, const void *B, const void *y, const void *u,
+                                const void *xdrop_ws, const void *mixed_ws) {
+    LF_PLAN_TRY(check_desc(be, d));
+    const OperandSizes o(d);
+    const int64_t n = o.n, k = o.k, m = o.m, r = o.r, e = o.e, ea = o.ea;
+    const lf_operand ops[] = {
+        {"x", x, n * k * e, e, LF_OPERAND_IN, o.rows, nullptr},
+        {"W", W, m * k * e, e, LF_OPERAND_IN, 1, nullptr},
+        {"bias", bias, m * e, e, LF_OPERAND_IN, 0, nullptr},
+        {"A", A, r * k * ea, ea, LF_OPERAND_IN, 1, nullptr},
+        {"B", B, m * r * ea, ea, LF_OPERAND_IN, 1, nullptr},
+        {"y", y, n * m * e, e, LF_OPERAND_OUT, o.rows, nullptr},
+        {"u", u, n * r * ea, ea, LF_OPERAND_OUT, o.rows, nullptr},
+        o.xdrop(xdrop_ws),
+        o.mixed_ws(d, 0, mixed_ws),
+    };
+    return check_operands(be, ops, (int)(sizeof ops / sizeof ops[0]));
+}
+
+/* The same for backward: dA and dB always; W when dx is wanted (n > 0); v_ws for same-dtype adapters. */
+static inline int check_backward(Backend &be, const lf_cuda_lora_desc &d, const void *gy, const void *x,
+                                 const void *u, const void *W, const void *A, const void *B, const void *dx,
+                                 const void *dA, const void *dB, const void *xdrop_ws, const void *v_ws,
+                                 const void *mixed_ws) {
+    LF_PLAN_TRY(check_desc(be, d));
+    const OperandSizes o(d);
+    const int64_t n = o.n, k = o.k, m = o.m, r = o.r, e = o.e, ea = o.ea;
+    const int same = o.rows && !is_mixed(d);
+    const lf_operand ops[] = {
+        {"g", gy, n * m * e, e, LF_OPERAND_IN, o.rows, nullptr},
+        {"x", x, n * k * e, e, LF_OPERAND_IN, o.rows, nullptr},
+        {"u", u, n * r * ea, ea, LF_OPERAND_IN, o.rows, nullptr},
+        {"W", W, m * k * e, e, LF_OPERAND_IN, o.rows && dx, "dx needs W"},
+        {"A", A, r * k * ea, ea, LF_OPERAND_IN, o.rows, nullptr},
+        {"B", B, m * r * ea, ea, LF_OPERAND_IN, o.rows, nullptr},
+        {"dx", dx, n * k * e, e, LF_OPERAND_OUT, 0, nullptr},
+        {"dA", dA, r * k * ea, ea, LF_OPERAND_OUT, 1, nullptr},
+        {"dB", dB, m * r * ea, ea, LF_OPERAND_OUT, 1, nullptr},
+        o.xdrop(xdrop_ws),
+        {"v_ws", same ? v_ws : nullptr, n * r * e, e, LF_OPERAND_OUT, same,
+         "the n*r workspace of same-dtype adapters"},
+        o.mixed_ws(d, 1, mixed_ws),
+    };
+    return check_operands(be, ops, (int)(sizeof ops / sizeof ops[0]));
 }
 
 /* ---------------------------------------------------------------- entry points */
@@ -376,10 +485,9 @@ static inline int backward_mixed(Backend &be, const lf_cuda_lora_desc &d, const 
 static inline int forward(Backend &be, const lf_cuda_lora_desc &d, const void *x, const void *W,
                           const void *bias, const void *A, const void *B, void *y, void *u,
                           void *xdrop_ws, void *mixed_ws) {
-    LF_PLAN_TRY(check_desc(be, d));
+    LF_PLAN_TRY(check_forward(be, d, x, W, bias, A, B, y, u, xdrop_ws, mixed_ws));
     const int64_t n = d.n, k = d.k, m = d.m;
-    if (n == 0) return LF_CUDA_OK;
-    if (!x || !W || !A || !B || !y || !u) return be.fail("forward: a required pointer is NULL");
+    if (n == 0) return LF_OK;
     LF_PLAN_TRY(is_mixed(d) ? forward_mixed(be, d, x, A, B, y, u, xdrop_ws, mixed_ws)
                             : forward_same(be, d, x, A, B, y, u, xdrop_ws));
     /* y = x·Wᵀ + y + bias ⇔ yᵀ = W·xᵀ + yᵀ + bias[row]
@@ -394,20 +502,17 @@ static inline int forward(Backend &be, const lf_cuda_lora_desc &d, const void *x
 static inline int backward(Backend &be, const lf_cuda_lora_desc &d, const void *gy, const void *x,
                            const void *u, const void *W, const void *A, const void *B, void *dx,
                            void *dA, void *dB, void *xdrop_ws, void *v_ws, void *mixed_ws) {
-    LF_PLAN_TRY(check_desc(be, d));
+    LF_PLAN_TRY(check_backward(be, d, gy, x, u, W, A, B, dx, dA, dB, xdrop_ws, v_ws, mixed_ws));
     const int64_t n = d.n, k = d.k, m = d.m, r = d.r;
-    if (!dA || !dB) return be.fail("backward: dA and dB are required");
     if (n == 0) {
         const size_t e = dtype_bytes(d.adapter_dtype);
         LF_PLAN_TRY(be.zero("zero dA (n = 0)", dA, (int64_t)(r * k * e)));
         LF_PLAN_TRY(be.zero("zero dB (n = 0)", dB, (int64_t)(m * r * e)));
-        return LF_CUDA_OK;
+        return LF_OK;
     }
-    if (!gy || !x || !u || !A || !B) return be.fail("backward: a required pointer is NULL");
-    if (dx && !W) return be.fail("backward: dx needs W");
     LF_PLAN_TRY(is_mixed(d) ? backward_mixed(be, d, gy, x, u, A, B, dx, dA, dB, xdrop_ws, mixed_ws)
                             : backward_same(be, d, gy, x, u, A, B, dx, dA, dB, xdrop_ws, v_ws));
-    if (!dx) return LF_CUDA_OK;
+    if (!dx) return LF_OK;
     /* dx = g·W + dx ⇔ dxᵀ = Wᵀ·gᵀ + dxᵀ ; W (m,k) row-major = Wᵀ (k×m ld k) → op N ;
      *    stored (k,m) it is W (m×k ld m) column-major → op T ; gᵀ = (m×n ld m) op N */
     Gemm g = {"dx = g·W + dx (base GEMM)", d.w_kxm ? OP_T : OP_N, OP_N, k, n, m, 1.0f, W, d.w_kxm ? m : k, gy, m,

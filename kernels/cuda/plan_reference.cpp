@@ -54,13 +54,13 @@ struct RefBackend : lorafuse::plan::Backend {
         if ((g.ab_type != LF_CUDA_F32 && g.ab_type != LF_CUDA_BF16) ||
             (g.c_type != LF_CUDA_F32 && g.c_type != LF_CUDA_BF16)) {
             snprintf(g_err, sizeof g_err, "%s: the host backend takes float32 and bfloat16 only", g.what);
-            return LF_CUDA_ERR_ARG;
+            return LF_EINVAL;
         }
         /* leading dimensions must cover the stored rows, as cuBLASLt requires */
         int64_t a_rows = g.transa ? g.k : g.m, b_rows = g.transb ? g.n : g.k;
         if (g.lda < a_rows || g.ldb < b_rows || g.ldc < g.m) {
             snprintf(g_err, sizeof g_err, "%s: bad leading dimension", g.what);
-            return LF_CUDA_ERR_ARG;
+            return LF_EINVAL;
         }
         /* C(i,j) = alpha·Σ_p op(A)(i,p)·op(B)(p,j) + beta·C(i,j) + bias(i), column-major, double sum,
          * rounded once to C's type (as cuBLASLt rounds its fp32 accumulator) */
@@ -77,7 +77,7 @@ struct RefBackend : lorafuse::plan::Backend {
                 if (g.bias) c += load(g.bias, g.c_type, i);
                 store(g.C, g.c_type, i + j * g.ldc, (float)c);
             }
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     int dropout(const char *, int64_t rows, int64_t cols, double p, uint64_t seed, bool scaled, const void *src,
                 void *dst) override {
@@ -86,12 +86,12 @@ struct RefBackend : lorafuse::plan::Backend {
         const uint64_t total = (uint64_t)rows * (uint64_t)cols;
         for (uint64_t i = 0; i < total; ++i)
             store(dst, dtype, (int64_t)i, lf_dropout_keep(seed, i, thr) ? load(src, dtype, (int64_t)i) * keep : 0.0f);
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     int fold_split(const FoldSplit *jobs, int count) override {
         if (count < 1 || count > lorafuse::plan::LF_PLAN_MAX_JOBS) return fail("fold_split: bad job count");
         for (int q = 0; q < count; ++q) LF_PLAN_TRY(fold_split_one(jobs[q]));
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     int fold_split_one(const FoldSplit &f) {
         if (f.split && f.split_type != LF_CUDA_BF16) return fail("fold_split: the host backend splits into bf16 only");
@@ -105,15 +105,15 @@ struct RefBackend : lorafuse::plan::Backend {
                 for (int p = 0; p < f.nparts; ++p)
                     ((uint16_t *)f.split)[p * f.part_stride + i * f.split_ld + j] = ((f.lo_mask >> p) & 1u) ? lo : hi;
             }
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     int zero(const char *, void *ptr, int64_t bytes) override {
         memset(ptr, 0, (size_t)bytes);
-        return LF_CUDA_OK;
+        return LF_OK;
     }
     int fail(const char *msg) override {
         snprintf(g_err, sizeof g_err, "%s", msg);
-        return LF_CUDA_ERR_ARG;
+        return LF_EINVAL;
     }
 };
 

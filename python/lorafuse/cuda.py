@@ -194,26 +194,6 @@ def _dense(name: str, t: Any) -> Any:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _byte_range(t: Any) -> Tuple[int, int]:
-    if t.numel() == 0:
-        return (0, 0)
-    start = t.data_ptr()
-    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
-    return start, start + span * t.element_size()
-
-
-def _no_overlap(out_name: str, out: Any, **inputs: Any) -> None:
-    a0, a1 = _byte_range(out)
-    if a0 == a1:
-        return
-    for name, t in inputs.items():
-        if t is None:
-            continue
-        b0, b1 = _byte_range(t)
-        if b0 < a1 and a0 < b1:
-            raise ValueError(f"lorafuse.cuda: output {out_name} overlaps input {name}")
-
-
 def _output(name: str, given: Any, shape: Tuple[int, ...], ref: Any, dtype: Any = None) -> Any:
     """A contiguous output of ``shape`` on ref's device, dtype ``dtype`` (default ref's): ``given`` checked, or new."""
     torch = _torch()
@@ -356,7 +336,7 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     x (..., k); W (m, k) — (k, m) with fan_in_fan_out —; A (r, k); B (m, r); bias (m,) or None; all CUDA
     tensors on one device with one dtype, except that A and B may be float32 on a bfloat16 x (u is then
     float32). out / u_out: optional preallocated contiguous outputs with n·m / n·r elements (returned as
-    given)."""
+    given); one that overlaps an input or the other is a ValueError from the C side, which calls them y and u."""
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
     x, code, acode, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
@@ -371,11 +351,7 @@ def cuda_lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = 
     lead = tuple(x.shape[:-1])
     y = _output("out", out, lead + (m,), x)
     u = _output("u_out", u_out, lead + (r,), x, A.dtype)
-    # outputs allocated here overlap nothing; the caller's are checked against every input and each other
-    if out is not None:
-        _no_overlap("out", y, x=x2, W=W, A=A, B=B, bias=bias, u_out=u)
-    if u_out is not None:
-        _no_overlap("u_out", u, x=x2, W=W, A=A, B=B, bias=bias)
+    # overlapping outputs (out = y, u_out = u) and inputs are refused by the C side (lorafuse/validate.h)
     xd = _torch().empty_like(x2) if p > 0.0 and n > 0 else None
     ws = _mixed_ws(C, code, acode, n, k, m, r, False, x)
     C.lora_forward(x.device.index or 0, _stream(x.device), code, acode, _allow_tf32(x.dtype), n, k, m, r, w_kxm,
@@ -391,7 +367,9 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     """v = g·B; dB = scale·gᵀ·u (m, r); dA = scale·vᵀ·drop(x) (r, k); dx = g·W + scale·drop'(v·A) (..., k).
 
     g (..., m) = dL/dy; x (..., k) and u (..., r) as saved by forward; the same dropout_p and seed as forward.
-    Returns (dx or None, dA, dB): dx in x's dtype, dA and dB in the adapters'. dW is never formed."""
+    Returns (dx or None, dA, dB): dx in x's dtype, dA and dB in the adapters'. dW is never formed.
+    dx_out / dA_out / dB_out: optional preallocated outputs; overlapping an input or each other is a
+    ValueError from the C side (which calls them dx, dA, dB)."""
     C = _load()
     scale, p, seed = _scalars(scale, dropout_p, seed)
     x, code, acode, k, W, w_kxm, m, A, B, r = _layer_inputs(x, W, A, B, fan_in_fan_out)
@@ -411,12 +389,7 @@ def cuda_lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: fl
     dx = _output("dx_out", dx_out, tuple(x.shape), x) if need_dx else None
     dA = _output("dA_out", dA_out, (r, k), x, A.dtype)
     dB = _output("dB_out", dB_out, (m, r), x, A.dtype)
-    # outputs allocated here overlap nothing; the caller's are checked against every input and each other
-    given = {name: t for name, t, arg in (("dx_out", dx, dx_out), ("dA_out", dA, dA_out), ("dB_out", dB, dB_out))
-             if arg is not None and t is not None}
-    for oname, o in given.items():
-        others = {name: t for name, t in (("dx_out", dx), ("dA_out", dA), ("dB_out", dB)) if name != oname}
-        _no_overlap(oname, o, g=g2, x=x2, u=u2, W=W, A=A, B=B, **others)
+    # overlapping outputs (dx_out = dx, dA_out = dA, dB_out = dB) and inputs are refused by the C side
     v_ws = torch.empty((max(n, 1), r), dtype=x.dtype, device=x.device) if code == acode else None
     xd = torch.empty_like(x2) if p > 0.0 and n > 0 else None
     ws = _mixed_ws(C, code, acode, n, k, m, r, True, x)

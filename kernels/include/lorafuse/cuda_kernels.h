@@ -1,6 +1,15 @@
 /* lorafuse — C API of the CUDA kernels (kernels/cuda/). No Python, no exceptions: every entry
- * point returns an lf_cuda_status; on failure lf_cuda_last_error() (thread-local) names the call
- * that failed and the CUDA/cuBLASLt status it returned.
+ * point returns an lf_status (lorafuse/status.h: LF_OK, or LF_EINVAL for a bad argument, LF_ECUDA /
+ * LF_ECUBLAS for a failed CUDA runtime / cuBLASLt call, LF_EINTERNAL for a lorafuse bug); on failure
+ * lf_cuda_last_error() (thread-local) names the argument, or the call that failed and the
+ * CUDA/cuBLASLt status it returned.
+ *
+ * Every argument the C side can see is checked before anything touches the device (LF_EINVAL, the
+ * message naming the argument): sizes (n >= 0; k, m, r >= 1; every buffer's bytes within int64),
+ * the dtype codes, dropout_p in [0, 1) (also as a float), device >= 0, each operand a problem of this
+ * size needs non-NULL (the n-row ones only when n > 0; W when dx is wanted; each workspace when the
+ * plan uses it), each pointer aligned to its element size, and no output or workspace overlapping
+ * another operand (the rule of lorafuse/validate.h, on dense byte extents).
  *
  * Conventions (PyTorch's, see docs/CONTRACTS.md), all buffers dense row-major device memory of the
  * problem's dtype, except A, B, u, dA, dB, which are in adapter_dtype (the same dtype, or float32
@@ -17,7 +26,8 @@
  * Workspaces from the caller (NULL where not needed):
  *   xdrop_ws: n·k elements, holds drop(x) when dropout_p > 0;
  *   v_ws: n·r elements (backward, same-dtype adapters);
- *   mixed_ws: lf_cuda_lora_mixed_ws_bytes() bytes, 256-byte aligned (float32 adapters on bf16 only).
+ *   mixed_ws: lf_cuda_lora_mixed_ws_bytes() bytes (float32 adapters on bf16 only), 4-byte aligned at
+ *             least; 256-byte aligned for cuBLASLt's fastest kernels (what torch's allocator gives).
  */
 #ifndef LORAFUSE_CUDA_KERNELS_H
 #define LORAFUSE_CUDA_KERNELS_H
@@ -25,16 +35,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lorafuse/status.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum {
-    LF_CUDA_OK = 0,
-    LF_CUDA_ERR_ARG = 1,       /* bad argument (caller bug): message names it */
-    LF_CUDA_ERR_CUDA = 2,      /* a CUDA runtime call failed */
-    LF_CUDA_ERR_CUBLAS = 3,    /* a cuBLASLt call failed or found no algorithm */
-} lf_cuda_status;
 
 typedef enum { LF_CUDA_F32 = 0, LF_CUDA_F16 = 1, LF_CUDA_BF16 = 2 } lf_cuda_dtype;
 
@@ -60,12 +65,12 @@ int lf_cuda_lora_backward(const lf_cuda_lora_desc *d, const void *g, const void 
                           const void *W, const void *A, const void *B, void *dx, void *dA, void *dB,
                           void *xdrop_ws, void *v_ws, void *mixed_ws);
 
-/* Bytes of mixed_ws that forward (backward = 0) or backward (1) needs for this problem (0 when A and B
- * have the problem's dtype). */
-size_t lf_cuda_lora_mixed_ws_bytes(const lf_cuda_lora_desc *d, int backward);
+/* *bytes = bytes of mixed_ws that forward (backward = 0) or backward (1) needs for this problem (0 when A
+ * and B have the problem's dtype). LF_EINVAL when the description is invalid (its sizes, dtypes, p). */
+int lf_cuda_lora_mixed_ws_bytes(const lf_cuda_lora_desc *d, int backward, size_t *bytes);
 
 /* dst[i,j] = src[i,j] · mask(seed, i·cols+j) · extra_scale (mask includes 1/(1-p)); rows×cols dense.
- * In place (dst == src) is allowed. */
+ * In place (dst == src) is allowed; any other overlap of src and dst is refused. */
 int lf_cuda_dropout(int device, void *stream, int dtype, int64_t rows, int64_t cols, double p,
                     uint64_t seed, float extra_scale, const void *src, void *dst);
 
@@ -83,6 +88,9 @@ int lf_cuda_get_versions(lf_cuda_versions *out);
 /* Frees the cached cuBLASLt handles and workspaces (tests; never needed in normal use). */
 int lf_cuda_release_caches(void);
 
+/* The calling thread's message about the last failure of an lf_cuda_* call (cleared when a call
+ * starts; lf_cuda_get_versions leaves one when it cannot count devices): the detail of the status
+ * convention in lorafuse/status.h. */
 const char *lf_cuda_last_error(void);
 
 #ifdef __cplusplus

@@ -16,20 +16,13 @@
 
 #include <stdint.h>
 
+#include "lorafuse/status.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/* Status codes: 0 is success; the binding maps each negative code to a Python exception. */
-enum {
-    LF_OK = 0,
-    LF_EINVAL = -1,    /* an argument is invalid (negative size, NULL where data is needed, p∉[0,1)) */
-    LF_ENOMEM = -2,    /* a workspace allocation failed */
-    LF_EOVERFLOW = -3, /* a size product overflows int64 */
-    LF_EISA = -4,      /* the requested instruction set is not supported by this CPU */
-    LF_EINTR = -5,     /* stopped early by lf_interrupt_request(); outputs are incomplete */
-    LF_EINTERNAL = -6, /* an internal invariant failed (a lorafuse bug); outputs are incomplete */
-};
+/* Status codes (LF_OK, LF_EINVAL, ...) and the message convention: lorafuse/status.h. */
 
 /* ---- cancellation, per call: a caller binds a token to its thread (lf_cancel_bind); the kernels
  *      it then calls poll that token — on its thread and on the pool workers running its jobs — at
