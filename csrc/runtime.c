@@ -1,6 +1,7 @@
 /* runtime.c — run-time plumbing of lorafuse._C (declared in runtime.h): the thread pool a call
  * holds while its kernel runs (and a resized pool's retirement), the Ctrl-C guard that lets a
- * long kernel be interrupted, and the mapping of kernel statuses (LF_E*) to Python exceptions.
+ * long kernel be interrupted (per call), and kernel statuses (LF_E*) raised as Python exceptions through
+ * the mapping both extension modules share (status_py.h).
  * No NumPy here: the module state is set up and torn down in module.c.
  */
 #include "runtime.h"

@@ -25,7 +25,6 @@ typedef void (*lf_ukernel_direct_fn)(int64_t kc, const float *a, int64_t lda, co
 typedef void (*lf_ukernel_pair_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, int64_t bstride,
                                    float *c, int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
 
-/* One ISA's rank-r kernels (skinny.c, skinny_body.h). */
 /* Dropout applied while reading an operand: keep iff lf_dropout_keep(seed, offset, threshold),
  * kept values times scale (= 1/(1-p), possibly times another factor). */
 typedef struct {
@@ -46,6 +45,8 @@ typedef struct {
 /* Most K segments of one rowdots product ([x | s·u] · [W | B]ᵀ has two). */
 #define LF_ROWDOTS_MAX_SEG 2
 
+/* One ISA's rank-r kernels: the loops of skinny_body.h compiled per ISA (skinny_avx512.c,
+ * skinny_avx2.c, skinny_generic.c), driven by skinny.c. */
 typedef struct {
     int vw; /* floats per vector */
     void (*rowdots_block)(int64_t j0, int64_t j1, int64_t n, const lf_dots_seg *seg, int nseg, float scale,

@@ -39,33 +39,43 @@ typedef struct {
     const lf_mask *wmask; /* rank_update: dropout on w, or NULL */
 } skinny_job;
 
+/* Each thread's share is run in steps, and a cancelled call (lf_interrupt_pending) stops at the
+ * next step, as the GEMM does at each cache block. A step is whole register blocks of the kernel
+ * and the kernels loop over them outermost, so the steps do the same work as one call:
+ *   rowdot: STEP_ROWS tokens (each streams its row of a once);
+ *   rank_update: STEP_ROWS rows of c, or STEP_VECS vectors of its columns (each streams all T);
+ *   rowdots: STEP_ROWS outputs (each streams its row of b once). */
+#define STEP_ROWS 64
+#define STEP_VECS 4
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 static void rowdot_task(void *ctxp, int tid, int nt) {
     (void)nt;
     skinny_job *j = ctxp;
-    const int64_t m0 = tid * j->chunk, m1 = m0 + j->chunk < j->M ? m0 + j->chunk : j->M;
-    if (m0 < m1) j->k->rowdot_rows(m0, m1, j->K, j->R, j->Rp, j->a, j->bt, j->scale, j->c);
+    const int64_t m0 = tid * j->chunk, m1 = min64(m0 + j->chunk, j->M);
+    for (int64_t i = m0; i < m1 && !lf_interrupt_pending(); i += STEP_ROWS)
+        j->k->rowdot_rows(i, min64(i + STEP_ROWS, m1), j->K, j->R, j->Rp, j->a, j->bt, j->scale, j->c);
 }
 
 static void rank_update_task(void *ctxp, int tid, int nt) {
     (void)nt;
     skinny_job *j = ctxp;
-    const int64_t len = j->split_p ? j->P : j->Q;
-    const int64_t b0 = tid * j->chunk, b1 = b0 + j->chunk < len ? b0 + j->chunk : len;
-    if (b0 >= b1) return;
-    if (j->split_p) j->k->rank_update_block(b0, b1, 0, j->Q, j->T, j->s, j->w, j->scale, j->c, j->ldc, j->wmask);
-    else j->k->rank_update_block(0, j->P, b0, b1, j->T, j->s, j->w, j->scale, j->c, j->ldc, j->wmask);
-}
-
-static int threads_for(lf_pool *pool, double flops, int64_t units) {
-    int nt = flops < (1 << 18) ? 1 : lf_pool_threads(pool);
-    return nt > units ? (int)(units > 0 ? units : 1) : nt;
+    const int64_t len = j->split_p ? j->P : j->Q, step = j->split_p ? STEP_ROWS : STEP_VECS * j->k->vw;
+    const int64_t b0 = tid * j->chunk, b1 = min64(b0 + j->chunk, len);
+    for (int64_t b = b0; b < b1 && !lf_interrupt_pending(); b += step) {
+        const int64_t e = min64(b + step, b1);
+        if (j->split_p) j->k->rank_update_block(b, e, 0, j->Q, j->T, j->s, j->w, j->scale, j->c, j->ldc, j->wmask);
+        else j->k->rank_update_block(0, j->P, b, e, j->T, j->s, j->w, j->scale, j->c, j->ldc, j->wmask);
+    }
 }
 
 static void rowdots_task(void *ctxp, int tid, int nt) {
     (void)nt;
     skinny_job *j = ctxp;
-    const int64_t j0 = tid * j->chunk, j1 = j0 + j->chunk < j->M ? j0 + j->chunk : j->M;
-    if (j0 < j1) j->k->rowdots_block(j0, j1, j->T, j->seg, j->nseg, j->scale, j->bias, j->c, j->ldc);
+    const int64_t j0 = tid * j->chunk, j1 = min64(j0 + j->chunk, j->M);
+    for (int64_t o = j0; o < j1 && !lf_interrupt_pending(); o += STEP_ROWS)
+        j->k->rowdots_block(o, min64(o + STEP_ROWS, j1), j->T, j->seg, j->nseg, j->scale, j->bias, j->c, j->ldc);
 }
 
 int lf_rowdots_ok(int64_t n, lf_view a, lf_view b) { return n <= LF_ROWDOTS_MAX_N && a.cs == 1 && b.cs == 1; }
@@ -82,7 +92,7 @@ int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int 
     /* T = the n rows of a; M = the rows of b, i.e. outputs per row */
     skinny_job job = {.k = skinny_for(lf_get_isa()), .M = M, .T = n, .seg = seg, .nseg = nseg, .scale = scale,
                       .bias = bias, .c = c, .ldc = ldc};
-    const int nt = threads_for(pool, 2.0 * (double)n * (double)M * K, (M + 1) / 2);
+    const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * K, (M + 1) / 2);
     job.chunk = ((M + nt - 1) / nt + 1) / 2 * 2;
     lf_pool_run(pool, nt, rowdots_task, &job);
     return lf_interrupt_pending() ? LF_EINTR : LF_OK;
@@ -99,7 +109,7 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view
     for (int64_t p = 0; p < K; p++) /* bt (K, Rp): b zero-padded to whole vectors */
         for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = b.p[p * b.rs + q * b.cs];
     skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c};
-    const int nt = threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
+    const int nt = lf_threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
     job.chunk = ((M + nt - 1) / nt + 7) / 8 * 8;
     lf_pool_run(pool, nt, rowdot_task, &job);
     free(bt);
@@ -136,7 +146,7 @@ int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf
                       .wmask = wmask};
     const int64_t qchunks = (Q + k->vw - 1) / k->vw;
     job.split_p = qchunks < lf_pool_threads(pool); /* too few column vectors to share: split rows */
-    const int nt = threads_for(pool, 2.0 * (double)P * (double)Q * (double)T, job.split_p ? P : qchunks);
+    const int nt = lf_threads_for(pool, 2.0 * (double)P * (double)Q * (double)T, job.split_p ? P : qchunks);
     if (job.split_p) {
         job.chunk = (P + nt - 1) / nt;
     } else {

@@ -25,7 +25,7 @@
 typedef float VF __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 
 /* VW floats from p, or the first n of them (rest zero) when n < VW. Full vectors are plain
- * unaligned vector loads (no memcpy call: under a target attribute GCC does not expand it). */
+ * unaligned vector loads through the may_alias vector type. */
 static inline __attribute__((always_inline)) VF vload(const float *p, int64_t n) {
     if (n >= VW) return *(const VF *)p;
     VF v = {0};
