@@ -470,11 +470,9 @@ static PyObject *py_output_cache_stats(PyObject *self, PyObject *Py_UNUSED(ignor
 }
 
 static int isa_from_name(const char *name, lf_isa *out) {
-    if (!strcmp(name, "generic")) *out = LF_ISA_GENERIC;
-    else if (!strcmp(name, "avx2")) *out = LF_ISA_AVX2;
-    else if (!strcmp(name, "avx512")) *out = LF_ISA_AVX512;
-    else return -1;
-    return 0;
+    for (*out = LF_ISA_GENERIC; *out <= LF_ISA_AVX512; (*out)++)
+        if (!strcmp(name, lf_isa_name(*out))) return 0;
+    return -1;
 }
 
 static PyObject *py_set_isa(PyObject *self, PyObject *arg) {

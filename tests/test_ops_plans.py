@@ -60,6 +60,19 @@ BACKWARD_CASES = {
 }
 
 
+def check_backward(got, g, x, W, A, B, scale, p, need_dx):
+    """dx, dA, dB (seed 5's mask when p > 0) against the float64 reference; dx None without need_dx."""
+    (n, k), m, r = x.shape, W.shape[0], A.shape[0]
+    mask = ops.dropout_mask(n, k, p, 5).astype(np.float64) if p else None
+    (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, scale, mask=mask)
+    assert_within(got[1], rdA, mdA, m + n + 6, "dA")
+    assert_within(got[2], rdB, mdB, k + n + 6, "dB")
+    if need_dx:
+        assert_within(got[0], rdx, mdx, 2 * m + r + 6, "dx")
+    else:
+        assert got[0] is None
+
+
 @pytest.mark.parametrize("case", BACKWARD_CASES)
 def test_each_backward_path_is_taken_and_exact(isa, case):
     p, need_dx, x_cols, g_cols, plan = BACKWARD_CASES[case]
@@ -70,14 +83,7 @@ def test_each_backward_path_is_taken_and_exact(isa, case):
     _, u = ops.lora_forward(x_in, W, A, B, scale, dropout_p=p, seed=5)
     dx, dA, dB = ops.lora_backward(g_in, x_in, u, W, A, B, scale, dropout_p=p, seed=5, need_dx=need_dx)
     assert _C.last_backward_plan() == plan
-    mask = ops.dropout_mask(n, k, p, 5).astype(np.float64) if p else None
-    (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, scale, mask=mask)
-    assert_within(dA, rdA, mdA, m + n + 6, "dA")
-    assert_within(dB, rdB, mdB, k + n + 6, "dB")
-    if need_dx:
-        assert_within(dx, rdx, mdx, 2 * m + r + 6, "dx")
-    else:
-        assert dx is None
+    check_backward((dx, dA, dB), g, x, W, A, B, scale, p, need_dx)
 
 
 def test_rank_above_the_skinny_kernels_takes_the_gemms():
@@ -145,14 +151,7 @@ def test_every_backward_plan_is_exact_where_it_fits(isa, plan, n, p):
         return
     dx, dA, dB = ops.lora_backward(g, x, u, W, A, B, scale, dropout_p=p, seed=5, need_dx=need_dx, plan=plan)
     assert _C.last_backward_plan() == plan
-    mask = ops.dropout_mask(n, k, p, 5).astype(np.float64) if p else None
-    (rdx, rdA, rdB), (mdx, mdA, mdB) = backward(g, x, W, A, B, scale, mask=mask)
-    assert_within(dA, rdA, mdA, m + n + 6, "dA")
-    assert_within(dB, rdB, mdB, k + n + 6, "dB")
-    if need_dx:
-        assert_within(dx, rdx, mdx, 2 * m + r + 6, "dx")
-    else:
-        assert dx is None
+    check_backward((dx, dA, dB), g, x, W, A, B, scale, p, need_dx)
 
 
 @pytest.mark.parametrize("plan, why", [
