@@ -118,9 +118,8 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view
 
 /* c (P, Q < VW) = scale · sᵀ · w through a whole vector: w's rows copied zero-padded to VW
  * floats, c computed VW wide into a scratch block and its first Q columns copied out. Each token
- * is then one vector load on the fast path; read in place, a row shorter than a vector was built
- * element by element (512×1024, 2 threads, backward without dx at r = 8: 0.52–0.54 -> 0.25–0.27 ms,
- * as at r = 16). */
+ * is then one vector load on the fast path; read in place, a row shorter than a vector would be
+ * built element by element (benchmarks/RESULTS.md, "Where the thresholds come from"). */
 static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
                               float *c, int64_t ldc, int64_t vw) {
     float *wp = calloc((size_t)(T > 0 ? T : 1) * (size_t)vw, sizeof(float));

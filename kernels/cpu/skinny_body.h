@@ -73,8 +73,8 @@ static inline __attribute__((always_inline)) VF w_row(lf_view w, int64_t t, int6
                                                       const lf_mask *wmask);
 
 /* Tokens ahead that ru_tokens prefetches. Its w (x in dA = s·vᵀ·x) is read one vector per row,
- * rows k floats apart, which the hardware prefetchers do not follow across pages: dA at
- * 512×1024 r16 from L3 (2 threads) 0.24-0.26 -> 0.16-0.17 ms median (8 tokens ahead 0.17, 32 0.18). */
+ * rows k floats apart, which the hardware prefetchers do not follow across pages (benchmarks/RESULTS.md,
+ * "Where the thresholds come from"). */
 #define RU_PREFETCH 16
 
 /* acc[i] += s[t, p+i] · w̃[t, j:j+VW] over all T tokens for NB rows of c at once; s's columns at
