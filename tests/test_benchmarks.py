@@ -25,6 +25,7 @@ RUNS = [
     ("bench_layer.py", ["--quick", "--only", "decode"], "targets:"),
     ("bench_gemm.py", ["--quick", "--rounds", "1"], "share"),
     ("bench_plans.py", ["--quick", "--rounds", "1"], "plans measured"),
+    ("bench_dora.py", ["--quick", "--rounds", "1"], "DoRA ratios measured"),
     ("bench_ops.py", ["--quick", "--rounds", "1"], "ratio alternating"),
     ("bench_lora_cost.py", ["--rounds", "1"], "512   1024   1024  16"),
     ("bench_train.py", TINY_TRAIN, "ratio lorafuse/PEFT"),

@@ -147,6 +147,18 @@ def _assert_match(got: dict, want: dict, tol: float = 1e-5) -> None:
         torch.testing.assert_close(got[key], ref, rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+def _penalised_grads(model: Any, inputs: dict) -> dict:
+    """Every trainable gradient of loss + Σ‖∂loss/∂adapter‖² (double backward through the adapters), eval mode."""
+    model.get_base_model().set_attn_implementation("eager")  # SDPA on the CPU has no double backward
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    (loss + sum(g.square().sum() for g in grads)).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_state_dict_keys_and_trainable_counts_match_peft(name: str, capsys: Any) -> None:
     theirs, ours = _pair(name)
@@ -170,9 +182,12 @@ def test_state_dict_keys_and_trainable_counts_match_peft(name: str, capsys: Any)
     assert ours.peft_config["default"].to_dict() == theirs.peft_config["default"].to_dict()
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_loss_and_every_gradient_match_peft(name: str) -> None:
-    theirs, ours = _pair(name)
+def test_logits_loss_and_every_gradient_match_peft(name: str, dora: bool) -> None:
+    """Plain LoRA, and DoRA (`lorafuse.dora`: the magnitude vectors' gradients among those compared)."""
+    theirs, ours = _pair(name, **({"use_dora": True} if dora else {}))
+    assert any("lora_magnitude_vector" in n for n, _ in ours.named_parameters()) == dora
     ours.train()
     theirs.train()
     inputs = _inputs(CASES[name])
@@ -190,26 +205,17 @@ def test_double_backward_gradient_penalty_matches_peft(name: str) -> None:
     theirs, ours = _pair(name)
     assert {m.backend for m in _fused(ours)} == {"c"}
     inputs = _inputs(CASES[name])
-
-    def penalised_grads(model: Any) -> dict:
-        model.get_base_model().set_attn_implementation("eager")  # SDPA on the CPU has no double backward
-        model.eval()
-        model.zero_grad(set_to_none=True)
-        loss = model(**inputs).loss
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        (loss + sum(g.square().sum() for g in grads)).backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    want = penalised_grads(theirs)
-    got = penalised_grads(ours)
+    want = _penalised_grads(theirs, inputs)
+    got = _penalised_grads(ours, inputs)
     assert _paths(ours) == {"c"}
     _assert_match(got, want)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_eval_mode_matches_peft_with_dropout_configured(name: str) -> None:
-    theirs, ours = _pair(name, lora_dropout=0.3)
+def test_eval_mode_matches_peft_with_dropout_configured(name: str, dora: bool) -> None:
+    """no_grad in eval mode: dropout configured but inactive, so DoRA is fused too (u may not be formed)."""
+    theirs, ours = _pair(name, lora_dropout=0.3, **({"use_dora": True} if dora else {}))
     theirs.eval()
     ours.eval()
     inputs = _inputs(CASES[name], seed=3)
@@ -241,9 +247,10 @@ def test_disable_adapter_gives_the_base_model(name: str) -> None:
     torch.testing.assert_close(again, adapted, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_merged_equals_unmerged_and_merge_and_unload_equals_peft(name: str) -> None:
-    theirs, ours = _pair(name)
+def test_merged_equals_unmerged_and_merge_and_unload_equals_peft(name: str, dora: bool) -> None:
+    theirs, ours = _pair(name, **({"use_dora": True} if dora else {}))
     theirs.eval()
     ours.eval()
     inputs = _inputs(CASES[name])

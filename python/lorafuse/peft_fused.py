@@ -19,8 +19,9 @@ adapter add/set/delete, modules_to_save, ``disable_adapter``, gradient checkpoin
 batches, DoRA and the other variants.
 
 The forward is fused (`lorafuse.autograd.fused_linear`: C kernels for float32 CPU, CUDA kernels for
-fp32/fp16/bf16 and PEFT's default fp32 adapters on bf16) when adapters are enabled and unmerged, exactly
-one active adapter is plain LoRA (no DoRA or other variant, no ``lora_bias``), the base layer is a plain
+fp32/fp16/bf16 and PEFT's default fp32 adapters on bf16; `lorafuse.dora.dora_linear` for a DoRA adapter on
+float32 CPU with no dropout active) when adapters are enabled and unmerged, exactly one active adapter is
+plain LoRA or DoRA (no other variant, no ``lora_bias``), the base layer is a plain
 nn.Linear / Conv1D without hooks, no extra forward argument is given (``adapter_names`` means PEFT's
 mixed batch), and a kernel takes the operands' dtypes (`layers.fused_operands`). Anything else runs
 PEFT's forward unchanged. ``layer.lorafuse_path`` tells which ran last: 'c' or 'cuda' (the fused
@@ -46,14 +47,16 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import layer as _peft_layer
 from peft.tuners.lora import model as _peft_model
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .atomic import atomic_directory_write
 from .autograd import fused_linear
+from .dora import RowNorms, dora_linear, dora_operands
 from .io_validate import AdapterFileError, check_peft_dir
-from .layers import fused_operands, plain_base
+from .layers import dropout_p, fused_operands, plain_base
 from .weight_cache import PackedWeightOption
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched"]
@@ -72,19 +75,23 @@ class FusedLinear(PackedWeightOption, PeftLinear):
     lorafuse_path: Optional[str] = None  # 'c', 'cuda' or 'peft': the path of the last forward
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
-        """PEFT's merge; W changes through ``.data`` (no version bump), so the kept panels go first."""
-        if self._weight_cache is not None:
-            self._weight_cache.clear()
+        """PEFT's merge; W changes through ``.data`` (no version bump), so what is kept of W goes first."""
+        self._forget_weight()
         super().merge(*args, **kwargs)
 
     def unmerge(self, *args: Any, **kwargs: Any) -> None:
-        """PEFT's unmerge, the kept panels dropped first (see `merge`)."""
-        if self._weight_cache is not None:
-            self._weight_cache.clear()
+        """PEFT's unmerge, what is kept of W dropped first (see `merge`)."""
+        self._forget_weight()
         super().unmerge(*args, **kwargs)
 
+    def _forget_weight(self) -> None:
+        """Drop the kept panels and row norms of W (it is about to change)."""
+        if self._weight_cache is not None:
+            self._weight_cache.clear()
+        self.__dict__.pop("_dora_row_norms", None)
+
     def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:
-        """`fused_linear`'s arguments, or None where PEFT's forward must run."""
+        """(`fused_linear` or `dora_linear`, its arguments), or None where PEFT's forward must run."""
         if self._disable_adapters or self.merged_adapters:
             return None
         active = self.active_adapters
@@ -92,14 +99,36 @@ class FusedLinear(PackedWeightOption, PeftLinear):
             return None
         name, modules = active[0], self._modules  # submodules read from _modules: no nn.Module.__getattr__
         lin_a = modules["lora_A"]._modules.get(name)
-        if (lin_a is None or x.shape[-1] != self.in_features or name in getattr(self, "lora_variant", ())
-                or getattr(self, "use_dora", {}).get(name) or self.lora_bias.get(name)):
+        variant = getattr(self, "lora_variant", {}).get(name)
+        dora = type(variant) is DoraLinearVariant
+        if (lin_a is None or x.shape[-1] != self.in_features or (variant is not None and not dora)
+                or self.lora_bias.get(name)):
             return None
-        base = modules["base_layer"]
-        if not plain_base(base):
+        base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[name]
+        # DoRA with dropout active: PEFT's forward (decided before fused_operands draws a seed from
+        # torch's RNG, which PEFT's dropout would then not see)
+        if not plain_base(base) or (dora and dropout_p(dropout) > 0.0):
             return None
-        return fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name],
-                              float(self.scaling[name]), bool(self.fan_in_fan_out), self._weight_cache)
+        fused = fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], dropout, float(self.scaling[name]),
+                               bool(self.fan_in_fan_out), self._weight_cache)
+        if fused is None or not dora:
+            return None if fused is None else (fused_linear, fused)
+        args = dora_operands(fused, modules["lora_magnitude_vector"]._modules[name]._parameters["weight"],
+                             self._row_norms)
+        return None if args is None else (dora_linear, args)
+
+    @property
+    def _row_norms(self) -> RowNorms:
+        """‖W_j‖² of the base weight for DoRA adapters (`lorafuse.dora.RowNorms`), a run-time attribute."""
+        norms = self.__dict__.get("_dora_row_norms")
+        if norms is None:
+            norms = self.__dict__["_dora_row_norms"] = RowNorms()
+        return norms
+
+    def train(self, mode: bool = True) -> "FusedLinear":
+        """nn.Module's train; DoRA's kept row norms of W are dropped (as PEFT drops its DoRA cache)."""
+        self.__dict__.pop("_dora_row_norms", None)
+        return super().train(mode)
 
     @property
     def backend(self) -> str:
@@ -125,11 +154,12 @@ class FusedLinear(PackedWeightOption, PeftLinear):
         self.__dict__["lorafuse_path"] = "peft" if fused is None else "cuda" if x.is_cuda else "c"
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        return fused_linear(*fused)
+        run, operands = fused
+        return run(*operands)
 
 
 # what a FusedLinear keeps in its instance dict (no state: run-time attributes only)
-RUNTIME_ATTRS = ("_weight_cache", "lorafuse_path")
+RUNTIME_ATTRS = ("_weight_cache", "lorafuse_path", "_dora_row_norms")
 
 
 def fuse_layer(module: nn.Module) -> nn.Module:

@@ -1,0 +1,126 @@
+"""DoRA (``use_dora=True``) on the fused kernels (`lorafuse.dora`) against PEFT's own DoRA. The model-level
+parity — logits, loss, every gradient with the magnitude vectors, eval with dropout configured, merge and
+merge_and_unload — is test_peft_parity's tests in their DoRA cases; here: the case PEFT keeps (dropout in
+training: PEFT's code, the same random numbers), double backward, files both ways, the row norms against the
+explicit m×k matrix, the fused function's backward in float64, and the kept norms' invalidation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import lorafuse  # noqa: E402
+from lorafuse.dora import DoraLinearFunction, RowNorms, dora_reference, row_norms  # noqa: E402
+from test_peft_parity import CASES, _assert_match, _fused, _inputs, _pair, _paths, _penalised_grads  # noqa: E402
+
+
+def test_dropout_in_training_runs_peft_dora() -> None:
+    """With dropout active PEFT runs a second base GEMM on the dropped input: not fused, PEFT's code runs."""
+    theirs, ours = _pair("llama", use_dora=True, lora_dropout=0.2)
+    theirs.train()
+    ours.train()
+    inputs = _inputs(CASES["llama"])
+    torch.manual_seed(7)
+    want = theirs(**inputs).loss
+    torch.manual_seed(7)
+    got = ours(**inputs).loss
+    assert _paths(ours) == {"peft"}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_double_backward_matches_peft_dora(name: str) -> None:
+    theirs, ours = _pair(name, use_dora=True)
+    inputs = _inputs(CASES[name])
+    want, got = _penalised_grads(theirs, inputs), _penalised_grads(ours, inputs)
+    assert _paths(ours) == {"c"}
+    _assert_match(got, want)
+
+
+def test_files_cross_both_ways(tmp_path) -> None:
+    theirs, ours = _pair("gpt2", use_dora=True)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    base = CASES["gpt2"].build
+    torch.manual_seed(0)
+    fresh = base()
+    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / "ours")
+    loaded_by_us = lorafuse.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / "theirs")
+    for loaded in (loaded_by_peft, loaded_by_us):
+        sd = {k: v for k, v in loaded.state_dict().items() if "lora_magnitude_vector" in k}
+        assert sd
+        _assert_match(sd, {k: v for k, v in theirs.state_dict().items() if k in sd}, tol=0)
+    inputs = _inputs(CASES["gpt2"])
+    loaded_by_us.eval()
+    theirs.eval()
+    with torch.no_grad():
+        _assert_match({"logits": loaded_by_us(**inputs).logits}, {"logits": theirs(**inputs).logits})
+    assert _paths(loaded_by_us) == {"c"}
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+def test_row_norms_equal_the_explicit_matrix(fifo: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    m, k, r, s = 37, 29, 5, 1.7
+    W = torch.randn((k, m) if fifo else (m, k), generator=gen, dtype=torch.float64)
+    A, B = torch.randn(r, k, generator=gen, dtype=torch.float64), torch.randn(m, r, generator=gen, dtype=torch.float64)
+    w_mk = W.t() if fifo else W
+    want = torch.linalg.norm(w_mk + s * (B @ A), dim=1)
+    norms = RowNorms()
+    torch.testing.assert_close(row_norms(W, A, B, s, fifo, norms), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(row_norms(W, A, B, s, fifo, norms), want, rtol=1e-12, atol=0)  # kept ‖W_j‖²
+    with torch.no_grad():
+        W.mul_(2.0)  # an in-place change bumps the version counter: ‖W_j‖² is recomputed
+    want = torch.linalg.norm((W.t() if fifo else W) + s * (B @ A), dim=1)
+    torch.testing.assert_close(row_norms(W, A, B, s, fifo, norms), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fifo, bias", [(False, True), (True, False)])
+def test_fused_function_gradients_float64(fifo: bool, bias: bool) -> None:
+    """The hand-written backward (g' = g⊙c, dμ = Σ g⊙z / ν), on the torch math (kern=None: float64): gradcheck
+    for x, bias and μ (ν does not depend on them); for W, A and B — where ν, detached by design, does — equal
+    to autograd through `dora_reference`, which detaches ν the same way."""
+    gen = torch.Generator().manual_seed(5)
+    n, k, m, r, s = 6, 7, 5, 3, 0.8
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    x, W, A, B, mag = rnd(n, k), rnd(*((k, m) if fifo else (m, k))), rnd(r, k), rnd(m, r), rnd(m)
+    b = rnd(m) if bias else None
+
+    def fused(x, W, b, A, B, mag):
+        return DoraLinearFunction.apply(x, W, b, A, B, mag, s, fifo, None, None, None)
+
+    frozen = [t.detach() for t in (W, A, B)]
+    assert torch.autograd.gradcheck(lambda x, b, mag: fused(x, frozen[0], b, frozen[1], frozen[2], mag), (x, b, mag))
+    g = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    inputs = [t for t in (x, W, b, A, B, mag) if t is not None]
+    got = torch.autograd.grad(fused(x, W, b, A, B, mag), inputs, g)
+    want = torch.autograd.grad(dora_reference(x, W, b, A, B, mag, s, fifo), inputs, g)
+    for got_t, want_t in zip(got, want):
+        torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
+
+
+def test_train_and_merge_drop_the_kept_norms() -> None:
+    _, ours = _pair("llama", use_dora=True)
+    layer = _fused(ours)[0]
+    with torch.no_grad():
+        ours(**_inputs(CASES["llama"]))
+    assert isinstance(layer.__dict__.get("_dora_row_norms"), RowNorms)
+    ours.train()
+    assert "_dora_row_norms" not in layer.__dict__
+    with torch.no_grad():
+        ours(**_inputs(CASES["llama"]))
+    layer.merge()
+    assert "_dora_row_norms" not in layer.__dict__
+    layer.unmerge()
+    with torch.no_grad():
+        ours(**_inputs(CASES["llama"]))
+    assert "_dora_row_norms" in layer.__dict__
+    lorafuse.unfuse_peft_model(ours)  # stock PEFT classes again: the run-time attributes go too
+    assert type(layer) is peft.tuners.lora.Linear and "_dora_row_norms" not in layer.__dict__
