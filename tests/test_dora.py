@@ -124,3 +124,47 @@ def test_train_and_merge_drop_the_kept_norms() -> None:
     assert "_dora_row_norms" in layer.__dict__
     lorafuse.unfuse_peft_model(ours)  # stock PEFT classes again: the run-time attributes go too
     assert type(layer) is peft.tuners.lora.Linear and "_dora_row_norms" not in layer.__dict__
+
+
+def test_inference_keeps_the_norms_until_an_adapter_changes() -> None:
+    """no_grad forwards reuse ν while W, A and B are unchanged; an optimizer-style in-place update of B (version
+    counter) makes the next forward recompute it — the output then follows the new B, as PEFT's does."""
+    theirs, ours = _pair("llama", use_dora=True)
+    theirs.eval()
+    ours.eval()
+    inputs = _inputs(CASES["llama"])
+    layer = _fused(ours)[0]
+    with torch.no_grad():
+        first = ours(**inputs).logits
+        kept = layer._row_norms._nu
+        assert kept is not None
+        torch.testing.assert_close(ours(**inputs).logits, first, rtol=0, atol=0)
+        assert layer._row_norms._nu is kept
+        for model in (ours, theirs):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(1.5)
+        _assert_match({"logits": ours(**inputs).logits}, {"logits": theirs(**inputs).logits})
+    assert layer._row_norms._nu is not kept
+
+
+def test_training_steps_match_peft_and_refresh_the_norms() -> None:
+    """Three AdamW steps on both models: losses and magnitudes stay PEFT's — each step's in-place update of A, B
+    and μ (version counters) makes the next forward take fresh norms."""
+    theirs, ours = _pair("qwen2", use_dora=True)
+    inputs = _inputs(CASES["qwen2"])
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (theirs, ours)]
+    for model in (theirs, ours):
+        model.train()
+    for _ in range(3):
+        losses = []
+        for model, opt in zip((theirs, ours), opts):
+            opt.zero_grad(set_to_none=True)
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert _paths(ours) == {"c"}
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    mags = {n: p for n, p in theirs.named_parameters() if "lora_magnitude_vector" in n}
+    _assert_match({n: p for n, p in ours.named_parameters() if n in mags}, mags, tol=1e-4)

@@ -17,7 +17,8 @@ The norms never form the m×k matrix W + s·B·A:
     ν_j² = ‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ
 
 with ‖W_j‖² kept per frozen W (`RowNorms`, invalidated like the packed-W cache) and A·Wᵀ (r, m), A·Aᵀ (r, r)
-per call: 2·r·k·(m + r) flops, r/n of the base GEMM. Memory beyond LoRA: z (..., m) kept for dμ, and c, ν (m).
+per training call: 2·r·k·(m + r) flops, r/n of the base GEMM, and one more read of W; for inference (no
+gradient recorded, or several forwards between optimizer steps) ν itself is kept while W, A and B are unchanged. Memory beyond LoRA: z (..., m) kept for dμ, and c, ν (m).
 With dropout active (training, p > 0) PEFT runs a second base GEMM on the dropped input; that case, like
 torch.compile tracing, runs PEFT's own forward (`dora_operands` declines it).
 """
@@ -34,30 +35,50 @@ from .weight_cache import PackedWeightCache
 __all__ = ["RowNorms", "row_norms", "dora_linear", "DoraLinearFunction", "dora_operands"]
 
 
-class RowNorms:
-    """‖W_j‖² (m,) of one layer's frozen base weight, in float64, kept while W is the same unchanged
-    tensor: the key is its data pointer, shape, strides and autograd version counter (in-place writes
-    through ``.data`` are not seen: the layer clears it on merge, unmerge and ``train()``). A weight that
-    requires grad is never kept (it changes every step)."""
+def _key(t: torch.Tensor) -> tuple:
+    """What identifies an unchanged tensor: data pointer, shape, strides, autograd version counter."""
+    return (t.data_ptr(), t._version, t.shape, t.stride())
 
-    __slots__ = ("_key", "_norms")
+
+class RowNorms:
+    """What one layer keeps of its DoRA norms: ‖W_j‖² (m,) of the frozen base weight, in float64, while W is the
+    same unchanged tensor; and ν itself while W, A, B and s are unchanged (inference; several forwards between
+    optimizer steps, whose in-place updates bump A's and B's version counters).
+    Keys: data pointers, shapes, strides and autograd version counters (in-place writes through ``.data`` are
+    not seen: the layer drops everything on merge, unmerge and ``train()``). A weight that requires grad is
+    never kept (it changes every step)."""
+
+    __slots__ = ("_key", "_norms", "_nu_key", "_nu")
 
     def __init__(self) -> None:
         self._key: Optional[tuple] = None
         self._norms: Optional[torch.Tensor] = None
+        self._nu_key: Optional[tuple] = None
+        self._nu: Optional[torch.Tensor] = None
+
+    def nu(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+           fifo: bool) -> torch.Tensor:
+        """`row_norms`, kept while W, A, B and s stay unchanged."""
+        if weight.requires_grad or weight.is_inference() or lora_a.is_inference() or lora_b.is_inference():
+            return row_norms(weight, lora_a, lora_b, scale, fifo, self)
+        key = (_key(weight), _key(lora_a), _key(lora_b), scale, fifo)
+        if key != self._nu_key or self._nu is None:
+            self._nu = row_norms(weight, lora_a, lora_b, scale, fifo, self)
+            self._nu_key = key
+        return self._nu
 
     def get(self, weight_mk: torch.Tensor) -> torch.Tensor:
         """‖W_j‖² for W viewed (m, k)."""
         if weight_mk.requires_grad or weight_mk.is_inference():
             return weight_mk.detach().double().square().sum(1)
-        key = (weight_mk.data_ptr(), weight_mk._version, weight_mk.shape, weight_mk.stride())
+        key = _key(weight_mk)
         if key != self._key or self._norms is None:
             self._norms = weight_mk.detach().double().square().sum(1)
             self._key = key
         return self._norms
 
     def clear(self) -> None:
-        self._key = self._norms = None
+        self._key = self._norms = self._nu_key = self._nu = None
 
     def __deepcopy__(self, memo: dict) -> "RowNorms":
         return RowNorms()  # a copied layer has another weight
@@ -80,6 +101,14 @@ def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
         return nu2.clamp_min(0.0).sqrt().to(weight.dtype)
 
 
+def _norms_of(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fifo: bool,
+              norms: Optional[RowNorms]) -> torch.Tensor:
+    """ν from the layer's kept norms (reused while W, A and B are unchanged: inference, gradient accumulation,
+    checkpointed recomputation), or computed."""
+    return row_norms(weight, lora_a, lora_b, scale, fifo) if norms is None else norms.nu(weight, lora_a, lora_b,
+                                                                                         scale, fifo)
+
+
 class DoraLinearFunction(torch.autograd.Function):
     """y = (μ/ν) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, ν detached; saves x, u, z and c."""
 
@@ -88,7 +117,7 @@ class DoraLinearFunction(torch.autograd.Function):
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool, norms: Optional[RowNorms],
                 weight_cache: Optional[PackedWeightCache], kern: Any) -> torch.Tensor:
         z, u, kern = forward(x, weight, None, lora_a, lora_b, scale, 0.0, 0, fifo, weight_cache=weight_cache, kern=kern)
-        nu = row_norms(weight, lora_a, lora_b, scale, fifo, norms)
+        nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
         c = magnitude.detach() / nu
         y = z * c if bias is None else torch.addcmul(bias.detach(), z, c)
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
@@ -155,7 +184,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                                            or (bias is not None and bias.requires_grad)):
         z = forward(x, weight, None, lora_a, lora_b, scale, 0.0, 0, fifo, need_u=False, weight_cache=weight_cache,
                     kern=kern)[0]
-        c = magnitude / row_norms(weight, lora_a, lora_b, scale, fifo, norms)
+        c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
         return z.mul_(c) if bias is None else torch.addcmul(bias, z, c, out=z)  # one pass over z
     return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, weight_cache,
                                     kern)
