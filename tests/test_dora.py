@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 import lorafuse  # noqa: E402
 from lorafuse.dora import DoraLinearFunction, RowNorms, dora_reference, row_norms  # noqa: E402
-from test_peft_parity import CASES, _assert_match, _fused, _inputs, _pair, _paths, _penalised_grads  # noqa: E402
+from test_peft_parity import CASES, _assert_match, _fused, _inputs, _pair, _paths, _penalised_grads, _run  # noqa: E402
 
 
 def test_dropout_in_training_runs_peft_dora() -> None:
@@ -168,3 +168,25 @@ def test_training_steps_match_peft_and_refresh_the_norms() -> None:
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     mags = {n: p for n, p in theirs.named_parameters() if "lora_magnitude_vector" in n}
     _assert_match({n: p for n, p in ours.named_parameters() if n in mags}, mags, tol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "orthogonal"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_initialisations_equal_peft_and_train_fused(init: str, dora: bool) -> None:
+    """PiSSA (full and fast SVD), OLoRA, orthogonal: PEFT's own initialisation code runs inside
+    `lorafuse.get_peft_model`, so the same seed gives PEFT's adapters and PEFT's residual base weights; the
+    layers then run fused."""
+    base = CASES["llama"].build
+    kwargs = dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init, use_dora=dora)
+    models = []
+    for get in (peft.get_peft_model, lorafuse.get_peft_model):
+        torch.manual_seed(0)
+        model = base()
+        torch.manual_seed(1)
+        models.append(get(model, peft.LoraConfig(**kwargs)))
+    theirs, ours = models
+    _assert_match(ours.state_dict(), theirs.state_dict(), tol=0)
+    inputs = _inputs(CASES["llama"])
+    want, got = _run(theirs.train(), inputs), _run(ours.train(), inputs)
+    assert _paths(ours) == {"c"}
+    _assert_match(got, want)
