@@ -12,25 +12,27 @@ import torch.nn.functional as F
 
 from lorafuse import _C
 from bench_layer import SHAPES
-from timing import interleaved, start
+from timing import interleaved, plan_label, start
 
 
 def main() -> None:
     args = start(__doc__, "bench_lora_cost: the rank-r term on top of the GEMM (fp32)")
     print(f"\n{'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'sgemm/F.linear':>14} | {'infer/sgemm':>11} {'with u/sgemm':>12} "
-          f"| {'infer/F.linear':>14}")
+          f"| {'infer/F.linear':>14} | plan: infer ; with u")
     torch.manual_seed(0)
     for n, k, m, r in SHAPES["small"]:
         x, W, b, y = torch.randn(n, k), torch.randn(m, k), torch.randn(m), torch.empty(n, m)
         A, B = torch.randn(r, k), torch.randn(m, r)
-        t = interleaved({
+        cands = {
             "sgemm": lambda: _C.sgemm(x, W.T, 1.0, b, y),
             "F.linear": lambda: F.linear(x, W, b),
             "infer": lambda: _C.lora_forward(x, W, A, B, 2.0, b, y, None, 0.0, 0, False, False),
             "with u": lambda: _C.lora_forward(x, W, A, B, 2.0, b, y),
-        }, rounds=args.rounds)
+        }
+        t = interleaved(cands, rounds=args.rounds)
         print(f"{n:5d} {k:6d} {m:6d} {r:3d} | {t['sgemm'] / t['F.linear']:14.3f} | {t['infer'] / t['sgemm']:11.3f} "
-              f"{t['with u'] / t['sgemm']:12.3f} | {t['infer'] / t['F.linear']:14.3f}")
+              f"{t['with u'] / t['sgemm']:12.3f} | {t['infer'] / t['F.linear']:14.3f} | "
+              f"{plan_label(cands['infer'])} ; {plan_label(cands['with u'])}")
 
 
 if __name__ == "__main__":
