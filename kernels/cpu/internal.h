@@ -114,6 +114,7 @@ typedef struct {
 typedef struct {
     lf_isa isa;
     lf_blocking wide, narrow; /* the blocks of the ISA's tile and of its narrow tile (if any) */
+    lf_blocking pairs;        /* the blocks of its bf16 pair tile (avx512_bf16 only; kc counts k) */
     /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
      * place by the MR×NR tile instead of packed (0: never) */
     int64_t direct_a_max_cols;
@@ -131,7 +132,7 @@ typedef struct {
     double parallel_min_flops;
 } lf_tunables;
 
-extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512;
+extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512, lf_tunables_avx512_bf16;
 
 /* The tunables of the ISA in use (lf_current()). */
 const lf_tunables *lf_tune(void);

@@ -40,12 +40,15 @@ void lf_interrupt_target(lf_cancel *c);
 void lf_interrupt_request(void);
 
 /* ---- instruction-set dispatch (the library's only global state) ---- */
-typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2 } lf_isa;
+/* Ordered: each level implies the ones below it. LF_ISA_AVX512_BF16 is AVX-512 plus the
+ * AVX512_BF16 dot product (vdpbf16ps): fp32 work runs the AVX-512 kernels, two bf16 GEMM
+ * operands the bf16 pair tile (ukernel_avx512_bf16.c). */
+typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2, LF_ISA_AVX512_BF16 = 3 } lf_isa;
 
 lf_isa lf_cpu_best_isa(void);      /* best ISA this CPU and OS support (cpuid + xgetbv) */
 int lf_set_isa(lf_isa isa);        /* LF_EISA if the CPU lacks it; not thread-safe vs running kernels */
 lf_isa lf_get_isa(void);
-const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" */
+const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" | "avx512_bf16" */
 
 /* ---- thread pool: torch's OpenMP runtime when one is loaded (one pool for both, nothing to
  *      fight), else pthreads that sleep on a condition variable after a short spin ---- */
