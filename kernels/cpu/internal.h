@@ -211,6 +211,15 @@ typedef struct {
 
 lf_operand lf_operand_plain(lf_view v, float scale);
 
+/* gemm_pack.c: dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR = dp->mr), p < kc;
+ * next_mr: rows of the sliver packed after this one (at i0 + MR), prefetched meanwhile */
+void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t next_mr,
+                      int64_t p0, int64_t kc, int MR, float *dst);
+/* gemm_pack.c: the kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at
+ * dst + q·NR·kc: dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc */
+void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+                     int NR, float *dst);
+
 /* 1 if lf_gemm reads a plain row-major A in place (unpacked) with the MR×NR tile when C has N
  * columns, N at most one and a half slivers (a second sliver re-reads A's rows: see lora.c
  * few_tokens): the tile for N has an in-place variant on this ISA. */
