@@ -78,7 +78,8 @@ typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
  * scale, no dropout; any row stride, 0 for a broadcast row included) and the ISA has the tile */
 static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
-    if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold) return A_PACKED;
+    if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold || s->dtype != LF_DT_F32)
+        return A_PACKED; /* a half A is widened (or paired) by packing, never read by the fp32 tiles */
     const lf_tunables *tu = lf_tune();
     const int rows_in_one_set = tu->a_same_set_stride && s->v.rs % tu->a_same_set_stride == 0 && ncols > dp->nr;
     if (dp->ukernel_pair && (ncols > tu->direct_a_max_cols || rows_in_one_set)) return A_IN_PLACE_PAIR;
@@ -119,6 +120,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         for (int64_t pc = 0; pc < K; pc += dp->blk->kc) {
             const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
+            const int64_t ks = dp->k_pairs ? (kc + 1) / 2 : kc; /* 32-bit slots a packed row or column has */
             const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
             if (!bpanel) {
@@ -137,17 +139,17 @@ static void gemm_block(void *ctxp, int tid, int nt) {
                 if (how == A_PACKED)
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         lf_pack_a_sliver(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,
-                               apack + ir * kc);
+                               apack + ir * ks);
                 for (int64_t jr = 0; jr < nc; jr += tc) {
                     const int64_t nr = min64(tc, nc - jr);
                     const float *bias =
                         (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
-                    const float *bp = bpanel + jr * kc;
+                    const float *bp = bpanel + jr * ks;
                     for (int64_t ir = 0; ir < mc; ir += tr) {
                         float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
                         const int64_t mr = min64(tr, mc - ir);
                         if (how == A_PACKED) {
-                            dp->ukernel(kc, apack + ir * kc, bp, ct, job->ldc, mr, nr, accumulate, bias);
+                            dp->ukernel(kc, apack + ir * ks, bp, ct, job->ldc, mr, nr, accumulate, bias);
                             continue;
                         }
                         const float *arow = a0->v.p + (ic + ir) * a0->v.rs + pc;
@@ -189,6 +191,29 @@ static const lf_dispatch *dispatch_for(int64_t N) {
     return dp->narrow && N <= dp->narrow->nr ? dp->narrow : dp;
 }
 
+/* 1 if every segment of o is bf16, at scale 1 (the bf16 tile multiplies the bits as they are) */
+static int plain_bf16(const lf_operand *o) {
+    return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f;
+}
+
+/* The tile of a GEMM: two plain bf16 operands on avx512_bf16 take the bf16 pair tile; everything
+ * else dispatch_for(N) (half operands widened to fp32 while packing). */
+static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, int64_t N) {
+    if (lf_get_isa() == LF_ISA_AVX512_BF16 && plain_bf16(a) && plain_bf16(b)) return &lf_dispatch_avx512_bf16;
+    return dispatch_for(N);
+}
+
+/* LF_EINVAL if a half segment asks for what only fp32 segments do: dropout, a low-rank addend,
+ * kept panels; or a dtype lf_dtype does not name */
+static int check_segments(const lf_operand *o) {
+    for (int t = 0; t < o->nseg; t++) {
+        const lf_segment *s = &o->seg[t];
+        if (s->dtype != LF_DT_F32 && s->dtype != LF_DT_BF16 && s->dtype != LF_DT_F16) return LF_EINVAL;
+        if (s->dtype != LF_DT_F32 && (s->drop_threshold || o->add || o->packed || !s->h)) return LF_EINVAL;
+    }
+    return LF_OK;
+}
+
 int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K) {
     const lf_dispatch *dp = dispatch_for(N);
     int tm, tn;
@@ -199,6 +224,7 @@ int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K) {
 int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
             const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc) {
     if (!pool || M < 0 || N < 0 || K < 0 || (beta != 0.0f && beta != 1.0f)) return LF_EINVAL;
+    if (check_segments(a) || check_segments(b)) return LF_EINVAL;
     if (M == 0 || N == 0) return LF_OK;
     if (!c || ldc < N) return LF_EINVAL;
     if (K == 0) { /* empty sum: C = beta·C + bias */
@@ -210,7 +236,7 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     int64_t mn, flops;
     if (!lf_mul_ok(M, N, &mn) || !lf_mul_ok(mn, K, &flops) || !lf_mul_ok(flops, 2, &flops))
         return LF_EOVERFLOW;
-    const lf_dispatch *dp = dispatch_for(N);
+    const lf_dispatch *dp = dispatch_of(a, b, N);
     if (b->packed && (b->packed->N != N || b->packed->K != (b->nseg > 1 ? b->k_split : K) || b->add))
         return LF_EINVAL;
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
@@ -256,6 +282,25 @@ void lf_packed_weight_free(lf_packed_b *pk) {
 }
 
 size_t lf_packed_weight_bytes(const lf_packed_b *pk) { return pk ? pk->bytes : 0; }
+
+/* operand of one segment reading t (fp32 through v.p, bf16 / fp16 through h) */
+static lf_operand typed_operand(lf_tview t, float scale) {
+    lf_operand o = lf_operand_plain((lf_view){t.dtype == LF_DT_F32 ? t.p : NULL, t.rs, t.cs}, scale);
+    o.seg[0].dtype = t.dtype;
+    if (t.dtype != LF_DT_F32) o.seg[0].h = t.p;
+    return o;
+}
+
+int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
+             const float *bias, float *c, int64_t ldc) {
+    const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
+    return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
+}
+
+int lf_hgemm_pairs(float alpha, lf_tview a, lf_tview b) {
+    const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
+    return dispatch_of(&oa, &ob, 1) == &lf_dispatch_avx512_bf16;
+}
 
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
              float beta, const float *bias, float *c, int64_t ldc) {
