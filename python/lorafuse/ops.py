@@ -124,6 +124,7 @@ def hgemm(a: Any, b: Any, alpha: float = 1.0, bias: Any = None, out: Optional[np
     and flushes denormal partial sums: tests/tolerances.py); everything else widens the half
     operands to fp32 while packing and runs the fp32 micro-kernels. ``_C.hgemm_path(a, b, alpha)``
     says which. ``beta`` is 0 or 1; beta=1 adds into ``out`` (required, no bias). ``out``: a
-    C-contiguous float32 (M, N) array or tensor that overlaps no input. Returns c (``out`` if given).
+    C-contiguous float32 (M, N) array or tensor that overlaps no input. Returns c, a NumPy array
+    (viewing ``out``'s memory when given).
     """
     return _C.hgemm(a, b, alpha, bias, out, beta)
