@@ -38,7 +38,8 @@ else:
 
 cpu_extension = Extension(
     "lorafuse._C",
-    sources=["csrc/module.c", "csrc/args.c", "csrc/runtime.c", "csrc/plans.c", "csrc/dlpack_in.c", "csrc/out_cache.c"]
+    sources=["csrc/module.c", "csrc/args.c", "csrc/runtime.c", "csrc/plans.c", "csrc/dlpack_in.c", "csrc/out_cache.c",
+               "csrc/hgemm.c"]
     + sorted(glob.glob("kernels/cpu/*.c")),
     include_dirs=["kernels/include", numpy.get_include()],
     define_macros=[("LORAFUSE_VERSION", f'"{VERSION}"')],

@@ -1,7 +1,13 @@
 """lorafuse's packed sgemm vs torch.matmul (MKL/oneDNN) on the LoRA shapes, against this CPU's
 measured fp32 peak (benchmarks/fma_peak.c: register-only FMA loop, 1 and N threads).
 
-    python benchmarks/bench_gemm.py [--threads 2] [--rounds 9] [--quick]
+    python benchmarks/bench_gemm.py [--threads 2] [--rounds 9] [--quick] [--dtype fp32|bf16|fp16]
+
+--dtype bf16 / fp16: ops.hgemm on bf16 / fp16 tensors vs torch.matmul on the same tensors (torch
+returns bf16 / fp16, lorafuse fp32), each row labelled with the path measured (_C.hgemm_path:
+'bf16_pairs' = vdpbf16ps on the avx512_bf16 ISA, 'widened' = converted to fp32 while packing, the
+fp32 kernels; for bf16 on an avx512_bf16 CPU both are timed, the widened one with the ISA forced to
+avx512), against the measured vdpbf16ps peak (fma_peak.c bf16 mode) and the FMA peak.
 """
 from __future__ import annotations
 
@@ -24,14 +30,15 @@ SHAPES = [  # M (tokens) × K (in) × N (out): y = x·Wᵀ
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fma_peak(threads: int) -> dict:
-    """GFLOP/s of the FMA-only loop for zmm and ymm, 1 thread and `threads` threads: the best of
-    3 runs each, since on a shared VM one descheduled thread halves a single run."""
+def fma_peak(threads: int, modes=("zmm", "ymm")) -> dict:
+    """GFLOP/s of the FMA-only loop for each mode (zmm, ymm; bf16: vdpbf16ps), 1 thread and
+    `threads` threads: the best of 3 runs each, since on a shared VM one descheduled thread halves
+    a single run."""
     exe = os.path.join(tempfile.gettempdir(), "lorafuse_fma_peak")
     subprocess.run(["gcc", "-O2", "-mavx512f", "-mfma", "-pthread", os.path.join(HERE, "fma_peak.c"), "-o", exe],
                    check=True)
     res = {}
-    for width in ("zmm", "ymm"):
+    for width in modes:
         for t in sorted({1, threads}):
             runs = [subprocess.run([exe, str(t), width], capture_output=True, text=True, check=True)
                     for _ in range(3)]
@@ -44,8 +51,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = ap.parse_args()
     set_threads(args.threads)
+    if args.dtype != "fp32":
+        return half_main(args)
     header("bench_gemm: lorafuse sgemm vs torch.matmul", args.threads)
     peak = fma_peak(args.threads)
     for (width, t), g in peak.items():
@@ -70,6 +80,45 @@ def main() -> None:
         print(f"{M:6d} {K:6d} {N:6d} | {g_ours:13.1f} {g_torch:10.1f} | {t['torch'] / t['ours']:10.3f} | "
               f"{100 * g_ours / peak_n:5.1f}%")
     packing_share(3 if args.quick else args.rounds)
+
+
+def half_main(args) -> None:
+    """ops.hgemm vs torch.matmul on bf16 / fp16 operands (see the module's docstring)."""
+    from lorafuse import _C
+
+    header(f"bench_gemm: lorafuse hgemm vs torch.matmul, {args.dtype}", args.threads)
+    native = args.dtype == "bf16" and _C.cpu_isa() == "avx512_bf16"
+    peak = fma_peak(args.threads, ("zmm", "bf16") if native else ("zmm",))
+    for (mode, t), g in peak.items():
+        print(f"# {'vdpbf16ps' if mode == 'bf16' else 'FMA'}-only loop zmm x{t} thread(s): {g:.1f} GFLOP/s")
+    print(f"# torch: mkldnn bf16 {torch.backends.mkldnn.is_available()}, AMX-capable CPU "
+          f"{'amx_bf16' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else '?'}")
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    isas = ["avx512_bf16", "avx512"] if native else [_C.get_isa()]
+    before = _C.get_isa()
+    print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'path (isa)':>24} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | "
+          f"{'ours/torch':>10} | {'% peak':>6}")
+    rng = np.random.default_rng(0)
+    try:
+        for M, K, N in (SHAPES[:3] if args.quick else SHAPES):
+            x = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32)).to(dt)
+            w = torch.from_numpy(rng.standard_normal((N, K), dtype=np.float32)).to(dt)
+            out, tout = np.empty((M, N), np.float32), torch.empty(M, N, dtype=dt)
+            cands = {"torch": lambda: torch.matmul(x, w.t(), out=tout)}
+            for isa in isas:
+                cands[isa] = lambda isa=isa: (_C.set_isa(isa), ops.hgemm(x, w.t(), out=out))
+            t = interleaved(cands, rounds=3 if args.quick else args.rounds)
+            fl = 2.0 * M * N * K
+            for isa in isas:
+                _C.set_isa(isa)
+                path = _C.hgemm_path(x, w.t())[0]
+                pk = peak[("bf16" if path == "bf16_pairs" else "zmm", args.threads)]
+                g, gt = fl / t[isa] / 1e9, fl / t["torch"] / 1e9
+                print(f"{M:6d} {K:6d} {N:6d} | {path + ' (' + isa + ')':>24} | {g:13.1f} {gt:10.1f} | "
+                      f"{t['torch'] / t[isa]:10.3f} | {100 * g / pk:5.1f}%")
+    finally:
+        _C.set_isa(before)
+    print("# % peak: of the vdpbf16ps loop for bf16_pairs rows, of the zmm FMA loop for widened ones")
 
 
 def packing_share(rounds: int) -> None:

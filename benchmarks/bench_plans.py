@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="the first shape of each group, 3 rounds")
-    ap.add_argument("--isa", choices=["generic", "avx2", "avx512"], help="force the micro-kernel ISA")
+    ap.add_argument("--isa", choices=["generic", "avx2", "avx512", "avx512_bf16"], help="force the micro-kernel ISA")
     args = ap.parse_args()
     if args.isa:
         _C.set_isa(args.isa)

@@ -1,11 +1,14 @@
-/* fma_peak.c — this CPU's fp32 peak, measured: a register-only loop of independent FMA chains.
+/* fma_peak.c — this CPU's fp32 peak, measured: a register-only loop of independent FMA chains
+ * (and, in mode bf16, of vdpbf16ps chains: the AVX512_BF16 peak of the bf16 GEMM tile).
  *
  * 12 accumulators × 16 lanes (zmm) — enough independent chains to cover FMA latency (4 cycles)
  * × throughput (up to 2/cycle) — no loads or stores in the loop, so the rate is the FMA units'
  * alone. Run with T threads (pthreads) to see whether the cores scale (real cores: ×T;
  * SMT siblings sharing FMA units: less).
- * Build: gcc -O2 -mavx512f -mfma -pthread fma_peak.c -o fma_peak     Run: ./fma_peak THREADS [ymm]
- * Prints GFLOP/s (1 FMA = 2 flops). */
+ * Build: gcc -O2 -mavx512f -mfma -pthread fma_peak.c -o fma_peak     Run: ./fma_peak THREADS [ymm|bf16]
+ * Prints GFLOP/s (1 FMA = 2 flops; 1 vdpbf16ps zmm = 16 lanes × 2 bf16 products × 2 = 64 flops).
+ * bf16 needs a CPU with AVX512_BF16 (the loop carries its own target attribute; elsewhere it would
+ * fault with SIGILL, so callers check cpuid first, as bench_gemm.py does). */
 #define _POSIX_C_SOURCE 200809L
 #include <immintrin.h>
 #include <pthread.h>
@@ -15,7 +18,7 @@
 #include <time.h>
 
 #define ITERS 200000000L
-static int use_ymm = 0;
+static int use_ymm = 0, use_bf16 = 0;
 
 static double now(void) {
     struct timespec ts;
@@ -37,9 +40,21 @@ static double now(void) {
         a8 = FMA(a8, b, c); a9 = FMA(a9, b, c); a10 = FMA(a10, b, c); a11 = FMA(a11, b, c);      \
     }
 
+/* acc += a·b on 16 lanes of bf16 pairs: the CHAINS loop with vdpbf16ps as its FMA */
+#define DPBF16(acc, x, y) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(x), (__m512bh)_mm512_castps_si512(y))
+
+__attribute__((target("avx512f,avx512bf16"))) static float run_bf16(long n) {
+    CHAINS(__m512, DPBF16, _mm512_set1_ps)
+    return _mm512_cvtss_f32(a0) + _mm512_cvtss_f32(a6) + _mm512_cvtss_f32(a11);
+}
+
 static void *run(void *out) {
     float sink = 0;
-    if (use_ymm) {
+    if (use_bf16) {
+        const long n = ITERS / 4;
+        sink = run_bf16(n);
+        *(double *)out = (double)n * 12 * 16 * 4;
+    } else if (use_ymm) {
         const long n = ITERS / 2;
         CHAINS(__m256, _mm256_fmadd_ps, _mm256_set1_ps)
         sink = _mm256_cvtss_f32(a0) + _mm256_cvtss_f32(a6) + _mm256_cvtss_f32(a11);
@@ -57,6 +72,7 @@ static void *run(void *out) {
 int main(int argc, char **argv) {
     int t = argc > 1 ? atoi(argv[1]) : 1;
     use_ymm = argc > 2 && !strcmp(argv[2], "ymm");
+    use_bf16 = argc > 2 && !strcmp(argv[2], "bf16");
     if (t < 1 || t > 256) return 1;
     pthread_t th[256];
     double flops[256];

@@ -60,7 +60,7 @@ static PyArrayObject *as_f32_arg(lf_state *st, PyObject *obj, const char *func, 
     } else if ((kind = lf_dlpack_kind(&st->dlpack, obj)) != LF_DLPACK_NONE) {
         if (kind < 0) return NULL;
         int requires_grad = 0;
-        arr = lf_array_from_dlpack(&st->dlpack, obj, kind, func, name, writable ? &requires_grad : NULL);
+        arr = lf_array_from_dlpack(&st->dlpack, obj, kind, func, name, writable ? &requires_grad : NULL, NULL);
         if (!arr) return NULL;
         if (requires_grad) {
             Py_DECREF(arr);

@@ -116,7 +116,8 @@ static PyObject *refuse(PyObject *obj, const char *func, const char *name, const
 }
 
 PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, int kind, const char *func, const char *name,
-                               int *requires_grad) {
+                               int *requires_grad, int *bfloat16) {
+    if (bfloat16) *bfloat16 = 0;
     PyObject *capsule = export_capsule(ex, obj, kind, requires_grad);
     if (!capsule) { /* e.g. a sparse or meta tensor: the exporter's message, as a TypeError */
         PyObject *type, *value, *tb;
@@ -142,7 +143,9 @@ PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, int kind,
         refuse(obj, func, name, why);
         goto done;
     }
-    const int type_num = npy_type_of(t->dtype);
+    const int is_bf16 = t->dtype.code == DL_BFLOAT && t->dtype.bits == 16 && t->dtype.lanes == 1;
+    const int type_num = is_bf16 && bfloat16 ? NPY_UINT16 : npy_type_of(t->dtype); /* bf16: its bits */
+    if (is_bf16 && bfloat16) *bfloat16 = 1;
     if (type_num < 0) {
         char why[80];
         snprintf(why, sizeof why, "its dtype (%s%d x%d) has no NumPy equivalent", dtype_name(t->dtype),

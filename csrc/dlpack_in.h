@@ -23,9 +23,10 @@ int lf_dlpack_kind(lf_dlpack_exporters *ex, PyObject *obj);
  * memory, the DLPack capsule kept alive as its base; or NULL with TypeError naming func and name
  * (non-CPU device, lanes ≠ 1, unsupported dtype, exporter error). kind: lf_dlpack_kind(obj), not
  * NONE. requires_grad: NULL, or set to 1 for a torch tensor that requires grad (the caller
- * decides whether it may be written). */
+ * decides whether it may be written). bfloat16: NULL (a bfloat16 capsule is refused: NumPy has no
+ * such dtype), or set to 1 when the capsule holds bfloat16, returned as a uint16 array of its bits. */
 PyObject *lf_array_from_dlpack(lf_dlpack_exporters *ex, PyObject *obj, int kind, const char *func, const char *name,
-                               int *requires_grad);
+                               int *requires_grad, int *bfloat16);
 
 void lf_dlpack_exporters_clear(lf_dlpack_exporters *ex);
 

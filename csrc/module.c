@@ -1,5 +1,5 @@
 /* module.c — the CPython extension `lorafuse._C`: its entry points (lora_forward, lora_backward,
- * merge, sgemm, dropout, pack_weight, the thread / ISA / output-cache settings), the method table
+ * merge, dropout, pack_weight, the thread / ISA / output-cache settings; sgemm and hgemm are in hgemm.c), the method table
  * and the module's life cycle. Argument conversion and checks are in args.c, the pool, Ctrl-C and
  * status-to-exception plumbing around a kernel call in runtime.c.
  *
@@ -333,61 +333,6 @@ fail:
     return NULL;
 }
 
-/* ---------------------------------------------------------------- sgemm */
-
-PyDoc_STRVAR(sgemm_doc,
-"sgemm(a, b, alpha=1.0, bias=None, out=None) -> c\n\n"
-"c (M, N) = alpha·a (M, K)·b (K, N) + bias (N,): lorafuse's packed GEMM on its own.");
-
-static PyObject *py_sgemm(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *F = "sgemm";
-    static char *kwlist[] = {"a", "b", "alpha", "bias", "out", NULL};
-    PyObject *oa, *ob, *oalpha = NULL, *obias = Py_None, *oc = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOO:sgemm", kwlist, &oa, &ob, &oalpha, &obias, &oc))
-        return NULL;
-    lf_state *st = state_of(self);
-    float alpha = 1.0f;
-    if (oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) return NULL;
-    lf_py_arr_list L = {{0}, 0};
-    PyArrayObject *a, *b, *bias = NULL, *c;
-    if (!(a = lf_py_keep(&L, lf_py_as_f32(st, oa, F, "a"))) || lf_py_check_ndim(F, "a", a, 2, "(M, K)")) goto fail;
-    if (!(b = lf_py_keep(&L, lf_py_as_f32(st, ob, F, "b"))) || lf_py_check_ndim(F, "b", b, 2, "(K, N)")) goto fail;
-    const npy_intp M = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), N = PyArray_DIM(b, 1);
-    if (lf_py_check_dim(F, "b", "(K, N) with K = a.shape[1]", b, 0, K)) goto fail;
-    if (obias != Py_None) {
-        if (!(bias = lf_py_keep(&L, lf_py_as_f32(st, obias, F, "bias"))) ||
-            lf_py_check_ndim(F, "bias", bias, 1, "(N,)") ||
-            lf_py_check_dim(F, "bias", "(N,) with N = b.shape[1]", bias, 0, N))
-            goto fail;
-        if (!PyArray_IS_C_CONTIGUOUS(bias) &&
-            !(bias = lf_py_keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
-            goto fail;
-    }
-    c = lf_py_keep(&L, oc == Py_None ? lf_py_new_2d(st, M, N)
-                                     : lf_py_check_output(st, oc, F, "out", NULL, M, N));
-    if (!c) goto fail;
-    {
-        PyArrayObject *ins[] = {a, b, bias};
-        const char *names[] = {"a", "b", "bias"};
-        if (lf_py_check_no_alias(F, "out", c, ins, names, 3)) goto fail;
-        const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
-        lf_view va = lf_py_view2(a), vb = lf_py_view2(b);
-        float *pc = (float *)PyArray_DATA(c);
-        lf_py_sigint_guard guard;
-        lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
-        int status;
-        Py_BEGIN_ALLOW_THREADS status = lf_sgemm(pool, M, N, K, alpha, va, vb, 0.0f, pb, pc, N);
-        Py_END_ALLOW_THREADS
-        if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
-    }
-    Py_INCREF(c);
-    lf_py_drop_all(&L);
-    return (PyObject *)c;
-fail:
-    lf_py_drop_all(&L);
-    return NULL;
-}
-
 /* ---------------------------------------------------------------- dropout */
 
 PyDoc_STRVAR(dropout_doc,
@@ -470,7 +415,7 @@ static PyObject *py_output_cache_stats(PyObject *self, PyObject *Py_UNUSED(ignor
 }
 
 static int isa_from_name(const char *name, lf_isa *out) {
-    for (*out = LF_ISA_GENERIC; *out <= LF_ISA_AVX512; (*out)++)
+    for (*out = LF_ISA_GENERIC; *out <= LF_ISA_AVX512_BF16; (*out)++)
         if (!strcmp(name, lf_isa_name(*out))) return 0;
     return -1;
 }
@@ -483,7 +428,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     if (!name) return NULL;
     if (isa_from_name(name, &isa))
-        return PyErr_Format(PyExc_ValueError, "set_isa: expected 'generic', 'avx2' or 'avx512', got %R", arg);
+        return PyErr_Format(PyExc_ValueError, "set_isa: expected 'generic', 'avx2', 'avx512' or 'avx512_bf16', got %R", arg);
     if (lf_set_isa(isa))
         return PyErr_Format(PyExc_ValueError, "set_isa: this CPU does not support %s (best: %s)", name,
                             lf_isa_name(lf_cpu_best_isa()));
@@ -508,7 +453,7 @@ static PyMethodDef methods[] = {
     {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_VARARGS | METH_KEYWORDS, lora_backward_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},
-    {"sgemm", (PyCFunction)(void (*)(void))py_sgemm, METH_VARARGS | METH_KEYWORDS, sgemm_doc},
+    LF_PY_GEMM_METHODS, /* sgemm, hgemm, hgemm_path (hgemm.c) */
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by the kernels."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
@@ -518,7 +463,7 @@ static PyMethodDef methods[] = {
      "set_output_cache_limit(max_bytes) -> old limit: most bytes of freed output blocks kept for reuse (0: none)."},
     {"output_cache_stats", py_output_cache_stats, METH_NOARGS,
      "output_cache_stats() -> dict: limit, held/lent bytes and blocks, hits, misses."},
-    {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2' or 'avx512'."},
+    {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2', 'avx512' or 'avx512_bf16'."},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> the micro-kernel ISA in use"},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "cpu_isa() -> the best ISA this CPU supports"},
     {NULL, NULL, 0, NULL},

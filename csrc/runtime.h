@@ -72,6 +72,15 @@ PyObject *lf_py_last_backward_plan(PyObject *module, PyObject *noargs);
 extern const char lf_py_clear_last_plans_doc[];
 PyObject *lf_py_clear_last_plans(PyObject *module, PyObject *noargs);
 
+/* _C.sgemm, hgemm, hgemm_path (hgemm.c): the GEMM core on its own, on fp32 or bf16 / fp16 operands,
+ * and the path hgemm takes; LF_PY_GEMM_METHODS: their entries of the module's method table. */
+extern const char lf_py_sgemm_doc[], lf_py_hgemm_doc[], lf_py_hgemm_path_doc[];
+PyObject *lf_py_sgemm(PyObject *module, PyObject *args, PyObject *kw);
+PyObject *lf_py_hgemm(PyObject *module, PyObject *args, PyObject *kw);
+PyObject *lf_py_hgemm_path(PyObject *module, PyObject *args, PyObject *kw);
+#define LF_PY_KW_METHOD(name) {#name, (PyCFunction)(void (*)(void))lf_py_##name, METH_VARARGS | METH_KEYWORDS, lf_py_##name##_doc}
+#define LF_PY_GEMM_METHODS LF_PY_KW_METHOD(sgemm), LF_PY_KW_METHOD(hgemm), LF_PY_KW_METHOD(hgemm_path)
+
 /* plan= of lora_forward / lora_backward (plans.c): the tuple of path names as a plan. 0, or -1
  * with TypeError / ValueError set (not a tuple of the right length, an unknown name). */
 int lf_py_parse_forward_plan(PyObject *obj, const char *func, lf_forward_plan *plan);

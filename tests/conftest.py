@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-ISAS = ["generic", "avx2", "avx512"]
+ISAS = ["generic", "avx2", "avx512", "avx512_bf16"]
 
 
 def supported_isas() -> list:

@@ -23,9 +23,33 @@ def bound(mag: np.ndarray, k_eff: int) -> np.ndarray:
 
 def assert_within(got: np.ndarray, ref: np.ndarray, mag: np.ndarray, k_eff: int, what: str) -> None:
     """got (fp32) vs ref (fp64): every element within the accumulation bound."""
+    assert_within_bound(got, ref, bound(mag, k_eff), what)
+
+
+# Half-precision GEMM (ops.hgemm). Inputs are compared as the bf16 / fp16 values they hold (the
+# float64 reference reads the same rounded values), so only the kernel's own rounding counts:
+#  * widened (bf16 / fp16 → fp32 while packing, exactly): the products of bf16·bf16, fp16·fp16 and
+#    mixed pairs are exact in fp32 or rounded once like any fp32 product, summed by fp32 FMAs —
+#    the bound() above with K_eff = K.
+#  * vdpbf16ps (avx512_bf16, two bf16 operands): Intel's pseudo-code computes, per 32-bit lane,
+#        acc += a₁·b₁;  acc += a₀·b₀      (fp32, round to nearest even, DAZ and FTZ)
+#    — bf16 products are exact in fp32 (8-bit significands: a 16-bit product), and each addition
+#    rounds once, so the γ_K bound holds as for fp32, plus what DAZ/FTZ lose: a term whose a or b
+#    is a bf16 denormal (|·| < 2⁻¹²⁶) is read as 0, an error < 2⁻¹²⁶·(|a| + |b|); and each of the
+#    K additions whose result is below 2⁻¹²⁶ is flushed to 0, an error < 2⁻¹²⁶ each. So
+#        |got − ref| ≤ (K + 2)·u·Σ|a||b| + 2⁻¹²⁶ · Σ_k (|a_ik| + |b_kj| + 1).
+DAZ = 2.0 ** -126
+
+
+def bound_dpbf16(mag: np.ndarray, k_eff: int, a_abs_rowsum: np.ndarray, b_abs_colsum: np.ndarray) -> np.ndarray:
+    """Element-wise bound for a vdpbf16ps product: bound(mag, k_eff) plus the DAZ/FTZ term."""
+    return bound(mag, k_eff) + DAZ * (a_abs_rowsum[:, None] + b_abs_colsum[None, :] + k_eff)
+
+
+def assert_within_bound(got: np.ndarray, ref: np.ndarray, lim: np.ndarray, what: str) -> None:
+    """got (fp32) vs ref (fp64) against an element-wise bound lim."""
     assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
     err = np.abs(got.astype(np.float64) - ref)
-    lim = bound(mag, k_eff)
     bad = err > lim
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements off; worst "
                            f"err {err[bad].max():.3g} vs bound {lim[bad].min():.3g}")

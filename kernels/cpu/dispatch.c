@@ -1,5 +1,5 @@
 /* dispatch.c — run-time choice of the micro-kernel (cpuid + xgetbv), never the build machine's.
- * The library's only globals live here: the dispatch pointer, set once at import (or by tests),
+ * The library's only globals live here: the ISA level in use, set once at import (or by tests),
  * and the SIGINT target, which a signal handler can reach only through a global (with the
  * thread-local cancellation token of the calling thread). */
 #include <stddef.h>
@@ -18,47 +18,56 @@ static uint64_t xgetbv0(void) {
 lf_isa lf_cpu_best_isa(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return LF_ISA_GENERIC;
-    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
     if (!osxsave || !avx) return LF_ISA_GENERIC;
     const uint64_t xcr0 = xgetbv0();
     if ((xcr0 & 0x6) != 0x6) return LF_ISA_GENERIC; /* OS saves XMM and YMM state */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return LF_ISA_GENERIC;
     const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1;
-    if (avx512f && avx512dq && (xcr0 & 0xE6) == 0xE6) return LF_ISA_AVX512; /* + opmask, ZMM */
-    if (avx2 && fma) return LF_ISA_AVX2;
+    if (avx512f && avx512dq && (xcr0 & 0xE6) == 0xE6) { /* + opmask, ZMM */
+        /* leaf 7 subleaf 1, EAX bit 5: AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16) */
+        const int bf16 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+        return bf16 ? LF_ISA_AVX512_BF16 : LF_ISA_AVX512;
+    }
+    /* F16C (vcvtph2ps) widens fp16 GEMM operands at this level; every AVX2 CPU has it */
+    if (avx2 && fma && f16c) return LF_ISA_AVX2;
     return LF_ISA_GENERIC;
 }
 #else
 lf_isa lf_cpu_best_isa(void) { return LF_ISA_GENERIC; }
 #endif
 
+/* the fp32 micro-kernels of a level (avx512_bf16: AVX-512's; its bf16 tile is chosen per GEMM
+ * by the operands' dtypes, gemm.c) */
 static const lf_dispatch *table_for(lf_isa isa) {
     switch (isa) {
+    case LF_ISA_AVX512_BF16:
     case LF_ISA_AVX512: return &lf_dispatch_avx512;
     case LF_ISA_AVX2: return &lf_dispatch_avx2;
     default: return &lf_dispatch_generic;
     }
 }
 
-/* The one global: which ISA's micro-kernel the GEMM calls. */
-static const lf_dispatch *g_dispatch = NULL;
+/* The one global: the ISA level in use (-1 until first asked: the CPU's best). */
+static int g_isa = -1;
 
-const lf_dispatch *lf_current(void) {
-    if (!g_dispatch) g_dispatch = table_for(lf_cpu_best_isa());
-    return g_dispatch;
+lf_isa lf_get_isa(void) {
+    if (g_isa < 0) g_isa = (int)lf_cpu_best_isa();
+    return (lf_isa)g_isa;
 }
 
+const lf_dispatch *lf_current(void) { return table_for(lf_get_isa()); }
+
 int lf_set_isa(lf_isa isa) {
-    if (isa < LF_ISA_GENERIC || isa > LF_ISA_AVX512) return LF_EINVAL;
+    if (isa < LF_ISA_GENERIC || isa > LF_ISA_AVX512_BF16) return LF_EINVAL;
     if (isa > lf_cpu_best_isa()) return LF_EISA;
-    g_dispatch = table_for(isa);
+    g_isa = (int)isa;
     return LF_OK;
 }
 
-lf_isa lf_get_isa(void) { return lf_current()->isa; }
-
 const char *lf_isa_name(lf_isa isa) {
     switch (isa) {
+    case LF_ISA_AVX512_BF16: return "avx512_bf16";
     case LF_ISA_AVX512: return "avx512";
     case LF_ISA_AVX2: return "avx2";
     case LF_ISA_GENERIC: return "generic";

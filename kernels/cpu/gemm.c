@@ -7,7 +7,7 @@
  *   pc: KC of K           — a K block; the first one writes C, later ones accumulate
  *   ic: MC rows of C      — pack a[ic:ic+MC, pc:pc+KC] into MR-tall k-major slivers (L2)
  *   jr, ir                — the ISA micro-kernel on one MR×NR tile (registers)
- * Operands are read through lf_operand, so packing also concatenates two K segments
+ * Operands are read through lf_operand, so packing (gemm_pack.c) also concatenates two K segments
  * ("augmented K": [x | s·u]·[W | B]ᵀ in one GEMM), applies a per-segment scale, applies the
  * dropout mask, and adds a rank-r term to b (W + s·B·A for the inference forward) — none of
  * these need a pass of their own over memory. Row-major sources are packed by register
@@ -23,7 +23,6 @@
 #include <string.h>
 
 #include "internal.h"
-#include "lorafuse/dropout_hash.h"
 
 lf_operand lf_operand_plain(lf_view v, float scale) {
     lf_operand o;
@@ -33,164 +32,6 @@ lf_operand lf_operand_plain(lf_view v, float scale) {
     o.nseg = 1;
     o.k_split = INT64_MAX;
     return o;
-}
-
-/* K range [lo, hi) of segment t, intersected with [p0, p0+kc); returns segment start in K. */
-static int64_t seg_range(const lf_operand *o, int t, int64_t p0, int64_t kc, int64_t *lo,
-                         int64_t *hi) {
-    const int64_t begin = t == 0 ? 0 : o->k_split;
-    const int64_t end = (t == 0 && o->nseg > 1) ? o->k_split : INT64_MAX;
-    *lo = p0 > begin ? p0 : begin;
-    *hi = (p0 + kc) < end ? (p0 + kc) : end;
-    return begin;
-}
-
-/* value of the segment at memory offset off (scale, then dropout mask) */
-static inline float seg_value(const lf_segment *s, int64_t off) {
-    const float v = s->v.p[off] * s->scale;
-    if (s->drop_threshold && !lf_dropout_keep(s->seed, (uint64_t)off, s->drop_threshold))
-        return 0.0f;
-    return v;
-}
-
-/* dst[q·ld + i] = scale · src[i·rs + q] for i < rows, q < len: rows of a row-major source packed
- * k-major — whole TB×TB blocks through the ISA's register transpose, the edges element by
- * element (the same product, so the same rounding).
- * Each block also prefetches (to L2) the same block of the next sliver's rows, the `next_rows`
- * rows at src + next (next_rows = 0: none): a cold operand (W streamed from DRAM) is read 32 rows
- * at a time, too many streams for the hardware prefetcher (benchmarks/RESULTS.md, "Where the
- * thresholds come from"). */
-static void pack_rows(const lf_dispatch *dp, const float *src, int64_t rs, int64_t rows, int64_t len, float scale,
-                      float *dst, int64_t ld, int64_t next, int64_t next_rows) {
-    int64_t q0 = 0;
-    const int tb = dp->tb;
-    if (dp->transpose)
-        for (; q0 + tb <= len; q0 += tb)
-            for (int64_t i = 0; i < rows; i += tb) {
-                for (int64_t t = i; t < i + tb && t < next_rows; t++)
-                    __builtin_prefetch(src + next + t * rs + q0, 0, 2);
-                dp->transpose(src + i * rs + q0, rs, rows - i < tb ? (int)(rows - i) : tb, scale, dst + q0 * ld + i,
-                              ld);
-            }
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t q = q0; q < len; q++) dst[q * ld + i] = src[i * rs + q] * scale;
-}
-
-/* dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR), p < kc; next_mr: rows of
- * the sliver packed after this one (at i0 + MR), prefetched meanwhile */
-static void pack_a(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t next_mr, int64_t p0,
-                   int64_t kc, int MR, float *dst) {
-    if (mr < MR)
-        for (int64_t p = 0; p < kc; p++)
-            for (int64_t i = mr; i < MR; i++) dst[p * MR + i] = 0.0f;
-    for (int t = 0; t < a->nseg; t++) {
-        int64_t lo, hi;
-        const int64_t begin = seg_range(a, t, p0, kc, &lo, &hi);
-        if (lo >= hi) continue;
-        const lf_segment *s = &a->seg[t];
-        const int64_t rs = s->v.rs, cs = s->v.cs;
-        if (cs == 1 && !s->drop_threshold) { /* row-major source (x): a transpose */
-            pack_rows(dp, s->v.p + i0 * rs + (lo - begin), rs, mr, hi - lo, s->scale, dst + (lo - p0) * MR, MR, MR * rs,
-                      next_mr);
-        } else if (cs == 1) { /* x̃ rows: mask each contiguous run first */
-            float run[LF_MAX_KC];
-            for (int64_t i = 0; i < mr; i++) {
-                const int64_t off = (i0 + i) * rs + (lo - begin);
-                const float *src = s->v.p + off;
-                float *d = dst + (lo - p0) * MR + i;
-                for (int64_t p0r = 0; p0r < hi - lo; p0r += LF_MAX_KC) {
-                    const int64_t len = hi - lo - p0r < LF_MAX_KC ? hi - lo - p0r : LF_MAX_KC;
-                    lf_skinny_current()->dropout_span(src + p0r, len, (uint64_t)(off + p0r), s->seed,
-                                                      s->drop_threshold, s->scale, run);
-                    for (int64_t p = 0; p < len; p++) d[(p0r + p) * MR] = run[p];
-                }
-            }
-        } else {
-            for (int64_t p = lo; p < hi; p++) {
-                float *d = dst + (p - p0) * MR;
-                for (int64_t i = 0; i < mr; i++) d[i] = seg_value(s, (i0 + i) * rs + (p - begin) * cs);
-            }
-        }
-    }
-}
-
-/* rows [lo, hi) of segment s (starting at K = begin) into one sliver: dst[p*NR + j] =
- * b(p0+p, j0+j) for j < nr; next_nr: columns of the sliver packed after this one (at j0 + NR) */
-static void pack_b_sliver(const lf_dispatch *dp, const lf_segment *s, int64_t begin, int64_t lo, int64_t hi,
-                          int64_t j0, int64_t nr, int64_t next_nr, int64_t p0, int NR, float *dst) {
-    const int64_t rs = s->v.rs, cs = s->v.cs;
-    if (cs == 1 && s->drop_threshold) { /* x̃ rows: mask each contiguous run in place */
-        for (int64_t p = lo; p < hi; p++) {
-            const int64_t off = (p - begin) * rs + j0;
-            lf_skinny_current()->dropout_span(s->v.p + off, nr, (uint64_t)off, s->seed, s->drop_threshold, s->scale,
-                                              dst + (p - p0) * NR);
-        }
-    } else if (rs == 1 && !s->drop_threshold) { /* column-contiguous source (Wᵀ of row-major W) */
-        pack_rows(dp, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR, NR * cs,
-                  next_nr);
-    } else {
-        for (int64_t p = lo; p < hi; p++) {
-            float *d = dst + (p - p0) * NR;
-            for (int64_t j = 0; j < nr; j++) d[j] = seg_value(s, (p - begin) * rs + (j0 + j) * cs);
-        }
-    }
-}
-
-/* dst[p·NR + j] += s · Σ_q L(p0+p, q) · R(q, j0+j) for rows [lo, hi) of segment 0 and j < nr
- * (the low-rank addend of the operand; lf_lowrank) */
-static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t j0, int64_t nr, int64_t p0, int NR,
-                          float *dst) {
-    float rt[LF_SKINNY_MAX_R * LF_MAX_NR]; /* s·R[:, j0:j0+nr], zero-padded to NR */
-    for (int64_t q = 0; q < lr->r; q++)
-        for (int64_t j = 0; j < NR; j++)
-            rt[q * NR + j] = j < nr ? lr->scale * lr->R.p[q * lr->R.rs + (j0 + j) * lr->R.cs] : 0.0f;
-    const lf_view L = {lr->L.p + lo * lr->L.rs, lr->L.rs, lr->L.cs};
-    lf_skinny_current()->rank_add(hi - lo, NR, lr->r, L, rt, NR, dst + (lo - p0) * NR, NR);
-}
-
-/* The kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at dst + q·NR·kc:
- * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major plain segment (W in
- * dx = g·W) is copied row by row across all slivers, so b is read in address order — one
- * stream instead of one per sliver; the others are packed sliver by sliver. */
-static void pack_b(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
-                   int NR, float *dst) {
-    const int64_t nslivers = (nc + NR - 1) / NR, tail = nc - (nslivers - 1) * NR;
-    float *last = dst + (nslivers - 1) * NR * kc;
-    if (tail < NR)
-        for (int64_t p = 0; p < kc; p++)
-            for (int64_t j = tail; j < NR; j++) last[p * NR + j] = 0.0f;
-    const lf_packed_b *pk = b->packed && b->packed->dp == dp ? b->packed : NULL;
-    for (int t = 0; t < b->nseg; t++) {
-        int64_t lo, hi;
-        const int64_t begin = seg_range(b, t, p0, kc, &lo, &hi);
-        if (lo >= hi) continue;
-        const lf_segment *s = &b->seg[t];
-        if (t == 0 && pk) { /* the rows of segment 0 from its kept block (length K0 - p0 < kc) */
-            const int64_t kcb = pk->K - p0 < dp->blk->kc ? pk->K - p0 : dp->blk->kc;
-            const float *src = pk->data + p0 * pk->nsl * NR + j0 / NR * NR * kcb + (lo - p0) * NR;
-            for (int64_t q = 0; q < nslivers; q++)
-                memcpy(dst + q * NR * kc + (lo - p0) * NR, src + q * NR * kcb, (size_t)((hi - lo) * NR) * sizeof(float));
-        } else if (s->v.cs == 1 && !s->drop_threshold) {
-            for (int64_t p = lo; p < hi; p++) {
-                const float *src = s->v.p + (p - begin) * s->v.rs + j0;
-                for (int64_t q = 0; q < nslivers; q++) {
-                    float *d = dst + q * NR * kc + (p - p0) * NR;
-                    const int64_t nr = q == nslivers - 1 ? tail : NR;
-                    for (int64_t j = 0; j < nr; j++) d[j] = src[q * NR + j] * s->scale;
-                }
-            }
-        } else {
-            for (int64_t q = 0; q < nslivers; q++)
-                pack_b_sliver(dp, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR,
-                              q + 1 >= nslivers ? 0 : q + 1 == nslivers - 1 ? tail : NR, p0, NR, dst + q * NR * kc);
-        }
-    }
-    if (b->add) {
-        int64_t lo, hi;
-        seg_range(b, 0, p0, kc, &lo, &hi);
-        for (int64_t q = 0; lo < hi && q < nslivers; q++)
-            pack_b_addend(b->add, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR, dst + q * NR * kc);
-    }
 }
 
 /* The kept panel of b at K block pc (length kc), columns from jc, when b was packed in advance
@@ -237,7 +78,8 @@ typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
  * scale, no dropout; any row stride, 0 for a broadcast row included) and the ISA has the tile */
 static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
-    if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold) return A_PACKED;
+    if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold || s->dtype != LF_DT_F32)
+        return A_PACKED; /* a half A is widened (or paired) by packing, never read by the fp32 tiles */
     const lf_tunables *tu = lf_tune();
     const int rows_in_one_set = tu->a_same_set_stride && s->v.rs % tu->a_same_set_stride == 0 && ncols > dp->nr;
     if (dp->ukernel_pair && (ncols > tu->direct_a_max_cols || rows_in_one_set)) return A_IN_PLACE_PAIR;
@@ -249,9 +91,6 @@ int lf_gemm_reads_a_in_place(int64_t N) {
     return dp->ukernel_direct && 2 * N <= lf_tune()->direct_max_half_slivers * (int64_t)dp->nr;
 }
 
-void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld) {
-    pack_rows(lf_current(), src, rs, rows, cols, 1.0f, dst, ld, 0, 0);
-}
 
 static void gemm_block(void *ctxp, int tid, int nt) {
     gemm_job *job = ctxp;
@@ -281,10 +120,11 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         for (int64_t pc = 0; pc < K; pc += dp->blk->kc) {
             const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
+            const int64_t ks = dp->k_pairs ? (kc + 1) / 2 : kc; /* 32-bit slots a packed row or column has */
             const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
             if (!bpanel) {
-                pack_b(dp, job->b, jc, nc, pc, kc, NR, bpack);
+                lf_pack_b_panel(dp, job->b, jc, nc, pc, kc, NR, bpack);
                 bpanel = bpack;
             }
             const int accumulate = !first || job->beta != 0.0f;
@@ -298,18 +138,18 @@ static void gemm_block(void *ctxp, int tid, int nt) {
                 const int64_t mc = min64(dp->blk->mc, m1 - ic);
                 if (how == A_PACKED)
                     for (int64_t ir = 0; ir < mc; ir += MR)
-                        pack_a(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,
-                               apack + ir * kc);
+                        lf_pack_a_sliver(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,
+                               apack + ir * ks);
                 for (int64_t jr = 0; jr < nc; jr += tc) {
                     const int64_t nr = min64(tc, nc - jr);
                     const float *bias =
                         (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
-                    const float *bp = bpanel + jr * kc;
+                    const float *bp = bpanel + jr * ks;
                     for (int64_t ir = 0; ir < mc; ir += tr) {
                         float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
                         const int64_t mr = min64(tr, mc - ir);
                         if (how == A_PACKED) {
-                            dp->ukernel(kc, apack + ir * kc, bp, ct, job->ldc, mr, nr, accumulate, bias);
+                            dp->ukernel(kc, apack + ir * ks, bp, ct, job->ldc, mr, nr, accumulate, bias);
                             continue;
                         }
                         const float *arow = a0->v.p + (ic + ir) * a0->v.rs + pc;
@@ -351,6 +191,29 @@ static const lf_dispatch *dispatch_for(int64_t N) {
     return dp->narrow && N <= dp->narrow->nr ? dp->narrow : dp;
 }
 
+/* 1 if every segment of o is bf16, at scale 1 (the bf16 tile multiplies the bits as they are) */
+static int plain_bf16(const lf_operand *o) {
+    return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f;
+}
+
+/* The tile of a GEMM: two plain bf16 operands on avx512_bf16 take the bf16 pair tile; everything
+ * else dispatch_for(N) (half operands widened to fp32 while packing). */
+static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, int64_t N) {
+    if (lf_get_isa() == LF_ISA_AVX512_BF16 && plain_bf16(a) && plain_bf16(b)) return &lf_dispatch_avx512_bf16;
+    return dispatch_for(N);
+}
+
+/* LF_EINVAL if a half segment asks for what only fp32 segments do: dropout, a low-rank addend,
+ * kept panels; or a dtype lf_dtype does not name */
+static int check_segments(const lf_operand *o) {
+    for (int t = 0; t < o->nseg; t++) {
+        const lf_segment *s = &o->seg[t];
+        if (s->dtype != LF_DT_F32 && s->dtype != LF_DT_BF16 && s->dtype != LF_DT_F16) return LF_EINVAL;
+        if (s->dtype != LF_DT_F32 && (s->drop_threshold || o->add || o->packed || !s->h)) return LF_EINVAL;
+    }
+    return LF_OK;
+}
+
 int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K) {
     const lf_dispatch *dp = dispatch_for(N);
     int tm, tn;
@@ -361,6 +224,7 @@ int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K) {
 int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
             const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc) {
     if (!pool || M < 0 || N < 0 || K < 0 || (beta != 0.0f && beta != 1.0f)) return LF_EINVAL;
+    if (check_segments(a) || check_segments(b)) return LF_EINVAL;
     if (M == 0 || N == 0) return LF_OK;
     if (!c || ldc < N) return LF_EINVAL;
     if (K == 0) { /* empty sum: C = beta·C + bias */
@@ -372,7 +236,7 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
     int64_t mn, flops;
     if (!lf_mul_ok(M, N, &mn) || !lf_mul_ok(mn, K, &flops) || !lf_mul_ok(flops, 2, &flops))
         return LF_EOVERFLOW;
-    const lf_dispatch *dp = dispatch_for(N);
+    const lf_dispatch *dp = dispatch_of(a, b, N);
     if (b->packed && (b->packed->N != N || b->packed->K != (b->nseg > 1 ? b->k_split : K) || b->add))
         return LF_EINVAL;
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
@@ -406,7 +270,7 @@ int lf_pack_b(lf_view b, int64_t K, int64_t N, lf_packed_b **out) {
     *pk = (lf_packed_b){.dp = dp, .K = K, .N = N, .nsl = nsl, .src = b, .data = data, .bytes = bytes};
     const lf_operand ob = lf_operand_plain(b, 1.0f);
     for (int64_t pc = 0; pc < K && N > 0; pc += dp->blk->kc) /* block pc at data + pc·nsl·NR */
-        pack_b(dp, &ob, 0, N, pc, min64(dp->blk->kc, K - pc), dp->nr, data + pc * nsl * dp->nr);
+        lf_pack_b_panel(dp, &ob, 0, N, pc, min64(dp->blk->kc, K - pc), dp->nr, data + pc * nsl * dp->nr);
     *out = pk;
     return LF_OK;
 }
@@ -418,6 +282,25 @@ void lf_packed_weight_free(lf_packed_b *pk) {
 }
 
 size_t lf_packed_weight_bytes(const lf_packed_b *pk) { return pk ? pk->bytes : 0; }
+
+/* operand of one segment reading t (fp32 through v.p, bf16 / fp16 through h) */
+static lf_operand typed_operand(lf_tview t, float scale) {
+    lf_operand o = lf_operand_plain((lf_view){t.dtype == LF_DT_F32 ? t.p : NULL, t.rs, t.cs}, scale);
+    o.seg[0].dtype = t.dtype;
+    if (t.dtype != LF_DT_F32) o.seg[0].h = t.p;
+    return o;
+}
+
+int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
+             const float *bias, float *c, int64_t ldc) {
+    const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
+    return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
+}
+
+int lf_hgemm_pairs(float alpha, lf_tview a, lf_tview b) {
+    const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
+    return dispatch_of(&oa, &ob, 1) == &lf_dispatch_avx512_bf16;
+}
 
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
              float beta, const float *bias, float *c, int64_t ldc) {

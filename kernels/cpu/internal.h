@@ -20,6 +20,44 @@ typedef void (*lf_ukernel_fn)(int64_t kc, const float *ap, const float *bp, floa
 typedef void (*lf_ukernel_direct_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, float *c,
                                      int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
 
+/* dst[j] = scale · (float)src[j] for j < n: a contiguous run of bf16 or fp16 bits (dt) widened to
+ * fp32, exactly (before the scale); per ISA in widen.c */
+typedef void (*lf_widen_fn)(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
+void lf_widen_generic(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
+void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
+void lf_widen_avx512(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
+
+/* bfloat16 bits → fp32: the top half of an fp32 (exact, NaN payloads kept) */
+static inline float lf_bf16_to_f32(uint16_t h) {
+    union {
+        uint32_t u;
+        float f;
+    } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+/* IEEE binary16 bits → fp32, exactly: subnormals (m·2⁻²⁴), ±0, ±inf, NaN (payload kept) */
+static inline float lf_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    if (e == 0) { /* zero or subnormal: m·2⁻²⁴, exact in fp32 */
+        v.f = (float)m * 0x1p-24f;
+        v.u |= sign;
+    } else if (e == 31) {
+        v.u = sign | 0x7F800000u | (m << 13);
+    } else {
+        v.u = sign | ((e + 112u) << 23) | (m << 13); /* rebias 15 → 127 */
+    }
+    return v.f;
+}
+
+static inline float lf_half_to_f32(lf_dtype dt, uint16_t h) {
+    return dt == LF_DT_BF16 ? lf_bf16_to_f32(h) : lf_f16_to_f32(h);
+}
+
 /* Two adjacent NR-wide slivers of B at once (the second at bp + bstride), A read in place:
  * the pair_mr × 2·NR tile at c; nr ≤ 2·NR columns stored (nr ≤ NR: the first sliver alone). */
 typedef void (*lf_ukernel_pair_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, int64_t bstride,
@@ -114,6 +152,7 @@ typedef struct {
 typedef struct {
     lf_isa isa;
     lf_blocking wide, narrow; /* the blocks of the ISA's tile and of its narrow tile (if any) */
+    lf_blocking pairs;        /* the blocks of its bf16 pair tile (avx512_bf16 only; kc counts k) */
     /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
      * place by the MR×NR tile instead of packed (0: never) */
     int64_t direct_a_max_cols;
@@ -131,7 +170,7 @@ typedef struct {
     double parallel_min_flops;
 } lf_tunables;
 
-extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512;
+extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512, lf_tunables_avx512_bf16;
 
 /* The tunables of the ISA in use (lf_current()). */
 const lf_tunables *lf_tune(void);
@@ -153,6 +192,10 @@ struct lf_dispatch {
     const lf_dispatch *narrow; /* tile for N ≤ its nr (the rank-r GEMMs), or NULL */
     lf_transpose_fn transpose; /* vectorised packing of row-major operands, or NULL (scalar) */
     int tb;                    /* its block size TB */
+    lf_widen_fn widen;         /* bf16 / fp16 runs to fp32 while packing */
+    /* 1: the packed slivers hold bf16 K-pairs, two k per 32-bit slot (the bf16 tile; gemm_pack.c
+     * lf_pack_*_pairs): a kc block is ceil(kc/2) slots, an odd kc's last pair zero-padded */
+    int k_pairs;
 };
 
 const lf_dispatch *lf_current(void);
@@ -160,6 +203,7 @@ const lf_dispatch *lf_current(void);
 extern const lf_dispatch lf_dispatch_generic;
 extern const lf_dispatch lf_dispatch_avx2;
 extern const lf_dispatch lf_dispatch_avx512;
+extern const lf_dispatch lf_dispatch_avx512_bf16; /* the bf16 pair tile; zero off x86-64 */
 
 /* A B-operand (K, N) packed once for the tile of dispatch_for(N) — the panels lf_gemm would pack
  * on every call, kept: K blocks of dp->blk->kc (the last one shorter), each ceil(N/NR) slivers of
@@ -187,6 +231,11 @@ typedef struct {
     float scale;
     uint32_t drop_threshold; /* ceil(p·2^24) (dropout_hash.h); 0 = no dropout */
     uint64_t seed;
+    /* LF_DT_F32: the elements are v.p's. LF_DT_BF16 / LF_DT_F16: they are h's (uint16_t bits; v.p
+     * unused, v.rs and v.cs still the strides), widened to fp32 exactly as they are read (or paired
+     * for the bf16 tile); such a segment takes no dropout and no low-rank addend (lf_gemm: LF_EINVAL). */
+    lf_dtype dtype;
+    const uint16_t *h;
 } lf_segment;
 
 /* A rank-r term added to segment 0 of a B-operand as it is packed:
@@ -209,6 +258,16 @@ typedef struct {
 } lf_operand;
 
 lf_operand lf_operand_plain(lf_view v, float scale);
+
+/* gemm_pack.c: dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR = dp->mr), p < kc;
+ * next_mr: rows of the sliver packed after this one (at i0 + MR), prefetched meanwhile.
+ * With dp->k_pairs, both pack bf16 K-pairs instead (32-bit slots; gemm_pack.c says how). */
+void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t next_mr,
+                      int64_t p0, int64_t kc, int MR, float *dst);
+/* gemm_pack.c: the kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at
+ * dst + q·NR·kc: dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc */
+void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+                     int NR, float *dst);
 
 /* 1 if lf_gemm reads a plain row-major A in place (unpacked) with the MR×NR tile when C has N
  * columns, N at most one and a half slivers (a second sliver re-reads A's rows: see lora.c

@@ -34,23 +34,33 @@ const lf_tunables lf_tunables_avx2 = {
     .parallel_min_flops = 1 << 18,
 };
 
-/* 12×32 wide tile, 24×16 narrow tile (N ≤ 16: the rank-r GEMMs), 6×64 pair tile. */
-const lf_tunables lf_tunables_avx512 = {
-    .isa = LF_ISA_AVX512,
-    .wide = {.kc = 384, .mc = 120, .nc = 3072},
-    .narrow = {.kc = 384, .mc = 240, .nc = 16},
-    .direct_a_max_cols = 320,       /* at 512 columns a thread reading in place lost 10-25 % */
-    .a_same_set_stride = 1024,      /* rows 4 KiB apart: twelve of them evict each other in L1 */
-    .direct_max_half_slivers = 3,
-    .few_tokens_max_n = 32,         /* one sliver of the wide tile: C's columns are the tokens */
-    .few_tokens_min_w = 1 << 20,
-    .parallel_min_flops = 1 << 18,
+/* 12×32 wide tile, 24×16 narrow tile (N ≤ 16: the rank-r GEMMs), 6×64 pair tile. The fields
+ * shared with avx512_bf16, whose fp32 work runs these same kernels: */
+#define AVX512_FP32_TUNABLES                                                                        \
+    .wide = {.kc = 384, .mc = 120, .nc = 3072},                                                     \
+    .narrow = {.kc = 384, .mc = 240, .nc = 16},                                                     \
+    .direct_a_max_cols = 320,       /* at 512 columns a thread reading in place lost 10-25 % */     \
+    .a_same_set_stride = 1024,      /* rows 4 KiB apart: twelve of them evict each other in L1 */   \
+    .direct_max_half_slivers = 3,                                                                   \
+    .few_tokens_max_n = 32,         /* one sliver of the wide tile: C's columns are the tokens */   \
+    .few_tokens_min_w = 1 << 20,                                                                    \
+    .parallel_min_flops = 1 << 18
+
+const lf_tunables lf_tunables_avx512 = {.isa = LF_ISA_AVX512, AVX512_FP32_TUNABLES};
+
+/* AVX-512 plus the 12×32 bf16 tile (ukernel_avx512_bf16.c) for two bf16 operands; kc counts k
+ * (two per packed 32-bit pair). */
+const lf_tunables lf_tunables_avx512_bf16 = {
+    .isa = LF_ISA_AVX512_BF16,
+    AVX512_FP32_TUNABLES,
+    .pairs = {.kc = 768, .mc = 120, .nc = 3072}, /* the fp32 tile's bytes: 384 pairs of B = 48 KiB */
 };
 
 static const lf_tunables *const tunables_by_isa[] = {
-    [LF_ISA_GENERIC] = &lf_tunables_generic, [LF_ISA_AVX2] = &lf_tunables_avx2, [LF_ISA_AVX512] = &lf_tunables_avx512};
+    [LF_ISA_GENERIC] = &lf_tunables_generic, [LF_ISA_AVX2] = &lf_tunables_avx2, [LF_ISA_AVX512] = &lf_tunables_avx512,
+    [LF_ISA_AVX512_BF16] = &lf_tunables_avx512_bf16};
 
-const lf_tunables *lf_tune(void) { return tunables_by_isa[lf_current()->isa]; }
+const lf_tunables *lf_tune(void) { return tunables_by_isa[lf_get_isa()]; }
 
 int lf_threads_for(lf_pool *pool, double flops, int64_t units) {
     const int nt = flops < lf_tune()->parallel_min_flops ? 1 : lf_pool_threads(pool);

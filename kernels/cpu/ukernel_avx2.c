@@ -78,6 +78,7 @@ LF_AVX2 static void ukernel_avx2_direct(int64_t kc, const float *a, int64_t lda,
 const lf_dispatch lf_dispatch_avx2 = {
     .isa = LF_ISA_AVX2, .mr = MR, .nr = NR, .blk = &lf_tunables_avx2.wide,
     .ukernel = ukernel_avx2, .ukernel_direct = ukernel_avx2_direct, .transpose = lf_transpose8_avx2, .tb = 8,
+    .widen = lf_widen_avx2,
 };
 #else
 const lf_dispatch lf_dispatch_avx2 = {0};

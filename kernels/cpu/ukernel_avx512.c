@@ -121,11 +121,13 @@ LF_AVX512 static void ukernel_avx512_narrow(int64_t kc, const float *ap, const f
 static const lf_dispatch narrow = {
     .isa = LF_ISA_AVX512, .mr = 24, .nr = 16, .blk = &lf_tunables_avx512.narrow,
     .ukernel = ukernel_avx512_narrow, .narrow = NULL, .transpose = lf_transpose16_avx512, .tb = 16,
+    .widen = lf_widen_avx512,
 };
 
 const lf_dispatch lf_dispatch_avx512 = {
     .isa = LF_ISA_AVX512, .mr = 12, .nr = 32, .blk = &lf_tunables_avx512.wide,
     .ukernel = ukernel_avx512_wide, .narrow = &narrow, .transpose = lf_transpose16_avx512, .tb = 16,
+    .widen = lf_widen_avx512,
     .ukernel_direct = ukernel_avx512_direct, .ukernel_pair = ukernel_avx512_pair, .pair_mr = 6,
 };
 #else

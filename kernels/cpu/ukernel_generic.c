@@ -23,5 +23,5 @@ static void ukernel_generic(int64_t kc, const float *ap, const float *bp, float 
 
 const lf_dispatch lf_dispatch_generic = {
     .isa = LF_ISA_GENERIC, .mr = MR, .nr = NR, .blk = &lf_tunables_generic.wide,
-    .ukernel = ukernel_generic,
+    .ukernel = ukernel_generic, .widen = lf_widen_generic,
 };

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", "sgemm", "pack_weight",
+__all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", "sgemm", "hgemm", "pack_weight",
            "PackedWeight"]
 
 
@@ -111,3 +111,20 @@ def sgemm(a: Any, b: Any, alpha: float = 1.0, bias: Any = None,
           out: Optional[np.ndarray] = None) -> np.ndarray:
     """c (M, N) = alpha·a (M, K)·b (K, N) + bias: lorafuse's packed GEMM core on its own."""
     return _C.sgemm(a, b, alpha, bias, out)
+
+
+def hgemm(a: Any, b: Any, alpha: float = 1.0, bias: Any = None, out: Optional[np.ndarray] = None,
+          beta: float = 0.0) -> np.ndarray:
+    """c (M, N) float32 = beta·out + alpha·a (M, K)·b (K, N) (+ bias (N,) float32 when beta == 0).
+
+    a and b are each float32, float16 or bfloat16 — CPU torch tensors (any of the three), or NumPy
+    float32 / float16 arrays — with any strides (transposed and strided views are read in place);
+    products are exact and accumulated in fp32. Two bf16 operands with alpha == 1 on the
+    ``avx512_bf16`` ISA run AVX512-BF16's vdpbf16ps on bf16 K-pairs (which reads bf16 denormals as 0
+    and flushes denormal partial sums: tests/tolerances.py); everything else widens the half
+    operands to fp32 while packing and runs the fp32 micro-kernels. ``_C.hgemm_path(a, b, alpha)``
+    says which. ``beta`` is 0 or 1; beta=1 adds into ``out`` (required, no bias). ``out``: a
+    C-contiguous float32 (M, N) array or tensor that overlaps no input. Returns c, a NumPy array
+    (viewing ``out``'s memory when given).
+    """
+    return _C.hgemm(a, b, alpha, bias, out, beta)

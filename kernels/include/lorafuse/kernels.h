@@ -40,12 +40,15 @@ void lf_interrupt_target(lf_cancel *c);
 void lf_interrupt_request(void);
 
 /* ---- instruction-set dispatch (the library's only global state) ---- */
-typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2 } lf_isa;
+/* Ordered: each level implies the ones below it. LF_ISA_AVX512_BF16 is AVX-512 plus the
+ * AVX512_BF16 dot product (vdpbf16ps): fp32 work runs the AVX-512 kernels, two bf16 GEMM
+ * operands the bf16 pair tile (ukernel_avx512_bf16.c). */
+typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2, LF_ISA_AVX512_BF16 = 3 } lf_isa;
 
 lf_isa lf_cpu_best_isa(void);      /* best ISA this CPU and OS support (cpuid + xgetbv) */
 int lf_set_isa(lf_isa isa);        /* LF_EISA if the CPU lacks it; not thread-safe vs running kernels */
 lf_isa lf_get_isa(void);
-const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" */
+const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" | "avx512_bf16" */
 
 /* ---- thread pool: torch's OpenMP runtime when one is loaded (one pool for both, nothing to
  *      fight), else pthreads that sleep on a condition variable after a short spin ---- */
@@ -66,6 +69,26 @@ typedef struct {
  * a (M,K), b (K,N) strided; beta ∈ {0, 1}; bias (N) or NULL; C must not alias a, b or bias. */
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,
              float beta, const float *bias, float *c, int64_t ldc);
+
+/* ---- half-precision operands: element types of lf_hgemm's inputs ---- */
+typedef enum { LF_DT_F32 = 0, LF_DT_BF16 = 1, LF_DT_F16 = 2 } lf_dtype;
+/* strided matrix of any lf_dtype: element (i, j) at ((const T *)p)[i*rs + j*cs] (strides in
+ * elements), T = float for LF_DT_F32, uint16_t (the bits of a bfloat16 / IEEE binary16) otherwise */
+typedef struct {
+    const void *p;
+    int64_t rs, cs;
+    lf_dtype dtype;
+} lf_tview;
+
+/* C (M,N; row stride ldc, fp32) = beta·C + alpha·a·b (+ bias[j] when beta == 0), a (M,K) and b (K,N)
+ * each fp32, bf16 or fp16, accumulated in fp32. Two bf16 operands with alpha == 1 on the
+ * avx512_bf16 level run vdpbf16ps on bf16 K-pairs (its rounding: tests/tolerances.py); everything
+ * else widens the half operands to fp32 while packing (exact) and runs the fp32 micro-kernels.
+ * beta ∈ {0, 1}; bias (N) or NULL; C must not alias a, b or bias. */
+int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
+             const float *bias, float *c, int64_t ldc);
+/* 1 if lf_hgemm runs these operands on the bf16 pair tile (vdpbf16ps), 0 if it widens them */
+int lf_hgemm_pairs(float alpha, lf_tview a, lf_tview b);
 
 /* ---- packed frozen weight (opt-in cache): the GEMM panels of W, packed once and reused by
  *      every call while W is unchanged — a call then skips re-packing W, at the memory cost

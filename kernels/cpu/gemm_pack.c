@@ -1,0 +1,243 @@
+/* gemm_pack.c — the packing of lf_gemm's operands (gemm.c): A into MR-tall k-major slivers, B into
+ * NR-wide k-major slivers, reading each operand through lf_operand (internal.h): two K segments
+ * concatenated, a per-segment scale, the dropout mask, a rank-r addend to b — none of these need
+ * a pass of their own over memory. Row-major sources are packed by register transposes
+ * (transpose.c). bf16 / fp16 segments are widened to fp32 as they are read (dp->widen), or, for
+ * the bf16 tile, packed as bf16 K-pairs (pack_*_pairs).
+ */
+#include <string.h>
+
+#include "internal.h"
+#include "lorafuse/dropout_hash.h"
+
+/* K range [lo, hi) of segment t, intersected with [p0, p0+kc); returns segment start in K. */
+static int64_t seg_range(const lf_operand *o, int t, int64_t p0, int64_t kc, int64_t *lo,
+                         int64_t *hi) {
+    const int64_t begin = t == 0 ? 0 : o->k_split;
+    const int64_t end = (t == 0 && o->nseg > 1) ? o->k_split : INT64_MAX;
+    *lo = p0 > begin ? p0 : begin;
+    *hi = (p0 + kc) < end ? (p0 + kc) : end;
+    return begin;
+}
+
+/* value of the segment at memory offset off (widened if half, scale, then dropout mask) */
+static inline float seg_value(const lf_segment *s, int64_t off) {
+    const float v = (s->dtype == LF_DT_F32 ? s->v.p[off] : lf_half_to_f32(s->dtype, s->h[off])) * s->scale;
+    if (s->drop_threshold && !lf_dropout_keep(s->seed, (uint64_t)off, s->drop_threshold))
+        return 0.0f;
+    return v;
+}
+
+/* dst[q·ld + i] = scale · src[i·rs + q] for i < rows, q < len: rows of a row-major source packed
+ * k-major — whole TB×TB blocks through the ISA's register transpose, the edges element by
+ * element (the same product, so the same rounding).
+ * Each block also prefetches (to L2) the same block of the next sliver's rows, the `next_rows`
+ * rows at src + next (next_rows = 0: none): a cold operand (W streamed from DRAM) is read 32 rows
+ * at a time, too many streams for the hardware prefetcher (benchmarks/RESULTS.md, "Where the
+ * thresholds come from"). */
+static void pack_rows(const lf_dispatch *dp, const float *src, int64_t rs, int64_t rows, int64_t len, float scale,
+                      float *dst, int64_t ld, int64_t next, int64_t next_rows) {
+    int64_t q0 = 0;
+    const int tb = dp->tb;
+    if (dp->transpose)
+        for (; q0 + tb <= len; q0 += tb)
+            for (int64_t i = 0; i < rows; i += tb) {
+                for (int64_t t = i; t < i + tb && t < next_rows; t++)
+                    __builtin_prefetch(src + next + t * rs + q0, 0, 2);
+                dp->transpose(src + i * rs + q0, rs, rows - i < tb ? (int)(rows - i) : tb, scale, dst + q0 * ld + i,
+                              ld);
+            }
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t q = q0; q < len; q++) dst[q * ld + i] = src[i * rs + q] * scale;
+}
+
+/* dst[j] = segment s at offsets off + j, j < n (a contiguous run of its memory): masked, widened
+ * or scaled by the ISA's span kernels */
+static void seg_span(const lf_dispatch *dp, const lf_segment *s, int64_t off, int64_t n, float *dst) {
+    if (s->dtype != LF_DT_F32)
+        dp->widen(s->h + off, n, s->dtype, s->scale, dst); /* half: never masked (lf_gemm) */
+    else if (s->drop_threshold)
+        lf_skinny_current()->dropout_span(s->v.p + off, n, (uint64_t)off, s->seed, s->drop_threshold, s->scale, dst);
+    else
+        for (int64_t j = 0; j < n; j++) dst[j] = s->v.p[off + j] * s->scale;
+}
+
+/* dst[q·ld + i] = segment s at offset off + i·stride + q, for i < runs, q < len: `runs` contiguous
+ * runs of memory, each made fp32 first (seg_span, LF_MAX_KC at a time), then stored k-major */
+static void pack_runs(const lf_dispatch *dp, const lf_segment *s, int64_t off, int64_t stride, int64_t runs,
+                      int64_t len, float *dst, int64_t ld) {
+    float run[LF_MAX_KC];
+    for (int64_t i = 0; i < runs; i++)
+        for (int64_t q0 = 0; q0 < len; q0 += LF_MAX_KC) {
+            const int64_t n = len - q0 < LF_MAX_KC ? len - q0 : LF_MAX_KC;
+            seg_span(dp, s, off + i * stride + q0, n, run);
+            for (int64_t q = 0; q < n; q++) dst[(q0 + q) * ld + i] = run[q];
+        }
+}
+
+/* ---- bf16 K-pairs, for the bf16 tile (dp->k_pairs): slot pp of a packed row (A) or column (B)
+ * holds element 2pp of the K block in its low 16 bits and element 2pp+1 in its high 16 bits —
+ * the order vdpbf16ps multiplies them in — and 0 for an element past kc (odd K) or a row or
+ * column past the operand's edge. Segment 0 alone (lf_gemm takes this tile for one segment). */
+
+/* the pair of bf16 bits at h[off] and h[off + step]; the second is 0 unless `both` */
+static inline uint32_t pair_at(const uint16_t *h, int64_t off, int64_t step, int both) {
+    return (uint32_t)h[off] | (both ? (uint32_t)h[off + step] << 16 : 0u);
+}
+
+/* dst[pp·MR + i] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)) for i < MR (0 past mr), pp < ceil(kc/2) */
+static void pack_a_pairs(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, int64_t kc, int MR, uint32_t *dst) {
+    const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs;
+    for (int64_t i = 0; i < MR; i++) {
+        if (i >= mr) {
+            for (int64_t pp = 0; pp < np; pp++) dst[pp * MR + i] = 0u;
+            continue;
+        }
+        const uint16_t *row = s->h + (i0 + i) * rs + p0 * cs;
+        int64_t pp = 0;
+        if (cs == 1) /* the row's pairs are whole 32-bit words of memory (perhaps unaligned) */
+            for (; pp < kc / 2; pp++) memcpy(dst + pp * MR + i, row + 2 * pp, sizeof(uint32_t));
+        for (; pp < np; pp++) dst[pp * MR + i] = pair_at(row, 2 * pp * cs, cs, 2 * pp + 1 < kc);
+    }
+}
+
+/* dst[q·NR·np + pp·NR + j] = pair (b(p0+2pp, j0+q·NR+j), b(p0+2pp+1, j0+q·NR+j)), np = ceil(kc/2),
+ * for every sliver q of the nc columns, 0 past nc. Column-contiguous b (Wᵀ): column by column,
+ * each column's pairs whole words; else pair row by pair row (contiguous when b is row-major). */
+static void pack_b_pairs(const lf_segment *s, int64_t j0, int64_t nc, int64_t p0, int64_t kc, int NR, uint32_t *dst) {
+    const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs, ncp = (nc + NR - 1) / NR * NR;
+    for (int64_t j = nc; j < ncp; j++) /* the last sliver's missing columns */
+        for (int64_t pp = 0; pp < np; pp++) dst[j / NR * NR * np + pp * NR + j % NR] = 0u;
+    if (rs == 1) {
+        for (int64_t j = 0; j < nc; j++) {
+            const uint16_t *col = s->h + (j0 + j) * cs + p0;
+            uint32_t *d = dst + j / NR * NR * np + j % NR;
+            int64_t pp = 0;
+            for (; pp < kc / 2; pp++) memcpy(d + pp * NR, col + 2 * pp, sizeof(uint32_t));
+            if (pp < np) d[pp * NR] = col[2 * pp];
+        }
+        return;
+    }
+    for (int64_t pp = 0; pp < np; pp++) {
+        const uint16_t *r0 = s->h + (p0 + 2 * pp) * rs + j0 * cs;
+        const int both = 2 * pp + 1 < kc;
+        for (int64_t j = 0; j < nc; j++) dst[j / NR * NR * np + pp * NR + j % NR] = pair_at(r0, j * cs, rs, both);
+    }
+}
+
+/* dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR), p < kc; next_mr: rows of
+ * the sliver packed after this one (at i0 + MR), prefetched meanwhile */
+void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t next_mr, int64_t p0,
+                      int64_t kc, int MR, float *dst) {
+    if (dp->k_pairs) {
+        pack_a_pairs(&a->seg[0], i0, mr, p0, kc, MR, (uint32_t *)dst);
+        return;
+    }
+    if (mr < MR)
+        for (int64_t p = 0; p < kc; p++)
+            for (int64_t i = mr; i < MR; i++) dst[p * MR + i] = 0.0f;
+    for (int t = 0; t < a->nseg; t++) {
+        int64_t lo, hi;
+        const int64_t begin = seg_range(a, t, p0, kc, &lo, &hi);
+        if (lo >= hi) continue;
+        const lf_segment *s = &a->seg[t];
+        const int64_t rs = s->v.rs, cs = s->v.cs;
+        if (cs == 1 && !s->drop_threshold && s->dtype == LF_DT_F32) { /* row-major source (x): a transpose */
+            pack_rows(dp, s->v.p + i0 * rs + (lo - begin), rs, mr, hi - lo, s->scale, dst + (lo - p0) * MR, MR, MR * rs,
+                      next_mr);
+        } else if (cs == 1) { /* x̃ rows, or half rows: each contiguous run to fp32 first */
+            pack_runs(dp, s, i0 * rs + (lo - begin), rs, mr, hi - lo, dst + (lo - p0) * MR, MR);
+        } else {
+            for (int64_t p = lo; p < hi; p++) {
+                float *d = dst + (p - p0) * MR;
+                for (int64_t i = 0; i < mr; i++) d[i] = seg_value(s, (i0 + i) * rs + (p - begin) * cs);
+            }
+        }
+    }
+}
+
+/* rows [lo, hi) of segment s (starting at K = begin) into one sliver: dst[p*NR + j] =
+ * b(p0+p, j0+j) for j < nr; next_nr: columns of the sliver packed after this one (at j0 + NR) */
+static void pack_b_sliver(const lf_dispatch *dp, const lf_segment *s, int64_t begin, int64_t lo, int64_t hi,
+                          int64_t j0, int64_t nr, int64_t next_nr, int64_t p0, int NR, float *dst) {
+    const int64_t rs = s->v.rs, cs = s->v.cs;
+    if (cs == 1 && (s->drop_threshold || s->dtype != LF_DT_F32)) { /* x̃ or half rows: each run in place */
+        for (int64_t p = lo; p < hi; p++) seg_span(dp, s, (p - begin) * rs + j0, nr, dst + (p - p0) * NR);
+    } else if (rs == 1 && !s->drop_threshold && s->dtype == LF_DT_F32) { /* column-contiguous (Wᵀ of row-major W) */
+        pack_rows(dp, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR, NR * cs,
+                  next_nr);
+    } else if (rs == 1 && s->dtype != LF_DT_F32) { /* half columns: each run to fp32 first */
+        pack_runs(dp, s, j0 * cs + (lo - begin), cs, nr, hi - lo, dst + (lo - p0) * NR, NR);
+    } else {
+        for (int64_t p = lo; p < hi; p++) {
+            float *d = dst + (p - p0) * NR;
+            for (int64_t j = 0; j < nr; j++) d[j] = seg_value(s, (p - begin) * rs + (j0 + j) * cs);
+        }
+    }
+}
+
+/* dst[p·NR + j] += s · Σ_q L(p0+p, q) · R(q, j0+j) for rows [lo, hi) of segment 0 and j < nr
+ * (the low-rank addend of the operand; lf_lowrank) */
+static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t j0, int64_t nr, int64_t p0, int NR,
+                          float *dst) {
+    float rt[LF_SKINNY_MAX_R * LF_MAX_NR]; /* s·R[:, j0:j0+nr], zero-padded to NR */
+    for (int64_t q = 0; q < lr->r; q++)
+        for (int64_t j = 0; j < NR; j++)
+            rt[q * NR + j] = j < nr ? lr->scale * lr->R.p[q * lr->R.rs + (j0 + j) * lr->R.cs] : 0.0f;
+    const lf_view L = {lr->L.p + lo * lr->L.rs, lr->L.rs, lr->L.cs};
+    lf_skinny_current()->rank_add(hi - lo, NR, lr->r, L, rt, NR, dst + (lo - p0) * NR, NR);
+}
+
+/* The kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at dst + q·NR·kc:
+ * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major plain segment (W in
+ * dx = g·W) is copied row by row across all slivers, so b is read in address order — one
+ * stream instead of one per sliver; the others are packed sliver by sliver. */
+void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+                     int NR, float *dst) {
+    if (dp->k_pairs) {
+        pack_b_pairs(&b->seg[0], j0, nc, p0, kc, NR, (uint32_t *)dst);
+        return;
+    }
+    const int64_t nslivers = (nc + NR - 1) / NR, tail = nc - (nslivers - 1) * NR;
+    float *last = dst + (nslivers - 1) * NR * kc;
+    if (tail < NR)
+        for (int64_t p = 0; p < kc; p++)
+            for (int64_t j = tail; j < NR; j++) last[p * NR + j] = 0.0f;
+    const lf_packed_b *pk = b->packed && b->packed->dp == dp ? b->packed : NULL;
+    for (int t = 0; t < b->nseg; t++) {
+        int64_t lo, hi;
+        const int64_t begin = seg_range(b, t, p0, kc, &lo, &hi);
+        if (lo >= hi) continue;
+        const lf_segment *s = &b->seg[t];
+        if (t == 0 && pk) { /* the rows of segment 0 from its kept block (length K0 - p0 < kc) */
+            const int64_t kcb = pk->K - p0 < dp->blk->kc ? pk->K - p0 : dp->blk->kc;
+            const float *src = pk->data + p0 * pk->nsl * NR + j0 / NR * NR * kcb + (lo - p0) * NR;
+            for (int64_t q = 0; q < nslivers; q++)
+                memcpy(dst + q * NR * kc + (lo - p0) * NR, src + q * NR * kcb, (size_t)((hi - lo) * NR) * sizeof(float));
+        } else if (s->v.cs == 1 && !s->drop_threshold && s->dtype == LF_DT_F32) {
+            for (int64_t p = lo; p < hi; p++) {
+                const float *src = s->v.p + (p - begin) * s->v.rs + j0;
+                for (int64_t q = 0; q < nslivers; q++) {
+                    float *d = dst + q * NR * kc + (p - p0) * NR;
+                    const int64_t nr = q == nslivers - 1 ? tail : NR;
+                    for (int64_t j = 0; j < nr; j++) d[j] = src[q * NR + j] * s->scale;
+                }
+            }
+        } else {
+            for (int64_t q = 0; q < nslivers; q++)
+                pack_b_sliver(dp, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR,
+                              q + 1 >= nslivers ? 0 : q + 1 == nslivers - 1 ? tail : NR, p0, NR, dst + q * NR * kc);
+        }
+    }
+    if (b->add) {
+        int64_t lo, hi;
+        seg_range(b, 0, p0, kc, &lo, &hi);
+        for (int64_t q = 0; lo < hi && q < nslivers; q++)
+            pack_b_addend(b->add, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR, p0, NR, dst + q * NR * kc);
+    }
+}
+
+
+void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld) {
+    pack_rows(lf_current(), src, rs, rows, cols, 1.0f, dst, ld, 0, 0);
+}

@@ -1,0 +1,78 @@
+/* ukernel_avx512_bf16.c — the bf16 micro-kernel of the avx512_bf16 level: a 12×32 tile of fp32
+ * accumulators (24 zmm) over bf16 K-pairs, by vdpbf16ps (AVX512_BF16).
+ *
+ * Packed operands (gemm_pack.c, dp->k_pairs): 32-bit slots, each a pair of bf16 (k = 2pp in the low
+ * half, 2pp+1 in the high half):
+ *   ap[pp·12 + i] = (a(i, 2pp), a(i, 2pp+1))      bp[pp·32 + j] = (b(2pp, j), b(2pp+1, j))
+ * Per pair: 2 aligned loads of B (16 columns each), 12 broadcasts of a 32-bit pair of A, 24
+ * vdpbf16ps; each does, in each of its 16 fp32 lanes j,
+ *   acc[i][j] += a(i, 2pp+1)·b(2pp+1, j);  acc[i][j] += a(i, 2pp)·b(2pp, j)
+ * (Intel's pseudo-code: products of bf16 exact in fp32, each addition rounded to nearest even,
+ * bf16 denormal inputs read as 0 and denormal results flushed to 0 — the error bound is in
+ * tests/tolerances.py). So one pair is 4 flops per lane, 64 per instruction.
+ *   c[i][j] (+)= Σ_pp ap·bp  (+ bias[j] when !accumulate)      (lf_ukernel_fn, internal.h; kc counts k)
+ * Edge tiles: __mmask16 column masks on the stores, rows stop at mr (packing zero-pads the rest).
+ * Compiled for any x86-64 with a target attribute; chosen (gemm.c dispatch_of) only on the
+ * avx512_bf16 level, which cpuid must report (dispatch.c). */
+#include "internal.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+enum { MR = 12, NR = 32 };
+
+LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, const float *bpp, float *c, int64_t ldc,
+                                               int64_t mr, int64_t nr, int accumulate, const float *bias) {
+    const uint32_t *ap = (const uint32_t *)app; /* the packed slots: 32-bit pairs, not floats */
+    const uint32_t *bp = (const uint32_t *)bpp;
+    const int64_t np = (kc + 1) / 2;
+    __m512 acc[MR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) { /* the C tile, wanted at the end: fetch both lines of each row */
+        _mm_prefetch((const char *)(c + (i < mr ? i : 0) * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + (i < mr ? i : 0) * ldc + 16), _MM_HINT_T0);
+    }
+    /* acc[i][v] += Σ_e a(i, 2pp+e)·b(2pp+e, 16v + lane), pp < np */
+    for (int64_t pp = 0; pp < np; pp++) {
+        const __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)bp);
+        const __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(bp + 16));
+        _mm_prefetch((const char *)(bp + 8 * NR), _MM_HINT_T0);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; i++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[i]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+        }
+        ap += MR;
+        bp += NR;
+    }
+    const __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
+    const __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1u);
+    __m512 base0 = _mm512_setzero_ps(), base1 = _mm512_setzero_ps();
+    if (!accumulate && bias) {
+        base0 = _mm512_maskz_loadu_ps(m0, bias);
+        base1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) { /* a constant trip count: the accumulators stay in registers */
+        if (i >= mr) break;
+        float *ci = c + i * ldc;
+        if (accumulate) {
+            base0 = _mm512_maskz_loadu_ps(m0, ci);
+            base1 = _mm512_maskz_loadu_ps(m1, ci + 16);
+        }
+        _mm512_mask_storeu_ps(ci, m0, _mm512_add_ps(base0, acc[i][0]));
+        _mm512_mask_storeu_ps(ci + 16, m1, _mm512_add_ps(base1, acc[i][1]));
+    }
+}
+
+const lf_dispatch lf_dispatch_avx512_bf16 = {
+    .isa = LF_ISA_AVX512_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_avx512_bf16.pairs,
+    .ukernel = ukernel_avx512_bf16, .widen = lf_widen_avx512, .k_pairs = 1,
+};
+#else
+const lf_dispatch lf_dispatch_avx512_bf16 = {0};
+#endif

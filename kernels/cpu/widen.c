@@ -1,0 +1,54 @@
+/* widen.c — bf16 / fp16 runs widened to fp32 while packing a GEMM operand (lf_widen_fn, internal.h):
+ *     dst[j] = scale · (float)src[j]      j < n
+ * The conversion is exact (every bf16 and fp16 value is an fp32 value): bf16 is the top half of an
+ * fp32, shifted left 16; fp16 goes through F16C's vcvtph2ps (AVX2: ymm, with target "avx2,f16c";
+ * AVX-512F: zmm), which converts subnormals, infinities and NaNs exactly (MXCSR's DAZ does not apply
+ * to it); the portable version is lf_f16_to_f32 (internal.h). Only the scale rounds (never, at 1). */
+#include "internal.h"
+
+void lf_widen_generic(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
+    if (dt == LF_DT_BF16)
+        for (int64_t j = 0; j < n; j++) dst[j] = lf_bf16_to_f32(src[j]) * scale;
+    else
+        for (int64_t j = 0; j < n; j++) dst[j] = lf_f16_to_f32(src[j]) * scale;
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define LF_AVX2_F16C __attribute__((target("avx2,f16c")))
+#define LF_AVX512 __attribute__((target("avx512f")))
+
+/* 8 at a time: bf16 zero-extended to 32 bits and shifted into the top half; fp16 by vcvtph2ps */
+LF_AVX2_F16C void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
+    const __m256 s = _mm256_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)(src + j));
+        const __m256 f = dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                          : _mm256_cvtph_ps(h);
+        _mm256_storeu_ps(dst + j, _mm256_mul_ps(f, s));
+    }
+    lf_widen_generic(src + j, n - j, dt, scale, dst + j);
+}
+
+/* 16 at a time (a masked 16-bit load would need AVX512BW, which the avx512 level does not require) */
+LF_AVX512 void lf_widen_avx512(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
+    const __m512 s = _mm512_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(src + j));
+        const __m512 f = dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                          : _mm512_cvtph_ps(h);
+        _mm512_storeu_ps(dst + j, _mm512_mul_ps(f, s));
+    }
+    lf_widen_generic(src + j, n - j, dt, scale, dst + j);
+}
+#else
+void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
+    lf_widen_generic(src, n, dt, scale, dst);
+}
+void lf_widen_avx512(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
+    lf_widen_generic(src, n, dt, scale, dst);
+}
+#endif

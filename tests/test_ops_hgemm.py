@@ -1,0 +1,208 @@
+"""The GEMM core on half-precision operands (`ops.hgemm`): bf16 / fp16 / fp32 a and b in every
+combination, against a float64 reference of the values they hold, on every ISA (the `isa` fixture;
+avx512_bf16 runs two bf16 operands on the vdpbf16ps tile, the others widen while packing): layouts
+(row-major, transposed views, general strides), odd sizes around the tiles (1, 7, 33, 257), odd K
+over several K blocks, zero sizes, bias, beta = 1 into out, alpha, NaN / Inf, fp16 subnormals, bf16
+denormals (which vdpbf16ps reads as 0: tolerances.bound_dpbf16), threads, and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lorafuse  # noqa: E402
+from lorafuse import _C, ops  # noqa: E402
+from tolerances import assert_within_bound, bound, bound_dpbf16  # noqa: E402
+
+DT = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+
+
+def tensor(rng, shape, dt: str, how: str = "row") -> "torch.Tensor":
+    """Random values of dtype dt, shape (rows, cols), stored `how`: row-major, column-major (the
+    transpose of a row-major tensor: a transposed view) or every other column of a wider buffer."""
+    rows, cols = shape
+    t = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)).to(DT[dt])
+    if how == "col":
+        return t.t().contiguous().t()
+    if how == "strided":
+        buf = torch.zeros(rows, 2 * cols + 1, dtype=DT[dt])
+        buf[:, 1::2][:, :cols] = t
+        return buf[:, 1::2][:, :cols]
+    assert how == "row"
+    return t
+
+
+def f64(t) -> np.ndarray:
+    return t.double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
+
+
+def native(a, b, alpha=1.0) -> bool:
+    return _C.hgemm_path(a, b, alpha)[0] == "bf16_pairs"
+
+
+def check(a, b, alpha=1.0, bias=None, out=None, beta=0.0, what=""):
+    before = None if out is None else f64(out).copy()
+    c = ops.hgemm(a, b, alpha, bias, out, beta)
+    A, B = f64(a), f64(b)
+    ref, mag = alpha * (A @ B), abs(alpha) * (np.abs(A) @ np.abs(B))
+    if bias is not None:
+        ref, mag = ref + f64(bias), mag + np.abs(f64(bias))
+    if beta == 1.0:
+        ref, mag = ref + before, mag + np.abs(before)
+    K = A.shape[1]
+    lim = (bound_dpbf16(mag, K, np.abs(A).sum(1), np.abs(B).sum(0)) if native(a, b, alpha) else bound(mag, K))
+    assert_within_bound(np.asarray(c), ref, lim, f"hgemm {what} {tuple(A.shape)}x{tuple(B.shape)}")
+    return c
+
+
+@pytest.mark.parametrize("da", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("db", ["bf16", "f16", "f32"])
+def test_dtypes_and_layouts(isa, da, db):
+    rng = np.random.default_rng(0)
+    for how_a in ("row", "col", "strided"):
+        for how_b in ("row", "col", "strided"):
+            a, b = tensor(rng, (37, 45), da, how_a), tensor(rng, (45, 53), db, how_b)
+            check(a, b, bias=torch.randn(53), what=f"{da}/{how_a} x {db}/{how_b}")
+
+
+def test_path_names_the_tile(isa):
+    a, b = torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)
+    on_bf16 = isa == "avx512_bf16"
+    assert _C.hgemm_path(a, b) == ("bf16_pairs" if on_bf16 else "widened", "bfloat16", "bfloat16")
+    assert _C.hgemm_path(a, b, 0.5)[0] == "widened"  # the pair tile multiplies the bits as they are
+    assert _C.hgemm_path(a, b.half())[0] == "widened"
+    assert _C.hgemm_path(a.float(), b)[0] == "widened"
+
+
+@pytest.mark.parametrize("d", [1, 7, 33, 257])
+@pytest.mark.parametrize("axis", ["M", "K", "N"])
+@pytest.mark.parametrize("dts", [("bf16", "bf16"), ("f16", "bf16")])
+def test_sizes_each_axis(isa, d, axis, dts):
+    dims = {"M": 29, "K": 35, "N": 41}
+    dims[axis] = d
+    rng = np.random.default_rng(d)
+    a = tensor(rng, (dims["M"], dims["K"]), dts[0])
+    b = tensor(rng, (dims["K"], dims["N"]), dts[1], "col")
+    check(a, b, what=f"{dts} {axis}={d}")
+
+
+def test_odd_k_over_several_blocks_and_threads(isa):
+    """K odd beyond one K block (the last pair half padding), N beyond one NC panel on some ISAs,
+    bias; the same result, bit for bit, on 1 and 3 threads."""
+    rng = np.random.default_rng(1)
+    a, b = tensor(rng, (130, 1101), "bf16"), tensor(rng, (1101, 3100), "bf16", "col")
+    bias = torch.randn(3100)
+    before = lorafuse.get_num_threads()
+    try:
+        lorafuse.set_num_threads(1)
+        c1 = check(a, b, bias=bias, what="odd K")
+        lorafuse.set_num_threads(3)
+        c3 = ops.hgemm(a, b, bias=bias)
+    finally:
+        lorafuse.set_num_threads(before)
+    assert np.array_equal(c1, c3)
+    check(tensor(rng, (61, 777), "bf16", "strided"), tensor(rng, (777, 45), "f16"), what="strided x fp16")
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
+def test_zero_sizes(isa, shape):
+    M, K, N = shape
+    a, b = torch.zeros(M, K, dtype=torch.bfloat16), torch.zeros(K, N, dtype=torch.float16)
+    c = ops.hgemm(a, b)
+    assert c.shape == (M, N) and c.dtype == np.float32 and not c.any()
+    bias = torch.arange(N, dtype=torch.float32)
+    assert np.array_equal(ops.hgemm(a, b, bias=bias), np.broadcast_to(bias.numpy(), (M, N)))
+
+
+def test_beta_one_adds_into_out_and_alpha(isa):
+    rng = np.random.default_rng(2)
+    a, b = tensor(rng, (45, 301), "bf16"), tensor(rng, (301, 70), "bf16", "col")
+    out = rng.standard_normal((45, 70), dtype=np.float32)
+    c = check(a, b, out=out, beta=1.0, what="beta=1")
+    assert c is out or np.shares_memory(c, out)
+    check(a, b, alpha=-0.75, bias=torch.randn(70), what="alpha")
+    check(a, b.half(), alpha=0.5, what="alpha fp16")
+
+
+def test_numpy_inputs(isa):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((33, 40), dtype=np.float32).astype(np.float16)
+    b = rng.standard_normal((40, 20), dtype=np.float32)
+    check(a, b, what="numpy fp16 x fp32")
+    check(a.T.copy().T, b.astype(np.float16)[:, ::-1], what="numpy fp16 views")
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f16"])
+def test_nan_and_inf_propagate(isa, dt):
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(np.abs(rng.standard_normal((20, 37), dtype=np.float32)) + 0.5).to(DT[dt])
+    b = torch.from_numpy(np.abs(rng.standard_normal((37, 40), dtype=np.float32)) + 0.5).to(DT[dt])
+    a[3, 5] = float("nan")
+    b[7, 11] = float("inf")
+    c = ops.hgemm(a, b)
+    assert np.isnan(c[3]).all()
+    assert np.isposinf(np.delete(c[:, 11], 3)).all()
+    rest = np.delete(np.delete(c, 3, axis=0), 11, axis=1)
+    assert np.isfinite(rest).all()
+    b[7, 11] = float("-inf")
+    b[8, 11] = float("inf")  # inf - inf: NaN
+    assert np.isnan(ops.hgemm(a, b)[:, 11]).all()
+
+
+def test_fp16_subnormals_and_extremes_are_widened_exactly(isa):
+    """fp16 subnormals (2⁻²⁴ … 2⁻¹⁵), the largest normal (65504), negative zero: exact in fp32."""
+    vals = np.array([2.0 ** -24, 3 * 2.0 ** -24, 2.0 ** -15, -(2.0 ** -20), 65504.0, -0.0, 1.0, -2.5], np.float16)
+    a = torch.from_numpy(vals.reshape(1, -1).copy())
+    b = torch.eye(8, dtype=torch.float16)
+    c = ops.hgemm(a, b)
+    assert np.array_equal(c[0], vals.astype(np.float32))
+    assert np.array_equal(ops.hgemm(a, b.bfloat16())[0], vals.astype(np.float32))
+
+
+def test_bf16_denormals_within_the_dpbf16_bound(isa):
+    """bf16 denormals (below 2⁻¹²⁶): exact when widened; vdpbf16ps reads them as 0 and flushes
+    denormal partial sums — within tolerances.bound_dpbf16 either way."""
+    rng = np.random.default_rng(5)
+    a = tensor(rng, (24, 64), "bf16")
+    b = tensor(rng, (64, 40), "bf16", "col")
+    a[::2] *= 2.0 ** -130  # denormal rows
+    b[:, ::3] *= 2.0 ** -127  # tiny columns: products and partial sums far below 2⁻¹²⁶
+    c = check(a, b, what="denormals")
+    if not native(a, b):  # widened: the products are exact, only the fp32 sums round
+        assert (c[::2] != 0).any()
+
+
+def test_bad_input():
+    a, b = torch.ones(4, 5, dtype=torch.bfloat16), torch.ones(5, 6, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="hgemm: a must be float32, float16 or bfloat16.*int64"):
+        ops.hgemm(torch.ones(4, 5, dtype=torch.int64), b)
+    with pytest.raises(TypeError, match="hgemm: b must be float32, float16 or bfloat16.*float64"):
+        ops.hgemm(a, np.ones((5, 6)))
+    with pytest.raises(TypeError, match="hgemm: a must be a float32 / float16 numpy array"):
+        ops.hgemm([[1.0]], b)
+    with pytest.raises(ValueError, match=r"hgemm: b must have shape \(K, N\) with K = a.shape\[1\]"):
+        ops.hgemm(a, torch.ones(4, 6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"hgemm: a must have shape \(M, K\)"):
+        ops.hgemm(torch.ones(5, dtype=torch.bfloat16), b)
+    with pytest.raises(ValueError, match=r"hgemm: bias must have shape \(N,\)"):
+        ops.hgemm(a, b, bias=torch.ones(5))
+    with pytest.raises(TypeError, match="hgemm: bias .*bfloat16"):
+        ops.hgemm(a, b, bias=torch.ones(6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"hgemm: out must have shape \(4, 6\)"):
+        ops.hgemm(a, b, out=np.zeros((4, 5), np.float32))
+    with pytest.raises(TypeError, match="hgemm: out .*bfloat16"):
+        ops.hgemm(a, b, out=torch.zeros(4, 6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="hgemm: out must be C-contiguous"):
+        ops.hgemm(a, b, out=np.zeros((6, 4), np.float32).T)
+    with pytest.raises(ValueError, match="hgemm: beta must be 0 or 1"):
+        ops.hgemm(a, b, out=np.zeros((4, 6), np.float32), beta=0.5)
+    with pytest.raises(ValueError, match="hgemm: beta=1 adds into out: out is required"):
+        ops.hgemm(a, b, beta=1.0)
+    with pytest.raises(TypeError, match="hgemm: alpha must be a real number"):
+        ops.hgemm(a, b, alpha="2")
+    buf = np.zeros((6, 6), np.float32)
+    with pytest.raises(ValueError, match="hgemm: output out overlaps input a in memory"):
+        ops.hgemm(buf, torch.ones(6, 6, dtype=torch.bfloat16), out=buf)
+    with pytest.raises(TypeError, match="hgemm: b .* cannot be read as a CPU array"):
+        ops.hgemm(a, torch.ones(5, 6, dtype=torch.bfloat16).to_sparse())
