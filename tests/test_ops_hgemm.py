@@ -1,5 +1,5 @@
 """The GEMM core on half-precision operands (`ops.hgemm`): bf16 / fp16 / fp32 a and b in every
-combination, against a float64 reference of the values they hold, on every ISA (the `isa` fixture;
+combination, against a float64 reference of the values they hold, on every ISA (the `half_isa` fixture;
 avx512_bf16 runs two bf16 operands on the vdpbf16ps tile, the others widen while packing): layouts
 (row-major, transposed views, general strides), odd sizes around the tiles (1, 7, 33, 257), odd K
 over several K blocks, zero sizes, bias, beta = 1 into out, alpha, NaN / Inf, fp16 subnormals, bf16
@@ -58,7 +58,7 @@ def check(a, b, alpha=1.0, bias=None, out=None, beta=0.0, what=""):
 
 @pytest.mark.parametrize("da", ["bf16", "f16", "f32"])
 @pytest.mark.parametrize("db", ["bf16", "f16", "f32"])
-def test_dtypes_and_layouts(isa, da, db):
+def test_dtypes_and_layouts(half_isa, da, db):
     rng = np.random.default_rng(0)
     for how_a in ("row", "col", "strided"):
         for how_b in ("row", "col", "strided"):
@@ -66,9 +66,9 @@ def test_dtypes_and_layouts(isa, da, db):
             check(a, b, bias=torch.randn(53), what=f"{da}/{how_a} x {db}/{how_b}")
 
 
-def test_path_names_the_tile(isa):
+def test_path_names_the_tile(half_isa):
     a, b = torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)
-    on_bf16 = isa == "avx512_bf16"
+    on_bf16 = half_isa == "avx512_bf16"
     assert _C.hgemm_path(a, b) == ("bf16_pairs" if on_bf16 else "widened", "bfloat16", "bfloat16")
     assert _C.hgemm_path(a, b, 0.5)[0] == "widened"  # the pair tile multiplies the bits as they are
     assert _C.hgemm_path(a, b.half())[0] == "widened"
@@ -78,7 +78,7 @@ def test_path_names_the_tile(isa):
 @pytest.mark.parametrize("d", [1, 7, 33, 257])
 @pytest.mark.parametrize("axis", ["M", "K", "N"])
 @pytest.mark.parametrize("dts", [("bf16", "bf16"), ("f16", "bf16")])
-def test_sizes_each_axis(isa, d, axis, dts):
+def test_sizes_each_axis(half_isa, d, axis, dts):
     dims = {"M": 29, "K": 35, "N": 41}
     dims[axis] = d
     rng = np.random.default_rng(d)
@@ -87,7 +87,7 @@ def test_sizes_each_axis(isa, d, axis, dts):
     check(a, b, what=f"{dts} {axis}={d}")
 
 
-def test_odd_k_over_several_blocks_and_threads(isa):
+def test_odd_k_over_several_blocks_and_threads(half_isa):
     """K odd beyond one K block (the last pair half padding), N beyond one NC panel on some ISAs,
     bias; the same result, bit for bit, on 1 and 3 threads."""
     rng = np.random.default_rng(1)
@@ -106,7 +106,7 @@ def test_odd_k_over_several_blocks_and_threads(isa):
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
-def test_zero_sizes(isa, shape):
+def test_zero_sizes(half_isa, shape):
     M, K, N = shape
     a, b = torch.zeros(M, K, dtype=torch.bfloat16), torch.zeros(K, N, dtype=torch.float16)
     c = ops.hgemm(a, b)
@@ -115,7 +115,7 @@ def test_zero_sizes(isa, shape):
     assert np.array_equal(ops.hgemm(a, b, bias=bias), np.broadcast_to(bias.numpy(), (M, N)))
 
 
-def test_beta_one_adds_into_out_and_alpha(isa):
+def test_beta_one_adds_into_out_and_alpha(half_isa):
     rng = np.random.default_rng(2)
     a, b = tensor(rng, (45, 301), "bf16"), tensor(rng, (301, 70), "bf16", "col")
     out = rng.standard_normal((45, 70), dtype=np.float32)
@@ -125,7 +125,7 @@ def test_beta_one_adds_into_out_and_alpha(isa):
     check(a, b.half(), alpha=0.5, what="alpha fp16")
 
 
-def test_numpy_inputs(isa):
+def test_numpy_inputs(half_isa):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((33, 40), dtype=np.float32).astype(np.float16)
     b = rng.standard_normal((40, 20), dtype=np.float32)
@@ -134,7 +134,7 @@ def test_numpy_inputs(isa):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "f16"])
-def test_nan_and_inf_propagate(isa, dt):
+def test_nan_and_inf_propagate(half_isa, dt):
     rng = np.random.default_rng(4)
     a = torch.from_numpy(np.abs(rng.standard_normal((20, 37), dtype=np.float32)) + 0.5).to(DT[dt])
     b = torch.from_numpy(np.abs(rng.standard_normal((37, 40), dtype=np.float32)) + 0.5).to(DT[dt])
@@ -150,7 +150,7 @@ def test_nan_and_inf_propagate(isa, dt):
     assert np.isnan(ops.hgemm(a, b)[:, 11]).all()
 
 
-def test_fp16_subnormals_and_extremes_are_widened_exactly(isa):
+def test_fp16_subnormals_and_extremes_are_widened_exactly(half_isa):
     """fp16 subnormals (2⁻²⁴ … 2⁻¹⁵), the largest normal (65504), negative zero: exact in fp32."""
     vals = np.array([2.0 ** -24, 3 * 2.0 ** -24, 2.0 ** -15, -(2.0 ** -20), 65504.0, -0.0, 1.0, -2.5], np.float16)
     a = torch.from_numpy(vals.reshape(1, -1).copy())
@@ -160,7 +160,7 @@ def test_fp16_subnormals_and_extremes_are_widened_exactly(isa):
     assert np.array_equal(ops.hgemm(a, b.bfloat16())[0], vals.astype(np.float32))
 
 
-def test_bf16_denormals_within_the_dpbf16_bound(isa):
+def test_bf16_denormals_within_the_dpbf16_bound(half_isa):
     """bf16 denormals (below 2⁻¹²⁶): exact when widened; vdpbf16ps reads them as 0 and flushes
     denormal partial sums — within tolerances.bound_dpbf16 either way."""
     rng = np.random.default_rng(5)
