@@ -94,8 +94,8 @@ def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     with torch.no_grad():
         w_mk = weight.t() if fifo else weight
         wn2 = norms.get(w_mk) if norms is not None else w_mk.detach().double().square().sum(1)
-        aw = lora_a @ w_mk.t()                              # (r, m)  A·Wᵀ
-        cross = (lora_b * aw.t()).sum(1)                    # (m)     B_j·(A·W_jᵀ)
+        wa = w_mk @ lora_a.t()                              # (m, r)  W·Aᵀ = (A·Wᵀ)ᵀ: W streamed once by rows
+        cross = (lora_b * wa).sum(1)                        # (m)     B_j·(A·W_jᵀ)
         quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1)  # (m)  B_j·(A·Aᵀ)·B_jᵀ
         nu2 = wn2 + (2.0 * scale) * cross.double() + (scale * scale) * quad.double()
         return nu2.clamp_min(0.0).sqrt().to(weight.dtype)
