@@ -1,7 +1,7 @@
 """DoRA (``use_dora=True``) on the fused kernels (`lorafuse.dora`) against PEFT's own DoRA. The model-level
 parity — logits, loss, every gradient with the magnitude vectors, eval with dropout configured, merge and
-merge_and_unload — is test_peft_parity's tests in their DoRA cases; here: the case PEFT keeps (dropout in
-training: PEFT's code, the same random numbers), double backward, files both ways, the row norms against the
+merge_and_unload — is test_peft_parity's tests in their DoRA cases; here: dropout in training (PEFT given
+lorafuse's masks), double backward, files both ways, the row norms against the
 explicit m×k matrix, the fused function's backward in float64, and the kept norms' invalidation."""
 from __future__ import annotations
 
@@ -14,22 +14,49 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import lorafuse  # noqa: E402
+from lorafuse.backend import draw_seed, dropout_mask  # noqa: E402
 from lorafuse.dora import DoraLinearFunction, RowNorms, dora_reference, row_norms  # noqa: E402
 from test_peft_parity import CASES, _assert_match, _fused, _inputs, _pair, _paths, _penalised_grads, _run  # noqa: E402
 
 
-def test_dropout_in_training_runs_peft_dora() -> None:
-    """With dropout active PEFT runs a second base GEMM on the dropped input: not fused, PEFT's code runs."""
-    theirs, ours = _pair("llama", use_dora=True, lora_dropout=0.2)
+class SeededDropout(torch.nn.Module):
+    """A stand-in for PEFT's lora_dropout that applies lorafuse's mask: the seed drawn from torch's RNG as the
+    fused layer draws it (`backend.draw_seed`), the mask of `backend.dropout_mask` — so PEFT's DoRA sees the very
+    x̃ of the fused path."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = dropout_mask(*x2.shape, self.p, draw_seed(), dtype=x.dtype, device=x.device)
+        return (x2 * mask).view(x.shape)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_dropout_in_training_matches_peft_dora_with_the_same_mask(name: str) -> None:
+    """Dropout active: PEFT's DoRA computes the base term twice (on x and on x̃); the fused layer runs the
+    LoRA kernel on x̃ and one GEMM on x − x̃. With PEFT given lorafuse's masks, logits, loss and every gradient
+    (magnitudes included) match."""
+    theirs, ours = _pair(name, use_dora=True, lora_dropout=0.25)
+    for module in theirs.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            for key, drop in list(module.lora_dropout.items()):
+                module.lora_dropout[key] = SeededDropout(drop.p)
     theirs.train()
     ours.train()
-    inputs = _inputs(CASES["llama"])
-    torch.manual_seed(7)
-    want = theirs(**inputs).loss
-    torch.manual_seed(7)
-    got = ours(**inputs).loss
-    assert _paths(ours) == {"peft"}
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    inputs = _inputs(CASES[name])
+    torch.manual_seed(9)
+    want = _run(theirs, inputs)
+    torch.manual_seed(9)
+    got = _run(ours, inputs)
+    assert _paths(ours) == {"c"}
+    _assert_match(got, want)
+    with torch.no_grad():  # the masks mattered: without dropout the loss is another
+        assert not torch.allclose(ours.eval()(**inputs).loss, got["loss"])
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -79,8 +106,9 @@ def test_row_norms_equal_the_explicit_matrix(fifo: bool) -> None:
     torch.testing.assert_close(row_norms(W, A, B, s, fifo, norms), want, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("fifo, bias", [(False, True), (True, False)])
-def test_fused_function_gradients_float64(fifo: bool, bias: bool) -> None:
+@pytest.mark.parametrize("fifo, bias, p", [(False, True, 0.0), (True, False, 0.0), (False, True, 0.3),
+                                           (True, True, 0.3)])
+def test_fused_function_gradients_float64(fifo: bool, bias: bool, p: float) -> None:
     """The hand-written backward (g' = g⊙c, dμ = Σ g⊙z / ν), on the torch math (kern=None: float64): gradcheck
     for x, bias and μ (ν does not depend on them); for W, A and B — where ν, detached by design, does — equal
     to autograd through `dora_reference`, which detaches ν the same way."""
@@ -94,14 +122,15 @@ def test_fused_function_gradients_float64(fifo: bool, bias: bool) -> None:
     b = rnd(m) if bias else None
 
     def fused(x, W, b, A, B, mag):
-        return DoraLinearFunction.apply(x, W, b, A, B, mag, s, fifo, None, None, None)
+        return DoraLinearFunction.apply(x, W, b, A, B, mag, s, p, 17, fifo, None, None, None)
 
     frozen = [t.detach() for t in (W, A, B)]
     assert torch.autograd.gradcheck(lambda x, b, mag: fused(x, frozen[0], b, frozen[1], frozen[2], mag), (x, b, mag))
     g = torch.randn(n, m, generator=gen, dtype=torch.float64)
     inputs = [t for t in (x, W, b, A, B, mag) if t is not None]
     got = torch.autograd.grad(fused(x, W, b, A, B, mag), inputs, g)
-    want = torch.autograd.grad(dora_reference(x, W, b, A, B, mag, s, fifo), inputs, g)
+    mask = dropout_mask(n, k, p, 17, dtype=torch.float64, device=x.device) if p else None
+    want = torch.autograd.grad(dora_reference(x, W, b, A, B, mag, s, fifo, mask), inputs, g)
     for got_t, want_t in zip(got, want):
         torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
 

@@ -1,26 +1,29 @@
 """DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``) on the fused kernels, for Linear / Conv1D layers.
 
-PEFT's semantics (``peft/tuners/lora/dora.py``, ``DoraLinearLayer.forward``) with no dropout active, x (..., k),
-W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r), magnitude μ (m), scale s:
+PEFT's semantics (``peft/tuners/lora/dora.py``, ``DoraLinearLayer.forward``), x (..., k), W (m, k) — (k, m) with
+fan_in_fan_out —, A (r, k), B (m, r), magnitude μ (m), scale s, x̃ = x ⊙ mask (dropout; x̃ = x without):
 
-    z     = x·Wᵀ + s·(x·Aᵀ)·Bᵀ                    (..., m)   the fused LoRA kernel, without the bias
     ν_j   = ‖W_j + s·B_j·A‖₂                      (m)        row norms, detached (DoRA §4.3, as PEFT does)
     c     = μ / ν                                  (m)
-    y     = c ⊙ z + b                              (..., m)
+    y     = x·Wᵀ + b + (c − 1) ⊙ (x̃·Wᵀ) + c ⊙ s·(x̃·Aᵀ)·Bᵀ
+          = D + b + c ⊙ z̃,   z̃ = x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ (the fused LoRA kernel on x̃),   D = (x − x̃)·Wᵀ
 
-Backward (the norms get no gradient, so c is a constant for x, A and B):
+Without dropout D = 0 and z̃ = z is one fused call; with it D is a second GEMM (PEFT also runs the base GEMM
+twice), on the temporary x − x̃. Backward (the norms get no gradient, so c is a constant for x, A and B):
 
-    g' = g ⊙ c;   dx, dA, dB = the LoRA backward of g';   dμ_j = Σ_i g_ij · z_ij / ν_j;   db = Σ_i g_i
+    g' = g ⊙ c;   dA, dB, and dx₁ = g'·W + s·mask ⊙ ((g'·B)·A): the LoRA backward kernel on g' (x̃ regenerated)
+    dx = dx₁ + (1 − mask) ⊙ ((g − g')·W)  (the D term; without dropout dx = dx₁)
+    dμ_j = Σ_i g_ij · z̃_ij / ν_j;   db = Σ_i g_i
 
 The norms never form the m×k matrix W + s·B·A:
 
     ν_j² = ‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ
 
-with ‖W_j‖² kept per frozen W (`RowNorms`, invalidated like the packed-W cache) and A·Wᵀ (r, m), A·Aᵀ (r, r)
-per training call: 2·r·k·(m + r) flops, r/n of the base GEMM, and one more read of W; for inference (no
-gradient recorded, or several forwards between optimizer steps) ν itself is kept while W, A and B are unchanged. Memory beyond LoRA: z (..., m) kept for dμ, and c, ν (m).
-With dropout active (training, p > 0) PEFT runs a second base GEMM on the dropped input; that case, like
-torch.compile tracing, runs PEFT's own forward (`dora_operands` declines it).
+with ‖W_j‖² kept per frozen W (`RowNorms`, invalidated like the packed-W cache) and W·Aᵀ (m, r), A·Aᵀ (r, r)
+whenever A or B changed: 2·r·k·(m + r) flops, r/n of the base GEMM, and one more read of W; ν itself is kept
+while W, A and B are unchanged (inference, several forwards between optimizer steps). Memory beyond LoRA: z̃
+(..., m) kept for dμ, and c, ν (m); never an m×k temporary. The mask is lorafuse's seeded hash (as for LoRA:
+statistically, not bitwise, PEFT's torch dropout). torch.compile tracing runs PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from .backend import adapter_backward, base_grads, forward
+from .backend import adapter_backward, base_grads, forward, mask_for
 from .weight_cache import PackedWeightCache
 
 __all__ = ["RowNorms", "row_norms", "dora_linear", "DoraLinearFunction", "dora_operands"]
@@ -109,93 +112,152 @@ def _norms_of(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
                                                                                          scale, fifo)
 
 
+def _dropped_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                     dropout_p: float, seed: int, fifo: bool, need_u: bool, weight_cache: Optional[PackedWeightCache],
+                     kern: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Any]:
+    """(z̃, D, u, kern): z̃ = x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ on the fused kernel, D = (x − x̃)·Wᵀ (None without dropout:
+    z̃ = z, D = 0), u = x̃·Aᵀ; x̃ = x ⊙ mask with the kernels' mask (`backend.mask_for`), a temporary."""
+    if dropout_p == 0.0:
+        z, u, kern = forward(x, weight, None, lora_a, lora_b, scale, 0.0, 0, fifo, need_u=need_u,
+                             weight_cache=weight_cache, kern=kern)
+        return z, None, u, kern
+    k = x.shape[-1]
+    x2 = x.detach().reshape(-1, k)
+    rest = mask_for(x2, dropout_p, seed)                      # the mask, then 1 − mask ...
+    x_drop = x2 * rest                                        # x̃
+    z, u, kern = forward(x_drop, weight, None, lora_a, lora_b, scale, 0.0, 0, fifo, need_u=need_u,
+                         weight_cache=weight_cache, kern=kern)
+    rest.neg_().add_(1.0).mul_(x2)                            # ... then x − x̃ = x ⊙ (1 − mask)
+    d = rest @ (weight if fifo else weight.t()).detach()      # D = (x − x̃)·Wᵀ
+    return z.view(*x.shape[:-1], -1), d.view(*x.shape[:-1], -1), None if u is None else u.view(*x.shape[:-1], -1), kern
+
+
 class DoraLinearFunction(torch.autograd.Function):
-    """y = (μ/ν) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, ν detached; saves x, u, z and c."""
+    """y = D + b + c ⊙ z̃ (module docstring), c = μ/ν with ν detached; saves x, u, z̃, c and ν."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool, norms: Optional[RowNorms],
-                weight_cache: Optional[PackedWeightCache], kern: Any) -> torch.Tensor:
-        z, u, kern = forward(x, weight, None, lora_a, lora_b, scale, 0.0, 0, fifo, weight_cache=weight_cache, kern=kern)
+                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+                norms: Optional[RowNorms], weight_cache: Optional[PackedWeightCache], kern: Any) -> torch.Tensor:
+        z, d, u, kern = _dropped_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, True, weight_cache,
+                                         kern)
         nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
         c = magnitude.detach() / nu
-        y = z * c if bias is None else torch.addcmul(bias.detach(), z, c)
+        y = _combine(z, d, bias, c, in_place=False)
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
-        ctx.conf = (scale, fifo, kern, weight_cache, bias is not None)
+        ctx.conf = (scale, dropout_p, seed, fifo, kern, weight_cache, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        """Gradients for x, W, bias, A, B and μ (None where not needed). Under ``create_graph=True`` they
-        come from autograd over the torch math (`dora_reference`), so that they are differentiable in turn."""
+        """Gradients for x, W, bias, A, B and μ (None where not needed); W's only without dropout. Under
+        ``create_graph=True`` they come from autograd over the torch math (`dora_reference`), so that they are
+        differentiable in turn.
+
+            g' = g ⊙ c;  dA, dB and dx₁ = g'·W + s·mask ⊙ ((g'·B)·A) from the LoRA backward kernel (x̃ regenerated);
+            dx = dx₁ + (1 − mask) ⊙ (g·W − g'·W)  — the (x − x̃)·Wᵀ term; no dropout: dx = dx₁
+            dμ_j = Σ_i g_ij z̃_ij / ν_j,   db = Σ_i g_i"""
         x, u, z, weight, lora_a, lora_b, magnitude, c, nu = ctx.saved_tensors
-        scale, fifo, kern, weight_cache, has_bias = ctx.conf
+        scale, p, seed, fifo, kern, weight_cache, has_bias = ctx.conf
         need = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():
-            return _differentiable_backward(grad, x, weight, lora_a, lora_b, magnitude, scale, fifo, has_bias,
-                                            need) + (None,) * 5
+            return _differentiable_backward(grad, x, weight, lora_a, lora_b, magnitude, scale, p, seed, fifo, has_bias,
+                                            need) + (None,) * 7
         m = grad.shape[-1]
         g_scaled = grad * c                                   # g' = g ⊙ c
         dx = dA = dB = None
         if need[0] or need[3] or need[4]:
-            dx, dA, dB = adapter_backward(g_scaled, x, u, weight, lora_a, lora_b, scale, 0.0, 0, fifo, need[0], kern,
+            dx, dA, dB = adapter_backward(g_scaled, x, u, weight, lora_a, lora_b, scale, p, seed, fifo, need[0], kern,
                                           weight_cache)
-        dW, _ = base_grads(g_scaled, x.detach(), fifo, need[1], False)
+        if dx is not None and p > 0.0:
+            k = x.shape[-1]
+            keep = mask_for(x.detach().reshape(-1, k), p, seed)
+            h = (grad - g_scaled).reshape(-1, m) @ (weight.t() if fifo else weight).detach()  # (g − g')·W
+            dx = dx.reshape(-1, k).addcmul_(keep.neg_().add_(1.0), h).view(x.shape)      # + (1 − mask) ⊙ h
+        dW = _weight_grad(grad, g_scaled, x, p, seed, fifo) if need[1] else None
         _, db = base_grads(grad, x.detach(), fifo, False, need[2])
-        dmag = (grad * z).reshape(-1, m).sum(0) / nu if need[5] else None  # dμ_j = Σ_i g_ij z_ij / ν_j
-        return (dx, dW, db, dA if need[3] else None, dB if need[4] else None, dmag) + (None,) * 5
+        dmag = (grad * z).reshape(-1, m).sum(0) / nu if need[5] else None  # dμ_j = Σ_i g_ij z̃_ij / ν_j
+        return (dx, dW, db, dA if need[3] else None, dB if need[4] else None, dmag) + (None,) * 7
+
+
+def _weight_grad(grad: torch.Tensor, g_scaled: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int,
+                 fifo: bool) -> torch.Tensor:
+    """dW (W's layout) when the base weight trains: g'ᵀ·x̃ + gᵀ·(x − x̃) (g'ᵀ·x without dropout)."""
+    if dropout_p == 0.0:
+        return base_grads(g_scaled, x.detach(), fifo, True, False)[0]
+    k, m = x.shape[-1], grad.shape[-1]
+    x2, g2 = x.detach().reshape(-1, k), grad.reshape(-1, m)
+    x_drop = x2 * mask_for(x2, dropout_p, seed)
+    dw = g_scaled.reshape(-1, m).t() @ x_drop + g2.t() @ (x2 - x_drop)
+    return dw.t() if fifo else dw
+
+
+def _combine(z: torch.Tensor, d: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: torch.Tensor,
+             in_place: bool) -> torch.Tensor:
+    """y = D + b + c ⊙ z̃ (D None: 0); in_place: written over z̃ (no gradient to keep it for)."""
+    base = d if bias is None else (bias.detach() if d is None else d.add_(bias.detach()))
+    if base is None:
+        return z.mul_(c) if in_place else z * c
+    return torch.addcmul(base, z, c, out=z) if in_place else torch.addcmul(base, z, c)
 
 
 def dora_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                   lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool) -> torch.Tensor:
-    """The same layer in plain torch (autograd records it): ν from the explicit W + s·B·A, detached."""
+                   lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same layer in plain torch (autograd records it), PEFT's formula: ν from the explicit W + s·B·A,
+    detached; with a dropout mask (x's shape) y = x·Wᵀ + b + (c − 1)⊙(x̃·Wᵀ) + c⊙s·(x̃·Aᵀ)·Bᵀ, x̃ = x ⊙ mask."""
     w_mk = weight.t() if fifo else weight
     nu = torch.linalg.norm(w_mk + scale * (lora_b @ lora_a), dim=1).detach()
-    z = x @ w_mk.t() + scale * ((x @ lora_a.t()) @ lora_b.t())
-    y = (magnitude / nu) * z
+    c = magnitude / nu
+    x_drop = x if mask is None else x * mask
+    base = x_drop @ w_mk.t()
+    y = c * (base + scale * ((x_drop @ lora_a.t()) @ lora_b.t()))
+    if mask is not None:
+        y = y + (x - x_drop) @ w_mk.t()
     return y if bias is None else y + bias
 
 
 def _differentiable_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                             lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool, has_bias: bool,
-                             need: tuple) -> tuple[Optional[torch.Tensor], ...]:
+                             lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int,
+                             fifo: bool, has_bias: bool, need: tuple) -> tuple[Optional[torch.Tensor], ...]:
     """The six gradients by autograd over `dora_reference` with create_graph (double backward)."""
     inputs = (x, weight, lora_a, lora_b, magnitude)
     wanted = [t for t, n in zip(inputs, (need[0], need[1], need[3], need[4], need[5])) if n]
     bias_grad = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias and need[2] else None
     if not wanted:
         return (None, None, bias_grad, None, None, None)
+    k = x.shape[-1]
+    mask = mask_for(x.detach().reshape(-1, k), dropout_p, seed)
     with torch.enable_grad():
-        y = dora_reference(x, weight, None, lora_a, lora_b, magnitude, scale, fifo)
+        y = dora_reference(x, weight, None, lora_a, lora_b, magnitude, scale, fifo,
+                           None if mask is None else mask.view(x.shape))
         grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
     dx, dW, dA, dB, dmag = (next(grads) if n else None for n in (need[0], need[1], need[3], need[4], need[5]))
     return (dx, dW, bias_grad, dA, dB, dmag)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool,
+                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
                 norms: Optional[RowNorms] = None, weight_cache: Optional[PackedWeightCache] = None,
                 kern: Any = None) -> torch.Tensor:
-    """The fused DoRA layer: x (..., k) → y (..., m) (module docstring). ``kern``: the kernel module (None:
-    the torch math). Without any gradient to record the kernels run directly (the rank-r term may then be
-    merged into W's panels: u is not formed)."""
+    """The fused DoRA layer: x (..., k) → y (..., m) (module docstring); ``seed``: the dropout mask's (p > 0).
+    ``kern``: the kernel module (None: the torch math). Without any gradient to record the kernels run directly
+    (without dropout the rank-r term may then be merged into W's panels: u is not formed)."""
     if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
                                            or x.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
-        z = forward(x, weight, None, lora_a, lora_b, scale, 0.0, 0, fifo, need_u=False, weight_cache=weight_cache,
-                    kern=kern)[0]
-        c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
-        return z.mul_(c) if bias is None else torch.addcmul(bias, z, c, out=z)  # one pass over z
-    return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, weight_cache,
-                                    kern)
+        z, d, _, _ = _dropped_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, False, weight_cache,
+                                      kern)
+        return _combine(z, d, bias, magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms), in_place=True)
+    return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
+                                    weight_cache, kern)
 
 
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
-    """`dora_linear`'s arguments from `layers.fused_operands`' tuple for a DoRA adapter, or None where DoRA
-    is not fused: dropout active (PEFT then runs a second base GEMM on the dropped input; the layer declines
-    that case before the seed is drawn), torch.compile tracing (a seed tensor), anything but the float32 C
-    kernels, a magnitude of another dtype."""
+    """`dora_linear`'s arguments from `layers.fused_operands`' tuple for a DoRA adapter, or None where DoRA is
+    not fused: torch.compile tracing (a seed tensor), anything but the float32 C kernels, a magnitude of another
+    dtype."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
-    if p > 0.0 or isinstance(seed, torch.Tensor) or not x.is_cpu or magnitude.dtype != weight.dtype:
+    if isinstance(seed, torch.Tensor) or not x.is_cpu or magnitude.dtype != weight.dtype:
         return None
-    return (x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, weight_cache, kern)
+    return (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache, kern)

@@ -20,7 +20,7 @@ batches, DoRA and the other variants.
 
 The forward is fused (`lorafuse.autograd.fused_linear`: C kernels for float32 CPU, CUDA kernels for
 fp32/fp16/bf16 and PEFT's default fp32 adapters on bf16; `lorafuse.dora.dora_linear` for a DoRA adapter on
-float32 CPU with no dropout active) when adapters are enabled and unmerged, exactly one active adapter is
+float32 CPU) when adapters are enabled and unmerged, exactly one active adapter is
 plain LoRA or DoRA (no other variant, no ``lora_bias``), the base layer is a plain
 nn.Linear / Conv1D without hooks, no extra forward argument is given (``adapter_names`` means PEFT's
 mixed batch), and a kernel takes the operands' dtypes (`layers.fused_operands`). Anything else runs
@@ -56,7 +56,7 @@ from .atomic import atomic_directory_write
 from .autograd import fused_linear
 from .dora import RowNorms, dora_linear, dora_operands
 from .io_validate import AdapterFileError, check_peft_dir
-from .layers import dropout_p, fused_operands, plain_base
+from .layers import fused_operands, plain_base
 from .weight_cache import PackedWeightOption
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched"]
@@ -105,9 +105,7 @@ class FusedLinear(PackedWeightOption, PeftLinear):
                 or self.lora_bias.get(name)):
             return None
         base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[name]
-        # DoRA with dropout active: PEFT's forward (decided before fused_operands draws a seed from
-        # torch's RNG, which PEFT's dropout would then not see)
-        if not plain_base(base) or (dora and dropout_p(dropout) > 0.0):
+        if not plain_base(base):
             return None
         fused = fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], dropout, float(self.scaling[name]),
                                bool(self.fan_in_fan_out), self._weight_cache)
