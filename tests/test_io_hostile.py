@@ -345,8 +345,8 @@ def test_good_directory_loads_and_runs_fused(good: Path, loader: str) -> None:
 
 
 @pytest.mark.parametrize("loader", ["load_adapter", "from_pretrained"])
-def test_dora_directory_loads_and_runs_peft(tmp_path: Path, loader: str) -> None:
-    """A DoRA adapter written by stock PEFT loads (PEFT handles it) and runs PEFT's forward."""
+def test_dora_directory_loads_and_runs_fused(tmp_path: Path, loader: str) -> None:
+    """A DoRA adapter written by stock PEFT loads (PEFT handles it) and runs the fused DoRA forward."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
@@ -354,7 +354,7 @@ def test_dora_directory_loads_and_runs_peft(tmp_path: Path, loader: str) -> None
     source.save_pretrained(str(tmp_path))
     model = load_with(loader, tmp_path, host_target="q_proj")
     (got, paths), (ref, _) = run(model, model.active_adapter), run(source)
-    assert paths == {"peft"}
+    assert paths == {"c"}
     torch.testing.assert_close(got, ref, **TOL)
 
 
