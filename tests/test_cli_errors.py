@@ -77,10 +77,13 @@ def test_demo_ctrl_c_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "lorafuse", "demo", "--steps", "100000", "--no-compare",
                              "--threads", "1", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    # the demo stages its output beside --out (`.o.lorafuse-save-*`, renamed into place only at the end): once
+    # that folder exists the parent is past its checks and starting the training child; then a little more
     deadline = time.monotonic() + 120
-    while not (out.exists() and any(out.iterdir())) and time.monotonic() < deadline:  # training has begun
-        time.sleep(0.2)
-    time.sleep(1.0)
+    while not any(tmp_path.glob(".o.lorafuse-save-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any(tmp_path.glob(".o.lorafuse-save-*")), "the demo never started"
+    time.sleep(2.0)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
