@@ -121,20 +121,29 @@ static void pack_a_amx(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, 
 
 /* dst[q·NR·ld + pp·NR + j] = pair (b(p0+2pp, j0+q·NR+j), b(p0+2pp+1, j0+q·NR+j)) for pp < np =
  * ceil(kc/2), 0 for np ≤ pp < ld (ld = lf_k_slots: AMX pads K to 32) and past nc, for every sliver
- * q of the nc columns. Column-contiguous b (Wᵀ): column by column, each column's pairs whole
- * words; else pair row by pair row (contiguous when b is row-major). */
-static void pack_b_pairs(const lf_segment *s, int64_t j0, int64_t nc, int64_t p0, int64_t kc, int NR, int64_t ld,
-                         uint32_t *dst) {
+ * q of the nc columns. Column-contiguous b (Wᵀ): its pairs are whole 32-bit words, so TB×TB blocks
+ * of them (TB columns × TB pairs) go through the ISA's register transpose (dp->transpose: shuffles
+ * only, at scale 1 no arithmetic, so every bit pattern is kept) when the column stride is even, the
+ * rest column by column; else pair row by pair row (contiguous when b is row-major). */
+static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+                         int NR, int64_t ld, uint32_t *dst) {
     const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs, ncp = (nc + NR - 1) / NR * NR;
     for (int64_t j = nc; j < ncp; j++) /* the last sliver's missing columns */
         for (int64_t pp = 0; pp < np; pp++) dst[j / NR * NR * ld + pp * NR + j % NR] = 0u;
     for (int64_t q = 0; q < ncp / NR && np < ld; q++) /* the rows past K in each sliver */
         memset(dst + q * NR * ld + np * NR, 0, (size_t)((ld - np) * NR) * sizeof(uint32_t));
     if (rs == 1) {
+        const int64_t tb = dp->transpose && cs % 2 == 0 ? dp->tb : 0; /* NR is a multiple of it */
+        int64_t pq = 0; /* pairs [0, pq) of every column done by blocks */
+        for (; tb && pq + tb <= kc / 2; pq += tb)
+            for (int64_t j = 0; j < nc; j += tb)
+                dp->transpose((const float *)(s->h + (j0 + j) * cs + p0 + 2 * pq), cs / 2,
+                              (int)(nc - j < tb ? nc - j : tb), 1.0f, (float *)(dst + j / NR * NR * ld + pq * NR + j % NR),
+                              NR);
         for (int64_t j = 0; j < nc; j++) {
             const uint16_t *col = s->h + (j0 + j) * cs + p0;
             uint32_t *d = dst + j / NR * NR * ld + j % NR;
-            int64_t pp = 0;
+            int64_t pp = pq;
             for (; pp < kc / 2; pp++) memcpy(d + pp * NR, col + 2 * pp, sizeof(uint32_t));
             if (pp < np) d[pp * NR] = col[2 * pp];
         }
@@ -217,7 +226,7 @@ static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t 
 void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
                      int NR, float *dst) {
     if (dp->k_pairs) {
-        pack_b_pairs(&b->seg[0], j0, nc, p0, kc, NR, lf_k_slots(dp, kc), (uint32_t *)dst);
+        pack_b_pairs(dp, &b->seg[0], j0, nc, p0, kc, NR, lf_k_slots(dp, kc), (uint32_t *)dst);
         return;
     }
     const int64_t nslivers = (nc + NR - 1) / NR, tail = nc - (nslivers - 1) * NR;

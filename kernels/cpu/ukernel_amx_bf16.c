@@ -89,9 +89,19 @@ static void ukernel_amx_bf16(int64_t kc, const float *app, const float *bpp, flo
         _tile_zero(2);
         _tile_zero(3);
     }
+    /* The block below this one (the next call of gemm.c's ir loop) is fetched meanwhile: its 32 rows
+     * of C (128 bytes each, ldc apart: out of the hardware prefetcher's reach) would otherwise be
+     * waited for by that call's tile loads and stores. Spread over the steps, a few rows each.
+     * (An address past C is harmless: prefetches do not fault; uintptr_t, as it is no pointer.) */
+    const uintptr_t next = (uintptr_t)(c + MR * ldc);
+    const int64_t rows_per_step = (MR + nst - 1) / nst;
     /* C tile 2u + v += A tile u · B tile v, per K step st < nst */
     for (int64_t st = 0; st < nst; st++) {
         const uint32_t *a = ap + st * MR * 16, *b = bp + st * 16 * NR;
+        for (int64_t r = st * rows_per_step; r < (st + 1) * rows_per_step && r < MR; r++) {
+            _mm_prefetch((const char *)(next + (uintptr_t)(r * cs)), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next + (uintptr_t)(r * cs) + 64), _MM_HINT_T1);
+        }
         _tile_loadd(4, a, 64);
         _tile_loadd(6, b, NR * 4);
         _tile_loadd(5, a + 16 * 16, 64);
@@ -119,6 +129,7 @@ static void ukernel_amx_bf16(int64_t kc, const float *app, const float *bpp, flo
 const lf_dispatch lf_dispatch_amx_bf16 = {
     .isa = LF_ISA_AMX_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_amx_bf16.pairs,
     .ukernel = ukernel_amx_bf16, .widen = lf_widen_avx512, .k_pairs = 2,
+    .transpose = lf_transpose16_avx512, .tb = 16, /* B's K-pairs of a column-contiguous b */
     .thread_begin = tiles_begin, .thread_end = tiles_end,
 };
 #else
