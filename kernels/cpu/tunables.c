@@ -57,8 +57,9 @@ const lf_tunables lf_tunables_avx512_bf16 = {
 };
 
 /* avx512_bf16 with the 32×32 AMX tile (ukernel_amx_bf16.c) in place of the vdpbf16ps one; kc counts
- * k, a multiple of 32 (one tile step). A kc×32 sliver of B (kc·64 bytes) stays in L1 while the
- * mc×kc block of A (L2) streams past it. */
+ * k, a multiple of 32 (one tile step). Each K block reads and writes C once, by tile loads of 16
+ * rows ldc apart, which dominated at kc 256 (tdpbf16ps does a 32×32×kc block in ~kc/16·64 cycles):
+ * kc 1024 keeps the B sliver (64 KiB) and the A block (mc·2 KiB = 256 KiB) in L2. */
 const lf_tunables lf_tunables_amx_bf16 = {
     .isa = LF_ISA_AMX_BF16,
     AVX512_FP32_TUNABLES,
