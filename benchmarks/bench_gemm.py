@@ -5,9 +5,10 @@ measured fp32 peak (benchmarks/fma_peak.c: register-only FMA loop, 1 and N threa
 
 --dtype bf16 / fp16: ops.hgemm on bf16 / fp16 tensors vs torch.matmul on the same tensors (torch
 returns bf16 / fp16, lorafuse fp32), each row labelled with the path measured (_C.hgemm_path:
-'bf16_pairs' = vdpbf16ps on the avx512_bf16 ISA, 'widened' = converted to fp32 while packing, the
-fp32 kernels; for bf16 on an avx512_bf16 CPU both are timed, the widened one with the ISA forced to
-avx512), against the measured vdpbf16ps peak (fma_peak.c bf16 mode) and the FMA peak.
+'amx_bf16' = AMX tdpbf16ps tiles on the amx_bf16 ISA, 'bf16_pairs' = vdpbf16ps on the avx512_bf16 ISA,
+'widened' = converted to fp32 while packing, the fp32 kernels; for bf16 every path the CPU has is
+timed, each with its ISA forced: amx_bf16, avx512_bf16, avx512), against the measured peak of its
+instruction (fma_peak.c amx / bf16 / zmm modes).
 """
 from __future__ import annotations
 
@@ -87,14 +88,16 @@ def half_main(args) -> None:
     from lorafuse import _C
 
     header(f"bench_gemm: lorafuse hgemm vs torch.matmul, {args.dtype}", args.threads)
-    native = args.dtype == "bf16" and _C.cpu_isa() == "avx512_bf16"
-    peak = fma_peak(args.threads, ("zmm", "bf16") if native else ("zmm",))
+    order = ["amx_bf16", "avx512_bf16", "avx512"]  # the bf16 paths, best first, by the ISA that runs them
+    isas = order[order.index(_C.cpu_isa()):] if args.dtype == "bf16" and _C.cpu_isa() in order[:2] else [_C.get_isa()]
+    modes = {"amx_bf16": "amx", "avx512_bf16": "bf16"}  # fma_peak.c mode of each native path
+    peak = fma_peak(args.threads, ("zmm",) + tuple(modes[i] for i in isas if i in modes))
+    names = {"amx": "tdpbf16ps (4 tiles)", "bf16": "vdpbf16ps zmm", "zmm": "FMA zmm"}
     for (mode, t), g in peak.items():
-        print(f"# {'vdpbf16ps' if mode == 'bf16' else 'FMA'}-only loop zmm x{t} thread(s): {g:.1f} GFLOP/s")
+        print(f"# {names[mode]}-only loop x{t} thread(s): {g:.1f} GFLOP/s")
     print(f"# torch: mkldnn bf16 {torch.backends.mkldnn.is_available()}, AMX-capable CPU "
           f"{'amx_bf16' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else '?'}")
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    isas = ["avx512_bf16", "avx512"] if native else [_C.get_isa()]
     before = _C.get_isa()
     print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'path (isa)':>24} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | "
           f"{'ours/torch':>10} | {'% peak':>6}")
@@ -112,13 +115,14 @@ def half_main(args) -> None:
             for isa in isas:
                 _C.set_isa(isa)
                 path = _C.hgemm_path(x, w.t())[0]
-                pk = peak[("bf16" if path == "bf16_pairs" else "zmm", args.threads)]
+                pk = peak[({"amx_bf16": "amx", "bf16_pairs": "bf16"}.get(path, "zmm"), args.threads)]
                 g, gt = fl / t[isa] / 1e9, fl / t["torch"] / 1e9
                 print(f"{M:6d} {K:6d} {N:6d} | {path + ' (' + isa + ')':>24} | {g:13.1f} {gt:10.1f} | "
                       f"{t['torch'] / t[isa]:10.3f} | {100 * g / pk:5.1f}%")
     finally:
         _C.set_isa(before)
-    print("# % peak: of the vdpbf16ps loop for bf16_pairs rows, of the zmm FMA loop for widened ones")
+    print("# % peak: of the tdpbf16ps loop for amx_bf16 rows, of the vdpbf16ps loop for bf16_pairs rows, "
+          "of the zmm FMA loop for widened ones")
 
 
 def packing_share(rounds: int) -> None:

@@ -158,8 +158,9 @@ PyObject *lf_py_hgemm(PyObject *self, PyObject *args, PyObject *kw) {
 
 const char lf_py_hgemm_path_doc[] =
     "hgemm_path(a, b, alpha=1.0) -> (path, a_dtype, b_dtype)\n\n"
-    "How hgemm(a, b, alpha) would run on the ISA in use: path 'bf16_pairs' (vdpbf16ps on bf16 K-pairs)\n"
-    "or 'widened' (bf16 / fp16 widened to fp32 while packing, the fp32 micro-kernels).";
+    "How hgemm(a, b, alpha) would run on the ISA in use: path 'amx_bf16' (AMX tdpbf16ps tiles),\n"
+    "'bf16_pairs' (vdpbf16ps on bf16 K-pairs) or 'widened' (bf16 / fp16 widened to fp32 while packing,\n"
+    "the fp32 micro-kernels).";
 
 PyObject *lf_py_hgemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "hgemm_path";
@@ -174,7 +175,7 @@ PyObject *lf_py_hgemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     lf_dtype da, db;
     PyObject *res = NULL;
     if (!parse_ab(st, F, 1, &L, oa, ob, &a, &b, &da, &db))
-        res = Py_BuildValue("(sss)", lf_hgemm_pairs(alpha, tview2(a, da), tview2(b, db)) ? "bf16_pairs" : "widened",
+        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, tview2(a, da), tview2(b, db)),
                             dtype_names[da], dtype_names[db]);
     lf_py_drop_all(&L);
     return res;

@@ -415,7 +415,7 @@ static PyObject *py_output_cache_stats(PyObject *self, PyObject *Py_UNUSED(ignor
 }
 
 static int isa_from_name(const char *name, lf_isa *out) {
-    for (*out = LF_ISA_GENERIC; *out <= LF_ISA_AVX512_BF16; (*out)++)
+    for (*out = LF_ISA_GENERIC; *out <= LF_ISA_AMX_BF16; (*out)++)
         if (!strcmp(name, lf_isa_name(*out))) return 0;
     return -1;
 }
@@ -428,7 +428,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     if (!name) return NULL;
     if (isa_from_name(name, &isa))
-        return PyErr_Format(PyExc_ValueError, "set_isa: expected 'generic', 'avx2', 'avx512' or 'avx512_bf16', got %R", arg);
+        return PyErr_Format(PyExc_ValueError, "set_isa: expected 'generic', 'avx2', 'avx512', 'avx512_bf16' or 'amx_bf16', got %R", arg);
     if (lf_set_isa(isa))
         return PyErr_Format(PyExc_ValueError, "set_isa: this CPU does not support %s (best: %s)", name,
                             lf_isa_name(lf_cpu_best_isa()));
@@ -463,7 +463,7 @@ static PyMethodDef methods[] = {
      "set_output_cache_limit(max_bytes) -> old limit: most bytes of freed output blocks kept for reuse (0: none)."},
     {"output_cache_stats", py_output_cache_stats, METH_NOARGS,
      "output_cache_stats() -> dict: limit, held/lent bytes and blocks, hits, misses."},
-    {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2', 'avx512' or 'avx512_bf16'."},
+    {"set_isa", py_set_isa, METH_O, "set_isa(name): force 'generic', 'avx2', 'avx512', 'avx512_bf16' or 'amx_bf16'."},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> the micro-kernel ISA in use"},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "cpu_isa() -> the best ISA this CPU supports"},
     {NULL, NULL, 0, NULL},

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-ISAS = ["generic", "avx2", "avx512", "avx512_bf16"]
+ISAS = ["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 
 
 def supported_isas() -> list:
@@ -28,8 +28,8 @@ def _forced_isa(name: str):
     _C.set_isa(before)
 
 
-# the fp32 kernels: avx512_bf16 runs AVX-512's fp32 tables and kernels, so fp32 tests stop at avx512
-# (tests/test_runtime.py still checks every level, avx512_bf16 included, gives the same results)
+# the fp32 kernels: avx512_bf16 and amx_bf16 run AVX-512's fp32 tables and kernels, so fp32 tests stop at
+# avx512 (tests/test_runtime.py still checks every level, those two included, gives the same results)
 @pytest.fixture(params=ISAS[:3])
 def isa(request):
     """Run the test once per fp32 micro-kernel ISA, forcing it; skip ISAs this CPU lacks."""
@@ -38,7 +38,8 @@ def isa(request):
 
 @pytest.fixture(params=ISAS)
 def half_isa(request):
-    """Every ISA level, avx512_bf16 (the vdpbf16ps tile) included: for the half-precision kernels."""
+    """Every ISA level, avx512_bf16 (the vdpbf16ps tile) and amx_bf16 (AMX tiles) included: for the
+    half-precision kernels."""
     yield from _forced_isa(request.param)
 
 

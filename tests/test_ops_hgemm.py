@@ -1,9 +1,11 @@
 """The GEMM core on half-precision operands (`ops.hgemm`): bf16 / fp16 / fp32 a and b in every
 combination, against a float64 reference of the values they hold, on every ISA (the `half_isa` fixture;
-avx512_bf16 runs two bf16 operands on the vdpbf16ps tile, the others widen while packing): layouts
+avx512_bf16 runs two bf16 operands on the vdpbf16ps tile, amx_bf16 on AMX tiles, the others widen while
+packing): layouts
 (row-major, transposed views, general strides), odd sizes around the tiles (1, 7, 33, 257), odd K
 over several K blocks, zero sizes, bias, beta = 1 into out, alpha, NaN / Inf, fp16 subnormals, bf16
-denormals (which vdpbf16ps reads as 0: tolerances.bound_dpbf16), threads, and bad input."""
+denormals (which vdpbf16ps and tdpbf16ps read as 0: tolerances.bound_dpbf16), threads, and bad input;
+on amx_bf16 also K around its 32-k step, whole and edge 32×32 blocks with bias and beta = 1."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +39,11 @@ def f64(t) -> np.ndarray:
     return t.double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
 
 
+NATIVE = {"avx512_bf16": "bf16_pairs", "amx_bf16": "amx_bf16"}  # the ISA's bf16 tile, by hgemm_path
+
+
 def native(a, b, alpha=1.0) -> bool:
-    return _C.hgemm_path(a, b, alpha)[0] == "bf16_pairs"
+    return _C.hgemm_path(a, b, alpha)[0] in NATIVE.values()
 
 
 def check(a, b, alpha=1.0, bias=None, out=None, beta=0.0, what=""):
@@ -68,8 +73,7 @@ def test_dtypes_and_layouts(half_isa, da, db):
 
 def test_path_names_the_tile(half_isa):
     a, b = torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)
-    on_bf16 = half_isa == "avx512_bf16"
-    assert _C.hgemm_path(a, b) == ("bf16_pairs" if on_bf16 else "widened", "bfloat16", "bfloat16")
+    assert _C.hgemm_path(a, b) == (NATIVE.get(half_isa, "widened"), "bfloat16", "bfloat16")
     assert _C.hgemm_path(a, b, 0.5)[0] == "widened"  # the pair tile multiplies the bits as they are
     assert _C.hgemm_path(a, b.half())[0] == "widened"
     assert _C.hgemm_path(a.float(), b)[0] == "widened"
@@ -206,3 +210,55 @@ def test_bad_input():
         ops.hgemm(buf, torch.ones(6, 6, dtype=torch.bfloat16), out=buf)
     with pytest.raises(TypeError, match="hgemm: b .* cannot be read as a CPU array"):
         ops.hgemm(a, torch.ones(5, 6, dtype=torch.bfloat16).to_sparse())
+
+
+@pytest.fixture
+def amx():
+    """The amx_bf16 level forced for one test (skipped where the CPU or the OS lacks it)."""
+    from conftest import _forced_isa
+
+    yield from _forced_isa("amx_bf16")
+
+
+@pytest.mark.parametrize("K", [1, 2, 31, 32, 33, 63, 64, 65, 511, 512, 513, 1025])
+def test_amx_k_around_the_tile_step(amx, K):
+    """K padded to the 32-k step (zero pairs) and split into 512-k blocks; 33 × 40 is one whole
+    32×32 block and three edge ones."""
+    rng = np.random.default_rng(K)
+    a, b = tensor(rng, (33, K), "bf16"), tensor(rng, (K, 40), "bf16", "col")
+    assert _C.hgemm_path(a, b)[0] == "amx_bf16"
+    check(a, b, bias=torch.randn(40), what=f"amx K={K}")
+    check(a, b, out=rng.standard_normal((33, 40), dtype=np.float32), beta=1.0, what=f"amx beta=1 K={K}")
+
+
+@pytest.mark.parametrize("how", ["row", "col", "strided"])
+def test_amx_whole_blocks_layouts_bias_beta_threads(amx, how):
+    """Whole 32×32 blocks only (C loaded into and stored from the tiles, the bias by a 0 row stride)
+    and with edges, every layout of both operands; 1 and 2 threads give the same bits."""
+    rng = np.random.default_rng(7)
+    before = lorafuse.get_num_threads()
+    try:
+        for M, K, N in ((64, 96, 64), (257, 777, 129)):
+            a, b = tensor(rng, (M, K), "bf16", how), tensor(rng, (K, N), "bf16", how)
+            bias = torch.randn(N)
+            lorafuse.set_num_threads(1)
+            c1 = check(a, b, bias=bias, what=f"amx {how} {M}x{K}x{N}")
+            check(a, b, out=c1.copy(), beta=1.0, what=f"amx {how} beta=1")
+            lorafuse.set_num_threads(2)
+            assert np.array_equal(c1, ops.hgemm(a, b, bias=bias))
+    finally:
+        lorafuse.set_num_threads(before)
+
+
+def test_amx_nan_inf_in_padding_stay_out(amx):
+    """Inf / NaN next to the zero padding (last row, last column, last k of a 32-k step) reach
+    exactly their own row or column: padded zeros never meet them."""
+    rng = np.random.default_rng(8)
+    a, b = tensor(rng, (33, 33), "bf16"), tensor(rng, (33, 33), "bf16")
+    a[32, 32] = float("inf")
+    b[32, 0] = 1.0
+    b[31, 32] = float("nan")
+    c = ops.hgemm(a, b)
+    assert np.isnan(c[:, 32]).all()
+    assert np.isposinf(c[32, 0])
+    assert np.isfinite(np.delete(np.delete(c, 32, axis=1), 32, axis=0)).all()

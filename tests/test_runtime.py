@@ -19,7 +19,7 @@ def run_py(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
 
 
-@pytest.mark.parametrize("name", ["generic", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("name", ["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16"])
 def test_env_var_forces_isa(name):
     res = run_py("import lorafuse; from lorafuse import _C; print(_C.get_isa())", LORAFUSE_ISA=name)
     if name in supported_isas():
@@ -31,7 +31,7 @@ def test_env_var_forces_isa(name):
 
 def test_env_var_rejects_unknown_isa():
     res = run_py("import lorafuse", LORAFUSE_ISA="sse9")
-    assert res.returncode != 0 and "expected 'generic', 'avx2', 'avx512' or 'avx512_bf16'" in res.stderr
+    assert res.returncode != 0 and "expected 'generic', 'avx2', 'avx512', 'avx512_bf16' or 'amx_bf16'" in res.stderr
 
 
 def test_every_isa_gives_the_same_result_within_rounding():

@@ -38,6 +38,11 @@ def assert_within(got: np.ndarray, ref: np.ndarray, mag: np.ndarray, k_eff: int,
 #    is a bf16 denormal (|·| < 2⁻¹²⁶) is read as 0, an error < 2⁻¹²⁶·(|a| + |b|); and each of the
 #    K additions whose result is below 2⁻¹²⁶ is flushed to 0, an error < 2⁻¹²⁶ each. So
 #        |got − ref| ≤ (K + 2)·u·Σ|a||b| + 2⁻¹²⁶ · Σ_k (|a_ik| + |b_kj| + 1).
+#  * tdpbf16ps (amx_bf16, two bf16 operands): Intel's pseudo-code for an element of a C tile adds, per
+#    K-pair, acc += a₀·b₀; acc += a₁·b₁ (the other order), fp32 with round to nearest even, input
+#    denormals read as 0 and output denormals flushed, MXCSR not consulted: the same class of
+#    rounding, so the same bound (the order of the additions does not enter it); the K padding
+#    (zeros up to a multiple of 32) adds exact zeros. test_ops_hgemm's denormal test checks it.
 DAZ = 2.0 ** -126
 
 

@@ -92,15 +92,24 @@ int lf_gemm_reads_a_in_place(int64_t N) {
 }
 
 
+static void gemm_block_run(gemm_job *job, int tid);
+
+/* one thread's block of C, between the ISA's per-thread set-up and release (AMX tile state) */
 static void gemm_block(void *ctxp, int tid, int nt) {
     gemm_job *job = ctxp;
-    const lf_dispatch *dp = job->dp;
-    const int MR = dp->mr, NR = dp->nr;
-    const int64_t ti = tid / job->tn, tj = tid % job->tn;
     if (nt != job->tm * job->tn) { /* the pool ran another grid than planned: say so, never skip blocks */
         atomic_store(&job->failed, LF_EINTERNAL);
         return;
     }
+    if (job->dp->thread_begin) job->dp->thread_begin();
+    gemm_block_run(job, tid);
+    if (job->dp->thread_end) job->dp->thread_end();
+}
+
+static void gemm_block_run(gemm_job *job, int tid) {
+    const lf_dispatch *dp = job->dp;
+    const int MR = dp->mr, NR = dp->nr;
+    const int64_t ti = tid / job->tn, tj = tid % job->tn;
     const int64_t m0 = ti * job->mchunk, m1 = min64(job->M, m0 + job->mchunk);
     const int64_t n0 = tj * job->nchunk, n1 = min64(job->N, n0 + job->nchunk);
     if (m0 >= m1 || n0 >= n1) return;
@@ -109,8 +118,9 @@ static void gemm_block(void *ctxp, int tid, int nt) {
     const int64_t kcmax = min64(dp->blk->kc, K);
     const int64_t ncmax = min64(dp->blk->nc, (n1 - n0 + NR - 1) / NR * NR);
     const int64_t mcmax = min64(dp->blk->mc, (m1 - m0 + MR - 1) / MR * MR);
-    float *apack = lf_pool_scratch(job->pool, tid, 0, (size_t)(mcmax * kcmax) * sizeof(float));
-    float *bpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(ncmax * kcmax) * sizeof(float));
+    const int64_t ksmax = lf_k_slots(dp, kcmax); /* 32-bit slots of a packed row or column */
+    float *apack = lf_pool_scratch(job->pool, tid, 0, (size_t)(mcmax * ksmax) * sizeof(float));
+    float *bpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(ncmax * ksmax) * sizeof(float));
     if (!apack || !bpack) {
         atomic_store(&job->failed, LF_ENOMEM);
         return;
@@ -120,7 +130,7 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         for (int64_t pc = 0; pc < K; pc += dp->blk->kc) {
             const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
-            const int64_t ks = dp->k_pairs ? (kc + 1) / 2 : kc; /* 32-bit slots a packed row or column has */
+            const int64_t ks = lf_k_slots(dp, kc); /* 32-bit slots a packed row or column has */
             const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
             if (!bpanel) {
@@ -196,10 +206,12 @@ static int plain_bf16(const lf_operand *o) {
     return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f;
 }
 
-/* The tile of a GEMM: two plain bf16 operands on avx512_bf16 take the bf16 pair tile; everything
- * else dispatch_for(N) (half operands widened to fp32 while packing). */
+/* The tile of a GEMM: two plain bf16 operands take the bf16 pair tile on avx512_bf16, the AMX tile
+ * on amx_bf16; everything else dispatch_for(N) (half operands widened to fp32 while packing). */
 static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, int64_t N) {
-    if (lf_get_isa() == LF_ISA_AVX512_BF16 && plain_bf16(a) && plain_bf16(b)) return &lf_dispatch_avx512_bf16;
+    const lf_isa isa = lf_get_isa();
+    if (isa >= LF_ISA_AVX512_BF16 && plain_bf16(a) && plain_bf16(b))
+        return isa == LF_ISA_AMX_BF16 ? &lf_dispatch_amx_bf16 : &lf_dispatch_avx512_bf16;
     return dispatch_for(N);
 }
 
@@ -297,9 +309,10 @@ int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tvi
     return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
 }
 
-int lf_hgemm_pairs(float alpha, lf_tview a, lf_tview b) {
+const char *lf_hgemm_path(float alpha, lf_tview a, lf_tview b) {
     const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
-    return dispatch_of(&oa, &ob, 1) == &lf_dispatch_avx512_bf16;
+    const lf_dispatch *dp = dispatch_of(&oa, &ob, 1);
+    return dp == &lf_dispatch_amx_bf16 ? "amx_bf16" : dp == &lf_dispatch_avx512_bf16 ? "bf16_pairs" : "widened";
 }
 
 int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_view a, lf_view b,

@@ -3,7 +3,7 @@
  * concatenated, a per-segment scale, the dropout mask, a rank-r addend to b — none of these need
  * a pass of their own over memory. Row-major sources are packed by register transposes
  * (transpose.c). bf16 / fp16 segments are widened to fp32 as they are read (dp->widen), or, for
- * the bf16 tile, packed as bf16 K-pairs (pack_*_pairs).
+ * the bf16 tiles, packed as bf16 K-pairs (pack_*_pairs; AMX: pack_a_amx, pack_b_pairs).
  */
 #include <string.h>
 
@@ -101,18 +101,49 @@ static void pack_a_pairs(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0
     }
 }
 
-/* dst[q·NR·np + pp·NR + j] = pair (b(p0+2pp, j0+q·NR+j), b(p0+2pp+1, j0+q·NR+j)), np = ceil(kc/2),
- * for every sliver q of the nc columns, 0 past nc. Column-contiguous b (Wᵀ): column by column,
- * each column's pairs whole words; else pair row by pair row (contiguous when b is row-major). */
-static void pack_b_pairs(const lf_segment *s, int64_t j0, int64_t nc, int64_t p0, int64_t kc, int NR, uint32_t *dst) {
+/* AMX A (dp->k_pairs == 2): MR/16 row-major tiles of 16 rows × 32 k per K step st of 32,
+ *     dst[(st·MR + i)·16 + t] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)),  pp = 16·st + t,
+ * for st < ceil(kc/32), i < MR; 0 for a row past mr or a k past kc. */
+static void pack_a_amx(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, int64_t kc, int MR, uint32_t *dst) {
+    const int64_t nst = (kc + 31) / 32, rs = s->v.rs, cs = s->v.cs;
+    for (int64_t i = 0; i < MR; i++)
+        for (int64_t st = 0; st < nst; st++) {
+            uint16_t *d = (uint16_t *)(dst + (st * MR + i) * 16);
+            const int64_t k0 = 32 * st, n = i >= mr ? 0 : kc - k0 < 32 ? kc - k0 : 32;
+            const uint16_t *src = n ? s->h + (i0 + i) * rs + (p0 + k0) * cs : NULL;
+            if (cs == 1 && n)
+                memcpy(d, src, (size_t)n * sizeof(uint16_t));
+            else
+                for (int64_t q = 0; q < n; q++) d[q] = src[q * cs];
+            for (int64_t q = n; q < 32; q++) d[q] = 0;
+        }
+}
+
+/* dst[q·NR·ld + pp·NR + j] = pair (b(p0+2pp, j0+q·NR+j), b(p0+2pp+1, j0+q·NR+j)) for pp < np =
+ * ceil(kc/2), 0 for np ≤ pp < ld (ld = lf_k_slots: AMX pads K to 32) and past nc, for every sliver
+ * q of the nc columns. Column-contiguous b (Wᵀ): its pairs are whole 32-bit words, so TB×TB blocks
+ * of them (TB columns × TB pairs) go through the ISA's register transpose (dp->transpose: shuffles
+ * only, at scale 1 no arithmetic, so every bit pattern is kept) when the column stride is even, the
+ * rest column by column; else pair row by pair row (contiguous when b is row-major). */
+static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
+                         int NR, int64_t ld, uint32_t *dst) {
     const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs, ncp = (nc + NR - 1) / NR * NR;
     for (int64_t j = nc; j < ncp; j++) /* the last sliver's missing columns */
-        for (int64_t pp = 0; pp < np; pp++) dst[j / NR * NR * np + pp * NR + j % NR] = 0u;
+        for (int64_t pp = 0; pp < np; pp++) dst[j / NR * NR * ld + pp * NR + j % NR] = 0u;
+    for (int64_t q = 0; q < ncp / NR && np < ld; q++) /* the rows past K in each sliver */
+        memset(dst + q * NR * ld + np * NR, 0, (size_t)((ld - np) * NR) * sizeof(uint32_t));
     if (rs == 1) {
+        const int64_t tb = dp->transpose && cs % 2 == 0 ? dp->tb : 0; /* NR is a multiple of it */
+        int64_t pq = 0; /* pairs [0, pq) of every column done by blocks */
+        for (; tb && pq + tb <= kc / 2; pq += tb)
+            for (int64_t j = 0; j < nc; j += tb)
+                dp->transpose((const float *)(s->h + (j0 + j) * cs + p0 + 2 * pq), cs / 2,
+                              (int)(nc - j < tb ? nc - j : tb), 1.0f, (float *)(dst + j / NR * NR * ld + pq * NR + j % NR),
+                              NR);
         for (int64_t j = 0; j < nc; j++) {
             const uint16_t *col = s->h + (j0 + j) * cs + p0;
-            uint32_t *d = dst + j / NR * NR * np + j % NR;
-            int64_t pp = 0;
+            uint32_t *d = dst + j / NR * NR * ld + j % NR;
+            int64_t pp = pq;
             for (; pp < kc / 2; pp++) memcpy(d + pp * NR, col + 2 * pp, sizeof(uint32_t));
             if (pp < np) d[pp * NR] = col[2 * pp];
         }
@@ -121,7 +152,7 @@ static void pack_b_pairs(const lf_segment *s, int64_t j0, int64_t nc, int64_t p0
     for (int64_t pp = 0; pp < np; pp++) {
         const uint16_t *r0 = s->h + (p0 + 2 * pp) * rs + j0 * cs;
         const int both = 2 * pp + 1 < kc;
-        for (int64_t j = 0; j < nc; j++) dst[j / NR * NR * np + pp * NR + j % NR] = pair_at(r0, j * cs, rs, both);
+        for (int64_t j = 0; j < nc; j++) dst[j / NR * NR * ld + pp * NR + j % NR] = pair_at(r0, j * cs, rs, both);
     }
 }
 
@@ -130,7 +161,7 @@ static void pack_b_pairs(const lf_segment *s, int64_t j0, int64_t nc, int64_t p0
 void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t next_mr, int64_t p0,
                       int64_t kc, int MR, float *dst) {
     if (dp->k_pairs) {
-        pack_a_pairs(&a->seg[0], i0, mr, p0, kc, MR, (uint32_t *)dst);
+        (dp->k_pairs == 2 ? pack_a_amx : pack_a_pairs)(&a->seg[0], i0, mr, p0, kc, MR, (uint32_t *)dst);
         return;
     }
     if (mr < MR)
@@ -195,7 +226,7 @@ static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t 
 void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
                      int NR, float *dst) {
     if (dp->k_pairs) {
-        pack_b_pairs(&b->seg[0], j0, nc, p0, kc, NR, (uint32_t *)dst);
+        pack_b_pairs(dp, &b->seg[0], j0, nc, p0, kc, NR, lf_k_slots(dp, kc), (uint32_t *)dst);
         return;
     }
     const int64_t nslivers = (nc + NR - 1) / NR, tail = nc - (nslivers - 1) * NR;

@@ -152,7 +152,7 @@ typedef struct {
 typedef struct {
     lf_isa isa;
     lf_blocking wide, narrow; /* the blocks of the ISA's tile and of its narrow tile (if any) */
-    lf_blocking pairs;        /* the blocks of its bf16 pair tile (avx512_bf16 only; kc counts k) */
+    lf_blocking pairs; /* the blocks of its bf16 tile (avx512_bf16: vdpbf16ps, amx_bf16: AMX; kc counts k) */
     /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
      * place by the MR×NR tile instead of packed (0: never) */
     int64_t direct_a_max_cols;
@@ -170,7 +170,8 @@ typedef struct {
     double parallel_min_flops;
 } lf_tunables;
 
-extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512, lf_tunables_avx512_bf16;
+extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512, lf_tunables_avx512_bf16,
+    lf_tunables_amx_bf16;
 
 /* The tunables of the ISA in use (lf_current()). */
 const lf_tunables *lf_tune(void);
@@ -194,9 +195,21 @@ struct lf_dispatch {
     int tb;                    /* its block size TB */
     lf_widen_fn widen;         /* bf16 / fp16 runs to fp32 while packing */
     /* 1: the packed slivers hold bf16 K-pairs, two k per 32-bit slot (the bf16 tile; gemm_pack.c
-     * lf_pack_*_pairs): a kc block is ceil(kc/2) slots, an odd kc's last pair zero-padded */
+     * lf_pack_*_pairs): a kc block is ceil(kc/2) slots, an odd kc's last pair zero-padded.
+     * 2: AMX tiles (ukernel_amx_bf16.c): B as for 1, A as 16-row × 32-k row-major blocks, a kc block
+     * zero-padded to a multiple of 32 k (16 slots). lf_k_slots gives the slots of each. */
     int k_pairs;
+    /* called by each thread before its first and after its last micro-kernel call of a GEMM (AMX:
+     * load the tile configuration, release the tiles), or NULL */
+    void (*thread_begin)(void);
+    void (*thread_end)(void);
 };
+
+/* 32-bit slots one packed row (A) or column (B) of a kc block takes: kc (fp32), ceil(kc/2)
+ * (bf16 pairs), ceil(kc/32)·16 (AMX); never more than max(kc, 16) */
+static inline int64_t lf_k_slots(const lf_dispatch *dp, int64_t kc) {
+    return dp->k_pairs == 2 ? (kc + 31) / 32 * 16 : dp->k_pairs ? (kc + 1) / 2 : kc;
+}
 
 const lf_dispatch *lf_current(void);
 
@@ -204,6 +217,7 @@ extern const lf_dispatch lf_dispatch_generic;
 extern const lf_dispatch lf_dispatch_avx2;
 extern const lf_dispatch lf_dispatch_avx512;
 extern const lf_dispatch lf_dispatch_avx512_bf16; /* the bf16 pair tile; zero off x86-64 */
+extern const lf_dispatch lf_dispatch_amx_bf16;    /* the AMX bf16 tile; zero off x86-64 */
 
 /* A B-operand (K, N) packed once for the tile of dispatch_for(N) — the panels lf_gemm would pack
  * on every call, kept: K blocks of dp->blk->kc (the last one shorter), each ceil(N/NR) slivers of

@@ -19,7 +19,7 @@ const lf_skinny *lf_skinny_current(void) { return skinny_for(lf_get_isa()); }
 
 static const lf_skinny *skinny_for(lf_isa isa) {
 #if defined(__x86_64__)
-    if (isa == LF_ISA_AVX512 || isa == LF_ISA_AVX512_BF16) return &lf_skinny_avx512; /* no bf16 rank-r kernels */
+    if (isa >= LF_ISA_AVX512) return &lf_skinny_avx512; /* no bf16 rank-r kernels */
     if (isa == LF_ISA_AVX2) return &lf_skinny_avx2;
 #endif
     return &lf_skinny_generic;

@@ -56,9 +56,19 @@ const lf_tunables lf_tunables_avx512_bf16 = {
     .pairs = {.kc = 768, .mc = 120, .nc = 3072}, /* the fp32 tile's bytes: 384 pairs of B = 48 KiB */
 };
 
+/* avx512_bf16 with the 32×32 AMX tile (ukernel_amx_bf16.c) in place of the vdpbf16ps one; kc counts
+ * k, a multiple of 32 (one tile step). Each K block reads and writes C once, by tile loads of 16
+ * rows ldc apart, which dominated at kc 256 (tdpbf16ps does a 32×32×kc block in ~kc/16·64 cycles):
+ * kc 1024 keeps the B sliver (64 KiB) and the A block (mc·2 KiB = 256 KiB) in L2. */
+const lf_tunables lf_tunables_amx_bf16 = {
+    .isa = LF_ISA_AMX_BF16,
+    AVX512_FP32_TUNABLES,
+    .pairs = {.kc = 1024, .mc = 128, .nc = 2048},
+};
+
 static const lf_tunables *const tunables_by_isa[] = {
     [LF_ISA_GENERIC] = &lf_tunables_generic, [LF_ISA_AVX2] = &lf_tunables_avx2, [LF_ISA_AVX512] = &lf_tunables_avx512,
-    [LF_ISA_AVX512_BF16] = &lf_tunables_avx512_bf16};
+    [LF_ISA_AVX512_BF16] = &lf_tunables_avx512_bf16, [LF_ISA_AMX_BF16] = &lf_tunables_amx_bf16};
 
 const lf_tunables *lf_tune(void) { return tunables_by_isa[lf_get_isa()]; }
 

@@ -69,7 +69,7 @@ def show_config() -> None:
     """Print version, the ISA chosen at run time, threads, and CUDA support."""
     print(f"lorafuse {_C.__version__}")
     print(f"  CPU ISA:  {_C.get_isa()} (best on this CPU: {_C.cpu_isa()}; "
-          "override with LORAFUSE_ISA=generic|avx2|avx512|avx512_bf16)")
+          "override with LORAFUSE_ISA=generic|avx2|avx512|avx512_bf16|amx_bf16)")
     print(f"  threads:  {_C.get_num_threads()} (lorafuse.set_num_threads) on {_C.threading_backend()}")
     cache = _C.output_cache_stats()
     print(f"  outputs:  up to {cache['limit'] / 2**20:.0f} MiB of freed output blocks kept for reuse "

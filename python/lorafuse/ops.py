@@ -120,10 +120,10 @@ def hgemm(a: Any, b: Any, alpha: float = 1.0, bias: Any = None, out: Optional[np
     a and b are each float32, float16 or bfloat16 — CPU torch tensors (any of the three), or NumPy
     float32 / float16 arrays — with any strides (transposed and strided views are read in place);
     products are exact and accumulated in fp32. Two bf16 operands with alpha == 1 on the
-    ``avx512_bf16`` ISA run AVX512-BF16's vdpbf16ps on bf16 K-pairs (which reads bf16 denormals as 0
-    and flushes denormal partial sums: tests/tolerances.py); everything else widens the half
-    operands to fp32 while packing and runs the fp32 micro-kernels. ``_C.hgemm_path(a, b, alpha)``
-    says which. ``beta`` is 0 or 1; beta=1 adds into ``out`` (required, no bias). ``out``: a
+    ``avx512_bf16`` ISA run AVX512-BF16's vdpbf16ps on bf16 K-pairs, on the ``amx_bf16`` ISA AMX's
+    tdpbf16ps on 16×16 tiles (both read bf16 denormals as 0 and flush denormal partial sums:
+    tests/tolerances.py); everything else widens the half operands to fp32 while packing and runs
+    the fp32 micro-kernels. ``_C.hgemm_path(a, b, alpha)`` says which. ``beta`` is 0 or 1; beta=1 adds into ``out`` (required, no bias). ``out``: a
     C-contiguous float32 (M, N) array or tensor that overlaps no input. Returns c, a NumPy array
     (viewing ``out``'s memory when given).
     """

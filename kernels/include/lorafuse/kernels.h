@@ -42,13 +42,15 @@ void lf_interrupt_request(void);
 /* ---- instruction-set dispatch (the library's only global state) ---- */
 /* Ordered: each level implies the ones below it. LF_ISA_AVX512_BF16 is AVX-512 plus the
  * AVX512_BF16 dot product (vdpbf16ps): fp32 work runs the AVX-512 kernels, two bf16 GEMM
- * operands the bf16 pair tile (ukernel_avx512_bf16.c). */
-typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2, LF_ISA_AVX512_BF16 = 3 } lf_isa;
+ * operands the bf16 pair tile (ukernel_avx512_bf16.c). LF_ISA_AMX_BF16 is that plus AMX-TILE and
+ * AMX-BF16 (with the OS's permission for tile data): two bf16 GEMM operands run the AMX tiles
+ * (ukernel_amx_bf16.c), everything else as on avx512_bf16. */
+typedef enum { LF_ISA_GENERIC = 0, LF_ISA_AVX2 = 1, LF_ISA_AVX512 = 2, LF_ISA_AVX512_BF16 = 3, LF_ISA_AMX_BF16 = 4 } lf_isa;
 
 lf_isa lf_cpu_best_isa(void);      /* best ISA this CPU and OS support (cpuid + xgetbv) */
 int lf_set_isa(lf_isa isa);        /* LF_EISA if the CPU lacks it; not thread-safe vs running kernels */
 lf_isa lf_get_isa(void);
-const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" | "avx512_bf16" */
+const char *lf_isa_name(lf_isa isa); /* "generic" | "avx2" | "avx512" | "avx512_bf16" | "amx_bf16" */
 
 /* ---- thread pool: torch's OpenMP runtime when one is loaded (one pool for both, nothing to
  *      fight), else pthreads that sleep on a condition variable after a short spin ---- */
@@ -82,13 +84,15 @@ typedef struct {
 
 /* C (M,N; row stride ldc, fp32) = beta·C + alpha·a·b (+ bias[j] when beta == 0), a (M,K) and b (K,N)
  * each fp32, bf16 or fp16, accumulated in fp32. Two bf16 operands with alpha == 1 on the
- * avx512_bf16 level run vdpbf16ps on bf16 K-pairs (its rounding: tests/tolerances.py); everything
- * else widens the half operands to fp32 while packing (exact) and runs the fp32 micro-kernels.
+ * avx512_bf16 level run vdpbf16ps on bf16 K-pairs, on the amx_bf16 level AMX's tdpbf16ps (their
+ * rounding: tests/tolerances.py); everything else widens the half operands to fp32 while packing
+ * (exact) and runs the fp32 micro-kernels.
  * beta ∈ {0, 1}; bias (N) or NULL; C must not alias a, b or bias. */
 int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
              const float *bias, float *c, int64_t ldc);
-/* 1 if lf_hgemm runs these operands on the bf16 pair tile (vdpbf16ps), 0 if it widens them */
-int lf_hgemm_pairs(float alpha, lf_tview a, lf_tview b);
+/* How lf_hgemm runs these operands on the ISA in use: "amx_bf16" (AMX tiles), "bf16_pairs"
+ * (vdpbf16ps on K-pairs) or "widened" (to fp32 while packing, the fp32 micro-kernels) */
+const char *lf_hgemm_path(float alpha, lf_tview a, lf_tview b);
 
 /* ---- packed frozen weight (opt-in cache): the GEMM panels of W, packed once and reused by
  *      every call while W is unchanged — a call then skips re-packing W, at the memory cost
