@@ -63,7 +63,7 @@ const lf_tunables lf_tunables_avx512_bf16 = {
 const lf_tunables lf_tunables_amx_bf16 = {
     .isa = LF_ISA_AMX_BF16,
     AVX512_FP32_TUNABLES,
-    .pairs = {.kc = 1024, .mc = 128, .nc = 2048},
+    .pairs = {.kc = 4096, .mc = 1024, .nc = 128},
 };
 
 static const lf_tunables *const tunables_by_isa[] = {
