@@ -18,7 +18,8 @@
  *   c[i][j] (+)= Σ_st ap·bp  (+ bias[j] when !accumulate)    (lf_ukernel_fn, internal.h; kc counts k)
  * A whole 32×32 block loads C (accumulate) or the bias (a row stride of 0: every row the same 64
  * bytes) into the C tiles and stores them to C; an edge block goes through a 32×32 scratch, and
- * only its mr×nr corner is added to C (column masks, rows stop at mr).
+ * only its mr×nr corner is added to C (column masks, rows stop at mr). The GEMM's loop for this tile
+ * is amx_block below (lf_dispatch.block_loop): each block of C runs a whole K block (≤ 4096) at once.
  * Built with -mamx-tile -mamx-bf16 -mavx512f (setup.py SOURCE_FLAGS) on x86-64, elsewhere a zero
  * table; chosen (gemm.c dispatch_of) only on the amx_bf16 level, which cpuid, XCR0 and the OS's
  * permission must grant (dispatch.c). */
