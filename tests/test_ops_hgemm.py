@@ -220,10 +220,11 @@ def amx():
     yield from _forced_isa("amx_bf16")
 
 
-@pytest.mark.parametrize("K", [1, 2, 31, 32, 33, 63, 64, 65, 511, 512, 513, 1025])
+@pytest.mark.parametrize("K", [1, 2, 31, 32, 33, 63, 64, 65, 511, 512, 513, 1025, 4097, 9000])
 def test_amx_k_around_the_tile_step(amx, K):
-    """K padded to the 32-k step (zero pairs) and split into 512-k blocks; 33 × 40 is one whole
-    32×32 block and three edge ones."""
+    """K padded to the 32-k step (zero pairs) and cut into equal K blocks of at most 4096 (4097: two,
+    the second accumulating; 9000: three, the last shorter); 33 × 40 is one whole 32×32 block and
+    three edge ones."""
     rng = np.random.default_rng(K)
     a, b = tensor(rng, (33, K), "bf16"), tensor(rng, (K, 40), "bf16", "col")
     assert _C.hgemm_path(a, b)[0] == "amx_bf16"
@@ -238,7 +239,7 @@ def test_amx_whole_blocks_layouts_bias_beta_threads(amx, how):
     rng = np.random.default_rng(7)
     before = lorafuse.get_num_threads()
     try:
-        for M, K, N in ((64, 96, 64), (257, 777, 129)):
+        for M, K, N in ((64, 96, 64), (257, 777, 129), (1057, 40, 161)):  # the last: 2 mc × 2 nc blocks
             a, b = tensor(rng, (M, K), "bf16", how), tensor(rng, (K, N), "bf16", how)
             bias = torch.randn(N)
             lorafuse.set_num_threads(1)

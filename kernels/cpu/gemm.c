@@ -102,7 +102,19 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         return;
     }
     if (job->dp->thread_begin) job->dp->thread_begin();
-    gemm_block_run(job, tid);
+    if (job->dp->block_loop) {
+        const int64_t ti = tid / job->tn, tj = tid % job->tn;
+        const lf_gemm_block blk = {.pool = job->pool, .tid = tid, .dp = job->dp,
+                                   .m0 = ti * job->mchunk, .m1 = min64(job->M, (ti + 1) * job->mchunk),
+                                   .n0 = tj * job->nchunk, .n1 = min64(job->N, (tj + 1) * job->nchunk),
+                                   .K = job->K, .a = job->a, .b = job->b, .beta = job->beta, .bias = job->bias,
+                                   .c = job->c, .ldc = job->ldc};
+        const int st = blk.m0 < blk.m1 && blk.n0 < blk.n1 ? job->dp->block_loop(&blk) : LF_OK;
+        if (st == LF_EINTR) atomic_store(&job->cancelled, 1);
+        else if (st) atomic_store(&job->failed, st);
+    } else {
+        gemm_block_run(job, tid);
+    }
     if (job->dp->thread_end) job->dp->thread_end();
 }
 

@@ -134,11 +134,13 @@ static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0,
         memset(dst + q * NR * ld + np * NR, 0, (size_t)((ld - np) * NR) * sizeof(uint32_t));
     if (rs == 1) {
         const int64_t tb = dp->transpose && cs % 2 == 0 ? dp->tb : 0; /* NR is a multiple of it */
-        int64_t pq = 0; /* pairs [0, pq) of every column done by blocks */
-        for (; tb && pq + tb <= kc / 2; pq += tb)
-            for (int64_t j = 0; j < nc; j += tb)
-                dp->transpose((const float *)(s->h + (j0 + j) * cs + p0 + 2 * pq), cs / 2,
-                              (int)(nc - j < tb ? nc - j : tb), 1.0f, (float *)(dst + j / NR * NR * ld + pq * NR + j % NR),
+        const int64_t pq = tb ? kc / 2 / tb * tb : 0; /* pairs [0, pq) of every column done by blocks */
+        /* column block outer: its TB columns are read as TB sequential streams (the prefetcher follows
+         * them), not nc streams advanced TB pairs at a time */
+        for (int64_t j = 0; tb && j < nc; j += tb)
+            for (int64_t p = 0; p < pq; p += tb)
+                dp->transpose((const float *)(s->h + (j0 + j) * cs + p0 + 2 * p), cs / 2,
+                              (int)(nc - j < tb ? nc - j : tb), 1.0f, (float *)(dst + j / NR * NR * ld + p * NR + j % NR),
                               NR);
         for (int64_t j = 0; j < nc; j++) {
             const uint16_t *col = s->h + (j0 + j) * cs + p0;

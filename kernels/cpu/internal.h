@@ -182,6 +182,7 @@ int lf_threads_for(lf_pool *pool, double flops, int64_t units);
 
 /* One ISA's micro-kernel and its cache blocking (from its tunables). */
 typedef struct lf_dispatch lf_dispatch;
+typedef struct lf_gemm_block lf_gemm_block; /* one thread's block of an lf_gemm (below) */
 struct lf_dispatch {
     lf_isa isa;
     int mr, nr;             /* register tile */
@@ -203,6 +204,9 @@ struct lf_dispatch {
      * load the tile configuration, release the tiles), or NULL */
     void (*thread_begin)(void);
     void (*thread_end)(void);
+    /* a loop nest of its own for one thread's block of C (AMX: ukernel_amx_bf16.c), run in place
+     * of gemm.c's; returns LF_OK, LF_ENOMEM or LF_EINTR. NULL: gemm.c's loop */
+    int (*block_loop)(const lf_gemm_block *blk);
 };
 
 /* 32-bit slots one packed row (A) or column (B) of a kc block takes: kc (fp32), ceil(kc/2)
@@ -297,6 +301,20 @@ int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K);
 /* C (M,N) = beta·C + a·b (+ bias when beta == 0); a (M,K) and b (K,N) are operands. */
 int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
             const lf_operand *b, float beta, const float *bias, float *c, int64_t ldc);
+
+/* One thread's block of an lf_gemm: C[m0:m1, n0:n1] = beta·C + a[m0:m1, :]·b[:, n0:n1] (+ bias when
+ * beta == 0), over the whole K; scratch from pool slots of thread tid. */
+struct lf_gemm_block {
+    lf_pool *pool;
+    int tid;
+    const lf_dispatch *dp;
+    int64_t m0, m1, n0, n1, K;
+    const lf_operand *a, *b;
+    float beta;
+    const float *bias;
+    float *c;
+    int64_t ldc;
+};
 
 /* The token bound to the calling thread (lf_cancel_bind), or NULL: what the pool binds on its
  * workers while they run this thread's job. */

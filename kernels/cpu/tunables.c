@@ -56,14 +56,15 @@ const lf_tunables lf_tunables_avx512_bf16 = {
     .pairs = {.kc = 768, .mc = 120, .nc = 3072}, /* the fp32 tile's bytes: 384 pairs of B = 48 KiB */
 };
 
-/* avx512_bf16 with the 32×32 AMX tile (ukernel_amx_bf16.c) in place of the vdpbf16ps one; kc counts
- * k, a multiple of 32 (one tile step). Each K block reads and writes C once, by tile loads of 16
- * rows ldc apart, which dominated at kc 256 (tdpbf16ps does a 32×32×kc block in ~kc/16·64 cycles):
- * kc 1024 keeps the B sliver (64 KiB) and the A block (mc·2 KiB = 256 KiB) in L2. */
+/* avx512_bf16 with the 32×32 AMX tile (ukernel_amx_bf16.c) in place of the vdpbf16ps one, in its own
+ * loop (amx_block: a C block stays in the tiles over a whole K block); kc counts k, a multiple of 32
+ * (one tile step). kc 4096: C read and written once for K ≤ 4096 (its tile loads of 16 rows ldc apart
+ * dominated at kc 256); nc 128: the B panel (nc·kc·2 bytes = 1 MiB) and an A sliver (256 KiB) in L2;
+ * mc 1024: B is packed once per 1024 rows of A (2048 flops per packed element). */
 const lf_tunables lf_tunables_amx_bf16 = {
     .isa = LF_ISA_AMX_BF16,
     AVX512_FP32_TUNABLES,
-    .pairs = {.kc = 1024, .mc = 128, .nc = 2048},
+    .pairs = {.kc = 4096, .mc = 1024, .nc = 128},
 };
 
 static const lf_tunables *const tunables_by_isa[] = {

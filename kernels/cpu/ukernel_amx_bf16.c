@@ -18,7 +18,8 @@
  *   c[i][j] (+)= Σ_st ap·bp  (+ bias[j] when !accumulate)    (lf_ukernel_fn, internal.h; kc counts k)
  * A whole 32×32 block loads C (accumulate) or the bias (a row stride of 0: every row the same 64
  * bytes) into the C tiles and stores them to C; an edge block goes through a 32×32 scratch, and
- * only its mr×nr corner is added to C (column masks, rows stop at mr).
+ * only its mr×nr corner is added to C (column masks, rows stop at mr). The GEMM's loop for this tile
+ * is amx_block below (lf_dispatch.block_loop): each block of C runs a whole K block (≤ 4096) at once.
  * Built with -mamx-tile -mamx-bf16 -mavx512f (setup.py SOURCE_FLAGS) on x86-64, elsewhere a zero
  * table; chosen (gemm.c dispatch_of) only on the amx_bf16 level, which cpuid, XCR0 and the OS's
  * permission must grant (dispatch.c). */
@@ -89,11 +90,11 @@ static void ukernel_amx_bf16(int64_t kc, const float *app, const float *bpp, flo
         _tile_zero(2);
         _tile_zero(3);
     }
-    /* The block below this one (the next call of gemm.c's ir loop) is fetched meanwhile: its 32 rows
-     * of C (128 bytes each, ldc apart: out of the hardware prefetcher's reach) would otherwise be
+    /* The block right of this one (the next call of amx_block's jr loop) is fetched meanwhile: its 32
+     * rows of C (128 bytes each, ldc apart: out of the hardware prefetcher's reach) would otherwise be
      * waited for by that call's tile loads and stores. Spread over the steps, a few rows each.
      * (An address past C is harmless: prefetches do not fault; uintptr_t, as it is no pointer.) */
-    const uintptr_t next = (uintptr_t)(c + MR * ldc);
+    const uintptr_t next = (uintptr_t)(c + NR);
     const int64_t rows_per_step = (MR + nst - 1) / nst;
     /* C tile 2u + v += A tile u · B tile v, per K step st < nst */
     for (int64_t st = 0; st < nst; st++) {
@@ -126,11 +127,55 @@ static void ukernel_amx_bf16(int64_t kc, const float *app, const float *bpp, flo
     add_edge(acc, c, ldc, mr, nr, accumulate, bias);
 }
 
+static int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+/* One thread's block C[m0:m1, n0:n1] (+)= A[m0:m1, :]·B[:, n0:n1] (lf_gemm_block), loops outermost
+ * first ("brgemm" order: a C block stays in its tiles over a whole K block, read and written once):
+ *   pc: K blocks, K cut into ceil(K/kc) equal ones (multiples of 32): C (+)= A[:, pc:pc+kcb]·B[pc:pc+kcb, :]
+ *   ic: mc rows of A packed for the K block (pack_a_amx), once per (pc, ic)
+ *   jc: nc columns of B packed for the K block (pack_b_pairs): the panel, nc·kcb·2 bytes, in L2
+ *   ir: a 32-row sliver of A (32·kcb·2 bytes: from L3 on jr = 0, from L2 after)
+ *   jr: a 32-column sliver of the panel: C[ir:ir+32, jr:jr+32] (+)= sliver·sliver, the tile over kcb
+ * The first K block writes C (beta·C + bias), later ones accumulate. */
+static int amx_block(const lf_gemm_block *g) {
+    const lf_dispatch *dp = g->dp;
+    const lf_blocking *bk = dp->blk;
+    const int64_t K = g->K, nkb = (K + bk->kc - 1) / bk->kc;
+    const int64_t kcu = ((K + nkb - 1) / nkb + 31) / 32 * 32; /* every K block's k but the last one's */
+    const int64_t ksmax = lf_k_slots(dp, min64(kcu, K));
+    const int64_t mcmax = min64(bk->mc, (g->m1 - g->m0 + MR - 1) / MR * MR);
+    const int64_t ncmax = min64(bk->nc, (g->n1 - g->n0 + NR - 1) / NR * NR);
+    float *apack = lf_pool_scratch(g->pool, g->tid, 0, (size_t)(mcmax * ksmax) * sizeof(float));
+    float *bpack = lf_pool_scratch(g->pool, g->tid, 1, (size_t)(ncmax * ksmax) * sizeof(float));
+    if (!apack || !bpack) return LF_ENOMEM;
+    for (int64_t pc = 0; pc < K; pc += kcu) {
+        const int64_t kc = min64(kcu, K - pc), ks = lf_k_slots(dp, kc);
+        const int accumulate = pc > 0 || g->beta != 0.0f;
+        const float *bias = accumulate ? NULL : g->bias;
+        for (int64_t ic = g->m0; ic < g->m1; ic += bk->mc) {
+            const int64_t mc = min64(bk->mc, g->m1 - ic);
+            for (int64_t ir = 0; ir < mc; ir += MR)
+                lf_pack_a_sliver(dp, g->a, ic + ir, min64(MR, mc - ir), 0, pc, kc, MR, apack + ir * ks);
+            for (int64_t jc = g->n0; jc < g->n1; jc += bk->nc) {
+                if (lf_interrupt_pending()) return LF_EINTR; /* every mc×kc×nc block: ~1 ms */
+                const int64_t nc = min64(bk->nc, g->n1 - jc);
+                lf_pack_b_panel(dp, g->b, jc, nc, pc, kc, NR, bpack);
+                for (int64_t ir = 0; ir < mc; ir += MR)
+                    for (int64_t jr = 0; jr < nc; jr += NR)
+                        ukernel_amx_bf16(kc, apack + ir * ks, bpack + jr * ks, g->c + (ic + ir) * g->ldc + jc + jr,
+                                         g->ldc, min64(MR, mc - ir), min64(NR, nc - jr), accumulate,
+                                         bias ? bias + jc + jr : NULL);
+            }
+        }
+    }
+    return LF_OK;
+}
+
 const lf_dispatch lf_dispatch_amx_bf16 = {
     .isa = LF_ISA_AMX_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_amx_bf16.pairs,
     .ukernel = ukernel_amx_bf16, .widen = lf_widen_avx512, .k_pairs = 2,
     .transpose = lf_transpose16_avx512, .tb = 16, /* B's K-pairs of a column-contiguous b */
-    .thread_begin = tiles_begin, .thread_end = tiles_end,
+    .thread_begin = tiles_begin, .thread_end = tiles_end, .block_loop = amx_block,
 };
 #else
 const lf_dispatch lf_dispatch_amx_bf16 = {0};
