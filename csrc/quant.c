@@ -244,34 +244,26 @@ fail:
 }
 
 const char lf_py_quant_4bit_doc[] =
-    "quant_4bit(W, blocksize=64, quant_type='nf4', double_quant=False, offset=None, nested_blocksize=256)\n"
-    "    -> (data, absmax, nested_absmax, offset)\n\n"
+    "quant_4bit(W, blocksize=64, quant_type='nf4') -> (data, absmax)\n\n"
     "W (any shape; float32, float16, or a bfloat16 tensor) quantized as bitsandbytes' quantize_4bit on the\n"
-    "CPU: data uint8 (ceil(n/2),) two codes a byte, absmax float32 (blocks,) — or, with double_quant,\n"
-    "uint8 codes plus nested_absmax float32 and the offset subtracted first (None: the mean of the scales\n"
-    "summed in double; pass torch's mean for bnb's bits). nested_absmax and offset are None without it.";
+    "CPU: data uint8 (ceil(n/2),), two codes a byte, the even element in the high nibble; absmax float32\n"
+    "(ceil(n/blocksize),). W must be finite.";
 
 PyObject *lf_py_quant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "quant_4bit";
-    static char *kwlist[] = {"W", "blocksize", "quant_type", "double_quant", "offset", "nested_blocksize", NULL};
-    PyObject *oW, *ooffset = Py_None;
-    long long blocksize = 64, nested_bs = 256;
+    static char *kwlist[] = {"W", "blocksize", "quant_type", NULL};
+    PyObject *oW;
+    long long blocksize = 64;
     const char *stype = "nf4";
-    int dq = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|LspOL:quant_4bit", kwlist, &oW, &blocksize, &stype, &dq, &ooffset,
-                                     &nested_bs))
-        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Ls:quant_4bit", kwlist, &oW, &blocksize, &stype)) return NULL;
     lf_q4_type type;
     if (parse_type(F, stype, &type)) return NULL;
     if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)))
         return PyErr_Format(PyExc_ValueError, "%s: blocksize must be one of 32, 64, 128, ..., 4096, got %lld", F,
                             blocksize);
-    if (dq && (nested_bs < 1 || nested_bs > 4096))
-        return PyErr_Format(PyExc_ValueError, "%s: nested_blocksize must be in [1, 4096], got %lld", F, nested_bs);
     lf_state *st = PyModule_GetState(self);
     int bf16;
-    PyArrayObject *W = as_ndarray(st, oW, F, "W", &bf16, 0), *Wc = NULL, *data = NULL, *am = NULL, *qa = NULL,
-                  *a2 = NULL;
+    PyArrayObject *W = as_ndarray(st, oW, F, "W", &bf16, 0), *Wc = NULL, *data = NULL, *am = NULL;
     PyObject *res = NULL;
     if (!W) return NULL;
     const int tn = PyArray_DESCR(W)->type_num;
@@ -280,8 +272,8 @@ PyObject *lf_py_quant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
         goto done;
     }
     if (!(Wc = (PyArrayObject *)PyArray_FromAny((PyObject *)W, NULL, 0, 0, NPY_ARRAY_CARRAY_RO, NULL))) goto done;
-    const int64_t n = PyArray_SIZE(Wc), blocks = n / blocksize + (n % blocksize != 0);
-    npy_intp dbytes = (npy_intp)(n / 2 + (n & 1)), dblocks = (npy_intp)blocks;
+    const int64_t n = PyArray_SIZE(Wc);
+    npy_intp dbytes = (npy_intp)(n / 2 + (n & 1)), dblocks = (npy_intp)(n / blocksize + (n % blocksize != 0));
     if (!(data = (PyArrayObject *)PyArray_SimpleNew(1, &dbytes, NPY_UINT8)) ||
         !(am = (PyArrayObject *)PyArray_SimpleNew(1, &dblocks, NPY_FLOAT32)))
         goto done;
@@ -292,37 +284,55 @@ PyObject *lf_py_quant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     int status;
     Py_BEGIN_ALLOW_THREADS status = lf_q4_quantize(type, blocksize, n, src, sdt, pd, pa);
     Py_END_ALLOW_THREADS
-    if (status) {
-        if (status == LF_EINVAL) PyErr_Format(PyExc_ValueError, "%s: W holds inf or NaN", F);
-        else lf_py_raise_status(status, F);
-        goto done;
-    }
-    if (!dq) {
-        res = Py_BuildValue("(OOOO)", data, am, Py_None, Py_None);
-        goto done;
-    }
-    float offset;
-    if (ooffset == Py_None) offset = lf_q4_mean(pa, blocks);
-    else if (lf_py_parse_scale(ooffset, F, "offset", &offset)) goto done;
-    npy_intp d2 = (npy_intp)(blocks / nested_bs + (blocks % nested_bs != 0));
-    if (!(qa = (PyArrayObject *)PyArray_SimpleNew(1, &dblocks, NPY_UINT8)) ||
-        !(a2 = (PyArrayObject *)PyArray_SimpleNew(1, &d2, NPY_FLOAT32)))
-        goto done;
-    uint8_t *pq = PyArray_DATA(qa);
-    float *p2 = PyArray_DATA(a2);
-    Py_BEGIN_ALLOW_THREADS status = lf_q4_double_quant(pa, blocks, offset, nested_bs, pq, p2);
-    Py_END_ALLOW_THREADS
-    if (status) {
-        if (status == LF_EINVAL) PyErr_Format(PyExc_ValueError, "%s: offset must be finite", F);
-        else lf_py_raise_status(status, F);
-        goto done;
-    }
-    res = Py_BuildValue("(OOOf)", data, qa, a2, offset);
+    if (status == LF_EINVAL) PyErr_Format(PyExc_ValueError, "%s: W holds inf or NaN", F);
+    else if (status) lf_py_raise_status(status, F);
+    else res = PyTuple_Pack(2, (PyObject *)data, (PyObject *)am);
 done:
     Py_XDECREF(W);
     Py_XDECREF(Wc);
     Py_XDECREF(data);
     Py_XDECREF(am);
+    return res;
+}
+
+const char lf_py_double_quant_doc[] =
+    "double_quant(absmax, offset=None, nested_blocksize=256) -> (codes, nested_absmax, offset)\n\n"
+    "bitsandbytes' double quantization of 4-bit scales (quantize_4bit(compress_statistics=True)): absmax\n"
+    "float32 (blocks,) minus offset, in its 8-bit blockwise format (create_dynamic_map, its CPU lookup\n"
+    "table): codes uint8 (blocks,), nested_absmax float32 (ceil(blocks/nested_blocksize),). offset None:\n"
+    "the mean summed in double (bnb uses torch's absmax.mean(): pass it for its bits).";
+
+PyObject *lf_py_double_quant(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "double_quant";
+    static char *kwlist[] = {"absmax", "offset", "nested_blocksize", NULL};
+    PyObject *oabs, *ooffset = Py_None;
+    long long nested_bs = 256;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OL:double_quant", kwlist, &oabs, &ooffset, &nested_bs)) return NULL;
+    if (nested_bs < 1 || nested_bs > 4096)
+        return PyErr_Format(PyExc_ValueError, "%s: nested_blocksize must be in [1, 4096], got %lld", F, nested_bs);
+    PyArrayObject *am = input_of(PyModule_GetState(self), oabs, F, "absmax", NPY_FLOAT32, "float32"), *qa = NULL,
+                  *a2 = NULL;
+    PyObject *res = NULL;
+    if (!am) return NULL;
+    const int64_t blocks = PyArray_SIZE(am);
+    const float *pa = PyArray_DATA(am);
+    float offset;
+    if (ooffset == Py_None) offset = lf_q4_mean(pa, blocks);
+    else if (lf_py_parse_scale(ooffset, F, "offset", &offset)) goto done;
+    npy_intp d1 = (npy_intp)blocks, d2 = (npy_intp)(blocks / nested_bs + (blocks % nested_bs != 0));
+    if (!(qa = (PyArrayObject *)PyArray_SimpleNew(1, &d1, NPY_UINT8)) ||
+        !(a2 = (PyArrayObject *)PyArray_SimpleNew(1, &d2, NPY_FLOAT32)))
+        goto done;
+    uint8_t *pq = PyArray_DATA(qa);
+    float *p2 = PyArray_DATA(a2);
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = lf_q4_double_quant(pa, blocks, offset, nested_bs, pq, p2);
+    Py_END_ALLOW_THREADS
+    if (status == LF_EINVAL) PyErr_Format(PyExc_ValueError, "%s: absmax and offset must be finite", F);
+    else if (status) lf_py_raise_status(status, F);
+    else res = Py_BuildValue("(OOf)", qa, a2, offset);
+done:
+    Py_DECREF(am);
     Py_XDECREF(qa);
     Py_XDECREF(a2);
     return res;
