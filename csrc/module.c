@@ -1,5 +1,6 @@
 /* module.c — the CPython extension `lorafuse._C`: its entry points (lora_forward, lora_backward,
- * merge, dropout, pack_weight, the thread / ISA / output-cache settings; sgemm and hgemm are in hgemm.c), the method table
+ * merge, dropout, pack_weight, the thread / ISA / output-cache settings; sgemm and hgemm are in hgemm.c,
+ * the 4-bit storage in quant.c), the method table
  * and the module's life cycle. Argument conversion and checks are in args.c, the pool, Ctrl-C and
  * status-to-exception plumbing around a kernel call in runtime.c.
  *
@@ -454,6 +455,7 @@ static PyMethodDef methods[] = {
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},
     LF_PY_GEMM_METHODS, /* sgemm, hgemm, hgemm_path (hgemm.c) */
+    LF_PY_QUANT_METHODS, /* dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c) */
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by the kernels."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},

@@ -81,6 +81,17 @@ PyObject *lf_py_hgemm_path(PyObject *module, PyObject *args, PyObject *kw);
 #define LF_PY_KW_METHOD(name) {#name, (PyCFunction)(void (*)(void))lf_py_##name, METH_VARARGS | METH_KEYWORDS, lf_py_##name##_doc}
 #define LF_PY_GEMM_METHODS LF_PY_KW_METHOD(sgemm), LF_PY_KW_METHOD(hgemm), LF_PY_KW_METHOD(hgemm_path)
 
+/* _C.dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c): bitsandbytes' 4-bit weight storage
+ * (lorafuse/quant4.h); LF_PY_QUANT_METHODS: their entries of the module's method table. */
+extern const char lf_py_dequant_4bit_doc[], lf_py_quant_4bit_doc[], lf_py_double_quant_doc[], lf_py_quant_tables_doc[];
+PyObject *lf_py_dequant_4bit(PyObject *module, PyObject *args, PyObject *kw);
+PyObject *lf_py_quant_4bit(PyObject *module, PyObject *args, PyObject *kw);
+PyObject *lf_py_double_quant(PyObject *module, PyObject *args, PyObject *kw);
+PyObject *lf_py_quant_tables(PyObject *module, PyObject *noargs);
+#define LF_PY_QUANT_METHODS \
+    LF_PY_KW_METHOD(dequant_4bit), LF_PY_KW_METHOD(quant_4bit), LF_PY_KW_METHOD(double_quant), \
+    {"quant_tables", lf_py_quant_tables, METH_NOARGS, lf_py_quant_tables_doc}
+
 /* plan= of lora_forward / lora_backward (plans.c): the tuple of path names as a plan. 0, or -1
  * with TypeError / ValueError set (not a tuple of the right length, an unknown name). */
 int lf_py_parse_forward_plan(PyObject *obj, const char *func, lf_forward_plan *plan);

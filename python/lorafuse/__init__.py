@@ -29,6 +29,7 @@ _LAZY = {
     "unpatch_peft": "peft_fused",
     "peft_is_patched": "peft_fused",
     "cache_packed_weights": "layers",
+    "quantize": "quant",
 }
 
 __all__ = ["ops", "set_num_threads", "get_num_threads", "set_output_cache_limit", "output_cache_stats", "show_config",

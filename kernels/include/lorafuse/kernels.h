@@ -14,6 +14,7 @@
 #ifndef LORAFUSE_KERNELS_H
 #define LORAFUSE_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "lorafuse/status.h"

@@ -1,0 +1,28 @@
+/* quant4_internal.h — what quant4.c, quant4_simd.c and quant_tables.c share (not the binding). */
+#ifndef LORAFUSE_QUANT4_INTERNAL_H
+#define LORAFUSE_QUANT4_INTERNAL_H
+
+#include <stdint.h>
+
+#include "lorafuse/quant4.h"
+
+/* The bounds bnb's CPU quantize_4bit buckets a scaled value s ∈ [-1, 1] by: the sorted position is
+ * the count of bounds strictly below s (torch.bucketize, right=False); NF4's position is its code,
+ * FP4's code is lf_q4_order_fp4[position] (quant_tables.c). */
+extern const float lf_q4_bounds_nf4[15];
+extern const float lf_q4_bounds_fp4[15];
+extern const uint8_t lf_q4_order_fp4[16];
+
+/* One run of a block: out[t] = round_dt(code[q[e + t]] · scale) for t < len, q[e] the nibble of
+ * element e in data (high for even e); out is float (LF_DT_F32) or uint16_t bits (bf16, fp16).
+ * Per ISA in quant4_simd.c; all give the same bits (NaN payloads aside). */
+typedef void (*lf_q4_run_fn)(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale,
+                             lf_dtype dt, void *out);
+void lf_q4_run_generic(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
+                       void *out);
+void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
+                    void *out);
+void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
+                      void *out);
+
+#endif

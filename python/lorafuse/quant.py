@@ -1,0 +1,209 @@
+"""4-bit frozen bases in bitsandbytes' storage (QLoRA's data layer, docs/DESIGN.md "4-bit bases").
+
+    W = lorafuse.quant.dequantize(layer.weight)           # a bnb Params4bit (or lorafuse's) as it is
+    lorafuse.quantize(model, "nf4", block_size=64, double_quant=True, skip_modules=("lm_head",))
+
+The storage is bitsandbytes 0.50's (kernels/include/lorafuse/quant4.h): W (out, in) read flat in
+blocks of ``block_size`` elements, two 4-bit codes a byte (the even element in the high nibble), one
+fp32 scale per block — or, double-quantized, uint8 scale codes + fp32 scales of 256 blocks + an offset.
+`dequantize` reads bnb's ``Params4bit`` + ``quant_state`` (or lorafuse's `QuantState`) without
+converting anything and gives the bits of ``bitsandbytes.functional.dequantize_4bit``; `quantize`
+gives the bits of ``quantize_4bit`` (tests/test_quant4.py compares both where bitsandbytes is
+installed). `Linear4bit` stores that layout, its state dict keys those of bnb's ``Linear4bit``
+(``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ``bias``); its forward
+dequantizes and runs ``F.linear`` (the fused 4-bit GEMM comes later). 8-bit (int8) bases: not yet.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _C
+
+__all__ = ["QuantState", "Linear4bit", "dequantize", "quantize", "quantize_weight"]
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TYPES = ("nf4", "fp4")
+_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _code(name: str) -> torch.Tensor:
+    return torch.tensor(_C.quant_tables()[name], dtype=torch.float32)
+
+
+class QuantState:
+    """bitsandbytes' ``QuantState`` without bitsandbytes: the same attributes (``absmax``, ``shape``,
+    ``code``, ``blocksize``, ``quant_type``, ``dtype``, ``offset``, ``state2``, ``nested``) and the same
+    ``as_dict(packed=True)`` / ``from_dict`` format, so state dicts pass between the two."""
+
+    def __init__(self, absmax: torch.Tensor, shape=None, code=None, blocksize=None, quant_type=None, dtype=None,
+                 offset=None, state2: Optional["QuantState"] = None):
+        self.absmax, self.shape, self.code, self.blocksize = absmax, shape, code, blocksize
+        self.quant_type, self.dtype, self.offset, self.state2 = quant_type, dtype, offset, state2
+        self.nested = state2 is not None
+
+    def as_dict(self, packed: bool = False) -> dict:
+        """bnb's format: tensors under their names, the rest JSON-packed into one uint8 tensor under
+        ``quant_state.bitsandbytes__<type>`` when ``packed``."""
+        d: dict = {"quant_type": self.quant_type, "absmax": self.absmax, "blocksize": self.blocksize,
+                   "quant_map": self.code, "dtype": str(self.dtype).strip("torch."),
+                   "shape": tuple(self.shape) if self.shape is not None else None}
+        if self.nested:
+            d.update({"nested_absmax": self.state2.absmax, "nested_blocksize": self.state2.blocksize,
+                      "nested_quant_map": self.state2.code.clone(),
+                      "nested_dtype": str(self.state2.dtype).strip("torch."), "nested_offset": float(self.offset)})
+        if not packed:
+            return d
+        tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+        rest = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+        tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(json.dumps(rest).encode()),
+                                                                                dtype=torch.uint8)
+        return tensors
+
+    @classmethod
+    def from_dict(cls, qs: dict) -> "QuantState":
+        """The inverse of ``as_dict`` (keys stripped of their prefix up to the last dot). Values are
+        checked when dequantized (`lorafuse._C.dequant_4bit` checks every length)."""
+        qs = dict(qs)
+        packed = [k for k in qs if k.startswith("quant_state.bitsandbytes__")]
+        if len(packed) != 1 and "quant_type" not in qs:
+            raise ValueError(f"expected one quant_state.bitsandbytes__<nf4|fp4> entry, found {packed}")
+        if packed:
+            blob = qs.pop(packed[0])
+            qs.update(json.loads(bytes(blob.to(torch.uint8).cpu().numpy()).decode("utf-8")))
+        qs = {k.split(".")[-1]: v for k, v in qs.items()}
+        state2, offset = None, None
+        if "nested_absmax" in qs:
+            offset = torch.tensor(float(qs["nested_offset"]))
+            state2 = cls(absmax=qs["nested_absmax"], blocksize=qs["nested_blocksize"], code=qs["nested_quant_map"],
+                         dtype=getattr(torch, qs["nested_dtype"]))
+        return cls(absmax=qs["absmax"], shape=torch.Size(qs["shape"]) if qs.get("shape") is not None else None,
+                   code=qs["quant_map"], blocksize=qs["blocksize"], quant_type=qs["quant_type"],
+                   dtype=getattr(torch, qs["dtype"]), offset=offset, state2=state2)
+
+
+def dequantize(weight: torch.Tensor, quant_state: Any = None, *, dtype: Optional[torch.dtype] = None,
+               rows: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W (shape ``quant_state.shape``, e.g. (out_features, in_features)) from a 4-bit weight as it is
+    stored: bnb's ``Params4bit`` (its ``.quant_state``) or lorafuse's, or packed data plus a quant
+    state (bnb's ``QuantState`` or `QuantState`). dtype: ``quant_state.dtype`` unless given (float32,
+    bfloat16 or float16); rows: (start, stop) for W[start:stop] only. Bit-identical to
+    ``bitsandbytes.functional.dequantize_4bit`` (CPU tensors)."""
+    qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+    if qs is None:
+        raise ValueError("dequantize: no quant_state (pass one, or a Params4bit that carries it)")
+    data = weight.detach()
+    if data.device.type != "cpu":
+        raise ValueError(f"dequantize: the weight is on {data.device}; the 4-bit kernels run on the CPU")
+    if data.dtype != torch.uint8:  # bnb's quant_storage (e.g. bfloat16): the same bytes
+        data = data.contiguous().view(torch.uint8)
+    dtype = dtype or qs.dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dequantize: dtype must be float32, bfloat16 or float16, got {dtype}")
+    shape = tuple(int(s) for s in qs.shape)
+    rows2d = (math.prod(shape[:-1]), shape[-1]) if len(shape) >= 2 else (1, shape[0] if shape else 1)
+    kw: dict = {}
+    absmax = qs.absmax.detach()
+    if getattr(qs, "nested", qs.state2 is not None):
+        kw = dict(nested_absmax=qs.state2.absmax.detach().float(), nested_code=qs.state2.code.detach().float(),
+                  nested_blocksize=int(qs.state2.blocksize), offset=float(qs.offset))
+    elif absmax.dtype != torch.float32:  # bnb widens other absmax dtypes first
+        absmax = absmax.float()
+    r0, r1 = rows if rows is not None else (0, rows2d[0])
+    if out is None:
+        out = torch.empty((r1 - r0, rows2d[1]), dtype=dtype)
+    _C.dequant_4bit(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type), _DTYPES[dtype],
+                    rows=rows, out=out.view(r1 - r0, rows2d[1]), **kw)
+    return out.view(shape) if rows is None else out
+
+
+def quantize_weight(W: torch.Tensor, quant_type: str = "nf4", *, block_size: int = 64,
+                    double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
+    """(packed, quant_state) of W as bitsandbytes' ``quantize_4bit(W, blocksize, compress_statistics,
+    quant_type)`` on the CPU gives them: packed uint8 (ceil(n/2), 1), the state's dtype W's."""
+    if quant_type not in _TYPES:
+        raise ValueError(f"quantize: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if W.dtype not in _DTYPES:
+        raise ValueError(f"quantize: W must be float32, bfloat16 or float16, got {W.dtype}")
+    data, absmax = _C.quant_4bit(W.detach().cpu().contiguous(), block_size, quant_type)
+    data, absmax = torch.from_numpy(data).unsqueeze(1), torch.from_numpy(absmax)
+    state = QuantState(absmax=absmax, shape=W.shape, code=_code(quant_type), blocksize=block_size,
+                       quant_type=quant_type, dtype=W.dtype)
+    if double_quant:
+        offset = absmax.mean()  # torch's mean, as bnb (its summation order, its last bit)
+        codes, nested, _ = _C.double_quant(absmax, float(offset), 256)
+        state.absmax, state.offset, state.nested = torch.from_numpy(codes), offset, True
+        state.state2 = QuantState(absmax=torch.from_numpy(nested), code=_code("dynamic"), blocksize=256,
+                                  dtype=torch.float32)
+    return data, state
+
+
+class Linear4bit(nn.Module):
+    """A frozen nn.Linear stored as bitsandbytes stores it (``weight``: uint8 (ceil(out·in/2), 1) with
+    ``weight.quant_state``); forward = F.linear(x, dequantize(weight, dtype=x.dtype), bias)."""
+
+    def __init__(self, in_features: int, out_features: int, data: torch.Tensor, quant_state: QuantState,
+                 bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(data, requires_grad=False)
+        self.weight.quant_state = quant_state
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", *, block_size: int = 64,
+                    double_quant: bool = True) -> "Linear4bit":
+        data, state = quantize_weight(linear.weight, quant_type, block_size=block_size, double_quant=double_quant)
+        return cls(linear.in_features, linear.out_features, data, state, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype if x.dtype in _DTYPES else self.weight.quant_state.dtype
+        return F.linear(x, dequantize(self.weight, dtype=dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.weight.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        head = prefix + "weight."
+        qs = {k[len(head):]: state_dict[k] for k in list(state_dict) if k.startswith(head)}
+        if qs:
+            self.weight = nn.Parameter(state_dict[prefix + "weight"].detach().clone(), requires_grad=False)
+            self.weight.quant_state = QuantState.from_dict(qs)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if not k.startswith(head)}, prefix,
+                                      local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        qs = self.weight.quant_state
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={qs.quant_type}, blocksize={qs.blocksize}, double_quant={qs.nested}")
+
+
+def quantize(model: nn.Module, quant_type: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
+             skip_modules: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear of ``model`` (in place; not those whose name or last name component is in
+    ``skip_modules``) by a `Linear4bit` holding bitsandbytes' storage of its weight; returns the model.
+    "int8" is not supported yet."""
+    if quant_type == "int8":
+        raise NotImplementedError("quantize: 8-bit bases are not implemented yet (nf4 and fp4 are)")
+    if quant_type not in _TYPES:
+        raise ValueError(f"quantize: quant_type must be 'nf4', 'fp4' or 'int8', got {quant_type!r}")
+    if block_size not in _BLOCK_SIZES:
+        raise ValueError(f"quantize: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
+    skip = set(skip_modules)
+    targets = [(name, m) for name, m in model.named_modules()
+               if name and type(m) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, block_size=block_size,
+                                                      double_quant=double_quant))
+    return model
