@@ -334,14 +334,16 @@ def test_add_weighted_adapter_matches_peft(kind: str) -> None:
     assert ours.peft_config["mix"].r == theirs.peft_config["mix"].r
 
 
-@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
-def test_compiled_model_matches_peft(name: str) -> None:
+@pytest.mark.parametrize("name, dora", [("qwen2", False), ("gpt2", False), ("llama", True)],
+                         ids=["qwen2", "gpt2", "llama-dora"])
+def test_compiled_model_matches_peft(name: str, dora: bool) -> None:
     """`torch.compile(fullgraph=True)` over the lorafuse model (its layers then run as custom
     operators; a graph break would be an error) against eager PEFT: logits and every gradient of a
     loss on them — trained biases (qwen2, bias="lora_only": the operators' bias gradient) and
     GPT-2's Conv1D (fan_in_fan_out) included. Eval mode: the base models' own dropout is off. No
-    labels go in: transformers' loss path logs a warning, a graph break of its own."""
-    theirs, ours = _pair(name)
+    labels go in: transformers' loss path logs a warning, a graph break of its own. DoRA: the operator and the
+    row norms in traceable torch ops (`lorafuse.dora.dora_linear_op`)."""
+    theirs, ours = _pair(name, **({"use_dora": True} if dora else {}))
     ids = _inputs(CASES[name])["input_ids"]
 
     def logits_and_grads(model: Any, run: Callable[..., Any]) -> dict:

@@ -23,7 +23,8 @@ with ‖W_j‖² kept per frozen W (`RowNorms`, invalidated like the packed-W ca
 whenever A or B changed: 2·r·k·(m + r) flops, r/n of the base GEMM, and one more read of W; ν itself is kept
 while W, A and B are unchanged (inference, several forwards between optimizer steps). Memory beyond LoRA: z̃
 (..., m) kept for dμ, and c, ν (m); never an m×k temporary. The mask is lorafuse's seeded hash (as for LoRA:
-statistically, not bitwise, PEFT's torch dropout). torch.compile tracing runs PEFT's own forward.
+statistically, not bitwise, PEFT's torch dropout). While torch.compile traces, `dora_linear_op` runs z on the
+`lorafuse::lora_forward` operator and the rest in traceable torch ops (no dropout; with dropout PEFT's forward).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from .backend import adapter_backward, base_grads, forward, mask_for
 from .weight_cache import PackedWeightCache
 
-__all__ = ["RowNorms", "row_norms", "dora_linear", "DoraLinearFunction", "dora_operands"]
+__all__ = ["RowNorms", "row_norms", "dora_linear", "dora_linear_op", "DoraLinearFunction", "dora_operands"]
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -253,11 +254,27 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                                     weight_cache, kern)
 
 
+def dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, seed: torch.Tensor,
+                   fifo: bool) -> torch.Tensor:
+    """The fused DoRA layer while torch.compile traces (no dropout): z̃ = z from the `lorafuse::lora_forward`
+    operator (its autograd formula gives dx, dA, dB for g' = ∂L/∂z), then y = (μ/ν) ⊙ z + b in traceable
+    torch ops — autograd gives g' = g ⊙ c and dμ = Σ g ⊙ z / ν, exactly the eager backward. ν is computed
+    each call (no kept norms: Dynamo cannot watch version counters)."""
+    need_u = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
+    z = torch.ops.lorafuse.lora_forward(x, weight, None, lora_a, lora_b, scale, 0.0, seed, fifo, need_u)[0]
+    y = z * (magnitude / row_norms(weight, lora_a, lora_b, scale, fifo))
+    return y if bias is None else y + bias
+
+
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
-    """`dora_linear`'s arguments from `layers.fused_operands`' tuple for a DoRA adapter, or None where DoRA is
-    not fused: torch.compile tracing (a seed tensor), anything but the float32 C kernels, a magnitude of another
-    dtype."""
+    """(`dora_linear` or `dora_linear_op`, its arguments) from `layers.fused_operands`' tuple for a DoRA
+    adapter, or None where DoRA is not fused: dropout while torch.compile traces (the operators regenerate the
+    mask only inside the LoRA kernel; D needs x̃ itself), anything but the C kernels on the CPU, a magnitude of
+    another dtype."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
-    if isinstance(seed, torch.Tensor) or not x.is_cpu or magnitude.dtype != weight.dtype:
+    if not x.is_cpu or magnitude.dtype != weight.dtype:
         return None
-    return (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache, kern)
+    if isinstance(seed, torch.Tensor):  # torch.compile is tracing
+        return None if p > 0.0 else (dora_linear_op, (x, weight, bias, lora_a, lora_b, magnitude, scale, seed, fifo))
+    return dora_linear, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache, kern)

@@ -54,7 +54,7 @@ from torch import nn
 
 from .atomic import atomic_directory_write
 from .autograd import fused_linear
-from .dora import RowNorms, dora_linear, dora_operands
+from .dora import RowNorms, dora_operands
 from .io_validate import AdapterFileError, check_peft_dir
 from .layers import fused_operands, plain_base
 from .weight_cache import PackedWeightOption
@@ -111,9 +111,8 @@ class FusedLinear(PackedWeightOption, PeftLinear):
                                bool(self.fan_in_fan_out), self._weight_cache)
         if fused is None or not dora:
             return None if fused is None else (fused_linear, fused)
-        args = dora_operands(fused, modules["lora_magnitude_vector"]._modules[name]._parameters["weight"],
+        return dora_operands(fused, modules["lora_magnitude_vector"]._modules[name]._parameters["weight"],
                              self._row_norms)
-        return None if args is None else (dora_linear, args)
 
     @property
     def _row_norms(self) -> RowNorms:
