@@ -135,14 +135,20 @@ def test_fused_function_gradients_float64(fifo: bool, bias: bool, p: float) -> N
         torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
 
 
-def test_train_and_merge_drop_the_kept_norms() -> None:
+def test_merge_drops_the_kept_norms_and_train_keeps_them() -> None:
+    """merge/unmerge write W through ``.data`` (no version bump): what is kept of W goes. ``train()`` — which
+    transformers' Trainer calls every step — keeps ‖W_j‖² (W is unchanged; its version counter is the key)."""
     _, ours = _pair("llama", use_dora=True)
     layer = _fused(ours)[0]
     with torch.no_grad():
         ours(**_inputs(CASES["llama"]))
-    assert isinstance(layer.__dict__.get("_dora_row_norms"), RowNorms)
+    kept = layer.__dict__.get("_dora_row_norms")
+    assert isinstance(kept, RowNorms) and kept._norms is not None
+    norms_before = kept._norms
     ours.train()
-    assert "_dora_row_norms" not in layer.__dict__
+    with torch.no_grad():
+        ours(**_inputs(CASES["llama"]))
+    assert layer.__dict__.get("_dora_row_norms") is kept and kept._norms is norms_before
     with torch.no_grad():
         ours(**_inputs(CASES["llama"]))
     layer.merge()

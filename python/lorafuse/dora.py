@@ -39,6 +39,11 @@ from .weight_cache import PackedWeightCache
 __all__ = ["RowNorms", "row_norms", "dora_linear", "dora_linear_op", "DoraLinearFunction", "dora_operands"]
 
 
+def _squared_row_norms(w_mk: torch.Tensor) -> torch.Tensor:
+    """‖W_j‖² (m,) of W viewed (m, k): squares in W's dtype, summed in float64 (no float64 copy of W)."""
+    return w_mk.detach().square().sum(1, dtype=torch.float64)
+
+
 def _key(t: torch.Tensor) -> tuple:
     """What identifies an unchanged tensor: data pointer, shape, strides, autograd version counter."""
     return (t.data_ptr(), t._version, t.shape, t.stride())
@@ -49,8 +54,8 @@ class RowNorms:
     same unchanged tensor; and ν itself while W, A, B and s are unchanged (inference; several forwards between
     optimizer steps, whose in-place updates bump A's and B's version counters).
     Keys: data pointers, shapes, strides and autograd version counters (in-place writes through ``.data`` are
-    not seen: the layer drops everything on merge, unmerge and ``train()``). A weight that requires grad is
-    never kept (it changes every step)."""
+    not seen: the layer drops everything on merge and unmerge, PEFT's own ``.data`` writes). A weight that
+    requires grad is never kept (it changes every step)."""
 
     __slots__ = ("_key", "_norms", "_nu_key", "_nu")
 
@@ -74,15 +79,12 @@ class RowNorms:
     def get(self, weight_mk: torch.Tensor) -> torch.Tensor:
         """‖W_j‖² for W viewed (m, k)."""
         if weight_mk.requires_grad or weight_mk.is_inference():
-            return weight_mk.detach().double().square().sum(1)
+            return _squared_row_norms(weight_mk)
         key = _key(weight_mk)
         if key != self._key or self._norms is None:
-            self._norms = weight_mk.detach().double().square().sum(1)
+            self._norms = _squared_row_norms(weight_mk)
             self._key = key
         return self._norms
-
-    def clear(self) -> None:
-        self._key = self._norms = self._nu_key = self._nu = None
 
     def __deepcopy__(self, memo: dict) -> "RowNorms":
         return RowNorms()  # a copied layer has another weight
@@ -97,7 +99,7 @@ def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     terms are summed in float64. No autograd graph."""
     with torch.no_grad():
         w_mk = weight.t() if fifo else weight
-        wn2 = norms.get(w_mk) if norms is not None else w_mk.detach().double().square().sum(1)
+        wn2 = norms.get(w_mk) if norms is not None else _squared_row_norms(w_mk)
         wa = w_mk @ lora_a.t()                              # (m, r)  W·Aᵀ = (A·Wᵀ)ᵀ: W streamed once by rows
         cross = (lora_b * wa).sum(1)                        # (m)     B_j·(A·W_jᵀ)
         quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1)  # (m)  B_j·(A·Aᵀ)·B_jᵀ

@@ -18,7 +18,7 @@ from .backend import DISPATCH, KERNEL_DTYPES, cpu_kernels, draw_seed, seed_tenso
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache, PackedWeightOption
 
-__all__ = ["cache_packed_weights", "conv1d_class", "dropout_p", "fused_operands", "plain_base"]
+__all__ = ["cache_packed_weights", "conv1d_class", "fused_operands", "plain_base"]
 
 
 try:  # transformers' GPT-2 style Conv1D (weight stored (in, out)); PEFT needs transformers anyway
@@ -47,11 +47,6 @@ def plain_base(base: nn.Module) -> bool:
     """A plain Linear/Conv1D (not a subclass) without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
     return type(base) in _PLAIN_BASES and not (base._forward_hooks or base._forward_pre_hooks
                                                               or base._backward_hooks or base._backward_pre_hooks)
-
-
-def dropout_p(dropout: nn.Module) -> float:
-    """The dropout probability a LoRA dropout module applies now: its p in training, else 0."""
-    return float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
 
 
 def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn.Module, dropout: nn.Module,
@@ -93,7 +88,7 @@ def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn
     adtype = lora_a.dtype
     if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not adapter_dtypes_fuse(dtype, adtype))):
         return None
-    p = dropout_p(dropout)
+    p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
     # while torch.compile traces: no kernel module (the custom operators pick theirs when they
     # run; importing one is not traceable) and a seed tensor drawn in the graph
     compiling = is_compiling()

@@ -122,11 +122,6 @@ class FusedLinear(PackedWeightOption, PeftLinear):
             norms = self.__dict__["_dora_row_norms"] = RowNorms()
         return norms
 
-    def train(self, mode: bool = True) -> "FusedLinear":
-        """nn.Module's train; DoRA's kept row norms of W are dropped (as PEFT drops its DoRA cache)."""
-        self.__dict__.pop("_dora_row_norms", None)
-        return super().train(mode)
-
     @property
     def backend(self) -> str:
         """'c', 'cuda' or 'peft': the path a forward would take now (adapter state, autocast) for an
