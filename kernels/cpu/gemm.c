@@ -213,9 +213,10 @@ static const lf_dispatch *dispatch_for(int64_t N) {
     return dp->narrow && N <= dp->narrow->nr ? dp->narrow : dp;
 }
 
-/* 1 if every segment of o is bf16, at scale 1 (the bf16 tile multiplies the bits as they are) */
+/* 1 if every segment of o is bf16, at scale 1, without dropout (the bf16 tile multiplies the bits
+ * as they are) */
 static int plain_bf16(const lf_operand *o) {
-    return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f;
+    return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f && !o->seg[0].drop_threshold;
 }
 
 /* The tile of a GEMM: two plain bf16 operands take the bf16 pair tile on avx512_bf16, the AMX tile
@@ -227,13 +228,13 @@ static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, 
     return dispatch_for(N);
 }
 
-/* LF_EINVAL if a half segment asks for what only fp32 segments do: dropout, a low-rank addend,
- * kept panels; or a dtype lf_dtype does not name */
+/* LF_EINVAL if a half segment asks for what only fp32 segments do: a low-rank addend, kept panels;
+ * or a dtype lf_dtype does not name (dropout on a half segment: widened, then masked) */
 static int check_segments(const lf_operand *o) {
     for (int t = 0; t < o->nseg; t++) {
         const lf_segment *s = &o->seg[t];
         if (s->dtype != LF_DT_F32 && s->dtype != LF_DT_BF16 && s->dtype != LF_DT_F16) return LF_EINVAL;
-        if (s->dtype != LF_DT_F32 && (s->drop_threshold || o->add || o->packed || !s->h)) return LF_EINVAL;
+        if (s->dtype != LF_DT_F32 && (o->add || o->packed || !s->h)) return LF_EINVAL;
     }
     return LF_OK;
 }

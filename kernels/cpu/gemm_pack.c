@@ -54,8 +54,11 @@ static void pack_rows(const lf_dispatch *dp, const float *src, int64_t rs, int64
 /* dst[j] = segment s at offsets off + j, j < n (a contiguous run of its memory): masked, widened
  * or scaled by the ISA's span kernels */
 static void seg_span(const lf_dispatch *dp, const lf_segment *s, int64_t off, int64_t n, float *dst) {
-    if (s->dtype != LF_DT_F32)
-        dp->widen(s->h + off, n, s->dtype, s->scale, dst); /* half: never masked (lf_gemm) */
+    if (s->dtype != LF_DT_F32 && s->drop_threshold) { /* half x̃: widened exactly, then masked and scaled */
+        dp->widen(s->h + off, n, s->dtype, 1.0f, dst);
+        lf_skinny_current()->dropout_span(dst, n, (uint64_t)off, s->seed, s->drop_threshold, s->scale, dst);
+    } else if (s->dtype != LF_DT_F32)
+        dp->widen(s->h + off, n, s->dtype, s->scale, dst);
     else if (s->drop_threshold)
         lf_skinny_current()->dropout_span(s->v.p + off, n, (uint64_t)off, s->seed, s->drop_threshold, s->scale, dst);
     else

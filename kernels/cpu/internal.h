@@ -251,7 +251,8 @@ typedef struct {
     uint64_t seed;
     /* LF_DT_F32: the elements are v.p's. LF_DT_BF16 / LF_DT_F16: they are h's (uint16_t bits; v.p
      * unused, v.rs and v.cs still the strides), widened to fp32 exactly as they are read (or paired
-     * for the bf16 tile); such a segment takes no dropout and no low-rank addend (lf_gemm: LF_EINVAL). */
+     * for the bf16 tile, when it has no dropout); such a segment takes no low-rank addend and no kept
+     * panels (lf_gemm: LF_EINVAL). */
     lf_dtype dtype;
     const uint16_t *h;
 } lf_segment;
