@@ -110,6 +110,18 @@ extern const lf_skinny lf_skinny_generic;
 extern const lf_skinny lf_skinny_avx2;
 extern const lf_skinny lf_skinny_avx512;
 
+/* dst[j] = round_dt(src[j]) for j < n: fp32 results rounded once to a bf16 / fp16 output (narrow.c,
+ * half_store.h's rounding: to nearest even, as torch's .to(dtype)), on the ISA in use */
+void lf_narrow(const float *src, int64_t n, lf_dtype dt, uint16_t *dst);
+
+/* rank_rows.c: for every row i < n of c (n, cols; row stride ldc)
+ *     c[i, :] += coef · keep(i, :) ⊙ (v[i, :] · w)     v (n, r) any strides, w (r, cols) with w.cs == 1
+ * keep(i, j) = lf_dropout_keep(mask->seed, i·cols + j, mask->threshold), 1 when mask is NULL (its
+ * scale is not used: coef is the factor); r = 0 adds nothing. Then, when out is not NULL,
+ * out[i·ldo + j] = round_dt(c[i, j]) (lf_narrow, out_dt bf16 or fp16). Row blocks on the pool. */
+int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, lf_view w, float coef,
+                 const lf_mask *mask, float *c, int64_t ldc, lf_dtype out_dt, uint16_t *out, int64_t ldo);
+
 /* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
 #define LF_SKINNY_MAX_R 64
 

@@ -4,7 +4,6 @@
  *   x (n,k)  W (m,k)  bias (m)  A (r,k)  B (m,r)  g = ∂L/∂y (n,m)
  *   x̃ = x ⊙ mask / (1-p)            mask(i,j) = lf_dropout_keep(seed, i·k + j)
  */
-#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -205,45 +204,6 @@ int lf_packed_weight_matches(const lf_packed_b *pw, lf_view W, int64_t m, int64_
            pw->N == (for_backward ? k : m);
 }
 
-/* dx[i,:] += s/(1-p) · mask(i,:) ⊙ (v[i,:] · A)  for rows [i0, i1) — the dropout part of dx */
-typedef struct {
-    int64_t n, k, r;
-    const float *v;
-    lf_view A;
-    float coef;
-    uint32_t threshold;
-    uint64_t seed;
-    float *dx;
-    lf_pool *pool;
-    atomic_int failed;
-} dx_drop_job;
-
-/* Rows in one step of the dropout part of dx: t (DX_ROWS, k) = v (DX_ROWS, r) · A (r, k) is a
- * rank-r update (skinny.c), then masked into dx row by row. */
-#define DX_ROWS 16
-
-static void dx_drop_rows(void *ctxp, int tid, int nt) {
-    dx_drop_job *job = ctxp;
-    const int64_t rows = (job->n + nt - 1) / nt, i0 = tid * rows;
-    const int64_t i1 = i0 + rows < job->n ? i0 + rows : job->n;
-    const lf_skinny *sk = lf_skinny_current();
-    float *t = lf_pool_scratch(job->pool, tid, 2, (size_t)(DX_ROWS * job->k) * sizeof(float));
-    if (!t) {
-        atomic_store(&job->failed, 1);
-        return;
-    }
-    for (int64_t b0 = i0; b0 < i1; b0 += DX_ROWS) {
-        if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-        const int64_t nb = i1 - b0 < DX_ROWS ? i1 - b0 : DX_ROWS;
-        /* t (nb, k) = coef · vᵀᵀ: s = v[b0:b0+nb]ᵀ viewed (r, nb), w = A (r, k) */
-        const lf_view vt = {job->v + b0 * job->r, 1, job->r};
-        sk->rank_update_block(0, nb, 0, job->k, job->r, vt, job->A, job->coef, t, job->k, NULL);
-        for (int64_t i = 0; i < nb; i++)
-            sk->dropout_axpy_span(t + i * job->k, job->k, (uint64_t)((b0 + i) * job->k), job->seed,
-                                  job->threshold, 1.0f, job->dx + (b0 + i) * job->k);
-    }
-}
-
 lf_backward_plan lf_plan_backward(int64_t r, lf_view g, lf_view x, lf_view u, float dropout_p, int need_dx) {
     lf_backward_plan plan;
     plan.vb = lf_skinny_ok(g, r) && lf_skinny_ok(u, r) ? LF_VB_SKINNY : LF_VB_GEMM;
@@ -329,16 +289,9 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                     for (int64_t j = 0; j < k; j++) acopy[q * k + j] = A.p[q * A.rs + j * A.cs];
                 Ar = (lf_view){acopy, k, 1};
             }
-            if (!st && n > 0 && k > 0) {
-                dx_drop_job job = {.n = n, .k = k, .r = r, .v = v, .A = Ar,
-                                   .coef = scale / (1.0f - dropout_p),
-                                   .threshold = lf_dropout_threshold(dropout_p), .seed = seed,
-                                   .dx = dx, .pool = pool};
-                int nt = lf_pool_threads(pool);
-                if (nt > n) nt = (int)n;
-                lf_pool_run(pool, nt, dx_drop_rows, &job);
-                if (atomic_load(&job.failed)) st = LF_ENOMEM;
-                if (lf_interrupt_pending()) st = LF_EINTR;
+            if (!st) { /* dx += s/(1-p) · mask ⊙ (v · A), row block by row block (rank_rows.c) */
+                const lf_mask xm = {seed, lf_dropout_threshold(dropout_p), 1.0f};
+                st = lf_rank_rows(pool, n, k, r, vv, Ar, scale / (1.0f - dropout_p), &xm, dx, k, LF_DT_F32, NULL, 0);
             }
             free(acopy);
         }
