@@ -98,6 +98,57 @@ PyArrayObject *lf_py_as_f32(lf_state *st, PyObject *obj, const char *func, const
     return as_f32_arg(st, obj, func, name, 0);
 }
 
+const char *lf_py_dtype_name(lf_dtype dt) {
+    return dt == LF_DT_F32 ? "float32" : dt == LF_DT_BF16 ? "bfloat16" : dt == LF_DT_F16 ? "float16" : "unknown";
+}
+
+/* New reference to the ndarray of an input that may be float32, float16 or bfloat16 (hgemm's, a
+ * half-precision LoRA layer's) and its dtype (*dt), or NULL with TypeError naming F and name.
+ * bfloat16, which NumPy lacks, comes as a uint16 array of its bits (dlpack_in.c). */
+PyArrayObject *lf_py_as_typed(lf_state *st, PyObject *obj, const char *F, const char *name, lf_dtype *dt) {
+    PyObject *arr;
+    int bf16 = 0, kind;
+    if (PyArray_Check(obj)) {
+        Py_INCREF(obj);
+        arr = obj;
+    } else if ((kind = lf_dlpack_kind(&st->dlpack, obj)) != LF_DLPACK_NONE) {
+        if (kind < 0 || !(arr = lf_array_from_dlpack(&st->dlpack, obj, kind, F, name, NULL, &bf16))) return NULL;
+    } else {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: %s must be a float32 / float16 numpy array or a CPU tensor with __dlpack__ (float32, "
+                     "float16 or bfloat16), got %s", F, name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)arr;
+    const int type_num = PyArray_DESCR(a)->type_num;
+    if (bf16) {
+        *dt = LF_DT_BF16;
+    } else if ((type_num == NPY_FLOAT32 || type_num == NPY_FLOAT16) && !PyArray_ISBYTESWAPPED(a)) {
+        *dt = type_num == NPY_FLOAT32 ? LF_DT_F32 : LF_DT_F16;
+    } else {
+        PyObject *ds = PyObject_Str((PyObject *)PyArray_DESCR(a));
+        if (ds) {
+            PyErr_Format(PyExc_TypeError, "%s: %s must be float32, float16 or bfloat16 (native byte order), got %U",
+                         F, name, ds);
+            Py_DECREF(ds);
+        }
+        Py_DECREF(arr);
+        return NULL;
+    }
+    if (!PyArray_ISALIGNED(a)) { /* the kernels read whole elements (and pairs of bf16 by memcpy) */
+        PyObject *c = PyArray_NewCopy(a, NPY_CORDER);
+        Py_DECREF(arr);
+        return (PyArrayObject *)c;
+    }
+    return a;
+}
+
+/* the kernel's view of a 2-D operand: strides in elements of its dtype */
+lf_tview lf_py_tview2(PyArrayObject *a, lf_dtype dt) {
+    const npy_intp item = PyArray_ITEMSIZE(a);
+    return (lf_tview){PyArray_DATA(a), PyArray_STRIDE(a, 0) / item, PyArray_STRIDE(a, 1) / item, dt};
+}
+
 /* the one overlap rule (lorafuse/validate.h) on the byte extents of two arrays */
 static lf_extent array_extent(PyArrayObject *a) {
     return lf_strided_extent(PyArray_BYTES(a), PyArray_NDIM(a), PyArray_DIMS(a), PyArray_STRIDES(a),
@@ -310,6 +361,25 @@ int lf_py_parse_weights(lf_state *st, const char *F, lf_py_arr_list *L, PyObject
         lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", *B, 1, *r))
         return -1;
     return 0;
+}
+
+/* g (..., m) and u (..., r) with x's leading dims (lora_backward); -1 with ValueError */
+int lf_py_check_lead_dims(const char *F, PyArrayObject *g, PyArrayObject *x, PyArrayObject *u, npy_intp m,
+                          npy_intp r) {
+    int ok = PyArray_NDIM(g) == PyArray_NDIM(x) && PyArray_NDIM(u) == PyArray_NDIM(x) &&
+             PyArray_DIM(g, PyArray_NDIM(g) - 1) == m && PyArray_DIM(u, PyArray_NDIM(u) - 1) == r;
+    for (int d = 0; ok && d < PyArray_NDIM(x) - 1; d++)
+        ok = PyArray_DIM(g, d) == PyArray_DIM(x, d) && PyArray_DIM(u, d) == PyArray_DIM(x, d);
+    if (ok) return 0;
+    PyObject *sg = lf_py_shape_str(g), *su = lf_py_shape_str(u), *sx = lf_py_shape_str(x);
+    if (sg && su && sx)
+        PyErr_Format(PyExc_ValueError,
+                     "%s: g must have shape (..., m=%ld) and u (..., r=%ld) with x's leading "
+                     "dims; got g %U, u %U, x %U", F, (long)m, (long)r, sg, su, sx);
+    Py_XDECREF(sg);
+    Py_XDECREF(su);
+    Py_XDECREF(sx);
+    return -1;
 }
 
 /* The packed W in `obj` (None: NULL, no error); -1 with an exception when obj is not one of

@@ -30,6 +30,9 @@ void lf_py_drop_all(lf_py_arr_list *l);
 
 /* inputs */
 PyArrayObject *lf_py_as_f32(lf_state *st, PyObject *obj, const char *func, const char *name);
+PyArrayObject *lf_py_as_typed(lf_state *st, PyObject *obj, const char *F, const char *name, lf_dtype *dt);
+lf_tview lf_py_tview2(PyArrayObject *a, lf_dtype dt);
+const char *lf_py_dtype_name(lf_dtype dt); /* "float32", "bfloat16", "float16" */
 PyArrayObject *lf_py_contiguous_if(PyArrayObject *a, int needed);
 PyArrayObject *lf_py_flatten_2d(PyArrayObject *a, npy_intp last);
 lf_view lf_py_view2(PyArrayObject *a);
@@ -45,6 +48,8 @@ int lf_py_check_ndim(const char *func, const char *name, PyArrayObject *a, int n
 int lf_py_check_dim(const char *func, const char *name, const char *expected, PyArrayObject *a, int axis,
                     npy_intp want);
 PyObject *lf_py_shape_str(PyArrayObject *a);
+int lf_py_check_lead_dims(const char *F, PyArrayObject *g, PyArrayObject *x, PyArrayObject *u, npy_intp m,
+                          npy_intp r);
 
 /* outputs */
 PyArrayObject *lf_py_new_output(lf_state *st, PyArrayObject *like, npy_intp last);

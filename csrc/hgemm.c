@@ -17,58 +17,10 @@
 #include "dlpack_in.h"
 #include "runtime.h"
 
-static const char *const dtype_names[] = {"float32", "bfloat16", "float16"}; /* by lf_dtype */
-
-/* New reference to the ndarray of an hgemm input and its dtype (*dt), or NULL with TypeError
- * naming func and name */
-static PyArrayObject *as_operand(lf_state *st, PyObject *obj, const char *F, const char *name, lf_dtype *dt) {
-    PyObject *arr;
-    int bf16 = 0, kind;
-    if (PyArray_Check(obj)) {
-        Py_INCREF(obj);
-        arr = obj;
-    } else if ((kind = lf_dlpack_kind(&st->dlpack, obj)) != LF_DLPACK_NONE) {
-        if (kind < 0 || !(arr = lf_array_from_dlpack(&st->dlpack, obj, kind, F, name, NULL, &bf16))) return NULL;
-    } else {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: %s must be a float32 / float16 numpy array or a CPU tensor with __dlpack__ (float32, "
-                     "float16 or bfloat16), got %s", F, name, Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)arr;
-    const int type_num = PyArray_DESCR(a)->type_num;
-    if (bf16) {
-        *dt = LF_DT_BF16;
-    } else if ((type_num == NPY_FLOAT32 || type_num == NPY_FLOAT16) && !PyArray_ISBYTESWAPPED(a)) {
-        *dt = type_num == NPY_FLOAT32 ? LF_DT_F32 : LF_DT_F16;
-    } else {
-        PyObject *ds = PyObject_Str((PyObject *)PyArray_DESCR(a));
-        if (ds) {
-            PyErr_Format(PyExc_TypeError, "%s: %s must be float32, float16 or bfloat16 (native byte order), got %U",
-                         F, name, ds);
-            Py_DECREF(ds);
-        }
-        Py_DECREF(arr);
-        return NULL;
-    }
-    if (!PyArray_ISALIGNED(a)) { /* the kernels read whole elements (and pairs of bf16 by memcpy) */
-        PyObject *c = PyArray_NewCopy(a, NPY_CORDER);
-        Py_DECREF(arr);
-        return (PyArrayObject *)c;
-    }
-    return a;
-}
-
-/* the kernel's view of a 2-D operand: strides in elements of its dtype */
-static lf_tview tview2(PyArrayObject *a, lf_dtype dt) {
-    const npy_intp item = PyArray_ITEMSIZE(a);
-    return (lf_tview){PyArray_DATA(a), PyArray_STRIDE(a, 0) / item, PyArray_STRIDE(a, 1) / item, dt};
-}
-
-/* an input of sgemm (half = 0: float32 only, lf_py_as_f32) or hgemm (as_operand) */
+/* an input of sgemm (half = 0: float32 only, lf_py_as_f32) or hgemm (lf_py_as_typed) */
 static PyArrayObject *as_input(lf_state *st, PyObject *obj, const char *F, const char *name, int half, lf_dtype *dt) {
     *dt = LF_DT_F32;
-    return half ? as_operand(st, obj, F, name, dt) : lf_py_as_f32(st, obj, F, name);
+    return half ? lf_py_as_typed(st, obj, F, name, dt) : lf_py_as_f32(st, obj, F, name);
 }
 
 /* a (M, K) and b (K, N) of one call, converted and checked; -1 with the exception set */
@@ -105,7 +57,7 @@ static PyObject *gemm_call(lf_state *st, const char *F, int half, PyObject *oa, 
         const char *names[] = {"a", "b", "bias"};
         if (lf_py_check_no_alias(F, "out", c, ins, names, 3)) goto fail;
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
-        const lf_tview va = tview2(a, da), vb = tview2(b, db);
+        const lf_tview va = lf_py_tview2(a, da), vb = lf_py_tview2(b, db);
         float *pc = (float *)PyArray_DATA(c);
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
@@ -175,8 +127,8 @@ PyObject *lf_py_hgemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     lf_dtype da, db;
     PyObject *res = NULL;
     if (!parse_ab(st, F, 1, &L, oa, ob, &a, &b, &da, &db))
-        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, tview2(a, da), tview2(b, db)),
-                            dtype_names[da], dtype_names[db]);
+        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), lf_py_tview2(b, db)),
+                            lf_py_dtype_name(da), lf_py_dtype_name(db));
     lf_py_drop_all(&L);
     return res;
 }

@@ -19,6 +19,7 @@
 
 #include "args.h"
 #include "dlpack_in.h"
+#include "half.h"
 #include "out_cache.h"
 #include "runtime.h"
 
@@ -110,7 +111,16 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     if (lf_py_parse_scalars(oscale, op, oseed, F, &scale, &p, &seed)) return NULL;
     lf_py_arr_list L = {{0}, 0};
     PyArrayObject *x, *W, *A, *B, *bias = NULL, *y = NULL, *u = NULL, *x2, *y2, *u2 = NULL;
-    if (!(x = lf_py_keep(&L, lf_py_as_f32(st, ox, F, "x"))) || lf_py_check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
+    lf_dtype xdt;
+    if (!(x = lf_py_keep(&L, lf_py_as_typed(st, ox, F, "x", &xdt))) || lf_py_check_ndim(F, "x", x, 0, "(..., k)"))
+        goto fail;
+    if (xdt != LF_DT_F32) { /* a bf16 / fp16 base: half.c */
+        const lf_py_forward_call call = {F, oW, oA, oB, obias, oy, ou, opacked, oplan, scale, p, seed, fifo, need_u,
+                                         oplan != Py_None ? &force : NULL};
+        PyObject *res = lf_py_lora_forward_half(st, &L, x, xdt, &call);
+        lf_py_drop_all(&L);
+        return res;
+    }
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     npy_intp m, r;
     const lf_packed_b *pw;
@@ -200,7 +210,16 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     if (lf_py_parse_scalars(oscale, op, oseed, F, &scale, &p, &seed)) return NULL;
     lf_py_arr_list L = {{0}, 0};
     PyArrayObject *g, *x, *u, *W, *A, *B, *dx = NULL, *dA, *dB, *g2, *x2, *u2, *dx2 = NULL;
-    if (!(g = lf_py_keep(&L, lf_py_as_f32(st, og, F, "g"))) || lf_py_check_ndim(F, "g", g, 0, "(..., m)")) goto fail;
+    lf_dtype gdt;
+    if (!(g = lf_py_keep(&L, lf_py_as_typed(st, og, F, "g", &gdt))) || lf_py_check_ndim(F, "g", g, 0, "(..., m)"))
+        goto fail;
+    if (gdt != LF_DT_F32) { /* a bf16 / fp16 base: half.c */
+        const lf_py_backward_call call = {F, ox, ou, oW, oA, oB, odx, odA, odB, opacked, oplan, scale, p, seed, fifo,
+                                          need_dx, oplan != Py_None ? &force : NULL};
+        PyObject *res = lf_py_lora_backward_half(st, &L, g, gdt, &call);
+        lf_py_drop_all(&L);
+        return res;
+    }
     if (!(x = lf_py_keep(&L, lf_py_as_f32(st, ox, F, "x"))) || lf_py_check_ndim(F, "x", x, 0, "(..., k)")) goto fail;
     if (!(u = lf_py_keep(&L, lf_py_as_f32(st, ou, F, "u"))) || lf_py_check_ndim(F, "u", u, 0, "(..., r)")) goto fail;
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
@@ -209,24 +228,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     if (lf_py_parse_weights(st, F, &L, oW, oA, oB, fifo, k, &W, &A, &B, &m, &r) ||
         lf_py_parse_packed(opacked, F, W, fifo, 1, &pw))
         goto fail;
-    /* g and u must share x's leading dims */
-    {
-        int ok = PyArray_NDIM(g) == PyArray_NDIM(x) && PyArray_NDIM(u) == PyArray_NDIM(x) &&
-                 PyArray_DIM(g, PyArray_NDIM(g) - 1) == m && PyArray_DIM(u, PyArray_NDIM(u) - 1) == r;
-        for (int d = 0; ok && d < PyArray_NDIM(x) - 1; d++)
-            ok = PyArray_DIM(g, d) == PyArray_DIM(x, d) && PyArray_DIM(u, d) == PyArray_DIM(x, d);
-        if (!ok) {
-            PyObject *sg = lf_py_shape_str(g), *su = lf_py_shape_str(u), *sx = lf_py_shape_str(x);
-            if (sg && su && sx)
-                PyErr_Format(PyExc_ValueError,
-                             "%s: g must have shape (..., m=%ld) and u (..., r=%ld) with x's leading "
-                             "dims; got g %U, u %U, x %U", F, (long)m, (long)r, sg, su, sx);
-            Py_XDECREF(sg);
-            Py_XDECREF(su);
-            Py_XDECREF(sx);
-            goto fail;
-        }
-    }
+    if (lf_py_check_lead_dims(F, g, x, u, m, r)) goto fail;
     if (need_dx) {
         dx = lf_py_keep(&L, odx == Py_None ? lf_py_new_output(st, x, k)
                                            : lf_py_check_output(st, odx, F, "dx_out", x, 0, k));

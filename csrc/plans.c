@@ -8,7 +8,7 @@
 
 /* Path names, indexed by the enums of lorafuse/kernels.h. */
 static const char *const u_names[] = {"none", "rowdots", "skinny", "gemm", NULL};
-static const char *const y_names[] = {"merged", "decode", "few_tokens", "augmented", NULL};
+static const char *const y_names[] = {"merged", "decode", "few_tokens", "augmented", "split", NULL};
 static const char *const two_names[] = {"skinny", "gemm", NULL};
 static const char *const dx_names[] = {"none", "augmented", "masked", NULL};
 
@@ -16,7 +16,8 @@ const char lf_py_last_forward_plan_doc[] =
     "last_forward_plan() -> (u_path, y_path) or None\n\n"
     "The paths the last lora_forward call of this process took (any thread; a debugging aid):\n"
     "u_path in 'none' (u not formed), 'rowdots', 'skinny', 'gemm'; y_path in 'merged', 'decode',\n"
-    "'few_tokens', 'augmented' (kernels/cpu/lora.c, lf_plan_forward). None before the first call.";
+    "'few_tokens', 'augmented', 'split' (kernels/cpu/lora.c lf_plan_forward; bf16 / fp16 bases:\n"
+    "lora_half.c lf_plan_forward_half). None before the first call.";
 
 PyObject *lf_py_last_forward_plan(PyObject *module, PyObject *noargs) {
     (void)noargs;

@@ -101,7 +101,7 @@ def test_rank_above_the_skinny_kernels_takes_the_gemms():
 # ---- forced plans: every path on every ISA, whatever the kernels would choose
 
 U_PATHS = ("rowdots", "skinny", "gemm")
-Y_PATHS = ("decode", "few_tokens", "augmented")
+Y_PATHS = ("decode", "few_tokens", "augmented", "split")
 FORWARD_PLANS = [("none", "merged")] + [(u, y) for u in U_PATHS for y in Y_PATHS]
 
 

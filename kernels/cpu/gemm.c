@@ -308,8 +308,7 @@ void lf_packed_weight_free(lf_packed_b *pk) {
 
 size_t lf_packed_weight_bytes(const lf_packed_b *pk) { return pk ? pk->bytes : 0; }
 
-/* operand of one segment reading t (fp32 through v.p, bf16 / fp16 through h) */
-static lf_operand typed_operand(lf_tview t, float scale) {
+lf_operand lf_operand_typed(lf_tview t, float scale) {
     lf_operand o = lf_operand_plain((lf_view){t.dtype == LF_DT_F32 ? t.p : NULL, t.rs, t.cs}, scale);
     o.seg[0].dtype = t.dtype;
     if (t.dtype != LF_DT_F32) o.seg[0].h = t.p;
@@ -318,12 +317,12 @@ static lf_operand typed_operand(lf_tview t, float scale) {
 
 int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
              const float *bias, float *c, int64_t ldc) {
-    const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
+    const lf_operand oa = lf_operand_typed(a, alpha), ob = lf_operand_typed(b, 1.0f);
     return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
 }
 
 const char *lf_hgemm_path(float alpha, lf_tview a, lf_tview b) {
-    const lf_operand oa = typed_operand(a, alpha), ob = typed_operand(b, 1.0f);
+    const lf_operand oa = lf_operand_typed(a, alpha), ob = lf_operand_typed(b, 1.0f);
     const lf_dispatch *dp = dispatch_of(&oa, &ob, 1);
     return dp == &lf_dispatch_amx_bf16 ? "amx_bf16" : dp == &lf_dispatch_avx512_bf16 ? "bf16_pairs" : "widened";
 }

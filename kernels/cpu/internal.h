@@ -26,6 +26,9 @@ typedef void (*lf_widen_fn)(const uint16_t *src, int64_t n, lf_dtype dt, float s
 void lf_widen_generic(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
 void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
 void lf_widen_avx512(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
+/* A new C-contiguous fp32 (rows, cols) copy of t, times scale (half elements widened exactly; free()
+ * it), or NULL when out of memory; at least one float is allocated, so NULL only means that. */
+float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale);
 
 /* bfloat16 bits → fp32: the top half of an fp32 (exact, NaN payloads kept) */
 static inline float lf_bf16_to_f32(uint16_t h) {
@@ -289,6 +292,8 @@ typedef struct {
 } lf_operand;
 
 lf_operand lf_operand_plain(lf_view v, float scale);
+/* the one-segment operand reading t (fp32 through v.p, bf16 / fp16 through h), times scale */
+lf_operand lf_operand_typed(lf_tview t, float scale);
 
 /* gemm_pack.c: dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR = dp->mr), p < kc;
  * next_mr: rows of the sliver packed after this one (at i0 + MR), prefetched meanwhile.

@@ -87,6 +87,21 @@ static int few_tokens_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int
     return st;
 }
 
+/* y (n,m) = x · Wᵀ + bias, then y += u · (s·Bᵀ) row block by row block (rank_rows.c): the half
+ * bases' plan (lora_half.c), open to fp32 operands too */
+static int split_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_view x, lf_view W,
+                        const float *bias, lf_view B, float scale, const float *u, float *y, const lf_packed_b *wpack) {
+    const lf_operand xo = lf_operand_plain(x, 1.0f);
+    lf_operand wt = lf_operand_plain(transpose(W), 1.0f);
+    wt.packed = wpack;
+    int st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias, y, m);
+    float *bt = st ? NULL : lf_widened_copy((lf_tview){B.p, B.cs, B.rs, LF_DT_F32}, r, m, scale); /* s·Bᵀ (r, m) */
+    if (!st && !bt) st = LF_ENOMEM;
+    if (!st) st = lf_rank_rows(pool, n, m, r, (lf_view){u, r, 1}, (lf_view){bt, m, 1}, 1.0f, NULL, y, m, LF_DT_F32, NULL, 0);
+    free(bt);
+    return st;
+}
+
 /* u (n,r) = x̃·Aᵀ, then y from it, on the paths of `plan` (lf_plan_forward) */
 static int forward_with_u(lf_pool *pool, lf_forward_plan plan, int64_t n, int64_t k, int64_t m, int64_t r,
                           lf_view x, lf_view W, const float *bias, lf_view A, lf_view B, float scale,
@@ -105,6 +120,7 @@ static int forward_with_u(lf_pool *pool, lf_forward_plan plan, int64_t n, int64_
     if (st) return st;
     if (plan.y == LF_Y_DECODE) return decode_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
     if (plan.y == LF_Y_FEW_TOKENS) return few_tokens_output(pool, n, k, m, r, x, W, bias, B, scale, u, y);
+    if (plan.y == LF_Y_SPLIT) return split_output(pool, n, k, m, r, x, W, bias, B, scale, u, y, wpack);
     /* y (n,m) = [x | s·u] · [Wᵀ ; Bᵀ] + bias  — one GEMM over K' = k + r ("augmented K") */
     const lf_operand xu = concat_k(x, 1.0f, (lf_view){u, r, 1}, scale, k);
     lf_operand wb = concat_k(transpose(W), 1.0f, transpose(B), 1.0f, k);
@@ -147,7 +163,7 @@ lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, 
 
 const char *lf_forward_plan_unfit(lf_forward_plan plan, int64_t n, int64_t r, lf_view x, lf_view W, lf_view A,
                                   lf_view B, float dropout_p, int need_u) {
-    if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_AUGMENTED) return "unknown path";
+    if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_SPLIT) return "unknown path";
     if ((plan.u == LF_U_NONE) != (plan.y == LF_Y_MERGED)) return "u 'none' goes with y 'merged' and only with it";
     if (plan.y == LF_Y_MERGED && need_u) return "y 'merged' does not form u, which is wanted";
     if (plan.y == LF_Y_MERGED && dropout_p > 0.0f) return "y 'merged' takes no dropout";
@@ -283,10 +299,8 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
             float *acopy = NULL; /* the rank-r update reads A's rows as vectors */
             lf_view Ar = A;
             if (!st && n > 0 && k > 0 && A.cs != 1 && r > 0) {
-                acopy = malloc((size_t)(r * k) * sizeof(float));
+                acopy = lf_widened_copy((lf_tview){A.p, A.rs, A.cs, LF_DT_F32}, r, k, 1.0f);
                 if (!acopy) st = LF_ENOMEM;
-                for (int64_t q = 0; acopy && q < r; q++)
-                    for (int64_t j = 0; j < k; j++) acopy[q * k + j] = A.p[q * A.rs + j * A.cs];
                 Ar = (lf_view){acopy, k, 1};
             }
             if (!st) { /* dx += s/(1-p) · mask ⊙ (v · A), row block by row block (rank_rows.c) */

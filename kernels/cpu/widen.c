@@ -4,7 +4,21 @@
  * fp32, shifted left 16; fp16 goes through F16C's vcvtph2ps (AVX2: ymm, with target "avx2,f16c";
  * AVX-512F: zmm), which converts subnormals, infinities and NaNs exactly (MXCSR's DAZ does not apply
  * to it); the portable version is lf_f16_to_f32 (internal.h). Only the scale rounds (never, at 1). */
+#include <stdlib.h>
+
 #include "internal.h"
+
+float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale) {
+    float *dst = malloc((size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(float));
+    for (int64_t i = 0; dst && i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) {
+            const int64_t off = i * t.rs + j * t.cs;
+            const float v = t.dtype == LF_DT_F32 ? ((const float *)t.p)[off]
+                                                 : lf_half_to_f32(t.dtype, ((const uint16_t *)t.p)[off]);
+            dst[i * cols + j] = v * scale;
+        }
+    return dst;
+}
 
 void lf_widen_generic(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
     if (dt == LF_DT_BF16)

@@ -120,6 +120,8 @@ typedef enum {
     LF_Y_DECODE,     /* dot products of rows, W streamed once in place */
     LF_Y_FEW_TOKENS, /* yᵀ = [W | B]·[x | s·u]ᵀ, W read in place by the micro-kernel */
     LF_Y_AUGMENTED,  /* one GEMM over k + r: [x | s·u] · [Wᵀ ; Bᵀ] */
+    LF_Y_SPLIT,      /* x · Wᵀ + bias alone (for a bf16 base: the bf16 tiles), then + s·u·Bᵀ row block by
+                        row block (rank_rows.c), rounded there to a half output */
 } lf_forward_y_path;
 typedef struct {
     lf_forward_u_path u;
@@ -182,6 +184,40 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
                          float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
                          const lf_packed_b *wpack, const lf_backward_plan *force, lf_backward_plan *plan);
+
+/* ---- half-precision bases (lora_half.c): x, W and g bf16 or fp16 (one dtype), the adapters A and B
+ *      fp32 (PEFT's default on a half base) or the base's dtype, bias any of the three. Every product
+ *      is exact and summed in fp32; u = x̃·Aᵀ is kept in fp32; y and dx are rounded once, to the
+ *      base's dtype, after their full fp32 sum; dA and dB once, to the adapters' dtype. Products of
+ *      two bf16 operands (x·Wᵀ, g·W) run the bf16 tiles where the ISA has them (lf_hgemm). ---- */
+
+/* The forward's plan for a half base: u 'gemm'; y 'split' when x·Wᵀ takes a bf16 tile, else
+ * 'augmented' (one widened GEMM). */
+lf_forward_plan lf_plan_forward_half(lf_tview x, lf_tview W);
+/* NULL if `plan` can run a half base, else why not (u must be 'gemm', y 'split' or 'augmented'). */
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan);
+
+/* Fused LoRA forward on a half base. x (n,k) [dropout: C-contiguous], W (m,k), bias (m) — bias.p NULL
+ * for none, its rs unused (elements at p[j·cs]) —, A (r,k), B (m,r) as the dtypes above, any strides.
+ * y (n,m) C-contiguous in x's dtype (uint16_t bits); u (n,r) C-contiguous fp32, or NULL (not kept).
+ * force / plan as lf_lora_forward_f32. LF_EINVAL for dtypes outside the rules above. */
+int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview x, lf_tview W,
+                         lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
+                         uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan);
+
+/* The backward's plan for a half base: v/dB and dA 'gemm'; dx 'masked' (g·W alone, then the rank-r
+ * term row block by row block) with dropout or when g·W takes a bf16 tile, else 'augmented'. */
+lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, float dropout_p, int need_dx);
+/* NULL if `plan` can run a half base, else why not. */
+const char *lf_backward_plan_unfit_half(lf_backward_plan plan, float dropout_p, int need_dx);
+
+/* Adapter-only backward on a half base: g (n,m) and x (n,k) [dropout: C-contiguous] in the base's
+ * dtype, u (n,r) fp32 as the forward kept it, W, A, B as in the forward. Outputs C-contiguous: dx
+ * (n,k) in the base's dtype or NULL to skip, dA (r,k) and dB (m,r) in the adapters' dtype (float or
+ * uint16_t bits). */
+int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview g, lf_tview x,
+                          lf_view u, lf_tview W, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
+                          uint16_t *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan);
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */

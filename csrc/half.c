@@ -1,0 +1,185 @@
+/* half.c — lora_forward and lora_backward of lorafuse._C on a bf16 / fp16 base (kernels.h
+ * lf_lora_forward_half / lf_lora_backward_half): module.c parses the call and comes here when x (g
+ * in the backward) is half precision.
+ *
+ * Inputs: torch tensors (bfloat16 or float16 through DLPack, viewed in place) or NumPy float16
+ * arrays; the adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any
+ * strides. Results are new NumPy arrays: y and dx in the base's dtype, dA and dB in the adapters',
+ * u float32 — bfloat16 ones as uint16 arrays of the bits (NumPy has no bfloat16: the caller views
+ * them, torch.from_numpy(a).view(torch.bfloat16)). out=, dx_out=, dA_out=, dB_out= and packed_w
+ * are fp32-only features: given with a half base they are refused with ValueError.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define PY_ARRAY_UNIQUE_SYMBOL lorafuse_ARRAY_API
+#define NO_IMPORT_ARRAY
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "args.h"
+#include "half.h"
+
+/* New reference to operand `name` (ndim 2) converted and checked to be of dtype `want`, or of
+ * `want` or float32 when alt_f32; NULL with TypeError / ValueError */
+static PyArrayObject *typed_arg(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *obj, const char *name,
+                                int ndim, const char *shape, lf_dtype want, int alt_f32, lf_dtype *dt) {
+    PyArrayObject *a = lf_py_keep(L, lf_py_as_typed(st, obj, F, name, dt));
+    if (!a || lf_py_check_ndim(F, name, a, ndim, shape)) return NULL;
+    if (*dt != want && !(alt_f32 && *dt == LF_DT_F32)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be %s%s with a %s base, got %s", F, name, lf_py_dtype_name(want),
+                     alt_f32 ? " or float32" : "", lf_py_dtype_name(want), lf_py_dtype_name(*dt));
+        return NULL;
+    }
+    return a;
+}
+
+/* W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r): W of the base's dtype, A and B one
+ * dtype (float32 or the base's); -1 with the exception set */
+static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oW, PyObject *oA, PyObject *oB,
+                         int fifo, npy_intp k, lf_dtype base, lf_tview *W, lf_tview *A, lf_tview *B, npy_intp *m,
+                         npy_intp *r) {
+    lf_dtype dw, da, db;
+    PyArrayObject *w, *a, *b;
+    if (!(w = typed_arg(st, L, F, oW, "W", 2, fifo ? "(k, m)" : "(m, k)", base, 0, &dw)) ||
+        !(a = typed_arg(st, L, F, oA, "A", 2, "(r, k)", base, 1, &da)) ||
+        !(b = typed_arg(st, L, F, oB, "B", 2, "(m, r)", base, 1, &db)))
+        return -1;
+    if (da != db) {
+        PyErr_Format(PyExc_TypeError, "%s: A and B must have one dtype, got A %s and B %s", F, lf_py_dtype_name(da),
+                     lf_py_dtype_name(db));
+        return -1;
+    }
+    *m = PyArray_DIM(w, fifo ? 1 : 0);
+    *r = PyArray_DIM(a, 0);
+    if (lf_py_check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", w, fifo ? 0 : 1,
+                        k) ||
+        lf_py_check_dim(F, "A", "(r, k) with k = x.shape[-1]", a, 1, k) ||
+        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", b, 0, *m) ||
+        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", b, 1, *r))
+        return -1;
+    *W = lf_py_tview2(w, base);
+    if (fifo) *W = (lf_tview){W->p, W->cs, W->rs, base};
+    *A = lf_py_tview2(a, da);
+    *B = lf_py_tview2(b, db);
+    return 0;
+}
+
+/* -1 with ValueError if an fp32-only argument was given */
+static int refuse_given(const char *F, PyObject *const *objs, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        if (objs[i] != Py_None) {
+            PyErr_Format(PyExc_ValueError, "%s: %s is not taken with a bfloat16 / float16 base (float32 only); pass None",
+                         F, names[i]);
+            return -1;
+        }
+    return 0;
+}
+
+/* A new C-contiguous array: lead dims of `like` (NULL: none) then `last` — dims d0 (when like is
+ * NULL) — of dtype dt (bfloat16 as uint16 bits) */
+static PyArrayObject *new_typed(PyArrayObject *like, npy_intp d0, npy_intp last, lf_dtype dt) {
+    npy_intp dims[NPY_MAXDIMS];
+    int nd = 2;
+    if (like) {
+        nd = PyArray_NDIM(like);
+        for (int d = 0; d < nd - 1; d++) dims[d] = PyArray_DIM(like, d);
+    } else {
+        dims[0] = d0;
+    }
+    dims[nd - 1] = last;
+    const int type = dt == LF_DT_F32 ? NPY_FLOAT32 : dt == LF_DT_BF16 ? NPY_UINT16 : NPY_FLOAT16;
+    return (PyArrayObject *)PyArray_SimpleNew(nd, dims, type);
+}
+
+PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *x, lf_dtype xdt,
+                                  const lf_py_forward_call *c) {
+    const char *F = c->F;
+    {
+        PyObject *const given[] = {c->oy, c->opacked};
+        const char *const names[] = {"out", "packed_w"};
+        if (refuse_given(F, given, names, 2)) return NULL;
+    }
+    const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    npy_intp m, r;
+    lf_tview W, A, B, bias = {NULL, 0, 1, LF_DT_F32};
+    if (parse_weights(st, L, F, c->oW, c->oA, c->oB, c->fifo, k, xdt, &W, &A, &B, &m, &r)) return NULL;
+    PyArrayObject *ab = NULL, *y, *u = NULL, *x2, *y2, *u2 = NULL;
+    if (c->obias != Py_None) {
+        lf_dtype dbias;
+        if (!(ab = typed_arg(st, L, F, c->obias, "bias", 1, "(m,)", xdt, 1, &dbias)) ||
+            lf_py_check_dim(F, "bias", "(m,) with m from W", ab, 0, m))
+            return NULL;
+        bias = (lf_tview){PyArray_DATA(ab), 0, PyArray_STRIDE(ab, 0) / PyArray_ITEMSIZE(ab), dbias};
+    }
+    if (!(y = lf_py_keep(L, new_typed(x, 0, m, xdt)))) return NULL;
+    if (c->need_u &&
+        !(u = lf_py_keep(L, c->ou == Py_None ? lf_py_new_output(st, x, r)
+                                              : lf_py_check_output(st, c->ou, F, "u_out", x, 0, r))))
+        return NULL;
+    if (u) {
+        PyArrayObject *ins[] = {x, ab};
+        const char *names[] = {"x", "bias"};
+        if (lf_py_check_no_alias(F, "u_out", u, ins, names, ab ? 2 : 1)) return NULL;
+    }
+    if (!(x2 = lf_py_keep(L, lf_py_flatten_2d(x, k))) || !(x2 = lf_py_keep(L, lf_py_contiguous_if(x2, c->p > 0.0f))) ||
+        !(y2 = lf_py_keep(L, lf_py_flatten_2d(y, m))) || (u && !(u2 = lf_py_keep(L, lf_py_flatten_2d(u, r)))))
+        return NULL;
+    const npy_intp n = PyArray_DIM(x2, 0);
+    const lf_tview vx = lf_py_tview2(x2, xdt);
+    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_forward_plan_unfit_half(*c->force))) return NULL;
+    lf_py_sigint_guard guard;
+    lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);
+    lf_forward_plan plan = {LF_U_GEMM, LF_Y_SPLIT};
+    int status;
+    Py_BEGIN_ALLOW_THREADS status =
+        lf_lora_forward_half(pool, n, k, m, r, vx, W, bias, A, B, c->scale, c->p, c->seed, PyArray_DATA(y2),
+                             u ? PyArray_DATA(u2) : NULL, c->force, &plan);
+    Py_END_ALLOW_THREADS
+    if (lf_py_kernel_end(st, &guard, status, F)) return NULL;
+    st->last_forward_plan = plan;
+    st->has_forward_plan = 1;
+    return PyTuple_Pack(2, (PyObject *)y, u ? (PyObject *)u : Py_None);
+}
+
+PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *g, lf_dtype gdt,
+                                   const lf_py_backward_call *c) {
+    const char *F = c->F;
+    {
+        PyObject *const given[] = {c->odx, c->odA, c->odB, c->opacked};
+        const char *const names[] = {"dx_out", "dA_out", "dB_out", "packed_w"};
+        if (refuse_given(F, given, names, 4)) return NULL;
+    }
+    lf_dtype dt;
+    PyArrayObject *x, *u, *dx = NULL, *dA, *dB, *g2, *x2, *u2, *dx2 = NULL;
+    if (!(x = typed_arg(st, L, F, c->ox, "x", 0, "(..., k)", gdt, 0, &dt))) return NULL;
+    if (!(u = lf_py_keep(L, lf_py_as_f32(st, c->ou, F, "u"))) || lf_py_check_ndim(F, "u", u, 0, "(..., r)"))
+        return NULL;
+    const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
+    npy_intp m, r;
+    lf_tview W, A, B;
+    if (parse_weights(st, L, F, c->oW, c->oA, c->oB, c->fifo, k, gdt, &W, &A, &B, &m, &r) ||
+        lf_py_check_lead_dims(F, g, x, u, m, r))
+        return NULL;
+    if ((c->need_dx && !(dx = lf_py_keep(L, new_typed(x, 0, k, gdt)))) ||
+        !(dA = lf_py_keep(L, new_typed(NULL, r, k, A.dtype))) || !(dB = lf_py_keep(L, new_typed(NULL, m, r, A.dtype))))
+        return NULL;
+    if (!(g2 = lf_py_keep(L, lf_py_flatten_2d(g, m))) || !(x2 = lf_py_keep(L, lf_py_flatten_2d(x, k))) ||
+        !(x2 = lf_py_keep(L, lf_py_contiguous_if(x2, c->p > 0.0f))) || !(u2 = lf_py_keep(L, lf_py_flatten_2d(u, r))) ||
+        (dx && !(dx2 = lf_py_keep(L, lf_py_flatten_2d(dx, k)))))
+        return NULL;
+    const npy_intp n = PyArray_DIM(x2, 0);
+    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_backward_plan_unfit_half(*c->force, c->p, c->need_dx)))
+        return NULL;
+    lf_py_sigint_guard guard;
+    lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
+    lf_backward_plan plan = {LF_VB_GEMM, LF_DA_GEMM, LF_DX_NONE};
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = lf_lora_backward_half(
+        pool, n, k, m, r, lf_py_tview2(g2, gdt), lf_py_tview2(x2, gdt), lf_py_view2(u2), W, A, B, c->scale, c->p,
+        c->seed, dx2 ? PyArray_DATA(dx2) : NULL, PyArray_DATA(dA), PyArray_DATA(dB), c->force, &plan);
+    Py_END_ALLOW_THREADS
+    if (lf_py_kernel_end(st, &guard, status, F)) return NULL;
+    st->last_backward_plan = plan;
+    st->has_backward_plan = 1;
+    return PyTuple_Pack(3, dx ? (PyObject *)dx : Py_None, (PyObject *)dA, (PyObject *)dB);
+}

@@ -1,0 +1,31 @@
+/* half.h — the bf16 / fp16 bodies of lorafuse._C.lora_forward and lora_backward (half.c), called by
+ * module.c once it has parsed the call and found x (g) half precision. The structs carry what
+ * module.c parsed; each function returns the call's result (a new reference) or NULL with the
+ * exception set. Include after <numpy/arrayobject.h> and args.h. */
+#ifndef LORAFUSE_HALF_H
+#define LORAFUSE_HALF_H
+
+typedef struct {
+    const char *F;
+    PyObject *oW, *oA, *oB, *obias, *oy, *ou, *opacked, *oplan;
+    float scale, p;
+    uint64_t seed;
+    int fifo, need_u;
+    const lf_forward_plan *force; /* NULL: the kernels' own plan */
+} lf_py_forward_call;
+
+typedef struct {
+    const char *F;
+    PyObject *ox, *ou, *oW, *oA, *oB, *odx, *odA, *odB, *opacked, *oplan;
+    float scale, p;
+    uint64_t seed;
+    int fifo, need_dx;
+    const lf_backward_plan *force;
+} lf_py_backward_call;
+
+PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *x, lf_dtype xdt,
+                                  const lf_py_forward_call *c);
+PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *g, lf_dtype gdt,
+                                   const lf_py_backward_call *c);
+
+#endif

@@ -1,0 +1,211 @@
+/* lora_half.c — fused LoRA forward and adapter-only backward on a half-precision base (bf16 / fp16
+ * x, W, g), adapters fp32 (PEFT's default) or in the base's dtype; all on lf_gemm and lf_rank_rows.
+ *
+ * Legend as lora.c: n tokens, k in_features, m out_features, r rank, s scale, p dropout,
+ *   x̃ = x ⊙ mask / (1-p),  mask(i,j) = lf_dropout_keep(seed, i·k + j).
+ * Every half element is widened exactly (or multiplied as it is by the bf16 tiles); sums are fp32:
+ *   u  = x̃·Aᵀ                                    fp32, kept for the backward
+ *   y  = round_base(x·Wᵀ + bias + s·u·Bᵀ)         one rounding, after the whole fp32 sum
+ *   v  = g·B,  dB = round_ad(s·gᵀ·u),  dA = round_ad(s·vᵀ·x̃)
+ *   dx = round_base(g·W + s·drop'(v·A))
+ * PEFT rounds x·Wᵀ + bias to the base dtype first and adds the fp32 LoRA term to that; this rounds
+ * once (tests/tolerances.py bounds both against float64).
+ * The products x·Wᵀ and g·W of a bf16 base take the bf16 tiles (vdpbf16ps / AMX) where the ISA has
+ * them: they run alone ('split' / 'masked' plans) into an fp32 buffer, and the rank-r term is added
+ * to it row block by row block and rounded to the output while the rows are in cache
+ * (rank_rows.c). Elsewhere (fp16, or no bf16 tile) one widened GEMM over the augmented K forms the
+ * whole sum ('augmented'), rounded row block by row block the same way.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "lorafuse/dropout_hash.h"
+
+static lf_tview ttranspose(lf_tview v) {
+    const int64_t rs = v.rs;
+    v.rs = v.cs;
+    v.cs = rs;
+    return v;
+}
+
+static int is_half(lf_dtype dt) { return dt == LF_DT_BF16 || dt == LF_DT_F16; }
+
+/* the dtype rules of kernels.h: x (and g) and W one half dtype, A and B fp32 or that dtype */
+static int dtypes_ok(lf_dtype base, lf_tview W, lf_tview A, lf_tview B) {
+    return is_half(base) && W.dtype == base && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == base);
+}
+
+static int check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p) {
+    if (n < 0 || k < 0 || m < 0 || r < 0 || !(p >= 0.0f && p < 1.0f)) return LF_EINVAL;
+    int64_t t;
+    if (!lf_mul_ok(n, k, &t) || !lf_mul_ok(n, m, &t) || !lf_mul_ok(m, k, &t) || !lf_mul_ok(n, r, &t) ||
+        !lf_mul_ok(r, k + m, &t))
+        return LF_EOVERFLOW;
+    return LF_OK;
+}
+
+/* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */
+static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1.0f, a, b), "widened") != 0; }
+
+/* the operand reading x̃ (x when p == 0), times scale: the mask index is the flat offset i·k + j */
+static lf_operand dropped_typed(lf_tview x, float scale, float p, uint64_t seed) {
+    lf_operand o = lf_operand_typed(x, p > 0.0f ? scale / (1.0f - p) : scale);
+    o.seg[0].drop_threshold = p > 0.0f ? lf_dropout_threshold(p) : 0u;
+    o.seg[0].seed = seed;
+    return o;
+}
+
+/* [a | b] along K: a covers [0, k_split), b the rest (each of its own dtype) */
+static lf_operand concat_typed(lf_tview a, float sa, lf_tview b, float sb, int64_t k_split) {
+    lf_operand o = lf_operand_typed(a, sa);
+    const lf_operand ob = lf_operand_typed(b, sb);
+    o.seg[1] = ob.seg[0];
+    o.nseg = 2;
+    o.k_split = k_split;
+    return o;
+}
+
+static lf_tview f32_tview(const float *p, int64_t rs, int64_t cs) { return (lf_tview){p, rs, cs, LF_DT_F32}; }
+
+lf_forward_plan lf_plan_forward_half(lf_tview x, lf_tview W) {
+    return (lf_forward_plan){LF_U_GEMM, on_bf16_tile(x, ttranspose(W)) ? LF_Y_SPLIT : LF_Y_AUGMENTED};
+}
+
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan) {
+    if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_SPLIT) return "unknown path";
+    if (plan.u != LF_U_GEMM) return "a bf16/fp16 base forms u by 'gemm' only";
+    if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED) return "a bf16/fp16 base takes y 'split' or 'augmented' only";
+    return NULL;
+}
+
+int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview x, lf_tview W,
+                         lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
+                         uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan_out) {
+    int st = check_dims(n, k, m, r, dropout_p);
+    if (st) return st;
+    if (!dtypes_ok(x.dtype, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
+    if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
+    if (force && lf_forward_plan_unfit_half(*force)) return LF_EINVAL;
+    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(x, W);
+    if (plan_out) *plan_out = plan;
+    float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
+    float *bias32 = bias.p ? lf_widened_copy(bias, 1, m, 1.0f) : NULL;
+    float *c = malloc((size_t)(n * m > 0 ? n * m : 1) * sizeof(float)); /* the fp32 sum of y */
+    float *bt = plan.y == LF_Y_SPLIT ? lf_widened_copy(ttranspose(B), r, m, scale) : NULL; /* s·Bᵀ (r, m) */
+    if (!ubuf || !c || (bias.p && !bias32) || (plan.y == LF_Y_SPLIT && !bt)) {
+        st = LF_ENOMEM;
+        goto done;
+    }
+    /* u (n,r) = x̃ · Aᵀ */
+    const lf_operand xd = dropped_typed(x, 1.0f, dropout_p, seed), at = lf_operand_typed(ttranspose(A), 1.0f);
+    st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, ubuf, r);
+    if (st) goto done;
+    const lf_view uv = {ubuf, r, 1};
+    if (plan.y == LF_Y_SPLIT) {
+        /* c = x · Wᵀ + bias, then y = round(c + u · (s·Bᵀ)) */
+        const lf_operand xo = lf_operand_typed(x, 1.0f), wt = lf_operand_typed(ttranspose(W), 1.0f);
+        st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
+        if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, x.dtype, y, m);
+    } else {
+        /* c = [x | s·u] · [Wᵀ ; Bᵀ] + bias over K' = k + r, then y = round(c) */
+        const lf_operand xu = concat_typed(x, 1.0f, f32_tview(ubuf, r, 1), scale, k);
+        const lf_operand wb = concat_typed(ttranspose(W), 1.0f, ttranspose(B), 1.0f, k);
+        st = lf_gemm(pool, n, m, k + r, &xu, &wb, 0.0f, bias32, c, m);
+        if (!st) st = lf_rank_rows(pool, n, m, 0, uv, uv, 1.0f, NULL, c, m, x.dtype, y, m);
+    }
+done:
+    if (!u) free(ubuf);
+    free(bias32);
+    free(c);
+    free(bt);
+    return st;
+}
+
+lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, float dropout_p, int need_dx) {
+    const lf_backward_dx_path dx = !need_dx                                        ? LF_DX_NONE
+                                   : dropout_p > 0.0f || on_bf16_tile(g, W) ? LF_DX_MASKED
+                                                                                   : LF_DX_AUGMENTED;
+    return (lf_backward_plan){LF_VB_GEMM, LF_DA_GEMM, dx};
+}
+
+const char *lf_backward_plan_unfit_half(lf_backward_plan plan, float dropout_p, int need_dx) {
+    if ((unsigned)plan.vb > LF_VB_GEMM || (unsigned)plan.da > LF_DA_GEMM || (unsigned)plan.dx > LF_DX_MASKED)
+        return "unknown path";
+    if (plan.vb != LF_VB_GEMM || plan.da != LF_DA_GEMM) return "a bf16/fp16 base forms v, dB and dA by 'gemm' only";
+    if ((plan.dx == LF_DX_NONE) == (need_dx != 0)) return need_dx ? "dx is wanted: dx 'none' does not form it"
+                                                                 : "dx is not wanted: its path must be 'none'";
+    if (plan.dx == LF_DX_AUGMENTED && dropout_p > 0.0f) return "dx 'augmented' takes no dropout (use 'masked')";
+    return NULL;
+}
+
+int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview g, lf_tview x,
+                          lf_view u, lf_tview W, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
+                          uint16_t *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan_out) {
+    int st = check_dims(n, k, m, r, dropout_p);
+    if (st) return st;
+    if (!dtypes_ok(x.dtype, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
+    if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
+    if (force && lf_backward_plan_unfit_half(*force, dropout_p, dx != NULL)) return LF_EINVAL;
+    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, W, dropout_p, dx != NULL);
+    if (plan_out) *plan_out = plan;
+    const lf_dtype adt = A.dtype;
+    float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
+    float *dbt = malloc((size_t)(r * m > 0 ? r * m : 1) * sizeof(float));                 /* dBᵀ (r, m) */
+    float *da32 = adt == LF_DT_F32 ? dA : malloc((size_t)(r * k > 0 ? r * k : 1) * sizeof(float));
+    float *dx32 = dx ? malloc((size_t)(n * k > 0 ? n * k : 1) * sizeof(float)) : NULL; /* dx's fp32 sum */
+    float *a32 = plan.dx == LF_DX_MASKED ? lf_widened_copy(A, r, k, 1.0f) : NULL;          /* A (r, k) rows */
+    if (!v || !dbt || !da32 || (dx && !dx32) || (plan.dx == LF_DX_MASKED && !a32)) {
+        st = LF_ENOMEM;
+        goto done;
+    }
+    const lf_view vv = {v, r, 1};
+    /* v (n,r) = g · B */
+    const lf_operand go = lf_operand_typed(g, 1.0f), bo = lf_operand_typed(B, 1.0f);
+    st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    /* dBᵀ (r,m) = s · uᵀ · g — g (the big operand) is then read by rows, as a B-operand */
+    if (!st) {
+        const lf_operand ut = lf_operand_plain((lf_view){u.p, u.cs, u.rs}, scale);
+        st = lf_gemm(pool, r, m, n, &ut, &go, 0.0f, NULL, dbt, m);
+    }
+    if (!st) {
+        float *db32 = adt == LF_DT_F32 ? dB : malloc((size_t)(m * r > 0 ? m * r : 1) * sizeof(float));
+        if (!db32) {
+            st = LF_ENOMEM;
+            goto done;
+        }
+        lf_transpose_f32(dbt, m, r, m, db32, r);
+        if (adt != LF_DT_F32) {
+            lf_narrow(db32, m * r, adt, dB);
+            free(db32);
+        }
+    }
+    /* dA (r,k) = s · vᵀ · x̃ */
+    if (!st) {
+        const lf_operand vt = lf_operand_plain((lf_view){v, 1, r}, scale), xd = dropped_typed(x, 1.0f, dropout_p, seed);
+        st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, da32, k);
+        if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
+    }
+    if (!st && plan.dx == LF_DX_MASKED) {
+        /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)) */
+        const lf_operand wo = lf_operand_typed(W, 1.0f);
+        st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx32, k);
+        const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f};
+        if (!st)
+            st = lf_rank_rows(pool, n, k, r, vv, (lf_view){a32, k, 1}, scale / (1.0f - dropout_p), &xm, dx32, k,
+                              x.dtype, dx, k);
+    } else if (!st && plan.dx == LF_DX_AUGMENTED) {
+        /* dx = round([g | s·v] · [W ; A]) — one GEMM over K' = m + r */
+        const lf_operand gv = concat_typed(g, 1.0f, f32_tview(v, r, 1), scale, m);
+        const lf_operand wa = concat_typed(W, 1.0f, A, 1.0f, m);
+        st = lf_gemm(pool, n, k, m + r, &gv, &wa, 0.0f, NULL, dx32, k);
+        if (!st) st = lf_rank_rows(pool, n, k, 0, vv, vv, 1.0f, NULL, dx32, k, x.dtype, dx, k);
+    }
+done:
+    free(v);
+    free(dbt);
+    if (da32 != dA) free(da32);
+    free(dx32);
+    free(a32);
+    return st;
+}
