@@ -58,3 +58,20 @@ def assert_within_bound(got: np.ndarray, ref: np.ndarray, lim: np.ndarray, what:
     bad = err > lim
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements off; worst "
                            f"err {err[bad].max():.3g} vs bound {lim[bad].min():.3g}")
+
+
+# Half-precision outputs (the LoRA kernels on a bf16 / fp16 base: y, dx, and dA, dB with half
+# adapters). The fp32 sum s is bounded as above; the result is s rounded once to the output dtype,
+# to nearest even: |round(s) − s| ≤ u_h·|s| for a normal result (u_h = 2⁻⁸ for bf16's 8-bit
+# significand, 2⁻¹¹ for fp16's 11-bit one: half a unit in the last place), and ≤ half the subnormal spacing below the normal range
+# (2⁻¹³⁴ for bf16, 2⁻²⁵ for fp16). With |s| ≤ |ref| + lim32:
+#     |got − ref| ≤ lim32 + u_h·(|ref| + lim32) + sub_h
+# PEFT's own half path rounds x·Wᵀ + b to the base dtype before adding the LoRA term and rounds the
+# sum again: two roundings, so its distance from the float64 value can be twice this.
+U_HALF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+SUB_HALF = {"bfloat16": 2.0 ** -134, "float16": 2.0 ** -25}
+
+
+def bound_rounded(lim32: np.ndarray, ref: np.ndarray, dtype: str) -> np.ndarray:
+    """Bound of a half-precision result rounded once from an fp32 sum within lim32 of ref."""
+    return lim32 + U_HALF[dtype] * (np.abs(ref) + lim32) + SUB_HALF[dtype]

@@ -76,8 +76,9 @@ def _differentiable_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.
     so that autograd records it: dx (x's shape) or None, dA (r, k), dB (m, r)."""
     k, m = x.shape[-1], grad.shape[-1]
     x2 = x.reshape(-1, k)
-    mask = mask_for(x2, dropout_p, seed)
-    u = (x2 if mask is None else x2 * mask) @ lora_a.t()
+    xa = x2.to(lora_a.dtype)
+    mask = mask_for(xa, dropout_p, seed)
+    u = (xa if mask is None else xa * mask) @ lora_a.t()
     dx, dA, dB = torch_backward(grad.reshape(-1, m), x2, u, weight, lora_a, lora_b, scale, mask, fifo, need_dx)
     return None if dx is None else dx.view(x.shape), dA, dB
 

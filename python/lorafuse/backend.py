@@ -25,7 +25,7 @@ from torch import Tensor
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache
 
-__all__ = ["KERNEL_DTYPES", "kernels_for", "cpu_kernels", "backend_name", "forward", "adapter_backward", "base_grads",
+__all__ = ["KERNEL_DTYPES", "cpu_adapter_dtypes_fuse", "kernels_for", "cpu_kernels", "backend_name", "forward", "adapter_backward", "base_grads",
            "torch_backward", "mask_for", "dropout_mask", "draw_seed", "draw_seed_tensor", "seed_tensor", "DISPATCH"]
 
 _SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from [0, _SEED_HIGH)
@@ -48,8 +48,16 @@ def seed_tensor(dropout_p: float, seed: Optional[int] = None) -> Tensor:
     return torch.zeros(1, dtype=torch.int64)
 
 
-# the base dtypes a kernel takes, per device type (adapter dtypes: `cuda.adapter_dtypes_fuse`)
-KERNEL_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+# the base dtypes a kernel takes, per device type (adapter dtypes: `adapter_dtypes_fuse` on CUDA,
+# `cpu_adapter_dtypes_fuse` on the CPU)
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
+                 "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def cpu_adapter_dtypes_fuse(dtype: torch.dtype, adtype: torch.dtype) -> bool:
+    """Whether the C kernels take adapters of ``adtype`` on a base of ``dtype``: the base's own dtype,
+    or float32 on a bf16 / fp16 base (PEFT's default, ``autocast_adapter_dtype=True``)."""
+    return adtype == dtype or (adtype == torch.float32 and dtype in (torch.bfloat16, torch.float16))
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
@@ -71,7 +79,8 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     layer applies its first case itself, `cpu_kernels`, having read x's device and dtypes).
 
     The first tensor is on the base side (x, W or g), the last an adapter (B); every tensor has one
-    of those two dtypes. float32 CPU (one dtype) → `lorafuse.ops`; CUDA, all on one device, fp32/fp16/bf16
+    of those two dtypes. CPU fp32/bf16/fp16 with same-dtype adapters or float32 adapters on a half base
+    → `lorafuse.ops`; CUDA, all on one device, fp32/fp16/bf16
     with same-dtype adapters or float32 adapters on bf16 → `lorafuse.cuda` if it exposes
     `lora_forward` and `lora_backward` with the `ops` signatures; anything else (other dtypes, mixed
     devices, empty inputs) → None. Called on every forward, so it is a plain loop.
@@ -84,7 +93,7 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     if first.numel() == 0:
         return None
     if on_cpu:
-        return cpu_kernels() if dtype in KERNEL_DTYPES["cpu"] and adtype == dtype else None
+        return cpu_kernels() if dtype in KERNEL_DTYPES["cpu"] and cpu_adapter_dtypes_fuse(dtype, adtype) else None
     device = first.device
     if device.type != "cuda" or dtype not in KERNEL_DTYPES["cuda"] or any(t.device != device for t in tensors):
         return None
@@ -119,8 +128,12 @@ def dropout_mask(n: int, k: int, p: float, seed: int, *, dtype: torch.dtype, dev
 
 
 def _tensor(a: Any) -> torch.Tensor:
-    """A kernel result as a tensor: the CPU kernels return NumPy arrays, wrapped without a copy."""
-    return a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
+    """A kernel result as a tensor: the CPU kernels return NumPy arrays, wrapped without a copy — a
+    bfloat16 result comes as a uint16 array of its bits (NumPy has no bfloat16) and is viewed as one."""
+    if isinstance(a, torch.Tensor):
+        return a
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
 
 
 _NO_KWARGS: dict = {}
@@ -186,20 +199,24 @@ def adapter_backward(grad: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     k, m = x.shape[-1], grad.shape[-1]
     x2 = x.detach().reshape(-1, k)
     dx, dA, dB = torch_backward(grad.reshape(-1, m), x2, u.reshape(-1, u.shape[-1]), weight.detach(), lora_a.detach(),
-                                 lora_b.detach(), scale, mask_for(x2, dropout_p, seed), fifo, need_dx)
+                                 lora_b.detach(), scale, mask_for(x2.to(lora_a.dtype), dropout_p, seed), fifo, need_dx)
     return (None if dx is None else dx.view(x.shape)), dA, dB
 
 
 def _torch_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
                    fifo: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference forward on (n, k) input: returns y (n, m) and u (n, r)."""
-    mask = mask_for(x2, dropout_p, seed)
-    u = (x2 if mask is None else x2 * mask) @ lora_a.t()
+    """Reference forward on (n, k) input: returns y (n, m) and u (n, r). The rank-r term is computed in
+    the adapters' dtype (x cast to it, as PEFT does) and added to the base's output in that dtype, the
+    sum then cast to x's dtype; on the CPU u is float32 (as the C kernels keep it)."""
+    xa = x2.to(lora_a.dtype)
+    mask = mask_for(xa, dropout_p, seed)
+    u = (xa if mask is None else xa * mask) @ lora_a.t()
     y = x2 @ (weight if fifo else weight.t())
     if bias is not None:
         y = y + bias
-    return y + scale * (u @ lora_b.t()), u
+    y = (y + scale * (u @ lora_b.t())).to(x2.dtype)
+    return y, (u.to(torch.promote_types(u.dtype, torch.float32)) if x2.is_cpu else u)
 
 
 def mask_for(x2: torch.Tensor, dropout_p: float, seed: int) -> Optional[torch.Tensor]:
@@ -211,14 +228,17 @@ def torch_backward(g: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, weight: t
                     lora_b: torch.Tensor, scale: float, mask: Optional[torch.Tensor], fifo: bool,
                     need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Reference adapter-only backward on (n, ·) matrices: dx (n, k) or None, dA (r, k), dB (m, r);
-    mask: the forward's dropout multiplier (n, k) or None."""
-    v = g @ lora_b
-    dB = scale * (g.t() @ u)
-    dA = scale * (v.t() @ (x2 * mask if mask is not None else x2))
+    mask: the forward's dropout multiplier (n, k) or None, in the adapters' dtype. The adapter
+    products run in the adapters' dtype (g, x and u cast to it), dx's rank-r part is cast to g's."""
+    adt = lora_a.dtype
+    ga, xa = g.to(adt), x2.to(adt)
+    v = ga @ lora_b
+    dB = scale * (ga.t() @ u.to(adt))
+    dA = scale * (v.t() @ (xa * mask if mask is not None else xa))
     dx = None
     if need_dx:
         dxd = v @ lora_a
-        dx = g @ (weight.t() if fifo else weight) + scale * (dxd * mask if mask is not None else dxd)
+        dx = g @ (weight.t() if fifo else weight) + (scale * (dxd * mask if mask is not None else dxd)).to(g.dtype)
     return dx, dA, dB
 
 

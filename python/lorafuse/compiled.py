@@ -58,7 +58,9 @@ def _lora_forward_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
                          need_u: bool) -> tuple[Tensor, Tensor]:
     lead = x.shape[:-1]
     y = x.new_empty(*lead, _out_features(weight, fan_in_fan_out))
-    u = x.new_empty((*lead, lora_a.shape[0]), dtype=lora_a.dtype)  # u has the adapters' dtype
+    # u: the adapters' dtype, at least float32 on the CPU (the C kernels keep u in fp32)
+    udt = torch.promote_types(lora_a.dtype, torch.float32) if x.is_cpu else lora_a.dtype
+    u = x.new_empty((*lead, lora_a.shape[0]), dtype=udt)
     return y, (u if need_u else x.new_empty(0))
 
 
@@ -67,7 +69,7 @@ def _lora_backward(grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_a: T
                    dropout_p: float, seed: Tensor, fan_in_fan_out: bool,
                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """grad (..., m) → dx (x's shape, or (0,)), dA (r, k), dB (m, r); dW is never formed."""
-    kern = kernels_for(grad, x, u, weight, lora_a, lora_b)
+    kern = kernels_for(grad, x, weight, lora_a, lora_b)  # u: the forward's, of whatever dtype it gave
     dx, dA, dB = adapter_backward(grad, x, u, weight, lora_a, lora_b, scale, dropout_p, _seed_value(seed),
                                   fan_in_fan_out, need_dx, kern)
     return (dx if dx is not None else x.new_empty(0)), dA, dB

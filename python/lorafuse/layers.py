@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.compiler import is_compiling
 
-from .backend import DISPATCH, KERNEL_DTYPES, cpu_kernels, draw_seed, seed_tensor
+from .backend import DISPATCH, KERNEL_DTYPES, cpu_adapter_dtypes_fuse, cpu_kernels, draw_seed, seed_tensor
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache, PackedWeightOption
 
@@ -54,27 +54,26 @@ def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn
                    weight_cache: Optional[PackedWeightCache] = None) -> Optional[tuple]:
     """`fused_linear`'s arguments — (x, W, bias, A, B, scale, dropout p, seed, fan_in_fan_out, W's
     cache, the kernel module) — for one adapter (lin_a, lin_b, dropout) on a plain base layer, or
-    None where no kernel takes these operands: a device other than CPU or CUDA, autocast on the CPU, a
-    base dtype no kernel takes (on the CPU anything but float32; float64), adapter dtypes no kernel
-    takes (an fp16 base with fp32 adapters). The caller has checked
-    the layer's state (one active adapter, not merged, no hooks, x's width).
+    None where no kernel takes these operands: a device other than CPU or CUDA, a base dtype no kernel
+    takes (float64), adapter dtypes no kernel takes (on CUDA an fp16 base with fp32 adapters). The
+    caller has checked the layer's state (one active adapter, not merged, no hooks, x's width).
 
-    Under CUDA autocast to a half dtype every operand is cast to it first (as autocast casts PEFT's
-    linears: the base and the adapters compute in that dtype); a bf16 layer with PEFT's default fp32
-    adapters goes to the CUDA kernels as it is. Runs on every call, on caches a kernel has just
+    Under autocast to a half dtype (CPU or CUDA) every operand is cast to it first, as autocast casts
+    PEFT's linears: the base and the adapters compute in that dtype, and autograd casts the adapters'
+    gradients back. A half base with PEFT's default fp32 adapters goes to the kernels as it is.
+    Runs on every call, on caches a kernel has just
     flushed, where each tensor attribute read costs µs: each attribute is read once, and the C
-    kernels are picked here for float32 CPU input (no `kernels_for`, which reads every operand's
+    kernels are picked here for CPU input (no `kernels_for`, which reads every operand's
     dtype and device; an operand on another device is then refused by the binding's TypeError)."""
     on_cpu = x.is_cpu
     if not on_cpu and x.device.type != "cuda":
         return None
-    autocast = torch.is_autocast_enabled("cpu" if on_cpu else "cuda")
-    if autocast and on_cpu:
-        return None
+    device_type = "cpu" if on_cpu else "cuda"
+    autocast = torch.is_autocast_enabled(device_type)
     weight, lora_a, lora_b = _param_of(base, "weight"), _param_of(lin_a, "weight"), _param_of(lin_b, "weight")
     bias = _param_of(base, "bias")
     if autocast:
-        cast = torch.get_autocast_dtype("cuda")
+        cast = torch.get_autocast_dtype(device_type)
         if cast not in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
             return None
         x, weight, lora_a, lora_b = x.to(cast), weight.to(cast), lora_a.to(cast), lora_b.to(cast)
@@ -86,7 +85,8 @@ def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn
     if dtype not in KERNEL_DTYPES["cpu" if on_cpu else "cuda"]:
         return None
     adtype = lora_a.dtype
-    if lora_b.dtype != adtype or (adtype != dtype and (on_cpu or not adapter_dtypes_fuse(dtype, adtype))):
+    fuse = cpu_adapter_dtypes_fuse if on_cpu else adapter_dtypes_fuse
+    if lora_b.dtype != adtype or not fuse(dtype, adtype):
         return None
     p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
     # while torch.compile traces: no kernel module (the custom operators pick theirs when they
