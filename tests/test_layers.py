@@ -260,13 +260,6 @@ def _hooked(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-def _cpu_autocast(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        if isinstance(layer, FusedLinear):
-            assert layer.backend == "peft"  # `backend` sees the autocast state
-        return layer(x)
-
-
 def _two_active(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(7)  # the same second adapter in both layers
     layer.update_layer("other", 2, 4, config=peft.LoraConfig(init_lora_weights=False))
@@ -291,24 +284,20 @@ def _mixed_batch(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _CALL = nn.Module.__call__
 # (base layer, how the layer is called, `backend` after the call, get_peft_model's autocast_adapter_dtype)
 PEFT_PATH = {
-    "bf16-base-fp32-adapters": (lambda: nn.Linear(8, 5).to(torch.bfloat16), _CALL, "peft", True),
     "subclassed-base": (lambda: _ScaledLinear(8, 5), _CALL, "peft", True),
     "hooked-base": (_plain, _hooked, "peft", True),
-    "cpu-autocast": (_plain, _cpu_autocast, "c", True),  # `backend` outside autocast: 'c'
     "two-active-adapters": (_plain, _two_active, "peft", True),
     "adapters-disabled": (_plain, _disabled, "peft", True),
     "merged": (_plain, _merged, "peft", True),
     "mixed-batch-adapter-names": (_plain, _mixed_batch, "c", True),  # `backend` does not see call arguments
     "float64-layer": (lambda: nn.Linear(8, 5).double(), _CALL, "peft", True),
-    "bf16-base-bf16-adapters": (lambda: nn.Linear(8, 5).to(torch.bfloat16), _CALL, "peft", False),
 }
 
 
 @pytest.mark.parametrize("name", list(PEFT_PATH))
 def test_unfused_configurations_run_peft_forward_exactly(name: str) -> None:
-    """Where the kernels do not apply — a half-precision base with PEFT's fp32 adapters on the CPU,
-    CPU autocast, a base layer with hooks or its own forward, several active adapters, adapters
-    disabled or merged, PEFT's mixed batch (``adapter_names``), anything but float32 on the CPU — the
+    """Where the kernels do not apply — a base layer with hooks or its own forward, several active
+    adapters, adapters disabled or merged, PEFT's mixed batch (``adapter_names``), a float64 layer — the
     layer reports and takes PEFT's path, and its output and every gradient are stock PEFT's bit for bit."""
     make_base, run, backend, autocast_adapter_dtype = PEFT_PATH[name]
     base = make_base()
@@ -318,6 +307,78 @@ def test_unfused_configurations_run_peft_forward_exactly(name: str) -> None:
     assert (backend_seen, fused.lorafuse_path) == (backend, "peft")
     want, _ = forward_backward(stock, x, run)
     assert_all_close(got, want, rtol=0, atol=0)
+
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| / max |want| (the scale of a half-precision rounding error)."""
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("fp32_adapters", [True, False], ids=["fp32-adapters", "base-dtype-adapters"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_half_precision_layer_is_fused_and_matches_peft(kind: str, dtype: str, fp32_adapters: bool, p: float) -> None:
+    """A bf16 / fp16 base with PEFT's default fp32 adapters (``autocast_adapter_dtype=True``) or adapters of
+    its own dtype runs the C kernels ('c'); output, dx, dA and dB match stock PEFT within what their
+    roundings allow. Every term is bounded by its maximum: the fused layer rounds y and dx once, PEFT
+    twice (x·Wᵀ + b, then the sum with the LoRA term), each rounding ≤ u_h of the result's magnitude, so
+    the two differ by ≤ 3·u_h relative (u_h = 2⁻⁸ bf16, 2⁻¹¹ fp16; + 2 u_h slack for the fp32 sums seen
+    through the rounded loss gradient). dA and dB with fp32 adapters are fp32 sums of the same products:
+    1e-4. With dropout the masks differ (lorafuse's seeded hash, PEFT's RNG): both are checked against
+    the float64 reference with lorafuse's mask instead."""
+    half = HALF[dtype]
+    stock, fused = layer_pair(_base(kind).to(half), autocast_adapter_dtype=fp32_adapters, lora_dropout=p)
+    adt = torch.float32 if fp32_adapters else half
+    assert fused.lora_A["default"].weight.dtype == adt and fused.backend == "c"
+    x = torch.randn(4, 3, 24).to(half)
+    got, _ = forward_backward(fused, x)
+    assert fused.lorafuse_path == "c" and got[0].dtype == half and got[1].dtype == half
+    assert got[2].dtype == got[3].dtype == adt
+    u_h = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
+    tol = [5 * u_h, 5 * u_h] + [1e-4 if fp32_adapters else 5 * u_h] * 2
+    if p == 0.0:
+        want, _ = forward_backward(stock, x)
+    else:  # float64 with the kernels' mask, from the fused layer's own parameters
+        def as64(t: Optional[torch.Tensor], grad: bool = False) -> Optional[torch.Tensor]:
+            return None if t is None else t.detach().double().requires_grad_(grad)
+
+        base, seed = fused.base_layer, _seed_drawn_by(fused, x)
+        t64 = dict(x=as64(x, True), weight=as64(base.weight), bias=as64(base.bias),
+                   lora_a=as64(fused.lora_A["default"].weight, True), lora_b=as64(fused.lora_B["default"].weight, True))
+        y64 = _reference(t64, fused.scaling["default"], p, seed, fused.fan_in_fan_out)
+        want = [y64.detach(), *torch.autograd.grad(_loss(y64.to(half).double()), [t64["x"], t64["lora_a"], t64["lora_b"]])]
+    for i, (a, b, t) in enumerate(zip(got, want, tol)):
+        assert _max_rel_err(a, b) <= t, f"tensor {i}: {_max_rel_err(a, b):.3g} > {t:.3g}"
+
+
+def _seed_drawn_by(layer: nn.Module, x: torch.Tensor) -> int:
+    """The dropout seed the layer's forward draws after torch.manual_seed(0) (forward_backward's seeding)."""
+    torch.manual_seed(0)
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _cpu_autocast(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return layer(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-no-bias", "conv1d"])
+def test_cpu_autocast_is_fused_like_peft(kind: str) -> None:
+    """A float32 layer under ``torch.autocast("cpu", bfloat16)``: PEFT computes base and adapters in bf16
+    (autocast casts every linear); the fused layer casts the operands the same way, runs the bf16 kernels
+    ('c') and returns bf16, and autograd casts dA, dB back to the fp32 parameters."""
+    stock, fused = layer_pair(_base(kind))
+    x = torch.randn(4, 3, 24)
+    got, _ = forward_backward(fused, x, _cpu_autocast)
+    want, _ = forward_backward(stock, x, _cpu_autocast)
+    assert fused.lorafuse_path == "c" and got[0].dtype == want[0].dtype == torch.bfloat16
+    assert [t.dtype for t in got[1:]] == [t.dtype for t in want[1:]] == [torch.float32] * 3
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _max_rel_err(a, b) <= 5 * 2.0 ** -8, f"tensor {i}: {_max_rel_err(a, b):.3g}"
 
 
 def test_wrong_input_width_raises_like_peft() -> None:

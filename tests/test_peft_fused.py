@@ -361,7 +361,10 @@ def test_patched_loaders_take_other_peft_adapters(tmp_path, patched, method):
 
 def test_trl_sft_trainer_with_peft_config_after_patch(tmp_path):
     """trl's SFTTrainer(model=base, peft_config=peft.LoraConfig(...)) after patch_peft() trains with
-    lorafuse layers inside a real PeftModel; the losses equal the unpatched run's (dropout 0)."""
+    lorafuse layers inside a real PeftModel; the losses equal the unpatched run's (dropout 0) to bf16
+    accuracy: SFTConfig defaults to bf16=True, so both runs compute every linear under CPU autocast in
+    bf16 (the fused layers too, on the bf16 kernels), rounding y once where PEFT rounds twice — 1e-3
+    relative on a loss averaged over 64 tokens (a bf16 rounding is ≤ 2⁻⁸ ≈ 4e-3 per value)."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     tokenizers = pytest.importorskip("tokenizers")
@@ -399,7 +402,7 @@ def test_trl_sft_trainer_with_peft_config_after_patch(tmp_path):
     losses, kinds = run(True, tmp_path / "fused")
     ref, ref_kinds = run(False, tmp_path / "stock")
     assert kinds == {FusedLinear} and ref_kinds == {PeftLinear}
-    assert len(losses) == 3 and losses == pytest.approx(ref, rel=1e-5)
+    assert len(losses) == 3 and losses == pytest.approx(ref, rel=1e-3)
 
 
 def test_packed_weight_cache_on_fused_layers():
