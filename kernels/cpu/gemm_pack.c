@@ -196,10 +196,8 @@ void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, in
  * b(p0+p, j0+j) for j < nr; next_nr: columns of the sliver packed after this one (at j0 + NR) */
 static void pack_b_sliver(const lf_dispatch *dp, const lf_segment *s, int64_t begin, int64_t lo, int64_t hi,
                           int64_t j0, int64_t nr, int64_t next_nr, int64_t p0, int NR, float *dst) {
-    const int64_t rs = s->v.rs, cs = s->v.cs;
-    if (cs == 1 && (s->drop_threshold || s->dtype != LF_DT_F32)) { /* x̃ or half rows: each run in place */
-        for (int64_t p = lo; p < hi; p++) seg_span(dp, s, (p - begin) * rs + j0, nr, dst + (p - p0) * NR);
-    } else if (rs == 1 && !s->drop_threshold && s->dtype == LF_DT_F32) { /* column-contiguous (Wᵀ of row-major W) */
+    const int64_t rs = s->v.rs, cs = s->v.cs; /* cs != 1: lf_pack_b_panel copies row-major rows itself */
+    if (rs == 1 && !s->drop_threshold && s->dtype == LF_DT_F32) { /* column-contiguous (Wᵀ of row-major W) */
         pack_rows(dp, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR, NR * cs,
                   next_nr);
     } else if (rs == 1 && s->dtype != LF_DT_F32) { /* half columns: each run to fp32 first */
@@ -225,9 +223,9 @@ static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t 
 }
 
 /* The kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at dst + q·NR·kc:
- * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major plain segment (W in
- * dx = g·W) is copied row by row across all slivers, so b is read in address order — one
- * stream instead of one per sliver; the others are packed sliver by sliver. */
+ * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major segment (W in dx = g·W,
+ * x̃ or a half x in dA = s·vᵀ·x̃) is copied row by row across all slivers, so b is read in address
+ * order — one stream instead of one per sliver; the others are packed sliver by sliver. */
 void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
                      int NR, float *dst) {
     if (dp->k_pairs) {
@@ -250,15 +248,26 @@ void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int
             const float *src = pk->data + p0 * pk->nsl * NR + j0 / NR * NR * kcb + (lo - p0) * NR;
             for (int64_t q = 0; q < nslivers; q++)
                 memcpy(dst + q * NR * kc + (lo - p0) * NR, src + q * NR * kcb, (size_t)((hi - lo) * NR) * sizeof(float));
-        } else if (s->v.cs == 1 && !s->drop_threshold && s->dtype == LF_DT_F32) {
-            for (int64_t p = lo; p < hi; p++) {
-                const float *src = s->v.p + (p - begin) * s->v.rs + j0;
-                for (int64_t q = 0; q < nslivers; q++) {
-                    float *d = dst + q * NR * kc + (p - p0) * NR;
-                    const int64_t nr = q == nslivers - 1 ? tail : NR;
-                    for (int64_t j = 0; j < nr; j++) d[j] = src[q * NR + j] * s->scale;
+        } else if (s->v.cs == 1) {
+            /* row-major rows, read in address order: a plain fp32 row directly (scaled as it is
+             * copied), any other (x̃, half) made fp32 first by seg_span, a run of whole slivers at
+             * a time — not sliver by sliver, which reads NR elements of each of kc rows one row
+             * stride apart (rows 4 KiB apart share one L1 set) */
+            const int plain = !s->drop_threshold && s->dtype == LF_DT_F32;
+            const int64_t chunk = LF_MAX_KC / NR * NR;
+            float run[LF_MAX_KC];
+            for (int64_t p = lo; p < hi; p++)
+                for (int64_t c0 = 0; c0 < nc; c0 += chunk) {
+                    const int64_t len = nc - c0 < chunk ? nc - c0 : chunk, off = (p - begin) * s->v.rs + j0 + c0;
+                    const float *src = plain ? s->v.p + off : run;
+                    const float scale = plain ? s->scale : 1.0f;
+                    if (!plain) seg_span(dp, s, off, len, run);
+                    for (int64_t q = 0; q * NR < len; q++) {
+                        float *d = dst + (c0 / NR + q) * NR * kc + (p - p0) * NR;
+                        const int64_t nr = len - q * NR < NR ? len - q * NR : NR;
+                        for (int64_t j = 0; j < nr; j++) d[j] = src[q * NR + j] * scale;
+                    }
                 }
-            }
         } else {
             for (int64_t q = 0; q < nslivers; q++)
                 pack_b_sliver(dp, s, begin, lo, hi, j0 + q * NR, q == nslivers - 1 ? tail : NR,
