@@ -155,9 +155,16 @@ static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0,
         return;
     }
     for (int64_t pp = 0; pp < np; pp++) {
-        const uint16_t *r0 = s->h + (p0 + 2 * pp) * rs + j0 * cs;
+        const uint16_t *r0 = s->h + (p0 + 2 * pp) * rs + j0 * cs, *r1 = r0 + rs;
         const int both = 2 * pp + 1 < kc;
-        for (int64_t j = 0; j < nc; j++) dst[j / NR * NR * ld + pp * NR + j % NR] = pair_at(r0, j * cs, rs, both);
+        for (int64_t q = 0; q * NR < nc; q++) { /* sliver q: NR pairs, one contiguous run of dst */
+            uint32_t *d = dst + q * NR * ld + pp * NR;
+            const int64_t nr = nc - q * NR < NR ? nc - q * NR : NR, c0 = q * NR;
+            if (cs == 1 && both) /* row-major b (W in dx = g·W): two rows interleaved, vectorisable */
+                for (int64_t j = 0; j < nr; j++) d[j] = (uint32_t)r0[c0 + j] | (uint32_t)r1[c0 + j] << 16;
+            else
+                for (int64_t j = 0; j < nr; j++) d[j] = pair_at(r0, (c0 + j) * cs, rs, both);
+        }
     }
 }
 
