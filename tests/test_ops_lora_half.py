@@ -101,7 +101,7 @@ class Case:
         assert_within_bound(f64(got).reshape(n, k), ref, bound_rounded(lim, ref, self.base), "dx")
 
 
-SHAPES = [(1, 7, 33, 1), (7, 33, 1, 5), (33, 257, 65, 16), (257, 33, 40, 8)]
+SHAPES = [(1, 7, 33, 1), (7, 33, 1, 5), (8, 65, 70, 3), (33, 257, 65, 16), (257, 33, 40, 8)]
 
 
 @pytest.mark.parametrize("base", ["bfloat16", "float16"])
@@ -114,8 +114,9 @@ def test_matches_float64(half_isa, base, same_adapters, shape, p):
 
 @pytest.mark.parametrize("base", ["bfloat16", "float16"])
 @pytest.mark.parametrize("layout", ["fifo", "x_strided", "lead_dims", "transposed_adapters"])
-def test_layouts(half_isa, base, layout):
-    c = Case(33, 70, 45, 6, base, "float32", 0.0 if layout == "x_strided" else 0.1, fifo=layout == "fifo",
+@pytest.mark.parametrize("n", [3, 33])
+def test_layouts(half_isa, base, layout, n):
+    c = Case(n, 70, 45, 6, base, "float32", 0.0 if layout == "x_strided" else 0.1, fifo=layout == "fifo",
              x_strided=layout == "x_strided", lead=(3,) if layout == "lead_dims" else ())
     if layout == "transposed_adapters":  # A and B as transposed views of column-major storage
         c.A, c.B = c.A.t().contiguous().t(), c.B.t().contiguous().t()
@@ -130,17 +131,18 @@ def test_zero_sizes(base, zero):
     Case(dims["n"], dims["k"], dims["m"], dims["r"], base, "float32").check()
 
 
-def test_plans_chosen_and_forced(half_isa):
-    """bf16 on a bf16 tile: 'split' / 'masked'; otherwise 'augmented'; every legal plan forced gives a
-    result within the bounds."""
+@pytest.mark.parametrize("n", [1, 8, 9, 33])
+def test_plans_chosen_and_forced(half_isa, n):
+    """At most 8 tokens: y 'decode' (W streamed in place); more: bf16 on a bf16 tile 'split' / 'masked',
+    otherwise 'augmented'; every legal plan forced gives a result within the bounds."""
     for base in ("bfloat16", "float16"):
-        c = Case(33, 40, 24, 4, base, "float32")
+        c = Case(n, 40, 24, 4, base, "float32")
         _, u = c.forward()
         c.backward(u)
         tile = on_tile(base)
-        assert _C.last_forward_plan() == ("gemm", "split" if tile else "augmented")
+        assert _C.last_forward_plan() == ("gemm", "decode" if n <= 8 else "split" if tile else "augmented")
         assert _C.last_backward_plan() == ("gemm", "gemm", "masked" if tile else "augmented")
-        for y_path in ("split", "augmented"):
+        for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
             for dx_path in ("masked", "augmented"):
                 c.check(("gemm", y_path), ("gemm", "gemm", dx_path))
                 assert _C.last_forward_plan() == ("gemm", y_path)
@@ -148,7 +150,8 @@ def test_plans_chosen_and_forced(half_isa):
 
 
 @pytest.mark.parametrize("fplan, msg", [(("skinny", "augmented"), "by 'gemm' only"),
-                                        (("gemm", "decode"), "'split' or 'augmented' only"),
+                                        (("gemm", "decode"), "'decode' needs at most 8 tokens"),
+                                        (("gemm", "few_tokens"), "'decode', 'split' or 'augmented' only"),
                                         (("none", "merged"), "by 'gemm' only")])
 def test_forced_forward_plan_refused(fplan, msg):
     c = Case(9, 16, 8, 2, "bfloat16", "float32")

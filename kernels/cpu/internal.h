@@ -117,6 +117,12 @@ extern const lf_skinny lf_skinny_avx512;
  * half_store.h's rounding: to nearest even, as torch's .to(dtype)), on the ISA in use */
 void lf_narrow(const float *src, int64_t n, lf_dtype dt, uint16_t *dst);
 
+/* rowdots_half.c: c (n, M; row stride ldc) = x (n, K) · W (M, K)ᵀ (+ bias (M) fp32, or NULL) for a few
+ * tokens, W streamed in place: x and W one half dtype, rows contiguous (lf_rowdots_half_ok) */
+int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
+int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
+                    float *c, int64_t ldc);
+
 /* rank_rows.c: for every row i < n of c (n, cols; row stride ldc)
  *     c[i, :] += coef · keep(i, :) ⊙ (v[i, :] · w)     v (n, r) any strides, w (r, cols) with w.cs == 1
  * keep(i, j) = lf_dropout_keep(mask->seed, i·cols + j, mask->threshold), 1 when mask is NULL (its

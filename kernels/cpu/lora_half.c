@@ -68,14 +68,20 @@ static lf_operand concat_typed(lf_tview a, float sa, lf_tview b, float sb, int64
 
 static lf_tview f32_tview(const float *p, int64_t rs, int64_t cs) { return (lf_tview){p, rs, cs, LF_DT_F32}; }
 
-lf_forward_plan lf_plan_forward_half(lf_tview x, lf_tview W) {
-    return (lf_forward_plan){LF_U_GEMM, on_bf16_tile(x, ttranspose(W)) ? LF_Y_SPLIT : LF_Y_AUGMENTED};
+lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W) {
+    const lf_forward_y_path y = lf_rowdots_half_ok(n, x, W)         ? LF_Y_DECODE
+                                : on_bf16_tile(x, ttranspose(W)) ? LF_Y_SPLIT
+                                                                 : LF_Y_AUGMENTED;
+    return (lf_forward_plan){LF_U_GEMM, y};
 }
 
-const char *lf_forward_plan_unfit_half(lf_forward_plan plan) {
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W) {
     if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_SPLIT) return "unknown path";
     if (plan.u != LF_U_GEMM) return "a bf16/fp16 base forms u by 'gemm' only";
-    if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED) return "a bf16/fp16 base takes y 'split' or 'augmented' only";
+    if (plan.y == LF_Y_DECODE && !lf_rowdots_half_ok(n, x, W))
+        return "y 'decode' needs at most 8 tokens and rows of x and W contiguous";
+    if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED && plan.y != LF_Y_DECODE)
+        return "a bf16/fp16 base takes y 'decode', 'split' or 'augmented' only";
     return NULL;
 }
 
@@ -86,14 +92,15 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
-    if (force && lf_forward_plan_unfit_half(*force)) return LF_EINVAL;
-    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(x, W);
+    if (force && lf_forward_plan_unfit_half(*force, n, x, W)) return LF_EINVAL;
+    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W);
     if (plan_out) *plan_out = plan;
     float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     float *bias32 = bias.p ? lf_widened_copy(bias, 1, m, 1.0f) : NULL;
     float *c = malloc((size_t)(n * m > 0 ? n * m : 1) * sizeof(float)); /* the fp32 sum of y */
-    float *bt = plan.y == LF_Y_SPLIT ? lf_widened_copy(ttranspose(B), r, m, scale) : NULL; /* s·Bᵀ (r, m) */
-    if (!ubuf || !c || (bias.p && !bias32) || (plan.y == LF_Y_SPLIT && !bt)) {
+    const int split = plan.y != LF_Y_AUGMENTED; /* the rank-r term added to c afterwards */
+    float *bt = split ? lf_widened_copy(ttranspose(B), r, m, scale) : NULL; /* s·Bᵀ (r, m) */
+    if (!ubuf || !c || (bias.p && !bias32) || (split && !bt)) {
         st = LF_ENOMEM;
         goto done;
     }
@@ -102,10 +109,11 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, ubuf, r);
     if (st) goto done;
     const lf_view uv = {ubuf, r, 1};
-    if (plan.y == LF_Y_SPLIT) {
-        /* c = x · Wᵀ + bias, then y = round(c + u · (s·Bᵀ)) */
+    if (split) {
+        /* c = x · Wᵀ + bias (decode: W streamed in place; split: a GEMM), then y = round(c + u · (s·Bᵀ)) */
         const lf_operand xo = lf_operand_typed(x, 1.0f), wt = lf_operand_typed(ttranspose(W), 1.0f);
-        st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
+        st = plan.y == LF_Y_DECODE ? lf_rowdots_half(pool, n, m, k, x, W, bias32, c, m)
+                                   : lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
         if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, x.dtype, y, m);
     } else {
         /* c = [x | s·u] · [Wᵀ ; Bᵀ] + bias over K' = k + r, then y = round(c) */

@@ -1,0 +1,199 @@
+/* rowdots_half.c — the decode forward's base product on a half-precision W (lf_rowdots_half,
+ * internal.h), W streamed once, in place, never packed:
+ *
+ *     c[i·ldc + j] = Σ_p x[i, p] · W[j, p]  (+ bias[j])       i < n ≤ LF_ROWDOTS_MAX_N, j < M, p < K
+ *
+ * x and W bf16 or fp16 (one dtype), rows contiguous. A few tokens read every element of W once: the
+ * product is bound by W's bytes, half of fp32's. Rows of W are split across the pool's threads; each
+ * thread takes two rows at a time (2n accumulators) so that each x vector loaded serves both.
+ *   avx512_bf16 and amx_bf16, bf16: vdpbf16ps on the bits as they are — a 32-bit word of a row is the
+ *     K-pair (x[2q], x[2q+1]) that vdpbf16ps multiplies with W's word (W[j, 2q], W[j, 2q+1]): each
+ *     lane adds x[2q+1]·W[j, 2q+1] then x[2q]·W[j, 2q] to its fp32 sum, denormal inputs read as 0
+ *     (tests/tolerances.py: bound_dpbf16);
+ *   otherwise: x widened to fp32 once (n·K floats), W widened in registers (bf16: a shift; fp16:
+ *     F16C's vcvtph2ps), fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time.
+ * The K tail past the last whole vector is summed by the generic loop (widened, exact products). */
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* One thread's rows [j0, j1) of W against all n rows of x. xw: x widened (n, K) fp32, or NULL on the
+ * vdpbf16ps path (which reads x's bits). */
+typedef void (*rows_fn)(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
+                        const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, float *c,
+                        int64_t ldc);
+
+/* Σ_{p ∈ [p0, K)} xw[i, p] · W[j, p] in fp32, one product at a time (tails, and the generic ISA) */
+static float dot_tail(int64_t p0, int64_t K, const float *xwi, const uint16_t *wj, lf_dtype dt) {
+    float acc = 0.0f;
+    for (int64_t p = p0; p < K; p++) acc += xwi[p] * lf_half_to_f32(dt, wj[p]);
+    return acc;
+}
+
+static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
+                         const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, float *c,
+                         int64_t ldc) {
+    (void)x, (void)ldx;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t i = 0; i < n; i++)
+            c[i * ldc + j] = dot_tail(0, K, xw + i * K, W + j * ldw, dt) + (bias ? bias[j] : 0.0f);
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define LF_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+#define LF_AVX512 __attribute__((target("avx512f")))
+#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+
+/* 8 elements of a W row at w, widened */
+LF_AVX2_F16C static inline __m256 widen8(const uint16_t *w, lf_dtype dt) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)w);
+    return dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+LF_AVX2_F16C static float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* rows j, j+1 (two = 0: j alone) of W against the n rows of xw: acc[r][i] per lane, then summed */
+LF_AVX2_F16C static void rows_avx2(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
+                                   const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias,
+                                   float *c, int64_t ldc) {
+    (void)x, (void)ldx;
+    const int64_t Kv = K / 8 * 8;
+    for (int64_t j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;
+        __m256 acc[2][LF_ROWDOTS_MAX_N];
+        for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+        for (int64_t p = 0; p < Kv; p += 8) {
+            const __m256 b0 = widen8(w0 + p, dt), b1 = widen8(w1 + p, dt);
+            for (int64_t i = 0; i < n; i++) {
+                const __m256 a = _mm256_loadu_ps(xw + i * K + p);
+                acc[0][i] = _mm256_fmadd_ps(a, b0, acc[0][i]);
+                acc[1][i] = _mm256_fmadd_ps(a, b1, acc[1][i]);
+            }
+        }
+        for (int r = 0; r <= two; r++)
+            for (int64_t i = 0; i < n; i++)
+                c[i * ldc + j + r] = hsum8(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +
+                                     (bias ? bias[j + r] : 0.0f);
+    }
+}
+
+LF_AVX512 static inline __m512 widen16(const uint16_t *w, lf_dtype dt) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)w);
+    return dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+LF_AVX512 static void rows_avx512(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
+                                  const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias,
+                                  float *c, int64_t ldc) {
+    (void)x, (void)ldx;
+    const int64_t Kv = K / 16 * 16;
+    for (int64_t j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;
+        __m512 acc[2][LF_ROWDOTS_MAX_N];
+        for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < Kv; p += 16) {
+            const __m512 b0 = widen16(w0 + p, dt), b1 = widen16(w1 + p, dt);
+            for (int64_t i = 0; i < n; i++) {
+                const __m512 a = _mm512_loadu_ps(xw + i * K + p);
+                acc[0][i] = _mm512_fmadd_ps(a, b0, acc[0][i]);
+                acc[1][i] = _mm512_fmadd_ps(a, b1, acc[1][i]);
+            }
+        }
+        for (int r = 0; r <= two; r++)
+            for (int64_t i = 0; i < n; i++)
+                c[i * ldc + j + r] = _mm512_reduce_add_ps(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +
+                                     (bias ? bias[j + r] : 0.0f);
+    }
+}
+
+/* bf16 only: 32 elements (16 K-pairs) of x's and W's bits per vdpbf16ps; xw (x widened) serves the tail */
+LF_AVX512_BF16 static void rows_dpbf16(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x,
+                                       int64_t ldx, const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt,
+                                       const float *bias, float *c, int64_t ldc) {
+    const int64_t Kv = K / 32 * 32;
+    for (int64_t j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;
+        __m512 acc[2][LF_ROWDOTS_MAX_N];
+        for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < Kv; p += 32) {
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(w0 + p));
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(w1 + p));
+            for (int64_t i = 0; i < n; i++) {
+                const __m512bh a = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + p));
+                acc[0][i] = _mm512_dpbf16_ps(acc[0][i], a, b0);
+                acc[1][i] = _mm512_dpbf16_ps(acc[1][i], a, b1);
+            }
+        }
+        for (int r = 0; r <= two; r++)
+            for (int64_t i = 0; i < n; i++)
+                c[i * ldc + j + r] = _mm512_reduce_add_ps(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +
+                                     (bias ? bias[j + r] : 0.0f);
+    }
+}
+#endif
+
+static rows_fn rows_for(lf_dtype dt) {
+#if defined(__x86_64__)
+    const lf_isa isa = lf_get_isa();
+    if (isa >= LF_ISA_AVX512_BF16 && dt == LF_DT_BF16) return rows_dpbf16;
+    if (isa >= LF_ISA_AVX512) return rows_avx512;
+    if (isa == LF_ISA_AVX2) return rows_avx2;
+#endif
+    (void)dt;
+    return rows_generic;
+}
+
+/* Rows of W per job block: an even number (the kernels take two at a time). */
+#define ROWS_PER_BLOCK 16
+
+typedef struct {
+    rows_fn rows;
+    int64_t n, M, K, ldx, ldw, ldc;
+    const uint16_t *x, *W;
+    const float *xw, *bias;
+    lf_dtype dt;
+    float *c;
+} rowdots_half_job;
+
+static void rowdots_half_run(void *ctxp, int tid, int nt) {
+    const rowdots_half_job *job = ctxp;
+    const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
+    const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
+    for (int64_t j = tid * per * ROWS_PER_BLOCK; j < j1; j += ROWS_PER_BLOCK) {
+        if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
+        job->rows(j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, job->n, job->K, job->x, job->ldx, job->xw,
+                  job->W, job->ldw, job->dt, job->bias, job->c, job->ldc);
+    }
+}
+
+int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
+    return n <= LF_ROWDOTS_MAX_N && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype &&
+           x.cs == 1 && W.cs == 1;
+}
+
+int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
+                    float *c, int64_t ldc) {
+    if (n < 0 || M < 0 || K < 0 || ldc < M || !lf_rowdots_half_ok(n, x, W)) return LF_EINVAL;
+    if (n == 0 || M == 0) return LF_OK;
+    float *xw = malloc((size_t)(n * K > 0 ? n * K : 1) * sizeof(float)); /* x widened, rows contiguous */
+    if (!xw) return LF_ENOMEM;
+    const uint16_t *xh = x.p;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_half_to_f32(x.dtype, xh[i * x.rs + p * x.cs]);
+    rowdots_half_job job = {.rows = rows_for(x.dtype), .n = n, .M = M, .K = K, .ldx = x.rs, .ldw = W.rs, .ldc = ldc,
+                            .x = xh, .W = W.p, .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
+    const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
+    lf_pool_run(pool, nt, rowdots_half_run, &job);
+    free(xw);
+    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+}
