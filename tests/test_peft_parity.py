@@ -330,6 +330,27 @@ def test_merged_equals_unmerged_and_merge_and_unload_equals_peft(name: str, dora
         _assert_match({"logits": plain_ours(**inputs).logits}, {"logits": plain_theirs(**inputs).logits})
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merge_is_peft_merge(dtype: str) -> None:
+    """Merging into a bf16 / fp16 W is PEFT's own code (the delta in fp32, added to W in its dtype):
+    merge_and_unload gives PEFT's weights bit for bit; the merged model's logits differ from the
+    fused unmerged forward's by W's rounding only (within 2⁻⁶ of their magnitude, a few roundings)."""
+    half = getattr(torch, dtype)
+    theirs, ours = _pair("llama", half)
+    theirs.eval()
+    ours.eval()
+    inputs = _inputs(CASES["llama"])
+    with torch.no_grad():
+        unmerged = ours(**inputs).logits
+        assert _paths(ours) == {"c"}
+        plain_theirs, plain_ours = theirs.merge_and_unload(), ours.merge_and_unload()
+        want = plain_theirs.state_dict()
+        for key, value in plain_ours.state_dict().items():
+            assert value.dtype == want[key].dtype and torch.equal(value, want[key]), key
+        merged = plain_ours(**inputs).logits
+    assert float((merged - unmerged).abs().max()) <= 2.0 ** -6 * float(unmerged.abs().max())
+
+
 def test_multiple_active_adapters_set_and_delete_like_peft() -> None:
     """Two active adapters sum like PEFT's (PEFT's forward runs); back to one active adapter, by
     set_adapter or delete_adapter, the fused path runs again with PEFT's results."""
