@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "lorafuse/dropout_hash.h"
 
 lf_operand lf_operand_plain(lf_view v, float scale) {
     lf_operand o;
@@ -312,6 +313,21 @@ lf_operand lf_operand_typed(lf_tview t, float scale) {
     lf_operand o = lf_operand_plain((lf_view){t.dtype == LF_DT_F32 ? t.p : NULL, t.rs, t.cs}, scale);
     o.seg[0].dtype = t.dtype;
     if (t.dtype != LF_DT_F32) o.seg[0].h = t.p;
+    return o;
+}
+
+lf_operand lf_operand_dropped(lf_tview x, float scale, float p, uint64_t seed) {
+    lf_operand o = lf_operand_typed(x, p > 0.0f ? scale / (1.0f - p) : scale);
+    o.seg[0].drop_threshold = p > 0.0f ? lf_dropout_threshold(p) : 0u;
+    o.seg[0].seed = seed;
+    return o;
+}
+
+lf_operand lf_operand_concat(lf_tview a, float sa, lf_tview b, float sb, int64_t k_split) {
+    lf_operand o = lf_operand_typed(a, sa);
+    o.seg[1] = lf_operand_typed(b, sb).seg[0];
+    o.nseg = 2;
+    o.k_split = k_split;
     return o;
 }
 

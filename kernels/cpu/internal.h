@@ -300,6 +300,15 @@ typedef struct {
 lf_operand lf_operand_plain(lf_view v, float scale);
 /* the one-segment operand reading t (fp32 through v.p, bf16 / fp16 through h), times scale */
 lf_operand lf_operand_typed(lf_tview t, float scale);
+/* the operand reading x̃ = x ⊙ mask / (1-p) times scale (x when p == 0): the mask index is the flat
+ * offset i·rs + j·cs (i·k + j for the C-contiguous x the LoRA kernels require with dropout) */
+lf_operand lf_operand_dropped(lf_tview x, float scale, float p, uint64_t seed);
+/* [a | b] along K: a·sa covers [0, k_split), b·sb the rest (each of its own dtype) */
+lf_operand lf_operand_concat(lf_tview a, float sa, lf_tview b, float sb, int64_t k_split);
+/* an fp32 view as a typed one */
+static inline lf_tview lf_tv32(lf_view v) { return (lf_tview){v.p, v.rs, v.cs, LF_DT_F32}; }
+/* lora.c: LF_EINVAL for negative sizes or p outside [0, 1), LF_EOVERFLOW if a product of sizes does not fit */
+int lf_lora_check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p);
 
 /* gemm_pack.c: dst[p*MR + i] = a(i0+i, p0+p) for i < mr (zero for mr <= i < MR = dp->mr), p < kc;
  * next_mr: rows of the sliver packed after this one (at i0 + MR), prefetched meanwhile.

@@ -11,7 +11,7 @@
 
 static lf_view transpose(lf_view v) { return (lf_view){v.p, v.cs, v.rs}; }
 
-static int check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p) {
+int lf_lora_check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p) {
     if (n < 0 || k < 0 || m < 0 || r < 0) return LF_EINVAL;
     if (!(p >= 0.0f && p < 1.0f)) return LF_EINVAL;
     int64_t t;
@@ -23,20 +23,12 @@ static int check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p) {
 
 /* operand reading x̃ (or x when p == 0): the mask index is the flat offset i·k + j */
 static lf_operand dropped(lf_view x, float scale, float p, uint64_t seed) {
-    lf_operand o = lf_operand_plain(x, p > 0.0f ? scale / (1.0f - p) : scale);
-    o.seg[0].drop_threshold = p > 0.0f ? lf_dropout_threshold(p) : 0u;
-    o.seg[0].seed = seed;
-    return o;
+    return lf_operand_dropped(lf_tv32(x), scale, p, seed);
 }
 
 /* [p | q] along K: p covers [0, k_split), q covers [k_split, K) */
 static lf_operand concat_k(lf_view p, float sp, lf_view q, float sq, int64_t k_split) {
-    lf_operand o = lf_operand_plain(p, sp);
-    o.seg[1].v = q;
-    o.seg[1].scale = sq;
-    o.nseg = 2;
-    o.k_split = k_split;
-    return o;
+    return lf_operand_concat(lf_tv32(p), sp, lf_tv32(q), sq, k_split);
 }
 
 static int contiguous_for_dropout(lf_view x, int64_t k, float p) {
@@ -181,7 +173,7 @@ int lf_lora_forward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
                         lf_view W, const float *bias, lf_view A, lf_view B, float scale,
                         float dropout_p, uint64_t seed, float *y, float *u, const lf_packed_b *wpack,
                         const lf_forward_plan *force, lf_forward_plan *plan_out) {
-    int st = check_dims(n, k, m, r, dropout_p);
+    int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
     if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 0)) return LF_EINVAL;
@@ -245,7 +237,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                          lf_view x, lf_view u, lf_view W, lf_view A, lf_view B, float scale,
                          float dropout_p, uint64_t seed, float *dx, float *dA, float *dB,
                          const lf_packed_b *wpack, const lf_backward_plan *force, lf_backward_plan *plan_out) {
-    int st = check_dims(n, k, m, r, dropout_p);
+    int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!contiguous_for_dropout(x, k, dropout_p)) return LF_EINVAL;
     if (wpack && !lf_packed_weight_matches(wpack, W, m, k, 1)) return LF_EINVAL;
@@ -316,7 +308,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 
 int lf_dropout_f32(int64_t n, int64_t k, const float *x, float dropout_p,
                    uint64_t seed, float *out) {
-    int st = check_dims(n, k, 0, 0, dropout_p);
+    int st = lf_lora_check_dims(n, k, 0, 0, dropout_p);
     if (st) return st;
     /* threshold 0 keeps every element, so p = 0 is the identity */
     lf_skinny_current()->dropout_span(x, n * k, 0, seed, lf_dropout_threshold(dropout_p),

@@ -36,37 +36,8 @@ static int dtypes_ok(lf_dtype base, lf_tview W, lf_tview A, lf_tview B) {
     return is_half(base) && W.dtype == base && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == base);
 }
 
-static int check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p) {
-    if (n < 0 || k < 0 || m < 0 || r < 0 || !(p >= 0.0f && p < 1.0f)) return LF_EINVAL;
-    int64_t t;
-    if (!lf_mul_ok(n, k, &t) || !lf_mul_ok(n, m, &t) || !lf_mul_ok(m, k, &t) || !lf_mul_ok(n, r, &t) ||
-        !lf_mul_ok(r, k + m, &t))
-        return LF_EOVERFLOW;
-    return LF_OK;
-}
-
 /* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */
 static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1.0f, a, b), "widened") != 0; }
-
-/* the operand reading x̃ (x when p == 0), times scale: the mask index is the flat offset i·k + j */
-static lf_operand dropped_typed(lf_tview x, float scale, float p, uint64_t seed) {
-    lf_operand o = lf_operand_typed(x, p > 0.0f ? scale / (1.0f - p) : scale);
-    o.seg[0].drop_threshold = p > 0.0f ? lf_dropout_threshold(p) : 0u;
-    o.seg[0].seed = seed;
-    return o;
-}
-
-/* [a | b] along K: a covers [0, k_split), b the rest (each of its own dtype) */
-static lf_operand concat_typed(lf_tview a, float sa, lf_tview b, float sb, int64_t k_split) {
-    lf_operand o = lf_operand_typed(a, sa);
-    const lf_operand ob = lf_operand_typed(b, sb);
-    o.seg[1] = ob.seg[0];
-    o.nseg = 2;
-    o.k_split = k_split;
-    return o;
-}
-
-static lf_tview f32_tview(const float *p, int64_t rs, int64_t cs) { return (lf_tview){p, rs, cs, LF_DT_F32}; }
 
 lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W) {
     const lf_forward_y_path y = lf_rowdots_half_ok(n, x, W)         ? LF_Y_DECODE
@@ -88,7 +59,7 @@ const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview
 int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview x, lf_tview W,
                          lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
                          uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan_out) {
-    int st = check_dims(n, k, m, r, dropout_p);
+    int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
@@ -105,7 +76,7 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         goto done;
     }
     /* u (n,r) = x̃ · Aᵀ */
-    const lf_operand xd = dropped_typed(x, 1.0f, dropout_p, seed), at = lf_operand_typed(ttranspose(A), 1.0f);
+    const lf_operand xd = lf_operand_dropped(x, 1.0f, dropout_p, seed), at = lf_operand_typed(ttranspose(A), 1.0f);
     st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, ubuf, r);
     if (st) goto done;
     const lf_view uv = {ubuf, r, 1};
@@ -117,8 +88,8 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, x.dtype, y, m);
     } else {
         /* c = [x | s·u] · [Wᵀ ; Bᵀ] + bias over K' = k + r, then y = round(c) */
-        const lf_operand xu = concat_typed(x, 1.0f, f32_tview(ubuf, r, 1), scale, k);
-        const lf_operand wb = concat_typed(ttranspose(W), 1.0f, ttranspose(B), 1.0f, k);
+        const lf_operand xu = lf_operand_concat(x, 1.0f, lf_tv32((lf_view){ubuf, r, 1}), scale, k);
+        const lf_operand wb = lf_operand_concat(ttranspose(W), 1.0f, ttranspose(B), 1.0f, k);
         st = lf_gemm(pool, n, m, k + r, &xu, &wb, 0.0f, bias32, c, m);
         if (!st) st = lf_rank_rows(pool, n, m, 0, uv, uv, 1.0f, NULL, c, m, x.dtype, y, m);
     }
@@ -150,7 +121,7 @@ const char *lf_backward_plan_unfit_half(lf_backward_plan plan, float dropout_p, 
 int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview g, lf_tview x,
                           lf_view u, lf_tview W, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
                           uint16_t *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan_out) {
-    int st = check_dims(n, k, m, r, dropout_p);
+    int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
@@ -190,7 +161,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     }
     /* dA (r,k) = s · vᵀ · x̃ */
     if (!st) {
-        const lf_operand vt = lf_operand_plain((lf_view){v, 1, r}, scale), xd = dropped_typed(x, 1.0f, dropout_p, seed);
+        const lf_operand vt = lf_operand_plain((lf_view){v, 1, r}, scale), xd = lf_operand_dropped(x, 1.0f, dropout_p, seed);
         st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, da32, k);
         if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     }
@@ -204,8 +175,8 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
                               x.dtype, dx, k);
     } else if (!st && plan.dx == LF_DX_AUGMENTED) {
         /* dx = round([g | s·v] · [W ; A]) — one GEMM over K' = m + r */
-        const lf_operand gv = concat_typed(g, 1.0f, f32_tview(v, r, 1), scale, m);
-        const lf_operand wa = concat_typed(W, 1.0f, A, 1.0f, m);
+        const lf_operand gv = lf_operand_concat(g, 1.0f, lf_tv32((lf_view){v, r, 1}), scale, m);
+        const lf_operand wa = lf_operand_concat(W, 1.0f, A, 1.0f, m);
         st = lf_gemm(pool, n, k, m + r, &gv, &wa, 0.0f, NULL, dx32, k);
         if (!st) st = lf_rank_rows(pool, n, k, 0, vv, vv, 1.0f, NULL, dx32, k, x.dtype, dx, k);
     }

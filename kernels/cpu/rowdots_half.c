@@ -59,87 +59,60 @@ LF_AVX2_F16C static float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* rows j, j+1 (two = 0: j alone) of W against the n rows of xw: acc[r][i] per lane, then summed */
-LF_AVX2_F16C static void rows_avx2(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
-                                   const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias,
-                                   float *c, int64_t ldc) {
-    (void)x, (void)ldx;
-    const int64_t Kv = K / 8 * 8;
-    for (int64_t j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;
-        __m256 acc[2][LF_ROWDOTS_MAX_N];
-        for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-        for (int64_t p = 0; p < Kv; p += 8) {
-            const __m256 b0 = widen8(w0 + p, dt), b1 = widen8(w1 + p, dt);
-            for (int64_t i = 0; i < n; i++) {
-                const __m256 a = _mm256_loadu_ps(xw + i * K + p);
-                acc[0][i] = _mm256_fmadd_ps(a, b0, acc[0][i]);
-                acc[1][i] = _mm256_fmadd_ps(a, b1, acc[1][i]);
-            }
-        }
-        for (int r = 0; r <= two; r++)
-            for (int64_t i = 0; i < n; i++)
-                c[i * ldc + j + r] = hsum8(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +
-                                     (bias ? bias[j + r] : 0.0f);
+/* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
+ * against the n rows of x, STEP elements of K per step into 2n accumulators of type V, operands of type
+ * OV: b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (x row i from p), acc = MADD(acc,
+ * a, b); then c[i, j] = HSUM(acc) + the K tail (dot_tail) + bias[j]. */
+#define ROWS_KERNEL(NAME, ATTR, V, OV, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
+    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,          \
+                          const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias,      \
+                          float *c, int64_t ldc) {                                                              \
+        (void)x, (void)ldx, (void)dt;                                                                           \
+        const int64_t Kv = K / STEP * STEP;                                                                     \
+        for (int64_t j = j0; j < j1; j += 2) {                                                                  \
+            const int two = j + 1 < j1;                                                                         \
+            const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;                                        \
+            V acc[2][LF_ROWDOTS_MAX_N];                                                                         \
+            for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = ZERO;                                       \
+            for (int64_t p = 0; p < Kv; p += STEP) {                                                            \
+                const OV b0 = LOAD_B(w0 + p), b1 = LOAD_B(w1 + p);                                              \
+                for (int64_t i = 0; i < n; i++) {                                                               \
+                    const OV a = LOAD_A(i, p);                                                                  \
+                    acc[0][i] = MADD(acc[0][i], a, b0);                                                         \
+                    acc[1][i] = MADD(acc[1][i], a, b1);                                                         \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int r = 0; r <= two; r++)                                                                      \
+                for (int64_t i = 0; i < n; i++)                                                                 \
+                    c[i * ldc + j + r] = HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +       \
+                                         (bias ? bias[j + r] : 0.0f);                                           \
+        }                                                                                                       \
     }
-}
+
+/* AVX2: 8 widened W elements (bf16 shifted, fp16 by vcvtph2ps) against 8 of x widened, fp32 FMAs */
+#define AVX2_B(w) widen8((w), dt)
+#define AVX2_A(i, p) _mm256_loadu_ps(xw + (i) * K + (p))
+#define AVX2_MADD(acc, a, b) _mm256_fmadd_ps((a), (b), (acc))
+ROWS_KERNEL(rows_avx2, LF_AVX2_F16C, __m256, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8)
 
 LF_AVX512 static inline __m512 widen16(const uint16_t *w, lf_dtype dt) {
     const __m256i h = _mm256_loadu_si256((const __m256i *)w);
     return dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
-LF_AVX512 static void rows_avx512(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
-                                  const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias,
-                                  float *c, int64_t ldc) {
-    (void)x, (void)ldx;
-    const int64_t Kv = K / 16 * 16;
-    for (int64_t j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;
-        __m512 acc[2][LF_ROWDOTS_MAX_N];
-        for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < Kv; p += 16) {
-            const __m512 b0 = widen16(w0 + p, dt), b1 = widen16(w1 + p, dt);
-            for (int64_t i = 0; i < n; i++) {
-                const __m512 a = _mm512_loadu_ps(xw + i * K + p);
-                acc[0][i] = _mm512_fmadd_ps(a, b0, acc[0][i]);
-                acc[1][i] = _mm512_fmadd_ps(a, b1, acc[1][i]);
-            }
-        }
-        for (int r = 0; r <= two; r++)
-            for (int64_t i = 0; i < n; i++)
-                c[i * ldc + j + r] = _mm512_reduce_add_ps(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +
-                                     (bias ? bias[j + r] : 0.0f);
-    }
-}
+/* AVX-512: the same, 16 at a time */
+#define AVX512_B(w) widen16((w), dt)
+#define AVX512_A(i, p) _mm512_loadu_ps(xw + (i) * K + (p))
+#define AVX512_MADD(acc, a, b) _mm512_fmadd_ps((a), (b), (acc))
+ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
+            _mm512_reduce_add_ps)
 
-/* bf16 only: 32 elements (16 K-pairs) of x's and W's bits per vdpbf16ps; xw (x widened) serves the tail */
-LF_AVX512_BF16 static void rows_dpbf16(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x,
-                                       int64_t ldx, const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt,
-                                       const float *bias, float *c, int64_t ldc) {
-    const int64_t Kv = K / 32 * 32;
-    for (int64_t j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;
-        __m512 acc[2][LF_ROWDOTS_MAX_N];
-        for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < Kv; p += 32) {
-            const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(w0 + p));
-            const __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(w1 + p));
-            for (int64_t i = 0; i < n; i++) {
-                const __m512bh a = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + p));
-                acc[0][i] = _mm512_dpbf16_ps(acc[0][i], a, b0);
-                acc[1][i] = _mm512_dpbf16_ps(acc[1][i], a, b1);
-            }
-        }
-        for (int r = 0; r <= two; r++)
-            for (int64_t i = 0; i < n; i++)
-                c[i * ldc + j + r] = _mm512_reduce_add_ps(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +
-                                     (bias ? bias[j + r] : 0.0f);
-    }
-}
+/* AVX512_BF16, bf16 only: 32 elements (16 K-pairs) of x's and W's bits per vdpbf16ps */
+#define DP_B(w) ((__m512bh)_mm512_loadu_si512((const void *)(w)))
+#define DP_A(i, p) ((__m512bh)_mm512_loadu_si512((const void *)(x + (i) * ldx + (p))))
+#define DP_MADD(acc, a, b) _mm512_dpbf16_ps((acc), (a), (b))
+ROWS_KERNEL(rows_dpbf16, LF_AVX512_BF16, __m512, __m512bh, 32, _mm512_setzero_ps(), DP_B, DP_A, DP_MADD,
+            _mm512_reduce_add_ps)
 #endif
 
 static rows_fn rows_for(lf_dtype dt) {
