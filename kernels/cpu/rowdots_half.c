@@ -6,23 +6,19 @@
  * x and W bf16 or fp16 (one dtype), rows contiguous. A few tokens read every element of W once: the
  * product is bound by W's bytes, half of fp32's. Rows of W are split across the pool's threads; each
  * thread takes two rows at a time (2n accumulators) so that each x vector loaded serves both.
- *   avx512_bf16 and amx_bf16, bf16: vdpbf16ps on the bits as they are — a 32-bit word of a row is the
- *     K-pair (x[2q], x[2q+1]) that vdpbf16ps multiplies with W's word (W[j, 2q], W[j, 2q+1]): each
- *     lane adds x[2q+1]·W[j, 2q+1] then x[2q]·W[j, 2q] to its fp32 sum, denormal inputs read as 0
- *     (tests/tolerances.py: bound_dpbf16);
- *   otherwise: x widened to fp32 once (n·K floats), W widened in registers (bf16: a shift; fp16:
- *     F16C's vcvtph2ps), fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time.
+ * x is widened to fp32 once (n·K floats), W in registers (bf16: a shift; fp16: F16C's vcvtph2ps),
+ * fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time; every product exact. Not vdpbf16ps:
+ * on the CPU measured it issues at a quarter of the FMA's rate (benchmarks/RESULTS.md, "Half-precision
+ * GEMM core"), so at 8 tokens, where the product stops being bound by W's bytes, it is the slower.
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products). */
 #include <stdatomic.h>
 #include <stdlib.h>
 
 #include "internal.h"
 
-/* One thread's rows [j0, j1) of W against all n rows of x. xw: x widened (n, K) fp32, or NULL on the
- * vdpbf16ps path (which reads x's bits). */
-typedef void (*rows_fn)(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
-                        const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, float *c,
-                        int64_t ldc);
+/* One thread's rows [j0, j1) of W against all n rows of x, widened: xw (n, K) fp32. */
+typedef void (*rows_fn)(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, const uint16_t *W,
+                        int64_t ldw, lf_dtype dt, const float *bias, float *c, int64_t ldc);
 
 /* Σ_{p ∈ [p0, K)} xw[i, p] · W[j, p] in fp32, one product at a time (tails, and the generic ISA) */
 static float dot_tail(int64_t p0, int64_t K, const float *xwi, const uint16_t *wj, lf_dtype dt) {
@@ -31,10 +27,8 @@ static float dot_tail(int64_t p0, int64_t K, const float *xwi, const uint16_t *w
     return acc;
 }
 
-static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,
-                         const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, float *c,
-                         int64_t ldc) {
-    (void)x, (void)ldx;
+static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, const uint16_t *W,
+                         int64_t ldw, lf_dtype dt, const float *bias, float *c, int64_t ldc) {
     for (int64_t j = j0; j < j1; j++)
         for (int64_t i = 0; i < n; i++)
             c[i * ldc + j] = dot_tail(0, K, xw + i * K, W + j * ldw, dt) + (bias ? bias[j] : 0.0f);
@@ -45,7 +39,6 @@ static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const uin
 
 #define LF_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 #define LF_AVX512 __attribute__((target("avx512f")))
-#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
 
 /* 8 elements of a W row at w, widened */
 LF_AVX2_F16C static inline __m256 widen8(const uint16_t *w, lf_dtype dt) {
@@ -61,13 +54,11 @@ LF_AVX2_F16C static float hsum8(__m256 v) {
 
 /* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
  * against the n rows of x, STEP elements of K per step into 2n accumulators of type V, operands of type
- * OV: b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (x row i from p), acc = MADD(acc,
+ * OV: b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (xw row i from p), acc = MADD(acc,
  * a, b); then c[i, j] = HSUM(acc) + the K tail (dot_tail) + bias[j]. */
 #define ROWS_KERNEL(NAME, ATTR, V, OV, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
-    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const uint16_t *x, int64_t ldx,          \
-                          const float *xw, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias,      \
-                          float *c, int64_t ldc) {                                                              \
-        (void)x, (void)ldx, (void)dt;                                                                           \
+    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, const uint16_t *W,     \
+                          int64_t ldw, lf_dtype dt, const float *bias, float *c, int64_t ldc) {                 \
         const int64_t Kv = K / STEP * STEP;                                                                     \
         for (int64_t j = j0; j < j1; j += 2) {                                                                  \
             const int two = j + 1 < j1;                                                                         \
@@ -106,23 +97,14 @@ LF_AVX512 static inline __m512 widen16(const uint16_t *w, lf_dtype dt) {
 #define AVX512_MADD(acc, a, b) _mm512_fmadd_ps((a), (b), (acc))
 ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
             _mm512_reduce_add_ps)
-
-/* AVX512_BF16, bf16 only: 32 elements (16 K-pairs) of x's and W's bits per vdpbf16ps */
-#define DP_B(w) ((__m512bh)_mm512_loadu_si512((const void *)(w)))
-#define DP_A(i, p) ((__m512bh)_mm512_loadu_si512((const void *)(x + (i) * ldx + (p))))
-#define DP_MADD(acc, a, b) _mm512_dpbf16_ps((acc), (a), (b))
-ROWS_KERNEL(rows_dpbf16, LF_AVX512_BF16, __m512, __m512bh, 32, _mm512_setzero_ps(), DP_B, DP_A, DP_MADD,
-            _mm512_reduce_add_ps)
 #endif
 
-static rows_fn rows_for(lf_dtype dt) {
+static rows_fn rows_for(void) {
 #if defined(__x86_64__)
     const lf_isa isa = lf_get_isa();
-    if (isa >= LF_ISA_AVX512_BF16 && dt == LF_DT_BF16) return rows_dpbf16;
     if (isa >= LF_ISA_AVX512) return rows_avx512;
     if (isa == LF_ISA_AVX2) return rows_avx2;
 #endif
-    (void)dt;
     return rows_generic;
 }
 
@@ -131,8 +113,8 @@ static rows_fn rows_for(lf_dtype dt) {
 
 typedef struct {
     rows_fn rows;
-    int64_t n, M, K, ldx, ldw, ldc;
-    const uint16_t *x, *W;
+    int64_t n, M, K, ldw, ldc;
+    const uint16_t *W;
     const float *xw, *bias;
     lf_dtype dt;
     float *c;
@@ -144,8 +126,8 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
     for (int64_t j = tid * per * ROWS_PER_BLOCK; j < j1; j += ROWS_PER_BLOCK) {
         if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-        job->rows(j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, job->n, job->K, job->x, job->ldx, job->xw,
-                  job->W, job->ldw, job->dt, job->bias, job->c, job->ldc);
+        job->rows(j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, job->n, job->K, job->xw, job->W, job->ldw,
+                  job->dt, job->bias, job->c, job->ldc);
     }
 }
 
@@ -163,8 +145,8 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     const uint16_t *xh = x.p;
     for (int64_t i = 0; i < n; i++)
         for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_half_to_f32(x.dtype, xh[i * x.rs + p * x.cs]);
-    rowdots_half_job job = {.rows = rows_for(x.dtype), .n = n, .M = M, .K = K, .ldx = x.rs, .ldw = W.rs, .ldc = ldc,
-                            .x = xh, .W = W.p, .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
+    rowdots_half_job job = {.rows = rows_for(), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
+                            .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_half_run, &job);
     free(xw);
