@@ -16,9 +16,18 @@
 
 #include "internal.h"
 
-/* One thread's rows [j0, j1) of W against all n rows of x, widened: xw (n, K) fp32. */
-typedef void (*rows_fn)(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, const uint16_t *W,
-                        int64_t ldw, lf_dtype dt, const float *bias, float *c, int64_t ldc);
+/* Rows [j0, j1) of W against the n rows of x over K elements (one K block): xw (n, K; row stride
+ * ldx) x widened to fp32, W's rows ldw apart; c[i·ldc + j] = the sum (+ bias[j] if bias), or += it
+ * when accumulate (the K blocks after the first). */
+typedef void (*rows_fn)(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,
+                        const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c,
+                        int64_t ldc);
+
+/* c's element, written (+ bias) or accumulated */
+static inline void put(float *c, float v, const float *bias, int64_t j, int accumulate) {
+    if (accumulate) *c += v;
+    else *c = v + (bias ? bias[j] : 0.0f);
+}
 
 /* Σ_{p ∈ [p0, K)} xw[i, p] · W[j, p] in fp32, one product at a time (tails, and the generic ISA) */
 static float dot_tail(int64_t p0, int64_t K, const float *xwi, const uint16_t *wj, lf_dtype dt) {
@@ -27,11 +36,11 @@ static float dot_tail(int64_t p0, int64_t K, const float *xwi, const uint16_t *w
     return acc;
 }
 
-static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, const uint16_t *W,
-                         int64_t ldw, lf_dtype dt, const float *bias, float *c, int64_t ldc) {
+static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,
+                         const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c,
+                         int64_t ldc) {
     for (int64_t j = j0; j < j1; j++)
-        for (int64_t i = 0; i < n; i++)
-            c[i * ldc + j] = dot_tail(0, K, xw + i * K, W + j * ldw, dt) + (bias ? bias[j] : 0.0f);
+        for (int64_t i = 0; i < n; i++) put(c + i * ldc + j, dot_tail(0, K, xw + i * ldx, W + j * ldw, dt), bias, j, accumulate);
 }
 
 #if defined(__x86_64__)
@@ -55,10 +64,11 @@ LF_AVX2_F16C static float hsum8(__m256 v) {
 /* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
  * against the n rows of x, STEP elements of K per step into 2n accumulators of type V, operands of type
  * OV: b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (xw row i from p), acc = MADD(acc,
- * a, b); then c[i, j] = HSUM(acc) + the K tail (dot_tail) + bias[j]. */
+ * a, b); then c[i, j] gets HSUM(acc) + the K tail (dot_tail) (put). */
 #define ROWS_KERNEL(NAME, ATTR, V, OV, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
-    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, const uint16_t *W,     \
-                          int64_t ldw, lf_dtype dt, const float *bias, float *c, int64_t ldc) {                 \
+    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,          \
+                          const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate,       \
+                          float *c, int64_t ldc) {                                                              \
         const int64_t Kv = K / STEP * STEP;                                                                     \
         for (int64_t j = j0; j < j1; j += 2) {                                                                  \
             const int two = j + 1 < j1;                                                                         \
@@ -75,14 +85,14 @@ LF_AVX2_F16C static float hsum8(__m256 v) {
             }                                                                                                   \
             for (int r = 0; r <= two; r++)                                                                      \
                 for (int64_t i = 0; i < n; i++)                                                                 \
-                    c[i * ldc + j + r] = HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * K, r ? w1 : w0, dt) +       \
-                                         (bias ? bias[j + r] : 0.0f);                                           \
+                    put(c + i * ldc + j + r, HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * ldx, r ? w1 : w0, dt), bias, \
+                        j + r, accumulate);                                                                     \
         }                                                                                                       \
     }
 
 /* AVX2: 8 widened W elements (bf16 shifted, fp16 by vcvtph2ps) against 8 of x widened, fp32 FMAs */
 #define AVX2_B(w) widen8((w), dt)
-#define AVX2_A(i, p) _mm256_loadu_ps(xw + (i) * K + (p))
+#define AVX2_A(i, p) _mm256_loadu_ps(xw + (i) * ldx + (p))
 #define AVX2_MADD(acc, a, b) _mm256_fmadd_ps((a), (b), (acc))
 ROWS_KERNEL(rows_avx2, LF_AVX2_F16C, __m256, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8)
 
@@ -93,7 +103,7 @@ LF_AVX512 static inline __m512 widen16(const uint16_t *w, lf_dtype dt) {
 
 /* AVX-512: the same, 16 at a time */
 #define AVX512_B(w) widen16((w), dt)
-#define AVX512_A(i, p) _mm512_loadu_ps(xw + (i) * K + (p))
+#define AVX512_A(i, p) _mm512_loadu_ps(xw + (i) * ldx + (p))
 #define AVX512_MADD(acc, a, b) _mm512_fmadd_ps((a), (b), (acc))
 ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
             _mm512_reduce_add_ps)
@@ -110,6 +120,9 @@ static rows_fn rows_for(void) {
 
 /* Rows of W per job block: an even number (the kernels take two at a time). */
 #define ROWS_PER_BLOCK 16
+/* K per block: the widened x rows of one block stay in L1 (8 rows × 1024 floats = 32 KiB) while every
+ * row of the thread's W passes them. */
+#define K_BLOCK 1024
 
 typedef struct {
     rows_fn rows;
@@ -123,11 +136,15 @@ typedef struct {
 static void rowdots_half_run(void *ctxp, int tid, int nt) {
     const rowdots_half_job *job = ctxp;
     const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
+    const int64_t j0 = tid * per * ROWS_PER_BLOCK;
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
-    for (int64_t j = tid * per * ROWS_PER_BLOCK; j < j1; j += ROWS_PER_BLOCK) {
-        if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-        job->rows(j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, job->n, job->K, job->xw, job->W, job->ldw,
-                  job->dt, job->bias, job->c, job->ldc);
+    for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += K_BLOCK) { /* K = 0: one pass writes the bias */
+        const int64_t len = job->K - p0 < K_BLOCK ? job->K - p0 : K_BLOCK;
+        for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
+            if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
+            job->rows(j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, job->n, len, job->xw + p0, job->K,
+                      job->W + p0, job->ldw, job->dt, p0 ? NULL : job->bias, p0 > 0, job->c, job->ldc);
+        }
     }
 }
 
