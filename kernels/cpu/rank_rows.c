@@ -47,9 +47,15 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
              * v's block transposed, s(q, p) = v(b0 + p, q) */
             const lf_view s = {job->v.p + b0 * job->v.rs, job->v.cs, job->v.rs};
             sk->rank_update_block(0, nb, 0, job->cols, job->r, s, job->w, job->coef, t, job->cols, NULL);
-            for (int64_t i = 0; i < nb; i++)
-                sk->dropout_axpy_span(t + i * job->cols, job->cols, (uint64_t)((b0 + i) * job->cols), job->seed,
-                                      job->threshold, 1.0f, job->c + (b0 + i) * job->ldc);
+            for (int64_t i = 0; i < nb; i++) {
+                const float *ti = t + i * job->cols;
+                float *ci = job->c + (b0 + i) * job->ldc;
+                if (job->threshold) /* the mask's hash per element: only where there is one */
+                    sk->dropout_axpy_span(ti, job->cols, (uint64_t)((b0 + i) * job->cols), job->seed, job->threshold,
+                                          1.0f, ci);
+                else
+                    for (int64_t j = 0; j < job->cols; j++) ci[j] += ti[j];
+            }
         }
         for (int64_t i = 0; job->out && i < nb; i++)
             lf_narrow(job->c + (b0 + i) * job->ldc, job->cols, job->out_dt, job->out + (b0 + i) * job->ldo);
