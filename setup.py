@@ -53,8 +53,8 @@ cpu_extension = Extension(
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 SOURCE_FLAGS = {
     "kernels/cpu/skinny_generic.c": ["-ffp-contract=fast"],
-    "kernels/cpu/skinny_avx2.c": ["-ffp-contract=fast"] + (["-mavx2", "-mfma"] if X86_64 else []),
-    "kernels/cpu/skinny_avx512.c": ["-ffp-contract=fast"] + (["-mavx512f", "-mavx512dq"] if X86_64 else []),
+    "kernels/cpu/skinny_avx2.c": ["-ffp-contract=fast"] + (["-mavx2", "-mfma", "-mf16c"] if X86_64 else []),
+    "kernels/cpu/skinny_avx512.c": ["-ffp-contract=fast"] + (["-mavx512f", "-mavx512dq", "-mf16c"] if X86_64 else []),
     # the AMX tile intrinsics need the ISA flags (GCC 12 has no target attribute for them)
     "kernels/cpu/ukernel_amx_bf16.c": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16"] if X86_64 else [],
 }

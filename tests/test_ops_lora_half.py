@@ -140,21 +140,23 @@ def test_plans_chosen_and_forced(half_isa, n):
         _, u = c.forward()
         c.backward(u)
         tile = on_tile(base)
-        assert _C.last_forward_plan() == ("gemm", "decode" if n <= 8 else "split" if tile else "augmented")
-        assert _C.last_backward_plan() == ("gemm", "gemm", "masked" if tile else "augmented")
+        assert _C.last_forward_plan() == ("skinny", "decode" if n <= 8 else "split" if tile else "augmented")
+        assert _C.last_backward_plan() == ("skinny", "gemm", "masked" if tile else "augmented")
         for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
-            for dx_path in ("masked", "augmented"):
-                c.check(("gemm", y_path), ("gemm", "gemm", dx_path))
-                assert _C.last_forward_plan() == ("gemm", y_path)
-                assert _C.last_backward_plan() == ("gemm", "gemm", dx_path)
+            for u_path, dx_path in (("skinny", "masked"), ("gemm", "augmented"), ("skinny", "augmented"),
+                                    ("gemm", "masked")):
+                c.check((u_path, y_path), (u_path, "gemm", dx_path))
+                assert _C.last_forward_plan() == (u_path, y_path)
+                assert _C.last_backward_plan() == (u_path, "gemm", dx_path)
 
 
-@pytest.mark.parametrize("fplan, msg", [(("skinny", "augmented"), "by 'gemm' only"),
-                                        (("gemm", "decode"), "'decode' needs at most 8 tokens"),
-                                        (("gemm", "few_tokens"), "'decode', 'split' or 'augmented' only"),
-                                        (("none", "merged"), "by 'gemm' only")])
-def test_forced_forward_plan_refused(fplan, msg):
-    c = Case(9, 16, 8, 2, "bfloat16", "float32")
+@pytest.mark.parametrize("fplan, p, msg", [(("rowdots", "augmented"), 0.0, "by 'skinny' or 'gemm' only"),
+                                           (("skinny", "augmented"), 0.2, "'skinny' needs no dropout"),
+                                           (("gemm", "decode"), 0.0, "'decode' needs at most 8 tokens"),
+                                           (("gemm", "few_tokens"), 0.0, "'decode', 'split' or 'augmented' only"),
+                                           (("none", "merged"), 0.0, "by 'skinny' or 'gemm' only")])
+def test_forced_forward_plan_refused(fplan, p, msg):
+    c = Case(9, 16, 8, 2, "bfloat16", "float32", p)
     with pytest.raises(ValueError, match=msg):
         c.forward(fplan)
 
@@ -162,7 +164,10 @@ def test_forced_forward_plan_refused(fplan, msg):
 def test_forced_backward_plan_refused():
     c = Case(9, 16, 8, 2, "bfloat16", "float32", 0.2)
     _, u = c.forward()
-    with pytest.raises(ValueError, match="by 'gemm' only"):
+    with pytest.raises(ValueError, match="dA by 'gemm' only"):
+        c.backward(u, ("gemm", "skinny", "masked"))
+    c.g = c.g.t().contiguous().t()  # g column-major: not streamable by rows
+    with pytest.raises(ValueError, match="needs rows of g contiguous"):
         c.backward(u, ("skinny", "gemm", "masked"))
     with pytest.raises(ValueError, match="takes no dropout"):
         c.backward(u, ("gemm", "gemm", "augmented"))

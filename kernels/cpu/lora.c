@@ -103,7 +103,7 @@ static int forward_with_u(lf_pool *pool, lf_forward_plan plan, int64_t n, int64_
         const lf_dots_seg useg = {x, A, k};
         st = lf_rowdots(pool, n, r, &useg, 1, 1.0f, NULL, u, r);
     } else if (plan.u == LF_U_SKINNY) {
-        st = lf_rowdot(pool, n, k, r, x, transpose(A), 1.0f, u);
+        st = lf_rowdot(pool, n, k, r, lf_tv32(x), lf_tv32(transpose(A)), 1.0f, u);
     } else {
         const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
         const lf_operand at = lf_operand_plain(transpose(A), 1.0f);
@@ -250,7 +250,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     const lf_view vv = {v, r, 1};
     const lf_operand go = lf_operand_plain(g, 1.0f);
     if (plan.vb == LF_VB_SKINNY) {
-        st = lf_rowdot(pool, n, m, r, g, B, 1.0f, v);
+        st = lf_rowdot(pool, n, m, r, lf_tv32(g), lf_tv32(B), 1.0f, v);
     } else {
         const lf_operand bo = lf_operand_plain(B, 1.0f);
         st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);

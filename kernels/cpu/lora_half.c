@@ -39,16 +39,22 @@ static int dtypes_ok(lf_dtype base, lf_tview W, lf_tview A, lf_tview B) {
 /* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */
 static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1.0f, a, b), "widened") != 0; }
 
-lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W) {
+/* 1 if the skinny kernel (one streaming read, lf_rowdot) can form a rank-r product over these rows */
+static int skinny_rows(lf_tview big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }
+
+lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r, float dropout_p) {
     const lf_forward_y_path y = lf_rowdots_half_ok(n, x, W)         ? LF_Y_DECODE
                                 : on_bf16_tile(x, ttranspose(W)) ? LF_Y_SPLIT
                                                                  : LF_Y_AUGMENTED;
-    return (lf_forward_plan){LF_U_GEMM, y};
+    return (lf_forward_plan){dropout_p == 0.0f && skinny_rows(x, r) ? LF_U_SKINNY : LF_U_GEMM, y};
 }
 
-const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W) {
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r,
+                                       float dropout_p) {
     if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_SPLIT) return "unknown path";
-    if (plan.u != LF_U_GEMM) return "a bf16/fp16 base forms u by 'gemm' only";
+    if (plan.u != LF_U_GEMM && plan.u != LF_U_SKINNY) return "a bf16/fp16 base forms u by 'skinny' or 'gemm' only";
+    if (plan.u == LF_U_SKINNY && !(dropout_p == 0.0f && skinny_rows(x, r)))
+        return "u 'skinny' needs no dropout, rows of x contiguous and 1 <= r <= 64";
     if (plan.y == LF_Y_DECODE && !lf_rowdots_half_ok(n, x, W))
         return "y 'decode' needs at most 8 tokens and rows of x and W contiguous";
     if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED && plan.y != LF_Y_DECODE)
@@ -63,8 +69,8 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
-    if (force && lf_forward_plan_unfit_half(*force, n, x, W)) return LF_EINVAL;
-    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W);
+    if (force && lf_forward_plan_unfit_half(*force, n, x, W, r, dropout_p)) return LF_EINVAL;
+    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W, r, dropout_p);
     if (plan_out) *plan_out = plan;
     float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     float *bias32 = bias.p ? lf_widened_copy(bias, 1, m, 1.0f) : NULL;
@@ -75,9 +81,13 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         st = LF_ENOMEM;
         goto done;
     }
-    /* u (n,r) = x̃ · Aᵀ */
-    const lf_operand xd = lf_operand_dropped(x, 1.0f, dropout_p, seed), at = lf_operand_typed(ttranspose(A), 1.0f);
-    st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, ubuf, r);
+    /* u (n,r) = x̃ · Aᵀ: x streamed once (skinny) or a GEMM over x̃ */
+    if (plan.u == LF_U_SKINNY) {
+        st = lf_rowdot(pool, n, k, r, x, ttranspose(A), 1.0f, ubuf);
+    } else {
+        const lf_operand xd = lf_operand_dropped(x, 1.0f, dropout_p, seed), at = lf_operand_typed(ttranspose(A), 1.0f);
+        st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, ubuf, r);
+    }
     if (st) goto done;
     const lf_view uv = {ubuf, r, 1};
     if (split) {
@@ -101,17 +111,18 @@ done:
     return st;
 }
 
-lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, float dropout_p, int need_dx) {
+lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, int64_t r, float dropout_p, int need_dx) {
     const lf_backward_dx_path dx = !need_dx                                        ? LF_DX_NONE
                                    : dropout_p > 0.0f || on_bf16_tile(g, W) ? LF_DX_MASKED
                                                                                    : LF_DX_AUGMENTED;
-    return (lf_backward_plan){LF_VB_GEMM, LF_DA_GEMM, dx};
+    return (lf_backward_plan){skinny_rows(g, r) ? LF_VB_SKINNY : LF_VB_GEMM, LF_DA_GEMM, dx};
 }
 
-const char *lf_backward_plan_unfit_half(lf_backward_plan plan, float dropout_p, int need_dx) {
+const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, int64_t r, float dropout_p, int need_dx) {
     if ((unsigned)plan.vb > LF_VB_GEMM || (unsigned)plan.da > LF_DA_GEMM || (unsigned)plan.dx > LF_DX_MASKED)
         return "unknown path";
-    if (plan.vb != LF_VB_GEMM || plan.da != LF_DA_GEMM) return "a bf16/fp16 base forms v, dB and dA by 'gemm' only";
+    if (plan.da != LF_DA_GEMM) return "a bf16/fp16 base forms dA by 'gemm' only";
+    if (plan.vb == LF_VB_SKINNY && !skinny_rows(g, r)) return "v/dB 'skinny' needs rows of g contiguous and 1 <= r <= 64";
     if ((plan.dx == LF_DX_NONE) == (need_dx != 0)) return need_dx ? "dx is wanted: dx 'none' does not form it"
                                                                  : "dx is not wanted: its path must be 'none'";
     if (plan.dx == LF_DX_AUGMENTED && dropout_p > 0.0f) return "dx 'augmented' takes no dropout (use 'masked')";
@@ -125,8 +136,8 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
-    if (force && lf_backward_plan_unfit_half(*force, dropout_p, dx != NULL)) return LF_EINVAL;
-    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, W, dropout_p, dx != NULL);
+    if (force && lf_backward_plan_unfit_half(*force, g, r, dropout_p, dx != NULL)) return LF_EINVAL;
+    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, W, r, dropout_p, dx != NULL);
     if (plan_out) *plan_out = plan;
     const lf_dtype adt = A.dtype;
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
@@ -139,9 +150,9 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
         goto done;
     }
     const lf_view vv = {v, r, 1};
-    /* v (n,r) = g · B */
+    /* v (n,r) = g · B: g streamed once (skinny) or a GEMM */
     const lf_operand go = lf_operand_typed(g, 1.0f), bo = lf_operand_typed(B, 1.0f);
-    st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    st = plan.vb == LF_VB_SKINNY ? lf_rowdot(pool, n, m, r, g, B, 1.0f, v) : lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
     /* dBᵀ (r,m) = s · uᵀ · g — g (the big operand) is then read by rows, as a B-operand */
     if (!st) {
         const lf_operand ut = lf_operand_plain((lf_view){u.p, u.cs, u.rs}, scale);

@@ -19,7 +19,7 @@ const lf_skinny *lf_skinny_current(void) { return skinny_for(lf_get_isa()); }
 
 static const lf_skinny *skinny_for(lf_isa isa) {
 #if defined(__x86_64__)
-    if (isa >= LF_ISA_AVX512) return &lf_skinny_avx512; /* no bf16 rank-r kernels */
+    if (isa >= LF_ISA_AVX512) return &lf_skinny_avx512; /* the bf16 levels: AVX-512's rank-r kernels */
     if (isa == LF_ISA_AVX2) return &lf_skinny_avx2;
 #endif
     return &lf_skinny_generic;
@@ -28,7 +28,8 @@ static const lf_skinny *skinny_for(lf_isa isa) {
 typedef struct {
     const lf_skinny *k;
     int64_t M, K, R, Rp, P, Q, T, ldc, chunk;
-    lf_view a, s, w;
+    lf_tview a; /* rowdot: the M rows streamed */
+    lf_view s, w;
     const float *bt;
     float scale;
     float *c;
@@ -100,14 +101,18 @@ int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int 
 
 int lf_skinny_ok(lf_view big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }
 
-int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_view a, lf_view b, float scale, float *c) {
+int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tview b, float scale, float *c) {
     if (M == 0 || R == 0) return LF_OK;
     const lf_skinny *k = skinny_for(lf_get_isa());
     const int64_t Rp = (R + k->vw - 1) / k->vw * k->vw;
     float *bt = calloc((size_t)(K > 0 ? K : 1) * (size_t)Rp, sizeof(float));
     if (!bt) return LF_ENOMEM;
-    for (int64_t p = 0; p < K; p++) /* bt (K, Rp): b zero-padded to whole vectors */
-        for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = b.p[p * b.rs + q * b.cs];
+    for (int64_t p = 0; p < K; p++) /* bt (K, Rp): b widened, zero-padded to whole vectors */
+        for (int64_t q = 0; q < R; q++) {
+            const int64_t off = p * b.rs + q * b.cs;
+            bt[p * Rp + q] = b.dtype == LF_DT_F32 ? ((const float *)b.p)[off]
+                                                  : lf_half_to_f32(b.dtype, ((const uint16_t *)b.p)[off]);
+        }
     skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
     job.chunk = ((M + nt - 1) / nt + 7) / 8 * 8;

@@ -1,5 +1,5 @@
 /* skinny_avx2.c — the rank-r kernels of skinny_body.h for AVX2+FMA (8-wide vectors).
- * setup.py compiles this file with -mavx2 -mfma -ffp-contract=fast on x86-64;
+ * setup.py compiles this file with -mavx2 -mfma -mf16c -ffp-contract=fast on x86-64;
  * its table is used only when cpuid reports AVX2+FMA (skinny.c). */
 #include "internal.h"
 
@@ -17,6 +17,7 @@ static inline float hsum(__m256 v) {
 #define RU_ROWS 8 /* 8 accumulators of 16 ymm */
 #define RA_ROWS 4 /* × 2 vectors: 8 accumulators */
 #define HSUM(v) hsum((__m256)(v))
+#define F16_TO_F32(h) _cvtsh_ss(h) /* F16C */
 #include "skinny_body.h"
 
 const lf_skinny lf_skinny_avx2 = SKINNY_KERNELS;

@@ -15,8 +15,8 @@
  *                dot products of contiguous rows, b streamed once
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
-#if !defined(VW) || !defined(RU_ROWS) || !defined(RA_ROWS) || !defined(HSUM)
-#error "skinny_body.h: define VW, RU_ROWS, RA_ROWS and HSUM before including it"
+#if !defined(VW) || !defined(RU_ROWS) || !defined(RA_ROWS) || !defined(HSUM) || !defined(F16_TO_F32)
+#error "skinny_body.h: define VW, RU_ROWS, RA_ROWS, HSUM and F16_TO_F32 before including it"
 #endif
 
 #include "internal.h"
@@ -43,26 +43,43 @@ static inline __attribute__((always_inline)) void vstore(float *p, VF v, int64_t
 
 #define ROWS 8 /* tokens per step: 8 independent accumulators hide the FMA latency */
 
-/* rows [m0, m1) of c = scale · a · bt, VW columns of c at a time (bt is K × Rp, Rp = R padded to VW) */
-static void rowdot_rows(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_view a, const float *bt,
-                        float scale, float *c) {
+/* element p of a row of a, of dtype DT (a constant where inlined), as fp32: fp32 read, bf16 shifted, fp16
+ * converted (F16_TO_F32: the ISA file's scalar conversion) */
+#define A_AT(DT, row, p)                                                                                   \
+    ((DT) == LF_DT_F32 ? ((const float *)(row))[p]                                                         \
+     : (DT) == LF_DT_BF16 ? lf_bf16_to_f32(((const uint16_t *)(row))[p]) : F16_TO_F32(((const uint16_t *)(row))[p]))
+
+/* rows [m0, m1) of c = scale · a · bt, VW columns of c at a time (bt is K × Rp, Rp = R padded to VW);
+ * a's elements of dtype DT, each broadcast against a vector of bt */
+static inline __attribute__((always_inline)) void rowdot_core(const lf_dtype DT, int64_t m0, int64_t m1, int64_t K,
+                                                              int64_t R, int64_t Rp, lf_tview a, const float *bt,
+                                                              float scale, float *c) {
+    const int64_t esize = DT == LF_DT_F32 ? 4 : 2;
     for (int64_t j0 = 0; j0 < R; j0 += VW) {
         for (int64_t i0 = m0; i0 < m1; i0 += ROWS) {
             const int64_t rows = m1 - i0 < ROWS ? m1 - i0 : ROWS;
-            const float *ar[ROWS];
-            for (int t = 0; t < ROWS; t++) ar[t] = a.p + (i0 + (t < rows ? t : 0)) * a.rs;
+            const char *ar[ROWS];
+            for (int t = 0; t < ROWS; t++) ar[t] = (const char *)a.p + (i0 + (t < rows ? t : 0)) * a.rs * esize;
             VF acc[ROWS];
             for (int t = 0; t < ROWS; t++) acc[t] = (VF){0};
             const float *b = bt + j0;
             for (int64_t p = 0; p < K; p++, b += Rp) {
                 const VF bv = *(const VF *)b; /* bt is zero-padded to Rp: a full vector is there */
 #pragma GCC unroll 8
-                for (int t = 0; t < ROWS; t++) acc[t] += ar[t][p] * bv;
+                for (int t = 0; t < ROWS; t++) acc[t] += A_AT(DT, ar[t], p) * bv;
             }
             for (int64_t t = 0; t < rows; t++)
                 vstore(c + (i0 + t) * R + j0, acc[t] * scale, R - j0);
         }
     }
+}
+
+/* rowdot_core for a's dtype (rows contiguous: a.cs == 1) */
+static void rowdot_rows(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_tview a, const float *bt,
+                        float scale, float *c) {
+    if (a.dtype == LF_DT_BF16) rowdot_core(LF_DT_BF16, m0, m1, K, R, Rp, a, bt, scale, c);
+    else if (a.dtype == LF_DT_F16) rowdot_core(LF_DT_F16, m0, m1, K, R, Rp, a, bt, scale, c);
+    else rowdot_core(LF_DT_F32, m0, m1, K, R, Rp, a, bt, scale, c);
 }
 
 static void dropout_span(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,

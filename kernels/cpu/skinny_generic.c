@@ -4,6 +4,7 @@
 #define RU_ROWS 8
 #define RA_ROWS 4
 #define HSUM(v) ((v)[0] + (v)[1] + (v)[2] + (v)[3])
+#define F16_TO_F32(h) lf_f16_to_f32(h)
 #include "skinny_body.h"
 
 const lf_skinny lf_skinny_generic = SKINNY_KERNELS;

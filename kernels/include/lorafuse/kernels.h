@@ -191,13 +191,15 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
  *      base's dtype, after their full fp32 sum; dA and dB once, to the adapters' dtype. Products of
  *      two bf16 operands (x·Wᵀ, g·W) run the bf16 tiles where the ISA has them (lf_hgemm). ---- */
 
-/* The forward's plan for a half base of n tokens: u 'gemm'; y 'decode' for at most 8 tokens with rows
- * of x and W contiguous (W streamed once in place), else 'split' when x·Wᵀ takes a bf16 tile, else
- * 'augmented' (one widened GEMM). */
-lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W);
-/* NULL if `plan` can run these operands of a half base, else why not (u must be 'gemm'; y 'decode'
+/* The forward's plan for a half base of n tokens: u 'skinny' (x streamed once) without dropout for rows
+ * of x contiguous and 1 ≤ r ≤ 64, else 'gemm'; y 'decode' for at most 8 tokens with rows of x and W
+ * contiguous (W streamed once in place), else 'split' when x·Wᵀ takes a bf16 tile, else 'augmented'
+ * (one widened GEMM). */
+lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r, float dropout_p);
+/* NULL if `plan` can run these operands of a half base, else why not (u 'skinny' or 'gemm'; y 'decode'
  * within its preconditions, 'split' or 'augmented'). */
-const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W);
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r,
+                                       float dropout_p);
 
 /* Fused LoRA forward on a half base. x (n,k) [dropout: C-contiguous], W (m,k), bias (m) — bias.p NULL
  * for none, its rs unused (elements at p[j·cs]) —, A (r,k), B (m,r) as the dtypes above, any strides.
@@ -207,11 +209,13 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                          lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
                          uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan);
 
-/* The backward's plan for a half base: v/dB and dA 'gemm'; dx 'masked' (g·W alone, then the rank-r
- * term row block by row block) with dropout or when g·W takes a bf16 tile, else 'augmented'. */
-lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, float dropout_p, int need_dx);
-/* NULL if `plan` can run a half base, else why not. */
-const char *lf_backward_plan_unfit_half(lf_backward_plan plan, float dropout_p, int need_dx);
+/* The backward's plan for a half base: v/dB 'skinny' (v = g·B with g streamed once; dBᵀ = s·uᵀ·g a GEMM
+ * reading g by rows either way) for rows of g contiguous and 1 ≤ r ≤ 64, else 'gemm'; dA 'gemm'; dx
+ * 'masked' (g·W alone, then the rank-r term row block by row block) with dropout or when g·W takes a
+ * bf16 tile, else 'augmented'. */
+lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, int64_t r, float dropout_p, int need_dx);
+/* NULL if `plan` can run these operands of a half base, else why not. */
+const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, int64_t r, float dropout_p, int need_dx);
 
 /* Adapter-only backward on a half base: g (n,m) and x (n,k) [dropout: C-contiguous] in the base's
  * dtype, u (n,r) fp32 as the forward kept it, W, A, B as in the forward. Outputs C-contiguous: dx
