@@ -35,9 +35,11 @@ SHAPES = [  # n tokens, k in, m out, r
 SCALE = 2.0
 
 
-def lorafuse_passes(x, W, b, A, B, g) -> dict[str, Candidate]:
-    """lorafuse.ops calls of each pass, outputs allocated by lorafuse (NumPy operands)."""
-    def train_step():
+def lorafuse_passes(x: np.ndarray, W: np.ndarray, b: np.ndarray, A: np.ndarray, B: np.ndarray,
+                    g: np.ndarray) -> dict[str, Candidate]:
+    """lorafuse.ops calls of each pass, outputs allocated by lorafuse. NumPy float32 operands: x (n, k),
+    W (m, k), b (m,), A (r, k), B (m, r), the upstream gradient g (n, m)."""
+    def train_step() -> tuple:
         _, u = ops.lora_forward(x, W, A, B, SCALE, b)
         return ops.lora_backward(g, x, u, W, A, B, SCALE)
 
@@ -46,12 +48,13 @@ def lorafuse_passes(x, W, b, A, B, g) -> dict[str, Candidate]:
             PASSES[2]: Candidate(train_step)}
 
 
-def torch_passes(x, W, b, A, B, g) -> dict[str, Candidate]:
-    """torch's unfused composition in each pass (torch tensors; A and B require grad)."""
-    def forward():
+def torch_passes(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 g: torch.Tensor) -> dict[str, Candidate]:
+    """torch's unfused composition in each pass; shapes as in `lorafuse_passes`, A and B requiring grad."""
+    def forward() -> torch.Tensor:
         return F.linear(x, W, b) + SCALE * F.linear(F.linear(x, A), B)
 
-    def train_step():
+    def train_step() -> None:
         xx = x.detach().requires_grad_(True)
         A.grad = B.grad = None
         (F.linear(xx, W, b) + SCALE * F.linear(F.linear(xx, A), B)).backward(g)
@@ -60,11 +63,13 @@ def torch_passes(x, W, b, A, B, g) -> dict[str, Candidate]:
             PASSES[2]: Candidate(train_step)}
 
 
-def numpy_forward(x, W, b, A, B):
+def numpy_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """y (n, m) = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ composed in NumPy (shapes as in `lorafuse_passes`)."""
     return x @ W.T + b + SCALE * ((x @ A.T) @ B.T)
 
 
-def bench_shape(n, k, m, r, rounds) -> None:
+def bench_shape(n: int, k: int, m: int, r: int, rounds: int) -> None:
+    """Every pass of every side at n tokens × k in × m out, rank r; prints the table of the shape."""
     rng = np.random.default_rng(0)
     f = lambda *sh: rng.standard_normal(sh, dtype=np.float32)  # noqa: E731
     x, W, b, A, B, g = f(n, k), f(m, k), f(m), f(r, k) * 0.1, f(m, r) * 0.1, f(n, m)
@@ -102,7 +107,7 @@ def bench_shape(n, k, m, r, rounds) -> None:
           "   (NumPy group: OpenBLAS's spinning workers share the cores)")
 
 
-def bench_interference(rounds) -> None:
+def bench_interference(rounds: int) -> None:
     """Alternate a torch matmul and a lorafuse GEMM of the same size: each timed alone and
     alternating. With two spin-waiting pools on 2 cores the alternating times would balloon."""
     n = 512
@@ -111,7 +116,7 @@ def bench_interference(rounds) -> None:
     lf = lambda: ops.sgemm(a, a)  # noqa: E731
     tm = lambda: torch.mm(ta, ta)  # noqa: E731
 
-    def alternate():
+    def alternate() -> None:
         tm()
         lf()
 
