@@ -12,7 +12,6 @@ instruction (fma_peak.c amx / bf16 / zmm modes).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from lorafuse import ops
-from timing import header, interleaved, set_threads
+from timing import arguments, begin, interleaved
 
 SHAPES = [  # M (tokens) × K (in) × N (out): y = x·Wᵀ
     (512, 576, 576), (512, 1024, 1024),
@@ -48,16 +47,12 @@ def fma_peak(threads: int, modes=("zmm", "ymm")) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--quick", action="store_true")
+    ap = arguments(__doc__, quick="the first three shapes")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = ap.parse_args()
-    set_threads(args.threads)
     if args.dtype != "fp32":
-        return half_main(args)
-    header("bench_gemm: lorafuse sgemm vs torch.matmul", args.threads)
+        return half_main(args, begin(args, f"bench_gemm: lorafuse hgemm vs torch.matmul, {args.dtype}"))
+    rounds = begin(args, "bench_gemm: lorafuse sgemm vs torch.matmul")
     peak = fma_peak(args.threads)
     for (width, t), g in peak.items():
         print(f"# FMA-only loop {width} x{t} thread(s): {g:.1f} GFLOP/s")
@@ -75,19 +70,18 @@ def main() -> None:
         tout = torch.empty(M, N)
         t = interleaved({"ours": lambda: ops.sgemm(x, w.T, out=out),
                          "torch": lambda: torch.matmul(tx, tw.t(), out=tout)},
-                        rounds=3 if args.quick else args.rounds)
+                        rounds=rounds)
         fl = 2.0 * M * N * K
         g_ours, g_torch = fl / t["ours"] / 1e9, fl / t["torch"] / 1e9
         print(f"{M:6d} {K:6d} {N:6d} | {g_ours:13.1f} {g_torch:10.1f} | {t['torch'] / t['ours']:10.3f} | "
               f"{100 * g_ours / peak_n:5.1f}%")
-    packing_share(3 if args.quick else args.rounds)
+    packing_share(rounds)
 
 
-def half_main(args) -> None:
-    """ops.hgemm vs torch.matmul on bf16 / fp16 operands (see the module's docstring)."""
+def half_main(args, rounds: int) -> None:
+    """ops.hgemm vs torch.matmul on bf16 / fp16 operands (see the module's docstring), ``rounds`` rounds."""
     from lorafuse import _C
 
-    header(f"bench_gemm: lorafuse hgemm vs torch.matmul, {args.dtype}", args.threads)
     order = ["amx_bf16", "avx512_bf16", "avx512"]  # the bf16 paths, best first, by the ISA that runs them
     isas = order[order.index(_C.cpu_isa()):] if args.dtype == "bf16" and _C.cpu_isa() in order[:2] else [_C.get_isa()]
     modes = {"amx_bf16": "amx", "avx512_bf16": "bf16"}  # fma_peak.c mode of each native path
@@ -110,7 +104,7 @@ def half_main(args) -> None:
             cands = {"torch": lambda: torch.matmul(x, w.t(), out=tout)}
             for isa in isas:
                 cands[isa] = lambda isa=isa: (_C.set_isa(isa), ops.hgemm(x, w.t(), out=out))
-            t = interleaved(cands, rounds=3 if args.quick else args.rounds)
+            t = interleaved(cands, rounds=rounds)
             fl = 2.0 * M * N * K
             for isa in isas:
                 _C.set_isa(isa)

@@ -1,22 +1,31 @@
-"""A lorafuse layer (`FusedLinear`, PEFT's layer with the fused forward, from `lorafuse.get_peft_model`) vs a real PEFT LoRA layer vs torch `F.linear` (frozen base alone):
-both LoRA layers wrap the same `nn.Linear` with the same adapter weights; fp32, same thread
-count, one process, interleaved, medians. Prints every ratio of issue 6's table (default
-lorafuse layer), and the same ratios for a lorafuse layer with the opt-in packed-W cache
-(`set_packed_weight_cache`, columns "pw": W's panels packed once, +1 copy of W per direction).
+"""A lorafuse layer (`FusedLinear`, PEFT's layer with the fused forward, from `lorafuse.get_peft_model`) vs a real
+PEFT LoRA layer (`peft.get_peft_model`) vs the base `nn.Linear` module alone: both LoRA layers wrap the same
+`nn.Linear` with the same adapter weights, every side is called as a module; same thread count, one
+process, interleaved in rotated order, medians. Each shape has three rows: "forward (no_grad)" (eval mode
+under `torch.no_grad`: lorafuse may add s·B·A to W's packed panels instead of forming u), "forward (grad)"
+(training mode, the adapter requiring grad: u is kept for the backward) and "fwd+bwd" (backward to x, A, B).
+Columns: lorafuse / PEFT and lorafuse / base (issue 6's ratios; ✓/✗ against its targets), the same
+lorafuse layer with its output cache off ("cache off": `lorafuse.set_output_cache_limit(0)`, every large
+output a fresh allocation as torch's are), and a lorafuse layer with the opt-in packed-W cache
+(`set_packed_weight_cache`, "pw": W's panels packed once, +1 copy of W per direction). The last column
+is the path the lorafuse layer took: `lorafuse_path` ('c': the C kernels, with their plan; 'peft':
+PEFT's own forward ran, as for bf16 layers on CPU without fused bf16 kernels).
 The "few" class (24–64 tokens × 4096², batched decoding or tiny training batches) has no target
 in the issue; it shows the few-token forward (W read in place, lora.c few_tokens).
 
-    python benchmarks/bench_layer.py [--threads 2] [--rounds 9] [--quick] [--only CLASS]
+--dtype bf16: the base layer in bf16 (PEFT's default keeps the adapters fp32, `autocast_adapter_dtype=True`,
+for both libraries), x in bf16; the base column is then the bf16 `nn.Linear`.
+
+    python benchmarks/bench_layer.py [--threads 2] [--rounds 9] [--quick] [--only CLASS] [--dtype fp32|bf16]
 """
 from __future__ import annotations
 
-import argparse
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from timing import header, interleaved, plan_label, set_threads
+from timing import (PASSES, arguments, begin, interleaved, lora_layer, make_base, make_inputs, max_abs_diff, pass_grid,
+                    path_label)
 
 SHAPES = {  # class: [(n tokens, k in, m out, r)]
     "decode": [(8, 576, 576, 16), (1, 4096, 4096, 16)],
@@ -26,99 +35,58 @@ SHAPES = {  # class: [(n tokens, k in, m out, r)]
               (256, 14336, 4096, 16)],
     "few": [(24, 4096, 4096, 16), (32, 4096, 4096, 16), (64, 4096, 4096, 16)],  # not in issue 6's table
 }
-TARGETS = {"decode": (0.60, None), "small": (0.85, 0.85), "large": (0.97, 0.97),  # decode: d = 576 only
-           "few": (None, None)}
+# class: (forward (no_grad) target, fwd+bwd target) on lorafuse / PEFT; decode: d = 576 only
+TARGETS = {"decode": (0.60, None), "small": (0.85, 0.85), "large": (0.97, 0.97), "few": (None, None)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}  # lorafuse vs PEFT outputs, relative to max |y|
 
 
-def mark(ratio: float, target: float | None) -> str:
-    """'✓' / '✗' against the target, ' ' where the shape has none."""
+def mark(ratio: float, target: Optional[float]) -> str:
+    """'✓' / '✗' against the target, ' ' where the row has none."""
     return " " if target is None else "✓" if ratio <= target else "✗"
 
 
-class Holder(nn.Module):
-    def __init__(self, lin: nn.Linear) -> None:
-        super().__init__()
-        self.proj = lin
-
-
-def make_layers(k: int, m: int, r: int):
-    """(lorafuse FusedLinear, the same with the packed-W cache, peft lora.Linear, base nn.Linear)
-    sharing W, b, A and B."""
-    import peft
-
-    import lorafuse
-
-    torch.manual_seed(0)
-    base = nn.Linear(k, m)
-    cfg = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"])
-    pm = peft.get_peft_model(Holder(base), peft.LoraConfig(**cfg))
-    layers = [lorafuse.get_peft_model(Holder(base), lorafuse.LoraConfig(**cfg)).base_model.model.proj
-              for _ in range(2)]
-    layers[1].set_packed_weight_cache(True)
-    p_layer = pm.base_model.model.proj
+def bench_shape(n: int, k: int, m: int, r: int, dtype: str, rounds: int) -> tuple[dict, dict]:
+    """Medians {(side, pass): s} — sides lf, 'lf, cache off', pw, peft, base — and {pass: the lorafuse layer's path}."""
+    base = make_base(k, m, DTYPES[dtype])
+    pf, lf, pw = (lora_layer(base, r, library) for library in ("peft", "lorafuse", "lorafuse"))
+    pw.set_packed_weight_cache(True)
+    x, g = make_inputs(n, k, m, DTYPES[dtype])
     with torch.no_grad():
-        for name in ("lora_A", "lora_B"):
-            w = torch.randn_like(getattr(p_layer, name)["default"].weight) * 0.05
-            for layer in (p_layer, *layers):
-                getattr(layer, name)["default"].weight.copy_(w)
-    return layers[0], layers[1], p_layer, base
-
-
-def fwd_bwd(layer, x, g):
-    def step():
-        xx = x.detach().requires_grad_(True)
-        layer(xx).backward(g)
-    return step
+        scale = pf(x).float().abs().max().item()
+    for layer in (lf, pw):
+        diff = max_abs_diff(layer, pf, x)
+        assert diff <= TOLERANCE[dtype] * scale, f"lorafuse vs PEFT at {n}×{k}×{m}: max |diff| {diff:.3g}"
+    grid = pass_grid({"lf": lf, "pw": pw, "peft": pf, "base": base}, x, g, cache_off=["lf"])
+    return interleaved(grid, rounds=rounds, prime=True), {p: path_label(grid[("lf", p)], [lf]) for p in PASSES}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--quick", action="store_true", help="one shape per class, 3 rounds")
+    ap = arguments(__doc__, quick="one shape per class")
     ap.add_argument("--only", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the base layer's dtype (default fp32)")
     args = ap.parse_args()
-    set_threads(args.threads)
-    header("bench_layer: lorafuse FusedLinear vs PEFT lora.Linear vs F.linear (fp32)", args.threads)
-    rounds = 3 if args.quick else args.rounds
-    print(f"\n{'class':7s} {'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'fwd ms lf/peft/base':>24} | "
-          f"{'fwd lf/peft':>11} {'lf/base':>8} | {'f+b ms lf/peft':>17} | {'f+b lf/peft':>11} | "
-          f"{'pw: fwd/peft':>12} {'/base':>6} {'f+b/peft':>9} | lorafuse plan: fwd ; f+b")
+    rounds = begin(args, f"bench_layer: lorafuse FusedLinear vs PEFT lora.Linear vs the base nn.Linear ({args.dtype})")
+    print(f"\n{'class':7s} {'n':>5} {'k':>6} {'m':>6} {'r':>3} | {'pass':17s} | {'ms lf / peft / base':>26} | "
+          f"{'lf/peft':>8} {'lf/base':>8} | {'cache off/peft':>14} | {'pw/peft':>7} {'pw/base':>7} | lorafuse path")
     for cls, shapes in SHAPES.items():
         if args.only and cls != args.only:
             continue
         for n, k, m, r in (shapes[:1] if args.quick else shapes):
-            lf, pw, pf, base = make_layers(k, m, r)
-            x, g = torch.randn(n, k), torch.randn(n, m)
-            W, b = base.weight.detach(), base.bias.detach()
-            with torch.no_grad():
-                torch.testing.assert_close(lf(x), pf(x), rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(pw(x), pf(x), rtol=1e-4, atol=1e-4)
-                cands = {"lf": lambda: lf(x), "pw": lambda: pw(x), "peft": lambda: pf(x),
-                         "base": lambda: F.linear(x, W, b)}
-                tf = interleaved(cands, rounds=rounds)
-                plans = plan_label(cands["lf"])
-            tb = {}
-            if cls != "decode":
-                tb = interleaved({"lf": fwd_bwd(lf, x, g), "pw": fwd_bwd(pw, x, g), "peft": fwd_bwd(pf, x, g)},
-                                 rounds=rounds)
-                plans += " ; " + plan_label(fwd_bwd(lf, x, g))
-            fwd_t, fb_t = TARGETS[cls] if cls != "decode" or k == 576 else (None, None)
-            line = (f"{cls:7s} {n:5d} {k:6d} {m:6d} {r:3d} | {tf['lf'] * 1e3:7.3f} {tf['peft'] * 1e3:7.3f} "
-                    f"{tf['base'] * 1e3:7.3f} | {tf['lf'] / tf['peft']:6.3f}{mark(tf['lf'] / tf['peft'], fwd_t)}    "
-                    f"{tf['lf'] / tf['base']:7.3f} | ")
-            if tb:
-                ratio = tb["lf"] / tb["peft"]
-                line += f"{tb['lf'] * 1e3:8.2f} {tb['peft'] * 1e3:8.2f} | {ratio:6.3f}{mark(ratio, fb_t)}    "
-            else:
-                line += f"{'—':>17} | {'—':>11} "
-            line += f" | {tf['pw'] / tf['peft']:11.3f} {tf['pw'] / tf['base']:6.3f} "
-            line += f"{tb['pw'] / tb['peft']:9.3f}" if tb else f"{'—':>9}"
-            line += f" | {plans}"
-            print(line, flush=True)
-    print("\ntargets: decode fwd ≤ 0.60 (d=576); small fwd/f+b ≤ 0.85; large fwd/f+b ≤ 0.97 "
-          "and lf/base ≤ 1.03 (✓/✗: the default layer; pw: the opt-in packed-W cache, "
-          "decode never packs W)")
+            t, paths = bench_shape(n, k, m, r, args.dtype, rounds)
+            fwd_target, fb_target = TARGETS[cls] if cls != "decode" or k == 576 else (None, None)
+            targets = {PASSES[0]: fwd_target, PASSES[2]: fb_target}
+            for p in PASSES:
+                ms = " ".join(f"{t[(side, p)] * 1e3:8.3f}" for side in ("lf", "peft", "base"))
+                ratio = t[("lf", p)] / t[("peft", p)]
+                print(f"{cls:7s} {n:5d} {k:6d} {m:6d} {r:3d} | {p:17s} | {ms} | "
+                      f"{ratio:7.3f}{mark(ratio, targets.get(p))} {t[('lf', p)] / t[('base', p)]:8.3f} | "
+                      f"{t[('lf, cache off', p)] / t[('peft', p)]:14.3f} | "
+                      f"{t[('pw', p)] / t[('peft', p)]:7.3f} {t[('pw', p)] / t[('base', p)]:7.3f} | {paths[p]}",
+                      flush=True)
+    print(f"\ntargets: decode forward (no_grad) ≤ 0.60 (d=576); small forward (no_grad) and fwd+bwd ≤ 0.85; large "
+          f"≤ 0.97 and lf/base ≤ 1.03 (✓/✗: the default layer, {args.dtype}; pw: the opt-in packed-W cache, decode "
+          "never packs W; forward (grad) has no target)")
 
 
 if __name__ == "__main__":

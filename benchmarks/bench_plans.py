@@ -10,13 +10,11 @@ fp32, NumPy operands (no torch), median ms per call; "×best" = time / the faste
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 import lorafuse
 from lorafuse import _C, ops
-from timing import header, interleaved, set_threads
+from timing import arguments, begin, interleaved
 
 # group: (what it straddles, [(n, k, m, r, need_u)], the paths to force)
 FORWARD_GROUPS = {
@@ -81,17 +79,12 @@ def backward_group(shapes, rounds: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--quick", action="store_true", help="the first shape of each group, 3 rounds")
+    ap = arguments(__doc__, quick="the first shape of each group")
     ap.add_argument("--isa", choices=["generic", "avx2", "avx512", "avx512_bf16"], help="force the micro-kernel ISA")
     args = ap.parse_args()
     if args.isa:
         _C.set_isa(args.isa)
-    set_threads(args.threads)
-    header("bench_plans: each plan path forced, vs the path the plan chooses (fp32)", args.threads)
-    rounds = 3 if args.quick else args.rounds
+    rounds = begin(args, "bench_plans: each plan path forced, vs the path the plan chooses (fp32)")
     pick = (lambda s: s[:1]) if args.quick else (lambda s: s)
     for name, (what, shapes, paths) in FORWARD_GROUPS.items():
         print(f"\n## forward, {name}: {what}")

@@ -1,18 +1,27 @@
-"""Peak RSS and step time of LoRA training, lorafuse vs torch + PEFT, each in its own process.
+"""Peak RSS and step time of LoRA training, lorafuse vs torch + PEFT, each candidate in its own process.
 
 Default workload (issue 3): a 4-layer Llama-config model (hidden 1024, intermediate 2816,
 16 heads, vocab 32000), batch 4 × seq 256, LoRA r=16 on every linear layer but the head
 (PEFT's "all-linear"), lora_dropout=0.1, AdamW on the adapter weights, 20 steps, same seed
-and thread count in both processes. Peak RSS is the child's ``ru_maxrss``; the step time is
-the mean over the steps after the first (warm-up); 3 repeats by default, the order of the
-implementations rotated from repeat to repeat, peak RSS the minimum and step time the median over
-repeats. Runs alternate lorafuse/PEFT, with a third
-child, "lorafuse+pw": lorafuse with the opt-in packed-W cache (`lorafuse.cache_packed_weights`)
-— the memory it costs and the step time it saves. With ``--compile`` both models run under
-`torch.compile` (lorafuse through its custom operators, which do not use the packed-W cache, so
-there is no "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
+and thread count in every process. Candidates: "lorafuse" (`lorafuse.get_peft_model`), "lorafuse+pw" (with
+the opt-in packed-W cache, `lorafuse.cache_packed_weights`: the memory it costs and the step time it saves),
+"lorafuse-nocache" (lorafuse's output cache off, `lorafuse.set_output_cache_limit(0)`: every large kernel
+output a fresh allocation, as torch's are) and "peft" (`peft.get_peft_model`).
+
+Method, printed with the results: one fresh process per candidate and repeat, so each peak RSS is that
+process's own ``ru_maxrss`` (nothing another candidate allocated counts); the step time is the mean over
+the steps after the first (warm-up); 3 repeats by default, the order of the candidates rotated from
+repeat to repeat; peak RSS the minimum and step time the median over repeats. Each lorafuse row names the
+path its layers took (`lorafuse_path`: 'c' — the C kernels, with the plan of the last kernel call of the
+last step — or 'peft', PEFT's own forward).
+
+--dtype bf16: the model in bf16 before the adapters are added (PEFT's default keeps them fp32,
+``autocast_adapter_dtype=True``, for both libraries). --compile: every model runs under `torch.compile`
+(lorafuse through its custom operators, which do not use the packed-W cache, so there is no
+"lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
     python benchmarks/bench_train.py [--repeats 3] [--targets q_proj,v_proj] [--threads N] [--compile]
+                                     [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("lorafuse", "lorafuse+pw", "peft")
+IMPLS = ("lorafuse", "lorafuse+pw", "lorafuse-nocache", "peft")
+METHOD = ("# method: one fresh process per candidate and repeat; peak RSS = that process's ru_maxrss (the minimum over "
+          "repeats); step = mean of steps 2.. (the median over repeats); candidates rotated from repeat to repeat")
 
 
 def _max_rss_mib() -> float:
@@ -35,16 +46,18 @@ def _max_rss_mib() -> float:
 
 
 def run_child(args: argparse.Namespace) -> dict:
-    """Train in this process with ``args.impl``; returns peak RSS (MiB) and step times (s)."""
+    """Train in this process with ``args.impl``; returns peak RSS (MiB), step times (s), losses and the path taken."""
     import torch
     import transformers
 
     torch.set_num_threads(args.threads)
-    if args.impl.startswith("lorafuse"):
+    if args.impl.startswith("lorafuse"):  # the PEFT child does not even import lorafuse
         import lorafuse
         from lorafuse import LoraConfig, get_peft_model
 
         lorafuse.set_num_threads(args.threads)
+        if args.impl == "lorafuse-nocache":
+            lorafuse.set_output_cache_limit(0)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -53,7 +66,7 @@ def run_child(args: argparse.Namespace) -> dict:
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
         max_position_embeddings=args.seq)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
@@ -65,7 +78,8 @@ def run_child(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     rss_before = _max_rss_mib()
     times, losses = [], []
-    for _ in range(args.steps):
+
+    def step() -> None:
         start = time.perf_counter()
         loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -73,8 +87,18 @@ def run_child(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+
+    for _ in range(args.steps - 1):
+        step()
+    if args.impl == "peft":
+        step()
+        path = "peft"
+    else:
+        from lorafuse.bench_cli import path_label
+
+        path = path_label(step, model.modules())  # the last step, its path recorded
     return {"impl": args.impl, "peak_rss_mib": _max_rss_mib(), "rss_before_training_mib": rss_before,
-            "step_s": times, "losses": losses}
+            "step_s": times, "losses": losses, "path": path}
 
 
 def _spawn(impl: str, args: argparse.Namespace) -> dict:
@@ -85,11 +109,12 @@ def _spawn(impl: str, args: argparse.Namespace) -> dict:
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
     keys = ("steps", "layers", "hidden", "intermediate", "vocab", "seq", "batch", "r", "dropout", "targets",
-            "threads", "seed")
+            "threads", "seed", "dtype")
     return [item for k in keys for item in (f"--{k}", str(getattr(args, k)))] + (["--compile"] if args.compile else [])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the parent's, and the children's with --child)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", choices=IMPLS, dest="impl", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20)
@@ -104,9 +129,15 @@ def main() -> None:
     parser.add_argument("--targets", default="all-linear", help='"all-linear" or a comma-separated list')
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each implementation (default 3)")
-    parser.add_argument("--compile", action="store_true", help="train both models under torch.compile")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each candidate, rotated (default 3)")
+    parser.add_argument("--compile", action="store_true", help="train every model under torch.compile")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="the model's dtype; adapters stay fp32 (PEFT's default) (default fp32)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.impl:
         print(json.dumps(run_child(args)))
         return
@@ -115,12 +146,13 @@ def main() -> None:
 
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {torch.__version__}, threads {args.threads}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"# {args.layers}-layer Llama h={args.hidden} ff={args.intermediate} vocab={args.vocab}, "
+    print(f"# {args.layers}-layer Llama h={args.hidden} ff={args.intermediate} vocab={args.vocab}, {args.dtype}, "
           f"batch {args.batch} x seq {args.seq}, r={args.r}, dropout={args.dropout}, targets={args.targets}, "
-          f"{args.steps} steps{', torch.compile' if args.compile else ''}")
+          f"{args.steps} steps{', torch.compile' if args.compile else ''}, {args.repeats} repeats")
+    print(METHOD)
     impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw"))
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
-    for i in range(args.repeats):  # rotated: each implementation runs first in some repeat
+    for i in range(args.repeats):  # rotated: each candidate runs first in some repeat
         for impl in impls[i % len(impls):] + impls[:i % len(impls)]:
             results[impl].append(_spawn(impl, args))
     summary = {}
@@ -129,9 +161,9 @@ def main() -> None:
         before = min(r["rss_before_training_mib"] for r in runs)
         step = statistics.median(statistics.mean(r["step_s"][1:] or r["step_s"]) for r in runs)
         summary[impl] = (peak, before, step)
-        print(f"{impl:11s} peak RSS {peak:8.1f} MiB (before training {before:7.1f} MiB, training adds "
+        print(f"{impl:16s} peak RSS {peak:8.1f} MiB (before training {before:7.1f} MiB, training adds "
               f"{peak - before:7.1f} MiB)  mean step {step * 1e3:8.1f} ms  loss {runs[0]['losses'][0]:.4f} -> "
-              f"{runs[0]['losses'][-1]:.4f}")
+              f"{runs[0]['losses'][-1]:.4f}  path {runs[0]['path']}")
     pf_peak, pf_before, pf_step = summary["peft"]
     for impl in impls[:-1]:
         lf_peak, lf_before, lf_step = summary[impl]

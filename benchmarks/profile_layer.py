@@ -3,7 +3,7 @@
 Two modes:
   python benchmarks/profile_layer.py --side lf|peft [--n --k --m --r]
       the program to run under `valgrind --tool=callgrind --instr-atstart=no`: builds the layer
-      (bench_layer.make_layers: the same W, A, B on both sides), runs warm-up steps, then switches
+      (lorafuse.bench_cli.lora_layer: the same W, A, B on both sides), runs warm-up steps, then switches
       callgrind's instrumentation on (callgrind_control) for the measured steps only;
   python benchmarks/profile_layer.py --summarize FILE
       groups a callgrind output file's per-function counts (instructions, D1 read misses) into
@@ -69,15 +69,11 @@ def print_summary(path: str) -> None:
 
 def profile(side: str, n: int, k: int, m: int, r: int, steps: int) -> None:
     sys.path.insert(0, HERE)
-    import torch
-
-    from bench_layer import fwd_bwd, make_layers
-    from timing import set_threads
+    from timing import lora_layer, make_base, make_inputs, pass_candidates, set_threads
 
     set_threads(2)
-    lf, pf, _ = make_layers(k, m, r)
-    x, g = torch.randn(n, k), torch.randn(n, m)
-    step = fwd_bwd(lf if side == "lf" else pf, x, g)
+    layer = lora_layer(make_base(k, m), r, "lorafuse" if side == "lf" else "peft")
+    step = pass_candidates(layer, *make_inputs(n, k, m))["fwd+bwd"]
     for _ in range(2):
         step()
     subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, capture_output=True)

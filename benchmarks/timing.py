@@ -1,67 +1,44 @@
-"""Shared timing for the benchmarks: candidates run interleaved, round-robin in rotated order, so drift in the
-machine (turbo, a noisy neighbour) hits every candidate alike; each gets the median of its
-rounds. Thread counts are set equal for torch and lorafuse before anything is timed."""
+"""What every CPU benchmark script here shares. The timing itself is lorafuse's own harness
+(`lorafuse.bench_cli`, which `lorafuse bench` runs on): candidates run interleaved, round-robin in
+rotated order, so drift in the machine (turbo, a noisy neighbour) hits every candidate alike; each
+gets the median of its rounds; a `Candidate` carries the contexts it runs in (grad mode, train/eval,
+the output cache off). This module adds the scripts' common command line (--threads, --rounds,
+--quick) and their header. Thread counts are set equal for torch and lorafuse before anything is timed."""
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import subprocess
 import time
-from typing import Callable, Dict
 
-from lorafuse.bench_cli import plan_label  # noqa: F401  (the benchmarks label rows with it)
+from lorafuse.bench_cli import (PASSES, Candidate, interleaved, lora_layer, make_base,  # noqa: F401  (re-exported)
+                                make_inputs, max_abs_diff, pass_candidates, pass_grid, path_label, plan_label, rotated,
+                                set_threads)
 
 
-def set_threads(n: int) -> None:
-    """Same thread count for torch (if imported) and lorafuse."""
-    import lorafuse
+def arguments(description: str, rounds: int = 9, quick: str | None = None) -> argparse.ArgumentParser:
+    """The common command line: --threads (default 2), --rounds (default ``rounds``), and --quick
+    (3 rounds and what ``quick`` says) where the script has a quick mode. Scripts add their own flags."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    if quick:
+        ap.add_argument("--quick", action="store_true", help=f"{quick}, 3 rounds")
+    return ap
 
-    lorafuse.set_num_threads(n)
-    try:
-        import torch
 
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
+def begin(args: argparse.Namespace, title: str) -> int:
+    """Thread counts set for both sides and the header printed; returns the rounds to run (3 under --quick)."""
+    set_threads(args.threads)
+    header(title, args.threads)
+    return 3 if getattr(args, "quick", False) else args.rounds
 
 
 def start(description: str, title: str, rounds: int = 9) -> argparse.Namespace:
-    """The common start of a benchmark script: --threads (default 2) and --rounds parsed, the
-    thread counts set for both sides, the header printed. Returns the parsed arguments."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=rounds)
-    args = ap.parse_args()
-    set_threads(args.threads)
-    header(title, args.threads)
+    """`arguments` parsed and `begin` done, for a script with no flags of its own. Returns the arguments."""
+    args = arguments(description, rounds).parse_args()
+    begin(args, title)
     return args
-
-
-def interleaved(cands: Dict[str, Callable[[], object]], rounds: int = 9, min_time: float = 0.02,
-                warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call for each candidate, timed round-robin over `rounds` rounds in rotated
-    order; each round calls a candidate enough times to last ~min_time."""
-    iters: Dict[str, int] = {}
-    for name, fn in cands.items():
-        for _ in range(warmup):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        dt = max(time.perf_counter() - t0, 1e-7)
-        iters[name] = max(1, int(min_time / dt))
-    samples: Dict[str, list] = {name: [] for name in cands}
-    order = list(cands.items())
-    for i in range(rounds):
-        # rotated: round i starts at candidate i, so no candidate always runs right after the same one
-        # (caches it leaves warm or cold, frequency it leaves high)
-        for name, fn in order[i % len(order):] + order[:i % len(order)]:
-            n = iters[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def cpu_line() -> str:
@@ -77,6 +54,7 @@ def cpu_line() -> str:
 
 
 def header(title: str, threads: int) -> None:
+    """The first lines of a script's output: title, date, CPU, lorafuse version and ISA, threads."""
     import lorafuse
 
     print(f"# {title}")

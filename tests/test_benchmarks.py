@@ -1,11 +1,15 @@
 """The benchmark scripts still run: each one, at its smallest settings, in a subprocess, must exit 0
-and print its closing line. (A script that drifted from a helper's signature — `bench_overhead.py`
-unpacked three layers from `make_layers` after it had grown a fourth — fails here instead of at
-the next person who wants its figures.) Figures are not checked: timed assertions do not belong
-in tests. ~1.5–2 min (the compiled training run alone ~45 s)."""
+and print its closing line and the rows and labels the results page relies on (the three passes,
+the output-cache-off column, the path each lorafuse row took). (A script that drifted from a helper's
+signature — `bench_overhead.py` unpacked three layers from `make_layers` after it had grown a fourth —
+fails here instead of at the next person who wants its figures.) Figures are not checked: timed
+assertions do not belong in tests. ~2 min; the compiled and bf16 training runs (~1 min each) are
+marked ``slow`` (CI's second stage)."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -19,27 +23,57 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 TINY_TRAIN = ["--steps", "2", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "101", "--seq",
               "16", "--batch", "2", "--repeats", "1"]
-# script, arguments for its smallest run, a fragment of its last output
+PASS_ROWS = [r"forward \(no_grad\)", r"forward \(grad\)", r"fwd\+bwd"]
+C_PATH = r"c \w+/\w+"  # a lorafuse row that ran the C kernels, with their plan (e.g. 'c none/merged')
+ANY_PATH = rf"({C_PATH}|peft)"  # ... or PEFT's own forward (bf16 layers without fused bf16 CPU kernels)
+TRAIN_ROWS = [r"# method: one fresh process per candidate", r"lorafuse-nocache +peak RSS",
+              r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")]
+TRAIN_C = TRAIN_ROWS + [rf"lorafuse +peak RSS .* path {C_PATH}"]
+
+
+def run(script: str, args: list, patterns: list, slow: bool = False) -> object:
+    """One smoke run: the script, its arguments, regular expressions its output must match."""
+    name = " ".join([script, *(a for a in args if a in ("--compile", "bf16"))])
+    return pytest.param(script, args, patterns, id=name, marks=[pytest.mark.slow] if slow else [])
+
+
 RUNS = [
-    ("bench_overhead.py", ["--rounds", "1"], "torch x*2 forward+backward"),
-    ("bench_layer.py", ["--quick", "--only", "decode"], "targets:"),
-    ("bench_gemm.py", ["--quick", "--rounds", "1"], "share"),
-    ("bench_plans.py", ["--quick", "--rounds", "1"], "plans measured"),
-    ("bench_dora.py", ["--quick", "--rounds", "1"], "DoRA ratios measured"),
-    ("bench_ops.py", ["--quick", "--rounds", "1"], "ratio alternating"),
-    ("bench_lora_cost.py", ["--rounds", "1"], "512   1024   1024  16"),
-    ("bench_train.py", TINY_TRAIN, "ratio lorafuse/PEFT"),
-    ("bench_train.py", TINY_TRAIN + ["--compile"], "ratio lorafuse/PEFT"),
+    run("bench_overhead.py", ["--rounds", "1"],
+        [r"FusedLinear module, forward \(grad\)", r"PEFT lora.Linear module, forward \(no_grad\)",
+         re.escape("torch x*2 forward+backward")]),
+    run("bench_layer.py", ["--quick", "--only", "decode"],
+        [rf"decode .* \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + ["cache off/peft", "targets:"]),
+    run("bench_layer.py", ["--quick", "--only", "decode", "--dtype", "bf16", "--rounds", "1"],
+        [rf"decode .* \| {row} .*\| {ANY_PATH}" for row in PASS_ROWS] + [r"\(bf16\)", "targets:"]),
+    run("bench_gemm.py", ["--quick", "--rounds", "1"], ["share"]),
+    run("bench_plans.py", ["--quick", "--rounds", "1"], ["plans measured"]),
+    run("bench_dora.py", ["--quick", "--rounds", "1"],
+        [rf"{row} .*lorafuse DoRA path: {C_PATH}" for row in PASS_ROWS] + ["cache off", "DoRA ratios measured"]),
+    run("bench_ops.py", ["--quick", "--rounds", "1"],
+        [rf"  {row} +[0-9.]+ +[0-9.]+ +[0-9.]+ \|" for row in PASS_ROWS]
+        + [re.escape("preallocated out=/u_out="), "ratio alternating"]),
+    run("bench_lora_cost.py", ["--rounds", "1"], ["cache off", "512   1024   1024  16"]),
+    run("bench_train.py", TINY_TRAIN, TRAIN_C),
+    run("bench_train.py", TINY_TRAIN + ["--compile"], TRAIN_C, slow=True),
+    run("bench_train.py", TINY_TRAIN + ["--dtype", "bf16"],
+        TRAIN_ROWS + [r"bf16, batch", rf"lorafuse +peak RSS .* path {ANY_PATH}"], slow=True),
 ]
-IDS = [script + (" --compile" if "--compile" in args else "") for script, args, _ in RUNS]
 
 
-@pytest.mark.parametrize("script,args,last", RUNS, ids=IDS)
-def test_benchmark_script_runs(script: str, args: list, last: str) -> None:
+@pytest.mark.parametrize("script,args,patterns", RUNS)
+def test_benchmark_script_runs(script: str, args: list, patterns: list) -> None:
     res = subprocess.run([sys.executable, script, *args, "--threads", "2"], cwd=BENCH_DIR, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, f"{script} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-    assert last in res.stdout, f"{script}: {last!r} not in its output:\n{res.stdout[-2000:]}"
+    for pattern in patterns:
+        assert re.search(pattern, res.stdout), f"{script}: {pattern!r} not in its output:\n{res.stdout[-3000:]}"
+
+
+def test_bench_train_repeats_at_least_three_by_default() -> None:
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(BENCH_DIR, "bench_train.py"))
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    assert bench_train.build_parser().parse_args([]).repeats >= 3
 
 
 # The GPU scripts in their CPU smoke mode (tiny shapes, wall-clock timing: they check the plumbing, module

@@ -197,6 +197,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # repeated SIGKILLs and resumes (~30 s): CI's second stage, `pytest -m slow`
 def test_killed_and_resumed_training_is_identical(reference: Path, tmp_path: Path) -> None:
     rng = random.Random(2024)
     ref_losses, ref_state = losses(reference), final_state(reference)

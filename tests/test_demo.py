@@ -66,6 +66,7 @@ def test_demo_short_no_compare(tmp_path):
     assert len(summary["results"]["lorafuse"]["losses"]) == 5
 
 
+@pytest.mark.slow  # both sides fine-tuned end to end (~30 s): CI's second stage, `pytest -m slow`
 def test_demo_short_compare_matches_peft(tmp_path):
     out, stdout = _demo(tmp_path, "--steps", "3", "--r", "4", "--alpha", "8", "--target-modules", "query,value",
                         "--seed", "1")
