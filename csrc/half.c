@@ -169,15 +169,15 @@ PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObjec
         (dx && !(dx2 = lf_py_keep(L, lf_py_flatten_2d(dx, k)))))
         return NULL;
     const npy_intp n = PyArray_DIM(x2, 0);
-    const lf_tview vg = lf_py_tview2(g2, gdt);
-    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_backward_plan_unfit_half(*c->force, vg, r, c->p, c->need_dx)))
+    const lf_tview vg = lf_py_tview2(g2, gdt), vx = lf_py_tview2(x2, gdt);
+    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_backward_plan_unfit_half(*c->force, vg, vx, r, c->p, c->need_dx)))
         return NULL;
     lf_py_sigint_guard guard;
     lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
     lf_backward_plan plan = {LF_VB_GEMM, LF_DA_GEMM, LF_DX_NONE};
     int status;
     Py_BEGIN_ALLOW_THREADS status = lf_lora_backward_half(
-        pool, n, k, m, r, vg, lf_py_tview2(x2, gdt), lf_py_view2(u2), W, A, B, c->scale, c->p,
+        pool, n, k, m, r, vg, vx, lf_py_view2(u2), W, A, B, c->scale, c->p,
         c->seed, dx2 ? PyArray_DATA(dx2) : NULL, PyArray_DATA(dA), PyArray_DATA(dB), c->force, &plan);
     Py_END_ALLOW_THREADS
     if (lf_py_kernel_end(st, &guard, status, F)) return NULL;

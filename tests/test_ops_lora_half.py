@@ -141,13 +141,13 @@ def test_plans_chosen_and_forced(half_isa, n):
         c.backward(u)
         tile = on_tile(base)
         assert _C.last_forward_plan() == ("skinny", "decode" if n <= 8 else "split" if tile else "augmented")
-        assert _C.last_backward_plan() == ("skinny", "gemm", "masked" if tile else "augmented")
+        assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile else "augmented")
         for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
-            for u_path, dx_path in (("skinny", "masked"), ("gemm", "augmented"), ("skinny", "augmented"),
-                                    ("gemm", "masked")):
-                c.check((u_path, y_path), (u_path, "gemm", dx_path))
+            for u_path, da_path, dx_path in (("skinny", "gemm", "masked"), ("gemm", "skinny", "augmented"),
+                                             ("skinny", "skinny", "augmented"), ("gemm", "gemm", "masked")):
+                c.check((u_path, y_path), (u_path, da_path, dx_path))
                 assert _C.last_forward_plan() == (u_path, y_path)
-                assert _C.last_backward_plan() == (u_path, "gemm", dx_path)
+                assert _C.last_backward_plan() == (u_path, da_path, dx_path)
 
 
 @pytest.mark.parametrize("fplan, p, msg", [(("rowdots", "augmented"), 0.0, "by 'skinny' or 'gemm' only"),
@@ -164,11 +164,11 @@ def test_forced_forward_plan_refused(fplan, p, msg):
 def test_forced_backward_plan_refused():
     c = Case(9, 16, 8, 2, "bfloat16", "float32", 0.2)
     _, u = c.forward()
-    with pytest.raises(ValueError, match="dA by 'gemm' only"):
-        c.backward(u, ("gemm", "skinny", "masked"))
-    c.g = c.g.t().contiguous().t()  # g column-major: not streamable by rows
     with pytest.raises(ValueError, match="needs rows of g contiguous"):
-        c.backward(u, ("skinny", "gemm", "masked"))
+        ops.lora_backward(c.g.t().contiguous().t(), c.x, u, c.W, c.A, c.B, 1.0, dropout_p=0.2, seed=SEED,
+                          plan=("skinny", "gemm", "masked"))  # g column-major: not streamed by rows
+    with pytest.raises(ValueError, match="needs rows of x contiguous"):
+        ops.lora_backward(c.g, c.x.t().contiguous().t(), u, c.W, c.A, c.B, 1.0, plan=("gemm", "skinny", "masked"))
     with pytest.raises(ValueError, match="takes no dropout"):
         c.backward(u, ("gemm", "gemm", "augmented"))
     with pytest.raises(ValueError, match="dx is not wanted"):

@@ -95,7 +95,7 @@ typedef struct {
     void (*rowdot_rows)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_tview a,
                         const float *bt, float scale, float *c);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
-                              lf_view w, float scale, float *c, int64_t ldc, const lf_mask *wmask);
+                              lf_tview w, float scale, float *c, int64_t ldc, const lf_mask *wmask);
     /* c[p·ldc + j] += Σ_q a(p, q) · bt[q·ldb + j] for p < P, j < Q (Q a multiple of vw), q < R */
     void (*rank_add)(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt, int64_t ldb, float *c,
                      int64_t ldc);
@@ -145,8 +145,9 @@ int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int 
                const float *bias, float *c, int64_t ldc);
 /* 1 if these views suit lf_rowdots (n ≤ LF_ROWDOTS_MAX_N, contiguous rows) */
 int lf_rowdots_ok(int64_t n, lf_view a, lf_view b);
-/* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w̃ (T, Q);  w.cs == 1; w̃ = w or w dropped by wmask */
-int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
+/* c (P, Q; row stride ldc) = scale · s (T, P)ᵀ · w̃ (T, Q);  w.cs == 1 (fp32, bf16 or fp16: widened as
+ * read); w̃ = w or w dropped by wmask */
+int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_tview w, float scale,
                    float *c, int64_t ldc, const lf_mask *wmask);
 
 /* Length of the stack buffer that packing uses to mask a run of x̃ (any kc works: runs are

@@ -258,7 +258,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     /* dB (m,r) = s · gᵀ · u */
     if (!st) {
         if (plan.vb == LF_VB_SKINNY) {
-            st = lf_rank_update(pool, m, r, n, g, u, scale, dB, r, NULL);
+            st = lf_rank_update(pool, m, r, n, g, lf_tv32(u), scale, dB, r, NULL);
         } else {
             const lf_operand gt = lf_operand_plain(transpose(g), scale), uo = lf_operand_plain(u, 1.0f);
             st = lf_gemm(pool, m, r, n, &gt, &uo, 0.0f, NULL, dB, r);
@@ -269,7 +269,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         if (plan.da == LF_DA_SKINNY) { /* x̃ regenerated as x is streamed */
             const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u,
                                 1.0f / (1.0f - dropout_p)};
-            st = lf_rank_update(pool, r, k, n, vv, x, scale, dA, k, dropout_p > 0.0f ? &xm : NULL);
+            st = lf_rank_update(pool, r, k, n, vv, lf_tv32(x), scale, dA, k, dropout_p > 0.0f ? &xm : NULL);
         } else {
             const lf_operand vt = lf_operand_plain(transpose(vv), scale);
             const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);

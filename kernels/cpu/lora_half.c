@@ -111,18 +111,20 @@ done:
     return st;
 }
 
-lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, int64_t r, float dropout_p, int need_dx) {
+lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p, int need_dx) {
     const lf_backward_dx_path dx = !need_dx                                        ? LF_DX_NONE
                                    : dropout_p > 0.0f || on_bf16_tile(g, W) ? LF_DX_MASKED
                                                                                    : LF_DX_AUGMENTED;
-    return (lf_backward_plan){skinny_rows(g, r) ? LF_VB_SKINNY : LF_VB_GEMM, LF_DA_GEMM, dx};
+    return (lf_backward_plan){skinny_rows(g, r) ? LF_VB_SKINNY : LF_VB_GEMM, skinny_rows(x, r) ? LF_DA_SKINNY : LF_DA_GEMM,
+                              dx};
 }
 
-const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, int64_t r, float dropout_p, int need_dx) {
+const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, lf_tview x, int64_t r, float dropout_p,
+                                        int need_dx) {
     if ((unsigned)plan.vb > LF_VB_GEMM || (unsigned)plan.da > LF_DA_GEMM || (unsigned)plan.dx > LF_DX_MASKED)
         return "unknown path";
-    if (plan.da != LF_DA_GEMM) return "a bf16/fp16 base forms dA by 'gemm' only";
     if (plan.vb == LF_VB_SKINNY && !skinny_rows(g, r)) return "v/dB 'skinny' needs rows of g contiguous and 1 <= r <= 64";
+    if (plan.da == LF_DA_SKINNY && !skinny_rows(x, r)) return "dA 'skinny' needs rows of x contiguous and 1 <= r <= 64";
     if ((plan.dx == LF_DX_NONE) == (need_dx != 0)) return need_dx ? "dx is wanted: dx 'none' does not form it"
                                                                  : "dx is not wanted: its path must be 'none'";
     if (plan.dx == LF_DX_AUGMENTED && dropout_p > 0.0f) return "dx 'augmented' takes no dropout (use 'masked')";
@@ -136,8 +138,8 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
-    if (force && lf_backward_plan_unfit_half(*force, g, r, dropout_p, dx != NULL)) return LF_EINVAL;
-    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, W, r, dropout_p, dx != NULL);
+    if (force && lf_backward_plan_unfit_half(*force, g, x, r, dropout_p, dx != NULL)) return LF_EINVAL;
+    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, x, W, r, dropout_p, dx != NULL);
     if (plan_out) *plan_out = plan;
     const lf_dtype adt = A.dtype;
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
@@ -153,8 +155,10 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     /* v (n,r) = g · B: g streamed once (skinny) or a GEMM */
     const lf_operand go = lf_operand_typed(g, 1.0f), bo = lf_operand_typed(B, 1.0f);
     st = plan.vb == LF_VB_SKINNY ? lf_rowdot(pool, n, m, r, g, B, 1.0f, v) : lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
-    /* dBᵀ (r,m) = s · uᵀ · g — g (the big operand) is then read by rows, as a B-operand */
-    if (!st) {
+    /* dBᵀ (r,m) = s · uᵀ · g — g (the big operand) read by rows: streamed (skinny) or as a GEMM's B-operand */
+    if (!st && plan.vb == LF_VB_SKINNY) {
+        st = lf_rank_update(pool, r, m, n, u, g, scale, dbt, m, NULL);
+    } else if (!st) {
         const lf_operand ut = lf_operand_plain((lf_view){u.p, u.cs, u.rs}, scale);
         st = lf_gemm(pool, r, m, n, &ut, &go, 0.0f, NULL, dbt, m);
     }
@@ -170,12 +174,15 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
             free(db32);
         }
     }
-    /* dA (r,k) = s · vᵀ · x̃ */
-    if (!st) {
+    /* dA (r,k) = s · vᵀ · x̃: x streamed with x̃ regenerated from the seed (skinny), or a GEMM over x̃ */
+    if (!st && plan.da == LF_DA_SKINNY) {
+        const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f / (1.0f - dropout_p)};
+        st = lf_rank_update(pool, r, k, n, vv, x, scale, da32, k, dropout_p > 0.0f ? &xm : NULL);
+    } else if (!st) {
         const lf_operand vt = lf_operand_plain((lf_view){v, 1, r}, scale), xd = lf_operand_dropped(x, 1.0f, dropout_p, seed);
         st = lf_gemm(pool, r, k, n, &vt, &xd, 0.0f, NULL, da32, k);
-        if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     }
+    if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)) */
         const lf_operand wo = lf_operand_typed(W, 1.0f);

@@ -46,7 +46,7 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
             /* t (nb, cols) = coef · Σ_q v[b0+p, q] · w[q, :]: rank_update_block's s (T = r, P = nb) is
              * v's block transposed, s(q, p) = v(b0 + p, q) */
             const lf_view s = {job->v.p + b0 * job->v.rs, job->v.cs, job->v.rs};
-            sk->rank_update_block(0, nb, 0, job->cols, job->r, s, job->w, job->coef, t, job->cols, NULL);
+            sk->rank_update_block(0, nb, 0, job->cols, job->r, s, lf_tv32(job->w), job->coef, t, job->cols, NULL);
             for (int64_t i = 0; i < nb; i++) {
                 const float *ti = t + i * job->cols;
                 float *ci = job->c + (b0 + i) * job->ldc;

@@ -28,8 +28,8 @@ static const lf_skinny *skinny_for(lf_isa isa) {
 typedef struct {
     const lf_skinny *k;
     int64_t M, K, R, Rp, P, Q, T, ldc, chunk;
-    lf_tview a; /* rowdot: the M rows streamed */
-    lf_view s, w;
+    lf_tview a, w; /* rowdot: the M rows streamed; rank_update: the T rows streamed */
+    lf_view s;
     const float *bt;
     float scale;
     float *c;
@@ -125,15 +125,19 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tvi
  * floats, c computed VW wide into a scratch block and its first Q columns copied out. Each token
  * is then one vector load on the fast path; read in place, a row shorter than a vector would be
  * built element by element (benchmarks/RESULTS.md, "Where the thresholds come from"). */
-static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
+static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_tview w, float scale,
                               float *c, int64_t ldc, int64_t vw) {
     float *wp = calloc((size_t)(T > 0 ? T : 1) * (size_t)vw, sizeof(float));
     float *cp = malloc((size_t)P * (size_t)vw * sizeof(float));
     int st = wp && cp ? LF_OK : LF_ENOMEM;
     if (!st) {
         for (int64_t t = 0; t < T; t++)
-            for (int64_t q = 0; q < Q; q++) wp[t * vw + q] = w.p[t * w.rs + q];
-        st = lf_rank_update(pool, P, vw, T, s, (lf_view){wp, vw, 1}, scale, cp, vw, NULL);
+            for (int64_t q = 0; q < Q; q++) {
+                const int64_t off = t * w.rs + q;
+                wp[t * vw + q] = w.dtype == LF_DT_F32 ? ((const float *)w.p)[off]
+                                                      : lf_half_to_f32(w.dtype, ((const uint16_t *)w.p)[off]);
+            }
+        st = lf_rank_update(pool, P, vw, T, s, (lf_tview){wp, vw, 1, LF_DT_F32}, scale, cp, vw, NULL);
     }
     for (int64_t p = 0; !st && p < P; p++) memcpy(c + p * ldc, cp + p * vw, (size_t)Q * sizeof(float));
     free(wp);
@@ -141,7 +145,7 @@ static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf
     return st;
 }
 
-int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_view w, float scale,
+int lf_rank_update(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf_view s, lf_tview w, float scale,
                    float *c, int64_t ldc, const lf_mask *wmask) {
     if (P == 0 || Q == 0) return LF_OK;
     const lf_skinny *k = skinny_for(lf_get_isa());

@@ -85,9 +85,10 @@ static void rowdot_rows(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp
 static void dropout_span(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
                          float *dst);
 
-/* w̃[t, j : j+width] as a vector: w, or w dropped by wmask (mask index = flat offset t·w.rs + j) */
-static inline __attribute__((always_inline)) VF w_row(lf_view w, int64_t t, int64_t j, int64_t width,
-                                                      const lf_mask *wmask);
+/* w̃[t, j : j+width] as a vector: w (of dtype DT, widened), or w dropped by wmask (mask index = flat
+ * offset t·w.rs + j) */
+static inline __attribute__((always_inline)) VF w_row(const lf_dtype DT, lf_tview w, int64_t t, int64_t j,
+                                                      int64_t width, const lf_mask *wmask);
 
 /* Tokens ahead that ru_tokens prefetches. Its w (x in dA = s·vᵀ·x) is read one vector per row,
  * rows k floats apart, which the hardware prefetchers do not follow across pages (benchmarks/RESULTS.md,
@@ -99,14 +100,15 @@ static inline __attribute__((always_inline)) VF w_row(lf_view w, int64_t t, int6
  * a whole vector and no mask on the fast path) so that the accumulators stay in registers and
  * the per-token branches fold away. */
 static inline __attribute__((always_inline)) void ru_tokens(
-    const int NB, const int64_t cs, const int64_t *scol, const float *sp, int64_t srs, int64_t T, lf_view w,
-    int64_t j, const int64_t width, const lf_mask *wmask, VF *acc) {
+    const lf_dtype DT, const int NB, const int64_t cs, const int64_t *scol, const float *sp, int64_t srs, int64_t T,
+    lf_tview w, int64_t j, const int64_t width, const lf_mask *wmask, VF *acc) {
+    const int64_t esize = DT == LF_DT_F32 ? 4 : 2;
     for (int64_t t = 0; t < T; t++) {
         if (t + RU_PREFETCH < T) { /* rows of w and s a row stride apart: a new page each token */
-            __builtin_prefetch(w.p + (t + RU_PREFETCH) * w.rs + j, 0, 3);
+            __builtin_prefetch((const char *)w.p + ((t + RU_PREFETCH) * w.rs + j) * esize, 0, 3);
             __builtin_prefetch(sp + (t + RU_PREFETCH) * srs, 0, 3);
         }
-        const VF wv = w_row(w, t, j, width, wmask);
+        const VF wv = w_row(DT, w, t, j, width, wmask);
         const float *st = sp + t * srs;
 #pragma GCC unroll 16
         for (int i = 0; i < NB; i++) acc[i] += st[cs ? i * cs : scol[i]] * wv;
@@ -122,8 +124,10 @@ static inline __attribute__((always_inline)) void ru_tokens(
  * rows of row-contiguous s (s.cs = 1: v, g) over a whole vector of undropped w take a fast path
  * with constant offsets; any other block reads through per-row offsets and duplicates its
  * first row past P (computed, never stored). */
-static void rank_update_block(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T, lf_view s, lf_view w,
-                              float scale, float *c, int64_t ldc, const lf_mask *wmask) {
+static inline __attribute__((always_inline)) void rank_update_core(const lf_dtype DT, int64_t p0, int64_t P,
+                                                                   int64_t q0, int64_t q1, int64_t T, lf_view s,
+                                                                   lf_tview w, float scale, float *c, int64_t ldc,
+                                                                   const lf_mask *wmask) {
     for (int64_t j = q0; j < q1; j += VW) {
         const int64_t width = q1 - j < VW ? q1 - j : VW;
         for (int64_t p = p0; p < P; p += RU_ROWS) {
@@ -134,13 +138,13 @@ static void rank_update_block(int64_t p0, int64_t P, int64_t q0, int64_t q1, int
             for (int i = 0; i < RU_ROWS; i++) acc[i] = (VF){0};
             const int fast = s.cs == 1 && width == VW && !wmask;
             if (fast && rows == RU_ROWS) {
-                ru_tokens(RU_ROWS, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
+                ru_tokens(DT, RU_ROWS, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
             } else if (fast && rows == RU_ROWS / 2) {
-                ru_tokens(RU_ROWS / 2, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
+                ru_tokens(DT, RU_ROWS / 2, 1, NULL, sp, s.rs, T, w, j, VW, NULL, acc);
             } else {
                 int64_t scol[RU_ROWS]; /* column offsets; past `rows`: the block's first row again */
                 for (int i = 0; i < RU_ROWS; i++) scol[i] = (i < rows ? i : 0) * s.cs;
-                ru_tokens(RU_ROWS, 0, scol, sp, s.rs, T, w, j, width, wmask, acc);
+                ru_tokens(DT, RU_ROWS, 0, scol, sp, s.rs, T, w, j, width, wmask, acc);
             }
 #pragma GCC unroll 16
             for (int i = 0; i < RU_ROWS; i++)
@@ -149,12 +153,34 @@ static void rank_update_block(int64_t p0, int64_t P, int64_t q0, int64_t q1, int
     }
 }
 
-static inline __attribute__((always_inline)) VF w_row(lf_view w, int64_t t, int64_t j, int64_t width,
-                                                      const lf_mask *wmask) {
-    if (!wmask) return vload(w.p + t * w.rs + j, width);
-    float run[VW];
+/* rank_update_core for w's dtype: fp32, or a half w (x̃ or g of a bf16 / fp16 base) widened as it is read */
+static void rank_update_block(int64_t p0, int64_t P, int64_t q0, int64_t q1, int64_t T, lf_view s, lf_tview w,
+                              float scale, float *c, int64_t ldc, const lf_mask *wmask) {
+    if (w.dtype == LF_DT_BF16) rank_update_core(LF_DT_BF16, p0, P, q0, q1, T, s, w, scale, c, ldc, wmask);
+    else if (w.dtype == LF_DT_F16) rank_update_core(LF_DT_F16, p0, P, q0, q1, T, s, w, scale, c, ldc, wmask);
+    else rank_update_core(LF_DT_F32, p0, P, q0, q1, T, s, w, scale, c, ldc, wmask);
+}
+
+typedef uint16_t VH __attribute__((vector_size(VW * 2), aligned(2), may_alias)); /* VW half elements */
+typedef uint32_t VU __attribute__((vector_size(VW * 4)));
+
+static inline __attribute__((always_inline)) VF w_row(const lf_dtype DT, lf_tview w, int64_t t, int64_t j,
+                                                      int64_t width, const lf_mask *wmask) {
     const int64_t off = t * w.rs + j;
-    dropout_span(w.p + off, width, (uint64_t)off, wmask->seed, wmask->threshold, wmask->scale, run);
+    if (DT == LF_DT_F32 && !wmask) return vload((const float *)w.p + off, width);
+    float run[VW];
+    const float *src = (const float *)w.p + off;
+    if (DT == LF_DT_BF16 && width == VW) { /* bf16: the bits shifted into the top half of each lane */
+        const VF v = (VF)(__builtin_convertvector(*(const VH *)((const uint16_t *)w.p + off), VU) << 16);
+        if (!wmask) return v;
+        vstore(run, v, VW);
+        src = run;
+    } else if (DT != LF_DT_F32) {
+        for (int64_t l = 0; l < width; l++) run[l] = A_AT(DT, (const uint16_t *)w.p + off, l);
+        if (!wmask) return vload(run, width);
+        src = run;
+    }
+    dropout_span(src, width, (uint64_t)off, wmask->seed, wmask->threshold, wmask->scale, run);
     return vload(run, width);
 }
 

@@ -209,13 +209,14 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                          lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
                          uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan);
 
-/* The backward's plan for a half base: v/dB 'skinny' (v = g·B with g streamed once; dBᵀ = s·uᵀ·g a GEMM
- * reading g by rows either way) for rows of g contiguous and 1 ≤ r ≤ 64, else 'gemm'; dA 'gemm'; dx
- * 'masked' (g·W alone, then the rank-r term row block by row block) with dropout or when g·W takes a
- * bf16 tile, else 'augmented'. */
-lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview W, int64_t r, float dropout_p, int need_dx);
+/* The backward's plan for a half base: v/dB 'skinny' (v = g·B and dBᵀ = s·uᵀ·g with g streamed) for rows
+ * of g contiguous and 1 ≤ r ≤ 64, else 'gemm'; dA 'skinny' (x streamed, x̃ regenerated) for rows of x
+ * contiguous and 1 ≤ r ≤ 64, else 'gemm'; dx 'masked' (g·W alone, then the rank-r term row block by row
+ * block) with dropout or when g·W takes a bf16 tile, else 'augmented'. */
+lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p, int need_dx);
 /* NULL if `plan` can run these operands of a half base, else why not. */
-const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, int64_t r, float dropout_p, int need_dx);
+const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, lf_tview x, int64_t r, float dropout_p,
+                                        int need_dx);
 
 /* Adapter-only backward on a half base: g (n,m) and x (n,k) [dropout: C-contiguous] in the base's
  * dtype, u (n,r) fp32 as the forward kept it, W, A, B as in the forward. Outputs C-contiguous: dx
