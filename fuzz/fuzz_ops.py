@@ -11,7 +11,9 @@ alias / overlap an input; ``packed_w`` that is None, W's own ``pack_weight`` (ma
 W), a pack for the other layout or direction, or not a pack. The contract checked:
 
 * a call either succeeds with the reference result, or raises TypeError / ValueError /
-  OverflowError / MemoryError (never anything else, never a crash);
+  OverflowError / MemoryError (never anything else, never a crash); it succeeds with non-float32
+  operands only as a call on a bf16 / fp16 base (`half_call`), checked against the reference with
+  one rounding to the output's dtype;
 * inputs are never written (snapshots compared after the call); a failed call writes no output.
 
 Run:  python fuzz/fuzz_ops.py [libFuzzer flags, e.g. -max_total_time=60 -print_final_stats=1 corpus_dir]
@@ -174,11 +176,50 @@ def all_f32(*arrs: object) -> bool:
     return True
 
 
-def check_close(got: np.ndarray, ref: np.ndarray, mag: np.ndarray, k_eff: int, what: str) -> None:
+def dtype_name(a: object) -> object:
+    """'float32', 'float16' or 'bfloat16' for an operand the kernels may take, else None."""
+    if isinstance(a, np.ndarray):
+        if a.dtype.byteorder == ">":
+            return None
+        return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(a.dtype)
+    if torch is not None and isinstance(a, torch.Tensor):
+        return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(a.dtype)
+    return None
+
+
+def half_call(base: list, adapters: list, f32_or_base: list, f32: list) -> object:
+    """The half dtype of a call the bf16 / fp16 kernels take — the base operands (x, W, g) of one half
+    dtype, the adapters (A, B) of one dtype, float32 or the base's, bias (None allowed) float32 or the
+    base's, u float32 — else None."""
+    dt = {dtype_name(a) for a in base}
+    if len(dt) != 1 or not dt <= {"float16", "bfloat16"}:
+        return None
+    half = dt.pop()
+    ad = {dtype_name(a) for a in adapters}
+    ok = len(ad) == 1 and ad <= {"float32", half} and all(a is None or dtype_name(a) in ("float32", half)
+                                                          for a in f32_or_base)
+    return half if ok and all(dtype_name(a) == "float32" for a in f32) else None
+
+
+U_HALF = {"float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**-11}  # a rounding to the output dtype
+
+
+def as_result(a: object, dtype: str) -> np.ndarray:
+    """A kernel result as float64: bfloat16 results come as uint16 arrays of their bits."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def check_close(got: np.ndarray, ref: np.ndarray, mag: np.ndarray, k_eff: int, what: str,
+                dtype: str = "float32") -> None:
+    """got within the fp32 accumulation bound of ref (×4 slack), plus one rounding to `dtype`."""
     if not np.all(np.isfinite(ref)):
         return
     tol = (k_eff + 2) * 2.0**-24 * 4 * mag + 1e-30
-    if got.shape != ref.shape or not np.all(np.abs(got.astype(np.float64) - ref) <= tol):
+    tol = tol + U_HALF[dtype] * (np.abs(ref) + tol) + (2.0**-24 if dtype == "float16" else 0.0)
+    got = as_result(got, dtype)
+    if got.shape != ref.shape or not np.all(np.abs(got - ref) <= tol):
         raise AssertionError(f"{what}: result differs from the float64 reference")
 
 
@@ -240,7 +281,8 @@ def fuzz_forward(G: Gen) -> None:
                 raise AssertionError("a failed call wrote its output")
         return
     unchanged(before, args, set())
-    if not all_f32(*args.values()) or not isinstance(scale, (int, float)):
+    half = half_call([args["x"], args["W"]], [args["A"], args["B"]], [args["bias"]], [])
+    if not (all_f32(*args.values()) or half) or not isinstance(scale, (int, float)):
         raise AssertionError("a call with non-float32 input succeeded")
     if not small(*args.values()):
         return
@@ -257,7 +299,7 @@ def fuzz_forward(G: Gen) -> None:
         mag = mag + np.abs(b)
     kk = x2.shape[1]
     check_close(np.asarray(u).reshape(u_ref.shape), u_ref, (np.abs(x2 * mask) @ np.abs(A).T), kk, "u")
-    check_close(np.asarray(y).reshape(y_ref.shape), y_ref, mag, kk + A.shape[0], "y")
+    check_close(np.asarray(y).reshape(y_ref.shape), y_ref, mag, kk + A.shape[0], "y", half or "float32")
 
 
 def fuzz_backward(G: Gen) -> None:
@@ -287,21 +329,23 @@ def fuzz_backward(G: Gen) -> None:
         unchanged(before, args, set())
         return
     unchanged(before, args, set())
-    if not all_f32(*args.values()):
+    half = half_call([args["g"], args["x"], args["W"]], [args["A"], args["B"]], [], [args["u"]])
+    if not (all_f32(*args.values()) or half):
         raise AssertionError("a call with non-float32 input succeeded")
     if not small(*args.values()):
         return
+    ad = dtype_name(args["A"]) if half else "float32"  # dA, dB in the adapters' dtype, dx in the base's
     g, x, u, W, A, B = (as_ref(args[k_]) for k_ in ("g", "x", "u", "W", "A", "B"))
     mask = ops.dropout_mask(x.shape[0], x.shape[1], p, 5).astype(np.float64) if p else 1.0
     Wm = W.T if fifo else W
     v = g @ B
-    check_close(np.asarray(dB), 0.7 * g.T @ u, 0.7 * np.abs(g).T @ np.abs(u), x.shape[0], "dB")
+    check_close(np.asarray(dB), 0.7 * g.T @ u, 0.7 * np.abs(g).T @ np.abs(u), x.shape[0], "dB", ad)
     check_close(np.asarray(dA), 0.7 * v.T @ (x * mask), 0.7 * (np.abs(g) @ np.abs(B)).T @ np.abs(x * mask),
-                x.shape[0] + B.shape[0], "dA")
+                x.shape[0] + B.shape[0], "dA", ad)
     if need_dx:
         check_close(np.asarray(dx), g @ Wm + 0.7 * (v @ A) * mask,
                     np.abs(g) @ np.abs(Wm) + 0.7 * (np.abs(g) @ np.abs(B) @ np.abs(A)) * np.abs(mask),
-                    Wm.shape[0] + 2 * A.shape[0], "dx")
+                    Wm.shape[0] + 2 * A.shape[0], "dx", half or "float32")
     elif dx is not None:
         raise AssertionError("need_dx=False returned dx")
 
