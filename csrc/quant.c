@@ -264,38 +264,6 @@ fail:
     return NULL;
 }
 
-/* New reference to q4gemm's a (2-D; float32, float16 or bfloat16 in native order, any strides; copied
- * only when misaligned) and its dtype, or NULL with TypeError / ValueError naming it */
-static PyArrayObject *gemm_input(lf_state *st, PyObject *obj, const char *F, lf_dtype *dt) {
-    int bf16;
-    PyArrayObject *a = as_ndarray(st, obj, F, "a", &bf16, 0);
-    if (!a) return NULL;
-    const int tn = PyArray_DESCR(a)->type_num;
-    if (!bf16 && !((tn == NPY_FLOAT32 || tn == NPY_FLOAT16) && !PyArray_ISBYTESWAPPED(a))) {
-        PyObject *ds = PyObject_Str((PyObject *)PyArray_DESCR(a));
-        if (ds) PyErr_Format(PyExc_TypeError, "%s: a must be float32, float16 or bfloat16 (native byte order), got %U", F, ds);
-        Py_XDECREF(ds);
-        Py_DECREF(a);
-        return NULL;
-    }
-    *dt = bf16 ? LF_DT_BF16 : tn == NPY_FLOAT32 ? LF_DT_F32 : LF_DT_F16;
-    if (lf_py_check_ndim(F, "a", a, 2, "(M, K)")) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    if (PyArray_ISALIGNED(a)) return a; /* the kernels read whole elements (and bf16 pairs by memcpy) */
-    PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(a, NPY_CORDER);
-    Py_DECREF(a);
-    return c;
-}
-
-/* the kernel's view of a 2-D operand: strides in elements of its dtype */
-static lf_tview tview_of(PyArrayObject *a, lf_dtype dt) {
-    const npy_intp item = PyArray_ITEMSIZE(a);
-    return (lf_tview){.p = PyArray_DATA(a), .rs = PyArray_STRIDE(a, 0) / item, .cs = PyArray_STRIDE(a, 1) / item,
-                      .dtype = dt};
-}
-
 /* op(W) of a weight W (rows, cols) as a (K, N) view: Wᵀ (transpose_b: element (k, n) = W[n, k], flat
  * n·cols + k) or W (element (k, n) = W[k, n], flat k·cols + n); its elements rounded to dt */
 static lf_tview op_of(const lf_q4_weight *w, int transpose_b, lf_dtype dt, int64_t *K, int64_t *N) {
@@ -341,8 +309,8 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
     lf_dtype da, dw;
     PyArrayObject *a, *bias = NULL, *c, *arrs[4];
     int64_t K, N;
-    if (parse_dtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, gemm_input(st, oa, F, &da))) ||
-        parse_q4(st, F, &L, &q, &w, arrs))
+    if (parse_dtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, lf_py_as_typed(st, oa, F, "a", &da))) ||
+        lf_py_check_ndim(F, "a", a, 2, "(M, K)") || parse_q4(st, F, &L, &q, &w, arrs))
         goto fail;
     const lf_tview vw = op_of(&w, transpose_b, dw, &K, &N);
     if (lf_py_check_dim(F, "a", transpose_b ? "(M, K) with K = shape[1] (x·Wᵀ)" : "(M, K) with K = shape[0] (g·W)",
@@ -363,7 +331,7 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
         const char *names[] = {"a", "bias", "data", "absmax", "nested_absmax", "nested_code"};
         if (lf_py_check_no_alias(F, "out", c, ins, names, w.nested ? 6 : 4)) goto fail;
         const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
-        const lf_tview va = tview_of(a, da);
+        const lf_tview va = lf_py_tview2(a, da);
         float *pc = (float *)PyArray_DATA(c);
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
@@ -388,7 +356,6 @@ const char lf_py_q4gemm_path_doc[] =
 
 PyObject *lf_py_q4gemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "q4gemm_path";
-    static const char *const names[] = {"float32", "bfloat16", "float16"}; /* by lf_dtype */
     static char *kwlist[] = {"a", "dtype", "alpha", NULL};
     PyObject *oa, *oalpha = NULL;
     const char *sdtype = "bfloat16";
@@ -396,11 +363,13 @@ PyObject *lf_py_q4gemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     float alpha = 1.0f;
     lf_dtype da, dw;
     if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || parse_dtype(F, sdtype, &dw)) return NULL;
-    PyArrayObject *a = gemm_input(PyModule_GetState(self), oa, F, &da);
+    PyArrayObject *a = lf_py_as_typed(PyModule_GetState(self), oa, F, "a", &da);
     if (!a) return NULL;
     const lf_q4_weight none = {0}; /* the path depends on dtypes and alpha only */
-    PyObject *res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, tview_of(a, da), (lf_tview){.dtype = dw, .q4 = &none}),
-                                  names[da], names[dw]);
+    PyObject *res = NULL;
+    if (!lf_py_check_ndim(F, "a", a, 2, "(M, K)"))
+        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), (lf_tview){.dtype = dw, .q4 = &none}),
+                            lf_py_dtype_name(da), lf_py_dtype_name(dw));
     Py_DECREF(a);
     return res;
 }
