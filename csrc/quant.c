@@ -264,38 +264,39 @@ fail:
     return NULL;
 }
 
-/* op(W) of a weight W (rows, cols) as a (K, N) view: Wᵀ (transpose_b: element (k, n) = W[n, k], flat
- * n·cols + k) or W (element (k, n) = W[k, n], flat k·cols + n); its elements rounded to dt */
-static lf_tview op_of(const lf_q4_weight *w, int transpose_b, lf_dtype dt, int64_t *K, int64_t *N) {
-    *K = transpose_b ? w->cols : w->rows;
-    *N = transpose_b ? w->rows : w->cols;
+/* op(W) of a weight W (rows, cols) as a (P, Q) view: Wᵀ (transpose_b: element (p, q) = W[q, p], flat
+ * q·cols + p) or W (element (p, q) = W[p, q], flat p·cols + q); its elements rounded to dt */
+static lf_tview op_of(const lf_q4_weight *w, int transpose_b, lf_dtype dt, int64_t *P, int64_t *Q) {
+    *P = transpose_b ? w->cols : w->rows;
+    *Q = transpose_b ? w->rows : w->cols;
     return (lf_tview){.rs = transpose_b ? 1 : w->cols, .cs = transpose_b ? w->cols : 1, .dtype = dt, .q4 = w};
 }
 
 const char lf_py_q4gemm_doc[] =
     "q4gemm(a, data, absmax, shape, blocksize, quant_type, transpose_b=True, alpha=1.0, bias=None, out=None,\n"
     "       beta=0.0, dtype='bfloat16', nested_absmax=None, nested_code=None, nested_blocksize=256,\n"
-    "       offset=0.0) -> c\n\n"
+    "       offset=0.0, w_first=False) -> c\n\n"
     "c (M, N) float32 = beta·out + alpha·a (M, K)·op(W) (+ bias (N,) when beta == 0), W (rows, cols) a\n"
     "4-bit weight given as dequant_4bit takes it, op(W) = Wᵀ (transpose_b: K = cols, N = rows; the\n"
     "forward x·Wᵀ) or W (K = rows, N = cols; dx = g·W). W's elements are code·absmax (one fp32 product)\n"
     "rounded to dtype ('bfloat16': as bnb's dequantize_4bit to bf16; 'float32', 'float16'), dequantized\n"
     "while the GEMM packs them: W in full precision never exists. a: float32, float16 or bfloat16, any\n"
     "strides; fp32 accumulation. bf16 a, dtype 'bfloat16' and alpha 1 run the bf16 tiles (q4gemm_path).\n"
-    "beta is 0 or 1; beta=1 adds into out (required) and takes no bias.";
+    "beta is 0 or 1; beta=1 adds into out (required) and takes no bias. w_first: c = beta·out +\n"
+    "alpha·op(W)·a (K, N) instead (W the GEMM's first operand, as in yᵀ = W·xᵀ; alpha scales W).";
 
 PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "q4gemm";
     static char *kwlist[] = {"a", "data", "absmax", "shape", "blocksize", "quant_type", "transpose_b", "alpha",
                              "bias", "out", "beta", "dtype", "nested_absmax", "nested_code", "nested_blocksize",
-                             "offset", NULL};
+                             "offset", "w_first", NULL};
     q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
     PyObject *oa, *oalpha = NULL, *obias = Py_None, *oc = Py_None, *obeta = NULL;
-    int transpose_b = 1;
+    int transpose_b = 1, w_first = 0;
     const char *sdtype = "bfloat16";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOLs|pOOOOsOOLd:q4gemm", kwlist, &oa, &q.data, &q.absmax, &q.shape,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOLs|pOOOOsOOLdp:q4gemm", kwlist, &oa, &q.data, &q.absmax, &q.shape,
                                      &q.blocksize, &q.quant_type, &transpose_b, &oalpha, &obias, &oc, &obeta, &sdtype,
-                                     &q.nested_absmax, &q.nested_code, &q.nested_blocksize, &q.offset))
+                                     &q.nested_absmax, &q.nested_code, &q.nested_blocksize, &q.offset, &w_first))
         return NULL;
     float alpha = 1.0f, beta = 0.0f;
     if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || (obeta && lf_py_parse_scale(obeta, F, "beta", &beta)))
@@ -308,18 +309,19 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
     lf_q4_weight w;
     lf_dtype da, dw;
     PyArrayObject *a, *bias = NULL, *c, *arrs[4];
-    int64_t K, N;
+    int64_t P, Q;
     if (parse_dtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, lf_py_as_typed(st, oa, F, "a", &da))) ||
-        lf_py_check_ndim(F, "a", a, 2, "(M, K)") || parse_q4(st, F, &L, &q, &w, arrs))
+        lf_py_check_ndim(F, "a", a, 2, w_first ? "(K, N)" : "(M, K)") || parse_q4(st, F, &L, &q, &w, arrs))
         goto fail;
-    const lf_tview vw = op_of(&w, transpose_b, dw, &K, &N);
-    if (lf_py_check_dim(F, "a", transpose_b ? "(M, K) with K = shape[1] (x·Wᵀ)" : "(M, K) with K = shape[0] (g·W)",
-                        a, 1, K))
-        goto fail;
-    const npy_intp M = PyArray_DIM(a, 0);
+    const lf_tview vw = op_of(&w, transpose_b, dw, &P, &Q); /* op(W) (P, Q) */
+    static const char *const want[2][2] = {{"(M, K) with K = shape[0] (a·W)", "(M, K) with K = shape[1] (a·Wᵀ)"},
+                                           {"(K, N) with K = shape[1] (W·a)", "(K, N) with K = shape[0] (Wᵀ·a)"}};
+    if (lf_py_check_dim(F, "a", want[w_first][transpose_b], a, w_first ? 0 : 1, w_first ? Q : P)) goto fail;
+    /* c (M, N) = a (M, P)·op(W), or (w_first) op(W)·a (Q, N) */
+    const npy_intp M = w_first ? P : PyArray_DIM(a, 0), N = w_first ? PyArray_DIM(a, 1) : Q, K = w_first ? Q : P;
     if (obias != Py_None) {
         if (!(bias = lf_py_keep(&L, lf_py_as_f32(st, obias, F, "bias"))) || lf_py_check_ndim(F, "bias", bias, 1, "(N,)") ||
-            lf_py_check_dim(F, "bias", "(N,) with N the columns of op(W)", bias, 0, N))
+            lf_py_check_dim(F, "bias", "(N,) with N the columns of c", bias, 0, N))
             goto fail;
         if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = lf_py_keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
             goto fail;
@@ -336,7 +338,8 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
         lf_py_sigint_guard guard;
         lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
         int status;
-        Py_BEGIN_ALLOW_THREADS status = lf_hgemm(pool, M, N, K, alpha, va, vw, beta, pb, pc, N);
+        Py_BEGIN_ALLOW_THREADS status = lf_hgemm(pool, M, N, K, alpha, w_first ? vw : va, w_first ? va : vw, beta, pb,
+                                                 pc, N);
         Py_END_ALLOW_THREADS
         if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
     }

@@ -56,25 +56,26 @@ def f64(t) -> np.ndarray:
 
 
 def check(a, data, state, transpose: bool, wdtype: str = "bfloat16", alpha: float = 1.0, bias=None, out=None,
-          beta: float = 0.0, what: str = "") -> np.ndarray:
-    """q4gemm against the float64 reference (bound of its path) and, bit for bit, against hgemm on the
-    dequantized W; returns c"""
+          beta: float = 0.0, what: str = "", w_first: bool = False) -> np.ndarray:
+    """q4gemm (c = a·op(W), or op(W)·a with w_first) against the float64 reference (bound of its path)
+    and, bit for bit, against hgemm on the dequantized W; returns c"""
     before = None if out is None else np.array(out, copy=True)
     shape = tuple(state.shape)
     c = np.asarray(_C.q4gemm(a, data, state.absmax, shape, state.blocksize, state.quant_type, transpose, alpha,
-                             bias, out, beta, wdtype, **fields(state)))
+                             bias, out, beta, wdtype, w_first=w_first, **fields(state)))
     D = quant.dequantize(data, state, dtype=TDT[wdtype])
-    B = D.t() if transpose else D
-    A64, B64 = f64(a), f64(B)
+    opW = D.t() if transpose else D
+    first, second = (opW, a) if w_first else (a, opW)  # the GEMM's operands, in order
+    A64, B64 = f64(first), f64(second)
     ref, mag = alpha * (A64 @ B64), abs(alpha) * (np.abs(A64) @ np.abs(B64))
     if bias is not None:
         ref, mag = ref + f64(bias), mag + np.abs(f64(bias))
     if beta == 1.0:
         ref, mag = ref + before, mag + np.abs(before)
     path = _C.q4gemm_path(a, wdtype, alpha)[0]
-    assert path == _C.hgemm_path(a, B, alpha)[0]
+    assert path == _C.hgemm_path(first, second, alpha)[0]
     assert_within_bound(c, ref, bound_of_path(path, A64, B64, mag), f"q4gemm {what} {path} {A64.shape}x{B64.shape}")
-    twin = np.asarray(_C.hgemm(a, B, alpha, bias, None if before is None else before.copy(), beta))
+    twin = np.asarray(_C.hgemm(first, second, alpha, bias, None if before is None else before.copy(), beta))
     assert np.array_equal(c, twin, equal_nan=True), f"q4gemm {what}: not hgemm's bits on the dequantized W"
     return c
 
@@ -94,6 +95,23 @@ def test_blocks_nested_dtypes_every_isa(half_isa, quant_type, transpose):
                 for adt, wdt in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
                     check(operand(rng, (M, K), adt), data, state, transpose, wdt,
                           what=f"{quant_type} B={block} nested={nested} {adt} W {wdt}")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("transpose", [True, False], ids=["Wt", "W"])
+def test_w_first_packs_the_weight_as_a(half_isa, quant_type, transpose):
+    """c = op(W)·a: the 4-bit weight as the GEMM's first operand (its A side: pack_a_pairs / pack_a_amx on
+    the bf16 tiles, packed runs or element by element widened), alpha scaling W, K past a 512-k chunk
+    and (avx512_bf16) a K block."""
+    rng = np.random.default_rng(9)
+    for rows, cols in ((33, 257), (7, 100), (45, 1101)):
+        data, state = stored((rows, cols), quant_type, 64, True)
+        K = rows if transpose else cols
+        for adt, wdt in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32"), (torch.float16, "bfloat16")):
+            for how in ("row", "col"):
+                a = operand(rng, (K, 19), adt, how)
+                check(a, data, state, transpose, wdt, bias=torch.randn(19), w_first=True, what=f"w_first {adt} {how}")
+            check(a, data, state, transpose, wdt, alpha=-0.5, w_first=True, what=f"w_first alpha {adt}")
 
 
 @pytest.mark.parametrize("d", [1, 7, 33, 257])
@@ -261,6 +279,7 @@ def good(**over) -> dict:
     (dict(a=torch.ones(3, 41, dtype=torch.bfloat16)), ValueError, r"a must have shape \(M, K\) with K = shape\[1\]"),
     (dict(a=torch.ones(6, dtype=torch.bfloat16)), ValueError, r"a must have shape \(M, K\)"),
     (dict(transpose_b=False), ValueError, r"a must have shape \(M, K\) with K = shape\[0\]"),
+    (dict(w_first=True), ValueError, r"a must have shape \(K, N\) with K = shape\[0\] \(Wᵀ·a\)"),
     (dict(dtype="float64"), ValueError, "dtype must be 'float32', 'bfloat16' or 'float16'"),
     (dict(bias=torch.ones(5)), ValueError, r"bias must have shape \(N,\)"),
     (dict(beta=0.5), ValueError, "beta must be 0 or 1"),
