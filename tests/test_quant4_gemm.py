@@ -3,7 +3,8 @@ codes dequantized inside the GEMM's packing. Checked against a float64 reference
 (`quant.dequantize`, itself bit-identical to bitsandbytes: tests/test_quant4.py) within tolerances'
 bounds, and bit for bit against `hgemm` on that dequantized W (the same packed values through the same
 loop nest, so any difference is a packing bug): every ISA level (`half_isa`: generic … amx_bf16), block
-sizes 32 / 64 / 128 / 4096, nested scales on and off, both directions, odd shapes (1, 7, 33, 257; blocks
+sizes 32 / 64 / 128 / 4096, nested scales on and off, both directions, W as the second (B) or the first
+(A, `w_first`) operand, odd shapes (1, 7, 33, 257; blocks
 straddling rows, a short last block), K around the AMX step and over several K blocks, zero sizes,
 transposed and strided a, alpha / bias / beta, threads, the tile the path names, bitsandbytes' own
 Params4bit, and corrupt quant states refused before any compute."""
