@@ -146,7 +146,7 @@ PyArrayObject *lf_py_as_typed(lf_state *st, PyObject *obj, const char *F, const 
 /* the kernel's view of a 2-D operand: strides in elements of its dtype */
 lf_tview lf_py_tview2(PyArrayObject *a, lf_dtype dt) {
     const npy_intp item = PyArray_ITEMSIZE(a);
-    return (lf_tview){PyArray_DATA(a), PyArray_STRIDE(a, 0) / item, PyArray_STRIDE(a, 1) / item, dt};
+    return (lf_tview){PyArray_DATA(a), PyArray_STRIDE(a, 0) / item, PyArray_STRIDE(a, 1) / item, dt, NULL};
 }
 
 /* the one overlap rule (lorafuse/validate.h) on the byte extents of two arrays */

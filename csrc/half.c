@@ -58,7 +58,7 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
         lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", b, 1, *r))
         return -1;
     *W = lf_py_tview2(w, base);
-    if (fifo) *W = (lf_tview){W->p, W->cs, W->rs, base};
+    if (fifo) *W = (lf_tview){W->p, W->cs, W->rs, base, NULL};
     *A = lf_py_tview2(a, da);
     *B = lf_py_tview2(b, db);
     return 0;
@@ -101,7 +101,7 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
     }
     const npy_intp k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     npy_intp m, r;
-    lf_tview W, A, B, bias = {NULL, 0, 1, LF_DT_F32};
+    lf_tview W, A, B, bias = {NULL, 0, 1, LF_DT_F32, NULL};
     if (parse_weights(st, L, F, c->oW, c->oA, c->oB, c->fifo, k, xdt, &W, &A, &B, &m, &r)) return NULL;
     PyArrayObject *ab = NULL, *y, *u = NULL, *x2, *y2, *u2 = NULL;
     if (c->obias != Py_None) {
@@ -109,7 +109,7 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
         if (!(ab = typed_arg(st, L, F, c->obias, "bias", 1, "(m,)", xdt, 1, &dbias)) ||
             lf_py_check_dim(F, "bias", "(m,) with m from W", ab, 0, m))
             return NULL;
-        bias = (lf_tview){PyArray_DATA(ab), 0, PyArray_STRIDE(ab, 0) / PyArray_ITEMSIZE(ab), dbias};
+        bias = (lf_tview){PyArray_DATA(ab), 0, PyArray_STRIDE(ab, 0) / PyArray_ITEMSIZE(ab), dbias, NULL};
     }
     if (!(y = lf_py_keep(L, new_typed(x, 0, m, xdt)))) return NULL;
     if (c->need_u &&

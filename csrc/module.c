@@ -458,6 +458,7 @@ static PyMethodDef methods[] = {
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},
     LF_PY_GEMM_METHODS, /* sgemm, hgemm, hgemm_path (hgemm.c) */
     LF_PY_QUANT_METHODS, /* dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c) */
+    LF_PY_Q4GEMM_METHODS, /* q4gemm, q4gemm_path (quant.c) */
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads used by the kernels."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},

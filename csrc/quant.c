@@ -1,5 +1,7 @@
-/* quant.c — lorafuse._C.dequant_4bit, quant_4bit and quant_tables: bitsandbytes' 4-bit weight storage
- * (kernels/include/lorafuse/quant4.h) on NumPy arrays or CPU torch tensors (DLPack, read in place).
+/* quant.c — lorafuse._C.dequant_4bit, quant_4bit, quant_tables, and q4gemm / q4gemm_path (a GEMM whose
+ * second operand is a 4-bit weight, dequantized while it is packed: lf_tview.q4): bitsandbytes' 4-bit
+ * weight storage (kernels/include/lorafuse/quant4.h) on NumPy arrays or CPU torch tensors (DLPack, read
+ * in place).
  *
  * Every length a stored weight claims is checked against the arrays it comes with before C reads
  * them (lf_q4_unfit: data bytes, scales per block, nested scales per nested block, the 256-entry
@@ -156,6 +158,64 @@ static PyArrayObject *output_of(lf_state *st, PyObject *obj, const char *F, lf_d
     return o;
 }
 
+/* The arguments describing a stored weight that dequant_4bit and q4gemm share (as Python objects). */
+typedef struct {
+    PyObject *data, *absmax, *shape, *nested_absmax, *nested_code;
+    long long blocksize, nested_blocksize;
+    const char *quant_type;
+    double offset;
+} q4_args;
+
+/* *w from q (its pointers into arrays kept in L; arrs[0..3] = data, absmax, nested_absmax, nested_code,
+ * the last two NULL when not nested), checked with lf_q4_unfit. 0, or -1 with TypeError / ValueError
+ * naming the argument. */
+static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_args *q, lf_q4_weight *w,
+                    PyArrayObject *arrs[4]) {
+    memset(w, 0, sizeof *w);
+    arrs[0] = arrs[1] = arrs[2] = arrs[3] = NULL;
+    if (parse_type(F, q->quant_type, &w->type) || parse_shape(F, q->shape, &w->rows, &w->cols)) return -1;
+    w->blocksize = q->blocksize;
+    w->nested = q->nested_absmax != Py_None;
+    w->nested_blocksize = q->nested_blocksize;
+    w->offset = (float)q->offset;
+    if (w->nested != (q->nested_code != Py_None)) {
+        PyErr_Format(PyExc_ValueError, "%s: nested_absmax and nested_code come together (double quantization)", F);
+        return -1;
+    }
+    PyArrayObject *data, *am, *nam = NULL, *code = NULL;
+    if (!(data = lf_py_keep(L, input_of(st, q->data, F, "data", NPY_UINT8, "uint8"))) ||
+        !(am = lf_py_keep(L, w->nested ? input_of(st, q->absmax, F, "absmax", NPY_UINT8, "uint8 (double-quantized codes)")
+                                       : input_of(st, q->absmax, F, "absmax", NPY_FLOAT32, "float32"))))
+        return -1;
+    if (w->nested && (!(nam = lf_py_keep(L, input_of(st, q->nested_absmax, F, "nested_absmax", NPY_FLOAT32, "float32"))) ||
+                      !(code = lf_py_keep(L, input_of(st, q->nested_code, F, "nested_code", NPY_FLOAT32, "float32")))))
+        return -1;
+    if (code && PyArray_SIZE(code) != 256) {
+        PyErr_Format(PyExc_ValueError, "%s: nested_code must hold 256 values, got %zd", F, (Py_ssize_t)PyArray_SIZE(code));
+        return -1;
+    }
+    w->data = PyArray_DATA(data);
+    w->nbytes = PyArray_SIZE(data);
+    w->absmax = w->nested ? NULL : PyArray_DATA(am);
+    w->absmax_q = w->nested ? PyArray_DATA(am) : NULL;
+    w->n_absmax = PyArray_SIZE(am);
+    if (w->nested) {
+        w->nested_absmax = PyArray_DATA(nam);
+        w->n_nested_absmax = PyArray_SIZE(nam);
+        w->nested_code = PyArray_DATA(code);
+    }
+    const char *why = lf_q4_unfit(w);
+    if (why) {
+        PyErr_Format(PyExc_ValueError, "%s: %s", F, why);
+        return -1;
+    }
+    arrs[0] = data;
+    arrs[1] = am;
+    arrs[2] = nam;
+    arrs[3] = code;
+    return 0;
+}
+
 const char lf_py_dequant_4bit_doc[] =
     "dequant_4bit(data, absmax, shape, blocksize, quant_type, dtype='float32', nested_absmax=None,\n"
     "             nested_code=None, nested_blocksize=256, offset=0.0, rows=None, cols=None, out=None) -> W\n\n"
@@ -169,64 +229,25 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "dequant_4bit";
     static char *kwlist[] = {"data", "absmax", "shape", "blocksize", "quant_type", "dtype", "nested_absmax",
                              "nested_code", "nested_blocksize", "offset", "rows", "cols", "out", NULL};
-    PyObject *odata, *oabs, *oshape, *onabs = Py_None, *ocode = Py_None, *orows = Py_None, *ocols = Py_None,
-                                     *oout = Py_None;
-    long long blocksize, nested_bs = 256;
-    const char *stype, *sdtype = "float32";
-    double offset = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLs|sOOLdOOO:dequant_4bit", kwlist, &odata, &oabs, &oshape,
-                                     &blocksize, &stype, &sdtype, &onabs, &ocode, &nested_bs, &offset, &orows, &ocols,
-                                     &oout))
+    q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
+    PyObject *orows = Py_None, *ocols = Py_None, *oout = Py_None;
+    const char *sdtype = "float32";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLs|sOOLdOOO:dequant_4bit", kwlist, &q.data, &q.absmax, &q.shape,
+                                     &q.blocksize, &q.quant_type, &sdtype, &q.nested_absmax, &q.nested_code,
+                                     &q.nested_blocksize, &q.offset, &orows, &ocols, &oout))
         return NULL;
     lf_state *st = PyModule_GetState(self);
-    lf_q4_weight w = {0};
+    lf_q4_weight w;
     lf_dtype dt;
     int64_t r0, r1, c0, c1;
-    if (parse_type(F, stype, &w.type) || parse_dtype(F, sdtype, &dt) || parse_shape(F, oshape, &w.rows, &w.cols) ||
-        parse_range(F, "rows", orows, w.rows, &r0, &r1) || parse_range(F, "cols", ocols, w.cols, &c0, &c1))
-        return NULL;
-    w.blocksize = blocksize;
-    w.nested = onabs != Py_None;
-    w.nested_blocksize = nested_bs;
-    w.offset = (float)offset;
-    if (w.nested != (ocode != Py_None)) {
-        PyErr_Format(PyExc_ValueError, "%s: nested_absmax and nested_code come together (double quantization)", F);
-        return NULL;
-    }
     lf_py_arr_list L = {{0}, 0};
-    PyArrayObject *data, *am, *nam = NULL, *code = NULL, *out;
-    if (!(data = lf_py_keep(&L, input_of(st, odata, F, "data", NPY_UINT8, "uint8"))) ||
-        !(am = lf_py_keep(&L, w.nested ? input_of(st, oabs, F, "absmax", NPY_UINT8, "uint8 (double-quantized codes)")
-                                       : input_of(st, oabs, F, "absmax", NPY_FLOAT32, "float32"))))
+    PyArrayObject *arrs[4], *out;
+    if (parse_dtype(F, sdtype, &dt) || parse_q4(st, F, &L, &q, &w, arrs) ||
+        parse_range(F, "rows", orows, w.rows, &r0, &r1) || parse_range(F, "cols", ocols, w.cols, &c0, &c1))
         goto fail;
-    if (w.nested && (!(nam = lf_py_keep(&L, input_of(st, onabs, F, "nested_absmax", NPY_FLOAT32, "float32"))) ||
-                     !(code = lf_py_keep(&L, input_of(st, ocode, F, "nested_code", NPY_FLOAT32, "float32")))))
-        goto fail;
-    if (code && PyArray_SIZE(code) != 256) {
-        PyErr_Format(PyExc_ValueError, "%s: nested_code must hold 256 values, got %zd", F, (Py_ssize_t)PyArray_SIZE(code));
-        goto fail;
-    }
-    w.data = PyArray_DATA(data);
-    w.nbytes = PyArray_SIZE(data);
-    w.absmax = w.nested ? NULL : PyArray_DATA(am);
-    w.absmax_q = w.nested ? PyArray_DATA(am) : NULL;
-    w.n_absmax = PyArray_SIZE(am);
-    if (w.nested) {
-        w.nested_absmax = PyArray_DATA(nam);
-        w.n_nested_absmax = PyArray_SIZE(nam);
-        w.nested_code = PyArray_DATA(code);
-    }
-    const char *why = lf_q4_unfit(&w);
-    if (why) {
-        PyErr_Format(PyExc_ValueError, "%s: %s", F, why);
-        goto fail;
-    }
     if (!(out = lf_py_keep(&L, output_of(st, oout, F, dt, r1 - r0, c1 - c0)))) goto fail;
-    {
-        PyArrayObject *ins[] = {data, am, nam, code};
-        const char *names[] = {"data", "absmax", "nested_absmax", "nested_code"};
-        if (lf_py_check_no_alias(F, "out", out, ins, names, w.nested ? 4 : 2)) goto fail;
-    }
+    const char *names[] = {"data", "absmax", "nested_absmax", "nested_code"};
+    if (lf_py_check_no_alias(F, "out", out, arrs, names, w.nested ? 4 : 2)) goto fail;
     int status;
     void *po = PyArray_DATA(out);
     Py_BEGIN_ALLOW_THREADS status = lf_q4_dequantize(&w, r0, r1, c0, c1, dt, po, c1 - c0);
@@ -241,6 +262,119 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
 fail:
     lf_py_drop_all(&L);
     return NULL;
+}
+
+/* op(W) of a weight W (rows, cols) as a (P, Q) view: Wᵀ (transpose_b: element (p, q) = W[q, p], flat
+ * q·cols + p) or W (element (p, q) = W[p, q], flat p·cols + q); its elements rounded to dt */
+static lf_tview op_of(const lf_q4_weight *w, int transpose_b, lf_dtype dt, int64_t *P, int64_t *Q) {
+    *P = transpose_b ? w->cols : w->rows;
+    *Q = transpose_b ? w->rows : w->cols;
+    return (lf_tview){.rs = transpose_b ? 1 : w->cols, .cs = transpose_b ? w->cols : 1, .dtype = dt, .q4 = w};
+}
+
+const char lf_py_q4gemm_doc[] =
+    "q4gemm(a, data, absmax, shape, blocksize, quant_type, transpose_b=True, alpha=1.0, bias=None, out=None,\n"
+    "       beta=0.0, dtype='bfloat16', nested_absmax=None, nested_code=None, nested_blocksize=256,\n"
+    "       offset=0.0, w_first=False) -> c\n\n"
+    "c (M, N) float32 = beta·out + alpha·a (M, K)·op(W) (+ bias (N,) when beta == 0), W (rows, cols) a\n"
+    "4-bit weight given as dequant_4bit takes it, op(W) = Wᵀ (transpose_b: K = cols, N = rows; the\n"
+    "forward x·Wᵀ) or W (K = rows, N = cols; dx = g·W). W's elements are code·absmax (one fp32 product)\n"
+    "rounded to dtype ('bfloat16': as bnb's dequantize_4bit to bf16; 'float32', 'float16'), dequantized\n"
+    "while the GEMM packs them: W in full precision never exists. a: float32, float16 or bfloat16, any\n"
+    "strides; fp32 accumulation. bf16 a, dtype 'bfloat16' and alpha 1 run the bf16 tiles (q4gemm_path).\n"
+    "beta is 0 or 1; beta=1 adds into out (required) and takes no bias. w_first: c = beta·out +\n"
+    "alpha·op(W)·a (K, N) instead (W the GEMM's first operand, as in yᵀ = W·xᵀ; alpha scales W).";
+
+PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "q4gemm";
+    static char *kwlist[] = {"a", "data", "absmax", "shape", "blocksize", "quant_type", "transpose_b", "alpha",
+                             "bias", "out", "beta", "dtype", "nested_absmax", "nested_code", "nested_blocksize",
+                             "offset", "w_first", NULL};
+    q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
+    PyObject *oa, *oalpha = NULL, *obias = Py_None, *oc = Py_None, *obeta = NULL;
+    int transpose_b = 1, w_first = 0;
+    const char *sdtype = "bfloat16";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOLs|pOOOOsOOLdp:q4gemm", kwlist, &oa, &q.data, &q.absmax, &q.shape,
+                                     &q.blocksize, &q.quant_type, &transpose_b, &oalpha, &obias, &oc, &obeta, &sdtype,
+                                     &q.nested_absmax, &q.nested_code, &q.nested_blocksize, &q.offset, &w_first))
+        return NULL;
+    float alpha = 1.0f, beta = 0.0f;
+    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || (obeta && lf_py_parse_scale(obeta, F, "beta", &beta)))
+        return NULL;
+    if (beta != 0.0f && beta != 1.0f) return PyErr_Format(PyExc_ValueError, "%s: beta must be 0 or 1, got %R", F, obeta);
+    if (beta == 1.0f && (oc == Py_None || obias != Py_None))
+        return PyErr_Format(PyExc_ValueError, "%s: beta=1 adds into out: out is required and bias must be None", F);
+    lf_state *st = PyModule_GetState(self);
+    lf_py_arr_list L = {{0}, 0};
+    lf_q4_weight w;
+    lf_dtype da, dw;
+    PyArrayObject *a, *bias = NULL, *c, *arrs[4];
+    int64_t P, Q;
+    if (parse_dtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, lf_py_as_typed(st, oa, F, "a", &da))) ||
+        lf_py_check_ndim(F, "a", a, 2, w_first ? "(K, N)" : "(M, K)") || parse_q4(st, F, &L, &q, &w, arrs))
+        goto fail;
+    const lf_tview vw = op_of(&w, transpose_b, dw, &P, &Q); /* op(W) (P, Q) */
+    static const char *const want[2][2] = {{"(M, K) with K = shape[0] (a·W)", "(M, K) with K = shape[1] (a·Wᵀ)"},
+                                           {"(K, N) with K = shape[1] (W·a)", "(K, N) with K = shape[0] (Wᵀ·a)"}};
+    if (lf_py_check_dim(F, "a", want[w_first][transpose_b], a, w_first ? 0 : 1, w_first ? Q : P)) goto fail;
+    /* c (M, N) = a (M, P)·op(W), or (w_first) op(W)·a (Q, N) */
+    const npy_intp M = w_first ? P : PyArray_DIM(a, 0), N = w_first ? PyArray_DIM(a, 1) : Q, K = w_first ? Q : P;
+    if (obias != Py_None) {
+        if (!(bias = lf_py_keep(&L, lf_py_as_f32(st, obias, F, "bias"))) || lf_py_check_ndim(F, "bias", bias, 1, "(N,)") ||
+            lf_py_check_dim(F, "bias", "(N,) with N the columns of c", bias, 0, N))
+            goto fail;
+        if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = lf_py_keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
+            goto fail;
+    }
+    c = lf_py_keep(&L, oc == Py_None ? lf_py_new_2d(st, M, N) : lf_py_check_output(st, oc, F, "out", NULL, M, N));
+    if (!c) goto fail;
+    {
+        PyArrayObject *ins[] = {a, bias, arrs[0], arrs[1], arrs[2], arrs[3]};
+        const char *names[] = {"a", "bias", "data", "absmax", "nested_absmax", "nested_code"};
+        if (lf_py_check_no_alias(F, "out", c, ins, names, w.nested ? 6 : 4)) goto fail;
+        const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
+        const lf_tview va = lf_py_tview2(a, da);
+        float *pc = (float *)PyArray_DATA(c);
+        lf_py_sigint_guard guard;
+        lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
+        int status;
+        Py_BEGIN_ALLOW_THREADS status = lf_hgemm(pool, M, N, K, alpha, w_first ? vw : va, w_first ? va : vw, beta, pb,
+                                                 pc, N);
+        Py_END_ALLOW_THREADS
+        if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
+    }
+    Py_INCREF(c);
+    lf_py_drop_all(&L);
+    return (PyObject *)c;
+fail:
+    lf_py_drop_all(&L);
+    return NULL;
+}
+
+const char lf_py_q4gemm_path_doc[] =
+    "q4gemm_path(a, dtype='bfloat16', alpha=1.0) -> (path, a_dtype, w_dtype)\n\n"
+    "How q4gemm(a, ..., alpha=alpha, dtype=dtype) would run on the ISA in use: 'amx_bf16' (AMX tiles),\n"
+    "'bf16_pairs' (vdpbf16ps on K-pairs) or 'widened' (fp32 micro-kernels), as hgemm_path; W is\n"
+    "dequantized while packed on every path.";
+
+PyObject *lf_py_q4gemm_path(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "q4gemm_path";
+    static char *kwlist[] = {"a", "dtype", "alpha", NULL};
+    PyObject *oa, *oalpha = NULL;
+    const char *sdtype = "bfloat16";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|sO:q4gemm_path", kwlist, &oa, &sdtype, &oalpha)) return NULL;
+    float alpha = 1.0f;
+    lf_dtype da, dw;
+    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || parse_dtype(F, sdtype, &dw)) return NULL;
+    PyArrayObject *a = lf_py_as_typed(PyModule_GetState(self), oa, F, "a", &da);
+    if (!a) return NULL;
+    const lf_q4_weight none = {0}; /* the path depends on dtypes and alpha only */
+    PyObject *res = NULL;
+    if (!lf_py_check_ndim(F, "a", a, 2, "(M, K)"))
+        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), (lf_tview){.dtype = dw, .q4 = &none}),
+                            lf_py_dtype_name(da), lf_py_dtype_name(dw));
+    Py_DECREF(a);
+    return res;
 }
 
 const char lf_py_quant_4bit_doc[] =

@@ -88,6 +88,12 @@ PyObject *lf_py_dequant_4bit(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_quant_4bit(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_double_quant(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_quant_tables(PyObject *module, PyObject *noargs);
+/* _C.q4gemm, q4gemm_path (quant.c): a GEMM on a 4-bit weight dequantized while packed; LF_PY_Q4GEMM_METHODS:
+ * their entries of the module's method table. */
+extern const char lf_py_q4gemm_doc[], lf_py_q4gemm_path_doc[];
+PyObject *lf_py_q4gemm(PyObject *module, PyObject *args, PyObject *kw);
+PyObject *lf_py_q4gemm_path(PyObject *module, PyObject *args, PyObject *kw);
+#define LF_PY_Q4GEMM_METHODS LF_PY_KW_METHOD(q4gemm), LF_PY_KW_METHOD(q4gemm_path)
 #define LF_PY_QUANT_METHODS \
     LF_PY_KW_METHOD(dequant_4bit), LF_PY_KW_METHOD(quant_4bit), LF_PY_KW_METHOD(double_quant), \
     {"quant_tables", lf_py_quant_tables, METH_NOARGS, lf_py_quant_tables_doc}

@@ -53,6 +53,7 @@ RUNS = [
         [rf"  {row} +[0-9.]+ +[0-9.]+ +[0-9.]+ \|" for row in PASS_ROWS]
         + [re.escape("preallocated out=/u_out="), "ratio alternating"]),
     run("bench_lora_cost.py", ["--rounds", "1"], ["cache off", "512   1024   1024  16"]),
+    run("bench_q4gemm.py", ["--quick", "--rounds", "1"], [r"\| +(amx_bf16|bf16_pairs|widened) \|", "q4 fused: one GEMM"]),
     run("bench_train.py", TINY_TRAIN, TRAIN_C),
     run("bench_train.py", TINY_TRAIN + ["--compile"], TRAIN_C, slow=True),
     run("bench_train.py", TINY_TRAIN + ["--dtype", "bf16"],

@@ -51,6 +51,25 @@ def bound_dpbf16(mag: np.ndarray, k_eff: int, a_abs_rowsum: np.ndarray, b_abs_co
     return bound(mag, k_eff) + DAZ * (a_abs_rowsum[:, None] + b_abs_colsum[None, :] + k_eff)
 
 
+# 4-bit operands (_C.q4gemm, quant.matmul_4bit): W's elements enter the GEMM as code·absmax (one fp32
+# product) rounded once to W's dtype — the very values quant.dequantize gives (bit-identical to bnb's
+# dequantize_4bit: tests/test_quant4.py), which packing produces before it widens or pairs them — so
+# against a float64 reference on those values only the GEMM's own rounding counts and the bounds above
+# hold unchanged: bound() on the widened path, bound_dpbf16() on the bf16 tiles (a dequantized bf16
+# element is a bf16 denormal only where |code·absmax| < 2⁻¹²⁶; the DAZ term covers it like any other).
+# The 4-bit quantization error itself is W's, not the kernel's: test_quant4 bounds it per block.
+BF16_TILES = ("bf16_pairs", "amx_bf16")  # _C.hgemm_path / q4gemm_path names of the vdpbf16ps / AMX tiles
+
+
+def bound_of_path(path: str, A: np.ndarray, B: np.ndarray, mag: np.ndarray) -> np.ndarray:
+    """The bound for c = A (M, K) · B (K, N) (float64 values of the operands) run on `path`:
+    bound_dpbf16 on a bf16 tile, else bound; mag = |A|·|B| (+ whatever else the result sums)."""
+    K = A.shape[1]
+    if path in BF16_TILES:
+        return bound_dpbf16(mag, K, np.abs(A).sum(1), np.abs(B).sum(0))
+    return bound(mag, K)
+
+
 def assert_within_bound(got: np.ndarray, ref: np.ndarray, lim: np.ndarray, what: str) -> None:
     """got (fp32) vs ref (fp64) against an element-wise bound lim."""
     assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"

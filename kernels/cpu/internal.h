@@ -278,7 +278,15 @@ typedef struct {
      * panels (lf_gemm: LF_EINVAL). */
     lf_dtype dtype;
     const uint16_t *h;
+    /* non-NULL: a 4-bit weight's elements (lf_tview.q4; v.p and h unused): offset off is W's flat
+     * element off, dequantized and rounded to dtype as it is packed (lf_q4_span: SIMD runs of the
+     * memory-contiguous direction), then read as a bf16 / fp16 / fp32 segment would be. No dropout,
+     * low-rank addend or kept panels (lf_gemm: LF_EINVAL). */
+    const lf_q4_weight *q4;
 } lf_segment;
+
+/* 1 if s's elements are fp32 values in memory (v.p): neither 16-bit bits (h) nor 4-bit codes (q4) */
+static inline int lf_seg_f32(const lf_segment *s) { return s->dtype == LF_DT_F32 && !s->q4; }
 
 /* A rank-r term added to segment 0 of a B-operand as it is packed:
  *     b(k, j) += scale · Σ_q L(k, q) · R(q, j),   L (K0, r), R (r, N)
@@ -300,7 +308,8 @@ typedef struct {
 } lf_operand;
 
 lf_operand lf_operand_plain(lf_view v, float scale);
-/* the one-segment operand reading t (fp32 through v.p, bf16 / fp16 through h), times scale */
+/* the one-segment operand reading t (fp32 through v.p, bf16 / fp16 through h, a 4-bit weight through q4),
+ * times scale */
 lf_operand lf_operand_typed(lf_tview t, float scale);
 /* the operand reading x̃ = x ⊙ mask / (1-p) times scale (x when p == 0): the mask index is the flat
  * offset i·rs + j·cs (i·k + j for the C-contiguous x the LoRA kernels require with dropout) */
@@ -308,7 +317,7 @@ lf_operand lf_operand_dropped(lf_tview x, float scale, float p, uint64_t seed);
 /* [a | b] along K: a·sa covers [0, k_split), b·sb the rest (each of its own dtype) */
 lf_operand lf_operand_concat(lf_tview a, float sa, lf_tview b, float sb, int64_t k_split);
 /* an fp32 view as a typed one */
-static inline lf_tview lf_tv32(lf_view v) { return (lf_tview){v.p, v.rs, v.cs, LF_DT_F32}; }
+static inline lf_tview lf_tv32(lf_view v) { return (lf_tview){v.p, v.rs, v.cs, LF_DT_F32, NULL}; }
 /* lora.c: LF_EINVAL for negative sizes or p outside [0, 1), LF_EOVERFLOW if a product of sizes does not fit */
 int lf_lora_check_dims(int64_t n, int64_t k, int64_t m, int64_t r, float p);
 

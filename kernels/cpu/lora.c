@@ -87,7 +87,7 @@ static int split_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
     lf_operand wt = lf_operand_plain(transpose(W), 1.0f);
     wt.packed = wpack;
     int st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias, y, m);
-    float *bt = st ? NULL : lf_widened_copy((lf_tview){B.p, B.cs, B.rs, LF_DT_F32}, r, m, scale); /* s·Bᵀ (r, m) */
+    float *bt = st ? NULL : lf_widened_copy((lf_tview){B.p, B.cs, B.rs, LF_DT_F32, NULL}, r, m, scale); /* s·Bᵀ (r, m) */
     if (!st && !bt) st = LF_ENOMEM;
     if (!st) st = lf_rank_rows(pool, n, m, r, (lf_view){u, r, 1}, (lf_view){bt, m, 1}, 1.0f, NULL, y, m, LF_DT_F32, NULL, 0);
     free(bt);
@@ -291,7 +291,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
             float *acopy = NULL; /* the rank-r update reads A's rows as vectors */
             lf_view Ar = A;
             if (!st && n > 0 && k > 0 && A.cs != 1 && r > 0) {
-                acopy = lf_widened_copy((lf_tview){A.p, A.rs, A.cs, LF_DT_F32}, r, k, 1.0f);
+                acopy = lf_widened_copy((lf_tview){A.p, A.rs, A.cs, LF_DT_F32, NULL}, r, k, 1.0f);
                 if (!acopy) st = LF_ENOMEM;
                 Ar = (lf_view){acopy, k, 1};
             }

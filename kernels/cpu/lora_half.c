@@ -31,9 +31,11 @@ static lf_tview ttranspose(lf_tview v) {
 
 static int is_half(lf_dtype dt) { return dt == LF_DT_BF16 || dt == LF_DT_F16; }
 
-/* the dtype rules of kernels.h: x (and g) and W one half dtype, A and B fp32 or that dtype */
+/* the dtype rules of kernels.h: x (and g) and W one half dtype, A and B fp32 or that dtype; no 4-bit
+ * view (lf_tview.q4) among them yet (the decode kernel and lf_widened_copy read p) */
 static int dtypes_ok(lf_dtype base, lf_tview W, lf_tview A, lf_tview B) {
-    return is_half(base) && W.dtype == base && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == base);
+    return is_half(base) && W.dtype == base && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == base) &&
+           !W.q4 && !A.q4 && !B.q4;
 }
 
 /* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */

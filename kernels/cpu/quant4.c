@@ -56,6 +56,20 @@ static lf_q4_run_fn run_for_isa(void) {
     }
 }
 
+void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *out) {
+    const lf_q4_run_fn run = run_for_isa();
+    const float *code = lf_q4_code(w->type);
+    const size_t esize = dt == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
+    /* the flat run [e, e + n), cut at block edges (e / B changes), each piece one call of run with its
+     * block's scale */
+    for (const int64_t end = e + n; e < end;) {
+        const int64_t b = e / w->blocksize, stop = end < (b + 1) * w->blocksize ? end : (b + 1) * w->blocksize;
+        run(w->data, e, stop - e, code, block_scale(w, b), dt, out);
+        out = (char *)out + (size_t)(stop - e) * esize;
+        e = stop;
+    }
+}
+
 int lf_q4_dequantize(const lf_q4_weight *w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, lf_dtype out_dtype,
                      void *out, int64_t ldo) {
     if (lf_q4_unfit(w) || r0 < 0 || r0 > r1 || r1 > w->rows || c0 < 0 || c0 > c1 || c1 > w->cols)
@@ -64,22 +78,10 @@ int lf_q4_dequantize(const lf_q4_weight *w, int64_t r0, int64_t r1, int64_t c0, 
     if (r0 == r1 || c0 == c1) return LF_OK;
     int64_t last_row;
     if (!out || ldo < c1 - c0 || !lf_mul_ok(r1 - r0 - 1, ldo, &last_row)) return LF_EINVAL;
-    const lf_q4_run_fn run = run_for_isa();
-    const float *code = lf_q4_code(w->type);
     const size_t esize = out_dtype == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
-    /* row i, columns [c0, c1): the flat run e ∈ [i·cols + c0, i·cols + c1), cut at block edges
-     * (e / B changes), each piece one call of run with its block's scale */
-    for (int64_t i = r0; i < r1; i++) {
-        int64_t e = i * w->cols + c0;
-        const int64_t end = i * w->cols + c1;
-        char *o = (char *)out + (size_t)((i - r0) * ldo) * esize;
-        while (e < end) {
-            const int64_t b = e / w->blocksize, stop = end < (b + 1) * w->blocksize ? end : (b + 1) * w->blocksize;
-            run(w->data, e, stop - e, code, block_scale(w, b), out_dtype, o);
-            o += (size_t)(stop - e) * esize;
-            e = stop;
-        }
-    }
+    /* row i, columns [c0, c1): the flat run e ∈ [i·cols + c0, i·cols + c1) */
+    for (int64_t i = r0; i < r1; i++)
+        lf_q4_span(w, i * w->cols + c0, c1 - c0, out_dtype, (char *)out + (size_t)((i - r0) * ldo) * esize);
     return LF_OK;
 }
 

@@ -25,4 +25,11 @@ void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *co
 void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                       void *out);
 
+/* out[t] = w'[e + t] for t < n: the flat elements [e, e + n) of w dequantized and rounded to dt (as
+ * lf_q4_dequantize, whose rows it runs; the GEMM's packing reads 4-bit operands through it), the run
+ * cut at block edges, each piece one call of the ISA's lf_q4_run_fn with its block's fp32 scale (nested
+ * scales resolved per piece: one table lookup, one product, one sum). Unchecked: w passes lf_q4_unfit,
+ * 0 ≤ e, e + n ≤ rows·cols. */
+void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *out);
+
 #endif

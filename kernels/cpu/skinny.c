@@ -137,7 +137,7 @@ static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf
                 wp[t * vw + q] = w.dtype == LF_DT_F32 ? ((const float *)w.p)[off]
                                                       : lf_half_to_f32(w.dtype, ((const uint16_t *)w.p)[off]);
             }
-        st = lf_rank_update(pool, P, vw, T, s, (lf_tview){wp, vw, 1, LF_DT_F32}, scale, cp, vw, NULL);
+        st = lf_rank_update(pool, P, vw, T, s, (lf_tview){wp, vw, 1, LF_DT_F32, NULL}, scale, cp, vw, NULL);
     }
     for (int64_t p = 0; !st && p < P; p++) memcpy(c + p * ldc, cp + p * vw, (size_t)Q * sizeof(float));
     free(wp);

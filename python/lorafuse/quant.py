@@ -1,6 +1,7 @@
 """4-bit frozen bases in bitsandbytes' storage (QLoRA's data layer, docs/DESIGN.md "4-bit bases").
 
     W = lorafuse.quant.dequantize(layer.weight)           # a bnb Params4bit (or lorafuse's) as it is
+    y = lorafuse.quant.matmul_4bit(x, layer)              # x·Wᵀ, W dequantized inside the GEMM's packing
     lorafuse.quantize(model, "nf4", block_size=64, double_quant=True, skip_modules=("lm_head",))
 
 The storage is bitsandbytes 0.50's (kernels/include/lorafuse/quant4.h): W (out, in) read flat in
@@ -12,7 +13,9 @@ gives the bits of ``quantize_4bit`` (tests/test_quant4.py compares both where bi
 installed). `Linear4bit` stores that layout, its state dict keys those of bnb's ``Linear4bit``
 (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ``bias``); its forward
-dequantizes and runs ``F.linear`` (the fused 4-bit GEMM comes later). 8-bit (int8) bases: not yet.
+dequantizes and runs ``F.linear``. `matmul_4bit` is the fused 4-bit GEMM (``_C.q4gemm``): x·Wᵀ or g·W
+with W's codes dequantized while the GEMM packs them, so W in full precision never exists (the layers do
+not call it yet). 8-bit (int8) bases: not yet.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import nn
 
 from . import _C
 
-__all__ = ["QuantState", "Linear4bit", "dequantize", "quantize", "quantize_weight"]
+__all__ = ["QuantState", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TYPES = ("nf4", "fp4")
@@ -88,24 +91,18 @@ class QuantState:
                    dtype=getattr(torch, qs["dtype"]), offset=offset, state2=state2)
 
 
-def dequantize(weight: torch.Tensor, quant_state: Any = None, *, dtype: Optional[torch.dtype] = None,
-               rows: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W (shape ``quant_state.shape``, e.g. (out_features, in_features)) from a 4-bit weight as it is
-    stored: bnb's ``Params4bit`` (its ``.quant_state``) or lorafuse's, or packed data plus a quant
-    state (bnb's ``QuantState`` or `QuantState`). dtype: ``quant_state.dtype`` unless given (float32,
-    bfloat16 or float16); rows: (start, stop) for W[start:stop] only. Bit-identical to
-    ``bitsandbytes.functional.dequantize_4bit`` (CPU tensors)."""
+def _stored(weight: Any, quant_state: Any, fname: str) -> tuple:
+    """(data uint8, absmax, (rows, cols), kwargs of the nested fields, quant_state) of a 4-bit weight as
+    ``_C.dequant_4bit`` / ``_C.q4gemm`` take it: W (shape ``quant_state.shape``) read as (rows, cols) =
+    (prod(shape[:-1]), shape[-1]); nothing converted but absmax dtypes bnb widens itself."""
     qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
     if qs is None:
-        raise ValueError("dequantize: no quant_state (pass one, or a Params4bit that carries it)")
+        raise ValueError(f"{fname}: no quant_state (pass one, or a Params4bit that carries it)")
     data = weight.detach()
     if data.device.type != "cpu":
-        raise ValueError(f"dequantize: the weight is on {data.device}; the 4-bit kernels run on the CPU")
+        raise ValueError(f"{fname}: the weight is on {data.device}; the 4-bit kernels run on the CPU")
     if data.dtype != torch.uint8:  # bnb's quant_storage (e.g. bfloat16): the same bytes
         data = data.contiguous().view(torch.uint8)
-    dtype = dtype or qs.dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dequantize: dtype must be float32, bfloat16 or float16, got {dtype}")
     shape = tuple(int(s) for s in qs.shape)
     rows2d = (math.prod(shape[:-1]), shape[-1]) if len(shape) >= 2 else (1, shape[0] if shape else 1)
     kw: dict = {}
@@ -115,12 +112,66 @@ def dequantize(weight: torch.Tensor, quant_state: Any = None, *, dtype: Optional
                   nested_blocksize=int(qs.state2.blocksize), offset=float(qs.offset))
     elif absmax.dtype != torch.float32:  # bnb widens other absmax dtypes first
         absmax = absmax.float()
+    return data, absmax, rows2d, kw, qs
+
+
+def dequantize(weight: torch.Tensor, quant_state: Any = None, *, dtype: Optional[torch.dtype] = None,
+               rows: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W (shape ``quant_state.shape``, e.g. (out_features, in_features)) from a 4-bit weight as it is
+    stored: bnb's ``Params4bit`` (its ``.quant_state``) or lorafuse's, or packed data plus a quant
+    state (bnb's ``QuantState`` or `QuantState`). dtype: ``quant_state.dtype`` unless given (float32,
+    bfloat16 or float16); rows: (start, stop) for W[start:stop] only. Bit-identical to
+    ``bitsandbytes.functional.dequantize_4bit`` (CPU tensors)."""
+    data, absmax, rows2d, kw, qs = _stored(weight, quant_state, "dequantize")
+    dtype = dtype or qs.dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dequantize: dtype must be float32, bfloat16 or float16, got {dtype}")
     r0, r1 = rows if rows is not None else (0, rows2d[0])
     if out is None:
         out = torch.empty((r1 - r0, rows2d[1]), dtype=dtype)
     _C.dequant_4bit(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type), _DTYPES[dtype],
                     rows=rows, out=out.view(r1 - r0, rows2d[1]), **kw)
-    return out.view(shape) if rows is None else out
+    return out.view(tuple(int(s) for s in qs.shape)) if rows is None else out
+
+
+def matmul_4bit(x: torch.Tensor, weight: Any, quant_state: Any = None, *, transpose: bool = True,
+                dtype: Optional[torch.dtype] = None, bias: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x·Wᵀ (``transpose=True``: a Linear's forward, x (..., in_features) → y (..., out_features)) or
+    y = x·W (``transpose=False``: dx = g·W, x (..., out_features) → y (..., in_features)), float32, for a
+    4-bit W (out_features, in_features) dequantized inside the GEMM's packing (``_C.q4gemm``): the
+    full-precision W never exists in memory.
+
+    weight: bnb's ``Params4bit`` or lorafuse's 4-bit ``weight`` (their ``.quant_state``), a module holding
+    one as ``.weight`` (`Linear4bit`, bnb's ``Linear4bit``), or packed data with ``quant_state``.
+    x: float32, bfloat16 or float16, any strides (the leading dimensions flattened). W's elements are
+    ``code · absmax`` (one fp32 product, as bnb) rounded once to ``dtype`` — by default x's dtype when x
+    is half, else ``quant_state.dtype``: what bnb's ``matmul_4bit`` multiplies by (it dequantizes to
+    ``quant_state.dtype``, then casts to x's dtype; the same values whenever one of the two is float32,
+    else bnb rounds twice). bf16 x and bf16 W run the bf16 tiles (AMX / vdpbf16ps) where the CPU has
+    them (``_C.q4gemm_path(x2d, dtype)`` names the path), else fp32 micro-kernels; fp32 accumulation.
+    bias: (N,) added in fp32. out: a C-contiguous float32 tensor of y's shape."""
+    if isinstance(weight, nn.Module):
+        weight = weight.weight
+    data, absmax, rows2d, kw, qs = _stored(weight, quant_state, "matmul_4bit")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"matmul_4bit: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if dtype is None:
+        dtype = x.dtype if x.dtype != torch.float32 or qs.dtype not in _DTYPES else qs.dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"matmul_4bit: dtype must be float32, bfloat16 or float16, got {dtype}")
+    k = rows2d[1] if transpose else rows2d[0]
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"matmul_4bit: x must have shape (..., {k}) for W {tuple(rows2d)}"
+                         f"{'ᵀ' if transpose else ''}, got {tuple(x.shape)}")
+    n = rows2d[0] if transpose else rows2d[1]
+    lead = tuple(x.shape[:-1])
+    x2 = x.detach().reshape(-1, k)
+    out2 = None if out is None else out.view(-1, n)
+    b = None if bias is None else bias.detach().float()
+    c = _C.q4gemm(x2, data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type), transpose, bias=b, out=out2,
+                  dtype=_DTYPES[dtype], **kw)
+    return (out if out is not None else torch.from_numpy(c)).view(*lead, n)
 
 
 def quantize_weight(W: torch.Tensor, quant_type: str = "nf4", *, block_size: int = 64,

@@ -37,8 +37,8 @@ const float *lf_q4_code(lf_q4_type type);
  * format, which double quantization stores the scales in. */
 const float *lf_q8_dynamic_code(void);
 
-/* One stored 4-bit weight (pointers borrowed, never written). */
-typedef struct {
+/* One stored 4-bit weight (pointers borrowed, never written); typedef'd in kernels.h (lf_tview.q4). */
+struct lf_q4_weight {
     const uint8_t *data; /* packed codes, nbytes of them */
     int64_t nbytes;
     int64_t rows, cols;  /* W's shape: rows = out_features, cols = in_features */
@@ -53,7 +53,7 @@ typedef struct {
     const float *nested_code;   /* c2: 256 entries */
     int64_t nested_blocksize;   /* B2 ≥ 1 */
     float offset;
-} lf_q4_weight;
+};
 
 /* Blocks of a weight: ceil(rows·cols / B); -1 if a size is negative or the product overflows. */
 int64_t lf_q4_blocks(int64_t rows, int64_t cols, int64_t blocksize);
