@@ -16,12 +16,14 @@ path its layers took (`lorafuse_path`: 'c' — the C kernels, with the plan of t
 last step — or 'peft', PEFT's own forward).
 
 --dtype bf16: the model in bf16 before the adapters are added (PEFT's default keeps them fp32,
-``autocast_adapter_dtype=True``, for both libraries). --compile: every model runs under `torch.compile`
+``autocast_adapter_dtype=True``, for both libraries). --dtype autocast: the fp32 model, each step's
+forward and backward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (every linear computes in
+bf16, PEFT's and lorafuse's layers alike). --compile: every model runs under `torch.compile`
 (lorafuse through its custom operators, which do not use the packed-W cache, so there is no
 "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
     python benchmarks/bench_train.py [--repeats 3] [--targets q_proj,v_proj] [--threads N] [--compile]
-                                     [--dtype fp32|bf16]
+                                     [--dtype fp32|bf16|autocast]
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def run_child(args: argparse.Namespace) -> dict:
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
         max_position_embeddings=args.seq)
-    model = transformers.LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
@@ -79,10 +81,13 @@ def run_child(args: argparse.Namespace) -> dict:
     rss_before = _max_rss_mib()
     times, losses = [], []
 
+    autocast = args.dtype == "autocast"
+
     def step() -> None:
         start = time.perf_counter()
-        loss = step_model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = step_model(input_ids=ids, labels=ids).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
@@ -131,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each candidate, rotated (default 3)")
     parser.add_argument("--compile", action="store_true", help="train every model under torch.compile")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="the model's dtype; adapters stay fp32 (PEFT's default) (default fp32)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "autocast"], default="fp32",
+                        help="the model's dtype (adapters stay fp32, PEFT's default), or autocast: the fp32 model "
+                             "under CPU bf16 autocast (default fp32)")
     return parser
 
 

@@ -25,7 +25,6 @@ TINY_TRAIN = ["--steps", "2", "--layers", "1", "--hidden", "64", "--intermediate
               "16", "--batch", "2", "--repeats", "1"]
 PASS_ROWS = [r"forward \(no_grad\)", r"forward \(grad\)", r"fwd\+bwd"]
 C_PATH = r"c \w+/\w+"  # a lorafuse row that ran the C kernels, with their plan (e.g. 'c none/merged')
-ANY_PATH = rf"({C_PATH}|peft)"  # ... or PEFT's own forward (bf16 layers without fused bf16 CPU kernels)
 TRAIN_ROWS = [r"# method: one fresh process per candidate", r"lorafuse-nocache +peak RSS",
               r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")]
 TRAIN_C = TRAIN_ROWS + [rf"lorafuse +peak RSS .* path {C_PATH}"]
@@ -44,7 +43,7 @@ RUNS = [
     run("bench_layer.py", ["--quick", "--only", "decode"],
         [rf"decode .* \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + ["cache off/peft", "targets:"]),
     run("bench_layer.py", ["--quick", "--only", "decode", "--dtype", "bf16", "--rounds", "1"],
-        [rf"decode .* \| {row} .*\| {ANY_PATH}" for row in PASS_ROWS] + [r"\(bf16\)", "targets:"]),
+        [rf"decode .* \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + [r"\(bf16\)", "targets:"]),
     run("bench_gemm.py", ["--quick", "--rounds", "1"], ["share"]),
     run("bench_plans.py", ["--quick", "--rounds", "1"], ["plans measured"]),
     run("bench_dora.py", ["--quick", "--rounds", "1"],
@@ -57,7 +56,9 @@ RUNS = [
     run("bench_train.py", TINY_TRAIN, TRAIN_C),
     run("bench_train.py", TINY_TRAIN + ["--compile"], TRAIN_C, slow=True),
     run("bench_train.py", TINY_TRAIN + ["--dtype", "bf16"],
-        TRAIN_ROWS + [r"bf16, batch", rf"lorafuse +peak RSS .* path {ANY_PATH}"], slow=True),
+        TRAIN_ROWS + [r"bf16, batch", rf"lorafuse +peak RSS .* path {C_PATH}"], slow=True),
+    run("bench_train.py", TINY_TRAIN + ["--dtype", "autocast"],
+        TRAIN_ROWS + [r"autocast, batch", rf"lorafuse +peak RSS .* path {C_PATH}"], slow=True),
 ]
 
 
