@@ -186,9 +186,16 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     }
     if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
-        /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)) */
-        const lf_operand wo = lf_operand_typed(W, 1.0f);
-        st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx32, k);
+        /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
+         * contiguous: W streamed once by the rank update over m (s = gᵀ widened, (m, n)), never packed */
+        if (n <= LF_ROWDOTS_MAX_N && W.cs == 1) {
+            float *gt = lf_widened_copy(ttranspose(g), m, n, 1.0f);
+            st = gt ? lf_rank_update(pool, n, k, m, (lf_view){gt, n, 1}, W, 1.0f, dx32, k, NULL) : LF_ENOMEM;
+            free(gt);
+        } else {
+            const lf_operand wo = lf_operand_typed(W, 1.0f);
+            st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx32, k);
+        }
         const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f};
         if (!st)
             st = lf_rank_rows(pool, n, k, r, vv, (lf_view){a32, k, 1}, scale / (1.0f - dropout_p), &xm, dx32, k,
