@@ -5,9 +5,9 @@
  *     out[i, :] = round_dt(c[i, :])                       when out is given
  *
  * with keep(i, j) = lf_dropout_keep(seed, i·cols + j) — dx's dropout part (x̃'s mask, lora.c) —
- * or 1 without a mask. A block of ROWS rows: t (ROWS, cols) = coef · v_blk · w on the rank-r
- * kernel (skinny.c's rank_update_block), added into c's rows through the mask, which are then
- * rounded while they are in cache. */
+ * or 1 without a mask. A block of ROWS rows: without a mask the rank-r kernel adds coef · v_blk · w
+ * into c's rows directly (skinny's rank_add); with one, t (ROWS, cols) = coef · v_blk · w first
+ * (rank_update_block), added into c through the mask. The rows are then rounded while in cache. */
 #include <stdatomic.h>
 
 #include "internal.h"
@@ -34,15 +34,29 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
     const int64_t blocks = (job->n + ROWS - 1) / ROWS, per = (blocks + nt - 1) / nt;
     const int64_t i0 = tid * per * ROWS, i1 = (tid + 1) * per * ROWS < job->n ? (tid + 1) * per * ROWS : job->n;
     const lf_skinny *sk = lf_skinny_current();
-    float *t = job->r > 0 ? lf_pool_scratch(job->pool, tid, 2, (size_t)(ROWS * job->cols) * sizeof(float)) : NULL;
-    if (job->r > 0 && !t) {
+    const int direct = !job->threshold && job->r <= LF_SKINNY_MAX_R; /* no t: rank_add into c */
+    float *t = job->r > 0 && !direct ? lf_pool_scratch(job->pool, tid, 2, (size_t)(ROWS * job->cols) * sizeof(float))
+                                     : NULL;
+    if (job->r > 0 && !direct && !t) {
         atomic_store(&job->failed, LF_ENOMEM);
         return;
     }
     for (int64_t b0 = i0; b0 < i1; b0 += ROWS) {
         if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
         const int64_t nb = i1 - b0 < ROWS ? i1 - b0 : ROWS;
-        if (job->r > 0) {
+        if (job->r > 0 && !job->threshold && job->r <= LF_SKINNY_MAX_R) {
+            /* no mask: c[b0 + p, :] += Σ_q ut[q, p] · w[q, :] straight into c by the register-blocked rank_add,
+             * ut (r, nb) = coef · v's block transposed; the columns past the last whole vector one by one */
+            float ut[LF_SKINNY_MAX_R * ROWS];
+            for (int64_t q = 0; q < job->r; q++)
+                for (int64_t p = 0; p < nb; p++) ut[q * nb + p] = job->coef * job->v.p[(b0 + p) * job->v.rs + q * job->v.cs];
+            const int64_t qv = job->cols / sk->vw * sk->vw;
+            float *cb = job->c + b0 * job->ldc;
+            sk->rank_add(nb, qv, job->r, (lf_view){ut, 1, nb}, job->w.p, job->w.rs, cb, job->ldc);
+            for (int64_t p = 0; p < nb; p++)
+                for (int64_t j = qv; j < job->cols; j++)
+                    for (int64_t q = 0; q < job->r; q++) cb[p * job->ldc + j] += ut[q * nb + p] * job->w.p[q * job->w.rs + j];
+        } else if (job->r > 0) {
             /* t (nb, cols) = coef · Σ_q v[b0+p, q] · w[q, :]: rank_update_block's s (T = r, P = nb) is
              * v's block transposed, s(q, p) = v(b0 + p, q) */
             const lf_view s = {job->v.p + b0 * job->v.rs, job->v.cs, job->v.rs};
@@ -50,11 +64,8 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
             for (int64_t i = 0; i < nb; i++) {
                 const float *ti = t + i * job->cols;
                 float *ci = job->c + (b0 + i) * job->ldc;
-                if (job->threshold) /* the mask's hash per element: only where there is one */
-                    sk->dropout_axpy_span(ti, job->cols, (uint64_t)((b0 + i) * job->cols), job->seed, job->threshold,
-                                          1.0f, ci);
-                else
-                    for (int64_t j = 0; j < job->cols; j++) ci[j] += ti[j];
+                sk->dropout_axpy_span(ti, job->cols, (uint64_t)((b0 + i) * job->cols), job->seed, job->threshold, 1.0f,
+                                      ci); /* threshold 0 (r > 64 without a mask) keeps every element */
             }
         }
         for (int64_t i = 0; job->out && i < nb; i++)

@@ -23,6 +23,13 @@
 #include "lorafuse/dropout_hash.h"
 
 typedef float VF __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+typedef uint16_t VH __attribute__((vector_size(VW * 2), aligned(2), may_alias)); /* VW half elements */
+typedef uint32_t VU __attribute__((vector_size(VW * 4)));
+
+/* VW bf16 elements at h, widened: the bits shifted into the top half of each lane */
+static inline __attribute__((always_inline)) VF widen_bf16(const uint16_t *h) {
+    return (VF)(__builtin_convertvector(*(const VH *)h, VU) << 16);
+}
 
 /* VW floats from p, or the first n of them (rest zero) when n < VW. Full vectors are plain
  * unaligned vector loads through the may_alias vector type. */
@@ -63,7 +70,19 @@ static inline __attribute__((always_inline)) void rowdot_core(const lf_dtype DT,
             VF acc[ROWS];
             for (int t = 0; t < ROWS; t++) acc[t] = (VF){0};
             const float *b = bt + j0;
-            for (int64_t p = 0; p < K; p++, b += Rp) {
+            int64_t p = 0;
+            if (DT == LF_DT_BF16) /* VW k at a time: each row's next VW elements widened by one vector shift */
+                for (; p + VW <= K; p += VW) {
+                    float wide[ROWS][VW] __attribute__((aligned(64)));
+#pragma GCC unroll 8
+                    for (int t = 0; t < ROWS; t++) *(VF *)wide[t] = widen_bf16((const uint16_t *)ar[t] + p);
+                    for (int q = 0; q < VW; q++, b += Rp) {
+                        const VF bv = *(const VF *)b;
+#pragma GCC unroll 8
+                        for (int t = 0; t < ROWS; t++) acc[t] += wide[t][q] * bv;
+                    }
+                }
+            for (; p < K; p++, b += Rp) {
                 const VF bv = *(const VF *)b; /* bt is zero-padded to Rp: a full vector is there */
 #pragma GCC unroll 8
                 for (int t = 0; t < ROWS; t++) acc[t] += A_AT(DT, ar[t], p) * bv;
@@ -161,17 +180,14 @@ static void rank_update_block(int64_t p0, int64_t P, int64_t q0, int64_t q1, int
     else rank_update_core(LF_DT_F32, p0, P, q0, q1, T, s, w, scale, c, ldc, wmask);
 }
 
-typedef uint16_t VH __attribute__((vector_size(VW * 2), aligned(2), may_alias)); /* VW half elements */
-typedef uint32_t VU __attribute__((vector_size(VW * 4)));
-
 static inline __attribute__((always_inline)) VF w_row(const lf_dtype DT, lf_tview w, int64_t t, int64_t j,
                                                       int64_t width, const lf_mask *wmask) {
     const int64_t off = t * w.rs + j;
     if (DT == LF_DT_F32 && !wmask) return vload((const float *)w.p + off, width);
     float run[VW];
     const float *src = (const float *)w.p + off;
-    if (DT == LF_DT_BF16 && width == VW) { /* bf16: the bits shifted into the top half of each lane */
-        const VF v = (VF)(__builtin_convertvector(*(const VH *)((const uint16_t *)w.p + off), VU) << 16);
+    if (DT == LF_DT_BF16 && width == VW) {
+        const VF v = widen_bf16((const uint16_t *)w.p + off);
         if (!wmask) return v;
         vstore(run, v, VW);
         src = run;
