@@ -66,4 +66,9 @@ int lf_py_parse_dropout(PyObject *pobj, PyObject *seedobj, const char *func, flo
 int lf_py_parse_scalars(PyObject *oscale, PyObject *op, PyObject *oseed, const char *func, float *scale,
                         float *p, uint64_t *seed);
 
+/* GEMM calls (hgemm.c; sgemm, hgemm and quant.c's q4gemm): see runtime.h lf_py_parse_alpha_beta */
+PyObject *lf_py_gemm_run(lf_state *st, const char *F, lf_py_arr_list *L, npy_intp M, npy_intp N, npy_intp K,
+                         float alpha, lf_tview va, lf_tview vb, PyArrayObject **ins, const char **names, int nin,
+                         PyObject *obias, PyObject *oc, float beta);
+
 #endif

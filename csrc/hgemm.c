@@ -33,45 +33,65 @@ static int parse_ab(lf_state *st, const char *F, int half, lf_py_arr_list *L, Py
     return lf_py_check_dim(F, "b", "(K, N) with K = a.shape[1]", *b, 0, PyArray_DIM(*a, 1));
 }
 
+PyObject *lf_py_gemm_run(lf_state *st, const char *F, lf_py_arr_list *L, npy_intp M, npy_intp N, npy_intp K,
+                         float alpha, lf_tview va, lf_tview vb, PyArrayObject **ins, const char **names, int nin,
+                         PyObject *obias, PyObject *oc, float beta) {
+    PyArrayObject *bias = NULL, *c;
+    if (obias != Py_None) {
+        if (!(bias = lf_py_keep(L, lf_py_as_f32(st, obias, F, "bias"))) || lf_py_check_ndim(F, "bias", bias, 1, "(N,)") ||
+            lf_py_check_dim(F, "bias", "(N,) with N the columns of c", bias, 0, N))
+            return NULL;
+        if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = lf_py_keep(L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
+            return NULL;
+    }
+    c = lf_py_keep(L, oc == Py_None ? lf_py_new_2d(st, M, N) : lf_py_check_output(st, oc, F, "out", NULL, M, N));
+    if (!c || lf_py_check_no_alias(F, "out", c, ins, names, nin) ||
+        (bias && lf_py_check_no_alias(F, "out", c, &bias, (const char *[]){"bias"}, 1)))
+        return NULL;
+    const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
+    float *pc = (float *)PyArray_DATA(c);
+    lf_py_sigint_guard guard;
+    lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = lf_hgemm(pool, M, N, K, alpha, va, vb, beta, pb, pc, N);
+    Py_END_ALLOW_THREADS
+    if (lf_py_kernel_end(st, &guard, status, F)) return NULL;
+    Py_INCREF(c);
+    return (PyObject *)c;
+}
+
+int lf_py_parse_alpha_beta(const char *F, PyObject *oalpha, PyObject *obeta, PyObject *oc, PyObject *obias,
+                           float *alpha, float *beta) {
+    *alpha = 1.0f;
+    *beta = 0.0f;
+    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", alpha)) || (obeta && lf_py_parse_scale(obeta, F, "beta", beta)))
+        return -1;
+    if (*beta != 0.0f && *beta != 1.0f) {
+        PyErr_Format(PyExc_ValueError, "%s: beta must be 0 or 1, got %R", F, obeta);
+        return -1;
+    }
+    if (*beta == 1.0f && (oc == Py_None || obias != Py_None)) {
+        PyErr_Format(PyExc_ValueError, "%s: beta=1 adds into out: out is required and bias must be None", F);
+        return -1;
+    }
+    return 0;
+}
+
 /* c = beta·out + alpha·a·b (+ bias): the body of sgemm (half = 0) and hgemm; a new reference to c */
 static PyObject *gemm_call(lf_state *st, const char *F, int half, PyObject *oa, PyObject *ob, float alpha,
                            PyObject *obias, PyObject *oc, float beta) {
     lf_py_arr_list L = {{0}, 0};
-    PyArrayObject *a, *b, *bias = NULL, *c;
+    PyArrayObject *a, *b;
     lf_dtype da, db;
-    if (parse_ab(st, F, half, &L, oa, ob, &a, &b, &da, &db)) goto fail;
-    const npy_intp M = PyArray_DIM(a, 0), K = PyArray_DIM(a, 1), N = PyArray_DIM(b, 1);
-    if (obias != Py_None) {
-        if (!(bias = lf_py_keep(&L, lf_py_as_f32(st, obias, F, "bias"))) ||
-            lf_py_check_ndim(F, "bias", bias, 1, "(N,)") ||
-            lf_py_check_dim(F, "bias", "(N,) with N = b.shape[1]", bias, 0, N))
-            goto fail;
-        if (!PyArray_IS_C_CONTIGUOUS(bias) &&
-            !(bias = lf_py_keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
-            goto fail;
+    PyObject *c = NULL;
+    if (!parse_ab(st, F, half, &L, oa, ob, &a, &b, &da, &db)) {
+        PyArrayObject *ins[] = {a, b};
+        const char *names[] = {"a", "b"};
+        c = lf_py_gemm_run(st, F, &L, PyArray_DIM(a, 0), PyArray_DIM(b, 1), PyArray_DIM(a, 1), alpha,
+                           lf_py_tview2(a, da), lf_py_tview2(b, db), ins, names, 2, obias, oc, beta);
     }
-    c = lf_py_keep(&L, oc == Py_None ? lf_py_new_2d(st, M, N) : lf_py_check_output(st, oc, F, "out", NULL, M, N));
-    if (!c) goto fail;
-    {
-        PyArrayObject *ins[] = {a, b, bias};
-        const char *names[] = {"a", "b", "bias"};
-        if (lf_py_check_no_alias(F, "out", c, ins, names, 3)) goto fail;
-        const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
-        const lf_tview va = lf_py_tview2(a, da), vb = lf_py_tview2(b, db);
-        float *pc = (float *)PyArray_DATA(c);
-        lf_py_sigint_guard guard;
-        lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
-        int status;
-        Py_BEGIN_ALLOW_THREADS status = lf_hgemm(pool, M, N, K, alpha, va, vb, beta, pb, pc, N);
-        Py_END_ALLOW_THREADS
-        if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
-    }
-    Py_INCREF(c);
     lf_py_drop_all(&L);
-    return (PyObject *)c;
-fail:
-    lf_py_drop_all(&L);
-    return NULL;
+    return c;
 }
 
 const char lf_py_sgemm_doc[] = "sgemm(a, b, alpha=1.0, bias=None, out=None) -> c\n\n"
@@ -99,12 +119,8 @@ PyObject *lf_py_hgemm(PyObject *self, PyObject *args, PyObject *kw) {
     PyObject *oa, *ob, *oalpha = NULL, *obias = Py_None, *oc = Py_None, *obeta = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOO:hgemm", kwlist, &oa, &ob, &oalpha, &obias, &oc, &obeta))
         return NULL;
-    float alpha = 1.0f, beta = 0.0f;
-    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || (obeta && lf_py_parse_scale(obeta, F, "beta", &beta)))
-        return NULL;
-    if (beta != 0.0f && beta != 1.0f) return PyErr_Format(PyExc_ValueError, "%s: beta must be 0 or 1, got %R", F, obeta);
-    if (beta == 1.0f && (oc == Py_None || obias != Py_None))
-        return PyErr_Format(PyExc_ValueError, "%s: beta=1 adds into out: out is required and bias must be None", F);
+    float alpha, beta;
+    if (lf_py_parse_alpha_beta(F, oalpha, obeta, oc, obias, &alpha, &beta)) return NULL;
     return gemm_call(PyModule_GetState(self), F, 1, oa, ob, alpha, obias, oc, beta);
 }
 

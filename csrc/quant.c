@@ -298,57 +298,34 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
                                      &q.blocksize, &q.quant_type, &transpose_b, &oalpha, &obias, &oc, &obeta, &sdtype,
                                      &q.nested_absmax, &q.nested_code, &q.nested_blocksize, &q.offset, &w_first))
         return NULL;
-    float alpha = 1.0f, beta = 0.0f;
-    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || (obeta && lf_py_parse_scale(obeta, F, "beta", &beta)))
-        return NULL;
-    if (beta != 0.0f && beta != 1.0f) return PyErr_Format(PyExc_ValueError, "%s: beta must be 0 or 1, got %R", F, obeta);
-    if (beta == 1.0f && (oc == Py_None || obias != Py_None))
-        return PyErr_Format(PyExc_ValueError, "%s: beta=1 adds into out: out is required and bias must be None", F);
+    float alpha, beta;
+    if (lf_py_parse_alpha_beta(F, oalpha, obeta, oc, obias, &alpha, &beta)) return NULL;
     lf_state *st = PyModule_GetState(self);
     lf_py_arr_list L = {{0}, 0};
     lf_q4_weight w;
     lf_dtype da, dw;
-    PyArrayObject *a, *bias = NULL, *c, *arrs[4];
+    PyArrayObject *a, *arrs[4];
+    PyObject *c = NULL;
     int64_t P, Q;
     if (parse_dtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, lf_py_as_typed(st, oa, F, "a", &da))) ||
         lf_py_check_ndim(F, "a", a, 2, w_first ? "(K, N)" : "(M, K)") || parse_q4(st, F, &L, &q, &w, arrs))
-        goto fail;
+        goto done;
     const lf_tview vw = op_of(&w, transpose_b, dw, &P, &Q); /* op(W) (P, Q) */
     static const char *const want[2][2] = {{"(M, K) with K = shape[0] (a·W)", "(M, K) with K = shape[1] (a·Wᵀ)"},
                                            {"(K, N) with K = shape[1] (W·a)", "(K, N) with K = shape[0] (Wᵀ·a)"}};
-    if (lf_py_check_dim(F, "a", want[w_first][transpose_b], a, w_first ? 0 : 1, w_first ? Q : P)) goto fail;
-    /* c (M, N) = a (M, P)·op(W), or (w_first) op(W)·a (Q, N) */
-    const npy_intp M = w_first ? P : PyArray_DIM(a, 0), N = w_first ? PyArray_DIM(a, 1) : Q, K = w_first ? Q : P;
-    if (obias != Py_None) {
-        if (!(bias = lf_py_keep(&L, lf_py_as_f32(st, obias, F, "bias"))) || lf_py_check_ndim(F, "bias", bias, 1, "(N,)") ||
-            lf_py_check_dim(F, "bias", "(N,) with N the columns of c", bias, 0, N))
-            goto fail;
-        if (!PyArray_IS_C_CONTIGUOUS(bias) && !(bias = lf_py_keep(&L, (PyArrayObject *)PyArray_NewCopy(bias, NPY_CORDER))))
-            goto fail;
-    }
-    c = lf_py_keep(&L, oc == Py_None ? lf_py_new_2d(st, M, N) : lf_py_check_output(st, oc, F, "out", NULL, M, N));
-    if (!c) goto fail;
+    if (lf_py_check_dim(F, "a", want[w_first][transpose_b], a, w_first ? 0 : 1, w_first ? Q : P)) goto done;
     {
-        PyArrayObject *ins[] = {a, bias, arrs[0], arrs[1], arrs[2], arrs[3]};
-        const char *names[] = {"a", "bias", "data", "absmax", "nested_absmax", "nested_code"};
-        if (lf_py_check_no_alias(F, "out", c, ins, names, w.nested ? 6 : 4)) goto fail;
-        const float *pb = bias ? (const float *)PyArray_DATA(bias) : NULL;
+        /* c (M, N) = a (M, P)·op(W), or (w_first) op(W)·a (Q, N) */
+        const npy_intp M = w_first ? P : PyArray_DIM(a, 0), N = w_first ? PyArray_DIM(a, 1) : Q, K = w_first ? Q : P;
+        PyArrayObject *ins[] = {a, arrs[0], arrs[1], arrs[2], arrs[3]};
+        const char *names[] = {"a", "data", "absmax", "nested_absmax", "nested_code"};
         const lf_tview va = lf_py_tview2(a, da);
-        float *pc = (float *)PyArray_DATA(c);
-        lf_py_sigint_guard guard;
-        lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)M * (double)N * (double)K, &guard);
-        int status;
-        Py_BEGIN_ALLOW_THREADS status = lf_hgemm(pool, M, N, K, alpha, w_first ? vw : va, w_first ? va : vw, beta, pb,
-                                                 pc, N);
-        Py_END_ALLOW_THREADS
-        if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
+        c = lf_py_gemm_run(st, F, &L, M, N, K, alpha, w_first ? vw : va, w_first ? va : vw, ins, names,
+                           w.nested ? 5 : 3, obias, oc, beta);
     }
-    Py_INCREF(c);
+done:
     lf_py_drop_all(&L);
-    return (PyObject *)c;
-fail:
-    lf_py_drop_all(&L);
-    return NULL;
+    return c;
 }
 
 const char lf_py_q4gemm_path_doc[] =

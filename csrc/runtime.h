@@ -80,6 +80,12 @@ PyObject *lf_py_hgemm(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_hgemm_path(PyObject *module, PyObject *args, PyObject *kw);
 #define LF_PY_KW_METHOD(name) {#name, (PyCFunction)(void (*)(void))lf_py_##name, METH_VARARGS | METH_KEYWORDS, lf_py_##name##_doc}
 #define LF_PY_GEMM_METHODS LF_PY_KW_METHOD(sgemm), LF_PY_KW_METHOD(hgemm), LF_PY_KW_METHOD(hgemm_path)
+/* hgemm.c, shared with q4gemm (quant.c). lf_py_parse_alpha_beta: alpha, beta of a GEMM call (beta 0 or 1;
+ * beta = 1 needs out and no bias); -1 with ValueError / TypeError. lf_py_gemm_run (args.h): c (M, N) =
+ * beta·out + alpha·a·b (+ bias) for the views va (M, K), vb (K, N) — bias parsed, out made or checked (no
+ * overlap with ins[0..nin) or bias), the kernel run — a new reference to c, or NULL with the exception set. */
+int lf_py_parse_alpha_beta(const char *F, PyObject *oalpha, PyObject *obeta, PyObject *oc, PyObject *obias,
+                           float *alpha, float *beta);
 
 /* _C.dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c): bitsandbytes' 4-bit weight storage
  * (lorafuse/quant4.h); LF_PY_QUANT_METHODS: their entries of the module's method table. */
