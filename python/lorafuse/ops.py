@@ -4,7 +4,8 @@ Shapes (PyTorch conventions): x (..., k), W (m, k) — (k, m) when ``fan_in_fan_
 A (r, k) = ``lora_A.weight``, B (m, r) = ``lora_B.weight``, bias (m,), scale s = alpha / r.
 
 Inputs may be any float32 ndarray (strided views are read in place) or CPU tensors with
-``__dlpack__``; results are NumPy arrays. All validation happens in the C binding, which
+``__dlpack__``; results are NumPy arrays. :func:`lora_forward` and :func:`lora_backward` also take a
+bf16 / fp16 base (x, W, g; fp32 or same-dtype adapters): see docs/CONTRACTS.md. All validation happens in the C binding, which
 raises ``TypeError``/``ValueError`` naming the argument, what it expected and what it got.
 """
 from __future__ import annotations
@@ -68,6 +69,8 @@ def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     ``packed_w``: ``pack_weight(W, fan_in_fan_out=...)`` of this very W, or None.
     ``plan``: ``(u_path, y_path)`` to run instead of the kernels' own choice (names as
     ``_C.last_forward_plan()`` reports them; ValueError if these operands do not suit it), or None.
+    A bf16 / fp16 x and W (torch tensors, or float16 arrays) run the half-precision kernels: y in x's
+    dtype (bfloat16 as uint16 bits), rounded once after the fp32 sum; u float32 (docs/CONTRACTS.md).
     """
     return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u,
                            None if packed_w is None else _handle(packed_w), plan)
