@@ -126,7 +126,7 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
         return NULL;
     const npy_intp n = PyArray_DIM(x2, 0);
     const lf_tview vx = lf_py_tview2(x2, xdt);
-    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_forward_plan_unfit_half(*c->force, n, vx, W, r, c->p)))
+    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_forward_plan_unfit_half(*c->force, n, vx, W, r)))
         return NULL;
     lf_py_sigint_guard guard;
     lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);

@@ -151,7 +151,6 @@ def test_plans_chosen_and_forced(half_isa, n):
 
 
 @pytest.mark.parametrize("fplan, p, msg", [(("rowdots", "augmented"), 0.0, "by 'skinny' or 'gemm' only"),
-                                           (("skinny", "augmented"), 0.2, "'skinny' needs no dropout"),
                                            (("gemm", "decode"), 0.0, "'decode' needs at most 8 tokens"),
                                            (("gemm", "few_tokens"), 0.0, "'decode', 'split' or 'augmented' only"),
                                            (("none", "merged"), 0.0, "by 'skinny' or 'gemm' only")])
@@ -159,6 +158,14 @@ def test_forced_forward_plan_refused(fplan, p, msg):
     c = Case(9, 16, 8, 2, "bfloat16", "float32", p)
     with pytest.raises(ValueError, match=msg):
         c.forward(fplan)
+
+
+def test_forced_skinny_u_needs_rows_of_x():
+    c = Case(9, 16, 8, 2, "bfloat16", "float32")
+    c.x = c.x.t().contiguous().t()  # column-major: not streamed by rows
+    with pytest.raises(ValueError, match="'skinny' needs rows of x contiguous"):
+        c.forward(("skinny", "augmented"))
+    c.check(("gemm", "augmented"))
 
 
 def test_forced_backward_plan_refused():

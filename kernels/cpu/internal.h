@@ -93,7 +93,7 @@ typedef struct {
     void (*rowdots_block)(int64_t j0, int64_t j1, int64_t n, const lf_dots_seg *seg, int nseg, float scale,
                           const float *bias, float *c, int64_t ldc);
     void (*rowdot_rows)(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_tview a,
-                        const float *bt, float scale, float *c);
+                        const float *bt, float scale, float *c, const lf_mask *mask);
     void (*rank_update_block)(int64_t p0, int64_t p1, int64_t q0, int64_t q1, int64_t T, lf_view s,
                               lf_tview w, float scale, float *c, int64_t ldc, const lf_mask *wmask);
     /* c[p·ldc + j] += Σ_q a(p, q) · bt[q·ldb + j] for p < P, j < Q (Q a multiple of vw), q < R */
@@ -136,9 +136,10 @@ int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, l
 
 /* 1 if `big` (the n-row operand) can be streamed in place: rows contiguous, 0 < r ≤ max */
 int lf_skinny_ok(lf_view big, int64_t r);
-/* c (M, R) = scale · a (M, K) · b (K, R);  a.cs == 1 (fp32, bf16 or fp16), b any dtype and strides, c
- * contiguous fp32 */
-int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tview b, float scale, float *c);
+/* c (M, R) = scale · ã (M, K) · b (K, R);  a.cs == 1 (fp32, bf16 or fp16), b any dtype and strides, c
+ * contiguous fp32; ã = a, or a dropped by mask (index: the flat offset i·a.rs + j) */
+int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tview b, float scale, float *c,
+              const lf_mask *mask);
 /* c (n, M; row stride ldc) = scale · Σ_seg a_seg (n, K_seg) · b_seg (M, K_seg)ᵀ + bias (NULL: none);
  * n ≤ LF_ROWDOTS_MAX_N, 1 ≤ nseg ≤ LF_ROWDOTS_MAX_SEG, every a.cs == b.cs == 1 */
 int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int nseg, float scale,

@@ -102,8 +102,9 @@ static int forward_with_u(lf_pool *pool, lf_forward_plan plan, int64_t n, int64_
     if (plan.u == LF_U_ROWDOTS) {
         const lf_dots_seg useg = {x, A, k};
         st = lf_rowdots(pool, n, r, &useg, 1, 1.0f, NULL, u, r);
-    } else if (plan.u == LF_U_SKINNY) {
-        st = lf_rowdot(pool, n, k, r, lf_tv32(x), lf_tv32(transpose(A)), 1.0f, u);
+    } else if (plan.u == LF_U_SKINNY) { /* x̃ regenerated from the seed as x is streamed */
+        const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f / (1.0f - dropout_p)};
+        st = lf_rowdot(pool, n, k, r, lf_tv32(x), lf_tv32(transpose(A)), 1.0f, u, dropout_p > 0.0f ? &xm : NULL);
     } else {
         const lf_operand xd = dropped(x, 1.0f, dropout_p, seed);
         const lf_operand at = lf_operand_plain(transpose(A), 1.0f);
@@ -144,9 +145,7 @@ lf_forward_plan lf_plan_forward(lf_pool *pool, int64_t n, int64_t k, int64_t m, 
     lf_forward_plan plan;
     /* u (n,r) = x̃ · Aᵀ  — dot products of rows at decode, else one streaming read of x
      * (skinny.c), or a GEMM with dropout */
-    plan.u = dropout_p == 0.0f && decode && A.cs == 1      ? LF_U_ROWDOTS
-             : dropout_p == 0.0f && lf_skinny_ok(x, r) ? LF_U_SKINNY
-                                                       : LF_U_GEMM;
+    plan.u = dropout_p == 0.0f && decode && A.cs == 1 ? LF_U_ROWDOTS : lf_skinny_ok(x, r) ? LF_U_SKINNY : LF_U_GEMM;
     plan.y = decode                                  ? LF_Y_DECODE
              : !wpack && few_tokens(n, k, m, W) ? LF_Y_FEW_TOKENS
                                                 : LF_Y_AUGMENTED;
@@ -162,8 +161,7 @@ const char *lf_forward_plan_unfit(lf_forward_plan plan, int64_t n, int64_t r, lf
     if (plan.y == LF_Y_MERGED && r > LF_SKINNY_MAX_R) return "y 'merged' takes a rank of at most 64";
     if (plan.u == LF_U_ROWDOTS && !(dropout_p == 0.0f && lf_rowdots_ok(n, x, A)))
         return "u 'rowdots' needs no dropout, at most 8 tokens, rows of x and A contiguous";
-    if (plan.u == LF_U_SKINNY && !(dropout_p == 0.0f && lf_skinny_ok(x, r)))
-        return "u 'skinny' needs no dropout, rows of x contiguous and 1 <= r <= 64";
+    if (plan.u == LF_U_SKINNY && !lf_skinny_ok(x, r)) return "u 'skinny' needs rows of x contiguous and 1 <= r <= 64";
     if (plan.y == LF_Y_DECODE && !(lf_rowdots_ok(n, x, W) && B.cs == 1))
         return "y 'decode' needs at most 8 tokens and rows of x, W and B contiguous";
     return NULL;
@@ -250,7 +248,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     const lf_view vv = {v, r, 1};
     const lf_operand go = lf_operand_plain(g, 1.0f);
     if (plan.vb == LF_VB_SKINNY) {
-        st = lf_rowdot(pool, n, m, r, lf_tv32(g), lf_tv32(B), 1.0f, v);
+        st = lf_rowdot(pool, n, m, r, lf_tv32(g), lf_tv32(B), 1.0f, v, NULL);
     } else {
         const lf_operand bo = lf_operand_plain(B, 1.0f);
         st = lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);

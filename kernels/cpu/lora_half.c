@@ -44,19 +44,17 @@ static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1.
 /* 1 if the skinny kernel (one streaming read, lf_rowdot) can form a rank-r product over these rows */
 static int skinny_rows(lf_tview big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }
 
-lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r, float dropout_p) {
+lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r) {
     const lf_forward_y_path y = lf_rowdots_half_ok(n, x, W)         ? LF_Y_DECODE
                                 : on_bf16_tile(x, ttranspose(W)) ? LF_Y_SPLIT
                                                                  : LF_Y_AUGMENTED;
-    return (lf_forward_plan){dropout_p == 0.0f && skinny_rows(x, r) ? LF_U_SKINNY : LF_U_GEMM, y};
+    return (lf_forward_plan){skinny_rows(x, r) ? LF_U_SKINNY : LF_U_GEMM, y};
 }
 
-const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r,
-                                       float dropout_p) {
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r) {
     if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_SPLIT) return "unknown path";
     if (plan.u != LF_U_GEMM && plan.u != LF_U_SKINNY) return "a bf16/fp16 base forms u by 'skinny' or 'gemm' only";
-    if (plan.u == LF_U_SKINNY && !(dropout_p == 0.0f && skinny_rows(x, r)))
-        return "u 'skinny' needs no dropout, rows of x contiguous and 1 <= r <= 64";
+    if (plan.u == LF_U_SKINNY && !skinny_rows(x, r)) return "u 'skinny' needs rows of x contiguous and 1 <= r <= 64";
     if (plan.y == LF_Y_DECODE && !lf_rowdots_half_ok(n, x, W))
         return "y 'decode' needs at most 8 tokens and rows of x and W contiguous";
     if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED && plan.y != LF_Y_DECODE)
@@ -71,8 +69,8 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     if (st) return st;
     if (!dtypes_ok(x.dtype, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
-    if (force && lf_forward_plan_unfit_half(*force, n, x, W, r, dropout_p)) return LF_EINVAL;
-    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W, r, dropout_p);
+    if (force && lf_forward_plan_unfit_half(*force, n, x, W, r)) return LF_EINVAL;
+    const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W, r);
     if (plan_out) *plan_out = plan;
     float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     float *bias32 = bias.p ? lf_widened_copy(bias, 1, m, 1.0f) : NULL;
@@ -84,8 +82,9 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         goto done;
     }
     /* u (n,r) = x̃ · Aᵀ: x streamed once (skinny) or a GEMM over x̃ */
-    if (plan.u == LF_U_SKINNY) {
-        st = lf_rowdot(pool, n, k, r, x, ttranspose(A), 1.0f, ubuf);
+    if (plan.u == LF_U_SKINNY) { /* x̃ regenerated from the seed as x is streamed */
+        const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f / (1.0f - dropout_p)};
+        st = lf_rowdot(pool, n, k, r, x, ttranspose(A), 1.0f, ubuf, dropout_p > 0.0f ? &xm : NULL);
     } else {
         const lf_operand xd = lf_operand_dropped(x, 1.0f, dropout_p, seed), at = lf_operand_typed(ttranspose(A), 1.0f);
         st = lf_gemm(pool, n, r, k, &xd, &at, 0.0f, NULL, ubuf, r);
@@ -156,7 +155,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     const lf_view vv = {v, r, 1};
     /* v (n,r) = g · B: g streamed once (skinny) or a GEMM */
     const lf_operand go = lf_operand_typed(g, 1.0f), bo = lf_operand_typed(B, 1.0f);
-    st = plan.vb == LF_VB_SKINNY ? lf_rowdot(pool, n, m, r, g, B, 1.0f, v) : lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    st = plan.vb == LF_VB_SKINNY ? lf_rowdot(pool, n, m, r, g, B, 1.0f, v, NULL) : lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
     /* dBᵀ (r,m) = s · uᵀ · g — g (the big operand) read by rows: streamed (skinny) or as a GEMM's B-operand */
     if (!st && plan.vb == LF_VB_SKINNY) {
         st = lf_rank_update(pool, r, m, n, u, g, scale, dbt, m, NULL);

@@ -37,7 +37,7 @@ typedef struct {
     const lf_dots_seg *seg; /* rowdots: the K segments */
     int nseg;
     const float *bias; /* rowdots: added to c, or NULL */
-    const lf_mask *wmask; /* rank_update: dropout on w, or NULL */
+    const lf_mask *wmask; /* rank_update: dropout on w; rowdot: on a; or NULL */
 } skinny_job;
 
 /* Each thread's share is run in steps, and a cancelled call (lf_interrupt_pending) stops at the
@@ -56,7 +56,7 @@ static void rowdot_task(void *ctxp, int tid, int nt) {
     skinny_job *j = ctxp;
     const int64_t m0 = tid * j->chunk, m1 = min64(m0 + j->chunk, j->M);
     for (int64_t i = m0; i < m1 && !lf_interrupt_pending(); i += STEP_ROWS)
-        j->k->rowdot_rows(i, min64(i + STEP_ROWS, m1), j->K, j->R, j->Rp, j->a, j->bt, j->scale, j->c);
+        j->k->rowdot_rows(i, min64(i + STEP_ROWS, m1), j->K, j->R, j->Rp, j->a, j->bt, j->scale, j->c, j->wmask);
 }
 
 static void rank_update_task(void *ctxp, int tid, int nt) {
@@ -101,7 +101,8 @@ int lf_rowdots(lf_pool *pool, int64_t n, int64_t M, const lf_dots_seg *seg, int 
 
 int lf_skinny_ok(lf_view big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }
 
-int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tview b, float scale, float *c) {
+int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tview b, float scale, float *c,
+              const lf_mask *mask) {
     if (M == 0 || R == 0) return LF_OK;
     const lf_skinny *k = skinny_for(lf_get_isa());
     const int64_t Rp = (R + k->vw - 1) / k->vw * k->vw;
@@ -113,7 +114,8 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tvi
             bt[p * Rp + q] = b.dtype == LF_DT_F32 ? ((const float *)b.p)[off]
                                                   : lf_half_to_f32(b.dtype, ((const uint16_t *)b.p)[off]);
         }
-    skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c};
+    skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c,
+                      .wmask = mask};
     const int nt = lf_threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
     job.chunk = ((M + nt - 1) / nt + 7) / 8 * 8;
     lf_pool_run(pool, nt, rowdot_task, &job);

@@ -50,17 +50,22 @@ static inline __attribute__((always_inline)) void vstore(float *p, VF v, int64_t
 
 #define ROWS 8 /* tokens per step: 8 independent accumulators hide the FMA latency */
 
+static void dropout_span(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
+                         float *dst);
+
 /* element p of a row of a, of dtype DT (a constant where inlined), as fp32: fp32 read, bf16 shifted, fp16
  * converted (F16_TO_F32: the ISA file's scalar conversion) */
 #define A_AT(DT, row, p)                                                                                   \
     ((DT) == LF_DT_F32 ? ((const float *)(row))[p]                                                         \
      : (DT) == LF_DT_BF16 ? lf_bf16_to_f32(((const uint16_t *)(row))[p]) : F16_TO_F32(((const uint16_t *)(row))[p]))
 
-/* rows [m0, m1) of c = scale · a · bt, VW columns of c at a time (bt is K × Rp, Rp = R padded to VW);
- * a's elements of dtype DT, each broadcast against a vector of bt */
+/* rows [m0, m1) of c = scale · ã · bt, VW columns of c at a time (bt is K × Rp, Rp = R padded to VW);
+ * a's elements of dtype DT, each broadcast against a vector of bt; ã = a, or a dropped by mask (index:
+ * the flat offset i·a.rs + p, x̃ of a C-contiguous x) — then, and for bf16, VW elements of each row are
+ * made fp32 (widened, masked) into a small block first */
 static inline __attribute__((always_inline)) void rowdot_core(const lf_dtype DT, int64_t m0, int64_t m1, int64_t K,
                                                               int64_t R, int64_t Rp, lf_tview a, const float *bt,
-                                                              float scale, float *c) {
+                                                              float scale, float *c, const lf_mask *mask) {
     const int64_t esize = DT == LF_DT_F32 ? 4 : 2;
     for (int64_t j0 = 0; j0 < R; j0 += VW) {
         for (int64_t i0 = m0; i0 < m1; i0 += ROWS) {
@@ -71,11 +76,18 @@ static inline __attribute__((always_inline)) void rowdot_core(const lf_dtype DT,
             for (int t = 0; t < ROWS; t++) acc[t] = (VF){0};
             const float *b = bt + j0;
             int64_t p = 0;
-            if (DT == LF_DT_BF16) /* VW k at a time: each row's next VW elements widened by one vector shift */
+            if (DT == LF_DT_BF16 || mask) /* VW k at a time: each row's next VW elements made fp32 first */
                 for (; p + VW <= K; p += VW) {
                     float wide[ROWS][VW] __attribute__((aligned(64)));
 #pragma GCC unroll 8
-                    for (int t = 0; t < ROWS; t++) *(VF *)wide[t] = widen_bf16((const uint16_t *)ar[t] + p);
+                    for (int t = 0; t < ROWS; t++) {
+                        if (DT == LF_DT_BF16) *(VF *)wide[t] = widen_bf16((const uint16_t *)ar[t] + p);
+                        else for (int q = 0; q < VW; q++) wide[t][q] = A_AT(DT, ar[t], p + q);
+                        if (mask) { /* x̃: the row's flat offsets (i0 + t)·rs + p… (row 0's again past `rows`) */
+                            const int64_t off = (i0 + (t < rows ? t : 0)) * a.rs + p;
+                            dropout_span(wide[t], VW, (uint64_t)off, mask->seed, mask->threshold, mask->scale, wide[t]);
+                        }
+                    }
                     for (int q = 0; q < VW; q++, b += Rp) {
                         const VF bv = *(const VF *)b;
 #pragma GCC unroll 8
@@ -85,7 +97,14 @@ static inline __attribute__((always_inline)) void rowdot_core(const lf_dtype DT,
             for (; p < K; p++, b += Rp) {
                 const VF bv = *(const VF *)b; /* bt is zero-padded to Rp: a full vector is there */
 #pragma GCC unroll 8
-                for (int t = 0; t < ROWS; t++) acc[t] += A_AT(DT, ar[t], p) * bv;
+                for (int t = 0; t < ROWS; t++) {
+                    float e = A_AT(DT, ar[t], p);
+                    if (mask) {
+                        const int64_t off = (i0 + (t < rows ? t : 0)) * a.rs + p;
+                        e = lf_dropout_keep(mask->seed, (uint64_t)off, mask->threshold) ? e * mask->scale : 0.0f;
+                    }
+                    acc[t] += e * bv;
+                }
             }
             for (int64_t t = 0; t < rows; t++)
                 vstore(c + (i0 + t) * R + j0, acc[t] * scale, R - j0);
@@ -93,16 +112,15 @@ static inline __attribute__((always_inline)) void rowdot_core(const lf_dtype DT,
     }
 }
 
-/* rowdot_core for a's dtype (rows contiguous: a.cs == 1) */
+/* rowdot_core for a's dtype (rows contiguous: a.cs == 1) and mask (NULL: none) */
 static void rowdot_rows(int64_t m0, int64_t m1, int64_t K, int64_t R, int64_t Rp, lf_tview a, const float *bt,
-                        float scale, float *c) {
-    if (a.dtype == LF_DT_BF16) rowdot_core(LF_DT_BF16, m0, m1, K, R, Rp, a, bt, scale, c);
-    else if (a.dtype == LF_DT_F16) rowdot_core(LF_DT_F16, m0, m1, K, R, Rp, a, bt, scale, c);
-    else rowdot_core(LF_DT_F32, m0, m1, K, R, Rp, a, bt, scale, c);
+                        float scale, float *c, const lf_mask *mask) {
+    if (a.dtype == LF_DT_BF16) rowdot_core(LF_DT_BF16, m0, m1, K, R, Rp, a, bt, scale, c, mask);
+    else if (a.dtype == LF_DT_F16) rowdot_core(LF_DT_F16, m0, m1, K, R, Rp, a, bt, scale, c, mask);
+    else if (mask) rowdot_core(LF_DT_F32, m0, m1, K, R, Rp, a, bt, scale, c, mask);
+    else rowdot_core(LF_DT_F32, m0, m1, K, R, Rp, a, bt, scale, c, NULL); /* the plain fp32 loop, unmasked */
 }
 
-static void dropout_span(const float *src, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr, float scale,
-                         float *dst);
 
 /* w̃[t, j : j+width] as a vector: w (of dtype DT, widened), or w dropped by wmask (mask index = flat
  * offset t·w.rs + j) */

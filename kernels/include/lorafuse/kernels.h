@@ -203,15 +203,14 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
  *      base's dtype, after their full fp32 sum; dA and dB once, to the adapters' dtype. Products of
  *      two bf16 operands (x·Wᵀ, g·W) run the bf16 tiles where the ISA has them (lf_hgemm). ---- */
 
-/* The forward's plan for a half base of n tokens: u 'skinny' (x streamed once) without dropout for rows
+/* The forward's plan for a half base of n tokens: u 'skinny' (x streamed once, x̃ regenerated) for rows
  * of x contiguous and 1 ≤ r ≤ 64, else 'gemm'; y 'decode' for at most 8 tokens with rows of x and W
  * contiguous (W streamed once in place), else 'split' when x·Wᵀ takes a bf16 tile, else 'augmented'
  * (one widened GEMM). */
-lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r, float dropout_p);
+lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r);
 /* NULL if `plan` can run these operands of a half base, else why not (u 'skinny' or 'gemm'; y 'decode'
  * within its preconditions, 'split' or 'augmented'). */
-const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r,
-                                       float dropout_p);
+const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r);
 
 /* Fused LoRA forward on a half base. x (n,k) [dropout: C-contiguous], W (m,k), bias (m) — bias.p NULL
  * for none, its rs unused (elements at p[j·cs]) —, A (r,k), B (m,r) as the dtypes above, any strides.
