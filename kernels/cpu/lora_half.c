@@ -14,7 +14,9 @@
  * them: they run alone ('split' / 'masked' plans) into an fp32 buffer, and the rank-r term is added
  * to it row block by row block and rounded to the output while the rows are in cache
  * (rank_rows.c). Elsewhere (fp16, or no bf16 tile) one widened GEMM over the augmented K forms the
- * whole sum ('augmented'), rounded row block by row block the same way.
+ * whole sum ('augmented'), rounded row block by row block the same way. A few tokens ('decode') stream
+ * W once in place (rowdots_half.c; dx's g·W through the rank update). The rank-r products u, v, dBᵀ, dA
+ * run on the skinny kernels, which widen half rows as they read them ('skinny'), or as GEMMs ('gemm').
  */
 #include <stdlib.h>
 #include <string.h>
