@@ -1,6 +1,7 @@
 /* half_store.h — fp32 values stored as fp32, bf16 or fp16 (uint16_t bits), rounded to nearest even:
  * the one rounding every kernel that writes a half-precision result uses (dequantization in
- * quant4_simd.c, the outputs of the half-precision LoRA kernels in narrow.c).
+ * quant4_simd.c, the outputs of the half-precision LoRA kernels in narrow.c); and the vector loads
+ * that widen bf16 / fp16 back to fp32 (widen.c, rowdots_half.c).
  *   bf16: torch's c10::round_to_nearest_even — the top 16 bits of u + 0x7FFF + lsb; NaN → 0x7FC0.
  *   fp16: IEEE binary16 — subnormals m·2⁻²⁴, ≥ 65520 → inf, NaN → sign | 0x7E00 (F16C's
  *         vcvtps2ph on AVX2 / AVX-512 gives the same bits for every input).
@@ -70,6 +71,19 @@ LF_AVX2 static inline __m128i lf_bf16x8(__m256 v) {
     r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
                                              _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* 8 bf16 / fp16 elements at h widened to fp32, exactly: bf16 zero-extended and shifted into the top
+ * half; fp16 by vcvtph2ps (subnormals, infinities and NaNs exact; MXCSR's DAZ does not apply) */
+LF_AVX2 static inline __m256 lf_load8(const uint16_t *h, lf_dtype dt) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)h);
+    return dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)) : _mm256_cvtph_ps(v);
+}
+
+/* the same, 16 at a time */
+LF_AVX512 static inline __m512 lf_load16(const uint16_t *h, lf_dtype dt) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)h);
+    return dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)) : _mm512_cvtph_ps(v);
 }
 
 /* out[t .. t+8) = v as dt */

@@ -61,6 +61,11 @@ static inline float lf_half_to_f32(lf_dtype dt, uint16_t h) {
     return dt == LF_DT_BF16 ? lf_bf16_to_f32(h) : lf_f16_to_f32(h);
 }
 
+/* element off of an fp32, bf16 or fp16 array p (dtype dt) as fp32, exactly */
+static inline float lf_elem_f32(const void *p, lf_dtype dt, int64_t off) {
+    return dt == LF_DT_F32 ? ((const float *)p)[off] : lf_half_to_f32(dt, ((const uint16_t *)p)[off]);
+}
+
 /* Two adjacent NR-wide slivers of B at once (the second at bp + bstride), A read in place:
  * the pair_mr × 2·NR tile at c; nr ≤ 2·NR columns stored (nr ≤ NR: the first sliver alone). */
 typedef void (*lf_ukernel_pair_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, int64_t bstride,

@@ -87,12 +87,6 @@ int lf_q4_dequantize(const lf_q4_weight *w, int64_t r0, int64_t r1, int64_t c0, 
 
 /* ---------------------------------------------------------------- 4-bit quantization */
 
-/* element k of src as fp32 (bf16 / fp16 widened exactly) */
-static float load_elem(const void *src, lf_dtype dt, int64_t k) {
-    if (dt == LF_DT_F32) return ((const float *)src)[k];
-    return lf_half_to_f32(dt, ((const uint16_t *)src)[k]);
-}
-
 /* the code of a scaled s ∈ [-1, 1]: p = #{bounds < s} (a branch-free binary search over the 15
  * sorted bounds: torch.bucketize, right=False), then NF4's code p, FP4's order[p] */
 static uint8_t q4_code_of(float s, lf_q4_type type) {
@@ -120,7 +114,7 @@ int lf_q4_quantize(lf_q4_type type, int64_t blocksize, int64_t n, const void *sr
         const int64_t len = n - start < blocksize ? n - start : blocksize;
         float a = 0.0f;
         for (int64_t k = 0; k < len; k++) {
-            const float v = fabsf(load_elem(src, src_dtype, start + k));
+            const float v = fabsf(lf_elem_f32(src, src_dtype, start + k));
             if (!(v <= FLT_MAX)) return LF_EINVAL; /* inf or NaN */
             if (v > a) a = v;
         }
@@ -128,7 +122,7 @@ int lf_q4_quantize(lf_q4_type type, int64_t blocksize, int64_t n, const void *sr
         const float clamped = a < tiny ? tiny : a, recip = 1.0f / clamped;
         absmax[start / blocksize] = full ? a : clamped;
         for (int64_t k = 0; k < len; k++) {
-            const float x = load_elem(src, src_dtype, start + k);
+            const float x = lf_elem_f32(src, src_dtype, start + k);
             float s = full ? x * recip : x / clamped;
             s = s < -1.0f ? -1.0f : s > 1.0f ? 1.0f : s;
             const uint8_t q = q4_code_of(s, type);

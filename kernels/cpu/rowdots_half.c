@@ -11,9 +11,9 @@
  * on the CPU measured it issues at a quarter of the FMA's rate (benchmarks/RESULTS.md, "Half-precision
  * GEMM core"), so at 8 tokens, where the product stops being bound by W's bytes, it is the slower.
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products). */
-#include <stdatomic.h>
 #include <stdlib.h>
 
+#include "half_store.h"
 #include "internal.h"
 
 /* Rows [j0, j1) of W against the n rows of x over K elements (one K block): xw (n, K; row stride
@@ -44,28 +44,20 @@ static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const flo
 }
 
 #if defined(__x86_64__)
-#include <immintrin.h>
+#define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 
-#define LF_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
-#define LF_AVX512 __attribute__((target("avx512f")))
-
-/* 8 elements of a W row at w, widened */
-LF_AVX2_F16C static inline __m256 widen8(const uint16_t *w, lf_dtype dt) {
-    const __m128i h = _mm_loadu_si128((const __m128i *)w);
-    return dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
-}
-
-LF_AVX2_F16C static float hsum8(__m256 v) {
+/* the sum of 8 lanes */
+LF_AVX2_FMA static float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
- * against the n rows of x, STEP elements of K per step into 2n accumulators of type V, operands of type
- * OV: b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (xw row i from p), acc = MADD(acc,
+ * against the n rows of x, STEP elements of K per step into 2n accumulators and operands of type V:
+ * b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (xw row i from p), acc = MADD(acc,
  * a, b); then c[i, j] gets HSUM(acc) + the K tail (dot_tail) (put). */
-#define ROWS_KERNEL(NAME, ATTR, V, OV, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
+#define ROWS_KERNEL(NAME, ATTR, V, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
     ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,          \
                           const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate,       \
                           float *c, int64_t ldc) {                                                              \
@@ -76,9 +68,9 @@ LF_AVX2_F16C static float hsum8(__m256 v) {
             V acc[2][LF_ROWDOTS_MAX_N];                                                                         \
             for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = ZERO;                                       \
             for (int64_t p = 0; p < Kv; p += STEP) {                                                            \
-                const OV b0 = LOAD_B(w0 + p), b1 = LOAD_B(w1 + p);                                              \
+                const V b0 = LOAD_B(w0 + p), b1 = LOAD_B(w1 + p);                                               \
                 for (int64_t i = 0; i < n; i++) {                                                               \
-                    const OV a = LOAD_A(i, p);                                                                  \
+                    const V a = LOAD_A(i, p);                                                                   \
                     acc[0][i] = MADD(acc[0][i], a, b0);                                                         \
                     acc[1][i] = MADD(acc[1][i], a, b1);                                                         \
                 }                                                                                               \
@@ -91,21 +83,16 @@ LF_AVX2_F16C static float hsum8(__m256 v) {
     }
 
 /* AVX2: 8 widened W elements (bf16 shifted, fp16 by vcvtph2ps) against 8 of x widened, fp32 FMAs */
-#define AVX2_B(w) widen8((w), dt)
+#define AVX2_B(w) lf_load8((w), dt)
 #define AVX2_A(i, p) _mm256_loadu_ps(xw + (i) * ldx + (p))
 #define AVX2_MADD(acc, a, b) _mm256_fmadd_ps((a), (b), (acc))
-ROWS_KERNEL(rows_avx2, LF_AVX2_F16C, __m256, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8)
-
-LF_AVX512 static inline __m512 widen16(const uint16_t *w, lf_dtype dt) {
-    const __m256i h = _mm256_loadu_si256((const __m256i *)w);
-    return dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-}
+ROWS_KERNEL(rows_avx2, LF_AVX2_FMA, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8)
 
 /* AVX-512: the same, 16 at a time */
-#define AVX512_B(w) widen16((w), dt)
+#define AVX512_B(w) lf_load16((w), dt)
 #define AVX512_A(i, p) _mm512_loadu_ps(xw + (i) * ldx + (p))
 #define AVX512_MADD(acc, a, b) _mm512_fmadd_ps((a), (b), (acc))
-ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
+ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
             _mm512_reduce_add_ps)
 #endif
 
@@ -159,9 +146,8 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     if (n == 0 || M == 0) return LF_OK;
     float *xw = malloc((size_t)(n * K > 0 ? n * K : 1) * sizeof(float)); /* x widened, rows contiguous */
     if (!xw) return LF_ENOMEM;
-    const uint16_t *xh = x.p;
     for (int64_t i = 0; i < n; i++)
-        for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_half_to_f32(x.dtype, xh[i * x.rs + p * x.cs]);
+        for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + p * x.cs);
     rowdots_half_job job = {.rows = rows_for(), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
                             .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);

@@ -109,11 +109,7 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tvi
     float *bt = calloc((size_t)(K > 0 ? K : 1) * (size_t)Rp, sizeof(float));
     if (!bt) return LF_ENOMEM;
     for (int64_t p = 0; p < K; p++) /* bt (K, Rp): b widened, zero-padded to whole vectors */
-        for (int64_t q = 0; q < R; q++) {
-            const int64_t off = p * b.rs + q * b.cs;
-            bt[p * Rp + q] = b.dtype == LF_DT_F32 ? ((const float *)b.p)[off]
-                                                  : lf_half_to_f32(b.dtype, ((const uint16_t *)b.p)[off]);
-        }
+        for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = lf_elem_f32(b.p, b.dtype, p * b.rs + q * b.cs);
     skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c,
                       .wmask = mask};
     const int nt = lf_threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
@@ -134,11 +130,7 @@ static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf
     int st = wp && cp ? LF_OK : LF_ENOMEM;
     if (!st) {
         for (int64_t t = 0; t < T; t++)
-            for (int64_t q = 0; q < Q; q++) {
-                const int64_t off = t * w.rs + q;
-                wp[t * vw + q] = w.dtype == LF_DT_F32 ? ((const float *)w.p)[off]
-                                                      : lf_half_to_f32(w.dtype, ((const uint16_t *)w.p)[off]);
-            }
+            for (int64_t q = 0; q < Q; q++) wp[t * vw + q] = lf_elem_f32(w.p, w.dtype, t * w.rs + q);
         st = lf_rank_update(pool, P, vw, T, s, (lf_tview){wp, vw, 1, LF_DT_F32, NULL}, scale, cp, vw, NULL);
     }
     for (int64_t p = 0; !st && p < P; p++) memcpy(c + p * ldc, cp + p * vw, (size_t)Q * sizeof(float));

@@ -6,16 +6,14 @@
  * to it); the portable version is lf_f16_to_f32 (internal.h). Only the scale rounds (never, at 1). */
 #include <stdlib.h>
 
+#include "half_store.h"
 #include "internal.h"
 
 float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale) {
     float *dst = malloc((size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(float));
     for (int64_t i = 0; dst && i < rows; i++)
         for (int64_t j = 0; j < cols; j++) {
-            const int64_t off = i * t.rs + j * t.cs;
-            const float v = t.dtype == LF_DT_F32 ? ((const float *)t.p)[off]
-                                                 : lf_half_to_f32(t.dtype, ((const uint16_t *)t.p)[off]);
-            dst[i * cols + j] = v * scale;
+            dst[i * cols + j] = lf_elem_f32(t.p, t.dtype, i * t.rs + j * t.cs) * scale;
         }
     return dst;
 }
@@ -28,21 +26,11 @@ void lf_widen_generic(const uint16_t *src, int64_t n, lf_dtype dt, float scale, 
 }
 
 #if defined(__x86_64__)
-#include <immintrin.h>
-
-#define LF_AVX2_F16C __attribute__((target("avx2,f16c")))
-#define LF_AVX512 __attribute__((target("avx512f")))
-
-/* 8 at a time: bf16 zero-extended to 32 bits and shifted into the top half; fp16 by vcvtph2ps */
-LF_AVX2_F16C void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
+/* 8 at a time (half_store.h lf_load8) */
+LF_AVX2 void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
     const __m256 s = _mm256_set1_ps(scale);
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m128i h = _mm_loadu_si128((const __m128i *)(src + j));
-        const __m256 f = dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                                          : _mm256_cvtph_ps(h);
-        _mm256_storeu_ps(dst + j, _mm256_mul_ps(f, s));
-    }
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(lf_load8(src + j, dt), s));
     lf_widen_generic(src + j, n - j, dt, scale, dst + j);
 }
 
@@ -50,12 +38,7 @@ LF_AVX2_F16C void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, flo
 LF_AVX512 void lf_widen_avx512(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst) {
     const __m512 s = _mm512_set1_ps(scale);
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        const __m256i h = _mm256_loadu_si256((const __m256i *)(src + j));
-        const __m512 f = dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                                          : _mm512_cvtph_ps(h);
-        _mm512_storeu_ps(dst + j, _mm512_mul_ps(f, s));
-    }
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(dst + j, _mm512_mul_ps(lf_load16(src + j, dt), s));
     lf_widen_generic(src + j, n - j, dt, scale, dst + j);
 }
 #else
