@@ -149,8 +149,11 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     float *dbt = malloc((size_t)(r * m > 0 ? r * m : 1) * sizeof(float));                 /* dBᵀ (r, m) */
     float *da32 = adt == LF_DT_F32 ? dA : malloc((size_t)(r * k > 0 ? r * k : 1) * sizeof(float));
     float *dx32 = dx ? malloc((size_t)(n * k > 0 ? n * k : 1) * sizeof(float)) : NULL; /* dx's fp32 sum */
-    float *a32 = plan.dx == LF_DX_MASKED ? lf_widened_copy(A, r, k, 1.0f) : NULL;          /* A (r, k) rows */
-    if (!v || !dbt || !da32 || (dx && !dx32) || (plan.dx == LF_DX_MASKED && !a32)) {
+    /* A's rows as fp32 vectors for the masked dx: A itself when it is fp32 with rows contiguous, else a copy */
+    const int a_in_place = A.dtype == LF_DT_F32 && A.cs == 1;
+    float *acopy = plan.dx == LF_DX_MASKED && !a_in_place ? lf_widened_copy(A, r, k, 1.0f) : NULL;
+    const lf_view a32 = a_in_place ? (lf_view){A.p, A.rs, 1} : (lf_view){acopy, k, 1};
+    if (!v || !dbt || !da32 || (dx && !dx32) || (plan.dx == LF_DX_MASKED && !a_in_place && !acopy)) {
         st = LF_ENOMEM;
         goto done;
     }
@@ -199,7 +202,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
         }
         const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f};
         if (!st)
-            st = lf_rank_rows(pool, n, k, r, vv, (lf_view){a32, k, 1}, scale / (1.0f - dropout_p), &xm, dx32, k,
+            st = lf_rank_rows(pool, n, k, r, vv, a32, scale / (1.0f - dropout_p), &xm, dx32, k,
                               x.dtype, dx, k);
     } else if (!st && plan.dx == LF_DX_AUGMENTED) {
         /* dx = round([g | s·v] · [W ; A]) — one GEMM over K' = m + r */
@@ -213,6 +216,6 @@ done:
     free(dbt);
     if (da32 != dA) free(da32);
     free(dx32);
-    free(a32);
+    free(acopy);
     return st;
 }
