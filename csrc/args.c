@@ -352,13 +352,18 @@ int lf_py_parse_weights(lf_state *st, const char *F, lf_py_arr_list *L, PyObject
         return -1;
     if (!(*A = lf_py_keep(L, lf_py_as_f32(st, oA, F, "A"))) || lf_py_check_ndim(F, "A", *A, 2, "(r, k)")) return -1;
     if (!(*B = lf_py_keep(L, lf_py_as_f32(st, oB, F, "B"))) || lf_py_check_ndim(F, "B", *B, 2, "(m, r)")) return -1;
-    *m = PyArray_DIM(*W, fifo ? 1 : 0);
-    *r = PyArray_DIM(*A, 0);
-    if (lf_py_check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", *W,
+    return lf_py_check_weight_dims(F, *W, *A, *B, fifo, k, m, r);
+}
+
+int lf_py_check_weight_dims(const char *F, PyArrayObject *W, PyArrayObject *A, PyArrayObject *B, int fifo,
+                            npy_intp k, npy_intp *m, npy_intp *r) {
+    *m = PyArray_DIM(W, fifo ? 1 : 0);
+    *r = PyArray_DIM(A, 0);
+    if (lf_py_check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
                         fifo ? 0 : 1, k) ||
-        lf_py_check_dim(F, "A", "(r, k) with k = x.shape[-1]", *A, 1, k) ||
-        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", *B, 0, *m) ||
-        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", *B, 1, *r))
+        lf_py_check_dim(F, "A", "(r, k) with k = x.shape[-1]", A, 1, k) ||
+        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", B, 0, *m) ||
+        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", B, 1, *r))
         return -1;
     return 0;
 }

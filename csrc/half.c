@@ -49,14 +49,7 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
                      lf_py_dtype_name(db));
         return -1;
     }
-    *m = PyArray_DIM(w, fifo ? 1 : 0);
-    *r = PyArray_DIM(a, 0);
-    if (lf_py_check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", w, fifo ? 0 : 1,
-                        k) ||
-        lf_py_check_dim(F, "A", "(r, k) with k = x.shape[-1]", a, 1, k) ||
-        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", b, 0, *m) ||
-        lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", b, 1, *r))
-        return -1;
+    if (lf_py_check_weight_dims(F, w, a, b, fifo, k, m, r)) return -1;
     *W = lf_py_tview2(w, base);
     if (fifo) *W = (lf_tview){W->p, W->cs, W->rs, base, NULL};
     *A = lf_py_tview2(a, da);
