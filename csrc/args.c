@@ -347,6 +347,12 @@ void lf_py_drop_all(lf_py_arr_list *l) {
 int lf_py_parse_weights(lf_state *st, const char *F, lf_py_arr_list *L, PyObject *oW, PyObject *oA, PyObject *oB,
                         int fifo, npy_intp k, PyArrayObject **W, PyArrayObject **A, PyArrayObject **B,
                         npy_intp *m, npy_intp *r) {
+    lf_tview q4;
+    int64_t rows, cols;
+    if (lf_py_q4_handle(oW, &q4, &rows, &cols)) {
+        PyErr_Format(PyExc_TypeError, "%s: a 4-bit W (a q4_weight handle) takes a bfloat16 / float16 x and g, got float32", F);
+        return -1;
+    }
     if (!(*W = lf_py_keep(L, lf_py_as_f32(st, oW, F, "W"))) ||
         lf_py_check_ndim(F, "W", *W, 2, fifo ? "(k, m)" : "(m, k)"))
         return -1;
@@ -357,10 +363,10 @@ int lf_py_parse_weights(lf_state *st, const char *F, lf_py_arr_list *L, PyObject
 
 int lf_py_check_weight_dims(const char *F, PyArrayObject *W, PyArrayObject *A, PyArrayObject *B, int fifo,
                             npy_intp k, npy_intp *m, npy_intp *r) {
-    *m = PyArray_DIM(W, fifo ? 1 : 0);
+    if (W) *m = PyArray_DIM(W, fifo ? 1 : 0);
     *r = PyArray_DIM(A, 0);
-    if (lf_py_check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
-                        fifo ? 0 : 1, k) ||
+    if ((W && lf_py_check_dim(F, "W", fifo ? "(k, m) with k = x.shape[-1]" : "(m, k) with k = x.shape[-1]", W,
+                              fifo ? 0 : 1, k)) ||
         lf_py_check_dim(F, "A", "(r, k) with k = x.shape[-1]", A, 1, k) ||
         lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", B, 0, *m) ||
         lf_py_check_dim(F, "B", "(m, r) with m, r from W and A", B, 1, *r))

@@ -40,7 +40,8 @@ lf_view lf_py_weight_view(PyArrayObject *W, int fifo, npy_intp *m, npy_intp *k);
 int lf_py_parse_weights(lf_state *st, const char *F, lf_py_arr_list *L, PyObject *oW, PyObject *oA, PyObject *oB,
                         int fifo, npy_intp k, PyArrayObject **W, PyArrayObject **A, PyArrayObject **B,
                         npy_intp *m, npy_intp *r);
-/* W (m, k) — (k, m) with fifo —, A (r, k), B (m, r) (2-D, checked) against each other and x's k; m, r out */
+/* W (m, k) — (k, m) with fifo —, A (r, k), B (m, r) (2-D, checked) against each other and x's k; m, r out
+ * (W NULL: a 4-bit W already checked, *m given) */
 int lf_py_check_weight_dims(const char *F, PyArrayObject *W, PyArrayObject *A, PyArrayObject *B, int fifo,
                             npy_intp k, npy_intp *m, npy_intp *r);
 int lf_py_parse_packed(PyObject *obj, const char *F, PyArrayObject *W, int fifo, int for_backward,

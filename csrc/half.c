@@ -33,14 +33,32 @@ static PyArrayObject *typed_arg(lf_state *st, lf_py_arr_list *L, const char *F, 
     return a;
 }
 
-/* W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r): W of the base's dtype, A and B one
- * dtype (float32 or the base's); -1 with the exception set */
+/* W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r): W of the base's dtype (or a 4-bit
+ * weight's handle, _C.q4_weight, its elements of the base's dtype), A and B one dtype (float32 or the
+ * base's); -1 with the exception set */
 static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oW, PyObject *oA, PyObject *oB,
                          int fifo, npy_intp k, lf_dtype base, lf_tview *W, lf_tview *A, lf_tview *B, npy_intp *m,
                          npy_intp *r) {
     lf_dtype dw, da, db;
-    PyArrayObject *w, *a, *b;
-    if (!(w = typed_arg(st, L, F, oW, "W", 2, fifo ? "(k, m)" : "(m, k)", base, 0, &dw)) ||
+    PyArrayObject *w = NULL, *a, *b;
+    int64_t q4_rows, q4_cols;
+    const int q4 = lf_py_q4_handle(oW, W, &q4_rows, &q4_cols);
+    if (q4 && fifo) {
+        PyErr_Format(PyExc_ValueError, "%s: a 4-bit W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
+        return -1;
+    }
+    if (q4 && W->dtype != base) {
+        PyErr_Format(PyExc_TypeError, "%s: the 4-bit W's elements are %s but x is %s: make the handle with dtype=x's dtype",
+                     F, lf_py_dtype_name(W->dtype), lf_py_dtype_name(base));
+        return -1;
+    }
+    if (q4 && q4_cols != k) {
+        PyErr_Format(PyExc_ValueError, "%s: the 4-bit W must be (m, k) with k = x.shape[-1] = %ld, got (%ld, %ld)", F,
+                     (long)k, (long)q4_rows, (long)q4_cols);
+        return -1;
+    }
+    *m = (npy_intp)q4_rows;
+    if ((!q4 && !(w = typed_arg(st, L, F, oW, "W", 2, fifo ? "(k, m)" : "(m, k)", base, 0, &dw))) ||
         !(a = typed_arg(st, L, F, oA, "A", 2, "(r, k)", base, 1, &da)) ||
         !(b = typed_arg(st, L, F, oB, "B", 2, "(m, r)", base, 1, &db)))
         return -1;
@@ -50,7 +68,7 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
         return -1;
     }
     if (lf_py_check_weight_dims(F, w, a, b, fifo, k, m, r)) return -1;
-    *W = lf_py_tview2(w, base);
+    if (!q4) *W = lf_py_tview2(w, base);
     if (fifo) *W = (lf_tview){W->p, W->cs, W->rs, base, NULL};
     *A = lf_py_tview2(a, da);
     *B = lf_py_tview2(b, db);

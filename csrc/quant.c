@@ -264,6 +264,78 @@ fail:
     return NULL;
 }
 
+/* A 4-bit weight checked once, for lora_forward / lora_backward's W (lf_py_q4_handle): the struct
+ * the kernels read, the dtype its elements are rounded to, and the arrays its pointers point into
+ * (owned references: the capsule keeps them alive). */
+#define Q4_HANDLE_NAME "lorafuse.q4_weight"
+typedef struct {
+    lf_q4_weight w;
+    lf_dtype dt;
+    PyObject *arrs[4];
+} q4_handle;
+
+static void q4_handle_free(PyObject *cap) {
+    q4_handle *h = PyCapsule_GetPointer(cap, Q4_HANDLE_NAME);
+    if (!h) return;
+    for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
+    PyMem_Free(h);
+}
+
+int lf_py_q4_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols) {
+    if (!PyCapsule_IsValid(obj, Q4_HANDLE_NAME)) return 0;
+    const q4_handle *h = PyCapsule_GetPointer(obj, Q4_HANDLE_NAME);
+    *rows = h->w.rows;
+    *cols = h->w.cols;
+    *W = (lf_tview){.rs = h->w.cols, .cs = 1, .dtype = h->dt, .q4 = &h->w}; /* W (rows, cols) as stored */
+    return 1;
+}
+
+const char lf_py_q4_weight_doc[] =
+    "q4_weight(data, absmax, shape, blocksize, quant_type, dtype='bfloat16', nested_absmax=None,\n"
+    "          nested_code=None, nested_blocksize=256, offset=0.0) -> handle\n\n"
+    "A 4-bit weight W (rows, cols) = (out_features, in_features), given as dequant_4bit takes it, checked\n"
+    "once and held (its arrays referenced) as an opaque handle that lora_forward / lora_backward take as\n"
+    "W: the fused LoRA kernels on a bf16 / fp16 base then read W's 4-bit codes, its elements\n"
+    "code·absmax rounded to dtype ('bfloat16' or 'float16': x's dtype), dequantized inside the GEMM's\n"
+    "packing or, for a few tokens, a block at a time in cache. The handle reads the arrays as they are\n"
+    "when used: it is valid while their contents stay those of one weight.";
+
+PyObject *lf_py_q4_weight(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "q4_weight";
+    static char *kwlist[] = {"data", "absmax", "shape", "blocksize", "quant_type", "dtype", "nested_absmax",
+                             "nested_code", "nested_blocksize", "offset", NULL};
+    q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
+    const char *sdtype = "bfloat16";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLs|sOOLd:q4_weight", kwlist, &q.data, &q.absmax, &q.shape,
+                                     &q.blocksize, &q.quant_type, &sdtype, &q.nested_absmax, &q.nested_code,
+                                     &q.nested_blocksize, &q.offset))
+        return NULL;
+    lf_py_arr_list L = {{0}, 0};
+    PyArrayObject *arrs[4];
+    PyObject *cap = NULL;
+    q4_handle *h = PyMem_Calloc(1, sizeof *h);
+    if (!h) return PyErr_NoMemory();
+    if (parse_dtype(F, sdtype, &h->dt) || parse_q4(PyModule_GetState(self), F, &L, &q, &h->w, arrs)) goto fail;
+    if (h->dt == LF_DT_F32) {
+        PyErr_Format(PyExc_ValueError, "%s: dtype must be 'bfloat16' or 'float16' (the fused kernels' half base)", F);
+        goto fail;
+    }
+    for (int i = 0; i < 4; i++) {
+        Py_XINCREF(arrs[i]);
+        h->arrs[i] = (PyObject *)arrs[i];
+    }
+    if (!(cap = PyCapsule_New(h, Q4_HANDLE_NAME, q4_handle_free))) {
+        for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
+        goto fail;
+    }
+    lf_py_drop_all(&L);
+    return cap;
+fail:
+    PyMem_Free(h);
+    lf_py_drop_all(&L);
+    return NULL;
+}
+
 /* op(W) of a weight W (rows, cols) as a (P, Q) view: Wᵀ (transpose_b: element (p, q) = W[q, p], flat
  * q·cols + p) or W (element (p, q) = W[p, q], flat p·cols + q); its elements rounded to dt */
 static lf_tview op_of(const lf_q4_weight *w, int transpose_b, lf_dtype dt, int64_t *P, int64_t *Q) {

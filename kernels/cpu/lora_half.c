@@ -23,6 +23,7 @@
 
 #include "internal.h"
 #include "lorafuse/dropout_hash.h"
+#include "lorafuse/quant4.h"
 
 static lf_tview ttranspose(lf_tview v) {
     const int64_t rs = v.rs;
@@ -33,11 +34,13 @@ static lf_tview ttranspose(lf_tview v) {
 
 static int is_half(lf_dtype dt) { return dt == LF_DT_BF16 || dt == LF_DT_F16; }
 
-/* the dtype rules of kernels.h: x (and g) and W one half dtype, A and B fp32 or that dtype; no 4-bit
- * view (lf_tview.q4) among them yet (the decode kernel and lf_widened_copy read p) */
-static int dtypes_ok(lf_dtype base, lf_tview W, lf_tview A, lf_tview B) {
+/* the dtype rules of kernels.h: x (and g) and W one half dtype, A and B fp32 or that dtype; W may be a
+ * 4-bit weight (lf_tview.q4) stored (m, k) as it is, its elements rounded to the base dtype — never
+ * transposed, never A or B */
+static int dtypes_ok(lf_dtype base, int64_t k, int64_t m, lf_tview W, lf_tview A, lf_tview B) {
+    const int q4_ok = !W.q4 || (W.rs == k && W.cs == 1 && W.q4->rows == m && W.q4->cols == k && !lf_q4_unfit(W.q4));
     return is_half(base) && W.dtype == base && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == base) &&
-           !W.q4 && !A.q4 && !B.q4;
+           q4_ok && !A.q4 && !B.q4;
 }
 
 /* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */
@@ -69,7 +72,7 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
                          uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan_out) {
     int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
-    if (!dtypes_ok(x.dtype, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
+    if (!dtypes_ok(x.dtype, k, m, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
     if (force && lf_forward_plan_unfit_half(*force, n, x, W, r)) return LF_EINVAL;
     const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W, r);
@@ -139,7 +142,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
                           uint16_t *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan_out) {
     int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
-    if (!dtypes_ok(x.dtype, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
+    if (!dtypes_ok(x.dtype, k, m, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
     if (force && lf_backward_plan_unfit_half(*force, g, x, r, dropout_p, dx != NULL)) return LF_EINVAL;
     const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, x, W, r, dropout_p, dx != NULL);
@@ -191,8 +194,9 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
-         * contiguous: W streamed once by the rank update over m (s = gᵀ widened, (m, n)), never packed */
-        if (n <= LF_ROWDOTS_MAX_N && W.cs == 1) {
+         * contiguous in memory: W streamed once by the rank update over m (s = gᵀ widened, (m, n)), never
+         * packed; a 4-bit W through the GEMM, which dequantizes it as it packs */
+        if (n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4) {
             float *gt = lf_widened_copy(ttranspose(g), m, n, 1.0f);
             st = gt ? lf_rank_update(pool, n, k, m, (lf_view){gt, n, 1}, W, 1.0f, dx32, k, NULL) : LF_ENOMEM;
             free(gt);

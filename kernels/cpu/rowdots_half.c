@@ -10,11 +10,16 @@
  * fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time; every product exact. Not vdpbf16ps:
  * on the CPU measured it issues at a quarter of the FMA's rate (benchmarks/RESULTS.md, "Half-precision
  * GEMM core"), so at 8 tokens, where the product stops being bound by W's bytes, it is the slower.
- * The K tail past the last whole vector is summed by the generic loop (widened, exact products). */
+ * The K tail past the last whole vector is summed by the generic loop (widened, exact products).
+ * A 4-bit W (W.q4, stored (M, K) as it is) is read as it is — a quarter of bf16's bytes: each block of
+ * ROWS_PER_BLOCK rows × K_BLOCK columns is dequantized (lf_q4_span, rounded to the dtype as
+ * lf_q4_dequantize rounds it) into a thread's 32 KiB buffer while it is in cache, and the same row
+ * kernels read it there. */
 #include <stdlib.h>
 
 #include "half_store.h"
 #include "internal.h"
+#include "quant4_internal.h"
 
 /* Rows [j0, j1) of W against the n rows of x over K elements (one K block): xw (n, K; row stride
  * ldx) x widened to fp32, W's rows ldw apart; c[i·ldc + j] = the sum (+ bias[j] if bias), or += it
@@ -114,44 +119,62 @@ static rows_fn rows_for(void) {
 typedef struct {
     rows_fn rows;
     int64_t n, M, K, ldw, ldc;
-    const uint16_t *W;
+    const uint16_t *W;      /* NULL for a 4-bit W */
+    const lf_q4_weight *q4; /* the 4-bit W (M, K), or NULL */
     const float *xw, *bias;
     lf_dtype dt;
     float *c;
+    int failed; /* a thread could not allocate its dequantization buffer */
 } rowdots_half_job;
 
 static void rowdots_half_run(void *ctxp, int tid, int nt) {
-    const rowdots_half_job *job = ctxp;
+    rowdots_half_job *job = ctxp;
     const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
     const int64_t j0 = tid * per * ROWS_PER_BLOCK;
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
+    /* a 4-bit W: rows [j, j + ROWS_PER_BLOCK) × columns [p0, p0 + len) dequantized into buf (row stride len) */
+    uint16_t *buf = job->q4 && j0 < j1 ? malloc(ROWS_PER_BLOCK * K_BLOCK * sizeof(uint16_t)) : NULL;
+    if (job->q4 && j0 < j1 && !buf) {
+        __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += K_BLOCK) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < K_BLOCK ? job->K - p0 : K_BLOCK;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
-            if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-            job->rows(j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, job->n, len, job->xw + p0, job->K,
-                      job->W + p0, job->ldw, job->dt, p0 ? NULL : job->bias, p0 > 0, job->c, job->ldc);
+            if (lf_interrupt_pending()) break; /* the caller sees the flag and reports LF_EINTR */
+            const int64_t je = j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1;
+            const float *bias = p0 || !job->bias ? NULL : job->bias + j;
+            if (buf) {
+                for (int64_t jj = j; jj < je; jj++) lf_q4_span(job->q4, jj * job->K + p0, len, job->dt, buf + (jj - j) * len);
+                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, buf, len, job->dt, bias, p0 > 0, job->c + j,
+                          job->ldc);
+            } else {
+                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->W + j * job->ldw + p0, job->ldw, job->dt,
+                          bias, p0 > 0, job->c + j, job->ldc);
+            }
         }
     }
+    free(buf);
 }
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
     return n <= LF_ROWDOTS_MAX_N && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype &&
-           x.cs == 1 && W.cs == 1;
+           x.cs == 1 && W.cs == 1 && (!W.q4 || W.rs == W.q4->cols);
 }
 
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
                     float *c, int64_t ldc) {
     if (n < 0 || M < 0 || K < 0 || ldc < M || !lf_rowdots_half_ok(n, x, W)) return LF_EINVAL;
+    if (W.q4 && (lf_q4_unfit(W.q4) || W.q4->cols != K || W.q4->rows < M)) return LF_EINVAL;
     if (n == 0 || M == 0) return LF_OK;
     float *xw = malloc((size_t)(n * K > 0 ? n * K : 1) * sizeof(float)); /* x widened, rows contiguous */
     if (!xw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)
         for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + p * x.cs);
     rowdots_half_job job = {.rows = rows_for(), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
-                            .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
+                            .q4 = W.q4, .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_half_run, &job);
     free(xw);
-    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+    return lf_interrupt_pending() ? LF_EINTR : job.failed ? LF_ENOMEM : LF_OK;
 }

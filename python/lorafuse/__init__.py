@@ -25,6 +25,7 @@ _LAZY = {
     "fuse_peft_model": "peft_api",
     "unfuse_peft_model": "peft_api",
     "FusedLinear": "peft_fused",
+    "FusedLinear4bit": "qlora",
     "patch_peft": "peft_fused",
     "unpatch_peft": "peft_fused",
     "peft_is_patched": "peft_fused",

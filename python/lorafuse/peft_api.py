@@ -9,7 +9,8 @@
 `PeftModel.from_pretrained` call PEFT and then `fuse_peft_model`, which converts a PEFT model in place,
 with no global patch (`lorafuse.patch_peft` is the global switch for code that calls PEFT directly):
 
-- every PEFT ``lora.Linear`` becomes a `FusedLinear` (its forward fused where the kernels apply);
+- every PEFT ``lora.Linear`` becomes a `FusedLinear` (its forward fused where the kernels apply), every
+  ``lora.bnb.Linear4bit`` (LoRA on bitsandbytes' 4-bit base) a `lorafuse.qlora.FusedLinear4bit`;
 - the tuner (``model.base_model``, PEFT's ``LoraModel``) becomes `FusedLoraModel`, so adapters added
   later (``add_adapter``, ``load_adapter``) on new target modules get `FusedLinear` layers too;
 - the PEFT model (``PeftModelForCausalLM`` etc.) becomes its lorafuse twin: the same class with
@@ -30,7 +31,7 @@ from peft.peft_model import PeftModel as _PeftModel
 from torch import nn
 
 from . import peft_fused
-from .peft_fused import RUNTIME_ATTRS, FusedLinear, PeftLinear, fuse_layer, load_adapter, save_pretrained
+from .peft_fused import FUSED_CLASSES, RUNTIME_ATTRS, fuse_layer, load_adapter, save_pretrained
 
 __all__ = ["LoraConfig", "TaskType", "LoraModel", "FusedLoraModel", "PeftModel", "get_peft_model",
            "fuse_peft_model", "unfuse_peft_model"]
@@ -66,7 +67,8 @@ def _twin(stock: type) -> type:
 _TWINS: dict[type, type] = {cls: _twin(cls) for cls in (_PeftModel, *(
     c for c in _PeftModel.__subclasses__() if c.__module__ == _PeftModel.__module__))}
 _STOCK_OF = {twin: stock for stock, twin in _TWINS.items()}
-_LAYERS = {PeftLinear: FusedLinear}
+_LAYERS = FUSED_CLASSES
+_STOCK_LAYERS = {v: k for k, v in _LAYERS.items()}
 _TUNERS = {LoraModel: FusedLoraModel}
 
 
@@ -80,9 +82,9 @@ def _swap(model: nn.Module, *tables: dict[type, type]) -> int:
         for table in tables:
             new = table.get(type(module))
             if new is not None:
-                layers += new in (FusedLinear, PeftLinear)
+                layers += table is _LAYERS or table is _STOCK_LAYERS
                 module.__class__ = new
-                if new is PeftLinear:  # a stock layer again: nothing of lorafuse left (packed W, path)
+                if table is _STOCK_LAYERS:  # a stock layer again: nothing of lorafuse left (packed W, path)
                     for attr in RUNTIME_ATTRS:
                         module.__dict__.pop(attr, None)
     return layers
@@ -97,7 +99,7 @@ def fuse_peft_model(model: nn.Module) -> int:
 
 def unfuse_peft_model(model: nn.Module) -> int:
     """Undo `fuse_peft_model`: stock PEFT classes again. Returns how many layers were converted."""
-    return _swap(model, {v: k for k, v in _LAYERS.items()}, {v: k for k, v in _TUNERS.items()}, _STOCK_OF)
+    return _swap(model, _STOCK_LAYERS, {v: k for k, v in _TUNERS.items()}, _STOCK_OF)
 
 
 def get_peft_model(model: nn.Module, peft_config: peft.PeftConfig, adapter_name: str = "default",

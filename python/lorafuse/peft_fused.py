@@ -57,6 +57,7 @@ from .autograd import fused_linear
 from .dora import RowNorms, dora_operands
 from .io_validate import AdapterFileError, check_peft_dir
 from .layers import fused_operands, plain_base
+from .qlora import FusedLinear4bit, PeftLinear4bit
 from .weight_cache import PackedWeightOption
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched"]
@@ -154,16 +155,34 @@ class FusedLinear(PackedWeightOption, PeftLinear):
 RUNTIME_ATTRS = ("_weight_cache", "lorafuse_path", "_dora_row_norms")
 
 
-def fuse_layer(module: nn.Module) -> nn.Module:
-    """``module`` with the class `FusedLinear` if it is exactly PEFT's ``lora.Linear`` (in place)."""
-    if type(module) is PeftLinear:
-        module.__class__ = FusedLinear
+# PEFT's LoRA layer classes and their lorafuse subclasses (the 4-bit one where bitsandbytes is installed)
+FUSED_CLASSES: dict[type, type] = {PeftLinear: FusedLinear}
+if PeftLinear4bit is not None:
+    from peft.tuners.lora import bnb as _peft_bnb
+
+    FUSED_CLASSES[PeftLinear4bit] = FusedLinear4bit
+    _STOCK_DISPATCH_4BIT: Optional[Callable[..., Optional[nn.Module]]] = _peft_bnb.dispatch_bnb_4bit
+else:  # pragma: no cover - without bitsandbytes
+    _peft_bnb, _STOCK_DISPATCH_4BIT = None, None
+
+
+def fuse_layer(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``module`` with its lorafuse class (`FusedLinear`, `lorafuse.qlora.FusedLinear4bit`) if it is exactly
+    one of PEFT's LoRA layer classes fused (``lora.Linear``, ``lora.bnb.Linear4bit``), in place."""
+    new = FUSED_CLASSES.get(type(module))
+    if new is not None:
+        module.__class__ = new
     return module
 
 
 def _dispatch_fused(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
     """PEFT's ``dispatch_default``, with its ``lora.Linear`` made a `FusedLinear`."""
     return fuse_layer(_STOCK_DISPATCH(target, adapter_name, **kwargs))
+
+
+def _dispatch_fused_4bit(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    """PEFT's ``dispatch_bnb_4bit``, with its ``lora.bnb.Linear4bit`` made a `FusedLinear4bit`."""
+    return fuse_layer(_STOCK_DISPATCH_4BIT(target, adapter_name, **kwargs))
 
 
 def _is_local_dir(model_id: Any) -> bool:
@@ -264,10 +283,13 @@ def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: 
 
 
 def patch_peft() -> None:
-    """From now on, LoRA layers that stock PEFT creates on nn.Linear / Conv1D are `FusedLinear`, local
+    """From now on, LoRA layers that stock PEFT creates on nn.Linear / Conv1D are `FusedLinear` (on
+    bitsandbytes' Linear4bit `lorafuse.qlora.FusedLinear4bit`), local
     adapter directories are validated before PEFT loads them, and ``save_pretrained`` writes atomically
     (idempotent). Layers that exist already keep their class: `lorafuse.fuse_peft_model` converts them."""
     _peft_model.dispatch_default = _dispatch_fused
+    if _peft_bnb is not None:
+        _peft_bnb.dispatch_bnb_4bit = _dispatch_fused_4bit
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
     PeftModel.save_pretrained = save_pretrained
@@ -276,6 +298,8 @@ def patch_peft() -> None:
 def unpatch_peft() -> None:
     """Stock PEFT again: new LoRA layers are PEFT's ``lora.Linear``, its loaders and saver its own (idempotent)."""
     _peft_model.dispatch_default = _STOCK_DISPATCH
+    if _peft_bnb is not None:
+        _peft_bnb.dispatch_bnb_4bit = _STOCK_DISPATCH_4BIT
     PeftModel.from_pretrained = _STOCK_FROM_PRETRAINED
     PeftModel.load_adapter = _STOCK_LOAD_ADAPTER
     PeftModel.save_pretrained = _STOCK_SAVE_PRETRAINED

@@ -1,0 +1,204 @@
+"""QLoRA on the fused kernels: LoRA layers on a 4-bit frozen base (bitsandbytes' storage, read as it is).
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16), dtype=torch.bfloat16)
+    model = lorafuse.get_peft_model(model, LoraConfig(...))   # or peft.get_peft_model after patch_peft()
+
+PEFT puts its ``lora.bnb.Linear4bit`` on bitsandbytes' ``Linear4bit`` modules; lorafuse makes those layers
+`FusedLinear4bit` (a subclass: same constructor, parameters, state-dict keys, merge/unmerge — PEFT's own
+code). Its forward, for x (..., in_features) → y (..., out_features), per output element j:
+
+    y  = round_cd(x·Wᵀ + b + s·(x̃·Aᵀ)·Bᵀ)         W[j, p] = round_cd(code[q[j, p]] · absmax[block])
+    dx = round_cd(g·W + s·drop'((g·B)·A)),  dA = s·(g·B)ᵀ·x̃,  dB = s·gᵀ·(x̃·Aᵀ)
+
+cd the compute dtype (bf16 or fp16; x's dtype), every sum fp32: the C kernels of the half-precision path
+(kernels/cpu/lora_half.c) with W given as its 4-bit codes (``_C.q4_weight``), dequantized inside the GEMM's
+packing or, for a few tokens, a block at a time in cache (rowdots_half.c) — W in full precision never exists
+in memory, in the forward or in dx. bitsandbytes + PEFT instead dequantize all of W to bf16 in every forward
+and again in every backward, round x·Wᵀ + b to bf16, then add the LoRA term computed apart. W's elements are
+bit-identical to ``bitsandbytes.functional.dequantize_4bit`` (tests/test_quant4.py) followed by bnb's cast to
+the compute dtype.
+
+Fused when: adapters enabled and unmerged, one active plain-LoRA adapter (no variant such as DoRA, no
+``lora_bias``), the base exactly bnb's ``Linear4bit`` (or LinearNF4 / LinearFP4) without hooks and in its
+canonical layout (not bnb's CPU inference repacking, ``packing_format_for_cpu``), x on the CPU in the layer's
+compute dtype (bf16 or fp16), the quant state's dtype float32 or that dtype (one rounding of each W element,
+as bnb), adapters float32 (PEFT's default) or the compute dtype, no autocast, not while torch.compile traces,
+no extra forward argument. Anything else runs PEFT's forward unchanged; ``layer.lorafuse_path`` tells which
+ran last ('c' or 'peft'). Under ``create_graph=True`` the gradients come from torch math on W dequantized
+(differentiable), as `lorafuse.autograd` does for full-precision bases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.compiler import is_compiling
+
+from . import _C
+from .autograd import _differentiable_backward
+from .backend import _tensor, cpu_kernels, draw_seed
+from .quant import _DTYPES, _stored, dequantize
+
+__all__ = ["FusedLinear4bit", "q4_handle", "lora_linear_4bit"]
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def q4_handle(weight: Any, dtype: torch.dtype) -> Any:
+    """``_C.q4_weight`` of a 4-bit weight (bnb's ``Params4bit`` or lorafuse's, with its ``quant_state``) whose
+    elements are rounded to ``dtype`` (bf16 or fp16): what ``lora_forward`` / ``lora_backward`` take as W.
+    Kept on the weight while its data, version and quant state stay the same objects (an in-place
+    change or a new quant state makes a new one); the handle references the arrays it reads."""
+    qs = weight.quant_state
+    key = (weight.data_ptr(), weight._version, id(qs), id(qs.absmax), dtype)
+    kept = weight.__dict__.get("_lorafuse_q4_handle")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    data, absmax, rows2d, kw, _ = _stored(weight, qs, "q4_handle")
+    handle = _C.q4_weight(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type),
+                                            dtype=_DTYPES[dtype], **kw)
+    weight.__dict__["_lorafuse_q4_handle"] = (key, handle)
+    return handle
+
+
+class Lora4bitFunction(torch.autograd.Function):
+    """The fused LoRA linear on a 4-bit W (module docstring): saves x, u (fp32) and the adapters."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                weight: Any, handle: Any, scale: float, dropout_p: float, seed: int, kern: Any) -> torch.Tensor:
+        """x (..., k) → y (..., m) in x's dtype."""
+        y, u = kern.lora_forward(x, handle, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed)
+        u = _tensor(u)
+        ctx.save_for_backward(x, u, lora_a, lora_b)
+        ctx.conf = (weight, handle, scale, dropout_p, seed, kern)
+        return _tensor(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        """dx, db, dA, dB (None where not needed); W is frozen (4-bit storage has no gradient)."""
+        x, u, lora_a, lora_b = ctx.saved_tensors
+        weight, handle, scale, dropout_p, seed, kern = ctx.conf
+        need_x, need_b, need_a, need_bb = ctx.needs_input_grad[:4]
+        dx = dA = dB = None
+        if need_x or need_a or need_bb:
+            if torch.is_grad_enabled():  # create_graph: torch math on W dequantized, recorded by autograd
+                W = dequantize(weight, dtype=x.dtype)
+                dx, dA, dB = _differentiable_backward(grad, x, W, lora_a, lora_b, scale, dropout_p, seed, False, need_x)
+            else:
+                dx, dA, dB = kern.lora_backward(grad, x, u, handle, lora_a, lora_b, scale, need_dx=need_x,
+                                                dropout_p=dropout_p, seed=seed)
+                dx, dA, dB = (None if dx is None else _tensor(dx)), _tensor(dA), _tensor(dB)
+        db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
+        return dx, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None
+
+
+def lora_linear_4bit(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ (..., m) for x (..., k) bf16 / fp16 on the CPU, W a 4-bit weight
+    (out, in) (bnb's ``Params4bit`` or lorafuse's, with ``quant_state``) whose elements are rounded to x's
+    dtype, A (r, k) and B (m, r) float32 or x's dtype, bias (m,) or None; dropout p with the kernels' seeded
+    mask. Differentiable in x, bias, A and B. Raises TypeError / ValueError for operands it cannot take."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _HALF or not x.is_cpu:
+        raise TypeError(f"lora_linear_4bit: x must be a bfloat16 or float16 CPU tensor, got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, x.device.type)}")
+    kern = cpu_kernels()
+    if kern is None:
+        raise RuntimeError("lora_linear_4bit: the C extension lorafuse._C is not built")
+    handle = q4_handle(weight, x.dtype)
+    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        y, _ = kern.lora_forward(x, handle, lora_a, lora_b, float(scale), bias, dropout_p=float(dropout_p),
+                                 seed=int(seed), need_u=False)
+        return _tensor(y)
+    return Lora4bitFunction.apply(x, bias, lora_a, lora_b, weight, handle, float(scale), float(dropout_p), int(seed),
+                                  kern)
+
+
+def _bnb_linear4bit() -> Optional[type]:
+    """bitsandbytes' ``Linear4bit`` class, or None without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _peft_bnb_linear4bit() -> Optional[type]:
+    """PEFT's LoRA layer for bnb 4-bit bases (``peft.tuners.lora.bnb.Linear4bit``), or None."""
+    if _bnb_linear4bit() is None:
+        return None
+    from peft.tuners.lora import bnb as peft_bnb
+
+    return getattr(peft_bnb, "Linear4bit", None)
+
+
+BnbLinear4bit = _bnb_linear4bit()
+PeftLinear4bit = _peft_bnb_linear4bit()
+
+
+def fusable_base(base: nn.Module) -> bool:
+    """bnb's Linear4bit (its forward, not overridden) without hooks, W in bnb's canonical 4-bit layout."""
+    if BnbLinear4bit is None or not isinstance(base, BnbLinear4bit) or type(base).forward is not BnbLinear4bit.forward:
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        return False
+    qs = getattr(base.weight, "quant_state", None)
+    return (qs is not None and not getattr(qs, "packing_format_for_cpu", False) and len(qs.shape) == 2
+            and base.weight.device.type == "cpu")
+
+
+if PeftLinear4bit is not None:
+
+    class FusedLinear4bit(PeftLinear4bit):
+        """PEFT's ``lora.bnb.Linear4bit`` with a fused forward (module docstring); adds no state."""
+
+        lorafuse_path: Optional[str] = None  # 'c' or 'peft': the path of the last forward
+
+        def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:
+            """`lora_linear_4bit`'s arguments, or None where PEFT's forward must run."""
+            if self._disable_adapters or self.merged_adapters or len(self.active_adapters) != 1:
+                return None
+            name, modules = self.active_adapters[0], self._modules
+            lin_a = modules["lora_A"]._modules.get(name)
+            if (lin_a is None or name in getattr(self, "lora_variant", {}) or self.lora_bias.get(name)
+                    or not x.is_cpu or x.shape[-1] != self.in_features or x.numel() == 0
+                    or torch.is_autocast_enabled("cpu") or is_compiling()):
+                return None
+            base = modules["base_layer"]
+            if not fusable_base(base):
+                return None
+            weight = base.weight
+            cd = base.compute_dtype if base.compute_dtype is not None else x.dtype
+            if x.dtype != cd or cd not in _HALF or weight.quant_state.dtype not in (torch.float32, cd):
+                return None
+            lora_a, lora_b = lin_a.weight, modules["lora_B"]._modules[name].weight
+            if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (torch.float32, cd) or cpu_kernels() is None:
+                return None
+            dropout = modules["lora_dropout"]._modules[name]
+            p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+            bias = base.bias
+            bias = None if bias is None else bias.to(cd)  # bnb adds the bias in the compute dtype
+            return (x, weight, bias, lora_a, lora_b, float(self.scaling[name]), p, draw_seed() if p > 0.0 else 0)
+
+        @property
+        def backend(self) -> str:
+            """'c' or 'peft': the path a forward would take now for an input of the compute dtype."""
+            base = self.get_base_layer()
+            dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
+            return "peft" if self._lorafuse_operands(torch.empty(1, self.in_features, dtype=dtype)) is None else "c"
+
+        def _get_name(self) -> str:
+            return "Linear4bit"  # its repr stays PEFT's "lora.Linear4bit(...)"
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            fused = None if args or kwargs else self._lorafuse_operands(x)
+            self.__dict__["lorafuse_path"] = "peft" if fused is None else "c"
+            if fused is None:
+                return super().forward(x, *args, **kwargs)
+            return lora_linear_4bit(*fused)
+else:  # pragma: no cover - without bitsandbytes PEFT has no 4-bit LoRA layer to fuse
+    FusedLinear4bit = None  # type: ignore[assignment,misc]

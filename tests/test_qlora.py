@@ -1,0 +1,337 @@
+"""LoRA on a 4-bit base (QLoRA) on the fused kernels: `ops.lora_forward` / `ops.lora_backward` with W given as
+its 4-bit codes (`_C.q4_weight`), `lorafuse.qlora.lora_linear_4bit`, and `lorafuse.qlora.FusedLinear4bit` on
+bitsandbytes' Linear4bit under PEFT.
+
+Kernels: against float64 of the values W's codes stand for (W dequantized exactly as bitsandbytes does,
+tests/test_quant4.py), with the half-precision bounds of tests/test_ops_lora_half.py (its `Case`, W given
+as the handle): every ISA, NF4 / FP4, double quantization on and off, block sizes, odd sizes, dropout, every
+plan; bad handles and mismatched operands → clear errors. Layers: a Llama config loaded 4-bit by
+transformers + bitsandbytes, PEFT's LoRA vs lorafuse's: every LoRA layer fused ('c'), logits, loss and
+adapter gradients at least as close to the float64 model of the same values as PEFT's; fallbacks to PEFT's
+forward where the kernels do not apply; files both ways.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lorafuse import _C, ops, quant  # noqa: E402
+from lorafuse.qlora import lora_linear_4bit, q4_handle  # noqa: E402
+from test_ops_lora_half import SEED, Case  # noqa: E402
+
+QUANTS = [("nf4", True, 64), ("fp4", False, 64), ("nf4", False, 32), ("fp4", True, 128)]
+
+
+class Q4Case(Case):
+    """A `Case` whose W is a 4-bit weight: the kernels get its handle, the float64 reference the values
+    it dequantizes to (bnb's dequantize_4bit, then rounded to the base dtype — what the kernels multiply)."""
+
+    def __init__(self, *args, quant_type: str = "nf4", double_quant: bool = True, block_size: int = 64, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.data, self.state = quant.quantize_weight(self.W.float(), quant_type, block_size=block_size,
+                                                      double_quant=double_quant)
+        self.W = quant.dequantize(self.data, self.state, dtype=self.x.dtype)
+        self.weight = torch.nn.Parameter(self.data, requires_grad=False)
+        self.weight.quant_state = self.state
+        self.handle = q4_handle(self.weight, self.x.dtype)
+
+    def forward(self, plan=None):
+        return ops.lora_forward(self.x, self.handle, self.A, self.B, self.s, self.bias, dropout_p=self.p, seed=SEED,
+                                plan=plan)
+
+    def backward(self, u, plan=None, need_dx=True):
+        return ops.lora_backward(self.g, self.x, u, self.handle, self.A, self.B, self.s, need_dx=need_dx,
+                                 dropout_p=self.p, seed=SEED, plan=plan)
+
+
+SHAPES = [(1, 64, 33, 4), (7, 33, 65, 5), (8, 257, 40, 16), (33, 130, 257, 8), (257, 96, 70, 3)]
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_of_the_dequantized_weight(half_isa, base, shape):
+    n = shape[0]
+    quant_type, double_quant, block = QUANTS[(n + len(base)) % len(QUANTS)]
+    for adapters, p in (("float32", 0.0), (base, 0.2)):
+        Q4Case(*shape, base, adapters, p, quant_type=quant_type, double_quant=double_quant, block_size=block).check()
+
+
+@pytest.mark.parametrize("quant_type, double_quant, block", QUANTS)
+def test_every_storage_variant(quant_type, double_quant, block):
+    Q4Case(9, 200, 37, 4, "bfloat16", "float32", 0.1, quant_type=quant_type, double_quant=double_quant,
+           block_size=block).check()
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 33])
+def test_plans_chosen_and_forced(half_isa, n):
+    """A few tokens: y 'decode' reads the 4-bit codes a block at a time; more: the GEMMs dequantize W while
+    packing. Every legal plan forced stays within the bounds."""
+    for base in ("bfloat16", "float16"):
+        c = Q4Case(n, 72, 40, 4, base, "float32")
+        _, u = c.forward()
+        c.backward(u)
+        tile = base == "bfloat16" and _C.get_isa() in ("avx512_bf16", "amx_bf16")
+        assert _C.last_forward_plan() == ("skinny", "decode" if n <= 8 else "split" if tile else "augmented")
+        for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
+            for u_path, da_path, dx_path in (("skinny", "gemm", "masked"), ("gemm", "skinny", "augmented")):
+                c.check((u_path, y_path), (u_path, da_path, dx_path))
+                assert _C.last_forward_plan() == (u_path, y_path)
+
+
+def test_zero_tokens():
+    Q4Case(0, 64, 16, 2, "bfloat16", "float32").check()
+
+
+def test_bad_handles_and_operands():
+    c = Q4Case(3, 64, 16, 2, "bfloat16", "float32")
+    with pytest.raises(TypeError, match="4-bit W .* takes a bfloat16 / float16 x"):
+        ops.lora_forward(c.x.float(), c.handle, c.A, c.B, 1.0)
+    with pytest.raises(TypeError, match="4-bit W .* takes a bfloat16 / float16 x"):
+        ops.lora_backward(c.g.float(), c.x.float(), torch.zeros(3, 2), c.handle, c.A, c.B, 1.0)
+    with pytest.raises(TypeError, match="elements are bfloat16 but x is float16"):
+        ops.lora_forward(c.x.half(), c.handle, c.A, c.B, 1.0)
+    with pytest.raises(ValueError, match="fan_in_fan_out must be False"):
+        ops.lora_forward(c.x, c.handle, c.A, c.B, 1.0, fan_in_fan_out=True)
+    with pytest.raises(ValueError, match=r"k = x.shape\[-1\] = 32"):
+        ops.lora_forward(c.x[:, :32], c.handle, c.A[:, :32], c.B, 1.0)
+    with pytest.raises(ValueError, match="B"):
+        ops.lora_forward(c.x, c.handle, c.A, c.B[:8], 1.0)
+    with pytest.raises(ValueError, match="'decode', 'split' or 'augmented' only"):  # a plan of the fp32 kernels
+        ops.lora_forward(c.x, c.handle, c.A, c.B, 1.0, plan=("gemm", "merged"))
+    data, absmax, rows2d, kw, st = quant._stored(c.weight, c.state, "t")
+    with pytest.raises(ValueError, match="dtype must be 'bfloat16' or 'float16'"):
+        _C.q4_weight(data, absmax, rows2d, 64, "nf4", dtype="float32", **kw)
+    with pytest.raises(ValueError):  # absmax too short for the weight's blocks
+        _C.q4_weight(data, absmax[:-1], rows2d, 64, "nf4", **kw)
+    with pytest.raises(ValueError, match="quant_type"):
+        _C.q4_weight(data, absmax, rows2d, 64, "int3", **kw)
+    with pytest.raises(TypeError):
+        lora_linear_4bit(c.x.float(), c.weight, None, c.A, c.B, 1.0)
+
+
+def test_handle_is_kept_until_the_weight_changes():
+    c = Q4Case(3, 64, 16, 2, "bfloat16", "float32")
+    assert q4_handle(c.weight, torch.bfloat16) is c.handle
+    assert q4_handle(c.weight, torch.float16) is not c.handle
+    with torch.no_grad():
+        c.weight.add_(0)  # an in-place change bumps the version: a new handle
+    assert q4_handle(c.weight, torch.bfloat16) is not c.handle
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_linear_4bit_gradients_and_double_backward(p):
+    """The autograd function: dx, dA, dB, db from the kernels equal torch's autograd over the same math
+    (W dequantized, lorafuse's dropout mask) within bf16 bounds; under create_graph the gradients are
+    differentiable (a gradient penalty's second derivative matches torch's)."""
+    c = Q4Case(9, 64, 24, 4, "bfloat16", "float32", p)
+    x = c.x.clone().requires_grad_()
+    A, B = c.A.clone().requires_grad_(), c.B.clone().requires_grad_()
+    bias = c.bias.clone().requires_grad_()
+    mask = torch.from_numpy(ops.dropout_mask(9, 64, p, SEED)) if p else torch.ones(9, 64)
+
+    def reference(x, A, B, bias):
+        return (x.float() @ c.W.float().t() + bias.float() + c.s * ((x.float() * mask) @ A.t()) @ B.t())
+
+    y = lora_linear_4bit(x, c.weight, bias, A, B, c.s, p, SEED)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference(x, A, B, bias), rtol=2e-2, atol=2e-2)
+    ours = torch.autograd.grad((y.float() * c.g.float()).sum(), (x, A, B, bias))
+    xr, Ar, Br, br = (t.detach().clone().requires_grad_() for t in (x, A, B, bias))
+    theirs = torch.autograd.grad((reference(xr, Ar, Br, br) * c.g.float()).sum(), (xr, Ar, Br, br))
+    for name, a, b in zip(("dx", "dA", "dB", "db"), ours, theirs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item(), msg=name)
+    # gradient penalty: ∂/∂A of ‖∂L/∂B‖²
+    (gB,) = torch.autograd.grad((lora_linear_4bit(x, c.weight, bias, A, B, c.s, p, SEED).float() * c.g.float()).sum(),
+                                (B,), create_graph=True)
+    (hA,) = torch.autograd.grad(gB.square().sum(), (A,))
+    (gBr,) = torch.autograd.grad((reference(xr, Ar, Br, br) * c.g.float()).sum(), (Br,), create_graph=True)
+    (hAr,) = torch.autograd.grad(gBr.square().sum(), (Ar,))
+    torch.testing.assert_close(hA, hAr, rtol=3e-2, atol=3e-2 * hAr.abs().max().item())
+
+
+# ------------------------------------------------------------------ layers on bitsandbytes' Linear4bit
+
+def _bnb_stack():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: PEFT's 4-bit LoRA layers are not built")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    return peft, transformers
+
+
+VOCAB = 61
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama checkpoint (random weights, fp32) on disk, for transformers to load in 4 bits."""
+    _, transformers = _bnb_stack()
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _load_4bit(path, dtype=torch.bfloat16, compute=torch.bfloat16):
+    _, transformers = _bnb_stack()
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=dtype)
+
+
+def _pair(path, **overrides):
+    """(PEFT model, lorafuse model) on the same 4-bit checkpoint, lorafuse given PEFT's randomised adapters."""
+    import lorafuse
+
+    peft, _ = _bnb_stack()
+    kw = {**LORA, **overrides}
+    theirs = peft.get_peft_model(_load_4bit(path), peft.LoraConfig(**kw))
+    ours = lorafuse.get_peft_model(_load_4bit(path), lorafuse.LoraConfig(**kw))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        mine = dict(ours.named_parameters())
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+                mine[name].copy_(p)
+    return theirs, ours
+
+
+def _layers(model):
+    from lorafuse import FusedLinear4bit
+
+    return [m for m in model.modules() if isinstance(m, FusedLinear4bit)]
+
+
+def _run(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
+
+
+def _reference(path, theirs):
+    """The float64 model of the values the 4-bit model holds: the checkpoint rounded to bf16, every 4-bit
+    linear's W dequantized (bnb's own dequantize_4bit), PEFT's adapters."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    peft, transformers = _bnb_stack()
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ref = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, m in theirs.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                mods[name].weight.copy_(bnbF.dequantize_4bit(m.weight.data, m.weight.quant_state))
+        ref.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
+    return ref.double()
+
+
+def test_llama_4bit_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir):
+    """Every LoRA layer on a 4-bit projection runs the C kernels ('c'); logits, loss and every adapter
+    gradient are as close to the float64 model of the same values as PEFT + bitsandbytes' are (the
+    bounds of the half-precision parity test, tests/test_peft_parity.py: median error ratio ≤ 2, each
+    tensor ≤ 3× PEFT's + 8 u_h)."""
+    theirs, ours = _pair(llama_dir)
+    ref = _reference(llama_dir, theirs)
+    for model in (theirs, ours, ref):
+        model.train()
+        model.get_base_model().set_attn_implementation("eager")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    want, got, exact = _run(theirs, ids), _run(ours, ids), _run(ref, ids)
+    assert len(_layers(ours)) == 6 and {m.lorafuse_path for m in _layers(ours)} == {"c"}
+    u_h = 2.0 ** -8
+    ratios = []
+    for key, r in exact.items():
+        assert got[key].dtype == want[key].dtype, key
+        e_ours = float((got[key].double() - r).abs().max() / r.abs().max())
+        e_theirs = float((want[key].double() - r).abs().max() / r.abs().max())
+        assert e_ours <= 3 * e_theirs + 8 * u_h, (key, e_ours, e_theirs)
+        ratios.append(e_ours / max(e_theirs, 1e-12))
+    ratios.sort()
+    assert ratios[len(ratios) // 2] <= 2.0, ratios
+
+
+def test_fallbacks_run_peft_and_match_it(llama_dir):
+    """Where the kernels do not apply PEFT's forward runs ('peft') and gives PEFT's result: adapters
+    disabled, a DoRA adapter, fp32 input to a bf16-compute layer (prepare-for-kbit style); and W repacked
+    by bitsandbytes for its CPU inference kernel (``packing_format_for_cpu``, done by bnb's own forward in
+    eval mode without grad) is left to bnb. (Train mode here: bnb 0.50's repacking fails on this model's
+    double-quantized 64-wide weights.)"""
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    theirs, ours = _pair(llama_dir)
+    ours.train()
+    theirs.train()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ours.disable_adapter(), theirs.disable_adapter():
+            torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
+            assert {m.lorafuse_path for m in _layers(ours)} == {"peft"}
+        layer = _layers(ours)[0]
+        x = torch.randn(3, layer.in_features)  # fp32 into a bf16-compute layer: PEFT's forward
+        layer(x)
+        assert layer.lorafuse_path == "peft"
+        assert layer.backend == "c"
+        state = layer.get_base_layer().weight.quant_state
+        state.packing_format_for_cpu = True
+        assert layer.backend == "peft"
+        state.packing_format_for_cpu = False
+        assert layer.backend == "c"
+    theirs_d, ours_d = _pair(llama_dir, use_dora=True)
+    theirs_d.train()
+    ours_d.train()
+    with torch.no_grad():
+        torch.testing.assert_close(ours_d(input_ids=ids).logits, theirs_d(input_ids=ids).logits, rtol=0, atol=0)
+    assert {m.lorafuse_path for m in _layers(ours_d)} == {"peft"}
+
+
+def test_patch_peft_unfuse_and_files_both_ways(llama_dir, tmp_path):
+    import lorafuse
+    from lorafuse import FusedLinear4bit
+
+    peft, _ = _bnb_stack()
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    lorafuse.patch_peft()
+    try:
+        patched = peft.get_peft_model(_load_4bit(llama_dir), peft.LoraConfig(**LORA))
+    finally:
+        lorafuse.unpatch_peft()
+    assert {type(m) for m in _layers(patched)} == {FusedLinear4bit} and len(_layers(patched)) == 6
+    theirs, ours = _pair(llama_dir)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded_by_peft = peft.PeftModel.from_pretrained(_load_4bit(llama_dir), tmp_path / "ours")
+    loaded_by_us = lorafuse.PeftModel.from_pretrained(_load_4bit(llama_dir), tmp_path / "theirs")
+    assert len(_layers(loaded_by_us)) == 6 and not _layers(loaded_by_peft)
+    sd = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    for model in (loaded_by_peft, loaded_by_us):
+        mine = model.state_dict()
+        for k, v in sd.items():
+            assert torch.equal(mine[k], v), k
+    assert lorafuse.unfuse_peft_model(ours) == 6
+    assert {type(m) for m in ours.modules() if "lora.bnb" in type(m).__module__} == {PeftLinear4bit}
+
+
+def test_merge_into_the_4bit_base_is_peft_merge(llama_dir):
+    """merge_and_unload is PEFT's code (dequantize → add → requantize): the same model as PEFT's."""
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    theirs, ours = _pair(llama_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = theirs.merge_and_unload(), ours.merge_and_unload()
+    a.train()  # not bnb's CPU inference repacking (see test_fallbacks_run_peft_and_match_it)
+    b.train()
+    with torch.no_grad():
+        torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=0, atol=0)
