@@ -93,16 +93,26 @@ LF_AVX2 static inline void lf_store8(lf_dtype dt, void *out, int64_t t, __m256 v
     else _mm_storeu_si128((__m128i *)((uint16_t *)out + t), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+/* bf16 bits of 16 fp32 lanes (in the low half of each 32-bit lane), to nearest even, NaN → 0x7FC0 */
+LF_AVX512 static inline __m512i lf_bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+/* v rounded to dt (bf16 or fp16) as lf_store16 rounds it, and widened back: in registers */
+LF_AVX512 static inline __m512 lf_round16(lf_dtype dt, __m512 v) {
+    return dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(lf_bf16x16(v), 16))
+                            : _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 /* out[t .. t+16) = v as dt */
 LF_AVX512 static inline void lf_store16(lf_dtype dt, void *out, int64_t t, __m512 v) {
     if (dt == LF_DT_F32) {
         _mm512_storeu_ps((float *)out + t, v);
     } else if (dt == LF_DT_BF16) {
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + t), _mm512_cvtepi32_epi16(r));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + t), _mm512_cvtepi32_epi16(lf_bf16x16(v)));
     } else {
         _mm256_storeu_si256((__m256i *)((uint16_t *)out + t),
                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -125,6 +125,12 @@ void lf_narrow(const float *src, int64_t n, lf_dtype dt, uint16_t *dst);
 /* rowdots_half.c: c (n, M; row stride ldc) = x (n, K) · W (M, K)ᵀ (+ bias (M) fp32, or NULL) for a few
  * tokens, W streamed in place: x and W one half dtype, rows contiguous (lf_rowdots_half_ok) */
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
+/* rowdots_q4.c: the same product for x bf16 / fp16 and a 4-bit W (M ≤ rows, K = cols) read as it is,
+ * element by element through per-block value tables (no dequantized copy); lf_rowdots_q4_ok: whether it
+ * runs here (n ≤ LF_ROWDOTS_MAX_N, AVX-512, K a multiple of the block size), else lf_rowdots_half. */
+int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_q4_weight *w);
+int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_q4_weight *w,
+                  const float *bias, float *c, int64_t ldc);
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
                     float *c, int64_t ldc);
 

@@ -99,8 +99,9 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     if (split) {
         /* c = x · Wᵀ + bias (decode: W streamed in place; split: a GEMM), then y = round(c + u · (s·Bᵀ)) */
         const lf_operand xo = lf_operand_typed(x, 1.0f), wt = lf_operand_typed(ttranspose(W), 1.0f);
-        st = plan.y == LF_Y_DECODE ? lf_rowdots_half(pool, n, m, k, x, W, bias32, c, m)
-                                   : lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
+        if (plan.y != LF_Y_DECODE) st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
+        else if (W.q4 && n > 0 && lf_rowdots_q4_ok(n, k, W.q4)) st = lf_rowdots_q4(pool, n, m, k, x, W.q4, bias32, c, m);
+        else st = lf_rowdots_half(pool, n, m, k, x, W, bias32, c, m);
         if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, x.dtype, y, m);
     } else {
         /* c = [x | s·u] · [Wᵀ ; Bᵀ] + bias over K' = k + r, then y = round(c) */

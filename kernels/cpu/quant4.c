@@ -38,14 +38,6 @@ const char *lf_q4_unfit(const lf_q4_weight *w) {
     return NULL;
 }
 
-/* The fp32 scale of block b: absmax[b], or nested  (c2[qa[b]] · a2[b / B2]) + offset — bnb's
- * dequantize_blockwise (an fp32 product) and then `absmax += offset` (an fp32 sum) */
-static float block_scale(const lf_q4_weight *w, int64_t b) {
-    if (!w->nested) return w->absmax[b];
-    const float a = w->nested_code[w->absmax_q[b]] * w->nested_absmax[b / w->nested_blocksize];
-    return a + w->offset;
-}
-
 static lf_q4_run_fn run_for_isa(void) {
     switch (lf_get_isa()) {
     case LF_ISA_AMX_BF16:
@@ -64,7 +56,7 @@ void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *
      * block's scale */
     for (const int64_t end = e + n; e < end;) {
         const int64_t b = e / w->blocksize, stop = end < (b + 1) * w->blocksize ? end : (b + 1) * w->blocksize;
-        run(w->data, e, stop - e, code, block_scale(w, b), dt, out);
+        run(w->data, e, stop - e, code, lf_q4_block_scale(w, b), dt, out);
         out = (char *)out + (size_t)(stop - e) * esize;
         e = stop;
     }

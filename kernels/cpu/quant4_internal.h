@@ -32,4 +32,12 @@ void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *
  * 0 ≤ e, e + n ≤ rows·cols. */
 void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *out);
 
+/* The fp32 scale of block b (b < its blocks): absmax[b], or nested (c2[qa[b]] · a2[b / B2]) + offset —
+ * bnb's dequantize_blockwise (an fp32 product) and then `absmax += offset` (an fp32 sum) */
+static inline float lf_q4_block_scale(const lf_q4_weight *w, int64_t b) {
+    if (!w->nested) return w->absmax[b];
+    const float a = w->nested_code[w->absmax_q[b]] * w->nested_absmax[b / w->nested_blocksize];
+    return a + w->offset;
+}
+
 #endif

@@ -1,0 +1,120 @@
+"""QLoRA layers: lorafuse's LoRA layer on bitsandbytes' 4-bit Linear4bit (`FusedLinear4bit`, from
+`lorafuse.get_peft_model`) vs PEFT's LoRA layer on the same Linear4bit (`peft.get_peft_model`: bnb dequantizes
+W to bf16 in every forward and backward) vs lorafuse's bf16 LoRA layer on W dequantized once (`FusedLinear`
+on a bf16 nn.Linear: the ≤ 1.15 target's denominator). W (m, k) NF4, blocks of 64, double-quantized scales
+(bnb's quantize_4bit), compute dtype bf16, x bf16, adapters fp32 (PEFT's default), r 16, alpha 32, bias on.
+Every side called as a module; same thread count; one process; interleaved in rotated order, medians
+(timing.py). Rows: forward (no_grad) (eval mode: bnb may repack W for its own CPU inference kernel — the
+PEFT side then runs that kernel, on a Linear4bit of its own), forward (grad), fwd+bwd (backward to x, A, B).
+The last column is the path the lorafuse 4-bit layer took ('c' and its plan). The header line gives the
+frozen weight's bytes (data + scales + nested scales + tables) against fp32's.
+
+    python benchmarks/bench_qlora.py [--threads 2] [--rounds 9] [--quick]
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafuse.bench_cli import plan_label
+from timing import PASSES, arguments, begin, interleaved, lora_layer, make_base, make_inputs, max_abs_diff, pass_grid
+
+SHAPES = [(512, 1024, 1024, 16), (2048, 2048, 2048, 16), (1, 4096, 4096, 16), (8, 4096, 4096, 16)]
+QUICK = [(64, 256, 256, 8), (1, 512, 512, 8)]
+# (fwd+bwd lf / peft+bnb target, fwd+bwd lf / lf bf16 target, decode forward lf / lf bf16 target)
+TARGETS = (0.6, 1.15, 0.6)
+
+
+def linear4bit(base: nn.Linear):
+    """bnb's Linear4bit holding base's W (quantized by bnb: NF4, blocks of 64, double quant) and bias, bf16 compute."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=True, compute_dtype=torch.bfloat16,
+                          compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(base.weight.detach().to(torch.bfloat16).clone(), requires_grad=False,
+                                 quant_type="nf4", compress_statistics=True, blocksize=64)
+    q.bias = nn.Parameter(base.bias.detach().to(torch.bfloat16).clone(), requires_grad=False)
+    return q.to("cpu")  # quantizes
+
+
+def lora4(base4, r: int, library: str):
+    """`lora_layer` around a 4-bit base: the holder says it is loaded in 4 bits (PEFT's dispatch asks)."""
+    import peft
+
+    from lorafuse.peft_api import get_peft_model
+
+    class Holder(nn.Module):
+        is_loaded_in_4bit = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = base4
+
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"])
+    layer = {"peft": peft.get_peft_model, "lorafuse": get_peft_model}[library](Holder(), config).base_model.model.proj
+    gen = torch.Generator().manual_seed(2)  # the adapters lora_layer draws (seed 0)
+    with torch.no_grad():
+        for name, scale in (("lora_A", base4.in_features ** -0.5), ("lora_B", r ** -0.5)):
+            weight = getattr(layer, name)["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=gen) * scale)
+    return layer
+
+
+def weight_bytes(base4) -> int:
+    """Bytes of a 4-bit weight as stored: packed codes and every quant-state tensor."""
+    qs = base4.weight.quant_state
+    tensors = [base4.weight.data, qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if qs.nested else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_shape(n: int, k: int, m: int, r: int, rounds: int) -> tuple[dict, dict, float]:
+    """Medians {(side, pass): s} for sides q4 (lorafuse 4-bit), peft (PEFT + bnb), bf16 (lorafuse bf16 on W
+    dequantized), the 4-bit layer's path per pass, and the weight's bytes / fp32 bytes."""
+    base = make_base(k, m, torch.float32)
+    q_lf, q_pf, q_pf_inf = linear4bit(base), linear4bit(base), linear4bit(base)
+    lf, pf, pf_inf = lora4(q_lf, r, "lorafuse"), lora4(q_pf, r, "peft"), lora4(q_pf_inf, r, "peft")
+    import bitsandbytes.functional as bnbf
+
+    dense = nn.Linear(k, m).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        dense.weight.copy_(bnbf.dequantize_4bit(q_lf.weight.data, q_lf.weight.quant_state).to(torch.bfloat16))
+        dense.bias.copy_(q_lf.bias)
+    bf = lora_layer(dense, r, "lorafuse")
+    x, g = make_inputs(n, k, m, torch.bfloat16)
+    with torch.no_grad():
+        scale = bf(x).float().abs().max().item()
+    for layer in (lf, pf_inf):  # not pf: bnb's eval-mode repacking would leave it unable to train
+        diff = max_abs_diff(layer, bf, x)
+        assert diff <= 3e-2 * scale, f"{type(layer).__name__} vs the bf16 layer at {n}×{k}×{m}: max |diff| {diff:.3g}"
+    grid = pass_grid({"q4": lf, "peft": pf, "bf16": bf}, x, g)
+    grid[("peft", PASSES[0])] = pass_grid({"peft": pf_inf}, x, g)[("peft", PASSES[0])]
+    t = interleaved(grid, rounds=rounds)
+    paths = {}
+    for p in PASSES:
+        label = plan_label(grid[("q4", p)])
+        paths[p] = f"{lf.lorafuse_path} {label}"
+    return t, paths, weight_bytes(q_lf) / (m * k * 4)
+
+
+def main() -> None:
+    args = arguments(__doc__, quick="two small shapes").parse_args()
+    rounds = begin(args, "bench_qlora: lorafuse FusedLinear4bit vs PEFT lora.bnb.Linear4bit vs lorafuse bf16 layer "
+                         "(NF4, double quant, bf16 compute, fp32 adapters)")
+    print(f"\n{'n':>5} {'k':>5} {'m':>5} {'r':>3} | {'pass':17s} | {'ms q4 / peft+bnb / bf16':>28} | "
+          f"{'q4/peft+bnb':>11} {'q4/bf16':>8} | W bytes/fp32 | lorafuse path")
+    for n, k, m, r in QUICK if args.quick else SHAPES:
+        t, paths, wb = bench_shape(n, k, m, r, rounds)
+        for p in PASSES:
+            ms = " ".join(f"{t[(side, p)] * 1e3:9.3f}" for side in ("q4", "peft", "bf16"))
+            a, b = t[("q4", p)] / t[("peft", p)], t[("q4", p)] / t[("bf16", p)]
+            ta = TARGETS[0] if p == PASSES[2] and n > 8 else None
+            tb = TARGETS[1] if p == PASSES[2] and n > 8 else TARGETS[2] if p == PASSES[0] and n <= 8 else None
+            marks = ["" if tt is None else "✓" if v <= tt else "✗" for v, tt in ((a, ta), (b, tb))]
+            print(f"{n:5d} {k:5d} {m:5d} {r:3d} | {p:17s} | {ms} | {a:10.3f}{marks[0]:1s} {b:7.3f}{marks[1]:1s} | "
+                  f"{wb:12.3f} | {paths[p]}", flush=True)
+    print(f"\ntargets: fwd+bwd q4 / peft+bnb ≤ {TARGETS[0]} and q4 / bf16 ≤ {TARGETS[1]} (n > 8); decode forward "
+          f"(no_grad, n ≤ 8) q4 / bf16 ≤ {TARGETS[2]}; W bytes / fp32 ≤ 0.15")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+/* rowdots_q4.c — the decode forward's base product on a 4-bit W read as it is (lf_rowdots_q4, internal.h):
+ *
+ *     c[i·ldc + j] = Σ_p x[i, p] · W[j, p]  (+ bias[j])       i < n ≤ LF_ROWDOTS_MAX_N, j < M, p < K
+ *     W[j, p] = round_dt(code[q(j·K + p)] · scale(block (j·K + p) / B))       (lorafuse/quant4.h)
+ *
+ * A few tokens read every code of W once: a quarter of bf16's bytes. Per block of B elements of a row the
+ * 16 values its codes can stand for are formed once — the code table times the block's scale, rounded to
+ * dt exactly as lf_q4_dequantize rounds (through lf_store16 / lf_load16) — and held in one register; each
+ * element is then one table lookup (vpermps on its nibble) and one fp32 FMA per token: W is never widened,
+ * stored or re-read. A byte holds elements 2t (high nibble) and 2t+1 (low), so the high nibbles of 16
+ * bytes are 16 even elements and the low ones 16 odd elements: x is split once into its even and odd
+ * elements (xe, xo: n × K/2 floats each) and the products are summed in that order (every product exact,
+ * fp32 sums). Rows of W are split across the pool's threads, taken two at a time for up to 4 tokens,
+ * K in blocks whose split x stays in L1 (X_L1_FLOATS). AVX-512 only, and only when
+ * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
+ * buffer (lf_rowdots_q4_ok says which). */
+#include <stdlib.h>
+
+#include "half_store.h"
+#include "internal.h"
+#include "quant4_internal.h"
+
+#define ROWS_PER_BLOCK 16
+/* K per block: the split x of a block (n · K_BLOCK floats) stays in L1 — 32 KiB — while the thread's rows of W
+ * pass it; a multiple of the block size B (at least B). Few tokens: long runs of each row of W (prefetched). */
+#define X_L1_FLOATS 4096
+
+int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_q4_weight *w) {
+#if defined(__x86_64__)
+    return n <= LF_ROWDOTS_MAX_N && lf_get_isa() >= LF_ISA_AVX512 && K % w->blocksize == 0;
+#else
+    (void)n, (void)K, (void)w;
+    return 0;
+#endif
+}
+
+typedef struct {
+    int64_t n, M, K, ldc;
+    const lf_q4_weight *w;
+    const float *xe, *xo, *bias; /* xe, xo: (n, K/2) each */
+    lf_dtype dt;
+    float *c;
+} rowdots_q4_job;
+
+#if defined(__x86_64__)
+/* the 16 values of block b's codes: round_dt(code[q] · scale) for q < 16, widened back to fp32 */
+LF_AVX512 static inline __m512 block_table(const lf_q4_weight *w, __m512 code, int64_t b, lf_dtype dt) {
+    return lf_round16(dt, _mm512_mul_ps(code, _mm512_set1_ps(lf_q4_block_scale(w, b))));
+}
+
+/* Rows [j0, j1) over elements [p0, p0 + len) of K (whole blocks) for N tokens: c[i, j] = the sum (+ bias)
+ * or += it (accumulate). R rows at a time (2: each x vector serves both; 1 for many tokens, whose
+ * accumulators fill the registers) and E accumulators per (row, token): 2 (even and odd elements apart:
+ * more independent FMA chains for few tokens) or 1. */
+#define ROWS_Q4(N, R, E)                                                                                               \
+    LF_AVX512 static void rows_q4_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,      \
+                                      int accumulate) {                                                                \
+        const lf_q4_weight *w = job->w;                                                                                \
+        const int64_t K = job->K, B = w->blocksize, K2 = K / 2, KB = K / B; /* blocks per row */                     \
+        const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
+        const int lg = __builtin_ctzll((unsigned long long)B); /* B is a power of two */                               \
+        const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
+        for (int64_t j = j0; j < j1; j += R) {                                                                         \
+            int64_t jr[R], blk[R]; /* rows (the last repeated past j1), their next block */                           \
+            const uint8_t *q[R];                                                                                       \
+            __m512 acc[R][E][N], t[R];                                                                                 \
+            for (int r = 0; r < R; r++) {                                                                              \
+                jr[r] = j + r < j1 ? j + r : j;                                                                        \
+                blk[r] = jr[r] * KB + (p0 >> lg);                                                                      \
+                q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
+                t[r] = code;                                                                                           \
+                for (int e = 0; e < E; e++)                                                                            \
+                    for (int i = 0; i < N; i++) acc[r][e][i] = _mm512_setzero_ps();                                    \
+            }                                                                                                          \
+            const float *xe0 = job->xe + (p0 >> 1), *xo0 = job->xo + (p0 >> 1);                                        \
+            /* one pass over the 16-byte chunks of [p0, p0 + len): a chunk starting a block forms its tables */       \
+            for (int64_t h = 0; h < len >> 1; h += 16) { /* 16 bytes: 16 even and 16 odd elements */                   \
+                __m512 we[R], wo[R];                                                                                   \
+                for (int r = 0; r < R; r++) {                                                                          \
+                    if (!(h & block_bytes_mask)) t[r] = block_table(w, code, blk[r]++, job->dt);                       \
+                    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + h)));              \
+                    /* vpermps reads the low 4 bits of each index: the low nibble as it is */                          \
+                    we[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t[r]);                                      \
+                    wo[r] = _mm512_permutexvar_ps(c, t[r]);                                                            \
+                }                                                                                                      \
+                for (int i = 0; i < N; i++) {                                                                          \
+                    const __m512 xe = _mm512_loadu_ps(xe0 + i * K2 + h);                                               \
+                    const __m512 xo = _mm512_loadu_ps(xo0 + i * K2 + h);                                               \
+                    for (int r = 0; r < R; r++) {                                                                      \
+                        acc[r][0][i] = _mm512_fmadd_ps(xe, we[r], acc[r][0][i]);                                       \
+                        acc[r][E - 1][i] = _mm512_fmadd_ps(xo, wo[r], acc[r][E - 1][i]);                               \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int r = 0; r < R && j + r < j1; r++)                                                                  \
+                for (int i = 0; i < N; i++) {                                                                          \
+                    const __m512 s = E == 2 ? _mm512_add_ps(acc[r][0][i], acc[r][E - 1][i]) : acc[r][0][i];            \
+                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
+                    const float v = _mm512_reduce_add_ps(s);                                                           \
+                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
+                }                                                                                                      \
+        }                                                                                                              \
+    }
+
+ROWS_Q4(1, 2, 2)
+ROWS_Q4(2, 2, 2)
+ROWS_Q4(3, 2, 2)
+ROWS_Q4(4, 2, 2)
+ROWS_Q4(5, 1, 1)
+ROWS_Q4(6, 1, 1)
+ROWS_Q4(7, 1, 1)
+ROWS_Q4(8, 1, 1)
+
+typedef void (*rows_q4_fn)(const rowdots_q4_job *, int64_t, int64_t, int64_t, int64_t, int);
+static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q4_1, rows_q4_2, rows_q4_3, rows_q4_4,
+                                                              rows_q4_5, rows_q4_6, rows_q4_7, rows_q4_8};
+
+static void rowdots_q4_run(void *ctxp, int tid, int nt) {
+    const rowdots_q4_job *job = ctxp;
+    const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
+    const int64_t j0 = tid * per * ROWS_PER_BLOCK;
+    const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
+    const int64_t B = job->w->blocksize, kb = X_L1_FLOATS / job->n / B * B > B ? X_L1_FLOATS / job->n / B * B : B;
+    const rows_q4_fn rows = ROWS_Q4_FOR_N[job->n];
+    for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
+        const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
+        for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
+            if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
+            rows(job, j, j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1, p0, len, p0 > 0);
+        }
+    }
+}
+#endif
+
+int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_q4_weight *w,
+                  const float *bias, float *c, int64_t ldc) {
+    if (n < 1 || M < 0 || K < 0 || ldc < M || !w || lf_q4_unfit(w) || w->cols != K || w->rows < M ||
+        (x.dtype != LF_DT_BF16 && x.dtype != LF_DT_F16) || !lf_rowdots_q4_ok(n, K, w))
+        return LF_EINVAL;
+#if defined(__x86_64__)
+    if (M == 0) return LF_OK;
+    const int64_t K2 = K / 2; /* K is even: a multiple of B ≥ 32 */
+    float *xs = malloc((size_t)(2 * n * K2 > 0 ? 2 * n * K2 : 1) * sizeof(float)); /* xe then xo */
+    if (!xs) return LF_ENOMEM;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t p = 0; p < K2; p++) {
+            xs[i * K2 + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + 2 * p * x.cs);
+            xs[(n + i) * K2 + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + (2 * p + 1) * x.cs);
+        }
+    rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xe = xs, .xo = xs + n * K2, .bias = bias,
+                          .dt = x.dtype, .c = c};
+    const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
+    lf_pool_run(pool, nt, rowdots_q4_run, &job);
+    free(xs);
+    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+#else
+    (void)pool, (void)x, (void)bias, (void)c;
+    return LF_EINVAL;
+#endif
+}
