@@ -15,6 +15,10 @@ repeat to repeat; peak RSS the minimum and step time the median over repeats. Ea
 path its layers took (`lorafuse_path`: 'c' — the C kernels, with the plan of the last kernel call of the
 last step — or 'peft', PEFT's own forward).
 
+--quant nf4: the model saved and loaded back 4-bit by transformers + bitsandbytes (QLoRA's way: NF4, double
+quant, bf16 compute, the rest bf16); lorafuse's layers are `lorafuse.qlora.FusedLinear4bit`, PEFT's its
+``lora.bnb.Linear4bit`` (issue 21's row: --layers 2 --quant nf4).
+
 --dtype bf16: the model in bf16 before the adapters are added (PEFT's default keeps them fp32,
 ``autocast_adapter_dtype=True``, for both libraries). --dtype autocast: the fp32 model, each step's
 forward and backward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (every linear computes in
@@ -23,7 +27,7 @@ bf16, PEFT's and lorafuse's layers alike). --compile: every model runs under `to
 "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
     python benchmarks/bench_train.py [--repeats 3] [--targets q_proj,v_proj] [--threads N] [--compile]
-                                     [--dtype fp32|bf16|autocast]
+                                     [--dtype fp32|bf16|autocast] [--quant nf4]
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def run_child(args: argparse.Namespace) -> dict:
         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
         max_position_embeddings=args.seq)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    if args.quant:
+        model = _quantized(model, transformers, torch)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
@@ -106,6 +112,20 @@ def run_child(args: argparse.Namespace) -> dict:
             "step_s": times, "losses": losses, "path": path}
 
 
+def _quantized(model, transformers, torch):
+    """``model`` saved and loaded back by transformers with bitsandbytes' 4-bit config (NF4, double quant, bf16
+    compute, bf16 elsewhere): every linear layer but the head a bnb Linear4bit, as QLoRA users load models."""
+    import tempfile
+
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        del model
+        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config,
+                                                                 dtype=torch.bfloat16)
+
+
 def _spawn(impl: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl] + _forwarded(args)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -115,7 +135,8 @@ def _spawn(impl: str, args: argparse.Namespace) -> dict:
 def _forwarded(args: argparse.Namespace) -> list[str]:
     keys = ("steps", "layers", "hidden", "intermediate", "vocab", "seq", "batch", "r", "dropout", "targets",
             "threads", "seed", "dtype")
-    return [item for k in keys for item in (f"--{k}", str(getattr(args, k)))] + (["--compile"] if args.compile else [])
+    return ([item for k in keys for item in (f"--{k}", str(getattr(args, k)))] + (["--compile"] if args.compile else [])
+            + (["--quant", args.quant] if args.quant else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,11 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "autocast"], default="fp32",
                         help="the model's dtype (adapters stay fp32, PEFT's default), or autocast: the fp32 model "
                              "under CPU bf16 autocast (default fp32)")
+    parser.add_argument("--quant", choices=["nf4"], help="the model loaded 4-bit by transformers + bitsandbytes "
+                        "(NF4, double quant, bf16 compute and bf16 elsewhere; --dtype is then bf16); candidates "
+                        "lorafuse (FusedLinear4bit) and peft (PEFT's lora.bnb.Linear4bit)")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.quant:
+        args.dtype = "bf16"
     if args.impl:
         print(json.dumps(run_child(args)))
         return
@@ -154,9 +180,11 @@ def main() -> None:
           f"torch {torch.__version__}, threads {args.threads}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# {args.layers}-layer Llama h={args.hidden} ff={args.intermediate} vocab={args.vocab}, {args.dtype}, "
           f"batch {args.batch} x seq {args.seq}, r={args.r}, dropout={args.dropout}, targets={args.targets}, "
-          f"{args.steps} steps{', torch.compile' if args.compile else ''}, {args.repeats} repeats")
+          f"{args.steps} steps{', torch.compile' if args.compile else ''}, {args.repeats} repeats"
+          f"{', base ' + args.quant + ' (bitsandbytes storage)' if args.quant else ''}")
     print(METHOD)
-    impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw"))
+    impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw")
+                  and not (args.quant and i in ("lorafuse+pw", "lorafuse-nocache")))
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for i in range(args.repeats):  # rotated: each candidate runs first in some repeat
         for impl in impls[i % len(impls):] + impls[:i % len(impls)]:

@@ -61,6 +61,21 @@ def test_matches_float64_of_the_dequantized_weight(half_isa, base, shape):
         Q4Case(*shape, base, adapters, p, quant_type=quant_type, double_quant=double_quant, block_size=block).check()
 
 
+@pytest.mark.parametrize("base", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n", range(1, 9))
+def test_decode_reads_the_codes_through_block_tables(half_isa, base, n):
+    """1–8 tokens with K a multiple of the block size: the decode kernel that looks W's elements up in
+    per-block tables (rowdots_q4.c, AVX-512; below it the block-buffer path) — one row or two at a time,
+    an odd number of rows, K in one or several blocks of the kernel (n = 8, K = 1024), blocks of 32–4096."""
+    block = (32, 64, 128)[n % 3]
+    k = 1024 if n in (3, 8) else 128 * (1 + n % 2)
+    c = Q4Case(n, k, 37, 3, base, "float32", quant_type=("nf4", "fp4")[n % 2], double_quant=n % 4 != 1,
+               block_size=block)
+    c.check(("skinny", "decode"))
+    if n == 8:
+        Q4Case(n, 4096, 5, 2, base, "float32", block_size=4096).check(("skinny", "decode"))
+
+
 @pytest.mark.parametrize("quant_type, double_quant, block", QUANTS)
 def test_every_storage_variant(quant_type, double_quant, block):
     Q4Case(9, 200, 37, 4, "bfloat16", "float32", 0.1, quant_type=quant_type, double_quant=double_quant,

@@ -151,10 +151,11 @@ def path_label(fn: Callable[[], Any], modules: Iterable[Any]) -> str:
     ``lorafuse_path`` ('c', 'cuda' or 'peft' — PEFT's own forward; counted where layers differ, e.g.
     'c×24 peft×4'), followed by `plan_label` of the call where the C kernels ran: 'c none/merged',
     'peft'. A lorafuse row that fell back to PEFT's forward says so."""
-    from .peft_fused import FusedLinear
+    from .peft_fused import FUSED_CLASSES
 
+    fused = tuple(FUSED_CLASSES.values())
     plans = plan_label(fn)
-    counts = collections.Counter(m.lorafuse_path or "none" for m in modules if isinstance(m, FusedLinear))
+    counts = collections.Counter(m.lorafuse_path or "none" for m in modules if isinstance(m, fused))
     paths = next(iter(counts)) if len(counts) == 1 else " ".join(f"{p}×{n}" for p, n in sorted(counts.items()))
     return f"{paths} {plans}" if "c" in counts and plans != "torch" else paths
 
