@@ -184,9 +184,11 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    """A tiny Llama checkpoint (random weights, fp32) on disk, for transformers to load in 4 bits."""
+    """A tiny Llama checkpoint (random weights, fp32) on disk, for transformers to load in 4 bits. Every
+    in_features a multiple of the block (64): where a block straddles rows bitsandbytes' CPU dequantization
+    reads the wrong block's scale (tests/test_quant4.py), which lorafuse does not copy."""
     _, transformers = _bnb_stack()
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama")
@@ -350,3 +352,136 @@ def test_merge_into_the_4bit_base_is_peft_merge(llama_dir):
     b.train()
     with torch.no_grad():
         torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------- lorafuse.quantize's Linear4bit (no bitsandbytes)
+
+def _own_4bit(path, dtype=torch.bfloat16):
+    """The checkpoint in ``dtype``, every linear layer but the head quantized by `lorafuse.quantize` (NF4,
+    double quant: the bits bitsandbytes would store)."""
+    import lorafuse
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return lorafuse.quantize(model, "nf4", block_size=64, double_quant=True, skip_modules=("lm_head",))
+
+
+def _own_lora(path, dtype=torch.bfloat16, **overrides):
+    import lorafuse
+
+    model = lorafuse.get_peft_model(_own_4bit(path, dtype), lorafuse.LoraConfig(**{**LORA, **overrides}))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def _own_layers(model):
+    from lorafuse.qlora import LoraLinear4bit
+
+    return [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+
+
+def _dense_reference(path, model, dtype):
+    """The float64 model of a lorafuse-quantized LoRA model: the checkpoint in ``dtype``, W dequantized."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    ref = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                              peft.LoraConfig(**LORA))
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, quant.Linear4bit):
+                mods[name].weight.copy_(quant.dequantize(m.weight, dtype=torch.float32))
+        ref.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    return ref.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lorafuse_quantized_model_trains_on_the_kernels(llama_dir, dtype):
+    """`lorafuse.quantize` + `lorafuse.get_peft_model`, no bitsandbytes involved: every target is a
+    `LoraLinear4bit`; in bf16 fused ('c'), in fp32 PEFT's math ('peft'); logits, loss and every adapter
+    gradient close to the float64 model of the same values (bf16: 4 % of each tensor's largest value — the
+    rest of the model runs in bf16 —, fp32: 1e-4)."""
+    model = _own_lora(llama_dir, dtype)
+    ref = _dense_reference(llama_dir, model, dtype)
+    for m in (model, ref):
+        m.train()
+        m.get_base_model().set_attn_implementation("eager")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    got, want = _run(model, ids), _run(ref, ids)
+    assert len(_own_layers(model)) == 6
+    assert {m.lorafuse_path for m in _own_layers(model)} == {"c" if dtype == torch.bfloat16 else "peft"}
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-4
+    for key, r in want.items():
+        err = float((got[key].double() - r).abs().max() / r.abs().max())
+        assert err <= tol, (key, err)
+
+
+def test_lorafuse_quantized_equals_bitsandbytes_loaded(llama_dir):
+    """The same checkpoint quantized by `lorafuse.quantize` and by transformers + bitsandbytes holds the same
+    bits, so lorafuse's two 4-bit LoRA layers (`LoraLinear4bit`, `FusedLinear4bit`) give identical logits and
+    adapter gradients; merged into the 4-bit base, identical models again (PEFT's arithmetic)."""
+    theirs, ours_bnb = _pair(llama_dir)
+    own = _own_lora(llama_dir)
+    own.load_state_dict({k: v for k, v in ours_bnb.state_dict().items() if "lora_" in k}, strict=False)
+    for m in (ours_bnb, own):
+        m.train()
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    a, b = _run(ours_bnb, ids), _run(own, ids)
+    assert {m.lorafuse_path for m in _own_layers(own)} == {"c"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_theirs, merged_own = theirs.merge_and_unload(), own.merge_and_unload()
+    assert not _own_layers(merged_own)
+    theirs_mods = dict(merged_theirs.named_modules())
+    merged = [(name, m) for name, m in merged_own.named_modules() if isinstance(m, quant.Linear4bit)]
+    assert len(merged) == 14  # every linear layer but the head, the 6 adapted ones merged
+    for name, m in merged:  # the merged 4-bit weights hold the same bits (bnb's read as they are)
+        assert torch.equal(m.weight.data.flatten(), theirs_mods[name].weight.data.flatten()), name
+        assert torch.equal(quant.dequantize(m.weight), quant.dequantize(theirs_mods[name].weight)), name
+
+
+def test_lorafuse_quantized_merge_patch_files_and_refusals(llama_dir, tmp_path):
+    import lorafuse
+
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    model = _own_lora(llama_dir)
+    model.train()
+    layer = _own_layers(model)[0]
+    w0 = layer.get_base_layer().weight
+    delta = layer.get_delta_weight("default").detach()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_adapter()  # W ← quantize(dequantize(W) + s·B·A), PEFT's arithmetic for 4-bit bases
+        w1 = layer.get_base_layer().weight
+        want, state = quant.quantize_weight(quant.dequantize(w0) + delta, "nf4", block_size=64, double_quant=True)
+        assert torch.equal(w1.data, want) and torch.equal(quant.dequantize(w1), quant.dequantize(want, state))
+        model(input_ids=ids)
+        assert {m.lorafuse_path for m in _own_layers(model)} == {"peft"}  # merged: the base alone runs
+        model.unmerge_adapter()
+        want, _ = quant.quantize_weight(quant.dequantize(w1) - delta, "nf4", block_size=64, double_quant=True)
+        assert torch.equal(layer.get_base_layer().weight.data, want) and not layer.merged
+        model(input_ids=ids)
+        assert {m.lorafuse_path for m in _own_layers(model)} == {"c"}
+    model.save_pretrained(tmp_path / "a")
+    lorafuse.patch_peft()
+    try:
+        stock = peft.PeftModel.from_pretrained(_own_4bit(llama_dir), tmp_path / "a")
+    finally:
+        lorafuse.unpatch_peft()
+    loaded = lorafuse.PeftModel.from_pretrained(_own_4bit(llama_dir), tmp_path / "a")
+    sd = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    for m in (stock, loaded):
+        assert len(_own_layers(m)) == 6
+        mine = m.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in sd.items())
+    with pytest.raises(ValueError, match="plain LoRA adapters only"):
+        lorafuse.get_peft_model(_own_4bit(llama_dir), lorafuse.LoraConfig(**LORA, use_dora=True))
+    with pytest.raises(ValueError, match="Target module"):  # stock PEFT, unpatched, does not know the module
+        peft.get_peft_model(_own_4bit(llama_dir), peft.LoraConfig(**LORA))

@@ -42,7 +42,8 @@ class FusedLoraModel(LoraModel):
 
     @staticmethod
     def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
-        return fuse_layer(LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs))
+        with peft_fused.fused_dispatch():
+            return fuse_layer(LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs))
 
     def _get_name(self) -> str:
         return "LoraModel"  # the repr stays PEFT's
@@ -115,7 +116,8 @@ def get_peft_model(model: nn.Module, peft_config: peft.PeftConfig, adapter_name:
         raise TypeError(f"get_peft_model: adapter_name must be a string, got {type(adapter_name).__name__}")
     if not adapter_name:
         raise ValueError("get_peft_model: adapter_name must be a non-empty string")
-    peft_model = peft.get_peft_model(model, peft_config, adapter_name, **kwargs)
+    with peft_fused.fused_dispatch():
+        peft_model = peft.get_peft_model(model, peft_config, adapter_name, **kwargs)
     fuse_peft_model(peft_model)
     return peft_model
 
@@ -129,7 +131,8 @@ def _from_pretrained(cls: type, model: nn.Module, model_id: Any, *args: Any, **k
     """``peft.PeftModel.from_pretrained`` (same arguments) on a local directory validated first and
     rolled back if PEFT fails (`lorafuse.peft_fused.from_pretrained`), the result converted by
     `fuse_peft_model`."""
-    peft_model = peft_fused.from_pretrained(_PeftModel, model, model_id, *args, **kwargs)
+    with peft_fused.fused_dispatch():
+        peft_model = peft_fused.from_pretrained(_PeftModel, model, model_id, *args, **kwargs)
     fuse_peft_model(peft_model)
     return peft_model
 

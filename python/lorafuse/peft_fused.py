@@ -39,9 +39,10 @@ from lorafuse's seeded hash (x̃ is never stored), not from torch's RNG stream a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from peft import PeftModel
@@ -57,7 +58,7 @@ from .autograd import fused_linear
 from .dora import RowNorms, dora_operands
 from .io_validate import AdapterFileError, check_peft_dir
 from .layers import fused_operands, plain_base
-from .qlora import FusedLinear4bit, PeftLinear4bit
+from .qlora import FusedLinear4bit, PeftLinear4bit, dispatch_lorafuse_4bit
 from .weight_cache import PackedWeightOption
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched"]
@@ -176,8 +177,23 @@ def fuse_layer(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
 
 def _dispatch_fused(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    """PEFT's ``dispatch_default``, with its ``lora.Linear`` made a `FusedLinear`."""
-    return fuse_layer(_STOCK_DISPATCH(target, adapter_name, **kwargs))
+    """PEFT's ``dispatch_default``, with its ``lora.Linear`` made a `FusedLinear`; a `lorafuse.quant.Linear4bit`
+    target (which stock PEFT does not know) gets a `lorafuse.qlora.LoraLinear4bit`."""
+    return dispatch_lorafuse_4bit(target, adapter_name, **kwargs) or fuse_layer(
+        _STOCK_DISPATCH(target, adapter_name, **kwargs))
+
+
+@contextlib.contextmanager
+def fused_dispatch() -> Iterator[None]:
+    """PEFT builds lorafuse's layers (`_dispatch_fused`) inside this block, as under `patch_peft`: for lorafuse's
+    own entry points, which also convert afterwards (`fuse_peft_model`) but must reach `LoraLinear4bit` for
+    lorafuse's 4-bit modules while PEFT creates the layers. Stock PEFT's dispatch again after it (unless patched)."""
+    before = _peft_model.dispatch_default
+    _peft_model.dispatch_default = _dispatch_fused
+    try:
+        yield
+    finally:
+        _peft_model.dispatch_default = before
 
 
 def _dispatch_fused_4bit(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:

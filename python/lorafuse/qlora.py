@@ -31,18 +31,21 @@ ran last ('c' or 'peft'). Under ``create_graph=True`` the gradients come from to
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.compiler import is_compiling
 
 from . import _C
 from .autograd import _differentiable_backward
 from .backend import _tensor, cpu_kernels, draw_seed
-from .quant import _DTYPES, _stored, dequantize
+from .quant import _DTYPES, Linear4bit, _stored, dequantize, quantize_weight
 
-__all__ = ["FusedLinear4bit", "q4_handle", "lora_linear_4bit"]
+__all__ = ["FusedLinear4bit", "LoraLinear4bit", "q4_handle", "lora_linear_4bit", "dispatch_lorafuse_4bit"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -151,54 +154,185 @@ def fusable_base(base: nn.Module) -> bool:
             and base.weight.device.type == "cpu")
 
 
+def fused_operands_4bit(layer: Any, x: torch.Tensor, base: nn.Module, cd: torch.dtype) -> Optional[tuple]:
+    """`lora_linear_4bit`'s arguments for a 4-bit LoRA layer's one active adapter on a base whose elements are
+    rounded once to the compute dtype ``cd`` (the caller has checked the base), or None where PEFT's forward
+    must run: adapters disabled or merged, several active, a variant (DoRA …) or ``lora_bias``, x not a CPU
+    tensor of dtype cd ∈ {bf16, fp16} and width in_features, autocast, torch.compile tracing, adapter
+    dtypes other than fp32 or cd, the C extension missing."""
+    if layer._disable_adapters or layer.merged_adapters or len(layer.active_adapters) != 1:
+        return None
+    name, modules = layer.active_adapters[0], layer._modules
+    lin_a = modules["lora_A"]._modules.get(name)
+    if (lin_a is None or name in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(name)
+            or not x.is_cpu or x.dtype != cd or cd not in _HALF or x.shape[-1] != layer.in_features or x.numel() == 0
+            or torch.is_autocast_enabled("cpu") or is_compiling()):
+        return None
+    lora_a, lora_b = lin_a.weight, modules["lora_B"]._modules[name].weight
+    if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (torch.float32, cd) or cpu_kernels() is None:
+        return None
+    dropout = modules["lora_dropout"]._modules[name]
+    p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+    bias = base.bias
+    bias = None if bias is None else bias.to(cd)  # added in the compute dtype, as bnb and `quant.Linear4bit` do
+    return (x, base.weight, bias, lora_a, lora_b, float(layer.scaling[name]), p, draw_seed() if p > 0.0 else 0)
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+class _Fused4bitForward:
+    """The forward both 4-bit LoRA layers share: fused where `_lorafuse_operands` gives operands, else the
+    layer's own (PEFT's) forward. ``lorafuse_path``: 'c' or 'peft', the path of the last forward."""
+
+    lorafuse_path: Optional[str] = None
+
+    def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _compute_dtype(self) -> torch.dtype:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def backend(self) -> str:
+        """'c' or 'peft': the path a forward would take now for an input of the compute dtype."""
+        probe = torch.empty(1, self.in_features, dtype=self._compute_dtype())
+        return "peft" if self._lorafuse_operands(probe) is None else "c"
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = None if args or kwargs else self._lorafuse_operands(x)
+        self.__dict__["lorafuse_path"] = "peft" if fused is None else "c"
+        if fused is None:
+            return super().forward(x, *args, **kwargs)
+        return lora_linear_4bit(*fused)
+
+
 if PeftLinear4bit is not None:
 
-    class FusedLinear4bit(PeftLinear4bit):
+    class FusedLinear4bit(_Fused4bitForward, PeftLinear4bit):
         """PEFT's ``lora.bnb.Linear4bit`` with a fused forward (module docstring); adds no state."""
-
-        lorafuse_path: Optional[str] = None  # 'c' or 'peft': the path of the last forward
 
         def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:
             """`lora_linear_4bit`'s arguments, or None where PEFT's forward must run."""
-            if self._disable_adapters or self.merged_adapters or len(self.active_adapters) != 1:
-                return None
-            name, modules = self.active_adapters[0], self._modules
-            lin_a = modules["lora_A"]._modules.get(name)
-            if (lin_a is None or name in getattr(self, "lora_variant", {}) or self.lora_bias.get(name)
-                    or not x.is_cpu or x.shape[-1] != self.in_features or x.numel() == 0
-                    or torch.is_autocast_enabled("cpu") or is_compiling()):
-                return None
-            base = modules["base_layer"]
+            base = self._modules["base_layer"]
             if not fusable_base(base):
                 return None
-            weight = base.weight
             cd = base.compute_dtype if base.compute_dtype is not None else x.dtype
-            if x.dtype != cd or cd not in _HALF or weight.quant_state.dtype not in (torch.float32, cd):
+            if base.weight.quant_state.dtype not in (torch.float32, cd):  # bnb would round W's elements twice
                 return None
-            lora_a, lora_b = lin_a.weight, modules["lora_B"]._modules[name].weight
-            if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (torch.float32, cd) or cpu_kernels() is None:
-                return None
-            dropout = modules["lora_dropout"]._modules[name]
-            p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-            bias = base.bias
-            bias = None if bias is None else bias.to(cd)  # bnb adds the bias in the compute dtype
-            return (x, weight, bias, lora_a, lora_b, float(self.scaling[name]), p, draw_seed() if p > 0.0 else 0)
+            return fused_operands_4bit(self, x, base, cd)
 
-        @property
-        def backend(self) -> str:
-            """'c' or 'peft': the path a forward would take now for an input of the compute dtype."""
-            base = self.get_base_layer()
-            dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
-            return "peft" if self._lorafuse_operands(torch.empty(1, self.in_features, dtype=dtype)) is None else "c"
+        def _compute_dtype(self) -> torch.dtype:
+            return getattr(self.get_base_layer(), "compute_dtype", None) or torch.bfloat16
 
         def _get_name(self) -> str:
             return "Linear4bit"  # its repr stays PEFT's "lora.Linear4bit(...)"
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            fused = None if args or kwargs else self._lorafuse_operands(x)
-            self.__dict__["lorafuse_path"] = "peft" if fused is None else "c"
-            if fused is None:
-                return super().forward(x, *args, **kwargs)
-            return lora_linear_4bit(*fused)
 else:  # pragma: no cover - without bitsandbytes PEFT has no 4-bit LoRA layer to fuse
     FusedLinear4bit = None  # type: ignore[assignment,misc]
+
+
+class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
+    """PEFT's LoRA layer (``LoraLayer``: lora_A / lora_B / lora_dropout / scaling, PEFT's state-dict keys and
+    initialisations) on lorafuse's own `lorafuse.quant.Linear4bit` — for models quantized by `lorafuse.quantize`
+    without bitsandbytes. Forward: fused (the module docstring's conditions, x in bf16 / fp16, W's elements
+    rounded once to x's dtype as `quant.Linear4bit` does), else base(x) + the LoRA term as PEFT computes it
+    (x cast to the adapters' dtype, the term cast back). Merging dequantizes W, adds s·B·A and quantizes again
+    with the same type, block size and double quantization, as PEFT does for bitsandbytes' layers (with its
+    warning about rounding). Variants (DoRA …) are refused with ValueError."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> None:
+        if config.use_dora or getattr(config, "alora_invocation_tokens", None) is not None:
+            raise ValueError("lorafuse.quant.Linear4bit takes plain LoRA adapters only (no DoRA or aLoRA); "
+                             "load the model with bitsandbytes for PEFT's 4-bit variants")
+        return None
+
+    def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:
+        base = self._modules["base_layer"]
+        if type(base) is not Linear4bit or not _no_hooks(base):
+            return None
+        return fused_operands_4bit(self, x, base, x.dtype)
+
+    def _compute_dtype(self) -> torch.dtype:
+        return self.get_base_layer().weight.quant_state.dtype
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """s·B·A (out_features, in_features) in the adapters' dtype."""
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+    def _requantize(self, adapter: str, sign: float, safe: bool = False) -> None:
+        """W ← quantize(dequantize(W) + sign·s·B·A) (bnb's arithmetic: W in its stored dtype, promoted by the sum)."""
+        warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding errors.")
+        base = self.get_base_layer()
+        qs = base.weight.quant_state
+        merged = dequantize(base.weight) + sign * self.get_delta_weight(adapter)
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        data, state = quantize_weight(merged, qs.quant_type, block_size=int(qs.blocksize), double_quant=qs.nested)
+        base.weight = nn.Parameter(data, requires_grad=False)
+        base.weight.quant_state = state
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """PEFT's merge for a 4-bit base (see the class docstring)."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.lora_A:
+                self._requantize(adapter, 1.0, safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """PEFT's unmerge for a 4-bit base: the merged adapters subtracted again, last first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                self._requantize(adapter, -1.0)
+
+    def _peft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """base(x), plus each active adapter's s·B(A(drop(x))) computed as PEFT computes it."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("lorafuse.quant.Linear4bit LoRA layers do not take adapter_names (mixed batches)")
+        kwargs.pop("adapter_names", None)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            xa = self._cast_input_dtype(x, lora_a.weight.dtype)
+            term = lora_b(lora_a(self.lora_dropout[adapter](xa))) * self.scaling[adapter]
+            result = result + term.to(result.dtype)
+        return result
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = None if args or kwargs else self._lorafuse_operands(x)
+        self.__dict__["lorafuse_path"] = "peft" if fused is None else "c"
+        return self._peft_forward(x, *args, **kwargs) if fused is None else lora_linear_4bit(*fused)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def dispatch_lorafuse_4bit(target: nn.Module, adapter_name: str, config: Any = None,
+                           **kwargs: Any) -> Optional[nn.Module]:
+    """A PEFT dispatcher: `LoraLinear4bit` for a `lorafuse.quant.Linear4bit` target, else None."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Linear4bit):
+        return LoraLinear4bit(target, adapter_name, config=config, **kwargs)
+    return None
