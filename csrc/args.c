@@ -347,12 +347,6 @@ void lf_py_drop_all(lf_py_arr_list *l) {
 int lf_py_parse_weights(lf_state *st, const char *F, lf_py_arr_list *L, PyObject *oW, PyObject *oA, PyObject *oB,
                         int fifo, npy_intp k, PyArrayObject **W, PyArrayObject **A, PyArrayObject **B,
                         npy_intp *m, npy_intp *r) {
-    lf_tview q4;
-    int64_t rows, cols;
-    if (lf_py_q4_handle(oW, &q4, &rows, &cols)) {
-        PyErr_Format(PyExc_TypeError, "%s: a 4-bit W (a q4_weight handle) takes a bfloat16 / float16 x and g, got float32", F);
-        return -1;
-    }
     if (!(*W = lf_py_keep(L, lf_py_as_f32(st, oW, F, "W"))) ||
         lf_py_check_ndim(F, "W", *W, 2, fifo ? "(k, m)" : "(m, k)"))
         return -1;

@@ -3,7 +3,7 @@
  * in the backward) is half precision.
  *
  * Inputs: torch tensors (bfloat16 or float16 through DLPack, viewed in place) or NumPy float16
- * arrays; the adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any
+ * arrays — or x and g float32 with W a 4-bit weight's handle (_C.q4_weight; 'mixed', lora_half.c); the adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any
  * strides. Results are new NumPy arrays: y and dx in the base's dtype, dA and dB in the adapters',
  * u float32 — bfloat16 ones as uint16 arrays of the bits (NumPy has no bfloat16: the caller views
  * them, torch.from_numpy(a).view(torch.bfloat16)). out=, dx_out=, dA_out=, dB_out= and packed_w
@@ -37,12 +37,13 @@ static PyArrayObject *typed_arg(lf_state *st, lf_py_arr_list *L, const char *F, 
  * weight's handle, _C.q4_weight, its elements of the base's dtype), A and B one dtype (float32 or the
  * base's); -1 with the exception set */
 static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oW, PyObject *oA, PyObject *oB,
-                         int fifo, npy_intp k, lf_dtype base, lf_tview *W, lf_tview *A, lf_tview *B, npy_intp *m,
+                         int fifo, npy_intp k, lf_dtype xdt, lf_tview *W, lf_tview *A, lf_tview *B, npy_intp *m,
                          npy_intp *r) {
     lf_dtype dw, da, db;
     PyArrayObject *w = NULL, *a, *b;
     int64_t q4_rows, q4_cols;
     const int q4 = lf_py_q4_handle(oW, W, &q4_rows, &q4_cols);
+    const lf_dtype base = q4 && xdt == LF_DT_F32 ? W->dtype : xdt; /* a float32 x on a 4-bit W: mixed */
     if (q4 && fifo) {
         PyErr_Format(PyExc_ValueError, "%s: a 4-bit W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
         return -1;
@@ -65,6 +66,11 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
     if (da != db) {
         PyErr_Format(PyExc_TypeError, "%s: A and B must have one dtype, got A %s and B %s", F, lf_py_dtype_name(da),
                      lf_py_dtype_name(db));
+        return -1;
+    }
+    if (base != xdt && da != LF_DT_F32) {
+        PyErr_Format(PyExc_TypeError, "%s: with a float32 x on a 4-bit W the adapters must be float32, got %s", F,
+                     lf_py_dtype_name(da));
         return -1;
     }
     if (lf_py_check_weight_dims(F, w, a, b, fifo, k, m, r)) return -1;
@@ -117,7 +123,7 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
     PyArrayObject *ab = NULL, *y, *u = NULL, *x2, *y2, *u2 = NULL;
     if (c->obias != Py_None) {
         lf_dtype dbias;
-        if (!(ab = typed_arg(st, L, F, c->obias, "bias", 1, "(m,)", xdt, 1, &dbias)) ||
+        if (!(ab = typed_arg(st, L, F, c->obias, "bias", 1, "(m,)", W.dtype, 1, &dbias)) ||
             lf_py_check_dim(F, "bias", "(m,) with m from W", ab, 0, m))
             return NULL;
         bias = (lf_tview){PyArray_DATA(ab), 0, PyArray_STRIDE(ab, 0) / PyArray_ITEMSIZE(ab), dbias, NULL};
@@ -132,7 +138,9 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
         const char *names[] = {"x", "bias"};
         if (lf_py_check_no_alias(F, "u_out", u, ins, names, ab ? 2 : 1)) return NULL;
     }
-    if (!(x2 = lf_py_keep(L, lf_py_flatten_2d(x, k))) || !(x2 = lf_py_keep(L, lf_py_contiguous_if(x2, c->p > 0.0f))) ||
+    const int mixed = xdt == LF_DT_F32; /* rows of a float32 x are narrowed in place: contiguous */
+    if (!(x2 = lf_py_keep(L, lf_py_flatten_2d(x, k))) ||
+        !(x2 = lf_py_keep(L, lf_py_contiguous_if(x2, c->p > 0.0f || mixed))) ||
         !(y2 = lf_py_keep(L, lf_py_flatten_2d(y, m))) || (u && !(u2 = lf_py_keep(L, lf_py_flatten_2d(u, r)))))
         return NULL;
     const npy_intp n = PyArray_DIM(x2, 0);
@@ -175,8 +183,10 @@ PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObjec
     if ((c->need_dx && !(dx = lf_py_keep(L, new_typed(x, 0, k, gdt)))) ||
         !(dA = lf_py_keep(L, new_typed(NULL, r, k, A.dtype))) || !(dB = lf_py_keep(L, new_typed(NULL, m, r, A.dtype))))
         return NULL;
-    if (!(g2 = lf_py_keep(L, lf_py_flatten_2d(g, m))) || !(x2 = lf_py_keep(L, lf_py_flatten_2d(x, k))) ||
-        !(x2 = lf_py_keep(L, lf_py_contiguous_if(x2, c->p > 0.0f))) || !(u2 = lf_py_keep(L, lf_py_flatten_2d(u, r))) ||
+    if (!(g2 = lf_py_keep(L, lf_py_flatten_2d(g, m))) || !(g2 = lf_py_keep(L, lf_py_contiguous_if(g2, gdt == LF_DT_F32))) ||
+        !(x2 = lf_py_keep(L, lf_py_flatten_2d(x, k))) ||
+        !(x2 = lf_py_keep(L, lf_py_contiguous_if(x2, c->p > 0.0f || gdt == LF_DT_F32))) ||
+        !(u2 = lf_py_keep(L, lf_py_flatten_2d(u, r))) ||
         (dx && !(dx2 = lf_py_keep(L, lf_py_flatten_2d(dx, k)))))
         return NULL;
     const npy_intp n = PyArray_DIM(x2, 0);

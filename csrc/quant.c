@@ -281,6 +281,8 @@ static void q4_handle_free(PyObject *cap) {
     PyMem_Free(h);
 }
 
+int lf_py_is_q4_handle(PyObject *obj) { return PyCapsule_IsValid(obj, Q4_HANDLE_NAME); }
+
 int lf_py_q4_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols) {
     if (!PyCapsule_IsValid(obj, Q4_HANDLE_NAME)) return 0;
     const q4_handle *h = PyCapsule_GetPointer(obj, Q4_HANDLE_NAME);
@@ -296,7 +298,8 @@ const char lf_py_q4_weight_doc[] =
     "A 4-bit weight W (rows, cols) = (out_features, in_features), given as dequant_4bit takes it, checked\n"
     "once and held (its arrays referenced) as an opaque handle that lora_forward / lora_backward take as\n"
     "W: the fused LoRA kernels on a bf16 / fp16 base then read W's 4-bit codes, its elements\n"
-    "code·absmax rounded to dtype ('bfloat16' or 'float16': x's dtype), dequantized inside the GEMM's\n"
+    "code·absmax rounded to dtype ('bfloat16' or 'float16': x's dtype, or the compute dtype of a float32\n"
+    "x — the base product then on x rounded to it and rounded itself), dequantized inside the GEMM's\n"
     "packing or, for a few tokens, a block at a time in cache. The handle reads the arrays as they are\n"
     "when used: it is valid while their contents stay those of one weight.";
 

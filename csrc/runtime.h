@@ -105,6 +105,7 @@ PyObject *lf_py_q4gemm_path(PyObject *module, PyObject *args, PyObject *kw);
 extern const char lf_py_q4_weight_doc[];
 PyObject *lf_py_q4_weight(PyObject *module, PyObject *args, PyObject *kw);
 int lf_py_q4_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols);
+int lf_py_is_q4_handle(PyObject *obj);
 #define LF_PY_Q4GEMM_METHODS LF_PY_KW_METHOD(q4gemm), LF_PY_KW_METHOD(q4gemm_path), LF_PY_KW_METHOD(q4_weight)
 #define LF_PY_QUANT_METHODS \
     LF_PY_KW_METHOD(dequant_4bit), LF_PY_KW_METHOD(quant_4bit), LF_PY_KW_METHOD(double_quant), \

@@ -121,6 +121,8 @@ extern const lf_skinny lf_skinny_avx512;
 /* dst[j] = round_dt(src[j]) for j < n: fp32 results rounded once to a bf16 / fp16 output (narrow.c,
  * half_store.h's rounding: to nearest even, as torch's .to(dtype)), on the ISA in use */
 void lf_narrow(const float *src, int64_t n, lf_dtype dt, uint16_t *dst);
+/* narrow.c: c[i·ldc + j] = round_dt(c[i·ldc + j]) for i < n, j < cols, kept as fp32 (dt bf16 or fp16) */
+void lf_round_rows(float *c, int64_t n, int64_t cols, int64_t ldc, lf_dtype dt);
 
 /* rowdots_half.c: c (n, M; row stride ldc) = x (n, K) · W (M, K)ᵀ (+ bias (M) fp32, or NULL) for a few
  * tokens, W streamed in place: x and W one half dtype, rows contiguous (lf_rowdots_half_ok) */

@@ -10,6 +10,11 @@
  *   dx = round_base(g·W + s·drop'(v·A))
  * PEFT rounds x·Wᵀ + bias to the base dtype first and adds the fp32 LoRA term to that; this rounds
  * once (tests/tolerances.py bounds both against float64).
+ * A float32 x (and g) on a half W ('mixed': QLoRA's fp32 activations on a bf16-compute base, as
+ * bitsandbytes + PEFT run them) keeps PEFT's two roundings instead: the base product on x rounded to
+ * W's dtype, rounded itself, then the fp32 rank-r term from the fp32 x added, y float32:
+ *   y  = round_W(round_W(x)·Wᵀ + bias) + s·u·Bᵀ,   dx = round_W(round_W(g)·W) + s·drop'(v·A)
+ * u, v, dA, dB from the fp32 x and g (adapters fp32).
  * The products x·Wᵀ and g·W of a bf16 base take the bf16 tiles (vdpbf16ps / AMX) where the ISA has
  * them: they run alone ('split' / 'masked' plans) into an fp32 buffer, and the rank-r term is added
  * to it row block by row block and rounded to the output while the rows are in cache
@@ -34,13 +39,23 @@ static lf_tview ttranspose(lf_tview v) {
 
 static int is_half(lf_dtype dt) { return dt == LF_DT_BF16 || dt == LF_DT_F16; }
 
-/* the dtype rules of kernels.h: x (and g) and W one half dtype, A and B fp32 or that dtype; W may be a
- * 4-bit weight (lf_tview.q4) stored (m, k) as it is, its elements rounded to the base dtype — never
- * transposed, never A or B */
-static int dtypes_ok(lf_dtype base, int64_t k, int64_t m, lf_tview W, lf_tview A, lf_tview B) {
+/* the dtype rules of kernels.h: W of a half dtype (the base's), x (and g) of that dtype or — mixed — float32
+ * with rows contiguous; A and B one dtype, fp32 or the base's (fp32 when mixed); W may be a 4-bit weight
+ * (lf_tview.q4) stored (m, k) as it is, its elements rounded to the base dtype — never transposed, never A
+ * or B */
+static int dtypes_ok(lf_tview x, int64_t k, int64_t m, lf_tview W, lf_tview A, lf_tview B) {
     const int q4_ok = !W.q4 || (W.rs == k && W.cs == 1 && W.q4->rows == m && W.q4->cols == k && !lf_q4_unfit(W.q4));
-    return is_half(base) && W.dtype == base && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == base) &&
-           q4_ok && !A.q4 && !B.q4;
+    const int x_ok = x.dtype == W.dtype || (x.dtype == LF_DT_F32 && x.cs == 1 && A.dtype == LF_DT_F32);
+    return is_half(W.dtype) && x_ok && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == W.dtype) && q4_ok &&
+           !A.q4 && !B.q4;
+}
+
+/* x (n, k) fp32 with rows contiguous narrowed to dt, C-contiguous (malloc'd; NULL on failure): the base's
+ * operand of a mixed call */
+static uint16_t *narrowed_copy(lf_tview x, int64_t n, int64_t k, lf_dtype dt) {
+    uint16_t *h = malloc((size_t)(n * k > 0 ? n * k : 1) * sizeof(uint16_t));
+    for (int64_t i = 0; h && i < n; i++) lf_narrow((const float *)x.p + i * x.rs, k, dt, h + i * k);
+    return h;
 }
 
 /* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */
@@ -49,10 +64,17 @@ static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1.
 /* 1 if the skinny kernel (one streaming read, lf_rowdot) can form a rank-r product over these rows */
 static int skinny_rows(lf_tview big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }
 
+/* the base's view of x: x itself, or for a float32 x its rows as W's dtype would hold them (what the
+ * plan asks of the base product; p unused) */
+static lf_tview base_view(lf_tview x, lf_tview W) {
+    return x.dtype == LF_DT_F32 ? (lf_tview){x.p, x.rs, 1, W.dtype, NULL} : x;
+}
+
 lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r) {
-    const lf_forward_y_path y = lf_rowdots_half_ok(n, x, W)         ? LF_Y_DECODE
-                                : on_bf16_tile(x, ttranspose(W)) ? LF_Y_SPLIT
-                                                                 : LF_Y_AUGMENTED;
+    const lf_tview xb = base_view(x, W);
+    const lf_forward_y_path y = lf_rowdots_half_ok(n, xb, W)                              ? LF_Y_DECODE
+                                : x.dtype == LF_DT_F32 || on_bf16_tile(xb, ttranspose(W)) ? LF_Y_SPLIT
+                                                                                          : LF_Y_AUGMENTED;
     return (lf_forward_plan){skinny_rows(x, r) ? LF_U_SKINNY : LF_U_GEMM, y};
 }
 
@@ -60,29 +82,34 @@ const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview
     if ((unsigned)plan.u > LF_U_GEMM || (unsigned)plan.y > LF_Y_SPLIT) return "unknown path";
     if (plan.u != LF_U_GEMM && plan.u != LF_U_SKINNY) return "a bf16/fp16 base forms u by 'skinny' or 'gemm' only";
     if (plan.u == LF_U_SKINNY && !skinny_rows(x, r)) return "u 'skinny' needs rows of x contiguous and 1 <= r <= 64";
-    if (plan.y == LF_Y_DECODE && !lf_rowdots_half_ok(n, x, W))
+    if (plan.y == LF_Y_DECODE && !lf_rowdots_half_ok(n, base_view(x, W), W))
         return "y 'decode' needs at most 8 tokens and rows of x and W contiguous";
     if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED && plan.y != LF_Y_DECODE)
         return "a bf16/fp16 base takes y 'decode', 'split' or 'augmented' only";
+    if (plan.y == LF_Y_AUGMENTED && x.dtype == LF_DT_F32)
+        return "a float32 x on a bf16/fp16 base takes y 'decode' or 'split' (the base product rounded alone)";
     return NULL;
 }
 
 int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview x, lf_tview W,
                          lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
-                         uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan_out) {
+                         void *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan_out) {
     int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
-    if (!dtypes_ok(x.dtype, k, m, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != x.dtype)) return LF_EINVAL;
+    if (!dtypes_ok(x, k, m, W, A, B) || (bias.p && bias.dtype != LF_DT_F32 && bias.dtype != W.dtype)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
     if (force && lf_forward_plan_unfit_half(*force, n, x, W, r)) return LF_EINVAL;
     const lf_forward_plan plan = force ? *force : lf_plan_forward_half(n, x, W, r);
     if (plan_out) *plan_out = plan;
+    const int mixed = x.dtype == LF_DT_F32; /* y float32: c is y itself */
+    uint16_t *xh = mixed ? narrowed_copy(x, n, k, W.dtype) : NULL;
+    const lf_tview xb = mixed ? (lf_tview){xh, k, 1, W.dtype, NULL} : x; /* the base product's x */
     float *ubuf = u ? u : malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     float *bias32 = bias.p ? lf_widened_copy(bias, 1, m, 1.0f) : NULL;
-    float *c = malloc((size_t)(n * m > 0 ? n * m : 1) * sizeof(float)); /* the fp32 sum of y */
+    float *c = mixed ? y : malloc((size_t)(n * m > 0 ? n * m : 1) * sizeof(float)); /* the fp32 sum of y */
     const int split = plan.y != LF_Y_AUGMENTED; /* the rank-r term added to c afterwards */
     float *bt = split ? lf_widened_copy(ttranspose(B), r, m, scale) : NULL; /* s·Bᵀ (r, m) */
-    if (!ubuf || !c || (bias.p && !bias32) || (split && !bt)) {
+    if (!ubuf || !c || (mixed && !xh) || (bias.p && !bias32) || (split && !bt)) {
         st = LF_ENOMEM;
         goto done;
     }
@@ -98,11 +125,12 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     const lf_view uv = {ubuf, r, 1};
     if (split) {
         /* c = x · Wᵀ + bias (decode: W streamed in place; split: a GEMM), then y = round(c + u · (s·Bᵀ)) */
-        const lf_operand xo = lf_operand_typed(x, 1.0f), wt = lf_operand_typed(ttranspose(W), 1.0f);
+        const lf_operand xo = lf_operand_typed(xb, 1.0f), wt = lf_operand_typed(ttranspose(W), 1.0f);
         if (plan.y != LF_Y_DECODE) st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
-        else if (W.q4 && n > 0 && lf_rowdots_q4_ok(n, k, W.q4)) st = lf_rowdots_q4(pool, n, m, k, x, W.q4, bias32, c, m);
-        else st = lf_rowdots_half(pool, n, m, k, x, W, bias32, c, m);
-        if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, x.dtype, y, m);
+        else if (W.q4 && n > 0 && lf_rowdots_q4_ok(n, k, W.q4)) st = lf_rowdots_q4(pool, n, m, k, xb, W.q4, bias32, c, m);
+        else st = lf_rowdots_half(pool, n, m, k, xb, W, bias32, c, m);
+        if (!st && mixed) lf_round_rows(c, n, m, m, W.dtype); /* the base's own rounding, then the fp32 term */
+        if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, W.dtype, mixed ? NULL : y, m);
     } else {
         /* c = [x | s·u] · [Wᵀ ; Bᵀ] + bias over K' = k + r, then y = round(c) */
         const lf_operand xu = lf_operand_concat(x, 1.0f, lf_tv32((lf_view){ubuf, r, 1}), scale, k);
@@ -113,15 +141,16 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 done:
     if (!u) free(ubuf);
     free(bias32);
-    free(c);
+    if (!mixed) free(c);
     free(bt);
+    free(xh);
     return st;
 }
 
 lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p, int need_dx) {
-    const lf_backward_dx_path dx = !need_dx                                        ? LF_DX_NONE
-                                   : dropout_p > 0.0f || on_bf16_tile(g, W) ? LF_DX_MASKED
-                                                                                   : LF_DX_AUGMENTED;
+    const lf_backward_dx_path dx = !need_dx ? LF_DX_NONE
+                                   : dropout_p > 0.0f || g.dtype == LF_DT_F32 || on_bf16_tile(g, W) ? LF_DX_MASKED
+                                                                                                    : LF_DX_AUGMENTED;
     return (lf_backward_plan){skinny_rows(g, r) ? LF_VB_SKINNY : LF_VB_GEMM, skinny_rows(x, r) ? LF_DA_SKINNY : LF_DA_GEMM,
                               dx};
 }
@@ -135,15 +164,17 @@ const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, lf_tv
     if ((plan.dx == LF_DX_NONE) == (need_dx != 0)) return need_dx ? "dx is wanted: dx 'none' does not form it"
                                                                  : "dx is not wanted: its path must be 'none'";
     if (plan.dx == LF_DX_AUGMENTED && dropout_p > 0.0f) return "dx 'augmented' takes no dropout (use 'masked')";
+    if (plan.dx == LF_DX_AUGMENTED && g.dtype == LF_DT_F32)
+        return "a float32 g on a bf16/fp16 base takes dx 'masked' (g·W rounded alone)";
     return NULL;
 }
 
 int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview g, lf_tview x,
                           lf_view u, lf_tview W, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
-                          uint16_t *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan_out) {
+                          void *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan_out) {
     int st = lf_lora_check_dims(n, k, m, r, dropout_p);
     if (st) return st;
-    if (!dtypes_ok(x.dtype, k, m, W, A, B) || g.dtype != x.dtype) return LF_EINVAL;
+    if (!dtypes_ok(x, k, m, W, A, B) || g.dtype != x.dtype || (g.dtype == LF_DT_F32 && g.cs != 1)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
     if (force && lf_backward_plan_unfit_half(*force, g, x, r, dropout_p, dx != NULL)) return LF_EINVAL;
     const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, x, W, r, dropout_p, dx != NULL);
@@ -152,12 +183,15 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
     float *dbt = malloc((size_t)(r * m > 0 ? r * m : 1) * sizeof(float));                 /* dBᵀ (r, m) */
     float *da32 = adt == LF_DT_F32 ? dA : malloc((size_t)(r * k > 0 ? r * k : 1) * sizeof(float));
-    float *dx32 = dx ? malloc((size_t)(n * k > 0 ? n * k : 1) * sizeof(float)) : NULL; /* dx's fp32 sum */
+    const int mixed = g.dtype == LF_DT_F32; /* dx float32: dx32 is dx itself; g·W on g narrowed to W's dtype */
+    float *dx32 = !dx ? NULL : mixed ? dx : malloc((size_t)(n * k > 0 ? n * k : 1) * sizeof(float)); /* dx's fp32 sum */
+    uint16_t *gh = mixed && dx ? narrowed_copy(g, n, m, W.dtype) : NULL;
+    const lf_tview gb = gh ? (lf_tview){gh, m, 1, W.dtype, NULL} : g; /* the base product's g */
     /* A's rows as fp32 vectors for the masked dx: A itself when it is fp32 with rows contiguous, else a copy */
     const int a_in_place = A.dtype == LF_DT_F32 && A.cs == 1;
     float *acopy = plan.dx == LF_DX_MASKED && !a_in_place ? lf_widened_copy(A, r, k, 1.0f) : NULL;
     const lf_view a32 = a_in_place ? (lf_view){A.p, A.rs, 1} : (lf_view){acopy, k, 1};
-    if (!v || !dbt || !da32 || (dx && !dx32) || (plan.dx == LF_DX_MASKED && !a_in_place && !acopy)) {
+    if (!v || !dbt || !da32 || (dx && !dx32) || (mixed && dx && !gh) || (plan.dx == LF_DX_MASKED && !a_in_place && !acopy)) {
         st = LF_ENOMEM;
         goto done;
     }
@@ -198,17 +232,18 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
          * contiguous in memory: W streamed once by the rank update over m (s = gᵀ widened, (m, n)), never
          * packed; a 4-bit W through the GEMM, which dequantizes it as it packs */
         if (n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4) {
-            float *gt = lf_widened_copy(ttranspose(g), m, n, 1.0f);
+            float *gt = lf_widened_copy(ttranspose(gb), m, n, 1.0f);
             st = gt ? lf_rank_update(pool, n, k, m, (lf_view){gt, n, 1}, W, 1.0f, dx32, k, NULL) : LF_ENOMEM;
             free(gt);
         } else {
-            const lf_operand wo = lf_operand_typed(W, 1.0f);
-            st = lf_gemm(pool, n, k, m, &go, &wo, 0.0f, NULL, dx32, k);
+            const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);
+            st = lf_gemm(pool, n, k, m, &gbo, &wo, 0.0f, NULL, dx32, k);
         }
+        if (!st && mixed) lf_round_rows(dx32, n, k, k, W.dtype); /* g·W's own rounding, then the fp32 term */
         const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f};
         if (!st)
             st = lf_rank_rows(pool, n, k, r, vv, a32, scale / (1.0f - dropout_p), &xm, dx32, k,
-                              x.dtype, dx, k);
+                              W.dtype, mixed ? NULL : dx, k);
     } else if (!st && plan.dx == LF_DX_AUGMENTED) {
         /* dx = round([g | s·v] · [W ; A]) — one GEMM over K' = m + r */
         const lf_operand gv = lf_operand_concat(g, 1.0f, lf_tv32((lf_view){v, r, 1}), scale, m);
@@ -220,7 +255,8 @@ done:
     free(v);
     free(dbt);
     if (da32 != dA) free(da32);
-    free(dx32);
+    if (!mixed) free(dx32);
+    free(gh);
     free(acopy);
     return st;
 }

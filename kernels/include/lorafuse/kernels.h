@@ -201,7 +201,10 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
  *      fp32 (PEFT's default on a half base) or the base's dtype, bias any of the three. Every product
  *      is exact and summed in fp32; u = x̃·Aᵀ is kept in fp32; y and dx are rounded once, to the
  *      base's dtype, after their full fp32 sum; dA and dB once, to the adapters' dtype. Products of
- *      two bf16 operands (x·Wᵀ, g·W) run the bf16 tiles where the ISA has them (lf_hgemm). ---- */
+ *      two bf16 operands (x·Wᵀ, g·W) run the bf16 tiles where the ISA has them (lf_hgemm). A float32 x
+ *      and g with rows contiguous on a half W ('mixed', fp32 adapters): the base products on x, g rounded
+ *      to W's dtype and rounded themselves, the rank-r terms in fp32 added after; y, dx float32
+ *      (lora_half.c). ---- */
 
 /* The forward's plan for a half base of n tokens: u 'skinny' (x streamed once, x̃ regenerated) for rows
  * of x contiguous and 1 ≤ r ≤ 64, else 'gemm'; y 'decode' for at most 8 tokens with rows of x and W
@@ -214,11 +217,11 @@ const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview
 
 /* Fused LoRA forward on a half base. x (n,k) [dropout: C-contiguous], W (m,k), bias (m) — bias.p NULL
  * for none, its rs unused (elements at p[j·cs]) —, A (r,k), B (m,r) as the dtypes above, any strides.
- * y (n,m) C-contiguous in x's dtype (uint16_t bits); u (n,r) C-contiguous fp32, or NULL (not kept).
+ * y (n,m) C-contiguous in x's dtype (float, or uint16_t bits); u (n,r) C-contiguous fp32, or NULL (not kept).
  * force / plan as lf_lora_forward_f32. LF_EINVAL for dtypes outside the rules above. */
 int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview x, lf_tview W,
                          lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
-                         uint16_t *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan);
+                         void *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan);
 
 /* The backward's plan for a half base: v/dB 'skinny' (v = g·B and dBᵀ = s·uᵀ·g with g streamed) for rows
  * of g contiguous and 1 ≤ r ≤ 64, else 'gemm'; dA 'skinny' (x streamed, x̃ regenerated) for rows of x
@@ -230,12 +233,12 @@ const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, lf_tv
                                         int need_dx);
 
 /* Adapter-only backward on a half base: g (n,m) and x (n,k) [dropout: C-contiguous] in the base's
- * dtype, u (n,r) fp32 as the forward kept it, W, A, B as in the forward. Outputs C-contiguous: dx
- * (n,k) in the base's dtype or NULL to skip, dA (r,k) and dB (m,r) in the adapters' dtype (float or
+ * dtype (or both float32, mixed), u (n,r) fp32 as the forward kept it, W, A, B as in the forward. Outputs
+ * C-contiguous: dx (n,k) in g's dtype or NULL to skip, dA (r,k) and dB (m,r) in the adapters' dtype (float or
  * uint16_t bits). */
 int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview g, lf_tview x,
                           lf_view u, lf_tview W, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
-                          uint16_t *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan);
+                          void *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan);
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */
