@@ -17,7 +17,8 @@ last step — or 'peft', PEFT's own forward).
 
 --quant nf4: the model saved and loaded back 4-bit by transformers + bitsandbytes (QLoRA's way: NF4, double
 quant, bf16 compute, the rest bf16); lorafuse's layers are `lorafuse.qlora.FusedLinear4bit`, PEFT's its
-``lora.bnb.Linear4bit`` (issue 21's row: --layers 2 --quant nf4).
+``lora.bnb.Linear4bit`` (issue 21's row: --layers 2 --quant nf4). --kbit: PEFT's prepare_model_for_kbit_training
+first (the rest of the model fp32, fp32 activations into the 4-bit layers; its gradient checkpointing left off).
 
 --dtype bf16: the model in bf16 before the adapters are added (PEFT's default keeps them fp32,
 ``autocast_adapter_dtype=True``, for both libraries). --dtype autocast: the fp32 model, each step's
@@ -27,7 +28,7 @@ bf16, PEFT's and lorafuse's layers alike). --compile: every model runs under `to
 "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
     python benchmarks/bench_train.py [--repeats 3] [--targets q_proj,v_proj] [--threads N] [--compile]
-                                     [--dtype fp32|bf16|autocast] [--quant nf4]
+                                     [--dtype fp32|bf16|autocast] [--quant nf4 [--kbit]]
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def run_child(args: argparse.Namespace) -> dict:
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     if args.quant:
         model = _quantized(model, transformers, torch)
+        if args.kbit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
@@ -136,7 +141,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     keys = ("steps", "layers", "hidden", "intermediate", "vocab", "seq", "batch", "r", "dropout", "targets",
             "threads", "seed", "dtype")
     return ([item for k in keys for item in (f"--{k}", str(getattr(args, k)))] + (["--compile"] if args.compile else [])
-            + (["--quant", args.quant] if args.quant else []))
+            + (["--quant", args.quant] if args.quant else []) + (["--kbit"] if args.kbit else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", choices=["nf4"], help="the model loaded 4-bit by transformers + bitsandbytes "
                         "(NF4, double quant, bf16 compute and bf16 elsewhere; --dtype is then bf16); candidates "
                         "lorafuse (FusedLinear4bit) and peft (PEFT's lora.bnb.Linear4bit)")
+    parser.add_argument("--kbit", action="store_true", help="with --quant: PEFT's prepare_model_for_kbit_training "
+                        "first (QLoRA's recipe: the model's other weights in fp32, so the 4-bit layers see fp32 "
+                        "activations; without its gradient checkpointing)")
     return parser
 
 
@@ -181,7 +189,8 @@ def main() -> None:
     print(f"# {args.layers}-layer Llama h={args.hidden} ff={args.intermediate} vocab={args.vocab}, {args.dtype}, "
           f"batch {args.batch} x seq {args.seq}, r={args.r}, dropout={args.dropout}, targets={args.targets}, "
           f"{args.steps} steps{', torch.compile' if args.compile else ''}, {args.repeats} repeats"
-          f"{', base ' + args.quant + ' (bitsandbytes storage)' if args.quant else ''}")
+          f"{', base ' + args.quant + ' (bitsandbytes storage)' if args.quant else ''}"
+          f"{', prepare_model_for_kbit_training' if args.kbit else ''}")
     print(METHOD)
     impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw")
                   and not (args.quant and i in ("lorafuse+pw", "lorafuse-nocache")))

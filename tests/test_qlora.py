@@ -251,9 +251,11 @@ def _pair(path, **overrides):
     import lorafuse
 
     peft, _ = _bnb_stack()
+    kbit = overrides.pop("kbit", False)
     kw = {**LORA, **overrides}
-    theirs = peft.get_peft_model(_load_4bit(path), peft.LoraConfig(**kw))
-    ours = lorafuse.get_peft_model(_load_4bit(path), lorafuse.LoraConfig(**kw))
+    prepare = peft.prepare_model_for_kbit_training if kbit else (lambda model: model)
+    theirs = peft.get_peft_model(prepare(_load_4bit(path)), peft.LoraConfig(**kw))
+    ours = lorafuse.get_peft_model(prepare(_load_4bit(path)), lorafuse.LoraConfig(**kw))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         mine = dict(ours.named_parameters())
@@ -296,12 +298,15 @@ def _reference(path, theirs):
     return ref.double()
 
 
-def test_llama_4bit_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir):
+@pytest.mark.parametrize("kbit", [False, True], ids=["bf16", "prepare_model_for_kbit_training"])
+def test_llama_4bit_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir, kbit):
     """Every LoRA layer on a 4-bit projection runs the C kernels ('c'); logits, loss and every adapter
     gradient are as close to the float64 model of the same values as PEFT + bitsandbytes' are (the
     bounds of the half-precision parity test, tests/test_peft_parity.py: median error ratio ≤ 2, each
-    tensor ≤ 3× PEFT's + 8 u_h)."""
-    theirs, ours = _pair(llama_dir)
+    tensor ≤ 3× PEFT's + 8 u_h). With PEFT's prepare_model_for_kbit_training (QLoRA's recipe: the rest of
+    the model in fp32, gradient checkpointing) the layers see fp32 activations and keep bitsandbytes'
+    rounding of the base product and PEFT's fp32 LoRA term."""
+    theirs, ours = _pair(llama_dir, kbit=kbit)
     ref = _reference(llama_dir, theirs)
     for model in (theirs, ours, ref):
         model.train()
@@ -323,7 +328,7 @@ def test_llama_4bit_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir):
 
 def test_fallbacks_run_peft_and_match_it(llama_dir):
     """Where the kernels do not apply PEFT's forward runs ('peft') and gives PEFT's result: adapters
-    disabled, a DoRA adapter, fp32 input to a bf16-compute layer (prepare-for-kbit style); and W repacked
+    disabled, a DoRA adapter, an fp32 compute dtype; and W repacked
     by bitsandbytes for its CPU inference kernel (``packing_format_for_cpu``, done by bnb's own forward in
     eval mode without grad) is left to bnb. (Train mode here: bnb 0.50's repacking fails on this model's
     double-quantized 64-wide weights.)"""
@@ -337,9 +342,10 @@ def test_fallbacks_run_peft_and_match_it(llama_dir):
             torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
             assert {m.lorafuse_path for m in _layers(ours)} == {"peft"}
         layer = _layers(ours)[0]
-        x = torch.randn(3, layer.in_features)  # fp32 into a bf16-compute layer: PEFT's forward
-        layer(x)
-        assert layer.lorafuse_path == "peft"
+        layer.get_base_layer().compute_dtype = torch.float32  # fp32 compute: bitsandbytes' own fp32 matmul
+        layer(torch.randn(3, layer.in_features))
+        assert layer.lorafuse_path == "peft" and layer.backend == "peft"
+        layer.get_base_layer().compute_dtype = torch.bfloat16
         assert layer.backend == "c"
         state = layer.get_base_layer().weight.quant_state
         state.packing_format_for_cpu = True

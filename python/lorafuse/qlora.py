@@ -22,9 +22,11 @@ the compute dtype.
 Fused when: adapters enabled and unmerged, one active plain-LoRA adapter (no variant such as DoRA, no
 ``lora_bias``), the base exactly bnb's ``Linear4bit`` (or LinearNF4 / LinearFP4) without hooks and in its
 canonical layout (not bnb's CPU inference repacking, ``packing_format_for_cpu``), x on the CPU in the layer's
-compute dtype (bf16 or fp16), the quant state's dtype float32 or that dtype (one rounding of each W element,
-as bnb), adapters float32 (PEFT's default) or the compute dtype, no autocast, not while torch.compile traces,
-no extra forward argument. Anything else runs PEFT's forward unchanged; ``layer.lorafuse_path`` tells which
+compute dtype (bf16 or fp16) — or float32 (QLoRA's fp32 activations after PEFT's
+``prepare_model_for_kbit_training``: then, as bnb + PEFT compute it, the base product on x rounded to the
+compute dtype and rounded itself, the fp32 LoRA term added after, y and dx float32) —, the quant state's
+dtype float32 or the compute dtype (one rounding of each W element, as bnb), adapters float32 (PEFT's
+default) or the compute dtype, no autocast, not while torch.compile traces, no extra forward argument. Anything else runs PEFT's forward unchanged; ``layer.lorafuse_path`` tells which
 ran last ('c' or 'peft'). Under ``create_graph=True`` the gradients come from torch math on W dequantized
 (differentiable), as `lorafuse.autograd` does for full-precision bases.
 """
@@ -72,53 +74,60 @@ class Lora4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                weight: Any, handle: Any, scale: float, dropout_p: float, seed: int, kern: Any) -> torch.Tensor:
-        """x (..., k) → y (..., m) in x's dtype."""
+                weight: Any, handle: Any, cd: torch.dtype, scale: float, dropout_p: float, seed: int,
+                kern: Any) -> torch.Tensor:
+        """x (..., k) → y (..., m) in x's dtype (cd: the compute dtype W's elements are rounded to)."""
         y, u = kern.lora_forward(x, handle, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed)
         u = _tensor(u)
         ctx.save_for_backward(x, u, lora_a, lora_b)
-        ctx.conf = (weight, handle, scale, dropout_p, seed, kern)
+        ctx.conf = (weight, handle, cd, scale, dropout_p, seed, kern)
         return _tensor(y)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """dx, db, dA, dB (None where not needed); W is frozen (4-bit storage has no gradient)."""
         x, u, lora_a, lora_b = ctx.saved_tensors
-        weight, handle, scale, dropout_p, seed, kern = ctx.conf
+        weight, handle, cd, scale, dropout_p, seed, kern = ctx.conf
         need_x, need_b, need_a, need_bb = ctx.needs_input_grad[:4]
         dx = dA = dB = None
         if need_x or need_a or need_bb:
             if torch.is_grad_enabled():  # create_graph: torch math on W dequantized, recorded by autograd
-                W = dequantize(weight, dtype=x.dtype)
+                W = dequantize(weight, dtype=cd).to(x.dtype)
                 dx, dA, dB = _differentiable_backward(grad, x, W, lora_a, lora_b, scale, dropout_p, seed, False, need_x)
             else:
                 dx, dA, dB = kern.lora_backward(grad, x, u, handle, lora_a, lora_b, scale, need_dx=need_x,
                                                 dropout_p=dropout_p, seed=seed)
                 dx, dA, dB = (None if dx is None else _tensor(dx)), _tensor(dA), _tensor(dB)
         db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
-        return dx, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None
+        return dx, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None, None
 
 
 def lora_linear_4bit(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ (..., m) for x (..., k) bf16 / fp16 on the CPU, W a 4-bit weight
-    (out, in) (bnb's ``Params4bit`` or lorafuse's, with ``quant_state``) whose elements are rounded to x's
-    dtype, A (r, k) and B (m, r) float32 or x's dtype, bias (m,) or None; dropout p with the kernels' seeded
-    mask. Differentiable in x, bias, A and B. Raises TypeError / ValueError for operands it cannot take."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in _HALF or not x.is_cpu:
-        raise TypeError(f"lora_linear_4bit: x must be a bfloat16 or float16 CPU tensor, got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, x.device.type)}")
+                     lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                     compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ (..., m) for x (..., k) on the CPU, W a 4-bit weight (out, in)
+    (bnb's ``Params4bit`` or lorafuse's, with ``quant_state``) whose elements are rounded to the compute dtype
+    (bf16 or fp16; default x's dtype), A (r, k) and B (m, r) float32 or the compute dtype, bias (m,) or None;
+    dropout p with the kernels' seeded mask. x in the compute dtype: one rounding of the whole sum. x float32
+    (fp32 adapters): bitsandbytes' and PEFT's roundings — the base product on x rounded to the compute dtype,
+    rounded itself, then the fp32 LoRA term (lora_half.c, 'mixed'). Differentiable in x, bias, A and B.
+    Raises TypeError / ValueError for operands it cannot take."""
+    cd = compute_dtype or x.dtype if isinstance(x, torch.Tensor) else None
+    if not isinstance(x, torch.Tensor) or not x.is_cpu or cd not in _HALF or x.dtype not in (cd, torch.float32):
+        raise TypeError(f"lora_linear_4bit: x must be a CPU tensor of the compute dtype (bfloat16 or float16) or "
+                        f"float32, got {type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, x.device.type)}"
+                        f" with compute dtype {cd}")
     kern = cpu_kernels()
     if kern is None:
         raise RuntimeError("lora_linear_4bit: the C extension lorafuse._C is not built")
-    handle = q4_handle(weight, x.dtype)
+    handle = q4_handle(weight, cd)
     if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                            or (bias is not None and bias.requires_grad)):
         y, _ = kern.lora_forward(x, handle, lora_a, lora_b, float(scale), bias, dropout_p=float(dropout_p),
                                  seed=int(seed), need_u=False)
         return _tensor(y)
-    return Lora4bitFunction.apply(x, bias, lora_a, lora_b, weight, handle, float(scale), float(dropout_p), int(seed),
-                                  kern)
+    return Lora4bitFunction.apply(x, bias, lora_a, lora_b, weight, handle, cd, float(scale), float(dropout_p),
+                                  int(seed), kern)
 
 
 def _bnb_linear4bit() -> Optional[type]:
@@ -158,24 +167,26 @@ def fused_operands_4bit(layer: Any, x: torch.Tensor, base: nn.Module, cd: torch.
     """`lora_linear_4bit`'s arguments for a 4-bit LoRA layer's one active adapter on a base whose elements are
     rounded once to the compute dtype ``cd`` (the caller has checked the base), or None where PEFT's forward
     must run: adapters disabled or merged, several active, a variant (DoRA …) or ``lora_bias``, x not a CPU
-    tensor of dtype cd ∈ {bf16, fp16} and width in_features, autocast, torch.compile tracing, adapter
-    dtypes other than fp32 or cd, the C extension missing."""
+    tensor of width in_features and of dtype cd ∈ {bf16, fp16} or float32 (fp32 activations, as after PEFT's
+    prepare_model_for_kbit_training: then fp32 adapters only), autocast, torch.compile tracing, adapter dtypes
+    other than fp32 or cd, the C extension missing."""
     if layer._disable_adapters or layer.merged_adapters or len(layer.active_adapters) != 1:
         return None
     name, modules = layer.active_adapters[0], layer._modules
     lin_a = modules["lora_A"]._modules.get(name)
     if (lin_a is None or name in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(name)
-            or not x.is_cpu or x.dtype != cd or cd not in _HALF or x.shape[-1] != layer.in_features or x.numel() == 0
-            or torch.is_autocast_enabled("cpu") or is_compiling()):
+            or not x.is_cpu or x.dtype not in (cd, torch.float32) or cd not in _HALF or x.shape[-1] != layer.in_features
+            or x.numel() == 0 or torch.is_autocast_enabled("cpu") or is_compiling()):
         return None
     lora_a, lora_b = lin_a.weight, modules["lora_B"]._modules[name].weight
-    if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (torch.float32, cd) or cpu_kernels() is None:
+    adtypes = (torch.float32,) if x.dtype == torch.float32 else (torch.float32, cd)  # PEFT casts x to A's dtype
+    if lora_a.dtype != lora_b.dtype or lora_a.dtype not in adtypes or cpu_kernels() is None:
         return None
     dropout = modules["lora_dropout"]._modules[name]
     p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
     bias = base.bias
     bias = None if bias is None else bias.to(cd)  # added in the compute dtype, as bnb and `quant.Linear4bit` do
-    return (x, base.weight, bias, lora_a, lora_b, float(layer.scaling[name]), p, draw_seed() if p > 0.0 else 0)
+    return (x, base.weight, bias, lora_a, lora_b, float(layer.scaling[name]), p, draw_seed() if p > 0.0 else 0, cd)
 
 
 def _no_hooks(module: nn.Module) -> bool:
@@ -219,7 +230,7 @@ if PeftLinear4bit is not None:
             base = self._modules["base_layer"]
             if not fusable_base(base):
                 return None
-            cd = base.compute_dtype if base.compute_dtype is not None else x.dtype
+            cd = base.compute_dtype if base.compute_dtype is not None else x.dtype  # bnb sets it from x
             if base.weight.quant_state.dtype not in (torch.float32, cd):  # bnb would round W's elements twice
                 return None
             return fused_operands_4bit(self, x, base, cd)
