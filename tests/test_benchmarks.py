@@ -30,10 +30,15 @@ TRAIN_ROWS = [r"# method: one fresh process per candidate", r"lorafuse-nocache +
 TRAIN_C = TRAIN_ROWS + [rf"lorafuse +peak RSS .* path {C_PATH}"]
 
 
-def run(script: str, args: list, patterns: list, slow: bool = False) -> object:
+NO_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                            reason="bitsandbytes not installed: the QLoRA benchmarks compare against it")
+
+
+def run(script: str, args: list, patterns: list, slow: bool = False, bnb: bool = False) -> object:
     """One smoke run: the script, its arguments, regular expressions its output must match."""
-    name = " ".join([script, *(a for a in args if a in ("--compile", "bf16"))])
-    return pytest.param(script, args, patterns, id=name, marks=[pytest.mark.slow] if slow else [])
+    name = " ".join([script, *(a for a in args if a in ("--compile", "bf16", "nf4", "--kbit"))])
+    marks = ([pytest.mark.slow] if slow else []) + ([NO_BNB] if bnb else [])
+    return pytest.param(script, args, patterns, id=name, marks=marks)
 
 
 RUNS = [
@@ -53,7 +58,12 @@ RUNS = [
         + [re.escape("preallocated out=/u_out="), "ratio alternating"]),
     run("bench_lora_cost.py", ["--rounds", "1"], ["cache off", "512   1024   1024  16"]),
     run("bench_q4gemm.py", ["--quick", "--rounds", "1"], [r"\| +(amx_bf16|bf16_pairs|widened) \|", "q4 fused: one GEMM"]),
+    run("bench_qlora.py", ["--quick", "--rounds", "1"],
+        [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + [r"W bytes/fp32", "targets:"], bnb=True),
     run("bench_train.py", TINY_TRAIN, TRAIN_C),
+    run("bench_train.py", TINY_TRAIN + ["--quant", "nf4", "--kbit"],
+        [r"base nf4 .*prepare_model_for_kbit_training", rf"lorafuse +peak RSS .* path {C_PATH}",
+         r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")], slow=True, bnb=True),
     run("bench_train.py", TINY_TRAIN + ["--compile"], TRAIN_C, slow=True),
     run("bench_train.py", TINY_TRAIN + ["--dtype", "bf16"],
         TRAIN_ROWS + [r"bf16, batch", rf"lorafuse +peak RSS .* path {C_PATH}"], slow=True),

@@ -81,6 +81,20 @@ def test_demo_short_compare_matches_peft(tmp_path):
     assert lf["acc_before"] == pf["acc_before"]
 
 
+@pytest.mark.slow  # both sides on a 4-bit base (~40 s): CI's second stage
+def test_demo_quant_nf4_against_peft_and_bitsandbytes(tmp_path):
+    """`lorafuse demo --quant nf4`: the model's linear layers loaded 4-bit by transformers + bitsandbytes; lorafuse's
+    layers run fused on the 4-bit codes ('c'), PEFT's are PEFT + bitsandbytes; the two fine-tunes follow one loss
+    curve within the base's bf16 rounding, the saved adapter reloads into a 4-bit base with stock PEFT."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: --quant has no base to load")
+    out, stdout = _demo(tmp_path, "--steps", "3", "--r", "4", "--alpha", "8", "--quant", "nf4")
+    assert "NF4 4-bit" in stdout and "lorafuse/PEFT" in stdout and "IDENTICAL" in stdout
+    summary = json.loads((out / "demo_results.json").read_text())
+    lf, pf = summary["results"]["lorafuse"], summary["results"]["peft"]
+    assert lf["layer_paths"] == ["c"] and pf["layer_paths"] == ["stock"]
+    assert lf["losses"] == pytest.approx(pf["losses"], rel=2e-2)
+
+
 def test_demo_rejects_a_missing_model_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lorafuse", "demo", "--model", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)

