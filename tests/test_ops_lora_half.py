@@ -133,14 +133,16 @@ def test_zero_sizes(base, zero):
 
 @pytest.mark.parametrize("n", [1, 8, 9, 33])
 def test_plans_chosen_and_forced(half_isa, n):
-    """At most 8 tokens: y 'decode' (W streamed in place); more: bf16 on a bf16 tile 'split' / 'masked',
-    otherwise 'augmented'; every legal plan forced gives a result within the bounds."""
+    """At most 8 tokens (5 for a bf16 W on AMX, tunables.c): y 'decode' (W streamed in place); more: bf16 on a
+    bf16 tile 'split' / 'masked', otherwise 'augmented'; every legal plan forced gives a result within the
+    bounds."""
     for base in ("bfloat16", "float16"):
         c = Case(n, 40, 24, 4, base, "float32")
         _, u = c.forward()
         c.backward(u)
         tile = on_tile(base)
-        assert _C.last_forward_plan() == ("skinny", "decode" if n <= 8 else "split" if tile else "augmented")
+        decode_max = 5 if tile and _C.get_isa() == "amx_bf16" else 8  # tunables.c half_decode_max_n
+        assert _C.last_forward_plan() == ("skinny", "decode" if n <= decode_max else "split" if tile else "augmented")
         assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile else "augmented")
         for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
             for u_path, da_path, dx_path in (("skinny", "gemm", "masked"), ("gemm", "skinny", "augmented"),

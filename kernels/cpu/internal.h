@@ -205,6 +205,10 @@ typedef struct {
     double few_tokens_min_w;
     /* gemm.c and skinny.c: a job of fewer flops runs on the calling thread */
     double parallel_min_flops;
+    /* lora_half.c: a dense half W whose x·Wᵀ takes the ISA's bf16 tile uses the decode kernel (W streamed in
+     * place) for at most this many tokens, the tile GEMM beyond (0: LF_ROWDOTS_MAX_N, the decode kernel's
+     * limit; a 4-bit W and the widened path always decode up to that limit) */
+    int half_decode_max_n;
 } lf_tunables;
 
 extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512, lf_tunables_avx512_bf16,

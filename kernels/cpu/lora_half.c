@@ -72,9 +72,9 @@ static lf_tview base_view(lf_tview x, lf_tview W) {
 
 lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r) {
     const lf_tview xb = base_view(x, W);
-    const lf_forward_y_path y = lf_rowdots_half_ok(n, xb, W)                              ? LF_Y_DECODE
-                                : x.dtype == LF_DT_F32 || on_bf16_tile(xb, ttranspose(W)) ? LF_Y_SPLIT
-                                                                                          : LF_Y_AUGMENTED;
+    const int tile = on_bf16_tile(xb, ttranspose(W)), decode_max = lf_tune()->half_decode_max_n;
+    const int decode = lf_rowdots_half_ok(n, xb, W) && (W.q4 || !tile || !decode_max || n <= decode_max);
+    const lf_forward_y_path y = decode ? LF_Y_DECODE : x.dtype == LF_DT_F32 || tile ? LF_Y_SPLIT : LF_Y_AUGMENTED;
     return (lf_forward_plan){skinny_rows(x, r) ? LF_U_SKINNY : LF_U_GEMM, y};
 }
 

@@ -106,10 +106,10 @@ ROWS_Q4(1, 2, 2)
 ROWS_Q4(2, 2, 2)
 ROWS_Q4(3, 2, 2)
 ROWS_Q4(4, 2, 2)
-ROWS_Q4(5, 1, 1)
-ROWS_Q4(6, 1, 1)
-ROWS_Q4(7, 1, 1)
-ROWS_Q4(8, 1, 1)
+ROWS_Q4(5, 1, 2)
+ROWS_Q4(6, 1, 2)
+ROWS_Q4(7, 1, 2)
+ROWS_Q4(8, 1, 2)
 
 typedef void (*rows_q4_fn)(const rowdots_q4_job *, int64_t, int64_t, int64_t, int64_t, int);
 static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q4_1, rows_q4_2, rows_q4_3, rows_q4_4,

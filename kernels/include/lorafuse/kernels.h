@@ -208,8 +208,8 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 
 /* The forward's plan for a half base of n tokens: u 'skinny' (x streamed once, x̃ regenerated) for rows
  * of x contiguous and 1 ≤ r ≤ 64, else 'gemm'; y 'decode' for at most 8 tokens with rows of x and W
- * contiguous (W streamed once in place), else 'split' when x·Wᵀ takes a bf16 tile, else 'augmented'
- * (one widened GEMM). */
+ * contiguous (W streamed once in place; with AMX for a dense bf16 W at most the tunable
+ * half_decode_max_n), else 'split' when x·Wᵀ takes a bf16 tile, else 'augmented' (one widened GEMM). */
 lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r);
 /* NULL if `plan` can run these operands of a half base, else why not (u 'skinny' or 'gemm'; y 'decode'
  * within its preconditions, 'split' or 'augmented'). */
