@@ -532,3 +532,28 @@ def test_lorafuse_quantized_merge_patch_files_and_refusals(llama_dir, tmp_path):
         lorafuse.get_peft_model(_own_4bit(llama_dir), lorafuse.LoraConfig(**LORA, use_dora=True))
     with pytest.raises(ValueError, match="Target module"):  # stock PEFT, unpatched, does not know the module
         peft.get_peft_model(_own_4bit(llama_dir), peft.LoraConfig(**LORA))
+
+
+def test_lorafuse_quantized_model_saves_and_reloads_with_bitsandbytes(llama_dir, tmp_path):
+    """`lorafuse.quantize` writes ``config.quantization_config``: the model's ``save_pretrained`` directory loads
+    with transformers + bitsandbytes as bnb Linear4bit modules holding the same bits, and gives the same logits."""
+    _, transformers = _bnb_stack()
+    import bitsandbytes as bnb
+
+    model = _own_4bit(llama_dir)
+    assert model.config.quantization_config["bnb_4bit_quant_type"] == "nf4"
+    model.save_pretrained(tmp_path / "q")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    mods = dict(loaded.named_modules())
+    ours = [(name, m) for name, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
+    assert len(ours) == 14
+    for name, m in ours:
+        assert isinstance(mods[name], bnb.nn.Linear4bit), name
+        assert torch.equal(quant.dequantize(m.weight), quant.dequantize(mods[name].weight)), name
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    model.train()  # not bnb's eval-mode CPU repacking (its own kernel, another summation order)
+    loaded.train()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)

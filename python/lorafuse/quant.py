@@ -29,7 +29,8 @@ from torch import nn
 
 from . import _C
 
-__all__ = ["QuantState", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight"]
+__all__ = ["QuantState", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight",
+           "quantization_config"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TYPES = ("nf4", "fp4")
@@ -241,7 +242,9 @@ class Linear4bit(nn.Module):
 def quantize(model: nn.Module, quant_type: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
              skip_modules: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place; not those whose name or last name component is in
-    ``skip_modules``) by a `Linear4bit` holding bitsandbytes' storage of its weight; returns the model.
+    ``skip_modules``) by a `Linear4bit` holding bitsandbytes' storage of its weight; returns the model. A
+    transformers model also gets ``config.quantization_config`` (`quantization_config`): its
+    ``save_pretrained`` directory loads with ``from_pretrained`` where bitsandbytes is installed.
     "int8" is not supported yet."""
     if quant_type == "int8":
         raise NotImplementedError("quantize: 8-bit bases are not implemented yet (nf4 and fp4 are)")
@@ -257,4 +260,22 @@ def quantize(model: nn.Module, quant_type: str = "nf4", *, block_size: int = 64,
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit.from_linear(linear, quant_type, block_size=block_size,
                                                       double_quant=double_quant))
+    config = getattr(model, "config", None)
+    if targets and config is not None and hasattr(config, "to_dict"):  # a transformers model
+        config.quantization_config = quantization_config(quant_type, double_quant, targets[0][1].weight.dtype,
+                                                         skip_modules)
     return model
+
+
+def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                        skip_modules: Iterable[str]) -> dict:
+    """What transformers' ``BitsAndBytesConfig(load_in_4bit=True, …).to_dict()`` holds for this quantization:
+    `quantize` puts it in a transformers model's ``config.quantization_config``, so that ``save_pretrained``
+    writes it into config.json and ``from_pretrained`` — with bitsandbytes installed — builds bnb's Linear4bit
+    modules and loads the stored 4-bit weights as they are (their block size travels in each weight's quant
+    state). compute dtype: the weights' dtype before quantization."""
+    return {"quant_method": "bitsandbytes", "_load_in_8bit": False, "_load_in_4bit": True, "load_in_4bit": True,
+            "load_in_8bit": False, "llm_int8_threshold": 6.0, "llm_int8_skip_modules": list(skip_modules),
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": bool(double_quant),
+            "bnb_4bit_compute_dtype": str(compute_dtype).replace("torch.", ""), "bnb_4bit_quant_storage": "uint8"}
