@@ -13,9 +13,9 @@ gives the bits of ``quantize_4bit`` (tests/test_quant4.py compares both where bi
 installed). `Linear4bit` stores that layout, its state dict keys those of bnb's ``Linear4bit``
 (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ``bias``); its forward
-dequantizes and runs ``F.linear``. `matmul_4bit` is the fused 4-bit GEMM (``_C.q4gemm``): x·Wᵀ or g·W
-with W's codes dequantized while the GEMM packs them, so W in full precision never exists (the layers do
-not call it yet). 8-bit (int8) bases: not yet.
+runs the fused kernels on W's codes for bf16 / fp16 x (else dequantizes and runs ``F.linear``).
+`matmul_4bit` is the fused 4-bit GEMM (``_C.q4gemm``): x·Wᵀ or g·W with W's codes dequantized while the
+GEMM packs them, so W in full precision never exists. 8-bit (int8) bases: not yet.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
 from . import _C
 
@@ -198,7 +199,7 @@ def quantize_weight(W: torch.Tensor, quant_type: str = "nf4", *, block_size: int
 
 class Linear4bit(nn.Module):
     """A frozen nn.Linear stored as bitsandbytes stores it (``weight``: uint8 (ceil(out·in/2), 1) with
-    ``weight.quant_state``); forward = F.linear(x, dequantize(weight, dtype=x.dtype), bias)."""
+    ``weight.quant_state``); forward = x·Wᵀ + bias with W's elements rounded to x's dtype (`forward`)."""
 
     def __init__(self, in_features: int, out_features: int, data: torch.Tensor, quant_state: QuantState,
                  bias: Optional[torch.Tensor] = None):
@@ -215,8 +216,21 @@ class Linear4bit(nn.Module):
         return cls(linear.in_features, linear.out_features, data, state, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x·Wᵀ + bias, W's elements rounded to x's dtype. bf16 / fp16 x on the CPU: the fused kernels read W's
+        codes (`lorafuse.qlora.lora_linear_4bit` with rank 0; W never in full precision, dx by the same kernels);
+        otherwise W dequantized and ``F.linear``."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if (x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu and x.numel() and not is_compiling()
+                and not torch.is_autocast_enabled("cpu") and self.weight.is_cpu):
+            from .qlora import lora_linear_4bit  # qlora builds on this module
+
+            none = self.__dict__.get("_rank0")
+            if none is None or none[0].dtype != x.dtype:
+                none = self.__dict__["_rank0"] = (torch.zeros(0, self.in_features, dtype=x.dtype),
+                                                   torch.zeros(self.out_features, 0, dtype=x.dtype))
+            return lora_linear_4bit(x, self.weight, bias, none[0], none[1], 0.0)
         dtype = x.dtype if x.dtype in _DTYPES else self.weight.quant_state.dtype
-        return F.linear(x, dequantize(self.weight, dtype=dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, dequantize(self.weight, dtype=dtype), bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
