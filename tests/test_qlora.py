@@ -1,5 +1,5 @@
 """LoRA on a 4-bit base (QLoRA) on the fused kernels: `ops.lora_forward` / `ops.lora_backward` with W given as
-its 4-bit codes (`_C.q4_weight`), `lorafuse.qlora.lora_linear_4bit`, and `lorafuse.qlora.FusedLinear4bit` on
+its 4-bit codes (`_C.q4_weight`), `lorafuse.quant.lora_linear_4bit`, and `lorafuse.qlora.FusedLinear4bit` on
 bitsandbytes' Linear4bit under PEFT.
 
 Kernels: against float64 of the values W's codes stand for (W dequantized exactly as bitsandbytes does,
@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lorafuse import _C, ops, quant  # noqa: E402
-from lorafuse.qlora import lora_linear_4bit, q4_handle  # noqa: E402
+from lorafuse.quant import lora_linear_4bit, q4_handle  # noqa: E402
 from test_ops_lora_half import SEED, Case  # noqa: E402
 from tolerances import DAZ, assert_within_bound, bound, bound_rounded  # noqa: E402
 

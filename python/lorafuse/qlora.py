@@ -42,92 +42,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.compiler import is_compiling
 
-from . import _C
-from .autograd import _differentiable_backward
-from .backend import _tensor, cpu_kernels, draw_seed
-from .quant import _DTYPES, Linear4bit, _stored, dequantize, quantize_weight
+from .backend import cpu_kernels, draw_seed
+from .quant import Linear4bit, dequantize, lora_linear_4bit, quantize_weight
 
-__all__ = ["FusedLinear4bit", "LoraLinear4bit", "q4_handle", "lora_linear_4bit", "dispatch_lorafuse_4bit"]
+__all__ = ["FusedLinear4bit", "LoraLinear4bit", "dispatch_lorafuse_4bit", "fused_operands_4bit"]
 
 _HALF = (torch.bfloat16, torch.float16)
-
-
-def q4_handle(weight: Any, dtype: torch.dtype) -> Any:
-    """``_C.q4_weight`` of a 4-bit weight (bnb's ``Params4bit`` or lorafuse's, with its ``quant_state``) whose
-    elements are rounded to ``dtype`` (bf16 or fp16): what ``lora_forward`` / ``lora_backward`` take as W.
-    Kept on the weight while its data, version and quant state stay the same objects (an in-place
-    change or a new quant state makes a new one); the handle references the arrays it reads."""
-    qs = weight.quant_state
-    key = (weight.data_ptr(), weight._version, id(qs), id(qs.absmax), dtype)
-    kept = weight.__dict__.get("_lorafuse_q4_handle")
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    data, absmax, rows2d, kw, _ = _stored(weight, qs, "q4_handle")
-    handle = _C.q4_weight(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type),
-                                            dtype=_DTYPES[dtype], **kw)
-    weight.__dict__["_lorafuse_q4_handle"] = (key, handle)
-    return handle
-
-
-class Lora4bitFunction(torch.autograd.Function):
-    """The fused LoRA linear on a 4-bit W (module docstring): saves x, u (fp32) and the adapters."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                weight: Any, handle: Any, cd: torch.dtype, scale: float, dropout_p: float, seed: int,
-                kern: Any) -> torch.Tensor:
-        """x (..., k) → y (..., m) in x's dtype (cd: the compute dtype W's elements are rounded to)."""
-        y, u = kern.lora_forward(x, handle, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed)
-        u = _tensor(u)
-        ctx.save_for_backward(x, u, lora_a, lora_b)
-        ctx.conf = (weight, handle, cd, scale, dropout_p, seed, kern)
-        return _tensor(y)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        """dx, db, dA, dB (None where not needed); W is frozen (4-bit storage has no gradient)."""
-        x, u, lora_a, lora_b = ctx.saved_tensors
-        weight, handle, cd, scale, dropout_p, seed, kern = ctx.conf
-        need_x, need_b, need_a, need_bb = ctx.needs_input_grad[:4]
-        dx = dA = dB = None
-        if need_x or need_a or need_bb:
-            if torch.is_grad_enabled():  # create_graph: torch math on W dequantized, recorded by autograd
-                W = dequantize(weight, dtype=cd).to(x.dtype)
-                dx, dA, dB = _differentiable_backward(grad, x, W, lora_a, lora_b, scale, dropout_p, seed, False, need_x)
-            else:
-                dx, dA, dB = kern.lora_backward(grad, x, u, handle, lora_a, lora_b, scale, need_dx=need_x,
-                                                dropout_p=dropout_p, seed=seed)
-                dx, dA, dB = (None if dx is None else _tensor(dx)), _tensor(dA), _tensor(dB)
-        db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
-        return dx, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None, None
-
-
-def lora_linear_4bit(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, scale: float, dropout_p: float = 0.0, seed: int = 0,
-                     compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """y = x·Wᵀ + bias + scale·(x̃·Aᵀ)·Bᵀ (..., m) for x (..., k) on the CPU, W a 4-bit weight (out, in)
-    (bnb's ``Params4bit`` or lorafuse's, with ``quant_state``) whose elements are rounded to the compute dtype
-    (bf16 or fp16; default x's dtype), A (r, k) and B (m, r) float32 or the compute dtype, bias (m,) or None;
-    dropout p with the kernels' seeded mask. x in the compute dtype: one rounding of the whole sum. x float32
-    (fp32 adapters): bitsandbytes' and PEFT's roundings — the base product on x rounded to the compute dtype,
-    rounded itself, then the fp32 LoRA term (lora_half.c, 'mixed'). Differentiable in x, bias, A and B.
-    Raises TypeError / ValueError for operands it cannot take."""
-    cd = compute_dtype or x.dtype if isinstance(x, torch.Tensor) else None
-    if not isinstance(x, torch.Tensor) or not x.is_cpu or cd not in _HALF or x.dtype not in (cd, torch.float32):
-        raise TypeError(f"lora_linear_4bit: x must be a CPU tensor of the compute dtype (bfloat16 or float16) or "
-                        f"float32, got {type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, x.device.type)}"
-                        f" with compute dtype {cd}")
-    kern = cpu_kernels()
-    if kern is None:
-        raise RuntimeError("lora_linear_4bit: the C extension lorafuse._C is not built")
-    handle = q4_handle(weight, cd)
-    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                           or (bias is not None and bias.requires_grad)):
-        y, _ = kern.lora_forward(x, handle, lora_a, lora_b, float(scale), bias, dropout_p=float(dropout_p),
-                                 seed=int(seed), need_u=False)
-        return _tensor(y)
-    return Lora4bitFunction.apply(x, bias, lora_a, lora_b, weight, handle, cd, float(scale), float(dropout_p),
-                                  int(seed), kern)
 
 
 def _bnb_linear4bit() -> Optional[type]:
