@@ -1,6 +1,7 @@
 """atheris harness for the `lorafuse._C` entry points (through `lorafuse.ops`).
 
-Each input picks an entry point (lora_forward, lora_backward, merge/unmerge, sgemm, dropout_mask)
+Each input picks an entry point (lora_forward, lora_backward, merge/unmerge, sgemm, dropout_mask, the
+4-bit W's handle `_C.q4_weight` with lora_forward / lora_backward on it)
 and builds its arguments from the fuzz bytes: consistent shapes most of the time (so that calls
 succeed and their results are checked against a float64 NumPy reference), perturbed shapes
 otherwise; dtypes (float32 mostly, float64, float16, int32, bool, complex64, big-endian >f4,
@@ -403,14 +404,69 @@ def fuzz_dropout(G: Gen) -> None:
         raise AssertionError("dropout mask has values other than 0 and 1/(1-p)")
 
 
+def fuzz_q4(G: Gen) -> None:
+    """A 4-bit weight (`_C.q4_weight`) whose stored arrays are consistent or not (data bytes, scales per
+    block, nested scales, block size, shape), then `lora_forward` / `lora_backward` on its handle with x of a
+    half dtype or float32 and fuzzed adapters: an error from the allowed set, or — every operand consistent —
+    y within one rounding of the same call on W dequantized (`quant.dequantize`: the same values) and dx of
+    the right shape. Nothing the arrays claim makes C read outside them."""
+    if torch is None:
+        return
+    from lorafuse import _C, quant
+
+    m, k, r = 1 + G.pick(9), [32, 64, 96, 7][G.pick(4)], 1 + G.pick(4)
+    block = [32, 64, 128, 48][G.pick(4) if G.chance(6) else G.pick(3)]
+    W = torch.from_numpy(G.rng.standard_normal((m, k)).astype(np.float32))
+    data, state = quant.quantize_weight(W, ["nf4", "fp4"][G.pick(2)], block_size=min(block, 128) if block != 48
+                                        else 64, double_quant=G.chance(2))
+    d, absmax, rows2d, kw, _ = quant._stored(data, state, "fuzz")
+    if G.chance(5):  # a stored array shorter or longer than its shape needs
+        which = G.pick(3)
+        if which == 0:
+            d = d[: G.dim(d.shape[0])]
+        elif which == 1:
+            absmax = absmax[: G.dim(absmax.shape[0])]
+        elif kw:
+            kw["nested_absmax"] = kw["nested_absmax"][: G.dim(kw["nested_absmax"].shape[0])]
+    rows2d = (G.dim(rows2d[0]), G.dim(rows2d[1]))
+    dt = [torch.bfloat16, torch.float16][G.pick(2)]
+    try:
+        handle = _C.q4_weight(d, absmax, rows2d, block, str(state.quant_type), dtype=str(dt).replace("torch.", ""), **kw)
+    except ALLOWED:
+        return
+    n = G.size()
+    xdt = [dt, dt, torch.float32, torch.bfloat16 if dt == torch.float16 else torch.float16][G.pick(4)]
+    shape = tuple(min(G.dim(v), v + 1) for v in (n, k))  # perturbed, never huge (x is materialised)
+    x = torch.from_numpy(G.rng.standard_normal(shape).astype(np.float32)).to(xdt)
+    A, B = G.array((G.dim(r), G.dim(k))), G.array((G.dim(m), G.dim(r)))
+    try:
+        drop = dict(dropout_p=[0.0, 0.3][G.pick(2)], seed=G.pick(100))
+        y, u = ops.lora_forward(x, handle, A, B, 0.5, **drop)
+        g = torch.from_numpy(G.rng.standard_normal((x.shape[0], m)).astype(np.float32)).to(xdt)
+        dx, dA, dB = ops.lora_backward(g, x, u, handle, A, B, 0.5)
+    except ALLOWED:
+        return
+    if tuple(np.shape(dx)) != tuple(x.shape) or np.shape(y) != (x.shape[0], m):
+        raise AssertionError("4-bit LoRA: results of the wrong shape")
+    Wd = quant.dequantize(data, state, dtype=dt)
+    y_dense, _ = ops.lora_forward(x.to(dt), Wd, A, B, 0.5, **drop)  # the same values through the dense path
+    if xdt == dt:  # both rounded once to dt from fp32 sums of the same products in other orders
+        name = str(dt).replace("torch.", "")
+        ref, got = as_result(y_dense, name), as_result(y, name)
+        mag = np.abs(as_ref(x.float())) @ np.abs(Wd.double().numpy()).T + np.abs(ref)
+        tol = (k + r + 2) * 2.0**-24 * 4 * mag + 2 * U_HALF[name] * (np.abs(ref) + 1e-30) + 2.0**-23
+        if np.all(np.isfinite(ref)) and not np.all(np.abs(got - ref) <= tol):
+            raise AssertionError("4-bit y differs from the same call on W dequantized")
+
+
 # The C extension is not compiled with coverage instrumentation (that needs clang's
 # -fsanitize=fuzzer-no-link); instrumenting the harness gives libFuzzer feedback on which
 # argument shapes and which accept/reject branches were reached.
-fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, packed_arg = (
+fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, packed_arg = (
     atheris.instrument_func(f)
-    for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, packed_arg))
+    for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, packed_arg))
 Gen.array = atheris.instrument_func(Gen.array)
-ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout]
+ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4]
 
 
 def TestOneInput(data: bytes) -> None:
