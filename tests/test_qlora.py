@@ -218,10 +218,14 @@ def _own_4bit(path, dtype=torch.bfloat16):
     return lorafuse.quantize(model, "nf4", block_size=64, double_quant=True, skip_modules=("lm_head",))
 
 
-def _own_lora(path, dtype=torch.bfloat16, **overrides):
+def _own_lora(path, dtype=torch.bfloat16, kbit=False, **overrides):
     import lorafuse
 
-    model = lorafuse.get_peft_model(_own_4bit(path, dtype), lorafuse.LoraConfig(**{**LORA, **overrides}))
+    base = _own_4bit(path, dtype)
+    if kbit:
+        peft = pytest.importorskip("peft")
+        base = peft.prepare_model_for_kbit_training(base)
+    model = lorafuse.get_peft_model(base, lorafuse.LoraConfig(**{**LORA, **overrides}))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -251,22 +255,24 @@ def _dense_reference(path, model, dtype):
     return ref.double()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, "kbit"])
 def test_lorafuse_quantized_model_trains_on_the_kernels(llama_dir, dtype):
     """`lorafuse.quantize` + `lorafuse.get_peft_model`, no bitsandbytes involved: every target is a
-    `LoraLinear4bit`; in bf16 fused ('c'), in fp32 PEFT's math ('peft'); logits, loss and every adapter
-    gradient close to the float64 model of the same values (bf16: 4 % of each tensor's largest value — the
-    rest of the model runs in bf16 —, fp32: 1e-4)."""
-    model = _own_lora(llama_dir, dtype)
-    ref = _dense_reference(llama_dir, model, dtype)
+    `LoraLinear4bit`; in bf16 fused ('c'); quantized from bf16, then PEFT's prepare_model_for_kbit_training
+    (fp32 activations, the base products in bf16 as bitsandbytes computes them) fused too; quantized in
+    fp32, PEFT's math ('peft'). Logits, loss and every adapter gradient close to the float64 model of the
+    same values (4 % of each tensor's largest value where bf16 roundings enter, else 1e-4)."""
+    kbit = dtype == "kbit"
+    model = _own_lora(llama_dir, torch.bfloat16 if kbit else dtype, kbit=kbit)
+    ref = _dense_reference(llama_dir, model, torch.bfloat16 if kbit else dtype)
     for m in (model, ref):
         m.train()
         m.get_base_model().set_attn_implementation("eager")
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     got, want = _run(model, ids), _run(ref, ids)
     assert len(_own_layers(model)) == 6
-    assert {m.lorafuse_path for m in _own_layers(model)} == {"c" if dtype == torch.bfloat16 else "peft"}
-    tol = 4e-2 if dtype == torch.bfloat16 else 1e-4
+    assert {m.lorafuse_path for m in _own_layers(model)} == {"peft" if dtype == torch.float32 else "c"}
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
     for key, r in want.items():
         err = float((got[key].double() - r).abs().max() / r.abs().max())
         assert err <= tol, (key, err)

@@ -167,8 +167,9 @@ else:  # pragma: no cover - without bitsandbytes PEFT has no 4-bit LoRA layer to
 class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
     """PEFT's LoRA layer (``LoraLayer``: lora_A / lora_B / lora_dropout / scaling, PEFT's state-dict keys and
     initialisations) on lorafuse's own `lorafuse.quant.Linear4bit` — for models quantized by `lorafuse.quantize`
-    without bitsandbytes. Forward: fused (the module docstring's conditions, x in bf16 / fp16, W's elements
-    rounded once to x's dtype as `quant.Linear4bit` does), else base(x) + the LoRA term as PEFT computes it
+    without bitsandbytes. Forward: fused (the module docstring's conditions: x in bf16 / fp16, W's elements
+    rounded once to x's dtype; or float32 x on a W quantized from bf16 / fp16, its base product in that
+    dtype as `quant.Linear4bit` computes it), else base(x) + the LoRA term as PEFT computes it
     (x cast to the adapters' dtype, the term cast back). Merging dequantizes W, adds s·B·A and quantizes again
     with the same type, block size and double quantization, as PEFT does for bitsandbytes' layers (with its
     warning about rounding). Variants (DoRA …) are refused with ValueError."""
@@ -194,7 +195,8 @@ class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
         base = self._modules["base_layer"]
         if type(base) is not Linear4bit or not _no_hooks(base):
             return None
-        return fused_operands_4bit(self, x, base, x.dtype)
+        cd = x.dtype if x.dtype in _HALF else base.compute_dtype  # as `quant.Linear4bit.forward` computes
+        return None if cd is None else fused_operands_4bit(self, x, base, cd)
 
     def _compute_dtype(self) -> torch.dtype:
         return self.get_base_layer().weight.quant_state.dtype

@@ -201,7 +201,7 @@ def quantize_weight(W: torch.Tensor, quant_type: str = "nf4", *, block_size: int
 
 class Linear4bit(nn.Module):
     """A frozen nn.Linear stored as bitsandbytes stores it (``weight``: uint8 (ceil(out·in/2), 1) with
-    ``weight.quant_state``); forward = x·Wᵀ + bias with W's elements rounded to x's dtype (`forward`)."""
+    ``weight.quant_state``); forward = x·Wᵀ + bias as bitsandbytes' Linear4bit computes it (`forward`)."""
 
     def __init__(self, in_features: int, out_features: int, data: torch.Tensor, quant_state: QuantState,
                  bias: Optional[torch.Tensor] = None):
@@ -217,20 +217,32 @@ class Linear4bit(nn.Module):
         data, state = quantize_weight(linear.weight, quant_type, block_size=block_size, double_quant=double_quant)
         return cls(linear.in_features, linear.out_features, data, state, linear.bias)
 
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        """bf16 / fp16 when W was quantized from that dtype (``quant_state.dtype``): a float32 x is then computed
+        as bitsandbytes' Linear4bit with that ``compute_dtype`` computes it — what `quantize`'s
+        ``quantization_config`` tells bitsandbytes on reload —; else None (x's own dtype)."""
+        dtype = self.weight.quant_state.dtype
+        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x·Wᵀ + bias, W's elements rounded to x's dtype. bf16 / fp16 x on the CPU: the fused kernels read W's
-        codes (`lora_linear_4bit` below with rank 0; W never in full precision, dx by the same kernels);
-        otherwise W dequantized and ``F.linear``."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if (x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu and x.numel() and not is_compiling()
+        """y = x·Wᵀ + bias (..., out_features). bf16 / fp16 x: W's elements rounded to x's dtype, one rounding
+        of the sum; float32 x with a half `compute_dtype`: y = round(round(x)·Wᵀ + b) in that dtype, widened
+        (bitsandbytes' arithmetic). On the CPU both run the fused kernels on W's codes (`lora_linear_4bit`
+        below at rank 0: W never in full precision, dx by the same kernels); otherwise W is dequantized to x's
+        dtype and ``F.linear`` runs."""
+        cd = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.compute_dtype
+        if (cd is not None and x.dtype in (cd, torch.float32) and x.is_cpu and x.numel() and not is_compiling()
                 and not torch.is_autocast_enabled("cpu") and self.weight.is_cpu):
+            adt = torch.float32 if x.dtype == torch.float32 else x.dtype  # a float32 x takes fp32 adapters
             none = self.__dict__.get("_rank0")
-            if none is None or none[0].dtype != x.dtype:
-                none = self.__dict__["_rank0"] = (torch.zeros(0, self.in_features, dtype=x.dtype),
-                                                   torch.zeros(self.out_features, 0, dtype=x.dtype))
-            return lora_linear_4bit(x, self.weight, bias, none[0], none[1], 0.0)
+            if none is None or none[0].dtype != adt:
+                none = self.__dict__["_rank0"] = (torch.zeros(0, self.in_features, dtype=adt),
+                                                   torch.zeros(self.out_features, 0, dtype=adt))
+            bias = None if self.bias is None else self.bias.to(cd)
+            return lora_linear_4bit(x, self.weight, bias, none[0], none[1], 0.0, compute_dtype=cd)
         dtype = x.dtype if x.dtype in _DTYPES else self.weight.quant_state.dtype
-        return F.linear(x, dequantize(self.weight, dtype=dtype), bias)
+        return F.linear(x, dequantize(self.weight, dtype=dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
