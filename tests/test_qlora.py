@@ -7,6 +7,7 @@ merges; `lorafuse.quantize`'s model against float64, bit-identical to the bitsan
 reloaded with bitsandbytes. The kernels themselves: tests/test_ops_lora_q4.py."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
@@ -368,3 +369,28 @@ def test_lorafuse_quantized_model_saves_and_reloads_with_bitsandbytes(llama_dir,
     loaded.train()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_models_deepcopy_and_pickle_after_a_fused_forward(llama_dir):
+    """A fused forward keeps a run-time handle on each 4-bit weight; `copy.deepcopy` and `torch.save` /
+    `torch.load` of the models still work (lorafuse's quantized model and the bitsandbytes-loaded one), and
+    the copies compute what the originals do."""
+    import copy
+    import io
+
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(7))
+    models = [_own_lora(llama_dir)]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        models.append(_pair(llama_dir)[1])
+    for model in models:
+        model.train()  # not bnb's eval-mode repacking
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+            copied = copy.deepcopy(model)
+            buf = io.BytesIO()
+            torch.save(model, buf)
+            buf.seek(0)
+            loaded = torch.load(buf, weights_only=False)
+            for other in (copied, loaded):
+                other.train()
+                assert torch.equal(other(input_ids=ids).logits, want)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from .backend import cpu_kernels, draw_seed
-from .quant import Linear4bit, dequantize, lora_linear_4bit, quantize_weight
+from .quant import Linear4bit, Weight4bit, dequantize, lora_linear_4bit, quantize_weight
 
 __all__ = ["FusedLinear4bit", "LoraLinear4bit", "dispatch_lorafuse_4bit", "fused_operands_4bit"]
 
@@ -214,8 +214,7 @@ class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         data, state = quantize_weight(merged, qs.quant_type, block_size=int(qs.blocksize), double_quant=qs.nested)
-        base.weight = nn.Parameter(data, requires_grad=False)
-        base.weight.quant_state = state
+        base.weight = Weight4bit(data, state)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """PEFT's merge for a 4-bit base (see the class docstring)."""

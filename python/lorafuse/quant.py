@@ -19,6 +19,7 @@ GEMM packs them, so W in full precision never exists. 8-bit (int8) bases: not ye
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any, Iterable, Optional
@@ -32,7 +33,7 @@ from . import _C
 from .autograd import _differentiable_backward
 from .backend import _tensor, cpu_kernels
 
-__all__ = ["QuantState", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight",
+__all__ = ["QuantState", "Weight4bit", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight",
            "quantization_config", "q4_handle", "lora_linear_4bit"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -199,6 +200,25 @@ def quantize_weight(W: torch.Tensor, quant_type: str = "nf4", *, block_size: int
     return data, state
 
 
+class Weight4bit(nn.Parameter):
+    """The packed codes of a 4-bit weight as a frozen Parameter carrying its ``quant_state`` (as bnb's
+    ``Params4bit`` does): ``copy.deepcopy`` and pickling (``torch.save``) keep the state, which a plain
+    Parameter would drop."""
+
+    def __new__(cls, data: torch.Tensor, quant_state: QuantState) -> "Weight4bit":
+        self = super().__new__(cls, data, requires_grad=False)
+        self.quant_state = quant_state
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Weight4bit":
+        new = type(self)(self.data.clone(), copy.deepcopy(self.quant_state, memo))
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return (Weight4bit, (self.data, self.quant_state))
+
+
 class Linear4bit(nn.Module):
     """A frozen nn.Linear stored as bitsandbytes stores it (``weight``: uint8 (ceil(out·in/2), 1) with
     ``weight.quant_state``); forward = x·Wᵀ + bias as bitsandbytes' Linear4bit computes it (`forward`)."""
@@ -207,8 +227,7 @@ class Linear4bit(nn.Module):
                  bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(data, requires_grad=False)
-        self.weight.quant_state = quant_state
+        self.weight = Weight4bit(data, quant_state)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -254,8 +273,7 @@ class Linear4bit(nn.Module):
         head = prefix + "weight."
         qs = {k[len(head):]: state_dict[k] for k in list(state_dict) if k.startswith(head)}
         if qs:
-            self.weight = nn.Parameter(state_dict[prefix + "weight"].detach().clone(), requires_grad=False)
-            self.weight.quant_state = QuantState.from_dict(qs)
+            self.weight = Weight4bit(state_dict[prefix + "weight"].detach().clone(), QuantState.from_dict(qs))
         super()._load_from_state_dict({k: v for k, v in state_dict.items() if not k.startswith(head)}, prefix,
                                       local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -312,6 +330,22 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torc
 _HALF = (torch.bfloat16, torch.float16)
 
 
+class _KeptHandle:
+    """A weight's last `q4_handle` and what it was made from, kept in the weight's ``__dict__``: a run-time
+    cache that copies and pickles of the weight do not carry (a capsule can be neither) — they make their own."""
+
+    __slots__ = ("key", "handle")
+
+    def __init__(self, key: Any = None, handle: Any = None) -> None:
+        self.key, self.handle = key, handle
+
+    def __deepcopy__(self, memo: dict) -> "_KeptHandle":
+        return _KeptHandle()
+
+    def __reduce__(self) -> tuple:
+        return (_KeptHandle, ())
+
+
 def q4_handle(weight: Any, dtype: torch.dtype) -> Any:
     """``_C.q4_weight`` of a 4-bit weight (bnb's ``Params4bit`` or lorafuse's, with its ``quant_state``) whose
     elements are rounded to ``dtype`` (bf16 or fp16): what ``lora_forward`` / ``lora_backward`` take as W.
@@ -320,12 +354,11 @@ def q4_handle(weight: Any, dtype: torch.dtype) -> Any:
     qs = weight.quant_state
     key = (weight.data_ptr(), weight._version, id(qs), id(qs.absmax), dtype)
     kept = weight.__dict__.get("_lorafuse_q4_handle")
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    if kept is not None and kept.key == key:
+        return kept.handle
     data, absmax, rows2d, kw, _ = _stored(weight, qs, "q4_handle")
-    handle = _C.q4_weight(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type),
-                                            dtype=_DTYPES[dtype], **kw)
-    weight.__dict__["_lorafuse_q4_handle"] = (key, handle)
+    handle = _C.q4_weight(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type), dtype=_DTYPES[dtype], **kw)
+    weight.__dict__["_lorafuse_q4_handle"] = _KeptHandle(key, handle)
     return handle
 
 
