@@ -72,11 +72,15 @@ BnbLinear4bit = _bnb_linear4bit()
 PeftLinear4bit = _peft_bnb_linear4bit()
 
 
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def fusable_base(base: nn.Module) -> bool:
     """bnb's Linear4bit (its forward, not overridden) without hooks, W in bnb's canonical 4-bit layout."""
-    if BnbLinear4bit is None or not isinstance(base, BnbLinear4bit) or type(base).forward is not BnbLinear4bit.forward:
-        return False
-    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+    if (BnbLinear4bit is None or not isinstance(base, BnbLinear4bit) or type(base).forward is not BnbLinear4bit.forward
+            or not _no_hooks(base)):
         return False
     qs = getattr(base.weight, "quant_state", None)
     return (qs is not None and not getattr(qs, "packing_format_for_cpu", False) and len(qs.shape) == 2
@@ -109,14 +113,9 @@ def fused_operands_4bit(layer: Any, x: torch.Tensor, base: nn.Module, cd: torch.
     return (x, base.weight, bias, lora_a, lora_b, float(layer.scaling[name]), p, draw_seed() if p > 0.0 else 0, cd)
 
 
-def _no_hooks(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 class _Fused4bitForward:
-    """The forward both 4-bit LoRA layers share: fused where `_lorafuse_operands` gives operands, else the
-    layer's own (PEFT's) forward. ``lorafuse_path``: 'c' or 'peft', the path of the last forward."""
+    """The forward both 4-bit LoRA layers share: fused where `_lorafuse_operands` gives operands, else
+    `_peft_forward` (PEFT's math). ``lorafuse_path``: 'c' or 'peft', the path of the last forward."""
 
     lorafuse_path: Optional[str] = None
 
@@ -124,6 +123,9 @@ class _Fused4bitForward:
         raise NotImplementedError
 
     def _compute_dtype(self) -> torch.dtype:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _peft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     @property
@@ -135,9 +137,7 @@ class _Fused4bitForward:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         fused = None if args or kwargs else self._lorafuse_operands(x)
         self.__dict__["lorafuse_path"] = "peft" if fused is None else "c"
-        if fused is None:
-            return super().forward(x, *args, **kwargs)
-        return lora_linear_4bit(*fused)
+        return self._peft_forward(x, *args, **kwargs) if fused is None else lora_linear_4bit(*fused)
 
 
 if PeftLinear4bit is not None:
@@ -157,6 +157,9 @@ if PeftLinear4bit is not None:
 
         def _compute_dtype(self) -> torch.dtype:
             return getattr(self.get_base_layer(), "compute_dtype", None) or torch.bfloat16
+
+        def _peft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return PeftLinear4bit.forward(self, x, *args, **kwargs)
 
         def _get_name(self) -> str:
             return "Linear4bit"  # its repr stays PEFT's "lora.Linear4bit(...)"
@@ -251,11 +254,6 @@ class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
             term = lora_b(lora_a(self.lora_dropout[adapter](xa))) * self.scaling[adapter]
             result = result + term.to(result.dtype)
         return result
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        fused = None if args or kwargs else self._lorafuse_operands(x)
-        self.__dict__["lorafuse_path"] = "peft" if fused is None else "c"
-        return self._peft_forward(x, *args, **kwargs) if fused is None else lora_linear_4bit(*fused)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
