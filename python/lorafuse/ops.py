@@ -71,6 +71,8 @@ def lora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     ``_C.last_forward_plan()`` reports them; ValueError if these operands do not suit it), or None.
     A bf16 / fp16 x and W (torch tensors, or float16 arrays) run the half-precision kernels: y in x's
     dtype (bfloat16 as uint16 bits), rounded once after the fp32 sum; u float32 (docs/CONTRACTS.md).
+    W may be a 4-bit weight's handle (``_C.q4_weight``, `lorafuse.quant.q4_handle`): its codes are read by
+    the kernels; x then of the handle's dtype, or float32 with float32 adapters (docs/CONTRACTS.md).
     """
     return _C.lora_forward(x, W, A, B, scale, bias, out, u_out, dropout_p, seed, fan_in_fan_out, need_u,
                            None if packed_w is None else _handle(packed_w), plan)
