@@ -33,6 +33,7 @@ ran last ('c' or 'peft'). Under ``create_graph=True`` the gradients come from to
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Optional
 
@@ -167,6 +168,10 @@ else:  # pragma: no cover - without bitsandbytes PEFT has no 4-bit LoRA layer to
     FusedLinear4bit = None  # type: ignore[assignment,misc]
 
 
+# PEFT ≥ 0.19 passes its LoraConfig to update_layer; older PEFT the config's fields one by one
+_UPDATE_LAYER_ARGS = frozenset(inspect.signature(LoraLayer.update_layer).parameters)
+
+
 class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
     """PEFT's LoRA layer (``LoraLayer``: lora_A / lora_B / lora_dropout / scaling, PEFT's state-dict keys and
     initialisations) on lorafuse's own `lorafuse.quant.Linear4bit` — for models quantized by `lorafuse.quantize`
@@ -177,19 +182,28 @@ class LoraLinear4bit(_Fused4bitForward, nn.Module, LoraLayer):
     with the same type, block size and double quantization, as PEFT does for bitsandbytes' layers (with its
     warning about rounding). Variants (DoRA …) are refused with ValueError."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any = None, r: int = 0, lora_alpha: int = 1,
                  **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        if "config" in _UPDATE_LAYER_ARGS:
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        else:  # PEFT < 0.19: the config's fields as keyword arguments (PEFT's dispatch passes them)
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha,
+                              **{k: v for k, v in kwargs.items() if k in _UPDATE_LAYER_ARGS})
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
-    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> None:
-        if config.use_dora or getattr(config, "alora_invocation_tokens", None) is not None:
+    def resolve_lora_variant(self, *, config: Any = None, use_dora: bool = False, use_alora: bool = False,
+                             **kwargs: Any) -> None:
+        """None (plain LoRA); ValueError for DoRA / aLoRA (PEFT ≥ 0.19 passes the config, older PEFT its fields)."""
+        if config is not None:
+            use_dora = use_dora or config.use_dora
+            use_alora = use_alora or getattr(config, "alora_invocation_tokens", None) is not None
+        if use_dora or use_alora:
             raise ValueError("lorafuse.quant.Linear4bit takes plain LoRA adapters only (no DoRA or aLoRA); "
                              "load the model with bitsandbytes for PEFT's 4-bit variants")
         return None
@@ -264,5 +278,6 @@ def dispatch_lorafuse_4bit(target: nn.Module, adapter_name: str, config: Any = N
     """A PEFT dispatcher: `LoraLinear4bit` for a `lorafuse.quant.Linear4bit` target, else None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, Linear4bit):
+        config = config if config is not None else kwargs.pop("lora_config", None)  # PEFT < 0.19 names it so
         return LoraLinear4bit(target, adapter_name, config=config, **kwargs)
     return None
