@@ -7,7 +7,8 @@ Llama-config model (random weights, LoRA on q/k/v/o and the MLP) for a few SGD s
 half of a fixed batch. Checked:
 
 * adapter gradients after DDP's all-reduce are bit-identical on both ranks;
-* they equal the gradients of one process on the whole batch, with lorafuse and with stock PEFT:
+* they equal the gradients of one process on the whole batch, with lorafuse and with stock PEFT (also
+  for DoRA adapters, magnitudes included, on the fused DoRA layers):
   in float64 (no fused kernel: PEFT's own forward) to max abs diff < 1e-6, in float32 within fp32
   rounding, every LoRA layer (`lorafuse.FusedLinear`) having run the fused C kernels
   (``lorafuse_path == 'c'``) under DDP and under FSDP;
@@ -50,9 +51,9 @@ ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"
 # --------------------------------------------------------------------------- shared set-up
 
 
-def build_model(dtype: Any, library: str = "lorafuse") -> Any:
-    """Tiny Llama with LoRA from ``library``'s ``get_peft_model`` ("lorafuse", or "peft": stock PEFT,
-    the parity reference); identical on every process (seeded), B initialised non-zero."""
+def build_model(dtype: Any, library: str = "lorafuse", dora: bool = False) -> Any:
+    """Tiny Llama with LoRA (DoRA with ``dora``) from ``library``'s ``get_peft_model`` ("lorafuse", or "peft":
+    stock PEFT, the parity reference); identical on every process (seeded), B initialised non-zero."""
     import peft
 
     import lorafuse
@@ -62,7 +63,8 @@ def build_model(dtype: Any, library: str = "lorafuse") -> Any:
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
     base = transformers.LlamaForCausalLM(cfg).to(dtype)
-    model = get_peft_model(base, lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    model = get_peft_model(base, lorafuse.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+                                                     use_dora=dora))
     with torch.no_grad():  # B = 0 would make every dA zero at step 1: start from a random adapter
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -96,15 +98,15 @@ def train(model: Any, ids: Any, steps: int = STEPS) -> list:
 _REFERENCE: dict = {}
 
 
-def reference(dtype: Any, library: str = "lorafuse") -> tuple:
+def reference(dtype: Any, library: str = "lorafuse", dora: bool = False) -> tuple:
     """(gradient history, trained model) of one process on the whole batch (`build_model`'s
-    ``library``); computed once."""
-    key = (dtype, library)
+    ``library`` and ``dora``); computed once."""
+    key = (dtype, library, dora)
     if key not in _REFERENCE:
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            model = build_model(dtype, library)
+            model = build_model(dtype, library, dora)
             _REFERENCE[key] = (train(model, fixed_batch()), model)
         finally:
             torch.set_num_threads(threads)
@@ -177,6 +179,11 @@ def _ddp_worker(rank: int, tmp: str) -> None:
             save_file(tensors, os.path.join(tmp, f"grads_{tag}_rank{rank}.safetensors"))
             dist.barrier()
             print(f"rank {rank} {tag} done after {time.perf_counter() - t0:.1f}s", flush=True)
+        model = build_model(torch.float32, dora=True)  # DoRA (the magnitudes train too), float32: fused
+        history = train(DDP(model), ids)
+        _record_paths(tmp, "ddp_dora", rank, model)
+        save_file({f"step{i}/{n}": g.contiguous() for i, h in enumerate(history) for n, g in h.items()},
+                  os.path.join(tmp, f"grads_dora_rank{rank}.safetensors"))
         for reentrant in (False, True):  # DDP + HF gradient checkpointing, float64, one step
             model = build_model(torch.float64)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -244,8 +251,23 @@ def test_ddp_gradients_match_single_process(ddp_run: Path, dtype: Any, tol: floa
         assert worst < tol, library
 
 
+def test_ddp_dora_gradients_match_single_process(ddp_run: Path) -> None:
+    """DoRA under DDP (float32, the fused DoRA layers): every gradient — A, B and the magnitudes — the same on
+    both ranks and equal to one lorafuse process and to stock PEFT's DoRA on the whole batch."""
+    ranks = [_load(ddp_run, "dora", r) for r in range(WORLD)]
+    assert any("lora_magnitude_vector" in key for key in ranks[0])
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    for library in ("lorafuse", "peft"):
+        ref, _ = reference(torch.float32, library, dora=True)
+        assert sum(len(grads) for grads in ref) == len(ranks[0])
+        worst = max((ranks[0][f"step{step}/{name}"] - g).abs().max().item() / max(g.abs().max().item(), 1e-6)
+                    for step, grads in enumerate(ref) for name, g in grads.items())
+        assert worst < 1e-4, (library, worst)
+
+
 # float64 on the CPU has no fused kernel: PEFT's forward runs (lorafuse_path 'peft')
-@pytest.mark.parametrize("run,expected", [("ddp_float32", "c"), ("fsdp_float32", "c"),
+@pytest.mark.parametrize("run,expected", [("ddp_float32", "c"), ("ddp_dora", "c"), ("fsdp_float32", "c"),
                                           ("ddp_float64", "peft"), ("fsdp_float64", "peft")])
 def test_lora_layers_took_the_expected_path(ddp_run: Path, run: str, expected: str) -> None:
     """After training under DDP / FSDP every LoRA layer's last forward, on each rank, took one path:
