@@ -143,7 +143,7 @@ def test_plans_chosen_and_forced(half_isa, n):
         tile = on_tile(base)
         decode_max = 5 if tile and _C.get_isa() == "amx_bf16" else 8  # tunables.c half_decode_max_n
         assert _C.last_forward_plan() == ("skinny", "decode" if n <= decode_max else "split" if tile else "augmented")
-        assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile else "augmented")
+        assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile or n <= 8 else "augmented")
         for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
             for u_path, da_path, dx_path in (("skinny", "gemm", "masked"), ("gemm", "skinny", "augmented"),
                                              ("skinny", "skinny", "augmented"), ("gemm", "gemm", "masked")):

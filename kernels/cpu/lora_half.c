@@ -147,10 +147,13 @@ done:
     return st;
 }
 
-lf_backward_plan lf_plan_backward_half(lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p, int need_dx) {
+lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
+                                       int need_dx) {
+    const int streamed = n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4; /* g·W by lf_rows_axpy_half */
     const lf_backward_dx_path dx = !need_dx ? LF_DX_NONE
-                                   : dropout_p > 0.0f || g.dtype == LF_DT_F32 || on_bf16_tile(g, W) ? LF_DX_MASKED
-                                                                                                    : LF_DX_AUGMENTED;
+                                   : dropout_p > 0.0f || g.dtype == LF_DT_F32 || streamed || on_bf16_tile(g, W)
+                                       ? LF_DX_MASKED
+                                       : LF_DX_AUGMENTED;
     return (lf_backward_plan){skinny_rows(g, r) ? LF_VB_SKINNY : LF_VB_GEMM, skinny_rows(x, r) ? LF_DA_SKINNY : LF_DA_GEMM,
                               dx};
 }
@@ -177,7 +180,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!dtypes_ok(x, k, m, W, A, B) || g.dtype != x.dtype || (g.dtype == LF_DT_F32 && g.cs != 1)) return LF_EINVAL;
     if (dropout_p > 0.0f && !(x.cs == 1 && x.rs == k)) return LF_EINVAL;
     if (force && lf_backward_plan_unfit_half(*force, g, x, r, dropout_p, dx != NULL)) return LF_EINVAL;
-    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(g, x, W, r, dropout_p, dx != NULL);
+    const lf_backward_plan plan = force ? *force : lf_plan_backward_half(n, g, x, W, r, dropout_p, dx != NULL);
     if (plan_out) *plan_out = plan;
     const lf_dtype adt = A.dtype;
     float *v = malloc((size_t)(n * r > 0 ? n * r : 1) * sizeof(float));
@@ -229,12 +232,10 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
-         * contiguous in memory: W streamed once by the rank update over m (s = gᵀ widened, (m, n)), never
-         * packed; a 4-bit W through the GEMM, which dequantizes it as it packs */
-        if (n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4) {
-            float *gt = lf_widened_copy(ttranspose(gb), m, n, 1.0f);
-            st = gt ? lf_rank_update(pool, n, k, m, (lf_view){gt, n, 1}, W, 1.0f, dx32, k, NULL) : LF_ENOMEM;
-            free(gt);
+         * contiguous in memory: W streamed once row by row (lf_rows_axpy_half), never packed; a 4-bit W through
+         * the GEMM, which dequantizes it as it packs */
+        if (n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4) {
+            st = lf_rows_axpy_half(pool, n, m, k, gb, W, dx32, k);
         } else {
             const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);
             st = lf_gemm(pool, n, k, m, &gbo, &wo, 0.0f, NULL, dx32, k);

@@ -178,3 +178,88 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     free(xw);
     return lf_interrupt_pending() ? LF_EINTR : job.failed ? LF_ENOMEM : LF_OK;
 }
+
+/* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
+ * rows contiguous, streamed once row by row: each thread owns a range of columns and walks every row of W
+ * through it in chunks whose n accumulator rows (fp32, c itself) stay in L1 — long contiguous runs of W,
+ * one TLB page per row and chunk, where a column-strip walk touches a new page at every row. Each
+ * product exact, fp32 sums in row order. */
+
+/* columns per chunk: n rows of c (fp32) within 32 KiB */
+#define AXPY_L1_FLOATS 8192
+
+typedef struct {
+    int64_t n, M, K, ldc;
+    const float *g; /* g widened (n, M), rows contiguous */
+    const uint16_t *W;
+    int64_t ldw;
+    lf_dtype dt;
+    float *c;
+} rows_axpy_job;
+
+/* c[i, p0:p1] += Σ_{j<M} g[i, j] · W[j, p0:p1] for i < n, one widened W row segment at a time */
+static void axpy_generic(const rows_axpy_job *job, int64_t p0, int64_t p1) {
+    for (int64_t j = 0; j < job->M; j++) {
+        const uint16_t *wj = job->W + j * job->ldw;
+        for (int64_t i = 0; i < job->n; i++) {
+            const float gij = job->g[i * job->M + j];
+            float *ci = job->c + i * job->ldc;
+            for (int64_t p = p0; p < p1; p++) ci[p] += gij * lf_half_to_f32(job->dt, wj[p]);
+        }
+    }
+}
+
+#if defined(__x86_64__)
+LF_AVX512 static void axpy_avx512(const rows_axpy_job *job, int64_t p0, int64_t p1) {
+    const int64_t pv = p0 + (p1 - p0) / 16 * 16;
+    for (int64_t j = 0; j < job->M; j++) {
+        const uint16_t *wj = job->W + j * job->ldw;
+        for (int64_t p = p0; p < pv; p += 16) {
+            const __m512 w = lf_load16(wj + p, job->dt);
+            for (int64_t i = 0; i < job->n; i++) {
+                float *ci = job->c + i * job->ldc + p;
+                _mm512_storeu_ps(ci, _mm512_fmadd_ps(_mm512_set1_ps(job->g[i * job->M + j]), w, _mm512_loadu_ps(ci)));
+            }
+        }
+        for (int64_t i = 0; i < job->n && pv < p1; i++) {
+            const float gij = job->g[i * job->M + j];
+            float *ci = job->c + i * job->ldc;
+            for (int64_t p = pv; p < p1; p++) ci[p] += gij * lf_half_to_f32(job->dt, wj[p]);
+        }
+    }
+}
+#endif
+
+static void rows_axpy_run(void *ctxp, int tid, int nt) {
+    const rows_axpy_job *job = ctxp;
+    const int64_t per = (job->K + nt * 16 - 1) / (nt * 16) * 16; /* whole vectors per thread */
+    const int64_t q0 = tid * per, q1 = q0 + per < job->K ? q0 + per : job->K;
+    const int64_t chunk = AXPY_L1_FLOATS / job->n / 16 * 16;
+#if defined(__x86_64__)
+    void (*axpy)(const rows_axpy_job *, int64_t, int64_t) = lf_get_isa() >= LF_ISA_AVX512 ? axpy_avx512 : axpy_generic;
+#else
+    void (*axpy)(const rows_axpy_job *, int64_t, int64_t) = axpy_generic;
+#endif
+    for (int64_t p = q0; p < q1; p += chunk) {
+        if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
+        for (int64_t i = 0; i < job->n; i++)
+            for (int64_t q = p; q < (p + chunk < q1 ? p + chunk : q1); q++) job->c[i * job->ldc + q] = 0.0f;
+        axpy(job, p, p + chunk < q1 ? p + chunk : q1);
+    }
+}
+
+int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {
+    if (n < 1 || n > LF_ROWDOTS_MAX_N || M < 0 || K < 0 || ldc < K || W.q4 || W.cs != 1 ||
+        (W.dtype != LF_DT_BF16 && W.dtype != LF_DT_F16))
+        return LF_EINVAL;
+    if (K == 0) return LF_OK;
+    float *gw = malloc((size_t)(n * M > 0 ? n * M : 1) * sizeof(float)); /* g widened, rows contiguous */
+    if (!gw) return LF_ENOMEM;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < M; j++) gw[i * M + j] = lf_elem_f32(g.p, g.dtype, i * g.rs + j * g.cs);
+    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .dt = W.dtype, .c = c};
+    const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (K + 15) / 16);
+    lf_pool_run(pool, nt, rows_axpy_run, &job);
+    free(gw);
+    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+}
