@@ -180,13 +180,13 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
 }
 
 /* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
- * rows contiguous, streamed once row by row: each thread owns a range of columns and walks every row of W
- * through it in chunks whose n accumulator rows (fp32, c itself) stay in L1 — long contiguous runs of W,
- * one TLB page per row and chunk, where a column-strip walk touches a new page at every row. Each
- * product exact, fp32 sums in row order. */
+ * rows contiguous, each element read once: each thread owns a range of columns; rows of W are taken in
+ * blocks of AXPY_ROWS (their pages stay in the TLB), and within a block each group of columns is summed over
+ * the block's rows in registers (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one
+ * column strip through all M rows instead touches a new page at every row of a large W. Each product
+ * exact; fp32 sums, by row blocks. */
 
-/* columns per chunk: n rows of c (fp32) within 32 KiB */
-#define AXPY_L1_FLOATS 8192
+#define AXPY_ROWS 128 /* rows of W per block: 128 pages of a 4096-wide bf16 W, within the L2 TLB */
 
 typedef struct {
     int64_t n, M, K, ldc;
@@ -197,54 +197,70 @@ typedef struct {
     float *c;
 } rows_axpy_job;
 
-/* c[i, p0:p1] += Σ_{j<M} g[i, j] · W[j, p0:p1] for i < n, one widened W row segment at a time */
-static void axpy_generic(const rows_axpy_job *job, int64_t p0, int64_t p1) {
-    for (int64_t j = 0; j < job->M; j++) {
-        const uint16_t *wj = job->W + j * job->ldw;
-        for (int64_t i = 0; i < job->n; i++) {
-            const float gij = job->g[i * job->M + j];
-            float *ci = job->c + i * job->ldc;
-            for (int64_t p = p0; p < p1; p++) ci[p] += gij * lf_half_to_f32(job->dt, wj[p]);
+/* c[i, p] += Σ_{j ∈ [j0, j1)} g[i, j] · W[j, p] for i < n, p ∈ [p0, p1), one product at a time */
+static void axpy_tail(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t p1) {
+    for (int64_t i = 0; i < job->n; i++)
+        for (int64_t p = p0; p < p1; p++) {
+            float acc = 0.0f;
+            for (int64_t j = j0; j < j1; j++) acc += job->g[i * job->M + j] * lf_half_to_f32(job->dt, job->W[j * job->ldw + p]);
+            job->c[i * job->ldc + p] += acc;
         }
-    }
 }
 
+typedef void (*axpy_fn)(const rows_axpy_job *, int64_t, int64_t, int64_t, int64_t);
+
 #if defined(__x86_64__)
-LF_AVX512 static void axpy_avx512(const rows_axpy_job *job, int64_t p0, int64_t p1) {
-    const int64_t pv = p0 + (p1 - p0) / 16 * 16;
-    for (int64_t j = 0; j < job->M; j++) {
-        const uint16_t *wj = job->W + j * job->ldw;
-        for (int64_t p = p0; p < pv; p += 16) {
-            const __m512 w = lf_load16(wj + p, job->dt);
-            for (int64_t i = 0; i < job->n; i++) {
-                float *ci = job->c + i * job->ldc + p;
-                _mm512_storeu_ps(ci, _mm512_fmadd_ps(_mm512_set1_ps(job->g[i * job->M + j]), w, _mm512_loadu_ps(ci)));
-            }
-        }
-        for (int64_t i = 0; i < job->n && pv < p1; i++) {
-            const float gij = job->g[i * job->M + j];
-            float *ci = job->c + i * job->ldc;
-            for (int64_t p = pv; p < p1; p++) ci[p] += gij * lf_half_to_f32(job->dt, wj[p]);
-        }
+/* The same on AVX-512 for N tokens, V vectors of 16 columns at a time (N·V accumulators in registers) */
+#define AXPY_KERNEL(N, V)                                                                                              \
+    LF_AVX512 static void axpy_##N(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t p1) {         \
+        int64_t p = p0;                                                                                                \
+        for (; p + 16 * (V) <= p1; p += 16 * (V)) {                                                                    \
+            __m512 acc[N][V];                                                                                          \
+            for (int i = 0; i < (N); i++)                                                                              \
+                for (int v = 0; v < (V); v++) acc[i][v] = _mm512_setzero_ps();                                         \
+            for (int64_t j = j0; j < j1; j++) {                                                                        \
+                __m512 w[V];                                                                                           \
+                for (int v = 0; v < (V); v++) w[v] = lf_load16(job->W + j * job->ldw + p + 16 * v, job->dt);          \
+                for (int i = 0; i < (N); i++) {                                                                        \
+                    const __m512 gi = _mm512_set1_ps(job->g[i * job->M + j]);                                          \
+                    for (int v = 0; v < (V); v++) acc[i][v] = _mm512_fmadd_ps(gi, w[v], acc[i][v]);                    \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int i = 0; i < (N); i++)                                                                              \
+                for (int v = 0; v < (V); v++) {                                                                        \
+                    float *ci = job->c + i * job->ldc + p + 16 * v;                                                    \
+                    _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), acc[i][v]));                               \
+                }                                                                                                      \
+        }                                                                                                              \
+        axpy_tail(job, j0, j1, p, p1);                                                                                 \
     }
-}
+AXPY_KERNEL(1, 8)
+AXPY_KERNEL(2, 8)
+AXPY_KERNEL(3, 6)
+AXPY_KERNEL(4, 4)
+AXPY_KERNEL(5, 4)
+AXPY_KERNEL(6, 3)
+AXPY_KERNEL(7, 3)
+AXPY_KERNEL(8, 2)
+static const axpy_fn AXPY_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,    axpy_1, axpy_2, axpy_3, axpy_4,
+                                                         axpy_5, axpy_6, axpy_7, axpy_8};
 #endif
 
 static void rows_axpy_run(void *ctxp, int tid, int nt) {
     const rows_axpy_job *job = ctxp;
     const int64_t per = (job->K + nt * 16 - 1) / (nt * 16) * 16; /* whole vectors per thread */
     const int64_t q0 = tid * per, q1 = q0 + per < job->K ? q0 + per : job->K;
-    const int64_t chunk = AXPY_L1_FLOATS / job->n / 16 * 16;
+    if (q0 >= q1) return;
 #if defined(__x86_64__)
-    void (*axpy)(const rows_axpy_job *, int64_t, int64_t) = lf_get_isa() >= LF_ISA_AVX512 ? axpy_avx512 : axpy_generic;
+    const axpy_fn axpy = lf_get_isa() >= LF_ISA_AVX512 ? AXPY_FOR_N[job->n] : axpy_tail;
 #else
-    void (*axpy)(const rows_axpy_job *, int64_t, int64_t) = axpy_generic;
+    const axpy_fn axpy = axpy_tail;
 #endif
-    for (int64_t p = q0; p < q1; p += chunk) {
+    for (int64_t i = 0; i < job->n; i++)
+        for (int64_t q = q0; q < q1; q++) job->c[i * job->ldc + q] = 0.0f;
+    for (int64_t j = 0; j < job->M; j += AXPY_ROWS) {
         if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-        for (int64_t i = 0; i < job->n; i++)
-            for (int64_t q = p; q < (p + chunk < q1 ? p + chunk : q1); q++) job->c[i * job->ldc + q] = 0.0f;
-        axpy(job, p, p + chunk < q1 ? p + chunk : q1);
+        axpy(job, j, j + AXPY_ROWS < job->M ? j + AXPY_ROWS : job->M, q0, q1);
     }
 }
 
