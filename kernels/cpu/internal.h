@@ -131,8 +131,8 @@ int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
  * element by element through per-block value tables (no dequantized copy); lf_rowdots_q4_ok: whether it
  * runs here (n ≤ LF_ROWDOTS_MAX_N, AVX-512, K a multiple of the block size), else lf_rowdots_half. */
 /* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_MAX_N tokens, W half
- * (not 4-bit) with rows contiguous streamed once row by row (dx of the decode-size backward), g any dtype
- * and strides */
+ * with rows contiguous (or a 4-bit W stored (M, K)) streamed once (dx of the decode-size backward), g any
+ * dtype and strides */
 int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc);
 int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_q4_weight *w);
 int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_q4_weight *w,

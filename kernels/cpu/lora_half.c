@@ -149,7 +149,7 @@ done:
 
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
                                        int need_dx) {
-    const int streamed = n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4; /* g·W by lf_rows_axpy_half */
+    const int streamed = n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1; /* g·W by lf_rows_axpy_half */
     const lf_backward_dx_path dx = !need_dx ? LF_DX_NONE
                                    : dropout_p > 0.0f || g.dtype == LF_DT_F32 || streamed || on_bf16_tile(g, W)
                                        ? LF_DX_MASKED
@@ -232,9 +232,8 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
-         * contiguous in memory: W streamed once row by row (lf_rows_axpy_half), never packed; a 4-bit W through
-         * the GEMM, which dequantizes it as it packs */
-        if (n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && !W.q4) {
+         * contiguous (a 4-bit W as stored): W streamed once row by row (lf_rows_axpy_half), never packed */
+        if (n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1) {
             st = lf_rows_axpy_half(pool, n, m, k, gb, W, dx32, k);
         } else {
             const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);

@@ -180,7 +180,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
 }
 
 /* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
- * rows contiguous, each element read once: each thread owns a range of columns; rows of W are taken in
+ * rows contiguous (or a 4-bit W, dequantized a block at a time into a thread's buffer), each element read once: each thread owns a range of columns; rows of W are taken in
  * blocks of AXPY_ROWS (their pages stay in the TLB), and within a block each group of columns is summed over
  * the block's rows in registers (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one
  * column strip through all M rows instead touches a new page at every row of a large W. Each product
@@ -193,9 +193,14 @@ typedef struct {
     const float *g; /* g widened (n, M), rows contiguous */
     const uint16_t *W;
     int64_t ldw;
+    const lf_q4_weight *q4; /* a 4-bit W (M, K) read as it is (W NULL), or NULL */
     lf_dtype dt;
     float *c;
+    int failed; /* a thread could not allocate its dequantization buffer */
 } rows_axpy_job;
+
+/* columns of a 4-bit W dequantized per step: AXPY_ROWS × AXPY_Q4_COLS halves = 128 KiB of a thread's buffer */
+#define AXPY_Q4_COLS 512
 
 /* c[i, p] += Σ_{j ∈ [j0, j1)} g[i, j] · W[j, p] for i < n, p ∈ [p0, p1), one product at a time */
 static void axpy_tail(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t p1) {
@@ -258,24 +263,45 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
 #endif
     for (int64_t i = 0; i < job->n; i++)
         for (int64_t q = q0; q < q1; q++) job->c[i * job->ldc + q] = 0.0f;
-    for (int64_t j = 0; j < job->M; j += AXPY_ROWS) {
-        if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
-        axpy(job, j, j + AXPY_ROWS < job->M ? j + AXPY_ROWS : job->M, q0, q1);
+    /* a 4-bit W: each block of rows × AXPY_Q4_COLS columns dequantized into buf (row stride AXPY_Q4_COLS,
+     * rounded as lf_q4_dequantize rounds) and summed from there, through a job that sees buf as W */
+    uint16_t *buf = job->q4 ? malloc(AXPY_ROWS * AXPY_Q4_COLS * sizeof(uint16_t)) : NULL;
+    if (job->q4 && !buf) {
+        __atomic_store_n(&((rows_axpy_job *)job)->failed, 1, __ATOMIC_RELAXED);
+        return;
     }
+    for (int64_t j = 0; j < job->M; j += AXPY_ROWS) {
+        if (lf_interrupt_pending()) break; /* the caller sees the flag and reports LF_EINTR */
+        const int64_t je = j + AXPY_ROWS < job->M ? j + AXPY_ROWS : job->M;
+        if (!buf) {
+            axpy(job, j, je, q0, q1);
+            continue;
+        }
+        for (int64_t p = q0; p < q1; p += AXPY_Q4_COLS) {
+            const int64_t w = q1 - p < AXPY_Q4_COLS ? q1 - p : AXPY_Q4_COLS;
+            for (int64_t jj = j; jj < je; jj++) lf_q4_span(job->q4, jj * job->K + p, w, job->dt, buf + (jj - j) * w);
+            const rows_axpy_job view = {.n = job->n, .M = job->M, .K = job->K, .ldc = job->ldc, .g = job->g + j,
+                                        .W = buf, .ldw = w, .dt = job->dt, .c = job->c + p};
+            axpy(&view, 0, je - j, 0, w);
+        }
+    }
+    free(buf);
 }
 
 int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {
-    if (n < 1 || n > LF_ROWDOTS_MAX_N || M < 0 || K < 0 || ldc < K || W.q4 || W.cs != 1 ||
+    if (n < 1 || n > LF_ROWDOTS_MAX_N || M < 0 || K < 0 || ldc < K || W.cs != 1 ||
         (W.dtype != LF_DT_BF16 && W.dtype != LF_DT_F16))
         return LF_EINVAL;
+    if (W.q4 && (lf_q4_unfit(W.q4) || W.rs != K || W.q4->cols != K || W.q4->rows < M)) return LF_EINVAL;
     if (K == 0) return LF_OK;
     float *gw = malloc((size_t)(n * M > 0 ? n * M : 1) * sizeof(float)); /* g widened, rows contiguous */
     if (!gw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < M; j++) gw[i * M + j] = lf_elem_f32(g.p, g.dtype, i * g.rs + j * g.cs);
-    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .dt = W.dtype, .c = c};
+    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .q4 = W.q4,
+                         .dt = W.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (K + 15) / 16);
     lf_pool_run(pool, nt, rows_axpy_run, &job);
     free(gw);
-    return lf_interrupt_pending() ? LF_EINTR : LF_OK;
+    return lf_interrupt_pending() ? LF_EINTR : job.failed ? LF_ENOMEM : LF_OK;
 }

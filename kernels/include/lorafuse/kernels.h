@@ -226,8 +226,8 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 /* The backward's plan for a half base: v/dB 'skinny' (v = g·B and dBᵀ = s·uᵀ·g with g streamed) for rows
  * of g contiguous and 1 ≤ r ≤ 64, else 'gemm'; dA 'skinny' (x streamed, x̃ regenerated) for rows of x
  * contiguous and 1 ≤ r ≤ 64, else 'gemm'; dx 'masked' (g·W alone — for n ≤ 8 tokens on a W with rows
- * contiguous streamed row by row —, then the rank-r term row block by row block) with dropout, for n ≤ 8
- * such tokens, or when g·W takes a bf16 tile, else 'augmented'. */
+ * contiguous, or a 4-bit W, streamed row by row —, then the rank-r term row block by row block) with
+ * dropout, for n ≤ 8 such tokens, or when g·W takes a bf16 tile, else 'augmented'. */
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
                                        int need_dx);
 /* NULL if `plan` can run these operands of a half base, else why not. */
