@@ -125,7 +125,8 @@ void lf_narrow(const float *src, int64_t n, lf_dtype dt, uint16_t *dst);
 void lf_round_rows(float *c, int64_t n, int64_t cols, int64_t ldc, lf_dtype dt);
 
 /* rowdots_half.c: c (n, M; row stride ldc) = x (n, K) · W (M, K)ᵀ (+ bias (M) fp32, or NULL) for a few
- * tokens, W streamed in place: x and W one half dtype, rows contiguous (lf_rowdots_half_ok) */
+ * tokens, W streamed in place: x and W one half dtype, rows contiguous, or W a 4-bit weight (M ≤ rows,
+ * K = cols; rowdots_q4.c where lf_rowdots_q4_ok) (lf_rowdots_half_ok) */
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
 /* rowdots_q4.c: the same product for x bf16 / fp16 and a 4-bit W (M ≤ rows, K = cols) read as it is,
  * element by element through per-block value tables (no dequantized copy); lf_rowdots_q4_ok: whether it
@@ -140,13 +141,15 @@ int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, co
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
                     float *c, int64_t ldc);
 
-/* rank_rows.c: for every row i < n of c (n, cols; row stride ldc)
+/* rank_rows.c: for every row i < n of c (n, cols; row stride ldc), first — pre_dt bf16 or fp16 — the row
+ * rounded to pre_dt in place (lf_round_rows: a product rounded alone, then an fp32 term added; LF_DT_F32: not),
  *     c[i, :] += coef · keep(i, :) ⊙ (v[i, :] · w)     v (n, r) any strides, w (r, cols) with w.cs == 1
  * keep(i, j) = lf_dropout_keep(mask->seed, i·cols + j, mask->threshold), 1 when mask is NULL (its
  * scale is not used: coef is the factor); r = 0 adds nothing. Then, when out is not NULL,
  * out[i·ldo + j] = round_dt(c[i, j]) (lf_narrow, out_dt bf16 or fp16). Row blocks on the pool. */
 int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, lf_view w, float coef,
-                 const lf_mask *mask, float *c, int64_t ldc, lf_dtype out_dt, uint16_t *out, int64_t ldo);
+                 const lf_mask *mask, float *c, int64_t ldc, lf_dtype pre_dt, lf_dtype out_dt, uint16_t *out,
+                 int64_t ldo);
 
 /* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
 #define LF_SKINNY_MAX_R 64

@@ -20,8 +20,9 @@
  * to it row block by row block and rounded to the output while the rows are in cache
  * (rank_rows.c). Elsewhere (fp16, or no bf16 tile) one widened GEMM over the augmented K forms the
  * whole sum ('augmented'), rounded row block by row block the same way. A few tokens ('decode') stream
- * W once in place (rowdots_half.c; dx's g·W through the rank update). The rank-r products u, v, dBᵀ, dA
- * run on the skinny kernels, which widen half rows as they read them ('skinny'), or as GEMMs ('gemm').
+ * W once in place (rowdots_half.c, which hands a 4-bit W to rowdots_q4.c; dx's g·W by
+ * lf_rows_axpy_half). The rank-r products u, v, dBᵀ, dA run on the skinny kernels, which widen half rows
+ * as they read them ('skinny'), or as GEMMs ('gemm').
  */
 #include <stdlib.h>
 #include <string.h>
@@ -126,17 +127,18 @@ int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
     if (split) {
         /* c = x · Wᵀ + bias (decode: W streamed in place; split: a GEMM), then y = round(c + u · (s·Bᵀ)) */
         const lf_operand xo = lf_operand_typed(xb, 1.0f), wt = lf_operand_typed(ttranspose(W), 1.0f);
-        if (plan.y != LF_Y_DECODE) st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
-        else if (W.q4 && n > 0 && lf_rowdots_q4_ok(n, k, W.q4)) st = lf_rowdots_q4(pool, n, m, k, xb, W.q4, bias32, c, m);
-        else st = lf_rowdots_half(pool, n, m, k, xb, W, bias32, c, m);
-        if (!st && mixed) lf_round_rows(c, n, m, m, W.dtype); /* the base's own rounding, then the fp32 term */
-        if (!st) st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, W.dtype, mixed ? NULL : y, m);
+        st = plan.y == LF_Y_DECODE ? lf_rowdots_half(pool, n, m, k, xb, W, bias32, c, m)
+                                   : lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias32, c, m);
+        /* mixed: the base product's own rounding, then the fp32 term, y float32 (c) */
+        if (!st)
+            st = lf_rank_rows(pool, n, m, r, uv, (lf_view){bt, m, 1}, 1.0f, NULL, c, m, mixed ? W.dtype : LF_DT_F32,
+                              W.dtype, mixed ? NULL : y, m);
     } else {
         /* c = [x | s·u] · [Wᵀ ; Bᵀ] + bias over K' = k + r, then y = round(c) */
         const lf_operand xu = lf_operand_concat(x, 1.0f, lf_tv32((lf_view){ubuf, r, 1}), scale, k);
         const lf_operand wb = lf_operand_concat(ttranspose(W), 1.0f, ttranspose(B), 1.0f, k);
         st = lf_gemm(pool, n, m, k + r, &xu, &wb, 0.0f, bias32, c, m);
-        if (!st) st = lf_rank_rows(pool, n, m, 0, uv, uv, 1.0f, NULL, c, m, x.dtype, y, m);
+        if (!st) st = lf_rank_rows(pool, n, m, 0, uv, uv, 1.0f, NULL, c, m, LF_DT_F32, x.dtype, y, m);
     }
 done:
     if (!u) free(ubuf);
@@ -147,9 +149,12 @@ done:
     return st;
 }
 
+/* 1 if dx's g·W streams W row by row (lf_rows_axpy_half: a few tokens, W's rows contiguous or a 4-bit W) */
+static int dx_streamed(int64_t n, lf_tview W) { return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1; }
+
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
                                        int need_dx) {
-    const int streamed = n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1; /* g·W by lf_rows_axpy_half */
+    const int streamed = dx_streamed(n, W);
     const lf_backward_dx_path dx = !need_dx ? LF_DX_NONE
                                    : dropout_p > 0.0f || g.dtype == LF_DT_F32 || streamed || on_bf16_tile(g, W)
                                        ? LF_DX_MASKED
@@ -233,23 +238,23 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
          * contiguous (a 4-bit W as stored): W streamed once row by row (lf_rows_axpy_half), never packed */
-        if (n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1) {
+        if (dx_streamed(n, W)) {
             st = lf_rows_axpy_half(pool, n, m, k, gb, W, dx32, k);
         } else {
             const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);
             st = lf_gemm(pool, n, k, m, &gbo, &wo, 0.0f, NULL, dx32, k);
         }
-        if (!st && mixed) lf_round_rows(dx32, n, k, k, W.dtype); /* g·W's own rounding, then the fp32 term */
+        /* mixed: g·W's own rounding, then the fp32 term, dx float32 (dx32) */
         const lf_mask xm = {seed, dropout_p > 0.0f ? lf_dropout_threshold(dropout_p) : 0u, 1.0f};
         if (!st)
             st = lf_rank_rows(pool, n, k, r, vv, a32, scale / (1.0f - dropout_p), &xm, dx32, k,
-                              W.dtype, mixed ? NULL : dx, k);
+                              mixed ? W.dtype : LF_DT_F32, W.dtype, mixed ? NULL : dx, k);
     } else if (!st && plan.dx == LF_DX_AUGMENTED) {
         /* dx = round([g | s·v] · [W ; A]) — one GEMM over K' = m + r */
         const lf_operand gv = lf_operand_concat(g, 1.0f, lf_tv32((lf_view){v, r, 1}), scale, m);
         const lf_operand wa = lf_operand_concat(W, 1.0f, A, 1.0f, m);
         st = lf_gemm(pool, n, k, m + r, &gv, &wa, 0.0f, NULL, dx32, k);
-        if (!st) st = lf_rank_rows(pool, n, k, 0, vv, vv, 1.0f, NULL, dx32, k, x.dtype, dx, k);
+        if (!st) st = lf_rank_rows(pool, n, k, 0, vv, vv, 1.0f, NULL, dx32, k, LF_DT_F32, x.dtype, dx, k);
     }
 done:
     free(v);

@@ -1,7 +1,8 @@
 /* narrow.c — fp32 results rounded once to the dtype of a half-precision output (lf_narrow,
  * internal.h):   dst[j] = round_dt(src[j])  j < n   (half_store.h: to nearest even, NaN kept as
- * NaN, overflow to inf); and rounded in place, kept as fp32 (lf_round_rows: c[i, j] = round_dt(c[i, j])). One result on every ISA: the vector loops use the same rounding as the
- * scalar one, which tests/test_ops_lora_half.py compares with torch's .to(dtype). */
+ * NaN, overflow to inf); or rounded in place and kept as fp32 (lf_round_rows, for rank_rows.c's pre_dt).
+ * One result on every ISA: the vector loops use the same rounding as the scalar one, which
+ * tests/test_ops_lora_half.py compares with torch's .to(dtype). */
 #include "half_store.h"
 #include "internal.h"
 

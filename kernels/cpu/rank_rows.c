@@ -1,6 +1,7 @@
 /* rank_rows.c — the rank-r term of an output added row block by row block, optionally masked,
  * then the rows rounded to a half-precision output (lf_rank_rows, internal.h):
  *
+ *     c[i, :] = round_pre(c[i, :])                        when pre_dt is bf16 / fp16 (kept fp32)
  *     c[i, :] += coef · keep(i, :) ⊙ (v[i, :] · w)        v (n, r), w (r, cols), c (n, cols)
  *     out[i, :] = round_dt(c[i, :])                       when out is given
  *
@@ -24,7 +25,7 @@ typedef struct {
     uint32_t threshold; /* 0: keep every element */
     uint64_t seed;
     float *c;
-    lf_dtype out_dt;
+    lf_dtype pre_dt, out_dt;
     uint16_t *out;
     atomic_int failed;
 } rank_rows_job;
@@ -44,7 +45,8 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
     for (int64_t b0 = i0; b0 < i1; b0 += ROWS) {
         if (lf_interrupt_pending()) return; /* the caller sees the flag and reports LF_EINTR */
         const int64_t nb = i1 - b0 < ROWS ? i1 - b0 : ROWS;
-        if (job->r > 0 && !job->threshold && job->r <= LF_SKINNY_MAX_R) {
+        if (job->pre_dt != LF_DT_F32) lf_round_rows(job->c + b0 * job->ldc, nb, job->cols, job->ldc, job->pre_dt);
+        if (job->r > 0 && direct) {
             /* no mask: c[b0 + p, :] += Σ_q ut[q, p] · w[q, :] straight into c by the register-blocked rank_add,
              * ut (r, nb) = coef · v's block transposed; the columns past the last whole vector one by one */
             float ut[LF_SKINNY_MAX_R * ROWS];
@@ -74,12 +76,13 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, lf_view w, float coef,
-                 const lf_mask *mask, float *c, int64_t ldc, lf_dtype out_dt, uint16_t *out, int64_t ldo) {
+                 const lf_mask *mask, float *c, int64_t ldc, lf_dtype pre_dt, lf_dtype out_dt, uint16_t *out,
+                 int64_t ldo) {
     if (n < 0 || cols < 0 || r < 0 || ldc < cols || (out && ldo < cols) || (r > 0 && w.cs != 1)) return LF_EINVAL;
-    if (n == 0 || cols == 0 || (r == 0 && !out)) return LF_OK;
+    if (n == 0 || cols == 0 || (r == 0 && !out && pre_dt == LF_DT_F32)) return LF_OK;
     rank_rows_job job = {.pool = pool, .n = n, .cols = cols, .r = r, .ldc = ldc, .ldo = ldo, .v = v, .w = w,
                          .coef = coef, .threshold = mask ? mask->threshold : 0u, .seed = mask ? mask->seed : 0u,
-                         .c = c, .out_dt = out_dt, .out = out};
+                         .c = c, .pre_dt = pre_dt, .out_dt = out_dt, .out = out};
     /* 2·r flops per element for the rank-r term, a few for the mask and the rounding */
     const double flops = (double)n * (double)cols * (double)(2 * r + 4);
     const int nt = lf_threads_for(pool, flops, (n + ROWS - 1) / ROWS);

@@ -11,15 +11,15 @@
  * on the CPU measured it issues at a quarter of the FMA's rate (benchmarks/RESULTS.md, "Half-precision
  * GEMM core"), so at 8 tokens, where the product stops being bound by W's bytes, it is the slower.
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products).
- * A 4-bit W (W.q4, stored (M, K) as it is) is read as it is — a quarter of bf16's bytes: each block of
- * ROWS_PER_BLOCK rows × K_BLOCK columns is dequantized (lf_q4_span, rounded to the dtype as
- * lf_q4_dequantize rounds it) into a thread's 32 KiB buffer while it is in cache, and the same row
+ * A 4-bit W (W.q4, stored (M, K) as it is) is read as it is — a quarter of bf16's bytes: by rowdots_q4.c
+ * where it applies (lf_rowdots_q4_ok), else each block of ROWS_PER_BLOCK rows × K_BLOCK columns is
+ * dequantized (lf_q4_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
  * kernels read it there. */
 #include <stdlib.h>
 
 #include "half_store.h"
 #include "internal.h"
-#include "quant4_internal.h"
+#include "lorafuse/quant4.h"
 
 /* Rows [j0, j1) of W against the n rows of x over K elements (one K block): xw (n, K; row stride
  * ldx) x widened to fp32, W's rows ldw apart; c[i·ldc + j] = the sum (+ bias[j] if bias), or += it
@@ -145,7 +145,7 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
             const int64_t je = j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1;
             const float *bias = p0 || !job->bias ? NULL : job->bias + j;
             if (buf) {
-                for (int64_t jj = j; jj < je; jj++) lf_q4_span(job->q4, jj * job->K + p0, len, job->dt, buf + (jj - j) * len);
+                lf_q4_dequantize(job->q4, j, je, p0, p0 + len, job->dt, buf, len); /* checked by the caller */
                 job->rows(0, je - j, job->n, len, job->xw + p0, job->K, buf, len, job->dt, bias, p0 > 0, job->c + j,
                           job->ldc);
             } else {
@@ -167,6 +167,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     if (n < 0 || M < 0 || K < 0 || ldc < M || !lf_rowdots_half_ok(n, x, W)) return LF_EINVAL;
     if (W.q4 && (lf_q4_unfit(W.q4) || W.q4->cols != K || W.q4->rows < M)) return LF_EINVAL;
     if (n == 0 || M == 0) return LF_OK;
+    if (W.q4 && lf_rowdots_q4_ok(n, K, W.q4)) return lf_rowdots_q4(pool, n, M, K, x, W.q4, bias, c, ldc);
     float *xw = malloc((size_t)(n * K > 0 ? n * K : 1) * sizeof(float)); /* x widened, rows contiguous */
     if (!xw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)
@@ -180,8 +181,8 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
 }
 
 /* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
- * rows contiguous (or a 4-bit W, dequantized a block at a time into a thread's buffer), each element read once: each thread owns a range of columns; rows of W are taken in
- * blocks of AXPY_ROWS (their pages stay in the TLB), and within a block each group of columns is summed over
+ * rows contiguous (or a 4-bit W, dequantized a block at a time into a thread's buffer), each element read
+ * once: each thread owns a range of columns; rows of W are taken in blocks of AXPY_ROWS (their pages stay in the TLB), and within a block each group of columns is summed over
  * the block's rows in registers (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one
  * column strip through all M rows instead touches a new page at every row of a large W. Each product
  * exact; fp32 sums, by row blocks. */
@@ -279,7 +280,7 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
         }
         for (int64_t p = q0; p < q1; p += AXPY_Q4_COLS) {
             const int64_t w = q1 - p < AXPY_Q4_COLS ? q1 - p : AXPY_Q4_COLS;
-            for (int64_t jj = j; jj < je; jj++) lf_q4_span(job->q4, jj * job->K + p, w, job->dt, buf + (jj - j) * w);
+            lf_q4_dequantize(job->q4, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy_half */
             const rows_axpy_job view = {.n = job->n, .M = job->M, .K = job->K, .ldc = job->ldc, .g = job->g + j,
                                         .W = buf, .ldw = w, .dt = job->dt, .c = job->c + p};
             axpy(&view, 0, je - j, 0, w);
