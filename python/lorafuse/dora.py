@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from .backend import adapter_backward, base_grads, forward, mask_for
-from .weight_cache import PackedWeightCache
+from .weight_cache import PackedWeightCache, RunTimeCache
 
 __all__ = ["RowNorms", "row_norms", "dora_linear", "dora_linear_op", "DoraLinearFunction", "dora_operands"]
 
@@ -49,7 +49,7 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.shape, t.stride())
 
 
-class RowNorms:
+class RowNorms(RunTimeCache):
     """What one layer keeps of its DoRA norms: ‖W_j‖² (m,) of the frozen base weight, in float64, while W is the
     same unchanged tensor; and ν itself while W, A, B and s are unchanged (inference; several forwards between
     optimizer steps, whose in-place updates bump A's and B's version counters).
@@ -85,12 +85,6 @@ class RowNorms:
             self._norms = _squared_row_norms(weight_mk)
             self._key = key
         return self._norms
-
-    def __deepcopy__(self, memo: dict) -> "RowNorms":
-        return RowNorms()  # a copied layer has another weight
-
-    def __reduce__(self) -> tuple:
-        return (RowNorms, ())
 
 
 def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fifo: bool,

@@ -32,6 +32,7 @@ from torch.compiler import is_compiling
 from . import _C
 from .autograd import _differentiable_backward
 from .backend import _tensor, cpu_kernels
+from .weight_cache import RunTimeCache
 
 __all__ = ["QuantState", "Weight4bit", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight",
            "quantization_config", "q4_handle", "lora_linear_4bit"]
@@ -330,20 +331,14 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torc
 _HALF = (torch.bfloat16, torch.float16)
 
 
-class _KeptHandle:
-    """A weight's last `q4_handle` and what it was made from, kept in the weight's ``__dict__``: a run-time
-    cache that copies and pickles of the weight do not carry (a capsule can be neither) — they make their own."""
+class _KeptHandle(RunTimeCache):
+    """A weight's last `q4_handle` and what it was made from, kept in the weight's ``__dict__`` (copies and
+    pickles of the weight get an empty one: a capsule can be neither copied nor pickled)."""
 
     __slots__ = ("key", "handle")
 
     def __init__(self, key: Any = None, handle: Any = None) -> None:
         self.key, self.handle = key, handle
-
-    def __deepcopy__(self, memo: dict) -> "_KeptHandle":
-        return _KeptHandle()
-
-    def __reduce__(self) -> tuple:
-        return (_KeptHandle, ())
 
 
 def q4_handle(weight: Any, dtype: torch.dtype) -> Any:

@@ -22,10 +22,24 @@ import torch
 
 from . import _C, ops
 
-__all__ = ["PackedWeightCache", "PackedWeightOption"]
+__all__ = ["RunTimeCache", "PackedWeightCache", "PackedWeightOption"]
 
 
-class PackedWeightCache:
+class RunTimeCache:
+    """A cache a layer or weight keeps at run time (packs, row norms, kernel handles): ``copy.deepcopy`` and
+    pickling (``torch.save(model)``) give an empty one of the same class — the copy has other tensors, and
+    what is kept can be neither copied nor pickled; it is rebuilt on first use."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> "RunTimeCache":
+        return type(self)()
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class PackedWeightCache(RunTimeCache):
     """The forward and backward packs of one layer's weight, made on first use."""
 
     __slots__ = ("_key", "_weight", "_packs")
@@ -52,14 +66,6 @@ class PackedWeightCache:
             pack = ops.pack_weight(weight.detach(), fan_in_fan_out=fan_in_fan_out, for_backward=for_backward)
             self._packs[slot] = pack
         return pack
-
-    def __deepcopy__(self, memo: dict) -> "PackedWeightCache":
-        """A copied layer gets an empty cache (its weight is another tensor; packs are not copyable)."""
-        return PackedWeightCache()
-
-    def __reduce__(self) -> tuple:
-        """Pickled (``torch.save(model)``) as an empty cache: packs are rebuilt on first use."""
-        return (PackedWeightCache, ())
 
     def clear(self) -> None:
         """Drop both packs (the next call repacks)."""
