@@ -101,6 +101,21 @@ def test_demo_rejects_a_missing_model_dir(tmp_path):
     assert proc.returncode == 2 and "config.json" in proc.stderr
 
 
+def test_demo_quant_without_bitsandbytes_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """--quant loads the model with bitsandbytes: where it is missing the demo stops at once (status 2, one line)."""
+    import argparse
+    import importlib.util
+
+    from lorafuse import demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    parser = argparse.ArgumentParser()
+    run = demo.add_arguments(parser)
+    assert run(parser.parse_args(["--quant", "nf4", "--out", str(tmp_path / "o")])) == 2
+    assert "bitsandbytes" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_format_table_ratios():
     from lorafuse.demo import format_table
 

@@ -340,6 +340,8 @@ def test_lorafuse_quantized_merge_patch_files_and_refusals(llama_dir, tmp_path):
         assert len(_own_layers(m)) == 6
         mine = m.state_dict()
         assert all(torch.equal(mine[k], v) for k, v in sd.items())
+    with pytest.raises(ValueError, match="do not take adapter_names"):  # PEFT's mixed batches: not on this layer
+        _own_layers(model)[0](torch.randn(2, 64, dtype=torch.bfloat16), adapter_names=["default", "default"])
     with pytest.raises(ValueError, match="plain LoRA adapters only"):
         lorafuse.get_peft_model(_own_4bit(llama_dir), lorafuse.LoraConfig(**LORA, use_dora=True))
     with pytest.raises(ValueError, match="Target module"):  # stock PEFT, unpatched, does not know the module
