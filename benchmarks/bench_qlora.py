@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafuse.bench_cli import plan_label
-from timing import PASSES, arguments, begin, interleaved, lora_layer, make_base, make_inputs, max_abs_diff, pass_grid
+from timing import (PASSES, arguments, begin, interleaved, lora_layer, make_base, make_inputs, max_abs_diff, pass_grid,
+                    path_label)
 
 SHAPES = [(512, 1024, 1024, 16), (2048, 2048, 2048, 16), (1, 4096, 4096, 16), (8, 4096, 4096, 16)]
 QUICK = [(64, 256, 256, 8), (1, 512, 512, 8)]
@@ -37,29 +37,6 @@ def linear4bit(base: nn.Linear):
     return q.to("cpu")  # quantizes
 
 
-def lora4(base4, r: int, library: str):
-    """`lora_layer` around a 4-bit base: the holder says it is loaded in 4 bits (PEFT's dispatch asks)."""
-    import peft
-
-    from lorafuse.peft_api import get_peft_model
-
-    class Holder(nn.Module):
-        is_loaded_in_4bit = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = base4
-
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"])
-    layer = {"peft": peft.get_peft_model, "lorafuse": get_peft_model}[library](Holder(), config).base_model.model.proj
-    gen = torch.Generator().manual_seed(2)  # the adapters lora_layer draws (seed 0)
-    with torch.no_grad():
-        for name, scale in (("lora_A", base4.in_features ** -0.5), ("lora_B", r ** -0.5)):
-            weight = getattr(layer, name)["default"].weight
-            weight.copy_(torch.randn(weight.shape, generator=gen) * scale)
-    return layer
-
-
 def weight_bytes(base4) -> int:
     """Bytes of a 4-bit weight as stored: packed codes and every quant-state tensor."""
     qs = base4.weight.quant_state
@@ -72,7 +49,7 @@ def bench_shape(n: int, k: int, m: int, r: int, rounds: int) -> tuple[dict, dict
     dequantized), the 4-bit layer's path per pass, and the weight's bytes / fp32 bytes."""
     base = make_base(k, m, torch.float32)
     q_lf, q_pf, q_pf_inf = linear4bit(base), linear4bit(base), linear4bit(base)
-    lf, pf, pf_inf = lora4(q_lf, r, "lorafuse"), lora4(q_pf, r, "peft"), lora4(q_pf_inf, r, "peft")
+    lf, pf, pf_inf = lora_layer(q_lf, r, "lorafuse"), lora_layer(q_pf, r, "peft"), lora_layer(q_pf_inf, r, "peft")
     import bitsandbytes.functional as bnbf
 
     dense = nn.Linear(k, m).to(torch.bfloat16).requires_grad_(False)
@@ -89,10 +66,7 @@ def bench_shape(n: int, k: int, m: int, r: int, rounds: int) -> tuple[dict, dict
     grid = pass_grid({"q4": lf, "peft": pf, "bf16": bf}, x, g)
     grid[("peft", PASSES[0])] = pass_grid({"peft": pf_inf}, x, g)[("peft", PASSES[0])]
     t = interleaved(grid, rounds=rounds)
-    paths = {}
-    for p in PASSES:
-        label = plan_label(grid[("q4", p)])
-        paths[p] = f"{lf.lorafuse_path} {label}"
+    paths = {p: path_label(grid[("q4", p)], [lf]) for p in PASSES}
     return t, paths, weight_bytes(q_lf) / (m * k * 4)
 
 
