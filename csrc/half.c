@@ -41,11 +41,12 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
                          npy_intp *r) {
     lf_dtype dw, da, db;
     PyArrayObject *w = NULL, *a, *b;
-    int64_t q4_rows, q4_cols;
+    int64_t q4_rows = 0, q4_cols = 0;
     const int q4 = lf_py_q4_handle(oW, W, &q4_rows, &q4_cols);
     const lf_dtype base = q4 && xdt == LF_DT_F32 ? W->dtype : xdt; /* a float32 x on a 4-bit W: mixed */
     if (q4 && fifo) {
-        PyErr_Format(PyExc_ValueError, "%s: a 4-bit W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
+        PyErr_Format(PyExc_ValueError,
+                     "%s: a 4-bit W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
         return -1;
     }
     if (q4 && W->dtype != base) {
@@ -58,7 +59,7 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
                      (long)k, (long)q4_rows, (long)q4_cols);
         return -1;
     }
-    *m = (npy_intp)q4_rows;
+    *m = (npy_intp)q4_rows; /* a dense W's m comes from lf_py_check_weight_dims */
     if ((!q4 && !(w = typed_arg(st, L, F, oW, "W", 2, fifo ? "(k, m)" : "(m, k)", base, 0, &dw))) ||
         !(a = typed_arg(st, L, F, oA, "A", 2, "(r, k)", base, 1, &da)) ||
         !(b = typed_arg(st, L, F, oB, "B", 2, "(m, r)", base, 1, &db)))
