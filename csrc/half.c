@@ -3,8 +3,8 @@
  * in the backward) is half precision.
  *
  * Inputs: torch tensors (bfloat16 or float16 through DLPack, viewed in place) or NumPy float16
- * arrays — or x and g float32 with W a 4-bit weight's handle (_C.q4_weight; 'mixed', lora_half.c); the adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any
- * strides. Results are new NumPy arrays: y and dx in the base's dtype, dA and dB in the adapters',
+ * arrays — or x and g float32 with W a 4-bit weight's handle (_C.q4_weight; 'mixed', lora_half.c); the
+ * adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any strides. Results are new NumPy arrays: y and dx in the base's dtype, dA and dB in the adapters',
  * u float32 — bfloat16 ones as uint16 arrays of the bits (NumPy has no bfloat16: the caller views
  * them, torch.from_numpy(a).view(torch.bfloat16)). out=, dx_out=, dA_out=, dB_out= and packed_w
  * are fp32-only features: given with a half base they are refused with ValueError.

@@ -206,7 +206,8 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     const lf_view vv = {v, r, 1};
     /* v (n,r) = g · B: g streamed once (skinny) or a GEMM */
     const lf_operand go = lf_operand_typed(g, 1.0f), bo = lf_operand_typed(B, 1.0f);
-    st = plan.vb == LF_VB_SKINNY ? lf_rowdot(pool, n, m, r, g, B, 1.0f, v, NULL) : lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
+    st = plan.vb == LF_VB_SKINNY ? lf_rowdot(pool, n, m, r, g, B, 1.0f, v, NULL)
+                                 : lf_gemm(pool, n, r, m, &go, &bo, 0.0f, NULL, v, r);
     /* dBᵀ (r,m) = s · uᵀ · g — g (the big operand) read by rows: streamed (skinny) or as a GEMM's B-operand */
     if (!st && plan.vb == LF_VB_SKINNY) {
         st = lf_rank_update(pool, r, m, n, u, g, scale, dbt, m, NULL);

@@ -45,7 +45,8 @@ static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const flo
                          const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c,
                          int64_t ldc) {
     for (int64_t j = j0; j < j1; j++)
-        for (int64_t i = 0; i < n; i++) put(c + i * ldc + j, dot_tail(0, K, xw + i * ldx, W + j * ldw, dt), bias, j, accumulate);
+        for (int64_t i = 0; i < n; i++)
+            put(c + i * ldc + j, dot_tail(0, K, xw + i * ldx, W + j * ldw, dt), bias, j, accumulate);
 }
 
 #if defined(__x86_64__)
@@ -182,10 +183,10 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
 
 /* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
  * rows contiguous (or a 4-bit W, dequantized a block at a time into a thread's buffer), each element read
- * once: each thread owns a range of columns; rows of W are taken in blocks of AXPY_ROWS (their pages stay in the TLB), and within a block each group of columns is summed over
- * the block's rows in registers (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one
- * column strip through all M rows instead touches a new page at every row of a large W. Each product
- * exact; fp32 sums, by row blocks. */
+ * once: each thread owns a range of columns; rows of W are taken in blocks of AXPY_ROWS (their pages stay
+ * in the TLB), and within a block each group of columns is summed over the block's rows in registers
+ * (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one column strip through all M
+ * rows instead touches a new page at every row of a large W. Each product exact; fp32 sums, by row blocks. */
 
 #define AXPY_ROWS 128 /* rows of W per block: 128 pages of a 4096-wide bf16 W, within the L2 TLB */
 
@@ -208,7 +209,8 @@ static void axpy_tail(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t 
     for (int64_t i = 0; i < job->n; i++)
         for (int64_t p = p0; p < p1; p++) {
             float acc = 0.0f;
-            for (int64_t j = j0; j < j1; j++) acc += job->g[i * job->M + j] * lf_half_to_f32(job->dt, job->W[j * job->ldw + p]);
+            for (int64_t j = j0; j < j1; j++)
+                acc += job->g[i * job->M + j] * lf_half_to_f32(job->dt, job->W[j * job->ldw + p]);
             job->c[i * job->ldc + p] += acc;
         }
 }
