@@ -3,8 +3,9 @@
  * in the backward) is half precision.
  *
  * Inputs: torch tensors (bfloat16 or float16 through DLPack, viewed in place) or NumPy float16
- * arrays — or x and g float32 with W a 4-bit weight's handle (_C.q4_weight; 'mixed', lora_half.c); the
- * adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any strides. Results are new NumPy arrays: y and dx in the base's dtype, dA and dB in the adapters',
+ * arrays — or x and g float32 with W a quantized weight's handle (_C.q4_weight, _C.q8_weight; 'mixed',
+ * lora_half.c); the adapters A and B float32 or the base's dtype, bias float32 or the base's dtype; any
+ * strides. Results are new NumPy arrays: y and dx in the base's dtype, dA and dB in the adapters',
  * u float32 — bfloat16 ones as uint16 arrays of the bits (NumPy has no bfloat16: the caller views
  * them, torch.from_numpy(a).view(torch.bfloat16)). out=, dx_out=, dA_out=, dB_out= and packed_w
  * are fp32-only features: given with a half base they are refused with ValueError.
@@ -33,34 +34,36 @@ static PyArrayObject *typed_arg(lf_state *st, lf_py_arr_list *L, const char *F, 
     return a;
 }
 
-/* W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r): W of the base's dtype (or a 4-bit
- * weight's handle, _C.q4_weight, its elements of the base's dtype), A and B one dtype (float32 or the
- * base's); -1 with the exception set */
+/* W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r): W of the base's dtype (or a quantized
+ * weight's handle, _C.q4_weight / q8_weight, its elements of the base's dtype), A and B one dtype (float32
+ * or the base's); -1 with the exception set */
 static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oW, PyObject *oA, PyObject *oB,
                          int fifo, npy_intp k, lf_dtype xdt, lf_tview *W, lf_tview *A, lf_tview *B, npy_intp *m,
                          npy_intp *r) {
     lf_dtype dw, da, db;
     PyArrayObject *w = NULL, *a, *b;
-    int64_t q4_rows = 0, q4_cols = 0;
-    const int q4 = lf_py_q4_handle(oW, W, &q4_rows, &q4_cols);
-    const lf_dtype base = q4 && xdt == LF_DT_F32 ? W->dtype : xdt; /* a float32 x on a 4-bit W: mixed */
-    if (q4 && fifo) {
+    int64_t qw_rows = 0, qw_cols = 0;
+    const int qw = lf_py_qweight_handle(oW, W, &qw_rows, &qw_cols);
+    const lf_dtype base = qw && xdt == LF_DT_F32 ? W->dtype : xdt; /* a float32 x on a quantized W: mixed */
+    if (qw && fifo) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: a 4-bit W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
+                     "%s: a quantized W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
         return -1;
     }
-    if (q4 && W->dtype != base) {
-        PyErr_Format(PyExc_TypeError, "%s: the 4-bit W's elements are %s but x is %s: make the handle with dtype=x's dtype",
-                     F, lf_py_dtype_name(W->dtype), lf_py_dtype_name(base));
+    if (qw && W->dtype != base) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: the quantized W's elements are %s but x is %s: make the handle with dtype=x's dtype", F,
+                     lf_py_dtype_name(W->dtype), lf_py_dtype_name(base));
         return -1;
     }
-    if (q4 && q4_cols != k) {
-        PyErr_Format(PyExc_ValueError, "%s: the 4-bit W must be (m, k) with k = x.shape[-1] = %ld, got (%ld, %ld)", F,
-                     (long)k, (long)q4_rows, (long)q4_cols);
+    if (qw && qw_cols != k) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: the quantized W must be (m, k) with k = x.shape[-1] = %ld, got (%ld, %ld)", F, (long)k,
+                     (long)qw_rows, (long)qw_cols);
         return -1;
     }
-    *m = (npy_intp)q4_rows; /* a dense W's m comes from lf_py_check_weight_dims */
-    if ((!q4 && !(w = typed_arg(st, L, F, oW, "W", 2, fifo ? "(k, m)" : "(m, k)", base, 0, &dw))) ||
+    *m = (npy_intp)qw_rows; /* a dense W's m comes from lf_py_check_weight_dims */
+    if ((!qw && !(w = typed_arg(st, L, F, oW, "W", 2, fifo ? "(k, m)" : "(m, k)", base, 0, &dw))) ||
         !(a = typed_arg(st, L, F, oA, "A", 2, "(r, k)", base, 1, &da)) ||
         !(b = typed_arg(st, L, F, oB, "B", 2, "(m, r)", base, 1, &db)))
         return -1;
@@ -70,12 +73,12 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
         return -1;
     }
     if (base != xdt && da != LF_DT_F32) {
-        PyErr_Format(PyExc_TypeError, "%s: with a float32 x on a 4-bit W the adapters must be float32, got %s", F,
+        PyErr_Format(PyExc_TypeError, "%s: with a float32 x on a quantized W the adapters must be float32, got %s", F,
                      lf_py_dtype_name(da));
         return -1;
     }
     if (lf_py_check_weight_dims(F, w, a, b, fifo, k, m, r)) return -1;
-    if (!q4) *W = lf_py_tview2(w, base);
+    if (!qw) *W = lf_py_tview2(w, base);
     if (fifo) *W = (lf_tview){W->p, W->cs, W->rs, base, NULL};
     *A = lf_py_tview2(a, da);
     *B = lf_py_tview2(b, db);

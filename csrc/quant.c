@@ -1,10 +1,11 @@
-/* quant.c — lorafuse._C.dequant_4bit, quant_4bit, quant_tables, and q4gemm / q4gemm_path (a GEMM whose
- * second operand is a 4-bit weight, dequantized while it is packed: lf_tview.q4): bitsandbytes' 4-bit
- * weight storage (kernels/include/lorafuse/quant4.h) on NumPy arrays or CPU torch tensors (DLPack, read
+/* quant.c — lorafuse._C.dequant_4bit, quant_4bit, quant_tables, q4gemm / q4gemm_path (a GEMM whose
+ * second operand is a 4-bit weight, dequantized while it is packed: lf_tview.qw), and q4_weight /
+ * q8_weight (a checked 4-bit or 8-bit weight for the LoRA kernels): bitsandbytes' weight
+ * storage (kernels/include/lorafuse/quant.h) on NumPy arrays or CPU torch tensors (DLPack, read
  * in place).
  *
  * Every length a stored weight claims is checked against the arrays it comes with before C reads
- * them (lf_q4_unfit: data bytes, scales per block, nested scales per nested block, the 256-entry
+ * them (lf_qweight_unfit: data bytes, scales per block, nested scales per nested block, the 256-entry
  * nested code table), so a hostile quant_state raises ValueError instead of reading out of bounds.
  * Inputs of the wrong dtype are TypeErrors naming the argument; non-contiguous ones are copied.
  */
@@ -21,7 +22,7 @@
 #include "dlpack_in.h"
 #include "runtime.h"
 
-#include "lorafuse/quant4.h"
+#include "lorafuse/quant.h"
 
 /* New reference to obj as an ndarray: ndarrays as they are, objects with __dlpack__ viewed in place
  * (bfloat16 as uint16 bits, *bf16 = 1); NULL with TypeError naming the argument. writable: an
@@ -70,7 +71,7 @@ static PyArrayObject *input_of(lf_state *st, PyObject *obj, const char *F, const
 }
 
 /* "nf4" / "fp4" */
-static int parse_type(const char *F, const char *s, lf_q4_type *t) {
+static int parse_type(const char *F, const char *s, lf_qtype *t) {
     if (!strcmp(s, "nf4")) *t = LF_Q4_NF4;
     else if (!strcmp(s, "fp4")) *t = LF_Q4_FP4;
     else {
@@ -167,9 +168,9 @@ typedef struct {
 } q4_args;
 
 /* *w from q (its pointers into arrays kept in L; arrs[0..3] = data, absmax, nested_absmax, nested_code,
- * the last two NULL when not nested), checked with lf_q4_unfit. 0, or -1 with TypeError / ValueError
+ * the last two NULL when not nested), checked with lf_qweight_unfit. 0, or -1 with TypeError / ValueError
  * naming the argument. */
-static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_args *q, lf_q4_weight *w,
+static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_args *q, lf_qweight *w,
                     PyArrayObject *arrs[4]) {
     memset(w, 0, sizeof *w);
     arrs[0] = arrs[1] = arrs[2] = arrs[3] = NULL;
@@ -204,7 +205,7 @@ static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_arg
         w->n_nested_absmax = PyArray_SIZE(nam);
         w->nested_code = PyArray_DATA(code);
     }
-    const char *why = lf_q4_unfit(w);
+    const char *why = lf_qweight_unfit(w);
     if (why) {
         PyErr_Format(PyExc_ValueError, "%s: %s", F, why);
         return -1;
@@ -219,7 +220,7 @@ static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_arg
 const char lf_py_dequant_4bit_doc[] =
     "dequant_4bit(data, absmax, shape, blocksize, quant_type, dtype='float32', nested_absmax=None,\n"
     "             nested_code=None, nested_blocksize=256, offset=0.0, rows=None, cols=None, out=None) -> W\n\n"
-    "bitsandbytes' 4-bit weight (lorafuse/quant4.h) dequantized, bit-identical to its dequantize_4bit:\n"
+    "bitsandbytes' 4-bit weight (lorafuse/quant.h) dequantized, bit-identical to its dequantize_4bit:\n"
     "data uint8 (ceil(rows*cols/2) bytes, any shape), shape (rows, cols), quant_type 'nf4' | 'fp4',\n"
     "absmax float32 (one per block) or, double-quantized, uint8 codes with nested_absmax float32,\n"
     "nested_code float32 (256,), nested_blocksize and offset. rows / cols: (start, stop) sub-ranges.\n"
@@ -237,7 +238,7 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
                                      &q.nested_blocksize, &q.offset, &orows, &ocols, &oout))
         return NULL;
     lf_state *st = PyModule_GetState(self);
-    lf_q4_weight w;
+    lf_qweight w;
     lf_dtype dt;
     int64_t r0, r1, c0, c1;
     lf_py_arr_list L = {{0}, 0};
@@ -250,7 +251,7 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     if (lf_py_check_no_alias(F, "out", out, arrs, names, w.nested ? 4 : 2)) goto fail;
     int status;
     void *po = PyArray_DATA(out);
-    Py_BEGIN_ALLOW_THREADS status = lf_q4_dequantize(&w, r0, r1, c0, c1, dt, po, c1 - c0);
+    Py_BEGIN_ALLOW_THREADS status = lf_qweight_dequantize(&w, r0, r1, c0, c1, dt, po, c1 - c0);
     Py_END_ALLOW_THREADS
     if (status) {
         lf_py_raise_status(status, F);
@@ -264,32 +265,52 @@ fail:
     return NULL;
 }
 
-/* A 4-bit weight checked once, for lora_forward / lora_backward's W (lf_py_q4_handle): the struct
- * the kernels read, the dtype its elements are rounded to, and the arrays its pointers point into
- * (owned references: the capsule keeps them alive). */
-#define Q4_HANDLE_NAME "lorafuse.q4_weight"
+/* A quantized weight checked once, for lora_forward / lora_backward's W (lf_py_qweight_handle): the
+ * struct the kernels read, the dtype its elements are rounded to, and the arrays its pointers point into
+ * (owned references: the capsule keeps them alive). _C.q4_weight and _C.q8_weight make them. */
+#define QWEIGHT_HANDLE_NAME "lorafuse.qweight"
 typedef struct {
-    lf_q4_weight w;
+    lf_qweight w;
     lf_dtype dt;
     PyObject *arrs[4];
-} q4_handle;
+} qweight_handle;
 
-static void q4_handle_free(PyObject *cap) {
-    q4_handle *h = PyCapsule_GetPointer(cap, Q4_HANDLE_NAME);
+static void qweight_handle_free(PyObject *cap) {
+    qweight_handle *h = PyCapsule_GetPointer(cap, QWEIGHT_HANDLE_NAME);
     if (!h) return;
     for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
     PyMem_Free(h);
 }
 
-int lf_py_is_q4_handle(PyObject *obj) { return PyCapsule_IsValid(obj, Q4_HANDLE_NAME); }
+int lf_py_is_qweight_handle(PyObject *obj) { return PyCapsule_IsValid(obj, QWEIGHT_HANDLE_NAME); }
 
-int lf_py_q4_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols) {
-    if (!PyCapsule_IsValid(obj, Q4_HANDLE_NAME)) return 0;
-    const q4_handle *h = PyCapsule_GetPointer(obj, Q4_HANDLE_NAME);
+int lf_py_qweight_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols) {
+    if (!PyCapsule_IsValid(obj, QWEIGHT_HANDLE_NAME)) return 0;
+    const qweight_handle *h = PyCapsule_GetPointer(obj, QWEIGHT_HANDLE_NAME);
     *rows = h->w.rows;
     *cols = h->w.cols;
-    *W = (lf_tview){.rs = h->w.cols, .cs = 1, .dtype = h->dt, .q4 = &h->w}; /* W (rows, cols) as stored */
+    *W = (lf_tview){.rs = h->w.cols, .cs = 1, .dtype = h->dt, .qw = &h->w}; /* W (rows, cols) as stored */
     return 1;
+}
+
+/* The capsule owning h (h->w filled and checked, h->dt set): h->dt must be a half dtype; arrs[0..3] (or
+ * NULL) are referenced. Frees h and returns NULL with an exception set on failure. */
+static PyObject *new_qweight_handle(const char *F, qweight_handle *h, PyArrayObject *arrs[4]) {
+    if (h->dt == LF_DT_F32) {
+        PyErr_Format(PyExc_ValueError, "%s: dtype must be 'bfloat16' or 'float16' (the fused kernels' half base)", F);
+        PyMem_Free(h);
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        Py_XINCREF(arrs[i]);
+        h->arrs[i] = (PyObject *)arrs[i];
+    }
+    PyObject *cap = PyCapsule_New(h, QWEIGHT_HANDLE_NAME, qweight_handle_free);
+    if (!cap) {
+        for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
+        PyMem_Free(h);
+    }
+    return cap;
 }
 
 const char lf_py_q4_weight_doc[] =
@@ -316,21 +337,62 @@ PyObject *lf_py_q4_weight(PyObject *self, PyObject *args, PyObject *kw) {
     lf_py_arr_list L = {{0}, 0};
     PyArrayObject *arrs[4];
     PyObject *cap = NULL;
-    q4_handle *h = PyMem_Calloc(1, sizeof *h);
+    qweight_handle *h = PyMem_Calloc(1, sizeof *h);
     if (!h) return PyErr_NoMemory();
-    if (parse_dtype(F, sdtype, &h->dt) || parse_q4(PyModule_GetState(self), F, &L, &q, &h->w, arrs)) goto fail;
-    if (h->dt == LF_DT_F32) {
-        PyErr_Format(PyExc_ValueError, "%s: dtype must be 'bfloat16' or 'float16' (the fused kernels' half base)", F);
+    if (parse_dtype(F, sdtype, &h->dt) || parse_q4(PyModule_GetState(self), F, &L, &q, &h->w, arrs))
+        PyMem_Free(h);
+    else
+        cap = new_qweight_handle(F, h, arrs);
+    lf_py_drop_all(&L);
+    return cap;
+}
+
+const char lf_py_q8_weight_doc[] =
+    "q8_weight(CB, SCB, dtype='bfloat16') -> handle\n\n"
+    "An 8-bit weight W (rows, cols) = (out_features, in_features) in bitsandbytes' LLM.int8 storage\n"
+    "(lorafuse/quant.h): CB int8 (rows, cols) C-contiguous codes, SCB float32 (rows,) row scales; checked\n"
+    "once and held as the handle lora_forward / lora_backward take as W, like q4_weight's. Its elements\n"
+    "CB·(SCB·fl(1/127)) are rounded to dtype ('bfloat16' or 'float16': x's dtype), as bitsandbytes'\n"
+    "Linear8bitLt computes in training (MatMul8bitFp); dequantized inside the GEMM's packing or, for a\n"
+    "few tokens, a block at a time in cache. A float32 x is computed as for q4_weight (x rounded to\n"
+    "dtype), which is not bitsandbytes' arithmetic for such x (it computes it in float32).";
+
+PyObject *lf_py_q8_weight(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "q8_weight";
+    static char *kwlist[] = {"CB", "SCB", "dtype", NULL};
+    PyObject *ocb, *oscb;
+    const char *sdtype = "bfloat16";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s:q8_weight", kwlist, &ocb, &oscb, &sdtype)) return NULL;
+    lf_state *st = PyModule_GetState(self);
+    lf_py_arr_list L = {{0}, 0};
+    PyObject *cap = NULL;
+    PyArrayObject *cb, *scb;
+    qweight_handle *h = PyMem_Calloc(1, sizeof *h);
+    if (!h) return PyErr_NoMemory();
+    if (parse_dtype(F, sdtype, &h->dt) || !(cb = lf_py_keep(&L, input_of(st, ocb, F, "CB", NPY_INT8, "int8"))) ||
+        !(scb = lf_py_keep(&L, input_of(st, oscb, F, "SCB", NPY_FLOAT32, "float32"))))
+        goto fail;
+    if (PyArray_NDIM(cb) != 2 || PyArray_NDIM(scb) != 1 || PyArray_DIM(scb, 0) != PyArray_DIM(cb, 0)) {
+        PyErr_Format(PyExc_ValueError, "%s: CB must be 2-D (rows, cols) and SCB 1-D (rows,) with one scale per row",
+                     F);
         goto fail;
     }
-    for (int i = 0; i < 4; i++) {
-        Py_XINCREF(arrs[i]);
-        h->arrs[i] = (PyObject *)arrs[i];
-    }
-    if (!(cap = PyCapsule_New(h, Q4_HANDLE_NAME, q4_handle_free))) {
-        for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
+    lf_qweight *w = &h->w;
+    w->type = LF_Q8_ROW;
+    w->data = PyArray_DATA(cb);
+    w->nbytes = PyArray_SIZE(cb);
+    w->rows = PyArray_DIM(cb, 0);
+    w->cols = PyArray_DIM(cb, 1);
+    w->blocksize = w->cols > 0 ? w->cols : 1;
+    w->absmax = PyArray_DATA(scb);
+    w->n_absmax = PyArray_SIZE(scb);
+    const char *why = lf_qweight_unfit(w);
+    if (why) {
+        PyErr_Format(PyExc_ValueError, "%s: %s", F, why);
         goto fail;
     }
+    PyArrayObject *arrs[4] = {cb, scb, NULL, NULL};
+    cap = new_qweight_handle(F, h, arrs);
     lf_py_drop_all(&L);
     return cap;
 fail:
@@ -341,10 +403,10 @@ fail:
 
 /* op(W) of a weight W (rows, cols) as a (P, Q) view: Wᵀ (transpose_b: element (p, q) = W[q, p], flat
  * q·cols + p) or W (element (p, q) = W[p, q], flat p·cols + q); its elements rounded to dt */
-static lf_tview op_of(const lf_q4_weight *w, int transpose_b, lf_dtype dt, int64_t *P, int64_t *Q) {
+static lf_tview op_of(const lf_qweight *w, int transpose_b, lf_dtype dt, int64_t *P, int64_t *Q) {
     *P = transpose_b ? w->cols : w->rows;
     *Q = transpose_b ? w->rows : w->cols;
-    return (lf_tview){.rs = transpose_b ? 1 : w->cols, .cs = transpose_b ? w->cols : 1, .dtype = dt, .q4 = w};
+    return (lf_tview){.rs = transpose_b ? 1 : w->cols, .cs = transpose_b ? w->cols : 1, .dtype = dt, .qw = w};
 }
 
 const char lf_py_q4gemm_doc[] =
@@ -377,7 +439,7 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
     if (lf_py_parse_alpha_beta(F, oalpha, obeta, oc, obias, &alpha, &beta)) return NULL;
     lf_state *st = PyModule_GetState(self);
     lf_py_arr_list L = {{0}, 0};
-    lf_q4_weight w;
+    lf_qweight w;
     lf_dtype da, dw;
     PyArrayObject *a, *arrs[4];
     PyObject *c = NULL;
@@ -420,10 +482,10 @@ PyObject *lf_py_q4gemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || parse_dtype(F, sdtype, &dw)) return NULL;
     PyArrayObject *a = lf_py_as_typed(PyModule_GetState(self), oa, F, "a", &da);
     if (!a) return NULL;
-    const lf_q4_weight none = {0}; /* the path depends on dtypes and alpha only */
+    const lf_qweight none = {0}; /* the path depends on dtypes and alpha only */
     PyObject *res = NULL;
     if (!lf_py_check_ndim(F, "a", a, 2, "(M, K)"))
-        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), (lf_tview){.dtype = dw, .q4 = &none}),
+        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), (lf_tview){.dtype = dw, .qw = &none}),
                             lf_py_dtype_name(da), lf_py_dtype_name(dw));
     Py_DECREF(a);
     return res;
@@ -442,7 +504,7 @@ PyObject *lf_py_quant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     long long blocksize = 64;
     const char *stype = "nf4";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Ls:quant_4bit", kwlist, &oW, &blocksize, &stype)) return NULL;
-    lf_q4_type type;
+    lf_qtype type;
     if (parse_type(F, stype, &type)) return NULL;
     if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)))
         return PyErr_Format(PyExc_ValueError, "%s: blocksize must be one of 32, 64, 128, ..., 4096, got %lld", F,

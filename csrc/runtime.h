@@ -88,7 +88,7 @@ int lf_py_parse_alpha_beta(const char *F, PyObject *oalpha, PyObject *obeta, PyO
                            float *alpha, float *beta);
 
 /* _C.dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c): bitsandbytes' 4-bit weight storage
- * (lorafuse/quant4.h); LF_PY_QUANT_METHODS: their entries of the module's method table. */
+ * (lorafuse/quant.h); LF_PY_QUANT_METHODS: their entries of the module's method table. */
 extern const char lf_py_dequant_4bit_doc[], lf_py_quant_4bit_doc[], lf_py_double_quant_doc[], lf_py_quant_tables_doc[];
 PyObject *lf_py_dequant_4bit(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_quant_4bit(PyObject *module, PyObject *args, PyObject *kw);
@@ -99,14 +99,16 @@ PyObject *lf_py_quant_tables(PyObject *module, PyObject *noargs);
 extern const char lf_py_q4gemm_doc[], lf_py_q4gemm_path_doc[];
 PyObject *lf_py_q4gemm(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_q4gemm_path(PyObject *module, PyObject *args, PyObject *kw);
-/* _C.q4_weight (quant.c): a checked 4-bit weight as lora_forward / lora_backward's W. lf_py_q4_handle:
- * 1 and *W the weight (rows, cols) as stored (rs = cols, cs = 1, .q4 set; valid while obj lives) if obj
- * is such a handle, else 0. */
-extern const char lf_py_q4_weight_doc[];
+/* _C.q4_weight, q8_weight (quant.c): a checked 4-bit / 8-bit weight as lora_forward / lora_backward's W.
+ * lf_py_qweight_handle: 1 and *W the weight (rows, cols) as stored (rs = cols, cs = 1, .qw set; valid while
+ * obj lives) if obj is such a handle, else 0. */
+extern const char lf_py_q4_weight_doc[], lf_py_q8_weight_doc[];
 PyObject *lf_py_q4_weight(PyObject *module, PyObject *args, PyObject *kw);
-int lf_py_q4_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols);
-int lf_py_is_q4_handle(PyObject *obj);
-#define LF_PY_Q4GEMM_METHODS LF_PY_KW_METHOD(q4gemm), LF_PY_KW_METHOD(q4gemm_path), LF_PY_KW_METHOD(q4_weight)
+PyObject *lf_py_q8_weight(PyObject *module, PyObject *args, PyObject *kw);
+int lf_py_qweight_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols);
+int lf_py_is_qweight_handle(PyObject *obj);
+#define LF_PY_Q4GEMM_METHODS LF_PY_KW_METHOD(q4gemm), LF_PY_KW_METHOD(q4gemm_path), LF_PY_KW_METHOD(q4_weight), \
+    LF_PY_KW_METHOD(q8_weight)
 #define LF_PY_QUANT_METHODS \
     LF_PY_KW_METHOD(dequant_4bit), LF_PY_KW_METHOD(quant_4bit), LF_PY_KW_METHOD(double_quant), \
     {"quant_tables", lf_py_quant_tables, METH_NOARGS, lf_py_quant_tables_doc}

@@ -4,7 +4,8 @@
 # the ASan runtime preloaded (GCC: `gcc -print-file-name=libasan.so`).
 #
 #   scripts/sanitize.sh            kernel + binding tests: tests/test_ops_*.py tests/test_runtime.py tests/test_output_cache.py
-#                                  tests/test_quant4.py tests/test_quant4_gemm.py (test_ops_* includes the 4-bit LoRA kernels)
+#                                  tests/test_quant4.py tests/test_quant4_gemm.py (test_ops_* includes the
+#                                  4-bit and 8-bit LoRA kernels)
 #   scripts/sanitize.sh all        the whole test suite
 #   scripts/sanitize.sh <pytest args...>   anything else, passed to pytest as is
 #

@@ -54,3 +54,19 @@ def _seed_everything():
         return
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama checkpoint (random weights, fp32, vocabulary tests/test_qlora.py's VOCAB = 61) on disk, for
+    transformers to load quantized (tests/test_qlora.py, tests/test_qlora_int8.py). Every in_features a multiple
+    of the 4-bit block (64): where a block straddles rows bitsandbytes' CPU dequantization reads the wrong
+    block's scale (tests/test_quant4.py), which lorafuse does not copy."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path

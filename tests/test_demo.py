@@ -81,17 +81,19 @@ def test_demo_short_compare_matches_peft(tmp_path):
     assert lf["acc_before"] == pf["acc_before"]
 
 
-@pytest.mark.slow  # both sides on a 4-bit base (~40 s): CI's second stage
-def test_demo_quant_nf4_against_peft_and_bitsandbytes(tmp_path):
-    """`lorafuse demo --quant nf4`: the model's linear layers loaded 4-bit by transformers + bitsandbytes; lorafuse's
-    layers run fused on the 4-bit codes ('c'), PEFT's are PEFT + bitsandbytes; the two fine-tunes follow one loss
-    curve within the base's bf16 rounding, the saved adapter reloads into a 4-bit base with stock PEFT."""
+@pytest.mark.slow  # three runs on a quantized base (~40 s each): CI's second stage
+@pytest.mark.parametrize("quant, banner", [("nf4", "NF4 4-bit"), ("int8", "int8 (bitsandbytes' LLM.int8")])
+def test_demo_quant_against_peft_and_bitsandbytes(tmp_path, quant, banner):
+    """`lorafuse demo --quant nf4|int8`: the model's linear layers loaded 4-bit / 8-bit by transformers +
+    bitsandbytes; lorafuse's layers run fused on the stored codes ('c'), PEFT's are PEFT + bitsandbytes; the two
+    fine-tunes follow one loss curve within the base's bf16 rounding, the saved adapter reloads into a quantized
+    base with stock PEFT; a third column trains lorafuse on the unquantized model in bf16."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: --quant has no base to load")
-    out, stdout = _demo(tmp_path, "--steps", "3", "--r", "4", "--alpha", "8", "--quant", "nf4")
-    assert "NF4 4-bit" in stdout and "lorafuse/PEFT" in stdout and "IDENTICAL" in stdout
+    out, stdout = _demo(tmp_path, "--steps", "3", "--r", "4", "--alpha", "8", "--quant", quant)
+    assert banner in stdout and "lorafuse/PEFT" in stdout and "lorafuse bf16" in stdout and "IDENTICAL" in stdout
     summary = json.loads((out / "demo_results.json").read_text())
-    lf, pf = summary["results"]["lorafuse"], summary["results"]["peft"]
-    assert lf["layer_paths"] == ["c"] and pf["layer_paths"] == ["stock"]
+    lf, pf, half = (summary["results"][k] for k in ("lorafuse", "peft", "lorafuse bf16"))
+    assert lf["layer_paths"] == ["c"] and pf["layer_paths"] == ["stock"] and half["layer_paths"] == ["c"]
     assert lf["losses"] == pytest.approx(pf["losses"], rel=2e-2)
 
 
@@ -109,7 +111,8 @@ def test_demo_quant_without_bitsandbytes_is_a_usage_error(tmp_path, monkeypatch,
     from lorafuse import demo
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     parser = argparse.ArgumentParser()
     run = demo.add_arguments(parser)
     assert run(parser.parse_args(["--quant", "nf4", "--out", str(tmp_path / "o")])) == 2

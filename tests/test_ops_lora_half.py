@@ -101,6 +101,19 @@ class Case:
         assert_within_bound(f64(got).reshape(n, k), ref, bound_rounded(lim, ref, self.base), "dx")
 
 
+class HandleCase(Case):
+    """A `Case` whose W the kernels get as a quantized weight's handle, ``self.handle`` (set by the subclass,
+    tests/test_ops_lora_q4.py and _q8.py, with ``self.W`` the values it stands for)."""
+
+    def forward(self, plan=None):
+        return ops.lora_forward(self.x, self.handle, self.A, self.B, self.s, self.bias, dropout_p=self.p, seed=SEED,
+                                plan=plan)
+
+    def backward(self, u, plan=None, need_dx=True):
+        return ops.lora_backward(self.g, self.x, u, self.handle, self.A, self.B, self.s, need_dx=need_dx,
+                                 dropout_p=self.p, seed=SEED, plan=plan)
+
+
 SHAPES = [(1, 7, 33, 1), (7, 33, 1, 5), (8, 65, 70, 3), (33, 257, 65, 16), (257, 33, 40, 8)]
 
 

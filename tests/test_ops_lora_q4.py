@@ -14,13 +14,13 @@ torch = pytest.importorskip("torch")
 
 from lorafuse import _C, ops, quant  # noqa: E402
 from lorafuse.quant import lora_linear_4bit, q4_handle  # noqa: E402
-from test_ops_lora_half import SEED, Case  # noqa: E402
+from test_ops_lora_half import SEED, HandleCase  # noqa: E402
 from tolerances import DAZ, assert_within_bound, bound, bound_rounded  # noqa: E402
 
 QUANTS = [("nf4", True, 64), ("fp4", False, 64), ("nf4", False, 32), ("fp4", True, 128)]
 
 
-class Q4Case(Case):
+class Q4Case(HandleCase):
     """A `Case` whose W is a 4-bit weight: the kernels get its handle, the float64 reference the values
     it dequantizes to (bnb's dequantize_4bit, then rounded to the base dtype — what the kernels multiply)."""
 
@@ -32,14 +32,6 @@ class Q4Case(Case):
         self.weight = torch.nn.Parameter(self.data, requires_grad=False)
         self.weight.quant_state = self.state
         self.handle = q4_handle(self.weight, self.x.dtype)
-
-    def forward(self, plan=None):
-        return ops.lora_forward(self.x, self.handle, self.A, self.B, self.s, self.bias, dropout_p=self.p, seed=SEED,
-                                plan=plan)
-
-    def backward(self, u, plan=None, need_dx=True):
-        return ops.lora_backward(self.g, self.x, u, self.handle, self.A, self.B, self.s, need_dx=need_dx,
-                                 dropout_p=self.p, seed=SEED, plan=plan)
 
 
 SHAPES = [(1, 64, 33, 4), (7, 33, 65, 5), (8, 257, 40, 16), (33, 130, 257, 8), (257, 96, 70, 3)]
@@ -134,7 +126,7 @@ def test_zero_tokens():
 
 def test_bad_handles_and_operands():
     c = Q4Case(3, 64, 16, 2, "bfloat16", "float32")
-    with pytest.raises(TypeError, match="float32 x on a 4-bit W the adapters must be float32"):
+    with pytest.raises(TypeError, match="float32 x on a quantized W the adapters must be float32"):
         ops.lora_forward(c.x.float(), c.handle, c.A.bfloat16(), c.B.bfloat16(), 1.0)
     with pytest.raises(ValueError, match="float32 x on a bf16/fp16 base takes y 'decode' or 'split'"):
         ops.lora_forward(c.x.float(), c.handle, c.A, c.B, 1.0, plan=("skinny", "augmented"))

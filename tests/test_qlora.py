@@ -18,6 +18,7 @@ from lorafuse import quant  # noqa: E402
 
 # ------------------------------------------------------------------ layers on bitsandbytes' Linear4bit
 
+
 def _bnb_stack():
     pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: PEFT's 4-bit LoRA layers are not built")
     peft = pytest.importorskip("peft")
@@ -27,20 +28,6 @@ def _bnb_stack():
 
 VOCAB = 61
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny Llama checkpoint (random weights, fp32) on disk, for transformers to load in 4 bits. Every
-    in_features a multiple of the block (64): where a block straddles rows bitsandbytes' CPU dequantization
-    reads the wrong block's scale (tests/test_quant4.py), which lorafuse does not copy."""
-    _, transformers = _bnb_stack()
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
 
 
 def _load_4bit(path, dtype=torch.bfloat16, compute=torch.bfloat16):
@@ -120,6 +107,13 @@ def test_llama_4bit_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir, kbit):
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     want, got, exact = _run(theirs, ids), _run(ours, ids), _run(ref, ids)
     assert len(_layers(ours)) == 6 and {m.lorafuse_path for m in _layers(ours)} == {"c"}
+    assert_at_least_as_accurate(got, want, exact)
+
+
+def assert_at_least_as_accurate(got: dict, want: dict, exact: dict) -> None:
+    """Every tensor of ``got`` (lorafuse's) as close to ``exact`` (float64) as ``want`` (PEFT's) is: each error ≤ 3×
+    PEFT's + 8 u_h, the median ratio of the errors ≤ 2 (the bounds of tests/test_peft_parity.py's half-precision
+    parity test)."""
     u_h = 2.0 ** -8
     ratios = []
     for key, r in exact.items():
@@ -166,32 +160,43 @@ def test_fallbacks_run_peft_and_match_it(llama_dir):
     assert {m.lorafuse_path for m in _layers(ours_d)} == {"peft"}
 
 
-def test_patch_peft_unfuse_and_files_both_ways(llama_dir, tmp_path):
+def check_patch_files_unfuse(load, pair, layers, fused: type, stock: type, tmp_path):
+    """`patch_peft` makes stock PEFT build ``fused`` layers on ``load()``'s quantized model; adapters saved by
+    lorafuse load in stock PEFT and the other way round, the same tensors; `unfuse_peft_model` gives back
+    ``stock`` (PEFT's class). ``pair()``: (PEFT model, lorafuse model), returned for further checks."""
     import lorafuse
-    from lorafuse import FusedLinear4bit
 
     peft, _ = _bnb_stack()
-    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-
     lorafuse.patch_peft()
     try:
-        patched = peft.get_peft_model(_load_4bit(llama_dir), peft.LoraConfig(**LORA))
+        patched = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
     finally:
         lorafuse.unpatch_peft()
-    assert {type(m) for m in _layers(patched)} == {FusedLinear4bit} and len(_layers(patched)) == 6
-    theirs, ours = _pair(llama_dir)
+    assert {type(m) for m in layers(patched)} == {fused} and len(layers(patched)) == 6
+    theirs, ours = pair()
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
-    loaded_by_peft = peft.PeftModel.from_pretrained(_load_4bit(llama_dir), tmp_path / "ours")
-    loaded_by_us = lorafuse.PeftModel.from_pretrained(_load_4bit(llama_dir), tmp_path / "theirs")
-    assert len(_layers(loaded_by_us)) == 6 and not _layers(loaded_by_peft)
+    loaded_by_peft = peft.PeftModel.from_pretrained(load(), tmp_path / "ours")
+    loaded_by_us = lorafuse.PeftModel.from_pretrained(load(), tmp_path / "theirs")
+    assert len(layers(loaded_by_us)) == 6 and not layers(loaded_by_peft)
     sd = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
     for model in (loaded_by_peft, loaded_by_us):
         mine = model.state_dict()
         for k, v in sd.items():
             assert torch.equal(mine[k], v), k
-    assert lorafuse.unfuse_peft_model(ours) == 6
-    assert {type(m) for m in ours.modules() if "lora.bnb" in type(m).__module__} == {PeftLinear4bit}
+    assert lorafuse.unfuse_peft_model(loaded_by_us) == 6
+    assert {type(m) for m in loaded_by_us.modules() if "lora.bnb" in type(m).__module__} == {stock}
+    return theirs, ours
+
+
+def test_patch_peft_unfuse_and_files_both_ways(llama_dir, tmp_path):
+    from lorafuse import FusedLinear4bit
+
+    _bnb_stack()
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    check_patch_files_unfuse(lambda: _load_4bit(llama_dir), lambda: _pair(llama_dir), _layers, FusedLinear4bit,
+                             PeftLinear4bit, tmp_path)
 
 
 def test_merge_into_the_4bit_base_is_peft_merge(llama_dir):

@@ -1,4 +1,4 @@
-"""4-bit bases in bitsandbytes' storage (lorafuse/quant4.h, lorafuse.quant): the code tables, quantize →
+"""4-bit bases in bitsandbytes' storage (lorafuse/quant.h, lorafuse.quant): the code tables, quantize →
 dequantize round trips within each block's step, odd shapes, every block size, double quantization,
 sub-ranges, every ISA bit-identical to the generic code, bad input; and, where bitsandbytes is
 installed, the bits of its quantize_4bit / dequantize_4bit and a bnb Linear4bit read as it is."""
@@ -137,8 +137,8 @@ def test_model_quantize_and_state_dict_round_trip():
     twin.load_state_dict(sd)
     assert twin[0].weight.quant_state.quant_type == "nf4" and twin[0].weight.quant_state.nested
     assert torch.equal(twin[2](torch.relu(twin[0](x))), y)
-    with pytest.raises(NotImplementedError, match="8-bit"):
-        lorafuse.quantize(model, "int8")
+    with pytest.raises(ValueError, match="block_size and double_quant apply"):  # int8: tests/test_quant8.py
+        lorafuse.quantize(model, "int8", block_size=64)
 
 
 def good_args():

@@ -24,7 +24,7 @@
 
 #include "internal.h"
 #include "lorafuse/dropout_hash.h"
-#include "lorafuse/quant4.h"
+#include "lorafuse/quant.h"
 
 lf_operand lf_operand_plain(lf_view v, float scale) {
     lf_operand o;
@@ -81,7 +81,7 @@ typedef enum { A_PACKED, A_IN_PLACE, A_IN_PLACE_PAIR } a_read;
 static a_read how_a_is_read(const lf_dispatch *dp, const lf_operand *a, int64_t ncols, int64_t pc, int64_t kc) {
     const lf_segment *s = &a->seg[0];
     if (pc + kc > a->k_split || s->v.cs != 1 || s->scale != 1.0f || s->drop_threshold || !lf_seg_f32(s))
-        return A_PACKED; /* a half or 4-bit A is widened (or paired) by packing, never read by the fp32 tiles */
+        return A_PACKED; /* a half or quantized A is widened (or paired) by packing, never read by the fp32 tiles */
     const lf_tunables *tu = lf_tune();
     const int rows_in_one_set = tu->a_same_set_stride && s->v.rs % tu->a_same_set_stride == 0 && ncols > dp->nr;
     if (dp->ukernel_pair && (ncols > tu->direct_a_max_cols || rows_in_one_set)) return A_IN_PLACE_PAIR;
@@ -215,7 +215,7 @@ static const lf_dispatch *dispatch_for(int64_t N) {
     return dp->narrow && N <= dp->narrow->nr ? dp->narrow : dp;
 }
 
-/* 1 if every segment of o is bf16 (16-bit bits, or 4-bit codes rounded to bf16), at scale 1, without
+/* 1 if every segment of o is bf16 (16-bit bits, or quantized codes rounded to bf16), at scale 1, without
  * dropout (the bf16 tile multiplies the bits as they are) */
 static int plain_bf16(const lf_operand *o) {
     return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f && !o->seg[0].drop_threshold;
@@ -230,20 +230,20 @@ static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, 
     return dispatch_for(N);
 }
 
-/* 1 if every element i·rs + j·cs (i < d0, j < d1) of a 4-bit segment's view lies in its weight's
+/* 1 if every element i·rs + j·cs (i < d0, j < d1) of a quantized segment's view lies in its weight's
  * [0, rows·cols), without overflow (a stride may be negative only along an extent of 1) */
 static int q4_extent_ok(const lf_segment *s, int64_t d0, int64_t d1) {
     if (d0 <= 0 || d1 <= 0) return 1;
-    const int64_t n = s->q4->rows * s->q4->cols; /* fits: lf_q4_unfit checked it */
+    const int64_t n = s->qw->rows * s->qw->cols; /* fits: lf_qweight_unfit checked it */
     int64_t last0 = 0, last1 = 0;
     if (d0 > 1 && (s->v.rs < 0 || !lf_mul_ok(d0 - 1, s->v.rs, &last0))) return 0;
     if (d1 > 1 && (s->v.cs < 0 || !lf_mul_ok(d1 - 1, s->v.cs, &last1))) return 0;
     return last0 < n && last1 < n - last0;
 }
 
-/* LF_EINVAL if a half or 4-bit segment asks for what only fp32 segments do: a low-rank addend, kept
+/* LF_EINVAL if a half or quantized segment asks for what only fp32 segments do: a low-rank addend, kept
  * panels (a 4-bit one also dropout); a dtype lf_dtype does not name; a 16-bit segment without its
- * bits; a 4-bit one whose weight lf_q4_unfit refuses or whose view reaches outside it. o is (d, K)
+ * bits; a 4-bit one whose weight lf_qweight_unfit refuses or whose view reaches outside it. o is (d, K)
  * (an A-operand, d = M) or, b_side, (K, d) (d = N); segment t spans its K range (dropout on a half
  * segment: widened, then masked). */
 static int check_segments(const lf_operand *o, int64_t d, int64_t K, int b_side) {
@@ -251,11 +251,11 @@ static int check_segments(const lf_operand *o, int64_t d, int64_t K, int b_side)
         const lf_segment *s = &o->seg[t];
         if (s->dtype != LF_DT_F32 && s->dtype != LF_DT_BF16 && s->dtype != LF_DT_F16) return LF_EINVAL;
         if (!lf_seg_f32(s) && (o->add || o->packed)) return LF_EINVAL;
-        if (s->dtype != LF_DT_F32 && !s->q4 && !s->h) return LF_EINVAL;
-        if (!s->q4) continue;
+        if (s->dtype != LF_DT_F32 && !s->qw && !s->h) return LF_EINVAL;
+        if (!s->qw) continue;
         const int64_t k0 = t == 0 ? 0 : o->k_split, k1 = t == 0 && o->nseg > 1 ? o->k_split : K;
         const int64_t kt = (k1 < K ? k1 : K) - k0; /* its K extent (≤ 0: none) */
-        if (s->drop_threshold || lf_q4_unfit(s->q4) || !q4_extent_ok(s, b_side ? kt : d, b_side ? d : kt))
+        if (s->drop_threshold || lf_qweight_unfit(s->qw) || !q4_extent_ok(s, b_side ? kt : d, b_side ? d : kt))
             return LF_EINVAL;
     }
     return LF_OK;
@@ -331,11 +331,11 @@ void lf_packed_weight_free(lf_packed_b *pk) {
 size_t lf_packed_weight_bytes(const lf_packed_b *pk) { return pk ? pk->bytes : 0; }
 
 lf_operand lf_operand_typed(lf_tview t, float scale) {
-    const int f32 = t.dtype == LF_DT_F32 && !t.q4;
+    const int f32 = t.dtype == LF_DT_F32 && !t.qw;
     lf_operand o = lf_operand_plain((lf_view){f32 ? t.p : NULL, t.rs, t.cs}, scale);
     o.seg[0].dtype = t.dtype;
-    o.seg[0].q4 = t.q4;
-    if (!f32 && !t.q4) o.seg[0].h = t.p;
+    o.seg[0].qw = t.qw;
+    if (!f32 && !t.qw) o.seg[0].h = t.p;
     return o;
 }
 

@@ -3,10 +3,10 @@
  * concatenated, a per-segment scale, the dropout mask, a rank-r addend to b — none of these need
  * a pass of their own over memory. Row-major sources are packed by register transposes
  * (transpose.c). bf16 / fp16 segments are widened to fp32 as they are read (dp->widen), or, for
- * the bf16 tiles, packed as bf16 K-pairs (pack_*_pairs; AMX: pack_a_amx, pack_b_pairs). 4-bit
- * segments (lf_segment.q4) are dequantized here, a memory-contiguous run at a time (lf_q4_span's SIMD
- * runs) into a small stack buffer, rounded to the segment's dtype, then widened or paired like a
- * 16-bit segment; element by element only where neither stride is 1.
+ * the bf16 tiles, packed as bf16 K-pairs (pack_*_pairs; AMX: pack_a_amx, pack_b_pairs).
+ * Quantized (4-bit or 8-bit) segments (lf_segment.qw) are dequantized here, a memory-contiguous run at a
+ * time (lf_qweight_span's SIMD runs) into a small stack buffer, rounded to the segment's dtype, then widened
+ * or paired like a 16-bit segment; element by element only where neither stride is 1.
  */
 #include <string.h>
 
@@ -14,7 +14,7 @@
 #include "lorafuse/dropout_hash.h"
 #include "quant4_internal.h"
 
-/* 4-bit segments on the bf16 tiles: runs are decoded Q4_CHUNK elements (even: K-pairs never straddle
+/* quantized segments on the bf16 tiles: runs are decoded Q4_CHUNK elements (even: K-pairs never straddle
  * two) at a time, Q4_COLS columns of a column-contiguous b at once (a multiple of every dp->tb that
  * divides the tiles' NR, so whole column blocks reach the register transposes): a 16 KiB block. */
 enum { Q4_CHUNK = 512, Q4_COLS = 16 };
@@ -31,17 +31,17 @@ static int64_t seg_range(const lf_operand *o, int t, int64_t p0, int64_t kc, int
     return begin;
 }
 
-/* element off of a 4-bit segment as fp32: dequantized, rounded to its dtype, widened (exactly) */
+/* element off of a quantized segment as fp32: dequantized, rounded to its dtype, widened (exactly) */
 static float q4_value(const lf_segment *s, int64_t off) {
     float f;
     uint16_t h;
-    lf_q4_span(s->q4, off, 1, s->dtype, s->dtype == LF_DT_F32 ? (void *)&f : (void *)&h);
+    lf_qweight_span(s->qw, off, 1, s->dtype, s->dtype == LF_DT_F32 ? (void *)&f : (void *)&h);
     return s->dtype == LF_DT_F32 ? f : lf_half_to_f32(s->dtype, h);
 }
 
-/* value of the segment at memory offset off (widened if half or 4-bit, scale, then dropout mask) */
+/* value of the segment at memory offset off (widened if half or quantized, scale, then dropout mask) */
 static inline float seg_value(const lf_segment *s, int64_t off) {
-    const float w = lf_seg_f32(s) ? s->v.p[off] : s->q4 ? q4_value(s, off) : lf_half_to_f32(s->dtype, s->h[off]);
+    const float w = lf_seg_f32(s) ? s->v.p[off] : s->qw ? q4_value(s, off) : lf_half_to_f32(s->dtype, s->h[off]);
     const float v = w * s->scale;
     if (s->drop_threshold && !lf_dropout_keep(s->seed, (uint64_t)off, s->drop_threshold))
         return 0.0f;
@@ -72,16 +72,16 @@ static void pack_rows(const lf_dispatch *dp, const float *src, int64_t rs, int64
 }
 
 /* dst[j] = segment s at offsets off + j, j < n ≤ LF_MAX_KC (a contiguous run of its memory): masked,
- * widened or scaled by the ISA's span kernels; a 4-bit run dequantized by lf_q4_span to the segment's
+ * widened or scaled by the ISA's span kernels; a 4-bit run dequantized by lf_qweight_span to the segment's
  * dtype (fp32 into dst; bf16 / fp16 bits into a stack run, then widened exactly), then scaled */
 static void seg_span(const lf_dispatch *dp, const lf_segment *s, int64_t off, int64_t n, float *dst) {
-    if (s->q4 && s->dtype == LF_DT_F32) {
-        lf_q4_span(s->q4, off, n, LF_DT_F32, dst);
+    if (s->qw && s->dtype == LF_DT_F32) {
+        lf_qweight_span(s->qw, off, n, LF_DT_F32, dst);
         if (s->scale != 1.0f)
             for (int64_t j = 0; j < n; j++) dst[j] *= s->scale;
-    } else if (s->q4) {
+    } else if (s->qw) {
         uint16_t bits[LF_MAX_KC];
-        lf_q4_span(s->q4, off, n, s->dtype, bits);
+        lf_qweight_span(s->qw, off, n, s->dtype, bits);
         dp->widen(bits, n, s->dtype, s->scale, dst);
     } else if (s->dtype != LF_DT_F32 && s->drop_threshold) { /* half x̃: widened exactly, then masked and scaled */
         dp->widen(s->h + off, n, s->dtype, 1.0f, dst);
@@ -95,7 +95,7 @@ static void seg_span(const lf_dispatch *dp, const lf_segment *s, int64_t off, in
 }
 
 /* dst[q·ld + i] = segment s at offset off + i·stride + q, for i < runs, q < len: `runs` contiguous
- * runs of memory (rows of x̃ or of a half A, columns of a half or 4-bit Wᵀ), made fp32 (seg_span)
+ * runs of memory (rows of x̃ or of a half A, columns of a half or quantized Wᵀ), made fp32 (seg_span)
  * RUN_CHUNK at a time for up to RUN_ROWS runs at once into a row-major stack block (16 KiB), which
  * pack_rows then stores k-major (the ISA's register transposes) */
 enum { RUN_ROWS = 16, RUN_CHUNK = 256 };
@@ -121,19 +121,19 @@ static inline uint32_t pair_at(const uint16_t *h, int64_t off, int64_t step, int
 }
 
 /* The n 16-bit elements of segment s at offsets off + t·step, t < n, for the pair tiles: in place
- * (s->h; *stride = step), or a 4-bit segment's dequantized to bf16 bits into buf (n ≤ its length;
- * *stride = 1): one lf_q4_span run when step == 1, element by element otherwise. */
+ * (s->h; *stride = step), or a quantized segment's dequantized to bf16 bits into buf (n ≤ its length;
+ * *stride = 1): one lf_qweight_span run when step == 1, element by element otherwise. */
 static const uint16_t *bits_of(const lf_segment *s, int64_t off, int64_t step, int64_t n, uint16_t *buf,
                                int64_t *stride) {
-    if (!s->q4) {
+    if (!s->qw) {
         *stride = step;
         return s->h + off;
     }
     *stride = 1;
     if (step == 1)
-        lf_q4_span(s->q4, off, n, s->dtype, buf);
+        lf_qweight_span(s->qw, off, n, s->dtype, buf);
     else
-        for (int64_t t = 0; t < n; t++) lf_q4_span(s->q4, off + t * step, 1, s->dtype, buf + t);
+        for (int64_t t = 0; t < n; t++) lf_qweight_span(s->qw, off + t * step, 1, s->dtype, buf + t);
     return buf;
 }
 
@@ -210,7 +210,7 @@ static void pairs_of_columns(const lf_dispatch *dp, const uint16_t *src, int64_t
 
 /* dst[q·NR·ld + pp·NR + j] = pair (b(p0+2pp, j0+q·NR+j), b(p0+2pp+1, j0+q·NR+j)) for pp < np =
  * ceil(kc/2), 0 for np ≤ pp < ld (ld = lf_k_slots: AMX pads K to 32) and past nc, for every sliver
- * q of the nc columns. Column-contiguous b (Wᵀ): pairs_of_columns, on the columns in place, or (4-bit)
+ * q of the nc columns. Column-contiguous b (Wᵀ): pairs_of_columns, on the columns in place, or (quantized)
  * on Q4_COLS columns × Q4_CHUNK k at a time dequantized into a stack block; else pair row by pair row,
  * Q4_CHUNK columns at a time (bits_of: contiguous when b is row-major). */
 static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
@@ -221,7 +221,7 @@ static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0,
     for (int64_t q = 0; q < ncp / NR && np < ld; q++) /* the rows past K in each sliver */
         memset(dst + q * NR * ld + np * NR, 0, (size_t)((ld - np) * NR) * sizeof(uint32_t));
     uint16_t buf[Q4_COLS * Q4_CHUNK];
-    if (rs == 1 && !s->q4) {
+    if (rs == 1 && !s->qw) {
         pairs_of_columns(dp, s->h + j0 * cs + p0, cs, 0, nc, kc, NR, ld, dst);
         return;
     }
@@ -230,7 +230,7 @@ static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0,
             for (int64_t k0 = 0; k0 < kc; k0 += Q4_CHUNK) {
                 const int64_t w = min64(Q4_COLS, nc - jb), n = min64(Q4_CHUNK, kc - k0);
                 for (int64_t j = 0; j < w; j++)
-                    lf_q4_span(s->q4, (j0 + jb + j) * cs + p0 + k0, n, s->dtype, buf + j * Q4_CHUNK);
+                    lf_qweight_span(s->qw, (j0 + jb + j) * cs + p0 + k0, n, s->dtype, buf + j * Q4_CHUNK);
                 pairs_of_columns(dp, buf, Q4_CHUNK, jb, w, n, NR, ld, dst + k0 / 2 * NR);
             }
         return;
@@ -277,7 +277,7 @@ void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, in
         if (cs == 1 && !s->drop_threshold && lf_seg_f32(s)) { /* row-major source (x): a transpose */
             pack_rows(dp, s->v.p + i0 * rs + (lo - begin), rs, mr, hi - lo, s->scale, dst + (lo - p0) * MR, MR, MR * rs,
                       next_mr);
-        } else if (cs == 1) { /* x̃ rows, or half or 4-bit rows: each contiguous run to fp32 first */
+        } else if (cs == 1) { /* x̃ rows, or half or quantized rows: each contiguous run to fp32 first */
             pack_runs(dp, s, i0 * rs + (lo - begin), rs, mr, hi - lo, dst + (lo - p0) * MR, MR);
         } else {
             for (int64_t p = lo; p < hi; p++) {
@@ -296,7 +296,7 @@ static void pack_b_sliver(const lf_dispatch *dp, const lf_segment *s, int64_t be
     if (rs == 1 && !s->drop_threshold && lf_seg_f32(s)) { /* column-contiguous (Wᵀ of row-major W) */
         pack_rows(dp, s->v.p + j0 * cs + (lo - begin), cs, nr, hi - lo, s->scale, dst + (lo - p0) * NR, NR, NR * cs,
                   next_nr);
-    } else if (rs == 1 && !lf_seg_f32(s)) { /* half or 4-bit columns: each run to fp32 first */
+    } else if (rs == 1 && !lf_seg_f32(s)) { /* half or quantized columns: each run to fp32 first */
         pack_runs(dp, s, j0 * cs + (lo - begin), cs, nr, hi - lo, dst + (lo - p0) * NR, NR);
     } else {
         for (int64_t p = lo; p < hi; p++) {
@@ -320,7 +320,7 @@ static void pack_b_addend(const lf_lowrank *lr, int64_t lo, int64_t hi, int64_t 
 
 /* The kc×nc panel of b at (p0, j0) as NR-wide k-major slivers, sliver q at dst + q·NR·kc:
  * dst[q·NR·kc + p·NR + j] = b(p0+p, j0+q·NR+j), zero past nc. A row-major segment (W in dx = g·W,
- * fp32, half or 4-bit; x̃ or a half x in dA = s·vᵀ·x̃) is copied row by row across all slivers, so b is
+ * fp32, half or quantized; x̃ or a half x in dA = s·vᵀ·x̃) is copied row by row across all slivers, so b is
  * read in address order — one stream instead of one per sliver; the others are packed sliver by sliver. */
 void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
                      int NR, float *dst) {
@@ -346,7 +346,7 @@ void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int
                 memcpy(dst + q * NR * kc + (lo - p0) * NR, src + q * NR * kcb, (size_t)((hi - lo) * NR) * sizeof(float));
         } else if (s->v.cs == 1) {
             /* row-major rows, read in address order: a plain fp32 row directly (scaled as it is
-             * copied), any other (x̃, half, 4-bit) made fp32 first by seg_span, a run of whole slivers at
+             * copied), any other (x̃, half, quantized) made fp32 first by seg_span, a run of whole slivers at
              * a time — not sliver by sliver, which reads NR elements of each of kc rows one row
              * stride apart (rows 4 KiB apart share one L1 set) */
             const int plain = !s->drop_threshold && lf_seg_f32(s);

@@ -125,18 +125,19 @@ void lf_narrow(const float *src, int64_t n, lf_dtype dt, uint16_t *dst);
 void lf_round_rows(float *c, int64_t n, int64_t cols, int64_t ldc, lf_dtype dt);
 
 /* rowdots_half.c: c (n, M; row stride ldc) = x (n, K) · W (M, K)ᵀ (+ bias (M) fp32, or NULL) for a few
- * tokens, W streamed in place: x and W one half dtype, rows contiguous, or W a 4-bit weight (M ≤ rows,
+ * tokens, W streamed in place: x and W one half dtype, rows contiguous, or W a quantized weight (M ≤ rows,
  * K = cols; rowdots_q4.c where lf_rowdots_q4_ok) (lf_rowdots_half_ok) */
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
 /* rowdots_q4.c: the same product for x bf16 / fp16 and a 4-bit W (M ≤ rows, K = cols) read as it is,
  * element by element through per-block value tables (no dequantized copy); lf_rowdots_q4_ok: whether it
- * runs here (n ≤ LF_ROWDOTS_MAX_N, AVX-512, K a multiple of the block size), else lf_rowdots_half. */
+ * runs here (n ≤ LF_ROWDOTS_MAX_N, AVX-512, a 4-bit W, K a multiple of the block size), else
+ * lf_rowdots_half. */
 /* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_MAX_N tokens, W half
- * with rows contiguous (or a 4-bit W stored (M, K)) streamed once (dx of the decode-size backward), g any
+ * with rows contiguous (or a quantized W stored (M, K)) streamed once (dx of the decode-size backward), g any
  * dtype and strides */
 int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc);
-int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_q4_weight *w);
-int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_q4_weight *w,
+int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_qweight *w);
+int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
                   const float *bias, float *c, int64_t ldc);
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
                     float *c, int64_t ldc);
@@ -214,7 +215,7 @@ typedef struct {
     double parallel_min_flops;
     /* lora_half.c: a dense half W whose x·Wᵀ takes the ISA's bf16 tile uses the decode kernel (W streamed in
      * place) for at most this many tokens, the tile GEMM beyond (0: LF_ROWDOTS_MAX_N, the decode kernel's
-     * limit; a 4-bit W and the widened path always decode up to that limit) */
+     * limit; a quantized W and the widened path always decode up to that limit) */
     int half_decode_max_n;
 } lf_tunables;
 
@@ -303,15 +304,15 @@ typedef struct {
      * panels (lf_gemm: LF_EINVAL). */
     lf_dtype dtype;
     const uint16_t *h;
-    /* non-NULL: a 4-bit weight's elements (lf_tview.q4; v.p and h unused): offset off is W's flat
-     * element off, dequantized and rounded to dtype as it is packed (lf_q4_span: SIMD runs of the
+    /* non-NULL: a quantized (4-bit or 8-bit) weight's elements (lf_tview.qw; v.p and h unused): offset off
+     * is W's flat element off, dequantized and rounded to dtype as it is packed (lf_qweight_span: SIMD runs of the
      * memory-contiguous direction), then read as a bf16 / fp16 / fp32 segment would be. No dropout,
      * low-rank addend or kept panels (lf_gemm: LF_EINVAL). */
-    const lf_q4_weight *q4;
+    const lf_qweight *qw;
 } lf_segment;
 
-/* 1 if s's elements are fp32 values in memory (v.p): neither 16-bit bits (h) nor 4-bit codes (q4) */
-static inline int lf_seg_f32(const lf_segment *s) { return s->dtype == LF_DT_F32 && !s->q4; }
+/* 1 if s's elements are fp32 values in memory (v.p): neither 16-bit bits (h) nor quantized codes (qw) */
+static inline int lf_seg_f32(const lf_segment *s) { return s->dtype == LF_DT_F32 && !s->qw; }
 
 /* A rank-r term added to segment 0 of a B-operand as it is packed:
  *     b(k, j) += scale · Σ_q L(k, q) · R(q, j),   L (K0, r), R (r, N)
@@ -333,7 +334,7 @@ typedef struct {
 } lf_operand;
 
 lf_operand lf_operand_plain(lf_view v, float scale);
-/* the one-segment operand reading t (fp32 through v.p, bf16 / fp16 through h, a 4-bit weight through q4),
+/* the one-segment operand reading t (fp32 through v.p, bf16 / fp16 through h, a quantized weight through qw),
  * times scale */
 lf_operand lf_operand_typed(lf_tview t, float scale);
 /* the operand reading x̃ = x ⊙ mask / (1-p) times scale (x when p == 0): the mask index is the flat

@@ -20,7 +20,7 @@
  * to it row block by row block and rounded to the output while the rows are in cache
  * (rank_rows.c). Elsewhere (fp16, or no bf16 tile) one widened GEMM over the augmented K forms the
  * whole sum ('augmented'), rounded row block by row block the same way. A few tokens ('decode') stream
- * W once in place (rowdots_half.c, which hands a 4-bit W to rowdots_q4.c; dx's g·W by
+ * W once in place (rowdots_half.c, which hands a quantized W to rowdots_q4.c; dx's g·W by
  * lf_rows_axpy_half). The rank-r products u, v, dBᵀ, dA run on the skinny kernels, which widen half rows
  * as they read them ('skinny'), or as GEMMs ('gemm').
  */
@@ -29,7 +29,7 @@
 
 #include "internal.h"
 #include "lorafuse/dropout_hash.h"
-#include "lorafuse/quant4.h"
+#include "lorafuse/quant.h"
 
 static lf_tview ttranspose(lf_tview v) {
     const int64_t rs = v.rs;
@@ -41,14 +41,15 @@ static lf_tview ttranspose(lf_tview v) {
 static int is_half(lf_dtype dt) { return dt == LF_DT_BF16 || dt == LF_DT_F16; }
 
 /* the dtype rules of kernels.h: W of a half dtype (the base's), x (and g) of that dtype or — mixed — float32
- * with rows contiguous; A and B one dtype, fp32 or the base's (fp32 when mixed); W may be a 4-bit weight
- * (lf_tview.q4) stored (m, k) as it is, its elements rounded to the base dtype — never transposed, never A
- * or B */
+ * with rows contiguous; A and B one dtype, fp32 or the base's (fp32 when mixed); W may be a quantized weight
+ * (lf_tview.qw: 4-bit or 8-bit) stored (m, k) as it is, its elements rounded to the base dtype — never
+ * transposed, never A or B */
 static int dtypes_ok(lf_tview x, int64_t k, int64_t m, lf_tview W, lf_tview A, lf_tview B) {
-    const int q4_ok = !W.q4 || (W.rs == k && W.cs == 1 && W.q4->rows == m && W.q4->cols == k && !lf_q4_unfit(W.q4));
+    const int qw_ok =
+        !W.qw || (W.rs == k && W.cs == 1 && W.qw->rows == m && W.qw->cols == k && !lf_qweight_unfit(W.qw));
     const int x_ok = x.dtype == W.dtype || (x.dtype == LF_DT_F32 && x.cs == 1 && A.dtype == LF_DT_F32);
-    return is_half(W.dtype) && x_ok && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == W.dtype) && q4_ok &&
-           !A.q4 && !B.q4;
+    return is_half(W.dtype) && x_ok && A.dtype == B.dtype && (A.dtype == LF_DT_F32 || A.dtype == W.dtype) && qw_ok &&
+           !A.qw && !B.qw;
 }
 
 /* x (n, k) fp32 with rows contiguous narrowed to dt, C-contiguous (malloc'd; NULL on failure): the base's
@@ -74,7 +75,7 @@ static lf_tview base_view(lf_tview x, lf_tview W) {
 lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t r) {
     const lf_tview xb = base_view(x, W);
     const int tile = on_bf16_tile(xb, ttranspose(W)), decode_max = lf_tune()->half_decode_max_n;
-    const int decode = lf_rowdots_half_ok(n, xb, W) && (W.q4 || !tile || !decode_max || n <= decode_max);
+    const int decode = lf_rowdots_half_ok(n, xb, W) && (W.qw || !tile || !decode_max || n <= decode_max);
     const lf_forward_y_path y = decode ? LF_Y_DECODE : x.dtype == LF_DT_F32 || tile ? LF_Y_SPLIT : LF_Y_AUGMENTED;
     return (lf_forward_plan){skinny_rows(x, r) ? LF_U_SKINNY : LF_U_GEMM, y};
 }
@@ -149,7 +150,7 @@ done:
     return st;
 }
 
-/* 1 if dx's g·W streams W row by row (lf_rows_axpy_half: a few tokens, W's rows contiguous or a 4-bit W) */
+/* 1 if dx's g·W streams W row by row (lf_rows_axpy_half: a few tokens, W's rows contiguous or a quantized W) */
 static int dx_streamed(int64_t n, lf_tview W) { return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1; }
 
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
@@ -238,7 +239,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
-         * contiguous (a 4-bit W as stored): W streamed once row by row (lf_rows_axpy_half), never packed */
+         * contiguous (a quantized W as stored): W streamed once row by row (lf_rows_axpy_half), never packed */
         if (dx_streamed(n, W)) {
             st = lf_rows_axpy_half(pool, n, m, k, gb, W, dx32, k);
         } else {

@@ -1,5 +1,6 @@
-/* quant4.c — bitsandbytes' 4-bit weight storage on the CPU (lorafuse/quant4.h): checks, dequantization
- * of any sub-matrix (the inner loops per ISA in quant4_simd.c), quantization and double quantization
+/* quant4.c — bitsandbytes' weight storage on the CPU (lorafuse/quant.h): checks and dequantization of
+ * any sub-matrix for 4-bit and 8-bit weights (the inner loops per ISA in quant4_simd.c), the 4-bit
+ * kind's quantization and double quantization
  * exactly as bnb 0.50 does them on the CPU (its default `quantize_4bit`, its lookup-table
  * `quantize_blockwise`), the arithmetic written out above each loop. */
 #include <float.h>
@@ -17,9 +18,22 @@ int64_t lf_q4_blocks(int64_t rows, int64_t cols, int64_t blocksize) {
 
 static int q4_blocksize_ok(int64_t b) { return b >= 32 && b <= 4096 && (b & (b - 1)) == 0; }
 
-const char *lf_q4_unfit(const lf_q4_weight *w) {
+/* the 8-bit kind's checks (lf_qweight_unfit): a block per row, one fp32 scale each */
+static const char *q8_unfit(const lf_qweight *w) {
+    int64_t n;
+    if (w->rows < 0 || w->cols < 0 || !lf_mul_ok(w->rows, w->cols, &n))
+        return "the shape must be two sizes >= 0 whose product fits int64";
+    if (w->blocksize != (w->cols > 0 ? w->cols : 1)) return "an int8 weight's block is its row (blocksize = cols)";
+    if (w->nested) return "an int8 weight has no double quantization";
+    if (w->nbytes < n || (n > 0 && !w->data)) return "data holds fewer than rows*cols int8 codes";
+    if (w->n_absmax < w->rows || (w->rows > 0 && !w->absmax)) return "SCB holds fewer scales than rows";
+    return NULL;
+}
+
+const char *lf_qweight_unfit(const lf_qweight *w) {
     if (!w) return "the weight is NULL";
-    if (w->type != LF_Q4_NF4 && w->type != LF_Q4_FP4) return "quant_type must be nf4 or fp4";
+    if (w->type == LF_Q8_ROW) return q8_unfit(w);
+    if (w->type != LF_Q4_NF4 && w->type != LF_Q4_FP4) return "quant_type must be nf4, fp4 or int8";
     if (!q4_blocksize_ok(w->blocksize)) return "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096";
     const int64_t blocks = lf_q4_blocks(w->rows, w->cols, w->blocksize);
     if (blocks < 0) return "the shape must be two sizes >= 0 whose product fits int64";
@@ -48,7 +62,34 @@ static lf_q4_run_fn run_for_isa(void) {
     }
 }
 
-void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *out) {
+static lf_q8_run_fn q8_run_for_isa(void) {
+    switch (lf_get_isa()) {
+    case LF_ISA_AMX_BF16:
+    case LF_ISA_AVX512_BF16:
+    case LF_ISA_AVX512: return lf_q8_run_avx512;
+    case LF_ISA_AVX2: return lf_q8_run_avx2;
+    default: return lf_q8_run_generic;
+    }
+}
+
+/* lf_qweight_span of an 8-bit weight: the run cut at row ends, each piece one lf_q8_run_fn call with
+ * its row's scale SCB[i]·fl(1/127) */
+static void q8_span(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, void *out) {
+    const lf_q8_run_fn run = q8_run_for_isa();
+    const size_t esize = dt == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
+    for (const int64_t end = e + n; e < end;) {
+        const int64_t i = e / w->cols, stop = end < (i + 1) * w->cols ? end : (i + 1) * w->cols;
+        run((const int8_t *)w->data + e, stop - e, lf_qweight_scale(w, i), dt, out);
+        out = (char *)out + (size_t)(stop - e) * esize;
+        e = stop;
+    }
+}
+
+void lf_qweight_span(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, void *out) {
+    if (w->type == LF_Q8_ROW) {
+        q8_span(w, e, n, dt, out);
+        return;
+    }
     const lf_q4_run_fn run = run_for_isa();
     const float *code = lf_q4_code(w->type);
     const size_t esize = dt == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
@@ -56,15 +97,15 @@ void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *
      * block's scale */
     for (const int64_t end = e + n; e < end;) {
         const int64_t b = e / w->blocksize, stop = end < (b + 1) * w->blocksize ? end : (b + 1) * w->blocksize;
-        run(w->data, e, stop - e, code, lf_q4_block_scale(w, b), dt, out);
+        run(w->data, e, stop - e, code, lf_qweight_scale(w, b), dt, out);
         out = (char *)out + (size_t)(stop - e) * esize;
         e = stop;
     }
 }
 
-int lf_q4_dequantize(const lf_q4_weight *w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, lf_dtype out_dtype,
+int lf_qweight_dequantize(const lf_qweight *w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, lf_dtype out_dtype,
                      void *out, int64_t ldo) {
-    if (lf_q4_unfit(w) || r0 < 0 || r0 > r1 || r1 > w->rows || c0 < 0 || c0 > c1 || c1 > w->cols)
+    if (lf_qweight_unfit(w) || r0 < 0 || r0 > r1 || r1 > w->rows || c0 < 0 || c0 > c1 || c1 > w->cols)
         return LF_EINVAL;
     if (out_dtype != LF_DT_F32 && out_dtype != LF_DT_BF16 && out_dtype != LF_DT_F16) return LF_EINVAL;
     if (r0 == r1 || c0 == c1) return LF_OK;
@@ -73,7 +114,7 @@ int lf_q4_dequantize(const lf_q4_weight *w, int64_t r0, int64_t r1, int64_t c0, 
     const size_t esize = out_dtype == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
     /* row i, columns [c0, c1): the flat run e ∈ [i·cols + c0, i·cols + c1) */
     for (int64_t i = r0; i < r1; i++)
-        lf_q4_span(w, i * w->cols + c0, c1 - c0, out_dtype, (char *)out + (size_t)((i - r0) * ldo) * esize);
+        lf_qweight_span(w, i * w->cols + c0, c1 - c0, out_dtype, (char *)out + (size_t)((i - r0) * ldo) * esize);
     return LF_OK;
 }
 
@@ -81,7 +122,7 @@ int lf_q4_dequantize(const lf_q4_weight *w, int64_t r0, int64_t r1, int64_t c0, 
 
 /* the code of a scaled s ∈ [-1, 1]: p = #{bounds < s} (a branch-free binary search over the 15
  * sorted bounds: torch.bucketize, right=False), then NF4's code p, FP4's order[p] */
-static uint8_t q4_code_of(float s, lf_q4_type type) {
+static uint8_t q4_code_of(float s, lf_qtype type) {
     const float *bounds = type == LF_Q4_NF4 ? lf_q4_bounds_nf4 : lf_q4_bounds_fp4;
     int p = 0;
     for (int step = 8; step; step >>= 1)
@@ -89,7 +130,7 @@ static uint8_t q4_code_of(float s, lf_q4_type type) {
     return type == LF_Q4_NF4 ? (uint8_t)p : lf_q4_order_fp4[p];
 }
 
-int lf_q4_quantize(lf_q4_type type, int64_t blocksize, int64_t n, const void *src, lf_dtype src_dtype,
+int lf_q4_quantize(lf_qtype type, int64_t blocksize, int64_t n, const void *src, lf_dtype src_dtype,
                    uint8_t *packed, float *absmax) {
     if ((type != LF_Q4_NF4 && type != LF_Q4_FP4) || !q4_blocksize_ok(blocksize) || n < 0 ||
         (src_dtype != LF_DT_F32 && src_dtype != LF_DT_BF16 && src_dtype != LF_DT_F16))

@@ -1,10 +1,11 @@
-/* quant4_internal.h — what quant4.c, quant4_simd.c and quant_tables.c share (not the binding). */
+/* quant4_internal.h — what quant4.c, quant4_simd.c and quant_tables.c share, and the kernels reading a
+ * quantized W through lf_qweight_span (not the binding). */
 #ifndef LORAFUSE_QUANT4_INTERNAL_H
 #define LORAFUSE_QUANT4_INTERNAL_H
 
 #include <stdint.h>
 
-#include "lorafuse/quant4.h"
+#include "lorafuse/quant.h"
 
 /* The bounds bnb's CPU quantize_4bit buckets a scaled value s ∈ [-1, 1] by: the sorted position is
  * the count of bounds strictly below s (torch.bucketize, right=False); NF4's position is its code,
@@ -25,16 +26,27 @@ void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *co
 void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                       void *out);
 
+/* One run of an 8-bit row: out[t] = round_dt(float(c[t]) · scale) for t < len, c int8 codes; out as
+ * lf_q4_run_fn's. Per ISA in quant4_simd.c; all give the same bits. */
+typedef void (*lf_q8_run_fn)(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
+void lf_q8_run_generic(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
+void lf_q8_run_avx2(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
+void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
+
 /* out[t] = w'[e + t] for t < n: the flat elements [e, e + n) of w dequantized and rounded to dt (as
- * lf_q4_dequantize, whose rows it runs; the GEMM's packing reads 4-bit operands through it), the run
- * cut at block edges, each piece one call of the ISA's lf_q4_run_fn with its block's fp32 scale (nested
- * scales resolved per piece: one table lookup, one product, one sum). Unchecked: w passes lf_q4_unfit,
+ * lf_qweight_dequantize, whose rows it runs; the GEMM's packing reads 4-bit operands through it), the run
+ * cut at block edges (8-bit: row ends), each piece one call of the ISA's lf_q4_run_fn (lf_q8_run_fn)
+ * with its block's fp32 scale (nested
+ * scales resolved per piece: one table lookup, one product, one sum). Unchecked: w passes lf_qweight_unfit,
  * 0 ≤ e, e + n ≤ rows·cols. */
-void lf_q4_span(const lf_q4_weight *w, int64_t e, int64_t n, lf_dtype dt, void *out);
+void lf_qweight_span(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, void *out);
 
 /* The fp32 scale of block b (b < its blocks): absmax[b], or nested (c2[qa[b]] · a2[b / B2]) + offset —
- * bnb's dequantize_blockwise (an fp32 product) and then `absmax += offset` (an fp32 sum) */
-static inline float lf_q4_block_scale(const lf_q4_weight *w, int64_t b) {
+ * bnb's dequantize_blockwise (an fp32 product) and then `absmax += offset` (an fp32 sum); 8-bit (b a
+ * row): SCB[b] · fl(1/127), MatMul8bitFp's `SCB.mul(1.0 / 127.0)` (torch multiplies an fp32 tensor by
+ * a Python float in fp32) */
+static inline float lf_qweight_scale(const lf_qweight *w, int64_t b) {
+    if (w->type == LF_Q8_ROW) return w->absmax[b] * (1.0f / 127.0f);
     if (!w->nested) return w->absmax[b];
     const float a = w->nested_code[w->absmax_q[b]] * w->nested_absmax[b / w->nested_blocksize];
     return a + w->offset;

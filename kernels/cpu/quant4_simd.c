@@ -10,6 +10,13 @@
 #include "half_store.h"
 #include "quant4_internal.h"
 
+/* The 8-bit row runs (lf_q8_run_fn): out[t] = round_dt(float(c[t]) · scale), one fp32 product each,
+ * as MatMul8bitFp's `CB.to(dtype).mul_(scale)` (int8 → dtype exact, the product in fp32, rounded once).
+ * The vector loops sign-extend 16 (AVX-512) / 8 (AVX2) codes to int32 and convert them exactly. */
+void lf_q8_run_generic(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    for (int64_t t = 0; t < len; t++) lf_store1(dt, out, t, (float)c[t] * scale);
+}
+
 void lf_q4_run_generic(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                        void *out) {
     for (int64_t t = 0; t < len; t++) {
@@ -70,7 +77,33 @@ LF_AVX512 void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, con
     }
     if (t < len) lf_q4_run_generic(data, e + t, len - t, code, scale, dt, lf_out_at(dt, out, t));
 }
+
+LF_AVX2 void lf_q8_run_avx2(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    const __m256 s = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) {
+        const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + t)));
+        lf_store8(dt, out, t, _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
+    }
+    if (t < len) lf_q8_run_generic(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
+}
+
+LF_AVX512 void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    const __m512 s = _mm512_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+        const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + t)));
+        lf_store16(dt, out, t, _mm512_mul_ps(_mm512_cvtepi32_ps(v), s));
+    }
+    if (t < len) lf_q8_run_generic(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
+}
 #else
+void lf_q8_run_avx2(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    lf_q8_run_generic(c, len, scale, dt, out);
+}
+void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    lf_q8_run_generic(c, len, scale, dt, out);
+}
 void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                     void *out) {
     lf_q4_run_generic(data, e, len, code, scale, dt, out);

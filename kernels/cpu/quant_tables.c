@@ -3,7 +3,7 @@
  * `create_dynamic_map()` return, and the bucket bounds its CPU `quantize_4bit` compares against
  * (midpoints (a + b) / 2 in fp32 of the sorted codes). tests/test_quant4.py checks each one against
  * bitsandbytes where it is installed. */
-#include "lorafuse/quant4.h"
+#include "lorafuse/quant.h"
 
 #include "quant4_internal.h"
 
@@ -73,7 +73,7 @@ static const float k_dynamic[256] = {
     0x1.eep-1f, 0x1.f53334p-1f, 0x1.fc6666p-1f, 0x1.0p+0f,
 };
 
-const float *lf_q4_code(lf_q4_type type) {
+const float *lf_q4_code(lf_qtype type) {
     return type == LF_Q4_NF4 ? k_nf4 : type == LF_Q4_FP4 ? k_fp4 : NULL;
 }
 

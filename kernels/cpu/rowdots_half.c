@@ -11,15 +11,15 @@
  * on the CPU measured it issues at a quarter of the FMA's rate (benchmarks/RESULTS.md, "Half-precision
  * GEMM core"), so at 8 tokens, where the product stops being bound by W's bytes, it is the slower.
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products).
- * A 4-bit W (W.q4, stored (M, K) as it is) is read as it is — a quarter of bf16's bytes: by rowdots_q4.c
- * where it applies (lf_rowdots_q4_ok), else each block of ROWS_PER_BLOCK rows × K_BLOCK columns is
- * dequantized (lf_q4_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
+ * A quantized W (W.qw, stored (M, K) as it is) is read as it is — 4-bit: a quarter of bf16's bytes, by
+ * rowdots_q4.c where it applies (lf_rowdots_q4_ok) —, else each block of ROWS_PER_BLOCK rows × K_BLOCK columns is
+ * dequantized (lf_qweight_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
  * kernels read it there. */
 #include <stdlib.h>
 
 #include "half_store.h"
 #include "internal.h"
-#include "lorafuse/quant4.h"
+#include "lorafuse/quant.h"
 
 /* Rows [j0, j1) of W against the n rows of x over K elements (one K block): xw (n, K; row stride
  * ldx) x widened to fp32, W's rows ldw apart; c[i·ldc + j] = the sum (+ bias[j] if bias), or += it
@@ -120,8 +120,8 @@ static rows_fn rows_for(void) {
 typedef struct {
     rows_fn rows;
     int64_t n, M, K, ldw, ldc;
-    const uint16_t *W;      /* NULL for a 4-bit W */
-    const lf_q4_weight *q4; /* the 4-bit W (M, K), or NULL */
+    const uint16_t *W;      /* NULL for a quantized W */
+    const lf_qweight *qw; /* the quantized W (M, K), or NULL */
     const float *xw, *bias;
     lf_dtype dt;
     float *c;
@@ -133,9 +133,9 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
     const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
     const int64_t j0 = tid * per * ROWS_PER_BLOCK;
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
-    /* a 4-bit W: rows [j, j + ROWS_PER_BLOCK) × columns [p0, p0 + len) dequantized into buf (row stride len) */
-    uint16_t *buf = job->q4 && j0 < j1 ? malloc(ROWS_PER_BLOCK * K_BLOCK * sizeof(uint16_t)) : NULL;
-    if (job->q4 && j0 < j1 && !buf) {
+    /* a quantized W: rows [j, j + ROWS_PER_BLOCK) × columns [p0, p0 + len) dequantized into buf (row stride len) */
+    uint16_t *buf = job->qw && j0 < j1 ? malloc(ROWS_PER_BLOCK * K_BLOCK * sizeof(uint16_t)) : NULL;
+    if (job->qw && j0 < j1 && !buf) {
         __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -146,7 +146,7 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
             const int64_t je = j + ROWS_PER_BLOCK < j1 ? j + ROWS_PER_BLOCK : j1;
             const float *bias = p0 || !job->bias ? NULL : job->bias + j;
             if (buf) {
-                lf_q4_dequantize(job->q4, j, je, p0, p0 + len, job->dt, buf, len); /* checked by the caller */
+                lf_qweight_dequantize(job->qw, j, je, p0, p0 + len, job->dt, buf, len); /* checked by the caller */
                 job->rows(0, je - j, job->n, len, job->xw + p0, job->K, buf, len, job->dt, bias, p0 > 0, job->c + j,
                           job->ldc);
             } else {
@@ -160,21 +160,21 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
     return n <= LF_ROWDOTS_MAX_N && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype &&
-           x.cs == 1 && W.cs == 1 && (!W.q4 || W.rs == W.q4->cols);
+           x.cs == 1 && W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
 }
 
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
                     float *c, int64_t ldc) {
     if (n < 0 || M < 0 || K < 0 || ldc < M || !lf_rowdots_half_ok(n, x, W)) return LF_EINVAL;
-    if (W.q4 && (lf_q4_unfit(W.q4) || W.q4->cols != K || W.q4->rows < M)) return LF_EINVAL;
+    if (W.qw && (lf_qweight_unfit(W.qw) || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
     if (n == 0 || M == 0) return LF_OK;
-    if (W.q4 && lf_rowdots_q4_ok(n, K, W.q4)) return lf_rowdots_q4(pool, n, M, K, x, W.q4, bias, c, ldc);
+    if (W.qw && lf_rowdots_q4_ok(n, K, W.qw)) return lf_rowdots_q4(pool, n, M, K, x, W.qw, bias, c, ldc);
     float *xw = malloc((size_t)(n * K > 0 ? n * K : 1) * sizeof(float)); /* x widened, rows contiguous */
     if (!xw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)
         for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + p * x.cs);
     rowdots_half_job job = {.rows = rows_for(), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
-                            .q4 = W.q4, .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
+                            .qw = W.qw, .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_half_run, &job);
     free(xw);
@@ -182,7 +182,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
 }
 
 /* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
- * rows contiguous (or a 4-bit W, dequantized a block at a time into a thread's buffer), each element read
+ * rows contiguous (or a quantized W, dequantized a block at a time into a thread's buffer), each element read
  * once: each thread owns a range of columns; rows of W are taken in blocks of AXPY_ROWS (their pages stay
  * in the TLB), and within a block each group of columns is summed over the block's rows in registers
  * (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one column strip through all M
@@ -195,13 +195,13 @@ typedef struct {
     const float *g; /* g widened (n, M), rows contiguous */
     const uint16_t *W;
     int64_t ldw;
-    const lf_q4_weight *q4; /* a 4-bit W (M, K) read as it is (W NULL), or NULL */
+    const lf_qweight *qw; /* a quantized W (M, K) read as it is (W NULL), or NULL */
     lf_dtype dt;
     float *c;
     int failed; /* a thread could not allocate its dequantization buffer */
 } rows_axpy_job;
 
-/* columns of a 4-bit W dequantized per step: AXPY_ROWS × AXPY_Q4_COLS halves = 128 KiB of a thread's buffer */
+/* columns of a quantized W dequantized per step: AXPY_ROWS × AXPY_Q4_COLS halves = 128 KiB of a thread's buffer */
 #define AXPY_Q4_COLS 512
 
 /* c[i, p] += Σ_{j ∈ [j0, j1)} g[i, j] · W[j, p] for i < n, p ∈ [p0, p1), one product at a time */
@@ -266,10 +266,10 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
 #endif
     for (int64_t i = 0; i < job->n; i++)
         for (int64_t q = q0; q < q1; q++) job->c[i * job->ldc + q] = 0.0f;
-    /* a 4-bit W: each block of rows × AXPY_Q4_COLS columns dequantized into buf (row stride AXPY_Q4_COLS,
-     * rounded as lf_q4_dequantize rounds) and summed from there, through a job that sees buf as W */
-    uint16_t *buf = job->q4 ? malloc(AXPY_ROWS * AXPY_Q4_COLS * sizeof(uint16_t)) : NULL;
-    if (job->q4 && !buf) {
+    /* a quantized W: each block of rows × AXPY_Q4_COLS columns dequantized into buf (row stride AXPY_Q4_COLS,
+     * rounded as lf_qweight_dequantize rounds) and summed from there, through a job that sees buf as W */
+    uint16_t *buf = job->qw ? malloc(AXPY_ROWS * AXPY_Q4_COLS * sizeof(uint16_t)) : NULL;
+    if (job->qw && !buf) {
         __atomic_store_n(&((rows_axpy_job *)job)->failed, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -282,7 +282,7 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
         }
         for (int64_t p = q0; p < q1; p += AXPY_Q4_COLS) {
             const int64_t w = q1 - p < AXPY_Q4_COLS ? q1 - p : AXPY_Q4_COLS;
-            lf_q4_dequantize(job->q4, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy_half */
+            lf_qweight_dequantize(job->qw, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy_half */
             const rows_axpy_job view = {.n = job->n, .M = job->M, .K = job->K, .ldc = job->ldc, .g = job->g + j,
                                         .W = buf, .ldw = w, .dt = job->dt, .c = job->c + p};
             axpy(&view, 0, je - j, 0, w);
@@ -295,13 +295,13 @@ int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g
     if (n < 1 || n > LF_ROWDOTS_MAX_N || M < 0 || K < 0 || ldc < K || W.cs != 1 ||
         (W.dtype != LF_DT_BF16 && W.dtype != LF_DT_F16))
         return LF_EINVAL;
-    if (W.q4 && (lf_q4_unfit(W.q4) || W.rs != K || W.q4->cols != K || W.q4->rows < M)) return LF_EINVAL;
+    if (W.qw && (lf_qweight_unfit(W.qw) || W.rs != K || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
     if (K == 0) return LF_OK;
     float *gw = malloc((size_t)(n * M > 0 ? n * M : 1) * sizeof(float)); /* g widened, rows contiguous */
     if (!gw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < M; j++) gw[i * M + j] = lf_elem_f32(g.p, g.dtype, i * g.rs + j * g.cs);
-    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .q4 = W.q4,
+    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .qw = W.qw,
                          .dt = W.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (K + 15) / 16);
     lf_pool_run(pool, nt, rows_axpy_run, &job);

@@ -1,11 +1,11 @@
 /* rowdots_q4.c — the decode forward's base product on a 4-bit W read as it is (lf_rowdots_q4, internal.h):
  *
  *     c[i·ldc + j] = Σ_p x[i, p] · W[j, p]  (+ bias[j])       i < n ≤ LF_ROWDOTS_MAX_N, j < M, p < K
- *     W[j, p] = round_dt(code[q(j·K + p)] · scale(block (j·K + p) / B))       (lorafuse/quant4.h)
+ *     W[j, p] = round_dt(code[q(j·K + p)] · scale(block (j·K + p) / B))       (lorafuse/quant.h)
  *
  * A few tokens read every code of W once: a quarter of bf16's bytes. Per block of B elements of a row the
  * 16 values its codes can stand for are formed once — the code table times the block's scale, rounded to
- * dt exactly as lf_q4_dequantize rounds (through lf_store16 / lf_load16) — and held in one register; each
+ * dt exactly as lf_qweight_dequantize rounds (through lf_store16 / lf_load16) — and held in one register; each
  * element is then one table lookup (vpermps on its nibble) and one fp32 FMA per token: W is never widened,
  * stored or re-read. A byte holds elements 2t (high nibble) and 2t+1 (low), so the high nibbles of 16
  * bytes are 16 even elements and the low ones 16 odd elements: x is split once into its even and odd
@@ -25,9 +25,9 @@
  * pass it; a multiple of the block size B (at least B). Few tokens: long runs of each row of W (prefetched). */
 #define X_L1_FLOATS 4096
 
-int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_q4_weight *w) {
+int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_qweight *w) {
 #if defined(__x86_64__)
-    return n <= LF_ROWDOTS_MAX_N && lf_get_isa() >= LF_ISA_AVX512 && K % w->blocksize == 0;
+    return n <= LF_ROWDOTS_MAX_N && lf_get_isa() >= LF_ISA_AVX512 && w->type != LF_Q8_ROW && K % w->blocksize == 0;
 #else
     (void)n, (void)K, (void)w;
     return 0;
@@ -36,7 +36,7 @@ int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_q4_weight *w) {
 
 typedef struct {
     int64_t n, M, K, ldc;
-    const lf_q4_weight *w;
+    const lf_qweight *w;
     const float *xe, *xo, *bias; /* xe, xo: (n, K/2) each */
     lf_dtype dt;
     float *c;
@@ -44,8 +44,8 @@ typedef struct {
 
 #if defined(__x86_64__)
 /* the 16 values of block b's codes: round_dt(code[q] · scale) for q < 16, widened back to fp32 */
-LF_AVX512 static inline __m512 block_table(const lf_q4_weight *w, __m512 code, int64_t b, lf_dtype dt) {
-    return lf_round16(dt, _mm512_mul_ps(code, _mm512_set1_ps(lf_q4_block_scale(w, b))));
+LF_AVX512 static inline __m512 block_table(const lf_qweight *w, __m512 code, int64_t b, lf_dtype dt) {
+    return lf_round16(dt, _mm512_mul_ps(code, _mm512_set1_ps(lf_qweight_scale(w, b))));
 }
 
 /* Rows [j0, j1) over elements [p0, p0 + len) of K (whole blocks) for N tokens: c[i, j] = the sum (+ bias)
@@ -55,7 +55,7 @@ LF_AVX512 static inline __m512 block_table(const lf_q4_weight *w, __m512 code, i
 #define ROWS_Q4(N, R, E)                                                                                               \
     LF_AVX512 static void rows_q4_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,      \
                                       int accumulate) {                                                                \
-        const lf_q4_weight *w = job->w;                                                                                \
+        const lf_qweight *w = job->w;                                                                                \
         const int64_t K = job->K, B = w->blocksize, K2 = K / 2, KB = K / B; /* blocks per row */                     \
         const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
         const int lg = __builtin_ctzll((unsigned long long)B); /* B is a power of two */                               \
@@ -132,9 +132,9 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
 }
 #endif
 
-int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_q4_weight *w,
+int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
                   const float *bias, float *c, int64_t ldc) {
-    if (n < 1 || M < 0 || K < 0 || ldc < M || !w || lf_q4_unfit(w) || w->cols != K || w->rows < M ||
+    if (n < 1 || M < 0 || K < 0 || ldc < M || !w || lf_qweight_unfit(w) || w->cols != K || w->rows < M ||
         (x.dtype != LF_DT_BF16 && x.dtype != LF_DT_F16) || !lf_rowdots_q4_ok(n, K, w))
         return LF_EINVAL;
 #if defined(__x86_64__)

@@ -26,6 +26,7 @@ _LAZY = {
     "unfuse_peft_model": "peft_api",
     "FusedLinear": "peft_fused",
     "FusedLinear4bit": "qlora",
+    "FusedLinear8bitLt": "qlora",
     "patch_peft": "peft_fused",
     "unpatch_peft": "peft_fused",
     "peft_is_patched": "peft_fused",

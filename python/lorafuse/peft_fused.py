@@ -58,7 +58,8 @@ from .autograd import fused_linear
 from .dora import RowNorms, dora_operands
 from .io_validate import AdapterFileError, check_peft_dir
 from .layers import fused_operands, plain_base
-from .qlora import FusedLinear4bit, PeftLinear4bit, dispatch_lorafuse_4bit
+from .qlora import (FusedLinear4bit, FusedLinear8bitLt, PeftLinear4bit, PeftLinear8bitLt,
+                    dispatch_lorafuse_quant)
 from .weight_cache import PackedWeightOption
 
 __all__ = ["FusedLinear", "patch_peft", "unpatch_peft", "peft_is_patched"]
@@ -156,20 +157,24 @@ class FusedLinear(PackedWeightOption, PeftLinear):
 RUNTIME_ATTRS = ("_weight_cache", "lorafuse_path", "_dora_row_norms")
 
 
-# PEFT's LoRA layer classes and their lorafuse subclasses (the 4-bit one where bitsandbytes is installed)
+# PEFT's LoRA layer classes and their lorafuse subclasses (the bnb 4-bit / 8-bit ones where bitsandbytes is installed)
 FUSED_CLASSES: dict[type, type] = {PeftLinear: FusedLinear}
 if PeftLinear4bit is not None:
     from peft.tuners.lora import bnb as _peft_bnb
 
     FUSED_CLASSES[PeftLinear4bit] = FusedLinear4bit
-    _STOCK_DISPATCH_4BIT: Optional[Callable[..., Optional[nn.Module]]] = _peft_bnb.dispatch_bnb_4bit
+    FUSED_CLASSES[PeftLinear8bitLt] = FusedLinear8bitLt
+    # PEFT's dispatchers for bnb's bases, which patch_peft wraps (`_fused_bnb_dispatch`)
+    _STOCK_DISPATCH_BNB: dict[str, Callable[..., Optional[nn.Module]]] = {
+        name: getattr(_peft_bnb, name) for name in ("dispatch_bnb_4bit", "dispatch_bnb_8bit")}
 else:  # pragma: no cover - without bitsandbytes
-    _peft_bnb, _STOCK_DISPATCH_4BIT = None, None
+    _peft_bnb, _STOCK_DISPATCH_BNB = None, {}
 
 
 def fuse_layer(module: Optional[nn.Module]) -> Optional[nn.Module]:
-    """``module`` with its lorafuse class (`FusedLinear`, `lorafuse.qlora.FusedLinear4bit`) if it is exactly
-    one of PEFT's LoRA layer classes fused (``lora.Linear``, ``lora.bnb.Linear4bit``), in place."""
+    """``module`` with its lorafuse class (`FusedLinear`, `lorafuse.qlora.FusedLinear4bit` / `FusedLinear8bitLt`) if
+    it is exactly one of PEFT's LoRA layer classes fused (``lora.Linear``, ``lora.bnb.Linear4bit`` /
+    ``Linear8bitLt``), in place."""
     new = FUSED_CLASSES.get(type(module))
     if new is not None:
         module.__class__ = new
@@ -177,17 +182,19 @@ def fuse_layer(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
 
 def _dispatch_fused(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    """PEFT's ``dispatch_default``, with its ``lora.Linear`` made a `FusedLinear`; a `lorafuse.quant.Linear4bit`
-    target (which stock PEFT does not know) gets a `lorafuse.qlora.LoraLinear4bit`."""
-    return dispatch_lorafuse_4bit(target, adapter_name, **kwargs) or fuse_layer(
+    """PEFT's ``dispatch_default``, with its ``lora.Linear`` made a `FusedLinear`; a `lorafuse.quant.Linear4bit` /
+    `lorafuse.quant8.Linear8bit` target (which stock PEFT does not know) gets a `lorafuse.qlora.LoraLinear4bit` /
+    `LoraLinear8bit`."""
+    return dispatch_lorafuse_quant(target, adapter_name, **kwargs) or fuse_layer(
         _STOCK_DISPATCH(target, adapter_name, **kwargs))
 
 
 @contextlib.contextmanager
 def fused_dispatch() -> Iterator[None]:
     """PEFT builds lorafuse's layers (`_dispatch_fused`) inside this block, as under `patch_peft`: for lorafuse's
-    own entry points, which also convert afterwards (`fuse_peft_model`) but must reach `LoraLinear4bit` for
-    lorafuse's 4-bit modules while PEFT creates the layers. Stock PEFT's dispatch again after it (unless patched)."""
+    own entry points, which also convert afterwards (`fuse_peft_model`) but must reach `LoraLinear4bit` /
+    `LoraLinear8bit` for lorafuse's quantized modules while PEFT creates the layers. Stock PEFT's dispatch again
+    after it (unless patched)."""
     before = _peft_model.dispatch_default
     _peft_model.dispatch_default = _dispatch_fused
     try:
@@ -196,9 +203,18 @@ def fused_dispatch() -> Iterator[None]:
         _peft_model.dispatch_default = before
 
 
-def _dispatch_fused_4bit(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
-    """PEFT's ``dispatch_bnb_4bit``, with its ``lora.bnb.Linear4bit`` made a `FusedLinear4bit`."""
-    return fuse_layer(_STOCK_DISPATCH_4BIT(target, adapter_name, **kwargs))
+def _fused_bnb_dispatch(name: str) -> Callable[..., Optional[nn.Module]]:
+    """PEFT's ``dispatch_bnb_4bit`` / ``dispatch_bnb_8bit``, with the layer it makes given its lorafuse class."""
+    stock = _STOCK_DISPATCH_BNB[name]
+
+    def dispatch(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+        return fuse_layer(stock(target, adapter_name, **kwargs))
+
+    dispatch.__name__ = dispatch.__qualname__ = f"lorafuse_{name}"
+    return dispatch
+
+
+_FUSED_DISPATCH_BNB = {name: _fused_bnb_dispatch(name) for name in _STOCK_DISPATCH_BNB}
 
 
 def _is_local_dir(model_id: Any) -> bool:
@@ -210,8 +226,6 @@ def validate_local(model_id: Any, kwargs: dict) -> None:
     """`check_peft_dir` on ``model_id`` (+ ``subfolder``) when it names a local directory."""
     if _is_local_dir(model_id):
         check_peft_dir(os.path.join(os.fspath(model_id), kwargs.get("subfolder") or ""))
-
-
 
 
 class _Snapshot:
@@ -300,12 +314,12 @@ def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: 
 
 def patch_peft() -> None:
     """From now on, LoRA layers that stock PEFT creates on nn.Linear / Conv1D are `FusedLinear` (on
-    bitsandbytes' Linear4bit `lorafuse.qlora.FusedLinear4bit`), local
+    bitsandbytes' Linear4bit / Linear8bitLt `lorafuse.qlora.FusedLinear4bit` / `FusedLinear8bitLt`), local
     adapter directories are validated before PEFT loads them, and ``save_pretrained`` writes atomically
     (idempotent). Layers that exist already keep their class: `lorafuse.fuse_peft_model` converts them."""
     _peft_model.dispatch_default = _dispatch_fused
-    if _peft_bnb is not None:
-        _peft_bnb.dispatch_bnb_4bit = _dispatch_fused_4bit
+    for name, dispatch in _FUSED_DISPATCH_BNB.items():
+        setattr(_peft_bnb, name, dispatch)
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
     PeftModel.save_pretrained = save_pretrained
@@ -314,8 +328,8 @@ def patch_peft() -> None:
 def unpatch_peft() -> None:
     """Stock PEFT again: new LoRA layers are PEFT's ``lora.Linear``, its loaders and saver its own (idempotent)."""
     _peft_model.dispatch_default = _STOCK_DISPATCH
-    if _peft_bnb is not None:
-        _peft_bnb.dispatch_bnb_4bit = _STOCK_DISPATCH_4BIT
+    for name, dispatch in _STOCK_DISPATCH_BNB.items():
+        setattr(_peft_bnb, name, dispatch)
     PeftModel.from_pretrained = _STOCK_FROM_PRETRAINED
     PeftModel.load_adapter = _STOCK_LOAD_ADAPTER
     PeftModel.save_pretrained = _STOCK_SAVE_PRETRAINED

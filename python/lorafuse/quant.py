@@ -4,7 +4,7 @@
     y = lorafuse.quant.matmul_4bit(x, layer)              # x·Wᵀ, W dequantized inside the GEMM's packing
     lorafuse.quantize(model, "nf4", block_size=64, double_quant=True, skip_modules=("lm_head",))
 
-The storage is bitsandbytes 0.50's (kernels/include/lorafuse/quant4.h): W (out, in) read flat in
+The storage is bitsandbytes 0.50's (kernels/include/lorafuse/quant.h): W (out, in) read flat in
 blocks of ``block_size`` elements, two 4-bit codes a byte (the even element in the high nibble), one
 fp32 scale per block — or, double-quantized, uint8 scale codes + fp32 scales of 256 blocks + an offset.
 `dequantize` reads bnb's ``Params4bit`` + ``quant_state`` (or lorafuse's `QuantState`) without
@@ -15,11 +15,13 @@ installed). `Linear4bit` stores that layout, its state dict keys those of bnb's 
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ``bias``); its forward
 runs the fused kernels on W's codes for bf16 / fp16 x (else dequantizes and runs ``F.linear``).
 `matmul_4bit` is the fused 4-bit GEMM (``_C.q4gemm``): x·Wᵀ or g·W with W's codes dequantized while the
-GEMM packs them, so W in full precision never exists. 8-bit (int8) bases: not yet.
+GEMM packs them, so W in full precision never exists. 8-bit (LLM.int8) bases: `lorafuse.quant8`
+(``quantize(model, "int8")``: bnb's ``Linear8bitLt`` storage, int8 codes + a float32 scale per row).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from typing import Any, Iterable, Optional
@@ -30,9 +32,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from . import _C
-from .autograd import _differentiable_backward
-from .backend import _tensor, cpu_kernels
-from .weight_cache import RunTimeCache
+from .quant_lora import kept_handle, lora_linear_quant, rank0_adapters
 
 __all__ = ["QuantState", "Weight4bit", "Linear4bit", "dequantize", "matmul_4bit", "quantize", "quantize_weight",
            "quantization_config", "q4_handle", "lora_linear_4bit"]
@@ -255,12 +255,8 @@ class Linear4bit(nn.Module):
         if (cd is not None and x.dtype in (cd, torch.float32) and x.is_cpu and x.numel() and not is_compiling()
                 and not torch.is_autocast_enabled("cpu") and self.weight.is_cpu):
             adt = torch.float32 if x.dtype == torch.float32 else x.dtype  # a float32 x takes fp32 adapters
-            none = self.__dict__.get("_rank0")
-            if none is None or none[0].dtype != adt:
-                none = self.__dict__["_rank0"] = (torch.zeros(0, self.in_features, dtype=adt),
-                                                   torch.zeros(self.out_features, 0, dtype=adt))
             bias = None if self.bias is None else self.bias.to(cd)
-            return lora_linear_4bit(x, self.weight, bias, none[0], none[1], 0.0, compute_dtype=cd)
+            return lora_linear_4bit(x, self.weight, bias, *rank0_adapters(self, adt), 0.0, compute_dtype=cd)
         dtype = x.dtype if x.dtype in _DTYPES else self.weight.quant_state.dtype
         return F.linear(x, dequantize(self.weight, dtype=dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -284,62 +280,67 @@ class Linear4bit(nn.Module):
                 f"quant_type={qs.quant_type}, blocksize={qs.blocksize}, double_quant={qs.nested}")
 
 
-def quantize(model: nn.Module, quant_type: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
-             skip_modules: Iterable[str] = ("lm_head",)) -> nn.Module:
+def quantize(model: nn.Module, quant_type: str = "nf4", *, block_size: Optional[int] = None,
+             double_quant: Optional[bool] = None, skip_modules: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place; not those whose name or last name component is in
-    ``skip_modules``) by a `Linear4bit` holding bitsandbytes' storage of its weight; returns the model. A
-    transformers model also gets ``config.quantization_config`` (`quantization_config`): its
-    ``save_pretrained`` directory loads with ``from_pretrained`` where bitsandbytes is installed.
-    "int8" is not supported yet."""
-    if quant_type == "int8":
-        raise NotImplementedError("quantize: 8-bit bases are not implemented yet (nf4 and fp4 are)")
-    if quant_type not in _TYPES:
+    ``skip_modules``) by a layer holding bitsandbytes' storage of its weight; returns the model.
+    quant_type "nf4" / "fp4": `Linear4bit` (block_size: default 64; double_quant: default True). "int8":
+    `lorafuse.quant8.Linear8bit` (bnb's ``Linear8bitLt``: int8 codes, one float32 scale per output row);
+    block_size and double_quant do not apply to it, and passing either raises ValueError. A transformers
+    model also gets ``config.quantization_config`` (`quantization_config`): its ``save_pretrained``
+    directory loads with ``from_pretrained`` where bitsandbytes is installed."""
+    if quant_type not in _TYPES + ("int8",):
         raise ValueError(f"quantize: quant_type must be 'nf4', 'fp4' or 'int8', got {quant_type!r}")
-    if block_size not in _BLOCK_SIZES:
-        raise ValueError(f"quantize: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
+    if quant_type == "int8":
+        if block_size is not None or double_quant is not None:
+            raise ValueError("quantize: block_size and double_quant apply to 'nf4' / 'fp4' only; 'int8' has one "
+                             "scale per output row")
+        from .quant8 import Linear8bit
+
+        make = Linear8bit.from_linear
+    else:
+        block_size = 64 if block_size is None else block_size
+        double_quant = True if double_quant is None else bool(double_quant)
+        if block_size not in _BLOCK_SIZES:
+            raise ValueError(f"quantize: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
+
+        def make(linear: nn.Linear) -> nn.Module:
+            return Linear4bit.from_linear(linear, quant_type, block_size=block_size, double_quant=double_quant)
     skip = set(skip_modules)
     targets = [(name, m) for name, m in model.named_modules()
                if name and type(m) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, block_size=block_size,
-                                                      double_quant=double_quant))
+        setattr(parent, child, make(linear))
     config = getattr(model, "config", None)
     if targets and config is not None and hasattr(config, "to_dict"):  # a transformers model
-        config.quantization_config = quantization_config(quant_type, double_quant, targets[0][1].weight.dtype,
+        config.quantization_config = quantization_config(quant_type, bool(double_quant), targets[0][1].weight.dtype,
                                                          skip_modules)
     return model
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
                         skip_modules: Iterable[str]) -> dict:
-    """What transformers' ``BitsAndBytesConfig(load_in_4bit=True, …).to_dict()`` holds for this quantization:
-    `quantize` puts it in a transformers model's ``config.quantization_config``, so that ``save_pretrained``
-    writes it into config.json and ``from_pretrained`` — with bitsandbytes installed — builds bnb's Linear4bit
-    modules and loads the stored 4-bit weights as they are (their block size travels in each weight's quant
-    state). compute dtype: the weights' dtype before quantization."""
-    return {"quant_method": "bitsandbytes", "_load_in_8bit": False, "_load_in_4bit": True, "load_in_4bit": True,
-            "load_in_8bit": False, "llm_int8_threshold": 6.0, "llm_int8_skip_modules": list(skip_modules),
-            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": bool(double_quant),
-            "bnb_4bit_compute_dtype": str(compute_dtype).replace("torch.", ""), "bnb_4bit_quant_storage": "uint8"}
+    """What transformers' ``BitsAndBytesConfig(…).to_dict()`` holds for this quantization: `quantize` puts it in a
+    transformers model's ``config.quantization_config``, so that ``save_pretrained`` writes it into config.json
+    and ``from_pretrained`` — with bitsandbytes installed — builds bnb's modules and loads the stored weights as
+    they are. "nf4" / "fp4": ``load_in_4bit=True`` with that quant type, double quant and compute dtype (the
+    weights' dtype before quantization; the block size travels in each weight's quant state). "int8": the dict
+    of ``BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)``, its 4-bit fields at their
+    defaults (double_quant and compute_dtype do not apply; nor does llm_int8_threshold to the stored bits —
+    bnb quantizes weights with threshold 0 — only to bnb's eval-mode forward)."""
+    int8 = quant_type == "int8"
+    return {"quant_method": "bitsandbytes", "_load_in_8bit": int8, "_load_in_4bit": not int8,
+            "load_in_4bit": not int8, "load_in_8bit": int8, "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": list(skip_modules), "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False, "bnb_4bit_quant_type": "fp4" if int8 else quant_type,
+            "bnb_4bit_use_double_quant": False if int8 else bool(double_quant),
+            "bnb_4bit_compute_dtype": "float32" if int8 else str(compute_dtype).replace("torch.", ""),
+            "bnb_4bit_quant_storage": "uint8"}
 
 
 # ------------------------------------------------------------- LoRA on a 4-bit W: the kernels' torch entry
-
-_HALF = (torch.bfloat16, torch.float16)
-
-
-class _KeptHandle(RunTimeCache):
-    """A weight's last `q4_handle` and what it was made from, kept in the weight's ``__dict__`` (copies and
-    pickles of the weight get an empty one: a capsule can be neither copied nor pickled)."""
-
-    __slots__ = ("key", "handle")
-
-    def __init__(self, key: Any = None, handle: Any = None) -> None:
-        self.key, self.handle = key, handle
-
 
 def q4_handle(weight: Any, dtype: torch.dtype) -> Any:
     """``_C.q4_weight`` of a 4-bit weight (bnb's ``Params4bit`` or lorafuse's, with its ``quant_state``) whose
@@ -347,47 +348,12 @@ def q4_handle(weight: Any, dtype: torch.dtype) -> Any:
     Kept on the weight while its data, version and quant state stay the same objects (an in-place
     change or a new quant state makes a new one); the handle references the arrays it reads."""
     qs = weight.quant_state
-    key = (weight.data_ptr(), weight._version, id(qs), id(qs.absmax), dtype)
-    kept = weight.__dict__.get("_lorafuse_q4_handle")
-    if kept is not None and kept.key == key:
-        return kept.handle
-    data, absmax, rows2d, kw, _ = _stored(weight, qs, "q4_handle")
-    handle = _C.q4_weight(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type), dtype=_DTYPES[dtype], **kw)
-    weight.__dict__["_lorafuse_q4_handle"] = _KeptHandle(key, handle)
-    return handle
 
+    def make() -> Any:
+        data, absmax, rows2d, kw, _ = _stored(weight, qs, "q4_handle")
+        return _C.q4_weight(data, absmax, rows2d, int(qs.blocksize), str(qs.quant_type), dtype=_DTYPES[dtype], **kw)
 
-class Lora4bitFunction(torch.autograd.Function):
-    """The fused LoRA linear on a 4-bit W (module docstring): saves x, u (fp32) and the adapters."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                weight: Any, handle: Any, cd: torch.dtype, scale: float, dropout_p: float, seed: int,
-                kern: Any) -> torch.Tensor:
-        """x (..., k) → y (..., m) in x's dtype (cd: the compute dtype W's elements are rounded to)."""
-        y, u = kern.lora_forward(x, handle, lora_a, lora_b, scale, bias, dropout_p=dropout_p, seed=seed)
-        u = _tensor(u)
-        ctx.save_for_backward(x, u, lora_a, lora_b)
-        ctx.conf = (weight, handle, cd, scale, dropout_p, seed, kern)
-        return _tensor(y)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        """dx, db, dA, dB (None where not needed); W is frozen (4-bit storage has no gradient)."""
-        x, u, lora_a, lora_b = ctx.saved_tensors
-        weight, handle, cd, scale, dropout_p, seed, kern = ctx.conf
-        need_x, need_b, need_a, need_bb = ctx.needs_input_grad[:4]
-        dx = dA = dB = None
-        if need_x or need_a or need_bb:
-            if torch.is_grad_enabled():  # create_graph: torch math on W dequantized, recorded by autograd
-                W = dequantize(weight, dtype=cd).to(x.dtype)
-                dx, dA, dB = _differentiable_backward(grad, x, W, lora_a, lora_b, scale, dropout_p, seed, False, need_x)
-            else:
-                dx, dA, dB = kern.lora_backward(grad, x, u, handle, lora_a, lora_b, scale, need_dx=need_x,
-                                                dropout_p=dropout_p, seed=seed)
-                dx, dA, dB = (None if dx is None else _tensor(dx)), _tensor(dA), _tensor(dB)
-        db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
-        return dx, db, dA if need_a else None, dB if need_bb else None, None, None, None, None, None, None, None
+    return kept_handle(weight, ("q4", weight.data_ptr(), weight._version, id(qs), id(qs.absmax), dtype), make)
 
 
 def lora_linear_4bit(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -401,18 +367,10 @@ def lora_linear_4bit(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor],
     rounded itself, then the fp32 LoRA term (lora_half.c, 'mixed'). Differentiable in x, bias, A and B.
     Raises TypeError / ValueError for operands it cannot take."""
     cd = compute_dtype or x.dtype if isinstance(x, torch.Tensor) else None
-    if not isinstance(x, torch.Tensor) or not x.is_cpu or cd not in _HALF or x.dtype not in (cd, torch.float32):
-        raise TypeError(f"lora_linear_4bit: x must be a CPU tensor of the compute dtype (bfloat16 or float16) or "
-                        f"float32, got {type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, x.device.type)}"
-                        f" with compute dtype {cd}")
-    kern = cpu_kernels()
-    if kern is None:
-        raise RuntimeError("lora_linear_4bit: the C extension lorafuse._C is not built")
-    handle = q4_handle(weight, cd)
-    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                           or (bias is not None and bias.requires_grad)):
-        y, _ = kern.lora_forward(x, handle, lora_a, lora_b, float(scale), bias, dropout_p=float(dropout_p),
-                                 seed=int(seed), need_u=False)
-        return _tensor(y)
-    return Lora4bitFunction.apply(x, bias, lora_a, lora_b, weight, handle, cd, float(scale), float(dropout_p),
-                                  int(seed), kern)
+    return lora_linear_quant("lora_linear_4bit", x, functools.partial(q4_handle, weight),
+                             functools.partial(_dequantize_as, weight), bias, lora_a, lora_b, scale, dropout_p, seed,
+                             cd, "half or fp32")
+
+
+def _dequantize_as(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(weight, dtype=dtype)

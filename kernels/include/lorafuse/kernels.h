@@ -75,14 +75,15 @@ int lf_sgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_vie
 
 /* ---- half-precision operands: element types of lf_hgemm's inputs ---- */
 typedef enum { LF_DT_F32 = 0, LF_DT_BF16 = 1, LF_DT_F16 = 2 } lf_dtype;
-/* bitsandbytes' 4-bit storage of a weight (lorafuse/quant4.h) */
-typedef struct lf_q4_weight lf_q4_weight;
+/* bitsandbytes' 4-bit or 8-bit storage of a weight (lorafuse/quant.h) */
+typedef struct lf_qweight lf_qweight;
 
 /* strided matrix of any lf_dtype: element (i, j) at ((const T *)p)[i*rs + j*cs] (strides in
  * elements), T = float for LF_DT_F32, uint16_t (the bits of a bfloat16 / IEEE binary16) otherwise.
- * With q4 != NULL (p unused) the elements come from a 4-bit weight W (rows, cols) instead: element
+ * With qw != NULL (p unused) the elements come from a quantized weight W (rows, cols) instead: element
  * (i, j) is W's flat element e = i*rs + j*cs (C order, e = r*cols + c), of value
- *     code[q[e]] · absmax[e / B]    (one fp32 product, bnb's dequantize_4bit)
+ *     code[q[e]] · absmax[e / B]    (4-bit: one fp32 product, bnb's dequantize_4bit)
+ *     c[e] · (SCB[r] · fl(1/127))   (8-bit: bnb's MatMul8bitFp)
  * rounded once to dtype (fp32: as it is; bf16 / fp16: to nearest even) — so Wᵀ, the forward's
  * operand, is {rs = 1, cs = cols} and W of dx = g·W is {rs = cols, cs = 1}. Dequantized while the
  * GEMM packs it (gemm_pack.c); W in full precision never exists in memory. */
@@ -90,16 +91,16 @@ typedef struct {
     const void *p;
     int64_t rs, cs;
     lf_dtype dtype;
-    const lf_q4_weight *q4; /* NULL: an ordinary operand (last, so {p, rs, cs, dtype} still initialises one) */
+    const lf_qweight *qw; /* NULL: an ordinary operand (last, so {p, rs, cs, dtype} still initialises one) */
 } lf_tview;
 
 /* C (M,N; row stride ldc, fp32) = beta·C + alpha·a·b (+ bias[j] when beta == 0), a (M,K) and b (K,N)
- * each fp32, bf16 or fp16 (either may be a 4-bit weight's view, q4), accumulated in fp32. Two bf16
+ * each fp32, bf16 or fp16 (either may be a quantized weight's view, qw), accumulated in fp32. Two bf16
  * operands with alpha == 1 on the avx512_bf16 level run vdpbf16ps on bf16 K-pairs, on the amx_bf16
  * level AMX's tdpbf16ps (their rounding: tests/tolerances.py); everything else widens the half
  * operands to fp32 while packing (exact) and runs the fp32 micro-kernels.
  * beta ∈ {0, 1}; bias (N) or NULL; C must not alias a, b or bias. LF_EINVAL before any compute for a
- * q4 view whose weight is inconsistent (lf_q4_unfit) or whose elements i*rs + j*cs fall outside
+ * qw view whose weight is inconsistent (lf_qweight_unfit) or whose elements i*rs + j*cs fall outside
  * [0, rows·cols) for some (i, j) of the operand's extent. */
 int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
              const float *bias, float *c, int64_t ldc);
