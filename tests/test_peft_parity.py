@@ -141,11 +141,13 @@ def _run(model: Any, inputs: dict) -> dict:
 
 def _assert_match(got: dict, want: dict, tol: float = 1e-5) -> None:
     """Same keys (at least one), and each tensor of ``got`` within ``tol`` of the largest magnitude
-    of ``want``'s (fp32 summation order is all that may differ)."""
+    of ``want``'s (fp32 summation order is all that may differ). A bias gradient is a sum over every token
+    of the upstream gradient, whose terms cancel: its rounding error scales with the terms, up to ~10× the
+    result here (measured on Qwen2's k_proj: 1.06e-5 of the result on an AVX-512 Zen 4), so it gets 10 tol."""
     assert got.keys() == want.keys() and want
     for key, ref in want.items():
         assert ref is not None and got[key] is not None, key
-        atol = tol * max(ref.abs().max().item(), 1e-3)
+        atol = tol * (10 if key.endswith("bias") else 1) * max(ref.abs().max().item(), 1e-3)
         torch.testing.assert_close(got[key], ref, rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
 
 

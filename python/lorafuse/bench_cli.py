@@ -244,8 +244,9 @@ def lora_layer(base: Any, r: int, library: str = "lorafuse", *, dropout: float =
     on a one-layer model holding it — so PEFT's defaults apply alike (a bf16 base keeps fp32 adapters,
     ``autocast_adapter_dtype=True``). alpha = 2r. A (r, k) and B (m, r) are drawn from seed (B not zero),
     so layers made with one seed compute the same function; a DoRA magnitude is PEFT's ‖W_j‖ (B is zero
-    when PEFT sets it). Layers made from one base share it. A bitsandbytes Linear4bit base: the holder says it
-    is loaded in 4 bits, as PEFT's dispatch asks (its LoRA layer is then ``lora.bnb.Linear4bit``)."""
+    when PEFT sets it). Layers made from one base share it. A bitsandbytes Linear4bit / Linear8bitLt base: the
+    holder says it is loaded in 4 / 8 bits, as PEFT's dispatch asks (its LoRA layer is then
+    ``lora.bnb.Linear4bit`` / ``Linear8bitLt``)."""
     import peft
     import torch
     from torch import nn
@@ -253,8 +254,9 @@ def lora_layer(base: Any, r: int, library: str = "lorafuse", *, dropout: float =
     from .peft_api import get_peft_model
 
     class Holder(nn.Module):
-        is_loaded_in_4bit = ("bitsandbytes" in type(base).__module__
-                             and type(base).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"))
+        from_bnb = "bitsandbytes" in type(base).__module__
+        is_loaded_in_4bit = from_bnb and type(base).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+        is_loaded_in_8bit = from_bnb and type(base).__name__ == "Linear8bitLt"
 
         def __init__(self) -> None:
             super().__init__()
