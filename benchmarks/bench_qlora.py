@@ -18,6 +18,8 @@ lorafuse layer runs PEFT's forward too: that row measures PEFT on both sides.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -45,6 +47,9 @@ def linear4bit(base: nn.Linear):
 def linear8bit(base: nn.Linear):
     """bnb's Linear8bitLt holding base's W (quantized by bnb: int8 codes, a scale per row) and bias, bf16."""
     import bitsandbytes as bnb
+
+    # its eval-mode matmul warns on every call that it casts x to fp16
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
     q = bnb.nn.Linear8bitLt(base.in_features, base.out_features, bias=True, has_fp16_weights=False)
     q.weight = bnb.nn.Int8Params(base.weight.detach().to(torch.bfloat16).clone(), requires_grad=False,

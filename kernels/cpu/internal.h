@@ -217,6 +217,10 @@ typedef struct {
      * place) for at most this many tokens, the tile GEMM beyond (0: LF_ROWDOTS_MAX_N, the decode kernel's
      * limit; a quantized W and the widened path always decode up to that limit) */
     int half_decode_max_n;
+    /* rowdots_half.c, rowdots_q4.c: 1 if the decode kernels multiply a bf16 x by a bf16 (or 4-bit) W on
+     * vdpbf16ps — 32 elements of a row per instruction, on x's and W's bf16 pairs as they lie in memory —
+     * instead of widening to fp32 FMAs (16 per instruction): where vdpbf16ps issues at the FMA's rate */
+    int decode_pairs;
 } lf_tunables;
 
 extern const lf_tunables lf_tunables_generic, lf_tunables_avx2, lf_tunables_avx512, lf_tunables_avx512_bf16,

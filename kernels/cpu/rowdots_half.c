@@ -7,13 +7,15 @@
  * product is bound by W's bytes, half of fp32's. Rows of W are split across the pool's threads; each
  * thread takes two rows at a time (2n accumulators) so that each x vector loaded serves both.
  * x is widened to fp32 once (n·K floats), W in registers (bf16: a shift; fp16: F16C's vcvtph2ps),
- * fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time; every product exact. Not vdpbf16ps:
- * on the CPU measured it issues at a quarter of the FMA's rate (benchmarks/RESULTS.md, "Half-precision
- * GEMM core"), so at 8 tokens, where the product stops being bound by W's bytes, it is the slower.
+ * fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time; every product exact. A bf16 W on
+ * vdpbf16ps (32 elements of a row per instruction, x's and W's bf16 pairs as they lie in memory) where
+ * lf_tunables.decode_pairs says it issues at the FMA's rate (Zen 4); not where it issues at a quarter of
+ * it (the Intel CPU of benchmarks/RESULTS.md, "Half-precision GEMM core"): there, at 8 tokens, where
+ * the product stops being bound by W's bytes, it is the slower.
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products).
  * A quantized W (W.qw, stored (M, K) as it is) is read as it is — 4-bit: a quarter of bf16's bytes, by
- * rowdots_q4.c where it applies (lf_rowdots_q4_ok) —, else each block of ROWS_PER_BLOCK rows × K_BLOCK columns is
- * dequantized (lf_qweight_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
+ * rowdots_q4.c where it applies (lf_rowdots_q4_ok) —, else each block of ROWS_PER_BLOCK rows × K_BLOCK
+ * columns is dequantized (lf_qweight_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
  * kernels read it there. */
 #include <stdlib.h>
 
@@ -22,11 +24,11 @@
 #include "lorafuse/quant.h"
 
 /* Rows [j0, j1) of W against the n rows of x over K elements (one K block): xw (n, K; row stride
- * ldx) x widened to fp32, W's rows ldw apart; c[i·ldc + j] = the sum (+ bias[j] if bias), or += it
- * when accumulate (the K blocks after the first). */
+ * ldx) x widened to fp32, xh x's own half elements (row stride ldxh), W's rows ldw apart; c[i·ldc + j] =
+ * the sum (+ bias[j] if bias), or += it when accumulate (the K blocks after the first). */
 typedef void (*rows_fn)(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,
-                        const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c,
-                        int64_t ldc);
+                        const uint16_t *xh, int64_t ldxh, const uint16_t *W, int64_t ldw, lf_dtype dt,
+                        const float *bias, int accumulate, float *c, int64_t ldc);
 
 /* c's element, written (+ bias) or accumulated */
 static inline void put(float *c, float v, const float *bias, int64_t j, int accumulate) {
@@ -42,8 +44,9 @@ static float dot_tail(int64_t p0, int64_t K, const float *xwi, const uint16_t *w
 }
 
 static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,
-                         const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c,
-                         int64_t ldc) {
+                         const uint16_t *xh, int64_t ldxh, const uint16_t *W, int64_t ldw, lf_dtype dt,
+                         const float *bias, int accumulate, float *c, int64_t ldc) {
+    (void)xh, (void)ldxh;
     for (int64_t j = j0; j < j1; j++)
         for (int64_t i = 0; i < n; i++)
             put(c + i * ldc + j, dot_tail(0, K, xw + i * ldx, W + j * ldw, dt), bias, j, accumulate);
@@ -61,12 +64,20 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
 
 /* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
  * against the n rows of x, STEP elements of K per step into 2n accumulators and operands of type V:
- * b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (xw row i from p), acc = MADD(acc,
- * a, b); then c[i, j] gets HSUM(acc) + the K tail (dot_tail) (put). */
+ * b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (x row i from p), acc = MADD(acc,
+ * a, b); then c[i, j] gets HSUM(acc) + the K tail (dot_tail) (put). NAME dispatches on n to a copy of
+ * the body for each n ≤ LF_ROWDOTS_MAX_N (NAME##_body inlined with n a constant: the accumulators live
+ * in registers, which a run-time n would leave in memory). */
+/* bytes ahead of the current step of each W row prefetched into L1: the rows of a block are short runs (K_BLOCK
+ * elements), which the hardware prefetcher does not follow early enough once the math per byte grows (Zen 4,
+ * 8×4096² bf16 on vdpbf16ps, 2 threads: 2.3 ms without, 1.3–1.5 at 512 bytes, slower at 1024 and 2048) */
+#define PF_DIST 512
 #define ROWS_KERNEL(NAME, ATTR, V, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
-    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,          \
-                          const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate,       \
-                          float *c, int64_t ldc) {                                                              \
+    ATTR static inline __attribute__((always_inline)) void NAME##_body(                                     \
+        int64_t j0, int64_t j1, const int64_t n, int64_t K, const float *xw, int64_t ldx, const uint16_t *xh,   \
+        int64_t ldxh, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c, \
+        int64_t ldc) {                                                                                          \
+        (void)xh, (void)ldxh;                                                                                   \
         const int64_t Kv = K / STEP * STEP;                                                                     \
         for (int64_t j = j0; j < j1; j += 2) {                                                                  \
             const int two = j + 1 < j1;                                                                         \
@@ -75,6 +86,8 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
             for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = ZERO;                                       \
             for (int64_t p = 0; p < Kv; p += STEP) {                                                            \
                 const V b0 = LOAD_B(w0 + p), b1 = LOAD_B(w1 + p);                                               \
+                _mm_prefetch((const char *)(w0 + p) + PF_DIST, _MM_HINT_T0);                                    \
+                _mm_prefetch((const char *)(w1 + p) + PF_DIST, _MM_HINT_T0);                                    \
                 for (int64_t i = 0; i < n; i++) {                                                               \
                     const V a = LOAD_A(i, p);                                                                   \
                     acc[0][i] = MADD(acc[0][i], a, b0);                                                         \
@@ -85,6 +98,20 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
                 for (int64_t i = 0; i < n; i++)                                                                 \
                     put(c + i * ldc + j + r, HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * ldx, r ? w1 : w0, dt), bias, \
                         j + r, accumulate);                                                                     \
+        }                                                                                                       \
+    }                                                                                                           \
+    ATTR static void NAME(int64_t j0, int64_t j1, int64_t n, int64_t K, const float *xw, int64_t ldx,          \
+                          const uint16_t *xh, int64_t ldxh, const uint16_t *W, int64_t ldw, lf_dtype dt,        \
+                          const float *bias, int accumulate, float *c, int64_t ldc) {                           \
+        switch (n) {                                                                                            \
+        case 1: NAME##_body(j0, j1, 1, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        case 2: NAME##_body(j0, j1, 2, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        case 3: NAME##_body(j0, j1, 3, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        case 4: NAME##_body(j0, j1, 4, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        case 5: NAME##_body(j0, j1, 5, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        case 6: NAME##_body(j0, j1, 6, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        case 7: NAME##_body(j0, j1, 7, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;      \
+        default: NAME##_body(j0, j1, 8, K, xw, ldx, xh, ldxh, W, ldw, dt, bias, accumulate, c, ldc); break;     \
         }                                                                                                       \
     }
 
@@ -100,14 +127,28 @@ ROWS_KERNEL(rows_avx2, LF_AVX2_FMA, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2
 #define AVX512_MADD(acc, a, b) _mm512_fmadd_ps((a), (b), (acc))
 ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
             _mm512_reduce_add_ps)
+
+/* AVX512_BF16 (lf_tunables.decode_pairs, bf16 only): 32 elements of a W row and of an x row as they lie in
+ * memory — 16 pairs (2l, 2l + 1) — into one vdpbf16ps: acc[l] += x[2l]·W[2l] + x[2l+1]·W[2l+1], exact
+ * products summed in fp32 (its rounding and denormal flushing: tests/tolerances.py, the bf16 tile's).
+ * The operands travel as __m512 bits. */
+#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+#define PAIRS_B(w) _mm512_castsi512_ps(_mm512_loadu_si512((const void *)(w)))
+#define PAIRS_A(i, p) _mm512_castsi512_ps(_mm512_loadu_si512((const void *)(xh + (i) * ldxh + (p))))
+#define PAIRS_MADD(acc, a, b) \
+    _mm512_dpbf16_ps((acc), (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(b))
+ROWS_KERNEL(rows_pairs, LF_AVX512_BF16, __m512, 32, _mm512_setzero_ps(), PAIRS_B, PAIRS_A, PAIRS_MADD,
+            _mm512_reduce_add_ps)
 #endif
 
-static rows_fn rows_for(void) {
+static rows_fn rows_for(lf_dtype dt) {
 #if defined(__x86_64__)
     const lf_isa isa = lf_get_isa();
+    if (dt == LF_DT_BF16 && isa >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs) return rows_pairs;
     if (isa >= LF_ISA_AVX512) return rows_avx512;
     if (isa == LF_ISA_AVX2) return rows_avx2;
 #endif
+    (void)dt;
     return rows_generic;
 }
 
@@ -123,6 +164,8 @@ typedef struct {
     const uint16_t *W;      /* NULL for a quantized W */
     const lf_qweight *qw; /* the quantized W (M, K), or NULL */
     const float *xw, *bias;
+    const uint16_t *xh; /* x's half elements, rows ldxh apart */
+    int64_t ldxh;
     lf_dtype dt;
     float *c;
     int failed; /* a thread could not allocate its dequantization buffer */
@@ -147,11 +190,11 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
             const float *bias = p0 || !job->bias ? NULL : job->bias + j;
             if (buf) {
                 lf_qweight_dequantize(job->qw, j, je, p0, p0 + len, job->dt, buf, len); /* checked by the caller */
-                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, buf, len, job->dt, bias, p0 > 0, job->c + j,
-                          job->ldc);
-            } else {
-                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->W + j * job->ldw + p0, job->ldw, job->dt,
+                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->xh + p0, job->ldxh, buf, len, job->dt,
                           bias, p0 > 0, job->c + j, job->ldc);
+            } else {
+                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->xh + p0, job->ldxh,
+                          job->W + j * job->ldw + p0, job->ldw, job->dt, bias, p0 > 0, job->c + j, job->ldc);
             }
         }
     }
@@ -173,8 +216,8 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     if (!xw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)
         for (int64_t p = 0; p < K; p++) xw[i * K + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + p * x.cs);
-    rowdots_half_job job = {.rows = rows_for(), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
-                            .qw = W.qw, .xw = xw, .bias = bias, .dt = x.dtype, .c = c};
+    rowdots_half_job job = {.rows = rows_for(x.dtype), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
+                            .qw = W.qw, .xw = xw, .bias = bias, .xh = x.p, .ldxh = x.rs, .dt = x.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_half_run, &job);
     free(xw);

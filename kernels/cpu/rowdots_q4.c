@@ -11,7 +11,9 @@
  * bytes are 16 even elements and the low ones 16 odd elements: x is split once into its even and odd
  * elements (xe, xo: n × K/2 floats each) and the products are summed in that order (every product exact,
  * fp32 sums). Rows of W are split across the pool's threads, taken two at a time for up to 4 tokens,
- * K in blocks whose split x stays in L1 (X_L1_FLOATS). AVX-512 only, and only when
+ * K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where lf_tunables.decode_pairs says
+ * so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and multiply them with x's own
+ * pairs on vdpbf16ps, 32 elements per instruction (rows_q4p_N, below). AVX-512 only, and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
  * buffer (lf_rowdots_q4_ok says which). */
 #include <stdlib.h>
@@ -37,7 +39,10 @@ int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_qweight *w) {
 typedef struct {
     int64_t n, M, K, ldc;
     const lf_qweight *w;
-    const float *xe, *xo, *bias; /* xe, xo: (n, K/2) each */
+    const float *xe, *xo, *bias; /* xe, xo: (n, K/2) each (the fp32 kernels) */
+    const uint16_t *xh;          /* x's bf16 elements, rows ldxh apart (the pairs kernels) */
+    int64_t ldxh;
+    int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
     lf_dtype dt;
     float *c;
 } rowdots_q4_job;
@@ -111,17 +116,92 @@ ROWS_Q4(6, 1, 2)
 ROWS_Q4(7, 1, 2)
 ROWS_Q4(8, 1, 2)
 
+/* AVX512_BF16, bf16 (lf_tunables.decode_pairs): the same sum on vdpbf16ps, two rows at a time. Per block of
+ * a row its table holds the bf16 bits of round(code[q] · scale) in the low half of 16 dwords (tb: the values
+ * block_table gives); each 16 bytes of codes (32 elements, 16 pairs) become one vector of W's bf16 pairs —
+ * dword l = tb[high nibble of byte l] | tb[low nibble] << 16, elements 2l and 2l + 1 in the order vdpbf16ps
+ * multiplies them — by two vpermd, a shift and an or; then one vdpbf16ps per token on x's own pairs as
+ * they lie in memory: exact products summed in fp32 (its rounding and denormal flushing:
+ * tests/tolerances.py, the bf16 tile's). */
+#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+
+/* block b's table for the pairs kernels: the bf16 bits of round(code[q] · scale) in the low half of dword q —
+ * vcvtneps2bf16's rounding (to nearest even) of the fp32 products, which equals lf_bf16x16's but for inputs
+ * below the normal range, flushed to 0 here: vdpbf16ps reads such a bf16 as 0 anyway (its DAZ) */
+LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code, int64_t b) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(lf_qweight_scale(w, b))));
+    return _mm512_cvtepu16_epi32((__m256i)h);
+}
+
+#define ROWS_Q4P(N, R)                                                                                                    \
+    LF_AVX512_BF16 static void rows_q4p_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,             \
+                                            int64_t len, int accumulate) {                                             \
+        const lf_qweight *w = job->w;                                                                                  \
+        const int64_t K = job->K, B = w->blocksize, KB = K / B;                                                        \
+        const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
+        const int lg = __builtin_ctzll((unsigned long long)B);                                                         \
+        const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
+        const uint16_t *x0 = job->xh + p0;                                                                             \
+        for (int64_t j = j0; j < j1; j += R) {                                                                         \
+            int64_t jr[R], blk[R];                                                                                     \
+            const uint8_t *q[R];                                                                                       \
+            __m512 acc[R][N];                                                                                          \
+            __m512i tb[R];                                                                                             \
+            for (int r = 0; r < R; r++) {                                                                              \
+                jr[r] = j + r < j1 ? j + r : j;                                                                        \
+                blk[r] = jr[r] * KB + (p0 >> lg);                                                                      \
+                q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
+                tb[r] = _mm512_setzero_si512();                                                                        \
+                for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
+            }                                                                                                          \
+            for (int64_t h = 0; h < len >> 1; h += 16) { /* 16 bytes: elements 2h .. 2h + 31 of the K block */         \
+                __m512i wp[R];                                                                                         \
+                for (int r = 0; r < R; r++) {                                                                          \
+                    if (!(h & block_bytes_mask))                                                                       \
+                        tb[r] = block_bits(w, code, blk[r]++);                                                         \
+                    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + h)));              \
+                    const __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(c, 4), tb[r]);                     \
+                    const __m512i odd = _mm512_permutexvar_epi32(c, tb[r]); /* vpermd: the low 4 bits */               \
+                    wp[r] = _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));                                         \
+                }                                                                                                      \
+                for (int i = 0; i < N; i++) {                                                                          \
+                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + i * job->ldxh + 2 * h));      \
+                    for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int r = 0; r < R && j + r < j1; r++)                                                                  \
+                for (int i = 0; i < N; i++) {                                                                          \
+                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
+                    const float v = _mm512_reduce_add_ps(acc[r][i]);                                                   \
+                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
+                }                                                                                                      \
+        }                                                                                                              \
+    }
+
+ROWS_Q4P(1, 4)
+ROWS_Q4P(2, 4)
+ROWS_Q4P(3, 4)
+ROWS_Q4P(4, 4)
+ROWS_Q4P(5, 2)
+ROWS_Q4P(6, 2)
+ROWS_Q4P(7, 2)
+ROWS_Q4P(8, 2)
+
 typedef void (*rows_q4_fn)(const rowdots_q4_job *, int64_t, int64_t, int64_t, int64_t, int);
 static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q4_1, rows_q4_2, rows_q4_3, rows_q4_4,
                                                               rows_q4_5, rows_q4_6, rows_q4_7, rows_q4_8};
+static const rows_q4_fn ROWS_Q4P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
+    NULL, rows_q4p_1, rows_q4p_2, rows_q4p_3, rows_q4p_4, rows_q4p_5, rows_q4p_6, rows_q4p_7, rows_q4p_8};
 
 static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     const rowdots_q4_job *job = ctxp;
     const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
     const int64_t j0 = tid * per * ROWS_PER_BLOCK;
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
-    const int64_t B = job->w->blocksize, kb = X_L1_FLOATS / job->n / B * B > B ? X_L1_FLOATS / job->n / B * B : B;
-    const rows_q4_fn rows = ROWS_Q4_FOR_N[job->n];
+    /* the K block's x in L1: n · kb floats split (xe, xo), or n · kb bf16 (the pairs kernels: twice the elements) */
+    const int64_t B = job->w->blocksize, fit = (job->pairs ? 2 : 1) * X_L1_FLOATS / job->n / B * B;
+    const int64_t kb = fit > B ? fit : B;
+    const rows_q4_fn rows = (job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
@@ -140,15 +220,16 @@ int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, co
 #if defined(__x86_64__)
     if (M == 0) return LF_OK;
     const int64_t K2 = K / 2; /* K is even: a multiple of B ≥ 32 */
-    float *xs = malloc((size_t)(2 * n * K2 > 0 ? 2 * n * K2 : 1) * sizeof(float)); /* xe then xo */
-    if (!xs) return LF_ENOMEM;
-    for (int64_t i = 0; i < n; i++)
+    const int pairs = x.dtype == LF_DT_BF16 && x.cs == 1 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
+    float *xs = pairs ? NULL : malloc((size_t)(2 * n * K2 > 0 ? 2 * n * K2 : 1) * sizeof(float)); /* xe then xo */
+    if (!pairs && !xs) return LF_ENOMEM;
+    for (int64_t i = 0; i < n && !pairs; i++)
         for (int64_t p = 0; p < K2; p++) {
             xs[i * K2 + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + 2 * p * x.cs);
             xs[(n + i) * K2 + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + (2 * p + 1) * x.cs);
         }
-    rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xe = xs, .xo = xs + n * K2, .bias = bias,
-                          .dt = x.dtype, .c = c};
+    rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xe = xs, .xo = xs ? xs + n * K2 : NULL,
+                          .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs, .dt = x.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_q4_run, &job);
     free(xs);
