@@ -1,5 +1,5 @@
 """The fused LoRA kernels on a 4-bit W: `ops.lora_forward` / `ops.lora_backward` with W given as its codes
-(`_C.q4_weight`: kernels/cpu/lora_half.c, rowdots_q4.c) and `lorafuse.quant.lora_linear_4bit`, against float64
+(`_C.q4_weight`: kernels/cpu/lora_half.c, rowdots_quant.c) and `lorafuse.quant.lora_linear_4bit`, against float64
 of the values W's codes stand for (W dequantized exactly as bitsandbytes does, tests/test_quant4.py), with the
 half-precision bounds of tests/test_ops_lora_half.py (its `Case`, W given as the handle): every ISA, NF4 /
 FP4, double quantization on and off, block sizes, odd sizes, dropout, every plan, float32 activations
@@ -50,7 +50,7 @@ def test_matches_float64_of_the_dequantized_weight(half_isa, base, shape):
 @pytest.mark.parametrize("n", range(1, 9))
 def test_decode_reads_the_codes_through_block_tables(half_isa, base, n):
     """1–8 tokens with K a multiple of the block size: the decode kernel that looks W's elements up in
-    per-block tables (rowdots_q4.c, AVX-512; below it the block-buffer path) — one row or two at a time,
+    per-block tables (rowdots_quant.c, AVX-512; below it the block-buffer path) — one row or two at a time,
     an odd number of rows, K in one or several blocks of the kernel (n = 8, K = 1024), blocks of 32–4096."""
     block = (32, 64, 128)[n % 3]
     k = 1024 if n in (3, 8) else 128 * (1 + n % 2)

@@ -126,18 +126,19 @@ void lf_round_rows(float *c, int64_t n, int64_t cols, int64_t ldc, lf_dtype dt);
 
 /* rowdots_half.c: c (n, M; row stride ldc) = x (n, K) · W (M, K)ᵀ (+ bias (M) fp32, or NULL) for a few
  * tokens, W streamed in place: x and W one half dtype, rows contiguous, or W a quantized weight (M ≤ rows,
- * K = cols; rowdots_q4.c where lf_rowdots_q4_ok) (lf_rowdots_half_ok) */
+ * K = cols; rowdots_quant.c where lf_rowdots_qw_ok) (lf_rowdots_half_ok) */
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
-/* rowdots_q4.c: the same product for x bf16 / fp16 and a 4-bit W (M ≤ rows, K = cols) read as it is,
- * element by element through per-block value tables (no dequantized copy); lf_rowdots_q4_ok: whether it
- * runs here (n ≤ LF_ROWDOTS_MAX_N, AVX-512, a 4-bit W, K a multiple of the block size), else
- * lf_rowdots_half. */
+/* rowdots_quant.c: the same product for x bf16 / fp16 and a quantized W (M ≤ rows, K = cols) read as it is
+ * (no dequantized copy): 4-bit element by element through per-block value tables, 8-bit (bf16 x on
+ * vdpbf16ps only) through its converted codes; lf_rowdots_qw_ok: whether it runs here (n ≤
+ * LF_ROWDOTS_MAX_N, AVX-512; 4-bit: K a multiple of the block size; 8-bit: lf_tunables.decode_pairs with a
+ * bf16 x), else lf_rowdots_half's block buffer. */
 /* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_MAX_N tokens, W half
  * with rows contiguous (or a quantized W stored (M, K)) streamed once (dx of the decode-size backward), g any
  * dtype and strides */
 int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc);
-int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_qweight *w);
-int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
+int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w);
+int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
                   const float *bias, float *c, int64_t ldc);
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
                     float *c, int64_t ldc);
@@ -217,7 +218,7 @@ typedef struct {
      * place) for at most this many tokens, the tile GEMM beyond (0: LF_ROWDOTS_MAX_N, the decode kernel's
      * limit; a quantized W and the widened path always decode up to that limit) */
     int half_decode_max_n;
-    /* rowdots_half.c, rowdots_q4.c: 1 if the decode kernels multiply a bf16 x by a bf16 (or 4-bit) W on
+    /* rowdots_half.c, rowdots_quant.c: 1 if the decode kernels multiply a bf16 x by a bf16 (or 4-bit) W on
      * vdpbf16ps — 32 elements of a row per instruction, on x's and W's bf16 pairs as they lie in memory —
      * instead of widening to fp32 FMAs (16 per instruction): where vdpbf16ps issues at the FMA's rate */
     int decode_pairs;

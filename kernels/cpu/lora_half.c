@@ -20,7 +20,7 @@
  * to it row block by row block and rounded to the output while the rows are in cache
  * (rank_rows.c). Elsewhere (fp16, or no bf16 tile) one widened GEMM over the augmented K forms the
  * whole sum ('augmented'), rounded row block by row block the same way. A few tokens ('decode') stream
- * W once in place (rowdots_half.c, which hands a quantized W to rowdots_q4.c; dx's g·W by
+ * W once in place (rowdots_half.c, which hands a quantized W to rowdots_quant.c; dx's g·W by
  * lf_rows_axpy_half). The rank-r products u, v, dBᵀ, dA run on the skinny kernels, which widen half rows
  * as they read them ('skinny'), or as GEMMs ('gemm').
  */

@@ -14,7 +14,7 @@
  * the product stops being bound by W's bytes, it is the slower.
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products).
  * A quantized W (W.qw, stored (M, K) as it is) is read as it is — 4-bit: a quarter of bf16's bytes, by
- * rowdots_q4.c where it applies (lf_rowdots_q4_ok) —, else each block of ROWS_PER_BLOCK rows × K_BLOCK
+ * rowdots_quant.c where it applies (lf_rowdots_qw_ok) —, else each block of ROWS_PER_BLOCK rows × K_BLOCK
  * columns is dequantized (lf_qweight_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
  * kernels read it there. */
 #include <stdlib.h>
@@ -211,7 +211,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     if (n < 0 || M < 0 || K < 0 || ldc < M || !lf_rowdots_half_ok(n, x, W)) return LF_EINVAL;
     if (W.qw && (lf_qweight_unfit(W.qw) || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
     if (n == 0 || M == 0) return LF_OK;
-    if (W.qw && lf_rowdots_q4_ok(n, K, W.qw)) return lf_rowdots_q4(pool, n, M, K, x, W.qw, bias, c, ldc);
+    if (W.qw && lf_rowdots_qw_ok(n, K, x.dtype, W.qw)) return lf_rowdots_qw(pool, n, M, K, x, W.qw, bias, c, ldc);
     float *xw = malloc((size_t)(n * K > 0 ? n * K : 1) * sizeof(float)); /* x widened, rows contiguous */
     if (!xw) return LF_ENOMEM;
     for (int64_t i = 0; i < n; i++)

@@ -1,4 +1,4 @@
-/* rowdots_q4.c — the decode forward's base product on a 4-bit W read as it is (lf_rowdots_q4, internal.h):
+/* rowdots_q4.c — the decode forward's base product on a 4-bit W read as it is (lf_rowdots_qw, internal.h):
  *
  *     c[i·ldc + j] = Σ_p x[i, p] · W[j, p]  (+ bias[j])       i < n ≤ LF_ROWDOTS_MAX_N, j < M, p < K
  *     W[j, p] = round_dt(code[q(j·K + p)] · scale(block (j·K + p) / B))       (lorafuse/quant.h)
@@ -15,7 +15,7 @@
  * so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and multiply them with x's own
  * pairs on vdpbf16ps, 32 elements per instruction (rows_q4p_N, below). AVX-512 only, and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
- * buffer (lf_rowdots_q4_ok says which). */
+ * buffer (lf_rowdots_qw_ok says which). */
 #include <stdlib.h>
 
 #include "half_store.h"
@@ -27,11 +27,17 @@
  * pass it; a multiple of the block size B (at least B). Few tokens: long runs of each row of W (prefetched). */
 #define X_L1_FLOATS 4096
 
-int lf_rowdots_q4_ok(int64_t n, int64_t K, const lf_qweight *w) {
+/* 1 if a bf16 x takes the pairs kernels here (lf_tunables.decode_pairs) */
+static int pairs_for(lf_dtype xdt) {
+    return xdt == LF_DT_BF16 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
+}
+
+int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 #if defined(__x86_64__)
-    return n <= LF_ROWDOTS_MAX_N && lf_get_isa() >= LF_ISA_AVX512 && w->type != LF_Q8_ROW && K % w->blocksize == 0;
+    if (n > LF_ROWDOTS_MAX_N || lf_get_isa() < LF_ISA_AVX512) return 0;
+    return w->type == LF_Q8_ROW ? pairs_for(xdt) : K % w->blocksize == 0;
 #else
-    (void)n, (void)K, (void)w;
+    (void)n, (void)K, (void)xdt, (void)w;
     return 0;
 #endif
 }
@@ -187,21 +193,81 @@ ROWS_Q4P(6, 2)
 ROWS_Q4P(7, 2)
 ROWS_Q4P(8, 2)
 
+/* An 8-bit W (LF_Q8_ROW) on vdpbf16ps, R rows at a time: per 32 elements of a row its codes sign-extended and
+ * converted (exact), times the row's scale SCB[j]·fl(1/127) — one fp32 product each, MatMul8bitFp's —, rounded
+ * to 32 bf16 by one vcvtne2ps2bf16 (to nearest even; below the normal range flushed, which vdpbf16ps does to
+ * its inputs anyway) in element order, so that dword l holds W's pair (2l, 2l + 1) as x's memory does; then
+ * one vdpbf16ps per token. The last len % 32 elements one at a time: W's element rounded as
+ * lf_qweight_dequantize rounds it, the product summed in fp32. */
+#define ROWS_Q8P(N, R)                                                                                                 \
+    LF_AVX512_BF16 static void rows_q8p_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,             \
+                                            int64_t len, int accumulate) {                                             \
+        const lf_qweight *w = job->w;                                                                                  \
+        const int64_t lv = len / 32 * 32;                                                                              \
+        const uint16_t *x0 = job->xh + p0;                                                                             \
+        for (int64_t j = j0; j < j1; j += R) {                                                                         \
+            int64_t jr[R];                                                                                             \
+            const int8_t *q[R];                                                                                        \
+            __m512 s[R], acc[R][N];                                                                                    \
+            for (int r = 0; r < R; r++) {                                                                              \
+                jr[r] = j + r < j1 ? j + r : j;                                                                        \
+                q[r] = (const int8_t *)w->data + jr[r] * job->K + p0;                                                  \
+                s[r] = _mm512_set1_ps(lf_qweight_scale(w, jr[r]));                                                     \
+                for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
+            }                                                                                                          \
+            for (int64_t p = 0; p < lv; p += 32) {                                                                     \
+                __m512i wp[R];                                                                                         \
+                for (int r = 0; r < R; r++) {                                                                          \
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p)))); \
+                    const __m512 hi =                                                                                  \
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p + 16))));   \
+                    wp[r] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s[r]), _mm512_mul_ps(lo, s[r]));            \
+                }                                                                                                      \
+                for (int i = 0; i < N; i++) {                                                                          \
+                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + i * job->ldxh + p));          \
+                    for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int r = 0; r < R && j + r < j1; r++)                                                                  \
+                for (int i = 0; i < N; i++) {                                                                          \
+                    float v = _mm512_reduce_add_ps(acc[r][i]);                                                         \
+                    for (int64_t p = lv; p < len; p++)                                                                 \
+                        v += lf_half_to_f32(LF_DT_BF16, x0[i * job->ldxh + p]) *                                       \
+                             lf_half_to_f32(LF_DT_BF16, lf_f32_to_bf16((float)q[r][p] * lf_qweight_scale(w, jr[r])));  \
+                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
+                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
+                }                                                                                                      \
+        }                                                                                                              \
+    }
+
+ROWS_Q8P(1, 4)
+ROWS_Q8P(2, 4)
+ROWS_Q8P(3, 4)
+ROWS_Q8P(4, 4)
+ROWS_Q8P(5, 2)
+ROWS_Q8P(6, 2)
+ROWS_Q8P(7, 2)
+ROWS_Q8P(8, 2)
+
 typedef void (*rows_q4_fn)(const rowdots_q4_job *, int64_t, int64_t, int64_t, int64_t, int);
 static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q4_1, rows_q4_2, rows_q4_3, rows_q4_4,
                                                               rows_q4_5, rows_q4_6, rows_q4_7, rows_q4_8};
 static const rows_q4_fn ROWS_Q4P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q4p_1, rows_q4p_2, rows_q4p_3, rows_q4p_4, rows_q4p_5, rows_q4p_6, rows_q4p_7, rows_q4p_8};
+static const rows_q4_fn ROWS_Q8P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
+    NULL, rows_q8p_1, rows_q8p_2, rows_q8p_3, rows_q8p_4, rows_q8p_5, rows_q8p_6, rows_q8p_7, rows_q8p_8};
 
 static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     const rowdots_q4_job *job = ctxp;
     const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
     const int64_t j0 = tid * per * ROWS_PER_BLOCK;
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
-    /* the K block's x in L1: n · kb floats split (xe, xo), or n · kb bf16 (the pairs kernels: twice the elements) */
-    const int64_t B = job->w->blocksize, fit = (job->pairs ? 2 : 1) * X_L1_FLOATS / job->n / B * B;
-    const int64_t kb = fit > B ? fit : B;
-    const rows_q4_fn rows = (job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
+    /* the K block's x in L1: n · kb floats split (xe, xo), or n · kb bf16 (the pairs kernels: twice the elements);
+     * kb a multiple of the 4-bit block, or of the 8-bit kernel's 32-element step */
+    const int q8 = job->w->type == LF_Q8_ROW;
+    const int64_t unit = q8 ? 32 : job->w->blocksize, fit = (job->pairs ? 2 : 1) * X_L1_FLOATS / job->n / unit * unit;
+    const int64_t kb = fit > unit ? fit : unit;
+    const rows_q4_fn rows = (q8 ? ROWS_Q8P_FOR_N : job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
@@ -212,15 +278,15 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
 }
 #endif
 
-int lf_rowdots_q4(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
+int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
                   const float *bias, float *c, int64_t ldc) {
     if (n < 1 || M < 0 || K < 0 || ldc < M || !w || lf_qweight_unfit(w) || w->cols != K || w->rows < M ||
-        (x.dtype != LF_DT_BF16 && x.dtype != LF_DT_F16) || !lf_rowdots_q4_ok(n, K, w))
+        (x.dtype != LF_DT_BF16 && x.dtype != LF_DT_F16) || x.cs != 1 || !lf_rowdots_qw_ok(n, K, x.dtype, w))
         return LF_EINVAL;
 #if defined(__x86_64__)
     if (M == 0) return LF_OK;
-    const int64_t K2 = K / 2; /* K is even: a multiple of B ≥ 32 */
-    const int pairs = x.dtype == LF_DT_BF16 && x.cs == 1 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
+    const int64_t K2 = K / 2; /* the 4-bit fp32 kernels: K is even, a multiple of B ≥ 32 */
+    const int pairs = pairs_for(x.dtype); /* always, for an 8-bit W (lf_rowdots_qw_ok) */
     float *xs = pairs ? NULL : malloc((size_t)(2 * n * K2 > 0 ? 2 * n * K2 : 1) * sizeof(float)); /* xe then xo */
     if (!pairs && !xs) return LF_ENOMEM;
     for (int64_t i = 0; i < n && !pairs; i++)
