@@ -34,17 +34,34 @@ static PyArrayObject *typed_arg(lf_state *st, lf_py_arr_list *L, const char *F, 
     return a;
 }
 
+int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt) {
+    lf_tview t;
+    int64_t rows, cols;
+    if (lf_py_qweight_handle(oW, &t, &rows, &cols)) {
+        *dt = t.dtype;
+        return 1;
+    }
+    PyArrayObject *w = lf_py_as_typed(st, oW, "W", "W", dt);
+    if (!w) {
+        PyErr_Clear(); /* not an array: the caller's own parsing names what is wrong */
+        return 0;
+    }
+    Py_DECREF(w);
+    return *dt == LF_DT_BF16 || *dt == LF_DT_F16;
+}
+
 /* W (m, k) — (k, m) with fan_in_fan_out —, A (r, k), B (m, r): W of the base's dtype (or a quantized
  * weight's handle, _C.q4_weight / q8_weight, its elements of the base's dtype), A and B one dtype (float32
- * or the base's); -1 with the exception set */
+ * or the base's); a float32 x (g) on a half or quantized W: mixed, the base's dtype W's. -1 with the
+ * exception set */
 static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oW, PyObject *oA, PyObject *oB,
                          int fifo, npy_intp k, lf_dtype xdt, lf_tview *W, lf_tview *A, lf_tview *B, npy_intp *m,
                          npy_intp *r) {
-    lf_dtype dw, da, db;
+    lf_dtype dw, da, db, wdt = xdt;
     PyArrayObject *w = NULL, *a, *b;
     int64_t qw_rows = 0, qw_cols = 0;
     const int qw = lf_py_qweight_handle(oW, W, &qw_rows, &qw_cols);
-    const lf_dtype base = qw && xdt == LF_DT_F32 ? W->dtype : xdt; /* a float32 x on a quantized W: mixed */
+    const lf_dtype base = xdt == LF_DT_F32 && lf_py_half_weight(st, oW, &wdt) ? wdt : xdt; /* mixed */
     if (qw && fifo) {
         PyErr_Format(PyExc_ValueError,
                      "%s: a quantized W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);
@@ -73,7 +90,7 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
         return -1;
     }
     if (base != xdt && da != LF_DT_F32) {
-        PyErr_Format(PyExc_TypeError, "%s: with a float32 x on a quantized W the adapters must be float32, got %s", F,
+        PyErr_Format(PyExc_TypeError, "%s: with a float32 x on a half or quantized W the adapters must be float32, got %s", F,
                      lf_py_dtype_name(da));
         return -1;
     }

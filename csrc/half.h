@@ -23,6 +23,10 @@ typedef struct {
     const lf_backward_plan *force;
 } lf_py_backward_call;
 
+/* 1 and *dt if W is a quantized weight's handle (its elements' dtype) or an array / tensor of a half dtype:
+ * the weights half.c computes on, a float32 x (g) then 'mixed'; else 0 (no exception set) */
+int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt);
+
 PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *x, lf_dtype xdt,
                                   const lf_py_forward_call *c);
 PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *g, lf_dtype gdt,

@@ -282,8 +282,6 @@ static void qweight_handle_free(PyObject *cap) {
     PyMem_Free(h);
 }
 
-int lf_py_is_qweight_handle(PyObject *obj) { return PyCapsule_IsValid(obj, QWEIGHT_HANDLE_NAME); }
-
 int lf_py_qweight_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols) {
     if (!PyCapsule_IsValid(obj, QWEIGHT_HANDLE_NAME)) return 0;
     const qweight_handle *h = PyCapsule_GetPointer(obj, QWEIGHT_HANDLE_NAME);

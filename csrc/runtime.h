@@ -106,7 +106,6 @@ extern const char lf_py_q4_weight_doc[], lf_py_q8_weight_doc[];
 PyObject *lf_py_q4_weight(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_q8_weight(PyObject *module, PyObject *args, PyObject *kw);
 int lf_py_qweight_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols);
-int lf_py_is_qweight_handle(PyObject *obj);
 #define LF_PY_Q4GEMM_METHODS LF_PY_KW_METHOD(q4gemm), LF_PY_KW_METHOD(q4gemm_path), LF_PY_KW_METHOD(q4_weight), \
     LF_PY_KW_METHOD(q8_weight)
 #define LF_PY_QUANT_METHODS \

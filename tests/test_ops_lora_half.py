@@ -114,6 +114,39 @@ class HandleCase(Case):
                                  dropout_p=self.p, seed=SEED, plan=plan)
 
 
+def check_mixed(c: HandleCase) -> None:
+    """x and g float32 on a half W (c.handle: the W tensor or a quantized weight's handle; 'mixed'): y =
+    round(round(x)·Wᵀ + b) + s·(x̃·Aᵀ)·Bᵀ and dx = round(round(g)·W) + s·drop'((g·B)·A) in float32 — the base
+    as a half result rounded once (its inputs x, g rounded first), the LoRA terms as fp32 sums —, dA and dB
+    from the fp32 x and g."""
+    n, k, m, r, base, p = c.n, c.k, c.m, c.r, c.base, c.p
+    x, g = c.x.float(), c.g.float()
+    bias = c.bias  # in the base's dtype (bitsandbytes adds it in its compute dtype)
+    y, u = ops.lora_forward(x, c.handle, c.A, c.B, c.s, bias, dropout_p=p, seed=SEED)
+    dx, dA, dB = ops.lora_backward(g, x, u, c.handle, c.A, c.B, c.s, dropout_p=p, seed=SEED)
+    assert y.dtype == dx.dtype == dA.dtype == dB.dtype == np.float32
+    X, G = x.double().numpy(), g.double().numpy()
+    Xh, Gh = x.to(c.x.dtype).double().numpy(), g.to(c.x.dtype).double().numpy()
+    W, A, B, b = (t.double().numpy() for t in (c.W, c.A, c.B, bias))
+    mask = ops.dropout_mask(n, k, p, SEED).astype(np.float64) if p else np.ones((n, k))
+    Xd = X * mask
+    U, V = Xd @ A.T, G @ B
+    aXh, aW, aA, aB, aXd, aG, aGh = (np.abs(t) for t in (Xh, W, A, B, Xd, G, Gh))
+    tile = base == "bfloat16" and _C.get_isa() in ("avx512_bf16", "amx_bf16")
+    daz = DAZ * (aXh.sum(1)[:, None] + aW.sum(1)[None, :] + k) if tile else 0.0
+    base_y = Xh @ W.T + b
+    lim = (bound_rounded(bound(aXh @ aW.T + np.abs(b), k + 2) + daz, base_y, base)
+           + bound(c.s * (aXd @ aA.T) @ aB.T, k + r + 2))
+    assert_within_bound(np.asarray(y, np.float64), base_y + c.s * U @ B.T, lim, "y")
+    daz = DAZ * (aGh.sum(1)[:, None] + aW.sum(0)[None, :] + m) if tile else 0.0
+    base_dx = Gh @ W
+    lim = (bound_rounded(bound(aGh @ aW, m + 2) + daz, base_dx, base)
+           + bound(c.s * ((aG @ aB) @ aA) * mask, m + r + 2))
+    assert_within_bound(np.asarray(dx, np.float64), base_dx + c.s * (V @ A) * mask, lim, "dx")
+    assert_within_bound(np.asarray(dB, np.float64), c.s * G.T @ U, bound(c.s * aG.T @ (aXd @ aA.T), n + k), "dB")
+    assert_within_bound(np.asarray(dA, np.float64), c.s * V.T @ Xd, bound(c.s * (aG @ aB).T @ aXd, n + m), "dA")
+
+
 SHAPES = [(1, 7, 33, 1), (7, 33, 1, 5), (8, 65, 70, 3), (33, 257, 65, 16), (257, 33, 40, 8)]
 
 
@@ -247,3 +280,21 @@ def test_bad_dtypes_and_fp32_only_arguments():
         ops.lora_backward(c.g, c.x, u, c.W, c.A, c.B, 1.0, dA_out=np.zeros((2, 8), np.float32))
     with pytest.raises(ValueError, match="g must have shape"):
         ops.lora_backward(c.g[:3], c.x, u, c.W, c.A, c.B, 1.0)
+
+
+class DenseCase(HandleCase):
+    """A `Case` whose W the kernels get as the half tensor itself, through `HandleCase`'s calls."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.handle = self.W
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(1, 64, 33, 4), (8, 128, 40, 3), (33, 130, 70, 8), (257, 64, 65, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_float32_x_on_a_half_w_is_mixed(half_isa, base, shape, p):
+    """A float32 x (g) with a bf16 / fp16 W and fp32 adapters: the mixed arithmetic (`check_mixed`), as DoRA on
+    a half base computes its z (python/lorafuse/dora.py)."""
+    check_mixed(DenseCase(*shape, base, "float32", p))

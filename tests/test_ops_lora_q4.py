@@ -7,15 +7,13 @@ FP4, double quantization on and off, block sizes, odd sizes, dropout, every plan
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from lorafuse import _C, ops, quant  # noqa: E402
 from lorafuse.quant import lora_linear_4bit, q4_handle  # noqa: E402
-from test_ops_lora_half import SEED, HandleCase  # noqa: E402
-from tolerances import DAZ, assert_within_bound, bound, bound_rounded  # noqa: E402
+from test_ops_lora_half import SEED, HandleCase, check_mixed  # noqa: E402
 
 QUANTS = [("nf4", True, 64), ("fp4", False, 64), ("nf4", False, 32), ("fp4", True, 128)]
 
@@ -93,31 +91,7 @@ def test_float32_x_keeps_peft_and_bitsandbytes_roundings(half_isa, base, shape, 
     + s·drop'((g·B)·A) in float32 — bitsandbytes rounds its product, PEFT adds its fp32 LoRA term —, dA and dB
     from the fp32 x and g. Bounds: the base as a half result rounded once (its inputs x, g rounded first),
     the LoRA terms as fp32 sums."""
-    n, k, m, r = shape
-    c = Q4Case(n, k, m, r, base, "float32", p)
-    x, g = c.x.float(), c.g.float()
-    bias = c.bias  # in the compute dtype, as bitsandbytes adds it
-    y, u = ops.lora_forward(x, c.handle, c.A, c.B, c.s, bias, dropout_p=p, seed=SEED)
-    dx, dA, dB = ops.lora_backward(g, x, u, c.handle, c.A, c.B, c.s, dropout_p=p, seed=SEED)
-    assert y.dtype == dx.dtype == dA.dtype == dB.dtype == np.float32
-    X, G = x.double().numpy(), g.double().numpy()
-    Xh, Gh = x.to(c.x.dtype).double().numpy(), g.to(c.x.dtype).double().numpy()
-    W, A, B, b = (t.double().numpy() for t in (c.W, c.A, c.B, bias))
-    mask = ops.dropout_mask(n, k, p, SEED).astype(np.float64) if p else np.ones((n, k))
-    Xd = X * mask
-    U, V = Xd @ A.T, G @ B
-    aXh, aW, aA, aB, aXd, aG, aGh = (np.abs(t) for t in (Xh, W, A, B, Xd, G, Gh))
-    tile = base == "bfloat16" and _C.get_isa() in ("avx512_bf16", "amx_bf16")
-    daz = DAZ * (aXh.sum(1)[:, None] + aW.sum(1)[None, :] + k) if tile else 0.0
-    base_y = Xh @ W.T + b
-    lim = bound_rounded(bound(aXh @ aW.T + np.abs(b), k + 2) + daz, base_y, base) + bound(c.s * (aXd @ aA.T) @ aB.T, k + r + 2)
-    assert_within_bound(np.asarray(y, np.float64), base_y + c.s * U @ B.T, lim, "y")
-    daz = DAZ * (aGh.sum(1)[:, None] + aW.sum(0)[None, :] + m) if tile else 0.0
-    base_dx = Gh @ W
-    lim = bound_rounded(bound(aGh @ aW, m + 2) + daz, base_dx, base) + bound(c.s * ((aG @ aB) @ aA) * mask, m + r + 2)
-    assert_within_bound(np.asarray(dx, np.float64), base_dx + c.s * (V @ A) * mask, lim, "dx")
-    assert_within_bound(np.asarray(dB, np.float64), c.s * G.T @ U, bound(c.s * aG.T @ (aXd @ aA.T), n + k), "dB")
-    assert_within_bound(np.asarray(dA, np.float64), c.s * V.T @ Xd, bound(c.s * (aG @ aB).T @ aXd, n + m), "dA")
+    check_mixed(Q4Case(*shape, base, "float32", p))
 
 
 def test_zero_tokens():
@@ -126,7 +100,7 @@ def test_zero_tokens():
 
 def test_bad_handles_and_operands():
     c = Q4Case(3, 64, 16, 2, "bfloat16", "float32")
-    with pytest.raises(TypeError, match="float32 x on a quantized W the adapters must be float32"):
+    with pytest.raises(TypeError, match="float32 x on a half or quantized W the adapters must be float32"):
         ops.lora_forward(c.x.float(), c.handle, c.A.bfloat16(), c.B.bfloat16(), 1.0)
     with pytest.raises(ValueError, match="float32 x on a bf16/fp16 base takes y 'decode' or 'split'"):
         ops.lora_forward(c.x.float(), c.handle, c.A, c.B, 1.0, plan=("skinny", "augmented"))
