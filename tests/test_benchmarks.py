@@ -53,6 +53,8 @@ RUNS = [
     run("bench_plans.py", ["--quick", "--rounds", "1"], ["plans measured"]),
     run("bench_dora.py", ["--quick", "--rounds", "1"],
         [rf"{row} .*lorafuse DoRA path: {C_PATH}" for row in PASS_ROWS] + ["cache off", "DoRA ratios measured"]),
+    run("bench_dora.py", ["--quick", "--rounds", "1", "--dtype", "bf16"],
+        [rf"{row} .*lorafuse DoRA path: {C_PATH}" for row in PASS_ROWS] + ["bf16 base", "DoRA ratios measured"]),
     run("bench_ops.py", ["--quick", "--rounds", "1"],
         [rf"  {row} +[0-9.]+ +[0-9.]+ +[0-9.]+ \|" for row in PASS_ROWS]
         + [re.escape("preallocated out=/u_out="), "ratio alternating"]),
@@ -60,6 +62,9 @@ RUNS = [
     run("bench_q4gemm.py", ["--quick", "--rounds", "1"], [r"\| +(amx_bf16|bf16_pairs|widened) \|", "q4 fused: one GEMM"]),
     run("bench_qlora.py", ["--quick", "--rounds", "1"],
         [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + [r"W bytes/fp32", "targets:"], bnb=True),
+    run("bench_qlora.py", ["--quick", "--rounds", "1", "--quant", "int8"],
+        [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS[1:]] + [r"q8/peft\+bnb", "Linear8bitLt"],
+        bnb=True),
     run("bench_train.py", TINY_TRAIN, TRAIN_C),
     run("bench_train.py", TINY_TRAIN + ["--quant", "nf4", "--kbit"],
         [r"base nf4 .*prepare_model_for_kbit_training", rf"lorafuse +peak RSS .* path {C_PATH}",

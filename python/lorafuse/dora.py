@@ -33,15 +33,24 @@ from typing import Any, Optional
 
 import torch
 
-from .backend import adapter_backward, base_grads, forward, mask_for
+from .backend import _tensor, adapter_backward, base_grads, cpu_kernels, forward, mask_for
 from .weight_cache import PackedWeightCache, RunTimeCache
 
-__all__ = ["RowNorms", "row_norms", "dora_linear", "dora_linear_op", "DoraLinearFunction", "dora_operands"]
+__all__ = ["RowNorms", "row_norms", "dora_linear", "dora_linear_half", "dora_linear_op", "DoraLinearFunction",
+           "DoraHalfFunction", "dora_operands"]
+
+
+_NORM_ROWS = 256  # rows of a half W widened at a time for its squares (a 256×k float32 temporary)
 
 
 def _squared_row_norms(w_mk: torch.Tensor) -> torch.Tensor:
-    """‖W_j‖² (m,) of W viewed (m, k): squares in W's dtype, summed in float64 (no float64 copy of W)."""
-    return w_mk.detach().square().sum(1, dtype=torch.float64)
+    """‖W_j‖² (m,) of W viewed (m, k), summed in float64 (no float64 copy of W): squares in W's dtype, or — a
+    bf16 / fp16 W — in float32, where they are exact, _NORM_ROWS rows widened at a time."""
+    w = w_mk.detach()
+    if w.dtype not in (torch.bfloat16, torch.float16):
+        return w.square().sum(1, dtype=torch.float64)
+    return torch.cat([w[i:i + _NORM_ROWS].float().square().sum(1, dtype=torch.float64)
+                      for i in range(0, w.shape[0], _NORM_ROWS)]) if w.shape[0] else w.new_zeros(0, dtype=torch.float64)
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -89,16 +98,20 @@ class RowNorms(RunTimeCache):
 
 def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fifo: bool,
               norms: Optional[RowNorms] = None) -> torch.Tensor:
-    """ν (m) = ‖W_j + s·B_j·A‖₂ in W's dtype, without forming W + s·B·A (see the module docstring); the three
-    terms are summed in float64. No autograd graph."""
+    """ν (m) = ‖W_j + s·B_j·A‖₂ in W's dtype — in float32 for float32 adapters on a bf16 / fp16 W (PEFT's default,
+    where PEFT widens W and takes the norm in float32) —, without forming W + s·B·A (see the module docstring);
+    the three terms are summed in float64. No autograd graph."""
     with torch.no_grad():
         w_mk = weight.t() if fifo else weight
         wn2 = norms.get(w_mk) if norms is not None else _squared_row_norms(w_mk)
-        wa = w_mk @ lora_a.t()                              # (m, r)  W·Aᵀ = (A·Wᵀ)ᵀ: W streamed once by rows
+        if w_mk.dtype == lora_a.dtype:
+            wa = w_mk @ lora_a.t()                          # (m, r)  W·Aᵀ = (A·Wᵀ)ᵀ: W streamed once by rows
+        else:  # a half W: the kernels' GEMM widens it exactly while packing, no float32 copy of W
+            wa = _tensor(cpu_kernels().hgemm(w_mk.detach(), lora_a.detach().t()))
         cross = (lora_b * wa).sum(1)                        # (m)     B_j·(A·W_jᵀ)
         quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1)  # (m)  B_j·(A·Aᵀ)·B_jᵀ
         nu2 = wn2 + (2.0 * scale) * cross.double() + (scale * scale) * quad.double()
-        return nu2.clamp_min(0.0).sqrt().to(weight.dtype)
+        return nu2.clamp_min(0.0).sqrt().to(weight.dtype if w_mk.dtype == lora_a.dtype else lora_a.dtype)
 
 
 def _norms_of(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fifo: bool,
@@ -263,13 +276,85 @@ def dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return y if bias is None else y + bias
 
 
+class DoraHalfFunction(torch.autograd.Function):
+    """DoRA on a bf16 / fp16 base with float32 adapters and magnitude (PEFT's default), no dropout. PEFT casts x
+    to the adapters' float32 and adds its float32 DoRA term to the base layer's half result; here z comes from
+    the kernels' mixed arithmetic on x widened — z = round_h(x·Wᵀ) + s·(x·Aᵀ)·Bᵀ in float32, W never widened —,
+    y = round_h(b + c ⊙ z) with c = μ/ν (ν float32, detached) — the base product rounded once before the DoRA
+    scale as PEFT's is, the sum once after. Backward: g' = g ⊙ c in float32; the mixed backward gives dA, dB from
+    the float32 x and g' and dx = round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's half gradient, PEFT's
+    own rounding), returned in x's dtype; dμ_j = Σ_i g_ij z_ij / ν_j. Saves x, u, z, μ, c, ν."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool, norms: Optional[RowNorms],
+                kern: Any) -> torch.Tensor:
+        z, u = _half_z(x, weight, lora_a, lora_b, scale, fifo, True, kern)
+        nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
+        c = magnitude.detach() / nu
+        ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
+        ctx.conf = (scale, fifo, kern, None if bias is None else bias.dtype)
+        return _combine(z, None, None if bias is None else bias.float(), c, in_place=False).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        """Gradients for x, bias, A, B and μ (W frozen: a half base layer's weight is not trained here). Under
+        ``create_graph=True`` autograd over the torch math (`dora_reference` on W widened: an m×k temporary)."""
+        x, u, z, weight, lora_a, lora_b, magnitude, c, nu = ctx.saved_tensors
+        scale, fifo, kern, bias_dtype = ctx.conf
+        need_x, _, need_b, need_a, need_bb, need_mag = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():
+            dx, _, db, dA, dB, dmag = _differentiable_backward(
+                grad.float(), x.float(), weight.float(), lora_a, lora_b, magnitude, scale, 0.0, 0, fifo,
+                bias_dtype is not None, (need_x, False, need_b, need_a, need_bb, need_mag))
+        else:
+            m = grad.shape[-1]
+            g_scaled = grad.float() * c
+            dx = dA = dB = None
+            if need_x or need_a or need_bb:
+                dx, dA, dB = (None if t is None else _tensor(t) for t in kern.lora_backward(
+                    g_scaled, x.float(), u, weight, lora_a, lora_b, scale, need_dx=need_x, fan_in_fan_out=fifo))
+            db = grad.reshape(-1, m).sum(0) if need_b else None
+            dmag = (grad.float() * z).reshape(-1, m).sum(0) / nu if need_mag else None
+        return (None if dx is None else dx.to(x.dtype), None, None if db is None else db.to(bias_dtype), dA, dB,
+                dmag) + (None,) * 4
+
+
+def _half_z(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+            fifo: bool, need_u: bool, kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(z, u) float32 (..., m), (..., r): the mixed forward on x widened to float32 (`DoraHalfFunction`)."""
+    z, u = kern.lora_forward(x.float(), weight, lora_a, lora_b, scale, None, fan_in_fan_out=fifo, need_u=need_u)
+    z = _tensor(z).view(*x.shape[:-1], -1)
+    return z, None if u is None else _tensor(u).view(*x.shape[:-1], -1)
+
+
+def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool,
+                     norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
+    """The fused DoRA layer on a bf16 / fp16 base with float32 adapters (`DoraHalfFunction`); x (..., k) in the
+    base's dtype → y (..., m) in it."""
+    if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
+                                           or x.requires_grad or (bias is not None and bias.requires_grad)):
+        z, _ = _half_z(x, weight, lora_a, lora_b, scale, fifo, False, kern)
+        c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
+        return _combine(z, None, None if bias is None else bias.float(), c, in_place=True).to(x.dtype)
+    return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, kern)
+
+
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
-    """(`dora_linear` or `dora_linear_op`, its arguments) from `layers.fused_operands`' tuple for a DoRA
-    adapter, or None where DoRA is not fused: dropout while torch.compile traces (the operators regenerate the
-    mask only inside the LoRA kernel; D needs x̃ itself), anything but the C kernels on the CPU, a magnitude of
-    another dtype."""
+    """(`dora_linear`, `dora_linear_half` or `dora_linear_op`, its arguments) from `layers.fused_operands`' tuple
+    for a DoRA adapter, or None where DoRA is not fused: dropout while torch.compile traces (the operators
+    regenerate the mask only inside the LoRA kernel; D needs x̃ itself), anything but the C kernels on the CPU, a
+    magnitude of another dtype than W's — but float32 on a half W with float32 adapters (PEFT's default), fused
+    by `dora_linear_half` without dropout and outside torch.compile."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
-    if not x.is_cpu or magnitude.dtype != weight.dtype:
+    if not x.is_cpu:
+        return None
+    if weight.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == magnitude.dtype == torch.float32:
+        if p > 0.0 or isinstance(seed, torch.Tensor) or x.dtype != weight.dtype or weight.requires_grad:
+            return None
+        return dora_linear_half, (x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, kern)
+    if magnitude.dtype != weight.dtype:
         return None
     if isinstance(seed, torch.Tensor):  # torch.compile is tracing
         return None if p > 0.0 else (dora_linear_op, (x, weight, bias, lora_a, lora_b, magnitude, scale, seed, fifo))
