@@ -1,7 +1,7 @@
 """atheris harness for the `lorafuse._C` entry points (through `lorafuse.ops`).
 
 Each input picks an entry point (lora_forward, lora_backward, merge/unmerge, sgemm, dropout_mask, the
-4-bit W's handle `_C.q4_weight` with lora_forward / lora_backward on it)
+4-bit W's handle `_C.q4_weight`, an 8-bit one's `_C.q8_weight`, with lora_forward / lora_backward on them)
 and builds its arguments from the fuzz bytes: consistent shapes most of the time (so that calls
 succeed and their results are checked against a float64 NumPy reference), perturbed shapes
 otherwise; dtypes (float32 mostly, float64, float16, int32, bool, complex64, big-endian >f4,
@@ -202,6 +202,14 @@ def half_call(base: list, adapters: list, f32_or_base: list, f32: list) -> objec
     return half if ok and all(dtype_name(a) == "float32" for a in f32) else None
 
 
+def mixed_call(f32_base: list, W: object, adapters: list, f32_or_base: list) -> bool:
+    """Whether the half kernels take a call as 'mixed': x (and g, u) float32 on a bf16 / fp16 W, A and B float32,
+    bias float32 or W's dtype (None allowed). Its arithmetic is tested in tests/test_ops_lora_half.py."""
+    half = dtype_name(W)
+    return (half in ("float16", "bfloat16") and all(dtype_name(a) == "float32" for a in f32_base + adapters)
+            and all(a is None or dtype_name(a) in ("float32", half) for a in f32_or_base))
+
+
 U_HALF = {"float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**-11}  # a rounding to the output dtype
 
 
@@ -283,9 +291,10 @@ def fuzz_forward(G: Gen) -> None:
         return
     unchanged(before, args, set())
     half = half_call([args["x"], args["W"]], [args["A"], args["B"]], [args["bias"]], [])
-    if not (all_f32(*args.values()) or half) or not isinstance(scale, (int, float)):
+    mixed = mixed_call([args["x"]], args["W"], [args["A"], args["B"]], [args["bias"]])
+    if not (all_f32(*args.values()) or half or mixed) or not isinstance(scale, (int, float)):
         raise AssertionError("a call with non-float32 input succeeded")
-    if not small(*args.values()):
+    if mixed or not small(*args.values()):
         return
     x, W, A, B = (as_ref(args[k_]) for k_ in "xWAB")
     x2 = x.reshape(int(np.prod(x.shape[:-1])), x.shape[-1])
@@ -331,9 +340,10 @@ def fuzz_backward(G: Gen) -> None:
         return
     unchanged(before, args, set())
     half = half_call([args["g"], args["x"], args["W"]], [args["A"], args["B"]], [], [args["u"]])
-    if not (all_f32(*args.values()) or half):
+    mixed = mixed_call([args["g"], args["x"], args["u"]], args["W"], [args["A"], args["B"]], [])
+    if not (all_f32(*args.values()) or half or mixed):
         raise AssertionError("a call with non-float32 input succeeded")
-    if not small(*args.values()):
+    if mixed or not small(*args.values()):
         return
     ad = dtype_name(args["A"]) if half else "float32"  # dA, dB in the adapters' dtype, dx in the base's
     g, x, u, W, A, B = (as_ref(args[k_]) for k_ in ("g", "x", "u", "W", "A", "B"))
@@ -431,9 +441,18 @@ def fuzz_q4(G: Gen) -> None:
     rows2d = (G.dim(rows2d[0]), G.dim(rows2d[1]))
     dt = [torch.bfloat16, torch.float16][G.pick(2)]
     try:
-        handle = _C.q4_weight(d, absmax, rows2d, block, str(state.quant_type), dtype=str(dt).replace("torch.", ""), **kw)
+        handle = _C.q4_weight(d, absmax, rows2d, block, str(state.quant_type), dtype=str(dt).replace("torch.", ""),
+                              **kw)
     except ALLOWED:
         return
+    _lora_on_handle(G, handle, quant.dequantize(data, state, dtype=dt), dt, r, "4-bit")
+
+
+def _lora_on_handle(G: Gen, handle: object, Wd: "torch.Tensor", dt: "torch.dtype", r: int, what: str) -> None:
+    """`lora_forward` / `lora_backward` on a quantized weight's handle with x of a half dtype or float32 and fuzzed
+    adapters: an error from the allowed set, or results of the right shapes and — x in the handle's dtype — y
+    within one rounding of the same call on Wd (m, k), the values the handle stands for, in dt."""
+    m, k = Wd.shape
     n = G.size()
     xdt = [dt, dt, torch.float32, torch.bfloat16 if dt == torch.float16 else torch.float16][G.pick(4)]
     shape = tuple(min(G.dim(v), v + 1) for v in (n, k))  # perturbed, never huge (x is materialised)
@@ -447,8 +466,7 @@ def fuzz_q4(G: Gen) -> None:
     except ALLOWED:
         return
     if tuple(np.shape(dx)) != tuple(x.shape) or np.shape(y) != (x.shape[0], m):
-        raise AssertionError("4-bit LoRA: results of the wrong shape")
-    Wd = quant.dequantize(data, state, dtype=dt)
+        raise AssertionError(f"{what} LoRA: results of the wrong shape")
     y_dense, _ = ops.lora_forward(x.to(dt), Wd, A, B, 0.5, **drop)  # the same values through the dense path
     if xdt == dt:  # both rounded once to dt from fp32 sums of the same products in other orders
         name = str(dt).replace("torch.", "")
@@ -456,17 +474,41 @@ def fuzz_q4(G: Gen) -> None:
         mag = np.abs(as_ref(x.float())) @ np.abs(Wd.double().numpy()).T + np.abs(ref)
         tol = (k + r + 2) * 2.0**-24 * 4 * mag + 2 * U_HALF[name] * (np.abs(ref) + 1e-30) + 2.0**-23
         if np.all(np.isfinite(ref)) and not np.all(np.abs(got - ref) <= tol):
-            raise AssertionError("4-bit y differs from the same call on W dequantized")
+            raise AssertionError(f"{what} y differs from the same call on W dequantized")
+
+
+def fuzz_q8(G: Gen) -> None:
+    """An 8-bit weight (`_C.q8_weight`: int8 codes CB (m, k), float32 row scales SCB) whose arrays are consistent
+    or not (dtypes, SCB's length, CB's rank), then the LoRA kernels on its handle (`_lora_on_handle`)."""
+    if torch is None:
+        return
+    from lorafuse import _C
+    from lorafuse.quant8 import dequantize_int8
+
+    m, k, r = 1 + G.pick(9), 1 + G.pick(70), 1 + G.pick(4)
+    CB = torch.from_numpy(G.rng.integers(-127, 128, (m, k)).astype(np.int8))
+    SCB = torch.from_numpy(np.abs(G.rng.standard_normal(m)).astype(np.float32))
+    dt = [torch.bfloat16, torch.float16][G.pick(2)]
+    cb, scb = CB, SCB
+    if G.chance(5):  # the wrong dtype, too few scales, a flat CB
+        cb, scb = [(CB.to(torch.uint8), SCB), (CB, SCB[: G.dim(m)]), (CB, SCB.double()), (CB.reshape(-1), SCB)][
+            G.pick(4)]
+    try:
+        handle = _C.q8_weight(cb, scb, dtype=str(dt).replace("torch.", ""))
+    except ALLOWED:
+        return
+    _lora_on_handle(G, handle, dequantize_int8(CB, SCB, dt), dt, r, "8-bit")
 
 
 # The C extension is not compiled with coverage instrumentation (that needs clang's
 # -fsanitize=fuzzer-no-link); instrumenting the harness gives libFuzzer feedback on which
 # argument shapes and which accept/reject branches were reached.
-fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, packed_arg = (
+fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8, _lora_on_handle, packed_arg = (
     atheris.instrument_func(f)
-    for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, packed_arg))
+    for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8, _lora_on_handle,
+              packed_arg))
 Gen.array = atheris.instrument_func(Gen.array)
-ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4]
+ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8]
 
 
 def TestOneInput(data: bytes) -> None:
