@@ -32,6 +32,7 @@ _LAZY = {
     "peft_is_patched": "peft_fused",
     "cache_packed_weights": "layers",
     "quantize": "quant",
+    "load_quantized": "quant_load",
 }
 
 __all__ = ["ops", "set_num_threads", "get_num_threads", "set_output_cache_limit", "output_cache_stats", "show_config",

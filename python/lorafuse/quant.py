@@ -271,8 +271,11 @@ class Linear4bit(nn.Module):
         qs = {k[len(head):]: state_dict[k] for k in list(state_dict) if k.startswith(head)}
         if qs:
             self.weight = Weight4bit(state_dict[prefix + "weight"].detach().clone(), QuantState.from_dict(qs))
+        state = self.weight.quant_state
         super()._load_from_state_dict({k: v for k, v in state_dict.items() if not k.startswith(head)}, prefix,
                                       local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not isinstance(self.weight, Weight4bit):  # load_state_dict(assign=True) put a plain Parameter there
+            self.weight = Weight4bit(self.weight.data, state)
 
     def extra_repr(self) -> str:
         qs = self.weight.quant_state
