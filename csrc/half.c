@@ -34,9 +34,10 @@ static PyArrayObject *typed_arg(lf_state *st, lf_py_arr_list *L, const char *F, 
     return a;
 }
 
-int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt) {
+int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt, PyArrayObject **arr) {
     lf_tview t;
     int64_t rows, cols;
+    if (arr) *arr = NULL;
     if (lf_py_qweight_handle(oW, &t, &rows, &cols)) {
         *dt = t.dtype;
         return 1;
@@ -46,7 +47,10 @@ int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt) {
         PyErr_Clear(); /* not an array: the caller's own parsing names what is wrong */
         return 0;
     }
-    Py_DECREF(w);
+    if (arr)
+        *arr = w;
+    else
+        Py_DECREF(w);
     return *dt == LF_DT_BF16 || *dt == LF_DT_F16;
 }
 
@@ -61,7 +65,7 @@ static int parse_weights(lf_state *st, lf_py_arr_list *L, const char *F, PyObjec
     PyArrayObject *w = NULL, *a, *b;
     int64_t qw_rows = 0, qw_cols = 0;
     const int qw = lf_py_qweight_handle(oW, W, &qw_rows, &qw_cols);
-    const lf_dtype base = xdt == LF_DT_F32 && lf_py_half_weight(st, oW, &wdt) ? wdt : xdt; /* mixed */
+    const lf_dtype base = xdt == LF_DT_F32 && lf_py_half_weight(st, oW, &wdt, NULL) ? wdt : xdt; /* mixed */
     if (qw && fifo) {
         PyErr_Format(PyExc_ValueError,
                      "%s: a quantized W is (out_features, in_features) as stored: fan_in_fan_out must be False", F);

@@ -24,8 +24,9 @@ typedef struct {
 } lf_py_backward_call;
 
 /* 1 and *dt if W is a quantized weight's handle (its elements' dtype) or an array / tensor of a half dtype:
- * the weights half.c computes on, a float32 x (g) then 'mixed'; else 0 (no exception set) */
-int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt);
+ * the weights half.c computes on, a float32 x (g) then 'mixed'; else 0 (no exception set). arr (or NULL):
+ * W as an ndarray (a new reference, or NULL for a handle or an object that is none), for the caller to reuse. */
+int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt, PyArrayObject **arr);
 
 PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *x, lf_dtype xdt,
                                   const lf_py_forward_call *c);

@@ -115,7 +115,13 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     if (!(x = lf_py_keep(&L, lf_py_as_typed(st, ox, F, "x", &xdt))) || lf_py_check_ndim(F, "x", x, 0, "(..., k)"))
         goto fail;
     lf_dtype wdt;
-    if (xdt != LF_DT_F32 || lf_py_half_weight(st, oW, &wdt)) { /* a bf16 / fp16 or quantized base: half.c */
+    PyArrayObject *w_arr = NULL; /* W converted once: the float32 path below reads this array */
+    const int half = xdt != LF_DT_F32 || lf_py_half_weight(st, oW, &wdt, &w_arr);
+    if (w_arr) {
+        lf_py_keep(&L, w_arr);
+        if (!half) oW = (PyObject *)w_arr;
+    }
+    if (half) { /* a bf16 / fp16 or quantized base: half.c */
         const lf_py_forward_call call = {F, oW, oA, oB, obias, oy, ou, opacked, oplan, scale, p, seed, fifo, need_u,
                                          oplan != Py_None ? &force : NULL};
         PyObject *res = lf_py_lora_forward_half(st, &L, x, xdt, &call);
@@ -215,7 +221,13 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     if (!(g = lf_py_keep(&L, lf_py_as_typed(st, og, F, "g", &gdt))) || lf_py_check_ndim(F, "g", g, 0, "(..., m)"))
         goto fail;
     lf_dtype wdt;
-    if (gdt != LF_DT_F32 || lf_py_half_weight(st, oW, &wdt)) { /* a bf16 / fp16 or quantized base: half.c */
+    PyArrayObject *w_arr = NULL; /* W converted once: the float32 path below reads this array */
+    const int half = gdt != LF_DT_F32 || lf_py_half_weight(st, oW, &wdt, &w_arr);
+    if (w_arr) {
+        lf_py_keep(&L, w_arr);
+        if (!half) oW = (PyObject *)w_arr;
+    }
+    if (half) { /* a bf16 / fp16 or quantized base: half.c */
         const lf_py_backward_call call = {F, ox, ou, oW, oA, oB, odx, odA, odB, opacked, oplan, scale, p, seed, fifo,
                                           need_dx, oplan != Py_None ? &force : NULL};
         PyObject *res = lf_py_lora_backward_half(st, &L, g, gdt, &call);
