@@ -17,6 +17,7 @@ import torch._inductor.config  # noqa: E402
 import lorafuse  # noqa: E402
 import lorafuse.autograd  # noqa: E402
 from lorafuse.autograd import lora_linear  # noqa: E402
+from lorafuse import ops  # noqa: E402
 from lorafuse.backend import seed_tensor  # noqa: E402
 
 
@@ -56,12 +57,23 @@ def test_operators_pass_torch_opcheck(lead, k, m, r, p, fifo, bias) -> None:
         assert set(results.values()) == {"SUCCESS"}, results
 
 
-def _llama(dropout: float) -> Any:
+def test_dropout_mask_operator_passes_opcheck_and_is_the_kernels_mask() -> None:
+    """`lorafuse::dropout_mask` (DoRA's x̃ under torch.compile): torch's operator checks, and the very multiplier
+    the kernels apply for that seed (`lorafuse.ops.dropout_mask`)."""
+    seed = torch.tensor([12345], dtype=torch.int64)
+    for n, k, p, dtype in ((3, 7, 0.1, torch.float32), (1, 33, 0.5, torch.bfloat16)):
+        results = torch.library.opcheck(torch.ops.lorafuse.dropout_mask.default, (n, k, p, seed, dtype))
+        assert set(results.values()) == {"SUCCESS"}, results
+        mask = torch.ops.lorafuse.dropout_mask(n, k, p, seed, dtype)
+        assert mask.dtype == dtype and torch.equal(mask.float(), torch.from_numpy(ops.dropout_mask(n, k, p, 12345)))
+
+
+def _llama(dropout: float, use_dora: bool = False) -> Any:
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
-    config = lorafuse.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False,
+    config = lorafuse.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False, use_dora=use_dora,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
     return lorafuse.get_peft_model(model, config)
 
@@ -75,11 +87,13 @@ def _paths(model: Any) -> list:
     return [m.lorafuse_path for m in model.modules() if isinstance(m, lorafuse.FusedLinear)]
 
 
-def test_compiled_llama_fullgraph_matches_eager_with_dropout() -> None:
-    """Training step (dropout 0.1): the compiled model's loss and every adapter gradient equal
-    eager mode's, with the same seeds drawn, both through the fused kernels (``lorafuse_path``
-    'c' on every LoRA layer); then inference under no_grad gives eager's logits."""
-    model = _llama(0.1)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_compiled_llama_fullgraph_matches_eager_with_dropout(use_dora: bool) -> None:
+    """Training step (dropout 0.1): the compiled model's loss and every adapter gradient (DoRA's magnitudes too)
+    equal eager mode's, with the same seeds drawn, both through the fused kernels (``lorafuse_path`` 'c' on
+    every LoRA layer; DoRA compiled: x̃ from the `lorafuse::dropout_mask` operator); then inference under
+    no_grad gives eager's logits."""
+    model = _llama(0.1, use_dora)
     model.train()
     ids = torch.randint(0, 97, (2, 12))
     assert _paths(model) == [None] * 10
@@ -96,7 +110,7 @@ def test_compiled_llama_fullgraph_matches_eager_with_dropout() -> None:
     eager_loss.backward()
     assert _paths(model) == ["c"] * 10
     eager_grads = _adapter_grads(model)
-    assert len(eager_grads) == 2 * 5 * 2  # A and B of five projections in two layers
+    assert len(eager_grads) == 2 * 5 * (3 if use_dora else 2)  # A, B (μ) of five projections in two layers
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():

@@ -11,6 +11,7 @@ would any extern kernel.
         -> y (..., m), u (..., r)    (u: shape (0,) when need_u is False)
     torch.ops.lorafuse.lora_backward(g, x, u, W, A, B, scale, p, seed, fan_in_fan_out, need_dx)
         -> dx (x's shape; (0,) when need_dx is False), dA (r, k), dB (m, r)
+    torch.ops.lorafuse.dropout_mask(n, k, p, seed, dtype) -> the (n, k) dropout multiplier (DoRA's x̃)
 
 The dropout seed is a one-element int64 tensor (an int would be read with `.item()`, a graph
 break): drawn by `torch.randint` in the traced graph, read inside the operators. dW and the bias
@@ -26,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .backend import adapter_backward, base_grads, forward, kernels_for
+from .backend import adapter_backward, base_grads, dropout_mask, forward, kernels_for
 
 __all__ = ["lora_linear_op"]
 
@@ -104,6 +105,18 @@ def _backward(ctx: Any, grad: Tensor, _grad_u: Optional[Tensor]) -> tuple[Option
 
 
 _lora_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lorafuse::dropout_mask", mutates_args=())
+def _dropout_mask(n: int, k: int, dropout_p: float, seed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The kernels' dropout multiplier (n, k) of 0 or 1/(1-p) for ``seed`` (`backend.dropout_mask`), in dtype:
+    what DoRA with dropout needs of x̃ outside the LoRA kernel while torch.compile traces."""
+    return dropout_mask(n, k, dropout_p, _seed_value(seed), dtype=dtype, device=seed.device)
+
+
+@_dropout_mask.register_fake
+def _dropout_mask_shape(n: int, k: int, dropout_p: float, seed: Tensor, dtype: torch.dtype) -> Tensor:
+    return seed.new_empty((n, k), dtype=dtype)
 
 
 def lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,

@@ -23,8 +23,9 @@ with ‖W_j‖² kept per frozen W (`RowNorms`, invalidated like the packed-W ca
 whenever A or B changed: 2·r·k·(m + r) flops, r/n of the base GEMM, and one more read of W; ν itself is kept
 while W, A and B are unchanged (inference, several forwards between optimizer steps). Memory beyond LoRA: z̃
 (..., m) kept for dμ, and c, ν (m); never an m×k temporary. The mask is lorafuse's seeded hash (as for LoRA:
-statistically, not bitwise, PEFT's torch dropout). While torch.compile traces, `dora_linear_op` runs z on the
-`lorafuse::lora_forward` operator and the rest in traceable torch ops (no dropout; with dropout PEFT's forward).
+statistically, not bitwise, PEFT's torch dropout). While torch.compile traces, `dora_linear_op` runs z̃ on the
+`lorafuse::lora_forward` operator and the rest in traceable torch ops, x̃ from the `lorafuse::dropout_mask`
+operator. A bf16 / fp16 base with PEFT's fp32 adapters: `DoraHalfFunction` (no dropout, eager).
 """
 
 from __future__ import annotations
@@ -264,15 +265,24 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                   lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, seed: torch.Tensor,
+                   lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor,
                    fifo: bool) -> torch.Tensor:
-    """The fused DoRA layer while torch.compile traces (no dropout): z̃ = z from the `lorafuse::lora_forward`
-    operator (its autograd formula gives dx, dA, dB for g' = ∂L/∂z), then y = (μ/ν) ⊙ z + b in traceable
-    torch ops — autograd gives g' = g ⊙ c and dμ = Σ g ⊙ z / ν, exactly the eager backward. ν is computed
-    each call (no kept norms: Dynamo cannot watch version counters)."""
+    """The fused DoRA layer while torch.compile traces: z̃ from the `lorafuse::lora_forward` operator on x̃ (its
+    autograd formula gives dx̃, dA, dB for g' = ∂L/∂z̃), then y = D + (μ/ν) ⊙ z̃ + b in traceable torch ops —
+    autograd gives g' = g ⊙ c, dμ = Σ g ⊙ z̃ / ν and dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W, exactly the eager
+    backward. With dropout x̃ = x ⊙ mask (`lorafuse::dropout_mask`, the kernels' mask for the traced seed) and
+    D = (x − x̃)·Wᵀ by ``F.linear``; without, x̃ = x and D = 0. ν is computed each call (no kept norms: Dynamo
+    cannot watch version counters)."""
     need_u = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
-    z = torch.ops.lorafuse.lora_forward(x, weight, None, lora_a, lora_b, scale, 0.0, seed, fifo, need_u)[0]
+    x_drop, d = x, None
+    if dropout_p > 0.0:
+        k = x.shape[-1]
+        mask = torch.ops.lorafuse.dropout_mask(x.numel() // k, k, dropout_p, seed, x.dtype).view(x.shape)
+        x_drop = x * mask
+        d = torch.nn.functional.linear(x - x_drop, weight.t() if fifo else weight)
+    z = torch.ops.lorafuse.lora_forward(x_drop, weight, None, lora_a, lora_b, scale, 0.0, seed, fifo, need_u)[0]
     y = z * (magnitude / row_norms(weight, lora_a, lora_b, scale, fifo))
+    y = y if d is None else y + d
     return y if bias is None else y + bias
 
 
@@ -343,10 +353,9 @@ def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
     """(`dora_linear`, `dora_linear_half` or `dora_linear_op`, its arguments) from `layers.fused_operands`' tuple
-    for a DoRA adapter, or None where DoRA is not fused: dropout while torch.compile traces (the operators
-    regenerate the mask only inside the LoRA kernel; D needs x̃ itself), anything but the C kernels on the CPU, a
-    magnitude of another dtype than W's — but float32 on a half W with float32 adapters (PEFT's default), fused
-    by `dora_linear_half` without dropout and outside torch.compile."""
+    for a DoRA adapter, or None where DoRA is not fused: anything but the C kernels on the CPU, a magnitude of
+    another dtype than W's — but float32 on a half W with float32 adapters (PEFT's default), fused by
+    `dora_linear_half` without dropout and outside torch.compile."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
     if not x.is_cpu:
         return None
@@ -357,5 +366,5 @@ def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Opt
     if magnitude.dtype != weight.dtype:
         return None
     if isinstance(seed, torch.Tensor):  # torch.compile is tracing
-        return None if p > 0.0 else (dora_linear_op, (x, weight, bias, lora_a, lora_b, magnitude, scale, seed, fifo))
+        return dora_linear_op, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo)
     return dora_linear, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache, kern)
