@@ -31,6 +31,7 @@ from .backend import adapter_backward, base_grads, dropout_mask, forward, kernel
 
 __all__ = ["lora_linear_op"]
 
+
 def _seed_value(seed: Tensor) -> int:
     """The int in a one-element integer seed tensor; TypeError / ValueError naming it otherwise."""
     if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
