@@ -8,7 +8,7 @@ of the DoRA issue's table and the path the fused DoRA layer took (`lorafuse_path
     python benchmarks/bench_dora.py [--threads 2] [--rounds 9] [--quick] [--dropout 0.1] [--dtype bf16]
 
 --dtype bf16: the base nn.Linear and x in bf16, PEFT's default fp32 adapters and magnitude on both sides
-(lorafuse: `DoraHalfFunction`, no dropout — with --dropout the fused layer runs PEFT's forward).
+(lorafuse: `DoraHalfFunction`).
 
 With --dropout the training rows (forward (grad), fwd+bwd) run with that lora_dropout (PEFT's DoRA then runs its
 base GEMM twice, the fused layer one more GEMM on x − x̃).

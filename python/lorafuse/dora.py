@@ -25,7 +25,7 @@ while W, A and B are unchanged (inference, several forwards between optimizer st
 (..., m) kept for dμ, and c, ν (m); never an m×k temporary. The mask is lorafuse's seeded hash (as for LoRA:
 statistically, not bitwise, PEFT's torch dropout). While torch.compile traces, `dora_linear_op` runs z̃ on the
 `lorafuse::lora_forward` operator and the rest in traceable torch ops, x̃ from the `lorafuse::dropout_mask`
-operator. A bf16 / fp16 base with PEFT's fp32 adapters: `DoraHalfFunction` (no dropout, eager).
+operator. A bf16 / fp16 base with PEFT's fp32 adapters: `DoraHalfFunction` (eager).
 """
 
 from __future__ import annotations
@@ -287,68 +287,88 @@ def dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 class DoraHalfFunction(torch.autograd.Function):
-    """DoRA on a bf16 / fp16 base with float32 adapters and magnitude (PEFT's default), no dropout. PEFT casts x
-    to the adapters' float32 and adds its float32 DoRA term to the base layer's half result; here z comes from
-    the kernels' mixed arithmetic on x widened — z = round_h(x·Wᵀ) + s·(x·Aᵀ)·Bᵀ in float32, W never widened —,
-    y = round_h(b + c ⊙ z) with c = μ/ν (ν float32, detached) — the base product rounded once before the DoRA
-    scale as PEFT's is, the sum once after. Backward: g' = g ⊙ c in float32; the mixed backward gives dA, dB from
-    the float32 x and g' and dx = round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's half gradient, PEFT's
-    own rounding), returned in x's dtype; dμ_j = Σ_i g_ij z_ij / ν_j. Saves x, u, z, μ, c, ν."""
+    """DoRA on a bf16 / fp16 base with float32 adapters and magnitude (PEFT's default). PEFT casts x to the
+    adapters' float32 and adds its float32 DoRA term to the base layer's half result; here z̃ comes from the
+    kernels' mixed arithmetic on x̃ widened (x̃ = x ⊙ mask in float32, x without dropout) — z̃ = round_h(x̃·Wᵀ) +
+    s·(x̃·Aᵀ)·Bᵀ in float32, W never widened —, y = round_h(D + b + c ⊙ z̃) with c = μ/ν (ν float32, detached)
+    and D = (x − x̃)·Wᵀ in float32 (`hgemm`: W widened only inside its packing; no D without dropout) — the base
+    product rounded once before the DoRA scale as PEFT's is, the sum once after. Backward: g' = g ⊙ c in
+    float32; the mixed backward on x̃ gives dA, dB and dx̃ = round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's
+    half gradient, PEFT's own rounding); dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W (dx̃ without dropout), in x's dtype;
+    dμ_j = Σ_i g_ij z̃_ij / ν_j. Saves x, u, z̃, μ, c, ν; x̃ is regenerated from the seed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool, norms: Optional[RowNorms],
-                kern: Any) -> torch.Tensor:
-        z, u = _half_z(x, weight, lora_a, lora_b, scale, fifo, True, kern)
+                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+                norms: Optional[RowNorms], kern: Any) -> torch.Tensor:
+        z, d, u = _half_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, True, kern)
         nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
         c = magnitude.detach() / nu
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
-        ctx.conf = (scale, fifo, kern, None if bias is None else bias.dtype)
-        return _combine(z, None, None if bias is None else bias.float(), c, in_place=False).to(x.dtype)
+        ctx.conf = (scale, dropout_p, seed, fifo, kern, None if bias is None else bias.dtype)
+        return _combine(z, d, None if bias is None else bias.float(), c, in_place=False).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """Gradients for x, bias, A, B and μ (W frozen: a half base layer's weight is not trained here). Under
         ``create_graph=True`` autograd over the torch math (`dora_reference` on W widened: an m×k temporary)."""
         x, u, z, weight, lora_a, lora_b, magnitude, c, nu = ctx.saved_tensors
-        scale, fifo, kern, bias_dtype = ctx.conf
+        scale, p, seed, fifo, kern, bias_dtype = ctx.conf
         need_x, _, need_b, need_a, need_bb, need_mag = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():
             dx, _, db, dA, dB, dmag = _differentiable_backward(
-                grad.float(), x.float(), weight.float(), lora_a, lora_b, magnitude, scale, 0.0, 0, fifo,
+                grad.float(), x.float(), weight.float(), lora_a, lora_b, magnitude, scale, p, seed, fifo,
                 bias_dtype is not None, (need_x, False, need_b, need_a, need_bb, need_mag))
         else:
-            m = grad.shape[-1]
-            g_scaled = grad.float() * c
+            k, m = x.shape[-1], grad.shape[-1]
+            g32 = grad.float().reshape(-1, m)
+            g_scaled = g32 * c.view(1, -1)
+            x2 = x.float().reshape(-1, k)
+            mask = mask_for(x2, p, seed)
             dx = dA = dB = None
             if need_x or need_a or need_bb:
                 dx, dA, dB = (None if t is None else _tensor(t) for t in kern.lora_backward(
-                    g_scaled, x.float(), u, weight, lora_a, lora_b, scale, need_dx=need_x, fan_in_fan_out=fifo))
+                    g_scaled, x2 if mask is None else x2 * mask, u.reshape(-1, u.shape[-1]), weight, lora_a, lora_b,
+                    scale, need_dx=need_x, fan_in_fan_out=fifo))
+            if dx is not None and mask is not None:  # dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W
+                gw = _tensor(kern.hgemm(g32, weight.t() if fifo else weight))
+                dx = dx.mul_(mask).add_(mask.neg_().add_(1.0).mul_(gw))
             db = grad.reshape(-1, m).sum(0) if need_b else None
-            dmag = (grad.float() * z).reshape(-1, m).sum(0) / nu if need_mag else None
-        return (None if dx is None else dx.to(x.dtype), None, None if db is None else db.to(bias_dtype), dA, dB,
-                dmag) + (None,) * 4
+            dmag = (g32 * z.reshape(-1, m)).sum(0) / nu if need_mag else None
+        return (None if dx is None else dx.view(x.shape).to(x.dtype), None, None if db is None else db.to(bias_dtype),
+                dA, dB, dmag) + (None,) * 6
 
 
-def _half_z(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-            fifo: bool, need_u: bool, kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(z, u) float32 (..., m), (..., r): the mixed forward on x widened to float32 (`DoraHalfFunction`)."""
-    z, u = kern.lora_forward(x.float(), weight, lora_a, lora_b, scale, None, fan_in_fan_out=fifo, need_u=need_u)
+def _half_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                  dropout_p: float, seed: int, fifo: bool, need_u: bool,
+                  kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(z̃, D, u) float32 (..., m), (..., m) or None, (..., r) or None: the mixed forward on x̃ widened to float32
+    and, with dropout, D = (x − x̃)·Wᵀ (`DoraHalfFunction`)."""
+    k = x.shape[-1]
+    x2 = x.float().reshape(-1, k)
+    mask = mask_for(x2, dropout_p, seed)
+    x_drop = x2 if mask is None else x2 * mask
+    z, u = kern.lora_forward(x_drop, weight, lora_a, lora_b, scale, None, fan_in_fan_out=fifo, need_u=need_u)
+    d = None
+    if mask is not None:  # x − x̃ = x ⊙ (1 − mask), times Wᵀ: W widened only inside the GEMM's packing
+        d = _tensor(kern.hgemm(x2.mul_(mask.neg_().add_(1.0)), weight if fifo else weight.t()))
+        d = d.view(*x.shape[:-1], -1)
     z = _tensor(z).view(*x.shape[:-1], -1)
-    return z, None if u is None else _tensor(u).view(*x.shape[:-1], -1)
+    return z, d, None if u is None else _tensor(u).view(*x.shape[:-1], -1)
 
 
 def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, fifo: bool,
-                     norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
+                     lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int,
+                     fifo: bool, norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
     """The fused DoRA layer on a bf16 / fp16 base with float32 adapters (`DoraHalfFunction`); x (..., k) in the
-    base's dtype → y (..., m) in it."""
+    base's dtype → y (..., m) in it; ``seed``: the dropout mask's (p > 0)."""
     if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
                                            or x.requires_grad or (bias is not None and bias.requires_grad)):
-        z, _ = _half_z(x, weight, lora_a, lora_b, scale, fifo, False, kern)
+        z, d, _ = _half_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, False, kern)
         c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
-        return _combine(z, None, None if bias is None else bias.float(), c, in_place=True).to(x.dtype)
-    return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, kern)
+        return _combine(z, d, None if bias is None else bias.float(), c, in_place=True).to(x.dtype)
+    return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
+                                  kern)
 
 
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
@@ -360,9 +380,9 @@ def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Opt
     if not x.is_cpu:
         return None
     if weight.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == magnitude.dtype == torch.float32:
-        if p > 0.0 or isinstance(seed, torch.Tensor) or x.dtype != weight.dtype or weight.requires_grad:
+        if isinstance(seed, torch.Tensor) or x.dtype != weight.dtype or weight.requires_grad:
             return None
-        return dora_linear_half, (x, weight, bias, lora_a, lora_b, magnitude, scale, fifo, norms, kern)
+        return dora_linear_half, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, kern)
     if magnitude.dtype != weight.dtype:
         return None
     if isinstance(seed, torch.Tensor):  # torch.compile is tracing
