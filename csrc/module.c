@@ -31,6 +31,21 @@
 
 static lf_state *state_of(PyObject *module) { return (lf_state *)PyModule_GetState(module); }
 
+/* 1 if a call whose x (g) has dtype dt goes to half.c: dt half precision, or float32 on a half or quantized
+ * W ('mixed'). Else 0, and *oW is W converted once (kept in L) for the float32 path to read. */
+static int goes_to_half(lf_state *st, lf_py_arr_list *L, lf_dtype dt, PyObject **oW) {
+    if (dt != LF_DT_F32) return 1;
+    lf_dtype wdt;
+    PyArrayObject *w_arr;
+    const int half = lf_py_half_weight(st, *oW, &wdt, &w_arr);
+    if (!w_arr) return half;
+    if (!lf_py_keep(L, w_arr)) /* the kept list is full (it holds only x here): read oW again below */
+        PyErr_Clear();
+    else if (!half)
+        *oW = (PyObject *)w_arr;
+    return half;
+}
+
 /* ---------------------------------------------------------------- packed weights */
 
 static void packed_capsule_free(PyObject *cap) {
@@ -114,14 +129,7 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
     lf_dtype xdt;
     if (!(x = lf_py_keep(&L, lf_py_as_typed(st, ox, F, "x", &xdt))) || lf_py_check_ndim(F, "x", x, 0, "(..., k)"))
         goto fail;
-    lf_dtype wdt;
-    PyArrayObject *w_arr = NULL; /* W converted once: the float32 path below reads this array */
-    const int half = xdt != LF_DT_F32 || lf_py_half_weight(st, oW, &wdt, &w_arr);
-    if (w_arr) {
-        lf_py_keep(&L, w_arr);
-        if (!half) oW = (PyObject *)w_arr;
-    }
-    if (half) { /* a bf16 / fp16 or quantized base: half.c */
+    if (goes_to_half(st, &L, xdt, &oW)) { /* a bf16 / fp16 or quantized base: half.c */
         const lf_py_forward_call call = {F, oW, oA, oB, obias, oy, ou, opacked, oplan, scale, p, seed, fifo, need_u,
                                          oplan != Py_None ? &force : NULL};
         PyObject *res = lf_py_lora_forward_half(st, &L, x, xdt, &call);
@@ -220,14 +228,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
     lf_dtype gdt;
     if (!(g = lf_py_keep(&L, lf_py_as_typed(st, og, F, "g", &gdt))) || lf_py_check_ndim(F, "g", g, 0, "(..., m)"))
         goto fail;
-    lf_dtype wdt;
-    PyArrayObject *w_arr = NULL; /* W converted once: the float32 path below reads this array */
-    const int half = gdt != LF_DT_F32 || lf_py_half_weight(st, oW, &wdt, &w_arr);
-    if (w_arr) {
-        lf_py_keep(&L, w_arr);
-        if (!half) oW = (PyObject *)w_arr;
-    }
-    if (half) { /* a bf16 / fp16 or quantized base: half.c */
+    if (goes_to_half(st, &L, gdt, &oW)) { /* a bf16 / fp16 or quantized base: half.c */
         const lf_py_backward_call call = {F, ox, ou, oW, oA, oB, odx, odA, odB, opacked, oplan, scale, p, seed, fifo,
                                           need_dx, oplan != Py_None ? &force : NULL};
         PyObject *res = lf_py_lora_backward_half(st, &L, g, gdt, &call);
