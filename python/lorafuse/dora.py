@@ -306,7 +306,7 @@ class DoraHalfFunction(torch.autograd.Function):
         c = magnitude.detach() / nu
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
         ctx.conf = (scale, dropout_p, seed, fifo, kern, None if bias is None else bias.dtype)
-        return _combine(z, d, None if bias is None else bias.float(), c, in_place=False).to(x.dtype)
+        return _combine_half(z, d, bias, c, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
@@ -321,8 +321,8 @@ class DoraHalfFunction(torch.autograd.Function):
                 bias_dtype is not None, (need_x, False, need_b, need_a, need_bb, need_mag))
         else:
             k, m = x.shape[-1], grad.shape[-1]
-            g32 = grad.float().reshape(-1, m)
-            g_scaled = g32 * c.view(1, -1)
+            g2 = grad.reshape(-1, m)
+            g_scaled = g2 * c.view(1, -1)  # float32: torch promotes the half g and widens it on the fly
             x2 = x.float().reshape(-1, k)
             mask = mask_for(x2, p, seed)
             dx = dA = dB = None
@@ -331,10 +331,10 @@ class DoraHalfFunction(torch.autograd.Function):
                     g_scaled, x2 if mask is None else x2 * mask, u.reshape(-1, u.shape[-1]), weight, lora_a, lora_b,
                     scale, need_dx=need_x, fan_in_fan_out=fifo))
             if dx is not None and mask is not None:  # dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W
-                gw = _tensor(kern.hgemm(g32, weight.t() if fifo else weight))
+                gw = _tensor(kern.hgemm(g2, weight.t() if fifo else weight))  # half g, W: exact products
                 dx = dx.mul_(mask).add_(mask.neg_().add_(1.0).mul_(gw))
             db = grad.reshape(-1, m).sum(0) if need_b else None
-            dmag = (g32 * z.reshape(-1, m)).sum(0) / nu if need_mag else None
+            dmag = (g2 * z.reshape(-1, m)).sum(0) / nu if need_mag else None
         return (None if dx is None else dx.view(x.shape).to(x.dtype), None, None if db is None else db.to(bias_dtype),
                 dA, dB, dmag) + (None,) * 6
 
@@ -357,6 +357,15 @@ def _half_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
     return z, d, None if u is None else _tensor(u).view(*x.shape[:-1], -1)
 
 
+def _combine_half(z: torch.Tensor, d: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """y = round_dtype(D + b + c ⊙ z̃) (D None: 0) from the float32 z̃, D and c: one pass over z̃, written in the
+    half dtype (torch computes in float32 and rounds once into the output)."""
+    out = torch.empty(z.shape, dtype=dtype)
+    base = d if bias is None else (bias.float() if d is None else d.add_(bias))
+    return torch.mul(z, c, out=out) if base is None else torch.addcmul(base, z, c, out=out)
+
+
 def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                      lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int,
                      fifo: bool, norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
@@ -366,7 +375,7 @@ def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                                            or x.requires_grad or (bias is not None and bias.requires_grad)):
         z, d, _ = _half_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, False, kern)
         c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
-        return _combine(z, d, None if bias is None else bias.float(), c, in_place=True).to(x.dtype)
+        return _combine_half(z, d, bias, c, x.dtype)
     return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
                                   kern)
 
