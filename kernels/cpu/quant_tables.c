@@ -1,4 +1,4 @@
-/* quant_tables.c — the code tables of bitsandbytes' 4-bit and 8-bit blockwise formats (quant4.h), as fp32
+/* quant_tables.c — the code tables of bitsandbytes' 4-bit and 8-bit blockwise formats (lorafuse/quant.h), as fp32
  * bit patterns (hex floats): the values bnb 0.50's `get_4bit_type("nf4" | "fp4")` and
  * `create_dynamic_map()` return, and the bucket bounds its CPU `quantize_4bit` compares against
  * (midpoints (a + b) / 2 in fp32 of the sorted codes). tests/test_quant4.py checks each one against

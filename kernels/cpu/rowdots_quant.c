@@ -1,4 +1,5 @@
-/* rowdots_q4.c — the decode forward's base product on a 4-bit W read as it is (lf_rowdots_qw, internal.h):
+/* rowdots_quant.c — the decode forward's base product on a quantized W read as it is (lf_rowdots_qw,
+ * internal.h); for a 4-bit W:
  *
  *     c[i·ldc + j] = Σ_p x[i, p] · W[j, p]  (+ bias[j])       i < n ≤ LF_ROWDOTS_MAX_N, j < M, p < K
  *     W[j, p] = round_dt(code[q(j·K + p)] · scale(block (j·K + p) / B))       (lorafuse/quant.h)
@@ -15,7 +16,8 @@
  * so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and multiply them with x's own
  * pairs on vdpbf16ps, 32 elements per instruction (rows_q4p_N, below). AVX-512 only, and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
- * buffer (lf_rowdots_qw_ok says which). */
+ * buffer (lf_rowdots_qw_ok says which). An 8-bit W (LF_Q8_ROW) takes the pairs kernels only (rows_q8p_N: a
+ * bf16 x on vdpbf16ps), else the same buffer. */
 #include <stdlib.h>
 
 #include "half_store.h"
@@ -139,7 +141,7 @@ LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code
     return _mm512_cvtepu16_epi32((__m256i)h);
 }
 
-#define ROWS_Q4P(N, R)                                                                                                    \
+#define ROWS_Q4P(N, R)                                                                                                 \
     LF_AVX512_BF16 static void rows_q4p_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,             \
                                             int64_t len, int accumulate) {                                             \
         const lf_qweight *w = job->w;                                                                                  \
@@ -218,7 +220,8 @@ ROWS_Q4P(8, 2)
             for (int64_t p = 0; p < lv; p += 32) {                                                                     \
                 __m512i wp[R];                                                                                         \
                 for (int r = 0; r < R; r++) {                                                                          \
-                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p)))); \
+                    const __m512 lo =                                                                                  \
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p))));        \
                     const __m512 hi =                                                                                  \
                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p + 16))));   \
                     wp[r] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s[r]), _mm512_mul_ps(lo, s[r]));            \
