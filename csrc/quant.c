@@ -1,6 +1,5 @@
 /* quant.c — lorafuse._C.dequant_4bit, quant_4bit, quant_tables, q4gemm / q4gemm_path (a GEMM whose
- * second operand is a 4-bit weight, dequantized while it is packed: lf_tview.qw), and q4_weight /
- * q8_weight (a checked 4-bit or 8-bit weight for the LoRA kernels): bitsandbytes' weight
+ * second operand is a 4-bit weight, dequantized while it is packed: lf_tview.qw): bitsandbytes' weight
  * storage (kernels/include/lorafuse/quant.h) on NumPy arrays or CPU torch tensors (DLPack, read
  * in place).
  *
@@ -20,6 +19,7 @@
 
 #include "args.h"
 #include "dlpack_in.h"
+#include "quant_args.h"
 #include "runtime.h"
 
 #include "lorafuse/quant.h"
@@ -50,9 +50,8 @@ static PyArrayObject *as_ndarray(lf_state *st, PyObject *obj, const char *F, con
     return (PyArrayObject *)a;
 }
 
-/* An input of NumPy type `type` (native order), as a C-contiguous aligned array (copied if it is
- * not one); NULL with TypeError naming it and `what` (the dtype expected) */
-static PyArrayObject *input_of(lf_state *st, PyObject *obj, const char *F, const char *name, int type,
+/* quant_args.h */
+PyArrayObject *lf_py_quant_input(lf_state *st, PyObject *obj, const char *F, const char *name, int type,
                                const char *what) {
     int bf16;
     PyArrayObject *a = as_ndarray(st, obj, F, name, &bf16, 0);
@@ -120,7 +119,8 @@ static int parse_shape(const char *F, PyObject *obj, int64_t *rows, int64_t *col
     return 0;
 }
 
-static int parse_dtype(const char *F, const char *s, lf_dtype *dt) {
+/* quant_args.h */
+int lf_py_parse_qdtype(const char *F, const char *s, lf_dtype *dt) {
     if (!strcmp(s, "float32")) *dt = LF_DT_F32;
     else if (!strcmp(s, "bfloat16")) *dt = LF_DT_BF16;
     else if (!strcmp(s, "float16")) *dt = LF_DT_F16;
@@ -159,18 +159,8 @@ static PyArrayObject *output_of(lf_state *st, PyObject *obj, const char *F, lf_d
     return o;
 }
 
-/* The arguments describing a stored weight that dequant_4bit and q4gemm share (as Python objects). */
-typedef struct {
-    PyObject *data, *absmax, *shape, *nested_absmax, *nested_code;
-    long long blocksize, nested_blocksize;
-    const char *quant_type;
-    double offset;
-} q4_args;
-
-/* *w from q (its pointers into arrays kept in L; arrs[0..3] = data, absmax, nested_absmax, nested_code,
- * the last two NULL when not nested), checked with lf_qweight_unfit. 0, or -1 with TypeError / ValueError
- * naming the argument. */
-static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_args *q, lf_qweight *w,
+/* quant_args.h */
+int lf_py_parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const lf_py_q4_args *q, lf_qweight *w,
                     PyArrayObject *arrs[4]) {
     memset(w, 0, sizeof *w);
     arrs[0] = arrs[1] = arrs[2] = arrs[3] = NULL;
@@ -184,12 +174,12 @@ static int parse_q4(lf_state *st, const char *F, lf_py_arr_list *L, const q4_arg
         return -1;
     }
     PyArrayObject *data, *am, *nam = NULL, *code = NULL;
-    if (!(data = lf_py_keep(L, input_of(st, q->data, F, "data", NPY_UINT8, "uint8"))) ||
-        !(am = lf_py_keep(L, w->nested ? input_of(st, q->absmax, F, "absmax", NPY_UINT8, "uint8 (double-quantized codes)")
-                                       : input_of(st, q->absmax, F, "absmax", NPY_FLOAT32, "float32"))))
+    if (!(data = lf_py_keep(L, lf_py_quant_input(st, q->data, F, "data", NPY_UINT8, "uint8"))) ||
+        !(am = lf_py_keep(L, w->nested ? lf_py_quant_input(st, q->absmax, F, "absmax", NPY_UINT8, "uint8 (double-quantized codes)")
+                                       : lf_py_quant_input(st, q->absmax, F, "absmax", NPY_FLOAT32, "float32"))))
         return -1;
-    if (w->nested && (!(nam = lf_py_keep(L, input_of(st, q->nested_absmax, F, "nested_absmax", NPY_FLOAT32, "float32"))) ||
-                      !(code = lf_py_keep(L, input_of(st, q->nested_code, F, "nested_code", NPY_FLOAT32, "float32")))))
+    if (w->nested && (!(nam = lf_py_keep(L, lf_py_quant_input(st, q->nested_absmax, F, "nested_absmax", NPY_FLOAT32, "float32"))) ||
+                      !(code = lf_py_keep(L, lf_py_quant_input(st, q->nested_code, F, "nested_code", NPY_FLOAT32, "float32")))))
         return -1;
     if (code && PyArray_SIZE(code) != 256) {
         PyErr_Format(PyExc_ValueError, "%s: nested_code must hold 256 values, got %zd", F, (Py_ssize_t)PyArray_SIZE(code));
@@ -230,7 +220,7 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "dequant_4bit";
     static char *kwlist[] = {"data", "absmax", "shape", "blocksize", "quant_type", "dtype", "nested_absmax",
                              "nested_code", "nested_blocksize", "offset", "rows", "cols", "out", NULL};
-    q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
+    lf_py_q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
     PyObject *orows = Py_None, *ocols = Py_None, *oout = Py_None;
     const char *sdtype = "float32";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLs|sOOLdOOO:dequant_4bit", kwlist, &q.data, &q.absmax, &q.shape,
@@ -243,7 +233,7 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     int64_t r0, r1, c0, c1;
     lf_py_arr_list L = {{0}, 0};
     PyArrayObject *arrs[4], *out;
-    if (parse_dtype(F, sdtype, &dt) || parse_q4(st, F, &L, &q, &w, arrs) ||
+    if (lf_py_parse_qdtype(F, sdtype, &dt) || lf_py_parse_q4(st, F, &L, &q, &w, arrs) ||
         parse_range(F, "rows", orows, w.rows, &r0, &r1) || parse_range(F, "cols", ocols, w.cols, &c0, &c1))
         goto fail;
     if (!(out = lf_py_keep(&L, output_of(st, oout, F, dt, r1 - r0, c1 - c0)))) goto fail;
@@ -261,140 +251,6 @@ PyObject *lf_py_dequant_4bit(PyObject *self, PyObject *args, PyObject *kw) {
     lf_py_drop_all(&L);
     return (PyObject *)out;
 fail:
-    lf_py_drop_all(&L);
-    return NULL;
-}
-
-/* A quantized weight checked once, for lora_forward / lora_backward's W (lf_py_qweight_handle): the
- * struct the kernels read, the dtype its elements are rounded to, and the arrays its pointers point into
- * (owned references: the capsule keeps them alive). _C.q4_weight and _C.q8_weight make them. */
-#define QWEIGHT_HANDLE_NAME "lorafuse.qweight"
-typedef struct {
-    lf_qweight w;
-    lf_dtype dt;
-    PyObject *arrs[4];
-} qweight_handle;
-
-static void qweight_handle_free(PyObject *cap) {
-    qweight_handle *h = PyCapsule_GetPointer(cap, QWEIGHT_HANDLE_NAME);
-    if (!h) return;
-    for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
-    PyMem_Free(h);
-}
-
-int lf_py_qweight_handle(PyObject *obj, lf_tview *W, int64_t *rows, int64_t *cols) {
-    if (!PyCapsule_IsValid(obj, QWEIGHT_HANDLE_NAME)) return 0;
-    const qweight_handle *h = PyCapsule_GetPointer(obj, QWEIGHT_HANDLE_NAME);
-    *rows = h->w.rows;
-    *cols = h->w.cols;
-    *W = (lf_tview){.rs = h->w.cols, .cs = 1, .dtype = h->dt, .qw = &h->w}; /* W (rows, cols) as stored */
-    return 1;
-}
-
-/* The capsule owning h (h->w filled and checked, h->dt set): h->dt must be a half dtype; arrs[0..3] (or
- * NULL) are referenced. Frees h and returns NULL with an exception set on failure. */
-static PyObject *new_qweight_handle(const char *F, qweight_handle *h, PyArrayObject *arrs[4]) {
-    if (h->dt == LF_DT_F32) {
-        PyErr_Format(PyExc_ValueError, "%s: dtype must be 'bfloat16' or 'float16' (the fused kernels' half base)", F);
-        PyMem_Free(h);
-        return NULL;
-    }
-    for (int i = 0; i < 4; i++) {
-        Py_XINCREF(arrs[i]);
-        h->arrs[i] = (PyObject *)arrs[i];
-    }
-    PyObject *cap = PyCapsule_New(h, QWEIGHT_HANDLE_NAME, qweight_handle_free);
-    if (!cap) {
-        for (int i = 0; i < 4; i++) Py_XDECREF(h->arrs[i]);
-        PyMem_Free(h);
-    }
-    return cap;
-}
-
-const char lf_py_q4_weight_doc[] =
-    "q4_weight(data, absmax, shape, blocksize, quant_type, dtype='bfloat16', nested_absmax=None,\n"
-    "          nested_code=None, nested_blocksize=256, offset=0.0) -> handle\n\n"
-    "A 4-bit weight W (rows, cols) = (out_features, in_features), given as dequant_4bit takes it, checked\n"
-    "once and held (its arrays referenced) as an opaque handle that lora_forward / lora_backward take as\n"
-    "W: the fused LoRA kernels on a bf16 / fp16 base then read W's 4-bit codes, its elements\n"
-    "code·absmax rounded to dtype ('bfloat16' or 'float16': x's dtype, or the compute dtype of a float32\n"
-    "x — the base product then on x rounded to it and rounded itself), dequantized inside the GEMM's\n"
-    "packing or, for a few tokens, a block at a time in cache. The handle reads the arrays as they are\n"
-    "when used: it is valid while their contents stay those of one weight.";
-
-PyObject *lf_py_q4_weight(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *F = "q4_weight";
-    static char *kwlist[] = {"data", "absmax", "shape", "blocksize", "quant_type", "dtype", "nested_absmax",
-                             "nested_code", "nested_blocksize", "offset", NULL};
-    q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
-    const char *sdtype = "bfloat16";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLs|sOOLd:q4_weight", kwlist, &q.data, &q.absmax, &q.shape,
-                                     &q.blocksize, &q.quant_type, &sdtype, &q.nested_absmax, &q.nested_code,
-                                     &q.nested_blocksize, &q.offset))
-        return NULL;
-    lf_py_arr_list L = {{0}, 0};
-    PyArrayObject *arrs[4];
-    PyObject *cap = NULL;
-    qweight_handle *h = PyMem_Calloc(1, sizeof *h);
-    if (!h) return PyErr_NoMemory();
-    if (parse_dtype(F, sdtype, &h->dt) || parse_q4(PyModule_GetState(self), F, &L, &q, &h->w, arrs))
-        PyMem_Free(h);
-    else
-        cap = new_qweight_handle(F, h, arrs);
-    lf_py_drop_all(&L);
-    return cap;
-}
-
-const char lf_py_q8_weight_doc[] =
-    "q8_weight(CB, SCB, dtype='bfloat16') -> handle\n\n"
-    "An 8-bit weight W (rows, cols) = (out_features, in_features) in bitsandbytes' LLM.int8 storage\n"
-    "(lorafuse/quant.h): CB int8 (rows, cols) C-contiguous codes, SCB float32 (rows,) row scales; checked\n"
-    "once and held as the handle lora_forward / lora_backward take as W, like q4_weight's. Its elements\n"
-    "CB·(SCB·fl(1/127)) are rounded to dtype ('bfloat16' or 'float16': x's dtype), as bitsandbytes'\n"
-    "Linear8bitLt computes in training (MatMul8bitFp); dequantized inside the GEMM's packing or, for a\n"
-    "few tokens, a block at a time in cache. A float32 x is computed as for q4_weight (x rounded to\n"
-    "dtype), which is not bitsandbytes' arithmetic for such x (it computes it in float32).";
-
-PyObject *lf_py_q8_weight(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *F = "q8_weight";
-    static char *kwlist[] = {"CB", "SCB", "dtype", NULL};
-    PyObject *ocb, *oscb;
-    const char *sdtype = "bfloat16";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s:q8_weight", kwlist, &ocb, &oscb, &sdtype)) return NULL;
-    lf_state *st = PyModule_GetState(self);
-    lf_py_arr_list L = {{0}, 0};
-    PyObject *cap = NULL;
-    PyArrayObject *cb, *scb;
-    qweight_handle *h = PyMem_Calloc(1, sizeof *h);
-    if (!h) return PyErr_NoMemory();
-    if (parse_dtype(F, sdtype, &h->dt) || !(cb = lf_py_keep(&L, input_of(st, ocb, F, "CB", NPY_INT8, "int8"))) ||
-        !(scb = lf_py_keep(&L, input_of(st, oscb, F, "SCB", NPY_FLOAT32, "float32"))))
-        goto fail;
-    if (PyArray_NDIM(cb) != 2 || PyArray_NDIM(scb) != 1 || PyArray_DIM(scb, 0) != PyArray_DIM(cb, 0)) {
-        PyErr_Format(PyExc_ValueError, "%s: CB must be 2-D (rows, cols) and SCB 1-D (rows,) with one scale per row",
-                     F);
-        goto fail;
-    }
-    lf_qweight *w = &h->w;
-    w->type = LF_Q8_ROW;
-    w->data = PyArray_DATA(cb);
-    w->nbytes = PyArray_SIZE(cb);
-    w->rows = PyArray_DIM(cb, 0);
-    w->cols = PyArray_DIM(cb, 1);
-    w->blocksize = w->cols > 0 ? w->cols : 1;
-    w->absmax = PyArray_DATA(scb);
-    w->n_absmax = PyArray_SIZE(scb);
-    const char *why = lf_qweight_unfit(w);
-    if (why) {
-        PyErr_Format(PyExc_ValueError, "%s: %s", F, why);
-        goto fail;
-    }
-    PyArrayObject *arrs[4] = {cb, scb, NULL, NULL};
-    cap = new_qweight_handle(F, h, arrs);
-    lf_py_drop_all(&L);
-    return cap;
-fail:
-    PyMem_Free(h);
     lf_py_drop_all(&L);
     return NULL;
 }
@@ -425,7 +281,7 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"a", "data", "absmax", "shape", "blocksize", "quant_type", "transpose_b", "alpha",
                              "bias", "out", "beta", "dtype", "nested_absmax", "nested_code", "nested_blocksize",
                              "offset", "w_first", NULL};
-    q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
+    lf_py_q4_args q = {.nested_absmax = Py_None, .nested_code = Py_None, .nested_blocksize = 256, .offset = 0.0};
     PyObject *oa, *oalpha = NULL, *obias = Py_None, *oc = Py_None, *obeta = NULL;
     int transpose_b = 1, w_first = 0;
     const char *sdtype = "bfloat16";
@@ -442,8 +298,8 @@ PyObject *lf_py_q4gemm(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *a, *arrs[4];
     PyObject *c = NULL;
     int64_t P, Q;
-    if (parse_dtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, lf_py_as_typed(st, oa, F, "a", &da))) ||
-        lf_py_check_ndim(F, "a", a, 2, w_first ? "(K, N)" : "(M, K)") || parse_q4(st, F, &L, &q, &w, arrs))
+    if (lf_py_parse_qdtype(F, sdtype, &dw) || !(a = lf_py_keep(&L, lf_py_as_typed(st, oa, F, "a", &da))) ||
+        lf_py_check_ndim(F, "a", a, 2, w_first ? "(K, N)" : "(M, K)") || lf_py_parse_q4(st, F, &L, &q, &w, arrs))
         goto done;
     const lf_tview vw = op_of(&w, transpose_b, dw, &P, &Q); /* op(W) (P, Q) */
     static const char *const want[2][2] = {{"(M, K) with K = shape[0] (a·W)", "(M, K) with K = shape[1] (a·Wᵀ)"},
@@ -477,7 +333,7 @@ PyObject *lf_py_q4gemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|sO:q4gemm_path", kwlist, &oa, &sdtype, &oalpha)) return NULL;
     float alpha = 1.0f;
     lf_dtype da, dw;
-    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || parse_dtype(F, sdtype, &dw)) return NULL;
+    if ((oalpha && lf_py_parse_scale(oalpha, F, "alpha", &alpha)) || lf_py_parse_qdtype(F, sdtype, &dw)) return NULL;
     PyArrayObject *a = lf_py_as_typed(PyModule_GetState(self), oa, F, "a", &da);
     if (!a) return NULL;
     const lf_qweight none = {0}; /* the path depends on dtypes and alpha only */
@@ -556,7 +412,7 @@ PyObject *lf_py_double_quant(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OL:double_quant", kwlist, &oabs, &ooffset, &nested_bs)) return NULL;
     if (nested_bs < 1 || nested_bs > 4096)
         return PyErr_Format(PyExc_ValueError, "%s: nested_blocksize must be in [1, 4096], got %lld", F, nested_bs);
-    PyArrayObject *am = input_of(PyModule_GetState(self), oabs, F, "absmax", NPY_FLOAT32, "float32"), *qa = NULL,
+    PyArrayObject *am = lf_py_quant_input(PyModule_GetState(self), oabs, F, "absmax", NPY_FLOAT32, "float32"), *qa = NULL,
                   *a2 = NULL;
     PyObject *res = NULL;
     if (!am) return NULL;

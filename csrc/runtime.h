@@ -99,7 +99,7 @@ PyObject *lf_py_quant_tables(PyObject *module, PyObject *noargs);
 extern const char lf_py_q4gemm_doc[], lf_py_q4gemm_path_doc[];
 PyObject *lf_py_q4gemm(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_q4gemm_path(PyObject *module, PyObject *args, PyObject *kw);
-/* _C.q4_weight, q8_weight (quant.c): a checked 4-bit / 8-bit weight as lora_forward / lora_backward's W.
+/* _C.q4_weight, q8_weight (qweight.c): a checked 4-bit / 8-bit weight as lora_forward / lora_backward's W.
  * lf_py_qweight_handle: 1 and *W the weight (rows, cols) as stored (rs = cols, cs = 1, .qw set; valid while
  * obj lives) if obj is such a handle, else 0. */
 extern const char lf_py_q4_weight_doc[], lf_py_q8_weight_doc[];
