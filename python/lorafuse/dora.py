@@ -154,7 +154,7 @@ class DoraLinearFunction(torch.autograd.Function):
                                          kern)
         nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
         c = magnitude.detach() / nu
-        y = _combine(z, d, bias, c, in_place=False)
+        y = _combine(z, d, bias, c)
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
         ctx.conf = (scale, dropout_p, seed, fifo, kern, weight_cache, bias is not None)
         return y
@@ -204,12 +204,11 @@ def _weight_grad(grad: torch.Tensor, g_scaled: torch.Tensor, x: torch.Tensor, dr
 
 
 def _combine(z: torch.Tensor, d: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: torch.Tensor,
-             in_place: bool) -> torch.Tensor:
-    """y = D + b + c ⊙ z̃ (D None: 0); in_place: written over z̃ (no gradient to keep it for)."""
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = D + b + c ⊙ z̃ (D None: 0) in one pass over z̃, into ``out``: None (a new tensor), z̃ itself (no gradient
+    to keep it for) or a half tensor (DoRA on a half base: torch sums in float32 and rounds once into it)."""
     base = d if bias is None else (bias.detach() if d is None else d.add_(bias.detach()))
-    if base is None:
-        return z.mul_(c) if in_place else z * c
-    return torch.addcmul(base, z, c, out=z) if in_place else torch.addcmul(base, z, c)
+    return torch.mul(z, c, out=out) if base is None else torch.addcmul(base, z, c, out=out)
 
 
 def dora_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -259,7 +258,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                                            or (bias is not None and bias.requires_grad)):
         z, d, _, _ = _dropped_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, False, weight_cache,
                                       kern)
-        return _combine(z, d, bias, magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms), in_place=True)
+        return _combine(z, d, bias, magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms), out=z)
     return DoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
                                     weight_cache, kern)
 
@@ -306,7 +305,7 @@ class DoraHalfFunction(torch.autograd.Function):
         c = magnitude.detach() / nu
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
         ctx.conf = (scale, dropout_p, seed, fifo, kern, None if bias is None else bias.dtype)
-        return _combine_half(z, d, bias, c, x.dtype)
+        return _combine(z, d, bias, c, out=torch.empty(z.shape, dtype=x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
@@ -357,15 +356,6 @@ def _half_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
     return z, d, None if u is None else _tensor(u).view(*x.shape[:-1], -1)
 
 
-def _combine_half(z: torch.Tensor, d: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """y = round_dtype(D + b + c ⊙ z̃) (D None: 0) from the float32 z̃, D and c: one pass over z̃, written in the
-    half dtype (torch computes in float32 and rounds once into the output)."""
-    out = torch.empty(z.shape, dtype=dtype)
-    base = d if bias is None else (bias.float() if d is None else d.add_(bias))
-    return torch.mul(z, c, out=out) if base is None else torch.addcmul(base, z, c, out=out)
-
-
 def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                      lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int,
                      fifo: bool, norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
@@ -375,7 +365,7 @@ def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                                            or x.requires_grad or (bias is not None and bias.requires_grad)):
         z, d, _ = _half_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, False, kern)
         c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
-        return _combine_half(z, d, bias, c, x.dtype)
+        return _combine(z, d, bias, c, out=torch.empty(z.shape, dtype=x.dtype))
     return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
                                   kern)
 
