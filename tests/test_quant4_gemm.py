@@ -142,10 +142,10 @@ def test_odd_k_over_several_k_blocks_and_threads(half_isa):
     """K odd and beyond every ISA's K block (several 512-k dequantization chunks), N beyond one column
     panel on the AMX level; the same bits on 1 and 3 threads."""
     rng = np.random.default_rng(3)
-    a, bias = operand(rng, (70, 1101), torch.bfloat16), torch.randn(300)
+    a, bias = operand(rng, (70, 2101), torch.bfloat16), torch.randn(300)
     before = lorafuse.get_num_threads()
     for transpose in (True, False):
-        data, state = stored((300, 1101) if transpose else (1101, 300), "nf4", 128, True)
+        data, state = stored((300, 2101) if transpose else (2101, 300), "nf4", 128, True)
         try:
             lorafuse.set_num_threads(1)
             one = check(a, data, state, transpose, bias=bias, what="odd K")

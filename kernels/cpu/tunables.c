@@ -53,7 +53,7 @@ const lf_tunables lf_tunables_avx512 = {.isa = LF_ISA_AVX512, AVX512_FP32_TUNABL
 const lf_tunables lf_tunables_avx512_bf16 = {
     .isa = LF_ISA_AVX512_BF16,
     AVX512_FP32_TUNABLES,
-    .pairs = {.kc = 768, .mc = 120, .nc = 3072}, /* the fp32 tile's bytes: 384 pairs of B = 48 KiB */
+    .pairs = {.kc = 2048, .mc = 72, .nc = 2048}, /* Zen 4 (L2 1 MiB): a B sliver 128 KiB + the A block 288 KiB */
     /* AMD EPYC (Zen 4, the avx512_bf16 CPU measured): vdpbf16ps zmm 231 GFLOP/s on one thread against the
      * FMA's 114 (fma_peak.c), one instruction a cycle each; 8×4096² bf16 decode 3.8 → see RESULTS.md */
     .decode_pairs = 1,
