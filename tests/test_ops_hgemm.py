@@ -109,6 +109,20 @@ def test_odd_k_over_several_blocks_and_threads(half_isa):
     check(tensor(rng, (61, 777), "bf16", "strided"), tensor(rng, (777, 45), "f16"), what="strided x fp16")
 
 
+@pytest.mark.parametrize("N", [1, 33, 100])
+def test_few_rows_same_bits_as_many(half_isa, N):
+    """A few rows of a (one row block a thread: on avx512_bf16 W's K-pairs are packed sliver by sliver,
+    each just before its tile) give the bits the same rows give inside many (the whole panel packed
+    first): K over two K blocks, odd, N partial slivers; and within the float64 bound."""
+    rng = np.random.default_rng(5)
+    a, b = tensor(rng, (300, 2101), "bf16"), tensor(rng, (2101, N), "bf16", "col")
+    bias = torch.randn(N)
+    many = ops.hgemm(a, b, bias=bias)
+    for rows in (1, 12, 25):
+        few = check(a[:rows], b, bias=bias, what=f"{rows} rows")
+        assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 300"
+
+
 @pytest.mark.parametrize("shape", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
 def test_zero_sizes(half_isa, shape):
     M, K, N = shape
