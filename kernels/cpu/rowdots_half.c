@@ -68,17 +68,19 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
  * a, b); then c[i, j] gets HSUM(acc) + the K tail (dot_tail) (put). NAME dispatches on n to a copy of
  * the body for each n ≤ LF_ROWDOTS_MAX_N (NAME##_body inlined with n a constant: the accumulators live
  * in registers, which a run-time n would leave in memory). */
-/* bytes ahead of the current step of each W row prefetched into L1: the rows of a block are short runs (K_BLOCK
- * elements), which the hardware prefetcher does not follow early enough once the math per byte grows (Zen 4,
- * 8×4096² bf16 on vdpbf16ps, 2 threads: 2.3 ms without, 1.3–1.5 at 512 bytes, slower at 1024 and 2048) */
-#define PF_DIST 512
+/* Prefetch: while rows j, j+1 are read, the same step of rows j+2, j+3 is prefetched into L1 (the rows of a block
+ * are short runs, K_BLOCK elements, which the hardware prefetcher does not follow early enough once the math per
+ * byte grows; prefetching a fixed distance ahead within the row left each row pair's first lines unfetched).
+ * Zen 4, 8 × 4096² bf16 on vdpbf16ps, 2 threads, with u and the rank-r term (lora_forward, 'decode'): 2.76 ms
+ * at 512 bytes ahead → 1.56–1.70 (torch's F.linear 1.62–1.72); 1 token 1.62 → 0.90 (torch 1.38–1.42). A
+ * prefetch past the last row is harmless (prefetches never fault). */
 #define ROWS_KERNEL(NAME, ATTR, V, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
     ATTR static inline __attribute__((always_inline)) void NAME##_body(                                     \
         int64_t j0, int64_t j1, const int64_t n, int64_t K, const float *xw, int64_t ldx, const uint16_t *xh,   \
         int64_t ldxh, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c, \
         int64_t ldc) {                                                                                          \
         (void)xh, (void)ldxh;                                                                                   \
-        const int64_t Kv = K / STEP * STEP;                                                                     \
+        const int64_t Kv = K / STEP * STEP, next = 2 * ldw; /* the next row pair: prefetched in step */          \
         for (int64_t j = j0; j < j1; j += 2) {                                                                  \
             const int two = j + 1 < j1;                                                                         \
             const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;                                        \
@@ -86,8 +88,8 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
             for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = ZERO;                                       \
             for (int64_t p = 0; p < Kv; p += STEP) {                                                            \
                 const V b0 = LOAD_B(w0 + p), b1 = LOAD_B(w1 + p);                                               \
-                _mm_prefetch((const char *)(w0 + p) + PF_DIST, _MM_HINT_T0);                                    \
-                _mm_prefetch((const char *)(w1 + p) + PF_DIST, _MM_HINT_T0);                                    \
+                _mm_prefetch((const char *)(w0 + next + p), _MM_HINT_T0);                                       \
+                _mm_prefetch((const char *)(w1 + next + p), _MM_HINT_T0);                                       \
                 for (int64_t i = 0; i < n; i++) {                                                               \
                     const V a = LOAD_A(i, p);                                                                   \
                     acc[0][i] = MADD(acc[0][i], a, b0);                                                         \
