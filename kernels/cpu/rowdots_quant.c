@@ -150,6 +150,9 @@ LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code
         const int lg = __builtin_ctzll((unsigned long long)B);                                                         \
         const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
         const uint16_t *x0 = job->xh + p0;                                                                             \
+        /* bytes from a row's codes to those R rows on: prefetched at the same step (rowdots_half.c's reason; Zen 4, \
+         * 8 × 4096² NF4, 2 threads: 1.97 → 1.67 ms) */                                                              \
+        const int64_t ahead = R * (K >> 1);                                                                            \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
             int64_t jr[R], blk[R];                                                                                     \
             const uint8_t *q[R];                                                                                       \
@@ -167,6 +170,7 @@ LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code
                 for (int r = 0; r < R; r++) {                                                                          \
                     if (!(h & block_bytes_mask))                                                                       \
                         tb[r] = block_bits(w, code, blk[r]++);                                                         \
+                    _mm_prefetch((const char *)(q[r] + ahead + h), _MM_HINT_T0); /* the next R rows, this step */     \
                     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + h)));              \
                     const __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(c, 4), tb[r]);                     \
                     const __m512i odd = _mm512_permutexvar_epi32(c, tb[r]); /* vpermd: the low 4 bits */               \
