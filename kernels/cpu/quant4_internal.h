@@ -52,4 +52,18 @@ static inline float lf_qweight_scale(const lf_qweight *w, int64_t b) {
     return a + w->offset;
 }
 
+/* out[t] = lf_qweight_scale(w, b0 + t) for t < nb (4-bit; b0 + nb ≤ its blocks): the nested index stepped, not divided
+ * for every block */
+static inline void lf_qweight_scales(const lf_qweight *w, int64_t b0, int64_t nb, float *out) {
+    if (!w->nested) {
+        for (int64_t t = 0; t < nb; t++) out[t] = w->absmax[b0 + t];
+        return;
+    }
+    int64_t g = b0 / w->nested_blocksize, in_g = b0 % w->nested_blocksize;
+    for (int64_t t = 0; t < nb; t++) {
+        out[t] = w->nested_code[w->absmax_q[b0 + t]] * w->nested_absmax[g] + w->offset;
+        if (++in_g == w->nested_blocksize) in_g = 0, g++;
+    }
+}
+
 #endif
