@@ -231,7 +231,10 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
  * once: each thread owns a range of columns; rows of W are taken in blocks of AXPY_ROWS (their pages stay
  * in the TLB), and within a block each group of columns is summed over the block's rows in registers
  * (n × V vectors), then added into c's rows (fp32, in L1 / L2). A walk down one column strip through all M
- * rows instead touches a new page at every row of a large W. Each product exact; fp32 sums, by row blocks. */
+ * rows instead touches a new page at every row of a large W. Each product exact; fp32 sums, by row blocks.
+ * A strip's walk down the block's rows reads one line of each row, a page apart, which no hardware prefetcher
+ * follows: each row's lines of the next strip are prefetched as the row is read (Zen 4, 2 threads, the bf16
+ * layer's 8 × 4096² fwd+bwd 7.6 → 4.1 ms, 1 token 3.3 → 2.3). */
 
 #define AXPY_ROWS 128 /* rows of W per block: 128 pages of a 4096-wide bf16 W, within the L2 TLB */
 
@@ -274,6 +277,8 @@ typedef void (*axpy_fn)(const rows_axpy_job *, int64_t, int64_t, int64_t, int64_
             for (int64_t j = j0; j < j1; j++) {                                                                        \
                 __m512 w[V];                                                                                           \
                 for (int v = 0; v < (V); v++) w[v] = lf_load16(job->W + j * job->ldw + p + 16 * v, job->dt);          \
+                for (int v = 0; v < (V); v += 2) /* this row's lines of the next strip (a line: 2 vectors) */           \
+                    _mm_prefetch((const char *)(job->W + j * job->ldw + p + 16 * ((V) + v)), _MM_HINT_T0);             \
                 for (int i = 0; i < (N); i++) {                                                                        \
                     const __m512 gi = _mm512_set1_ps(job->g[i * job->M + j]);                                          \
                     for (int v = 0; v < (V); v++) acc[i][v] = _mm512_fmadd_ps(gi, w[v], acc[i][v]);                    \
