@@ -52,17 +52,20 @@ static inline float lf_qweight_scale(const lf_qweight *w, int64_t b) {
     return a + w->offset;
 }
 
-/* out[t] = lf_qweight_scale(w, b0 + t) for t < nb (4-bit; b0 + nb ≤ its blocks): the nested index stepped, not divided
- * for every block */
+/* out[t] = lf_qweight_scale(w, b0 + t) for t < nb (4-bit; b0 + nb ≤ its blocks): one division, then runs of blocks
+ * that share a nested scale (a loop the compiler vectorizes) */
 static inline void lf_qweight_scales(const lf_qweight *w, int64_t b0, int64_t nb, float *out) {
     if (!w->nested) {
         for (int64_t t = 0; t < nb; t++) out[t] = w->absmax[b0 + t];
         return;
     }
     int64_t g = b0 / w->nested_blocksize, in_g = b0 % w->nested_blocksize;
-    for (int64_t t = 0; t < nb; t++) {
-        out[t] = w->nested_code[w->absmax_q[b0 + t]] * w->nested_absmax[g] + w->offset;
-        if (++in_g == w->nested_blocksize) in_g = 0, g++;
+    for (int64_t t = 0; t < nb; g++, in_g = 0) {
+        const int64_t run = nb - t < w->nested_blocksize - in_g ? nb - t : w->nested_blocksize - in_g;
+        const float a2 = w->nested_absmax[g], off = w->offset;
+        const uint8_t *qa = w->absmax_q + b0 + t;
+        for (int64_t u = 0; u < run; u++) out[t + u] = w->nested_code[qa[u]] * a2 + off;
+        t += run;
     }
 }
 
