@@ -21,7 +21,7 @@
  * (rank_rows.c). Elsewhere (fp16, or no bf16 tile) one widened GEMM over the augmented K forms the
  * whole sum ('augmented'), rounded row block by row block the same way. A few tokens ('decode') stream
  * W once in place (rowdots_half.c, which hands a quantized W to rowdots_quant.c; dx's g·W by
- * lf_rows_axpy_half). The rank-r products u, v, dBᵀ, dA run on the skinny kernels, which widen half rows
+ * lf_rows_axpy). The rank-r products u, v, dBᵀ, dA run on the skinny kernels, which widen half rows
  * as they read them ('skinny'), or as GEMMs ('gemm').
  */
 #include <stdlib.h>
@@ -150,7 +150,7 @@ done:
     return st;
 }
 
-/* 1 if dx's g·W streams W row by row (lf_rows_axpy_half: a few tokens, W's rows contiguous or a quantized W) */
+/* 1 if dx's g·W streams W row by row (lf_rows_axpy: a few tokens, W's rows contiguous or a quantized W) */
 static int dx_streamed(int64_t n, lf_tview W) { return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1; }
 
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
@@ -239,9 +239,9 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && adt != LF_DT_F32) lf_narrow(da32, r * k, adt, dA);
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
-         * contiguous (a quantized W as stored): W streamed once row by row (lf_rows_axpy_half), never packed */
+         * contiguous (a quantized W as stored): W streamed once row by row (lf_rows_axpy), never packed */
         if (dx_streamed(n, W)) {
-            st = lf_rows_axpy_half(pool, n, m, k, gb, W, dx32, k);
+            st = lf_rows_axpy(pool, n, m, k, gb, W, dx32, k);
         } else {
             const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);
             st = lf_gemm(pool, n, k, m, &gbo, &wo, 0.0f, NULL, dx32, k);

@@ -226,7 +226,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     return lf_interrupt_pending() ? LF_EINTR : job.failed ? LF_ENOMEM : LF_OK;
 }
 
-/* ---- dx = g·W for a few tokens (lf_rows_axpy_half): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) half with
+/* ---- dx = g·W for a few tokens (lf_rows_axpy): c (n, K) = Σ_j g[:, j] ⊗ W[j, :], W (M, K) fp32 or half with
  * rows contiguous (or a quantized W, dequantized a block at a time into a thread's buffer), each element read
  * once: each thread owns a range of columns; rows of W are taken in blocks of AXPY_ROWS (their pages stay
  * in the TLB), and within a block each group of columns is summed over the block's rows in registers
@@ -241,7 +241,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
 typedef struct {
     int64_t n, M, K, ldc;
     const float *g; /* g widened (n, M), rows contiguous */
-    const uint16_t *W;
+    const void *W;  /* fp32, or bf16 / fp16 bits (dt) */
     int64_t ldw;
     const lf_qweight *qw; /* a quantized W (M, K) read as it is (W NULL), or NULL */
     lf_dtype dt;
@@ -258,7 +258,7 @@ static void axpy_tail(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t 
         for (int64_t p = p0; p < p1; p++) {
             float acc = 0.0f;
             for (int64_t j = j0; j < j1; j++)
-                acc += job->g[i * job->M + j] * lf_half_to_f32(job->dt, job->W[j * job->ldw + p]);
+                acc += job->g[i * job->M + j] * lf_elem_f32(job->W, job->dt, j * job->ldw + p);
             job->c[i * job->ldc + p] += acc;
         }
 }
@@ -266,9 +266,18 @@ static void axpy_tail(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t 
 typedef void (*axpy_fn)(const rows_axpy_job *, int64_t, int64_t, int64_t, int64_t);
 
 #if defined(__x86_64__)
+/* element off of W: its address, and 16 of them from there widened to fp32 (exactly) */
+static inline const char *axpy_addr(const rows_axpy_job *job, int64_t off) {
+    return job->dt == LF_DT_F32 ? (const char *)((const float *)job->W + off) : (const char *)((const uint16_t *)job->W + off);
+}
+LF_AVX512 static inline __m512 axpy_load(const rows_axpy_job *job, int64_t off) {
+    return job->dt == LF_DT_F32 ? _mm512_loadu_ps((const float *)job->W + off) : lf_load16((const uint16_t *)job->W + off, job->dt);
+}
+
 /* The same on AVX-512 for N tokens, V vectors of 16 columns at a time (N·V accumulators in registers) */
 #define AXPY_KERNEL(N, V)                                                                                              \
     LF_AVX512 static void axpy_##N(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t p1) {         \
+        const int per_line = job->dt == LF_DT_F32 ? 1 : 2; /* vectors of 16 elements in a 64-byte line */            \
         int64_t p = p0;                                                                                                \
         for (; p + 16 * (V) <= p1; p += 16 * (V)) {                                                                    \
             __m512 acc[N][V];                                                                                          \
@@ -276,9 +285,9 @@ typedef void (*axpy_fn)(const rows_axpy_job *, int64_t, int64_t, int64_t, int64_
                 for (int v = 0; v < (V); v++) acc[i][v] = _mm512_setzero_ps();                                         \
             for (int64_t j = j0; j < j1; j++) {                                                                        \
                 __m512 w[V];                                                                                           \
-                for (int v = 0; v < (V); v++) w[v] = lf_load16(job->W + j * job->ldw + p + 16 * v, job->dt);          \
-                for (int v = 0; v < (V); v += 2) /* this row's lines of the next strip (a line: 2 vectors) */           \
-                    _mm_prefetch((const char *)(job->W + j * job->ldw + p + 16 * ((V) + v)), _MM_HINT_T0);             \
+                for (int v = 0; v < (V); v++) w[v] = axpy_load(job, j * job->ldw + p + 16 * v);                       \
+                for (int v = 0; v < (V); v += per_line) /* this row's lines of the next strip */                      \
+                    _mm_prefetch(axpy_addr(job, j * job->ldw + p + 16 * ((V) + v)), _MM_HINT_T0);                      \
                 for (int i = 0; i < (N); i++) {                                                                        \
                     const __m512 gi = _mm512_set1_ps(job->g[i * job->M + j]);                                          \
                     for (int v = 0; v < (V); v++) acc[i][v] = _mm512_fmadd_ps(gi, w[v], acc[i][v]);                    \
@@ -332,7 +341,7 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
         }
         for (int64_t p = q0; p < q1; p += AXPY_Q4_COLS) {
             const int64_t w = q1 - p < AXPY_Q4_COLS ? q1 - p : AXPY_Q4_COLS;
-            lf_qweight_dequantize(job->qw, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy_half */
+            lf_qweight_dequantize(job->qw, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy */
             const rows_axpy_job view = {.n = job->n, .M = job->M, .K = job->K, .ldc = job->ldc, .g = job->g + j,
                                         .W = buf, .ldw = w, .dt = job->dt, .c = job->c + p};
             axpy(&view, 0, je - j, 0, w);
@@ -341,9 +350,9 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
     free(buf);
 }
 
-int lf_rows_axpy_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {
+int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {
     if (n < 1 || n > LF_ROWDOTS_MAX_N || M < 0 || K < 0 || ldc < K || W.cs != 1 ||
-        (W.dtype != LF_DT_BF16 && W.dtype != LF_DT_F16))
+        (W.dtype != LF_DT_BF16 && W.dtype != LF_DT_F16 && (W.dtype != LF_DT_F32 || W.qw)))
         return LF_EINVAL;
     if (W.qw && (lf_qweight_unfit(W.qw) || W.rs != K || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
     if (K == 0) return LF_OK;

@@ -173,7 +173,7 @@ typedef enum {
 typedef enum {
     LF_DX_NONE = 0,  /* dx not wanted */
     LF_DX_AUGMENTED, /* no dropout: one GEMM over m + r, [g | s·v] · [W ; A] */
-    LF_DX_MASKED,    /* dropout: g·W, then + s/(1-p)·mask ⊙ (v·A) row block by row block */
+    LF_DX_MASKED,    /* dropout, or ≤ 8 tokens: g·W (W's rows streamed for ≤ 8 tokens), then + s/(1-p)·mask ⊙ (v·A) */
 } lf_backward_dx_path;
 typedef struct {
     lf_backward_vb_path vb;
@@ -181,8 +181,9 @@ typedef struct {
     lf_backward_dx_path dx;
 } lf_backward_plan;
 
-/* The plan lf_lora_backward_f32 runs for these operands (need_dx: whether dx is an output). */
-lf_backward_plan lf_plan_backward(int64_t r, lf_view g, lf_view x, lf_view u, float dropout_p, int need_dx);
+/* The plan lf_lora_backward_f32 runs for these operands (n tokens; need_dx: whether dx is an output). */
+lf_backward_plan lf_plan_backward(int64_t n, int64_t r, lf_view g, lf_view x, lf_view u, lf_view W, float dropout_p,
+                                  int need_dx);
 
 /* NULL if `plan` can run these operands, else why not (lf_forward_plan_unfit's counterpart). */
 const char *lf_backward_plan_unfit(lf_backward_plan plan, int64_t r, lf_view g, lf_view x, lf_view u,
