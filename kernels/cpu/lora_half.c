@@ -150,8 +150,11 @@ done:
     return st;
 }
 
-/* 1 if dx's g·W streams W row by row (lf_rows_axpy: a few tokens, W's rows contiguous or a quantized W) */
-static int dx_streamed(int64_t n, lf_tview W) { return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1; }
+/* 1 if dx's g·W streams W row by row (lf_rows_axpy's AVX-512 kernels: a few tokens, W's rows contiguous or a
+ * quantized W; below AVX-512 its loop is scalar and the widened GEMM is the faster) */
+static int dx_streamed(int64_t n, lf_tview W) {
+    return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
+}
 
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
                                        int need_dx) {
