@@ -143,6 +143,17 @@ LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code
     return _mm512_cvtepu16_epi32((__m256i)h);
 }
 
+/* c[i, jr[r]] = the lanes' sum of acc[r·n + i] (+ bias[jr[r]]), or += it when accumulate, for r < rows, i < n */
+LF_AVX512 static inline __attribute__((always_inline)) void put_rows(const rowdots_q4_job *job, int64_t rows, int n,
+                                                                  const int64_t *jr, const __m512 *acc, int accumulate) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int i = 0; i < n; i++) {
+            float *ci = job->c + i * job->ldc + jr[r];
+            const float v = _mm512_reduce_add_ps(acc[r * n + i]);
+            *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);
+        }
+}
+
 #define ROWS_Q4P(N, R)                                                                                                 \
     LF_AVX512_BF16 static void rows_q4p_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,             \
                                             int64_t len, int accumulate) {                                             \
@@ -183,12 +194,7 @@ LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code
                     for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
                 }                                                                                                      \
             }                                                                                                          \
-            for (int r = 0; r < R && j + r < j1; r++)                                                                  \
-                for (int i = 0; i < N; i++) {                                                                          \
-                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
-                    const float v = _mm512_reduce_add_ps(acc[r][i]);                                                   \
-                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
-                }                                                                                                      \
+            put_rows(job, j1 - j < R ? j1 - j : R, N, jr, &acc[0][0], accumulate);                                   \
         }                                                                                                              \
     }
 
@@ -274,12 +280,7 @@ LF_VBMI_BF16 static inline void block_bytes(__m512 code, float s0, float s1, __m
                         for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r][v]);  \
                     }                                                                                                  \
             }                                                                                                          \
-            for (int r = 0; r < R && j + r < j1; r++)                                                                  \
-                for (int i = 0; i < N; i++) {                                                                          \
-                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
-                    const float v = _mm512_reduce_add_ps(acc[r][i]);                                                   \
-                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
-                }                                                                                                      \
+            put_rows(job, j1 - j < R ? j1 - j : R, N, jr, &acc[0][0], accumulate);                                   \
         }                                                                                                              \
     }
 
