@@ -177,21 +177,23 @@ def test_zero_sizes(base, zero):
     Case(dims["n"], dims["k"], dims["m"], dims["r"], base, "float32").check()
 
 
-@pytest.mark.parametrize("n", [1, 8, 9, 33])
+@pytest.mark.parametrize("n", [1, 8, 9, 32, 33])
 def test_plans_chosen_and_forced(half_isa, n):
-    """At most 8 tokens (5 for a bf16 W on AMX, tunables.c): y 'decode' (W streamed in place), dx 'masked' (W's
-    rows streamed, on AVX-512); more: bf16 on a bf16 tile 'split' / 'masked', otherwise 'augmented'; every legal
-    plan forced gives a result within the bounds."""
+    """At most 8 tokens (5 for a bf16 W on AMX, tunables.c; 32 for bf16 on the avx512_bf16 pairs kernels, in
+    groups of 8): y 'decode' (W streamed in place); at most 8, dx 'masked' (W's rows streamed, on AVX-512); more:
+    bf16 on a bf16 tile 'split' / 'masked', otherwise 'augmented'; every legal plan forced gives a result within
+    the bounds."""
     for base in ("bfloat16", "float16"):
         c = Case(n, 40, 24, 4, base, "float32")
         _, u = c.forward()
         c.backward(u)
         tile = on_tile(base)
-        decode_max = 5 if tile and _C.get_isa() == "amx_bf16" else 8  # tunables.c half_decode_max_n
+        decode_ok = 32 if tile and _C.get_isa() == "avx512_bf16" else 8  # lf_rowdots_half_ok
+        decode_max = 5 if tile and _C.get_isa() == "amx_bf16" else decode_ok  # tunables.c half_decode_max_n
         assert _C.last_forward_plan() == ("skinny", "decode" if n <= decode_max else "split" if tile else "augmented")
         streamed = n <= 8 and _C.get_isa() in ("avx512", "avx512_bf16", "amx_bf16")
         assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile or streamed else "augmented")
-        for y_path in ("decode", "split", "augmented") if n <= 8 else ("split", "augmented"):
+        for y_path in ("decode", "split", "augmented") if n <= decode_ok else ("split", "augmented"):
             for u_path, da_path, dx_path in (("skinny", "gemm", "masked"), ("gemm", "skinny", "augmented"),
                                              ("skinny", "skinny", "augmented"), ("gemm", "gemm", "masked")):
                 c.check((u_path, y_path), (u_path, da_path, dx_path))
@@ -199,12 +201,26 @@ def test_plans_chosen_and_forced(half_isa, n):
                 assert _C.last_backward_plan() == (u_path, da_path, dx_path)
 
 
+@pytest.mark.parametrize("n", [9, 17, 32])
+def test_decode_takes_groups_of_tokens_on_the_pairs_kernels(half_isa, n):
+    """9–32 tokens on a dense bf16 W with the vdpbf16ps rows (avx512_bf16): y 'decode' runs each block of W's rows
+    against every group of 8 tokens (the last group short), K over two of its K blocks with a tail past the
+    32-wide vectors, rows of W not a multiple of the 16-row blocks, bias; elsewhere 'decode' is refused above 8."""
+    c = Case(n, 1025, 37, 3, "bfloat16", "float32")
+    if on_tile("bfloat16") and _C.get_isa() == "avx512_bf16":
+        c.check(("skinny", "decode"))
+        assert _C.last_forward_plan() == ("skinny", "decode")
+    else:
+        with pytest.raises(ValueError, match="'decode' needs at most 8 tokens"):
+            c.forward(("skinny", "decode"))
+
+
 @pytest.mark.parametrize("fplan, p, msg", [(("rowdots", "augmented"), 0.0, "by 'skinny' or 'gemm' only"),
                                            (("gemm", "decode"), 0.0, "'decode' needs at most 8 tokens"),
                                            (("gemm", "few_tokens"), 0.0, "'decode', 'split' or 'augmented' only"),
                                            (("none", "merged"), 0.0, "by 'skinny' or 'gemm' only")])
 def test_forced_forward_plan_refused(fplan, p, msg):
-    c = Case(9, 16, 8, 2, "bfloat16", "float32", p)
+    c = Case(33, 16, 8, 2, "bfloat16", "float32", p)
     with pytest.raises(ValueError, match=msg):
         c.forward(fplan)
 

@@ -143,10 +143,19 @@ ROWS_KERNEL(rows_pairs, LF_AVX512_BF16, __m512, 32, _mm512_setzero_ps(), PAIRS_B
             _mm512_reduce_add_ps)
 #endif
 
+/* 1 if a bf16 x takes rows_pairs (lf_tunables.decode_pairs on the avx512_bf16 level) */
+static int bf16_pairs(void) {
+#if defined(__x86_64__)
+    return lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
+#else
+    return 0;
+#endif
+}
+
 static rows_fn rows_for(lf_dtype dt) {
 #if defined(__x86_64__)
     const lf_isa isa = lf_get_isa();
-    if (dt == LF_DT_BF16 && isa >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs) return rows_pairs;
+    if (dt == LF_DT_BF16 && bf16_pairs()) return rows_pairs;
     if (isa >= LF_ISA_AVX512) return rows_avx512;
     if (isa == LF_ISA_AVX2) return rows_avx2;
 #endif
@@ -194,9 +203,12 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
                 lf_qweight_dequantize(job->qw, j, je, p0, p0 + len, job->dt, buf, len); /* checked by the caller */
                 job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->xh + p0, job->ldxh, buf, len, job->dt,
                           bias, p0 > 0, job->c + j, job->ldc);
-            } else {
-                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->xh + p0, job->ldxh,
-                          job->W + j * job->ldw + p0, job->ldw, job->dt, bias, p0 > 0, job->c + j, job->ldc);
+            } else { /* the block's rows against each group of ≤ LF_ROWDOTS_MAX_N tokens: from memory once */
+                for (int64_t i0 = 0; i0 < job->n; i0 += LF_ROWDOTS_MAX_N)
+                    job->rows(0, je - j, job->n - i0 < LF_ROWDOTS_MAX_N ? job->n - i0 : LF_ROWDOTS_MAX_N, len,
+                              job->xw + i0 * job->K + p0, job->K, job->xh + i0 * job->ldxh + p0, job->ldxh,
+                              job->W + j * job->ldw + p0, job->ldw, job->dt, bias, p0 > 0, job->c + i0 * job->ldc + j,
+                              job->ldc);
             }
         }
     }
@@ -204,7 +216,8 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
-    return n <= LF_ROWDOTS_MAX_N && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype &&
+    const int grouped = !W.qw && x.dtype == LF_DT_BF16 && bf16_pairs();
+    return n <= (grouped ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype &&
            x.cs == 1 && W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
 }
 
