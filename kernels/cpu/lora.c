@@ -210,18 +210,12 @@ int lf_packed_weight_matches(const lf_packed_b *pw, lf_view W, int64_t m, int64_
            pw->N == (for_backward ? k : m);
 }
 
-/* 1 if dx's g·W streams W's rows once (lf_rows_axpy's AVX-512 kernels: a few tokens, rows contiguous) instead of
- * packing W for a GEMM (Zen 4, 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM, PEFT 6.4) */
-static int dx_streamed(int64_t n, lf_view W) {
-    return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
-}
-
 lf_backward_plan lf_plan_backward(int64_t n, int64_t r, lf_view g, lf_view x, lf_view u, lf_view W, float dropout_p,
                                   int need_dx) {
     lf_backward_plan plan;
     plan.vb = lf_skinny_ok(g, r) && lf_skinny_ok(u, r) ? LF_VB_SKINNY : LF_VB_GEMM;
     plan.da = lf_skinny_ok(x, r) ? LF_DA_SKINNY : LF_DA_GEMM;
-    plan.dx = !need_dx ? LF_DX_NONE : dropout_p == 0.0f && !dx_streamed(n, W) ? LF_DX_AUGMENTED : LF_DX_MASKED;
+    plan.dx = !need_dx ? LF_DX_NONE : dropout_p == 0.0f && !lf_rows_axpy_streams(n, W.cs) ? LF_DX_AUGMENTED : LF_DX_MASKED;
     return plan;
 }
 
@@ -291,7 +285,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         } else {
             /* dx = g · W (a few tokens: W's rows streamed once, never packed), then + s/(1-p) · mask ⊙ (v · A): the
              * mask sits on the product */
-            if (dx_streamed(n, W)) {
+            if (lf_rows_axpy_streams(n, W.cs)) {
                 st = lf_rows_axpy(pool, n, m, k, lf_tv32(g), lf_tv32(W), dx, k);
             } else {
                 lf_operand wo = lf_operand_plain(W, 1.0f);

@@ -151,15 +151,9 @@ done:
     return st;
 }
 
-/* 1 if dx's g·W streams W row by row (lf_rows_axpy's AVX-512 kernels: a few tokens, W's rows contiguous or a
- * quantized W; below AVX-512 its loop is scalar and the widened GEMM is the faster) */
-static int dx_streamed(int64_t n, lf_tview W) {
-    return n >= 1 && n <= LF_ROWDOTS_MAX_N && W.cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
-}
-
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
                                        int need_dx) {
-    const int streamed = dx_streamed(n, W);
+    const int streamed = lf_rows_axpy_streams(n, W.cs);
     const lf_backward_dx_path dx = !need_dx ? LF_DX_NONE
                                    : dropout_p > 0.0f || g.dtype == LF_DT_F32 || streamed || on_bf16_tile(g, W)
                                        ? LF_DX_MASKED
@@ -244,7 +238,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
          * contiguous (a quantized W as stored): W streamed once row by row (lf_rows_axpy), never packed */
-        if (dx_streamed(n, W)) {
+        if (lf_rows_axpy_streams(n, W.cs)) {
             st = lf_rows_axpy(pool, n, m, k, gb, W, dx32, k);
         } else {
             const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);

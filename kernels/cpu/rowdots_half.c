@@ -216,9 +216,9 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
-    const int grouped = !W.qw && x.dtype == LF_DT_BF16 && bf16_pairs();
-    return n <= (grouped ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype &&
-           x.cs == 1 && W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
+    const int grouped = !W.qw && x.dtype == LF_DT_BF16 && bf16_pairs(); /* tokens in groups of LF_ROWDOTS_MAX_N */
+    return n <= (grouped ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) &&
+           W.dtype == x.dtype && x.cs == 1 && W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
 }
 
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
@@ -281,10 +281,11 @@ typedef void (*axpy_fn)(const rows_axpy_job *, int64_t, int64_t, int64_t, int64_
 #if defined(__x86_64__)
 /* element off of W: its address, and 16 of them from there widened to fp32 (exactly) */
 static inline const char *axpy_addr(const rows_axpy_job *job, int64_t off) {
-    return job->dt == LF_DT_F32 ? (const char *)((const float *)job->W + off) : (const char *)((const uint16_t *)job->W + off);
+    return (const char *)job->W + off * (job->dt == LF_DT_F32 ? 4 : 2);
 }
 LF_AVX512 static inline __m512 axpy_load(const rows_axpy_job *job, int64_t off) {
-    return job->dt == LF_DT_F32 ? _mm512_loadu_ps((const float *)job->W + off) : lf_load16((const uint16_t *)job->W + off, job->dt);
+    const void *p = axpy_addr(job, off);
+    return job->dt == LF_DT_F32 ? _mm512_loadu_ps(p) : lf_load16(p, job->dt);
 }
 
 /* The same on AVX-512 for N tokens, V vectors of 16 columns at a time (N·V accumulators in registers) */
@@ -361,6 +362,10 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
         }
     }
     free(buf);
+}
+
+int lf_rows_axpy_streams(int64_t n, int64_t w_cs) {
+    return n >= 1 && n <= LF_ROWDOTS_MAX_N && w_cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
 }
 
 int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {

@@ -426,8 +426,9 @@ int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, co
         }
     rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xe = xs, .xo = xs ? xs + n * K2 : NULL,
                           .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs, .dt = x.dtype, .c = c};
-    uint16_t *xq = shuffles_for(&job) ? xq_of(x.p, x.rs, n, K) : NULL;
-    if (shuffles_for(&job) && !xq) {
+    const int shuffles = shuffles_for(&job);
+    uint16_t *xq = shuffles ? xq_of(x.p, x.rs, n, K) : NULL;
+    if (shuffles && !xq) {
         free(xs);
         return LF_ENOMEM;
     }
