@@ -108,8 +108,13 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tvi
     const int64_t Rp = (R + k->vw - 1) / k->vw * k->vw;
     float *bt = calloc((size_t)(K > 0 ? K : 1) * (size_t)Rp, sizeof(float));
     if (!bt) return LF_ENOMEM;
-    for (int64_t p = 0; p < K; p++) /* bt (K, Rp): b widened, zero-padded to whole vectors */
-        for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = lf_elem_f32(b.p, b.dtype, p * b.rs + q * b.cs);
+    /* bt (K, Rp): b widened, zero-padded to whole vectors. An fp32 Aᵀ (b.rs = 1: A's rows of K) by the ISA's
+     * register transposes — per call, so for a few tokens this copy is most of the rank-r product's work */
+    if (b.dtype == LF_DT_F32 && b.rs == 1)
+        lf_transpose_f32(b.p, b.cs, R, K, bt, Rp);
+    else
+        for (int64_t p = 0; p < K; p++)
+            for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = lf_elem_f32(b.p, b.dtype, p * b.rs + q * b.cs);
     skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c,
                       .wmask = mask};
     const int nt = lf_threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
