@@ -15,7 +15,7 @@
  * K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where lf_tunables.decode_pairs says
  * so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and multiply them with x's own
  * pairs on vdpbf16ps, 32 elements per instruction (rows_q4p_N, below; rows_q4s_N where the CPU has VBMI and
- * K and B suit them: the same pairs by in-lane byte shuffles). AVX-512 only, and only when
+ * K and B suit them: the same pairs by byte and word permutes). AVX-512 only, and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
  * buffer (lf_rowdots_qw_ok says which). An 8-bit W (LF_Q8_ROW) takes the pairs kernels only (rows_q8p_N: a
  * bf16 x on vdpbf16ps), else the same buffer. */
@@ -52,7 +52,7 @@ typedef struct {
     const uint16_t *xh;          /* x's bf16 elements, rows ldxh apart (the pairs kernels) */
     int64_t ldxh;
     int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
-    const uint16_t *xq;          /* x's pairs in the shuffle kernels' order (xq_of), or NULL */
+    int shuffles;                /* the shuffle kernels take it (shuffles_for) */
     lf_dtype dt;
     float *c;
 } rowdots_q4_job;
@@ -208,32 +208,32 @@ ROWS_Q4P(7, 2)
 ROWS_Q4P(8, 2)
 
 /* The shuffle kernels (rows_q4s_N; AVX512-VBMI and BW besides BF16, K a multiple of 128, B ≥ 64): the same pairs
- * as rows_q4p_N, bit for bit, built by in-lane byte shuffles instead of vpermd. 64 bytes of codes (128
- * elements) a step: their high and low nibbles index two 16-byte tables per 128-bit lane by vpshufb — the low
- * and the high bytes of the 16 bf16 values of the lane's block (block_bytes) —, and byte/word unpacks put the
- * two bytes of each value and the two values of each byte together: in lane L, vector v slot t holds the pair
- * of code byte β = 16L + 4v + t (elements 2β, 2β + 1). x's pairs are laid out in that order once a call
- * (xq_of), so each vector meets x's matching pairs. Per step and row 15 in-lane operations and 2 vpermb for
- * 4 vectors of pairs, against 24 operations, 8 of them cross-lane vpermd, in rows_q4p_N; the blocks' scales of
- * a row's K block resolved once (lf_qweight_scales: no division a block). Zen 4, 2 threads, lorafuse.quant.Linear4bit
- * 4096² forward: 1 token 0.58 → 0.44 ms, 8 tokens 1.67 → 1.22. The sums run in another order than rows_q4p_N's. */
+ * as rows_q4p_N, bit for bit and in the same lanes, by two permutes per vector of pairs instead of vpermd's
+ * four operations. 64 bytes of codes c (128 elements, two halves of 64 in a block each) a step, for s < 4:
+ *     idx_s   = vpermt2b(c >> 4, SPREAD + 16s, c)   word 2l: code byte 16s + l shifted right 4 (its high nibble)
+ *                                                   word 2l + 1: the byte itself (its low nibble)
+ *     pairs_s = vpermw(idx_s, T)                    dword l = T[high nibble] | T[low nibble] << 16
+ * — elements 2l and 2l + 1 of the 32 the vector covers, as x's pairs lie in memory. vpermw reads an index's low
+ * 5 bits, and bit 4 is the next nibble up (not masked off): T holds the block's 16 bf16 values twice (words q
+ * and 16 + q, block_words). Per step and row: one shift, 4 vpermt2b, 4 vpermw, and the next step's two tables
+ * (2 vmulps, 2 vcvtne2ps2bf16) built while this step's products run — built in the step itself, their latency
+ * held up the products (Zen 4, a row's step from L1: 8 tokens 13.4 → 10.6 ns, 1 token 4.6 → 3.3). The blocks'
+ * scales of a row's K block resolved once (lf_qweight_scales: no division a block). */
 #define LF_VBMI_BF16 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16")))
 
-/* byte P of the tables: value (P mod 16) of the lane's block — block b0 in lanes 0, 1, block b1 in lanes 2, 3 —
- * as a word of cvtne2ps2bf16's result (b1's values are words 16..31), low byte 2w, high byte 2w + 1 */
-static const uint8_t TABLE_LO[64] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-                                     0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-                                     32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62,
-                                     32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+/* vpermt2b's index for the code bytes 0 .. 15 (SPREAD + 16s: bytes 16s .. 16s + 15): dword l takes byte l of
+ * the shifted codes (first operand) into its low word and byte l of the codes (second operand, bit 6) into its
+ * high word; the high byte of each word is not read by vpermw */
+static const uint8_t SPREAD[64] = {0,  0,  64, 64, 1,  1,  65, 65, 2,  2,  66, 66, 3,  3,  67, 67,
+                                   4,  4,  68, 68, 5,  5,  69, 69, 6,  6,  70, 70, 7,  7,  71, 71,
+                                   8,  8,  72, 72, 9,  9,  73, 73, 10, 10, 74, 74, 11, 11, 75, 75,
+                                   12, 12, 76, 76, 13, 13, 77, 77, 14, 14, 78, 78, 15, 15, 79, 79};
 
-/* the vpshufb tables of two blocks of scales s0 (lanes 0, 1) and s1 (lanes 2, 3): *lo the low bytes of their bf16
- * values round(code[q] · scale) — block_bits' rounding —, *hi the high bytes */
-LF_VBMI_BF16 static inline void block_bytes(__m512 code, float s0, float s1, __m512i *lo, __m512i *hi) {
-    const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s1)),
-                                                       _mm512_mul_ps(code, _mm512_set1_ps(s0)));
-    const __m512i idx = _mm512_loadu_si512((const void *)TABLE_LO);
-    *lo = _mm512_permutexvar_epi8(idx, words);
-    *hi = _mm512_permutexvar_epi8(_mm512_add_epi8(idx, _mm512_set1_epi8(1)), words);
+/* vpermw's table of a block of scale s: the bf16 bits of round(code[q] · s) — block_bits' rounding — in words q
+ * and 16 + q */
+LF_VBMI_BF16 static inline __m512i block_words(__m512 code, float s) {
+    const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(s));
+    return (__m512i)_mm512_cvtne2ps_pbh(v, v);
 }
 
 #define ROWS_Q4S(N, R)                                                                                                 \
@@ -243,41 +243,42 @@ LF_VBMI_BF16 static inline void block_bytes(__m512 code, float s0, float s1, __m
         const int64_t K = job->K, KB = K / w->blocksize, ahead = R * (K >> 1);                                         \
         const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
         const int lg = __builtin_ctzll((unsigned long long)w->blocksize);                                              \
-        const __m512i nib = _mm512_set1_epi8(0x0F);                                                                    \
+        const __m512i spread = _mm512_loadu_si512((const void *)SPREAD);                                               \
+        const __m512i pat[4] = {spread, _mm512_add_epi8(spread, _mm512_set1_epi8(16)),                                 \
+                                _mm512_add_epi8(spread, _mm512_set1_epi8(32)),                                         \
+                                _mm512_add_epi8(spread, _mm512_set1_epi8(48))};                                        \
+        const uint16_t *x0 = job->xh + p0;                                                                             \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
             int64_t jr[R];                                                                                             \
             const uint8_t *q[R];                                                                                       \
             __m512 acc[R][N];                                                                                          \
+            __m512i ta[R], tb[R]; /* the tables of this step's two halves */                                          \
             float sc[R][X_L1_FLOATS * 2 / 64]; /* the rows' block scales over this K block (len / B ≤ kb / 64) */     \
             for (int r = 0; r < R; r++) {                                                                              \
                 jr[r] = j + r < j1 ? j + r : j;                                                                        \
                 q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
                 lf_qweight_scales(w, jr[r] * KB + (p0 >> lg), len >> lg, sc[r]);                                       \
+                ta[r] = block_words(code, sc[r][0]);                                                                   \
+                tb[r] = block_words(code, sc[r][64 >> lg]);                                                            \
                 for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
             }                                                                                                          \
-            for (int64_t h = 0; h < len >> 1; h += 64) { /* 64 bytes: elements p0 + 2h .. + 127 of the row */        \
-                const int64_t e = p0 + 2 * h;                                                                          \
-                const __m512i *xs = (const __m512i *)(job->xq + (e >> 7) * (N * 128));                               \
+            for (int64_t e = 0; e < len; e += 128) { /* elements p0 + e .. + 127 of the row */                         \
                 __m512i wp[R][4];                                                                                      \
                 for (int r = 0; r < R; r++) {                                                                          \
-                    _mm_prefetch((const char *)(q[r] + ahead + h), _MM_HINT_T0);                                       \
-                    __m512i tl, th;                                                                                    \
-                    block_bytes(code, sc[r][(2 * h) >> lg], sc[r][(2 * h + 64) >> lg], &tl, &th);                      \
-                    const __m512i c = _mm512_loadu_si512((const void *)(q[r] + h));                                    \
-                    const __m512i ev = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib), od = _mm512_and_si512(c, nib);  \
-                    const __m512i el = _mm512_shuffle_epi8(tl, ev), eh = _mm512_shuffle_epi8(th, ev);                  \
-                    const __m512i ol = _mm512_shuffle_epi8(tl, od), oh = _mm512_shuffle_epi8(th, od);                  \
-                    const __m512i e0 = _mm512_unpacklo_epi8(el, eh), e1 = _mm512_unpackhi_epi8(el, eh);                \
-                    const __m512i o0 = _mm512_unpacklo_epi8(ol, oh), o1 = _mm512_unpackhi_epi8(ol, oh);                \
-                    wp[r][0] = _mm512_unpacklo_epi16(e0, o0);                                                          \
-                    wp[r][1] = _mm512_unpackhi_epi16(e0, o0);                                                          \
-                    wp[r][2] = _mm512_unpacklo_epi16(e1, o1);                                                          \
-                    wp[r][3] = _mm512_unpackhi_epi16(e1, o1);                                                          \
+                    _mm_prefetch((const char *)(q[r] + ahead + (e >> 1)), _MM_HINT_T0);                                \
+                    const __m512i c = _mm512_loadu_si512((const void *)(q[r] + (e >> 1)));                             \
+                    const __m512i hi = _mm512_srli_epi16(c, 4);                                                        \
+                    for (int s = 0; s < 4; s++)                                                                        \
+                        wp[r][s] = _mm512_permutexvar_epi16(_mm512_permutex2var_epi8(hi, pat[s], c), s < 2 ? ta[r] : tb[r]); \
+                    if (e + 128 < len) {                                                                               \
+                        ta[r] = block_words(code, sc[r][(e + 128) >> lg]);                                             \
+                        tb[r] = block_words(code, sc[r][(e + 192) >> lg]);                                             \
+                    }                                                                                                  \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++)                                                                            \
-                    for (int v = 0; v < 4; v++) {                                                                      \
-                        const __m512bh xa = (__m512bh)_mm512_load_si512((const void *)(xs + 4 * i + v));              \
-                        for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r][v]);  \
+                    for (int s = 0; s < 4; s++) {                                                                      \
+                        const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + i * job->ldxh + e + 32 * s)); \
+                        for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r][s]);  \
                     }                                                                                                  \
             }                                                                                                          \
             put_rows(job, j1 - j < R ? j1 - j : R, N, jr, &acc[0][0], accumulate);                                   \
@@ -298,25 +299,6 @@ ROWS_Q4S(8, 2)
 static int shuffles_for(const rowdots_q4_job *job) {
     return job->pairs && job->w->type != LF_Q8_ROW && job->K % 128 == 0 && job->w->blocksize >= 64 &&
            __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
-}
-
-/* x (n, K) bf16, rows ldx apart, in the shuffle kernels' order (64-byte aligned, malloc'd; NULL on failure):
- *     xq[((s·n + i)·4 + v)·32 + 2(4L + t) + u] = x[i, 2β + u],  β = 64s + 16L + 4v + t
- * for step s < K/128, token i, vector v < 4, lane L < 4, slot t < 4, u < 2 — the pairs each vector of W's meets */
-static uint16_t *xq_of(const uint16_t *x, int64_t ldx, int64_t n, int64_t K) {
-    uint16_t *xq = aligned_alloc(64, (size_t)(n * K) * sizeof(uint16_t)); /* n·K: a multiple of 128 elements */
-    if (!xq) return NULL;
-    for (int64_t s = 0; s < K / 128; s++)
-        for (int64_t i = 0; i < n; i++)
-            for (int v = 0; v < 4; v++)
-                for (int L = 0; L < 4; L++)
-                    for (int t = 0; t < 4; t++) {
-                        const int64_t beta = 64 * s + 16 * L + 4 * v + t;
-                        uint16_t *d = xq + ((s * n + i) * 4 + v) * 32 + 2 * (4 * L + t);
-                        d[0] = x[i * ldx + 2 * beta];
-                        d[1] = x[i * ldx + 2 * beta + 1];
-                    }
-    return xq;
 }
 
 /* An 8-bit W (LF_Q8_ROW) on vdpbf16ps, R rows at a time: per 32 elements of a row its codes sign-extended and
@@ -394,10 +376,10 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     /* the K block's x in L1: n · kb floats split (xe, xo), or n · kb bf16 (the pairs kernels: twice the elements);
      * kb a multiple of the 4-bit block, or of the 8-bit kernel's 32-element step */
     const int q8 = job->w->type == LF_Q8_ROW;
-    const int64_t b = job->w->blocksize, unit = q8 ? 32 : job->xq && b < 128 ? 128 : b;
+    const int64_t b = job->w->blocksize, unit = q8 ? 32 : job->shuffles && b < 128 ? 128 : b;
     const int64_t fit = (job->pairs ? 2 : 1) * X_L1_FLOATS / job->n / unit * unit, kb = fit > unit ? fit : unit;
     const rows_q4_fn rows =
-        (q8 ? ROWS_Q8P_FOR_N : job->xq ? ROWS_Q4S_FOR_N : job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
+        (q8 ? ROWS_Q8P_FOR_N : job->shuffles ? ROWS_Q4S_FOR_N : job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
@@ -426,17 +408,10 @@ int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, co
         }
     rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xe = xs, .xo = xs ? xs + n * K2 : NULL,
                           .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs, .dt = x.dtype, .c = c};
-    const int shuffles = shuffles_for(&job);
-    uint16_t *xq = shuffles ? xq_of(x.p, x.rs, n, K) : NULL;
-    if (shuffles && !xq) {
-        free(xs);
-        return LF_ENOMEM;
-    }
-    job.xq = xq;
+    job.shuffles = shuffles_for(&job);
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_q4_run, &job);
     free(xs);
-    free(xq);
     return lf_interrupt_pending() ? LF_EINTR : LF_OK;
 #else
     (void)pool, (void)x, (void)bias, (void)c;
