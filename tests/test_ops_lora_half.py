@@ -205,14 +205,25 @@ def test_plans_chosen_and_forced(half_isa, n):
 def test_decode_takes_groups_of_tokens_on_the_pairs_kernels(half_isa, n):
     """9–32 tokens on a dense bf16 W with the vdpbf16ps rows (avx512_bf16): y 'decode' runs each block of W's rows
     against every group of 8 tokens (the last group short), K over two of its K blocks with a tail past the
-    32-wide vectors, rows of W not a multiple of the 16-row blocks, bias; elsewhere 'decode' is refused above 8."""
-    c = Case(n, 1025, 37, 3, "bfloat16", "float32")
+    32-wide vectors (a group's K block: 4096, rowdots_half.c X_BLOCK_BYTES), rows of W not a multiple of the
+    16-row blocks, bias; elsewhere 'decode' is refused above 8."""
+    c = Case(n, 4096 + 33, 37, 3, "bfloat16", "float32")
     if on_tile("bfloat16") and _C.get_isa() == "avx512_bf16":
         c.check(("skinny", "decode"))
         assert _C.last_forward_plan() == ("skinny", "decode")
     else:
         with pytest.raises(ValueError, match="'decode' needs at most 8 tokens"):
             c.forward(("skinny", "decode"))
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n", [1, 8])
+def test_decode_sums_over_k_blocks(half_isa, base, n):
+    """'decode' of a dense W wider than its K block (at most 64 KiB of x: 32768 columns for 1 token of bf16
+    pairs, rowdots_half.c X_BLOCK_BYTES): the blocks after the first add into c, the bias once."""
+    c = Case(n, 32768 + 129, 19, 2, base, "float32")
+    c.check(("skinny", "decode"))
+    assert _C.last_forward_plan() == ("skinny", "decode")
 
 
 @pytest.mark.parametrize("fplan, p, msg", [(("rowdots", "augmented"), 0.0, "by 'skinny' or 'gemm' only"),

@@ -379,6 +379,6 @@ void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int
 }
 
 
-void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld) {
-    pack_rows(lf_current(), src, rs, rows, cols, 1.0f, dst, ld, 0, 0);
+void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float scale, float *dst, int64_t ld) {
+    pack_rows(lf_current(), src, rs, rows, cols, scale, dst, ld, 0, 0);
 }

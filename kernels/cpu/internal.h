@@ -375,8 +375,8 @@ void lf_pack_b_panel(const lf_dispatch *dp, const lf_operand *b, int64_t j0, int
  * few_tokens): the tile for N has an in-place variant on this ISA. */
 int lf_gemm_reads_a_in_place(int64_t N);
 
-/* dst[q·ld + i] = src[i·rs + q] for i < rows, q < cols (the ISA's register transposes) */
-void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float *dst, int64_t ld);
+/* dst[q·ld + i] = scale · src[i·rs + q] for i < rows, q < cols (the ISA's register transposes) */
+void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float scale, float *dst, int64_t ld);
 
 /* How many row blocks lf_gemm cuts C into for these sizes: each of them packs all of b. */
 int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K);

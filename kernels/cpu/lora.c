@@ -71,7 +71,7 @@ static int few_tokens_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int
     const lf_operand xu = concat_k(transpose(x), 1.0f, (lf_view){u, 1, r}, scale, k); /* (k + r, n) */
     const int st = lf_gemm(pool, m, n, k + r, &wb, &xu, 0.0f, NULL, yt, n);
     if (!st) {
-        lf_transpose_f32(yt, n, m, n, y, m);
+        lf_transpose_f32(yt, n, m, n, 1.0f, y, m);
         for (int64_t i = 0; bias && i < n; i++)
             for (int64_t j = 0; j < m; j++) y[i * m + j] += bias[j];
     }

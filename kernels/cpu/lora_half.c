@@ -220,7 +220,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
             st = LF_ENOMEM;
             goto done;
         }
-        lf_transpose_f32(dbt, m, r, m, db32, r);
+        lf_transpose_f32(dbt, m, r, m, 1.0f, db32, r);
         if (adt != LF_DT_F32) {
             lf_narrow(db32, m * r, adt, dB);
             free(db32);

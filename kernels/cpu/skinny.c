@@ -111,7 +111,7 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tvi
     /* bt (K, Rp): b widened, zero-padded to whole vectors. An fp32 Aᵀ (b.rs = 1: A's rows of K) by the ISA's
      * register transposes — per call, so for a few tokens this copy is most of the rank-r product's work */
     if (b.dtype == LF_DT_F32 && b.rs == 1)
-        lf_transpose_f32(b.p, b.cs, R, K, bt, Rp);
+        lf_transpose_f32(b.p, b.cs, R, K, 1.0f, bt, Rp);
     else
         for (int64_t p = 0; p < K; p++)
             for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = lf_elem_f32(b.p, b.dtype, p * b.rs + q * b.cs);
