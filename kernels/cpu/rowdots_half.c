@@ -5,7 +5,8 @@
  *
  * x and W bf16 or fp16 (one dtype), rows contiguous. A few tokens read every element of W once: the
  * product is bound by W's bytes, half of fp32's. Rows of W are split across the pool's threads; each
- * thread takes two rows at a time (2n accumulators) so that each x vector loaded serves both.
+ * thread takes R rows at a time (R·n accumulators: two; on the vdpbf16ps pairs 4 for ≤ 4 tokens, 3 for more)
+ * so that each x vector loaded serves them all.
  * x is widened to fp32 once (n·K floats), W in registers (bf16: a shift; fp16: F16C's vcvtph2ps),
  * fp32 FMAs — AVX-512 16 lanes, AVX2 8, generic one at a time; every product exact. A bf16 W on
  * vdpbf16ps (32 elements of a row per instruction, x's and W's bf16 pairs as they lie in memory) where
@@ -15,7 +16,7 @@
  * The K tail past the last whole vector is summed by the generic loop (widened, exact products).
  * A quantized W (W.qw, stored (M, K) as it is) is read as it is — 4-bit: a quarter of bf16's bytes, by
  * rowdots_quant.c where it applies (lf_rowdots_qw_ok) —, else each block of ROWS_PER_BLOCK rows × K_BLOCK
- * columns is dequantized (lf_qweight_dequantize) into a thread's 32 KiB buffer while it is in cache, and the same row
+ * columns is dequantized (lf_qweight_dequantize) into a thread's 24 KiB buffer while it is in cache, and the same row
  * kernels read it there. */
 #include <stdlib.h>
 
@@ -74,31 +75,35 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
  * Zen 4, 8 × 4096² bf16 on vdpbf16ps, 2 threads, with u and the rank-r term (lora_forward, 'decode'): 2.76 ms
  * at 512 bytes ahead → 1.56–1.70 (torch's F.linear 1.62–1.72); 1 token 1.62 → 0.90 (torch 1.38–1.42). A
  * prefetch past the last row is harmless (prefetches never fault). */
-#define ROWS_KERNEL(NAME, ATTR, V, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM)                                  \
+#define ROWS_KERNEL(NAME, ATTR, V, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM, ROWS)                            \
     ATTR static inline __attribute__((always_inline)) void NAME##_body(                                     \
         int64_t j0, int64_t j1, const int64_t n, int64_t K, const float *xw, int64_t ldx, const uint16_t *xh,   \
         int64_t ldxh, const uint16_t *W, int64_t ldw, lf_dtype dt, const float *bias, int accumulate, float *c, \
         int64_t ldc) {                                                                                          \
         (void)xh, (void)ldxh;                                                                                   \
-        const int64_t Kv = K / STEP * STEP, next = 2 * ldw; /* the next row pair: prefetched in step */          \
-        for (int64_t j = j0; j < j1; j += 2) {                                                                  \
-            const int two = j + 1 < j1;                                                                         \
-            const uint16_t *w0 = W + j * ldw, *w1 = two ? w0 + ldw : w0;                                        \
-            V acc[2][LF_ROWDOTS_MAX_N];                                                                         \
-            for (int64_t i = 0; i < n; i++) acc[0][i] = acc[1][i] = ZERO;                                       \
+        const int R = ROWS(n); /* rows of W at a time (≤ 4): each x vector loaded serves R of them */           \
+        const int64_t Kv = K / STEP * STEP, next = R * ldw; /* the next R rows: prefetched in step */            \
+        for (int64_t j = j0; j < j1; j += R) {                                                                  \
+            const uint16_t *w[4]; /* the last rows repeated past j1 */                                          \
+            V acc[4][LF_ROWDOTS_MAX_N];                                                                         \
+            for (int r = 0; r < R; r++) {                                                                       \
+                w[r] = W + (j + r < j1 ? j + r : j) * ldw;                                                      \
+                for (int64_t i = 0; i < n; i++) acc[r][i] = ZERO;                                               \
+            }                                                                                                   \
             for (int64_t p = 0; p < Kv; p += STEP) {                                                            \
-                const V b0 = LOAD_B(w0 + p), b1 = LOAD_B(w1 + p);                                               \
-                _mm_prefetch((const char *)(w0 + next + p), _MM_HINT_T0);                                       \
-                _mm_prefetch((const char *)(w1 + next + p), _MM_HINT_T0);                                       \
+                V b[4];                                                                                         \
+                for (int r = 0; r < R; r++) {                                                                   \
+                    b[r] = LOAD_B(w[r] + p);                                                                    \
+                    _mm_prefetch((const char *)(w[r] + next + p), _MM_HINT_T0);                                 \
+                }                                                                                               \
                 for (int64_t i = 0; i < n; i++) {                                                               \
                     const V a = LOAD_A(i, p);                                                                   \
-                    acc[0][i] = MADD(acc[0][i], a, b0);                                                         \
-                    acc[1][i] = MADD(acc[1][i], a, b1);                                                         \
+                    for (int r = 0; r < R; r++) acc[r][i] = MADD(acc[r][i], a, b[r]);                           \
                 }                                                                                               \
             }                                                                                                   \
-            for (int r = 0; r <= two; r++)                                                                      \
+            for (int r = 0; r < R && j + r < j1; r++)                                                           \
                 for (int64_t i = 0; i < n; i++)                                                                 \
-                    put(c + i * ldc + j + r, HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * ldx, r ? w1 : w0, dt), bias, \
+                    put(c + i * ldc + j + r, HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * ldx, w[r], dt), bias,   \
                         j + r, accumulate);                                                                     \
         }                                                                                                       \
     }                                                                                                           \
@@ -117,18 +122,20 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
         }                                                                                                       \
     }
 
+#define TWO_ROWS(n) 2
+
 /* AVX2: 8 widened W elements (bf16 shifted, fp16 by vcvtph2ps) against 8 of x widened, fp32 FMAs */
 #define AVX2_B(w) lf_load8((w), dt)
 #define AVX2_A(i, p) _mm256_loadu_ps(xw + (i) * ldx + (p))
 #define AVX2_MADD(acc, a, b) _mm256_fmadd_ps((a), (b), (acc))
-ROWS_KERNEL(rows_avx2, LF_AVX2_FMA, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8)
+ROWS_KERNEL(rows_avx2, LF_AVX2_FMA, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8, TWO_ROWS)
 
 /* AVX-512: the same, 16 at a time */
 #define AVX512_B(w) lf_load16((w), dt)
 #define AVX512_A(i, p) _mm512_loadu_ps(xw + (i) * ldx + (p))
 #define AVX512_MADD(acc, a, b) _mm512_fmadd_ps((a), (b), (acc))
 ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, 16, _mm512_setzero_ps(), AVX512_B, AVX512_A, AVX512_MADD,
-            _mm512_reduce_add_ps)
+            _mm512_reduce_add_ps, TWO_ROWS)
 
 /* AVX512_BF16 (lf_tunables.decode_pairs, bf16 only): 32 elements of a W row and of an x row as they lie in
  * memory — 16 pairs (2l, 2l + 1) — into one vdpbf16ps: acc[l] += x[2l]·W[2l] + x[2l+1]·W[2l+1], exact
@@ -137,10 +144,13 @@ ROWS_KERNEL(rows_avx512, LF_AVX512, __m512, 16, _mm512_setzero_ps(), AVX512_B, A
 #define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
 #define PAIRS_B(w) _mm512_castsi512_ps(_mm512_loadu_si512((const void *)(w)))
 #define PAIRS_A(i, p) _mm512_castsi512_ps(_mm512_loadu_si512((const void *)(xh + (i) * ldxh + (p))))
+/* 4 rows for ≤ 4 tokens, 3 for more (24 accumulators, 3 W vectors and x's in the 32 registers): Zen 4, 8 tokens
+ * × 4096², 1 thread, W from DRAM: 2 rows 3.68 ms, 3 rows 3.04 */
+#define PAIRS_ROWS(n) ((n) <= 4 ? 4 : 3)
 #define PAIRS_MADD(acc, a, b) \
     _mm512_dpbf16_ps((acc), (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(b))
 ROWS_KERNEL(rows_pairs, LF_AVX512_BF16, __m512, 32, _mm512_setzero_ps(), PAIRS_B, PAIRS_A, PAIRS_MADD,
-            _mm512_reduce_add_ps)
+            _mm512_reduce_add_ps, PAIRS_ROWS)
 #endif
 
 /* 1 if a bf16 x takes rows_pairs (lf_tunables.decode_pairs on the avx512_bf16 level) */
@@ -163,9 +173,9 @@ static rows_fn rows_for(lf_dtype dt) {
     return rows_generic;
 }
 
-/* Rows of W per job block: an even number (the kernels take two at a time). */
-#define ROWS_PER_BLOCK 16
-/* K per block: at least K_BLOCK (a quantized W: the columns of its dequantized block, 32 KiB with
+/* Rows of W per job block: a multiple of every R (2, 3, 4) */
+#define ROWS_PER_BLOCK 12
+/* K per block: at least K_BLOCK (a quantized W: the columns of its dequantized block, 24 KiB with
  * ROWS_PER_BLOCK rows), and as much more as keeps one group's x rows (≤ LF_ROWDOTS_MAX_N tokens, bf16 pairs or
  * widened floats) within X_BLOCK_BYTES, in L2: whole rows of W where they fit. A row read in one run rather than
  * K/K_BLOCK runs a page apart is what the prefetchers follow from DRAM — Zen 4, 2 threads, six distinct bf16
