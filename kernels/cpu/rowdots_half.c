@@ -69,12 +69,14 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
  * a, b); then c[i, j] gets HSUM(acc) + the K tail (dot_tail) (put). NAME dispatches on n to a copy of
  * the body for each n ≤ LF_ROWDOTS_MAX_N (NAME##_body inlined with n a constant: the accumulators live
  * in registers, which a run-time n would leave in memory). */
-/* Prefetch: while rows j, j+1 are read, the same step of rows j+2, j+3 is prefetched into L1 (the rows of a block
- * are short runs, K_BLOCK elements, which the hardware prefetcher does not follow early enough once the math per
- * byte grows; prefetching a fixed distance ahead within the row left each row pair's first lines unfetched).
- * Zen 4, 8 × 4096² bf16 on vdpbf16ps, 2 threads, with u and the rank-r term (lora_forward, 'decode'): 2.76 ms
- * at 512 bytes ahead → 1.56–1.70 (torch's F.linear 1.62–1.72); 1 token 1.62 → 0.90 (torch 1.38–1.42). A
- * prefetch past the last row is harmless (prefetches never fault). */
+/* Prefetch, two streams: while rows j .. j+R-1 are read, the same step of the next R rows is prefetched into
+ * L2 (a row's first lines would otherwise come cold: the hardware prefetcher starts late on each new run), and
+ * each row's own line AHEAD bytes on into L1 (L1 cannot hold the next rows' lines for a whole row's time beside
+ * x's; into L1 as before, the next rows' lines were mostly evicted before use). Zen 4, one thread, 4096² bf16 on
+ * vdpbf16ps, whole rows, ms (W from DRAM / in cache): 8 tokens 3.19 / 2.53 → 2.38 / 1.97, 4 tokens 2.23 / 1.41
+ * → 1.52 / 1.01, 1 token 1.57 / 0.91 → 1.29 / 0.70 (the next rows alone into L1, before: 2.76 ms at 8 tokens,
+ * 2 threads, with 512 bytes ahead alone). A prefetch past the last row is harmless (prefetches never fault). */
+#define AHEAD 512
 #define ROWS_KERNEL(NAME, ATTR, V, STEP, ZERO, LOAD_B, LOAD_A, MADD, HSUM, ROWS)                            \
     ATTR static inline __attribute__((always_inline)) void NAME##_body(                                     \
         int64_t j0, int64_t j1, const int64_t n, int64_t K, const float *xw, int64_t ldx, const uint16_t *xh,   \
@@ -82,7 +84,7 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
         int64_t ldc) {                                                                                          \
         (void)xh, (void)ldxh;                                                                                   \
         const int R = ROWS(n); /* rows of W at a time (≤ 4): each x vector loaded serves R of them */           \
-        const int64_t Kv = K / STEP * STEP, next = R * ldw; /* the next R rows: prefetched in step */            \
+        const int64_t Kv = K / STEP * STEP, next = R * ldw; /* the next R rows: into L2, in step */              \
         for (int64_t j = j0; j < j1; j += R) {                                                                  \
             const uint16_t *w[4]; /* the last rows repeated past j1 */                                          \
             V acc[4][LF_ROWDOTS_MAX_N];                                                                         \
@@ -94,7 +96,8 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
                 V b[4];                                                                                         \
                 for (int r = 0; r < R; r++) {                                                                   \
                     b[r] = LOAD_B(w[r] + p);                                                                    \
-                    _mm_prefetch((const char *)(w[r] + next + p), _MM_HINT_T0);                                 \
+                    _mm_prefetch((const char *)(w[r] + next + p), _MM_HINT_T1);                                 \
+                    _mm_prefetch((const char *)(w[r] + p + AHEAD), _MM_HINT_T0);                                \
                 }                                                                                               \
                 for (int64_t i = 0; i < n; i++) {                                                               \
                     const V a = LOAD_A(i, p);                                                                   \
