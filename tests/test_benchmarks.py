@@ -62,6 +62,9 @@ RUNS = [
     run("bench_q4gemm.py", ["--quick", "--rounds", "1"], [r"\| +(amx_bf16|bf16_pairs|widened) \|", "q4 fused: one GEMM"]),
     run("bench_qlora.py", ["--quick", "--rounds", "1"],
         [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + [r"W bytes/fp32", "targets:"], bnb=True),
+    run("bench_decode.py", ["--quick", "--rounds", "1"],
+        [rf"  {n} {rows} +\| .*\| c skinny/decode; c skinny/decode" for n in (1, 8) for rows in ("stack", "one ")]
+        + ["2 layers of 1024×1024", "targets:"], bnb=True),
     run("bench_qlora.py", ["--quick", "--rounds", "1", "--quant", "int8"],
         [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS[1:]] + [r"q8/peft\+bnb", "Linear8bitLt"],
         bnb=True),
