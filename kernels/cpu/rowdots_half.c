@@ -395,10 +395,8 @@ int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_
         return LF_EINVAL;
     if (W.qw && (lf_qweight_unfit(W.qw) || W.rs != K || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
     if (K == 0) return LF_OK;
-    float *gw = malloc((size_t)(n * M > 0 ? n * M : 1) * sizeof(float)); /* g widened, rows contiguous */
+    float *gw = lf_widened_copy(g, n, M, 1.0f); /* g widened, rows contiguous */
     if (!gw) return LF_ENOMEM;
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j < M; j++) gw[i * M + j] = lf_elem_f32(g.p, g.dtype, i * g.rs + j * g.cs);
     rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .qw = W.qw,
                          .dt = W.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (K + 15) / 16);

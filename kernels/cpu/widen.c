@@ -9,14 +9,19 @@
 #include "half_store.h"
 #include "internal.h"
 
-/* rows of half elements, contiguous: the ISA's widen; an fp32 transposed view (t.rs = 1): its register
- * transposes; else one element at a time */
+/* rows of half elements, contiguous: the ISA's widen; fp32 rows: a loop the compiler vectorizes; an fp32
+ * transposed view (t.rs = 1): the register transposes; else one element at a time */
 float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale) {
     float *dst = malloc((size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(float));
     if (!dst || rows == 0 || cols == 0) return dst;
     if (t.dtype != LF_DT_F32 && t.cs == 1) {
         const lf_widen_fn widen = lf_current()->widen;
         for (int64_t i = 0; i < rows; i++) widen((const uint16_t *)t.p + i * t.rs, cols, t.dtype, scale, dst + i * cols);
+    } else if (t.dtype == LF_DT_F32 && t.cs == 1) {
+        for (int64_t i = 0; i < rows; i++) {
+            const float *src = (const float *)t.p + i * t.rs;
+            for (int64_t j = 0; j < cols; j++) dst[i * cols + j] = src[j] * scale;
+        }
     } else if (t.dtype == LF_DT_F32 && t.rs == 1) {
         lf_transpose_f32((const float *)t.p, t.cs, cols, rows, scale, dst, cols);
     } else {
