@@ -268,13 +268,16 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
  * rows instead touches a new page at every row of a large W. Each product exact; fp32 sums, by row blocks.
  * A strip's walk down the block's rows reads one line of each row, a page apart, which no hardware prefetcher
  * follows: each row's lines of the next strip are prefetched as the row is read (Zen 4, 2 threads, the bf16
- * layer's 8 × 4096² fwd+bwd 7.6 → 4.1 ms, 1 token 3.3 → 2.3). */
+ * layer's 8 × 4096² fwd+bwd 7.6 → 4.1 ms, 1 token 3.3 → 2.3). A bf16 g and W take vdpbf16ps where the decode
+ * does (axpy_pairs_N: two rows of W a step; the layer's 8-token backward 1.96 → 1.23–1.37 ms, 1 token 1.2 → 1.0). */
 
 #define AXPY_ROWS 128 /* rows of W per block: 128 pages of a 4096-wide bf16 W, within the L2 TLB */
 
 typedef struct {
     int64_t n, M, K, ldc;
     const float *g; /* g widened (n, M), rows contiguous */
+    const uint16_t *gh; /* g's own bf16 elements, rows ldgh apart (the pairs kernels), or NULL */
+    int64_t ldgh;
     const void *W;  /* fp32, or bf16 / fp16 bits (dt) */
     int64_t ldw;
     const lf_qweight *qw; /* a quantized W (M, K) read as it is (W NULL), or NULL */
@@ -346,6 +349,66 @@ AXPY_KERNEL(7, 3)
 AXPY_KERNEL(8, 2)
 static const axpy_fn AXPY_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,    axpy_1, axpy_2, axpy_3, axpy_4,
                                                          axpy_5, axpy_6, axpy_7, axpy_8};
+
+/* bf16 g and W on vdpbf16ps (lf_tunables.decode_pairs): two rows of W a step, 32 columns a vector pair — the rows'
+ * elements interleaved into pairs (W[j, p], W[j+1, p]) by vpunpcklwd / vpunpckhwd (lane L of the low half: columns
+ * 8L .. 8L+3, of the high half 8L+4 .. 8L+7) — times g's pair (g[i, j], g[i, j+1]) broadcast: exact products
+ * summed in fp32 (vdpbf16ps's rounding and denormal flushing: tests/tolerances.py, the bf16 tile's); an odd last
+ * row pairs with zeros. The lanes are put back in column order once per strip, when added into c. */
+LF_AVX512_BF16 static inline __m512i axpy_g_pair(const rows_axpy_job *job, int64_t i, int64_t j, int two) {
+    const uint16_t *gi = job->gh + i * job->ldgh + j;
+    return _mm512_set1_epi32((int)((uint32_t)gi[0] | (two ? (uint32_t)gi[1] << 16 : 0u)));
+}
+#define AXPY_PAIRS_KERNEL(N, V)                                                                                        \
+    LF_AVX512_BF16 static void axpy_pairs_##N(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t p0,            \
+                                              int64_t p1) {                                                            \
+        const uint16_t *W = job->W;                                                                                    \
+        int64_t p = p0;                                                                                                \
+        for (; p + 32 * (V) <= p1; p += 32 * (V)) {                                                                    \
+            __m512 lo[N][V], hi[N][V];                                                                                 \
+            for (int i = 0; i < (N); i++)                                                                              \
+                for (int v = 0; v < (V); v++) lo[i][v] = hi[i][v] = _mm512_setzero_ps();                               \
+            for (int64_t j = j0; j < j1; j += 2) {                                                                     \
+                const int two = j + 1 < j1;                                                                            \
+                __m512i wl[V], wh[V];                                                                                  \
+                for (int v = 0; v < (V); v++) {                                                                        \
+                    const uint16_t *w0 = W + j * job->ldw + p + 32 * v;                                                \
+                    const __m512i r0 = _mm512_loadu_si512((const void *)w0);                                           \
+                    const __m512i r1 = two ? _mm512_loadu_si512((const void *)(w0 + job->ldw)) : _mm512_setzero_si512(); \
+                    wl[v] = _mm512_unpacklo_epi16(r0, r1);                                                             \
+                    wh[v] = _mm512_unpackhi_epi16(r0, r1);                                                             \
+                    _mm_prefetch((const char *)(w0 + 32 * (V)), _MM_HINT_T0); /* the rows' lines of the next strip */   \
+                    _mm_prefetch((const char *)(w0 + job->ldw + 32 * (V)), _MM_HINT_T0);                               \
+                }                                                                                                      \
+                for (int i = 0; i < (N); i++) {                                                                        \
+                    const __m512bh gp = (__m512bh)axpy_g_pair(job, i, j, two);                                         \
+                    for (int v = 0; v < (V); v++) {                                                                    \
+                        lo[i][v] = _mm512_dpbf16_ps(lo[i][v], gp, (__m512bh)wl[v]);                                    \
+                        hi[i][v] = _mm512_dpbf16_ps(hi[i][v], gp, (__m512bh)wh[v]);                                    \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int i = 0; i < (N); i++)                                                                              \
+                for (int v = 0; v < (V); v++) { /* [lo L0, hi L0, lo L1, hi L1], [lo L2, hi L2, lo L3, hi L3] */      \
+                    const __m512 a = _mm512_shuffle_f32x4(lo[i][v], hi[i][v], 0x44);  /* lo L0 L1, hi L0 L1 */          \
+                    const __m512 b = _mm512_shuffle_f32x4(lo[i][v], hi[i][v], 0xEE);  /* lo L2 L3, hi L2 L3 */          \
+                    float *ci = job->c + i * job->ldc + p + 32 * v;                                                    \
+                    _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_shuffle_f32x4(a, a, 0xD8)));          \
+                    _mm512_storeu_ps(ci + 16, _mm512_add_ps(_mm512_loadu_ps(ci + 16), _mm512_shuffle_f32x4(b, b, 0xD8))); \
+                }                                                                                                      \
+        }                                                                                                              \
+        axpy_tail(job, j0, j1, p, p1);                                                                                 \
+    }
+AXPY_PAIRS_KERNEL(1, 8)
+AXPY_PAIRS_KERNEL(2, 4)
+AXPY_PAIRS_KERNEL(3, 3)
+AXPY_PAIRS_KERNEL(4, 2)
+AXPY_PAIRS_KERNEL(5, 2)
+AXPY_PAIRS_KERNEL(6, 2)
+AXPY_PAIRS_KERNEL(7, 1)
+AXPY_PAIRS_KERNEL(8, 1)
+static const axpy_fn AXPY_PAIRS_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
+    NULL, axpy_pairs_1, axpy_pairs_2, axpy_pairs_3, axpy_pairs_4, axpy_pairs_5, axpy_pairs_6, axpy_pairs_7, axpy_pairs_8};
 #endif
 
 static void rows_axpy_run(void *ctxp, int tid, int nt) {
@@ -354,7 +417,7 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
     const int64_t q0 = tid * per, q1 = q0 + per < job->K ? q0 + per : job->K;
     if (q0 >= q1) return;
 #if defined(__x86_64__)
-    const axpy_fn axpy = lf_get_isa() >= LF_ISA_AVX512 ? AXPY_FOR_N[job->n] : axpy_tail;
+    const axpy_fn axpy = job->gh ? AXPY_PAIRS_FOR_N[job->n] : lf_get_isa() >= LF_ISA_AVX512 ? AXPY_FOR_N[job->n] : axpy_tail;
 #else
     const axpy_fn axpy = axpy_tail;
 #endif
@@ -378,7 +441,8 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
             const int64_t w = q1 - p < AXPY_Q4_COLS ? q1 - p : AXPY_Q4_COLS;
             lf_qweight_dequantize(job->qw, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy */
             const rows_axpy_job view = {.n = job->n, .M = job->M, .K = job->K, .ldc = job->ldc, .g = job->g + j,
-                                        .W = buf, .ldw = w, .dt = job->dt, .c = job->c + p};
+                                        .gh = job->gh ? job->gh + j : NULL, .ldgh = job->ldgh, .W = buf, .ldw = w,
+                                        .dt = job->dt, .c = job->c + p};
             axpy(&view, 0, je - j, 0, w);
         }
     }
@@ -397,8 +461,10 @@ int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_
     if (K == 0) return LF_OK;
     float *gw = lf_widened_copy(g, n, M, 1.0f); /* g widened, rows contiguous */
     if (!gw) return LF_ENOMEM;
-    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .W = W.p, .ldw = W.rs, .qw = W.qw,
-                         .dt = W.dtype, .c = c};
+    /* bf16 g and W (as stored, or a quantized W's bf16 blocks) on the vdpbf16ps pairs where the decode takes them */
+    const int pairs = g.dtype == LF_DT_BF16 && g.cs == 1 && W.dtype == LF_DT_BF16 && bf16_pairs();
+    rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .gh = pairs ? g.p : NULL, .ldgh = g.rs,
+                         .W = W.p, .ldw = W.rs, .qw = W.qw, .dt = W.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (K + 15) / 16);
     lf_pool_run(pool, nt, rows_axpy_run, &job);
     free(gw);
