@@ -137,14 +137,15 @@ int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
  * vdpbf16ps only) through its converted codes; lf_rowdots_qw_ok: whether it runs here (n ≤
  * LF_ROWDOTS_MAX_N, AVX-512; 4-bit: K a multiple of the block size; 8-bit: lf_tunables.decode_pairs with a
  * bf16 x), else lf_rowdots_half's block buffer. */
-/* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_MAX_N tokens, W fp32 or
- * half with rows contiguous (or a quantized W stored (M, K)) streamed once (dx of the decode-size backward), g
- * any dtype and strides */
+/* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_GROUPED_MAX_N tokens (in
+ * groups of LF_ROWDOTS_MAX_N), W fp32 or half with rows contiguous (or a quantized W stored (M, K)) streamed once
+ * (dx of the decode-size backward), g any dtype and strides */
 int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc);
-/* 1 if dx = g·W of n tokens on a W whose column stride is w_cs streams W once by lf_rows_axpy rather than packing it
- * for a GEMM: 1 ≤ n ≤ LF_ROWDOTS_MAX_N, rows contiguous, AVX-512 (below it lf_rows_axpy's loop is scalar and the
- * GEMM is the faster). Zen 4, 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
-int lf_rows_axpy_streams(int64_t n, int64_t w_cs);
+/* 1 if dx = g·W of n tokens on a W of dtype wdt whose column stride is w_cs streams W once by lf_rows_axpy rather
+ * than packing it for a GEMM: 1 ≤ n ≤ LF_ROWDOTS_MAX_N (LF_ROWDOTS_GROUPED_MAX_N for a bf16 W where the decode takes
+ * vdpbf16ps), rows contiguous, AVX-512 (below it lf_rows_axpy's loop is scalar and the GEMM is the faster). Zen 4,
+ * 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
+int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt);
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w);
 int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
                   const float *bias, float *c, int64_t ldc);

@@ -215,7 +215,9 @@ lf_backward_plan lf_plan_backward(int64_t n, int64_t r, lf_view g, lf_view x, lf
     lf_backward_plan plan;
     plan.vb = lf_skinny_ok(g, r) && lf_skinny_ok(u, r) ? LF_VB_SKINNY : LF_VB_GEMM;
     plan.da = lf_skinny_ok(x, r) ? LF_DA_SKINNY : LF_DA_GEMM;
-    plan.dx = !need_dx ? LF_DX_NONE : dropout_p == 0.0f && !lf_rows_axpy_streams(n, W.cs) ? LF_DX_AUGMENTED : LF_DX_MASKED;
+    plan.dx = !need_dx                                                      ? LF_DX_NONE
+              : dropout_p == 0.0f && !lf_rows_axpy_streams(n, W.cs, LF_DT_F32) ? LF_DX_AUGMENTED
+                                                                               : LF_DX_MASKED;
     return plan;
 }
 
@@ -285,7 +287,7 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
         } else {
             /* dx = g · W (a few tokens: W's rows streamed once, never packed), then + s/(1-p) · mask ⊙ (v · A): the
              * mask sits on the product */
-            if (lf_rows_axpy_streams(n, W.cs)) {
+            if (lf_rows_axpy_streams(n, W.cs, LF_DT_F32)) {
                 st = lf_rows_axpy(pool, n, m, k, lf_tv32(g), lf_tv32(W), dx, k);
             } else {
                 lf_operand wo = lf_operand_plain(W, 1.0f);

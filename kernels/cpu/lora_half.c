@@ -153,7 +153,7 @@ done:
 
 lf_backward_plan lf_plan_backward_half(int64_t n, lf_tview g, lf_tview x, lf_tview W, int64_t r, float dropout_p,
                                        int need_dx) {
-    const int streamed = lf_rows_axpy_streams(n, W.cs);
+    const int streamed = lf_rows_axpy_streams(n, W.cs, W.dtype);
     const lf_backward_dx_path dx = !need_dx ? LF_DX_NONE
                                    : dropout_p > 0.0f || g.dtype == LF_DT_F32 || streamed || on_bf16_tile(g, W)
                                        ? LF_DX_MASKED
@@ -238,7 +238,7 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
     if (!st && plan.dx == LF_DX_MASKED) {
         /* dx32 = g · W, then dx = round(dx32 + s/(1-p) · mask ⊙ (v · A)). g·W for a few tokens with W's rows
          * contiguous (a quantized W as stored): W streamed once row by row (lf_rows_axpy), never packed */
-        if (lf_rows_axpy_streams(n, W.cs)) {
+        if (lf_rows_axpy_streams(n, W.cs, W.dtype)) {
             st = lf_rows_axpy(pool, n, m, k, gb, W, dx32, k);
         } else {
             const lf_operand gbo = lf_operand_typed(gb, 1.0f), wo = lf_operand_typed(W, 1.0f);

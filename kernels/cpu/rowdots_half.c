@@ -269,7 +269,9 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
  * A strip's walk down the block's rows reads one line of each row, a page apart, which no hardware prefetcher
  * follows: each row's lines of the next strip are prefetched as the row is read (Zen 4, 2 threads, the bf16
  * layer's 8 × 4096² fwd+bwd 7.6 → 4.1 ms, 1 token 3.3 → 2.3). A bf16 g and W take vdpbf16ps where the decode
- * does (axpy_pairs_N: two rows of W a step; the layer's 8-token backward 1.96 → 1.23–1.37 ms, 1 token 1.2 → 1.0). */
+ * does (axpy_pairs_N: two rows of W a step; the layer's 8-token backward 1.96 → 1.23–1.37 ms, 1 token 1.2 → 1.0),
+ * and there up to LF_ROWDOTS_GROUPED_MAX_N tokens in groups of 8 (16 / 24 / 32 tokens × 4096²: 6.2 / 6.3 / 7.4 ms
+ * with the GEMM, whose W's pairs are packed per call → 2.3 / 3.1 / 4.1). */
 
 #define AXPY_ROWS 128 /* rows of W per block: 128 pages of a 4096-wide bf16 W, within the L2 TLB */
 
@@ -411,16 +413,33 @@ static const axpy_fn AXPY_PAIRS_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, axpy_pairs_1, axpy_pairs_2, axpy_pairs_3, axpy_pairs_4, axpy_pairs_5, axpy_pairs_6, axpy_pairs_7, axpy_pairs_8};
 #endif
 
+/* the job's tokens [i0, i0 + LF_ROWDOTS_MAX_N) (or fewer: the last group) on W (row stride ldw), their g from
+ * column g0 on, their c from column c0 on */
+static rows_axpy_job axpy_group(const rows_axpy_job *job, int64_t i0, const void *W, int64_t ldw, int64_t g0,
+                                int64_t c0) {
+    return (rows_axpy_job){.n = job->n - i0 < LF_ROWDOTS_MAX_N ? job->n - i0 : LF_ROWDOTS_MAX_N, .M = job->M,
+                           .K = job->K, .ldc = job->ldc, .g = job->g + i0 * job->M + g0,
+                           .gh = job->gh ? job->gh + i0 * job->ldgh + g0 : NULL, .ldgh = job->ldgh, .W = W, .ldw = ldw,
+                           .dt = job->dt, .c = job->c + i0 * job->ldc + c0};
+}
+
+/* the kernel for a group of n ≤ LF_ROWDOTS_MAX_N tokens */
+static axpy_fn axpy_for(const rows_axpy_job *job, int64_t n) {
+#if defined(__x86_64__)
+    if (job->gh) return AXPY_PAIRS_FOR_N[n];
+    if (lf_get_isa() >= LF_ISA_AVX512) return AXPY_FOR_N[n];
+#endif
+    (void)job, (void)n;
+    return axpy_tail;
+}
+
+/* More than LF_ROWDOTS_MAX_N tokens run in groups of it over each block of W's rows while the block is in cache
+ * (the thread's columns of 128 rows: 512 KiB of a 4096-wide bf16 W), as the grouped decode does. */
 static void rows_axpy_run(void *ctxp, int tid, int nt) {
     const rows_axpy_job *job = ctxp;
     const int64_t per = (job->K + nt * 16 - 1) / (nt * 16) * 16; /* whole vectors per thread */
     const int64_t q0 = tid * per, q1 = q0 + per < job->K ? q0 + per : job->K;
     if (q0 >= q1) return;
-#if defined(__x86_64__)
-    const axpy_fn axpy = job->gh ? AXPY_PAIRS_FOR_N[job->n] : lf_get_isa() >= LF_ISA_AVX512 ? AXPY_FOR_N[job->n] : axpy_tail;
-#else
-    const axpy_fn axpy = axpy_tail;
-#endif
     for (int64_t i = 0; i < job->n; i++)
         for (int64_t q = q0; q < q1; q++) job->c[i * job->ldc + q] = 0.0f;
     /* a quantized W: each block of rows × AXPY_Q4_COLS columns dequantized into buf (row stride AXPY_Q4_COLS,
@@ -434,27 +453,31 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
         if (lf_interrupt_pending()) break; /* the caller sees the flag and reports LF_EINTR */
         const int64_t je = j + AXPY_ROWS < job->M ? j + AXPY_ROWS : job->M;
         if (!buf) {
-            axpy(job, j, je, q0, q1);
+            for (int64_t i0 = 0; i0 < job->n; i0 += LF_ROWDOTS_MAX_N) {
+                const rows_axpy_job grp = axpy_group(job, i0, job->W, job->ldw, 0, 0);
+                axpy_for(job, grp.n)(&grp, j, je, q0, q1);
+            }
             continue;
         }
         for (int64_t p = q0; p < q1; p += AXPY_Q4_COLS) {
             const int64_t w = q1 - p < AXPY_Q4_COLS ? q1 - p : AXPY_Q4_COLS;
             lf_qweight_dequantize(job->qw, j, je, p, p + w, job->dt, buf, w); /* checked by lf_rows_axpy */
-            const rows_axpy_job view = {.n = job->n, .M = job->M, .K = job->K, .ldc = job->ldc, .g = job->g + j,
-                                        .gh = job->gh ? job->gh + j : NULL, .ldgh = job->ldgh, .W = buf, .ldw = w,
-                                        .dt = job->dt, .c = job->c + p};
-            axpy(&view, 0, je - j, 0, w);
+            for (int64_t i0 = 0; i0 < job->n; i0 += LF_ROWDOTS_MAX_N) {
+                const rows_axpy_job grp = axpy_group(job, i0, buf, w, j, p);
+                axpy_for(job, grp.n)(&grp, 0, je - j, 0, w);
+            }
         }
     }
     free(buf);
 }
 
-int lf_rows_axpy_streams(int64_t n, int64_t w_cs) {
-    return n >= 1 && n <= LF_ROWDOTS_MAX_N && w_cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
+int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt) {
+    const int64_t max_n = wdt == LF_DT_BF16 && bf16_pairs() ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N;
+    return n >= 1 && n <= max_n && w_cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
 }
 
 int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {
-    if (n < 1 || n > LF_ROWDOTS_MAX_N || M < 0 || K < 0 || ldc < K || W.cs != 1 ||
+    if (n < 1 || n > LF_ROWDOTS_GROUPED_MAX_N || M < 0 || K < 0 || ldc < K || W.cs != 1 ||
         (W.dtype != LF_DT_BF16 && W.dtype != LF_DT_F16 && (W.dtype != LF_DT_F32 || W.qw)))
         return LF_EINVAL;
     if (W.qw && (lf_qweight_unfit(W.qw) || W.rs != K || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
