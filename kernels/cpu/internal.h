@@ -26,8 +26,11 @@ typedef void (*lf_widen_fn)(const uint16_t *src, int64_t n, lf_dtype dt, float s
 void lf_widen_generic(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
 void lf_widen_avx2(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
 void lf_widen_avx512(const uint16_t *src, int64_t n, lf_dtype dt, float scale, float *dst);
-/* A new C-contiguous fp32 (rows, cols) copy of t, times scale (half elements widened exactly; free()
- * it), or NULL when out of memory; at least one float is allocated, so NULL only means that. */
+/* dst[i·ld + j] = scale · t[i, j] for i < rows, j < cols (half elements widened exactly); other columns of dst
+ * untouched */
+void lf_widen_into(lf_tview t, int64_t rows, int64_t cols, float scale, float *dst, int64_t ld);
+/* A new C-contiguous fp32 (rows, cols) copy of t, times scale (lf_widen_into; free() it), or NULL when out of
+ * memory; at least one float is allocated, so NULL only means that. */
 float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale);
 
 /* bfloat16 bits → fp32: the top half of an fp32 (exact, NaN payloads kept) */

@@ -108,13 +108,9 @@ int lf_rowdot(lf_pool *pool, int64_t M, int64_t K, int64_t R, lf_tview a, lf_tvi
     const int64_t Rp = (R + k->vw - 1) / k->vw * k->vw;
     float *bt = calloc((size_t)(K > 0 ? K : 1) * (size_t)Rp, sizeof(float));
     if (!bt) return LF_ENOMEM;
-    /* bt (K, Rp): b widened, zero-padded to whole vectors. An fp32 Aᵀ (b.rs = 1: A's rows of K) by the ISA's
-     * register transposes — per call, so for a few tokens this copy is most of the rank-r product's work */
-    if (b.dtype == LF_DT_F32 && b.rs == 1)
-        lf_transpose_f32(b.p, b.cs, R, K, 1.0f, bt, Rp);
-    else
-        for (int64_t p = 0; p < K; p++)
-            for (int64_t q = 0; q < R; q++) bt[p * Rp + q] = lf_elem_f32(b.p, b.dtype, p * b.rs + q * b.cs);
+    /* bt (K, Rp): b widened, zero-padded to whole vectors — per call, so for a few tokens this copy (an fp32 Aᵀ: by
+     * the register transposes) is most of the rank-r product's work */
+    lf_widen_into(b, K, R, 1.0f, bt, Rp);
     skinny_job job = {.k = k, .M = M, .K = K, .R = R, .Rp = Rp, .a = a, .bt = bt, .scale = scale, .c = c,
                       .wmask = mask};
     const int nt = lf_threads_for(pool, 2.0 * (double)M * (double)K * (double)R, (M + 7) / 8);
@@ -134,8 +130,7 @@ static int rank_update_narrow(lf_pool *pool, int64_t P, int64_t Q, int64_t T, lf
     float *cp = malloc((size_t)P * (size_t)vw * sizeof(float));
     int st = wp && cp ? LF_OK : LF_ENOMEM;
     if (!st) {
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t q = 0; q < Q; q++) wp[t * vw + q] = lf_elem_f32(w.p, w.dtype, t * w.rs + q);
+        lf_widen_into(w, T, Q, 1.0f, wp, vw);
         st = lf_rank_update(pool, P, vw, T, s, (lf_tview){wp, vw, 1, LF_DT_F32, NULL}, scale, cp, vw, NULL);
     }
     for (int64_t p = 0; !st && p < P; p++) memcpy(c + p * ldc, cp + p * vw, (size_t)Q * sizeof(float));

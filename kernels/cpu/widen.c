@@ -11,23 +11,27 @@
 
 /* rows of half elements, contiguous: the ISA's widen; fp32 rows: a loop the compiler vectorizes; an fp32
  * transposed view (t.rs = 1): the register transposes; else one element at a time */
-float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale) {
-    float *dst = malloc((size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(float));
-    if (!dst || rows == 0 || cols == 0) return dst;
+void lf_widen_into(lf_tview t, int64_t rows, int64_t cols, float scale, float *dst, int64_t ld) {
+    if (rows == 0 || cols == 0) return;
     if (t.dtype != LF_DT_F32 && t.cs == 1) {
         const lf_widen_fn widen = lf_current()->widen;
-        for (int64_t i = 0; i < rows; i++) widen((const uint16_t *)t.p + i * t.rs, cols, t.dtype, scale, dst + i * cols);
+        for (int64_t i = 0; i < rows; i++) widen((const uint16_t *)t.p + i * t.rs, cols, t.dtype, scale, dst + i * ld);
     } else if (t.dtype == LF_DT_F32 && t.cs == 1) {
         for (int64_t i = 0; i < rows; i++) {
             const float *src = (const float *)t.p + i * t.rs;
-            for (int64_t j = 0; j < cols; j++) dst[i * cols + j] = src[j] * scale;
+            for (int64_t j = 0; j < cols; j++) dst[i * ld + j] = src[j] * scale;
         }
     } else if (t.dtype == LF_DT_F32 && t.rs == 1) {
-        lf_transpose_f32((const float *)t.p, t.cs, cols, rows, scale, dst, cols);
+        lf_transpose_f32((const float *)t.p, t.cs, cols, rows, scale, dst, ld);
     } else {
         for (int64_t i = 0; i < rows; i++)
-            for (int64_t j = 0; j < cols; j++) dst[i * cols + j] = lf_elem_f32(t.p, t.dtype, i * t.rs + j * t.cs) * scale;
+            for (int64_t j = 0; j < cols; j++) dst[i * ld + j] = lf_elem_f32(t.p, t.dtype, i * t.rs + j * t.cs) * scale;
     }
+}
+
+float *lf_widened_copy(lf_tview t, int64_t rows, int64_t cols, float scale) {
+    float *dst = malloc((size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(float));
+    if (dst) lf_widen_into(t, rows, cols, scale, dst, cols);
     return dst;
 }
 
