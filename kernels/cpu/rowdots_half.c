@@ -156,11 +156,13 @@ ROWS_KERNEL(rows_pairs, LF_AVX512_BF16, __m512, 32, _mm512_setzero_ps(), PAIRS_B
             _mm512_reduce_add_ps, PAIRS_ROWS)
 #endif
 
-/* 1 if a bf16 x takes rows_pairs (lf_tunables.decode_pairs on the avx512_bf16 level) */
-static int bf16_pairs(void) {
+/* 1 if operands of dtype dt take the vdpbf16ps kernels here (rows_pairs, axpy_pairs_N): bf16 where
+ * lf_tunables.decode_pairs says so on the avx512_bf16 level */
+static int bf16_pairs(lf_dtype dt) {
 #if defined(__x86_64__)
-    return lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
+    return dt == LF_DT_BF16 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
 #else
+    (void)dt;
     return 0;
 #endif
 }
@@ -168,7 +170,7 @@ static int bf16_pairs(void) {
 static rows_fn rows_for(lf_dtype dt) {
 #if defined(__x86_64__)
     const lf_isa isa = lf_get_isa();
-    if (dt == LF_DT_BF16 && bf16_pairs()) return rows_pairs;
+    if (bf16_pairs(dt)) return rows_pairs;
     if (isa >= LF_ISA_AVX512) return rows_avx512;
     if (isa == LF_ISA_AVX2) return rows_avx2;
 #endif
@@ -238,7 +240,7 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
-    const int grouped = !W.qw && x.dtype == LF_DT_BF16 && bf16_pairs(); /* tokens in groups of LF_ROWDOTS_MAX_N */
+    const int grouped = !W.qw && bf16_pairs(x.dtype); /* tokens in groups of LF_ROWDOTS_MAX_N */
     return n <= (grouped ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) &&
            W.dtype == x.dtype && x.cs == 1 && W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
 }
@@ -253,7 +255,7 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     if (!xw) return LF_ENOMEM;
     rowdots_half_job job = {.rows = rows_for(x.dtype), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
                             .qw = W.qw, .xw = xw, .bias = bias, .xh = x.p, .ldxh = x.rs, .dt = x.dtype, .c = c,
-                            .xh_read = x.dtype == LF_DT_BF16 && bf16_pairs()};
+                            .xh_read = bf16_pairs(x.dtype)};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_half_run, &job);
     free(xw);
@@ -472,7 +474,7 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt) {
-    const int64_t max_n = wdt == LF_DT_BF16 && bf16_pairs() ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N;
+    const int64_t max_n = bf16_pairs(wdt) ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N;
     return n >= 1 && n <= max_n && w_cs == 1 && lf_get_isa() >= LF_ISA_AVX512;
 }
 
@@ -485,7 +487,7 @@ int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_
     float *gw = lf_widened_copy(g, n, M, 1.0f); /* g widened, rows contiguous */
     if (!gw) return LF_ENOMEM;
     /* bf16 g and W (as stored, or a quantized W's bf16 blocks) on the vdpbf16ps pairs where the decode takes them */
-    const int pairs = g.dtype == LF_DT_BF16 && g.cs == 1 && W.dtype == LF_DT_BF16 && bf16_pairs();
+    const int pairs = g.dtype == LF_DT_BF16 && g.cs == 1 && bf16_pairs(W.dtype);
     rows_axpy_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .g = gw, .gh = pairs ? g.p : NULL, .ldgh = g.rs,
                          .W = W.p, .ldw = W.rs, .qw = W.qw, .dt = W.dtype, .c = c};
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (K + 15) / 16);

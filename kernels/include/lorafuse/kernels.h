@@ -173,7 +173,7 @@ typedef enum {
 typedef enum {
     LF_DX_NONE = 0,  /* dx not wanted */
     LF_DX_AUGMENTED, /* no dropout: one GEMM over m + r, [g | s·v] · [W ; A] */
-    LF_DX_MASKED,    /* dropout, or ≤ 8 tokens: g·W (W's rows streamed for ≤ 8 tokens), then + s/(1-p)·mask ⊙ (v·A) */
+    LF_DX_MASKED,    /* dropout, or a few tokens: g·W (then W streamed row by row), then + s/(1-p)·mask ⊙ (v·A) */
 } lf_backward_dx_path;
 typedef struct {
     lf_backward_vb_path vb;
