@@ -106,7 +106,8 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
             }                                                                                                   \
             for (int r = 0; r < R && j + r < j1; r++)                                                           \
                 for (int64_t i = 0; i < n; i++)                                                                 \
-                    put(c + i * ldc + j + r, HSUM(acc[r][i]) + dot_tail(Kv, K, xw + i * ldx, w[r], dt), bias,   \
+                    put(c + i * ldc + j + r,                                                                    \
+                        HSUM(acc[r][i]) + (Kv < K ? dot_tail(Kv, K, xw + i * ldx, w[r], dt) : 0.0f), bias,      \
                         j + r, accumulate);                                                                     \
         }                                                                                                       \
     }                                                                                                           \
@@ -194,7 +195,7 @@ typedef struct {
     int64_t n, M, K, ldw, ldc;
     const uint16_t *W;      /* NULL for a quantized W */
     const lf_qweight *qw; /* the quantized W (M, K), or NULL */
-    const float *xw, *bias;
+    const float *xw, *bias; /* xw: x widened, or NULL where only rows_pairs on whole vectors reads x */
     const uint16_t *xh; /* x's half elements, rows ldxh apart */
     int64_t ldxh;
     int xh_read;        /* the rows kernel reads xh (rows_pairs), not xw */
@@ -225,14 +226,14 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
             const float *bias = p0 || !job->bias ? NULL : job->bias + j;
             if (buf) {
                 lf_qweight_dequantize(job->qw, j, je, p0, p0 + len, job->dt, buf, len); /* checked by the caller */
-                job->rows(0, je - j, job->n, len, job->xw + p0, job->K, job->xh + p0, job->ldxh, buf, len, job->dt,
-                          bias, p0 > 0, job->c + j, job->ldc);
+                job->rows(0, je - j, job->n, len, job->xw ? job->xw + p0 : NULL, job->K, job->xh + p0, job->ldxh, buf,
+                          len, job->dt, bias, p0 > 0, job->c + j, job->ldc);
             } else { /* the block's rows against each group of ≤ LF_ROWDOTS_MAX_N tokens: from memory once */
                 for (int64_t i0 = 0; i0 < job->n; i0 += LF_ROWDOTS_MAX_N)
                     job->rows(0, je - j, job->n - i0 < LF_ROWDOTS_MAX_N ? job->n - i0 : LF_ROWDOTS_MAX_N, len,
-                              job->xw + i0 * job->K + p0, job->K, job->xh + i0 * job->ldxh + p0, job->ldxh,
-                              job->W + j * job->ldw + p0, job->ldw, job->dt, bias, p0 > 0, job->c + i0 * job->ldc + j,
-                              job->ldc);
+                              job->xw ? job->xw + i0 * job->K + p0 : NULL, job->K, job->xh + i0 * job->ldxh + p0,
+                              job->ldxh, job->W + j * job->ldw + p0, job->ldw, job->dt, bias, p0 > 0,
+                              job->c + i0 * job->ldc + j, job->ldc);
             }
         }
     }
@@ -251,8 +252,11 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
     if (W.qw && (lf_qweight_unfit(W.qw) || W.qw->cols != K || W.qw->rows < M)) return LF_EINVAL;
     if (n == 0 || M == 0) return LF_OK;
     if (W.qw && lf_rowdots_qw_ok(n, K, x.dtype, W.qw)) return lf_rowdots_qw(pool, n, M, K, x, W.qw, bias, c, ldc);
-    float *xw = lf_widened_copy(x, n, K, 1.0f); /* x widened, rows contiguous */
-    if (!xw) return LF_ENOMEM;
+    /* x widened, rows contiguous: for the widened kernels and the K tail past rows_pairs' 32-wide vectors (on whole
+     * vectors rows_pairs reads x's own bf16 pairs only) */
+    const int widen = !bf16_pairs(x.dtype) || K % 32 != 0;
+    float *xw = widen ? lf_widened_copy(x, n, K, 1.0f) : NULL;
+    if (widen && !xw) return LF_ENOMEM;
     rowdots_half_job job = {.rows = rows_for(x.dtype), .n = n, .M = M, .K = K, .ldw = W.rs, .ldc = ldc, .W = W.p,
                             .qw = W.qw, .xw = xw, .bias = bias, .xh = x.p, .ldxh = x.rs, .dt = x.dtype, .c = c,
                             .xh_read = bf16_pairs(x.dtype)};
