@@ -39,7 +39,7 @@ else:
 cpu_extension = Extension(
     "lorafuse._C",
     sources=["csrc/module.c", "csrc/args.c", "csrc/runtime.c", "csrc/plans.c", "csrc/dlpack_in.c", "csrc/out_cache.c",
-               "csrc/hgemm.c", "csrc/quant.c", "csrc/qweight.c", "csrc/half.c"]
+               "csrc/hgemm.c", "csrc/quant.c", "csrc/qweight.c", "csrc/half.c", "csrc/dora.c"]
     + sorted(glob.glob("kernels/cpu/*.c")),
     include_dirs=["kernels/include", numpy.get_include()],
     define_macros=[("LORAFUSE_VERSION", f'"{VERSION}"')],

@@ -19,7 +19,7 @@
 #define LF_PY_PACKED_NAME "lorafuse.packed_weight"
 
 /* The arrays one call holds (new references), dropped together by lf_py_drop_all. */
-#define LF_PY_MAX_ARRS 16
+#define LF_PY_MAX_ARRS 24
 typedef struct {
     PyArrayObject *a[LF_PY_MAX_ARRS];
     int n;

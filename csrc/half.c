@@ -9,6 +9,8 @@
  * u float32 — bfloat16 ones as uint16 arrays of the bits (NumPy has no bfloat16: the caller views
  * them, torch.from_numpy(a).view(torch.bfloat16)). out=, dx_out=, dA_out=, dB_out= and packed_w
  * are fp32-only features: given with a half base they are refused with ValueError.
+ * dora_forward / dora_backward (module.c) come here with DoRA's column scale col_scale (m,) float32: x, g
+ * half, A and B float32; the forward also returns z̃ (..., m) float32, the backward dc (m,) float32.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -133,6 +135,28 @@ static PyArrayObject *new_typed(PyArrayObject *like, npy_intp d0, npy_intp last,
     return (PyArrayObject *)PyArray_SimpleNew(nd, dims, type);
 }
 
+/* DoRA's col_scale (m,) float32 as a C-contiguous array kept in L, after checking that the adapters are
+ * float32; NULL with TypeError / ValueError */
+static PyArrayObject *col_scale_arg(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *ocol, lf_tview A,
+                                    npy_intp m) {
+    if (A.dtype != LF_DT_F32) {
+        PyErr_Format(PyExc_TypeError, "%s: A and B must be float32 (DoRA's fp32 adapters), got %s", F,
+                     lf_py_dtype_name(A.dtype));
+        return NULL;
+    }
+    PyArrayObject *col = lf_py_keep(L, lf_py_as_f32(st, ocol, F, "col_scale"));
+    if (!col || lf_py_check_ndim(F, "col_scale", col, 1, "(m,)") ||
+        lf_py_check_dim(F, "col_scale", "(m,) with m from W", col, 0, m))
+        return NULL;
+    return PyArray_IS_C_CONTIGUOUS(col) ? col : lf_py_keep(L, (PyArrayObject *)PyArray_NewCopy(col, NPY_CORDER));
+}
+
+/* a forced plan's 'augmented' path with DoRA's column scale: -1 with ValueError */
+static int refuse_augmented(const char *F, PyObject *oplan, int augmented) {
+    return lf_py_plan_unfit(F, oplan, augmented ? "DoRA's base product is rounded alone: y 'split' or 'decode', "
+                                                  "dx 'masked'" : NULL);
+}
+
 PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *x, lf_dtype xdt,
                                   const lf_py_forward_call *c) {
     const char *F = c->F;
@@ -153,6 +177,10 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
             return NULL;
         bias = (lf_tview){PyArray_DATA(ab), 0, PyArray_STRIDE(ab, 0) / PyArray_ITEMSIZE(ab), dbias, NULL};
     }
+    PyArrayObject *col = NULL, *z = NULL;
+    if (c->ocol && (!(col = col_scale_arg(st, L, F, c->ocol, A, m)) ||
+                    (c->need_u && !(z = lf_py_keep(L, lf_py_new_output(st, x, m))))))
+        return NULL;
     if (!(y = lf_py_keep(L, new_typed(x, 0, m, xdt)))) return NULL;
     if (c->need_u &&
         !(u = lf_py_keep(L, c->ou == Py_None ? lf_py_new_output(st, x, r)
@@ -170,20 +198,23 @@ PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject
         return NULL;
     const npy_intp n = PyArray_DIM(x2, 0);
     const lf_tview vx = lf_py_tview2(x2, xdt);
-    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_forward_plan_unfit_half(*c->force, n, vx, W, r)))
+    if (c->force && (lf_py_plan_unfit(F, c->oplan, lf_forward_plan_unfit_half(*c->force, n, vx, W, r)) ||
+                     (col && refuse_augmented(F, c->oplan, c->force->y == LF_Y_AUGMENTED))))
         return NULL;
+    const lf_col_scale cs = {col ? PyArray_DATA(col) : NULL, z ? PyArray_DATA(z) : NULL, NULL};
     lf_py_sigint_guard guard;
     lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(k + r) * (double)m, &guard);
     lf_forward_plan plan = {LF_U_GEMM, LF_Y_SPLIT};
     int status;
     Py_BEGIN_ALLOW_THREADS status =
-        lf_lora_forward_half(pool, n, k, m, r, vx, W, bias, A, B, c->scale, c->p, c->seed, PyArray_DATA(y2),
-                             u ? PyArray_DATA(u2) : NULL, c->force, &plan);
+        lf_lora_forward_half(pool, n, k, m, r, vx, W, bias, A, B, c->scale, c->p, c->seed, col ? &cs : NULL,
+                             PyArray_DATA(y2), u ? PyArray_DATA(u2) : NULL, c->force, &plan);
     Py_END_ALLOW_THREADS
     if (lf_py_kernel_end(st, &guard, status, F)) return NULL;
     st->last_forward_plan = plan;
     st->has_forward_plan = 1;
-    return PyTuple_Pack(2, (PyObject *)y, u ? (PyObject *)u : Py_None);
+    PyObject *uo = u ? (PyObject *)u : Py_None;
+    return col ? PyTuple_Pack(3, (PyObject *)y, uo, z ? (PyObject *)z : Py_None) : PyTuple_Pack(2, (PyObject *)y, uo);
 }
 
 PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *g, lf_dtype gdt,
@@ -205,6 +236,21 @@ PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObjec
     if (parse_weights(st, L, F, c->oW, c->oA, c->oB, c->fifo, k, gdt, &W, &A, &B, &m, &r) ||
         lf_py_check_lead_dims(F, g, x, u, m, r))
         return NULL;
+    PyArrayObject *col = NULL, *z = NULL, *dc = NULL;
+    if (c->ocol) {
+        const npy_intp dims1[1] = {m};
+        if (!(col = col_scale_arg(st, L, F, c->ocol, A, m))) return NULL;
+        if (c->need_dc) {
+            if (!(z = lf_py_keep(L, lf_py_as_f32(st, c->oz, F, "z")))) return NULL;
+            if (!PyArray_SAMESHAPE(z, g)) {
+                PyErr_Format(PyExc_ValueError, "%s: z must have g's shape (..., m)", F);
+                return NULL;
+            }
+            if (!(z = lf_py_keep(L, lf_py_contiguous_if(z, 1))) ||
+                !(dc = lf_py_keep(L, (PyArrayObject *)PyArray_SimpleNew(1, dims1, NPY_FLOAT32))))
+                return NULL;
+        }
+    }
     if ((c->need_dx && !(dx = lf_py_keep(L, new_typed(x, 0, k, gdt)))) ||
         !(dA = lf_py_keep(L, new_typed(NULL, r, k, A.dtype))) || !(dB = lf_py_keep(L, new_typed(NULL, m, r, A.dtype))))
         return NULL;
@@ -216,18 +262,23 @@ PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObjec
         return NULL;
     const npy_intp n = PyArray_DIM(x2, 0);
     const lf_tview vg = lf_py_tview2(g2, gdt), vx = lf_py_tview2(x2, gdt);
-    if (c->force && lf_py_plan_unfit(F, c->oplan, lf_backward_plan_unfit_half(*c->force, vg, vx, r, c->p, c->need_dx)))
+    if (c->force &&
+        (lf_py_plan_unfit(F, c->oplan, lf_backward_plan_unfit_half(*c->force, vg, vx, r, c->p, c->need_dx)) ||
+         (col && refuse_augmented(F, c->oplan, c->force->dx == LF_DX_AUGMENTED))))
         return NULL;
+    const lf_col_scale cs = {col ? PyArray_DATA(col) : NULL, z ? PyArray_DATA(z) : NULL, dc ? PyArray_DATA(dc) : NULL};
     lf_py_sigint_guard guard;
     lf_pool *pool = lf_py_kernel_begin(st, 2.0 * (double)n * (double)(m + r) * (double)(k + r), &guard);
     lf_backward_plan plan = {LF_VB_GEMM, LF_DA_GEMM, LF_DX_NONE};
     int status;
     Py_BEGIN_ALLOW_THREADS status = lf_lora_backward_half(
-        pool, n, k, m, r, vg, vx, lf_py_view2(u2), W, A, B, c->scale, c->p,
-        c->seed, dx2 ? PyArray_DATA(dx2) : NULL, PyArray_DATA(dA), PyArray_DATA(dB), c->force, &plan);
+        pool, n, k, m, r, vg, vx, lf_py_view2(u2), W, A, B, c->scale, c->p, c->seed, col ? &cs : NULL,
+        dx2 ? PyArray_DATA(dx2) : NULL, PyArray_DATA(dA), PyArray_DATA(dB), c->force, &plan);
     Py_END_ALLOW_THREADS
     if (lf_py_kernel_end(st, &guard, status, F)) return NULL;
     st->last_backward_plan = plan;
     st->has_backward_plan = 1;
-    return PyTuple_Pack(3, dx ? (PyObject *)dx : Py_None, (PyObject *)dA, (PyObject *)dB);
+    PyObject *dxo = dx ? (PyObject *)dx : Py_None;
+    return col ? PyTuple_Pack(4, dxo, (PyObject *)dA, (PyObject *)dB, dc ? (PyObject *)dc : Py_None)
+               : PyTuple_Pack(3, dxo, (PyObject *)dA, (PyObject *)dB);
 }

@@ -1,5 +1,6 @@
 /* half.h — the bf16 / fp16 bodies of lorafuse._C.lora_forward and lora_backward (half.c), called by
- * module.c once it has parsed the call and found x (g) half precision. The structs carry what
+ * module.c once it has parsed the call and found x (g) half precision; also of dora_forward and
+ * dora_backward (a half base with DoRA's column scale, lf_col_scale). The structs carry what
  * module.c parsed; each function returns the call's result (a new reference) or NULL with the
  * exception set. Include after <numpy/arrayobject.h> and args.h. */
 #ifndef LORAFUSE_HALF_H
@@ -12,6 +13,7 @@ typedef struct {
     uint64_t seed;
     int fifo, need_u;
     const lf_forward_plan *force; /* NULL: the kernels' own plan */
+    PyObject *ocol;               /* dora_forward's col_scale (the result then (y, u, z)), or NULL */
 } lf_py_forward_call;
 
 typedef struct {
@@ -21,6 +23,8 @@ typedef struct {
     uint64_t seed;
     int fifo, need_dx;
     const lf_backward_plan *force;
+    PyObject *ocol, *oz; /* dora_backward's col_scale and z (the result then (dx, dA, dB, dc)), or NULL */
+    int need_dc;
 } lf_py_backward_call;
 
 /* 1 and *dt if W is a quantized weight's handle (its elements' dtype) or an array / tensor of a half dtype:

@@ -131,7 +131,7 @@ static PyObject *py_lora_forward(PyObject *self, PyObject *args, PyObject *kw) {
         goto fail;
     if (goes_to_half(st, &L, xdt, &oW)) { /* a bf16 / fp16 or quantized base: half.c */
         const lf_py_forward_call call = {F, oW, oA, oB, obias, oy, ou, opacked, oplan, scale, p, seed, fifo, need_u,
-                                         oplan != Py_None ? &force : NULL};
+                                         oplan != Py_None ? &force : NULL, NULL};
         PyObject *res = lf_py_lora_forward_half(st, &L, x, xdt, &call);
         lf_py_drop_all(&L);
         return res;
@@ -230,7 +230,7 @@ static PyObject *py_lora_backward(PyObject *self, PyObject *args, PyObject *kw) 
         goto fail;
     if (goes_to_half(st, &L, gdt, &oW)) { /* a bf16 / fp16 or quantized base: half.c */
         const lf_py_backward_call call = {F, ox, ou, oW, oA, oB, odx, odA, odB, opacked, oplan, scale, p, seed, fifo,
-                                          need_dx, oplan != Py_None ? &force : NULL};
+                                          need_dx, oplan != Py_None ? &force : NULL, NULL, NULL, 0};
         PyObject *res = lf_py_lora_backward_half(st, &L, g, gdt, &call);
         lf_py_drop_all(&L);
         return res;
@@ -472,6 +472,7 @@ static PyMethodDef methods[] = {
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},
     LF_PY_GEMM_METHODS, /* sgemm, hgemm, hgemm_path (hgemm.c) */
+    LF_PY_DORA_METHODS, /* dora_forward, dora_backward (dora.c) */
     LF_PY_QUANT_METHODS, /* dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c) */
     LF_PY_Q4GEMM_METHODS, /* q4gemm, q4gemm_path (quant.c) */
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},

@@ -113,6 +113,10 @@ typedef struct {
     /* dst[j] += mask(off0 + j) ? coef·t[j] : 0 */
     void (*dropout_axpy_span)(const float *t, int64_t n, uint64_t off0, uint64_t seed, uint32_t thr,
                               float coef, float *dst);
+    /* dst[j] = (shift ? shift[j] : 0) + col[j] · src[j] */
+    void (*cols_affine)(const float *src, int64_t n, const float *col, const float *shift, float *dst);
+    /* dc[j] += g[j] · z[j] (z NULL: not), then g[j] ·= col[j] */
+    void (*cols_dot_scale)(float *g, int64_t n, const float *z, const float *col, float *dc);
 } lf_skinny;
 
 const lf_skinny *lf_skinny_current(void);
@@ -160,10 +164,21 @@ int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, 
  *     c[i, :] += coef · keep(i, :) ⊙ (v[i, :] · w)     v (n, r) any strides, w (r, cols) with w.cs == 1
  * keep(i, j) = lf_dropout_keep(mask->seed, i·cols + j, mask->threshold), 1 when mask is NULL (its
  * scale is not used: coef is the factor); r = 0 adds nothing. Then, when out is not NULL,
- * out[i·ldo + j] = round_dt(c[i, j]) (lf_narrow, out_dt bf16 or fp16). Row blocks on the pool. */
+ * out[i·ldo + j] = round_dt(c[i, j]) (lf_narrow, out_dt bf16 or fp16) — with an affine (not NULL)
+ * round_dt(shift[j] + col[j]·c[i, j]), c left as it is (DoRA's y from its z̃). Row blocks on the pool. */
+typedef struct {
+    const float *col;   /* (cols) */
+    const float *shift; /* (cols), or NULL for none */
+} lf_cols_affine;
 int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, lf_view w, float coef,
                  const lf_mask *mask, float *c, int64_t ldc, lf_dtype pre_dt, lf_dtype out_dt, uint16_t *out,
-                 int64_t ldo);
+                 int64_t ldo, const lf_cols_affine *aff);
+
+/* col_scale.c: DoRA's g' on a half base — gh[i·m + j] = round_dt(g[i, j]·c[j]) for g (n, m) bf16 / fp16 of
+ * any strides, gh C-contiguous (or NULL: not formed) — and, when dc is not NULL, dc[j] = Σ_i g[i, j]·z[i·ldz + j] (fp32 sums, per
+ * thread then added in thread order). Rows on the pool. */
+int lf_scale_cols(lf_pool *pool, int64_t n, int64_t m, lf_tview g, const float *c, const float *z, int64_t ldz,
+                  lf_dtype dt, uint16_t *gh, float *dc);
 
 /* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
 #define LF_SKINNY_MAX_R 64

@@ -89,7 +89,9 @@ static int split_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t 
     int st = lf_gemm(pool, n, m, k, &xo, &wt, 0.0f, bias, y, m);
     float *bt = st ? NULL : lf_widened_copy((lf_tview){B.p, B.cs, B.rs, LF_DT_F32, NULL}, r, m, scale); /* s·Bᵀ (r, m) */
     if (!st && !bt) st = LF_ENOMEM;
-    if (!st) st = lf_rank_rows(pool, n, m, r, (lf_view){u, r, 1}, (lf_view){bt, m, 1}, 1.0f, NULL, y, m, LF_DT_F32, LF_DT_F32, NULL, 0);
+    if (!st)
+        st = lf_rank_rows(pool, n, m, r, (lf_view){u, r, 1}, (lf_view){bt, m, 1}, 1.0f, NULL, y, m, LF_DT_F32,
+                          LF_DT_F32, NULL, 0, NULL);
     free(bt);
     return st;
 }
@@ -303,7 +305,8 @@ int lf_lora_backward_f32(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
             }
             if (!st) { /* dx += s/(1-p) · mask ⊙ (v · A), row block by row block (rank_rows.c) */
                 const lf_mask xm = {seed, lf_dropout_threshold(dropout_p), 1.0f};
-                st = lf_rank_rows(pool, n, k, r, vv, Ar, scale / (1.0f - dropout_p), &xm, dx, k, LF_DT_F32, LF_DT_F32, NULL, 0);
+                st = lf_rank_rows(pool, n, k, r, vv, Ar, scale / (1.0f - dropout_p), &xm, dx, k, LF_DT_F32,
+                                  LF_DT_F32, NULL, 0, NULL);
             }
             free(acopy);
         }

@@ -4,6 +4,7 @@
  *     c[i, :] = round_pre(c[i, :])                        when pre_dt is bf16 / fp16 (kept fp32)
  *     c[i, :] += coef · keep(i, :) ⊙ (v[i, :] · w)        v (n, r), w (r, cols), c (n, cols)
  *     out[i, :] = round_dt(c[i, :])                       when out is given
+ *     out[i, :] = round_dt(shift + col ⊙ c[i, :])         with an affine (DoRA: y = b + (μ/ν) ⊙ z̃), c kept
  *
  * with keep(i, j) = lf_dropout_keep(seed, i·cols + j) — dx's dropout part (x̃'s mask, lora.c) —
  * or 1 without a mask. A block of ROWS rows: without a mask the rank-r kernel adds coef · v_blk · w
@@ -27,6 +28,7 @@ typedef struct {
     float *c;
     lf_dtype pre_dt, out_dt;
     uint16_t *out;
+    const lf_cols_affine *aff;
     atomic_int failed;
 } rank_rows_job;
 
@@ -38,7 +40,8 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
     const int direct = !job->threshold && job->r <= LF_SKINNY_MAX_R; /* no t: rank_add into c */
     float *t = job->r > 0 && !direct ? lf_pool_scratch(job->pool, tid, 2, (size_t)(ROWS * job->cols) * sizeof(float))
                                      : NULL;
-    if (job->r > 0 && !direct && !t) {
+    float *row = job->aff && job->out ? lf_pool_scratch(job->pool, tid, 3, (size_t)job->cols * sizeof(float)) : NULL;
+    if ((job->r > 0 && !direct && !t) || (job->aff && job->out && !row)) {
         atomic_store(&job->failed, LF_ENOMEM);
         return;
     }
@@ -70,19 +73,27 @@ static void rank_rows_run(void *ctxp, int tid, int nt) {
                                       ci); /* threshold 0 (r > 64 without a mask) keeps every element */
             }
         }
-        for (int64_t i = 0; job->out && i < nb; i++)
-            lf_narrow(job->c + (b0 + i) * job->ldc, job->cols, job->out_dt, job->out + (b0 + i) * job->ldo);
+        for (int64_t i = 0; job->out && i < nb; i++) {
+            const float *ci = job->c + (b0 + i) * job->ldc;
+            if (row) { /* row[j] = shift[j] + col[j] · c[i, j], c left as it is */
+                sk->cols_affine(ci, job->cols, job->aff->col, job->aff->shift, row);
+                ci = row;
+            }
+            lf_narrow(ci, job->cols, job->out_dt, job->out + (b0 + i) * job->ldo);
+        }
     }
 }
 
 int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, lf_view w, float coef,
                  const lf_mask *mask, float *c, int64_t ldc, lf_dtype pre_dt, lf_dtype out_dt, uint16_t *out,
-                 int64_t ldo) {
-    if (n < 0 || cols < 0 || r < 0 || ldc < cols || (out && ldo < cols) || (r > 0 && w.cs != 1)) return LF_EINVAL;
+                 int64_t ldo, const lf_cols_affine *aff) {
+    if (n < 0 || cols < 0 || r < 0 || ldc < cols || (out && ldo < cols) || (r > 0 && w.cs != 1) ||
+        (aff && !aff->col))
+        return LF_EINVAL;
     if (n == 0 || cols == 0 || (r == 0 && !out && pre_dt == LF_DT_F32)) return LF_OK;
     rank_rows_job job = {.pool = pool, .n = n, .cols = cols, .r = r, .ldc = ldc, .ldo = ldo, .v = v, .w = w,
                          .coef = coef, .threshold = mask ? mask->threshold : 0u, .seed = mask ? mask->seed : 0u,
-                         .c = c, .pre_dt = pre_dt, .out_dt = out_dt, .out = out};
+                         .c = c, .pre_dt = pre_dt, .out_dt = out_dt, .out = out, .aff = aff};
     /* 2·r flops per element for the rank-r term, a few for the mask and the rounding */
     const double flops = (double)n * (double)cols * (double)(2 * r + 4);
     const int nt = lf_threads_for(pool, flops, (n + ROWS - 1) / ROWS);

@@ -14,6 +14,7 @@
  *   rowdots:     c (n, M) = scale · Σ_seg a (n, K) · b (M, K)ᵀ + bias for a few rows n (decode):
  *                dot products of contiguous rows, b streamed once
  *   dropout_span, dropout_axpy_span: the dropout mask on a contiguous run of elements
+ *   cols_affine, cols_dot_scale: DoRA's column scale on a row (rank_rows.c, col_scale.c)
  * Vectors are VW floats; Q / R tails use a masked copy through a small buffer. */
 #if !defined(VW) || !defined(RU_ROWS) || !defined(RA_ROWS) || !defined(HSUM) || !defined(F16_TO_F32)
 #error "skinny_body.h: define VW, RU_ROWS, RA_ROWS, HSUM and F16_TO_F32 before including it"
@@ -237,6 +238,21 @@ static void dropout_axpy_span(const float *t, int64_t n, uint64_t off0, uint64_t
     }
 }
 
+/* dst[j] = (shift ? shift[j] : 0) + col[j] · src[j] — DoRA's y = b + (μ/ν) ⊙ z̃, one row at a time */
+static void cols_affine(const float *src, int64_t n, const float *col, const float *shift, float *dst) {
+    if (shift)
+        for (int64_t j = 0; j < n; j++) dst[j] = shift[j] + col[j] * src[j];
+    else
+        for (int64_t j = 0; j < n; j++) dst[j] = col[j] * src[j];
+}
+
+/* dc[j] += g[j] · z[j] (z NULL: not), then g[j] = g[j] · col[j] — DoRA's Σ_i g ⊙ z̃ and g' = g ⊙ c on one row */
+static void cols_dot_scale(float *g, int64_t n, const float *z, const float *col, float *dc) {
+    if (z)
+        for (int64_t j = 0; j < n; j++) dc[j] += g[j] * z[j];
+    for (int64_t j = 0; j < n; j++) g[j] *= col[j];
+}
+
 /* acc0[i] += a_i · b0 and acc1[i] += a_i · b1 (elementwise, summed later) over one K segment:
  * rows i < n of a against two contiguous rows b0, b1 of b; the K tail as zero-filled vectors */
 static inline __attribute__((always_inline)) void dots_segment(
@@ -351,6 +367,8 @@ static void rank_add(int64_t P, int64_t Q, int64_t R, lf_view a, const float *bt
         .vw = VW,                                  \
         .dropout_span = dropout_span,              \
         .dropout_axpy_span = dropout_axpy_span,    \
+        .cols_affine = cols_affine,                \
+        .cols_dot_scale = cols_dot_scale,          \
         .rowdot_rows = rowdot_rows,                \
         .rank_update_block = rank_update_block,    \
     }

@@ -287,25 +287,27 @@ def dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 class DoraHalfFunction(torch.autograd.Function):
     """DoRA on a bf16 / fp16 base with float32 adapters and magnitude (PEFT's default). PEFT casts x to the
-    adapters' float32 and adds its float32 DoRA term to the base layer's half result; here z̃ comes from the
-    kernels' mixed arithmetic on x̃ widened (x̃ = x ⊙ mask in float32, x without dropout) — z̃ = round_h(x̃·Wᵀ) +
-    s·(x̃·Aᵀ)·Bᵀ in float32, W never widened —, y = round_h(D + b + c ⊙ z̃) with c = μ/ν (ν float32, detached)
-    and D = (x − x̃)·Wᵀ in float32 (`hgemm`: W widened only inside its packing; no D without dropout) — the base
-    product rounded once before the DoRA scale as PEFT's is, the sum once after. Backward: g' = g ⊙ c in
-    float32; the mixed backward on x̃ gives dA, dB and dx̃ = round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's
-    half gradient, PEFT's own rounding); dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W (dx̃ without dropout), in x's dtype;
-    dμ_j = Σ_i g_ij z̃_ij / ν_j. Saves x, u, z̃, μ, c, ν; x̃ is regenerated from the seed."""
+    adapters' float32 and adds its float32 DoRA term to the base layer's half result; here z̃ = round_h(x̃·Wᵀ) +
+    s·(x̃·Aᵀ)·Bᵀ in float32 (W never widened) and y = round_h(D + b + c ⊙ z̃) with c = μ/ν (ν float32, detached)
+    — the base product rounded once before the DoRA scale as PEFT's is, the sum once after. Without dropout
+    (x̃ = x, D = 0) all of it is the kernels' `dora_forward` on x as it is, the scale and bias applied as y is
+    rounded; with dropout z̃ comes from the mixed arithmetic on x̃ = x ⊙ mask widened to float32 and D = (x −
+    x̃)·Wᵀ in float32 (`hgemm`: W widened only inside its packing). Backward: g' = g ⊙ c; dA, dB and dx̃ =
+    round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's half gradient, PEFT's own rounding) — `dora_backward`
+    without dropout, which also sums dμ in the same pass over g; with dropout the mixed backward on x̃ and
+    dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W; dx in x's dtype, dμ_j = Σ_i g_ij z̃_ij / ν_j. Saves x, u, z̃, μ, c, ν; x̃
+    is regenerated from the seed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
                 norms: Optional[RowNorms], kern: Any) -> torch.Tensor:
-        z, d, u = _half_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, True, kern)
         nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
         c = magnitude.detach() / nu
+        y, u, z = _half_dora(x, weight, bias, lora_a, lora_b, c, scale, dropout_p, seed, fifo, True, kern)
         ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
         ctx.conf = (scale, dropout_p, seed, fifo, kern, None if bias is None else bias.dtype)
-        return _combine(z, d, bias, c, out=torch.empty(z.shape, dtype=x.dtype))
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
@@ -318,6 +320,12 @@ class DoraHalfFunction(torch.autograd.Function):
             dx, _, db, dA, dB, dmag = _differentiable_backward(
                 grad.float(), x.float(), weight.float(), lora_a, lora_b, magnitude, scale, p, seed, fifo,
                 bias_dtype is not None, (need_x, False, need_b, need_a, need_bb, need_mag))
+        elif p == 0.0:
+            dx, dA, dB, dc = (None if t is None else _tensor(t) for t in kern.dora_backward(
+                grad, x.detach(), u, z, weight.detach(), lora_a.detach(), lora_b.detach(), scale, c,
+                need_dx=need_x, need_dc=need_mag, fan_in_fan_out=fifo))
+            db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
+            dmag = dc / nu if need_mag else None
         else:
             k, m = x.shape[-1], grad.shape[-1]
             g2 = grad.reshape(-1, m)
@@ -327,9 +335,9 @@ class DoraHalfFunction(torch.autograd.Function):
             dx = dA = dB = None
             if need_x or need_a or need_bb:
                 dx, dA, dB = (None if t is None else _tensor(t) for t in kern.lora_backward(
-                    g_scaled, x2 if mask is None else x2 * mask, u.reshape(-1, u.shape[-1]), weight, lora_a, lora_b,
-                    scale, need_dx=need_x, fan_in_fan_out=fifo))
-            if dx is not None and mask is not None:  # dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W
+                    g_scaled, x2 * mask, u.reshape(-1, u.shape[-1]), weight, lora_a, lora_b, scale, need_dx=need_x,
+                    fan_in_fan_out=fifo))
+            if dx is not None:  # dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W
                 gw = _tensor(kern.hgemm(g2, weight.t() if fifo else weight))  # half g, W: exact products
                 dx = dx.mul_(mask).add_(mask.neg_().add_(1.0).mul_(gw))
             db = grad.reshape(-1, m).sum(0) if need_b else None
@@ -338,22 +346,27 @@ class DoraHalfFunction(torch.autograd.Function):
                 dA, dB, dmag) + (None,) * 6
 
 
-def _half_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                  dropout_p: float, seed: int, fifo: bool, need_u: bool,
-                  kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(z̃, D, u) float32 (..., m), (..., m) or None, (..., r) or None: the mixed forward on x̃ widened to float32
-    and, with dropout, D = (x − x̃)·Wᵀ (`DoraHalfFunction`)."""
+def _half_dora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+               lora_b: torch.Tensor, c: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+               need_saved: bool, kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(y, u, z̃): y (..., m) in x's dtype, u (..., r) and z̃ (..., m) float32 — None unless ``need_saved`` (a
+    backward to come) — of `DoraHalfFunction`, c (m) = μ/ν. Without dropout the kernels' `dora_forward`; with
+    it the mixed forward on x̃ = x ⊙ mask widened to float32, D = (x − x̃)·Wᵀ, and y = round(D + b + c ⊙ z̃)."""
+    x, weight, lora_a, lora_b = x.detach(), weight.detach(), lora_a.detach(), lora_b.detach()
+    if dropout_p == 0.0:
+        y, u, z = kern.dora_forward(x, weight, lora_a, lora_b, scale, c, None if bias is None else bias.detach(),
+                                    fan_in_fan_out=fifo, need_z=need_saved)
+        return _tensor(y), None if u is None else _tensor(u), None if z is None else _tensor(z)
     k = x.shape[-1]
     x2 = x.float().reshape(-1, k)
     mask = mask_for(x2, dropout_p, seed)
-    x_drop = x2 if mask is None else x2 * mask
-    z, u = kern.lora_forward(x_drop, weight, lora_a, lora_b, scale, None, fan_in_fan_out=fifo, need_u=need_u)
-    d = None
-    if mask is not None:  # x − x̃ = x ⊙ (1 − mask), times Wᵀ: W widened only inside the GEMM's packing
-        d = _tensor(kern.hgemm(x2.mul_(mask.neg_().add_(1.0)), weight if fifo else weight.t()))
-        d = d.view(*x.shape[:-1], -1)
+    z, u = kern.lora_forward(x2 * mask, weight, lora_a, lora_b, scale, None, fan_in_fan_out=fifo,
+                             need_u=need_saved)
+    # x − x̃ = x ⊙ (1 − mask), times Wᵀ: W widened only inside the GEMM's packing
+    d = _tensor(kern.hgemm(x2.mul_(mask.neg_().add_(1.0)), weight if fifo else weight.t()))
     z = _tensor(z).view(*x.shape[:-1], -1)
-    return z, d, None if u is None else _tensor(u).view(*x.shape[:-1], -1)
+    y = _combine(z, d.view(*x.shape[:-1], -1), bias, c, out=torch.empty(z.shape, dtype=x.dtype))
+    return y, None if u is None else _tensor(u).view(*x.shape[:-1], -1), z
 
 
 def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -363,9 +376,8 @@ def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     base's dtype → y (..., m) in it; ``seed``: the dropout mask's (p > 0)."""
     if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
                                            or x.requires_grad or (bias is not None and bias.requires_grad)):
-        z, d, _ = _half_forward(x, weight, lora_a, lora_b, scale, dropout_p, seed, fifo, False, kern)
         c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
-        return _combine(z, d, bias, c, out=torch.empty(z.shape, dtype=x.dtype))
+        return _half_dora(x, weight, bias, lora_a, lora_b, c, scale, dropout_p, seed, fifo, False, kern)[0]
     return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
                                   kern)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["lora_forward", "lora_backward", "merge", "unmerge", "dropout_mask", "sgemm", "hgemm", "pack_weight",
+__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "merge", "unmerge", "dropout_mask", "sgemm", "hgemm", "pack_weight",
            "PackedWeight"]
 
 
@@ -94,6 +94,34 @@ def lora_backward(g: Any, x: Any, u: Any, W: Any, A: Any, B: Any, scale: float, 
     """
     return _C.lora_backward(g, x, u, W, A, B, scale, need_dx, dropout_p, seed, fan_in_fan_out,
                             dx_out, dA_out, dB_out, None if packed_w is None else _handle(packed_w), plan)
+
+
+def dora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, col_scale: Any, bias: Any = None, *,
+                 fan_in_fan_out: bool = False, need_z: bool = True, plan: Optional[Tuple[str, str]] = None
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """DoRA's fused forward on a bf16 / fp16 base with float32 adapters (PEFT's default; `lorafuse.dora`).
+
+    z = round(x·Wᵀ) + scale·u·Bᵀ (..., m) float32 — the base product rounded to W's dtype alone, as PEFT's
+    base layer rounds it —, u = x·Aᵀ (..., r) float32, y = round(bias + col_scale ⊙ z) (..., m) in x's dtype,
+    col_scale (m,) float32 = μ/ν (the magnitude over the row norms of W + scale·B·A). No dropout. Returns
+    ``(y, u, z)``, or ``(y, None, None)`` with ``need_z=False`` (nothing kept for :func:`dora_backward`).
+    ``plan``: as :func:`lora_forward`'s ('split' or 'decode' for y).
+    """
+    return _C.dora_forward(x, W, A, B, scale, col_scale, bias, fan_in_fan_out, need_z, plan)
+
+
+def dora_backward(g: Any, x: Any, u: Any, z: Any, W: Any, A: Any, B: Any, scale: float, col_scale: Any, *,
+                  need_dx: bool = True, need_dc: bool = True, fan_in_fan_out: bool = False,
+                  plan: Optional[Tuple[str, str, str]] = None
+                  ) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """:func:`dora_forward`'s adapter-only backward for g = ∂L/∂y (..., m), on g' = g ⊙ col_scale.
+
+    v = g'·B;  dB = scale·g'ᵀ·u (m, r);  dA = scale·vᵀ·x (r, k);  dx = round(round(g')·W) + scale·v·A rounded
+    to x's dtype (..., k), or ``None`` without ``need_dx``; dc = Σ_i g ⊙ z (m,) float32 (DoRA's magnitude
+    gradient is dc / ν), or ``None`` without ``need_dc`` (z is then not read). ``plan``: as
+    :func:`lora_backward`'s ('masked' for dx).
+    """
+    return _C.dora_backward(g, x, u, z, W, A, B, scale, col_scale, need_dx, need_dc, fan_in_fan_out, plan)
 
 
 def merge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:

@@ -217,13 +217,27 @@ lf_forward_plan lf_plan_forward_half(int64_t n, lf_tview x, lf_tview W, int64_t 
  * within its preconditions, 'split' or 'augmented'). */
 const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview x, lf_tview W, int64_t r);
 
+/* DoRA's column scale on a half base (a bf16 / fp16 x and g of W's dtype, fp32 adapters, no dropout; lora_half.c).
+ * The forward keeps the base product's own rounding and puts bias and scale after the fp32 sum z̃:
+ *     z̃ = round_W(x·Wᵀ) + s·u·Bᵀ  (fp32, into z when it is not NULL),   y = round(bias + c ⊙ z̃)
+ * and the backward runs on g' = g ⊙ c:  v = g'·B, dB = s·g'ᵀ·u, dA = s·vᵀ·x,
+ *     dx = round(round_W(round_W(g')·W) + s·v·A),   dc_j = Σ_i g_ij·z̃_ij (into dc when it is not NULL; z read).
+ * A plan's 'augmented' y or dx (one GEMM over the rank-r term too) becomes 'split' / 'masked'; forced, LF_EINVAL. */
+typedef struct {
+    const float *c; /* (m): μ/ν */
+    float *z;       /* (n, m) C-contiguous fp32: the forward's z̃ out (NULL: not kept), the backward's in for dc */
+    float *dc;      /* (m) fp32: the backward's Σ_i g ⊙ z̃, or NULL */
+} lf_col_scale;
+
 /* Fused LoRA forward on a half base. x (n,k) [dropout: C-contiguous], W (m,k), bias (m) — bias.p NULL
  * for none, its rs unused (elements at p[j·cs]) —, A (r,k), B (m,r) as the dtypes above, any strides.
  * y (n,m) C-contiguous in x's dtype (float, or uint16_t bits); u (n,r) C-contiguous fp32, or NULL (not kept).
- * force / plan as lf_lora_forward_f32. LF_EINVAL for dtypes outside the rules above. */
+ * cs: DoRA's column scale (above), or NULL. force / plan as lf_lora_forward_f32. LF_EINVAL for dtypes outside the
+ * rules above. */
 int lf_lora_forward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview x, lf_tview W,
                          lf_tview bias, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
-                         void *y, float *u, const lf_forward_plan *force, lf_forward_plan *plan);
+                         const lf_col_scale *cs, void *y, float *u, const lf_forward_plan *force,
+                         lf_forward_plan *plan);
 
 /* The backward's plan for a half base: v/dB 'skinny' (v = g·B and dBᵀ = s·uᵀ·g with g streamed) for rows
  * of g contiguous and 1 ≤ r ≤ 64, else 'gemm'; dA 'skinny' (x streamed, x̃ regenerated) for rows of x
@@ -239,10 +253,11 @@ const char *lf_backward_plan_unfit_half(lf_backward_plan plan, lf_tview g, lf_tv
 /* Adapter-only backward on a half base: g (n,m) and x (n,k) [dropout: C-contiguous] in the base's
  * dtype (or both float32, mixed), u (n,r) fp32 as the forward kept it, W, A, B as in the forward. Outputs
  * C-contiguous: dx (n,k) in g's dtype or NULL to skip, dA (r,k) and dB (m,r) in the adapters' dtype (float or
- * uint16_t bits). */
+ * uint16_t bits). cs: DoRA's column scale (above), or NULL. */
 int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t r, lf_tview g, lf_tview x,
                           lf_view u, lf_tview W, lf_tview A, lf_tview B, float scale, float dropout_p, uint64_t seed,
-                          void *dx, void *dA, void *dB, const lf_backward_plan *force, lf_backward_plan *plan);
+                          const lf_col_scale *cs, void *dx, void *dA, void *dB, const lf_backward_plan *force,
+                          lf_backward_plan *plan);
 
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */
