@@ -1,7 +1,8 @@
 """atheris harness for the `lorafuse._C` entry points (through `lorafuse.ops`).
 
 Each input picks an entry point (lora_forward, lora_backward, merge/unmerge, sgemm, dropout_mask, the
-4-bit W's handle `_C.q4_weight`, an 8-bit one's `_C.q8_weight`, with lora_forward / lora_backward on them)
+4-bit W's handle `_C.q4_weight`, an 8-bit one's `_C.q8_weight`, with lora_forward / lora_backward on them,
+DoRA's dora_forward / dora_backward on a half base)
 and builds its arguments from the fuzz bytes: consistent shapes most of the time (so that calls
 succeed and their results are checked against a float64 NumPy reference), perturbed shapes
 otherwise; dtypes (float32 mostly, float64, float16, int32, bool, complex64, big-endian >f4,
@@ -477,6 +478,71 @@ def _lora_on_handle(G: Gen, handle: object, Wd: "torch.Tensor", dt: "torch.dtype
             raise AssertionError(f"{what} y differs from the same call on W dequantized")
 
 
+def _half_or_fuzzed(G: Gen, shape: tuple, dt: "torch.dtype") -> object:
+    """A torch tensor of `shape` in dt (mostly), or `G.array`'s fuzzed operand of that shape."""
+    if G.chance(4):
+        return G.array(shape)
+    shape = tuple(min(int(v), 40) for v in shape)  # materialised: never huge
+    return torch.from_numpy(G.rng.standard_normal(shape).astype(np.float32)).to(dt)
+
+
+def fuzz_dora(G: Gen) -> None:
+    """dora_forward / dora_backward (DoRA on a bf16 / fp16 base): x, W, g of a half dtype mostly, A, B, col_scale
+    and bias fuzzed; an allowed error, or a success only for the dtypes the entry points take (x, W, g one half
+    dtype, A, B, col_scale float32, bias float32 or the base's) with z within the base product's rounding and the
+    fp32 sums of the float64 reference, and dc = Σ g ⊙ z."""
+    if torch is None:
+        return
+    dt = [torch.bfloat16, torch.float16][G.pick(2)]
+    n, k, m, r = G.size(), 1 + G.size(), 1 + G.size(), 1 + G.pick(4)
+    fifo = G.chance(4)
+    args = {"x": _half_or_fuzzed(G, (n, G.dim(k)), dt),
+            "W": _half_or_fuzzed(G, (G.dim(k), G.dim(m)) if fifo else (G.dim(m), G.dim(k)), dt),
+            "A": G.array((G.dim(r), G.dim(k))), "B": G.array((G.dim(m), G.dim(r))), "c": G.array((G.dim(m),)),
+            "bias": [None, G.array((G.dim(m),)), _half_or_fuzzed(G, (m,), dt)][G.pick(3)]}
+    before = snapshot(args)
+    try:
+        y, u, z = ops.dora_forward(args["x"], args["W"], args["A"], args["B"], 0.75, args["c"], args["bias"],
+                                   fan_in_fan_out=fifo)
+    except ALLOWED:
+        unchanged(before, args, set())
+        return
+    unchanged(before, args, set())
+    half = half_call([args["x"], args["W"]], [args["A"], args["B"]], [args["bias"]], [args["c"]])
+    if half is None or dtype_name(args["A"]) != "float32":
+        raise AssertionError("dora_forward succeeded on dtypes it does not take")
+    x, W, A, B, c = (as_ref(args[k_]) for k_ in ("x", "W", "A", "B", "c"))
+    Wm = W.T if fifo else W
+    P, U = x @ Wm.T, x @ A.T
+    tol = (x.shape[1] + r + 2) * 2.0**-24 * 4 * (np.abs(x) @ np.abs(Wm).T + 0.75 * np.abs(U) @ np.abs(B).T) + 1e-30
+    tol = tol + U_HALF[half] * (np.abs(P) + tol) + 2.0**-24
+    ref = P + 0.75 * U @ B.T
+    zz = np.asarray(z, np.float64)
+    if np.all(np.isfinite(ref)) and (zz.shape != ref.shape or not np.all(np.abs(zz - ref) <= tol)):
+        raise AssertionError("dora_forward: z differs from the float64 reference")
+    if as_result(y, half).shape != ref.shape:
+        raise AssertionError("dora_forward: y of the wrong shape")
+    g = _half_or_fuzzed(G, (x.shape[0], G.dim(Wm.shape[0])), dt)
+    zarg = [z, z, G.array(np.shape(z)), None][G.pick(4)]
+    need_dx, need_dc = not G.chance(3), not G.chance(3)
+    bargs = {"g": g, "x": args["x"], "u": u, "z": zarg}
+    before = snapshot(bargs)
+    try:
+        dx, dA, dB, dc = ops.dora_backward(g, args["x"], u, zarg, args["W"], args["A"], args["B"], 0.75, args["c"],
+                                           need_dx=need_dx, need_dc=need_dc, fan_in_fan_out=fifo)
+    except ALLOWED:
+        unchanged(before, bargs, set())
+        return
+    unchanged(before, bargs, set())
+    if dtype_name(g) != half or (need_dc and dtype_name(zarg) != "float32"):
+        raise AssertionError("dora_backward succeeded on dtypes it does not take")
+    if (dx is None) == need_dx or (dc is None) == need_dc or np.shape(dA) != A.shape or np.shape(dB) != B.shape:
+        raise AssertionError("dora_backward: results missing, unasked for, or of the wrong shape")
+    if need_dc:
+        gg, zr = as_ref(g), as_ref(zarg)
+        check_close(np.asarray(dc), (gg * zr).sum(0), (np.abs(gg) * np.abs(zr)).sum(0), gg.shape[0], "dc")
+
+
 def fuzz_q8(G: Gen) -> None:
     """An 8-bit weight (`_C.q8_weight`: int8 codes CB (m, k), float32 row scales SCB) whose arrays are consistent
     or not (dtypes, SCB's length, CB's rank), then the LoRA kernels on its handle (`_lora_on_handle`)."""
@@ -503,12 +569,12 @@ def fuzz_q8(G: Gen) -> None:
 # The C extension is not compiled with coverage instrumentation (that needs clang's
 # -fsanitize=fuzzer-no-link); instrumenting the harness gives libFuzzer feedback on which
 # argument shapes and which accept/reject branches were reached.
-fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8, _lora_on_handle, packed_arg = (
-    atheris.instrument_func(f)
-    for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8, _lora_on_handle,
-              packed_arg))
+(fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8, fuzz_dora, _lora_on_handle,
+ packed_arg) = (atheris.instrument_func(f)
+                for f in (fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8,
+                          fuzz_dora, _lora_on_handle, packed_arg))
 Gen.array = atheris.instrument_func(Gen.array)
-ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8]
+ENTRY = [fuzz_forward, fuzz_forward, fuzz_backward, fuzz_merge, fuzz_sgemm, fuzz_dropout, fuzz_q4, fuzz_q8, fuzz_dora]
 
 
 def TestOneInput(data: bytes) -> None:
