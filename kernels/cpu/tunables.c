@@ -53,7 +53,11 @@ const lf_tunables lf_tunables_avx512 = {.isa = LF_ISA_AVX512, AVX512_FP32_TUNABL
 const lf_tunables lf_tunables_avx512_bf16 = {
     .isa = LF_ISA_AVX512_BF16,
     AVX512_FP32_TUNABLES,
-    .pairs = {.kc = 2048, .mc = 72, .nc = 2048}, /* Zen 4 (L2 1 MiB): a B sliver 128 KiB + the A block 288 KiB */
+    /* Zen 4 (L2 1 MiB): a B sliver 128 KiB + the A block 768 KiB. mc 192 (was 72) fetches each B sliver from L3
+     * a third as often: hgemm 0.93–0.97× the time at K = 4096 and 14336 (2048 × 4096², 1024 × 4096², 256 × 4096 ×
+     * 14336 and its transpose), the same at 2048³ and 512 × 1024² (the two builds loaded in one process,
+     * interleaved, 2026-12-05); kc 1024 was as good at K = 4096 but 5 % slower at 2048³. */
+    .pairs = {.kc = 2048, .mc = 192, .nc = 2048},
     /* AMD EPYC (Zen 4, the avx512_bf16 CPU measured): vdpbf16ps zmm 231 GFLOP/s on one thread against the
      * FMA's 114 (fma_peak.c), one instruction a cycle each; 8×4096² bf16 decode 3.8 → see RESULTS.md */
     .decode_pairs = 1,
