@@ -15,20 +15,32 @@
 #include "half.h"
 #include "runtime.h"
 
-/* What both entries parse first: scale, and x (g) as a kept array of a half dtype (float32 is a TypeError: DoRA's
- * mixed case is not fused). NULL with the exception set */
-static PyArrayObject *half_input(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oscale, float *scale,
-                                 PyObject *obj, const char *name, const char *shape, lf_dtype *dt) {
-    float p;
+/* What both entries share once their arguments are parsed: scale, x (g) as an array of a half dtype (float32 is
+ * a TypeError: DoRA's mixed case is not fused), then half.c's forward (fc) or backward (bc) body with the scale
+ * filled in. The call's result, or NULL with the exception set */
+static PyObject *run_half(PyObject *self, const char *F, PyObject *oscale, PyObject *obj, const char *name,
+                          const char *shape, lf_py_forward_call *fc, lf_py_backward_call *bc) {
+    lf_state *st = PyModule_GetState(self);
+    float scale, p;
     uint64_t seed;
-    if (lf_py_parse_scalars(oscale, NULL, NULL, F, scale, &p, &seed)) return NULL;
-    PyArrayObject *a = lf_py_keep(L, lf_py_as_typed(st, obj, F, name, dt));
-    if (!a || lf_py_check_ndim(F, name, a, 0, shape)) return NULL;
-    if (*dt == LF_DT_F32) {
-        PyErr_Format(PyExc_TypeError, "%s: %s must be bfloat16 or float16, got float32", F, name);
-        return NULL;
+    if (lf_py_parse_scalars(oscale, NULL, NULL, F, &scale, &p, &seed)) return NULL;
+    lf_py_arr_list L = {{0}, 0};
+    lf_dtype dt;
+    PyArrayObject *a = lf_py_keep(&L, lf_py_as_typed(st, obj, F, name, &dt));
+    PyObject *res = NULL;
+    if (a && !lf_py_check_ndim(F, name, a, 0, shape)) {
+        if (dt == LF_DT_F32) {
+            PyErr_Format(PyExc_TypeError, "%s: %s must be bfloat16 or float16, got float32", F, name);
+        } else if (fc) {
+            fc->scale = scale;
+            res = lf_py_lora_forward_half(st, &L, a, dt, fc);
+        } else {
+            bc->scale = scale;
+            res = lf_py_lora_backward_half(st, &L, a, dt, bc);
+        }
     }
-    return a;
+    lf_py_drop_all(&L);
+    return res;
 }
 
 const char lf_py_dora_forward_doc[] =
@@ -50,20 +62,9 @@ PyObject *lf_py_dora_forward(PyObject *self, PyObject *args, PyObject *kw) {
                                      &ocol, &obias, &fifo, &need_z, &oplan) ||
         (oplan != Py_None && lf_py_parse_forward_plan(oplan, F, &force)))
         return NULL;
-    lf_state *st = PyModule_GetState(self);
-    float scale;
-    lf_py_arr_list L = {{0}, 0};
-    lf_dtype xdt;
-    PyArrayObject *x = half_input(st, &L, F, oscale, &scale, ox, "x", "(..., k)", &xdt);
-    PyObject *res = NULL;
-    if (x) {
-        const lf_py_forward_call call = {F,     oW,   oA,     oB,        obias, Py_None, Py_None,
-                                         Py_None, oplan, scale, 0.0f,   0,     fifo,    need_z,
-                                         oplan != Py_None ? &force : NULL, ocol};
-        res = lf_py_lora_forward_half(st, &L, x, xdt, &call);
-    }
-    lf_py_drop_all(&L);
-    return res;
+    lf_py_forward_call call = {F,    oW,    oA,   oB, obias,  Py_None,                          Py_None, Py_None,
+                               oplan, 0.0f, 0.0f, 0,  fifo,   need_z, oplan != Py_None ? &force : NULL, ocol};
+    return run_half(self, F, oscale, ox, "x", "(..., k)", &call, NULL);
 }
 
 const char lf_py_dora_backward_doc[] =
@@ -85,18 +86,8 @@ PyObject *lf_py_dora_backward(PyObject *self, PyObject *args, PyObject *kw) {
                                      &oB, &oscale, &ocol, &need_dx, &need_dc, &fifo, &oplan) ||
         (oplan != Py_None && lf_py_parse_backward_plan(oplan, F, &force)))
         return NULL;
-    lf_state *st = PyModule_GetState(self);
-    float scale;
-    lf_py_arr_list L = {{0}, 0};
-    lf_dtype gdt;
-    PyArrayObject *g = half_input(st, &L, F, oscale, &scale, og, "g", "(..., m)", &gdt);
-    PyObject *res = NULL;
-    if (g) {
-        const lf_py_backward_call call = {F,     ox,    ou,   oW,      oA,      oB,      Py_None, Py_None, Py_None,
-                                          Py_None, oplan, scale, 0.0f, 0,       fifo,    need_dx,
-                                          oplan != Py_None ? &force : NULL,   ocol,    oz,      need_dc};
-        res = lf_py_lora_backward_half(st, &L, g, gdt, &call);
-    }
-    lf_py_drop_all(&L);
-    return res;
+    lf_py_backward_call call = {F,       ox,    ou,   oW,   oA,   oB,   Py_None, Py_None, Py_None,
+                                Py_None, oplan, 0.0f, 0.0f, 0,    fifo, need_dx, oplan != Py_None ? &force : NULL,
+                                ocol,    oz,    need_dc};
+    return run_half(self, F, oscale, og, "g", "(..., m)", NULL, &call);
 }
