@@ -136,21 +136,28 @@ def test_fused_function_gradients_float64(fifo: bool, bias: bool, p: float) -> N
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("fifo, bias, p", [(False, True, 0.0), (True, False, 0.0), (False, True, 0.3),
-                                           (True, True, 0.3)])
-def test_half_base_fused_function_against_float64(dtype: str, fifo: bool, bias: bool, p: float) -> None:
-    """`DoraHalfFunction` (a half W, fp32 adapters and magnitude) against float64 of PEFT's formula on the same
-    values and the same dropout mask (`dora_reference`): y and every gradient within a few roundings of the
-    half dtype (u_h) of each tensor's largest value; ν itself in float32, exact but for float32 sums; the
-    no-grad call gives the grad call's y; under create_graph the gradients are differentiable (a gradient
-    penalty matches float64's)."""
-    from lorafuse.dora import DoraHalfFunction, dora_linear_half
+@pytest.mark.parametrize("kind, fifo, bias, p", [("dense", False, True, 0.0), ("dense", True, False, 0.0),
+                                                 ("dense", False, True, 0.3), ("dense", True, True, 0.3),
+                                                 ("nf4", False, True, 0.0), ("nf4", False, False, 0.3)])
+def test_half_base_fused_function_against_float64(dtype: str, kind: str, fifo: bool, bias: bool, p: float) -> None:
+    """`DoraHalfFunction` (a half W — dense, or 4-bit NF4 (`Quant4HalfW`, QLoRA; never stored transposed) —, fp32
+    adapters and magnitude) against float64 of PEFT's formula on the same values (the 4-bit W dequantized) and
+    the same dropout mask (`dora_reference`): y and every gradient within a few roundings of the half dtype (u_h)
+    of each tensor's largest value; ν itself in float32, exact but for float32 sums; the no-grad call gives the
+    grad call's y; under create_graph the gradients are differentiable (a gradient penalty matches float64's)."""
+    from lorafuse.dora import DoraHalfFunction, dora_linear_half, half_row_norms
+    from lorafuse.half_weight import DenseHalfW, Quant4HalfW
 
     half = getattr(torch, dtype)
     u_h = 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11
     gen = torch.Generator().manual_seed(9)
     n, k, m, r, s = 7, 40, 33, 4, 0.75
     W = torch.randn((k, m) if fifo else (m, k), generator=gen).to(half)
+    if kind == "nf4":  # W's values: its 4-bit codes dequantized (blocks of 64 straddle rows of 40)
+        param = lorafuse.quant.Weight4bit(*lorafuse.quant.quantize_weight(W, "nf4"))
+        W, base = lorafuse.quant.dequantize(param), Quant4HalfW(param, half)
+    else:
+        base = DenseHalfW(W, fifo)
     x = torch.randn(n, k, generator=gen).to(half).requires_grad_()
     A = (torch.randn(r, k, generator=gen) * 0.3).requires_grad_()
     B = (torch.randn(m, r, generator=gen) * 0.3).requires_grad_()
@@ -163,12 +170,13 @@ def test_half_base_fused_function_against_float64(dtype: str, fifo: bool, bias: 
     assert nu.dtype == torch.float32
     want_nu = torch.linalg.norm((w64.t() if fifo else w64) + s * (B.double() @ A.double()), dim=1)
     torch.testing.assert_close(nu.double(), want_nu, rtol=1e-5, atol=0)
+    torch.testing.assert_close(half_row_norms(base, A, B, s).double(), want_nu, rtol=1e-5, atol=0)
     seed = 23
     mask = dropout_mask(n, k, p, seed, dtype=torch.float64, device=x.device) if p else None
-    y = DoraHalfFunction.apply(x, W, b, A, B, mag, s, p, seed, fifo, None, kern)
+    y = DoraHalfFunction.apply(x, base, b, A, B, mag, s, p, seed, None, kern)
     assert y.dtype == half
     with torch.no_grad():
-        assert torch.equal(dora_linear_half(x, W, b, A, B, mag, s, p, seed, fifo, None, kern), y)
+        assert torch.equal(dora_linear_half(x, base, b, A, B, mag, s, p, seed, None, kern), y)
     inputs = [t for t in (x, b, A, B, mag) if t is not None]
     got = torch.autograd.grad(y, inputs, g)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
@@ -181,7 +189,7 @@ def test_half_base_fused_function_against_float64(dtype: str, fifo: bool, bias: 
         tol = 8 * u_h * ref.abs().max().item()
         torch.testing.assert_close(a.double(), ref.detach(), rtol=0, atol=tol, msg=name)
     # gradient penalty ∂/∂A of ‖∂L/∂B‖²: differentiable through create_graph
-    (gB,) = torch.autograd.grad((DoraHalfFunction.apply(x, W, b, A, B, mag, s, p, seed, fifo, None, kern).float()
+    (gB,) = torch.autograd.grad((DoraHalfFunction.apply(x, base, b, A, B, mag, s, p, seed, None, kern).float()
                                  * g.float()).sum(), (B,), create_graph=True)
     (hA,) = torch.autograd.grad(gB.square().sum(), (A,))
     (gB64,) = torch.autograd.grad((dora_reference(x64, w64, b64, A64, B64, mag64, s, fifo, mask)

@@ -73,15 +73,15 @@ def _run(model, ids):
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
 
 
-def _reference(path, theirs):
+def _reference(path, theirs, **overrides):
     """The float64 model of the values the 4-bit model holds: the checkpoint rounded to bf16, every 4-bit
-    linear's W dequantized (bnb's own dequantize_4bit), PEFT's adapters."""
+    linear's W dequantized (bnb's own dequantize_4bit), PEFT's adapters (config LORA with ``overrides``)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
     peft, transformers = _bnb_stack()
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    ref = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    ref = peft.get_peft_model(base, peft.LoraConfig(**{**LORA, **overrides}))
     mods = dict(ref.named_modules())
     with torch.no_grad():
         for name, m in theirs.named_modules():
@@ -99,15 +99,22 @@ def test_llama_4bit_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir, kbit):
     tensor ≤ 3× PEFT's + 8 u_h). With PEFT's prepare_model_for_kbit_training (QLoRA's recipe: the rest of
     the model in fp32, gradient checkpointing) the layers see fp32 activations and keep bitsandbytes'
     rounding of the base product and PEFT's fp32 LoRA term."""
-    theirs, ours = _pair(llama_dir, kbit=kbit)
-    ref = _reference(llama_dir, theirs)
+    *_, (want, got, exact) = _fused_step(llama_dir, kbit=kbit)
+    assert_at_least_as_accurate(got, want, exact)
+
+
+def _fused_step(path, **overrides):
+    """PEFT's model, lorafuse's and the float64 reference (`_pair`, `_reference`) in training mode, the token ids,
+    and one forward + backward of each (`_run`), with every lorafuse layer checked to have run the kernels."""
+    theirs, ours = _pair(path, **overrides)
+    ref = _reference(path, theirs, **{k: v for k, v in overrides.items() if k != "kbit"})
     for model in (theirs, ours, ref):
         model.train()
         model.get_base_model().set_attn_implementation("eager")
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    want, got, exact = _run(theirs, ids), _run(ours, ids), _run(ref, ids)
+    runs = _run(theirs, ids), _run(ours, ids), _run(ref, ids)
     assert len(_layers(ours)) == 6 and {m.lorafuse_path for m in _layers(ours)} == {"c"}
-    assert_at_least_as_accurate(got, want, exact)
+    return (theirs, ours, ref), ids, runs
 
 
 def assert_at_least_as_accurate(got: dict, want: dict, exact: dict) -> None:
@@ -126,9 +133,60 @@ def assert_at_least_as_accurate(got: dict, want: dict, exact: dict) -> None:
     assert ratios[len(ratios) // 2] <= 2.0, ratios
 
 
+def test_llama_4bit_dora_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir):
+    """QLoRA with DoRA (``use_dora=True`` on bitsandbytes' 4-bit projections, PEFT's fp32 adapters and magnitude):
+    every layer runs the C kernels ('c': `dora_linear_half` on the 4-bit W, `half_weight.Quant4HalfW`); logits,
+    loss and every adapter gradient — the magnitudes included — as close to the float64 model of the same values
+    as PEFT + bitsandbytes' (`assert_at_least_as_accurate`); the kept norms follow an optimizer step (ν recomputed
+    from the new A and B: the next step's logits as close as PEFT's too); under no_grad the same logits as the
+    forward that kept u and z̃ for its backward. (Train mode: in eval mode without grad bitsandbytes repacks W for
+    its own CPU kernel, and the base model's other 4-bit projections take it.)"""
+    (theirs, ours, ref), ids, (want, got, exact) = _fused_step(llama_dir, use_dora=True)
+    assert any("lora_magnitude_vector" in k for k in got)
+    assert_at_least_as_accurate(got, want, exact)
+    for model in (theirs, ours, ref):  # one SGD step on every adapter tensor from PEFT's gradients
+        grads = dict(want)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.sub_((0.5 * grads[name]).to(p.dtype))
+    want, got, exact = _run(theirs, ids), _run(ours, ids), _run(ref, ids)
+    assert_at_least_as_accurate({"logits": got["logits"]}, {"logits": want["logits"]},
+                                {"logits": exact["logits"]})
+    with torch.no_grad():  # the no-grad forward (nothing kept for a backward): the same bits
+        assert torch.equal(ours(input_ids=ids).logits, got["logits"])
+
+
+def test_llama_4bit_dora_with_dropout_matches_peft_bnb_given_the_same_mask(llama_dir):
+    """QLoRA with DoRA and dropout 0.1 in training: every layer fused ('c': the mixed kernels on x̃ = x ⊙ mask and
+    D = (x − x̃)·Wᵀ, g·W on the 4-bit W dequantized inside the GEMMs' packing), and PEFT + bitsandbytes given
+    lorafuse's masks (tests/test_dora.py's `SeededDropout`) computes the same loss and gradients within bf16's
+    roundings (each tensor within 4 % of its largest value, as the dense test)."""
+    from test_dora import SeededDropout
+
+    theirs, ours = _pair(llama_dir, use_dora=True, lora_dropout=0.1)
+    for module in theirs.modules():
+        drop = getattr(module, "lora_dropout", None)
+        if drop is not None:
+            for name in list(drop.keys()):
+                drop[name] = SeededDropout(0.1)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(5)  # the same seeds drawn in the same order: the same masks
+        results.append(_run(model, ids))
+    want, got = results
+    assert {m.lorafuse_path for m in _layers(ours)} == {"c"}
+    for key, ref in want.items():
+        err = float((got[key].float() - ref.float()).abs().max() / ref.float().abs().max())
+        assert err <= 4e-2, (key, err)
+
+
 def test_fallbacks_run_peft_and_match_it(llama_dir):
     """Where the kernels do not apply PEFT's forward runs ('peft') and gives PEFT's result: adapters
-    disabled, a DoRA adapter, an fp32 compute dtype; and W repacked
+    disabled, a DoRA adapter on fp32 activations (after prepare_model_for_kbit_training), an fp32 compute
+    dtype; and W repacked
     by bitsandbytes for its CPU inference kernel (``packing_format_for_cpu``, done by bnb's own forward in
     eval mode without grad) is left to bnb. (Train mode here: bnb 0.50's repacking fails on this model's
     double-quantized 64-wide weights.)"""
@@ -152,7 +210,7 @@ def test_fallbacks_run_peft_and_match_it(llama_dir):
         assert layer.backend == "peft"
         state.packing_format_for_cpu = False
         assert layer.backend == "c"
-    theirs_d, ours_d = _pair(llama_dir, use_dora=True)
+    theirs_d, ours_d = _pair(llama_dir, use_dora=True, kbit=True)
     theirs_d.train()
     ours_d.train()
     with torch.no_grad():

@@ -34,29 +34,12 @@ from typing import Any, Optional
 
 import torch
 
-from .backend import _tensor, adapter_backward, base_grads, cpu_kernels, forward, mask_for
+from .backend import _tensor, adapter_backward, base_grads, forward, mask_for
+from .half_weight import DenseHalfW, HalfW, squared_row_norms, tensor_key
 from .weight_cache import PackedWeightCache, RunTimeCache
 
-__all__ = ["RowNorms", "row_norms", "dora_linear", "dora_linear_half", "dora_linear_op", "DoraLinearFunction",
-           "DoraHalfFunction", "dora_operands"]
-
-
-_NORM_ROWS = 256  # rows of a half W widened at a time for its squares (a 256×k float32 temporary)
-
-
-def _squared_row_norms(w_mk: torch.Tensor) -> torch.Tensor:
-    """‖W_j‖² (m,) of W viewed (m, k), summed in float64 (no float64 copy of W): squares in W's dtype, or — a
-    bf16 / fp16 W — in float32, where they are exact, _NORM_ROWS rows widened at a time."""
-    w = w_mk.detach()
-    if w.dtype not in (torch.bfloat16, torch.float16):
-        return w.square().sum(1, dtype=torch.float64)
-    return torch.cat([w[i:i + _NORM_ROWS].float().square().sum(1, dtype=torch.float64)
-                      for i in range(0, w.shape[0], _NORM_ROWS)]) if w.shape[0] else w.new_zeros(0, dtype=torch.float64)
-
-
-def _key(t: torch.Tensor) -> tuple:
-    """What identifies an unchanged tensor: data pointer, shape, strides, autograd version counter."""
-    return (t.data_ptr(), t._version, t.shape, t.stride())
+__all__ = ["RowNorms", "row_norms", "half_row_norms", "dora_linear", "dora_linear_half", "dora_linear_op",
+           "DoraLinearFunction", "DoraHalfFunction", "dora_operands"]
 
 
 class RowNorms(RunTimeCache):
@@ -64,8 +47,9 @@ class RowNorms(RunTimeCache):
     same unchanged tensor; and ν itself while W, A, B and s are unchanged (inference; several forwards between
     optimizer steps, whose in-place updates bump A's and B's version counters).
     Keys: data pointers, shapes, strides and autograd version counters (in-place writes through ``.data`` are
-    not seen: the layer drops everything on merge and unmerge, PEFT's own ``.data`` writes). A weight that
-    requires grad is never kept (it changes every step)."""
+    not seen: the layer drops everything on merge and unmerge, PEFT's own ``.data`` writes; a 4-bit W's key also
+    holds its quant state's identity, which PEFT's merge replaces). A weight that requires grad is never kept (it
+    changes every step)."""
 
     __slots__ = ("_key", "_norms", "_nu_key", "_nu")
 
@@ -78,23 +62,50 @@ class RowNorms(RunTimeCache):
     def nu(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
            fifo: bool) -> torch.Tensor:
         """`row_norms`, kept while W, A, B and s stay unchanged."""
-        if weight.requires_grad or weight.is_inference() or lora_a.is_inference() or lora_b.is_inference():
-            return row_norms(weight, lora_a, lora_b, scale, fifo, self)
-        key = (_key(weight), _key(lora_a), _key(lora_b), scale, fifo)
+        wkey = None if weight.requires_grad or weight.is_inference() else tensor_key(weight)
+        return self._kept_nu(wkey, lora_a, lora_b, (scale, fifo),
+                             lambda: row_norms(weight, lora_a, lora_b, scale, fifo, self))
+
+    def nu_half(self, base: HalfW, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+        """`half_row_norms`, kept while W, A, B and s stay unchanged."""
+        return self._kept_nu(base.key(), lora_a, lora_b, scale, lambda: half_row_norms(base, lora_a, lora_b, scale,
+                                                                                       self))
+
+    def _kept_nu(self, wkey: Optional[tuple], lora_a: torch.Tensor, lora_b: torch.Tensor, conf: Any,
+                 compute: Any) -> torch.Tensor:
+        if wkey is None or lora_a.is_inference() or lora_b.is_inference():
+            return compute()
+        key = (wkey, tensor_key(lora_a), tensor_key(lora_b), conf)
         if key != self._nu_key or self._nu is None:
-            self._nu = row_norms(weight, lora_a, lora_b, scale, fifo, self)
+            self._nu = compute()
             self._nu_key = key
         return self._nu
 
     def get(self, weight_mk: torch.Tensor) -> torch.Tensor:
         """‖W_j‖² for W viewed (m, k)."""
-        if weight_mk.requires_grad or weight_mk.is_inference():
-            return _squared_row_norms(weight_mk)
-        key = _key(weight_mk)
+        key = None if weight_mk.requires_grad or weight_mk.is_inference() else tensor_key(weight_mk)
+        return self._kept_squares(key, lambda: squared_row_norms(weight_mk))
+
+    def squares_of(self, base: HalfW) -> torch.Tensor:
+        """‖W_j‖² of a half-path base weight (`HalfW.squares`)."""
+        return self._kept_squares(base.key(), base.squares)
+
+    def _kept_squares(self, key: Optional[tuple], compute: Any) -> torch.Tensor:
+        if key is None:
+            return compute()
         if key != self._key or self._norms is None:
-            self._norms = _squared_row_norms(weight_mk)
+            self._norms = compute()
             self._key = key
         return self._norms
+
+
+def _nu_from(wn2: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """ν (m) float64 = sqrt(‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ) from wn2 = ‖W_j‖² (m) and wa = W·Aᵀ (m, r)."""
+    cross = (lora_b * wa).sum(1)                                # (m)  B_j·(A·W_jᵀ)
+    quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1)   # (m)  B_j·(A·Aᵀ)·B_jᵀ
+    nu2 = wn2 + (2.0 * scale) * cross.double() + (scale * scale) * quad.double()
+    return nu2.clamp_min(0.0).sqrt()
 
 
 def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fifo: bool,
@@ -104,15 +115,22 @@ def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     the three terms are summed in float64. No autograd graph."""
     with torch.no_grad():
         w_mk = weight.t() if fifo else weight
-        wn2 = norms.get(w_mk) if norms is not None else _squared_row_norms(w_mk)
+        wn2 = norms.get(w_mk) if norms is not None else squared_row_norms(w_mk)
         if w_mk.dtype == lora_a.dtype:
             wa = w_mk @ lora_a.t()                          # (m, r)  W·Aᵀ = (A·Wᵀ)ᵀ: W streamed once by rows
         else:  # a half W: the kernels' GEMM widens it exactly while packing, no float32 copy of W
-            wa = _tensor(cpu_kernels().hgemm(w_mk.detach(), lora_a.detach().t()))
-        cross = (lora_b * wa).sum(1)                        # (m)     B_j·(A·W_jᵀ)
-        quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1)  # (m)  B_j·(A·Aᵀ)·B_jᵀ
-        nu2 = wn2 + (2.0 * scale) * cross.double() + (scale * scale) * quad.double()
-        return nu2.clamp_min(0.0).sqrt().to(weight.dtype if w_mk.dtype == lora_a.dtype else lora_a.dtype)
+            wa = DenseHalfW(w_mk, False).norm_product(lora_a)
+        nu = _nu_from(wn2, wa, lora_a, lora_b, scale)
+        return nu.to(weight.dtype if w_mk.dtype == lora_a.dtype else lora_a.dtype)
+
+
+def half_row_norms(base: HalfW, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                   norms: Optional[RowNorms] = None) -> torch.Tensor:
+    """ν (m) float32 (the adapters' dtype) = ‖W_j + s·B_j·A‖₂ of a half-path base weight (`HalfW`: its squares and
+    W·Aᵀ as PEFT's norm reads W), as `row_norms`. No autograd graph."""
+    with torch.no_grad():
+        wn2 = norms.squares_of(base) if norms is not None else base.squares()
+        return _nu_from(wn2, base.norm_product(lora_a), lora_a.detach(), lora_b.detach(), scale).to(lora_a.dtype)
 
 
 def _norms_of(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fifo: bool,
@@ -286,44 +304,46 @@ def dora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 class DoraHalfFunction(torch.autograd.Function):
-    """DoRA on a bf16 / fp16 base with float32 adapters and magnitude (PEFT's default). PEFT casts x to the
-    adapters' float32 and adds its float32 DoRA term to the base layer's half result; here z̃ = round_h(x̃·Wᵀ) +
-    s·(x̃·Aᵀ)·Bᵀ in float32 (W never widened) and y = round_h(D + b + c ⊙ z̃) with c = μ/ν (ν float32, detached)
-    — the base product rounded once before the DoRA scale as PEFT's is, the sum once after. Without dropout
-    (x̃ = x, D = 0) all of it is the kernels' `dora_forward` on x as it is, the scale and bias applied as y is
-    rounded; with dropout z̃ comes from the mixed arithmetic on x̃ = x ⊙ mask widened to float32 and D = (x −
-    x̃)·Wᵀ in float32 (`hgemm`: W widened only inside its packing). Backward: g' = g ⊙ c; dA, dB and dx̃ =
-    round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's half gradient, PEFT's own rounding) — `dora_backward`
-    without dropout, which also sums dμ in the same pass over g; with dropout the mixed backward on x̃ and
-    dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W; dx in x's dtype, dμ_j = Σ_i g_ij z̃_ij / ν_j. Saves x, u, z̃, μ, c, ν; x̃
-    is regenerated from the seed."""
+    """DoRA on a bf16 / fp16 base — a dense W or a 4-bit one (`half_weight.HalfW`) — with float32 adapters and
+    magnitude (PEFT's default). PEFT casts x to the adapters' float32 and adds its float32 DoRA term to the base
+    layer's half result; here z̃ = round_h(x̃·Wᵀ) + s·(x̃·Aᵀ)·Bᵀ in float32 (W never widened) and y = round_h(D + b +
+    c ⊙ z̃) with c = μ/ν (ν float32, detached) — the base product rounded once before the DoRA scale as PEFT's is,
+    the sum once after. Without dropout (x̃ = x, D = 0) all of it is the kernels' `dora_forward` on x as it is,
+    the scale and bias applied as y is rounded; with dropout z̃ comes from the mixed arithmetic on x̃ = x ⊙ mask
+    widened to float32 and D = (x − x̃)·Wᵀ in float32 (W widened or dequantized only inside a GEMM's packing).
+    Backward: g' = g ⊙ c; dA, dB and dx̃ = round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's half gradient,
+    PEFT's own rounding) — `dora_backward` without dropout, which also sums dμ in the same pass over g; with
+    dropout the mixed backward on x̃ and dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W; dx in x's dtype, dμ_j = Σ_i g_ij z̃_ij
+    / ν_j. Saves x, u, z̃, μ, c, ν; x̃ is regenerated from the seed."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
+    def forward(ctx: Any, x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int,
                 norms: Optional[RowNorms], kern: Any) -> torch.Tensor:
-        nu = _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
+        nu = _half_norms_of(base, lora_a, lora_b, scale, norms)
         c = magnitude.detach() / nu
-        y, u, z = _half_dora(x, weight, bias, lora_a, lora_b, c, scale, dropout_p, seed, fifo, True, kern)
-        ctx.save_for_backward(x, u, z, weight, lora_a, lora_b, magnitude, c, nu)
-        ctx.conf = (scale, dropout_p, seed, fifo, kern, None if bias is None else bias.dtype)
+        y, u, z = _half_dora(x, base, bias, lora_a, lora_b, c, scale, dropout_p, seed, True, kern)
+        ctx.save_for_backward(x, u, z, lora_a, lora_b, magnitude, c, nu)
+        ctx.base = base
+        ctx.conf = (scale, dropout_p, seed, kern, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """Gradients for x, bias, A, B and μ (W frozen: a half base layer's weight is not trained here). Under
         ``create_graph=True`` autograd over the torch math (`dora_reference` on W widened: an m×k temporary)."""
-        x, u, z, weight, lora_a, lora_b, magnitude, c, nu = ctx.saved_tensors
-        scale, p, seed, fifo, kern, bias_dtype = ctx.conf
+        x, u, z, lora_a, lora_b, magnitude, c, nu = ctx.saved_tensors
+        base = ctx.base
+        scale, p, seed, kern, bias_dtype = ctx.conf
         need_x, _, need_b, need_a, need_bb, need_mag = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():
             dx, _, db, dA, dB, dmag = _differentiable_backward(
-                grad.float(), x.float(), weight.float(), lora_a, lora_b, magnitude, scale, p, seed, fifo,
+                grad.float(), x.float(), base.dense().float(), lora_a, lora_b, magnitude, scale, p, seed, False,
                 bias_dtype is not None, (need_x, False, need_b, need_a, need_bb, need_mag))
         elif p == 0.0:
             dx, dA, dB, dc = (None if t is None else _tensor(t) for t in kern.dora_backward(
-                grad, x.detach(), u, z, weight.detach(), lora_a.detach(), lora_b.detach(), scale, c,
-                need_dx=need_x, need_dc=need_mag, fan_in_fan_out=fifo))
+                grad, x.detach(), u, z, base.kern, lora_a.detach(), lora_b.detach(), scale, c,
+                need_dx=need_x, need_dc=need_mag, fan_in_fan_out=base.fifo))
             db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
             dmag = dc / nu if need_mag else None
         else:
@@ -335,65 +355,71 @@ class DoraHalfFunction(torch.autograd.Function):
             dx = dA = dB = None
             if need_x or need_a or need_bb:
                 dx, dA, dB = (None if t is None else _tensor(t) for t in kern.lora_backward(
-                    g_scaled, x2 * mask, u.reshape(-1, u.shape[-1]), weight, lora_a, lora_b, scale, need_dx=need_x,
-                    fan_in_fan_out=fifo))
+                    g_scaled, x2 * mask, u.reshape(-1, u.shape[-1]), base.kern, lora_a.detach(), lora_b.detach(),
+                    scale, need_dx=need_x, fan_in_fan_out=base.fifo))
             if dx is not None:  # dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W
-                gw = _tensor(kern.hgemm(g2, weight.t() if fifo else weight))  # half g, W: exact products
-                dx = dx.mul_(mask).add_(mask.neg_().add_(1.0).mul_(gw))
+                dx = dx.mul_(mask).add_(mask.neg_().add_(1.0).mul_(base.product(g2)))  # half g, W: exact products
             db = grad.reshape(-1, m).sum(0) if need_b else None
             dmag = (g2 * z.reshape(-1, m)).sum(0) / nu if need_mag else None
         return (None if dx is None else dx.view(x.shape).to(x.dtype), None, None if db is None else db.to(bias_dtype),
-                dA, dB, dmag) + (None,) * 6
+                dA, dB, dmag) + (None,) * 5
 
 
-def _half_dora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-               lora_b: torch.Tensor, c: torch.Tensor, scale: float, dropout_p: float, seed: int, fifo: bool,
-               need_saved: bool, kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _half_norms_of(base: HalfW, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                   norms: Optional[RowNorms]) -> torch.Tensor:
+    """ν of a half-path base from the layer's kept norms, or computed (as `_norms_of`)."""
+    return half_row_norms(base, lora_a, lora_b, scale) if norms is None else norms.nu_half(base, lora_a, lora_b,
+                                                                                           scale)
+
+
+def _half_dora(x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+               lora_b: torch.Tensor, c: torch.Tensor, scale: float, dropout_p: float, seed: int, need_saved: bool,
+               kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(y, u, z̃): y (..., m) in x's dtype, u (..., r) and z̃ (..., m) float32 — None unless ``need_saved`` (a
     backward to come) — of `DoraHalfFunction`, c (m) = μ/ν. Without dropout the kernels' `dora_forward`; with
     it the mixed forward on x̃ = x ⊙ mask widened to float32, D = (x − x̃)·Wᵀ, and y = round(D + b + c ⊙ z̃)."""
-    x, weight, lora_a, lora_b = x.detach(), weight.detach(), lora_a.detach(), lora_b.detach()
+    x, lora_a, lora_b = x.detach(), lora_a.detach(), lora_b.detach()
     if dropout_p == 0.0:
-        y, u, z = kern.dora_forward(x, weight, lora_a, lora_b, scale, c, None if bias is None else bias.detach(),
-                                    fan_in_fan_out=fifo, need_z=need_saved)
+        y, u, z = kern.dora_forward(x, base.kern, lora_a, lora_b, scale, c, None if bias is None else bias.detach(),
+                                    fan_in_fan_out=base.fifo, need_z=need_saved)
         return _tensor(y), None if u is None else _tensor(u), None if z is None else _tensor(z)
     k = x.shape[-1]
     x2 = x.float().reshape(-1, k)
     mask = mask_for(x2, dropout_p, seed)
-    z, u = kern.lora_forward(x2 * mask, weight, lora_a, lora_b, scale, None, fan_in_fan_out=fifo,
+    z, u = kern.lora_forward(x2 * mask, base.kern, lora_a, lora_b, scale, None, fan_in_fan_out=base.fifo,
                              need_u=need_saved)
-    # x − x̃ = x ⊙ (1 − mask), times Wᵀ: W widened only inside the GEMM's packing
-    d = _tensor(kern.hgemm(x2.mul_(mask.neg_().add_(1.0)), weight if fifo else weight.t()))
+    d = base.t_product(x2.mul_(mask.neg_().add_(1.0)))  # (x − x̃)·Wᵀ = (x ⊙ (1 − mask))·Wᵀ
     z = _tensor(z).view(*x.shape[:-1], -1)
     y = _combine(z, d.view(*x.shape[:-1], -1), bias, c, out=torch.empty(z.shape, dtype=x.dtype))
     return y, None if u is None else _tensor(u).view(*x.shape[:-1], -1), z
 
 
-def dora_linear_half(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+def dora_linear_half(x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                      lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float, seed: int,
-                     fifo: bool, norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
-    """The fused DoRA layer on a bf16 / fp16 base with float32 adapters (`DoraHalfFunction`); x (..., k) in the
-    base's dtype → y (..., m) in it; ``seed``: the dropout mask's (p > 0)."""
+                     norms: Optional[RowNorms] = None, kern: Any = None) -> torch.Tensor:
+    """The fused DoRA layer on a bf16 / fp16 base — dense or 4-bit, ``base`` (`half_weight.HalfW`) — with float32
+    adapters and magnitude (`DoraHalfFunction`); x (..., k) in the base's dtype → y (..., m) in it; ``seed``: the
+    dropout mask's (p > 0)."""
     if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or magnitude.requires_grad
                                            or x.requires_grad or (bias is not None and bias.requires_grad)):
-        c = magnitude / _norms_of(weight, lora_a, lora_b, scale, fifo, norms)
-        return _half_dora(x, weight, bias, lora_a, lora_b, c, scale, dropout_p, seed, fifo, False, kern)[0]
-    return DoraHalfFunction.apply(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, fifo, norms,
-                                  kern)
+        c = magnitude / _half_norms_of(base, lora_a, lora_b, scale, norms)
+        return _half_dora(x, base, bias, lora_a, lora_b, c, scale, dropout_p, seed, False, kern)[0]
+    return DoraHalfFunction.apply(x, base, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, norms, kern)
 
 
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
     """(`dora_linear`, `dora_linear_half` or `dora_linear_op`, its arguments) from `layers.fused_operands`' tuple
     for a DoRA adapter, or None where DoRA is not fused: anything but the C kernels on the CPU, a magnitude of
     another dtype than W's — but float32 on a half W with float32 adapters (PEFT's default), fused by
-    `dora_linear_half` without dropout and outside torch.compile."""
+    `dora_linear_half` outside torch.compile, for x of W's dtype and a frozen W."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
     if not x.is_cpu:
         return None
     if weight.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == magnitude.dtype == torch.float32:
         if isinstance(seed, torch.Tensor) or x.dtype != weight.dtype or weight.requires_grad:
             return None
-        return dora_linear_half, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, kern)
+        return dora_linear_half, (x, DenseHalfW(weight, fifo), bias, lora_a, lora_b, magnitude, scale, p, seed, norms,
+                                  kern)
     if magnitude.dtype != weight.dtype:
         return None
     if isinstance(seed, torch.Tensor):  # torch.compile is tracing
