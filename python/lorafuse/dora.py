@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from .backend import _tensor, adapter_backward, base_grads, forward, mask_for
+from .backend import _tensor, adapter_backward, base_grads, dropout_mask, forward, mask_for
 from .half_weight import DenseHalfW, HalfW, squared_row_norms, tensor_key
 from .weight_cache import PackedWeightCache, RunTimeCache
 
@@ -309,8 +309,8 @@ class DoraHalfFunction(torch.autograd.Function):
     layer's half result; here z̃ = round_h(x̃·Wᵀ) + s·(x̃·Aᵀ)·Bᵀ in float32 (W never widened) and y = round_h(D + b +
     c ⊙ z̃) with c = μ/ν (ν float32, detached) — the base product rounded once before the DoRA scale as PEFT's is,
     the sum once after. Without dropout (x̃ = x, D = 0) all of it is the kernels' `dora_forward` on x as it is,
-    the scale and bias applied as y is rounded; with dropout z̃ comes from the mixed arithmetic on x̃ = x ⊙ mask
-    widened to float32 and D = (x − x̃)·Wᵀ in float32 (W widened or dequantized only inside a GEMM's packing).
+    the scale and bias applied as y is rounded; with dropout two GEMMs on the half tiles (x·Wᵀ and (x ⊙ m)·Wᵀ, m
+    the kept elements: PEFT too runs its base twice) give z̃ on x̃ = x ⊙ m/(1 − p) and D = (x − x̃)·Wᵀ (`_half_dora`).
     Backward: g' = g ⊙ c; dA, dB and dx̃ = round_h(round_h(g')·W) + s·(g'·B)·A (the base layer's half gradient,
     PEFT's own rounding) — `dora_backward` without dropout, which also sums dμ in the same pass over g; with
     dropout the mixed backward on x̃ and dx = mask ⊙ dx̃ + (1 − mask) ⊙ g·W; dx in x's dtype, dμ_j = Σ_i g_ij z̃_ij
@@ -376,22 +376,25 @@ def _half_dora(x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor], lora_
                lora_b: torch.Tensor, c: torch.Tensor, scale: float, dropout_p: float, seed: int, need_saved: bool,
                kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(y, u, z̃): y (..., m) in x's dtype, u (..., r) and z̃ (..., m) float32 — None unless ``need_saved`` (a
-    backward to come) — of `DoraHalfFunction`, c (m) = μ/ν. Without dropout the kernels' `dora_forward`; with
-    it the mixed forward on x̃ = x ⊙ mask widened to float32, D = (x − x̃)·Wᵀ, and y = round(D + b + c ⊙ z̃)."""
+    backward to come) — of `DoraHalfFunction`, c (m) = μ/ν. Without dropout the kernels' `dora_forward`. With
+    it, x̃ = x ⊙ m / (1 − p) (m the kept elements): two GEMMs on operands the half tiles take exactly, as PEFT
+    runs its base twice — P₁ = x·Wᵀ, P₂ = (x ⊙ m)·Wᵀ —, u = x̃·Aᵀ, z̃ = P₂/(1 − p) + s·u·Bᵀ (PEFT's x̃·Wᵀ unrounded),
+    D = (x − x̃)·Wᵀ = P₁ − P₂/(1 − p), y = round(D + b + c ⊙ z̃)."""
     x, lora_a, lora_b = x.detach(), lora_a.detach(), lora_b.detach()
     if dropout_p == 0.0:
         y, u, z = kern.dora_forward(x, base.kern, lora_a, lora_b, scale, c, None if bias is None else bias.detach(),
                                     fan_in_fan_out=base.fifo, need_z=need_saved)
         return _tensor(y), None if u is None else _tensor(u), None if z is None else _tensor(z)
-    k = x.shape[-1]
-    x2 = x.float().reshape(-1, k)
-    mask = mask_for(x2, dropout_p, seed)
-    z, u = kern.lora_forward(x2 * mask, base.kern, lora_a, lora_b, scale, None, fan_in_fan_out=base.fifo,
-                             need_u=need_saved)
-    d = base.t_product(x2.mul_(mask.neg_().add_(1.0)))  # (x − x̃)·Wᵀ = (x ⊙ (1 − mask))·Wᵀ
-    z = _tensor(z).view(*x.shape[:-1], -1)
+    k, inv = x.shape[-1], 1.0 / (1.0 - dropout_p)
+    x2 = x.reshape(-1, k)
+    mask = dropout_mask(*x2.shape, dropout_p, seed, dtype=torch.float32, device=x.device)  # 0 or 1/(1 − p)
+    p2 = base.t_product(x2 * (mask != 0))                   # (x ⊙ m)·Wᵀ: x ⊙ m is exact in x's dtype
+    u = (x2.float() * mask) @ lora_a.t()                    # x̃·Aᵀ (n, r)
+    z = torch.addmm(p2, u, lora_b.t(), beta=inv, alpha=scale)   # z̃ = P₂/(1 − p) + s·u·Bᵀ
+    d = base.t_product(x2).sub_(p2, alpha=inv)              # D = P₁ − P₂/(1 − p)
+    z = z.view(*x.shape[:-1], -1)
     y = _combine(z, d.view(*x.shape[:-1], -1), bias, c, out=torch.empty(z.shape, dtype=x.dtype))
-    return y, None if u is None else _tensor(u).view(*x.shape[:-1], -1), z
+    return y, u.view(*x.shape[:-1], -1) if need_saved else None, z if need_saved else None
 
 
 def dora_linear_half(x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
