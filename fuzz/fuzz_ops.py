@@ -441,12 +441,18 @@ def fuzz_q4(G: Gen) -> None:
             kw["nested_absmax"] = kw["nested_absmax"][: G.dim(kw["nested_absmax"].shape[0])]
     rows2d = (G.dim(rows2d[0]), G.dim(rows2d[1]))
     dt = [torch.bfloat16, torch.float16][G.pick(2)]
+    name = str(dt).replace("torch.", "")
     try:
-        handle = _C.q4_weight(d, absmax, rows2d, block, str(state.quant_type), dtype=str(dt).replace("torch.", ""),
-                              **kw)
+        handle = _C.q4_weight(d, absmax, rows2d, block, str(state.quant_type), dtype=name, **kw)
     except ALLOWED:
         return
-    _lora_on_handle(G, handle, quant.dequantize(data, state, dtype=dt), dt, r, "4-bit")
+    if max(rows2d) > 4096:  # accepted with no rows: x (…, k) could not be materialised
+        return
+    # the values the handle stands for: its own arrays, shape and block size (a perturbed shape the arrays still
+    # cover, e.g. fewer rows or no columns, is a valid handle of another W than `W`)
+    Wd = torch.empty(rows2d, dtype=dt)
+    _C.dequant_4bit(d, absmax, rows2d, block, str(state.quant_type), name, out=Wd, **kw)
+    _lora_on_handle(G, handle, Wd, dt, r, "4-bit")
 
 
 def _lora_on_handle(G: Gen, handle: object, Wd: "torch.Tensor", dt: "torch.dtype", r: int, what: str) -> None:

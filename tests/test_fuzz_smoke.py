@@ -96,3 +96,24 @@ def test_non_string_layers_pattern_is_an_adapter_file_error(tmp_path: Path, valu
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterFileError):
         read_adapter_dir(str(tmp_path))
+
+
+@pytest.mark.parametrize("rows2d", [(3, 64), (2, 32), (4, 0)])
+def test_q4_handle_of_a_shape_its_arrays_cover_is_that_w(rows2d: tuple) -> None:
+    """A 4-bit handle given a shape its stored arrays still cover (fewer rows, narrower, no columns) stands for
+    the W of that shape the arrays hold — what `_C.dequant_4bit` of the same arguments gives — and the LoRA kernels
+    on it compute what they compute on that W dense. (fuzz_ops.py once compared such a handle against the
+    dequantized W of the unperturbed shape: a harness error, `fuzz_q4` now takes the handle's own values.)"""
+    torch = pytest.importorskip("torch")
+    from lorafuse import _C, ops, quant
+
+    data, state = quant.quantize_weight(torch.randn(4, 64, generator=torch.Generator().manual_seed(3)), "nf4")
+    d, absmax, _, kw, _ = quant._stored(data, state, "test")
+    handle = _C.q4_weight(d, absmax, rows2d, 64, "nf4", dtype="bfloat16", **kw)
+    W = torch.empty(rows2d, dtype=torch.bfloat16)
+    _C.dequant_4bit(d, absmax, rows2d, 64, "nf4", "bfloat16", out=W, **kw)
+    x = torch.randn(5, rows2d[1], generator=torch.Generator().manual_seed(4)).bfloat16()
+    A, B = torch.randn(2, rows2d[1]) * 0.1, torch.randn(rows2d[0], 2) * 0.1
+    y_q, _ = ops.lora_forward(x, handle, A, B, 0.5)
+    y_d, _ = ops.lora_forward(x, W, A, B, 0.5)
+    assert np.array_equal(y_q, y_d)
