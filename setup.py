@@ -42,6 +42,8 @@ cpu_extension = Extension(
                "csrc/hgemm.c", "csrc/quant.c", "csrc/qweight.c", "csrc/half.c", "csrc/dora.c"]
     + sorted(glob.glob("kernels/cpu/*.c")),
     include_dirs=["kernels/include", numpy.get_include()],
+    # the headers too: an edit to one (skinny_body.h, kernels.h …) rebuilds the extension
+    depends=sorted(glob.glob("kernels/cpu/*.h") + glob.glob("kernels/include/lorafuse/*.h") + glob.glob("csrc/*.h")),
     define_macros=[("LORAFUSE_VERSION", f'"{VERSION}"')],
     extra_compile_args=c_flags,
     extra_link_args=link_flags,
