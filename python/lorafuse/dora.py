@@ -389,7 +389,7 @@ def _half_dora(x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor], lora_
     x2 = x.reshape(-1, k)
     mask = dropout_mask(*x2.shape, dropout_p, seed, dtype=torch.float32, device=x.device)  # 0 or 1/(1 − p)
     p2 = base.t_product(x2 * (mask != 0))                   # (x ⊙ m)·Wᵀ: x ⊙ m is exact in x's dtype
-    u = (x2.float() * mask) @ lora_a.t()                    # x̃·Aᵀ (n, r)
+    u = (x2 * mask) @ lora_a.t()                            # x̃·Aᵀ (n, r): x promoted to float32 in the product
     z = torch.addmm(p2, u, lora_b.t(), beta=inv, alpha=scale)   # z̃ = P₂/(1 − p) + s·u·Bᵀ
     d = base.t_product(x2).sub_(p2, alpha=inv)              # D = P₁ − P₂/(1 − p)
     z = z.view(*x.shape[:-1], -1)
