@@ -112,13 +112,14 @@ def test_odd_k_over_several_blocks_and_threads(half_isa):
 @pytest.mark.parametrize("N", [1, 33, 100])
 def test_few_rows_same_bits_as_many(half_isa, N):
     """A few rows of a (one row block a thread: on avx512_bf16 W's K-pairs are packed sliver by sliver,
-    each just before its tile) give the bits the same rows give inside many (the whole panel packed
-    first): K over two K blocks, odd, N partial slivers; and within the float64 bound."""
+    each just before its tile; up to 256 rows in one A block there) give the bits the same rows give
+    inside many (the whole panel packed first, 192-row blocks): K over two K blocks, odd, N partial
+    slivers, row tails of 4, 8 and 12 (the tile's 4-, 8- and 12-row loops); and within the float64 bound."""
     rng = np.random.default_rng(5)
     a, b = tensor(rng, (600, 2101), "bf16"), tensor(rng, (2101, N), "bf16", "col")  # > mc rows a thread
     bias = torch.randn(N)
     many = ops.hgemm(a, b, bias=bias)
-    for rows in (1, 12, 25):
+    for rows in (1, 12, 20, 28, 256):
         few = check(a[:rows], b, bias=bias, what=f"{rows} rows")
         assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 600"
 

@@ -226,6 +226,9 @@ typedef struct {
     lf_isa isa;
     lf_blocking wide, narrow; /* the blocks of the ISA's tile and of its narrow tile (if any) */
     lf_blocking pairs; /* the blocks of its bf16 tile (avx512_bf16: vdpbf16ps, amx_bf16: AMX; kc counts k) */
+    /* gemm.c blocking_for: the bf16 tile's blocks for a thread with at most pairs_short.mc rows of C (all of them
+     * one A block, W's slivers packed each just before its tiles run; {0}: none) */
+    lf_blocking pairs_short;
     /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
      * place by the MR×NR tile instead of packed (0: never) */
     int64_t direct_a_max_cols;
@@ -268,6 +271,7 @@ struct lf_dispatch {
     lf_isa isa;
     int mr, nr;             /* register tile */
     const lf_blocking *blk; /* its cache blocks (lf_tunables) */
+    const lf_blocking *blk_short; /* its blocks for a thread of ≤ blk_short->mc rows (gemm.c blocking_for), or NULL */
     lf_ukernel_fn ukernel;
     lf_ukernel_direct_fn ukernel_direct; /* the tile on an unpacked row-major A, or NULL */
     lf_ukernel_pair_fn ukernel_pair;     /* the two-sliver tile on an unpacked A, or NULL */
@@ -294,6 +298,12 @@ struct lf_dispatch {
  * (bf16 pairs), ceil(kc/32)·16 (AMX); never more than max(kc, 16) */
 static inline int64_t lf_k_slots(const lf_dispatch *dp, int64_t kc) {
     return dp->k_pairs == 2 ? (kc + 31) / 32 * 16 : dp->k_pairs ? (kc + 1) / 2 : kc;
+}
+
+/* Rows (or columns) a packing buffer needs for blocks of `block` out of an `extent`: whole `tile`-sized
+ * slivers, since packing pads the last one to the tile — whatever block is, a multiple of tile or not */
+static inline int64_t lf_block_slivers(int64_t block, int64_t extent, int64_t tile) {
+    return ((block < extent ? block : extent) + tile - 1) / tile * tile;
 }
 
 const lf_dispatch *lf_current(void);

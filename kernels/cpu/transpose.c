@@ -22,18 +22,22 @@ LF_AVX512 static inline __m512 unpack_pd(__m512 a, __m512 b, int hi) {
 /* 16×16: unpack ps, unpack pd, two rounds of 128-bit lane shuffles (64 shuffles per 256 floats) */
 LF_AVX512 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld) {
     __m512 r[16], t[16];
+#pragma GCC unroll 16
     for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_ps(src + i * rs) : _mm512_setzero_ps();
     if (scale != 1.0f) {
         const __m512 s = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
         for (int i = 0; i < 16; i++) r[i] = _mm512_mul_ps(r[i], s);
     }
     /* 1: interleave row pairs (2i, 2i+1) element-wise */
+#pragma GCC unroll 16
     for (int i = 0; i < 16; i += 2) {
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
     }
     /* 2: interleave pairs of pairs 64 bits at a time: each 128-bit lane now holds one column
      *    of four consecutive rows */
+#pragma GCC unroll 16
     for (int i = 0; i < 16; i += 4) {
         r[i] = unpack_pd(t[i], t[i + 2], 0);
         r[i + 1] = unpack_pd(t[i], t[i + 2], 1);
@@ -41,17 +45,20 @@ LF_AVX512 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, flo
         r[i + 3] = unpack_pd(t[i + 1], t[i + 3], 1);
     }
     /* 3, 4: gather the 128-bit lanes of rows 0-3, 4-7, 8-11, 12-15 */
+#pragma GCC unroll 16
     for (int i = 0; i < 4; i++) {
         t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
         t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
         t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
         t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
     }
+#pragma GCC unroll 16
     for (int i = 0; i < 8; i++) {
         r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
         r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
     }
     const __mmask16 m = (__mmask16)((1u << rows) - 1u);
+#pragma GCC unroll 16
     for (int q = 0; q < 16; q++) _mm512_mask_storeu_ps(dst + q * ld, m, r[q]);
 }
 

@@ -143,8 +143,8 @@ static int amx_block(const lf_gemm_block *g) {
     const int64_t K = g->K, nkb = (K + bk->kc - 1) / bk->kc;
     const int64_t kcu = ((K + nkb - 1) / nkb + 31) / 32 * 32; /* every K block's k but the last one's */
     const int64_t ksmax = lf_k_slots(dp, min64(kcu, K));
-    const int64_t mcmax = min64(bk->mc, (g->m1 - g->m0 + MR - 1) / MR * MR);
-    const int64_t ncmax = min64(bk->nc, (g->n1 - g->n0 + NR - 1) / NR * NR);
+    const int64_t mcmax = lf_block_slivers(bk->mc, g->m1 - g->m0, MR);
+    const int64_t ncmax = lf_block_slivers(bk->nc, g->n1 - g->n0, NR);
     float *apack = lf_pool_scratch(g->pool, g->tid, 0, (size_t)(mcmax * ksmax) * sizeof(float));
     float *bpack = lf_pool_scratch(g->pool, g->tid, 1, (size_t)(ncmax * ksmax) * sizeof(float));
     if (!apack || !bpack) return LF_ENOMEM;

@@ -11,7 +11,8 @@
  * bf16 denormal inputs read as 0 and denormal results flushed to 0 — the error bound is in
  * tests/tolerances.py). So one pair is 4 flops per lane, 64 per instruction.
  *   c[i][j] (+)= Σ_pp ap·bp  (+ bias[j] when !accumulate)      (lf_ukernel_fn, internal.h; kc counts k)
- * Edge tiles: __mmask16 column masks on the stores, rows stop at mr (packing zero-pads the rest).
+ * Edge tiles: __mmask16 column masks on the stores; a tile of ≤ 8 rows runs an 8- or 4-row instance of the
+ * loop (tile_rows), the rows beyond mr zero-padded by packing.
  * Compiled for any x86-64 with a target attribute; chosen (gemm.c dispatch_of) only on the
  * avx512_bf16 level, which cpuid must report (dispatch.c). */
 #include "internal.h"
@@ -22,16 +23,18 @@
 #define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
 enum { MR = 12, NR = 32 };
 
-LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, const float *bpp, float *c, int64_t ldc,
-                                               int64_t mr, int64_t nr, int accumulate, const float *bias) {
-    const uint32_t *ap = (const uint32_t *)app; /* the packed slots: 32-bit pairs, not floats */
-    const uint32_t *bp = (const uint32_t *)bpp;
+/* The tile's loop for its first `rows` rows (12, 8 or 4: a constant in each instance, so the accumulators stay
+ * in registers); a tile of mr ≤ 8 rows (M's remainder, e.g. 256 = 21·12 + 4) runs the 8- or 4-row instance
+ * instead of doing the 12-row work for its zero-padded rows. The packed A sliver is MR-tall either way. */
+LF_AVX512_BF16 static inline __attribute__((always_inline)) void
+tile_rows(const int rows, int64_t kc, const uint32_t *ap, const uint32_t *bp, float *c, int64_t ldc, int64_t mr,
+          int64_t nr, int accumulate, const float *bias) {
     const int64_t np = (kc + 1) / 2;
     __m512 acc[MR][2];
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int i = 0; i < rows; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; i++) { /* the C tile, wanted at the end: fetch both lines of each row */
+    for (int i = 0; i < rows; i++) { /* the C tile, wanted at the end: fetch both lines of each row */
         _mm_prefetch((const char *)(c + (i < mr ? i : 0) * ldc), _MM_HINT_T0);
         _mm_prefetch((const char *)(c + (i < mr ? i : 0) * ldc + 16), _MM_HINT_T0);
     }
@@ -41,7 +44,7 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
         const __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(bp + 16));
         _mm_prefetch((const char *)(bp + 8 * NR), _MM_HINT_T0);
 #pragma GCC unroll 12
-        for (int i = 0; i < MR; i++) {
+        for (int i = 0; i < rows; i++) {
             const __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[i]);
             acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
@@ -57,7 +60,7 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
         base1 = _mm512_maskz_loadu_ps(m1, bias + 16);
     }
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; i++) { /* a constant trip count: the accumulators stay in registers */
+    for (int i = 0; i < rows; i++) { /* a constant trip count: the accumulators stay in registers */
         if (i >= mr) break;
         float *ci = c + i * ldc;
         if (accumulate) {
@@ -69,8 +72,18 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
     }
 }
 
+LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, const float *bpp, float *c, int64_t ldc,
+                                               int64_t mr, int64_t nr, int accumulate, const float *bias) {
+    const uint32_t *ap = (const uint32_t *)app; /* the packed slots: 32-bit pairs, not floats */
+    const uint32_t *bp = (const uint32_t *)bpp;
+    if (mr <= 4) tile_rows(4, kc, ap, bp, c, ldc, mr, nr, accumulate, bias);
+    else if (mr <= 8) tile_rows(8, kc, ap, bp, c, ldc, mr, nr, accumulate, bias);
+    else tile_rows(MR, kc, ap, bp, c, ldc, mr, nr, accumulate, bias);
+}
+
 const lf_dispatch lf_dispatch_avx512_bf16 = {
     .isa = LF_ISA_AVX512_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_avx512_bf16.pairs,
+    .blk_short = &lf_tunables_avx512_bf16.pairs_short,
     .ukernel = ukernel_avx512_bf16, .widen = lf_widen_avx512, .k_pairs = 1,
     .transpose = lf_transpose16_avx512, .tb = 16, /* B's K-pairs of a column-contiguous b (Wᵀ) */
 };
