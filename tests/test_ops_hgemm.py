@@ -124,6 +124,20 @@ def test_few_rows_same_bits_as_many(half_isa, N):
         assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 600"
 
 
+@pytest.mark.parametrize("K", [32, 66, 2050, 4097])
+def test_a_pairs_by_transposes_same_bits_as_by_rows(half_isa, K):
+    """A row-major bf16 a with even K — whole 12-row slivers packed by register transposes of its pairs on
+    avx512_bf16, the 5-row tail sliver and odd K's last pair row by row — gives the bits the same values give
+    column-major or strided (every sliver row by row), over one and three K blocks; within the float64 bound."""
+    rng = np.random.default_rng(K)
+    a, b = tensor(rng, (29, K), "bf16"), tensor(rng, (K, 40), "bf16", "col")
+    c = check(a, b, what=f"row-major a, K={K}")
+    for how in ("col", "strided"):
+        other = tensor(rng, (29, K), "bf16", how)
+        other.copy_(a)
+        assert np.array_equal(ops.hgemm(other, b), c), f"{how} a differs from row-major a at K={K}"
+
+
 @pytest.mark.parametrize("shape", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
 def test_zero_sizes(half_isa, shape):
     M, K, N = shape

@@ -137,17 +137,26 @@ static const uint16_t *bits_of(const lf_segment *s, int64_t off, int64_t step, i
     return buf;
 }
 
-/* dst[pp·MR + i] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)) for i < MR (0 past mr), pp < ceil(kc/2);
- * each row read Q4_CHUNK k at a time (bits_of) */
-static void pack_a_pairs(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, int64_t kc, int MR, uint32_t *dst) {
+/* dst[pp·MR + i] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)) for i < MR (0 past mr), pp < ceil(kc/2).
+ * A full sliver of plain 16-bit rows whose pairs are whole 32-bit words (cs 1, rs and p0 even) goes through the
+ * ISA's register transpose, TB pairs of its MR rows at a time (shuffles only: every bit pattern kept); the rest
+ * row by row, each read Q4_CHUNK k at a time (bits_of). */
+static void pack_a_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, int64_t kc,
+                         int MR, uint32_t *dst) {
     const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs;
+    const int64_t tb = dp->transpose && s->h && !s->qw && cs == 1 && rs % 2 == 0 && p0 % 2 == 0 && mr == MR &&
+                       MR <= dp->tb ? dp->tb : 0;
+    const int64_t pq = tb ? kc / 2 / tb * tb : 0; /* pairs [0, pq) by transposes */
+    for (int64_t pp = 0; pp < pq; pp += tb)
+        dp->transpose((const float *)(s->h + i0 * rs + p0 + 2 * pp), rs / 2, MR, 1.0f, (float *)(dst + pp * MR), MR);
+    if (pq == np) return;
     uint16_t buf[Q4_CHUNK];
     for (int64_t i = 0; i < MR; i++) {
         if (i >= mr) {
             for (int64_t pp = 0; pp < np; pp++) dst[pp * MR + i] = 0u;
             continue;
         }
-        for (int64_t k0 = 0; k0 < kc; k0 += Q4_CHUNK) {
+        for (int64_t k0 = 2 * pq; k0 < kc; k0 += Q4_CHUNK) {
             const int64_t n = min64(Q4_CHUNK, kc - k0);
             int64_t st;
             const uint16_t *row = bits_of(s, (i0 + i) * rs + (p0 + k0) * cs, cs, n, buf, &st);
@@ -262,7 +271,8 @@ static void pack_b_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t j0,
 void lf_pack_a_sliver(const lf_dispatch *dp, const lf_operand *a, int64_t i0, int64_t mr, int64_t next_mr, int64_t p0,
                       int64_t kc, int MR, float *dst) {
     if (dp->k_pairs) {
-        (dp->k_pairs == 2 ? pack_a_amx : pack_a_pairs)(&a->seg[0], i0, mr, p0, kc, MR, (uint32_t *)dst);
+        if (dp->k_pairs == 2) pack_a_amx(&a->seg[0], i0, mr, p0, kc, MR, (uint32_t *)dst);
+        else pack_a_pairs(dp, &a->seg[0], i0, mr, p0, kc, MR, (uint32_t *)dst);
         return;
     }
     if (mr < MR)
