@@ -122,8 +122,9 @@ static void gemm_block(void *ctxp, int tid, int nt) {
 
 /* 1 if a thread packs B's panel sliver by sliver, each right before the tile runs over it (in L1/L2 then),
  * instead of the whole panel first (nc·kc pairs: spilled to L3 and read back): on the bf16 pair tile, for a
- * column-contiguous 16-bit b (Wᵀ, packed by register transposes) and a thread whose rows are one row block,
- * so each sliver is used once — the few-token forward, where packing W is most of the time. Zen 4, 2
+ * column-contiguous 16-bit b (Wᵀ, packed by register transposes) and a thread whose rows are one row block
+ * (≤ bk->mc: up to 256 rows, blocking_for), so each sliver is used once — the few-token forward, where packing
+ * W is most of the time, and 256-token ones, where an 8 MB panel of it went to L3 and back. Zen 4, 2
  * threads, interleaved medians, 4096 × 4096: 12 tokens 3.9 → 2.9 ms, 24: 4.9 → 3.9, 64: 8.4 → 7.5; 24 × 4096
  * × 14336: 14.7 → 12.9 (torch 2.1, 2.9, 5.8, 10.3). Software prefetch of the next sliver's columns, issued
  * before the tile, made it slower. */
