@@ -122,23 +122,22 @@ static void gemm_block(void *ctxp, int tid, int nt) {
 
 /* 1 if a thread packs B's panel sliver by sliver, each right before the tile runs over it (in L1/L2 then),
  * instead of the whole panel first (nc·kc pairs: spilled to L3 and read back): on the bf16 pair tile, for a
- * column-contiguous 16-bit b (Wᵀ, packed by register transposes) and a thread whose rows are one row block
- * (≤ bk->mc: up to 256 rows, blocking_for), so each sliver is used once — the few-token forward, where packing
- * W is most of the time, and 256-token ones, where an 8 MB panel of it went to L3 and back. Zen 4, 2
+ * column-contiguous 16-bit b (Wᵀ, packed by register transposes) and a thread whose rows are one row block of
+ * mc rows (block_rows), so each sliver is used once — the few-token forward, where packing W is most of the
+ * time, and 256-token ones, where an 8 MB panel of it went to L3 and back. Zen 4, 2
  * threads, interleaved medians, 4096 × 4096: 12 tokens 3.9 → 2.9 ms, 24: 4.9 → 3.9, 64: 8.4 → 7.5; 24 × 4096
  * × 14336: 14.7 → 12.9 (torch 2.1, 2.9, 5.8, 10.3). Software prefetch of the next sliver's columns, issued
  * before the tile, made it slower. */
-static int sliver_packing(const lf_dispatch *dp, const lf_blocking *bk, const lf_operand *b, int64_t rows) {
+static int sliver_packing(const lf_dispatch *dp, const lf_operand *b, int64_t rows, int64_t mc) {
     const lf_segment *s = &b->seg[0];
-    return dp->k_pairs == 1 && rows <= bk->mc && b->nseg == 1 && s->v.rs == 1 && s->h && !s->qw;
+    return dp->k_pairs == 1 && rows <= mc && b->nseg == 1 && s->v.rs == 1 && s->h && !s->qw;
 }
 
-/* The cache blocks of a thread with `rows` rows of C: the tile's short blocking when the ISA has one, the rows
- * fit its one A block and it cuts K as blk does (so the bits of a row never depend on its thread's rows), else
- * the tile's own. */
-static const lf_blocking *blocking_for(const lf_dispatch *dp, int64_t rows) {
-    const lf_blocking *s = dp->blk_short;
-    return s && s->mc && rows <= s->mc && s->kc == dp->blk->kc ? s : dp->blk;
+/* The rows of a thread's A blocks (its mc): all of its rows at once on the bf16 pair tile when they are at most
+ * tunables' pairs_one_block_rows, else the tile's blocking. K is cut the same either way, so a row's sums never
+ * depend on how many rows its thread has. */
+static int64_t block_rows(const lf_dispatch *dp, int64_t rows) {
+    return dp->k_pairs == 1 && rows <= lf_tune()->pairs_one_block_rows ? rows : dp->blk->mc;
 }
 
 static void gemm_block_run(gemm_job *job, int tid) {
@@ -148,12 +147,12 @@ static void gemm_block_run(gemm_job *job, int tid) {
     const int64_t m0 = ti * job->mchunk, m1 = min64(job->M, m0 + job->mchunk);
     const int64_t n0 = tj * job->nchunk, n1 = min64(job->N, n0 + job->nchunk);
     if (m0 >= m1 || n0 >= n1) return;
-    const lf_blocking *bk = blocking_for(dp, m1 - m0);
+    const int64_t MC = block_rows(dp, m1 - m0);
     const int64_t K = job->K;
     const lf_segment *a0 = &job->a->seg[0];
-    const int64_t kcmax = min64(bk->kc, K);
-    const int64_t ncmax = lf_block_slivers(bk->nc, n1 - n0, NR);
-    const int64_t mcmax = lf_block_slivers(bk->mc, m1 - m0, MR);
+    const int64_t kcmax = min64(dp->blk->kc, K);
+    const int64_t ncmax = lf_block_slivers(dp->blk->nc, n1 - n0, NR);
+    const int64_t mcmax = lf_block_slivers(MC, m1 - m0, MR);
     const int64_t ksmax = lf_k_slots(dp, kcmax); /* 32-bit slots of a packed row or column */
     float *apack = lf_pool_scratch(job->pool, tid, 0, (size_t)(mcmax * ksmax) * sizeof(float));
     float *bpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(ncmax * ksmax) * sizeof(float));
@@ -161,15 +160,15 @@ static void gemm_block_run(gemm_job *job, int tid) {
         atomic_store(&job->failed, LF_ENOMEM);
         return;
     }
-    for (int64_t jc = n0; jc < n1; jc += bk->nc) {
-        const int64_t nc = min64(bk->nc, n1 - jc);
-        for (int64_t pc = 0; pc < K; pc += bk->kc) {
-            const int64_t kc = min64(bk->kc, K - pc);
+    for (int64_t jc = n0; jc < n1; jc += dp->blk->nc) {
+        const int64_t nc = min64(dp->blk->nc, n1 - jc);
+        for (int64_t pc = 0; pc < K; pc += dp->blk->kc) {
+            const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
             const int64_t ks = lf_k_slots(dp, kc); /* 32-bit slots a packed row or column has */
             const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
-            const int by_sliver = !bpanel && sliver_packing(dp, bk, job->b, m1 - m0);
+            const int by_sliver = !bpanel && sliver_packing(dp, job->b, m1 - m0, MC);
             if (!bpanel) {
                 if (!by_sliver) lf_pack_b_panel(dp, job->b, jc, nc, pc, kc, NR, bpack);
                 bpanel = bpack;
@@ -177,12 +176,12 @@ static void gemm_block_run(gemm_job *job, int tid) {
             const int accumulate = !first || job->beta != 0.0f;
             /* tile rows and columns: MR×NR, or pair_mr × two slivers */
             const int64_t tr = how == A_IN_PLACE_PAIR ? dp->pair_mr : MR, tc = how == A_IN_PLACE_PAIR ? 2 * NR : NR;
-            for (int64_t ic = m0; ic < m1; ic += bk->mc) {
+            for (int64_t ic = m0; ic < m1; ic += MC) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
                     return;
                 }
-                const int64_t mc = min64(bk->mc, m1 - ic);
+                const int64_t mc = min64(MC, m1 - ic);
                 if (how == A_PACKED)
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         lf_pack_a_sliver(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,

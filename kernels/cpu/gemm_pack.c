@@ -137,38 +137,6 @@ static const uint16_t *bits_of(const lf_segment *s, int64_t off, int64_t step, i
     return buf;
 }
 
-/* dst[pp·MR + i] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)) for i < MR (0 past mr), pp < ceil(kc/2).
- * A full sliver of plain 16-bit rows whose pairs are whole 32-bit words (cs 1, rs and p0 even) goes through the
- * ISA's register transpose, TB pairs of its MR rows at a time (shuffles only: every bit pattern kept); the rest
- * row by row, each read Q4_CHUNK k at a time (bits_of). */
-static void pack_a_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, int64_t kc,
-                         int MR, uint32_t *dst) {
-    const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs;
-    const int64_t tb = dp->transpose && s->h && !s->qw && cs == 1 && rs % 2 == 0 && p0 % 2 == 0 && mr == MR &&
-                       MR <= dp->tb ? dp->tb : 0;
-    const int64_t pq = tb ? kc / 2 / tb * tb : 0; /* pairs [0, pq) by transposes */
-    for (int64_t pp = 0; pp < pq; pp += tb)
-        dp->transpose((const float *)(s->h + i0 * rs + p0 + 2 * pp), rs / 2, MR, 1.0f, (float *)(dst + pp * MR), MR);
-    if (pq == np) return;
-    uint16_t buf[Q4_CHUNK];
-    for (int64_t i = 0; i < MR; i++) {
-        if (i >= mr) {
-            for (int64_t pp = 0; pp < np; pp++) dst[pp * MR + i] = 0u;
-            continue;
-        }
-        for (int64_t k0 = 2 * pq; k0 < kc; k0 += Q4_CHUNK) {
-            const int64_t n = min64(Q4_CHUNK, kc - k0);
-            int64_t st;
-            const uint16_t *row = bits_of(s, (i0 + i) * rs + (p0 + k0) * cs, cs, n, buf, &st);
-            uint32_t *d = dst + k0 / 2 * MR + i;
-            int64_t pp = 0;
-            if (st == 1) /* the row's pairs are whole 32-bit words of memory (perhaps unaligned) */
-                for (; pp < n / 2; pp++) memcpy(d + pp * MR, row + 2 * pp, sizeof(uint32_t));
-            for (; pp < (n + 1) / 2; pp++) d[pp * MR] = pair_at(row, 2 * pp * st, st, 2 * pp + 1 < n);
-        }
-    }
-}
-
 /* AMX A (dp->k_pairs == 2): MR/16 row-major tiles of 16 rows × 32 k per K step st of 32,
  *     dst[(st·MR + i)·16 + t] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)),  pp = 16·st + t,
  * for st < ceil(kc/32), i < MR; 0 for a row past mr or a k past kc. */
@@ -200,7 +168,7 @@ static void pack_a_amx(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, 
  * prefetcher follows them), not w streams advanced TB pairs at a time. */
 static void pairs_of_columns(const lf_dispatch *dp, const uint16_t *src, int64_t cs, int64_t jlo, int64_t w,
                              int64_t n, int NR, int64_t ld, uint32_t *dst) {
-    const int64_t tb = dp->transpose && cs % 2 == 0 ? dp->tb : 0; /* NR is a multiple of it */
+    const int64_t tb = dp->transpose && cs % 2 == 0 ? dp->tb : 0; /* NR a multiple of it, or w ≤ NR (A's rows) */
     const int64_t pq = tb ? n / 2 / tb * tb : 0; /* pairs [0, pq) of every column done by blocks */
     for (int64_t j = 0; tb && j < w; j += tb)
         for (int64_t p = 0; p < pq; p += tb) {
@@ -215,6 +183,32 @@ static void pairs_of_columns(const lf_dispatch *dp, const uint16_t *src, int64_t
         for (; pp < n / 2; pp++) memcpy(d + pp * NR, col + 2 * pp, sizeof(uint32_t));
         if (n % 2) d[pp * NR] = col[2 * pp];
     }
+}
+
+/* dst[pp·MR + i] = pair (a(i0+i, p0+2pp), a(i0+i, p0+2pp+1)) for i < MR (0 past mr), pp < ceil(kc/2): plain
+ * 16-bit rows (cs 1) are laid out as W's columns are, so pairs_of_columns packs them (register transposes of MR
+ * rows × TB pairs); any other a row by row, each read Q4_CHUNK k at a time (bits_of) */
+static void pack_a_pairs(const lf_dispatch *dp, const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, int64_t kc,
+                         int MR, uint32_t *dst) {
+    const int64_t np = (kc + 1) / 2, rs = s->v.rs, cs = s->v.cs;
+    for (int64_t i = mr; i < MR; i++) /* the rows past mr */
+        for (int64_t pp = 0; pp < np; pp++) dst[pp * MR + i] = 0u;
+    if (s->h && !s->qw && cs == 1) {
+        pairs_of_columns(dp, s->h + i0 * rs + p0, rs, 0, mr, kc, MR, np, dst);
+        return;
+    }
+    uint16_t buf[Q4_CHUNK];
+    for (int64_t i = 0; i < mr; i++)
+        for (int64_t k0 = 0; k0 < kc; k0 += Q4_CHUNK) {
+            const int64_t n = min64(Q4_CHUNK, kc - k0);
+            int64_t st;
+            const uint16_t *row = bits_of(s, (i0 + i) * rs + (p0 + k0) * cs, cs, n, buf, &st);
+            uint32_t *d = dst + k0 / 2 * MR + i;
+            int64_t pp = 0;
+            if (st == 1) /* the row's pairs are whole 32-bit words of memory (perhaps unaligned) */
+                for (; pp < n / 2; pp++) memcpy(d + pp * MR, row + 2 * pp, sizeof(uint32_t));
+            for (; pp < (n + 1) / 2; pp++) d[pp * MR] = pair_at(row, 2 * pp * st, st, 2 * pp + 1 < n);
+        }
 }
 
 /* dst[q·NR·ld + pp·NR + j] = pair (b(p0+2pp, j0+q·NR+j), b(p0+2pp+1, j0+q·NR+j)) for pp < np =

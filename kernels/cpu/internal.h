@@ -226,9 +226,9 @@ typedef struct {
     lf_isa isa;
     lf_blocking wide, narrow; /* the blocks of the ISA's tile and of its narrow tile (if any) */
     lf_blocking pairs; /* the blocks of its bf16 tile (avx512_bf16: vdpbf16ps, amx_bf16: AMX; kc counts k) */
-    /* gemm.c blocking_for: the bf16 tile's blocks for a thread with at most pairs_short.mc rows of C (all of them
-     * one A block, W's slivers packed each just before its tiles run; {0}: none) */
-    lf_blocking pairs_short;
+    /* gemm.c block_rows: a thread with at most this many rows of C on the bf16 pair tile takes them as one A block
+     * (W's slivers then packed each just before its tiles run); 0: never beyond pairs.mc */
+    int64_t pairs_one_block_rows;
     /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
      * place by the MR×NR tile instead of packed (0: never) */
     int64_t direct_a_max_cols;
@@ -271,7 +271,6 @@ struct lf_dispatch {
     lf_isa isa;
     int mr, nr;             /* register tile */
     const lf_blocking *blk; /* its cache blocks (lf_tunables) */
-    const lf_blocking *blk_short; /* its blocks for a thread of ≤ blk_short->mc rows (gemm.c blocking_for), or NULL */
     lf_ukernel_fn ukernel;
     lf_ukernel_direct_fn ukernel_direct; /* the tile on an unpacked row-major A, or NULL */
     lf_ukernel_pair_fn ukernel_pair;     /* the two-sliver tile on an unpacked A, or NULL */

@@ -61,9 +61,9 @@ const lf_tunables lf_tunables_avx512_bf16 = {
     /* ≤ 256 rows a thread (256 × 4096 × 14336: 256 rows × 7168 columns each): all of them one A block, each W sliver
      * packed right before its 22 tiles (gemm.c sliver_packing), instead of 8 MB panels of W packed, left to L3 and
      * read back for 192 rows then 64: hgemm 0.92× the time there, the same at 24–192 rows (Zen 4, builds
-     * interleaved in one process, 2026-12-05; kc 1024 was 2 % slower, prefetching the next sliver's W no faster).
-     * kc must be pairs.kc: blocking_for uses it only then, so a row's sums never depend on its thread's rows. */
-    .pairs_short = {.kc = 2048, .mc = 256, .nc = 2048},
+     * interleaved in one process, 2026-12-05; kc 1024 for these threads was 2 % slower and would make a row's
+     * sums depend on its thread's rows; prefetching the next sliver's W was no faster). */
+    .pairs_one_block_rows = 256,
     /* AMD EPYC (Zen 4, the avx512_bf16 CPU measured): vdpbf16ps zmm 231 GFLOP/s on one thread against the
      * FMA's 114 (fma_peak.c), one instruction a cycle each; 8×4096² bf16 decode 3.8 → see RESULTS.md */
     .decode_pairs = 1,

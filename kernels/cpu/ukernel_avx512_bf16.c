@@ -83,7 +83,6 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
 
 const lf_dispatch lf_dispatch_avx512_bf16 = {
     .isa = LF_ISA_AVX512_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_avx512_bf16.pairs,
-    .blk_short = &lf_tunables_avx512_bf16.pairs_short,
     .ukernel = ukernel_avx512_bf16, .widen = lf_widen_avx512, .k_pairs = 1,
     .transpose = lf_transpose16_avx512, .tb = 16, /* B's K-pairs of a column-contiguous b (Wᵀ) */
 };
