@@ -13,7 +13,7 @@ bf16 compute; bench_qlora.py's), x bf16 — one copy of it per side: bitsandbyte
 repacks W for its own CPU kernel, which PEFT's no_grad row then runs.
 
 With --dropout the training rows (forward (grad), fwd+bwd) run with that lora_dropout (PEFT's DoRA then runs its
-base GEMM twice, the fused layer one more GEMM on x − x̃).
+base GEMM twice, the fused layer too: x·Wᵀ and (x ⊙ m)·Wᵀ on a half base, x·Wᵀ and x̃·Wᵀ in fp32).
 """
 from __future__ import annotations
 

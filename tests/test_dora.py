@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 import lorafuse  # noqa: E402
 from lorafuse.backend import draw_seed, dropout_mask  # noqa: E402
-from lorafuse.dora import DoraLinearFunction, RowNorms, dora_reference, row_norms  # noqa: E402
+from lorafuse.dora import DoraLinearFunction, RowNorms, dora_reference, kept_row_norms, row_norms  # noqa: E402
 from test_peft_parity import CASES, _assert_match, _fused, _inputs, _pair, _paths, _penalised_grads, _run  # noqa: E402
 
 
@@ -254,16 +254,16 @@ def test_inference_keeps_the_norms_until_an_adapter_changes() -> None:
     layer = _fused(ours)[0]
     with torch.no_grad():
         first = ours(**inputs).logits
-        kept = layer._row_norms._nu
+        kept = kept_row_norms(layer)._nu
         assert kept is not None
         torch.testing.assert_close(ours(**inputs).logits, first, rtol=0, atol=0)
-        assert layer._row_norms._nu is kept
+        assert kept_row_norms(layer)._nu is kept
         for model in (ours, theirs):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.mul_(1.5)
         _assert_match({"logits": ours(**inputs).logits}, {"logits": theirs(**inputs).logits})
-    assert layer._row_norms._nu is not kept
+    assert kept_row_norms(layer)._nu is not kept
 
 
 def test_training_steps_match_peft_and_refresh_the_norms() -> None:

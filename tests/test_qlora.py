@@ -158,8 +158,8 @@ def test_llama_4bit_dora_fused_and_at_least_as_accurate_as_peft_bnb(llama_dir):
 
 
 def test_llama_4bit_dora_with_dropout_matches_peft_bnb_given_the_same_mask(llama_dir):
-    """QLoRA with DoRA and dropout 0.1 in training: every layer fused ('c': the mixed kernels on x̃ = x ⊙ mask and
-    D = (x − x̃)·Wᵀ, g·W on the 4-bit W dequantized inside the GEMMs' packing), and PEFT + bitsandbytes given
+    """QLoRA with DoRA and dropout 0.1 in training: every layer fused ('c': x·Wᵀ and (x ⊙ m)·Wᵀ forward, the mixed
+    kernels on x̃ and g·W backward, the 4-bit W dequantized inside the GEMMs' packing), and PEFT + bitsandbytes given
     lorafuse's masks (tests/test_dora.py's `SeededDropout`) computes the same loss and gradients within bf16's
     roundings (each tensor within 4 % of its largest value, as the dense test)."""
     from test_dora import SeededDropout

@@ -33,13 +33,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from peft.tuners.lora.variants import DoraLinearVariant
 
 from .backend import _tensor, adapter_backward, base_grads, dropout_mask, forward, mask_for
 from .half_weight import DenseHalfW, HalfW, squared_row_norms, tensor_key
 from .weight_cache import PackedWeightCache, RunTimeCache
 
 __all__ = ["RowNorms", "row_norms", "half_row_norms", "dora_linear", "dora_linear_half", "dora_linear_op",
-           "DoraLinearFunction", "DoraHalfFunction", "dora_operands"]
+           "DoraLinearFunction", "DoraHalfFunction", "dora_operands", "dora_magnitude", "kept_row_norms",
+           "forget_row_norms", "ROW_NORMS_ATTR"]
+
+ROW_NORMS_ATTR = "_dora_row_norms"  # where a fused layer keeps its RowNorms: a run-time attribute, not state
 
 
 class RowNorms(RunTimeCache):
@@ -97,6 +101,28 @@ class RowNorms(RunTimeCache):
             self._norms = compute()
             self._key = key
         return self._norms
+
+
+def dora_magnitude(layer: Any, name: str) -> Optional[torch.Tensor]:
+    """The magnitude μ (out,) of adapter ``name`` of a PEFT LoRA layer if its variant is DoRA (PEFT's
+    ``DoraLinearVariant``), else None."""
+    if type(getattr(layer, "lora_variant", {}).get(name)) is not DoraLinearVariant:
+        return None
+    return layer._modules["lora_magnitude_vector"]._modules[name]._parameters["weight"]
+
+
+def kept_row_norms(layer: Any) -> RowNorms:
+    """The `RowNorms` a fused layer keeps for its DoRA adapters, made on first use (in the instance dict: a
+    run-time attribute, dropped on deepcopy and pickling)."""
+    norms = layer.__dict__.get(ROW_NORMS_ATTR)
+    if norms is None:
+        norms = layer.__dict__[ROW_NORMS_ATTR] = RowNorms()
+    return norms
+
+
+def forget_row_norms(layer: Any) -> None:
+    """Drop what a layer keeps of its W's norms (W is about to change: merge, unmerge)."""
+    layer.__dict__.pop(ROW_NORMS_ATTR, None)
 
 
 def _nu_from(wn2: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

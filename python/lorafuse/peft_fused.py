@@ -48,14 +48,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import layer as _peft_layer
 from peft.tuners.lora import model as _peft_model
-from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .atomic import atomic_directory_write
 from .autograd import fused_linear
-from .dora import RowNorms, dora_operands
+from .dora import ROW_NORMS_ATTR, dora_magnitude, dora_operands, forget_row_norms, kept_row_norms
 from .io_validate import AdapterFileError, check_peft_dir
 from .layers import fused_operands, plain_base
 from .qlora import (FusedLinear4bit, FusedLinear8bitLt, PeftLinear4bit, PeftLinear8bitLt,
@@ -91,7 +90,7 @@ class FusedLinear(PackedWeightOption, PeftLinear):
         """Drop the kept panels and row norms of W (it is about to change)."""
         if self._weight_cache is not None:
             self._weight_cache.clear()
-        self.__dict__.pop("_dora_row_norms", None)
+        forget_row_norms(self)
 
     def _lorafuse_operands(self, x: torch.Tensor) -> Optional[tuple]:
         """(`fused_linear` or `dora_linear`, its arguments), or None where PEFT's forward must run."""
@@ -102,28 +101,18 @@ class FusedLinear(PackedWeightOption, PeftLinear):
             return None
         name, modules = active[0], self._modules  # submodules read from _modules: no nn.Module.__getattr__
         lin_a = modules["lora_A"]._modules.get(name)
-        variant = getattr(self, "lora_variant", {}).get(name)
-        dora = type(variant) is DoraLinearVariant
-        if (lin_a is None or x.shape[-1] != self.in_features or (variant is not None and not dora)
-                or self.lora_bias.get(name)):
+        magnitude = dora_magnitude(self, name)  # None: no DoRA adapter
+        if (lin_a is None or x.shape[-1] != self.in_features
+                or (magnitude is None and name in getattr(self, "lora_variant", {})) or self.lora_bias.get(name)):
             return None
         base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[name]
         if not plain_base(base):
             return None
         fused = fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], dropout, float(self.scaling[name]),
                                bool(self.fan_in_fan_out), self._weight_cache)
-        if fused is None or not dora:
+        if fused is None or magnitude is None:
             return None if fused is None else (fused_linear, fused)
-        return dora_operands(fused, modules["lora_magnitude_vector"]._modules[name]._parameters["weight"],
-                             self._row_norms)
-
-    @property
-    def _row_norms(self) -> RowNorms:
-        """‖W_j‖² of the base weight for DoRA adapters (`lorafuse.dora.RowNorms`), a run-time attribute."""
-        norms = self.__dict__.get("_dora_row_norms")
-        if norms is None:
-            norms = self.__dict__["_dora_row_norms"] = RowNorms()
-        return norms
+        return dora_operands(fused, magnitude, kept_row_norms(self))
 
     @property
     def backend(self) -> str:
@@ -154,7 +143,7 @@ class FusedLinear(PackedWeightOption, PeftLinear):
 
 
 # what a FusedLinear keeps in its instance dict (no state: run-time attributes only)
-RUNTIME_ATTRS = ("_weight_cache", "lorafuse_path", "_dora_row_norms")
+RUNTIME_ATTRS = ("_weight_cache", "lorafuse_path", ROW_NORMS_ATTR)
 
 
 # PEFT's LoRA layer classes and their lorafuse subclasses (the bnb 4-bit / 8-bit ones where bitsandbytes is installed)

@@ -55,10 +55,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.compiler import is_compiling
 
-from peft.tuners.lora.variants import DoraLinearVariant
-
 from .backend import cpu_kernels, draw_seed
-from .dora import RowNorms, dora_linear_half
+from .dora import dora_linear_half, dora_magnitude, forget_row_norms, kept_row_norms
 from .half_weight import Quant4HalfW
 from .quant import Linear4bit, Weight4bit, dequantize, lora_linear_4bit, quantize_weight
 from .quant8 import Linear8bit, Weight8bit, lora_linear_8bit, quantize_weight_int8
@@ -124,19 +122,11 @@ def bnb_int8_scales(base: nn.Module) -> Optional[torch.Tensor]:
     return scb if scb.shape == (w.shape[0],) else None
 
 
-def _dora_magnitude(layer: Any) -> Optional[torch.Tensor]:
-    """The magnitude μ (out,) of the layer's one active adapter if it is DoRA (PEFT's ``DoraLinearVariant``), else
-    None."""
-    active = layer.active_adapters
-    if len(active) != 1 or type(getattr(layer, "lora_variant", {}).get(active[0])) is not DoraLinearVariant:
-        return None
-    return layer._modules["lora_magnitude_vector"]._modules[active[0]]._parameters["weight"]
-
-
 def _adapter_operands(layer: Any, x: torch.Tensor, cd: torch.dtype, x_dtypes: tuple,
-                      dora_ok: bool = False) -> Optional[tuple]:
+                      dora: bool = False) -> Optional[tuple]:
     """(A, B, scale, dropout p, seed) of a quantized-base LoRA layer's one active adapter, or None where PEFT's
-    forward must run: adapters disabled or merged, several active, a variant (DoRA — unless ``dora_ok`` — …) or
+    forward must run: adapters disabled or merged, several active, a variant (but DoRA where ``dora``: the
+    caller found the adapter is one and fuses it) or
     ``lora_bias``, x not a CPU tensor of width in_features and of a dtype in ``x_dtypes``, a compute dtype cd not
     bf16 / fp16, autocast, torch.compile tracing, adapter dtypes other than fp32 or cd (fp32 only for a float32
     x: PEFT casts x to A's dtype), the C extension missing."""
@@ -144,8 +134,7 @@ def _adapter_operands(layer: Any, x: torch.Tensor, cd: torch.dtype, x_dtypes: tu
         return None
     name, modules = layer.active_adapters[0], layer._modules
     lin_a = modules["lora_A"]._modules.get(name)
-    variant_ok = name not in getattr(layer, "lora_variant", {}) or (dora_ok and _dora_magnitude(layer) is not None)
-    if (lin_a is None or not variant_ok or layer.lora_bias.get(name)
+    if (lin_a is None or (name in getattr(layer, "lora_variant", {}) and not dora) or layer.lora_bias.get(name)
             or not x.is_cpu or x.dtype not in x_dtypes or cd not in _HALF or x.shape[-1] != layer.in_features
             or x.numel() == 0 or torch.is_autocast_enabled("cpu") or is_compiling()):
         return None
@@ -163,8 +152,10 @@ def fused_call_4bit(layer: Any, x: torch.Tensor, base: nn.Module, cd: torch.dtyp
     float32) on a base whose elements are rounded once to the compute dtype ``cd`` (the caller has checked the
     base) — for a DoRA adapter `dora.dora_linear_half` on the 4-bit W (`half_weight.Quant4HalfW`; x in cd,
     adapters and magnitude float32, PEFT's default) —, or None where PEFT's forward must run."""
-    magnitude = _dora_magnitude(layer)
-    ops = _adapter_operands(layer, x, cd, (cd,) if magnitude is not None else (cd, torch.float32), dora_ok=True)
+    active = layer.active_adapters
+    magnitude = dora_magnitude(layer, active[0]) if len(active) == 1 else None
+    ops = _adapter_operands(layer, x, cd, (cd,) if magnitude is not None else (cd, torch.float32),
+                            dora=magnitude is not None)
     if ops is None:
         return None
     bias = base.bias
@@ -175,16 +166,7 @@ def fused_call_4bit(layer: Any, x: torch.Tensor, base: nn.Module, cd: torch.dtyp
     if a.dtype != torch.float32 or magnitude.dtype != torch.float32:
         return None
     return functools.partial(dora_linear_half, x, Quant4HalfW(base.weight, cd), bias, a, b, magnitude, scale, p,
-                             seed, _row_norms(layer), cpu_kernels())
-
-
-def _row_norms(layer: nn.Module) -> RowNorms:
-    """The DoRA norms a 4-bit layer keeps (`dora.RowNorms`), a run-time attribute (not state: dropped on
-    deepcopy and pickling; its keys hold the 4-bit W's identity and version, which merges change)."""
-    norms = layer.__dict__.get("_dora_row_norms")
-    if norms is None:
-        norms = layer.__dict__["_dora_row_norms"] = RowNorms()
-    return norms
+                             seed, kept_row_norms(layer), cpu_kernels())
 
 
 def fused_call_8bit(layer: Any, x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
@@ -234,12 +216,12 @@ if PeftLinear4bit is not None:
 
         def merge(self, *args: Any, **kwargs: Any) -> None:
             """PEFT's merge (W dequantized, s·B·A added, quantized again); the kept DoRA norms of W go first."""
-            self.__dict__.pop("_dora_row_norms", None)
+            forget_row_norms(self)
             super().merge(*args, **kwargs)
 
         def unmerge(self, *args: Any, **kwargs: Any) -> None:
             """PEFT's unmerge, the kept DoRA norms of W dropped first (see `merge`)."""
-            self.__dict__.pop("_dora_row_norms", None)
+            forget_row_norms(self)
             super().unmerge(*args, **kwargs)
 
         def _lorafuse_call(self, x: torch.Tensor) -> Optional[Callable]:
