@@ -124,6 +124,34 @@ def test_few_rows_same_bits_as_many(half_isa, N):
         assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 600"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_w_rows_in_place_same_bits_as_x_rows(half_isa, threads):
+    """16-256 rows of x times a Wᵀ of ≥ 2M elements run transposed on avx512_bf16 (Cᵀ = W·xᵀ, W's rows read in
+    place by the 6×64 pair tile, C stored transposed): the same bits as those rows among 600 (the x-rows
+    orientation), and within the float64 bound — over two K blocks (C accumulated), W's 1030 rows (a 4-row
+    tail tile), one-sliver tiles (17, 30 rows) and partial ones (40, 100), bias, beta = 1, a strided x, and
+    the window's edges (15 and 257 rows: the x-rows orientation itself)."""
+    before = lorafuse.get_num_threads()
+    lorafuse.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(11)
+        K, N = 2050, 1030
+        a, b = tensor(rng, (600, K), "bf16"), tensor(rng, (K, N), "bf16", "col")  # b = Wᵀ: W's rows contiguous
+        bias = torch.randn(N)
+        many = ops.hgemm(a, b, bias=bias)
+        for rows in (15, 16, 17, 30, 40, 64, 100, 256, 257):
+            few = check(a[:rows], b, bias=bias, what=f"{rows} rows")
+            assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 600"
+        wide = torch.zeros(64, K + 6, dtype=torch.bfloat16)
+        wide[:, 3:K + 3] = a[:64]
+        assert np.array_equal(ops.hgemm(wide[:, 3:K + 3], b, bias=bias), many[:64]), "a strided x differs"
+        out = rng.standard_normal((600, N), dtype=np.float32)
+        added = check(a[:100], b, out=out[:100].copy(), beta=1.0, what="beta=1")
+        assert np.array_equal(added, ops.hgemm(a, b, out=out, beta=1.0)[:100]), "beta=1 differs"
+    finally:
+        lorafuse.set_num_threads(before)
+
+
 @pytest.mark.parametrize("K", [32, 66, 2050, 4097])
 def test_a_pairs_by_transposes_same_bits_as_by_rows(half_isa, K):
     """A row-major bf16 a with even K — whole 12-row slivers packed by register transposes of its pairs on

@@ -14,6 +14,10 @@
  * transposes (transpose.c); a plain row-major A is read in place, unpacked, when a thread has
  * few columns, by a 6-row tile over two slivers at once when it has many (how_a_is_read).
  *
+ * bf16 x of 16–256 rows times a large bf16 Wᵀ runs transposed, Cᵀ = W·xᵀ (w_rows_in_place): W's rows are
+ * then read in place by the bf16 pair tile — never transposed into slivers, which stalled on W's loads from
+ * DRAM — while x, a small operand, is packed; the tile stores C transposed.
+ *
  * Threads: C is cut into a tm×tn grid of blocks (tm·tn = threads), each thread runs the whole
  * loop nest on its block with its own packing buffers. The larger of M and N is split first,
  * because splitting M repeats the packing of b (K·N) and splitting N repeats that of a (M·K).
@@ -54,6 +58,7 @@ typedef struct {
     const float *bias;
     float *c;
     int64_t ldc;
+    int c_trans; /* C stored transposed (element (i, j) at c[j·ldc + i], bias by i): the W-as-A orientation */
     int tm, tn;
     int64_t mchunk, nchunk;
     atomic_int failed;    /* 0, or the LF_E* status of a thread that could not do its block */
@@ -166,7 +171,7 @@ static void gemm_block_run(gemm_job *job, int tid) {
             const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
             const int64_t ks = lf_k_slots(dp, kc); /* 32-bit slots a packed row or column has */
-            const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
+            const a_read how = job->c_trans ? A_IN_PLACE_PAIR : how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
             const int by_sliver = !bpanel && sliver_packing(dp, job->b, m1 - m0, MC);
             if (!bpanel) {
@@ -188,20 +193,23 @@ static void gemm_block_run(gemm_job *job, int tid) {
                                apack + ir * ks);
                 for (int64_t jr = 0; jr < nc; jr += tc) {
                     const int64_t nr = min64(tc, nc - jr);
-                    const float *bias =
-                        (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
+                    const float *bias = (first && job->beta == 0.0f && job->bias)
+                                            ? job->bias + (job->c_trans ? ic : jc + jr) : NULL;
                     const float *bp = bpanel + jr * ks;
                     if (by_sliver) lf_pack_b_panel(dp, job->b, jc + jr, nr, pc, kc, NR, bpack + jr * ks);
                     for (int64_t ir = 0; ir < mc; ir += tr) {
-                        float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
+                        float *ct = job->c_trans ? job->c + (jc + jr) * job->ldc + ic + ir
+                                                 : job->c + (ic + ir) * job->ldc + jc + jr;
                         const int64_t mr = min64(tr, mc - ir);
                         if (how == A_PACKED) {
                             dp->ukernel(kc, apack + ir * ks, bp, ct, job->ldc, mr, nr, accumulate, bias);
                             continue;
                         }
-                        const float *arow = a0->v.p + (ic + ir) * a0->v.rs + pc;
+                        const float *arow = a0->h ? (const float *)(a0->h + (ic + ir) * a0->v.rs + pc)
+                                                  : a0->v.p + (ic + ir) * a0->v.rs + pc;
                         if (how == A_IN_PLACE_PAIR)
-                            dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * kc, ct, job->ldc, mr, nr, accumulate, bias);
+                            dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * ks, ct, job->ldc, mr,
+                                             nr, accumulate, bias ? bias + (job->c_trans ? ir : 0) : NULL);
                         else
                             dp->ukernel_direct(kc, arow, a0->v.rs, bp, ct, job->ldc, mr, nr, accumulate, bias);
                     }
@@ -251,6 +259,20 @@ static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, 
     if (isa >= LF_ISA_AVX512_BF16 && plain_bf16(a) && plain_bf16(b))
         return isa == LF_ISA_AMX_BF16 ? &lf_dispatch_amx_bf16 : &lf_dispatch_avx512_bf16;
     return dispatch_for(N);
+}
+
+/* 1 if C = x·Wᵀ runs as Cᵀ = W·xᵀ on the bf16 pair tile: W's rows read in place (no transposes of W), x (≤ 256
+ * rows, packed) the columns — x plain bf16 row-major, b = Wᵀ column-contiguous bf16, K even (pairs whole) */
+static int w_rows_in_place(const lf_dispatch *dp, int64_t M, int64_t N, int64_t K, const lf_operand *a,
+                           const lf_operand *b) {
+    const lf_tunables *tu = lf_tune();
+    if (!dp->ukernel_pair || !dp->k_pairs || M < tu->w_in_place_min_n || M > tu->w_in_place_max_n || K % 2 ||
+        (double)K * (double)N < tu->w_in_place_min_w)
+        return 0;
+    const lf_segment *sa = &a->seg[0], *sb = &b->seg[0];
+    return a->nseg == 1 && b->nseg == 1 && !b->packed && !a->add && !b->add && sa->h && !sa->qw && sa->v.cs == 1 &&
+           sb->h && !sb->qw && sb->v.rs == 1 && sa->scale == 1.0f && sb->scale == 1.0f && !sa->drop_threshold &&
+           !sb->drop_threshold;
 }
 
 /* 1 if every element i·rs + j·cs (i < d0, j < d1) of a quantized segment's view lies in its weight's
@@ -311,11 +333,26 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
         return LF_EINVAL;
     gemm_job job = {.pool = pool, .dp = dp, .M = M, .N = N, .K = K, .a = a, .b = b,
                     .beta = beta, .bias = bias, .c = c, .ldc = ldc};
+    lf_operand wa, xb;
+    if (w_rows_in_place(dp, M, N, K, a, b)) { /* Cᵀ = W·xᵀ: W's rows read in place, xᵀ packed */
+        wa = *b;
+        wa.seg[0].v = (lf_view){NULL, b->seg[0].v.cs, 1};
+        xb = *a;
+        xb.seg[0].v = (lf_view){NULL, 1, a->seg[0].v.rs};
+        job.a = &wa;
+        job.b = &xb;
+        job.M = N;
+        job.N = M;
+        job.c_trans = 1;
+        M = job.M;
+        N = job.N;
+    }
     int nt = lf_threads_for(pool, (double)flops, INT64_MAX);
-    choose_grid(M, N, nt, dp->mr, dp->nr, &job.tm, &job.tn);
+    const int tr = job.c_trans ? dp->pair_mr : dp->mr, tc = job.c_trans ? 2 * dp->nr : dp->nr; /* the tile */
+    choose_grid(M, job.c_trans ? 1 : N, nt, tr, tc, &job.tm, &job.tn); /* Cᵀ: W's rows split, never x's (W read once) */
     nt = job.tm * job.tn;
-    job.mchunk = ((M + dp->mr - 1) / dp->mr + job.tm - 1) / job.tm * dp->mr;
-    job.nchunk = ((N + dp->nr - 1) / dp->nr + job.tn - 1) / job.tn * dp->nr;
+    job.mchunk = ((M + tr - 1) / tr + job.tm - 1) / job.tm * tr;
+    job.nchunk = ((N + tc - 1) / tc + job.tn - 1) / job.tn * tc;
     lf_pool_run(pool, nt, gemm_block, &job);
     if (atomic_load(&job.cancelled)) return LF_EINTR;
     return atomic_load(&job.failed); /* LF_OK (0) or a thread's status */

@@ -70,7 +70,9 @@ static inline float lf_elem_f32(const void *p, lf_dtype dt, int64_t off) {
 }
 
 /* Two adjacent NR-wide slivers of B at once (the second at bp + bstride), A read in place:
- * the pair_mr × 2·NR tile at c; nr ≤ 2·NR columns stored (nr ≤ NR: the first sliver alone). */
+ * the pair_mr × 2·NR tile at c; nr ≤ 2·NR columns stored (nr ≤ NR: the first sliver alone).
+ * The bf16 one (avx512_bf16, bstride in 32-bit slots) reads a as 16-bit rows, lda in 16-bit elements, and
+ * stores C transposed: element (i, j) at c[j·ldc + i], bias[i] (gemm.c w_rows_in_place). */
 typedef void (*lf_ukernel_pair_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, int64_t bstride,
                                    float *c, int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
 
@@ -229,6 +231,11 @@ typedef struct {
     /* gemm.c block_rows: a thread with at most this many rows of C on the bf16 pair tile takes them as one A block
      * (W's slivers then packed each just before its tiles run); 0: never beyond pairs.mc */
     int64_t pairs_one_block_rows;
+    /* gemm.c w_rows_in_place: C = x·Wᵀ on the bf16 pair tile runs as Cᵀ = W·xᵀ (W's rows read in place by the
+     * bf16 pair tile, never packed; x packed) for w_in_place_min_n ≤ M ≤ w_in_place_max_n rows of x and a W
+     * of at least w_in_place_min_w elements (0: never) */
+    int64_t w_in_place_min_n, w_in_place_max_n;
+    double w_in_place_min_w;
     /* gemm.c how_a_is_read: a thread's columns of C up to which a plain row-major A is read in
      * place by the MR×NR tile instead of packed (0: never) */
     int64_t direct_a_max_cols;

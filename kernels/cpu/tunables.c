@@ -64,6 +64,14 @@ const lf_tunables lf_tunables_avx512_bf16 = {
      * interleaved in one process, 2026-12-05; kc 1024 for these threads was 2 % slower and would make a row's
      * sums depend on its thread's rows; prefetching the next sliver's W was no faster). */
     .pairs_one_block_rows = 256,
+    /* 16-256 tokens × a W of ≥ 2M elements (4 MiB): Cᵀ = W·xᵀ, W's rows read in place instead of transposed into
+     * slivers (the transposes, stalled on W's loads from DRAM, were 7-9 % of the GEMM's time at 256 tokens).
+     * hgemm, Zen 4, builds interleaved in one process, 2026-12-05: 0.80× the time at 24 × 4096², 0.87× at 16 and
+     * 96, 0.90× at 128, 0.94× at 192, 0.97 / 0.98× at 256 × 4096 × 14336 and its transpose, 0.88× at 64 ×
+     * 2048²; 1.05× at 256 × 1024² (W 2 MiB, its transposes cheap from L3: excluded). */
+    .w_in_place_min_n = 16,
+    .w_in_place_max_n = 256,
+    .w_in_place_min_w = 1 << 21,
     /* AMD EPYC (Zen 4, the avx512_bf16 CPU measured): vdpbf16ps zmm 231 GFLOP/s on one thread against the
      * FMA's 114 (fma_peak.c), one instruction a cycle each; 8×4096² bf16 decode 3.8 → see RESULTS.md */
     .decode_pairs = 1,

@@ -13,8 +13,15 @@
  *   c[i][j] (+)= Σ_pp ap·bp  (+ bias[j] when !accumulate)      (lf_ukernel_fn, internal.h; kc counts k)
  * Edge tiles: __mmask16 column masks on the stores; a tile of ≤ 8 rows runs an 8- or 4-row instance of the
  * loop (tile_rows), the rows beyond mr zero-padded by packing.
+ * The pair tile (ukernel_pair, gemm.c w_rows_in_place: Cᵀ = W·xᵀ for 16–256 tokens): 6 rows of W read in place,
+ * a 32-bit pair of each per k-pair step broadcast, × two 32-wide slivers of packed xᵀ (64 tokens): 24
+ * accumulators, the same vdpbf16ps per lane in the same order as the 12×32 tile — the products commute, so C's
+ * bits are those of the x-rows orientation. Its 6×64 block of Cᵀ leaves through a 16×16 register transpose
+ * (transpose.c) as 64 masked row stores of 6 floats into C.
  * Compiled for any x86-64 with a target attribute; chosen (gemm.c dispatch_of) only on the
  * avx512_bf16 level, which cpuid must report (dispatch.c). */
+#include <string.h>
+
 #include "internal.h"
 
 #if defined(__x86_64__)
@@ -81,9 +88,68 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
     else tile_rows(MR, kc, ap, bp, c, ldc, mr, nr, accumulate, bias);
 }
 
+/* The pair tile, in the transposed orientation (gemm.c: W as A, xᵀ as b): PR = 6 rows of a row-major bf16 A read
+ * in place (pairs at a + i·lda + 2pp, lda in 16-bit elements) × NS = 2 (or 1) 32-wide slivers of packed b, the
+ * second at bp + bstride; C stored transposed: element (i, j) at c[j·ldc + i], bias indexed by i. */
+LF_AVX512_BF16 static inline __attribute__((always_inline)) void
+pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uint32_t *bp, int64_t bstride, float *c,
+             int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
+    enum { PR = 6 };
+    const int64_t np = (kc + 1) / 2;
+    const uint16_t *ar[PR];
+#pragma GCC unroll 6
+    for (int i = 0; i < PR; i++) ar[i] = a + (i < mr ? i : mr - 1) * lda;
+    __m512 acc[PR][4];
+#pragma GCC unroll 6
+    for (int i = 0; i < PR; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    for (int64_t pp = 0; pp < np; pp++) {
+        __m512bh b[4];
+#pragma GCC unroll 2
+        for (int t = 0; t < NS; t++) {
+            b[2 * t] = (__m512bh)_mm512_load_si512((const void *)(bp + t * bstride));
+            b[2 * t + 1] = (__m512bh)_mm512_load_si512((const void *)(bp + t * bstride + 16));
+            _mm_prefetch((const char *)(bp + t * bstride + 8 * NR), _MM_HINT_T0);
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < PR; i++) {
+            uint32_t w;
+            memcpy(&w, ar[i] + 2 * pp, sizeof w);
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)w);
+#pragma GCC unroll 4
+            for (int v = 0; v < 2 * NS; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, b[v]);
+        }
+        bp += NR;
+    }
+    float buf[PR][64] __attribute__((aligned(64))), col[16][16] __attribute__((aligned(64)));
+#pragma GCC unroll 6
+    for (int i = 0; i < PR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 2 * NS; v++) _mm512_store_ps(buf[i] + 16 * v, acc[i][v]);
+    const __mmask16 m = (__mmask16)((1u << mr) - 1u);
+    const __m512 base = !accumulate && bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < nr; j0 += 16) { /* columns j0…j0+15 of C: rows of col */
+        lf_transpose16_avx512(buf[0] + j0, 64, (int)mr, 1.0f, col[0], 16);
+        const int64_t n = nr - j0 < 16 ? nr - j0 : 16;
+        for (int64_t j = 0; j < n; j++) {
+            float *cj = c + (j0 + j) * ldc;
+            const __m512 bj = accumulate ? _mm512_maskz_loadu_ps(m, cj) : base;
+            _mm512_mask_storeu_ps(cj, m, _mm512_add_ps(bj, _mm512_load_ps(col[j])));
+        }
+    }
+}
+
+LF_AVX512_BF16 static void ukernel_avx512_bf16_pair(int64_t kc, const float *a, int64_t lda, const float *bp,
+                                                    int64_t bstride, float *c, int64_t ldc, int64_t mr, int64_t nr,
+                                                    int accumulate, const float *bias) {
+    if (nr > NR)
+        pair_slivers(2, kc, (const uint16_t *)a, lda, (const uint32_t *)bp, bstride, c, ldc, mr, nr, accumulate, bias);
+    else
+        pair_slivers(1, kc, (const uint16_t *)a, lda, (const uint32_t *)bp, 0, c, ldc, mr, nr, accumulate, bias);
+}
+
 const lf_dispatch lf_dispatch_avx512_bf16 = {
     .isa = LF_ISA_AVX512_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_avx512_bf16.pairs,
-    .ukernel = ukernel_avx512_bf16, .widen = lf_widen_avx512, .k_pairs = 1,
+    .ukernel = ukernel_avx512_bf16, .ukernel_pair = ukernel_avx512_bf16_pair, .pair_mr = 6, .widen = lf_widen_avx512, .k_pairs = 1,
     .transpose = lf_transpose16_avx512, .tb = 16, /* B's K-pairs of a column-contiguous b (Wᵀ) */
 };
 #else
