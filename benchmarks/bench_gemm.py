@@ -6,7 +6,8 @@ measured fp32 peak (benchmarks/fma_peak.c: register-only FMA loop, 1 and N threa
 --dtype bf16 / fp16: ops.hgemm on bf16 / fp16 tensors vs torch.matmul on the same tensors (torch
 returns bf16 / fp16, lorafuse fp32), each row labelled with the path measured (_C.hgemm_path:
 'amx_bf16' = AMX tdpbf16ps tiles on the amx_bf16 ISA, 'bf16_pairs' = vdpbf16ps on the avx512_bf16 ISA,
-'widened' = converted to fp32 while packing, the fp32 kernels; for bf16 every path the CPU has is
+'widened' = converted to fp32 while packing, the fp32 kernels; '/w_rows': run transposed, W's rows read in
+place (hgemm_path's orientation); for bf16 every path the CPU has is
 timed, each with its ISA forced: amx_bf16, avx512_bf16, avx512), against the measured peak of its
 instruction (fma_peak.c amx / bf16 / zmm modes).
 """
@@ -93,7 +94,7 @@ def half_main(args, rounds: int) -> None:
           f"{'amx_bf16' in open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else '?'}")
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     before = _C.get_isa()
-    print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'path (isa)':>24} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | "
+    print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'path (isa)':>31} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | "
           f"{'ours/torch':>10} | {'% peak':>6}")
     rng = np.random.default_rng(0)
     try:
@@ -108,10 +109,11 @@ def half_main(args, rounds: int) -> None:
             fl = 2.0 * M * N * K
             for isa in isas:
                 _C.set_isa(isa)
-                path = _C.hgemm_path(x, w.t())[0]
+                path, _, _, orient = _C.hgemm_path(x, w.t())
                 pk = peak[({"amx_bf16": "amx", "bf16_pairs": "bf16"}.get(path, "zmm"), args.threads)]
                 g, gt = fl / t[isa] / 1e9, fl / t["torch"] / 1e9
-                print(f"{M:6d} {K:6d} {N:6d} | {path + ' (' + isa + ')':>24} | {g:13.1f} {gt:10.1f} | "
+                label = path + ("/w_rows" if orient == "w_rows" else "") + f" ({isa})"
+                print(f"{M:6d} {K:6d} {N:6d} | {label:>31} | {g:13.1f} {gt:10.1f} | "
                       f"{t['torch'] / t[isa]:10.3f} | {100 * g / pk:5.1f}%")
     finally:
         _C.set_isa(before)

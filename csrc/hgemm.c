@@ -125,10 +125,12 @@ PyObject *lf_py_hgemm(PyObject *self, PyObject *args, PyObject *kw) {
 }
 
 const char lf_py_hgemm_path_doc[] =
-    "hgemm_path(a, b, alpha=1.0) -> (path, a_dtype, b_dtype)\n\n"
+    "hgemm_path(a, b, alpha=1.0) -> (path, a_dtype, b_dtype, orientation)\n\n"
     "How hgemm(a, b, alpha) would run on the ISA in use: path 'amx_bf16' (AMX tdpbf16ps tiles),\n"
     "'bf16_pairs' (vdpbf16ps on bf16 K-pairs) or 'widened' (bf16 / fp16 widened to fp32 while packing,\n"
-    "the fp32 micro-kernels).";
+    "the fp32 micro-kernels); orientation 'a_rows' (a's rows packed into the tile, b's columns into\n"
+    "slivers) or 'w_rows' (bf16_pairs with 16-256 rows of a and a large column-contiguous b = Wᵀ: run as\n"
+    "cᵀ = bᵀ·aᵀ, W's rows read in place; the same bits).";
 
 PyObject *lf_py_hgemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *F = "hgemm_path";
@@ -142,9 +144,12 @@ PyObject *lf_py_hgemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *a, *b;
     lf_dtype da, db;
     PyObject *res = NULL;
-    if (!parse_ab(st, F, 1, &L, oa, ob, &a, &b, &da, &db))
-        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), lf_py_tview2(b, db)),
-                            lf_py_dtype_name(da), lf_py_dtype_name(db));
+    if (!parse_ab(st, F, 1, &L, oa, ob, &a, &b, &da, &db)) {
+        int w_rows = 0;
+        const char *path = lf_hgemm_path(PyArray_DIM(a, 0), PyArray_DIM(b, 1), PyArray_DIM(a, 1), alpha,
+                                         lf_py_tview2(a, da), lf_py_tview2(b, db), &w_rows);
+        res = Py_BuildValue("(ssss)", path, lf_py_dtype_name(da), lf_py_dtype_name(db), w_rows ? "w_rows" : "a_rows");
+    }
     lf_py_drop_all(&L);
     return res;
 }

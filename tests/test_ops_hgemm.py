@@ -73,7 +73,7 @@ def test_dtypes_and_layouts(half_isa, da, db):
 
 def test_path_names_the_tile(half_isa):
     a, b = torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)
-    assert _C.hgemm_path(a, b) == (NATIVE.get(half_isa, "widened"), "bfloat16", "bfloat16")
+    assert _C.hgemm_path(a, b) == (NATIVE.get(half_isa, "widened"), "bfloat16", "bfloat16", "a_rows")
     assert _C.hgemm_path(a, b, 0.5)[0] == "widened"  # the pair tile multiplies the bits as they are
     assert _C.hgemm_path(a, b.half())[0] == "widened"
     assert _C.hgemm_path(a.float(), b)[0] == "widened"
@@ -140,6 +140,8 @@ def test_w_rows_in_place_same_bits_as_x_rows(half_isa, threads):
         bias = torch.randn(N)
         many = ops.hgemm(a, b, bias=bias)
         for rows in (15, 16, 17, 30, 40, 64, 100, 256, 257):
+            transposed = half_isa == "avx512_bf16" and 16 <= rows <= 256
+            assert _C.hgemm_path(a[:rows], b)[3] == ("w_rows" if transposed else "a_rows"), f"{rows} rows"
             few = check(a[:rows], b, bias=bias, what=f"{rows} rows")
             assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 600"
         wide = torch.zeros(64, K + 6, dtype=torch.bfloat16)

@@ -14,9 +14,10 @@
  * transposes (transpose.c); a plain row-major A is read in place, unpacked, when a thread has
  * few columns, by a 6-row tile over two slivers at once when it has many (how_a_is_read).
  *
- * bf16 x of 16–256 rows times a large bf16 Wᵀ runs transposed, Cᵀ = W·xᵀ (w_rows_in_place): W's rows are
- * then read in place by the bf16 pair tile — never transposed into slivers, which stalled on W's loads from
- * DRAM — while x, a small operand, is packed; the tile stores C transposed.
+ * bf16 x of 16–256 rows times a large bf16 Wᵀ runs transposed, Cᵀ = W·xᵀ (w_rows_in_place, its own loop
+ * w_rows_block_run): W's rows are read in place by the bf16 pair tile — never transposed into slivers, which
+ * stalled on W's loads from DRAM — while x, a small operand, is packed once for all of K; each block of Cᵀ
+ * accumulates in a scratch and is transposed into C once.
  *
  * Threads: C is cut into a tm×tn grid of blocks (tm·tn = threads), each thread runs the whole
  * loop nest on its block with its own packing buffers. The larger of M and N is split first,
@@ -58,7 +59,7 @@ typedef struct {
     const float *bias;
     float *c;
     int64_t ldc;
-    int c_trans; /* C stored transposed (element (i, j) at c[j·ldc + i], bias by i): the W-as-A orientation */
+    int w_rows; /* the transposed orientation (w_rows_in_place): a = W, b = xᵀ, C written by w_rows_block_run */
     int tm, tn;
     int64_t mchunk, nchunk;
     atomic_int failed;    /* 0, or the LF_E* status of a thread that could not do its block */
@@ -100,6 +101,7 @@ int lf_gemm_reads_a_in_place(int64_t N) {
 
 
 static void gemm_block_run(gemm_job *job, int tid);
+static void w_rows_block_run(gemm_job *job, int tid);
 
 /* one thread's block of C, between the ISA's per-thread set-up and release (AMX tile state) */
 static void gemm_block(void *ctxp, int tid, int nt) {
@@ -119,6 +121,8 @@ static void gemm_block(void *ctxp, int tid, int nt) {
         const int st = blk.m0 < blk.m1 && blk.n0 < blk.n1 ? job->dp->block_loop(&blk) : LF_OK;
         if (st == LF_EINTR) atomic_store(&job->cancelled, 1);
         else if (st) atomic_store(&job->failed, st);
+    } else if (job->w_rows) {
+        w_rows_block_run(job, tid);
     } else {
         gemm_block_run(job, tid);
     }
@@ -171,7 +175,7 @@ static void gemm_block_run(gemm_job *job, int tid) {
             const int64_t kc = min64(dp->blk->kc, K - pc);
             const int first = pc == 0;
             const int64_t ks = lf_k_slots(dp, kc); /* 32-bit slots a packed row or column has */
-            const a_read how = job->c_trans ? A_IN_PLACE_PAIR : how_a_is_read(dp, job->a, n1 - n0, pc, kc);
+            const a_read how = how_a_is_read(dp, job->a, n1 - n0, pc, kc);
             const float *bpanel = cached_panel(job->b->packed, dp, jc, pc, kc);
             const int by_sliver = !bpanel && sliver_packing(dp, job->b, m1 - m0, MC);
             if (!bpanel) {
@@ -193,29 +197,83 @@ static void gemm_block_run(gemm_job *job, int tid) {
                                apack + ir * ks);
                 for (int64_t jr = 0; jr < nc; jr += tc) {
                     const int64_t nr = min64(tc, nc - jr);
-                    const float *bias = (first && job->beta == 0.0f && job->bias)
-                                            ? job->bias + (job->c_trans ? ic : jc + jr) : NULL;
+                    const float *bias =
+                        (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
                     const float *bp = bpanel + jr * ks;
                     if (by_sliver) lf_pack_b_panel(dp, job->b, jc + jr, nr, pc, kc, NR, bpack + jr * ks);
                     for (int64_t ir = 0; ir < mc; ir += tr) {
-                        float *ct = job->c_trans ? job->c + (jc + jr) * job->ldc + ic + ir
-                                                 : job->c + (ic + ir) * job->ldc + jc + jr;
+                        float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
                         const int64_t mr = min64(tr, mc - ir);
                         if (how == A_PACKED) {
                             dp->ukernel(kc, apack + ir * ks, bp, ct, job->ldc, mr, nr, accumulate, bias);
                             continue;
                         }
-                        const float *arow = a0->h ? (const float *)(a0->h + (ic + ir) * a0->v.rs + pc)
-                                                  : a0->v.p + (ic + ir) * a0->v.rs + pc;
+                        const float *arow = a0->v.p + (ic + ir) * a0->v.rs + pc;
                         if (how == A_IN_PLACE_PAIR)
-                            dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * ks, ct, job->ldc, mr,
-                                             nr, accumulate, bias ? bias + (job->c_trans ? ir : 0) : NULL);
+                            dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * kc, ct, job->ldc, mr, nr, accumulate, bias);
                         else
                             dp->ukernel_direct(kc, arow, a0->v.rs, bp, ct, job->ldc, mr, nr, accumulate, bias);
                     }
                 }
             }
         }
+    }
+}
+
+/* dst[q·ldd + i] = src[i·lds + q] for i < rows, q < cols: by 16×16 register transposes where the ISA has
+ * them (dp->transpose), the edges element by element */
+static void transpose_block(const lf_dispatch *dp, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                            float *dst, int64_t ldd) {
+    const int64_t tb = dp->transpose ? dp->tb : 0, qb = tb ? cols / tb * tb : 0;
+    for (int64_t i = 0; tb && i < rows; i += tb)
+        for (int64_t q = 0; q < qb; q += tb)
+            dp->transpose(src + i * lds + q, lds, (int)min64(tb, rows - i), 1.0f, dst + q * ldd + i, ldd);
+    for (int64_t q = qb; q < cols; q++)
+        for (int64_t i = 0; i < rows; i++) dst[q * ldd + i] = src[i * lds + q];
+}
+
+/* One thread's rows of W in the transposed orientation (w_rows_in_place): Cᵀ = W·xᵀ, W (M × K here, the
+ * job's a) read in place by the pair tile, xᵀ (the job's b, N ≤ 256 columns) packed once for all of K. Each
+ * block of MC rows of W accumulates its MC × N block of Cᵀ over all of K in a scratch, rows contiguous — the
+ * tile's plain stores — and leaves it transposed into C once (with beta = 1, C's block is transposed in
+ * first). K is cut where the x-rows orientation cuts it, and every sum is formed in its order: the same bits. */
+static void w_rows_block_run(gemm_job *job, int tid) {
+    const lf_dispatch *dp = job->dp;
+    const int NR = dp->nr, TR = dp->pair_mr, TC = 2 * NR;
+    const int64_t m0 = tid * job->mchunk, m1 = min64(job->M, m0 + job->mchunk), N = job->N, K = job->K;
+    if (m0 >= m1) return;
+    const int64_t KC = dp->blk->kc, MC = dp->blk->mc, kcmax = min64(KC, K), ksmax = lf_k_slots(dp, kcmax);
+    const int64_t nsl = lf_block_slivers(N, N, NR) / NR, nkb = (K + KC - 1) / KC, panel = nsl * NR * ksmax;
+    const int64_t ldt = nsl * NR;
+    float *xpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(panel * nkb) * sizeof(float));
+    float *ct = lf_pool_scratch(job->pool, tid, 0, (size_t)(MC * ldt) * sizeof(float));
+    if (!xpack || !ct) {
+        atomic_store(&job->failed, LF_ENOMEM);
+        return;
+    }
+    for (int64_t pc = 0; pc < K; pc += KC) /* K block pc at xpack + (pc / KC)·panel */
+        lf_pack_b_panel(dp, job->b, 0, N, pc, min64(KC, K - pc), NR, xpack + pc / KC * panel);
+    const lf_segment *w = &job->a->seg[0];
+    for (int64_t ic = m0; ic < m1; ic += MC) {
+        if (lf_interrupt_pending()) {
+            atomic_store(&job->cancelled, 1);
+            return;
+        }
+        const int64_t mc = min64(MC, m1 - ic);
+        if (job->beta != 0.0f) transpose_block(dp, job->c + ic, job->ldc, N, mc, ct, ldt);
+        for (int64_t pc = 0; pc < K; pc += KC) {
+            const int64_t kc = min64(KC, K - pc), ks = lf_k_slots(dp, kc);
+            const int accumulate = pc > 0 || job->beta != 0.0f;
+            const float *bias = pc == 0 && job->beta == 0.0f && job->bias ? job->bias + ic : NULL;
+            for (int64_t jr = 0; jr < N; jr += TC) {
+                const float *bp = xpack + pc / KC * panel + jr * ks;
+                for (int64_t ir = 0; ir < mc; ir += TR)
+                    dp->ukernel_pair(kc, (const float *)(w->h + (ic + ir) * w->v.rs + pc), w->v.rs, bp, NR * ks,
+                                     ct + ir * ldt + jr, ldt, min64(TR, mc - ir), min64(TC, N - jr), accumulate,
+                                     bias ? bias + ir : NULL);
+            }
+        }
+        transpose_block(dp, ct, ldt, mc, N, job->c + ic, job->ldc);
     }
 }
 
@@ -343,13 +401,13 @@ int lf_gemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, const lf_operand *a,
         job.b = &xb;
         job.M = N;
         job.N = M;
-        job.c_trans = 1;
+        job.w_rows = 1;
         M = job.M;
         N = job.N;
     }
     int nt = lf_threads_for(pool, (double)flops, INT64_MAX);
-    const int tr = job.c_trans ? dp->pair_mr : dp->mr, tc = job.c_trans ? 2 * dp->nr : dp->nr; /* the tile */
-    choose_grid(M, job.c_trans ? 1 : N, nt, tr, tc, &job.tm, &job.tn); /* Cᵀ: W's rows split, never x's (W read once) */
+    const int tr = job.w_rows ? dp->pair_mr : dp->mr, tc = job.w_rows ? 2 * dp->nr : dp->nr; /* the tile */
+    choose_grid(M, job.w_rows ? 1 : N, nt, tr, tc, &job.tm, &job.tn); /* Cᵀ: W's rows split, never x's (W read once) */
     nt = job.tm * job.tn;
     job.mchunk = ((M + tr - 1) / tr + job.tm - 1) / job.tm * tr;
     job.nchunk = ((N + tc - 1) / tc + job.tn - 1) / job.tn * tc;
@@ -420,9 +478,10 @@ int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tvi
     return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
 }
 
-const char *lf_hgemm_path(float alpha, lf_tview a, lf_tview b) {
+const char *lf_hgemm_path(int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, int *w_rows) {
     const lf_operand oa = lf_operand_typed(a, alpha), ob = lf_operand_typed(b, 1.0f);
     const lf_dispatch *dp = dispatch_of(&oa, &ob, 1);
+    if (w_rows) *w_rows = w_rows_in_place(dp, M, N, K, &oa, &ob);
     return dp == &lf_dispatch_amx_bf16 ? "amx_bf16" : dp == &lf_dispatch_avx512_bf16 ? "bf16_pairs" : "widened";
 }
 

@@ -71,8 +71,8 @@ static inline float lf_elem_f32(const void *p, lf_dtype dt, int64_t off) {
 
 /* Two adjacent NR-wide slivers of B at once (the second at bp + bstride), A read in place:
  * the pair_mr × 2·NR tile at c; nr ≤ 2·NR columns stored (nr ≤ NR: the first sliver alone).
- * The bf16 one (avx512_bf16, bstride in 32-bit slots) reads a as 16-bit rows, lda in 16-bit elements, and
- * stores C transposed: element (i, j) at c[j·ldc + i], bias[i] (gemm.c w_rows_in_place). */
+ * The bf16 one (avx512_bf16, bstride in 32-bit slots; gemm.c w_rows_block_run) reads a as 16-bit rows, lda in
+ * 16-bit elements, and adds bias[i] to row i (a row of Cᵀ: bias belongs to W's rows there). */
 typedef void (*lf_ukernel_pair_fn)(int64_t kc, const float *a, int64_t lda, const float *bp, int64_t bstride,
                                    float *c, int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias);
 

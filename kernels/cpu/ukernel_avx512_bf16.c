@@ -13,11 +13,11 @@
  *   c[i][j] (+)= Σ_pp ap·bp  (+ bias[j] when !accumulate)      (lf_ukernel_fn, internal.h; kc counts k)
  * Edge tiles: __mmask16 column masks on the stores; a tile of ≤ 8 rows runs an 8- or 4-row instance of the
  * loop (tile_rows), the rows beyond mr zero-padded by packing.
- * The pair tile (ukernel_pair, gemm.c w_rows_in_place: Cᵀ = W·xᵀ for 16–256 tokens): 6 rows of W read in place,
- * a 32-bit pair of each per k-pair step broadcast, × two 32-wide slivers of packed xᵀ (64 tokens): 24
+ * The pair tile (ukernel_pair, gemm.c w_rows_block_run: Cᵀ = W·xᵀ for 16–256 tokens): 6 rows of W read in
+ * place, a 32-bit pair of each per k-pair step broadcast, × two 32-wide slivers of packed xᵀ (64 tokens): 24
  * accumulators, the same vdpbf16ps per lane in the same order as the 12×32 tile — the products commute, so C's
- * bits are those of the x-rows orientation. Its 6×64 block of Cᵀ leaves through a 16×16 register transpose
- * (transpose.c) as 64 masked row stores of 6 floats into C.
+ * bits are those of the x-rows orientation. It stores rows of Cᵀ (a scratch; gemm.c transposes it into C),
+ * bias[i] on row i.
  * Compiled for any x86-64 with a target attribute; chosen (gemm.c dispatch_of) only on the
  * avx512_bf16 level, which cpuid must report (dispatch.c). */
 #include <string.h>
@@ -90,7 +90,7 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
 
 /* The pair tile, in the transposed orientation (gemm.c: W as A, xᵀ as b): PR = 6 rows of a row-major bf16 A read
  * in place (pairs at a + i·lda + 2pp, lda in 16-bit elements) × NS = 2 (or 1) 32-wide slivers of packed b, the
- * second at bp + bstride; C stored transposed: element (i, j) at c[j·ldc + i], bias indexed by i. */
+ * second at bp + bstride: c[i·ldc + j] (+)= Σ_pp …, + bias[i] when !accumulate. */
 LF_AVX512_BF16 static inline __attribute__((always_inline)) void
 pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uint32_t *bp, int64_t bstride, float *c,
              int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
@@ -102,6 +102,7 @@ pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uin
     __m512 acc[PR][4];
 #pragma GCC unroll 6
     for (int i = 0; i < PR; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    /* acc[i][v] += Σ_e a(i, 2pp+e)·b(2pp+e, 16v + lane), pp < np (sliver v / 2 at bp + (v / 2)·bstride) */
     for (int64_t pp = 0; pp < np; pp++) {
         __m512bh b[4];
 #pragma GCC unroll 2
@@ -120,21 +121,19 @@ pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uin
         }
         bp += NR;
     }
-    float buf[PR][64] __attribute__((aligned(64))), col[16][16] __attribute__((aligned(64)));
-#pragma GCC unroll 6
-    for (int i = 0; i < PR; i++)
+    __mmask16 m[4];
 #pragma GCC unroll 4
-        for (int v = 0; v < 2 * NS; v++) _mm512_store_ps(buf[i] + 16 * v, acc[i][v]);
-    const __mmask16 m = (__mmask16)((1u << mr) - 1u);
-    const __m512 base = !accumulate && bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < nr; j0 += 16) { /* columns j0…j0+15 of C: rows of col */
-        lf_transpose16_avx512(buf[0] + j0, 64, (int)mr, 1.0f, col[0], 16);
-        const int64_t n = nr - j0 < 16 ? nr - j0 : 16;
-        for (int64_t j = 0; j < n; j++) {
-            float *cj = c + (j0 + j) * ldc;
-            const __m512 bj = accumulate ? _mm512_maskz_loadu_ps(m, cj) : base;
-            _mm512_mask_storeu_ps(cj, m, _mm512_add_ps(bj, _mm512_load_ps(col[j])));
-        }
+    for (int v = 0; v < 4; v++) /* columns 16v… of the tile: all, none, or the first nr − 16v */
+        m[v] = nr >= 16 * (v + 1) ? (__mmask16)0xFFFF : nr <= 16 * v ? 0 : (__mmask16)((1u << (nr - 16 * v)) - 1u);
+#pragma GCC unroll 6
+    for (int i = 0; i < PR; i++) { /* a constant trip count: the accumulators stay in registers */
+        if (i >= mr) break;
+        float *ci = c + i * ldc;
+        const __m512 bi = !accumulate && bias ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int v = 0; v < 2 * NS; v++)
+            _mm512_mask_storeu_ps(ci + 16 * v, m[v],
+                                  _mm512_add_ps(accumulate ? _mm512_maskz_loadu_ps(m[v], ci + 16 * v) : bi, acc[i][v]));
     }
 }
 
