@@ -177,19 +177,19 @@ def test_zero_sizes(base, zero):
     Case(dims["n"], dims["k"], dims["m"], dims["r"], base, "float32").check()
 
 
-@pytest.mark.parametrize("n", [1, 8, 9, 32, 33])
+@pytest.mark.parametrize("n", [1, 8, 9, 24, 25, 32, 33])
 def test_plans_chosen_and_forced(half_isa, n):
-    """At most 8 tokens (5 for a bf16 W on AMX, tunables.c; 32 for bf16 on the avx512_bf16 pairs kernels, in
-    groups of 8): y 'decode' (W streamed in place); at most 8, dx 'masked' (W's rows streamed, on AVX-512); more:
-    bf16 on a bf16 tile 'split' / 'masked', otherwise 'augmented'; every legal plan forced gives a result within
-    the bounds."""
+    """At most 8 tokens (tunables.c half_decode_max_n: 5 for a bf16 W on AMX, 24 for bf16 on the avx512_bf16
+    pairs kernels, whose decode takes up to 32 in groups of 8): y 'decode' (W streamed in place); at most 8, dx
+    'masked' (W's rows streamed, on AVX-512); more: bf16 on a bf16 tile 'split' / 'masked', otherwise
+    'augmented'; every legal plan forced gives a result within the bounds."""
     for base in ("bfloat16", "float16"):
         c = Case(n, 40, 24, 4, base, "float32")
         _, u = c.forward()
         c.backward(u)
         tile = on_tile(base)
         decode_ok = 32 if tile and _C.get_isa() == "avx512_bf16" else 8  # lf_rowdots_half_ok
-        decode_max = 5 if tile and _C.get_isa() == "amx_bf16" else decode_ok  # tunables.c half_decode_max_n
+        decode_max = {"amx_bf16": 5, "avx512_bf16": 24}.get(_C.get_isa(), 8) if tile else 8  # half_decode_max_n
         assert _C.last_forward_plan() == ("skinny", "decode" if n <= decode_max else "split" if tile else "augmented")
         streamed = n <= 8 and _C.get_isa() in ("avx512", "avx512_bf16", "amx_bf16")
         assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile or streamed else "augmented")

@@ -75,6 +75,10 @@ const lf_tunables lf_tunables_avx512_bf16 = {
     /* AMD EPYC (Zen 4, the avx512_bf16 CPU measured): vdpbf16ps zmm 231 GFLOP/s on one thread against the
      * FMA's 114 (fma_peak.c), one instruction a cycle each; 8×4096² bf16 decode 3.8 → see RESULTS.md */
     .decode_pairs = 1,
+    /* 'split' (the transposed GEMM, W's rows in place: gemm.c w_rows_in_place) beats the decode kernel from 28
+     * tokens: 4096², lora_forward bf16 x, plans forced, interleaved, 2026-12-05: 28 tokens 2.76 vs 3.12 ms, 32:
+     * 2.67 vs 3.05, 32 × 14336 × 4096: 9.80 vs 11.97; decode ahead up to 24 (2.42 vs 2.71, 16: 1.97 vs 2.69) */
+    .half_decode_max_n = 24,
 };
 
 /* avx512_bf16 with the 32×32 AMX tile (ukernel_amx_bf16.c) in place of the vdpbf16ps one, in its own
