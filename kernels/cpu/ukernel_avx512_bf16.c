@@ -89,10 +89,11 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16(int64_t kc, const float *app, con
 }
 
 /* The pair tile, in the transposed orientation (gemm.c: W as A, xᵀ as b): PR = 6 rows of a row-major bf16 A read
- * in place (pairs at a + i·lda + 2pp, lda in 16-bit elements) × NS = 2 (or 1) 32-wide slivers of packed b, the
- * second at bp + bstride: c[i·ldc + j] (+)= Σ_pp …, + bias[i] when !accumulate. */
+ * in place (pairs at a + i·lda + 2pp, lda in 16-bit elements) × NZ = 4, 2 or 1 zmm columns of packed b (two
+ * 32-wide slivers, the second at bp + bstride; one; its first 16 columns): c[i·ldc + j] (+)= Σ_pp …, + bias[i]
+ * when !accumulate. */
 LF_AVX512_BF16 static inline __attribute__((always_inline)) void
-pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uint32_t *bp, int64_t bstride, float *c,
+pair_slivers(const int NZ, int64_t kc, const uint16_t *a, int64_t lda, const uint32_t *bp, int64_t bstride, float *c,
              int64_t ldc, int64_t mr, int64_t nr, int accumulate, const float *bias) {
     enum { PR = 6 };
     const int64_t np = (kc + 1) / 2;
@@ -105,19 +106,18 @@ pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uin
     /* acc[i][v] += Σ_e a(i, 2pp+e)·b(2pp+e, 16v + lane), pp < np (sliver v / 2 at bp + (v / 2)·bstride) */
     for (int64_t pp = 0; pp < np; pp++) {
         __m512bh b[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < NZ; v++) /* zmm v: columns 16v…, in sliver v / 2 */
+            b[v] = (__m512bh)_mm512_load_si512((const void *)(bp + v / 2 * bstride + 16 * (v % 2)));
 #pragma GCC unroll 2
-        for (int t = 0; t < NS; t++) {
-            b[2 * t] = (__m512bh)_mm512_load_si512((const void *)(bp + t * bstride));
-            b[2 * t + 1] = (__m512bh)_mm512_load_si512((const void *)(bp + t * bstride + 16));
-            _mm_prefetch((const char *)(bp + t * bstride + 8 * NR), _MM_HINT_T0);
-        }
+        for (int t = 0; t < (NZ + 1) / 2; t++) _mm_prefetch((const char *)(bp + t * bstride + 8 * NR), _MM_HINT_T0);
 #pragma GCC unroll 6
         for (int i = 0; i < PR; i++) {
             uint32_t w;
             memcpy(&w, ar[i] + 2 * pp, sizeof w);
             const __m512bh av = (__m512bh)_mm512_set1_epi32((int)w);
 #pragma GCC unroll 4
-            for (int v = 0; v < 2 * NS; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, b[v]);
+            for (int v = 0; v < NZ; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, b[v]);
         }
         bp += NR;
     }
@@ -131,7 +131,7 @@ pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uin
         float *ci = c + i * ldc;
         const __m512 bi = !accumulate && bias ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
 #pragma GCC unroll 4
-        for (int v = 0; v < 2 * NS; v++)
+        for (int v = 0; v < NZ; v++)
             _mm512_mask_storeu_ps(ci + 16 * v, m[v],
                                   _mm512_add_ps(accumulate ? _mm512_maskz_loadu_ps(m[v], ci + 16 * v) : bi, acc[i][v]));
     }
@@ -140,10 +140,14 @@ pair_slivers(const int NS, int64_t kc, const uint16_t *a, int64_t lda, const uin
 LF_AVX512_BF16 static void ukernel_avx512_bf16_pair(int64_t kc, const float *a, int64_t lda, const float *bp,
                                                     int64_t bstride, float *c, int64_t ldc, int64_t mr, int64_t nr,
                                                     int accumulate, const float *bias) {
-    if (nr > NR)
-        pair_slivers(2, kc, (const uint16_t *)a, lda, (const uint32_t *)bp, bstride, c, ldc, mr, nr, accumulate, bias);
+    const uint16_t *w = (const uint16_t *)a;
+    const uint32_t *x = (const uint32_t *)bp;
+    if (nr > NR) /* two slivers; or one (its first 16 columns when nr ≤ 16: 6 accumulators, not 12) */
+        pair_slivers(4, kc, w, lda, x, bstride, c, ldc, mr, nr, accumulate, bias);
+    else if (nr > 16)
+        pair_slivers(2, kc, w, lda, x, 0, c, ldc, mr, nr, accumulate, bias);
     else
-        pair_slivers(1, kc, (const uint16_t *)a, lda, (const uint32_t *)bp, 0, c, ldc, mr, nr, accumulate, bias);
+        pair_slivers(1, kc, w, lda, x, 0, c, ldc, mr, nr, accumulate, bias);
 }
 
 const lf_dispatch lf_dispatch_avx512_bf16 = {

@@ -156,7 +156,10 @@ def hgemm(a: Any, b: Any, alpha: float = 1.0, bias: Any = None, out: Optional[np
     ``avx512_bf16`` ISA run AVX512-BF16's vdpbf16ps on bf16 K-pairs, on the ``amx_bf16`` ISA AMX's
     tdpbf16ps on 16×16 tiles (both read bf16 denormals as 0 and flush denormal partial sums:
     tests/tolerances.py); everything else widens the half operands to fp32 while packing and runs
-    the fp32 micro-kernels. ``_C.hgemm_path(a, b, alpha)`` says which. ``beta`` is 0 or 1; beta=1 adds into ``out`` (required, no bias). ``out``: a
+    the fp32 micro-kernels. On ``avx512_bf16``, 16-256 rows of a times a large column-contiguous b
+    (b = Wᵀ, W ≥ 2M elements) run transposed, W's rows read in place — the same bits.
+    ``_C.hgemm_path(a, b, alpha)`` says which: (path, a's dtype, b's dtype, orientation 'a_rows' or
+    'w_rows'). ``beta`` is 0 or 1; beta=1 adds into ``out`` (required, no bias). ``out``: a
     C-contiguous float32 (M, N) array or tensor that overlaps no input. Returns c, a NumPy array
     (viewing ``out``'s memory when given).
     """
