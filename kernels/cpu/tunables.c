@@ -66,9 +66,10 @@ const lf_tunables lf_tunables_avx512_bf16 = {
     .pairs_one_block_rows = 256,
     /* 16-256 tokens × a W of ≥ 2M elements (4 MiB): Cᵀ = W·xᵀ, W's rows read in place instead of transposed into
      * slivers (the transposes, stalled on W's loads from DRAM, were 7-9 % of the GEMM's time at 256 tokens).
-     * hgemm, Zen 4, builds interleaved in one process, 2026-12-05: 0.80× the time at 24 × 4096², 0.87× at 16 and
-     * 96, 0.90× at 128, 0.94× at 192, 0.97 / 0.98× at 256 × 4096 × 14336 and its transpose, 0.88× at 64 ×
-     * 2048²; 1.05× at 256 × 1024² (W 2 MiB, its transposes cheap from L3: excluded). */
+     * hgemm / torch, Zen 4, 2026-12-05 (RESULTS.md): 256 × 4096 × 14336 and its transpose 1.03 / 1.00 (were
+     * 0.93-0.98); 4096², 16 / 24 / 32 / 64 / 128 tokens 0.81 / 0.95 / 0.75 / 0.85 / 0.94× torch's time (were
+     * 1.20-1.35 / 1.24 / 1.19-1.20 / 1.04-1.13 / 0.99-1.09×). 256 × 1024² (W 2 MiB, its transposes cheap from
+     * L3) took 1.05× the time: excluded. */
     .w_in_place_min_n = 16,
     .w_in_place_max_n = 256,
     .w_in_place_min_w = 1 << 21,

@@ -15,9 +15,9 @@
  * loop (tile_rows), the rows beyond mr zero-padded by packing.
  * The pair tile (ukernel_pair, gemm.c w_rows_block_run: Cᵀ = W·xᵀ for 16–256 tokens): 6 rows of W read in
  * place, a 32-bit pair of each per k-pair step broadcast, × two 32-wide slivers of packed xᵀ (64 tokens): 24
- * accumulators, the same vdpbf16ps per lane in the same order as the 12×32 tile — the products commute, so C's
- * bits are those of the x-rows orientation. It stores rows of Cᵀ (a scratch; gemm.c transposes it into C),
- * bias[i] on row i.
+ * accumulators (12 and 6 in its 32- and 16-column instances for fewer tokens), the same vdpbf16ps per lane in
+ * the same order as the 12×32 tile — the products commute, so C's bits are those of the x-rows orientation. It
+ * stores rows of Cᵀ (a scratch; gemm.c transposes it into C), bias[i] on row i.
  * Compiled for any x86-64 with a target attribute; chosen (gemm.c dispatch_of) only on the
  * avx512_bf16 level, which cpuid must report (dispatch.c). */
 #include <string.h>
@@ -152,7 +152,8 @@ LF_AVX512_BF16 static void ukernel_avx512_bf16_pair(int64_t kc, const float *a, 
 
 const lf_dispatch lf_dispatch_avx512_bf16 = {
     .isa = LF_ISA_AVX512_BF16, .mr = MR, .nr = NR, .blk = &lf_tunables_avx512_bf16.pairs,
-    .ukernel = ukernel_avx512_bf16, .ukernel_pair = ukernel_avx512_bf16_pair, .pair_mr = 6, .widen = lf_widen_avx512, .k_pairs = 1,
+    .ukernel = ukernel_avx512_bf16, .widen = lf_widen_avx512, .k_pairs = 1,
+    .ukernel_pair = ukernel_avx512_bf16_pair, .pair_mr = 6, /* W's rows in place: gemm.c w_rows_block_run */
     .transpose = lf_transpose16_avx512, .tb = 16, /* B's K-pairs of a column-contiguous b (Wᵀ) */
 };
 #else
