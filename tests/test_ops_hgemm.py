@@ -79,6 +79,24 @@ def test_path_names_the_tile(half_isa):
     assert _C.hgemm_path(a.float(), b)[0] == "widened"
 
 
+def test_w_rows_window(half_isa):
+    """The transposed orientation only where tunables.c puts it (avx512_bf16: 16-256 rows of a, K even, b = Wᵀ
+    column-contiguous with K·N ≥ 2^21, two plain bf16 operands at alpha 1); everywhere else 'a_rows'."""
+    x = torch.zeros(64, 2051, dtype=torch.bfloat16)
+    w = torch.zeros(1030, 2051, dtype=torch.bfloat16)  # W (N, K); b = W.t()
+    on = half_isa == "avx512_bf16"
+
+    def orientation(a, b, alpha=1.0):
+        return _C.hgemm_path(a, b, alpha)[3]
+
+    assert orientation(x[:, :2050], w[:, :2050].t()) == ("w_rows" if on else "a_rows")
+    assert orientation(x[:, :2050], w[:1022, :2050].t()) == "a_rows"  # K·N = 2095100 < 2^21
+    assert orientation(x, w.t()) == "a_rows"  # K odd: the last pair would read past a row of W
+    assert orientation(x[:, :2050], w[:, :2050].t(), 0.5) == "a_rows"  # widened
+    assert orientation(x[:, :2050], w[:, :2050].t().contiguous()) == "a_rows"  # b row-major: W's pairs not adjacent
+    assert orientation(x[:, :2050].half(), w[:, :2050].t().half()) == "a_rows"
+
+
 @pytest.mark.parametrize("d", [1, 7, 33, 257])
 @pytest.mark.parametrize("axis", ["M", "K", "N"])
 @pytest.mark.parametrize("dts", [("bf16", "bf16"), ("f16", "bf16")])
