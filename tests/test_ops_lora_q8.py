@@ -47,6 +47,13 @@ class Q8Case(HandleCase):
 SHAPES = [(1, 64, 33, 4), (7, 33, 65, 5), (8, 257, 40, 16), (33, 130, 257, 8), (257, 96, 70, 3)]
 
 
+def test_transposed_gemm_window(half_isa):
+    """64 tokens × a 1030 × 2050 W (≥ 2M elements, K even): on avx512_bf16 the forward's base product runs
+    transposed, each block of W's rows dequantized into rows the pair tile reads in place (gemm.c
+    w_rows_block_run); within the bounds there as everywhere."""
+    Q8Case(64, 2050, 1030, 4, "bfloat16", "float32", 0.0).check()
+
+
 @pytest.mark.parametrize("base", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_of_the_dequantized_weight(half_isa, base, shape):

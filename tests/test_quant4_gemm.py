@@ -157,6 +157,23 @@ def test_odd_k_over_several_k_blocks_and_threads(half_isa):
         assert np.array_equal(one, np.asarray(three))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_w_rows_in_place_on_a_4bit_w(half_isa, quant_type):
+    """16-256 rows of a times a 4-bit Wᵀ of ≥ 2M elements run transposed on avx512_bf16 (gemm.c w_rows_block_run:
+    each block of W's rows dequantized into rows the pair tile reads in place, never transposed): within the
+    bound, hgemm's bits on the dequantized W, and the bits the same rows give among 300 (x's rows packed, W's
+    slivers transposed) — K over two K blocks and 4-bit blocks across W's rows (K = 2050), a 4-row W tail."""
+    data, state = stored((1030, 2050), quant_type)
+    rng = np.random.default_rng(4)
+    a, bias = operand(rng, (300, 2050), torch.bfloat16), torch.randn(1030)
+    many = check(a, data, state, True, bias=bias, what="300 rows")
+    for rows in (16, 40, 256):
+        assert _C.hgemm_path(a[:rows], torch.zeros(2050, 1030, dtype=torch.bfloat16).t().contiguous().t())[3] == (
+            "w_rows" if half_isa == "avx512_bf16" else "a_rows")
+        few = check(a[:rows], data, state, True, bias=bias, what=f"{rows} rows")
+        assert np.array_equal(few, many[:rows]), f"{rows} rows differ from the same rows among 300"
+
+
 @pytest.fixture
 def amx():
     """The amx_bf16 level forced for one test (skipped where the CPU or the OS lacks it)."""

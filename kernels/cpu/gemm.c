@@ -15,9 +15,10 @@
  * few columns, by a 6-row tile over two slivers at once when it has many (how_a_is_read).
  *
  * bf16 x of 16–256 rows times a large bf16 Wᵀ runs transposed, Cᵀ = W·xᵀ (w_rows_in_place, its own loop
- * w_rows_block_run): W's rows are read in place by the bf16 pair tile — never transposed into slivers, which
- * stalled on W's loads from DRAM — while x, a small operand, is packed once for all of K; each block of Cᵀ
- * accumulates in a scratch and is transposed into C once.
+ * w_rows_block_run): W's rows are read in place by the bf16 pair tile (a 4-/8-bit W's rows dequantized block
+ * by block into a scratch first) — never transposed into slivers, which stalled on W's loads from DRAM —
+ * while x, a small operand, is packed once for all of K; each block of Cᵀ accumulates in a scratch and is
+ * transposed into C once.
  *
  * Threads: C is cut into a tm×tn grid of blocks (tm·tn = threads), each thread runs the whole
  * loop nest on its block with its own packing buffers. The larger of M and N is split first,
@@ -30,6 +31,7 @@
 #include "internal.h"
 #include "lorafuse/dropout_hash.h"
 #include "lorafuse/quant.h"
+#include "quant4_internal.h"
 
 lf_operand lf_operand_plain(lf_view v, float scale) {
     lf_operand o;
@@ -247,13 +249,15 @@ static void w_rows_block_run(gemm_job *job, int tid) {
     const int64_t ldt = nsl * NR;
     float *xpack = lf_pool_scratch(job->pool, tid, 1, (size_t)(panel * nkb) * sizeof(float));
     float *ct = lf_pool_scratch(job->pool, tid, 0, (size_t)(MC * ldt) * sizeof(float));
-    if (!xpack || !ct) {
+    const lf_segment *w = &job->a->seg[0];
+    /* a 4-bit W: a block's rows dequantized (to bf16, as packing would) into rows of kc, lda kc */
+    uint16_t *wq = w->qw ? (uint16_t *)lf_pool_scratch(job->pool, tid, 2, (size_t)(MC * kcmax) * sizeof(uint16_t)) : NULL;
+    if (!xpack || !ct || (w->qw && !wq)) {
         atomic_store(&job->failed, LF_ENOMEM);
         return;
     }
     for (int64_t pc = 0; pc < K; pc += KC) /* K block pc at xpack + (pc / KC)·panel */
         lf_pack_b_panel(dp, job->b, 0, N, pc, min64(KC, K - pc), NR, xpack + pc / KC * panel);
-    const lf_segment *w = &job->a->seg[0];
     for (int64_t ic = m0; ic < m1; ic += MC) {
         if (lf_interrupt_pending()) {
             atomic_store(&job->cancelled, 1);
@@ -265,12 +269,14 @@ static void w_rows_block_run(gemm_job *job, int tid) {
             const int64_t kc = min64(KC, K - pc), ks = lf_k_slots(dp, kc);
             const int accumulate = pc > 0 || job->beta != 0.0f;
             const float *bias = pc == 0 && job->beta == 0.0f && job->bias ? job->bias + ic : NULL;
+            for (int64_t i = 0; wq && i < mc; i++) lf_qweight_span(w->qw, (ic + i) * w->v.rs + pc, kc, w->dtype, wq + i * kc);
+            const uint16_t *wrows = wq ? wq : w->h + ic * w->v.rs + pc; /* row i at wrows + i·lda */
+            const int64_t lda = wq ? kc : w->v.rs;
             for (int64_t jr = 0; jr < N; jr += TC) {
                 const float *bp = xpack + pc / KC * panel + jr * ks;
                 for (int64_t ir = 0; ir < mc; ir += TR)
-                    dp->ukernel_pair(kc, (const float *)(w->h + (ic + ir) * w->v.rs + pc), w->v.rs, bp, NR * ks,
-                                     ct + ir * ldt + jr, ldt, min64(TR, mc - ir), min64(TC, N - jr), accumulate,
-                                     bias ? bias + ir : NULL);
+                    dp->ukernel_pair(kc, (const float *)(wrows + ir * lda), lda, bp, NR * ks, ct + ir * ldt + jr, ldt,
+                                     min64(TR, mc - ir), min64(TC, N - jr), accumulate, bias ? bias + ir : NULL);
             }
         }
         transpose_block(dp, ct, ldt, mc, N, job->c + ic, job->ldc);
@@ -320,7 +326,8 @@ static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, 
 }
 
 /* 1 if C = x·Wᵀ runs as Cᵀ = W·xᵀ on the bf16 pair tile: W's rows read in place (no transposes of W), x (≤ 256
- * rows, packed) the columns — x plain bf16 row-major, b = Wᵀ column-contiguous bf16, K even (pairs whole) */
+ * rows, packed) the columns — x plain bf16 row-major, b = Wᵀ column-contiguous, bf16 or quantized (its rows
+ * dequantized block by block into a scratch the tile reads in place), K even (pairs whole) */
 static int w_rows_in_place(const lf_dispatch *dp, int64_t M, int64_t N, int64_t K, const lf_operand *a,
                            const lf_operand *b) {
     const lf_tunables *tu = lf_tune();
@@ -329,7 +336,7 @@ static int w_rows_in_place(const lf_dispatch *dp, int64_t M, int64_t N, int64_t 
         return 0;
     const lf_segment *sa = &a->seg[0], *sb = &b->seg[0];
     return a->nseg == 1 && b->nseg == 1 && !b->packed && !a->add && !b->add && sa->h && !sa->qw && sa->v.cs == 1 &&
-           sb->h && !sb->qw && sb->v.rs == 1 && sa->scale == 1.0f && sb->scale == 1.0f && !sa->drop_threshold &&
+           (sb->h || sb->qw) && sb->v.rs == 1 && sa->scale == 1.0f && sb->scale == 1.0f && !sa->drop_threshold &&
            !sb->drop_threshold;
 }
 
