@@ -145,10 +145,10 @@ PyObject *lf_py_hgemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     lf_dtype da, db;
     PyObject *res = NULL;
     if (!parse_ab(st, F, 1, &L, oa, ob, &a, &b, &da, &db)) {
-        int w_rows = 0;
-        const char *path = lf_hgemm_path(PyArray_DIM(a, 0), PyArray_DIM(b, 1), PyArray_DIM(a, 1), alpha,
-                                         lf_py_tview2(a, da), lf_py_tview2(b, db), &w_rows);
-        res = Py_BuildValue("(ssss)", path, lf_py_dtype_name(da), lf_py_dtype_name(db), w_rows ? "w_rows" : "a_rows");
+        const lf_tview ta = lf_py_tview2(a, da), tb = lf_py_tview2(b, db);
+        const int w_rows = lf_hgemm_w_rows(PyArray_DIM(a, 0), PyArray_DIM(b, 1), PyArray_DIM(a, 1), alpha, ta, tb);
+        res = Py_BuildValue("(ssss)", lf_hgemm_path(alpha, ta, tb), lf_py_dtype_name(da), lf_py_dtype_name(db),
+                            w_rows ? "w_rows" : "a_rows");
     }
     lf_py_drop_all(&L);
     return res;

@@ -339,8 +339,7 @@ PyObject *lf_py_q4gemm_path(PyObject *self, PyObject *args, PyObject *kw) {
     const lf_qweight none = {0}; /* the path depends on dtypes and alpha only */
     PyObject *res = NULL;
     if (!lf_py_check_ndim(F, "a", a, 2, "(M, K)"))
-        res = Py_BuildValue("(sss)",
-                            lf_hgemm_path(1, 1, 1, alpha, lf_py_tview2(a, da), (lf_tview){.dtype = dw, .qw = &none}, NULL),
+        res = Py_BuildValue("(sss)", lf_hgemm_path(alpha, lf_py_tview2(a, da), (lf_tview){.dtype = dw, .qw = &none}),
                             lf_py_dtype_name(da), lf_py_dtype_name(dw));
     Py_DECREF(a);
     return res;

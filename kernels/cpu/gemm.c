@@ -222,18 +222,6 @@ static void gemm_block_run(gemm_job *job, int tid) {
     }
 }
 
-/* dst[q·ldd + i] = src[i·lds + q] for i < rows, q < cols: by 16×16 register transposes where the ISA has
- * them (dp->transpose), the edges element by element */
-static void transpose_block(const lf_dispatch *dp, const float *src, int64_t lds, int64_t rows, int64_t cols,
-                            float *dst, int64_t ldd) {
-    const int64_t tb = dp->transpose ? dp->tb : 0, qb = tb ? cols / tb * tb : 0;
-    for (int64_t i = 0; tb && i < rows; i += tb)
-        for (int64_t q = 0; q < qb; q += tb)
-            dp->transpose(src + i * lds + q, lds, (int)min64(tb, rows - i), 1.0f, dst + q * ldd + i, ldd);
-    for (int64_t q = qb; q < cols; q++)
-        for (int64_t i = 0; i < rows; i++) dst[q * ldd + i] = src[i * lds + q];
-}
-
 /* One thread's rows of W in the transposed orientation (w_rows_in_place): Cᵀ = W·xᵀ, W (M × K here, the
  * job's a) read in place by the pair tile, xᵀ (the job's b, N ≤ 256 columns) packed once for all of K. Each
  * block of MC rows of W accumulates its MC × N block of Cᵀ over all of K in a scratch, rows contiguous — the
@@ -264,7 +252,7 @@ static void w_rows_block_run(gemm_job *job, int tid) {
             return;
         }
         const int64_t mc = min64(MC, m1 - ic);
-        if (job->beta != 0.0f) transpose_block(dp, job->c + ic, job->ldc, N, mc, ct, ldt);
+        if (job->beta != 0.0f) lf_transpose_f32(job->c + ic, job->ldc, N, mc, 1.0f, ct, ldt);
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = min64(KC, K - pc), ks = lf_k_slots(dp, kc);
             const int accumulate = pc > 0 || job->beta != 0.0f;
@@ -279,7 +267,7 @@ static void w_rows_block_run(gemm_job *job, int tid) {
                                      min64(TR, mc - ir), min64(TC, N - jr), accumulate, bias ? bias + ir : NULL);
             }
         }
-        transpose_block(dp, ct, ldt, mc, N, job->c + ic, job->ldc);
+        lf_transpose_f32(ct, ldt, mc, N, 1.0f, job->c + ic, job->ldc);
     }
 }
 
@@ -325,19 +313,18 @@ static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, 
     return dispatch_for(N);
 }
 
-/* 1 if C = x·Wᵀ runs as Cᵀ = W·xᵀ on the bf16 pair tile: W's rows read in place (no transposes of W), x (≤ 256
- * rows, packed) the columns — x plain bf16 row-major, b = Wᵀ column-contiguous, bf16 or quantized (its rows
- * dequantized block by block into a scratch the tile reads in place), K even (pairs whole) */
+/* 1 if C = x·Wᵀ (dispatched to dp by dispatch_of) runs as Cᵀ = W·xᵀ on the bf16 pair tile: W's rows read in place
+ * (no transposes of W), x (≤ 256 rows, packed) the columns. The bf16 pair tile's dispatch means two plain bf16
+ * operands (one segment, scale 1, no dropout; check_segments refuses addends and kept panels on them); beyond
+ * that x must be 16-bit bits with rows contiguous, b = Wᵀ column-contiguous (bf16, or quantized: its rows
+ * dequantized block by block into a scratch the tile reads in place), K even (pairs whole). */
 static int w_rows_in_place(const lf_dispatch *dp, int64_t M, int64_t N, int64_t K, const lf_operand *a,
                            const lf_operand *b) {
     const lf_tunables *tu = lf_tune();
-    if (!dp->ukernel_pair || !dp->k_pairs || M < tu->w_in_place_min_n || M > tu->w_in_place_max_n || K % 2 ||
+    if (!dp->ukernel_pair || dp->k_pairs != 1 || M < tu->w_in_place_min_n || M > tu->w_in_place_max_n || K % 2 ||
         (double)K * (double)N < tu->w_in_place_min_w)
         return 0;
-    const lf_segment *sa = &a->seg[0], *sb = &b->seg[0];
-    return a->nseg == 1 && b->nseg == 1 && !b->packed && !a->add && !b->add && sa->h && !sa->qw && sa->v.cs == 1 &&
-           (sb->h || sb->qw) && sb->v.rs == 1 && sa->scale == 1.0f && sb->scale == 1.0f && !sa->drop_threshold &&
-           !sb->drop_threshold;
+    return a->seg[0].h && a->seg[0].v.cs == 1 && b->seg[0].v.rs == 1;
 }
 
 /* 1 if every element i·rs + j·cs (i < d0, j < d1) of a quantized segment's view lies in its weight's
@@ -485,10 +472,14 @@ int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tvi
     return lf_gemm(pool, M, N, K, &oa, &ob, beta, bias, c, ldc);
 }
 
-const char *lf_hgemm_path(int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, int *w_rows) {
+int lf_hgemm_w_rows(int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b) {
+    const lf_operand oa = lf_operand_typed(a, alpha), ob = lf_operand_typed(b, 1.0f);
+    return w_rows_in_place(dispatch_of(&oa, &ob, N), M, N, K, &oa, &ob);
+}
+
+const char *lf_hgemm_path(float alpha, lf_tview a, lf_tview b) {
     const lf_operand oa = lf_operand_typed(a, alpha), ob = lf_operand_typed(b, 1.0f);
     const lf_dispatch *dp = dispatch_of(&oa, &ob, 1);
-    if (w_rows) *w_rows = w_rows_in_place(dp, M, N, K, &oa, &ob);
     return dp == &lf_dispatch_amx_bf16 ? "amx_bf16" : dp == &lf_dispatch_avx512_bf16 ? "bf16_pairs" : "widened";
 }
 

@@ -67,7 +67,7 @@ static uint16_t *narrowed_copy(lf_tview x, int64_t n, int64_t k, lf_dtype dt) {
 }
 
 /* 1 if the GEMM of these two operands (unscaled) runs a bf16 tile */
-static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1, 1, 1, 1.0f, a, b, NULL), "widened") != 0; }
+static int on_bf16_tile(lf_tview a, lf_tview b) { return strcmp(lf_hgemm_path(1.0f, a, b), "widened") != 0; }
 
 /* 1 if the skinny kernel (one streaming read, lf_rowdot) can form a rank-r product over these rows */
 static int skinny_rows(lf_tview big, int64_t r) { return big.cs == 1 && r > 0 && r <= LF_SKINNY_MAX_R; }

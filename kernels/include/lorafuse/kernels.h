@@ -105,10 +105,11 @@ typedef struct {
 int lf_hgemm(lf_pool *pool, int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, float beta,
              const float *bias, float *c, int64_t ldc);
 /* How lf_hgemm runs these operands on the ISA in use: "amx_bf16" (AMX tiles), "bf16_pairs"
- * (vdpbf16ps on K-pairs) or "widened" (to fp32 while packing, the fp32 micro-kernels), which depends on
- * dtypes and alpha only; *w_rows (if not NULL) 1 where a (M, K) · b (K, N) runs transposed, W's rows read in
- * place (gemm.c w_rows_in_place; same bits), else 0 — M, N, K are read for it alone */
-const char *lf_hgemm_path(int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b, int *w_rows);
+ * (vdpbf16ps on K-pairs) or "widened" (to fp32 while packing, the fp32 micro-kernels) */
+const char *lf_hgemm_path(float alpha, lf_tview a, lf_tview b);
+/* 1 if lf_hgemm of a (M, K) · b (K, N) runs transposed, W's rows read in place (gemm.c w_rows_in_place; the
+ * same bits), else 0 */
+int lf_hgemm_w_rows(int64_t M, int64_t N, int64_t K, float alpha, lf_tview a, lf_tview b);
 
 /* ---- packed frozen weight (opt-in cache): the GEMM panels of W, packed once and reused by
  *      every call while W is unchanged — a call then skips re-packing W, at the memory cost
