@@ -42,11 +42,12 @@ class Case:
     """One layer's operands (torch tensors), the kernels' results and the float64 reference."""
 
     def __init__(self, n: int, k: int, m: int, r: int, base: str, adapters: str, p: float = 0.0, *,
-                 fifo: bool = False, x_strided: bool = False, lead: tuple = ()) -> None:
+                 fifo: bool = False, x_strided: bool = False, x_pad: int = 0, lead: tuple = ()) -> None:
+        """x_strided: x's columns 2 apart; x_pad: its rows k + x_pad apart (columns contiguous)."""
         gen = torch.Generator().manual_seed(n * 1000003 + k * 1009 + m * 17 + r)
         self.n, self.k, self.m, self.r, self.base, self.adapters, self.p, self.fifo = n, k, m, r, base, adapters, p, fifo
-        xs = rand(gen, (*lead, n, 2 * k if x_strided else k), base)
-        self.x = xs[..., ::2] if x_strided else xs
+        xs = rand(gen, (*lead, n, 2 * k if x_strided else k + x_pad), base)
+        self.x = xs[..., ::2] if x_strided else xs[..., :k]
         self.W = rand(gen, (k, m) if fifo else (m, k), base)
         self.A, self.B = rand(gen, (r, k), adapters) * 0.5, rand(gen, (m, r), adapters) * 0.5
         self.bias, self.g, self.s = rand(gen, (m,), base), rand(gen, (*lead, n, m), base), 0.75

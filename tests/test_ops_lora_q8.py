@@ -76,9 +76,12 @@ def test_elements_bit_for_bit(half_isa, base, k):
 @pytest.mark.parametrize("n", range(1, 9))
 def test_decode(half_isa, n):
     """1–8 tokens: W's rows dequantized a block at a time in cache for the decode kernel (rowdots_half.c) and
-    for dx (lf_rows_axpy_half)."""
+    for dx (lf_rows_axpy_half); K = 8232 for 3 and 8 tokens: two of the vdpbf16ps kernel's K blocks (8192), the
+    last 8 elements past its 32-element steps, x's rows strided."""
     case = Q8Case(n, 96 if n % 2 else 1024, 37, 3, "bfloat16", "float32")
     case.check(("skinny", "decode"), ("skinny", "gemm", "masked"))
+    if n in (3, 8):
+        Q8Case(n, 8192 + 40, 9, 2, "bfloat16", "float32", x_pad=3).check(("skinny", "decode"))
 
 
 @pytest.mark.parametrize("n", [1, 8, 9, 33])

@@ -9,26 +9,33 @@
  * dt exactly as lf_qweight_dequantize rounds (through lf_store16 / lf_load16) — and held in one register; each
  * element is then one table lookup (vpermps on its nibble) and one fp32 FMA per token: W is never widened,
  * stored or re-read. A byte holds elements 2t (high nibble) and 2t+1 (low), so the high nibbles of 16
- * bytes are 16 even elements and the low ones 16 odd elements: x is split once into its even and odd
- * elements (xe, xo: n × K/2 floats each) and the products are summed in that order (every product exact,
- * fp32 sums). Rows of W are split across the pool's threads, taken two at a time for up to 4 tokens,
- * K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where lf_tunables.decode_pairs says
- * so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and multiply them with x's own
- * pairs on vdpbf16ps, 32 elements per instruction (rows_q4p_N, below; rows_q4s_N where the CPU has VBMI and
- * K and B suit them: the same pairs by byte and word permutes). AVX-512 only, and only when
+ * bytes are 16 even elements and the low ones 16 odd elements: x is split once, per chunk of 32 elements, into its
+ * even and odd elements (job's xs, every token's chunk at a fixed offset from one pointer) and the products are
+ * summed in that order (every product exact, fp32 sums). Rows of W are split across the pool's threads, taken two
+ * at a time for up to 4 tokens, K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where
+ * lf_tunables.decode_pairs says so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and
+ * multiply them with x's own pairs (in the same chunks, xt) on vdpbf16ps, 32 elements per instruction
+ * (rows_q4p_N, below; rows_q4s_N where the CPU has VBMI and K and B suit them: the same pairs by byte and word
+ * permutes), K in blocks of PAIRS_K_BLOCK. AVX-512 only, and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
  * buffer (lf_rowdots_qw_ok says which). An 8-bit W (LF_Q8_ROW) takes the pairs kernels only (rows_q8p_N: a
  * bf16 x on vdpbf16ps), else the same buffer. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "half_store.h"
 #include "internal.h"
 #include "quant4_internal.h"
 
 #define ROWS_PER_BLOCK 16
-/* K per block: the split x of a block (n · K_BLOCK floats) stays in L1 — 32 KiB — while the thread's rows of W
- * pass it; a multiple of the block size B (at least B). Few tokens: long runs of each row of W (prefetched). */
+/* K per block of the fp32 kernels: the split x of a block (n · kb floats) stays in L1 — 32 KiB — while the thread's
+ * rows of W pass it; a multiple of the block size B (at least B). Few tokens: long runs of each row of W
+ * (prefetched). Larger blocks from L2 (whole rows) were slower at 8 tokens, two loads of x per two FMAs. */
 #define X_L1_FLOATS 4096
+/* K per block of the pairs kernels (n · kb bf16 of x, from L2 where they outgrow L1): whole rows of W to 8192
+ * elements, each read in one run and summed once (Zen 4, 8 × 4096² NF4, 2 threads: x's block in L1 — 1024 elements
+ * at 8 tokens —, x's rows one pointer each: 1.15 ms; blocks of 8192: 1.01; x in chunks: 0.94; int8 1.20 → 0.94) */
+#define PAIRS_K_BLOCK 8192
 
 /* 1 if a bf16 x takes the pairs kernels here (lf_tunables.decode_pairs) */
 static int pairs_for(lf_dtype xdt) {
@@ -48,8 +55,14 @@ int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 typedef struct {
     int64_t n, M, K, ldc;
     const lf_qweight *w;
-    const float *xe, *xo, *bias; /* xe, xo: (n, K/2) each (the fp32 kernels) */
-    const uint16_t *xh;          /* x's bf16 elements, rows ldxh apart (the pairs kernels) */
+    /* x in chunks of 32 elements, token after token within a chunk (chunk c of token i at (c·n + i)·32), so
+     * that a kernel reaches every token's chunk from one pointer at fixed offsets (x's own rows, ldxh apart,
+     * held one pointer per token: the 8-token kernels spilled them). xs (the fp32 kernels): elements 32c + 2t
+     * then 32c + 2t + 1 for t < 16 (the even and odd elements a byte's nibbles hold); xt (the pairs kernels):
+     * the 32 bf16 elements as they are */
+    const float *xs, *bias;
+    const uint16_t *xt;
+    const uint16_t *xh; /* x's bf16 elements, rows ldxh apart: the 8-bit kernel's last K % 32 */
     int64_t ldxh;
     int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
     int shuffles;                /* the shuffle kernels take it (shuffles_for) */
@@ -71,7 +84,7 @@ LF_AVX512 static inline __m512 block_table(const lf_qweight *w, __m512 code, int
     LF_AVX512 static void rows_q4_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,      \
                                       int accumulate) {                                                                \
         const lf_qweight *w = job->w;                                                                                \
-        const int64_t K = job->K, B = w->blocksize, K2 = K / 2, KB = K / B; /* blocks per row */                     \
+        const int64_t K = job->K, B = w->blocksize, KB = K / B; /* blocks per row */                                 \
         const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
         const int lg = __builtin_ctzll((unsigned long long)B); /* B is a power of two */                               \
         const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
@@ -87,7 +100,7 @@ LF_AVX512 static inline __m512 block_table(const lf_qweight *w, __m512 code, int
                 for (int e = 0; e < E; e++)                                                                            \
                     for (int i = 0; i < N; i++) acc[r][e][i] = _mm512_setzero_ps();                                    \
             }                                                                                                          \
-            const float *xe0 = job->xe + (p0 >> 1), *xo0 = job->xo + (p0 >> 1);                                        \
+            const float *x0 = job->xs + (p0 >> 5) * N * 32; /* the K block's first chunk */                          \
             /* one pass over the 16-byte chunks of [p0, p0 + len): a chunk starting a block forms its tables */       \
             for (int64_t h = 0; h < len >> 1; h += 16) { /* 16 bytes: 16 even and 16 odd elements */                   \
                 __m512 we[R], wo[R];                                                                                   \
@@ -99,8 +112,8 @@ LF_AVX512 static inline __m512 block_table(const lf_qweight *w, __m512 code, int
                     wo[r] = _mm512_permutexvar_ps(c, t[r]);                                                            \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++) {                                                                          \
-                    const __m512 xe = _mm512_loadu_ps(xe0 + i * K2 + h);                                               \
-                    const __m512 xo = _mm512_loadu_ps(xo0 + i * K2 + h);                                               \
+                    const float *xi = x0 + ((h >> 4) * N + i) * 32;                                                    \
+                    const __m512 xe = _mm512_loadu_ps(xi), xo = _mm512_loadu_ps(xi + 16);                              \
                     for (int r = 0; r < R; r++) {                                                                      \
                         acc[r][0][i] = _mm512_fmadd_ps(xe, we[r], acc[r][0][i]);                                       \
                         acc[r][E - 1][i] = _mm512_fmadd_ps(xo, wo[r], acc[r][E - 1][i]);                               \
@@ -162,7 +175,7 @@ LF_AVX512 static inline __attribute__((always_inline)) void put_rows(const rowdo
         const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
         const int lg = __builtin_ctzll((unsigned long long)B);                                                         \
         const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
-        const uint16_t *x0 = job->xh + p0;                                                                             \
+        const uint16_t *x0 = job->xt + (p0 >> 5) * N * 32; /* the K block's first chunk */                             \
         /* bytes from a row's codes to those R rows on: prefetched at the same step (rowdots_half.c's reason; Zen 4, \
          * 8 × 4096² NF4, 2 threads: 1.97 → 1.67 ms) */                                                              \
         const int64_t ahead = R * (K >> 1);                                                                            \
@@ -190,7 +203,7 @@ LF_AVX512 static inline __attribute__((always_inline)) void put_rows(const rowdo
                     wp[r] = _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));                                         \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++) {                                                                          \
-                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + i * job->ldxh + 2 * h));      \
+                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + ((h >> 4) * N + i) * 32));    \
                     for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
                 }                                                                                                      \
             }                                                                                                          \
@@ -247,13 +260,13 @@ LF_VBMI_BF16 static inline __m512i block_words(__m512 code, float s) {
         const __m512i pat[4] = {spread, _mm512_add_epi8(spread, _mm512_set1_epi8(16)),                                 \
                                 _mm512_add_epi8(spread, _mm512_set1_epi8(32)),                                         \
                                 _mm512_add_epi8(spread, _mm512_set1_epi8(48))};                                        \
-        const uint16_t *x0 = job->xh + p0;                                                                             \
+        const uint16_t *x0 = job->xt + (p0 >> 5) * N * 32; /* the K block's first chunk */                             \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
             int64_t jr[R];                                                                                             \
             const uint8_t *q[R];                                                                                       \
             __m512 acc[R][N];                                                                                          \
             __m512i ta[R], tb[R]; /* the tables of this step's two halves */                                          \
-            float sc[R][X_L1_FLOATS * 2 / 64]; /* the rows' block scales over this K block (len / B ≤ kb / 64) */     \
+            float sc[R][PAIRS_K_BLOCK / 64]; /* the rows' block scales over this K block (len / B ≤ kb / 64) */       \
             for (int r = 0; r < R; r++) {                                                                              \
                 jr[r] = j + r < j1 ? j + r : j;                                                                        \
                 q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
@@ -277,8 +290,9 @@ LF_VBMI_BF16 static inline __m512i block_words(__m512 code, float s) {
                 }                                                                                                      \
                 for (int i = 0; i < N; i++)                                                                            \
                     for (int s = 0; s < 4; s++) {                                                                      \
-                        const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + i * job->ldxh + e + 32 * s)); \
-                        for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r][s]);  \
+                        const __m512bh xa =                                                                            \
+                            (__m512bh)_mm512_loadu_si512((const void *)(x0 + (((e >> 5) + s) * N + i) * 32));          \
+                        for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r][s]);   \
                     }                                                                                                  \
             }                                                                                                          \
             put_rows(job, j1 - j < R ? j1 - j : R, N, jr, &acc[0][0], accumulate);                                   \
@@ -312,7 +326,7 @@ static int shuffles_for(const rowdots_q4_job *job) {
                                             int64_t len, int accumulate) {                                             \
         const lf_qweight *w = job->w;                                                                                  \
         const int64_t lv = len / 32 * 32;                                                                              \
-        const uint16_t *x0 = job->xh + p0;                                                                             \
+        const uint16_t *x0 = job->xt + (p0 >> 5) * N * 32; /* the K block's first chunk */                             \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
             int64_t jr[R];                                                                                             \
             const int8_t *q[R];                                                                                        \
@@ -333,7 +347,7 @@ static int shuffles_for(const rowdots_q4_job *job) {
                     wp[r] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s[r]), _mm512_mul_ps(lo, s[r]));            \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++) {                                                                          \
-                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + i * job->ldxh + p));          \
+                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + ((p >> 5) * N + i) * 32));    \
                     for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
                 }                                                                                                      \
             }                                                                                                          \
@@ -341,7 +355,7 @@ static int shuffles_for(const rowdots_q4_job *job) {
                 for (int i = 0; i < N; i++) {                                                                          \
                     float v = _mm512_reduce_add_ps(acc[r][i]);                                                         \
                     for (int64_t p = lv; p < len; p++)                                                                 \
-                        v += lf_half_to_f32(LF_DT_BF16, x0[i * job->ldxh + p]) *                                       \
+                        v += lf_half_to_f32(LF_DT_BF16, job->xh[i * job->ldxh + p0 + p]) *                                 \
                              lf_half_to_f32(LF_DT_BF16, lf_f32_to_bf16((float)q[r][p] * lf_qweight_scale(w, jr[r])));  \
                     float *ci = job->c + i * job->ldc + jr[r];                                                         \
                     *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
@@ -373,11 +387,11 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     const int64_t blocks = (job->M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, per = (blocks + nt - 1) / nt;
     const int64_t j0 = tid * per * ROWS_PER_BLOCK;
     const int64_t j1 = (tid + 1) * per * ROWS_PER_BLOCK < job->M ? (tid + 1) * per * ROWS_PER_BLOCK : job->M;
-    /* the K block's x in L1: n · kb floats split (xe, xo), or n · kb bf16 (the pairs kernels: twice the elements);
-     * kb a multiple of the 4-bit block, or of the 8-bit kernel's 32-element step */
+    /* K blocks: the fp32 kernels' x in L1 (n · kb floats), the pairs kernels' PAIRS_K_BLOCK; kb a multiple of the
+     * 4-bit block, or of the 8-bit kernel's 32-element step */
     const int q8 = job->w->type == LF_Q8_ROW;
     const int64_t b = job->w->blocksize, unit = q8 ? 32 : job->shuffles && b < 128 ? 128 : b;
-    const int64_t fit = (job->pairs ? 2 : 1) * X_L1_FLOATS / job->n / unit * unit, kb = fit > unit ? fit : unit;
+    const int64_t fit = (job->pairs ? PAIRS_K_BLOCK : X_L1_FLOATS / job->n) / unit * unit, kb = fit > unit ? fit : unit;
     const rows_q4_fn rows =
         (q8 ? ROWS_Q8P_FOR_N : job->shuffles ? ROWS_Q4S_FOR_N : job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
@@ -397,21 +411,32 @@ int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, co
         return LF_EINVAL;
 #if defined(__x86_64__)
     if (M == 0) return LF_OK;
-    const int64_t K2 = K / 2; /* the 4-bit fp32 kernels: K is even, a multiple of B ≥ 32 */
     const int pairs = pairs_for(x.dtype); /* always, for an 8-bit W (lf_rowdots_qw_ok) */
-    float *xs = pairs ? NULL : malloc((size_t)(2 * n * K2 > 0 ? 2 * n * K2 : 1) * sizeof(float)); /* xe then xo */
-    if (!pairs && !xs) return LF_ENOMEM;
-    for (int64_t i = 0; i < n && !pairs; i++)
-        for (int64_t p = 0; p < K2; p++) {
-            xs[i * K2 + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + 2 * p * x.cs);
-            xs[(n + i) * K2 + p] = lf_elem_f32(x.p, x.dtype, i * x.rs + (2 * p + 1) * x.cs);
+    /* x's whole chunks (job's xs / xt; a 4-bit K is a multiple of B ≥ 32, an 8-bit one's last K % 32 is read
+     * from x itself): element 32c + u of token i at (c·n + i)·32 + u, or for the fp32 kernels, widened, at
+     * (c·n + i)·32 + (u odd)·16 + u/2 — one token's bf16 row as it is */
+    const int64_t chunks = K / 32;
+    const size_t bytes = (size_t)(n * chunks > 0 ? n * chunks : 1) * 32 * (pairs ? sizeof(uint16_t) : sizeof(float));
+    const int own = !pairs || n > 1;
+    void *xc = own ? aligned_alloc(64, bytes) : NULL; /* each chunk a cache line (bf16) or two (fp32) */
+    if (own && !xc) return LF_ENOMEM;
+    for (int64_t ch = 0; ch < chunks && own; ch++)
+        for (int64_t i = 0; i < n; i++) {
+            const uint16_t *src = (const uint16_t *)x.p + i * x.rs + 32 * ch;
+            if (pairs) {
+                memcpy((uint16_t *)xc + (ch * n + i) * 32, src, 32 * sizeof(uint16_t));
+                continue;
+            }
+            for (int u = 0; u < 32; u++)
+                ((float *)xc)[(ch * n + i) * 32 + (u & 1) * 16 + u / 2] = lf_half_to_f32(x.dtype, src[u]);
         }
-    rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xe = xs, .xo = xs ? xs + n * K2 : NULL,
-                          .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs, .dt = x.dtype, .c = c};
+    rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xs = pairs ? NULL : xc,
+                          .xt = pairs ? (own ? xc : x.p) : NULL, .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs,
+                          .dt = x.dtype, .c = c};
     job.shuffles = shuffles_for(&job);
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_q4_run, &job);
-    free(xs);
+    free(xc);
     return lf_interrupt_pending() ? LF_EINTR : LF_OK;
 #else
     (void)pool, (void)x, (void)bias, (void)c;
