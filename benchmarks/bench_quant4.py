@@ -1,6 +1,9 @@
 """Speed of the 4-bit data layer (lorafuse.quant): dequantizing an (m, k) NF4 weight with
 double-quantized scales into fp32 and bf16, per ISA, against bitsandbytes' dequantize_4bit when it is
-installed; and quantize_weight against bnb's quantize_4bit. Best of --rounds, one thread each.
+installed; and quantize_weight against bnb's quantize_4bit. Best of --rounds, one thread each. Each ISA level
+the CPU has, forced (on avx512_bf16 and amx_bf16 a bf16 output takes the vpermw span where the CPU has AVX512-VBMI:
+`lf_q4_span16_vbmi`); the whole W (64 MiB fp32, 32 MiB bf16) is written to memory, so the fast rows are bound by
+that store bandwidth rather than by the dequantization.
 
     python benchmarks/bench_quant4.py [--size 4096] [--rounds 5]
 """
@@ -37,7 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     W = torch.randn(args.size, args.size)
     data, state = quant.quantize_weight(W, "nf4", block_size=64, double_quant=True)
-    isas = ["generic", "avx2", "avx512"]
+    isas = ["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
     isas = isas[: isas.index(_C.cpu_isa()) + 1] if _C.cpu_isa() in isas else isas
     print(f"dequantize {args.size}x{args.size} nf4, blocks of 64, double-quantized scales (ms, best of {args.rounds})")
     for dtype in (torch.float32, torch.bfloat16):

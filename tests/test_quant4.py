@@ -24,7 +24,7 @@ FP4 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, 
 
 
 def isas():
-    order = ["generic", "avx2", "avx512"]
+    order = ["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
     best = _C.cpu_isa()
     return order[: order.index(best) + 1] if best in order else order
 
@@ -86,10 +86,17 @@ def test_round_trip_within_a_step(quant_type, block, double_quant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, double_quant, restore_isa):
+@pytest.mark.parametrize("double_quant, block", [(False, 64), (True, 64), (True, 256)])
+def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, double_quant, block, restore_isa):
+    """Every ISA level the CPU has (on avx512_bf16 / amx_bf16 a 16-bit output takes the VBMI span where the CPU
+    has it: 64 elements a step, masked tails), whole and in row and column ranges: odd starts, block edges,
+    blocks crossing rows (300 columns), runs shorter than a step."""
     W = torch.randn(37, 300) * 3
-    data, state = quant.quantize_weight(W, "nf4", block_size=64, double_quant=double_quant)
+    data, state = quant.quantize_weight(W, "nf4", block_size=block, double_quant=double_quant)
+    kw = {}
+    if double_quant:
+        kw = dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code, offset=float(state.offset))
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     full = {}
     for isa in isas():
         _C.set_isa(isa)
@@ -98,15 +105,11 @@ def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, double_qua
         for r0, r1 in ((0, 1), (5, 6), (3, 20), (36, 37), (4, 4)):
             part = quant.dequantize(data, state, dtype=dtype, rows=(r0, r1))
             assert torch.equal(bits(part), bits(full["generic"][r0:r1])), (isa, r0, r1)
-    kw = {}
-    if double_quant:
-        kw = dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code, offset=float(state.offset))
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    for c0, c1 in ((0, 1), (1, 2), (3, 250), (63, 65), (299, 300)):  # odd starts, block edges
-        part = torch.from_numpy(_C.dequant_4bit(data, state.absmax, (37, 300), 64, "nf4", name, rows=(2, 9),
-                                                cols=(c0, c1), **kw))
-        assert torch.equal(part.view(torch.int32 if dtype == torch.float32 else torch.int16),
-                           bits(full["generic"][2:9, c0:c1].contiguous()))
+        for c0, c1 in ((0, 1), (1, 2), (3, 250), (63, 65), (1, 130), (299, 300)):  # odd starts, block edges
+            part = torch.from_numpy(_C.dequant_4bit(data, state.absmax, (37, 300), block, "nf4", name, rows=(2, 9),
+                                                    cols=(c0, c1), **kw))
+            assert torch.equal(part.view(torch.int32 if dtype == torch.float32 else torch.int16),
+                               bits(full["generic"][2:9, c0:c1].contiguous())), (isa, c0, c1)
 
 
 def test_quantize_is_deterministic_for_each_input_dtype_and_zero_blocks():

@@ -13,6 +13,8 @@
 extern const float lf_q4_bounds_nf4[15];
 extern const float lf_q4_bounds_fp4[15];
 extern const uint8_t lf_q4_order_fp4[16];
+/* vpermt2b's index spreading 16 bytes of codes into 32 words, one nibble each, in element order (quant_tables.c) */
+extern const uint8_t lf_q4_spread[64];
 
 /* One run of a block: out[t] = round_dt(code[q[e + t]] · scale) for t < len, q[e] the nibble of
  * element e in data (high for even e); out is float (LF_DT_F32) or uint16_t bits (bf16, fp16).
@@ -25,6 +27,10 @@ void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *co
                     void *out);
 void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                       void *out);
+
+/* lf_qweight_span of a 4-bit W into a 16-bit dt (bf16, fp16) on AVX512-VBMI (quant4_simd.c): the same bits; 1 where
+ * this CPU has it (VBMI and BW), else 0 and nothing written */
+int lf_q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out);
 
 /* One run of an 8-bit row: out[t] = round_dt(float(c[t]) · scale) for t < len, c int8 codes; out as
  * lf_q4_run_fn's. Per ISA in quant4_simd.c; all give the same bits. */

@@ -33,6 +33,15 @@ const float lf_q4_bounds_fp4[15] = {
 /* torch.argsort of the FP4 table as bnb gets it: sorted position → code (its two zeros: 0 then 8) */
 const uint8_t lf_q4_order_fp4[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
 
+/* vpermt2b's index for code bytes 0 .. 15 (+ 16s: bytes 16s .. 16s + 15): dword l takes byte l of the codes
+ * shifted right 4 (first operand) into its low word and byte l of the codes (second operand, bit 6) into its
+ * high word — elements 2l (high nibble) and 2l + 1 (low) in word order; the high byte of each word is not read
+ * by vpermw */
+const uint8_t lf_q4_spread[64] = {0,  0,  64, 64, 1,  1,  65, 65, 2,  2,  66, 66, 3,  3,  67, 67,
+                                  4,  4,  68, 68, 5,  5,  69, 69, 6,  6,  70, 70, 7,  7,  71, 71,
+                                  8,  8,  72, 72, 9,  9,  73, 73, 10, 10, 74, 74, 11, 11, 75, 75,
+                                  12, 12, 76, 76, 13, 13, 77, 77, 14, 14, 78, 78, 15, 15, 79, 79};
+
 static const float k_dynamic[256] = {
     -0x1.fc6666p-1f, -0x1.f53334p-1f, -0x1.eep-1f, -0x1.e6ccccp-1f, -0x1.df999ap-1f, -0x1.d86666p-1f, -0x1.d13334p-1f,
     -0x1.cap-1f, -0x1.c2ccccp-1f, -0x1.bb999ap-1f, -0x1.b46666p-1f, -0x1.ad3334p-1f, -0x1.a6p-1f, -0x1.9eccccp-1f,

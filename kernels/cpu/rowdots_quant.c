@@ -223,7 +223,7 @@ ROWS_Q4P(8, 2)
 /* The shuffle kernels (rows_q4s_N; AVX512-VBMI and BW besides BF16, K a multiple of 128, B ≥ 64): the same pairs
  * as rows_q4p_N, bit for bit and in the same lanes, by two permutes per vector of pairs instead of vpermd's
  * four operations. 64 bytes of codes c (128 elements, two halves of 64 in a block each) a step, for s < 4:
- *     idx_s   = vpermt2b(c >> 4, SPREAD + 16s, c)   word 2l: code byte 16s + l shifted right 4 (its high nibble)
+ *     idx_s   = vpermt2b(c >> 4, S + 16s, c)          word 2l: code byte 16s + l shifted right 4 (its high nibble)
  *                                                   word 2l + 1: the byte itself (its low nibble)
  *     pairs_s = vpermw(idx_s, T)                    dword l = T[high nibble] | T[low nibble] << 16
  * — elements 2l and 2l + 1 of the 32 the vector covers, as x's pairs lie in memory. vpermw reads an index's low
@@ -233,14 +233,6 @@ ROWS_Q4P(8, 2)
  * held up the products (Zen 4, a row's step from L1: 8 tokens 13.4 → 10.6 ns, 1 token 4.6 → 3.3). The blocks'
  * scales of a row's K block resolved once (lf_qweight_scales: no division a block). */
 #define LF_VBMI_BF16 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16")))
-
-/* vpermt2b's index for the code bytes 0 .. 15 (SPREAD + 16s: bytes 16s .. 16s + 15): dword l takes byte l of
- * the shifted codes (first operand) into its low word and byte l of the codes (second operand, bit 6) into its
- * high word; the high byte of each word is not read by vpermw */
-static const uint8_t SPREAD[64] = {0,  0,  64, 64, 1,  1,  65, 65, 2,  2,  66, 66, 3,  3,  67, 67,
-                                   4,  4,  68, 68, 5,  5,  69, 69, 6,  6,  70, 70, 7,  7,  71, 71,
-                                   8,  8,  72, 72, 9,  9,  73, 73, 10, 10, 74, 74, 11, 11, 75, 75,
-                                   12, 12, 76, 76, 13, 13, 77, 77, 14, 14, 78, 78, 15, 15, 79, 79};
 
 /* vpermw's table of a block of scale s: the bf16 bits of round(code[q] · s) — block_bits' rounding — in words q
  * and 16 + q */
@@ -256,7 +248,7 @@ LF_VBMI_BF16 static inline __m512i block_words(__m512 code, float s) {
         const int64_t K = job->K, KB = K / w->blocksize, ahead = R * (K >> 1);                                         \
         const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
         const int lg = __builtin_ctzll((unsigned long long)w->blocksize);                                              \
-        const __m512i spread = _mm512_loadu_si512((const void *)SPREAD);                                               \
+        const __m512i spread = _mm512_loadu_si512((const void *)lf_q4_spread);                                             \
         const __m512i pat[4] = {spread, _mm512_add_epi8(spread, _mm512_set1_epi8(16)),                                 \
                                 _mm512_add_epi8(spread, _mm512_set1_epi8(32)),                                         \
                                 _mm512_add_epi8(spread, _mm512_set1_epi8(48))};                                        \
