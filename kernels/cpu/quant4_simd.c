@@ -103,8 +103,8 @@ LF_AVX512 void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dt
  * codes c): two vpermt2b spread c >> 4 and c into words in element order (lf_q4_spread, as rowdots_quant.c's
  * rows_q4s_N spread them into pairs) and two vpermw look the words' low 5 bits up (bit 4, the neighbouring
  * nibble's, lands on the table's second copy). A block's last < 64 elements by masked loads and stores (no
- * byte past the run is read); an odd first element generic. Three to four instructions per 32 elements, where
- * lf_q4_run_avx512 takes about ten, and no call a block. */
+ * code byte past the run is loaded); an odd first element generic. About five instructions per 32 elements, where
+ * lf_q4_run_avx512 takes about ten, and no call or division a block. */
 #define LF_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
 /* out[0 .. stop - e) for the even element e up to stop, all in one block, through its table */
