@@ -65,12 +65,19 @@ def test_matches_float64_of_the_dequantized_weight(half_isa, base, shape):
 @pytest.mark.parametrize("k", [1, 7, 16, 33, 257])
 def test_elements_bit_for_bit(half_isa, base, k):
     """x = I (k tokens) at rank 0: y = W'ᵀ exactly (one product, zeros summed), through the GEMM's packing (k > 8)
-    or the decode path (k ≤ 8) — every ISA's dequantization gives bitsandbytes' bits."""
+    or the decode path (k ≤ 8) — every ISA's dequantization gives bitsandbytes' bits. Then, through the widened
+    GEMM ('augmented', forced: the bf16 tiles read denormals as 0), row 1's scale SCB/127 below the normal range
+    (denormal products, which the avx512_bf16 level's vcvtne2ps2bf16 conversion would flush) and row 2's just above."""
     dt = getattr(torch, base)
     CB, SCB = int8_storage(37, k, k)
     eye = torch.eye(k, dtype=dt)
     y, _ = ops.lora_forward(eye, q8_handle(CB, SCB, dt), torch.zeros(0, k), torch.zeros(37, 0), 0.0)
     assert torch.equal(_tensor(y), bnb_int8_weight(CB, SCB, dt).t())
+    if k > 8:
+        SCB[1], SCB[2] = 1e-37, 2e-36
+        y, _ = ops.lora_forward(eye, q8_handle(CB, SCB, dt), torch.zeros(1, k), torch.zeros(37, 1), 0.0,
+                                plan=("skinny", "augmented"))  # rank 1, zero adapters: the plan's u needs r ≥ 1
+        assert torch.equal(_tensor(y), bnb_int8_weight(CB, SCB, dt).t())
 
 
 @pytest.mark.parametrize("n", range(1, 9))

@@ -65,7 +65,7 @@ static lf_q4_run_fn run_for_isa(void) {
 static lf_q8_run_fn q8_run_for_isa(void) {
     switch (lf_get_isa()) {
     case LF_ISA_AMX_BF16:
-    case LF_ISA_AVX512_BF16:
+    case LF_ISA_AVX512_BF16: return lf_q8_run_bf16;
     case LF_ISA_AVX512: return lf_q8_run_avx512;
     case LF_ISA_AVX2: return lf_q8_run_avx2;
     default: return lf_q8_run_generic;

@@ -38,6 +38,7 @@ typedef void (*lf_q8_run_fn)(const int8_t *c, int64_t len, float scale, lf_dtype
 void lf_q8_run_generic(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
 void lf_q8_run_avx2(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
 void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
+void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out); /* the avx512_bf16 level's */
 
 /* out[t] = w'[e + t] for t < n: the flat elements [e, e + n) of w dequantized and rounded to dt (as
  * lf_qweight_dequantize, whose rows it runs; the GEMM's packing reads 4-bit operands through it), the run

@@ -7,6 +7,9 @@
  * table (32 elements from 16 bytes per step); AVX2 two vpermps over its halves, blended on bit 3 of
  * the code (16 elements from 8 bytes). The first element of an odd e and the tail run the generic
  * code. Generic is the reference: tests/test_quant4.py compares every ISA's bits with it. */
+#include <float.h>
+#include <math.h>
+
 #include "half_store.h"
 #include "quant4_internal.h"
 
@@ -98,6 +101,26 @@ LF_AVX512 void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dt
     if (t < len) lf_q8_run_generic(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
 }
 
+/* lf_q8_run_fn into bf16 on the avx512_bf16 level: 32 codes a step, the fp32 products of lf_q8_run_avx512 rounded by
+ * one vcvtne2ps2bf16 — to nearest even as lf_bf16x16 rounds, but for denormal inputs (flushed) and NaN payloads; with
+ * the scale finite and |scale| ≥ FLT_MIN every product is ±0, ±∞ or normal, so the bits are the same. Other scales,
+ * other dtypes and the last len % 32 codes: lf_q8_run_avx512. Zen 4: the 8-bit layer's backward at 1 / 8 tokens ×
+ * 4096² (its W's rows converted into dx's buffer) 2.64 / 3.28 → 2.08 / 2.68 ms */
+#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
+LF_AVX512_BF16 void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    int64_t t = 0;
+    if (dt == LF_DT_BF16 && isfinite(scale) && fabsf(scale) >= FLT_MIN) {
+        const __m512 s = _mm512_set1_ps(scale);
+        for (; t + 32 <= len; t += 32) {
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + t))));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + t + 16))));
+            _mm512_storeu_si512((void *)((uint16_t *)out + t),
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s)));
+        }
+    }
+    if (t < len) lf_q8_run_avx512(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
+}
+
 /* lf_q4_span16_vbmi: per block its 16 values round_dt(code[q] · scale) — the products and the rounding of
  * lf_q4_run_fn's, formed once — held twice in the 32 words of a register; then per 64 elements (32 bytes of
  * codes c): two vpermt2b spread c >> 4 and c into words in element order (lf_q4_spread, as rowdots_quant.c's
@@ -167,6 +190,9 @@ void lf_q8_run_avx2(const int8_t *c, int64_t len, float scale, lf_dtype dt, void
     lf_q8_run_generic(c, len, scale, dt, out);
 }
 void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
+    lf_q8_run_generic(c, len, scale, dt, out);
+}
+void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out) {
     lf_q8_run_generic(c, len, scale, dt, out);
 }
 void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
