@@ -40,6 +40,18 @@ void lf_q8_run_avx2(const int8_t *c, int64_t len, float scale, lf_dtype dt, void
 void lf_q8_run_avx512(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out);
 void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void *out); /* the avx512_bf16 level's */
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* 32 int8 codes c[0 .. 31] times s (one fp32 product each), rounded to bf16 by one vcvtne2ps2bf16, in element order:
+ * to nearest even, denormal products flushed (rowdots_quant.c's rows_q8p_N, whose vdpbf16ps reads them as 0 anyway;
+ * lf_q8_run_bf16 where no product can be denormal) */
+__attribute__((target("avx512f,avx512bf16"))) static inline __m512i lf_q8_bf16x32(const int8_t *c, __m512 s) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s));
+}
+#endif
+
 /* out[t] = w'[e + t] for t < n: the flat elements [e, e + n) of w dequantized and rounded to dt (as
  * lf_qweight_dequantize, whose rows it runs; the GEMM's packing reads 4-bit operands through it), the run
  * cut at block edges (8-bit: row ends), each piece one call of the ISA's lf_q4_run_fn (lf_q8_run_fn)

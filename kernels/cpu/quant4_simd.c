@@ -111,12 +111,7 @@ LF_AVX512_BF16 void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf
     int64_t t = 0;
     if (dt == LF_DT_BF16 && isfinite(scale) && fabsf(scale) >= FLT_MIN) {
         const __m512 s = _mm512_set1_ps(scale);
-        for (; t + 32 <= len; t += 32) {
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + t))));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + t + 16))));
-            _mm512_storeu_si512((void *)((uint16_t *)out + t),
-                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s)));
-        }
+        for (; t + 32 <= len; t += 32) _mm512_storeu_si512((void *)((uint16_t *)out + t), lf_q8_bf16x32(c + t, s));
     }
     if (t < len) lf_q8_run_avx512(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
 }

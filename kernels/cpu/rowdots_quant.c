@@ -309,8 +309,8 @@ static int shuffles_for(const rowdots_q4_job *job) {
 
 /* An 8-bit W (LF_Q8_ROW) on vdpbf16ps, R rows at a time: per 32 elements of a row its codes sign-extended and
  * converted (exact), times the row's scale SCB[j]·fl(1/127) — one fp32 product each, MatMul8bitFp's —, rounded
- * to 32 bf16 by one vcvtne2ps2bf16 (to nearest even; below the normal range flushed, which vdpbf16ps does to
- * its inputs anyway) in element order, so that dword l holds W's pair (2l, 2l + 1) as x's memory does; then
+ * to 32 bf16 by one vcvtne2ps2bf16 (lf_q8_bf16x32: to nearest even; below the normal range flushed, which
+ * vdpbf16ps does to its inputs anyway) in element order, so that dword l holds W's pair (2l, 2l + 1) as x's memory does; then
  * one vdpbf16ps per token. The last len % 32 elements one at a time: W's element rounded as
  * lf_qweight_dequantize rounds it, the product summed in fp32. */
 #define ROWS_Q8P(N, R)                                                                                                 \
@@ -332,11 +332,7 @@ static int shuffles_for(const rowdots_q4_job *job) {
             for (int64_t p = 0; p < lv; p += 32) {                                                                     \
                 __m512i wp[R];                                                                                         \
                 for (int r = 0; r < R; r++) {                                                                          \
-                    const __m512 lo =                                                                                  \
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p))));        \
-                    const __m512 hi =                                                                                  \
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + p + 16))));   \
-                    wp[r] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s[r]), _mm512_mul_ps(lo, s[r]));            \
+                    wp[r] = lf_q8_bf16x32(q[r] + p, s[r]);                                                             \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++) {                                                                          \
                     const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + ((p >> 5) * N + i) * 32));    \
