@@ -86,13 +86,15 @@ def test_round_trip_within_a_step(quant_type, block, double_quant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("double_quant, block", [(False, 64), (True, 64), (True, 256)])
-def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, double_quant, block, restore_isa):
-    """Every ISA level the CPU has (on avx512_bf16 / amx_bf16 a 16-bit output takes the VBMI span where the CPU
-    has it: 64 elements a step, masked tails), whole and in row and column ranges: odd starts, block edges,
-    blocks crossing rows (300 columns), runs shorter than a step."""
+@pytest.mark.parametrize("quant_type, double_quant, block",
+                         [("nf4", False, 64), ("nf4", True, 64), ("nf4", True, 256), ("nf4", True, 32),
+                          ("fp4", False, 128)])
+def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, quant_type, double_quant, block, restore_isa):
+    """Every ISA level the CPU has (a 16-bit output takes the vpshufb span from avx2 up, the VBMI span on avx512_bf16
+    / amx_bf16 where the CPU has it: 64 elements a step, tails), whole and in row and column ranges: odd starts,
+    block edges, blocks crossing rows (300 columns), runs shorter than a step, blocks shorter than one (32)."""
     W = torch.randn(37, 300) * 3
-    data, state = quant.quantize_weight(W, "nf4", block_size=block, double_quant=double_quant)
+    data, state = quant.quantize_weight(W, quant_type, block_size=block, double_quant=double_quant)
     kw = {}
     if double_quant:
         kw = dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code, offset=float(state.offset))
@@ -106,7 +108,7 @@ def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, double_qua
             part = quant.dequantize(data, state, dtype=dtype, rows=(r0, r1))
             assert torch.equal(bits(part), bits(full["generic"][r0:r1])), (isa, r0, r1)
         for c0, c1 in ((0, 1), (1, 2), (3, 250), (63, 65), (1, 130), (299, 300)):  # odd starts, block edges
-            part = torch.from_numpy(_C.dequant_4bit(data, state.absmax, (37, 300), block, "nf4", name, rows=(2, 9),
+            part = torch.from_numpy(_C.dequant_4bit(data, state.absmax, (37, 300), block, quant_type, name, rows=(2, 9),
                                                     cols=(c0, c1), **kw))
             assert torch.equal(part.view(torch.int32 if dtype == torch.float32 else torch.int16),
                                bits(full["generic"][2:9, c0:c1].contiguous())), (isa, c0, c1)

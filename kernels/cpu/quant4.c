@@ -90,9 +90,11 @@ void lf_qweight_span(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, voi
         q8_span(w, e, n, dt, out);
         return;
     }
-    /* the vpermw span where the avx512_bf16 level has VBMI (Zen 4, Sapphire Rapids): the same bits, the avx512
-     * level keeping lf_q4_run_avx512 (each forced and tested here) */
-    if (dt != LF_DT_F32 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_q4_span16_vbmi(w, e, n, dt, out)) return;
+    /* into bf16 / fp16: the vpermw span where the avx512_bf16 level has VBMI (Zen 4, Sapphire Rapids), else the
+     * vpshufb span from the avx2 level up (the same bits; each forced and tested); fp32 by the ISA's run per block */
+    const lf_isa isa = lf_get_isa();
+    if (dt != LF_DT_F32 && isa >= LF_ISA_AVX512_BF16 && lf_q4_span16_vbmi(w, e, n, dt, out)) return;
+    if (dt != LF_DT_F32 && isa >= LF_ISA_AVX2 && lf_q4_span16_avx2(w, e, n, dt, out)) return;
     const lf_q4_run_fn run = run_for_isa();
     const float *code = lf_q4_code(w->type);
     const size_t esize = dt == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);

@@ -31,6 +31,8 @@ void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *
 /* lf_qweight_span of a 4-bit W into a 16-bit dt (bf16, fp16) on AVX512-VBMI (quant4_simd.c): the same bits; 1 where
  * this CPU has it (VBMI and BW), else 0 and nothing written */
 int lf_q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out);
+/* the same by vpshufb on AVX2 (quant4_simd.c): the same bits; 1 on x86-64 (the caller's ISA level has AVX2), else 0 */
+int lf_q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out);
 
 /* One run of an 8-bit row: out[t] = round_dt(float(c[t]) · scale) for t < len, c int8 codes; out as
  * lf_q4_run_fn's. Per ISA in quant4_simd.c; all give the same bits. */

@@ -9,6 +9,7 @@
  * code. Generic is the reference: tests/test_quant4.py compares every ISA's bits with it. */
 #include <float.h>
 #include <math.h>
+#include <string.h>
 
 #include "half_store.h"
 #include "quant4_internal.h"
@@ -116,19 +117,48 @@ LF_AVX512_BF16 void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf
     if (t < len) lf_q8_run_avx512(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
 }
 
+/* The block loop of the 16-bit spans (lf_q4_span16_vbmi, lf_q4_span16_avx2): the flat run [e, e + n) of w cut at
+ * block edges, the scales of up to 64 blocks at a time (lf_qweight_scales: no division a block), an odd first
+ * element generic, then block(data, e, stop, code, scale, dt, out) for the even e up to stop, all in one block.
+ * Inlined into each ISA's span with its block function, which is inlined in turn: no call a block. */
+typedef void (*q4_block16_fn)(const uint8_t *data, int64_t e, int64_t stop, const float *code, float scale,
+                              lf_dtype dt, uint16_t *out);
+static inline __attribute__((always_inline)) void q4_span16_blocks(const lf_qweight *w, int64_t e, int64_t n,
+                                                                   lf_dtype dt, uint16_t *out, q4_block16_fn block) {
+    const float *code = lf_q4_code(w->type);
+    const int lg = __builtin_ctzll((unsigned long long)w->blocksize); /* B is a power of two */
+    float scales[64];
+    for (const int64_t end = e + n; e < end;) {
+        const int64_t b0 = e >> lg, nb = ((end - 1) >> lg) - b0 + 1 < 64 ? ((end - 1) >> lg) - b0 + 1 : 64;
+        lf_qweight_scales(w, b0, nb, scales);
+        for (int64_t b = b0; b < b0 + nb; b++) {
+            const int64_t stop = end < (b + 1) << lg ? end : (b + 1) << lg;
+            if (e & 1) lf_q4_run_generic(w->data, e++, 1, code, scales[b - b0], dt, out++);
+            block(w->data, e, stop, code, scales[b - b0], dt, out);
+            out += stop - e;
+            e = stop;
+        }
+    }
+}
+
 /* lf_q4_span16_vbmi: per block its 16 values round_dt(code[q] · scale) — the products and the rounding of
  * lf_q4_run_fn's, formed once — held twice in the 32 words of a register; then per 64 elements (32 bytes of
  * codes c): two vpermt2b spread c >> 4 and c into words in element order (lf_q4_spread, as rowdots_quant.c's
  * rows_q4s_N spread them into pairs) and two vpermw look the words' low 5 bits up (bit 4, the neighbouring
  * nibble's, lands on the table's second copy). A block's last < 64 elements by masked loads and stores (no
- * code byte past the run is loaded); an odd first element generic. About five instructions per 32 elements, where
- * lf_q4_run_avx512 takes about ten, and no call or division a block. */
+ * code byte past the run is loaded). About five instructions per 32 elements, where lf_q4_run_avx512 takes about
+ * ten. */
 #define LF_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
-/* out[0 .. stop - e) for the even element e up to stop, all in one block, through its table */
-LF_VBMI static inline __attribute__((always_inline)) void q4_block16(const uint8_t *data, int64_t e, int64_t stop,
-                                                                     __m512i table, __m512i spread, __m512i spread2,
-                                                                     uint16_t *out) {
+LF_VBMI static inline __attribute__((always_inline)) void q4_block16_vbmi(const uint8_t *data, int64_t e, int64_t stop,
+                                                                          const float *code, float scale, lf_dtype dt,
+                                                                          uint16_t *out) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+    const __m256i t = dt == LF_DT_BF16 ? _mm512_cvtepi32_epi16(lf_bf16x16(v))
+                                       : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);
+    const __m512i spread = _mm512_loadu_si512((const void *)lf_q4_spread);
+    const __m512i spread2 = _mm512_add_epi8(spread, _mm512_set1_epi8(16)); /* bytes 16 .. 31 */
     for (int64_t len; e < stop; e += len, out += len) {
         len = stop - e < 64 ? stop - e : 64;
         _mm_prefetch((const char *)(data + (e >> 1) + 1024), _MM_HINT_T0); /* 32 steps on: the codes stream */
@@ -147,37 +177,77 @@ LF_VBMI static inline __attribute__((always_inline)) void q4_block16(const uint8
     }
 }
 
-LF_VBMI static void q4_span16(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
-    const float *code = lf_q4_code(w->type);
-    const __m512 values = _mm512_loadu_ps(code);
-    const __m512i spread = _mm512_loadu_si512((const void *)lf_q4_spread);
-    const __m512i spread2 = _mm512_add_epi8(spread, _mm512_set1_epi8(16)); /* bytes 16 .. 31 */
-    const int lg = __builtin_ctzll((unsigned long long)w->blocksize);     /* B is a power of two */
-    float scales[64];
-    for (const int64_t end = e + n; e < end;) {
-        /* the scales of up to 64 blocks at once (lf_qweight_scales: no division a block) */
-        const int64_t b0 = e >> lg, nb = ((end - 1) >> lg) - b0 + 1 < 64 ? ((end - 1) >> lg) - b0 + 1 : 64;
-        lf_qweight_scales(w, b0, nb, scales);
-        for (int64_t b = b0; b < b0 + nb; b++) {
-            const int64_t stop = end < (b + 1) << lg ? end : (b + 1) << lg;
-            if (e & 1) lf_q4_run_generic(w->data, e++, 1, code, scales[b - b0], dt, out++);
-            const __m512 v = _mm512_mul_ps(values, _mm512_set1_ps(scales[b - b0]));
-            const __m256i t = dt == LF_DT_BF16 ? _mm512_cvtepi32_epi16(lf_bf16x16(v))
-                                               : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q4_block16(w->data, e, stop, _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1), spread, spread2, out);
-            out += stop - e;
-            e = stop;
-        }
-    }
+LF_VBMI static void q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
+    q4_span16_blocks(w, e, n, dt, out, q4_block16_vbmi);
 }
 
 int lf_q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
     if (!__builtin_cpu_supports("avx512vbmi") || !__builtin_cpu_supports("avx512bw")) return 0;
-    q4_span16(w, e, n, dt, out);
+    q4_span16_vbmi(w, e, n, dt, out);
+    return 1;
+}
+
+/* lf_q4_span16_avx2: per block its 16 values round_dt(code[q] · scale) (as lf_q4_run_avx2 rounds them, formed
+ * once) split into two byte tables, their low bytes and their high bytes, in both 128-bit lanes; then per 64
+ * elements (32 bytes of codes c, element 2t the high nibble of byte t): the nibbles interleaved into bytes in
+ * element order (vpunpck{l,h}bw of c >> 4 and c; per lane), each looked up by vpshufb in both tables and the two
+ * bytes interleaved back into words (vpunpck{l,h}bw), the lanes put in order by vperm2i128: about 22 instructions
+ * per 64 elements, where lf_q4_run_avx2 takes about 20 per 16, and no call or division a block. A block's last
+ * < 64 elements from a zero-padded copy of their code bytes into a stack run (no byte past the run is read). */
+LF_AVX2 static inline __attribute__((always_inline)) void q4_words64_avx2(const uint8_t *codes, __m256i tlo,
+                                                                          __m256i thi, uint16_t *out) {
+    const __m256i c = _mm256_loadu_si256((const __m256i *)codes), low4 = _mm256_set1_epi8(0x0F);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4), lo = _mm256_and_si256(c, low4);
+    /* i0: elements 0..15 | 32..47 (lane 0 | lane 1), i1: 16..31 | 48..63 */
+    const __m256i idx[2] = {_mm256_unpacklo_epi8(hi, lo), _mm256_unpackhi_epi8(hi, lo)};
+    for (int h = 0; h < 2; h++) {
+        const __m256i bl = _mm256_shuffle_epi8(tlo, idx[h]), bh = _mm256_shuffle_epi8(thi, idx[h]);
+        const __m256i w0 = _mm256_unpacklo_epi8(bl, bh), w1 = _mm256_unpackhi_epi8(bl, bh); /* 8 words per lane */
+        _mm256_storeu_si256((__m256i *)(out + 16 * h), _mm256_permute2x128_si256(w0, w1, 0x20));
+        _mm256_storeu_si256((__m256i *)(out + 32 + 16 * h), _mm256_permute2x128_si256(w0, w1, 0x31));
+    }
+}
+
+LF_AVX2 static inline __attribute__((always_inline)) void q4_block16_avx2(const uint8_t *data, int64_t e, int64_t stop,
+                                                                          const float *code, float scale, lf_dtype dt,
+                                                                          uint16_t *out) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(code), s), v1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), s);
+    const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m128i t0 = dt == LF_DT_BF16 ? lf_bf16x8(v0) : _mm256_cvtps_ph(v0, rne);
+    __m128i t1 = dt == LF_DT_BF16 ? lf_bf16x8(v1) : _mm256_cvtps_ph(v1, rne);
+    const __m128i bytes = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15); /* low bytes, high */
+    t0 = _mm_shuffle_epi8(t0, bytes);
+    t1 = _mm_shuffle_epi8(t1, bytes);
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(t0, t1));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(t0, t1));
+    for (; e + 64 <= stop; e += 64, out += 64) {
+        _mm_prefetch((const char *)(data + (e >> 1) + 1024), _MM_HINT_T0); /* 32 steps on: the codes stream */
+        q4_words64_avx2(data + (e >> 1), tlo, thi, out);
+    }
+    if (e < stop) {
+        uint8_t codes[32] = {0};
+        uint16_t words[64];
+        memcpy(codes, data + (e >> 1), (size_t)((stop - e + 1) >> 1));
+        q4_words64_avx2(codes, tlo, thi, words);
+        memcpy(out, words, (size_t)(stop - e) * sizeof(uint16_t));
+    }
+}
+
+LF_AVX2 static void q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
+    q4_span16_blocks(w, e, n, dt, out, q4_block16_avx2);
+}
+
+int lf_q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
+    q4_span16_avx2(w, e, n, dt, out);
     return 1;
 }
 #else
 int lf_q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
+    (void)w, (void)e, (void)n, (void)dt, (void)out;
+    return 0;
+}
+int lf_q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
     (void)w, (void)e, (void)n, (void)dt, (void)out;
     return 0;
 }
