@@ -48,7 +48,7 @@ def test_matches_float64_of_the_dequantized_weight(half_isa, base, shape):
 @pytest.mark.parametrize("n", range(1, 9))
 def test_decode_reads_the_codes_through_block_tables(half_isa, base, n):
     """1–8 tokens with K a multiple of the block size: the decode kernel that looks W's elements up in
-    per-block tables (rowdots_quant.c, AVX-512; below it the block-buffer path) — one row or two at a time,
+    per-block tables (rowdots_quant.c, AVX2 and up; generic: the block-buffer path) — one row or two at a time,
     an odd number of rows, K in one or several blocks of the kernel (the fp32 kernels' at n = 8, K = 1024; the
     vdpbf16ps kernels' 8192 at K = 8448, blocks of 32: the vpermd kernel, of 64: the byte-shuffle one), blocks of
     32–4096; x's rows strided for n = 2 and 8 (the kernels read x re-laid in chunks of 32, token after token)."""

@@ -86,6 +86,19 @@ LF_AVX512 static inline __m512 lf_load16(const uint16_t *h, lf_dtype dt) {
     return dt == LF_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)) : _mm512_cvtph_ps(v);
 }
 
+/* v rounded to dt (bf16 or fp16) as lf_store8 rounds it, and widened back: in registers */
+LF_AVX2 static inline __m256 lf_round8(lf_dtype dt, __m256 v) {
+    return dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lf_bf16x8(v)), 16))
+                            : _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* the sum of v's 8 lanes */
+LF_AVX2 static inline float lf_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 /* out[t .. t+8) = v as dt */
 LF_AVX2 static inline void lf_store8(lf_dtype dt, void *out, int64_t t, __m256 v) {
     if (dt == LF_DT_F32) _mm256_storeu_ps((float *)out + t, v);

@@ -144,7 +144,7 @@ int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
 /* rowdots_quant.c: the same product for x bf16 / fp16 and a quantized W (M ≤ rows, K = cols) read as it is
  * (no dequantized copy): 4-bit element by element through per-block value tables, 8-bit (bf16 x on
  * vdpbf16ps only) through its converted codes; lf_rowdots_qw_ok: whether it runs here (n ≤
- * LF_ROWDOTS_MAX_N, AVX-512; 4-bit: K a multiple of the block size; 8-bit: lf_tunables.decode_pairs with a
+ * LF_ROWDOTS_MAX_N, AVX2 and up; 4-bit: K a multiple of the block size; 8-bit: lf_tunables.decode_pairs with a
  * bf16 x), else lf_rowdots_half's block buffer. */
 /* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_GROUPED_MAX_N tokens (in
  * groups of LF_ROWDOTS_MAX_N), W fp32 or half with rows contiguous (or a quantized W stored (M, K)) streamed once

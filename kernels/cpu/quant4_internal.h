@@ -44,6 +44,12 @@ void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+/* t[i & 15] for 8 indices i (their bits 0..3: vpermps reads bits 0..2 of each, bit 3 picks the half), t's 16
+ * values in tlo (0 .. 7) and thi (8 .. 15) */
+__attribute__((target("avx2"))) static inline __m256 lf_q4_lookup8(__m256 tlo, __m256 thi, __m256i i) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i), _mm256_permutevar8x32_ps(thi, i),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+}
 /* 32 int8 codes c[0 .. 31] times s (one fp32 product each), rounded to bf16 by one vcvtne2ps2bf16, in element order:
  * to nearest even, denormal products flushed (rowdots_quant.c's rows_q8p_N, whose vdpbf16ps reads them as 0 anyway;
  * lf_q8_run_bf16 where no product can be denormal) */

@@ -33,12 +33,6 @@ void lf_q4_run_generic(const uint8_t *data, int64_t e, int64_t len, const float 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-/* code[i] for 8 codes i ∈ [0, 16): vpermps on each half of the table, bit 3 picks the half */
-LF_AVX2 static inline __m256 lookup8(__m256 tlo, __m256 thi, __m256i i) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, i), _mm256_permutevar8x32_ps(thi, i),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
-}
-
 LF_AVX2 void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                             void *out) {
     int64_t t = 0;
@@ -54,8 +48,8 @@ LF_AVX2 void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const f
         const __m256i hi = _mm256_srli_epi32(b, 4), lo = _mm256_and_si256(b, low4);
         const __m256i x0 = _mm256_unpacklo_epi32(hi, lo), x1 = _mm256_unpackhi_epi32(hi, lo);
         const __m256i i0 = _mm256_permute2x128_si256(x0, x1, 0x20), i1 = _mm256_permute2x128_si256(x0, x1, 0x31);
-        lf_store8(dt, out, t, _mm256_mul_ps(lookup8(tlo, thi, i0), s));
-        lf_store8(dt, out, t + 8, _mm256_mul_ps(lookup8(tlo, thi, i1), s));
+        lf_store8(dt, out, t, _mm256_mul_ps(lf_q4_lookup8(tlo, thi, i0), s));
+        lf_store8(dt, out, t + 8, _mm256_mul_ps(lf_q4_lookup8(tlo, thi, i1), s));
     }
     if (t < len) lf_q4_run_generic(data, e + t, len - t, code, scale, dt, lf_out_at(dt, out, t));
 }

@@ -56,13 +56,6 @@ static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const flo
 #if defined(__x86_64__)
 #define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 
-/* the sum of 8 lanes */
-LF_AVX2_FMA static float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
  * against the n rows of x, STEP elements of K per step into 2n accumulators and operands of type V:
  * b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (x row i from p), acc = MADD(acc,
@@ -132,7 +125,7 @@ LF_AVX2_FMA static float hsum8(__m256 v) {
 #define AVX2_B(w) lf_load8((w), dt)
 #define AVX2_A(i, p) _mm256_loadu_ps(xw + (i) * ldx + (p))
 #define AVX2_MADD(acc, a, b) _mm256_fmadd_ps((a), (b), (acc))
-ROWS_KERNEL(rows_avx2, LF_AVX2_FMA, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, hsum8, TWO_ROWS)
+ROWS_KERNEL(rows_avx2, LF_AVX2_FMA, __m256, 8, _mm256_setzero_ps(), AVX2_B, AVX2_A, AVX2_MADD, lf_hsum8, TWO_ROWS)
 
 /* AVX-512: the same, 16 at a time */
 #define AVX512_B(w) lf_load16((w), dt)

@@ -7,7 +7,8 @@
  * A few tokens read every code of W once: a quarter of bf16's bytes. Per block of B elements of a row the
  * 16 values its codes can stand for are formed once — the code table times the block's scale, rounded to
  * dt exactly as lf_qweight_dequantize rounds (through lf_store16 / lf_load16) — and held in one register; each
- * element is then one table lookup (vpermps on its nibble) and one fp32 FMA per token: W is never widened,
+ * element is then one table lookup (vpermps on its nibble; AVX2: the table in two registers, two vpermps and a
+ * blend) and one fp32 FMA per token: W is never widened,
  * stored or re-read. A byte holds elements 2t (high nibble) and 2t+1 (low), so the high nibbles of 16
  * bytes are 16 even elements and the low ones 16 odd elements: x is split once, per chunk of 32 elements, into its
  * even and odd elements (job's xs, every token's chunk at a fixed offset from one pointer) and the products are
@@ -16,7 +17,8 @@
  * lf_tunables.decode_pairs says so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and
  * multiply them with x's own pairs (in the same chunks, xt) on vdpbf16ps, 32 elements per instruction
  * (rows_q4p_N, below; rows_q4s_N where the CPU has VBMI and K and B suit them: the same pairs by byte and word
- * permutes), K in blocks of PAIRS_K_BLOCK. AVX-512 only, and only when
+ * permutes), K in blocks of PAIRS_K_BLOCK. AVX2 and up (the fp32 kernels in 8 lanes there: Zen 4 with avx2
+ * forced, 4096² NF4, 1 / 8 tokens 1.65 / 5.0 ms through the buffer below, 1.18 / 2.9 here), and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
  * buffer (lf_rowdots_qw_ok says which). An 8-bit W (LF_Q8_ROW) takes the pairs kernels only (rows_q8p_N: a
  * bf16 x on vdpbf16ps), else the same buffer. */
@@ -44,7 +46,7 @@ static int pairs_for(lf_dtype xdt) {
 
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 #if defined(__x86_64__)
-    if (n > LF_ROWDOTS_MAX_N || lf_get_isa() < LF_ISA_AVX512) return 0;
+    if (n > LF_ROWDOTS_MAX_N || lf_get_isa() < LF_ISA_AVX2) return 0;
     return w->type == LF_Q8_ROW ? pairs_for(xdt) : K % w->blocksize == 0;
 #else
     (void)n, (void)K, (void)xdt, (void)w;
@@ -71,73 +73,132 @@ typedef struct {
 } rowdots_q4_job;
 
 #if defined(__x86_64__)
-/* the 16 values of block b's codes: round_dt(code[q] · scale) for q < 16, widened back to fp32 */
-LF_AVX512 static inline __m512 block_table(const lf_qweight *w, __m512 code, int64_t b, lf_dtype dt) {
-    return lf_round16(dt, _mm512_mul_ps(code, _mm512_set1_ps(lf_qweight_scale(w, b))));
+/* The fp32 kernels' operations per ISA (ISA##_…, pasted by ROWS_Q4): L lanes; V an fp32 vector, I an int32 one, T a
+ * block's table of the 16 values round_dt(code[q] · scale) widened back to fp32 (CODE: the code table itself as a
+ * T, TABLE: block b's); CODES(p): L bytes of codes at p, one a lane; EVEN / ODD: the values of their high / low
+ * nibbles. AVX-512: the table in one zmm, one vpermps a lookup (it reads an index's low 4 bits: the low nibble as
+ * it is). AVX2: the table's halves in two ymm, two vpermps and a blend on the index's bit 3 (lf_q4_lookup8). TABLE
+ * takes the block's scale (resolved for a row's K block at once: lf_qweight_scales, no division a block). */
+LF_AVX512 static inline __m512 block_table(__m512 code, float scale, lf_dtype dt) {
+    return lf_round16(dt, _mm512_mul_ps(code, _mm512_set1_ps(scale)));
 }
+#define Q4Z_ATTR LF_AVX512
+#define Q4Z_L 16
+#define Q4Z_V __m512
+#define Q4Z_I __m512i
+#define Q4Z_T __m512
+#define Q4Z_CODE(code) _mm512_loadu_ps(code)
+#define Q4Z_TABLE(code, scale, dt) block_table((code), (scale), (dt))
+#define Q4Z_CODES(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define Q4Z_EVEN(c, t) _mm512_permutexvar_ps(_mm512_srli_epi32((c), 4), (t))
+#define Q4Z_ODD(c, t) _mm512_permutexvar_ps((c), (t))
+#define Q4Z_LOAD(p) _mm512_loadu_ps(p)
+#define Q4Z_FMA(a, b, acc) _mm512_fmadd_ps((a), (b), (acc))
+#define Q4Z_ADD(a, b) _mm512_add_ps((a), (b))
+#define Q4Z_ZERO _mm512_setzero_ps()
+#define Q4Z_SUM(v) _mm512_reduce_add_ps(v)
+
+#define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
+typedef struct {
+    __m256 lo, hi; /* values 0 .. 7, 8 .. 15 */
+} q4_table8;
+LF_AVX2_FMA static inline q4_table8 code_table8(const float *code) {
+    return (q4_table8){_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)};
+}
+LF_AVX2_FMA static inline q4_table8 block_table8(q4_table8 code, float scale, lf_dtype dt) {
+    const __m256 s = _mm256_set1_ps(scale);
+    return (q4_table8){lf_round8(dt, _mm256_mul_ps(code.lo, s)), lf_round8(dt, _mm256_mul_ps(code.hi, s))};
+}
+#define Q4Y_ATTR LF_AVX2_FMA
+#define Q4Y_L 8
+#define Q4Y_V __m256
+#define Q4Y_I __m256i
+#define Q4Y_T q4_table8
+#define Q4Y_CODE(code) code_table8(code)
+#define Q4Y_TABLE(code, scale, dt) block_table8((code), (scale), (dt))
+#define Q4Y_CODES(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define Q4Y_EVEN(c, t) lf_q4_lookup8((t).lo, (t).hi, _mm256_srli_epi32((c), 4))
+#define Q4Y_ODD(c, t) lf_q4_lookup8((t).lo, (t).hi, (c))
+#define Q4Y_LOAD(p) _mm256_loadu_ps(p)
+#define Q4Y_FMA(a, b, acc) _mm256_fmadd_ps((a), (b), (acc))
+#define Q4Y_ADD(a, b) _mm256_add_ps((a), (b))
+#define Q4Y_ZERO _mm256_setzero_ps()
+#define Q4Y_SUM(v) lf_hsum8(v)
 
 /* Rows [j0, j1) over elements [p0, p0 + len) of K (whole blocks) for N tokens: c[i, j] = the sum (+ bias)
  * or += it (accumulate). R rows at a time (2: each x vector serves both; 1 for many tokens, whose
  * accumulators fill the registers) and E accumulators per (row, token): 2 (even and odd elements apart:
- * more independent FMA chains for few tokens) or 1. */
-#define ROWS_Q4(N, R, E)                                                                                               \
-    LF_AVX512 static void rows_q4_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,      \
-                                      int accumulate) {                                                                \
+ * more independent FMA chains for few tokens) or 1. A step takes L bytes of codes of each row — L even and L
+ * odd elements, the even ones against the first half of x's split chunk (32 elements: 16 even, then 16 odd),
+ * the odd ones against the second; a step starting a block forms the row's table from its scale (the row's
+ * scales over the K block resolved first: len / B ≤ X_L1_FLOATS / 32 of them). */
+#define ROWS_Q4(ISA, NAME, N, R, E)                                                                                    \
+    ISA##_ATTR static void NAME(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,            \
+                                int accumulate) {                                                                      \
         const lf_qweight *w = job->w;                                                                                \
         const int64_t K = job->K, B = w->blocksize, KB = K / B; /* blocks per row */                                 \
-        const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
+        const ISA##_T code = ISA##_CODE(lf_q4_code(w->type));                                                          \
         const int lg = __builtin_ctzll((unsigned long long)B); /* B is a power of two */                               \
         const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
-            int64_t jr[R], blk[R]; /* rows (the last repeated past j1), their next block */                           \
+            int64_t jr[R]; /* rows (the last repeated past j1) */                                                     \
             const uint8_t *q[R];                                                                                       \
-            __m512 acc[R][E][N], t[R];                                                                                 \
+            ISA##_V acc[R][E][N];                                                                                      \
+            ISA##_T t[R];                                                                                              \
+            float sc[R][X_L1_FLOATS / 32]; /* the rows' block scales over this K block */                             \
             for (int r = 0; r < R; r++) {                                                                              \
                 jr[r] = j + r < j1 ? j + r : j;                                                                        \
-                blk[r] = jr[r] * KB + (p0 >> lg);                                                                      \
+                lf_qweight_scales(w, jr[r] * KB + (p0 >> lg), len >> lg, sc[r]);                                       \
                 q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
                 t[r] = code;                                                                                           \
                 for (int e = 0; e < E; e++)                                                                            \
-                    for (int i = 0; i < N; i++) acc[r][e][i] = _mm512_setzero_ps();                                    \
+                    for (int i = 0; i < N; i++) acc[r][e][i] = ISA##_ZERO;                                             \
             }                                                                                                          \
             const float *x0 = job->xs + (p0 >> 5) * N * 32; /* the K block's first chunk */                          \
-            /* one pass over the 16-byte chunks of [p0, p0 + len): a chunk starting a block forms its tables */       \
-            for (int64_t h = 0; h < len >> 1; h += 16) { /* 16 bytes: 16 even and 16 odd elements */                   \
-                __m512 we[R], wo[R];                                                                                   \
+            for (int64_t h = 0; h < len >> 1; h += ISA##_L) { /* L bytes: L even and L odd elements */                 \
+                ISA##_V we[R], wo[R];                                                                                  \
                 for (int r = 0; r < R; r++) {                                                                          \
-                    if (!(h & block_bytes_mask)) t[r] = block_table(w, code, blk[r]++, job->dt);                       \
-                    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + h)));              \
-                    /* vpermps reads the low 4 bits of each index: the low nibble as it is */                          \
-                    we[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t[r]);                                      \
-                    wo[r] = _mm512_permutexvar_ps(c, t[r]);                                                            \
+                    if (!(h & block_bytes_mask)) t[r] = ISA##_TABLE(code, sc[r][h >> (lg - 1)], job->dt);             \
+                    const ISA##_I c = ISA##_CODES(q[r] + h);                                                           \
+                    we[r] = ISA##_EVEN(c, t[r]);                                                                       \
+                    wo[r] = ISA##_ODD(c, t[r]);                                                                        \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++) {                                                                          \
-                    const float *xi = x0 + ((h >> 4) * N + i) * 32;                                                    \
-                    const __m512 xe = _mm512_loadu_ps(xi), xo = _mm512_loadu_ps(xi + 16);                              \
+                    const float *xi = x0 + ((h >> 4) * N + i) * 32 + (h & 15);                                        \
+                    const ISA##_V xe = ISA##_LOAD(xi), xo = ISA##_LOAD(xi + 16);                                       \
                     for (int r = 0; r < R; r++) {                                                                      \
-                        acc[r][0][i] = _mm512_fmadd_ps(xe, we[r], acc[r][0][i]);                                       \
-                        acc[r][E - 1][i] = _mm512_fmadd_ps(xo, wo[r], acc[r][E - 1][i]);                               \
+                        acc[r][0][i] = ISA##_FMA(xe, we[r], acc[r][0][i]);                                             \
+                        acc[r][E - 1][i] = ISA##_FMA(xo, wo[r], acc[r][E - 1][i]);                                     \
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
             for (int r = 0; r < R && j + r < j1; r++)                                                                  \
                 for (int i = 0; i < N; i++) {                                                                          \
-                    const __m512 s = E == 2 ? _mm512_add_ps(acc[r][0][i], acc[r][E - 1][i]) : acc[r][0][i];            \
+                    const ISA##_V s = E == 2 ? ISA##_ADD(acc[r][0][i], acc[r][E - 1][i]) : acc[r][0][i];               \
                     float *ci = job->c + i * job->ldc + jr[r];                                                         \
-                    const float v = _mm512_reduce_add_ps(s);                                                           \
+                    const float v = ISA##_SUM(s);                                                                      \
                     *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
                 }                                                                                                      \
         }                                                                                                              \
     }
 
-ROWS_Q4(1, 2, 2)
-ROWS_Q4(2, 2, 2)
-ROWS_Q4(3, 2, 2)
-ROWS_Q4(4, 2, 2)
-ROWS_Q4(5, 1, 2)
-ROWS_Q4(6, 1, 2)
-ROWS_Q4(7, 1, 2)
-ROWS_Q4(8, 1, 2)
+ROWS_Q4(Q4Z, rows_q4_1, 1, 2, 2)
+ROWS_Q4(Q4Z, rows_q4_2, 2, 2, 2)
+ROWS_Q4(Q4Z, rows_q4_3, 3, 2, 2)
+ROWS_Q4(Q4Z, rows_q4_4, 4, 2, 2)
+ROWS_Q4(Q4Z, rows_q4_5, 5, 1, 2)
+ROWS_Q4(Q4Z, rows_q4_6, 6, 1, 2)
+ROWS_Q4(Q4Z, rows_q4_7, 7, 1, 2)
+ROWS_Q4(Q4Z, rows_q4_8, 8, 1, 2)
+/* AVX2's 16 registers: tables 2R, lookups 2R, accumulators R·E·N and x */
+ROWS_Q4(Q4Y, rows_q4y_1, 1, 2, 2)
+ROWS_Q4(Q4Y, rows_q4y_2, 2, 2, 1)
+ROWS_Q4(Q4Y, rows_q4y_3, 3, 2, 1)
+ROWS_Q4(Q4Y, rows_q4y_4, 4, 2, 1)
+ROWS_Q4(Q4Y, rows_q4y_5, 5, 1, 2)
+ROWS_Q4(Q4Y, rows_q4y_6, 6, 1, 1)
+ROWS_Q4(Q4Y, rows_q4y_7, 7, 1, 1)
+ROWS_Q4(Q4Y, rows_q4y_8, 8, 1, 1)
 
 /* AVX512_BF16, bf16 (lf_tunables.decode_pairs): the same sum on vdpbf16ps, two rows at a time. Per block of
  * a row its table holds the bf16 bits of round(code[q] · scale) in the low half of 16 dwords (tb: the values
@@ -151,8 +212,8 @@ ROWS_Q4(8, 1, 2)
 /* block b's table for the pairs kernels: the bf16 bits of round(code[q] · scale) in the low half of dword q —
  * vcvtneps2bf16's rounding (to nearest even) of the fp32 products, which equals lf_bf16x16's but for inputs
  * below the normal range, flushed to 0 here: vdpbf16ps reads such a bf16 as 0 anyway (its DAZ) */
-LF_AVX512_BF16 static inline __m512i block_bits(const lf_qweight *w, __m512 code, int64_t b) {
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(lf_qweight_scale(w, b))));
+LF_AVX512_BF16 static inline __m512i block_bits(__m512 code, float scale) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
     return _mm512_cvtepu16_epi32((__m256i)h);
 }
 
@@ -180,13 +241,14 @@ LF_AVX512 static inline __attribute__((always_inline)) void put_rows(const rowdo
          * 8 × 4096² NF4, 2 threads: 1.97 → 1.67 ms) */                                                              \
         const int64_t ahead = R * (K >> 1);                                                                            \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
-            int64_t jr[R], blk[R];                                                                                     \
+            int64_t jr[R];                                                                                             \
             const uint8_t *q[R];                                                                                       \
             __m512 acc[R][N];                                                                                          \
             __m512i tb[R];                                                                                             \
+            float sc[R][PAIRS_K_BLOCK / 32]; /* the rows' block scales over this K block (len / B ≤ kb / 32) */       \
             for (int r = 0; r < R; r++) {                                                                              \
                 jr[r] = j + r < j1 ? j + r : j;                                                                        \
-                blk[r] = jr[r] * KB + (p0 >> lg);                                                                      \
+                lf_qweight_scales(w, jr[r] * KB + (p0 >> lg), len >> lg, sc[r]);                                       \
                 q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
                 tb[r] = _mm512_setzero_si512();                                                                        \
                 for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
@@ -195,7 +257,7 @@ LF_AVX512 static inline __attribute__((always_inline)) void put_rows(const rowdo
                 __m512i wp[R];                                                                                         \
                 for (int r = 0; r < R; r++) {                                                                          \
                     if (!(h & block_bytes_mask))                                                                       \
-                        tb[r] = block_bits(w, code, blk[r]++);                                                         \
+                        tb[r] = block_bits(code, sc[r][h >> (lg - 1)]);                                                \
                     _mm_prefetch((const char *)(q[r] + ahead + h), _MM_HINT_T0); /* the next R rows, this step */     \
                     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + h)));              \
                     const __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(c, 4), tb[r]);                     \
@@ -363,6 +425,8 @@ ROWS_Q8P(8, 2)
 typedef void (*rows_q4_fn)(const rowdots_q4_job *, int64_t, int64_t, int64_t, int64_t, int);
 static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q4_1, rows_q4_2, rows_q4_3, rows_q4_4,
                                                               rows_q4_5, rows_q4_6, rows_q4_7, rows_q4_8};
+static const rows_q4_fn ROWS_Q4Y_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
+    NULL, rows_q4y_1, rows_q4y_2, rows_q4y_3, rows_q4y_4, rows_q4y_5, rows_q4y_6, rows_q4y_7, rows_q4y_8};
 static const rows_q4_fn ROWS_Q4P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q4p_1, rows_q4p_2, rows_q4p_3, rows_q4p_4, rows_q4p_5, rows_q4p_6, rows_q4p_7, rows_q4p_8};
 static const rows_q4_fn ROWS_Q4S_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
@@ -381,7 +445,11 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     const int64_t b = job->w->blocksize, unit = q8 ? 32 : job->shuffles && b < 128 ? 128 : b;
     const int64_t fit = (job->pairs ? PAIRS_K_BLOCK : X_L1_FLOATS / job->n) / unit * unit, kb = fit > unit ? fit : unit;
     const rows_q4_fn rows =
-        (q8 ? ROWS_Q8P_FOR_N : job->shuffles ? ROWS_Q4S_FOR_N : job->pairs ? ROWS_Q4P_FOR_N : ROWS_Q4_FOR_N)[job->n];
+        (q8              ? ROWS_Q8P_FOR_N
+         : job->shuffles ? ROWS_Q4S_FOR_N
+         : job->pairs    ? ROWS_Q4P_FOR_N
+         : lf_get_isa() >= LF_ISA_AVX512 ? ROWS_Q4_FOR_N
+                                         : ROWS_Q4Y_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
