@@ -152,8 +152,8 @@ int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
 int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc);
 /* 1 if dx = g·W of n tokens on a W of dtype wdt whose column stride is w_cs streams W once by lf_rows_axpy rather
  * than packing it for a GEMM: 1 ≤ n ≤ LF_ROWDOTS_MAX_N (LF_ROWDOTS_GROUPED_MAX_N for a bf16 W where the decode takes
- * vdpbf16ps), rows contiguous, AVX-512 (below it lf_rows_axpy's loop is scalar and the GEMM is the faster). Zen 4,
- * 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
+ * vdpbf16ps), rows contiguous, AVX-512, or AVX2 for a half or quantized W (generic: lf_rows_axpy's loop is scalar
+ * and the GEMM is the faster). Zen 4, 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
 int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt);
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w);
 int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
