@@ -95,17 +95,7 @@ void lf_qweight_span(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, voi
     const lf_isa isa = lf_get_isa();
     if (dt != LF_DT_F32 && isa >= LF_ISA_AVX512_BF16 && lf_q4_span16_vbmi(w, e, n, dt, out)) return;
     if (dt != LF_DT_F32 && isa >= LF_ISA_AVX2 && lf_q4_span16_avx2(w, e, n, dt, out)) return;
-    const lf_q4_run_fn run = run_for_isa();
-    const float *code = lf_q4_code(w->type);
-    const size_t esize = dt == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
-    /* the flat run [e, e + n), cut at block edges (e / B changes), each piece one call of run with its
-     * block's scale */
-    for (const int64_t end = e + n; e < end;) {
-        const int64_t b = e / w->blocksize, stop = end < (b + 1) * w->blocksize ? end : (b + 1) * w->blocksize;
-        run(w->data, e, stop - e, code, lf_qweight_scale(w, b), dt, out);
-        out = (char *)out + (size_t)(stop - e) * esize;
-        e = stop;
-    }
+    lf_q4_span_blocks(w, e, n, dt, out, run_for_isa());
 }
 
 int lf_qweight_dequantize(const lf_qweight *w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, lf_dtype out_dtype,

@@ -63,9 +63,8 @@ __attribute__((target("avx512f,avx512bf16"))) static inline __m512i lf_q8_bf16x3
 /* out[t] = w'[e + t] for t < n: the flat elements [e, e + n) of w dequantized and rounded to dt (as
  * lf_qweight_dequantize, whose rows it runs; the GEMM's packing reads 4-bit operands through it), the run
  * cut at block edges (8-bit: row ends), each piece one call of the ISA's lf_q4_run_fn (lf_q8_run_fn)
- * with its block's fp32 scale (nested
- * scales resolved per piece: one table lookup, one product, one sum). Unchecked: w passes lf_qweight_unfit,
- * 0 ≤ e, e + n ≤ rows·cols. */
+ * with its block's fp32 scale (lf_q4_span_blocks; into bf16 / fp16 the ISA's 16-bit span). Unchecked: w passes
+ * lf_qweight_unfit, 0 ≤ e, e + n ≤ rows·cols. */
 void lf_qweight_span(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, void *out);
 
 /* The fp32 scale of block b (b < its blocks): absmax[b], or nested (c2[qa[b]] · a2[b / B2]) + offset —
@@ -93,6 +92,33 @@ static inline void lf_qweight_scales(const lf_qweight *w, int64_t b0, int64_t nb
         const uint8_t *qa = w->absmax_q + b0 + t;
         for (int64_t u = 0; u < run; u++) out[t + u] = w->nested_code[qa[u]] * a2 + off;
         t += run;
+    }
+}
+
+/* The flat run [e, e + n) of a 4-bit w (lf_qweight_span's contract) cut at block edges, each piece one
+ * run(data, e, len, code, scale, dt, out) with its block's scale and e even — an odd first element (blocks start
+ * even) by lf_q4_run_generic —, the scales of up to 64 blocks resolved at a time (lf_qweight_scales: no division a
+ * block). Inlined where run is a constant (the 16-bit spans, whose runs are then inlined in turn: no call a block). */
+static inline __attribute__((always_inline)) void lf_q4_span_blocks(const lf_qweight *w, int64_t e, int64_t n,
+                                                                    lf_dtype dt, void *out, lf_q4_run_fn run) {
+    const float *code = lf_q4_code(w->type);
+    const size_t esize = dt == LF_DT_F32 ? sizeof(float) : sizeof(uint16_t);
+    const int lg = __builtin_ctzll((unsigned long long)w->blocksize); /* B is a power of two */
+    float scales[64];
+    if ((e & 1) && n > 0) {
+        lf_q4_run_generic(w->data, e, 1, code, lf_qweight_scale(w, e >> lg), dt, out);
+        out = (char *)out + esize;
+        e++, n--;
+    }
+    for (const int64_t end = e + n; e < end;) {
+        const int64_t b0 = e >> lg, nb = ((end - 1) >> lg) - b0 + 1 < 64 ? ((end - 1) >> lg) - b0 + 1 : 64;
+        lf_qweight_scales(w, b0, nb, scales);
+        for (int64_t b = b0; b < b0 + nb; b++) {
+            const int64_t stop = end < (b + 1) << lg ? end : (b + 1) << lg;
+            run(w->data, e, stop - e, code, scales[b - b0], dt, out);
+            out = (char *)out + (size_t)(stop - e) * esize;
+            e = stop;
+        }
     }
 }
 

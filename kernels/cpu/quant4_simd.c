@@ -111,30 +111,6 @@ LF_AVX512_BF16 void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf
     if (t < len) lf_q8_run_avx512(c + t, len - t, scale, dt, lf_out_at(dt, out, t));
 }
 
-/* The block loop of the 16-bit spans (lf_q4_span16_vbmi, lf_q4_span16_avx2): the flat run [e, e + n) of w cut at
- * block edges, the scales of up to 64 blocks at a time (lf_qweight_scales: no division a block), an odd first
- * element generic, then block(data, e, stop, code, scale, dt, out) for the even e up to stop, all in one block.
- * Inlined into each ISA's span with its block function, which is inlined in turn: no call a block. */
-typedef void (*q4_block16_fn)(const uint8_t *data, int64_t e, int64_t stop, const float *code, float scale,
-                              lf_dtype dt, uint16_t *out);
-static inline __attribute__((always_inline)) void q4_span16_blocks(const lf_qweight *w, int64_t e, int64_t n,
-                                                                   lf_dtype dt, uint16_t *out, q4_block16_fn block) {
-    const float *code = lf_q4_code(w->type);
-    const int lg = __builtin_ctzll((unsigned long long)w->blocksize); /* B is a power of two */
-    float scales[64];
-    for (const int64_t end = e + n; e < end;) {
-        const int64_t b0 = e >> lg, nb = ((end - 1) >> lg) - b0 + 1 < 64 ? ((end - 1) >> lg) - b0 + 1 : 64;
-        lf_qweight_scales(w, b0, nb, scales);
-        for (int64_t b = b0; b < b0 + nb; b++) {
-            const int64_t stop = end < (b + 1) << lg ? end : (b + 1) << lg;
-            if (e & 1) lf_q4_run_generic(w->data, e++, 1, code, scales[b - b0], dt, out++);
-            block(w->data, e, stop, code, scales[b - b0], dt, out);
-            out += stop - e;
-            e = stop;
-        }
-    }
-}
-
 /* lf_q4_span16_vbmi: per block its 16 values round_dt(code[q] · scale) — the products and the rounding of
  * lf_q4_run_fn's, formed once — held twice in the 32 words of a register; then per 64 elements (32 bytes of
  * codes c): two vpermt2b spread c >> 4 and c into words in element order (lf_q4_spread, as rowdots_quant.c's
@@ -144,9 +120,11 @@ static inline __attribute__((always_inline)) void q4_span16_blocks(const lf_qwei
  * ten. */
 #define LF_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
-LF_VBMI static inline __attribute__((always_inline)) void q4_block16_vbmi(const uint8_t *data, int64_t e, int64_t stop,
-                                                                          const float *code, float scale, lf_dtype dt,
-                                                                          uint16_t *out) {
+LF_VBMI static inline __attribute__((always_inline)) void q4_run16_vbmi(const uint8_t *data, int64_t e, int64_t len,
+                                                                        const float *code, float scale, lf_dtype dt,
+                                                                        void *out_) {
+    uint16_t *out = out_;
+    const int64_t stop = e + len; /* e even (lf_q4_span_blocks) */
     const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
     const __m256i t = dt == LF_DT_BF16 ? _mm512_cvtepi32_epi16(lf_bf16x16(v))
                                        : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -172,7 +150,7 @@ LF_VBMI static inline __attribute__((always_inline)) void q4_block16_vbmi(const 
 }
 
 LF_VBMI static void q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
-    q4_span16_blocks(w, e, n, dt, out, q4_block16_vbmi);
+    lf_q4_span_blocks(w, e, n, dt, out, q4_run16_vbmi);
 }
 
 int lf_q4_span16_vbmi(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
@@ -202,9 +180,11 @@ LF_AVX2 static inline __attribute__((always_inline)) void q4_words64_avx2(const 
     }
 }
 
-LF_AVX2 static inline __attribute__((always_inline)) void q4_block16_avx2(const uint8_t *data, int64_t e, int64_t stop,
-                                                                          const float *code, float scale, lf_dtype dt,
-                                                                          uint16_t *out) {
+LF_AVX2 static inline __attribute__((always_inline)) void q4_run16_avx2(const uint8_t *data, int64_t e, int64_t len,
+                                                                        const float *code, float scale, lf_dtype dt,
+                                                                        void *out_) {
+    uint16_t *out = out_;
+    const int64_t stop = e + len; /* e even (lf_q4_span_blocks) */
     const __m256 s = _mm256_set1_ps(scale);
     const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(code), s), v1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), s);
     const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -229,7 +209,7 @@ LF_AVX2 static inline __attribute__((always_inline)) void q4_block16_avx2(const 
 }
 
 LF_AVX2 static void q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
-    q4_span16_blocks(w, e, n, dt, out, q4_block16_avx2);
+    lf_q4_span_blocks(w, e, n, dt, out, q4_run16_avx2);
 }
 
 int lf_q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
