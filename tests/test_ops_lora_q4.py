@@ -64,6 +64,24 @@ def test_decode_reads_the_codes_through_block_tables(half_isa, base, n):
         Q4Case(n, 4096, 5, 2, base, "float32", block_size=4096).check(("skinny", "decode"))
 
 
+@pytest.mark.parametrize("n", [9, 17, 24, 25])
+def test_decode_takes_groups_of_8_tokens_where_the_gemm_would_widen_w(half_isa, n):
+    """9–24 tokens, K a multiple of the block size, where the base GEMM would widen W (below avx512_bf16, or an fp16
+    x: rowdots_quant.c grouped_for): y 'decode' runs the decode kernels on each group of 8 tokens (the last one
+    short), x's rows strided, K over several of the fp32 kernels' K blocks; the plan takes it by itself. Elsewhere,
+    and above 24 tokens, 'decode' is refused."""
+    for base in ("bfloat16", "float16"):
+        c = Q4Case(n, 1024, 37, 3, base, "float32", quant_type="fp4" if n % 2 else "nf4", block_size=128, x_pad=5)
+        grouped = _C.get_isa() in ("avx2", "avx512") or (base == "float16" and _C.get_isa() != "generic")
+        if grouped and n <= 24:
+            c.check(("skinny", "decode"))
+            c.forward()
+            assert _C.last_forward_plan() == ("skinny", "decode")
+        else:
+            with pytest.raises(ValueError, match="'decode' needs at most 8 tokens"):
+                c.forward(("skinny", "decode"))
+
+
 @pytest.mark.parametrize("quant_type, double_quant, block", QUANTS)
 def test_every_storage_variant(quant_type, double_quant, block):
     Q4Case(9, 200, 37, 4, "bfloat16", "float32", 0.1, quant_type=quant_type, double_quant=double_quant,

@@ -144,8 +144,9 @@ int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
 /* rowdots_quant.c: the same product for x bf16 / fp16 and a quantized W (M ≤ rows, K = cols) read as it is
  * (no dequantized copy): 4-bit element by element through per-block value tables, 8-bit (bf16 x on
  * vdpbf16ps only) through its converted codes; lf_rowdots_qw_ok: whether it runs here (n ≤
- * LF_ROWDOTS_MAX_N, AVX2 and up; 4-bit: K a multiple of the block size; 8-bit: lf_tunables.decode_pairs with a
- * bf16 x), else lf_rowdots_half's block buffer. */
+ * LF_ROWDOTS_MAX_N — a 4-bit W where the GEMM would widen it: LF_ROWDOTS_QW_GROUPED_MAX_N, in groups —, AVX2 and up;
+ * 4-bit: K a multiple of the block size; 8-bit: lf_tunables.decode_pairs with a bf16 x), else lf_rowdots_half's
+ * block buffer. */
 /* rowdots_half.c: c (n, K; row stride ldc) = g (n, M) · W (M, K) for 1 ≤ n ≤ LF_ROWDOTS_GROUPED_MAX_N tokens (in
  * groups of LF_ROWDOTS_MAX_N), W fp32 or half with rows contiguous (or a quantized W stored (M, K)) streamed once
  * (dx of the decode-size backward), g any dtype and strides */
@@ -155,6 +156,10 @@ int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_
  * vdpbf16ps), rows contiguous, AVX-512, or AVX2 for a half or quantized W (generic: lf_rows_axpy's loop is scalar
  * and the GEMM is the faster). Zen 4, 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
 int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt);
+/* tokens a 4-bit W's decode takes in groups of LF_ROWDOTS_MAX_N where the GEMM would widen W (below avx512_bf16, or
+ * an fp16 x): Zen 4, 4096² NF4, 16 / 24 / 32 tokens, the GEMM 9.4 / 10.6 / 12.6 ms (avx2 forced) and 6.7 / 6.7 / 8.5
+ * (avx512) against 2.7 and 2.0 ms a group of 8 */
+#define LF_ROWDOTS_QW_GROUPED_MAX_N 24
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w);
 int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
                   const float *bias, float *c, int64_t ldc);

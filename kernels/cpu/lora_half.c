@@ -91,8 +91,8 @@ const char *lf_forward_plan_unfit_half(lf_forward_plan plan, int64_t n, lf_tview
     if (plan.u != LF_U_GEMM && plan.u != LF_U_SKINNY) return "a bf16/fp16 base forms u by 'skinny' or 'gemm' only";
     if (plan.u == LF_U_SKINNY && !skinny_rows(x, r)) return "u 'skinny' needs rows of x contiguous and 1 <= r <= 64";
     if (plan.y == LF_Y_DECODE && !lf_rowdots_half_ok(n, base_view(x, W), W))
-        return "y 'decode' needs at most 8 tokens (32 with a dense bf16 W on the avx512_bf16 pairs kernels) and rows "
-               "of x and W contiguous";
+        return "y 'decode' needs at most 8 tokens (24 with a 4-bit W where the GEMM would widen it, 32 with a dense "
+               "bf16 W on the avx512_bf16 pairs kernels) and rows of x and W contiguous";
     if (plan.y != LF_Y_SPLIT && plan.y != LF_Y_AUGMENTED && plan.y != LF_Y_DECODE)
         return "a bf16/fp16 base takes y 'decode', 'split' or 'augmented' only";
     if (plan.y == LF_Y_AUGMENTED && x.dtype == LF_DT_F32)

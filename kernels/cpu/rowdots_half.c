@@ -234,9 +234,12 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
-    const int grouped = !W.qw && bf16_pairs(x.dtype); /* tokens in groups of LF_ROWDOTS_MAX_N */
-    return n <= (grouped ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) &&
-           W.dtype == x.dtype && x.cs == 1 && W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
+    /* tokens in groups of LF_ROWDOTS_MAX_N: a dense bf16 W on the pairs rows, a 4-bit W where rowdots_quant.c says */
+    const int64_t max_n = W.qw ? (lf_rowdots_qw_ok(n, W.qw->cols, x.dtype, W.qw) ? n : LF_ROWDOTS_MAX_N)
+                          : bf16_pairs(x.dtype) ? LF_ROWDOTS_GROUPED_MAX_N
+                                                : LF_ROWDOTS_MAX_N;
+    return n <= max_n && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype && x.cs == 1 &&
+           W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
 }
 
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,

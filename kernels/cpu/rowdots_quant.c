@@ -44,10 +44,15 @@ static int pairs_for(lf_dtype xdt) {
     return xdt == LF_DT_BF16 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
 }
 
+/* 1 if a 4-bit W's decode takes up to LF_ROWDOTS_QW_GROUPED_MAX_N tokens (in groups): where the GEMM would widen W */
+static int grouped_for(lf_dtype xdt) { return lf_get_isa() < LF_ISA_AVX512_BF16 || xdt != LF_DT_BF16; }
+
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 #if defined(__x86_64__)
-    if (n > LF_ROWDOTS_MAX_N || lf_get_isa() < LF_ISA_AVX2) return 0;
-    return w->type == LF_Q8_ROW ? pairs_for(xdt) : K % w->blocksize == 0;
+    const int q8 = w->type == LF_Q8_ROW;
+    if (n > (!q8 && grouped_for(xdt) ? LF_ROWDOTS_QW_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) || lf_get_isa() < LF_ISA_AVX2)
+        return 0;
+    return q8 ? pairs_for(xdt) : K % w->blocksize == 0;
 #else
     (void)n, (void)K, (void)xdt, (void)w;
     return 0;
@@ -460,13 +465,10 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
 }
 #endif
 
-int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
-                  const float *bias, float *c, int64_t ldc) {
-    if (n < 1 || M < 0 || K < 0 || ldc < M || !w || lf_qweight_unfit(w) || w->cols != K || w->rows < M ||
-        (x.dtype != LF_DT_BF16 && x.dtype != LF_DT_F16) || x.cs != 1 || !lf_rowdots_qw_ok(n, K, x.dtype, w))
-        return LF_EINVAL;
+/* one group of n ≤ LF_ROWDOTS_MAX_N tokens (checked by lf_rowdots_qw) */
+static int rowdots_qw_group(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
+                            const float *bias, float *c, int64_t ldc) {
 #if defined(__x86_64__)
-    if (M == 0) return LF_OK;
     const int pairs = pairs_for(x.dtype); /* always, for an 8-bit W (lf_rowdots_qw_ok) */
     /* x's whole chunks (job's xs / xt; a 4-bit K is a multiple of B ≥ 32, an 8-bit one's last K % 32 is read
      * from x itself): element 32c + u of token i at (c·n + i)·32 + u, or for the fp32 kernels, widened, at
@@ -495,7 +497,23 @@ int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, co
     free(xc);
     return lf_interrupt_pending() ? LF_EINTR : LF_OK;
 #else
-    (void)pool, (void)x, (void)bias, (void)c;
+    (void)pool, (void)n, (void)M, (void)K, (void)x, (void)w, (void)bias, (void)c, (void)ldc;
     return LF_EINVAL;
 #endif
+}
+
+int lf_rowdots_qw(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, const lf_qweight *w,
+                  const float *bias, float *c, int64_t ldc) {
+    if (n < 1 || M < 0 || K < 0 || ldc < M || !w || lf_qweight_unfit(w) || w->cols != K || w->rows < M ||
+        (x.dtype != LF_DT_BF16 && x.dtype != LF_DT_F16) || x.cs != 1 || !lf_rowdots_qw_ok(n, K, x.dtype, w))
+        return LF_EINVAL;
+    if (M == 0) return LF_OK;
+    /* tokens [i0, i0 + LF_ROWDOTS_MAX_N): each group streams W's codes once (a 4096² NF4 W: 8 MiB, in L3) */
+    for (int64_t i0 = 0; i0 < n; i0 += LF_ROWDOTS_MAX_N) {
+        const lf_tview xg = {(const uint16_t *)x.p + i0 * x.rs, x.rs, 1, x.dtype, NULL};
+        const int rc = rowdots_qw_group(pool, n - i0 < LF_ROWDOTS_MAX_N ? n - i0 : LF_ROWDOTS_MAX_N, M, K, xg, w, bias,
+                                        c + i0 * ldc, ldc);
+        if (rc != LF_OK) return rc;
+    }
+    return LF_OK;
 }
