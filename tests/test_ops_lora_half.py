@@ -182,7 +182,7 @@ def test_zero_sizes(base, zero):
 def test_plans_chosen_and_forced(half_isa, n):
     """At most 8 tokens (tunables.c half_decode_max_n: 5 for a bf16 W on AMX, 24 for bf16 on the avx512_bf16
     pairs kernels, whose decode takes up to 32 in groups of 8): y 'decode' (W streamed in place); at most 8, dx
-    'masked' (W's rows streamed, from AVX2 up); more: bf16 on a bf16 tile 'split' / 'masked', otherwise
+    'masked' (W's rows streamed, from AVX2 up; to 24 where the GEMM would widen W); more: bf16 on a bf16 tile 'split' / 'masked', otherwise
     'augmented'; every legal plan forced gives a result within the bounds."""
     for base in ("bfloat16", "float16"):
         c = Case(n, 40, 24, 4, base, "float32")
@@ -192,7 +192,9 @@ def test_plans_chosen_and_forced(half_isa, n):
         decode_ok = 32 if tile and _C.get_isa() == "avx512_bf16" else 8  # lf_rowdots_half_ok
         decode_max = {"amx_bf16": 5, "avx512_bf16": 24}.get(_C.get_isa(), 8) if tile else 8  # half_decode_max_n
         assert _C.last_forward_plan() == ("skinny", "decode" if n <= decode_max else "split" if tile else "augmented")
-        streamed = n <= 8 and _C.get_isa() != "generic"  # lf_rows_axpy_streams: a half W from avx2 up
+        # lf_rows_axpy_streams: a half W from avx2 up, ≤ 24 tokens where the GEMM would widen it
+        widens = _C.get_isa() in ("avx2", "avx512") or base == "float16"
+        streamed = _C.get_isa() != "generic" and (n <= 8 or (n <= 24 and widens))
         assert _C.last_backward_plan() == ("skinny", "skinny", "masked" if tile or streamed else "augmented")
         for y_path in ("decode", "split", "augmented") if n <= decode_ok else ("split", "augmented"):
             for u_path, da_path, dx_path in (("skinny", "gemm", "masked"), ("gemm", "skinny", "augmented"),

@@ -153,8 +153,8 @@ int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W);
 int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc);
 /* 1 if dx = g·W of n tokens on a W of dtype wdt whose column stride is w_cs streams W once by lf_rows_axpy rather
  * than packing it for a GEMM: 1 ≤ n ≤ LF_ROWDOTS_MAX_N (LF_ROWDOTS_GROUPED_MAX_N for a bf16 W where the decode takes
- * vdpbf16ps), rows contiguous, AVX-512, or AVX2 for a half or quantized W (generic: lf_rows_axpy's loop is scalar
- * and the GEMM is the faster). Zen 4, 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
+ * vdpbf16ps; 24 for a half or quantized W the GEMM would widen), rows contiguous, AVX-512, or AVX2 for a half or
+ * quantized W (generic: lf_rows_axpy's loop is scalar and the GEMM is the faster). Zen 4, 1 × 4096² fp32 fwd+bwd: 7.6 ms with the GEMM (PEFT 6.4), 4.4 streamed. */
 int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt);
 /* tokens a 4-bit W's decode takes in groups of LF_ROWDOTS_MAX_N where the GEMM would widen W (below avx512_bf16, or
  * an fp16 x): Zen 4, 4096² NF4, 16 / 24 / 32 tokens, the GEMM 9.4 / 10.6 / 12.6 ms (avx2 forced) and 6.7 / 6.7 / 8.5

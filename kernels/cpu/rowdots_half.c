@@ -506,8 +506,14 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
     free(buf);
 }
 
+/* tokens whose dx streams a half or quantized W that the GEMM would widen (below avx512_bf16, or fp16), in groups of
+ * LF_ROWDOTS_MAX_N over each block of W's rows: Zen 4, 4096² NF4 backward, 12 / 16 / 24 / 32 tokens, avx2 forced
+ * 0.76 / 0.82 / 1.01 / 1.03× the GEMM's time, avx512 0.51 / 0.51 / 0.65 / 0.73×; bf16 avx2, 16 / 32: 0.58 / 0.88× */
+#define AXPY_WIDENED_MAX_N 24
+
 int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt) {
-    const int64_t max_n = bf16_pairs(wdt) ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N;
+    const int widens = wdt != LF_DT_F32 && (lf_get_isa() < LF_ISA_AVX512_BF16 || wdt == LF_DT_F16);
+    const int64_t max_n = bf16_pairs(wdt) ? LF_ROWDOTS_GROUPED_MAX_N : widens ? AXPY_WIDENED_MAX_N : LF_ROWDOTS_MAX_N;
     /* AVX2 (axpy_yN): a half or quantized W, whose GEMM packs W widened (Zen 4, avx2 forced, 4096², 1 / 8 tokens:
      * bf16 6.5 / 7.1 → 2.8 / 3.0 ms, NF4 4.8 / 5.9 → 1.9 / 3.5); an fp32 W's GEMM was the faster at 8 tokens */
     return n >= 1 && n <= max_n && w_cs == 1 && lf_get_isa() >= (wdt == LF_DT_F32 ? LF_ISA_AVX512 : LF_ISA_AVX2);
