@@ -61,6 +61,7 @@ static inline void lf_store1(lf_dtype dt, void *out, int64_t t, float v) {
 #include <immintrin.h>
 
 #define LF_AVX2 __attribute__((target("avx2,f16c")))
+#define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 #define LF_AVX512 __attribute__((target("avx512f")))
 
 /* bf16 bits of 8 fp32 lanes, to nearest even, NaN → 0x7FC0, as 8 uint16 */

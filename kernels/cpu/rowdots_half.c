@@ -54,8 +54,6 @@ static void rows_generic(int64_t j0, int64_t j1, int64_t n, int64_t K, const flo
 }
 
 #if defined(__x86_64__)
-#define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
-
 /* One x86 variant of a thread's rows: rows j, j+1 of W at a time (the last alone when j1 - j0 is odd)
  * against the n rows of x, STEP elements of K per step into 2n accumulators and operands of type V:
  * b = LOAD_B(w) (STEP elements of a W row at w), a = LOAD_A(i, p) (x row i from p), acc = MADD(acc,

@@ -103,7 +103,6 @@ LF_AVX512 static inline __m512 block_table(__m512 code, float scale, lf_dtype dt
 #define Q4Z_ZERO _mm512_setzero_ps()
 #define Q4Z_SUM(v) _mm512_reduce_add_ps(v)
 
-#define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 typedef struct {
     __m256 lo, hi; /* values 0 .. 7, 8 .. 15 */
 } q4_table8;
