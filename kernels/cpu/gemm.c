@@ -304,12 +304,13 @@ static int plain_bf16(const lf_operand *o) {
     return o->nseg == 1 && o->seg[0].dtype == LF_DT_BF16 && o->seg[0].scale == 1.0f && !o->seg[0].drop_threshold;
 }
 
+int lf_gemm_half_tile(lf_dtype dt) { return dt == LF_DT_BF16 && lf_get_isa() >= LF_ISA_AVX512_BF16; }
+
 /* The tile of a GEMM: two plain bf16 operands take the bf16 pair tile on avx512_bf16, the AMX tile
- * on amx_bf16; everything else dispatch_for(N) (half operands widened to fp32 while packing). */
+ * on amx_bf16 (lf_gemm_half_tile); everything else dispatch_for(N) (half operands widened to fp32 while packing). */
 static const lf_dispatch *dispatch_of(const lf_operand *a, const lf_operand *b, int64_t N) {
-    const lf_isa isa = lf_get_isa();
-    if (isa >= LF_ISA_AVX512_BF16 && plain_bf16(a) && plain_bf16(b))
-        return isa == LF_ISA_AMX_BF16 ? &lf_dispatch_amx_bf16 : &lf_dispatch_avx512_bf16;
+    if (plain_bf16(a) && plain_bf16(b) && lf_gemm_half_tile(LF_DT_BF16))
+        return lf_get_isa() == LF_ISA_AMX_BF16 ? &lf_dispatch_amx_bf16 : &lf_dispatch_avx512_bf16;
     return dispatch_for(N);
 }
 

@@ -418,6 +418,10 @@ int lf_gemm_reads_a_in_place(int64_t N);
 /* dst[q·ld + i] = scale · src[i·rs + q] for i < rows, q < cols (the ISA's register transposes) */
 void lf_transpose_f32(const float *src, int64_t rs, int64_t rows, int64_t cols, float scale, float *dst, int64_t ld);
 
+/* 1 if lf_gemm multiplies plain operands of the 16-bit dtype dt on a bf16 tile here (vdpbf16ps, or AMX: bf16 on the
+ * avx512_bf16 level and up), 0 where it widens them to fp32 while packing (gemm.c dispatch_of) */
+int lf_gemm_half_tile(lf_dtype dt);
+
 /* How many row blocks lf_gemm cuts C into for these sizes: each of them packs all of b. */
 int lf_gemm_row_splits(lf_pool *pool, int64_t M, int64_t N, int64_t K);
 

@@ -18,7 +18,7 @@ extern const uint8_t lf_q4_spread[64];
 
 /* One run of a block: out[t] = round_dt(code[q[e + t]] · scale) for t < len, q[e] the nibble of
  * element e in data (high for even e); out is float (LF_DT_F32) or uint16_t bits (bf16, fp16).
- * Per ISA in quant4_simd.c; all give the same bits (NaN payloads aside). */
+ * Per ISA in quant4_simd.c; all give the same bits (NaN payloads aside). e even but for lf_q4_run_generic. */
 typedef void (*lf_q4_run_fn)(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale,
                              lf_dtype dt, void *out);
 void lf_q4_run_generic(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,

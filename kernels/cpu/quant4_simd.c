@@ -5,8 +5,9 @@
  * rounding: none (fp32), or to nearest even (half_store.h).
  * The vector loops look the 16 codes up in registers: AVX-512 one vpermps over a zmm holding the
  * table (32 elements from 16 bytes per step); AVX2 two vpermps over its halves, blended on bit 3 of
- * the code (16 elements from 8 bytes). The first element of an odd e and the tail run the generic
- * code. Generic is the reference: tests/test_quant4.py compares every ISA's bits with it. */
+ * the code (16 elements from 8 bytes); the tail runs the generic code. They take fp32 outputs (bf16 / fp16 ones
+ * take the 16-bit spans below) and an even e (lf_q4_span_blocks). Generic is the reference: tests/test_quant4.py
+ * compares every ISA's bits with it. */
 #include <float.h>
 #include <math.h>
 #include <string.h>
@@ -35,11 +36,7 @@ void lf_q4_run_generic(const uint8_t *data, int64_t e, int64_t len, const float 
 
 LF_AVX2 void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale, lf_dtype dt,
                             void *out) {
-    int64_t t = 0;
-    if ((e & 1) && len > 0) { /* start on a byte boundary */
-        lf_q4_run_generic(data, e, 1, code, scale, dt, out);
-        t = 1;
-    }
+    int64_t t = 0; /* e even */
     const __m256 tlo = _mm256_loadu_ps(code), thi = _mm256_loadu_ps(code + 8), s = _mm256_set1_ps(scale);
     const __m256i low4 = _mm256_set1_epi32(0x0F);
     for (; t + 16 <= len; t += 16) {
@@ -56,11 +53,7 @@ LF_AVX2 void lf_q4_run_avx2(const uint8_t *data, int64_t e, int64_t len, const f
 
 LF_AVX512 void lf_q4_run_avx512(const uint8_t *data, int64_t e, int64_t len, const float *code, float scale,
                                 lf_dtype dt, void *out) {
-    int64_t t = 0;
-    if ((e & 1) && len > 0) {
-        lf_q4_run_generic(data, e, 1, code, scale, dt, out);
-        t = 1;
-    }
+    int64_t t = 0; /* e even */
     const __m512 table = _mm512_loadu_ps(code), s = _mm512_set1_ps(scale);
     const __m512i low4 = _mm512_set1_epi32(0x0F);
     /* element order from (hi, lo): h0 l0 h1 l1 … h7 l7, then h8 l8 … h15 l15 */
@@ -208,12 +201,8 @@ LF_AVX2 static inline __attribute__((always_inline)) void q4_run16_avx2(const ui
     }
 }
 
-LF_AVX2 static void q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
+LF_AVX2 int lf_q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
     lf_q4_span_blocks(w, e, n, dt, out, q4_run16_avx2);
-}
-
-int lf_q4_span16_avx2(const lf_qweight *w, int64_t e, int64_t n, lf_dtype dt, uint16_t *out) {
-    q4_span16_avx2(w, e, n, dt, out);
     return 1;
 }
 #else

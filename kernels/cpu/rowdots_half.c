@@ -232,12 +232,12 @@ static void rowdots_half_run(void *ctxp, int tid, int nt) {
 }
 
 int lf_rowdots_half_ok(int64_t n, lf_tview x, lf_tview W) {
-    /* tokens in groups of LF_ROWDOTS_MAX_N: a dense bf16 W on the pairs rows, a 4-bit W where rowdots_quant.c says */
-    const int64_t max_n = W.qw ? (lf_rowdots_qw_ok(n, W.qw->cols, x.dtype, W.qw) ? n : LF_ROWDOTS_MAX_N)
-                          : bf16_pairs(x.dtype) ? LF_ROWDOTS_GROUPED_MAX_N
-                                                : LF_ROWDOTS_MAX_N;
-    return n <= max_n && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype && x.cs == 1 &&
-           W.cs == 1 && (!W.qw || W.rs == W.qw->cols);
+    /* more than LF_ROWDOTS_MAX_N tokens in groups of it: a dense bf16 W on the pairs rows, a quantized W where
+     * rowdots_quant.c takes them */
+    const int n_ok = W.qw ? n <= LF_ROWDOTS_MAX_N || lf_rowdots_qw_ok(n, W.qw->cols, x.dtype, W.qw)
+                          : n <= (bf16_pairs(x.dtype) ? LF_ROWDOTS_GROUPED_MAX_N : LF_ROWDOTS_MAX_N);
+    return n_ok && (x.dtype == LF_DT_BF16 || x.dtype == LF_DT_F16) && W.dtype == x.dtype && x.cs == 1 && W.cs == 1 &&
+           (!W.qw || W.rs == W.qw->cols);
 }
 
 int lf_rowdots_half(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview x, lf_tview W, const float *bias,
@@ -510,7 +510,7 @@ static void rows_axpy_run(void *ctxp, int tid, int nt) {
 #define AXPY_WIDENED_MAX_N 24
 
 int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt) {
-    const int widens = wdt != LF_DT_F32 && (lf_get_isa() < LF_ISA_AVX512_BF16 || wdt == LF_DT_F16);
+    const int widens = wdt != LF_DT_F32 && !lf_gemm_half_tile(wdt);
     const int64_t max_n = bf16_pairs(wdt) ? LF_ROWDOTS_GROUPED_MAX_N : widens ? AXPY_WIDENED_MAX_N : LF_ROWDOTS_MAX_N;
     /* AVX2 (axpy_yN): a half or quantized W, whose GEMM packs W widened (Zen 4, avx2 forced, 4096², 1 / 8 tokens:
      * bf16 6.5 / 7.1 → 2.8 / 3.0 ms, NF4 4.8 / 5.9 → 1.9 / 3.5); an fp32 W's GEMM was the faster at 8 tokens */

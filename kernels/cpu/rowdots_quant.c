@@ -44,13 +44,12 @@ static int pairs_for(lf_dtype xdt) {
     return xdt == LF_DT_BF16 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
 }
 
-/* 1 if a 4-bit W's decode takes up to LF_ROWDOTS_QW_GROUPED_MAX_N tokens (in groups): where the GEMM would widen W */
-static int grouped_for(lf_dtype xdt) { return lf_get_isa() < LF_ISA_AVX512_BF16 || xdt != LF_DT_BF16; }
-
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 #if defined(__x86_64__)
     const int q8 = w->type == LF_Q8_ROW;
-    if (n > (!q8 && grouped_for(xdt) ? LF_ROWDOTS_QW_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) || lf_get_isa() < LF_ISA_AVX2)
+    /* a 4-bit W in groups where the GEMM would widen it */
+    if (n > (!q8 && !lf_gemm_half_tile(xdt) ? LF_ROWDOTS_QW_GROUPED_MAX_N : LF_ROWDOTS_MAX_N) ||
+        lf_get_isa() < LF_ISA_AVX2)
         return 0;
     return q8 ? pairs_for(xdt) : K % w->blocksize == 0;
 #else
