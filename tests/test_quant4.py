@@ -114,6 +114,33 @@ def test_every_isa_gives_the_generic_bits_and_sub_ranges_match(dtype, quant_type
                                bits(full["generic"][2:9, c0:c1].contiguous())), (isa, c0, c1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_scales_round_as_the_generic_code_on_every_isa(dtype, restore_isa):
+    """Blocks whose scale is NaN (a payload, a signalling one), +inf or -inf (code 0 times inf: NaN): every ISA gives
+    the generic bits (kernels/cpu/half_store.h: bf16 NaN 0x7FC0, c10's rounding; fp16 a quiet NaN keeping its
+    payload's top bits, torch's conversion of the float32 values) — where finite scales take the SIMD spans' integer
+    rounding (quant4_internal.h lf_q4_byte_tables)."""
+    W = torch.randn(6, 256)
+    data, state = quant.quantize_weight(W, "nf4", block_size=64, double_quant=False)
+    odd = torch.tensor([0x7FC00001, 0x7FA00000, 0xFFE00000, 0x7F800000, 0xFF800000], dtype=torch.int64)
+    state.absmax[3:8] = odd.to(torch.int32).view(torch.float32)
+    generic = None
+    for isa in isas():
+        _C.set_isa(isa)
+        D = quant.dequantize(data, state, dtype=dtype)
+        generic = D if generic is None else generic
+        assert torch.equal(bits(D), bits(generic)), isa
+    _C.set_isa("generic")
+    wide = quant.dequantize(data, state, dtype=torch.float32)
+    if dtype == torch.float16:
+        assert torch.equal(bits(generic), bits(wide.to(dtype)))
+    if dtype == torch.bfloat16:
+        nan = wide.isnan()
+        assert torch.equal(bits(generic)[~nan], bits(wide.to(dtype))[~nan])
+        assert (bits(generic)[nan] == 0x7FC0).all()
+    assert torch.isnan(generic.view(-1)[3 * 64:6 * 64]).all()
+
+
 def test_quantize_is_deterministic_for_each_input_dtype_and_zero_blocks():
     W = torch.zeros(4, 64)
     W[1, 3] = 1.5

@@ -3,8 +3,9 @@
  * quant4_simd.c, the outputs of the half-precision LoRA kernels in narrow.c); and the vector loads
  * that widen bf16 / fp16 back to fp32 (widen.c, rowdots_half.c).
  *   bf16: torch's c10::round_to_nearest_even — the top 16 bits of u + 0x7FFF + lsb; NaN → 0x7FC0.
- *   fp16: IEEE binary16 — subnormals m·2⁻²⁴, ≥ 65520 → inf, NaN → sign | 0x7E00 (F16C's
- *         vcvtps2ph on AVX2 / AVX-512 gives the same bits for every input).
+ *   fp16: IEEE binary16 — subnormals m·2⁻²⁴, ≥ 65520 → inf, NaN → quiet, its payload's top 10 bits
+ *         kept (F16C's vcvtps2ph on AVX2 / AVX-512 gives the same bits for every input; torch's tensor
+ *         conversion too).
  * Scalar versions everywhere; 8- and 16-lane ones for AVX2+F16C and AVX-512F (x86-64). */
 #ifndef LORAFUSE_HALF_STORE_H
 #define LORAFUSE_HALF_STORE_H
@@ -27,13 +28,14 @@ static inline uint16_t lf_f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* fp32 → IEEE binary16 bits, to nearest even: NaN → sign | 0x7E00; ≥ 65520 → inf; below 2^-14 the
+/* fp32 → IEEE binary16 bits, to nearest even: NaN → sign | 0x7E00 | the top 10 bits of its payload (vcvtps2ph's
+ * quiet NaN); ≥ 65520 → inf; below 2^-14 the
  * subnormal m·2^-24 with m = round(|f| / 2^-24), ties to even (≤ 2^-25 → 0) */
 static inline uint16_t lf_f32_to_f16(float f) {
     uint32_t u = lf_f32_bits(f);
     const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
     u &= 0x7FFFFFFFu;
-    if (u > 0x7F800000u) return sign | 0x7E00u;
+    if (u > 0x7F800000u) return sign | 0x7E00u | (uint16_t)((u >> 13) & 0x3FFu);
     if (u >= 0x477FF000u) return sign | 0x7C00u;
     if (u <= 0x33000000u) return sign;
     if (u < 0x38800000u) { /* exponent e ∈ [102, 112]: m = mant >> (126 - e), rounded */

@@ -178,16 +178,8 @@ LF_AVX2 static inline __attribute__((always_inline)) void q4_run16_avx2(const ui
                                                                         void *out_) {
     uint16_t *out = out_;
     const int64_t stop = e + len; /* e even (lf_q4_span_blocks) */
-    const __m256 s = _mm256_set1_ps(scale);
-    const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(code), s), v1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), s);
-    const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    __m128i t0 = dt == LF_DT_BF16 ? lf_bf16x8(v0) : _mm256_cvtps_ph(v0, rne);
-    __m128i t1 = dt == LF_DT_BF16 ? lf_bf16x8(v1) : _mm256_cvtps_ph(v1, rne);
-    const __m128i bytes = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15); /* low bytes, high */
-    t0 = _mm_shuffle_epi8(t0, bytes);
-    t1 = _mm_shuffle_epi8(t1, bytes);
-    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(t0, t1));
-    const __m256i thi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(t0, t1));
+    const __m256i bytes = lf_q4_byte_tables(_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8), scale, dt);
+    const __m256i tlo = _mm256_permute2x128_si256(bytes, bytes, 0x00), thi = _mm256_permute2x128_si256(bytes, bytes, 0x11);
     for (; e + 64 <= stop; e += 64, out += 64) {
         _mm_prefetch((const char *)(data + (e >> 1) + 1024), _MM_HINT_T0); /* 32 steps on: the codes stream */
         q4_words64_avx2(data + (e >> 1), tlo, thi, out);

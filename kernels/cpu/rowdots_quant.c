@@ -63,39 +63,58 @@ typedef struct {
     const lf_qweight *w;
     /* x in chunks of 32 elements, token after token within a chunk (chunk c of token i at (c·n + i)·32), so
      * that a kernel reaches every token's chunk from one pointer at fixed offsets (x's own rows, ldxh apart,
-     * held one pointer per token: the 8-token kernels spilled them). xs (the fp32 kernels): elements 32c + 2t
-     * then 32c + 2t + 1 for t < 16 (the even and odd elements a byte's nibbles hold); xt (the pairs kernels):
-     * the 32 bf16 elements as they are */
+     * held one pointer per token: the 8-token kernels spilled them). xs (the fp32 kernels): the 32 elements widened,
+     * in the order the kernels' lookups give W's (x_slot); xt (the pairs kernels): the 32 bf16 elements as they
+     * are */
     const float *xs, *bias;
     const uint16_t *xt;
     const uint16_t *xh; /* x's bf16 elements, rows ldxh apart: the 8-bit kernel's last K % 32 */
     int64_t ldxh;
     int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
     int shuffles;                /* the shuffle kernels take it (shuffles_for) */
+    int lanes8;                  /* the fp32 kernels in AVX2's 8 lanes (rows_q4y_N) */
     lf_dtype dt;
     float *c;
 } rowdots_q4_job;
 
 #if defined(__x86_64__)
-/* The fp32 kernels' operations per ISA (ISA##_…, pasted by ROWS_Q4): L lanes; V an fp32 vector, I an int32 one, T a
- * block's table of the 16 values round_dt(code[q] · scale) widened back to fp32 (CODE: the code table itself as a
- * T, TABLE: block b's); CODES(p): L bytes of codes at p, one a lane; EVEN / ODD: the values of their high / low
- * nibbles. AVX-512: the table in one zmm, one vpermps a lookup (it reads an index's low 4 bits: the low nibble as
- * it is). AVX2: the table's halves in two ymm, two vpermps and a blend on the index's bit 3 (lf_q4_lookup8). TABLE
- * takes the block's scale (resolved for a row's K block at once: lf_qweight_scales, no division a block). */
+/* The fp32 kernels' operations per ISA (ISA##_…, pasted by ROWS_Q4): L lanes; V an fp32 vector; C the code table;
+ * T a block's table in registers, TABLE_AT(code, sc, tabs, b, dt) block b's (sc: the row's block scales over the K
+ * block, tabs: what TABLES(code, sc, nb, dt, tabs) formed from them before the row's products, 64 bytes a block),
+ * TZERO none yet; DECODE(p, t, dt, w): the 32 elements of 16 bytes of codes at p as NW vectors w, vector f's lanes
+ * against x's split chunk at f·L (x_slot).
+ * AVX-512: a table is the 16 values round_dt(code[q] · scale) widened to fp32, one zmm, formed at the block's first
+ * step; one vpermps a lookup of 16 codes (it reads an index's low 4 bits: the low nibble as it is); vector 0 the
+ * high nibbles (elements 2t), vector 1 the low ones (2t + 1).
+ * AVX2, bf16: a table is the 16 values' bf16 words split into vpshufb byte tables, low bytes and high bytes
+ * (lf_q4_byte_tables), all of a row's formed first — at each block's step their latency held the products up (Zen
+ * 4, 1 token × 1024 × 4096 NF4, one thread, blocks of 64: 0.56 → 0.49 ms; 0.28 with one block a row). The 16 bytes
+ * of codes in both 128-bit lanes, lane 0 shifted 4 (vpsrlvd), masked to nibbles — lane 0 the elements 2l, lane 1
+ * the elements 2l + 1 of byte l —, looked up in both tables, the two bytes interleaved into words (vpunpck{l,h}bw:
+ * elements 2u + L at the lane's word u) and the words into the top halves of dwords (vpunpck{l,h}wd with zero):
+ * vector f, lane L·4 + v holds element 8f + 2v + L — 4 vectors from 11 instructions, where the two-vpermps lookups
+ * below take 20. AVX2, fp16 (whose widening the byte tables cannot do as cheaply: measured 4–9 % slower): the table
+ * is the 16 values in fp32 (two ymm), 8 bytes of codes widened to dwords a lookup (lf_q4_lookup8: two vpermps and a
+ * blend), vectors 0, 1 the high nibbles of bytes 0..7, 8..15, vectors 2, 3 their low nibbles. */
 LF_AVX512 static inline __m512 block_table(__m512 code, float scale, lf_dtype dt) {
     return lf_round16(dt, _mm512_mul_ps(code, _mm512_set1_ps(scale)));
 }
+LF_AVX512 static inline void q4z_decode(const uint8_t *p, __m512 t, __m512 *w) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t);
+    w[1] = _mm512_permutexvar_ps(c, t);
+}
 #define Q4Z_ATTR LF_AVX512
 #define Q4Z_L 16
+#define Q4Z_NW 2
 #define Q4Z_V __m512
-#define Q4Z_I __m512i
+#define Q4Z_C __m512
 #define Q4Z_T __m512
 #define Q4Z_CODE(code) _mm512_loadu_ps(code)
-#define Q4Z_TABLE(code, scale, dt) block_table((code), (scale), (dt))
-#define Q4Z_CODES(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
-#define Q4Z_EVEN(c, t) _mm512_permutexvar_ps(_mm512_srli_epi32((c), 4), (t))
-#define Q4Z_ODD(c, t) _mm512_permutexvar_ps((c), (t))
+#define Q4Z_TABLES(code, sc, nb, dt, tabs) ((void)(tabs))
+#define Q4Z_TABLE_AT(code, sc, tabs, b, dt) block_table((code), (sc)[b], (dt))
+#define Q4Z_TZERO _mm512_setzero_ps()
+#define Q4Z_DECODE(p, t, dt, w) q4z_decode((p), (t), (w))
 #define Q4Z_LOAD(p) _mm512_loadu_ps(p)
 #define Q4Z_FMA(a, b, acc) _mm512_fmadd_ps((a), (b), (acc))
 #define Q4Z_ADD(a, b) _mm512_add_ps((a), (b))
@@ -103,44 +122,87 @@ LF_AVX512 static inline __m512 block_table(__m512 code, float scale, lf_dtype dt
 #define Q4Z_SUM(v) _mm512_reduce_add_ps(v)
 
 typedef struct {
-    __m256 lo, hi; /* values 0 .. 7, 8 .. 15 */
-} q4_table8;
-LF_AVX2_FMA static inline q4_table8 code_table8(const float *code) {
-    return (q4_table8){_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)};
+    __m256 lo, hi; /* the code table's values 0 .. 7, 8 .. 15 */
+} q4y_code;
+typedef struct {
+    __m256i lo, hi; /* bf16: the byte tables, in both lanes; fp16: values 0 .. 7, 8 .. 15 in fp32 */
+} q4y_table;
+/* tabs, per block of scale sc[b]: bf16 lf_q4_byte_tables (32 bytes); fp16 the 16 values in fp32 */
+LF_AVX2_FMA static inline void q4y_tables(q4y_code code, const float *sc, int64_t nb, lf_dtype dt, float *tabs) {
+    for (int64_t b = 0; b < nb; b++) {
+        if (dt == LF_DT_BF16) {
+            _mm256_storeu_si256((__m256i *)(tabs + 16 * b), lf_q4_byte_tables(code.lo, code.hi, sc[b], dt));
+            continue;
+        }
+        const __m256 s = _mm256_set1_ps(sc[b]);
+        _mm256_storeu_ps(tabs + 16 * b, lf_round8(dt, _mm256_mul_ps(code.lo, s)));
+        _mm256_storeu_ps(tabs + 16 * b + 8, lf_round8(dt, _mm256_mul_ps(code.hi, s)));
+    }
 }
-LF_AVX2_FMA static inline q4_table8 block_table8(q4_table8 code, float scale, lf_dtype dt) {
-    const __m256 s = _mm256_set1_ps(scale);
-    return (q4_table8){lf_round8(dt, _mm256_mul_ps(code.lo, s)), lf_round8(dt, _mm256_mul_ps(code.hi, s))};
+LF_AVX2_FMA static inline q4y_table q4y_table_at(const float *tabs, int64_t b, lf_dtype dt) {
+    const float *e = tabs + 16 * b;
+    if (dt == LF_DT_BF16)
+        return (q4y_table){_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)e)),
+                           _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(e + 4)))};
+    return (q4y_table){_mm256_castps_si256(_mm256_loadu_ps(e)), _mm256_castps_si256(_mm256_loadu_ps(e + 8))};
+}
+LF_AVX2_FMA static inline void q4y_decode(const uint8_t *p, q4y_table t, lf_dtype dt, __m256 *w) {
+    if (dt != LF_DT_BF16) {
+        const __m256 lo = _mm256_castsi256_ps(t.lo), hi = _mm256_castsi256_ps(t.hi);
+        for (int h = 0; h < 2; h++) {
+            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
+            w[h] = lf_q4_lookup8(lo, hi, _mm256_srli_epi32(c, 4));
+            w[2 + h] = lf_q4_lookup8(lo, hi, c);
+        }
+        return;
+    }
+    const __m256i c = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(c, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                                         _mm256_set1_epi8(0x0F));
+    const __m256i bl = _mm256_shuffle_epi8(t.lo, nib), bh = _mm256_shuffle_epi8(t.hi, nib);
+    const __m256i words[2] = {_mm256_unpacklo_epi8(bl, bh), _mm256_unpackhi_epi8(bl, bh)};
+    for (int a = 0; a < 2; a++) {
+        w[2 * a] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), words[a]));
+        w[2 * a + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), words[a]));
+    }
 }
 #define Q4Y_ATTR LF_AVX2_FMA
 #define Q4Y_L 8
+#define Q4Y_NW 4
 #define Q4Y_V __m256
-#define Q4Y_I __m256i
-#define Q4Y_T q4_table8
-#define Q4Y_CODE(code) code_table8(code)
-#define Q4Y_TABLE(code, scale, dt) block_table8((code), (scale), (dt))
-#define Q4Y_CODES(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
-#define Q4Y_EVEN(c, t) lf_q4_lookup8((t).lo, (t).hi, _mm256_srli_epi32((c), 4))
-#define Q4Y_ODD(c, t) lf_q4_lookup8((t).lo, (t).hi, (c))
+#define Q4Y_C q4y_code
+#define Q4Y_T q4y_table
+#define Q4Y_CODE(code) ((q4y_code){_mm256_loadu_ps(code), _mm256_loadu_ps((code) + 8)})
+#define Q4Y_TABLES(code, sc, nb, dt, tabs) q4y_tables((code), (sc), (nb), (dt), (tabs))
+#define Q4Y_TABLE_AT(code, sc, tabs, b, dt) q4y_table_at((tabs), (b), (dt))
+#define Q4Y_TZERO ((q4y_table){_mm256_setzero_si256(), _mm256_setzero_si256()})
+#define Q4Y_DECODE(p, t, dt, w) q4y_decode((p), (t), (dt), (w))
 #define Q4Y_LOAD(p) _mm256_loadu_ps(p)
 #define Q4Y_FMA(a, b, acc) _mm256_fmadd_ps((a), (b), (acc))
 #define Q4Y_ADD(a, b) _mm256_add_ps((a), (b))
 #define Q4Y_ZERO _mm256_setzero_ps()
 #define Q4Y_SUM(v) lf_hsum8(v)
 
+/* the slot of element u (< 32) of a chunk in x's split chunk: the vectors' lanes hold the even elements, then the odd
+ * ones (AVX-512; AVX2 with an fp16 x: by halves of 16), or, for AVX2's byte tables (bytes8), per 8 elements the 4
+ * even ones and then the 4 odd ones */
+static inline int x_slot(int bytes8, int u) {
+    return bytes8 ? (u >> 3) * 8 + (u & 1) * 4 + ((u >> 1) & 3) : (u & 1) * 16 + (u >> 1);
+}
+
 /* Rows [j0, j1) over elements [p0, p0 + len) of K (whole blocks) for N tokens: c[i, j] = the sum (+ bias)
  * or += it (accumulate). R rows at a time (2: each x vector serves both; 1 for many tokens, whose
- * accumulators fill the registers) and E accumulators per (row, token): 2 (even and odd elements apart:
- * more independent FMA chains for few tokens) or 1. A step takes L bytes of codes of each row — L even and L
- * odd elements, the even ones against the first half of x's split chunk (32 elements: 16 even, then 16 odd),
- * the odd ones against the second; a step starting a block forms the row's table from its scale (the row's
- * scales over the K block resolved first: len / B ≤ X_L1_FLOATS / 32 of them). */
+ * accumulators fill the registers) and E accumulators per (row, token): 2 (vectors f even and odd apart: more
+ * independent FMA chains for few tokens) or 1. A step takes 16 bytes of codes of each row — 32 elements, one
+ * chunk of x — as NW vectors, each against its L elements of x's split chunk; a step starting a block forms the
+ * row's table from its scale (the row's scales over the K block resolved first: len / B ≤ X_L1_FLOATS / 32 of
+ * them). */
 #define ROWS_Q4(ISA, NAME, N, R, E)                                                                                    \
     ISA##_ATTR static void NAME(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,            \
                                 int accumulate) {                                                                      \
         const lf_qweight *w = job->w;                                                                                \
         const int64_t K = job->K, B = w->blocksize, KB = K / B; /* blocks per row */                                 \
-        const ISA##_T code = ISA##_CODE(lf_q4_code(w->type));                                                          \
+        const ISA##_C code = ISA##_CODE(lf_q4_code(w->type));                                                          \
         const int lg = __builtin_ctzll((unsigned long long)B); /* B is a power of two */                               \
         const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
         for (int64_t j = j0; j < j1; j += R) {                                                                         \
@@ -148,30 +210,30 @@ LF_AVX2_FMA static inline q4_table8 block_table8(q4_table8 code, float scale, lf
             const uint8_t *q[R];                                                                                       \
             ISA##_V acc[R][E][N];                                                                                      \
             ISA##_T t[R];                                                                                              \
-            float sc[R][X_L1_FLOATS / 32]; /* the rows' block scales over this K block */                             \
+            float sc[R][X_L1_FLOATS / 32];                     /* the rows' block scales over this K block */         \
+            _Alignas(64) float tabs[R][X_L1_FLOATS / 32 * 16]; /* the rows' tables over it (TABLES) */               \
             for (int r = 0; r < R; r++) {                                                                              \
                 jr[r] = j + r < j1 ? j + r : j;                                                                        \
                 lf_qweight_scales(w, jr[r] * KB + (p0 >> lg), len >> lg, sc[r]);                                       \
+                ISA##_TABLES(code, sc[r], len >> lg, job->dt, tabs[r]);                                                \
                 q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
-                t[r] = code;                                                                                           \
+                t[r] = ISA##_TZERO;                                                                                    \
                 for (int e = 0; e < E; e++)                                                                            \
                     for (int i = 0; i < N; i++) acc[r][e][i] = ISA##_ZERO;                                             \
             }                                                                                                          \
             const float *x0 = job->xs + (p0 >> 5) * N * 32; /* the K block's first chunk */                          \
-            for (int64_t h = 0; h < len >> 1; h += ISA##_L) { /* L bytes: L even and L odd elements */                 \
-                ISA##_V we[R], wo[R];                                                                                  \
+            for (int64_t h = 0; h < len >> 1; h += 16) { /* 16 bytes: elements 2h .. 2h + 31 of the K block */         \
+                ISA##_V wv[R][ISA##_NW];                                                                               \
                 for (int r = 0; r < R; r++) {                                                                          \
-                    if (!(h & block_bytes_mask)) t[r] = ISA##_TABLE(code, sc[r][h >> (lg - 1)], job->dt);             \
-                    const ISA##_I c = ISA##_CODES(q[r] + h);                                                           \
-                    we[r] = ISA##_EVEN(c, t[r]);                                                                       \
-                    wo[r] = ISA##_ODD(c, t[r]);                                                                        \
+                    if (!(h & block_bytes_mask)) t[r] = ISA##_TABLE_AT(code, sc[r], tabs[r], h >> (lg - 1), job->dt); \
+                    ISA##_DECODE(q[r] + h, t[r], job->dt, wv[r]);                                                      \
                 }                                                                                                      \
                 for (int i = 0; i < N; i++) {                                                                          \
-                    const float *xi = x0 + ((h >> 4) * N + i) * 32 + (h & 15);                                        \
-                    const ISA##_V xe = ISA##_LOAD(xi), xo = ISA##_LOAD(xi + 16);                                       \
-                    for (int r = 0; r < R; r++) {                                                                      \
-                        acc[r][0][i] = ISA##_FMA(xe, we[r], acc[r][0][i]);                                             \
-                        acc[r][E - 1][i] = ISA##_FMA(xo, wo[r], acc[r][E - 1][i]);                                     \
+                    const float *xi = x0 + ((h >> 4) * N + i) * 32;                                                    \
+                    for (int f = 0; f < ISA##_NW; f++) {                                                               \
+                        const ISA##_V xv = ISA##_LOAD(xi + f * ISA##_L);                                               \
+                        for (int r = 0; r < R; r++)                                                                    \
+                            acc[r][f % E][i] = ISA##_FMA(xv, wv[r][f], acc[r][f % E][i]);                              \
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
@@ -193,11 +255,12 @@ ROWS_Q4(Q4Z, rows_q4_5, 5, 1, 2)
 ROWS_Q4(Q4Z, rows_q4_6, 6, 1, 2)
 ROWS_Q4(Q4Z, rows_q4_7, 7, 1, 2)
 ROWS_Q4(Q4Z, rows_q4_8, 8, 1, 2)
-/* AVX2's 16 registers: tables 2R, lookups 2R, accumulators R·E·N and x */
+/* AVX2's 16 registers: tables 2R, a step's vectors 4R, accumulators R·E·N and x (two rows at 2–4 tokens were
+ * 1.07–1.30× the time of one: Zen 4, 4096² NF4, bf16) */
 ROWS_Q4(Q4Y, rows_q4y_1, 1, 2, 2)
-ROWS_Q4(Q4Y, rows_q4y_2, 2, 2, 1)
-ROWS_Q4(Q4Y, rows_q4y_3, 3, 2, 1)
-ROWS_Q4(Q4Y, rows_q4y_4, 4, 2, 1)
+ROWS_Q4(Q4Y, rows_q4y_2, 2, 1, 2)
+ROWS_Q4(Q4Y, rows_q4y_3, 3, 1, 2)
+ROWS_Q4(Q4Y, rows_q4y_4, 4, 1, 2)
 ROWS_Q4(Q4Y, rows_q4y_5, 5, 1, 2)
 ROWS_Q4(Q4Y, rows_q4y_6, 6, 1, 1)
 ROWS_Q4(Q4Y, rows_q4y_7, 7, 1, 1)
@@ -451,8 +514,8 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
         (q8              ? ROWS_Q8P_FOR_N
          : job->shuffles ? ROWS_Q4S_FOR_N
          : job->pairs    ? ROWS_Q4P_FOR_N
-         : lf_get_isa() >= LF_ISA_AVX512 ? ROWS_Q4_FOR_N
-                                         : ROWS_Q4Y_FOR_N)[job->n];
+         : job->lanes8   ? ROWS_Q4Y_FOR_N
+                         : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
@@ -470,10 +533,11 @@ static int rowdots_qw_group(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_t
     const int pairs = pairs_for(x.dtype); /* always, for an 8-bit W (lf_rowdots_qw_ok) */
     /* x's whole chunks (job's xs / xt; a 4-bit K is a multiple of B ≥ 32, an 8-bit one's last K % 32 is read
      * from x itself): element 32c + u of token i at (c·n + i)·32 + u, or for the fp32 kernels, widened, at
-     * (c·n + i)·32 + (u odd)·16 + u/2 — one token's bf16 row as it is */
+     * (c·n + i)·32 + x_slot(u) — one token's bf16 row as it is */
     const int64_t chunks = K / 32;
     const size_t bytes = (size_t)(n * chunks > 0 ? n * chunks : 1) * 32 * (pairs ? sizeof(uint16_t) : sizeof(float));
-    const int own = !pairs || n > 1;
+    const int own = !pairs || n > 1, lanes8 = !pairs && lf_get_isa() < LF_ISA_AVX512;
+    const int bytes8 = lanes8 && x.dtype == LF_DT_BF16; /* x_slot */
     void *xc = own ? aligned_alloc(64, bytes) : NULL; /* each chunk a cache line (bf16) or two (fp32) */
     if (own && !xc) return LF_ENOMEM;
     for (int64_t ch = 0; ch < chunks && own; ch++)
@@ -484,11 +548,11 @@ static int rowdots_qw_group(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_t
                 continue;
             }
             for (int u = 0; u < 32; u++)
-                ((float *)xc)[(ch * n + i) * 32 + (u & 1) * 16 + u / 2] = lf_half_to_f32(x.dtype, src[u]);
+                ((float *)xc)[(ch * n + i) * 32 + x_slot(bytes8, u)] = lf_half_to_f32(x.dtype, src[u]);
         }
     rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xs = pairs ? NULL : xc,
                           .xt = pairs ? (own ? xc : x.p) : NULL, .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs,
-                          .dt = x.dtype, .c = c};
+                          .lanes8 = lanes8, .dt = x.dtype, .c = c};
     job.shuffles = shuffles_for(&job);
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_q4_run, &job);
