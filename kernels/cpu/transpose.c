@@ -86,6 +86,10 @@ LF_AVX2 void lf_transpose8_avx2(const float *src, int64_t rs, int rows, float sc
         t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
         t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
     }
+    if (rows == 8) { /* plain stores: vmaskmovps stores are slow on AMD (ukernel_avx2.c) */
+        for (int q = 0; q < 8; q++) _mm256_storeu_ps(dst + q * ld, t[q]);
+        return;
+    }
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int q = 0; q < 8; q++) _mm256_maskstore_ps(dst + q * ld, m, t[q]);
 }
