@@ -44,13 +44,13 @@ def test_fan_in_fan_out(isa):
     check_backward(np.random.default_rng(12), 40, 24, 36, 3, fifo=True)
 
 
-@pytest.mark.parametrize("n", [1, 3, 8, 9])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 6, 8, 9])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_few_tokens_stream_w_for_dx(isa, n, p):
-    """≤ 8 tokens with W's rows contiguous: dx's g·W streams W once (lf_rows_axpy, AVX-512: dx 'masked' even
-    without dropout), odd k past the 16-wide vectors and the column strips; W transposed (fan_in_fan_out) and 9
-    tokens take the GEMMs."""
-    streamed = n <= 8 and _C.get_isa() in ("avx512", "avx512_bf16", "amx_bf16")
+    """≤ 8 tokens with W's rows contiguous: dx's g·W streams W once (lf_rows_axpy, AVX2 and up: dx 'masked' even
+    without dropout; AVX2's kernels for 4–6 tokens of an fp32 W are their own), odd k past the vectors and the
+    column strips; W transposed (fan_in_fan_out) and 9 tokens take the GEMMs."""
+    streamed = n <= 8 and _C.get_isa() != "generic"
     for k, fifo in ((301, False), (45, True)):
         check_backward(np.random.default_rng(n), n, k, 70, 4, p=p, seed=3, fifo=fifo)
         dx_path = "masked" if p > 0 or (streamed and not fifo) else "augmented"

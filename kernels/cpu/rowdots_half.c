@@ -381,8 +381,15 @@ AXPY_KERNEL(AX256, axpy_y5, 5, 2)
 AXPY_KERNEL(AX256, axpy_y6, 6, 2)
 AXPY_KERNEL(AX256, axpy_y7, 7, 1)
 AXPY_KERNEL(AX256, axpy_y8, 8, 1)
+/* an fp32 W at 4–6 tokens: one vector a strip (two took 1.1–1.7× the time; a bf16 W the other way round, one vector
+ * 1.5–1.9×: Zen 4, 4096², avx2 forced) */
+AXPY_KERNEL(AX256, axpy_yf4, 4, 1)
+AXPY_KERNEL(AX256, axpy_yf5, 5, 1)
+AXPY_KERNEL(AX256, axpy_yf6, 6, 1)
 static const axpy_fn AXPY_Y_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,     axpy_y1, axpy_y2, axpy_y3, axpy_y4,
                                                            axpy_y5, axpy_y6, axpy_y7, axpy_y8};
+static const axpy_fn AXPY_YF_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      axpy_y1,  axpy_y2, axpy_y3, axpy_yf4,
+                                                            axpy_yf5, axpy_yf6, axpy_y7, axpy_y8};
 
 /* bf16 g and W on vdpbf16ps (lf_tunables.decode_pairs): two rows of W a step, 32 columns a vector pair — the rows'
  * elements interleaved into pairs (W[j, p], W[j+1, p]) by vpunpcklwd / vpunpckhwd (lane L of the low half: columns
@@ -460,7 +467,7 @@ static axpy_fn axpy_for(const rows_axpy_job *job, int64_t n) {
 #if defined(__x86_64__)
     if (job->gh) return AXPY_PAIRS_FOR_N[n];
     if (lf_get_isa() >= LF_ISA_AVX512) return AXPY_FOR_N[n];
-    if (lf_get_isa() == LF_ISA_AVX2) return AXPY_Y_FOR_N[n];
+    if (lf_get_isa() == LF_ISA_AVX2) return (job->dt == LF_DT_F32 ? AXPY_YF_FOR_N : AXPY_Y_FOR_N)[n];
 #endif
     (void)job, (void)n;
     return axpy_tail;
@@ -513,8 +520,9 @@ int lf_rows_axpy_streams(int64_t n, int64_t w_cs, lf_dtype wdt) {
     const int widens = wdt != LF_DT_F32 && !lf_gemm_half_tile(wdt);
     const int64_t max_n = bf16_pairs(wdt) ? LF_ROWDOTS_GROUPED_MAX_N : widens ? AXPY_WIDENED_MAX_N : LF_ROWDOTS_MAX_N;
     /* AVX2 (axpy_yN): a half or quantized W, whose GEMM packs W widened (Zen 4, avx2 forced, 4096², 1 / 8 tokens:
-     * bf16 6.5 / 7.1 → 2.8 / 3.0 ms, NF4 4.8 / 5.9 → 1.9 / 3.5); an fp32 W's GEMM was the faster at 8 tokens */
-    return n >= 1 && n <= max_n && w_cs == 1 && lf_get_isa() >= (wdt == LF_DT_F32 ? LF_ISA_AVX512 : LF_ISA_AVX2);
+     * bf16 6.5 / 7.1 → 2.8 / 3.0 ms, NF4 4.8 / 5.9 → 1.9 / 3.5); an fp32 W too (the backward at 1–8 tokens
+     * 0.62–0.82× the GEMM's time) */
+    return n >= 1 && n <= max_n && w_cs == 1 && lf_get_isa() >= LF_ISA_AVX2;
 }
 
 int lf_rows_axpy(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_tview g, lf_tview W, float *c, int64_t ldc) {
