@@ -408,44 +408,48 @@ LF_AVX512_BF16 static inline __m512i axpy_g_pair(const rows_axpy_job *job, int64
     const uint16_t *gi = job->gh + i * job->ldgh + j;
     return _mm512_set1_epi32((int)((uint32_t)gi[0] | (two ? (uint32_t)gi[1] << 16 : 0u)));
 }
+#define AXPY_PAIR_STRIPS(N, V)                                                                                         \
+    for (; p + 32 * (V) <= p1; p += 32 * (V)) {                                                                        \
+        __m512 lo[N][V], hi[N][V];                                                                                     \
+        for (int i = 0; i < (N); i++)                                                                                  \
+            for (int v = 0; v < (V); v++) lo[i][v] = hi[i][v] = _mm512_setzero_ps();                                   \
+        for (int64_t j = j0; j < j1; j += 2) {                                                                         \
+            const int two = j + 1 < j1;                                                                                \
+            __m512i wl[V], wh[V];                                                                                      \
+            for (int v = 0; v < (V); v++) {                                                                            \
+                const uint16_t *w0 = W + j * job->ldw + p + 32 * v;                                                    \
+                const __m512i r0 = _mm512_loadu_si512((const void *)w0);                                               \
+                const __m512i r1 = two ? _mm512_loadu_si512((const void *)(w0 + job->ldw)) : _mm512_setzero_si512();   \
+                wl[v] = _mm512_unpacklo_epi16(r0, r1);                                                                 \
+                wh[v] = _mm512_unpackhi_epi16(r0, r1);                                                                 \
+                _mm_prefetch((const char *)(w0 + 32 * (V)), _MM_HINT_T0); /* the rows' lines of the next strip */       \
+                _mm_prefetch((const char *)(w0 + job->ldw + 32 * (V)), _MM_HINT_T0);                                   \
+            }                                                                                                          \
+            for (int i = 0; i < (N); i++) {                                                                            \
+                const __m512bh gp = (__m512bh)axpy_g_pair(job, i, j, two);                                             \
+                for (int v = 0; v < (V); v++) {                                                                        \
+                    lo[i][v] = _mm512_dpbf16_ps(lo[i][v], gp, (__m512bh)wl[v]);                                        \
+                    hi[i][v] = _mm512_dpbf16_ps(hi[i][v], gp, (__m512bh)wh[v]);                                        \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int i = 0; i < (N); i++)                                                                                  \
+            for (int v = 0; v < (V); v++) { /* [lo L0, hi L0, lo L1, hi L1], [lo L2, hi L2, lo L3, hi L3] */          \
+                const __m512 a = _mm512_shuffle_f32x4(lo[i][v], hi[i][v], 0x44);  /* lo L0 L1, hi L0 L1 */              \
+                const __m512 b = _mm512_shuffle_f32x4(lo[i][v], hi[i][v], 0xEE);  /* lo L2 L3, hi L2 L3 */              \
+                float *ci = job->c + i * job->ldc + p + 32 * v;                                                        \
+                _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_shuffle_f32x4(a, a, 0xD8)));              \
+                _mm512_storeu_ps(ci + 16, _mm512_add_ps(_mm512_loadu_ps(ci + 16), _mm512_shuffle_f32x4(b, b, 0xD8)));     \
+            }                                                                                                          \
+    }
+/* as AXPY_KERNEL: strips of V vector pairs, then of one, the last < 32 columns one product at a time */
 #define AXPY_PAIRS_KERNEL(N, V)                                                                                        \
     LF_AVX512_BF16 static void axpy_pairs_##N(const rows_axpy_job *job, int64_t j0, int64_t j1, int64_t p0,            \
                                               int64_t p1) {                                                            \
         const uint16_t *W = job->W;                                                                                    \
         int64_t p = p0;                                                                                                \
-        for (; p + 32 * (V) <= p1; p += 32 * (V)) {                                                                    \
-            __m512 lo[N][V], hi[N][V];                                                                                 \
-            for (int i = 0; i < (N); i++)                                                                              \
-                for (int v = 0; v < (V); v++) lo[i][v] = hi[i][v] = _mm512_setzero_ps();                               \
-            for (int64_t j = j0; j < j1; j += 2) {                                                                     \
-                const int two = j + 1 < j1;                                                                            \
-                __m512i wl[V], wh[V];                                                                                  \
-                for (int v = 0; v < (V); v++) {                                                                        \
-                    const uint16_t *w0 = W + j * job->ldw + p + 32 * v;                                                \
-                    const __m512i r0 = _mm512_loadu_si512((const void *)w0);                                           \
-                    const __m512i r1 = two ? _mm512_loadu_si512((const void *)(w0 + job->ldw)) : _mm512_setzero_si512(); \
-                    wl[v] = _mm512_unpacklo_epi16(r0, r1);                                                             \
-                    wh[v] = _mm512_unpackhi_epi16(r0, r1);                                                             \
-                    _mm_prefetch((const char *)(w0 + 32 * (V)), _MM_HINT_T0); /* the rows' lines of the next strip */   \
-                    _mm_prefetch((const char *)(w0 + job->ldw + 32 * (V)), _MM_HINT_T0);                               \
-                }                                                                                                      \
-                for (int i = 0; i < (N); i++) {                                                                        \
-                    const __m512bh gp = (__m512bh)axpy_g_pair(job, i, j, two);                                         \
-                    for (int v = 0; v < (V); v++) {                                                                    \
-                        lo[i][v] = _mm512_dpbf16_ps(lo[i][v], gp, (__m512bh)wl[v]);                                    \
-                        hi[i][v] = _mm512_dpbf16_ps(hi[i][v], gp, (__m512bh)wh[v]);                                    \
-                    }                                                                                                  \
-                }                                                                                                      \
-            }                                                                                                          \
-            for (int i = 0; i < (N); i++)                                                                              \
-                for (int v = 0; v < (V); v++) { /* [lo L0, hi L0, lo L1, hi L1], [lo L2, hi L2, lo L3, hi L3] */      \
-                    const __m512 a = _mm512_shuffle_f32x4(lo[i][v], hi[i][v], 0x44);  /* lo L0 L1, hi L0 L1 */          \
-                    const __m512 b = _mm512_shuffle_f32x4(lo[i][v], hi[i][v], 0xEE);  /* lo L2 L3, hi L2 L3 */          \
-                    float *ci = job->c + i * job->ldc + p + 32 * v;                                                    \
-                    _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_shuffle_f32x4(a, a, 0xD8)));          \
-                    _mm512_storeu_ps(ci + 16, _mm512_add_ps(_mm512_loadu_ps(ci + 16), _mm512_shuffle_f32x4(b, b, 0xD8))); \
-                }                                                                                                      \
-        }                                                                                                              \
+        AXPY_PAIR_STRIPS(N, V)                                                                                         \
+        AXPY_PAIR_STRIPS(N, 1)                                                                                         \
         axpy_tail(job, j0, j1, p, p1);                                                                                 \
     }
 AXPY_PAIRS_KERNEL(1, 8)
