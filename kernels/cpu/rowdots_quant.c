@@ -6,19 +6,18 @@
  *
  * A few tokens read every code of W once: a quarter of bf16's bytes. Per block of B elements of a row the
  * 16 values its codes can stand for are formed once — the code table times the block's scale, rounded to
- * dt exactly as lf_qweight_dequantize rounds (through lf_store16 / lf_load16) — and held in one register; each
- * element is then one table lookup (vpermps on its nibble; AVX2: the table in two registers, two vpermps and a
- * blend) and one fp32 FMA per token: W is never widened,
- * stored or re-read. A byte holds elements 2t (high nibble) and 2t+1 (low), so the high nibbles of 16
- * bytes are 16 even elements and the low ones 16 odd elements: x is split once, per chunk of 32 elements, into its
- * even and odd elements (job's xs, every token's chunk at a fixed offset from one pointer) and the products are
- * summed in that order (every product exact, fp32 sums). Rows of W are split across the pool's threads, taken two
- * at a time for up to 4 tokens, K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where
+ * dt exactly as lf_qweight_dequantize rounds (through lf_store16 / lf_load16) — and held in registers; each
+ * element is then one table lookup (vpermps on its nibble; AVX2: vpshufb byte tables for a bf16 x, two vpermps and
+ * a blend for fp16) and one fp32 FMA per token: W is never widened, stored or re-read. A byte holds elements 2t
+ * (high nibble) and 2t+1 (low): x is re-laid once, per chunk of 32 elements, in the order the lookups give W's
+ * elements (job's xs, x_slot; every token's chunk at a fixed offset from one pointer) and the products are summed
+ * in that order (every product exact, fp32 sums). Rows of W are split across the pool's threads, taken two at a
+ * time for few tokens, K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where
  * lf_tunables.decode_pairs says so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and
  * multiply them with x's own pairs (in the same chunks, xt) on vdpbf16ps, 32 elements per instruction
  * (rows_q4p_N, below; rows_q4s_N where the CPU has VBMI and K and B suit them: the same pairs by byte and word
  * permutes), K in blocks of PAIRS_K_BLOCK. AVX2 and up (the fp32 kernels in 8 lanes there: Zen 4 with avx2
- * forced, 4096² NF4, 1 / 8 tokens 1.65 / 5.0 ms through the buffer below, 1.18 / 2.9 here), and only when
+ * forced, 4096² NF4, 1 / 8 tokens 1.65 / 5.0 ms through the buffer below, 0.87 / 2.38 here), and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
  * buffer (lf_rowdots_qw_ok says which). An 8-bit W (LF_Q8_ROW) takes the pairs kernels only (rows_q8p_N: a
  * bf16 x on vdpbf16ps), else the same buffer. */
@@ -194,9 +193,8 @@ static inline int x_slot(int bytes8, int u) {
  * or += it (accumulate). R rows at a time (2: each x vector serves both; 1 for many tokens, whose
  * accumulators fill the registers) and E accumulators per (row, token): 2 (vectors f even and odd apart: more
  * independent FMA chains for few tokens) or 1. A step takes 16 bytes of codes of each row — 32 elements, one
- * chunk of x — as NW vectors, each against its L elements of x's split chunk; a step starting a block forms the
- * row's table from its scale (the row's scales over the K block resolved first: len / B ≤ X_L1_FLOATS / 32 of
- * them). */
+ * chunk of x — as NW vectors, each against its L elements of x's split chunk; a step starting a block takes the
+ * row's table (TABLE_AT; the row's scales over the K block resolved first: len / B ≤ X_L1_FLOATS / 32 of them). */
 #define ROWS_Q4(ISA, NAME, N, R, E)                                                                                    \
     ISA##_ATTR static void NAME(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,            \
                                 int accumulate) {                                                                      \
