@@ -66,13 +66,20 @@ static inline void lf_store1(lf_dtype dt, void *out, int64_t t, float v) {
 #define LF_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 #define LF_AVX512 __attribute__((target("avx512f")))
 
-/* bf16 bits of 8 fp32 lanes, to nearest even, NaN → 0x7FC0, as 8 uint16 */
-LF_AVX2 static inline __m128i lf_bf16x8(__m256 v) {
+/* bf16 bits of 8 fp32 lanes, to nearest even, in the low halves of 8 dwords: NaN → 0x7FC0, or, where the caller
+ * knows v holds no NaN (nan_free), the integer sum alone */
+LF_AVX2 static inline __m256i lf_bf16_dwords8(__m256 v, int nan_free) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
-                                             _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    if (nan_free) return r;
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
+                                                _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+/* the same as 8 uint16 */
+LF_AVX2 static inline __m128i lf_bf16x8(__m256 v) {
+    const __m256i r = lf_bf16_dwords8(v, 0);
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
@@ -91,7 +98,7 @@ LF_AVX512 static inline __m512 lf_load16(const uint16_t *h, lf_dtype dt) {
 
 /* v rounded to dt (bf16 or fp16) as lf_store8 rounds it, and widened back: in registers */
 LF_AVX2 static inline __m256 lf_round8(lf_dtype dt, __m256 v) {
-    return dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lf_bf16x8(v)), 16))
+    return dt == LF_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(lf_bf16_dwords8(v, 0), 16))
                             : _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 

@@ -50,24 +50,15 @@ void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void
 /* vpshufb's tables of a block of scale s: its 16 values round_dt(code[q] · s) (dt bf16 or fp16, rounded as
  * lf_store8 rounds) as 16-bit words, split into bytes — lane 0 their low bytes, lane 1 their high bytes, byte q
  * of each; c0, c1 the code table's values 0 .. 7 and 8 .. 15. A finite s (|code| ≤ 1: finite products, no NaN)
- * rounds bf16 by the integer sum alone (lf_bf16x8's without its NaN blend); packed into words (lanes: values
+ * rounds bf16 by the integer sum alone (lf_bf16_dwords8 without its NaN blend); packed into words (lanes: values
  * 0..3, 8..11 | 4..7, 12..15), split into low and high bytes per lane and the dwords put in order by one vpermd. */
 LF_AVX2 static inline __m256i lf_q4_byte_tables(__m256 c0, __m256 c1, float s, lf_dtype dt) {
     const __m256 v0 = _mm256_mul_ps(c0, _mm256_set1_ps(s)), v1 = _mm256_mul_ps(c1, _mm256_set1_ps(s));
     const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    __m256i w0, w1; /* the 16-bit values in the dwords' low halves */
-    if (dt == LF_DT_F16) {
-        w0 = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v0, rne));
-        w1 = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v1, rne));
-    } else if (__builtin_isfinite(s)) {
-        const __m256i u0 = _mm256_castps_si256(v0), u1 = _mm256_castps_si256(v1), one = _mm256_set1_epi32(1);
-        const __m256i half = _mm256_set1_epi32(0x7FFF);
-        w0 = _mm256_srli_epi32(_mm256_add_epi32(u0, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u0, 16), one))), 16);
-        w1 = _mm256_srli_epi32(_mm256_add_epi32(u1, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(u1, 16), one))), 16);
-    } else {
-        w0 = _mm256_cvtepu16_epi32(lf_bf16x8(v0));
-        w1 = _mm256_cvtepu16_epi32(lf_bf16x8(v1));
-    }
+    const int nan_free = __builtin_isfinite(s);
+    /* the 16-bit values in the dwords' low halves */
+    const __m256i w0 = dt == LF_DT_F16 ? _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v0, rne)) : lf_bf16_dwords8(v0, nan_free);
+    const __m256i w1 = dt == LF_DT_F16 ? _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v1, rne)) : lf_bf16_dwords8(v1, nan_free);
     const __m256i bytes = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12,
                                            14, 1, 3, 5, 7, 9, 11, 13, 15); /* per lane: low bytes, high bytes */
     const __m256i split = _mm256_shuffle_epi8(_mm256_packus_epi32(w0, w1), bytes);
