@@ -9,7 +9,7 @@ returns bf16 / fp16, lorafuse fp32), each row labelled with the path measured (_
 'widened' = converted to fp32 while packing, the fp32 kernels; '/w_rows': run transposed, W's rows read in
 place (hgemm_path's orientation); for bf16 every path the CPU has is
 timed, each with its ISA forced: amx_bf16, avx512_bf16, avx512), against the measured peak of its
-instruction (fma_peak.c amx / bf16 / zmm modes).
+instruction (fma_peak.c amx / bf16 / zmm modes; ymm on CPUs without AVX-512).
 """
 from __future__ import annotations
 
@@ -31,12 +31,19 @@ SHAPES = [  # M (tokens) × K (in) × N (out): y = x·Wᵀ
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fma_peak(threads: int, modes=("zmm", "ymm")) -> dict:
-    """GFLOP/s of the FMA-only loop for each mode (zmm, ymm; bf16: vdpbf16ps), 1 thread and
+def fma_width() -> str:
+    """The widest FMA this CPU runs: "zmm" where lorafuse found AVX-512, else "ymm" (AVX2)."""
+    from lorafuse import _C
+
+    return "zmm" if _C.cpu_isa() in ("avx512", "avx512_bf16", "amx_bf16") else "ymm"
+
+
+def fma_peak(threads: int, modes: tuple) -> dict:
+    """GFLOP/s of the FMA-only loop for each mode (zmm, ymm; bf16: vdpbf16ps; amx), 1 thread and
     `threads` threads: the best of 3 runs each, since on a shared VM one descheduled thread halves
-    a single run."""
+    a single run. Modes the CPU lacks fault (SIGILL): callers pass only what cpu_isa reports."""
     exe = os.path.join(tempfile.gettempdir(), "lorafuse_fma_peak")
-    subprocess.run(["gcc", "-O2", "-mavx512f", "-mfma", "-pthread", os.path.join(HERE, "fma_peak.c"), "-o", exe],
+    subprocess.run(["gcc", "-O2", "-mavx2", "-mfma", "-pthread", os.path.join(HERE, "fma_peak.c"), "-o", exe],
                    check=True)
     res = {}
     for width in modes:
@@ -54,13 +61,14 @@ def main() -> None:
     if args.dtype != "fp32":
         return half_main(args, begin(args, f"bench_gemm: lorafuse hgemm vs torch.matmul, {args.dtype}"))
     rounds = begin(args, "bench_gemm: lorafuse sgemm vs torch.matmul")
-    peak = fma_peak(args.threads)
+    wide = fma_width()
+    peak = fma_peak(args.threads, (wide, "ymm") if wide == "zmm" else ("ymm",))
     for (width, t), g in peak.items():
         print(f"# FMA-only loop {width} x{t} thread(s): {g:.1f} GFLOP/s")
-    p1, pn = peak[("zmm", 1)], peak[("zmm", args.threads)]
+    p1, pn = peak[(wide, 1)], peak[(wide, args.threads)]
     print(f"# scaling {args.threads} threads / 1 = {pn / p1:.2f} "
           f"({'independent cores' if pn / p1 > 0.9 * args.threads else 'shared FMA units (SMT?)'})")
-    peak_n = max(peak[("zmm", args.threads)], peak[("ymm", args.threads)])
+    peak_n = max(peak[(wide, args.threads)], peak[("ymm", args.threads)])
     print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | {'ours/torch':>10} | {'% peak':>6}")
     rng = np.random.default_rng(0)
     for M, K, N in (SHAPES[:3] if args.quick else SHAPES):
@@ -86,8 +94,9 @@ def half_main(args, rounds: int) -> None:
     order = ["amx_bf16", "avx512_bf16", "avx512"]  # the bf16 paths, best first, by the ISA that runs them
     isas = order[order.index(_C.cpu_isa()):] if args.dtype == "bf16" and _C.cpu_isa() in order[:2] else [_C.get_isa()]
     modes = {"amx_bf16": "amx", "avx512_bf16": "bf16"}  # fma_peak.c mode of each native path
-    peak = fma_peak(args.threads, ("zmm",) + tuple(modes[i] for i in isas if i in modes))
-    names = {"amx": "tdpbf16ps (4 tiles)", "bf16": "vdpbf16ps zmm", "zmm": "FMA zmm"}
+    wide = fma_width()
+    peak = fma_peak(args.threads, (wide,) + tuple(modes[i] for i in isas if i in modes))
+    names = {"amx": "tdpbf16ps (4 tiles)", "bf16": "vdpbf16ps zmm", "zmm": "FMA zmm", "ymm": "FMA ymm"}
     for (mode, t), g in peak.items():
         print(f"# {names[mode]}-only loop x{t} thread(s): {g:.1f} GFLOP/s")
     print(f"# torch: mkldnn bf16 {torch.backends.mkldnn.is_available()}, AMX-capable CPU "
@@ -110,7 +119,7 @@ def half_main(args, rounds: int) -> None:
             for isa in isas:
                 _C.set_isa(isa)
                 path, _, _, orient = _C.hgemm_path(x, w.t())
-                pk = peak[({"amx_bf16": "amx", "bf16_pairs": "bf16"}.get(path, "zmm"), args.threads)]
+                pk = peak[({"amx_bf16": "amx", "bf16_pairs": "bf16"}.get(path, wide), args.threads)]
                 g, gt = fl / t[isa] / 1e9, fl / t["torch"] / 1e9
                 label = path + ("/w_rows" if orient == "w_rows" else "") + f" ({isa})"
                 print(f"{M:6d} {K:6d} {N:6d} | {label:>31} | {g:13.1f} {gt:10.1f} | "
@@ -118,7 +127,7 @@ def half_main(args, rounds: int) -> None:
     finally:
         _C.set_isa(before)
     print("# % peak: of the tdpbf16ps loop for amx_bf16 rows, of the vdpbf16ps loop for bf16_pairs rows, "
-          "of the zmm FMA loop for widened ones")
+          f"of the {wide} FMA loop for widened ones")
 
 
 def packing_share(rounds: int) -> None:

@@ -6,12 +6,13 @@
  * × throughput (up to 2/cycle) — no loads or stores in the loop, so the rate is the FMA units'
  * alone. Run with T threads (pthreads) to see whether the cores scale (real cores: ×T;
  * SMT siblings sharing FMA units: less).
- * Build: gcc -O2 -mavx512f -mfma -pthread fma_peak.c -o fma_peak     Run: ./fma_peak THREADS [ymm|bf16|amx]
+ * Build: gcc -O2 -mavx2 -mfma -pthread fma_peak.c -o fma_peak     Run: ./fma_peak THREADS [zmm|ymm|bf16|amx]
  * Prints GFLOP/s (1 FMA = 2 flops; 1 vdpbf16ps zmm = 16 lanes × 2 bf16 products × 2 = 64 flops;
  * 1 tdpbf16ps on 16×16 tiles = 16·16·32·2 = 16384 flops). amx needs AMX-BF16 and Linux's permission
  * (asked here; exits 2 without it); its instructions are written as asm, so no -mamx flags.
- * bf16 needs a CPU with AVX512_BF16 (the loop carries its own target attribute; elsewhere it would
- * fault with SIGILL, so callers check cpuid first, as bench_gemm.py does). */
+ * zmm needs AVX-512F, bf16 AVX512_BF16 (each loop carries its own target attribute, so the program
+ * builds and its ymm mode runs on any AVX2 CPU; elsewhere they would fault with SIGILL, so callers
+ * check cpuid first, as bench_gemm.py does). */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -48,6 +49,16 @@ static double now(void) {
 
 /* acc += a·b on 16 lanes of bf16 pairs: the CHAINS loop with vdpbf16ps as its FMA */
 #define DPBF16(acc, x, y) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(x), (__m512bh)_mm512_castps_si512(y))
+
+__attribute__((target("avx512f"))) static float run_zmm(long n) {
+    CHAINS(__m512, _mm512_fmadd_ps, _mm512_set1_ps)
+    return _mm512_cvtss_f32(a0) + _mm512_cvtss_f32(a6) + _mm512_cvtss_f32(a11);
+}
+
+static float run_ymm(long n) {
+    CHAINS(__m256, _mm256_fmadd_ps, _mm256_set1_ps)
+    return _mm256_cvtss_f32(a0) + _mm256_cvtss_f32(a6) + _mm256_cvtss_f32(a11);
+}
 
 __attribute__((target("avx512f,avx512bf16"))) static float run_bf16(long n) {
     CHAINS(__m512, DPBF16, _mm512_set1_ps)
@@ -88,13 +99,11 @@ static void *run(void *out) {
         *(double *)out = (double)n * 12 * 16 * 4;
     } else if (use_ymm) {
         const long n = ITERS / 2;
-        CHAINS(__m256, _mm256_fmadd_ps, _mm256_set1_ps)
-        sink = _mm256_cvtss_f32(a0) + _mm256_cvtss_f32(a6) + _mm256_cvtss_f32(a11);
+        sink = run_ymm(n);
         *(double *)out = (double)n * 12 * 8 * 2;
     } else {
         const long n = ITERS / 4;
-        CHAINS(__m512, _mm512_fmadd_ps, _mm512_set1_ps)
-        sink = _mm512_cvtss_f32(a0) + _mm512_cvtss_f32(a6) + _mm512_cvtss_f32(a11);
+        sink = run_zmm(n);
         *(double *)out = (double)n * 12 * 16 * 2;
     }
     if (sink == 12345.f) puts("");
