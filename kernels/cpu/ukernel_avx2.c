@@ -3,7 +3,8 @@
  *   c[i][j] (+)= Σ_p ap[p*6 + i] · bp[p*16 + j]     (see lf_ukernel_fn in internal.h)
  * A second variant reads A in place from its rows (gemm.c uses it where a thread has few
  * columns, as for the AVX-512 tile).
- * Edge tiles use maskload/maskstore on the columns and stop early on the rows.
+ * Edge tiles use maskload/maskstore on the columns and stop early on the rows; C's rows are prefetched
+ * when the tile starts.
  * Compiled for any x86-64 with a target attribute; called only when cpuid reports AVX2+FMA. */
 #include "internal.h"
 
@@ -28,9 +29,15 @@ LF_AVX2 static inline __attribute__((always_inline)) void tile(const int in_plac
     const float *ar[MR];
 #pragma GCC unroll 6
     for (int i = 0; i < MR; i++) ar[i] = ap + (i < mr ? i : mr - 1) * lda;
+    /* C's rows are asked for now, so their misses (C from L3 at each later K block) overlap the k loop instead
+     * of stalling the stores: Zen 3, 2 threads, the 2048³ and 1024 × 4096² GEMMs 0.89–0.94× the time */
     __m256 acc[MR][2];
 #pragma GCC unroll 6
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < MR; i++) {
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        _mm_prefetch((const char *)(c + (i < mr ? i : mr - 1) * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + (i < mr ? i : mr - 1) * ldc + 15), _MM_HINT_T0);
+    }
     for (int64_t p = 0; p < kc; p++) {
         const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
 #pragma GCC unroll 6
