@@ -214,12 +214,12 @@ def test_inference_forward_refuses_u_out():
         ops.lora_forward(x, W, A, B, 1.0, u_out=np.empty((4, 2), np.float32), need_u=False)
 
 
-@pytest.mark.parametrize("n", [9, 17, 24, 31, 32, 33])
+@pytest.mark.parametrize("n", [9, 17, 24, 31, 32, 33, 48, 64, 65])
 @pytest.mark.parametrize("case", ["bias", "no bias, strided x", "dropout", "W row stride"])
 def test_few_tokens_with_a_large_weight(isa, n, case):
-    """9–32 tokens and W ≥ 4 MB: y is computed as (W·xᵀ)ᵀ with W read in place (lora.c few_tokens)
-    on AVX-512 for 17–32 tokens, on AVX2 for 9–24; the other sizes (9–16 on AVX-512, 31–33 on
-    AVX2, 33 everywhere) take the other paths — all against the reference."""
+    """9–65 tokens and W ≥ 4 MB: y is computed as (W·xᵀ)ᵀ with W read in place (lora.c few_tokens)
+    on AVX-512 for 17–32 tokens, on AVX2 for 9–64 (16-token slivers, the last partial); the other
+    sizes (9–16 and 33–65 on AVX-512, 65 on AVX2) take the other paths — all against the reference."""
     rng = np.random.default_rng(n)
     k, m, r = 1031, 1029, 8
     x, A, B, b = rand(rng, n, k), rand(rng, r, k), rand(rng, m, r), rand(rng, m)

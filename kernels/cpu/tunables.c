@@ -28,8 +28,12 @@ const lf_tunables lf_tunables_avx2 = {
     .wide = {.kc = 256, .mc = 96, .nc = 2048},
     .direct_a_max_cols = 320,       /* beyond it packing A pays for itself again */
     .a_same_set_stride = 0,         /* no pair tile on AVX2 */
-    .direct_max_half_slivers = 3,   /* 24 tokens: two slivers re-read W's rows */
-    .few_tokens_max_n = 32,         /* bounded first by direct_max_half_slivers (24) */
+    /* up to 64 tokens the few-token forward reads W in place, each 16-token sliver re-reading a block of W's rows from
+     * L2 (Zen 3, 2 threads, fp32 lora_forward, plans forced: 32 / 48 / 64 tokens × 4096² 0.71 / 0.84 / 0.86× the time
+     * of packing W, × 1024² 0.64 / 0.73 / 0.79×; 96 / 128 tokens 0.86–0.93×, left to the GEMM. 24, from the Zen 4 with
+     * avx2 forced — its L2 twice Zen 3's —, left 25–64 tokens 1.2–1.5× slower on the Zen 3.) */
+    .direct_max_half_slivers = 8,
+    .few_tokens_max_n = 64,
     .few_tokens_min_w = 1 << 20,    /* a W of 4 MB: from DRAM, packing it costs what the math does */
     .parallel_min_flops = 1 << 18,
 };
