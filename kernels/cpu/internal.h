@@ -248,7 +248,7 @@ typedef struct {
      * L1 set; read by the pair tile (fewer rows) when there is one (0: no such rule) */
     int64_t a_same_set_stride;
     /* lf_gemm_reads_a_in_place: the few-token forward reads W in place for N ≤ this many
-     * half-slivers of the tile (3: one and a half slivers) */
+     * half-slivers of the tile (AVX-512: 3, one and a half slivers; AVX2: 8, four) */
     int direct_max_half_slivers;
     /* lora.c few_tokens: the yᵀ forward for LF_ROWDOTS_MAX_N < n ≤ this and W of at least
      * few_tokens_min_w elements */

@@ -49,10 +49,11 @@ static int decode_output(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_t
 }
 
 /* When the forward computes yᵀ (few_tokens_output): more tokens than the decode path takes, at
- * most few_tokens_max_n (one sliver of the AVX-512 wide tile: C's columns are the tokens), and a
- * W too big to stay in cache (few_tokens_min_w elements), whose packing then costs as much as the
- * arithmetic — and the tile reads W in place (lf_gemm_reads_a_in_place). Beyond one sliver the
- * padded columns cost more than packing W saves, and a W in cache packs cheaply. */
+ * most few_tokens_max_n (C's columns are the tokens: one sliver of the AVX-512 wide tile, four of
+ * AVX2's 16-column ones), and a W too big to stay in cache (few_tokens_min_w elements), whose packing
+ * then costs as much as the arithmetic — and the tile reads W in place (lf_gemm_reads_a_in_place).
+ * Beyond that the re-read W rows and padded columns cost more than packing W saves (measured per
+ * ISA: tunables.c), and a W in cache packs cheaply. */
 static int few_tokens(int64_t n, int64_t k, int64_t m, lf_view W) {
     const lf_tunables *tu = lf_tune();
     return n > LF_ROWDOTS_MAX_N && n <= tu->few_tokens_max_n && (double)m * (double)k >= tu->few_tokens_min_w &&
