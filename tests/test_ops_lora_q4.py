@@ -50,8 +50,9 @@ def test_decode_reads_the_codes_through_block_tables(half_isa, base, n):
     """1–8 tokens with K a multiple of the block size: the decode kernel that looks W's elements up in
     per-block tables (rowdots_quant.c, AVX2 and up; generic: the block-buffer path) — one row or two at a time,
     an odd number of rows, K in one or several blocks of the kernel (the fp32 kernels' at n = 8, K = 1024; the
-    vdpbf16ps kernels' 8192 at K = 8448, blocks of 32: the vpermd kernel, of 64: the byte-shuffle one), blocks of
-    32–4096; x's rows strided for n = 2 and 8 (the kernels read x re-laid in chunks of 32, token after token)."""
+    vdpbf16ps kernels' 8192 at K = 8448, blocks of 32: the vpermd kernel, of 64: the byte-shuffle one; one token's
+    4096 at K = 8320), blocks of 32–4096 (AVX2 with a bf16 x: 64 elements a step from blocks of 64 up, 32 below);
+    x's rows strided for n = 2 and 8 (the kernels read x re-laid in chunks of 32 or 64, token after token)."""
     block = (32, 64, 128)[n % 3]
     k = 1024 if n in (3, 8) else 128 * (1 + n % 2)
     c = Q4Case(n, k, 37, 3, base, "float32", quant_type=("nf4", "fp4")[n % 2], double_quant=n % 4 != 1,
@@ -60,6 +61,8 @@ def test_decode_reads_the_codes_through_block_tables(half_isa, base, n):
     if n in (3, 8):
         Q4Case(n, 8192 + 256, 9, 2, base, "float32", block_size=32 if n == 3 else 64,
                x_pad=3).check(("skinny", "decode"))
+    if n == 1:
+        Q4Case(n, 8192 + 128, 7, 2, base, "float32", block_size=64, x_pad=3).check(("skinny", "decode"))
     if n == 8:
         Q4Case(n, 4096, 5, 2, base, "float32", block_size=4096).check(("skinny", "decode"))
 

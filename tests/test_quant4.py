@@ -141,6 +141,34 @@ def test_non_finite_scales_round_as_the_generic_code_on_every_isa(dtype, restore
     assert torch.isnan(generic.view(-1)[3 * 64:6 * 64]).all()
 
 
+def edge_scales() -> torch.Tensor:
+    """Finite scales around the edges of the SIMD spans' fast bf16 rounding (quant4_internal.h lf_q4_byte_tables:
+    Veltkamp's split for 2⁻¹⁰⁰ ≤ |s| ≤ 2¹⁰⁰, the integer rounding beyond), and scales whose products with the codes
+    ±1, ±0.5, ±0.25 are exact bf16 ties (the low 16 bits 0x8000, the bit above them 0 and 1) or one off a tie."""
+    edges = [2.0 ** -100, np.nextafter(np.float32(2.0 ** -100), np.float32(0)), 2.0 ** 100,
+             np.nextafter(np.float32(2.0 ** 100), np.float32(np.inf)), 1e-38, 1e-45, 3e38, -2.0 ** -100, -3e38]
+    rng = np.random.default_rng(7)
+    high = rng.integers(0x0080, 0x7F00, size=24).astype(np.uint32) << 16
+    low = np.array([0x8000, 0x8000, 0x7FFF, 0x8001] * 6, dtype=np.uint32) | (np.arange(24, dtype=np.uint32) % 2 << 16)
+    ties = ((high | low) ^ (np.arange(24, dtype=np.uint32) % 3 == 0) * np.uint32(0x80000000)).view(np.float32)
+    return torch.cat([torch.tensor(np.array(edges, dtype=np.float32)), torch.from_numpy(ties)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_scales_at_the_fast_roundings_edges_and_ties_round_as_torch_on_every_isa(dtype, quant_type, restore_isa):
+    scales = edge_scales()
+    W = torch.randn(scales.numel(), 64)
+    data, state = quant.quantize_weight(W, quant_type, block_size=64, double_quant=False)
+    state.absmax.copy_(scales)  # one block a row
+    _C.set_isa("generic")
+    wide = quant.dequantize(data, state, dtype=torch.float32)
+    assert torch.equal(bits(wide), bits(reference(data, state, torch.float32)))
+    for isa in isas():
+        _C.set_isa(isa)
+        assert torch.equal(bits(quant.dequantize(data, state, dtype=dtype)), bits(wide.to(dtype))), isa
+
+
 def test_quantize_is_deterministic_for_each_input_dtype_and_zero_blocks():
     W = torch.zeros(4, 64)
     W[1, 3] = 1.5

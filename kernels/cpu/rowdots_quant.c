@@ -7,8 +7,9 @@
  * A few tokens read every code of W once: a quarter of bf16's bytes. Per block of B elements of a row the
  * 16 values its codes can stand for are formed once — the code table times the block's scale, rounded to
  * dt exactly as lf_qweight_dequantize rounds (through lf_store16 / lf_load16) — and held in registers; each
- * element is then one table lookup (vpermps on its nibble; AVX2: vpshufb byte tables for a bf16 x, two vpermps and
- * a blend for fp16) and one fp32 FMA per token: W is never widened, stored or re-read. A byte holds elements 2t
+ * element is then one table lookup (vpermps on its nibble; AVX2: vpshufb byte tables for a bf16 x — 1–7 tokens
+ * 64 elements a step, rows_q4b_N, where blocks hold 64 or more —, two vpermps and a blend for fp16) and one fp32
+ * FMA per token: W is never widened, stored or re-read. A byte holds elements 2t
  * (high nibble) and 2t+1 (low): x is re-laid once, per chunk of 32 elements, in the order the lookups give W's
  * elements (job's xs, x_slot; every token's chunk at a fixed offset from one pointer) and the products are summed
  * in that order (every product exact, fp32 sums). Rows of W are split across the pool's threads, taken two at a
@@ -63,8 +64,8 @@ typedef struct {
     /* x in chunks of 32 elements, token after token within a chunk (chunk c of token i at (c·n + i)·32), so
      * that a kernel reaches every token's chunk from one pointer at fixed offsets (x's own rows, ldxh apart,
      * held one pointer per token: the 8-token kernels spilled them). xs (the fp32 kernels): the 32 elements widened,
-     * in the order the kernels' lookups give W's (x_slot); xt (the pairs kernels): the 32 bf16 elements as they
-     * are */
+     * in the order the kernels' lookups give W's (x_slot; rows_q4b_N: 64 elements a chunk, x_slot64); xt (the pairs
+     * kernels): the 32 bf16 elements as they are */
     const float *xs, *bias;
     const uint16_t *xt;
     const uint16_t *xh; /* x's bf16 elements, rows ldxh apart: the 8-bit kernel's last K % 32 */
@@ -72,6 +73,7 @@ typedef struct {
     int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
     int shuffles;                /* the shuffle kernels take it (shuffles_for) */
     int lanes8;                  /* the fp32 kernels in AVX2's 8 lanes (rows_q4y_N) */
+    int steps64;                 /* of those, the bf16 ones 64 elements a step (rows_q4b_N; x_slot64) */
     lf_dtype dt;
     float *c;
 } rowdots_q4_job;
@@ -195,6 +197,13 @@ static inline int x_slot(int bytes8, int u) {
     return bytes8 ? (u >> 3) * 8 + (u & 1) * 4 + ((u >> 1) & 3) : (u & 1) * 16 + (u >> 1);
 }
 
+/* the slot of element u (< 64) of a step in x's split step for rows_q4b_N: byte t = u / 2 of the codes, lane
+ * L = t / 16, i = t % 16; half h = u & 1 (its low nibble), vector 4h + 2·(i ≥ 8) + (i & 1), lane 4L + (i & 7) / 2 */
+static inline int x_slot64(int u) {
+    const int t = u >> 1, i = t & 15;
+    return (4 * (u & 1) + 2 * (i >> 3) + (i & 1)) * 8 + 4 * (t >> 4) + ((i & 7) >> 1);
+}
+
 /* Rows [j0, j1) over elements [p0, p0 + len) of K (whole blocks) for N tokens: c[i, j] = the sum (+ bias)
  * or += it (accumulate). R rows at a time (2: each x vector serves both; 1 for many tokens, whose
  * accumulators fill the registers) and E accumulators per (row, token): 2 (vectors f even and odd apart: more
@@ -271,6 +280,85 @@ ROWS_Q4(Q4Y, rows_q4y_5, 5, 1, 2)
 ROWS_Q4(Q4Y, rows_q4y_6, 6, 1, 1)
 ROWS_Q4(Q4Y, rows_q4y_7, 7, 1, 1)
 ROWS_Q4(Q4Y, rows_q4y_8, 8, 1, 1)
+
+/* AVX2, bf16 x, blocks of 64 and more, 1–7 tokens (rows_q4b_N; job's steps64): the same sum 64 elements a step, one row
+ * at a time. The row's tables over the K block are formed first (q4y_tables: lf_q4_byte_tables). A step takes 32
+ * bytes of codes — both lanes, no cross-lane step —, their high nibbles (elements 2t) and low ones (2t + 1) looked
+ * up in the block's byte tables (vpshufb each in both), the low and high bytes interleaved into words
+ * (vpunpck{l,h}bw) and each dword's two words widened in place: the low word shifted into the top half, the high
+ * one by masking the low half off (exact: a bf16 is an fp32's top half). 8 vectors from 13 shuffles and shifts and
+ * 6 masks, where rows_q4y_N's 32-element decode takes 11 for 4 (Zen 3, 4096² NF4, min and median of 41–61
+ * interleaved calls at 1 and 2 threads: 1 token 0.77–0.90× the time of rows_q4y_1, 2–7 tokens 0.81–0.99×; 8 tokens
+ * 1.03–1.07×, so they stay on rows_q4y_8: with 8 accumulators the second half's codes spill). Vector f of half h
+ * (high nibbles 0, low 1): lane 4L + d holds the element of byte 16L + i, i = 8·(f ≥ 2) + 2d + (f & 1)
+ * (x_slot64). E accumulators a token: FMA chains enough to hide their latency at few tokens (2 tokens: E 2 0.89–0.93×
+ * the time of E 4, whose 8 accumulators spill). */
+LF_AVX2_FMA static inline __attribute__((always_inline)) void q4b_half(__m256i tl, __m256i th, __m256i idx, __m256 *w) {
+    const __m256i bl = _mm256_shuffle_epi8(tl, idx), bh = _mm256_shuffle_epi8(th, idx);
+    const __m256i w0 = _mm256_unpacklo_epi8(bl, bh), w1 = _mm256_unpackhi_epi8(bl, bh);
+    const __m256i top = _mm256_set1_epi32((int)0xFFFF0000u);
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+    w[1] = _mm256_castsi256_ps(_mm256_and_si256(w0, top));
+    w[2] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+    w[3] = _mm256_castsi256_ps(_mm256_and_si256(w1, top));
+}
+#define ROWS_Q4B(N, E)                                                                                                 \
+    LF_AVX2_FMA static void rows_q4b_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0, int64_t len,   \
+                                         int accumulate) {                                                             \
+        const lf_qweight *w = job->w;                                                                                \
+        const int64_t K = job->K, B = w->blocksize, KB = K / B; /* blocks per row; B ≥ 64 */                         \
+        const q4y_code code = Q4Y_CODE(lf_q4_code(w->type));                                                           \
+        const int lg = __builtin_ctzll((unsigned long long)B);                                                        \
+        const float *x0 = job->xs + (p0 >> 6) * N * 64; /* the K block's first step of x */                           \
+        const __m256i low4 = _mm256_set1_epi8(0x0F);                                                                   \
+        for (int64_t j = j0; j < j1; j++) {                                                                            \
+            float sc[X_L1_FLOATS / 64];                     /* the row's block scales over this K block */            \
+            _Alignas(64) float tabs[X_L1_FLOATS / 64 * 16]; /* its byte tables (q4y_tables) */                        \
+            lf_qweight_scales(w, j * KB + (p0 >> lg), len >> lg, sc);                                                  \
+            q4y_tables(code, sc, len >> lg, LF_DT_BF16, tabs);                                                         \
+            const uint8_t *q = w->data + ((j * K + p0) >> 1);                                                          \
+            __m256 acc[N][E];                                                                                          \
+            for (int i = 0; i < N; i++)                                                                                \
+                for (int a = 0; a < E; a++) acc[i][a] = _mm256_setzero_ps();                                           \
+            __m256i tl = _mm256_setzero_si256(), th = _mm256_setzero_si256();                                          \
+            for (int64_t e = 0; e < len; e += 64) { /* elements p0 + e .. + 63: codes q[e/2 .. e/2 + 31] */            \
+                if (!(e & 127)) _mm_prefetch((const char *)(q + (e >> 1) + (K >> 1)), _MM_HINT_T1); /* next row */    \
+                if (!(e & (B - 1))) {                                                                                  \
+                    const float *t = tabs + 16 * (e >> lg);                                                            \
+                    tl = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)t));                              \
+                    th = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(t + 4)));                        \
+                }                                                                                                      \
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(q + (e >> 1)));                                 \
+                const __m256i idx[2] = {_mm256_and_si256(_mm256_srli_epi16(c, 4), low4), _mm256_and_si256(c, low4)};   \
+                for (int h = 0; h < 2; h++) {                                                                          \
+                    __m256 wv[4];                                                                                      \
+                    q4b_half(tl, th, idx[h], wv);                                                                      \
+                    for (int i = 0; i < N; i++) {                                                                      \
+                        const float *xi = x0 + ((e >> 6) * N + i) * 64 + 32 * h;                                       \
+                        for (int f = 0; f < 4; f++) {                                                                  \
+                            __m256 *a = &acc[i][(4 * h + f) % E];                                                      \
+                            *a = _mm256_fmadd_ps(wv[f], _mm256_load_ps(xi + 8 * f), *a);                               \
+                        }                                                                                              \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int i = 0; i < N; i++) {                                                                              \
+                __m256 s = acc[i][0];                                                                                  \
+                for (int a = 1; a < E; a++) s = _mm256_add_ps(s, acc[i][a]);                                           \
+                float *ci = job->c + i * job->ldc + j;                                                                 \
+                const float v = lf_hsum8(s);                                                                           \
+                *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[j] : 0.0f);                                    \
+            }                                                                                                          \
+        }                                                                                                              \
+    }
+
+ROWS_Q4B(1, 4)
+ROWS_Q4B(2, 2)
+ROWS_Q4B(3, 2)
+ROWS_Q4B(4, 2)
+ROWS_Q4B(5, 1)
+ROWS_Q4B(6, 1)
+ROWS_Q4B(7, 1)
 
 /* AVX512_BF16, bf16 (lf_tunables.decode_pairs): the same sum on vdpbf16ps, two rows at a time. Per block of
  * a row its table holds the bf16 bits of round(code[q] · scale) in the low half of 16 dwords (tb: the values
@@ -499,6 +587,8 @@ static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q
                                                               rows_q4_5, rows_q4_6, rows_q4_7, rows_q4_8};
 static const rows_q4_fn ROWS_Q4Y_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q4y_1, rows_q4y_2, rows_q4y_3, rows_q4y_4, rows_q4y_5, rows_q4y_6, rows_q4y_7, rows_q4y_8};
+static const rows_q4_fn ROWS_Q4B_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
+    NULL, rows_q4b_1, rows_q4b_2, rows_q4b_3, rows_q4b_4, rows_q4b_5, rows_q4b_6, rows_q4b_7, NULL /* steps64 */};
 static const rows_q4_fn ROWS_Q4P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q4p_1, rows_q4p_2, rows_q4p_3, rows_q4p_4, rows_q4p_5, rows_q4p_6, rows_q4p_7, rows_q4p_8};
 static const rows_q4_fn ROWS_Q4S_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
@@ -520,6 +610,7 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
         (q8              ? ROWS_Q8P_FOR_N
          : job->shuffles ? ROWS_Q4S_FOR_N
          : job->pairs    ? ROWS_Q4P_FOR_N
+         : job->steps64  ? ROWS_Q4B_FOR_N
          : job->lanes8   ? ROWS_Q4Y_FOR_N
                          : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
@@ -539,26 +630,30 @@ static int rowdots_qw_group(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_t
     const int pairs = pairs_for(x.dtype); /* always, for an 8-bit W (lf_rowdots_qw_ok) */
     /* x's whole chunks (job's xs / xt; a 4-bit K is a multiple of B ≥ 32, an 8-bit one's last K % 32 is read
      * from x itself): element 32c + u of token i at (c·n + i)·32 + u, or for the fp32 kernels, widened, at
-     * (c·n + i)·32 + x_slot(u) — one token's bf16 row as it is */
-    const int64_t chunks = K / 32;
-    const size_t bytes = (size_t)(n * chunks > 0 ? n * chunks : 1) * 32 * (pairs ? sizeof(uint16_t) : sizeof(float));
-    const int own = !pairs || n > 1, lanes8 = !pairs && lf_get_isa() < LF_ISA_AVX512;
+     * (c·n + i)·32 + x_slot(u) — one token's bf16 row as it is; for rows_q4b_N (steps64: B ≥ 64, so K a multiple
+     * of 64) in steps of 64, element 64c + u at (c·n + i)·64 + x_slot64(u) */
+    const int lanes8 = !pairs && lf_get_isa() < LF_ISA_AVX512;
     const int bytes8 = lanes8 && x.dtype == LF_DT_BF16; /* x_slot */
-    void *xc = own ? aligned_alloc(64, bytes) : NULL; /* each chunk a cache line (bf16) or two (fp32) */
+    const int steps64 = bytes8 && w->type != LF_Q8_ROW && w->blocksize >= 64 && n < 8; /* rows_q4b_N */
+    const int64_t unit = steps64 ? 64 : 32, chunks = K / unit;
+    const size_t bytes = (size_t)(n * chunks > 0 ? n * chunks : 1) * unit * (pairs ? sizeof(uint16_t) : sizeof(float));
+    const int own = !pairs || n > 1;
+    void *xc = own ? aligned_alloc(64, bytes) : NULL; /* each chunk a cache line (bf16) or more (fp32) */
     if (own && !xc) return LF_ENOMEM;
     for (int64_t ch = 0; ch < chunks && own; ch++)
         for (int64_t i = 0; i < n; i++) {
-            const uint16_t *src = (const uint16_t *)x.p + i * x.rs + 32 * ch;
+            const uint16_t *src = (const uint16_t *)x.p + i * x.rs + unit * ch;
             if (pairs) {
                 memcpy((uint16_t *)xc + (ch * n + i) * 32, src, 32 * sizeof(uint16_t));
                 continue;
             }
-            for (int u = 0; u < 32; u++)
-                ((float *)xc)[(ch * n + i) * 32 + x_slot(bytes8, u)] = lf_half_to_f32(x.dtype, src[u]);
+            float *dst = (float *)xc + (ch * n + i) * unit;
+            for (int u = 0; u < unit; u++)
+                dst[steps64 ? x_slot64(u) : x_slot(bytes8, u)] = lf_half_to_f32(x.dtype, src[u]);
         }
     rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xs = pairs ? NULL : xc,
                           .xt = pairs ? (own ? xc : x.p) : NULL, .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs,
-                          .lanes8 = lanes8, .dt = x.dtype, .c = c};
+                          .lanes8 = lanes8, .steps64 = steps64, .dt = x.dtype, .c = c};
     job.shuffles = shuffles_for(&job);
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_q4_run, &job);
