@@ -9,7 +9,8 @@ returns bf16 / fp16, lorafuse fp32), each row labelled with the path measured (_
 'widened' = converted to fp32 while packing, the fp32 kernels; '/w_rows': run transposed, W's rows read in
 place (hgemm_path's orientation); for bf16 every path the CPU has is
 timed, each with its ISA forced: amx_bf16, avx512_bf16, avx512), against the measured peak of its
-instruction (fma_peak.c amx / bf16 / zmm modes; ymm on CPUs without AVX-512).
+instruction (fma_peak.c amx / bf16 / zmm modes; ymm on CPUs without AVX-512). fma_peak.c is x86 AVX2 code: on
+other CPUs (lorafuse's ISA 'generic') the peak is not measured and the '% peak' column reads '—'.
 """
 from __future__ import annotations
 
@@ -31,11 +32,18 @@ SHAPES = [  # M (tokens) × K (in) × N (out): y = x·Wᵀ
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fma_width() -> str:
-    """The widest FMA this CPU runs: "zmm" where lorafuse found AVX-512, else "ymm" (AVX2)."""
+def fma_width() -> str | None:
+    """The widest FMA this CPU runs: "zmm" where lorafuse found AVX-512, "ymm" with AVX2, None elsewhere (not
+    x86-64, or no AVX2: fma_peak.c cannot run)."""
     from lorafuse import _C
 
-    return "zmm" if _C.cpu_isa() in ("avx512", "avx512_bf16", "amx_bf16") else "ymm"
+    isa = _C.cpu_isa()
+    return "zmm" if isa in ("avx512", "avx512_bf16", "amx_bf16") else None if isa == "generic" else "ymm"
+
+
+def share_of(gflops: float, peak: float | None) -> str:
+    """gflops as a percentage of peak (5 columns), or '—' where the peak was not measured."""
+    return f"{100 * gflops / peak:5.1f}%" if peak else f"{'—':>6}"
 
 
 def fma_peak(threads: int, modes: tuple) -> dict:
@@ -62,13 +70,17 @@ def main() -> None:
         return half_main(args, begin(args, f"bench_gemm: lorafuse hgemm vs torch.matmul, {args.dtype}"))
     rounds = begin(args, "bench_gemm: lorafuse sgemm vs torch.matmul")
     wide = fma_width()
-    peak = fma_peak(args.threads, (wide, "ymm") if wide == "zmm" else ("ymm",))
+    peak = fma_peak(args.threads, (wide, "ymm") if wide == "zmm" else ("ymm",)) if wide else {}
     for (width, t), g in peak.items():
         print(f"# FMA-only loop {width} x{t} thread(s): {g:.1f} GFLOP/s")
-    p1, pn = peak[(wide, 1)], peak[(wide, args.threads)]
-    print(f"# scaling {args.threads} threads / 1 = {pn / p1:.2f} "
-          f"({'independent cores' if pn / p1 > 0.9 * args.threads else 'shared FMA units (SMT?)'})")
-    peak_n = max(peak[(wide, args.threads)], peak[("ymm", args.threads)])
+    peak_n = None
+    if wide:
+        p1, pn = peak[(wide, 1)], peak[(wide, args.threads)]
+        print(f"# scaling {args.threads} threads / 1 = {pn / p1:.2f} "
+              f"({'independent cores' if pn / p1 > 0.9 * args.threads else 'shared FMA units (SMT?)'})")
+        peak_n = max(peak[(wide, args.threads)], peak[("ymm", args.threads)])
+    else:
+        print("# FMA peak not measured: fma_peak.c needs x86-64 with AVX2 (lorafuse's ISA here: generic)")
     print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | {'ours/torch':>10} | {'% peak':>6}")
     rng = np.random.default_rng(0)
     for M, K, N in (SHAPES[:3] if args.quick else SHAPES):
@@ -83,7 +95,7 @@ def main() -> None:
         fl = 2.0 * M * N * K
         g_ours, g_torch = fl / t["ours"] / 1e9, fl / t["torch"] / 1e9
         print(f"{M:6d} {K:6d} {N:6d} | {g_ours:13.1f} {g_torch:10.1f} | {t['torch'] / t['ours']:10.3f} | "
-              f"{100 * g_ours / peak_n:5.1f}%")
+              f"{share_of(g_ours, peak_n)}")
     packing_share(rounds)
 
 
@@ -95,7 +107,7 @@ def half_main(args, rounds: int) -> None:
     isas = order[order.index(_C.cpu_isa()):] if args.dtype == "bf16" and _C.cpu_isa() in order[:2] else [_C.get_isa()]
     modes = {"amx_bf16": "amx", "avx512_bf16": "bf16"}  # fma_peak.c mode of each native path
     wide = fma_width()
-    peak = fma_peak(args.threads, (wide,) + tuple(modes[i] for i in isas if i in modes))
+    peak = fma_peak(args.threads, (wide,) + tuple(modes[i] for i in isas if i in modes)) if wide else {}
     names = {"amx": "tdpbf16ps (4 tiles)", "bf16": "vdpbf16ps zmm", "zmm": "FMA zmm", "ymm": "FMA ymm"}
     for (mode, t), g in peak.items():
         print(f"# {names[mode]}-only loop x{t} thread(s): {g:.1f} GFLOP/s")
@@ -119,15 +131,15 @@ def half_main(args, rounds: int) -> None:
             for isa in isas:
                 _C.set_isa(isa)
                 path, _, _, orient = _C.hgemm_path(x, w.t())
-                pk = peak[({"amx_bf16": "amx", "bf16_pairs": "bf16"}.get(path, wide), args.threads)]
+                pk = peak.get(({"amx_bf16": "amx", "bf16_pairs": "bf16"}.get(path, wide), args.threads))
                 g, gt = fl / t[isa] / 1e9, fl / t["torch"] / 1e9
                 label = path + ("/w_rows" if orient == "w_rows" else "") + f" ({isa})"
                 print(f"{M:6d} {K:6d} {N:6d} | {label:>31} | {g:13.1f} {gt:10.1f} | "
-                      f"{t['torch'] / t[isa]:10.3f} | {100 * g / pk:5.1f}%")
+                      f"{t['torch'] / t[isa]:10.3f} | {share_of(g, pk)}")
     finally:
         _C.set_isa(before)
     print("# % peak: of the tdpbf16ps loop for amx_bf16 rows, of the vdpbf16ps loop for bf16_pairs rows, "
-          f"of the {wide} FMA loop for widened ones")
+          f"of the {wide or 'FMA (not measured here)'} loop for widened ones")
 
 
 def packing_share(rounds: int) -> None:

@@ -89,6 +89,29 @@ def test_benchmark_script_runs(script: str, args: list, patterns: list) -> None:
         assert re.search(pattern, res.stdout), f"{script}: {pattern!r} not in its output:\n{res.stdout[-3000:]}"
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bench_gemm_without_avx2_leaves_the_peak_unmeasured(dtype, monkeypatch, capsys) -> None:
+    """Where lorafuse's ISA is 'generic' (not x86-64, or no AVX2) fma_peak.c cannot be built or run: bench_gemm
+    must still measure the GEMMs and print '—' for the share of the peak (tiny shapes, in this process)."""
+    from lorafuse import _C
+
+    monkeypatch.syspath_prepend(BENCH_DIR)
+    import bench_gemm
+
+    monkeypatch.setattr(_C, "cpu_isa", lambda: "generic")
+    monkeypatch.setattr(bench_gemm, "fma_peak", lambda *a: pytest.fail("fma_peak.c run on a 'generic' CPU"))
+    monkeypatch.setattr(bench_gemm, "SHAPES", [(8, 16, 24)] * 3)
+    monkeypatch.setattr(bench_gemm, "packing_share", lambda rounds: None)
+    monkeypatch.setattr(sys, "argv", ["bench_gemm.py", "--quick", "--rounds", "1", "--threads", "1", "--dtype", dtype])
+    isa = _C.get_isa()
+    try:
+        bench_gemm.main()
+    finally:
+        _C.set_isa(isa)
+    out = capsys.readouterr().out
+    assert "not measured" in out and re.search(r"     8     16     24 \|.*\| +— *$", out, re.M), out
+
+
 def test_bench_train_repeats_at_least_three_by_default() -> None:
     spec = importlib.util.spec_from_file_location("bench_train", os.path.join(BENCH_DIR, "bench_train.py"))
     bench_train = importlib.util.module_from_spec(spec)
