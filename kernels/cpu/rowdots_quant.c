@@ -289,7 +289,7 @@ ROWS_Q4(Q4Y, rows_q4y_8, 8, 1, 1)
  * one by masking the low half off (exact: a bf16 is an fp32's top half). 8 vectors from 13 shuffles and shifts and
  * 6 masks, where rows_q4y_N's 32-element decode takes 11 for 4 (Zen 3, 4096² NF4, min and median of 41–61
  * interleaved calls at 1 and 2 threads: 1 token 0.77–0.90× the time of rows_q4y_1, 2–7 tokens 0.81–0.99×; 8 tokens
- * 1.03–1.07×, so they stay on rows_q4y_8: with 8 accumulators the second half's codes spill). Vector f of half h
+ * 1.03–1.07×, so they stay on rows_q4y_8, bound by a block's 64 FMAs and 64 loads of x). Vector f of half h
  * (high nibbles 0, low 1): lane 4L + d holds the element of byte 16L + i, i = 8·(f ≥ 2) + 2d + (f & 1)
  * (x_slot64). E accumulators a token: FMA chains enough to hide their latency at few tokens (2 tokens: E 2 0.89–0.93×
  * the time of E 4, whose 8 accumulators spill). */
