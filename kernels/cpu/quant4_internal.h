@@ -54,9 +54,10 @@ void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf_dtype dt, void
  * v_hi = t − (t − v), v rounded to 8 significant bits — to nearest, ties to even, in fp32 arithmetic rounding to
  * nearest even (checked against the integer rounding on 10⁷ random normal values and 2·10⁶ exact ties: the same
  * bits) — whose top half is the bf16: four fp32 operations per 8 values, no shift (Zen 3, 1 × 4096² NF4 decode on
- * rows_q4b_1: the tables ~39 → ~32 % of the kernel's perf samples, 0.96–0.97× its time). Other scales: the integer rounding (lf_bf16_dwords8, NaN → 0x7FC0 where
- * s is not finite); fp16 vcvtps2ph. The 16-bit values' two bytes picked per lane (vpshufb: values 0..3, 8..11 |
- * 4..7, 12..15, their low bytes, then their high ones) and the dwords put in order by one vpermd. */
+ * rows_q4b_1: the tables ~39 → ~32 % of the kernel's perf samples, 0.96–0.97× its time). Other scales: the integer
+ * rounding (lf_bf16_dwords8, NaN → 0x7FC0 where s is not finite); fp16 vcvtps2ph. The 16-bit values' two bytes
+ * picked per lane (vpshufb: values 0..3, 8..11 | 4..7, 12..15, their low bytes, then their high ones) and the dwords
+ * put in order by one vpermd. */
 LF_AVX2 static inline __m256i lf_q4_byte_tables(__m256 c0, __m256 c1, float s, lf_dtype dt) {
     const __m256 v0 = _mm256_mul_ps(c0, _mm256_set1_ps(s)), v1 = _mm256_mul_ps(c1, _mm256_set1_ps(s));
     const float a = __builtin_fabsf(s);
@@ -69,7 +70,8 @@ LF_AVX2 static inline __m256i lf_q4_byte_tables(__m256 c0, __m256 c1, float s, l
         r1 = _mm256_castps_si256(_mm256_sub_ps(t1, _mm256_sub_ps(t1, v1)));
     } else if (dt == LF_DT_BF16) {
         const int nan_free = __builtin_isfinite(s);
-        r0 = _mm256_slli_epi32(lf_bf16_dwords8(v0, nan_free), 16), r1 = _mm256_slli_epi32(lf_bf16_dwords8(v1, nan_free), 16);
+        r0 = _mm256_slli_epi32(lf_bf16_dwords8(v0, nan_free), 16);
+        r1 = _mm256_slli_epi32(lf_bf16_dwords8(v1, nan_free), 16);
     } else {
         const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
         r0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_cvtps_ph(v0, rne)), 16);
