@@ -291,8 +291,8 @@ ROWS_Q4(Q4Y, rows_q4y_8, 8, 1, 1)
  * interleaved calls at 1 and 2 threads: 1 token 0.77–0.90× the time of rows_q4y_1, 2–7 tokens 0.81–0.99×; 8 tokens
  * 1.03–1.07×, so they stay on rows_q4y_8, bound by a block's 64 FMAs and 64 loads of x). Vector f of half h
  * (high nibbles 0, low 1): lane 4L + d holds the element of byte 16L + i, i = 8·(f ≥ 2) + 2d + (f & 1)
- * (x_slot64). E accumulators a token: FMA chains enough to hide their latency at few tokens (2 tokens: E 2 0.89–0.93×
- * the time of E 4, whose 8 accumulators spill). */
+ * (x_slot64). E accumulators a token: FMA chains enough to hide their latency at few tokens (2 tokens: E 2 0.91–0.99×
+ * the time of E 4). */
 LF_AVX2_FMA static inline __attribute__((always_inline)) void q4b_half(__m256i tl, __m256i th, __m256i idx, __m256 *w) {
     const __m256i bl = _mm256_shuffle_epi8(tl, idx), bh = _mm256_shuffle_epi8(th, idx);
     const __m256i w0 = _mm256_unpacklo_epi8(bl, bh), w1 = _mm256_unpackhi_epi8(bl, bh);
