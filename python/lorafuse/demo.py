@@ -26,6 +26,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -230,19 +231,39 @@ class DemoError(Exception):
 def _child_main(argv: Sequence[str]) -> int:
     """``python -m lorafuse.demo --child IMPL OPTS_JSON OUT_JSON`` (one side, its own process). A failure
     is written to OUT_JSON as ``{"error": ..., "status": ...}`` for the parent to report in one line."""
+    # Ctrl-C ends this side at once and silently (the parent reports it): as a KeyboardInterrupt it could land
+    # in a finalizer, where Python prints "Exception ignored ..." and carries on
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     impl, opts_path, out_path = argv
     with open(opts_path) as handle:
         opts = json.load(handle)
     try:
         result = train_one(impl, opts)
-    except KeyboardInterrupt:
-        return 130  # the parent got the same Ctrl-C and reports it
     except Exception as exc:  # noqa: BLE001 - reported by the parent, with the exception's type
         status = 2 if isinstance(exc, (ValueError, TypeError)) else 1  # bad options (e.g. targets) vs failures
         result = {"error": f"{type(exc).__name__}: {exc}", "status": status}
     with open(out_path, "w") as handle:
         json.dump(result, handle)
     return result.get("status", 0)
+
+
+def _spawn_and_wait(argv: list[str], env: dict[str, str]) -> int:
+    """Run ``argv`` to its end; its exit status (-N: killed by signal N). The child starts with SIGINT ignored
+    (until `_child_main` takes it back), so a Ctrl-C during its interpreter's start-up prints nothing there;
+    a Ctrl-C here kills it and raises KeyboardInterrupt. stderr (the progress bar) goes to the terminal."""
+    proc: Optional[subprocess.Popen] = None
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited across exec; a press now is dropped
+    try:
+        try:
+            proc = subprocess.Popen(argv, env=env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return proc.wait()
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def _run_side(impl: str, opts: dict[str, Any], workdir: str, label: Optional[str] = None) -> dict[str, Any]:
@@ -253,16 +274,15 @@ def _run_side(impl: str, opts: dict[str, Any], workdir: str, label: Optional[str
     with open(opts_path, "w") as handle:
         json.dump(opts, handle)
     env = dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "lorafuse.demo", "--child", impl, opts_path, out_path],
-                          env=env)  # stderr (the progress bar) goes straight to the terminal
-    if proc.returncode == 130 or proc.returncode == -2:  # the child's Ctrl-C (SIGINT): the parent's too
+    status = _spawn_and_wait([sys.executable, "-m", "lorafuse.demo", "--child", impl, opts_path, out_path], env)
+    if status == -signal.SIGINT:  # the child's Ctrl-C: the parent's too
         raise KeyboardInterrupt
     result: dict[str, Any] = {}
     if os.path.isfile(out_path):
         with open(out_path) as handle:
             result = json.load(handle)
-    if proc.returncode or "error" in result:
-        reason = result.get("error", f"the {impl} process exited with status {proc.returncode}")
+    if status or "error" in result:
+        reason = result.get("error", f"the {impl} process exited with status {status}")
         raise DemoError(f"the {impl} run failed: {reason}", int(result.get("status", 1)))
     return result
 
