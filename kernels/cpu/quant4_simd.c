@@ -106,7 +106,7 @@ LF_AVX512_BF16 void lf_q8_run_bf16(const int8_t *c, int64_t len, float scale, lf
 
 /* lf_q4_span16_vbmi: per block its 16 values round_dt(code[q] · scale) — the products and the rounding of
  * lf_q4_run_fn's, formed once — held twice in the 32 words of a register; then per 64 elements (32 bytes of
- * codes c): two vpermt2b spread c >> 4 and c into words in element order (lf_q4_spread, as rowdots_quant.c's
+ * codes c): two vpermt2b spread c >> 4 and c into words in element order (lf_q4_spread, as rowdots_quant_pairs.c's
  * rows_q4s_N spread them into pairs) and two vpermw look the words' low 5 bits up (bit 4, the neighbouring
  * nibble's, lands on the table's second copy). A block's last < 64 elements by masked loads and stores (no
  * code byte past the run is loaded). About five instructions per 32 elements, where lf_q4_run_avx512 takes about

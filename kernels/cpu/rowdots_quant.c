@@ -16,7 +16,7 @@
  * time for few tokens, K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where
  * lf_tunables.decode_pairs says so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and
  * multiply them with x's own pairs (in the same chunks, xt) on vdpbf16ps, 32 elements per instruction
- * (rows_q4p_N, below; rows_q4s_N where the CPU has VBMI and K and B suit them: the same pairs by byte and word
+ * (rows_q4p_N, rowdots_quant_pairs.c; rows_q4s_N where the CPU has VBMI and K and B suit them: the same pairs by byte and word
  * permutes), K in blocks of PAIRS_K_BLOCK. AVX2 and up (the fp32 kernels in 8 lanes there: Zen 4 with avx2
  * forced, 4096² NF4, 1 / 8 tokens 1.65 / 5.0 ms through the buffer below, 0.87 / 2.38 here), and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
@@ -28,16 +28,13 @@
 #include "half_store.h"
 #include "internal.h"
 #include "quant4_internal.h"
+#include "rowdots_quant.h"
 
 #define ROWS_PER_BLOCK 16
 /* K per block of the fp32 kernels: the split x of a block (n · kb floats) stays in L1 — 32 KiB — while the thread's
  * rows of W pass it; a multiple of the block size B (at least B). Few tokens: long runs of each row of W
  * (prefetched). Larger blocks from L2 (whole rows) were slower at 8 tokens, two loads of x per two FMAs. */
 #define X_L1_FLOATS 4096
-/* K per block of the pairs kernels (n · kb bf16 of x, from L2 where they outgrow L1): whole rows of W to 8192
- * elements, each read in one run and summed once (Zen 4, 8 × 4096² NF4, 2 threads: x's block in L1 — 1024 elements
- * at 8 tokens —, x's rows one pointer each: 1.15 ms; blocks of 8192: 1.01; x in chunks: 0.94; int8 1.20 → 0.94) */
-#define PAIRS_K_BLOCK 8192
 
 /* 1 if a bf16 x takes the pairs kernels here (lf_tunables.decode_pairs) */
 static int pairs_for(lf_dtype xdt) {
@@ -58,25 +55,6 @@ int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 #endif
 }
 
-typedef struct {
-    int64_t n, M, K, ldc;
-    const lf_qweight *w;
-    /* x in chunks of 32 elements, token after token within a chunk (chunk c of token i at (c·n + i)·32), so
-     * that a kernel reaches every token's chunk from one pointer at fixed offsets (x's own rows, ldxh apart,
-     * held one pointer per token: the 8-token kernels spilled them). xs (the fp32 kernels): the 32 elements widened,
-     * in the order the kernels' lookups give W's (x_slot; rows_q4b_N: 64 elements a chunk, x_slot64); xt (the pairs
-     * kernels): the 32 bf16 elements as they are */
-    const float *xs, *bias;
-    const uint16_t *xt;
-    const uint16_t *xh; /* x's bf16 elements, rows ldxh apart: the 8-bit kernel's last K % 32 */
-    int64_t ldxh;
-    int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
-    int shuffles;                /* the shuffle kernels take it (shuffles_for) */
-    int lanes8;                  /* the fp32 kernels in AVX2's 8 lanes (rows_q4y_N) */
-    int steps64;                 /* of those, the bf16 ones 64 elements a step (rows_q4b_N; x_slot64) */
-    lf_dtype dt;
-    float *c;
-} rowdots_q4_job;
 
 #if defined(__x86_64__)
 /* The fp32 kernels' operations per ISA (ISA##_…, pasted by ROWS_Q4): L lanes; V an fp32 vector; C the code table;
@@ -255,9 +233,7 @@ static inline int x_slot64(int u) {
             for (int r = 0; r < R && j + r < j1; r++)                                                                  \
                 for (int i = 0; i < N; i++) {                                                                          \
                     const ISA##_V s = E == 2 ? ISA##_ADD(acc[r][0][i], acc[r][E - 1][i]) : acc[r][0][i];               \
-                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
-                    const float v = ISA##_SUM(s);                                                                      \
-                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
+                    rowdots_put(job, i, jr[r], ISA##_SUM(s), accumulate);                                              \
                 }                                                                                                      \
         }                                                                                                              \
     }
@@ -345,9 +321,7 @@ LF_AVX2_FMA static inline __attribute__((always_inline)) void q4b_half(__m256i t
             for (int i = 0; i < N; i++) {                                                                              \
                 __m256 s = acc[i][0];                                                                                  \
                 for (int a = 1; a < E; a++) s = _mm256_add_ps(s, acc[i][a]);                                           \
-                float *ci = job->c + i * job->ldc + j;                                                                 \
-                const float v = lf_hsum8(s);                                                                           \
-                *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[j] : 0.0f);                                    \
+                rowdots_put(job, i, j, lf_hsum8(s), accumulate);                                                       \
             }                                                                                                          \
         }                                                                                                              \
     }
@@ -360,241 +334,12 @@ ROWS_Q4B(5, 1)
 ROWS_Q4B(6, 1)
 ROWS_Q4B(7, 1)
 
-/* AVX512_BF16, bf16 (lf_tunables.decode_pairs): the same sum on vdpbf16ps, two rows at a time. Per block of
- * a row its table holds the bf16 bits of round(code[q] · scale) in the low half of 16 dwords (tb: the values
- * block_table gives); each 16 bytes of codes (32 elements, 16 pairs) become one vector of W's bf16 pairs —
- * dword l = tb[high nibble of byte l] | tb[low nibble] << 16, elements 2l and 2l + 1 in the order vdpbf16ps
- * multiplies them — by two vpermd, a shift and an or; then one vdpbf16ps per token on x's own pairs as
- * they lie in memory: exact products summed in fp32 (its rounding and denormal flushing:
- * tests/tolerances.py, the bf16 tile's). */
-#define LF_AVX512_BF16 __attribute__((target("avx512f,avx512bf16")))
-
-/* block b's table for the pairs kernels: the bf16 bits of round(code[q] · scale) in the low half of dword q —
- * vcvtneps2bf16's rounding (to nearest even) of the fp32 products, which equals lf_bf16x16's but for inputs
- * below the normal range, flushed to 0 here: vdpbf16ps reads such a bf16 as 0 anyway (its DAZ) */
-LF_AVX512_BF16 static inline __m512i block_bits(__m512 code, float scale) {
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
-    return _mm512_cvtepu16_epi32((__m256i)h);
-}
-
-/* c[i, jr[r]] = the lanes' sum of acc[r·n + i] (+ bias[jr[r]]), or += it when accumulate, for r < rows, i < n */
-LF_AVX512 static inline __attribute__((always_inline)) void put_rows(const rowdots_q4_job *job, int64_t rows, int n,
-                                                                  const int64_t *jr, const __m512 *acc, int accumulate) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int i = 0; i < n; i++) {
-            float *ci = job->c + i * job->ldc + jr[r];
-            const float v = _mm512_reduce_add_ps(acc[r * n + i]);
-            *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);
-        }
-}
-
-#define ROWS_Q4P(N, R)                                                                                                 \
-    LF_AVX512_BF16 static void rows_q4p_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,             \
-                                            int64_t len, int accumulate) {                                             \
-        const lf_qweight *w = job->w;                                                                                  \
-        const int64_t K = job->K, B = w->blocksize, KB = K / B;                                                        \
-        const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
-        const int lg = __builtin_ctzll((unsigned long long)B);                                                         \
-        const int64_t block_bytes_mask = (B >> 1) - 1;                                                                 \
-        const uint16_t *x0 = job->xt + (p0 >> 5) * N * 32; /* the K block's first chunk */                             \
-        /* bytes from a row's codes to those R rows on: prefetched at the same step (rowdots_half.c's reason; Zen 4, \
-         * 8 × 4096² NF4, 2 threads: 1.97 → 1.67 ms) */                                                              \
-        const int64_t ahead = R * (K >> 1);                                                                            \
-        for (int64_t j = j0; j < j1; j += R) {                                                                         \
-            int64_t jr[R];                                                                                             \
-            const uint8_t *q[R];                                                                                       \
-            __m512 acc[R][N];                                                                                          \
-            __m512i tb[R];                                                                                             \
-            float sc[R][PAIRS_K_BLOCK / 32]; /* the rows' block scales over this K block (len / B ≤ kb / 32) */       \
-            for (int r = 0; r < R; r++) {                                                                              \
-                jr[r] = j + r < j1 ? j + r : j;                                                                        \
-                lf_qweight_scales(w, jr[r] * KB + (p0 >> lg), len >> lg, sc[r]);                                       \
-                q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
-                tb[r] = _mm512_setzero_si512();                                                                        \
-                for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
-            }                                                                                                          \
-            for (int64_t h = 0; h < len >> 1; h += 16) { /* 16 bytes: elements 2h .. 2h + 31 of the K block */         \
-                __m512i wp[R];                                                                                         \
-                for (int r = 0; r < R; r++) {                                                                          \
-                    if (!(h & block_bytes_mask))                                                                       \
-                        tb[r] = block_bits(code, sc[r][h >> (lg - 1)]);                                                \
-                    _mm_prefetch((const char *)(q[r] + ahead + h), _MM_HINT_T0); /* the next R rows, this step */     \
-                    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q[r] + h)));              \
-                    const __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(c, 4), tb[r]);                     \
-                    const __m512i odd = _mm512_permutexvar_epi32(c, tb[r]); /* vpermd: the low 4 bits */               \
-                    wp[r] = _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));                                         \
-                }                                                                                                      \
-                for (int i = 0; i < N; i++) {                                                                          \
-                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + ((h >> 4) * N + i) * 32));    \
-                    for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
-                }                                                                                                      \
-            }                                                                                                          \
-            put_rows(job, j1 - j < R ? j1 - j : R, N, jr, &acc[0][0], accumulate);                                   \
-        }                                                                                                              \
-    }
-
-ROWS_Q4P(1, 4)
-ROWS_Q4P(2, 4)
-ROWS_Q4P(3, 4)
-ROWS_Q4P(4, 4)
-ROWS_Q4P(5, 2)
-ROWS_Q4P(6, 2)
-ROWS_Q4P(7, 2)
-ROWS_Q4P(8, 2)
-
-/* The shuffle kernels (rows_q4s_N; AVX512-VBMI and BW besides BF16, K a multiple of 128, B ≥ 64): the same pairs
- * as rows_q4p_N, bit for bit and in the same lanes, by two permutes per vector of pairs instead of vpermd's
- * four operations. 64 bytes of codes c (128 elements, two halves of 64 in a block each) a step, for s < 4:
- *     idx_s   = vpermt2b(c >> 4, S + 16s, c)          word 2l: code byte 16s + l shifted right 4 (its high nibble)
- *                                                   word 2l + 1: the byte itself (its low nibble)
- *     pairs_s = vpermw(idx_s, T)                    dword l = T[high nibble] | T[low nibble] << 16
- * — elements 2l and 2l + 1 of the 32 the vector covers, as x's pairs lie in memory. vpermw reads an index's low
- * 5 bits, and bit 4 is the next nibble up (not masked off): T holds the block's 16 bf16 values twice (words q
- * and 16 + q, block_words). Per step and row: one shift, 4 vpermt2b, 4 vpermw, and the next step's two tables
- * (2 vmulps, 2 vcvtne2ps2bf16) built while this step's products run — built in the step itself, their latency
- * held up the products (Zen 4, a row's step from L1: 8 tokens 13.4 → 10.6 ns, 1 token 4.6 → 3.3). The blocks'
- * scales of a row's K block resolved once (lf_qweight_scales: no division a block). */
-#define LF_VBMI_BF16 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16")))
-
-/* vpermw's table of a block of scale s: the bf16 bits of round(code[q] · s) — block_bits' rounding — in words q
- * and 16 + q */
-LF_VBMI_BF16 static inline __m512i block_words(__m512 code, float s) {
-    const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(s));
-    return (__m512i)_mm512_cvtne2ps_pbh(v, v);
-}
-
-#define ROWS_Q4S(N, R)                                                                                                 \
-    LF_VBMI_BF16 static void rows_q4s_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,               \
-                                          int64_t len, int accumulate) {                                               \
-        const lf_qweight *w = job->w;                                                                                  \
-        const int64_t K = job->K, KB = K / w->blocksize, ahead = R * (K >> 1);                                         \
-        const __m512 code = _mm512_loadu_ps(lf_q4_code(w->type));                                                      \
-        const int lg = __builtin_ctzll((unsigned long long)w->blocksize);                                              \
-        const __m512i spread = _mm512_loadu_si512((const void *)lf_q4_spread);                                             \
-        const __m512i pat[4] = {spread, _mm512_add_epi8(spread, _mm512_set1_epi8(16)),                                 \
-                                _mm512_add_epi8(spread, _mm512_set1_epi8(32)),                                         \
-                                _mm512_add_epi8(spread, _mm512_set1_epi8(48))};                                        \
-        const uint16_t *x0 = job->xt + (p0 >> 5) * N * 32; /* the K block's first chunk */                             \
-        for (int64_t j = j0; j < j1; j += R) {                                                                         \
-            int64_t jr[R];                                                                                             \
-            const uint8_t *q[R];                                                                                       \
-            __m512 acc[R][N];                                                                                          \
-            __m512i ta[R], tb[R]; /* the tables of this step's two halves */                                          \
-            float sc[R][PAIRS_K_BLOCK / 64]; /* the rows' block scales over this K block (len / B ≤ kb / 64) */       \
-            for (int r = 0; r < R; r++) {                                                                              \
-                jr[r] = j + r < j1 ? j + r : j;                                                                        \
-                q[r] = w->data + ((jr[r] * K + p0) >> 1);                                                              \
-                lf_qweight_scales(w, jr[r] * KB + (p0 >> lg), len >> lg, sc[r]);                                       \
-                ta[r] = block_words(code, sc[r][0]);                                                                   \
-                tb[r] = block_words(code, sc[r][64 >> lg]);                                                            \
-                for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
-            }                                                                                                          \
-            for (int64_t e = 0; e < len; e += 128) { /* elements p0 + e .. + 127 of the row */                         \
-                __m512i wp[R][4];                                                                                      \
-                for (int r = 0; r < R; r++) {                                                                          \
-                    _mm_prefetch((const char *)(q[r] + ahead + (e >> 1)), _MM_HINT_T0);                                \
-                    const __m512i c = _mm512_loadu_si512((const void *)(q[r] + (e >> 1)));                             \
-                    const __m512i hi = _mm512_srli_epi16(c, 4);                                                        \
-                    for (int s = 0; s < 4; s++)                                                                        \
-                        wp[r][s] = _mm512_permutexvar_epi16(_mm512_permutex2var_epi8(hi, pat[s], c), s < 2 ? ta[r] : tb[r]); \
-                    if (e + 128 < len) {                                                                               \
-                        ta[r] = block_words(code, sc[r][(e + 128) >> lg]);                                             \
-                        tb[r] = block_words(code, sc[r][(e + 192) >> lg]);                                             \
-                    }                                                                                                  \
-                }                                                                                                      \
-                for (int i = 0; i < N; i++)                                                                            \
-                    for (int s = 0; s < 4; s++) {                                                                      \
-                        const __m512bh xa =                                                                            \
-                            (__m512bh)_mm512_loadu_si512((const void *)(x0 + (((e >> 5) + s) * N + i) * 32));          \
-                        for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r][s]);   \
-                    }                                                                                                  \
-            }                                                                                                          \
-            put_rows(job, j1 - j < R ? j1 - j : R, N, jr, &acc[0][0], accumulate);                                   \
-        }                                                                                                              \
-    }
-
-ROWS_Q4S(1, 4)
-ROWS_Q4S(2, 4)
-ROWS_Q4S(3, 2)
-ROWS_Q4S(4, 2)
-ROWS_Q4S(5, 2)
-ROWS_Q4S(6, 2)
-ROWS_Q4S(7, 2)
-ROWS_Q4S(8, 2)
-
-/* 1 if the shuffle kernels take this W: a bf16 x on the pairs kernels, K a multiple of their 128-element step,
- * blocks of at least 64 (two tables a step) and the CPU's VBMI and BW */
-static int shuffles_for(const rowdots_q4_job *job) {
-    return job->pairs && job->w->type != LF_Q8_ROW && job->K % 128 == 0 && job->w->blocksize >= 64 &&
-           __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
-}
-
-/* An 8-bit W (LF_Q8_ROW) on vdpbf16ps, R rows at a time: per 32 elements of a row its codes sign-extended and
- * converted (exact), times the row's scale SCB[j]·fl(1/127) — one fp32 product each, MatMul8bitFp's —, rounded
- * to 32 bf16 by one vcvtne2ps2bf16 (lf_q8_bf16x32: to nearest even; below the normal range flushed, which
- * vdpbf16ps does to its inputs anyway) in element order, so that dword l holds W's pair (2l, 2l + 1) as x's memory does; then
- * one vdpbf16ps per token. The last len % 32 elements one at a time: W's element rounded as
- * lf_qweight_dequantize rounds it, the product summed in fp32. */
-#define ROWS_Q8P(N, R)                                                                                                 \
-    LF_AVX512_BF16 static void rows_q8p_##N(const rowdots_q4_job *job, int64_t j0, int64_t j1, int64_t p0,             \
-                                            int64_t len, int accumulate) {                                             \
-        const lf_qweight *w = job->w;                                                                                  \
-        const int64_t lv = len / 32 * 32;                                                                              \
-        const uint16_t *x0 = job->xt + (p0 >> 5) * N * 32; /* the K block's first chunk */                             \
-        for (int64_t j = j0; j < j1; j += R) {                                                                         \
-            int64_t jr[R];                                                                                             \
-            const int8_t *q[R];                                                                                        \
-            __m512 s[R], acc[R][N];                                                                                    \
-            for (int r = 0; r < R; r++) {                                                                              \
-                jr[r] = j + r < j1 ? j + r : j;                                                                        \
-                q[r] = (const int8_t *)w->data + jr[r] * job->K + p0;                                                  \
-                s[r] = _mm512_set1_ps(lf_qweight_scale(w, jr[r]));                                                     \
-                for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();                                           \
-            }                                                                                                          \
-            for (int64_t p = 0; p < lv; p += 32) {                                                                     \
-                __m512i wp[R];                                                                                         \
-                for (int r = 0; r < R; r++) {                                                                          \
-                    wp[r] = lf_q8_bf16x32(q[r] + p, s[r]);                                                             \
-                }                                                                                                      \
-                for (int i = 0; i < N; i++) {                                                                          \
-                    const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(x0 + ((p >> 5) * N + i) * 32));    \
-                    for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, (__m512bh)wp[r]);          \
-                }                                                                                                      \
-            }                                                                                                          \
-            for (int r = 0; r < R && j + r < j1; r++)                                                                  \
-                for (int i = 0; i < N; i++) {                                                                          \
-                    float v = _mm512_reduce_add_ps(acc[r][i]);                                                         \
-                    for (int64_t p = lv; p < len; p++)                                                                 \
-                        v += lf_half_to_f32(LF_DT_BF16, job->xh[i * job->ldxh + p0 + p]) *                                 \
-                             lf_half_to_f32(LF_DT_BF16, lf_f32_to_bf16((float)q[r][p] * lf_qweight_scale(w, jr[r])));  \
-                    float *ci = job->c + i * job->ldc + jr[r];                                                         \
-                    *ci = accumulate ? *ci + v : v + (job->bias ? job->bias[jr[r]] : 0.0f);                            \
-                }                                                                                                      \
-        }                                                                                                              \
-    }
-
-ROWS_Q8P(1, 4)
-ROWS_Q8P(2, 4)
-ROWS_Q8P(3, 4)
-ROWS_Q8P(4, 4)
-ROWS_Q8P(5, 2)
-ROWS_Q8P(6, 2)
-ROWS_Q8P(7, 2)
-ROWS_Q8P(8, 2)
-
-typedef void (*rows_q4_fn)(const rowdots_q4_job *, int64_t, int64_t, int64_t, int64_t, int);
 static const rows_q4_fn ROWS_Q4_FOR_N[LF_ROWDOTS_MAX_N + 1] = {NULL,      rows_q4_1, rows_q4_2, rows_q4_3, rows_q4_4,
                                                               rows_q4_5, rows_q4_6, rows_q4_7, rows_q4_8};
 static const rows_q4_fn ROWS_Q4Y_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q4y_1, rows_q4y_2, rows_q4y_3, rows_q4y_4, rows_q4y_5, rows_q4y_6, rows_q4y_7, rows_q4y_8};
 static const rows_q4_fn ROWS_Q4B_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q4b_1, rows_q4b_2, rows_q4b_3, rows_q4b_4, rows_q4b_5, rows_q4b_6, rows_q4b_7, NULL /* steps64 */};
-static const rows_q4_fn ROWS_Q4P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
-    NULL, rows_q4p_1, rows_q4p_2, rows_q4p_3, rows_q4p_4, rows_q4p_5, rows_q4p_6, rows_q4p_7, rows_q4p_8};
-static const rows_q4_fn ROWS_Q4S_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
-    NULL, rows_q4s_1, rows_q4s_2, rows_q4s_3, rows_q4s_4, rows_q4s_5, rows_q4s_6, rows_q4s_7, rows_q4s_8};
-static const rows_q4_fn ROWS_Q8P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
-    NULL, rows_q8p_1, rows_q8p_2, rows_q8p_3, rows_q8p_4, rows_q8p_5, rows_q8p_6, rows_q8p_7, rows_q8p_8};
 
 static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     const rowdots_q4_job *job = ctxp;
@@ -606,13 +351,10 @@ static void rowdots_q4_run(void *ctxp, int tid, int nt) {
     const int q8 = job->w->type == LF_Q8_ROW;
     const int64_t b = job->w->blocksize, unit = q8 ? 32 : job->shuffles && b < 128 ? 128 : b;
     const int64_t fit = (job->pairs ? PAIRS_K_BLOCK : X_L1_FLOATS / job->n) / unit * unit, kb = fit > unit ? fit : unit;
-    const rows_q4_fn rows =
-        (q8              ? ROWS_Q8P_FOR_N
-         : job->shuffles ? ROWS_Q4S_FOR_N
-         : job->pairs    ? ROWS_Q4P_FOR_N
-         : job->steps64  ? ROWS_Q4B_FOR_N
-         : job->lanes8   ? ROWS_Q4Y_FOR_N
-                         : ROWS_Q4_FOR_N)[job->n];
+    const rows_q4_fn rows = job->pairs ? lf_rowdots_pairs_kernel(job) /* an 8-bit W: always */
+                                       : (job->steps64  ? ROWS_Q4B_FOR_N
+                                          : job->lanes8 ? ROWS_Q4Y_FOR_N
+                                                        : ROWS_Q4_FOR_N)[job->n];
     for (int64_t p0 = 0; p0 == 0 || p0 < job->K; p0 += kb) { /* K = 0: one pass writes the bias */
         const int64_t len = job->K - p0 < kb ? job->K - p0 : kb;
         for (int64_t j = j0; j < j1; j += ROWS_PER_BLOCK) {
@@ -654,7 +396,7 @@ static int rowdots_qw_group(lf_pool *pool, int64_t n, int64_t M, int64_t K, lf_t
     rowdots_q4_job job = {.n = n, .M = M, .K = K, .ldc = ldc, .w = w, .xs = pairs ? NULL : xc,
                           .xt = pairs ? (own ? xc : x.p) : NULL, .bias = bias, .xh = x.p, .ldxh = x.rs, .pairs = pairs,
                           .lanes8 = lanes8, .steps64 = steps64, .dt = x.dtype, .c = c};
-    job.shuffles = shuffles_for(&job);
+    job.shuffles = lf_rowdots_q4_shuffles(&job);
     const int nt = lf_threads_for(pool, 2.0 * (double)n * (double)M * (double)K, (M + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
     lf_pool_run(pool, nt, rowdots_q4_run, &job);
     free(xc);
