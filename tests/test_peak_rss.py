@@ -21,12 +21,21 @@ def test_a_child_reports_its_own_peak_not_its_parents() -> None:
     del ballast
 
 
-def test_the_peak_grows_with_what_this_process_touches_and_stays_after_it_is_freed() -> None:
-    before = peak_rss_mib()
-    ballast = bytearray((int(before) + 128) << 20)  # more than the peak so far, so the high-water mark must rise
-    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))
-    during = peak_rss_mib()
-    del ballast
-    assert during >= before + 128, (before, during)
-    # the kernel's RSS counters are per-CPU caches, exact to 64 pages a thread: the freed 128+ MiB stay counted
-    assert peak_rss_mib() >= during - 4, (during, peak_rss_mib())
+GROWTH = """
+from lorafuse.peak_rss import peak_rss_mib
+before = peak_rss_mib()
+ballast = bytearray(256 << 20)
+ballast[::4096] = b"\\x01" * len(range(0, len(ballast), 4096))
+during = peak_rss_mib()
+del ballast
+print(before, during, peak_rss_mib())
+"""
+
+
+def test_the_peak_grows_with_what_a_process_touches_and_stays_after_it_is_freed() -> None:
+    # in a fresh process, whose peak so far is small: 256 MiB touched must raise it by as much
+    out = subprocess.run([sys.executable, "-c", GROWTH], capture_output=True, text=True, check=True).stdout
+    before, during, after = map(float, out.split())
+    assert during >= before + 256, (before, during)
+    # the kernel's RSS counters are per-CPU caches, exact to 64 pages a thread: the freed 256 MiB stay counted
+    assert after >= during - 4, (during, after)
