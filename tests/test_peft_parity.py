@@ -206,6 +206,18 @@ def _max_err(got: dict, ref: dict) -> dict:
     return {k: float((got[k].double() - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-30)) for k in ref}
 
 
+def _assert_as_accurate_as_peft(got: dict, want: dict, ref: dict, dtype: str) -> None:
+    """Half precision: lorafuse's tensors (got) as close to the float64 model's (ref) as PEFT's (want) — each
+    error ≤ 3× PEFT's + 8 u_h, the median ratio of errors ≤ 2 (why: test_half_precision_models_fused_...)."""
+    u_h = 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11
+    err_ours, err_theirs = _max_err(got, ref), _max_err(want, ref)
+    for key in ref:
+        assert got[key].dtype == want[key].dtype, key
+        assert err_ours[key] <= 3 * err_theirs[key] + 8 * u_h, (key, err_ours[key], err_theirs[key])
+    ratios = sorted(err_ours[k] / max(err_theirs[k], 1e-12) for k in ref)
+    assert ratios[len(ratios) // 2] <= 2.0, ratios
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", list(CASES))
@@ -220,7 +232,6 @@ def test_half_precision_models_fused_and_at_least_as_accurate_as_peft(name: str,
     each tensor's error ≤ 3× PEFT's + 8 u_h (u_h = 2⁻⁸ bf16, 2⁻¹¹ fp16: a few roundings of the tensor's
     largest value)."""
     half = getattr(torch, dtype)
-    u_h = 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11
     theirs, ours = _pair(name, half, **({"use_dora": True} if dora else {}))
     assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
     assert any("lora_magnitude_vector" in n for n, _ in ours.named_parameters()) == dora
@@ -232,13 +243,7 @@ def test_half_precision_models_fused_and_at_least_as_accurate_as_peft(name: str,
     want = _run(theirs, inputs)
     got = _run(ours, inputs)
     assert _paths(ours) == {"c"}
-    ref = _run(ref_model, inputs)
-    err_ours, err_theirs = _max_err(got, ref), _max_err(want, ref)
-    for key in ref:
-        assert got[key].dtype == want[key].dtype, key
-        assert err_ours[key] <= 3 * err_theirs[key] + 8 * u_h, (key, err_ours[key], err_theirs[key])
-    ratios = sorted(err_ours[k] / max(err_theirs[k], 1e-12) for k in ref)
-    assert ratios[len(ratios) // 2] <= 2.0, ratios
+    _assert_as_accurate_as_peft(got, want, _run(ref_model, inputs), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
