@@ -50,7 +50,6 @@ METHOD = ("# method: one fresh process per candidate and repeat; peak RSS = that
           "to repeat")
 
 
-
 def peak_rss_mib() -> float:
     """`lorafuse.peak_rss.peak_rss_mib`, loaded from its file: the PEFT child must not import lorafuse (its
     extension's pages would count in PEFT's peak)."""

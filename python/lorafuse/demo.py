@@ -68,7 +68,6 @@ def busy_warning() -> Optional[str]:
             "slow and noisy.")
 
 
-
 def _quant_config(quant: Optional[str]):
     """transformers' ``BitsAndBytesConfig`` for ``--quant`` ('nf4': double quant, bf16 compute; 'int8': LLM.int8),
     or None."""
