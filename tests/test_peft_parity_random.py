@@ -1,16 +1,17 @@
 """lorafuse vs PEFT on drawn LoRA configurations: family (Llama, Qwen2, GPT-2's Conv1D, BERT), dtype, rank, alpha,
-rsLoRA, DoRA, bias mode, a subset of the target modules and the initialisation, drawn from one seeded generator a
-case (the draw is the test's id; LORAFUSE_PARITY_DRAWS=300 draws more). test_peft_parity.py checks four chosen
-configurations in depth; these reach their combinations — bias "all" with DoRA, rsLoRA on fp16, r = 1, PiSSA and
-OLoRA on half-precision bases …
+rsLoRA, DoRA, dropout, bias mode, a subset of the target modules and the initialisation, drawn from one seeded
+generator a case (the draw is the test's id; LORAFUSE_PARITY_DRAWS=300 draws more). test_peft_parity.py checks
+four chosen configurations in depth; these reach their combinations — bias "all" with DoRA, rsLoRA on fp16, r = 1,
+PiSSA and OLoRA on half-precision bases …
 
 Each case, on identical weights (`_pair`: PEFT's model, its adapters and trained biases randomised, loaded into
-lorafuse's; then `_tame`): one training step's logits, loss and every trainable gradient, with every layer on the C
-kernels, within the configuration's own noise of PEFT's (`_assert_within_peft_noise`); the adapter files each
-library saves, tensor for tensor and config for config; merge_and_unload's weights. A configuration PEFT itself
-fails on (orthogonal init at an odd rank; PiSSA / OLoRA on GPT-2's Conv1D, whose transposed weight PEFT's SVD
-misreads) must fail in lorafuse too, never run with other results. (Checked: the fused layers' scale × 1.1 fails
-every case that runs them, × 1.01 every fp32 one.)"""
+lorafuse's; then `_tame`; PEFT given lorafuse's dropout masks, test_dora.SeededDropout): one training step's
+logits, loss and every trainable gradient, with every layer on the C kernels, within the configuration's own noise
+of PEFT's (`_assert_within_peft_noise`); the adapter files each library saves, tensor for tensor and config for
+config; merge_and_unload's weights. A configuration PEFT itself fails on (orthogonal init at an odd rank; PiSSA /
+OLoRA on GPT-2's Conv1D, whose transposed weight PEFT's SVD misreads) must fail in lorafuse too, never run with
+other results. (Checked: the fused layers' scale × 1.1 fails every case that runs them, × 1.01 every fp32 one;
+PEFT without the masks every case with dropout.)"""
 from __future__ import annotations
 
 import copy
@@ -27,6 +28,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import lorafuse  # noqa: E402
+from test_dora import SeededDropout  # noqa: E402
 from test_peft_parity import CASES, _assert_match, _base, _inputs, _pair, _paths, _run  # noqa: E402
 
 TARGETS = {
@@ -49,13 +51,14 @@ def draw(seed: int) -> tuple[str, str, dict]:
                 use_rslora=rnd.random() < 0.3, use_dora=rnd.random() < 0.4,
                 bias=rnd.choice(["none", "none", "lora_only", "all"]),
                 init_lora_weights=rnd.choice([True, True, True, "gaussian", "pissa", "olora", "orthogonal"]),
-                rank_pattern={}, alpha_pattern={})
+                rank_pattern={}, alpha_pattern={}, lora_dropout=rnd.choice([0.0, 0.0, 0.1, 0.3]))
     return name, dtype, lora
 
 
 def _describe(seed: int) -> str:
     name, dtype, lora = draw(seed)
     flags = [f for f, on in (("rslora", lora["use_rslora"]), ("dora", lora["use_dora"])) if on]
+    flags += [f"dropout{lora['lora_dropout']:g}"] if lora["lora_dropout"] else []
     init = [] if lora["init_lora_weights"] is True else [str(lora["init_lora_weights"])]
     return "-".join([f"s{seed}", name, dtype, f"r{lora['r']}a{lora['lora_alpha']}", *flags, f"bias_{lora['bias']}",
                      *init, f"{len(lora['target_modules'])}targets"])
@@ -124,6 +127,11 @@ def test_drawn_configuration_matches_peft(seed: int, tmp_path: Any) -> None:
         return
     theirs, ours = _pair(name, dtype, **lora)
     _tame(theirs, ours)
+    for module in theirs.modules():  # PEFT given lorafuse's dropout masks (test_dora.SeededDropout)
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            for key, drop in list(module.lora_dropout.items()):
+                if isinstance(drop, torch.nn.Dropout):
+                    module.lora_dropout[key] = SeededDropout(drop.p)
     inputs = _inputs(CASES[name], seed=seed)
     ref_model = copy.deepcopy(theirs).double()  # the float64 model: the noise's reference
     for model in (theirs, ours, ref_model):
