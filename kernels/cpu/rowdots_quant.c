@@ -16,9 +16,9 @@
  * time for few tokens, K in blocks whose split x stays in L1 (X_L1_FLOATS). With a bf16 x where
  * lf_tunables.decode_pairs says so (Zen 4) the pairs kernels instead build W's bf16 pairs from the codes and
  * multiply them with x's own pairs (in the same chunks, xt) on vdpbf16ps, 32 elements per instruction
- * (rows_q4p_N, rowdots_quant_pairs.c; rows_q4s_N where the CPU has VBMI and K and B suit them: the same pairs by byte and word
- * permutes), K in blocks of PAIRS_K_BLOCK. AVX2 and up (the fp32 kernels in 8 lanes there: Zen 4 with avx2
- * forced, 4096² NF4, 1 / 8 tokens 1.65 / 5.0 ms through the buffer below, 0.87 / 2.38 here), and only when
+ * (rowdots_quant_pairs.c: rows_q4p_N; rows_q4s_N where the CPU has VBMI and K and B suit them, the same pairs by
+ * byte and word permutes), K in blocks of PAIRS_K_BLOCK. AVX2 and up (the fp32 kernels in 8 lanes there: Zen 4
+ * with avx2 forced, 4096² NF4, 1 / 8 tokens 1.65 / 5.0 ms through the buffer below, 0.87 / 2.38 here), and only when
  * blocks do not cross rows (K a multiple of B); elsewhere rowdots_half.c dequantizes blocks of W into a
  * buffer (lf_rowdots_qw_ok says which). An 8-bit W (LF_Q8_ROW) takes the pairs kernels only (rows_q8p_N: a
  * bf16 x on vdpbf16ps), else the same buffer. */

@@ -24,7 +24,7 @@ typedef struct {
     const uint16_t *xh; /* x's bf16 elements, rows ldxh apart: the 8-bit kernel's last K % 32 */
     int64_t ldxh;
     int pairs;                   /* lf_tunables.decode_pairs with a bf16 x */
-    int shuffles;                /* the shuffle kernels take it (shuffles_for) */
+    int shuffles;                /* the shuffle kernels take it (lf_rowdots_q4_shuffles) */
     int lanes8;                  /* the fp32 kernels in AVX2's 8 lanes (rows_q4y_N) */
     int steps64;                 /* of those, the bf16 ones 64 elements a step (rows_q4b_N; x_slot64) */
     lf_dtype dt;
@@ -44,7 +44,8 @@ static inline void rowdots_put(const rowdots_q4_job *job, int64_t i, int64_t j, 
 #if defined(__x86_64__)
 /* rowdots_quant_pairs.c: 1 if the shuffle kernels take the job (a 4-bit W, pairs set: a bf16 x on vdpbf16ps) */
 int lf_rowdots_q4_shuffles(const rowdots_q4_job *job);
-/* the pairs kernel for the job's n tokens (job->pairs): an 8-bit W's, else the shuffle one (job->shuffles) or vpermd's */
+/* the pairs kernel for the job's n tokens (job->pairs): an 8-bit W's, else the shuffle one (job->shuffles) or
+ * vpermd's */
 rows_q4_fn lf_rowdots_pairs_kernel(const rowdots_q4_job *job);
 #endif
 

@@ -234,7 +234,6 @@ static const rows_q4_fn ROWS_Q4S_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
 static const rows_q4_fn ROWS_Q8P_FOR_N[LF_ROWDOTS_MAX_N + 1] = {
     NULL, rows_q8p_1, rows_q8p_2, rows_q8p_3, rows_q8p_4, rows_q8p_5, rows_q8p_6, rows_q8p_7, rows_q8p_8};
 
-
 rows_q4_fn lf_rowdots_pairs_kernel(const rowdots_q4_job *job) {
     return (job->w->type == LF_Q8_ROW ? ROWS_Q8P_FOR_N : job->shuffles ? ROWS_Q4S_FOR_N : ROWS_Q4P_FOR_N)[job->n];
 }
