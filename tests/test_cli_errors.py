@@ -89,3 +89,26 @@ def test_demo_ctrl_c_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("lorafuse demo: interrupted"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_ctrl_c_line_starts_a_line_of_its_own_on_a_terminal(terminal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the cursor may sit after an unfinished progress bar: the message starts on the next line.
+    Elsewhere (a pipe, a log) it is the one line alone."""
+    import io
+
+    from lorafuse import cli
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    def interrupted(args: object) -> int:
+        sys.stderr.write(" 40%|####      | 4/10 [00:02<00:03]")  # what tqdm leaves: no newline
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_inspect", interrupted)
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert cli.main(["inspect", "anything"]) == 130
+    bar, _, rest = sys.stderr.getvalue().partition("lorafuse inspect: interrupted")
+    assert rest == "\n" and bar.endswith("\n") == terminal, repr(sys.stderr.getvalue())

@@ -144,7 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print(f"lorafuse {args.command}: interrupted", file=sys.stderr)
+        # on a terminal the cursor may sit after an unfinished progress bar (and the echoed ^C): a line of its own
+        lead = "\n" if sys.stderr.isatty() else ""
+        print(f"{lead}lorafuse {args.command}: interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:
         if not exc.name or exc.name.split(".")[0] == "lorafuse":
