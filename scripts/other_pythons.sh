@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The NumPy-only core (`pip install .`: the C kernels, their bindings, the adapter-file and CLI checks) on
+# other Pythons than the one CI runs: for each version named, its interpreter is looked up (pythonX.Y on
+# PATH, else pyenv's), a fresh venv gets `pip install .` from a copy of the tracked files, and the test
+# suite runs there (what needs torch skips with its reason). A version with no interpreter on this
+# machine is reported and skipped; any build or test failure fails the script.
+#
+#   scripts/other_pythons.sh 3.9 3.13      pyproject.toml's floor (requires-python) and the newest here
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || { echo "usage: scripts/other_pythons.sh VERSION..." >&2; exit 2; }
+
+find_python() {  # the interpreter of version $1 (X.Y), or nothing
+    local found
+    found=$(command -v "python$1" 2>/dev/null) && "$found" -c 'pass' 2>/dev/null && { echo "$found"; return; }
+    command -v pyenv >/dev/null || return 0
+    for found in "$(pyenv root)"/versions/"$1".*/bin/"python$1"; do
+        [ -x "$found" ] && { echo "$found"; return; }
+    done
+    return 0
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$work" --one-top-level=src  # a wheel of the tracked files only
+for version in "$@"; do
+    py=$(find_python "$version")
+    if [ -z "$py" ]; then
+        echo "other_pythons: no Python $version on this machine: skipped"
+        continue
+    fi
+    echo "== Python $version ($py): pip install . pytest setuptools; pytest -q tests"
+    "$py" -m venv "$work/venv$version"
+    "$work/venv$version/bin/python" -m pip install -q --disable-pip-version-check "$work/src" pytest "setuptools>=77"
+    # from a folder where `import lorafuse` can only find the installed package
+    (cd "$work/src" && "$work/venv$version/bin/python" -m pytest -q -p no:cacheprovider tests)
+done
