@@ -143,10 +143,21 @@ PyArrayObject *lf_py_as_typed(lf_state *st, PyObject *obj, const char *F, const 
     return a;
 }
 
+/* The element strides (rs, cs) of a 2-D array, a size-1 dim's stride given its C-order value (cs = 1,
+ * rs = cols·cs): such a stride is never used to address an element, NumPy's contiguity flags ignore it
+ * (a (1, k) array of strides (4, 4) or (400, 4) is "C-contiguous", so lf_py_contiguous_if copies nothing)
+ * and torch >= 2.6 exports 1 there through DLPack, while the kernels test x.rs == k for a packed row. */
+static void strides2(PyArrayObject *a, int64_t *rs, int64_t *cs) {
+    const npy_intp item = PyArray_ITEMSIZE(a);
+    *cs = PyArray_DIM(a, 1) == 1 ? 1 : PyArray_STRIDE(a, 1) / item;
+    *rs = PyArray_DIM(a, 0) == 1 ? PyArray_DIM(a, 1) * *cs : PyArray_STRIDE(a, 0) / item;
+}
+
 /* the kernel's view of a 2-D operand: strides in elements of its dtype */
 lf_tview lf_py_tview2(PyArrayObject *a, lf_dtype dt) {
-    const npy_intp item = PyArray_ITEMSIZE(a);
-    return (lf_tview){PyArray_DATA(a), PyArray_STRIDE(a, 0) / item, PyArray_STRIDE(a, 1) / item, dt, NULL};
+    lf_tview v = {PyArray_DATA(a), 0, 0, dt, NULL};
+    strides2(a, &v.rs, &v.cs);
+    return v;
 }
 
 /* the one overlap rule (lorafuse/validate.h) on the byte extents of two arrays */
@@ -162,8 +173,7 @@ int lf_py_overlaps(PyArrayObject *a, PyArrayObject *b) {
 /* lf_view of a 2-D float32 array (strides in elements) */
 lf_view lf_py_view2(PyArrayObject *a) {
     lf_view v = {(const float *)PyArray_DATA(a), 0, 0};
-    v.rs = PyArray_STRIDE(a, 0) / (npy_intp)sizeof(float);
-    v.cs = PyArray_STRIDE(a, 1) / (npy_intp)sizeof(float);
+    strides2(a, &v.rs, &v.cs);
     return v;
 }
 
