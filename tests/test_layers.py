@@ -12,6 +12,7 @@ bit-identical.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Callable, Optional
 
@@ -262,7 +263,10 @@ def _hooked(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _two_active(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(7)  # the same second adapter in both layers
-    layer.update_layer("other", 2, 4, config=peft.LoraConfig(init_lora_weights=False))
+    if "config" in inspect.signature(layer.update_layer).parameters:  # PEFT >= 0.19 takes the config itself
+        layer.update_layer("other", 2, 4, config=peft.LoraConfig(init_lora_weights=False))
+    else:
+        layer.update_layer("other", 2, 4, lora_dropout=0.0, init_lora_weights=False, use_rslora=False)
     layer.set_adapter(["default", "other"])
     return layer(x)
 
