@@ -146,7 +146,8 @@ PyArrayObject *lf_py_as_typed(lf_state *st, PyObject *obj, const char *F, const 
 /* The element strides (rs, cs) of a 2-D array, a size-1 dim's stride given its C-order value (cs = 1,
  * rs = cols·cs): such a stride is never used to address an element, NumPy's contiguity flags ignore it
  * (a (1, k) array of strides (4, 4) or (400, 4) is "C-contiguous", so lf_py_contiguous_if copies nothing)
- * and torch >= 2.6 exports 1 there through DLPack, while the kernels test x.rs == k for a packed row. */
+ * and torch 2.6 and 2.7 export 1 there through DLPack (2.13: the C-order value), while the kernels test
+ * x.rs == k for a packed row. */
 static void strides2(PyArrayObject *a, int64_t *rs, int64_t *cs) {
     const npy_intp item = PyArray_ITEMSIZE(a);
     *cs = PyArray_DIM(a, 1) == 1 ? 1 : PyArray_STRIDE(a, 1) / item;

@@ -1,4 +1,4 @@
-"""A size-1 dim's stride addresses no element: NumPy's contiguity flags ignore it and torch >= 2.6 exports 1
+"""A size-1 dim's stride addresses no element: NumPy's contiguity flags ignore it and torch 2.6 and 2.7 export 1
 there through DLPack (torch 2.13 the C-order value), so a one-token x (1, k) may arrive with any row stride,
 and an (n, 1) operand with any column stride. Every such layout must give the contiguous layout's results
 bit for bit — with dropout too, whose mask indexes x as a packed row (it refused them: LF_EINVAL)."""
