@@ -22,7 +22,7 @@ find_python() {  # the interpreter of version $1 (X.Y), or nothing
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$work" --one-top-level=src  # a wheel of the tracked files only
+git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$work" --one-top-level=src  # the tracked files only, as in a clean clone
 for version in "$@"; do
     py=$(find_python "$version")
     if [ -z "$py" ]; then
