@@ -1,6 +1,7 @@
 /* lorafuse — compile-time proof that kernels/cuda/cublaslt_decls.h matches the real <cublasLt.h>.
  * Compiled (never linked) by tests/test_cuda_build.py when the real header is available. */
 #include <cstddef>
+#include <type_traits>
 #include <cublasLt.h>
 #define LORAFUSE_DECLS_NAMESPACE lfdecls
 #include "cublaslt_decls.h"
@@ -38,9 +39,6 @@ SAME(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES);
 
 #define SAME_SIZE(T) static_assert(sizeof(T) == sizeof(lfdecls::T), "sizeof " #T " differs from <cublasLt.h>")
 SAME_SIZE(cublasLtMatmulAlgo_t);
-SAME_SIZE(cublasLtMatrixLayoutOpaque_t);
-SAME_SIZE(cublasLtMatmulDescOpaque_t);
-SAME_SIZE(cublasLtMatmulPreferenceOpaque_t);
 SAME_SIZE(cublasLtMatmulHeuristicResult_t);
 SAME_SIZE(cublasStatus_t);
 #define SAME_OFF(T, f) static_assert(offsetof(T, f) == offsetof(lfdecls::T, f), "offset of " #T "." #f " differs")
@@ -48,5 +46,11 @@ SAME_OFF(cublasLtMatmulHeuristicResult_t, algo);
 SAME_OFF(cublasLtMatmulHeuristicResult_t, workspaceSize);
 SAME_OFF(cublasLtMatmulHeuristicResult_t, state);
 SAME_OFF(cublasLtMatmulHeuristicResult_t, wavesCount);
+// the descriptors: pointers on both sides (the declarations' pointees are incomplete, their sizes the library's)
+#define HANDLE(T) static_assert(std::is_pointer<T>::value && std::is_pointer<lfdecls::T>::value, #T " is no pointer")
+HANDLE(cublasLtHandle_t);
+HANDLE(cublasLtMatrixLayout_t);
+HANDLE(cublasLtMatmulDesc_t);
+HANDLE(cublasLtMatmulPreference_t);
 
 int lorafuse_check_cublaslt_decls_dummy;

@@ -50,12 +50,16 @@ typedef enum {
 } cublasComputeType_t;
 
 typedef struct cublasLtContext *cublasLtHandle_t;
-typedef struct { uint64_t data[8]; } cublasLtMatrixLayoutOpaque_t;
+/* The descriptors are incomplete types here: lorafuse gets them only from the *Create functions, which
+ * allocate what the library needs, so their size is the library's business (cuBLASLt 13.4 grew the
+ * layout's from 8 to 14 words and the preference's from 8 to 12) and code that took it — the *Init
+ * functions on a stack copy — would not compile against these declarations. */
+typedef struct lf_cublasLtMatrixLayoutOpaque cublasLtMatrixLayoutOpaque_t;
 typedef cublasLtMatrixLayoutOpaque_t *cublasLtMatrixLayout_t;
-typedef struct { uint64_t data[8]; } cublasLtMatmulAlgo_t;
-typedef struct { uint64_t data[32]; } cublasLtMatmulDescOpaque_t;
+typedef struct { uint64_t data[8]; } cublasLtMatmulAlgo_t; /* held by value in the heuristic results */
+typedef struct lf_cublasLtMatmulDescOpaque cublasLtMatmulDescOpaque_t;
 typedef cublasLtMatmulDescOpaque_t *cublasLtMatmulDesc_t;
-typedef struct { uint64_t data[8]; } cublasLtMatmulPreferenceOpaque_t;
+typedef struct lf_cublasLtMatmulPreferenceOpaque cublasLtMatmulPreferenceOpaque_t;
 typedef cublasLtMatmulPreferenceOpaque_t *cublasLtMatmulPreference_t;
 
 typedef enum {
