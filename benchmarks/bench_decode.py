@@ -59,7 +59,8 @@ def check(sides: dict[str, list[nn.Module]], x: torch.Tensor) -> None:
 
 def main() -> None:
     parser = arguments(__doc__, quick="2 layers of 1024², 3 rounds")
-    parser.add_argument("--layers", type=int, default=8, help="distinct layers in the stack (default 8: 256 MB of bf16 W)")
+    parser.add_argument("--layers", type=int, default=8,
+                        help="distinct layers in the stack (default 8: 256 MB of bf16 W)")
     args = parser.parse_args()
     rounds = begin(args, "bench_decode: decode forward through a stack of distinct layers (W from DRAM) and "
                          "through one layer over and over (W in cache)")

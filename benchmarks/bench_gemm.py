@@ -81,7 +81,8 @@ def main() -> None:
         peak_n = max(peak[(wide, args.threads)], peak[("ymm", args.threads)])
     else:
         print("# FMA peak not measured: fma_peak.c needs x86-64 with AVX2 (lorafuse's ISA here: generic)")
-    print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | {'ours/torch':>10} | {'% peak':>6}")
+    print(f"\n{'M':>6} {'K':>6} {'N':>6} | {'lorafuse GF/s':>13} {'torch GF/s':>10} | "
+          f"{'ours/torch':>10} | {'% peak':>6}")
     rng = np.random.default_rng(0)
     for M, K, N in (SHAPES[:3] if args.quick else SHAPES):
         x = rng.standard_normal((M, K), dtype=np.float32)

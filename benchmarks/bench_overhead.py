@@ -148,8 +148,8 @@ def main() -> None:
         "autograd lora_linear (no_grad)": Candidate(lambda: lora_linear(x, W, b, A, B, 2.0), no_grad),
         "torch F.linear (base only)": Candidate(lambda: F.linear(x, W, b), no_grad),
     }
-    modules = pass_grid({"lorafuse FusedLinear module": lf, "PEFT lora.Linear module": pf, "base nn.Linear module": base},
-                        x, g)
+    modules = pass_grid({"lorafuse FusedLinear module": lf, "PEFT lora.Linear module": pf,
+                         "base nn.Linear module": base}, x, g)
     cands.update({f"{side}, {p}": cand for (side, p), cand in modules.items() if p != "fwd+bwd"})
     t = interleaved(cands, rounds=args.rounds, min_time=0.05)
     print("\nwarm (back-to-back calls):")

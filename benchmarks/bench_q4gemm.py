@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--dx", action="store_true", help="time dx = g·W (W not transposed) instead of y = x·Wᵀ")
     args = ap.parse_args()
     what = "dx = g·W" if args.dx else "y = x·Wᵀ"
-    rounds = begin(args, f"bench_q4gemm: {what}, W 4-bit NF4 (B = 64, nested) vs bnb dequantize_4bit + torch bf16 matmul")
+    rounds = begin(args, f"bench_q4gemm: {what}, W 4-bit NF4 (B = 64, nested) vs bnb dequantize_4bit"
+                          " + torch bf16 matmul")
     print(f"{'n':>5} {'k':>5} {'m':>5} | {'path':>9} | {'q4 fused':>9} {'bnb+torch':>9} {'hgemm bf16W':>11} "
           f"{'torch bf16W':>11} (ms) | {'bnb+torch / fused':>17} | {'fused / hgemm':>13}")
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ import subprocess
 import time
 
 from lorafuse.bench_cli import (PASSES, Candidate, interleaved, lora_layer, make_base,  # noqa: F401  (re-exported)
-                                make_inputs, max_abs_diff, mode, pass_candidates, pass_grid, path_label, plan_label, rotated,
-                                set_threads)
+                                make_inputs, max_abs_diff, mode, pass_candidates, pass_grid, path_label, plan_label,
+                                rotated, set_threads)
 
 
 def arguments(description: str, rounds: int = 9, quick: str | None = None) -> argparse.ArgumentParser:

@@ -64,7 +64,8 @@ RUNS = [
         [rf"  {row} +[0-9.]+ +[0-9.]+ +[0-9.]+ \|" for row in PASS_ROWS]
         + [re.escape("preallocated out=/u_out="), "ratio alternating"]),
     run("bench_lora_cost.py", ["--rounds", "1"], ["cache off", "512   1024   1024  16"]),
-    run("bench_q4gemm.py", ["--quick", "--rounds", "1"], [r"\| +(amx_bf16|bf16_pairs|widened) \|", "q4 fused: one GEMM"]),
+    run("bench_q4gemm.py", ["--quick", "--rounds", "1"],
+        [r"\| +(amx_bf16|bf16_pairs|widened) \|", "q4 fused: one GEMM"]),
     run("bench_qlora.py", ["--quick", "--rounds", "1"],
         [rf" 64 +256 +256 +8 \| {row} .*\| {C_PATH}" for row in PASS_ROWS] + [r"W bytes/fp32", "targets:"], bnb=True),
     run("bench_decode.py", ["--quick", "--rounds", "1"],

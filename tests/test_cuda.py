@@ -554,8 +554,8 @@ def _loss(model, ids):
         return model(input_ids=ids, labels=ids).loss.double().item()
 
 
-def _errors(l_ref, g_ref, l, g):
-    el = (l - l_ref).abs().max().item()
+def _errors(loss_ref, g_ref, loss, g):
+    el = (loss - loss_ref).abs().max().item()
     eg = {n: (g[n] - g_ref[n]).abs().max().item() / (g_ref[n].abs().max().item() + 1e-12) for n in g_ref}
     return el, eg
 

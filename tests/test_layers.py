@@ -354,7 +354,8 @@ def test_half_precision_layer_is_fused_and_matches_peft(kind: str, dtype: str, f
         t64 = dict(x=as64(x, True), weight=as64(base.weight), bias=as64(base.bias),
                    lora_a=as64(fused.lora_A["default"].weight, True), lora_b=as64(fused.lora_B["default"].weight, True))
         y64 = _reference(t64, fused.scaling["default"], p, seed, fused.fan_in_fan_out)
-        want = [y64.detach(), *torch.autograd.grad(_loss(y64.to(half).double()), [t64["x"], t64["lora_a"], t64["lora_b"]])]
+        grads = torch.autograd.grad(_loss(y64.to(half).double()), [t64["x"], t64["lora_a"], t64["lora_b"]])
+        want = [y64.detach(), *grads]
     for i, (a, b, t) in enumerate(zip(got, want, tol)):
         assert _max_rel_err(a, b) <= t, f"tensor {i}: {_max_rel_err(a, b):.3g} > {t:.3g}"
 

@@ -155,7 +155,8 @@ def test_sgemm_bad_arguments():
         ops.sgemm(a[:, :3], np.ones((3, 3), np.float32), out=a.reshape(-1)[:9].reshape(3, 3))
 
 
-@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("2", TypeError), (True, TypeError)])
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("2", TypeError),
+                                     (True, TypeError)])
 def test_set_num_threads_validates(bad, exc):
     with pytest.raises(exc):
         lorafuse.set_num_threads(bad)

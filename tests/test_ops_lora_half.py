@@ -45,7 +45,8 @@ class Case:
                  fifo: bool = False, x_strided: bool = False, x_pad: int = 0, lead: tuple = ()) -> None:
         """x_strided: x's columns 2 apart; x_pad: its rows k + x_pad apart (columns contiguous)."""
         gen = torch.Generator().manual_seed(n * 1000003 + k * 1009 + m * 17 + r)
-        self.n, self.k, self.m, self.r, self.base, self.adapters, self.p, self.fifo = n, k, m, r, base, adapters, p, fifo
+        self.n, self.k, self.m, self.r = n, k, m, r
+        self.base, self.adapters, self.p, self.fifo = base, adapters, p, fifo
         xs = rand(gen, (*lead, n, 2 * k if x_strided else k + x_pad), base)
         self.x = xs[..., ::2] if x_strided else xs[..., :k]
         self.W = rand(gen, (k, m) if fifo else (m, k), base)
@@ -182,8 +183,8 @@ def test_zero_sizes(base, zero):
 def test_plans_chosen_and_forced(half_isa, n):
     """At most 8 tokens (tunables.c half_decode_max_n: 5 for a bf16 W on AMX, 24 for bf16 on the avx512_bf16
     pairs kernels, whose decode takes up to 32 in groups of 8): y 'decode' (W streamed in place); at most 8, dx
-    'masked' (W's rows streamed, from AVX2 up; to 24 where the GEMM would widen W); more: bf16 on a bf16 tile 'split' / 'masked', otherwise
-    'augmented'; every legal plan forced gives a result within the bounds."""
+    'masked' (W's rows streamed, from AVX2 up; to 24 where the GEMM would widen W); more: bf16 on a bf16 tile
+    'split' / 'masked', otherwise 'augmented'; every legal plan forced gives a result within the bounds."""
     for base in ("bfloat16", "float16"):
         c = Case(n, 40, 24, 4, base, "float32")
         _, u = c.forward()

@@ -248,7 +248,8 @@ def test_matmul_4bit_wrapper():
     bias, out = torch.randn(37), torch.empty(2, 5, 37)
     y2 = quant.matmul_4bit(x, layer, bias=bias, out=out)
     assert y2.data_ptr() == out.data_ptr()
-    assert torch.equal(y2, torch.from_numpy(np.asarray(_C.hgemm(x.reshape(10, 100), W16.t(), bias=bias))).view(2, 5, 37))
+    want = torch.from_numpy(np.asarray(_C.hgemm(x.reshape(10, 100), W16.t(), bias=bias))).view(2, 5, 37)
+    assert torch.equal(y2, want)
     with pytest.raises(ValueError, match=r"matmul_4bit: x must have shape \(\.\.\., 100\)"):
         quant.matmul_4bit(torch.randn(3, 37), layer)
     with pytest.raises(ValueError, match="matmul_4bit: no quant_state"):

@@ -82,8 +82,8 @@ def assert_within_bound(got: np.ndarray, ref: np.ndarray, lim: np.ndarray, what:
 # Half-precision outputs (the LoRA kernels on a bf16 / fp16 base: y, dx, and dA, dB with half
 # adapters). The fp32 sum s is bounded as above; the result is s rounded once to the output dtype,
 # to nearest even: |round(s) − s| ≤ u_h·|s| for a normal result (u_h = 2⁻⁸ for bf16's 8-bit
-# significand, 2⁻¹¹ for fp16's 11-bit one: half a unit in the last place), and ≤ half the subnormal spacing below the normal range
-# (2⁻¹³⁴ for bf16, 2⁻²⁵ for fp16). With |s| ≤ |ref| + lim32:
+# significand, 2⁻¹¹ for fp16's 11-bit one: half a unit in the last place), and ≤ half the subnormal
+# spacing below the normal range (2⁻¹³⁴ for bf16, 2⁻²⁵ for fp16). With |s| ≤ |ref| + lim32:
 #     |got − ref| ≤ lim32 + u_h·(|ref| + lim32) + sub_h
 # PEFT's own half path rounds x·Wᵀ + b to the base dtype before adding the LoRA term and rounds the
 # sum again: two roundings, so its distance from the float64 value can be twice this.

@@ -25,8 +25,9 @@ from torch import Tensor
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache
 
-__all__ = ["KERNEL_DTYPES", "cpu_adapter_dtypes_fuse", "kernels_for", "cpu_kernels", "backend_name", "forward", "adapter_backward", "base_grads",
-           "torch_backward", "mask_for", "dropout_mask", "draw_seed", "draw_seed_tensor", "seed_tensor", "DISPATCH"]
+__all__ = ["KERNEL_DTYPES", "cpu_adapter_dtypes_fuse", "kernels_for", "cpu_kernels", "backend_name", "forward",
+           "adapter_backward", "base_grads", "torch_backward", "mask_for", "dropout_mask", "draw_seed",
+           "draw_seed_tensor", "seed_tensor", "DISPATCH"]
 
 _SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from [0, _SEED_HIGH)
 

@@ -122,7 +122,8 @@ class CudaInfo(dict):
         return (f"compiled in (archs {self['archs']}; nvcc {self['nvcc']}; CUDA runtime {ver(self['cudart_runtime'])}"
                 f" (built {ver(self['cudart_compiled'])}); cuBLASLt {cl // 10000}.{(cl // 100) % 100}.{cl % 100}; "
                 f"driver {ver(self['driver'])}; {dev}"
-                + (f"; {self['fallback_gemms']} GEMM shape(s) on the fallback kernel" if self.get("fallback_gemms") else "")
+                + (f"; {self['fallback_gemms']} GEMM shape(s) on the fallback kernel"
+                   if self.get("fallback_gemms") else "")
                 + ")")
 
 

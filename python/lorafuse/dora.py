@@ -127,7 +127,8 @@ def forget_row_norms(layer: Any) -> None:
 
 def _nu_from(wn2: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              scale: float) -> torch.Tensor:
-    """ν (m) float64 = sqrt(‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ) from wn2 = ‖W_j‖² (m) and wa = W·Aᵀ (m, r)."""
+    """ν (m) float64 = sqrt(‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ) from wn2 = ‖W_j‖² (m) and
+    wa = W·Aᵀ (m, r)."""
     cross = (lora_b * wa).sum(1)                                # (m)  B_j·(A·W_jᵀ)
     quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(1)   # (m)  B_j·(A·Aᵀ)·B_jᵀ
     nu2 = wn2 + (2.0 * scale) * cross.double() + (scale * scale) * quad.double()

@@ -5,8 +5,8 @@ A (r, k) = ``lora_A.weight``, B (m, r) = ``lora_B.weight``, bias (m,), scale s =
 
 Inputs may be any float32 ndarray (strided views are read in place) or CPU tensors with
 ``__dlpack__``; results are NumPy arrays. :func:`lora_forward` and :func:`lora_backward` also take a
-bf16 / fp16 base (x, W, g; fp32 or same-dtype adapters): see docs/CONTRACTS.md. All validation happens in the C binding, which
-raises ``TypeError``/``ValueError`` naming the argument, what it expected and what it got.
+bf16 / fp16 base (x, W, g; fp32 or same-dtype adapters): see docs/CONTRACTS.md. All validation happens in the C binding,
+which raises ``TypeError``/``ValueError`` naming the argument, what it expected and what it got.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "merge", "unmerge", "dropout_mask", "sgemm", "hgemm", "pack_weight",
-           "PackedWeight"]
+__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "merge", "unmerge", "dropout_mask",
+           "sgemm", "hgemm", "pack_weight", "PackedWeight"]
 
 
 class PackedWeight:

@@ -59,7 +59,8 @@ def _twin(stock: type) -> type:
         fuse_peft_model(self)
 
     twin = type(stock.__name__, (stock,), {"__init__": __init__, "load_adapter": load_adapter,
-                                           "save_pretrained": save_pretrained, "__module__": __name__, "__qualname__": "Fused" + stock.__name__,
+                                           "save_pretrained": save_pretrained, "__module__": __name__,
+                                           "__qualname__": "Fused" + stock.__name__,
                                            "__doc__": f"PEFT's {stock.__name__}, converted by lorafuse."})
     globals()[twin.__qualname__] = twin
     return twin
