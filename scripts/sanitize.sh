@@ -37,8 +37,8 @@ git ls-files -z -- setup.py setup_cuda.py pyproject.toml README.md csrc kernels 
     $PY setup.py -q build_ext --build-lib "$SAN/lib" --build-temp "$SAN/temp" > "$SAN/build.log" 2>&1) \
     || { tail -40 "$SAN/build.log"; exit 1; }
 # setup.py compiles with -Wall -Wextra: the C sources stay free of warnings
-if grep -q -i "warning:" "$SAN/build.log"; then
-    grep -i -A3 "warning:" "$SAN/build.log"; echo "sanitize.sh: the build printed compiler warnings" >&2; exit 1
+if grep -q ": warning:" "$SAN/build.log"; then
+    grep -A3 ": warning:" "$SAN/build.log"; echo "sanitize.sh: the build printed compiler warnings" >&2; exit 1
 fi
 cp -r "$ROOT/python/lorafuse" "$SAN/pkg/"
 rm -f "$SAN/pkg/lorafuse/"_C*.so "$SAN/pkg/lorafuse/"_C_cuda*.so
