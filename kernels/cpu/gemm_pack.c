@@ -146,8 +146,8 @@ static void pack_a_amx(const lf_segment *s, int64_t i0, int64_t mr, int64_t p0, 
     for (int64_t i = 0; i < MR; i++)
         for (int64_t st = 0; st < nst; st++) {
             uint16_t *d = (uint16_t *)(dst + (st * MR + i) * 16);
-            const int64_t k0 = 32 * st, n = i >= mr ? 0 : min64(kc - k0, 32);
-            if (n) {
+            const int64_t k0 = 32 * st, n = i >= mr ? 0 : min64(kc - k0, 32); /* 0 ≤ n ≤ 32: k0 < kc */
+            if (n > 0) {
                 int64_t stride;
                 const uint16_t *src = bits_of(s, (i0 + i) * rs + (p0 + k0) * cs, cs, n, buf, &stride);
                 if (stride == 1)

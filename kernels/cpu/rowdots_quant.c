@@ -36,10 +36,12 @@
  * (prefetched). Larger blocks from L2 (whole rows) were slower at 8 tokens, two loads of x per two FMAs. */
 #define X_L1_FLOATS 4096
 
+#if defined(__x86_64__)
 /* 1 if a bf16 x takes the pairs kernels here (lf_tunables.decode_pairs) */
 static int pairs_for(lf_dtype xdt) {
     return xdt == LF_DT_BF16 && lf_get_isa() >= LF_ISA_AVX512_BF16 && lf_tune()->decode_pairs;
 }
+#endif
 
 int lf_rowdots_qw_ok(int64_t n, int64_t K, lf_dtype xdt, const lf_qweight *w) {
 #if defined(__x86_64__)

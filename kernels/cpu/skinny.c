@@ -21,6 +21,8 @@ static const lf_skinny *skinny_for(lf_isa isa) {
 #if defined(__x86_64__)
     if (isa >= LF_ISA_AVX512) return &lf_skinny_avx512; /* the bf16 levels: AVX-512's rank-r kernels */
     if (isa == LF_ISA_AVX2) return &lf_skinny_avx2;
+#else
+    (void)isa; /* elsewhere only the generic ISA exists */
 #endif
     return &lf_skinny_generic;
 }
