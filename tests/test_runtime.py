@@ -55,6 +55,8 @@ def test_show_config_reports_version_isa_threads_cuda(capsys):
     text = capsys.readouterr().out
     assert f"lorafuse {lorafuse.__version__}" in text
     assert f"CPU ISA:  {_C.get_isa()}" in text
+    # only the levels this CPU runs are offered (an x86 one on another CPU would be refused)
+    assert f"override with LORAFUSE_ISA={'|'.join(supported_isas())})" in text
     assert f"threads:  {lorafuse.get_num_threads()}" in text
     assert "CUDA:" in text
 

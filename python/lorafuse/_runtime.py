@@ -65,11 +65,17 @@ def _cuda_line() -> str:
     return str(info()) if info else "not compiled in"
 
 
+# the kernels' instruction-set levels in lf_isa's order (kernels/include/lorafuse/kernels.h), each a superset of the last
+ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+
+
 def show_config() -> None:
-    """Print version, the ISA chosen at run time, threads, and CUDA support."""
+    """Print version, the ISA chosen at run time (and the levels this CPU can be set to), threads, and
+    CUDA support."""
+    best = _C.cpu_isa()
+    usable = "|".join(ISA_LEVELS[: ISA_LEVELS.index(best) + 1])
     print(f"lorafuse {_C.__version__}")
-    print(f"  CPU ISA:  {_C.get_isa()} (best on this CPU: {_C.cpu_isa()}; "
-          "override with LORAFUSE_ISA=generic|avx2|avx512|avx512_bf16|amx_bf16)")
+    print(f"  CPU ISA:  {_C.get_isa()} (best on this CPU: {best}; override with LORAFUSE_ISA={usable})")
     print(f"  threads:  {_C.get_num_threads()} (lorafuse.set_num_threads) on {_C.threading_backend()}")
     cache = _C.output_cache_stats()
     print(f"  outputs:  up to {cache['limit'] / 2**20:.0f} MiB of freed output blocks kept for reuse "
