@@ -65,7 +65,8 @@ def _cuda_line() -> str:
     return str(info()) if info else "not compiled in"
 
 
-# the kernels' instruction-set levels in lf_isa's order (kernels/include/lorafuse/kernels.h), each a superset of the last
+# the kernels' instruction-set levels in lf_isa's order (kernels/include/lorafuse/kernels.h), each a superset
+# of the one before
 ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx_bf16")
 
 
