@@ -73,9 +73,11 @@ LF_AVX2 static inline __m256i lf_q4_byte_tables(__m256 c0, __m256 c1, float s, l
         r0 = _mm256_slli_epi32(lf_bf16_dwords8(v0, nan_free), 16);
         r1 = _mm256_slli_epi32(lf_bf16_dwords8(v1, nan_free), 16);
     } else {
-        const int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        r0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_cvtps_ph(v0, rne)), 16);
-        r1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_cvtps_ph(v1, rne)), 16);
+        /* the rounding an immediate (a literal: clang refuses a const variable there) */
+        r0 = _mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 16);
+        r1 = _mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 16);
     }
     /* per lane: r0's four values' low bytes (byte 2 of each dword) to bytes 0..3, high bytes (byte 3) to 8..11; r1's
      * to 4..7 and 12..15 */
