@@ -67,6 +67,59 @@ def test_threads_follow_omp_num_threads_without_torch():
     assert res.stdout.strip() == "1"
 
 
+def _cgroup_tree(tmp_path, own: str, cpu_max: dict) -> tuple:
+    """A cgroup v2 mount under tmp_path with cpu.max files ({cgroup path: content}), and a /proc/self/cgroup
+    file naming `own` as this process's cgroup (with v1 lines before it, as on a hybrid host)."""
+    root = tmp_path / "cgroup"
+    for path, text in cpu_max.items():
+        (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/") / "cpu.max").write_text(text)
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text(f"4:memory:/x\n1:cpu:/\n0::{own}\n")
+    return str(root), str(proc)
+
+
+@pytest.mark.parametrize("own,cpu_max,want", [
+    ("/", {"/": "max 100000\n"}, None),                                     # no quota
+    ("/", {"/": "200000 100000\n"}, 2),                                     # docker --cpus 2
+    ("/", {"/": "150000 100000\n"}, 2),                                     # 1.5 CPUs: rounded up
+    ("/", {"/": "50000 100000\n"}, 1),                                      # half a CPU: one thread
+    ("/kubepods/pod1/c1", {"/kubepods/pod1": "300000 100000", "/kubepods/pod1/c1": "max 100000"}, 3),
+    ("/a/b", {"/": "800000 100000", "/a": "400000 100000", "/a/b": "600000 100000"}, 4),  # the smallest on the path
+    ("/a", {}, None),                                                        # no cpu.max anywhere (cgroup v1 host)
+    ("/", {"/": "garbage"}, None),                                           # unreadable: ignored
+    ("/", {"/": "100000 0"}, None),                                          # a zero period: ignored
+])
+def test_cgroup_cpu_limit_reads_the_quota_on_the_process_path(tmp_path, own, cpu_max, want):
+    from lorafuse._runtime import cgroup_cpu_limit
+
+    root, proc = _cgroup_tree(tmp_path, own, cpu_max)
+    assert cgroup_cpu_limit(root, proc) == want
+
+
+def test_cgroup_cpu_limit_without_proc_file_reads_the_root(tmp_path):
+    from lorafuse._runtime import cgroup_cpu_limit
+
+    root, _ = _cgroup_tree(tmp_path, "/", {"/": "300000 100000"})
+    assert cgroup_cpu_limit(root, str(tmp_path / "missing")) == 3
+
+
+def test_default_threads_without_torch_are_capped_by_the_cgroup_quota(monkeypatch):
+    from lorafuse import _runtime
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_runtime.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(_runtime, "cgroup_cpu_limit", lambda: 3)
+    assert _runtime.default_num_threads() == 3
+    monkeypatch.setattr(_runtime, "cgroup_cpu_limit", lambda: None)
+    assert _runtime.default_num_threads() == 64
+    monkeypatch.setattr(_runtime, "cgroup_cpu_limit", lambda: 128)  # a quota above the mask: the mask
+    assert _runtime.default_num_threads() == 64
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins
+    assert _runtime.default_num_threads() == 5
+
+
 def test_numpy_api_works_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np, lorafuse\n"

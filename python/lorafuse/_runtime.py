@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from . import _C
 
@@ -10,9 +11,35 @@ __all__ = ["set_num_threads", "get_num_threads", "show_config", "default_num_thr
            "output_cache_stats"]
 
 
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> Optional[int]:
+    """The CPUs this process's cgroup (v2) grants it — its CPU quota over its period, rounded up, the smallest
+    along the path from its own cgroup up to ``root`` (a container's `--cpus`, a Kubernetes CPU limit) — or
+    None where no quota applies or the files cannot be read. The affinity mask does not show such a limit: a
+    container limited to 2 CPUs on a 64-core host sees 64."""
+    try:
+        with open(proc_cgroup, encoding="ascii") as f:
+            path = next((line[3:].strip() for line in f if line.startswith("0::")), "/")
+    except (OSError, UnicodeDecodeError):
+        path = "/"
+    limits = []
+    while True:
+        try:
+            with open(os.path.join(root, path.lstrip("/"), "cpu.max"), encoding="ascii") as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max" and int(period) > 0:
+                limits.append(max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError, UnicodeDecodeError):  # no such file (or level), or not "QUOTA PERIOD"
+            pass
+        if path in ("", "/"):
+            break
+        path = os.path.dirname(path.rstrip("/"))
+    return min(limits) if limits else None
+
+
 def default_num_threads() -> int:
-    """The thread count torch would use if it is imported, else the CPUs this process may run on
-    (respecting OMP_NUM_THREADS): so that lorafuse and torch compare at equal thread counts."""
+    """The thread count torch would use if it is imported (so that lorafuse and torch compare at equal
+    thread counts), else OMP_NUM_THREADS, else the CPUs this process may run on: its affinity mask, capped
+    by its cgroup's CPU quota (`cgroup_cpu_limit`)."""
     torch = sys.modules.get("torch")
     if torch is not None:
         return max(1, int(torch.get_num_threads()))
@@ -20,9 +47,11 @@ def default_num_threads() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cpus, limit) if limit else cpus)
 
 
 def set_num_threads(n: int) -> None:
