@@ -28,9 +28,9 @@ apt-get update -q > /dev/null
 apt-get install -y -q gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user > /dev/null
 rm -rf "$WORK"
 mkdir -p "$WORK/debs" "$SYS" "$WORK/bin" "$WORK/src"
-chown _apt "$WORK/debs" 2> /dev/null || true # else apt warns that it downloads unsandboxed, as root
+# as root, into a folder apt's sandbox user may not reach (else apt says so, for every run)
 # shellcheck disable=SC2086  # one word per package
-(cd "$WORK/debs" && apt-get download -q $(printf '%s:arm64 ' $PKGS) > /dev/null)
+(cd "$WORK/debs" && apt-get -o APT::Sandbox::User=root download -q $(printf '%s:arm64 ' $PKGS) > /dev/null)
 for deb in "$WORK"/debs/*.deb; do dpkg -x "$deb" "$SYS"; done
 # Debian points these at a BLAS / LAPACK through update-alternatives, which an unpacked sysroot has not run
 lib=$SYS/usr/lib/aarch64-linux-gnu
