@@ -47,18 +47,17 @@ ln -sf "$(command -v aarch64-linux-gnu-g++)" "$WORK/bin/g++"
 python -m pip install -q --disable-pip-version-check --target "$WORK/site" pytest "setuptools>=77" \
     > "$WORK/pip.log" 2>&1 || { cat "$WORK/pip.log"; exit 1; }
 
-git -C "$ROOT" ls-files -z -- setup.py setup_cuda.py pyproject.toml README.md csrc kernels python tests benchmarks \
-    docs examples | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src")
+# shellcheck source=scripts/build_lib.sh
+. "$ROOT/scripts/build_lib.sh"
+(cd "$ROOT" && copy_tracked "$WORK/src" setup.py setup_cuda.py pyproject.toml README.md csrc kernels python tests \
+    benchmarks docs examples)
 cd "$WORK/src"
 # the sysroot's headers first (setup.py's -I name this machine's paths, which the cross gcc would read otherwise)
 inc="-I$SYS/usr/include/python3.11 -I$SYS/usr/include -I$SYS/usr/lib/python3/dist-packages/numpy/core/include"
 echo "== aarch64: $("$WORK/bin/python3" -c 'import platform, sys; print(platform.machine(), sys.version.split()[0])')," \
     "setup.py build_ext (aarch64-linux-gnu-gcc)"
-CFLAGS="$inc" PYTHONPATH="$WORK/site" LORAFUSE_CUDA=0 "$WORK/bin/python3" setup.py -q build_ext --inplace \
-    > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
-if grep -q ": warning:" "$WORK/build.log"; then
-    grep -A3 ": warning:" "$WORK/build.log"; echo "aarch64.sh: the build printed compiler warnings" >&2; exit 1
-fi
+build_checked aarch64.sh "$WORK/build.log" env CFLAGS="$inc" PYTHONPATH="$WORK/site" LORAFUSE_CUDA=0 \
+    "$WORK/bin/python3" setup.py -q build_ext --inplace
 [ $# -gt 0 ] || set -- tests
 echo "== aarch64: pytest $*"
 # This machine's nvcc makes x86-64 host code: it cannot build the CUDA extension for the emulated aarch64 (an

@@ -16,9 +16,8 @@ if ! command -v clang > /dev/null; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-CC=clang LORAFUSE_CUDA=0 python setup.py -q build_ext --build-temp "$work/temp" --build-lib "$work/lib" \
-    > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; echo "clang_build.sh: the build failed" >&2; exit 1; }
-if grep -q ": warning:" "$work/build.log"; then
-    grep -A3 ": warning:" "$work/build.log"; echo "clang_build.sh: clang printed warnings" >&2; exit 1
-fi
+# shellcheck source=scripts/build_lib.sh
+. scripts/build_lib.sh
+build_checked clang_build.sh "$work/build.log" env CC=clang LORAFUSE_CUDA=0 \
+    python setup.py -q build_ext --build-temp "$work/temp" --build-lib "$work/lib"
 echo "clang_build.sh: $(clang --version | head -1): $(cd "$work/lib/lorafuse" && ls _C*.so) built, no warnings"

@@ -27,7 +27,9 @@ numpy_pin="numpy==$numpy_floor"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$work" --one-top-level=src  # the tracked files only, as in a clean clone
+# shellcheck source=scripts/build_lib.sh
+. scripts/build_lib.sh
+copy_tracked "$work/src"  # the tracked files only, as in a clean clone
 for version in "$@"; do
     pin=$numpy_pin numpy_pin=""  # the first version named only
     py=$(find_python "$version")

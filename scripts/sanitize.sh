@@ -31,15 +31,11 @@ echo "== building the sanitized extension in $SAN"
 rm -rf "$SAN/src" "$SAN/pkg" "$SAN/reports"
 mkdir -p "$SAN/src" "$SAN/pkg" "$SAN/reports"
 # sources only (no build outputs): what setup.py compiles
-git ls-files -z -- setup.py setup_cuda.py pyproject.toml README.md csrc kernels python \
-    | (cd "$ROOT" && xargs -0 cp --parents -t "$SAN/src")
-(cd "$SAN/src" && LORAFUSE_SANITIZE=1 LORAFUSE_CUDA=0 CC=$CC \
-    $PY setup.py -q build_ext --build-lib "$SAN/lib" --build-temp "$SAN/temp" > "$SAN/build.log" 2>&1) \
-    || { tail -40 "$SAN/build.log"; exit 1; }
-# setup.py compiles with -Wall -Wextra: the C sources stay free of warnings
-if grep -q ": warning:" "$SAN/build.log"; then
-    grep -A3 ": warning:" "$SAN/build.log"; echo "sanitize.sh: the build printed compiler warnings" >&2; exit 1
-fi
+# shellcheck source=scripts/build_lib.sh
+. "$ROOT/scripts/build_lib.sh"
+(cd "$ROOT" && copy_tracked "$SAN/src" setup.py setup_cuda.py pyproject.toml README.md csrc kernels python)
+(cd "$SAN/src" && build_checked sanitize.sh "$SAN/build.log" env LORAFUSE_SANITIZE=1 LORAFUSE_CUDA=0 CC="$CC" \
+    "$PY" setup.py -q build_ext --build-lib "$SAN/lib" --build-temp "$SAN/temp")
 cp -r "$ROOT/python/lorafuse" "$SAN/pkg/"
 rm -f "$SAN/pkg/lorafuse/"_C*.so "$SAN/pkg/lorafuse/"_C_cuda*.so
 cp "$SAN/lib/lorafuse/"_C*.so "$SAN/pkg/lorafuse/"
