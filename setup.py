@@ -6,11 +6,13 @@ target attributes, the rank-r kernels (one file per ISA) get their ISA's flags p
 Environment:
     LORAFUSE_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
     LORAFUSE_CUDA=0|1     force the CUDA extension off / on (on: a missing nvcc is an error)
+    LORAFUSE_BUILD_JOBS=N compile N C sources at a time (default: the CPUs this process may run on)
 """
 import glob
 import os
 import platform
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 from setuptools import Extension, setup
@@ -62,18 +64,47 @@ SOURCE_FLAGS = {
 }
 
 
+def build_jobs() -> int:
+    """How many C sources to compile at once: LORAFUSE_BUILD_JOBS, else the CPUs this process may run on."""
+    jobs = os.environ.get("LORAFUSE_BUILD_JOBS", "")
+    if jobs:
+        if not jobs.isdigit() or int(jobs) < 1:
+            raise ValueError(f"LORAFUSE_BUILD_JOBS must be a positive integer, got {jobs!r}")
+        return int(jobs)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+BUILD_JOBS = build_jobs()  # read here: a bad value stops every command, not only one with sources to compile
+
+
 class SourceFlagsBuildExt(build_ext):
     """build_ext that adds SOURCE_FLAGS[source] to that source's compile command (setuptools has
-    per-extension flags only): the compiler's per-file step, _compile, is wrapped."""
+    per-extension flags only: the compiler's per-file step, _compile, is wrapped) and compiles an
+    extension's sources build_jobs() at a time (setuptools compiles them one by one: its `--parallel`
+    runs whole extensions side by side)."""
 
     def build_extensions(self):
-        compile_file = self.compiler._compile
+        compiler = self.compiler
+        compile_file = compiler._compile
 
         def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
             key = os.path.relpath(os.path.abspath(src), HERE).replace(os.sep, "/")
             compile_file(obj, src, ext, cc_args, list(extra_postargs or []) + SOURCE_FLAGS.get(key, []), pp_opts)
 
-        self.compiler._compile = _compile
+        def compile_sources(sources, output_dir=None, macros=None, include_dirs=None, debug=False,
+                            extra_preargs=None, extra_postargs=None, depends=None):
+            # CCompiler.compile's steps, with its loop over the out-of-date objects run on a thread pool
+            # (each _compile is one compiler process; a failure raises out of the map)
+            macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+                output_dir, macros, include_dirs, sources, depends, extra_postargs)
+            cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+            todo = [(obj, *build[obj]) for obj in objects if obj in build]
+            with ThreadPoolExecutor(max_workers=BUILD_JOBS) as pool:
+                list(pool.map(lambda job: _compile(job[0], job[1], job[2], cc_args, extra_postargs, pp_opts), todo))
+            return objects
+
+        compiler._compile = _compile
+        compiler.compile = compile_sources
         super().build_extensions()
 
 
