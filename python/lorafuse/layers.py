@@ -43,10 +43,19 @@ def _param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return params[name] if name in params else getattr(module, name)
 
 
+# nn.Linear subclasses of model code whose forward is x·Wᵀ + b as it stands (module.qualname): Falcon's
+# `input @ self.weight.T` (+ bias). Named, not imported (no model module loaded for it); tests/test_peft_parity_archs.py
+# holds each to PEFT's result, so a changed forward upstream fails there.
+_LINEAR_EQUIVALENTS = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
 def plain_base(base: nn.Module) -> bool:
-    """A plain Linear/Conv1D (not a subclass) without hooks: its output is exactly x·Wᵀ + b, so it can be fused."""
-    return type(base) in _PLAIN_BASES and not (base._forward_hooks or base._forward_pre_hooks
-                                                              or base._backward_hooks or base._backward_pre_hooks)
+    """A plain Linear/Conv1D (or a subclass in _LINEAR_EQUIVALENTS; no other subclass) without hooks: its output
+    is exactly x·Wᵀ + b, so it can be fused."""
+    cls = type(base)
+    return ((cls in _PLAIN_BASES or f"{cls.__module__}.{cls.__qualname__}" in _LINEAR_EQUIVALENTS)
+            and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                     or base._backward_pre_hooks))
 
 
 def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn.Module, dropout: nn.Module,
