@@ -402,12 +402,12 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
 }
 
 static PyObject *py_get_num_threads(PyObject *self, PyObject *Py_UNUSED(ignored)) {
-    return PyLong_FromLong(lf_pool_threads(state_of(self)->pool));
+    return PyLong_FromLong(lf_pool_threads(lf_py_pool(state_of(self))));
 }
 
 static PyObject *py_threading_backend(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     lf_state *st = state_of(self);
-    return PyUnicode_FromString(lf_pool_uses_openmp(st->pool) ? "openmp (the process's libgomp, e.g. torch's)"
+    return PyUnicode_FromString(lf_pool_uses_openmp(lf_py_pool(st)) ? "openmp (the process's libgomp, e.g. torch's)"
                                                                 : "pthreads (lorafuse's own workers)");
 }
 

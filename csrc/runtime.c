@@ -17,10 +17,20 @@ static void release_retired(lf_state *st) {
     }
 }
 
+lf_pool *lf_py_pool(lf_state *st) {
+    if (lf_pool_after_fork(st->pool)) { /* a fork()'s child: the kernels the parent was running are not here */
+        st->in_flight = 0;
+        lf_pool_destroy(st->retired); /* the parent's: freed, nothing joined */
+        st->retired = NULL;
+    }
+    return st->pool;
+}
+
 /* Take the pool for one call: the pointer stays valid until pool_release (see lf_py_pool_resize). */
 static lf_pool *pool_acquire(lf_state *st) {
+    lf_pool *pool = lf_py_pool(st);
     st->in_flight++;
-    return st->pool;
+    return pool;
 }
 
 static void pool_release(lf_state *st) {
@@ -30,7 +40,7 @@ static void pool_release(lf_state *st) {
 
 /* set_num_threads: a pool still held by running kernels is retired, not destroyed */
 int lf_py_pool_resize(lf_state *st, int n) {
-    if (lf_pool_threads(st->pool) == n) return 0;
+    if (lf_pool_threads(lf_py_pool(st)) == n) return 0;
     release_retired(st);
     if (st->retired) { /* a pool replaced earlier is still in use by a running kernel */
         PyErr_Format(PyExc_RuntimeError, "set_num_threads: kernels are still running");

@@ -60,6 +60,10 @@ int lf_py_kernel_end(lf_state *st, lf_py_sigint_guard *g, int status, const char
 /* Sets the exception for a nonzero kernel status (LF_E*); always returns NULL. */
 PyObject *lf_py_raise_status(int status, const char *func);
 
+/* The module's pool, ready for this process: in a fork()'s child first given workers of its own (lf_pool_after_fork;
+ * the parent's in-flight count and retired pool dropped). Every use of st->pool goes through it (GIL held). */
+lf_pool *lf_py_pool(lf_state *st);
+
 /* Replace the pool by one of n threads (n checked by the caller; the same size: nothing to do).
  * 0, or -1 with the exception set (a pool replaced earlier is still in use, out of memory). */
 int lf_py_pool_resize(lf_state *st, int n);

@@ -3,9 +3,9 @@
 # see setup.py) into a separate directory and run tests against it on the stock Python, with
 # the ASan runtime preloaded (GCC: `gcc -print-file-name=libasan.so`).
 #
-#   scripts/sanitize.sh            kernel + binding tests: tests/test_ops_*.py tests/test_runtime.py tests/test_output_cache.py
-#                                  tests/test_quant4.py tests/test_quant4_gemm.py (test_ops_* includes the
-#                                  4-bit and 8-bit LoRA kernels)
+#   scripts/sanitize.sh            kernel + binding tests: tests/test_ops_*.py tests/test_runtime.py tests/test_fork.py
+#                                  tests/test_output_cache.py tests/test_quant4.py tests/test_quant4_gemm.py
+#                                  (test_ops_* includes the 4-bit and 8-bit LoRA kernels)
 #   scripts/sanitize.sh all        the whole test suite
 #   scripts/sanitize.sh <pytest args...>   anything else, passed to pytest as is
 #
@@ -69,7 +69,8 @@ print("== lorafuse._C:", c.__file__)
 EOF
 
 if [ $# -eq 0 ]; then
-    set -- tests/test_ops_*.py tests/test_runtime.py tests/test_output_cache.py tests/test_quant4.py tests/test_quant4_gemm.py
+    set -- tests/test_ops_*.py tests/test_runtime.py tests/test_fork.py tests/test_output_cache.py tests/test_quant4.py \
+        tests/test_quant4_gemm.py
 elif [ "$1" = "all" ]; then
     shift
     # nvcc cannot run with libasan preloaded (LD_PRELOAD reaches the compiler subprocess): that

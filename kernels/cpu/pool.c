@@ -9,6 +9,12 @@
  *     (~tens of µs) after a job and then sleep on a condition variable.
  * Jobs are serialised by run_lock, so kernels may be called from many Python threads at once
  * (the GIL is released around them): each job owns every worker's scratch while it runs.
+ * A fork()'s child has one thread, the forking one: the workers — libgomp's too, and any thread that held one of
+ * the pool's locks — stayed in the parent, so a job would wait for them forever and lf_pool_destroy would join
+ * threads that are not there. lf_pool_after_fork gives the child's pool fresh locks and workers of its own (never
+ * libgomp's: its team is the parent's); the pool tells a child by one load — a page of its own that the kernel
+ * zeroes in a child (MADV_WIPEONFORK, Linux ≥ 4.14) holds 1 — or, where that advice is missing, by its pid
+ * (getpid: a system call, 0.1–0.7 µs).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -16,6 +22,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -55,11 +63,35 @@ struct lf_pool {
     gomp_parallel_fn gomp_parallel; /* NULL until a loaded libgomp is found */
     omp_int_fn omp_thread_num, omp_num_threads;
     unsigned gomp_misses; /* parallel jobs since the last look (under run_lock) */
+    int no_openmp;        /* 1 in a fork()'s child: libgomp's team stayed in the parent */
+    volatile unsigned char *made_here; /* 1 in the creating process, 0 in a fork()'s child; NULL: no such page */
+    pid_t maker;                       /* the creating process (or the child that took the pool over) */
 };
+
+#define MARK_BYTES 4096 /* the made_here mapping: a page (rounded up by mmap where pages are larger) */
+
+/* The pool belongs to this process from now on: made_here set (mapped and advised the first time), maker noted. */
+static void mark_maker(lf_pool *pool) {
+    pool->maker = getpid();
+#ifdef MADV_WIPEONFORK
+    if (!pool->made_here) {
+        void *page = mmap(NULL, MARK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (page != MAP_FAILED && madvise(page, MARK_BYTES, MADV_WIPEONFORK) != 0) {
+            munmap(page, MARK_BYTES);
+            page = MAP_FAILED;
+        }
+        pool->made_here = page == MAP_FAILED ? NULL : page;
+    }
+    if (pool->made_here) pool->made_here[0] = 1;
+#endif
+}
+
+/* 1 in a fork()'s child of the process the pool belongs to */
+static int forked(const lf_pool *pool) { return pool->made_here ? !pool->made_here[0] : getpid() != pool->maker; }
 
 /* Find a libgomp already loaded with global symbols (torch's); called under run_lock. */
 static void find_gomp(lf_pool *pool) {
-    if (pool->gomp_parallel || pool->gomp_misses++ % LF_GOMP_RECHECK) return;
+    if (pool->gomp_parallel || pool->no_openmp || pool->gomp_misses++ % LF_GOMP_RECHECK) return;
     void *par = dlsym(RTLD_DEFAULT, "GOMP_parallel");
     void *tn = dlsym(RTLD_DEFAULT, "omp_get_thread_num");
     void *nt = dlsym(RTLD_DEFAULT, "omp_get_num_threads");
@@ -140,6 +172,7 @@ lf_pool *lf_pool_create(int nthreads) {
     pool->threads = calloc((size_t)nthreads, sizeof *pool->threads);
     pool->args = calloc((size_t)nthreads, sizeof *pool->args);
     if (!pool->scratch || !pool->threads || !pool->args) goto fail;
+    mark_maker(pool);
     pthread_mutex_init(&pool->run_lock, NULL);
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->cv_work, NULL);
@@ -164,19 +197,30 @@ fail:
     return NULL;
 }
 
+/* free the scratch of threads [t0, pool->nthreads) */
+static void free_scratch(lf_pool *pool, int t0) {
+    for (int t = t0; t < pool->nthreads; t++)
+        for (int s = 0; s < LF_SCRATCH_SLOTS; s++) {
+            free(pool->scratch[t][s].p);
+            pool->scratch[t][s] = (lf_scratch){NULL, 0};
+        }
+}
+
 void lf_pool_destroy(lf_pool *pool) {
     if (!pool) return;
-    pthread_mutex_lock(&pool->mu);
-    pool->stop = 1;
-    pthread_cond_broadcast(&pool->cv_work);
-    pthread_mutex_unlock(&pool->mu);
-    for (int t = 1; t < pool->nthreads; t++) pthread_join(pool->threads[t], NULL);
-    for (int t = 0; t < pool->nthreads; t++)
-        for (int s = 0; s < LF_SCRATCH_SLOTS; s++) free(pool->scratch[t][s].p);
-    pthread_mutex_destroy(&pool->run_lock);
-    pthread_mutex_destroy(&pool->mu);
-    pthread_cond_destroy(&pool->cv_work);
-    pthread_cond_destroy(&pool->cv_done);
+    if (!forked(pool)) { /* in a fork()'s child the workers and the locks' states are the parent's: left alone */
+        pthread_mutex_lock(&pool->mu);
+        pool->stop = 1;
+        pthread_cond_broadcast(&pool->cv_work);
+        pthread_mutex_unlock(&pool->mu);
+        for (int t = 1; t < pool->nthreads; t++) pthread_join(pool->threads[t], NULL);
+        pthread_mutex_destroy(&pool->run_lock);
+        pthread_mutex_destroy(&pool->mu);
+        pthread_cond_destroy(&pool->cv_work);
+        pthread_cond_destroy(&pool->cv_done);
+    }
+    free_scratch(pool, 0);
+    if (pool->made_here) munmap((void *)pool->made_here, MARK_BYTES);
     free(pool->scratch);
     free(pool->threads);
     free(pool->args);
@@ -184,6 +228,26 @@ void lf_pool_destroy(lf_pool *pool) {
 }
 
 int lf_pool_threads(const lf_pool *pool) { return pool ? pool->nthreads : 1; }
+
+int lf_pool_after_fork(lf_pool *pool) {
+    if (!pool || !forked(pool)) return 0;
+    /* fresh locks over the parent's (whose holders may not exist here; nothing to destroy), no job posted */
+    pthread_mutex_init(&pool->run_lock, NULL);
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->cv_work, NULL);
+    pthread_cond_init(&pool->cv_done, NULL);
+    atomic_store(&pool->generation, 0u);
+    atomic_store(&pool->remaining, 0);
+    pool->stop = 0;
+    pool->gomp_parallel = NULL;
+    pool->no_openmp = 1;
+    mark_maker(pool);
+    int t = 1; /* workers of this process; if one cannot start, the pool runs on those that did */
+    while (t < pool->nthreads && pthread_create(&pool->threads[t], NULL, worker_main, &pool->args[t]) == 0) t++;
+    free_scratch(pool, t);
+    pool->nthreads = t;
+    return 1;
+}
 
 int lf_pool_uses_openmp(lf_pool *pool) {
     pthread_mutex_lock(&pool->run_lock);

@@ -61,6 +61,10 @@ void lf_pool_destroy(lf_pool *pool);
 int lf_pool_threads(const lf_pool *pool);
 /* 1 if jobs run on an already-loaded libgomp (torch's) rather than the pthread workers */
 int lf_pool_uses_openmp(lf_pool *pool);
+/* In a fork()'s child of the process that made the pool: fresh locks and pthread workers of this process (never
+ * libgomp's, whose team stayed in the parent), and 1; else 0 and nothing changes. Call it before any other use of
+ * the pool in a process that may have forked, with no other thread using it (lorafuse._C: holding the GIL). */
+int lf_pool_after_fork(lf_pool *pool);
 
 /* ---- strided read-only matrix: element (i, j) at p[i*rs + j*cs] (strides in elements) ---- */
 typedef struct {
