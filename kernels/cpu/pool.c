@@ -12,9 +12,8 @@
  * A fork()'s child has one thread, the forking one: the workers — libgomp's too, and any thread that held one of
  * the pool's locks — stayed in the parent, so a job would wait for them forever and lf_pool_destroy would join
  * threads that are not there. lf_pool_after_fork gives the child's pool fresh locks and workers of its own (never
- * libgomp's: its team is the parent's); the pool tells a child by one load — a page of its own that the kernel
- * zeroes in a child (MADV_WIPEONFORK, Linux ≥ 4.14) holds 1 — or, where that advice is missing, by its pid
- * (getpid: a system call, 0.1–0.7 µs).
+ * libgomp's: its team is the parent's); the pool tells a child by one load, the process's fork count (below) against
+ * the one it noted (getpid would be a system call on every kernel call: 0.7 µs on these VMs).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -22,8 +21,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include "internal.h"
 
@@ -64,30 +61,21 @@ struct lf_pool {
     omp_int_fn omp_thread_num, omp_num_threads;
     unsigned gomp_misses; /* parallel jobs since the last look (under run_lock) */
     int no_openmp;        /* 1 in a fork()'s child: libgomp's team stayed in the parent */
-    volatile unsigned char *made_here; /* 1 in the creating process, 0 in a fork()'s child; NULL: no such page */
-    pid_t maker;                       /* the creating process (or the child that took the pool over) */
+    unsigned forks;       /* fork_count when the pool was made (or taken over by a child) */
 };
 
-#define MARK_BYTES 4096 /* the made_here mapping: a page (rounded up by mmap where pages are larger) */
-
-/* The pool belongs to this process from now on: made_here set (mapped and advised the first time), maker noted. */
-static void mark_maker(lf_pool *pool) {
-    pool->maker = getpid();
-#ifdef MADV_WIPEONFORK
-    if (!pool->made_here) {
-        void *page = mmap(NULL, MARK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (page != MAP_FAILED && madvise(page, MARK_BYTES, MADV_WIPEONFORK) != 0) {
-            munmap(page, MARK_BYTES);
-            page = MAP_FAILED;
-        }
-        pool->made_here = page == MAP_FAILED ? NULL : page;
-    }
-    if (pool->made_here) pool->made_here[0] = 1;
-#endif
-}
+/* The forks this process descends by: pthread_atfork's child handler adds one in every child. One of the few
+ * process-wide values (dispatch.c holds the others): a fork is an event of the whole process. */
+static atomic_uint fork_count;
+static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
+static int fork_hook_status; /* pthread_atfork's result: no pool is made without the hook */
+static void on_fork_child(void) { atomic_fetch_add_explicit(&fork_count, 1u, memory_order_relaxed); }
+static void hook_fork(void) { fork_hook_status = pthread_atfork(NULL, NULL, on_fork_child); }
 
 /* 1 in a fork()'s child of the process the pool belongs to */
-static int forked(const lf_pool *pool) { return pool->made_here ? !pool->made_here[0] : getpid() != pool->maker; }
+static int forked(const lf_pool *pool) {
+    return atomic_load_explicit(&fork_count, memory_order_relaxed) != pool->forks;
+}
 
 /* Find a libgomp already loaded with global symbols (torch's); called under run_lock. */
 static void find_gomp(lf_pool *pool) {
@@ -164,7 +152,7 @@ static void *worker_main(void *argp) {
 }
 
 lf_pool *lf_pool_create(int nthreads) {
-    if (nthreads < 1) return NULL;
+    if (nthreads < 1 || pthread_once(&fork_hook_once, hook_fork) != 0 || fork_hook_status != 0) return NULL;
     lf_pool *pool = calloc(1, sizeof *pool);
     if (!pool) return NULL;
     pool->nthreads = nthreads;
@@ -172,7 +160,7 @@ lf_pool *lf_pool_create(int nthreads) {
     pool->threads = calloc((size_t)nthreads, sizeof *pool->threads);
     pool->args = calloc((size_t)nthreads, sizeof *pool->args);
     if (!pool->scratch || !pool->threads || !pool->args) goto fail;
-    mark_maker(pool);
+    pool->forks = atomic_load(&fork_count);
     pthread_mutex_init(&pool->run_lock, NULL);
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->cv_work, NULL);
@@ -220,7 +208,6 @@ void lf_pool_destroy(lf_pool *pool) {
         pthread_cond_destroy(&pool->cv_done);
     }
     free_scratch(pool, 0);
-    if (pool->made_here) munmap((void *)pool->made_here, MARK_BYTES);
     free(pool->scratch);
     free(pool->threads);
     free(pool->args);
@@ -241,7 +228,7 @@ int lf_pool_after_fork(lf_pool *pool) {
     pool->stop = 0;
     pool->gomp_parallel = NULL;
     pool->no_openmp = 1;
-    mark_maker(pool);
+    pool->forks = atomic_load(&fork_count);
     int t = 1; /* workers of this process; if one cannot start, the pool runs on those that did */
     while (t < pool->nthreads && pthread_create(&pool->threads[t], NULL, worker_main, &pool->args[t]) == 0) t++;
     free_scratch(pool, t);
