@@ -12,6 +12,7 @@ bit-identical.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import warnings
 from typing import Any, Callable, Optional
@@ -261,6 +262,32 @@ def _hooked(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def _hooked_lora_a(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.lora_A["default"].register_forward_hook(lambda mod, inp, out: 2.0 * out)
+    return layer(x)
+
+
+def _hooked_dropout(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.lora_dropout["default"].register_forward_pre_hook(lambda mod, inp: (inp[0] + 0.5,))
+    return layer(x)
+
+
+def _instance_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base's forward replaced on the instance, as accelerate's offload hooks do (add_hook_to_module)."""
+    base = layer.base_layer
+    base.forward = functools.partial(lambda mod, inp: 3.0 * type(mod).forward(mod, inp), base)
+    return layer(x)
+
+
+def _global_hook(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A global module forward hook (every module's output through it) while the layer runs."""
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: out * 1.5)
+    try:
+        return layer(x)
+    finally:
+        handle.remove()
+
+
 def _two_active(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(7)  # the same second adapter in both layers
     if "config" in inspect.signature(layer.update_layer).parameters:  # PEFT >= 0.19 takes the config itself
@@ -290,6 +317,10 @@ _CALL = nn.Module.__call__
 PEFT_PATH = {
     "subclassed-base": (lambda: _ScaledLinear(8, 5), _CALL, "peft", True),
     "hooked-base": (_plain, _hooked, "peft", True),
+    "hooked-lora-A": (_plain, _hooked_lora_a, "peft", True),
+    "hooked-dropout": (_plain, _hooked_dropout, "peft", True),
+    "base-forward-set-on-instance": (_plain, _instance_forward, "peft", True),
+    "global-module-hook": (_plain, _global_hook, "c", True),  # removed after the call: `backend` is 'c' again
     "two-active-adapters": (_plain, _two_active, "peft", True),
     "adapters-disabled": (_plain, _disabled, "peft", True),
     "merged": (_plain, _merged, "peft", True),
@@ -300,7 +331,8 @@ PEFT_PATH = {
 
 @pytest.mark.parametrize("name", list(PEFT_PATH))
 def test_unfused_configurations_run_peft_forward_exactly(name: str) -> None:
-    """Where the kernels do not apply — a base layer with hooks or its own forward, several active
+    """Where the kernels do not apply — hooks on a module PEFT's forward calls (base, lora_A, dropout) or global
+    ones, a base layer with its own forward (a subclass, or set on the instance as accelerate does), several active
     adapters, adapters disabled or merged, PEFT's mixed batch (``adapter_names``), a float64 layer — the
     layer reports and takes PEFT's path, and its output and every gradient are stock PEFT's bit for bit."""
     make_base, run, backend, autocast_adapter_dtype = PEFT_PATH[name]

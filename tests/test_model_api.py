@@ -303,3 +303,17 @@ def test_generate_matches_peft_greedy() -> None:
     ref, got = _on_both(pair, lambda m: m.generate(**kwargs))
     assert got.shape == (2, 9) and torch.equal(got, ref)
     assert set(_paths(pair[1]).values()) == {"c"}
+
+
+def test_an_offloaded_model_runs_peft_forward_and_gives_peft_logits() -> None:
+    """accelerate's offload (``device_map`` with "cpu" / "disk" entries, ``cpu_offload``) keeps a module's weights
+    on the meta device and puts them in place from a forward it sets on the instance: the LoRA layers there take
+    PEFT's forward (`layers.unhooked`) instead of handing meta tensors to the kernels, and give PEFT's logits."""
+    accelerate = pytest.importorskip("accelerate")
+    pair = _twins(task_type="CAUSAL_LM", **LORA)
+    for model in pair:
+        accelerate.cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    q_proj = pair[1].get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.device.type == "meta" and "forward" in q_proj.base_layer.__dict__
+    _assert_same_logits(pair, _ids(3))
+    assert set(_paths(pair[1]).values()) == {"peft"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.modules.module as _module_mod
 from torch import nn
 from torch.compiler import is_compiling
 
@@ -18,7 +19,7 @@ from .backend import DISPATCH, KERNEL_DTYPES, cpu_adapter_dtypes_fuse, cpu_kerne
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache, PackedWeightOption
 
-__all__ = ["cache_packed_weights", "conv1d_class", "fused_operands", "plain_base"]
+__all__ = ["cache_packed_weights", "conv1d_class", "fused_operands", "lora_unhooked", "plain_base", "unhooked"]
 
 
 try:  # transformers' GPT-2 style Conv1D (weight stored (in, out)); PEFT needs transformers anyway
@@ -50,12 +51,35 @@ _LINEAR_EQUIVALENTS = frozenset({"transformers.models.falcon.modeling_falcon.Fal
 
 
 def plain_base(base: nn.Module) -> bool:
-    """A plain Linear/Conv1D (or a subclass in _LINEAR_EQUIVALENTS; no other subclass) without hooks: its output
-    is exactly x·Wᵀ + b, so it can be fused."""
+    """A plain Linear/Conv1D (or a subclass in _LINEAR_EQUIVALENTS; no other subclass): its class's forward is
+    exactly x·Wᵀ + b, so it can be fused (whether the instance is called as its class says: `unhooked`)."""
     cls = type(base)
-    return ((cls in _PLAIN_BASES or f"{cls.__module__}.{cls.__qualname__}" in _LINEAR_EQUIVALENTS)
-            and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                     or base._backward_pre_hooks))
+    return cls in _PLAIN_BASES or f"{cls.__module__}.{cls.__qualname__}" in _LINEAR_EQUIVALENTS
+
+
+def unhooked(*modules: nn.Module) -> bool:
+    """Calling each module is exactly its class's forward, so a fused kernel may stand in for the calls: no forward
+    or backward hooks of its own, no forward set on the instance — accelerate's offload and device-map hooks
+    replace it, and the weights may sit on the meta device until they run; a user's wrapper too — and no global
+    module hooks (torch.nn.modules.module.register_module_forward_hook …)."""
+    if (_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks
+            or _module_mod._global_backward_hooks or _module_mod._global_backward_pre_hooks):
+        return False
+    for m in modules:
+        d = m.__dict__  # read as a dict: an attribute lookup each cost 2-3× as much (µs per layer call in all)
+        if (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "forward" in d):
+            return False
+    return True
+
+
+def lora_unhooked(layer: nn.Module, name: str) -> bool:
+    """`unhooked` over every module PEFT's forward of adapter ``name`` calls: the base layer, lora_A, lora_B,
+    lora_dropout and, for a DoRA adapter, its lora_magnitude_vector module."""
+    mods = layer._modules
+    magnitude = mods["lora_magnitude_vector"]._modules.get(name)
+    return unhooked(mods["base_layer"], mods["lora_A"]._modules[name], mods["lora_B"]._modules[name],
+                    mods["lora_dropout"]._modules[name], *(() if magnitude is None else (magnitude,)))
 
 
 def fused_operands(x: torch.Tensor, base: nn.Module, lin_a: nn.Module, lin_b: nn.Module, dropout: nn.Module,

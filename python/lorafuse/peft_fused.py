@@ -22,7 +22,9 @@ The forward is fused (`lorafuse.autograd.fused_linear`: C kernels for float32 CP
 fp32/fp16/bf16 and PEFT's default fp32 adapters on bf16; `lorafuse.dora.dora_linear` for a DoRA adapter on
 float32 CPU) when adapters are enabled and unmerged, exactly one active adapter is
 plain LoRA or DoRA (no other variant, no ``lora_bias``), the base layer is a plain
-nn.Linear / Conv1D without hooks, no extra forward argument is given (``adapter_names`` means PEFT's
+nn.Linear / Conv1D, none of the modules PEFT's forward would call (base, lora_A, lora_B, dropout, DoRA
+magnitude) has hooks or a forward set on the instance (accelerate's offload hooks: `layers.unhooked`), no extra
+forward argument is given (``adapter_names`` means PEFT's
 mixed batch), and a kernel takes the operands' dtypes (`layers.fused_operands`). Anything else runs
 PEFT's forward unchanged. ``layer.lorafuse_path`` tells which ran last: 'c' or 'cuda' (the fused
 kernels) or 'peft'; ``layer.backend`` which would run now for an input of the base weight's dtype.
@@ -56,7 +58,7 @@ from .atomic import atomic_directory_write
 from .autograd import fused_linear
 from .dora import ROW_NORMS_ATTR, dora_magnitude, dora_operands, forget_row_norms, kept_row_norms
 from .io_validate import AdapterFileError, check_peft_dir
-from .layers import fused_operands, plain_base
+from .layers import fused_operands, plain_base, unhooked
 from .qlora import (FusedLinear4bit, FusedLinear8bitLt, PeftLinear4bit, PeftLinear8bitLt,
                     dispatch_lorafuse_quant)
 from .weight_cache import PackedWeightOption
@@ -105,11 +107,15 @@ class FusedLinear(PackedWeightOption, PeftLinear):
         if (lin_a is None or x.shape[-1] != self.in_features
                 or (magnitude is None and name in getattr(self, "lora_variant", {})) or self.lora_bias.get(name)):
             return None
-        base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[name]
-        if not plain_base(base):
+        base, lin_b = modules["base_layer"], modules["lora_B"]._modules[name]
+        dropout = modules["lora_dropout"]._modules[name]
+        # every module PEFT's forward would call must be called as its class says (layers.unhooked)
+        called = (base, lin_a, lin_b, dropout) if magnitude is None else (
+            base, lin_a, lin_b, dropout, modules["lora_magnitude_vector"]._modules[name])
+        if not plain_base(base) or not unhooked(*called):
             return None
-        fused = fused_operands(x, base, lin_a, modules["lora_B"]._modules[name], dropout, float(self.scaling[name]),
-                               bool(self.fan_in_fan_out), self._weight_cache)
+        fused = fused_operands(x, base, lin_a, lin_b, dropout, float(self.scaling[name]), bool(self.fan_in_fan_out),
+                               self._weight_cache)
         if fused is None or magnitude is None:
             return None if fused is None else (fused_linear, fused)
         return dora_operands(fused, magnitude, kept_row_norms(self))

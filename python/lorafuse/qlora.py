@@ -58,6 +58,7 @@ from torch.compiler import is_compiling
 from .backend import cpu_kernels, draw_seed
 from .dora import dora_linear_half, dora_magnitude, forget_row_norms, kept_row_norms
 from .half_weight import Quant4HalfW
+from .layers import lora_unhooked, unhooked
 from .quant import Linear4bit, Weight4bit, dequantize, lora_linear_4bit, quantize_weight
 from .quant8 import Linear8bit, Weight8bit, lora_linear_8bit, quantize_weight_int8
 
@@ -89,15 +90,10 @@ BnbLinear4bit, BnbLinear8bitLt = _bnb_class("Linear4bit"), _bnb_class("Linear8bi
 PeftLinear4bit, PeftLinear8bitLt = _peft_bnb_class("Linear4bit"), _peft_bnb_class("Linear8bitLt")
 
 
-def _no_hooks(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def fusable_base(base: nn.Module) -> bool:
     """bnb's Linear4bit (its forward, not overridden) without hooks, W in bnb's canonical 4-bit layout."""
     if (BnbLinear4bit is None or not isinstance(base, BnbLinear4bit) or type(base).forward is not BnbLinear4bit.forward
-            or not _no_hooks(base)):
+            or not unhooked(base)):
         return False
     qs = getattr(base.weight, "quant_state", None)
     return (qs is not None and not getattr(qs, "packing_format_for_cpu", False) and len(qs.shape) == 2
@@ -111,7 +107,7 @@ def bnb_int8_scales(base: nn.Module) -> Optional[torch.Tensor]:
     moves it to ``state``. In eval mode bnb quantizes x to int8 as well (LLM.int8's inference matmul), which the
     fused kernels do not reproduce: PEFT's forward runs there."""
     if (BnbLinear8bitLt is None or not isinstance(base, BnbLinear8bitLt)
-            or type(base).forward is not BnbLinear8bitLt.forward or not _no_hooks(base) or not base.training
+            or type(base).forward is not BnbLinear8bitLt.forward or not unhooked(base) or not base.training
             or base.state.has_fp16_weights):
         return None
     w = base.weight
@@ -129,14 +125,15 @@ def _adapter_operands(layer: Any, x: torch.Tensor, cd: torch.dtype, x_dtypes: tu
     caller found the adapter is one and fuses it) or
     ``lora_bias``, x not a CPU tensor of width in_features and of a dtype in ``x_dtypes``, a compute dtype cd not
     bf16 / fp16, autocast, torch.compile tracing, adapter dtypes other than fp32 or cd (fp32 only for a float32
-    x: PEFT casts x to A's dtype), the C extension missing."""
+    x: PEFT casts x to A's dtype), the C extension missing, hooks on a module PEFT's forward calls
+    (`layers.lora_unhooked`: accelerate's offload among them)."""
     if layer._disable_adapters or layer.merged_adapters or len(layer.active_adapters) != 1:
         return None
     name, modules = layer.active_adapters[0], layer._modules
     lin_a = modules["lora_A"]._modules.get(name)
     if (lin_a is None or (name in getattr(layer, "lora_variant", {}) and not dora) or layer.lora_bias.get(name)
             or not x.is_cpu or x.dtype not in x_dtypes or cd not in _HALF or x.shape[-1] != layer.in_features
-            or x.numel() == 0 or torch.is_autocast_enabled("cpu") or is_compiling()):
+            or x.numel() == 0 or torch.is_autocast_enabled("cpu") or is_compiling() or not lora_unhooked(layer, name)):
         return None
     lora_a, lora_b = lin_a.weight, modules["lora_B"]._modules[name].weight
     adtypes = (torch.float32,) if x.dtype == torch.float32 else (torch.float32, cd)
@@ -372,7 +369,7 @@ class LoraLinear4bit(_LoraOnQuantized):
 
     def _lorafuse_call(self, x: torch.Tensor) -> Optional[Callable]:
         base = self._modules["base_layer"]
-        if type(base) is not Linear4bit or not _no_hooks(base):
+        if type(base) is not Linear4bit or not unhooked(base):
             return None
         cd = x.dtype if x.dtype in _HALF else base.compute_dtype  # as `quant.Linear4bit.forward` computes
         return None if cd is None else fused_call_4bit(self, x, base, cd)
@@ -400,7 +397,7 @@ class LoraLinear8bit(_LoraOnQuantized):
 
     def _lorafuse_call(self, x: torch.Tensor) -> Optional[Callable]:
         base = self._modules["base_layer"]
-        if type(base) is not Linear8bit or not _no_hooks(base):
+        if type(base) is not Linear8bit or not unhooked(base):
             return None
         return fused_call_8bit(self, x, base.weight, base.weight.SCB, base.bias)
 
