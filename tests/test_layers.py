@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
+from torch.autograd import forward_ad  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import lorafuse  # noqa: E402
@@ -343,6 +344,38 @@ def test_unfused_configurations_run_peft_forward_exactly(name: str) -> None:
     assert (backend_seen, fused.lorafuse_path) == (backend, "peft")
     want, _ = forward_backward(stock, x, run)
     assert_all_close(got, want, rtol=0, atol=0)
+
+
+def test_torch_func_transforms_and_forward_ad_run_peft_forward_exactly() -> None:
+    """Per-sample gradients (torch.func.vmap of torch.func.grad over functional_call), torch.func.jvp and
+    forward-mode AD: lorafuse's autograd Functions run C kernels and so have neither a vmap rule nor a jvp; inside
+    a transform or a dual level the layer takes PEFT's forward (`layers.under_transform`) and gives PEFT's results
+    bit for bit, and outside it is fused again."""
+    stock, fused = layer_pair(_plain())
+    x, tangent = torch.randn(5, 8), torch.randn(5, 8)
+    names = ["lora_A.default.weight", "lora_B.default.weight"]
+
+    def per_sample_grads(layer: nn.Module) -> dict:
+        params = {n: p.detach() for n, p in layer.named_parameters() if n in names}
+
+        def loss(p: dict, xi: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(layer, p, (xi,)).pow(2).sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+
+    want, got = per_sample_grads(stock), per_sample_grads(fused)
+    assert fused.lorafuse_path == "peft" and got[names[0]].shape == (5, 4, 8)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+    (_, jvp_want), (_, jvp_got) = (torch.func.jvp(layer, (x,), (tangent,)) for layer in (stock, fused))
+    torch.testing.assert_close(jvp_got, jvp_want, rtol=0, atol=0)
+    with forward_ad.dual_level():
+        dual_want, dual_got = (forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent))).tangent
+                               for layer in (stock, fused))
+        torch.testing.assert_close(dual_got, dual_want, rtol=0, atol=0)
+        assert fused.lorafuse_path == "peft"
+    fused(x)
+    assert fused.lorafuse_path == "c"
 
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.modules.module as _module_mod
 from torch import nn
 from torch.compiler import is_compiling
@@ -19,7 +20,8 @@ from .backend import DISPATCH, KERNEL_DTYPES, cpu_adapter_dtypes_fuse, cpu_kerne
 from .cuda import adapter_dtypes_fuse
 from .weight_cache import PackedWeightCache, PackedWeightOption
 
-__all__ = ["cache_packed_weights", "conv1d_class", "fused_operands", "lora_unhooked", "plain_base", "unhooked"]
+__all__ = ["cache_packed_weights", "conv1d_class", "fused_operands", "lora_unhooked", "plain_base", "under_transform",
+           "unhooked"]
 
 
 try:  # transformers' GPT-2 style Conv1D (weight stored (in, out)); PEFT needs transformers anyway
@@ -71,6 +73,13 @@ def unhooked(*modules: nn.Module) -> bool:
                 or "forward" in d):
             return False
     return True
+
+
+def under_transform() -> bool:
+    """A torch.func transform (grad, vmap, jvp, jacrev …: per-sample gradients, for one) or a forward-mode AD
+    level is active. lorafuse's autograd Functions run C kernels, so they can have neither a vmap rule nor a jvp:
+    PEFT's forward (torch ops all through) runs there instead."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
 
 
 def lora_unhooked(layer: nn.Module, name: str) -> bool:

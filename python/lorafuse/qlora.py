@@ -58,7 +58,7 @@ from torch.compiler import is_compiling
 from .backend import cpu_kernels, draw_seed
 from .dora import dora_linear_half, dora_magnitude, forget_row_norms, kept_row_norms
 from .half_weight import Quant4HalfW
-from .layers import lora_unhooked, unhooked
+from .layers import lora_unhooked, under_transform, unhooked
 from .quant import Linear4bit, Weight4bit, dequantize, lora_linear_4bit, quantize_weight
 from .quant8 import Linear8bit, Weight8bit, lora_linear_8bit, quantize_weight_int8
 
@@ -126,14 +126,15 @@ def _adapter_operands(layer: Any, x: torch.Tensor, cd: torch.dtype, x_dtypes: tu
     ``lora_bias``, x not a CPU tensor of width in_features and of a dtype in ``x_dtypes``, a compute dtype cd not
     bf16 / fp16, autocast, torch.compile tracing, adapter dtypes other than fp32 or cd (fp32 only for a float32
     x: PEFT casts x to A's dtype), the C extension missing, hooks on a module PEFT's forward calls
-    (`layers.lora_unhooked`: accelerate's offload among them)."""
+    (`layers.lora_unhooked`: accelerate's offload among them), a torch.func transform or forward AD."""
     if layer._disable_adapters or layer.merged_adapters or len(layer.active_adapters) != 1:
         return None
     name, modules = layer.active_adapters[0], layer._modules
     lin_a = modules["lora_A"]._modules.get(name)
     if (lin_a is None or (name in getattr(layer, "lora_variant", {}) and not dora) or layer.lora_bias.get(name)
             or not x.is_cpu or x.dtype not in x_dtypes or cd not in _HALF or x.shape[-1] != layer.in_features
-            or x.numel() == 0 or torch.is_autocast_enabled("cpu") or is_compiling() or not lora_unhooked(layer, name)):
+            or x.numel() == 0 or torch.is_autocast_enabled("cpu") or is_compiling() or not lora_unhooked(layer, name)
+            or under_transform()):
         return None
     lora_a, lora_b = lin_a.weight, modules["lora_B"]._modules[name].weight
     adtypes = (torch.float32,) if x.dtype == torch.float32 else (torch.float32, cd)
