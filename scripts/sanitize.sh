@@ -3,10 +3,14 @@
 # see setup.py) into a separate directory and run tests against it on the stock Python, with
 # the ASan runtime preloaded (GCC: `gcc -print-file-name=libasan.so`).
 #
-#   scripts/sanitize.sh            kernel + binding tests: tests/test_ops_*.py tests/test_runtime.py tests/test_fork.py
+#   scripts/sanitize.sh            kernel + binding tests: tests/test_ops_*.py tests/test_runtime.py
 #                                  tests/test_output_cache.py tests/test_quant4.py tests/test_quant4_gemm.py
-#                                  (test_ops_* includes the 4-bit and 8-bit LoRA kernels)
-#   scripts/sanitize.sh all        the whole test suite
+#                                  (test_ops_* includes the 4-bit and 8-bit LoRA kernels). Not tests/test_fork.py:
+#                                  GCC 12's ASan allocator takes no lock across fork(), so a child forked while
+#                                  another thread is inside malloc/free waits on that thread's lock forever
+#                                  (seen: 1 hang in 11 runs under load; glibc's malloc resets its locks in the
+#                                  child: 60 of 60 runs passed on the plain build)
+#   scripts/sanitize.sh all        the whole test suite (but tests/test_fork.py, above)
 #   scripts/sanitize.sh <pytest args...>   anything else, passed to pytest as is
 #
 # Nothing in the working tree is rebuilt: sources are copied to $LORAFUSE_SAN_DIR
@@ -69,13 +73,13 @@ print("== lorafuse._C:", c.__file__)
 EOF
 
 if [ $# -eq 0 ]; then
-    set -- tests/test_ops_*.py tests/test_runtime.py tests/test_fork.py tests/test_output_cache.py tests/test_quant4.py \
-        tests/test_quant4_gemm.py
+    set -- tests/test_ops_*.py tests/test_runtime.py tests/test_output_cache.py tests/test_quant4.py tests/test_quant4_gemm.py
 elif [ "$1" = "all" ]; then
     shift
     # nvcc cannot run with libasan preloaded (LD_PRELOAD reaches the compiler subprocess): that
     # test checks the CUDA build, not memory safety, and runs in the normal suite
-    set -- tests --deselect tests/test_cuda_build.py::test_cuda_extension_builds_with_the_setup_hook "$@"
+    set -- tests --deselect tests/test_cuda_build.py::test_cuda_extension_builds_with_the_setup_hook \
+        --ignore tests/test_fork.py "$@"
 fi
 echo "== pytest $*"
 set +e
