@@ -78,8 +78,10 @@ def unhooked(*modules: nn.Module) -> bool:
 def under_transform() -> bool:
     """A torch.func transform (grad, vmap, jvp, jacrev …: per-sample gradients, for one) or a forward-mode AD
     level is active. lorafuse's autograd Functions run C kernels, so they can have neither a vmap rule nor a jvp:
-    PEFT's forward (torch ops all through) runs there instead."""
-    return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
+    PEFT's forward (torch ops all through) runs there instead. Not while torch.compile traces: its AOTAutograd
+    runs under functorch's interpreters itself, and the compiled path is lorafuse's registered op (`compiled`)."""
+    return not is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None
+                                   or _forward_ad._current_level >= 0)
 
 
 def lora_unhooked(layer: nn.Module, name: str) -> bool:
