@@ -151,6 +151,17 @@ static void *worker_main(void *argp) {
     }
 }
 
+/* The pool's locks and job state as new, owned by this process (its fork count noted): no job posted. */
+static void init_sync(lf_pool *pool) {
+    pthread_mutex_init(&pool->run_lock, NULL);
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->cv_work, NULL);
+    pthread_cond_init(&pool->cv_done, NULL);
+    atomic_store(&pool->generation, 0u);
+    atomic_store(&pool->remaining, 0);
+    pool->forks = atomic_load(&fork_count);
+}
+
 lf_pool *lf_pool_create(int nthreads) {
     if (nthreads < 1 || pthread_once(&fork_hook_once, hook_fork) != 0 || fork_hook_status != 0) return NULL;
     lf_pool *pool = calloc(1, sizeof *pool);
@@ -160,13 +171,7 @@ lf_pool *lf_pool_create(int nthreads) {
     pool->threads = calloc((size_t)nthreads, sizeof *pool->threads);
     pool->args = calloc((size_t)nthreads, sizeof *pool->args);
     if (!pool->scratch || !pool->threads || !pool->args) goto fail;
-    pool->forks = atomic_load(&fork_count);
-    pthread_mutex_init(&pool->run_lock, NULL);
-    pthread_mutex_init(&pool->mu, NULL);
-    pthread_cond_init(&pool->cv_work, NULL);
-    pthread_cond_init(&pool->cv_done, NULL);
-    atomic_init(&pool->generation, 0u);
-    atomic_init(&pool->remaining, 0);
+    init_sync(pool);
     for (int t = 1; t < nthreads; t++) {
         pool->args[t].pool = pool;
         pool->args[t].tid = t;
@@ -218,17 +223,10 @@ int lf_pool_threads(const lf_pool *pool) { return pool ? pool->nthreads : 1; }
 
 int lf_pool_after_fork(lf_pool *pool) {
     if (!pool || !forked(pool)) return 0;
-    /* fresh locks over the parent's (whose holders may not exist here; nothing to destroy), no job posted */
-    pthread_mutex_init(&pool->run_lock, NULL);
-    pthread_mutex_init(&pool->mu, NULL);
-    pthread_cond_init(&pool->cv_work, NULL);
-    pthread_cond_init(&pool->cv_done, NULL);
-    atomic_store(&pool->generation, 0u);
-    atomic_store(&pool->remaining, 0);
+    init_sync(pool); /* fresh locks over the parent's (their holders may not exist here; nothing to destroy) */
     pool->stop = 0;
     pool->gomp_parallel = NULL;
     pool->no_openmp = 1;
-    pool->forks = atomic_load(&fork_count);
     int t = 1; /* workers of this process; if one cannot start, the pool runs on those that did */
     while (t < pool->nthreads && pthread_create(&pool->threads[t], NULL, worker_main, &pool->args[t]) == 0) t++;
     free_scratch(pool, t);
