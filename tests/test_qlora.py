@@ -186,7 +186,7 @@ def test_llama_4bit_dora_with_dropout_matches_peft_bnb_given_the_same_mask(llama
 def test_fallbacks_run_peft_and_match_it(llama_dir):
     """Where the kernels do not apply PEFT's forward runs ('peft') and gives PEFT's result: adapters
     disabled, a DoRA adapter on fp32 activations (after prepare_model_for_kbit_training), an fp32 compute
-    dtype, a hook on lora_A, forward-mode AD; and W repacked
+    dtype, a hook on lora_A or the base layer, forward-mode AD; and W repacked
     by bitsandbytes for its CPU inference kernel (``packing_format_for_cpu``, done by bnb's own forward in
     eval mode without grad) is left to bnb. (Train mode here: bnb 0.50's repacking fails on this model's
     double-quantized 64-wide weights.)"""
@@ -210,10 +210,11 @@ def test_fallbacks_run_peft_and_match_it(llama_dir):
         assert layer.backend == "peft"
         state.packing_format_for_cpu = False
         assert layer.backend == "c"
-        handle = layer.lora_A["default"].register_forward_hook(lambda mod, inp, out: out)
-        assert layer.backend == "peft"  # a hook on a module PEFT's forward calls (layers.lora_unhooked)
-        handle.remove()
-        assert layer.backend == "c"
+        for hooked in (layer.lora_A["default"], layer.get_base_layer()):
+            handle = hooked.register_forward_hook(lambda mod, inp, out: out)
+            assert layer.backend == "peft"  # a hook on a module PEFT's forward calls (layers.lora_unhooked)
+            handle.remove()
+            assert layer.backend == "c"
         with torch.autograd.forward_ad.dual_level():  # forward-mode AD (layers.under_transform)
             assert layer.backend == "peft"
         assert layer.backend == "c"

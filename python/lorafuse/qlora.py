@@ -58,7 +58,7 @@ from torch.compiler import is_compiling
 from .backend import cpu_kernels, draw_seed
 from .dora import dora_linear_half, dora_magnitude, forget_row_norms, kept_row_norms
 from .half_weight import Quant4HalfW
-from .layers import lora_unhooked, under_transform, unhooked
+from .layers import lora_unhooked, under_transform
 from .quant import Linear4bit, Weight4bit, dequantize, lora_linear_4bit, quantize_weight
 from .quant8 import Linear8bit, Weight8bit, lora_linear_8bit, quantize_weight_int8
 
@@ -91,9 +91,9 @@ PeftLinear4bit, PeftLinear8bitLt = _peft_bnb_class("Linear4bit"), _peft_bnb_clas
 
 
 def fusable_base(base: nn.Module) -> bool:
-    """bnb's Linear4bit (its forward, not overridden) without hooks, W in bnb's canonical 4-bit layout."""
-    if (BnbLinear4bit is None or not isinstance(base, BnbLinear4bit) or type(base).forward is not BnbLinear4bit.forward
-            or not unhooked(base)):
+    """bnb's Linear4bit (its forward, not overridden), W in bnb's canonical 4-bit layout (its hooks: the caller's
+    `_adapter_operands`)."""
+    if BnbLinear4bit is None or not isinstance(base, BnbLinear4bit) or type(base).forward is not BnbLinear4bit.forward:
         return False
     qs = getattr(base.weight, "quant_state", None)
     return (qs is not None and not getattr(qs, "packing_format_for_cpu", False) and len(qs.shape) == 2
@@ -107,7 +107,7 @@ def bnb_int8_scales(base: nn.Module) -> Optional[torch.Tensor]:
     moves it to ``state``. In eval mode bnb quantizes x to int8 as well (LLM.int8's inference matmul), which the
     fused kernels do not reproduce: PEFT's forward runs there."""
     if (BnbLinear8bitLt is None or not isinstance(base, BnbLinear8bitLt)
-            or type(base).forward is not BnbLinear8bitLt.forward or not unhooked(base) or not base.training
+            or type(base).forward is not BnbLinear8bitLt.forward or not base.training
             or base.state.has_fp16_weights):
         return None
     w = base.weight
@@ -370,7 +370,7 @@ class LoraLinear4bit(_LoraOnQuantized):
 
     def _lorafuse_call(self, x: torch.Tensor) -> Optional[Callable]:
         base = self._modules["base_layer"]
-        if type(base) is not Linear4bit or not unhooked(base):
+        if type(base) is not Linear4bit:  # its hooks: `_adapter_operands`
             return None
         cd = x.dtype if x.dtype in _HALF else base.compute_dtype  # as `quant.Linear4bit.forward` computes
         return None if cd is None else fused_call_4bit(self, x, base, cd)
@@ -398,7 +398,7 @@ class LoraLinear8bit(_LoraOnQuantized):
 
     def _lorafuse_call(self, x: torch.Tensor) -> Optional[Callable]:
         base = self._modules["base_layer"]
-        if type(base) is not Linear8bit or not unhooked(base):
+        if type(base) is not Linear8bit:  # its hooks: `_adapter_operands`
             return None
         return fused_call_8bit(self, x, base.weight, base.weight.SCB, base.bias)
 
