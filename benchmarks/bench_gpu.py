@@ -13,7 +13,9 @@ CPU smoke test (tiny shapes, wall-clock timing; checks the script end to end, me
 Workload: Llama-8B projections (tokens 8192; in→out 4096→4096, 4096→1024, 4096→14336, 14336→4096),
 r = 16, lora_alpha = 2r, lora_dropout = 0, bf16 base layer, PEFT's default adapter dtype (fp32:
 ``autocast_adapter_dtype=True``, the default of ``peft.get_peft_model`` and ``lorafuse.get_peft_model``;
-``--adapter-dtype bf16`` gives both adapters the base dtype instead). The three candidates are modules,
+``--adapter-dtype bf16`` gives both adapters the base dtype instead; ``--dora``: DoRA adapters, ``use_dora=True``,
+on both LoRA layers — lorafuse fuses DoRA on CUDA for adapters of the base dtype, so ``--dora --adapter-dtype bf16``
+is the row that measures it). The three candidates are modules,
 called the same way (``module(x)``, outputs allocated by the module):
 
     base   the plain ``nn.Linear(k, m, bias=False)`` in the base dtype (its forward is F.linear)
@@ -311,9 +313,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def build_layers(k: int, m: int, r: int, alpha: float, dtype: torch.dtype, adapter_fp32: bool,
-                 device: torch.device, seed: int) -> dict[str, nn.Module]:
+                 device: torch.device, seed: int, dora: bool = False) -> dict[str, nn.Module]:
     """base Linear, PEFT layer and lorafuse layer, all three on identical copies of one random W;
-    PEFT's A and B random (B ≠ 0), copied into ours."""
+    PEFT's A and B random (B ≠ 0) — and with ``dora`` (``use_dora=True``) its magnitude —, copied into ours."""
     import peft
 
     import lorafuse
@@ -325,7 +327,8 @@ def build_layers(k: int, m: int, r: int, alpha: float, dtype: torch.dtype, adapt
     base.weight.requires_grad_(False)
     peft_model = peft.get_peft_model(
         _Holder(copy.deepcopy(base)),
-        peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], init_lora_weights=False),
+        peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], init_lora_weights=False,
+                        use_dora=dora),
         autocast_adapter_dtype=adapter_fp32)
     peft_layer = peft_model.base_model.model.proj
     a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
@@ -335,7 +338,7 @@ def build_layers(k: int, m: int, r: int, alpha: float, dtype: torch.dtype, adapt
     ours_model = lorafuse.get_peft_model(
         _Holder(copy.deepcopy(base)),
         lorafuse.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"],
-                            init_lora_weights=False),
+                            init_lora_weights=False, use_dora=dora),
         autocast_adapter_dtype=adapter_fp32)
     ours_layer = ours_model.base_model.model.proj
     copy_lora_weights(peft_layer, ours_layer)
@@ -351,7 +354,7 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 def bench_shape(n: int, k: int, m: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     layers = build_layers(k, m, args.rank, args.alpha if args.alpha is not None else 2.0 * args.rank, dtype,
-                          args.adapter_dtype == "fp32", device, args.seed)
+                          args.adapter_dtype == "fp32", device, args.seed, args.dora)
     ours = layers["ours"]
     backend = ours.backend
     adapter_dtypes = {name: str(mod.lora_A["default"].weight.dtype).replace("torch.", "")
@@ -468,6 +471,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over them)")
     ap.add_argument("--iters", type=int, default=10, help="back-to-back calls per timed sample")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first")
+    ap.add_argument("--dora", action="store_true",
+                    help="DoRA adapters (use_dora=True) on both LoRA layers; fused on CUDA for adapters of the "
+                         "base dtype (--adapter-dtype bf16 on a bf16 base, or --dtype fp32)")
     add_common_args(ap, tol=2e-2, tol_help="correctness guard: max relative difference vs PEFT",
                     strict_help="ours is not on the CUDA path or fails the correctness guard")
     args = ap.parse_args(argv)
@@ -483,8 +489,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   argv)
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     print(f"# tokens={tokens} r={args.rank} alpha={alpha:g} dtype={args.dtype} adapter dtype={args.adapter_dtype} "
-          f"(autocast_adapter_dtype={args.adapter_dtype == 'fp32'}) dropout=0 | median of {args.rounds} rounds "
-          f"x {args.iters} calls, rotating order, {args.warmup} warm-up calls")
+          f"(autocast_adapter_dtype={args.adapter_dtype == 'fp32'}) dora={args.dora} dropout=0 | median of "
+          f"{args.rounds} rounds x {args.iters} calls, rotating order, {args.warmup} warm-up calls")
     head = (f"{'k→m':>11} | {'base fwd':>8} {'peft fwd':>8} {'ours fwd':>8} | {'base f+b':>8} {'peft f+b':>8} "
             f"{'ours f+b':>8} | {'ours/base':>9} {'ours/peft':>9} {'ours/peft':>9} | {'rel y':>8} | "
             f"{'mem peft':>8} {'mem ours':>8} | backend")
@@ -556,8 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = dict(meta, benchmark="bench_gpu", wall_s=wall,
                    settings={"tokens": tokens, "shapes": [f"{k}x{m}" for k, m in shapes], "rank": args.rank,
                              "alpha": alpha, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype,
-                             "autocast_adapter_dtype": args.adapter_dtype == "fp32", "rounds": args.rounds,
-                             "iters": args.iters, "warmup": args.warmup, "seed": args.seed, "tol": args.tol,
+                             "autocast_adapter_dtype": args.adapter_dtype == "fp32", "dora": args.dora,
+                             "rounds": args.rounds, "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+                             "tol": args.tol,
                              "timing": "cuda events" if device.type == "cuda" else "perf_counter"},
                    backend_seen=backends, backend_warning=backend_warning, correctness_problems=problems,
                    targets={"ours_fwd_vs_base_fwd": TARGET_FWD_VS_BASE, "ours_fb_vs_peft_fb": TARGET_FB_VS_PEFT},

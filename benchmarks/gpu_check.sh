@@ -6,14 +6,15 @@
 # Runs as is on a GPU machine that has torch (CUDA build), peft, transformers, nvcc and the nvidia-cublas
 # wheel, with no network:
 #     bash benchmarks/gpu_check.sh [OUTDIR]        (OUTDIR defaults to benchmarks/results)
-# Writes OUTDIR/gpu_<device>_<UTC time>.log, ..._layers.json and ..._train.json: a second run never
+# Writes OUTDIR/gpu_<device>_<UTC time>.log, ..._layers.json, ..._dora.json and ..._train.json: a second run never
 # overwrites the first. Steps (each under its own timeout; ~4 minutes in all on an H200, at most 8):
 #   1. what the build finds (python setup_cuda.py), then LORAFUSE_CUDA=1 pip install --no-build-isolation .
 #      (sm_90 only, unless LORAFUSE_CUDA_ARCHS says otherwise: the default build adds sm_80)
 #   2. pytest tests/test_cuda_build.py tests/test_cuda.py          (a failure is reported, the benches still run)
 #   3. benchmarks/bench_gpu.py: tokens 8192; 4096→4096, 4096→1024, 4096→14336, 14336→4096; r = 16; bf16 base,
 #      PEFT's default fp32 adapters
-#   4. benchmarks/bench_gpu_train.py: 2-layer Llama-8B-shaped model, bf16, batch 4 × 2048, r = 16 on all
+#   4. the same with --dora --adapter-dtype bf16 on 4096→4096 and 4096→14336 (DoRA, adapters and magnitude in bf16)
+#   5. benchmarks/bench_gpu_train.py: 2-layer Llama-8B-shaped model, bf16, batch 4 × 2048, r = 16 on all
 #      seven projections, AdamW step
 # Exit status: non-zero if the build, the tests or a benchmark failed.
 set -euo pipefail
@@ -69,11 +70,18 @@ timeout 100 "$PY" benchmarks/bench_gpu.py --tokens 8192 --rank 16 \
 BENCH_RC=$?
 set -e
 
+step "DoRA layer benchmark (bf16 base, bf16 adapters and magnitude: the DoRA lorafuse fuses on CUDA)"
+set +e
+timeout 60 "$PY" benchmarks/bench_gpu.py --dora --adapter-dtype bf16 --tokens 8192 --rank 16 \
+    --shapes 4096x4096,4096x14336 --json "${STEM}_dora.json"
+DORA_RC=$?
+set -e
+
 step "training-step benchmark (2-layer Llama-8B-shaped, bf16, fp32 adapters)"
 set +e
 timeout 120 "$PY" benchmarks/bench_gpu_train.py --json "${STEM}_train.json"
 TRAIN_RC=$?
 set -e
 
-step "done: tests rc=$TEST_RC, layer bench rc=$BENCH_RC, train bench rc=$TRAIN_RC (log: $LOG)"
-[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$TRAIN_RC" -eq 0 ]
+step "done: tests rc=$TEST_RC, layer bench rc=$BENCH_RC, DoRA bench rc=$DORA_RC, train bench rc=$TRAIN_RC (log: $LOG)"
+[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$DORA_RC" -eq 0 ] && [ "$TRAIN_RC" -eq 0 ]

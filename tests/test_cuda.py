@@ -344,17 +344,18 @@ def _tiny_llama(dtype):
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _lora_config():
-    """A fresh LoRA config (r 8, no dropout, random B ≠ 0) on every projection of `_tiny_llama`, for
-    either side (``lorafuse.LoraConfig`` is PEFT's own class)."""
+def _lora_config(dora=False):
+    """A fresh LoRA config (r 8, no dropout, random B ≠ 0; DoRA with ``dora``) on every projection of
+    `_tiny_llama`, for either side (``lorafuse.LoraConfig`` is PEFT's own class)."""
     peft = pytest.importorskip("peft")
-    return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules=TARGETS)
+    return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules=TARGETS,
+                           use_dora=dora)
 
 
-def _peft_model(base):
-    """Stock PEFT on ``base``, adapters in the base's dtype (``autocast_adapter_dtype=False``)."""
+def _peft_model(base, dora=False):
+    """Stock PEFT on ``base``, adapters (and DoRA magnitudes) in the base's dtype (``autocast_adapter_dtype=False``)."""
     peft = pytest.importorskip("peft")
-    return peft.get_peft_model(base, _lora_config(), autocast_adapter_dtype=False)
+    return peft.get_peft_model(base, _lora_config(dora), autocast_adapter_dtype=False)
 
 
 def _fused_layers(model):
@@ -425,6 +426,72 @@ def test_llama_vs_peft_bf16_no_worse_than_peft():
         ep = (g_peft[name] - g_ref[name]).abs().max().item() / scale
         eo = (g_ours[name] - g_ref[name]).abs().max().item() / scale
         assert eo <= 2 * ep + 1e-2, (name, eo, ep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_llama_dora_vs_peft(dtype):
+    """DoRA adapters (``use_dora=True``, adapters and magnitudes in the base dtype) run on the CUDA LoRA plan
+    (`lorafuse.dora.dora_linear`: z̃ from these kernels, ν without W + s·B·A). fp32: logits and every adapter
+    gradient, the magnitudes' included, equal PEFT's DoRA within fp32 rounding (as the LoRA test above); bf16:
+    no further from a float64 copy of the model than PEFT's own bf16 results (2× + slack)."""
+    model = _peft_model(_tiny_llama(dtype), dora=True)
+    fused = _fuse(model)
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE)
+    l_peft, g_peft = _run(model, ids)
+    l_ours, g_ours = _run(fused, ids)
+    _assert_ran_fused(fused)
+    assert g_peft.keys() == g_ours.keys() and len(g_peft) == 3 * 7 * 2
+    assert sum("lora_magnitude_vector" in name for name in g_peft) == 7 * 2
+    if dtype == torch.float32:
+        torch.testing.assert_close(l_ours, l_peft, rtol=1e-5, atol=1e-5)
+        for name in g_peft:
+            err = (g_ours[name] - g_peft[name]).abs().max().item()
+            assert err <= 1e-4 * g_peft[name].abs().max().item() + 1e-7, (name, err)
+        return
+    l_ref, g_ref = _run(copy.deepcopy(model).to(torch.float64), ids)
+    ep, gp = _errors(l_ref, g_ref, l_peft, g_peft)
+    eo, go = _errors(l_ref, g_ref, l_ours, g_ours)
+    assert eo <= 2 * ep + 1e-3, (eo, ep)
+    for name in g_ref:
+        assert go[name] <= 2 * gp[name] + 1e-2, (name, go[name], gp[name])
+
+
+def test_dora_with_dropout_vs_float64():
+    """One DoRA layer with dropout 0.25 on CUDA tensors (fp32): output and the gradients of x, A, B and the
+    magnitude against `dora_reference` in float64 on the CPU with the kernels' mask for the same seed."""
+    from lorafuse.backend import DISPATCH, mask_for
+    from lorafuse.dora import dora_linear, dora_reference
+
+    x, W, b, A, B, g = _problem((3, 11), 40, 24, 4, torch.float32)
+    mag = torch.linalg.norm(W, dim=1) * 1.5
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B, mag)]
+    y = dora_linear(leaves[0], W, b, *leaves[1:3], leaves[3], 2.0, 0.25, 1234, False, kern=DISPATCH)
+    y.backward(g)
+    ref = [t.detach().cpu().double().requires_grad_(True) for t in (x, A, B, mag)]
+    mask = mask_for(ref[0].detach().reshape(-1, 40), 0.25, 1234).view(ref[0].shape)
+    y_ref = dora_reference(ref[0], W.cpu().double(), b.cpu().double(), ref[1], ref[2], ref[3], 2.0, False, mask)
+    y_ref.backward(g.cpu().double())
+    torch.testing.assert_close(y.detach().cpu().double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("dx", "dA", "dB", "dmag"), leaves, ref):
+        err = (got.grad.cpu().double() - want.grad).abs().max().item()
+        assert err <= 1e-5 * want.grad.abs().max().item() + 1e-6, (name, err)
+
+
+def test_dora_fp32_adapters_on_bf16_runs_peft():
+    """DoRA with PEFT's default fp32 adapters and magnitude on a bf16 base is not fused on CUDA (PEFT adds its
+    fp32 DoRA term to the rounded base result; no kernel here does that): PEFT's own forward runs."""
+    peft = pytest.importorskip("peft")
+    import lorafuse
+
+    model = peft.get_peft_model(_tiny_llama(torch.bfloat16), _lora_config(dora=True))
+    fused = copy.deepcopy(model)
+    assert lorafuse.fuse_peft_model(fused) == 2 * len(TARGETS)
+    assert {m.backend for m in _fused_layers(fused)} == {"peft"}
+    ids = torch.randint(0, 96, (2, 17), device=DEVICE)
+    l_peft, _ = _run(model, ids)
+    l_ours, _ = _run(fused, ids)
+    _assert_ran_fused(fused, "peft")
+    torch.testing.assert_close(l_ours, l_peft, rtol=1e-6, atol=1e-6)  # PEFT's code on identical copies
 
 
 def test_cuda_info_reports_build():

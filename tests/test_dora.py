@@ -2,7 +2,8 @@
 parity — logits, loss, every gradient with the magnitude vectors, eval with dropout configured, merge and
 merge_and_unload — is test_peft_parity's tests in their DoRA cases; here: dropout in training (PEFT given
 lorafuse's masks), double backward, files both ways, the row norms against the
-explicit m×k matrix, the fused function's backward in float64, and the kept norms' invalidation."""
+explicit m×k matrix, the fused function's backward in float64, the kept norms' invalidation, and which DoRA
+operands go to the CUDA path (tests/test_cuda.py runs that path on a GPU)."""
 from __future__ import annotations
 
 import copy
@@ -308,3 +309,27 @@ def test_peft_initialisations_equal_peft_and_train_fused(init: str, dora: bool) 
     want, got = _run(theirs.train(), inputs), _run(ours.train(), inputs)
     assert _paths(ours) == {"c"}
     _assert_match(got, want)
+
+
+@pytest.mark.parametrize("wdt,adt,compiling,fused", [
+    (torch.float32, torch.float32, False, True), (torch.bfloat16, torch.bfloat16, False, True),
+    (torch.float16, torch.float16, False, True), (torch.bfloat16, torch.float32, False, False),
+    (torch.float32, torch.float32, True, False)])
+def test_which_dora_operands_fuse_off_the_cpu(wdt, adt, compiling, fused) -> None:
+    """Off the CPU (meta tensors here; CUDA on a GPU) a DoRA adapter goes to `dora_linear` — z̃ on the kernels
+    `backend.forward` picks for the device — for adapters and magnitude of W's dtype in eager mode; fp32 adapters
+    on a half W, and torch.compile's tracing (a seed tensor), run PEFT's forward."""
+    from lorafuse.backend import DISPATCH
+    from lorafuse.dora import dora_linear, dora_operands
+
+    def meta(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    seed = torch.zeros(1, dtype=torch.int64) if compiling else 0
+    operands = (meta(4, 8, dtype=wdt), meta(6, 8, dtype=wdt), None, meta(2, 8, dtype=adt), meta(6, 2, dtype=adt),
+                2.0, 0.0, seed, False, None, DISPATCH)
+    got = dora_operands(operands, meta(6, dtype=adt), RowNorms())
+    assert (got is not None) == fused
+    if fused:
+        run, args = got
+        assert run is dora_linear and args[:5] == operands[:5] and args[-1] is DISPATCH

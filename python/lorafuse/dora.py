@@ -25,7 +25,8 @@ while W, A and B are unchanged (inference, several forwards between optimizer st
 (..., m) kept for dμ, and c, ν (m); never an m×k temporary. The mask is lorafuse's seeded hash (as for LoRA:
 statistically, not bitwise, PEFT's torch dropout). While torch.compile traces, `dora_linear_op` runs z̃ on the
 `lorafuse::lora_forward` operator and the rest in traceable torch ops, x̃ from the `lorafuse::dropout_mask`
-operator. A bf16 / fp16 base with PEFT's fp32 adapters: `DoraHalfFunction` (eager).
+operator. A bf16 / fp16 base with PEFT's fp32 adapters: `DoraHalfFunction` (eager, CPU). On CUDA, adapters and
+magnitude of W's dtype: `DoraLinearFunction` with z̃ and the adapter backward on the CUDA LoRA plan (eager).
 """
 
 from __future__ import annotations
@@ -439,12 +440,17 @@ def dora_linear_half(x: torch.Tensor, base: HalfW, bias: Optional[torch.Tensor],
 
 def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Optional[tuple]:
     """(`dora_linear`, `dora_linear_half` or `dora_linear_op`, its arguments) from `layers.fused_operands`' tuple
-    for a DoRA adapter, or None where DoRA is not fused: anything but the C kernels on the CPU, a magnitude of
-    another dtype than W's — but float32 on a half W with float32 adapters (PEFT's default), fused by
-    `dora_linear_half` outside torch.compile, for x of W's dtype and a frozen W."""
+    for a DoRA adapter, or None where DoRA is not fused: a magnitude of another dtype than W's — but float32 on
+    a half W with float32 adapters (PEFT's default), fused on the CPU by `dora_linear_half` outside torch.compile,
+    for x of W's dtype and a frozen W. On CUDA `dora_linear` in eager mode, for adapters and magnitude of W's
+    dtype: z̃ on the CUDA LoRA plan (`lorafuse.cuda`, which `backend.forward` picks for CUDA tensors), ν, c ⊙ z̃,
+    g ⊙ c and dμ in torch ops on the GPU — never W + s·B·A (PEFT's DoRA forms it, m×k, every forward)."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
     if not x.is_cpu:
-        return None
+        if isinstance(seed, torch.Tensor) or not weight.dtype == lora_a.dtype == magnitude.dtype:
+            return None
+        return dora_linear, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache,
+                             kern)
     if weight.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == magnitude.dtype == torch.float32:
         if isinstance(seed, torch.Tensor) or x.dtype != weight.dtype or weight.requires_grad:
             return None
