@@ -20,9 +20,9 @@ batches, DoRA and the other variants.
 
 The forward is fused (`lorafuse.autograd.fused_linear`: C kernels for float32 CPU, CUDA kernels for
 fp32/fp16/bf16 and PEFT's default fp32 adapters on bf16; `lorafuse.dora` for a DoRA adapter: CPU fp32, bf16 /
-fp16 bases with fp32 or same-dtype adapters, CUDA with adapters of the base's dtype) when adapters are enabled and unmerged, exactly one active adapter is
-plain LoRA or DoRA (no other variant, no ``lora_bias``), the base layer is a plain
-nn.Linear / Conv1D, none of the modules PEFT's forward would call (base, lora_A, lora_B, dropout, DoRA
+fp16 bases with fp32 or same-dtype adapters, CUDA with adapters of the base's dtype) when adapters are enabled
+and unmerged, exactly one active adapter is plain LoRA or DoRA (no other variant, no ``lora_bias``), the base
+layer is a plain nn.Linear / Conv1D, none of the modules PEFT's forward would call (base, lora_A, lora_B, dropout, DoRA
 magnitude) has hooks or a forward set on the instance (accelerate's offload hooks: `layers.unhooked`), no
 torch.func transform or forward-mode AD is active (`layers.under_transform`), no extra forward argument is
 given (``adapter_names`` means PEFT's mixed batch), and a kernel takes the operands' dtypes
