@@ -446,18 +446,14 @@ def dora_operands(fused: tuple, magnitude: torch.Tensor, norms: RowNorms) -> Opt
     dtype: z̃ on the CUDA LoRA plan (`lorafuse.cuda`, which `backend.forward` picks for CUDA tensors), ν, c ⊙ z̃,
     g ⊙ c and dμ in torch ops on the GPU — never W + s·B·A (PEFT's DoRA forms it, m×k, every forward)."""
     x, weight, bias, lora_a, lora_b, scale, p, seed, fifo, weight_cache, kern = fused
-    if not x.is_cpu:
-        if isinstance(seed, torch.Tensor) or not weight.dtype == lora_a.dtype == magnitude.dtype:
-            return None
-        return dora_linear, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache,
-                             kern)
-    if weight.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == magnitude.dtype == torch.float32:
+    on_cpu = x.is_cpu
+    if on_cpu and weight.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == magnitude.dtype == torch.float32:
         if isinstance(seed, torch.Tensor) or x.dtype != weight.dtype or weight.requires_grad:
             return None
         return dora_linear_half, (x, DenseHalfW(weight, fifo), bias, lora_a, lora_b, magnitude, scale, p, seed, norms,
                                   kern)
-    if magnitude.dtype != weight.dtype:
+    if magnitude.dtype != weight.dtype or (not on_cpu and lora_a.dtype != weight.dtype):
         return None
-    if isinstance(seed, torch.Tensor):  # torch.compile is tracing
-        return dora_linear_op, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo)
+    if isinstance(seed, torch.Tensor):  # torch.compile is tracing: the operators on the CPU, PEFT's DoRA on CUDA
+        return (dora_linear_op, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo)) if on_cpu else None
     return dora_linear, (x, weight, bias, lora_a, lora_b, magnitude, scale, p, seed, fifo, norms, weight_cache, kern)
