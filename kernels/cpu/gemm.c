@@ -6,7 +6,9 @@
  *   jc: NC columns of C   — pack b[pc:pc+KC, jc:jc+NC] into NR-wide k-major slivers (L3)
  *   pc: KC of K           — a K block; the first one writes C, later ones accumulate
  *   ic: MC rows of C      — pack a[ic:ic+MC, pc:pc+KC] into MR-tall k-major slivers (L2)
- *   jr, ir                — the ISA micro-kernel on one MR×NR tile (registers)
+ *   jb: NB columns of C   — a KC×NB sub-block of the panel (L2, beside the A block; nb 0: NB = NR)
+ *   ir, jr                — the ISA micro-kernel on one MR×NR tile (registers); MR rows of A stay in L1
+ *                           while their tiles run over the NB columns
  * Operands are read through lf_operand, so packing (gemm_pack.c) also concatenates two K segments
  * ("augmented K": [x | s·u]·[W | B]ᵀ in one GEMM), applies a per-segment scale, applies the
  * dropout mask, and adds a rank-r term to b (W + s·B·A for the inference forward) — none of
@@ -187,6 +189,7 @@ static void gemm_block_run(gemm_job *job, int tid) {
             const int accumulate = !first || job->beta != 0.0f;
             /* tile rows and columns: MR×NR, or pair_mr × two slivers */
             const int64_t tr = how == A_IN_PLACE_PAIR ? dp->pair_mr : MR, tc = how == A_IN_PLACE_PAIR ? 2 * NR : NR;
+            const int64_t nb = dp->blk->nb > tc ? dp->blk->nb / tc * tc : tc; /* the jb block: whole tiles */
             for (int64_t ic = m0; ic < m1; ic += MC) {
                 if (lf_interrupt_pending()) { /* checked every MC×KC×NC block: ~1 ms */
                     atomic_store(&job->cancelled, 1);
@@ -197,24 +200,27 @@ static void gemm_block_run(gemm_job *job, int tid) {
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         lf_pack_a_sliver(dp, job->a, ic + ir, min64(MR, mc - ir), min64(MR, mc - ir - MR), pc, kc, MR,
                                apack + ir * ks);
-                for (int64_t jr = 0; jr < nc; jr += tc) {
-                    const int64_t nr = min64(tc, nc - jr);
-                    const float *bias =
-                        (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
-                    const float *bp = bpanel + jr * ks;
-                    if (by_sliver) lf_pack_b_panel(dp, job->b, jc + jr, nr, pc, kc, NR, bpack + jr * ks);
+                for (int64_t jb = 0; jb < nc; jb += nb) {
+                    const int64_t jend = min64(jb + nb, nc);
+                    for (int64_t jr = jb; by_sliver && jr < jend; jr += NR)
+                        lf_pack_b_panel(dp, job->b, jc + jr, min64(NR, nc - jr), pc, kc, NR, bpack + jr * ks);
                     for (int64_t ir = 0; ir < mc; ir += tr) {
-                        float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
                         const int64_t mr = min64(tr, mc - ir);
-                        if (how == A_PACKED) {
-                            dp->ukernel(kc, apack + ir * ks, bp, ct, job->ldc, mr, nr, accumulate, bias);
-                            continue;
+                        const float *arow = how == A_PACKED ? apack + ir * ks : a0->v.p + (ic + ir) * a0->v.rs + pc;
+                        for (int64_t jr = jb; jr < jend; jr += tc) {
+                            const int64_t nr = min64(tc, nc - jr);
+                            const float *bias =
+                                (first && job->beta == 0.0f && job->bias) ? job->bias + jc + jr : NULL;
+                            const float *bp = bpanel + jr * ks;
+                            float *ct = job->c + (ic + ir) * job->ldc + jc + jr;
+                            if (how == A_PACKED)
+                                dp->ukernel(kc, arow, bp, ct, job->ldc, mr, nr, accumulate, bias);
+                            else if (how == A_IN_PLACE_PAIR)
+                                dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * kc, ct, job->ldc, mr, nr, accumulate,
+                                                 bias);
+                            else
+                                dp->ukernel_direct(kc, arow, a0->v.rs, bp, ct, job->ldc, mr, nr, accumulate, bias);
                         }
-                        const float *arow = a0->v.p + (ic + ir) * a0->v.rs + pc;
-                        if (how == A_IN_PLACE_PAIR)
-                            dp->ukernel_pair(kc, arow, a0->v.rs, bp, NR * kc, ct, job->ldc, mr, nr, accumulate, bias);
-                        else
-                            dp->ukernel_direct(kc, arow, a0->v.rs, bp, ct, job->ldc, mr, nr, accumulate, bias);
                     }
                 }
             }

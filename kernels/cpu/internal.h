@@ -219,10 +219,12 @@ typedef void (*lf_transpose_fn)(const float *src, int64_t rs, int rows, float sc
 void lf_transpose16_avx512(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
 void lf_transpose8_avx2(const float *src, int64_t rs, int rows, float scale, float *dst, int64_t ld);
 
-/* Goto/BLIS cache blocks of one register tile: KC×NR B-sliver in L1, MC×KC A-block in L2,
- * KC×NC B-panel in L3. */
+/* Goto/BLIS cache blocks of one register tile: MC×KC A-block in L2, KC×NC B-panel in L3, and within them
+ * NB columns of the panel (a KC×NB sub-block, in L2 beside the A block) that each MR rows of the A block run
+ * over before the next MR rows: their KC×MR A micro-panel (or the MR rows read in place) stays in L1 across
+ * NB/NR tiles. nb 0: one tile's columns at a time (each B sliver over all of the A block's rows). */
 typedef struct {
-    int64_t kc, mc, nc;
+    int64_t kc, mc, nc, nb;
 } lf_blocking;
 
 /* Every number that chooses a path, a blocking or a thread count, for one ISA: the table is
