@@ -3,6 +3,7 @@
  * arguments parsed here, the body shared with lora_forward / lora_backward's half path (half.c). x and g
  * bfloat16 or float16 (torch tensors through DLPack, or NumPy float16), W of their dtype, A, B and
  * col_scale float32, bias float32 or the base's dtype; no dropout (DoRA with dropout stays in Python).
+ * dora_grad_scale: the float32 layer's pass over g (g ⊙ c and Σ g ⊙ z̃ at once; lf_dora_grad_f32).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -90,4 +91,61 @@ PyObject *lf_py_dora_backward(PyObject *self, PyObject *args, PyObject *kw) {
                                 Py_None, oplan, 0.0f, 0.0f, 0,    fifo, need_dx, oplan != Py_None ? &force : NULL,
                                 ocol,    oz,    need_dc};
     return run_half(self, F, oscale, og, "g", "(..., m)", NULL, &call);
+}
+
+const char lf_py_dora_grad_scale_doc[] =
+    "dora_grad_scale(g, col_scale, z=None) -> (g_scaled, dc or None)\n\n"
+    "DoRA's pass over a float32 upstream gradient: g_scaled = g ⊙ col_scale (g's shape, C-contiguous) and\n"
+    "dc = Σ_i g ⊙ z (m,) float32 — the magnitude's gradient times the norms — in one read of g and z.\n"
+    "g (..., m) float32, any strides; col_scale (m,) float32; z (g's shape) float32, or None: dc not summed.";
+
+PyObject *lf_py_dora_grad_scale(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *F = "dora_grad_scale";
+    static char *kwlist[] = {"g", "col_scale", "z", NULL};
+    PyObject *og, *ocol, *oz = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:dora_grad_scale", kwlist, &og, &ocol, &oz)) return NULL;
+    lf_state *st = PyModule_GetState(self);
+    lf_py_arr_list L = {{0}, 0};
+    PyArrayObject *g, *col, *z = NULL, *g2, *z2 = NULL, *out, *dc = NULL;
+    if (!(g = lf_py_keep(&L, lf_py_as_f32(st, og, F, "g"))) || lf_py_check_ndim(F, "g", g, 0, "(..., m)")) goto fail;
+    const npy_intp m = PyArray_DIM(g, PyArray_NDIM(g) - 1);
+    if (!(col = lf_py_keep(&L, lf_py_as_f32(st, ocol, F, "col_scale"))) ||
+        lf_py_check_ndim(F, "col_scale", col, 1, "(m,)") || lf_py_check_dim(F, "col_scale", "(m,) with m = g.shape[-1]",
+                                                                           col, 0, m) ||
+        !(col = lf_py_keep(&L, lf_py_contiguous_if(col, 1))))
+        goto fail;
+    if (oz != Py_None) {
+        if (!(z = lf_py_keep(&L, lf_py_as_f32(st, oz, F, "z")))) goto fail;
+        int same = PyArray_NDIM(z) == PyArray_NDIM(g);
+        for (int d = 0; same && d < PyArray_NDIM(g); d++) same = PyArray_DIM(z, d) == PyArray_DIM(g, d);
+        if (!same) {
+            PyObject *gs = lf_py_shape_str(g), *zs = lf_py_shape_str(z);
+            if (gs && zs) PyErr_Format(PyExc_ValueError, "%s: z must have g's shape %U, got %U", F, gs, zs);
+            Py_XDECREF(gs);
+            Py_XDECREF(zs);
+            goto fail;
+        }
+        if (!(z2 = lf_py_keep(&L, lf_py_flatten_2d(z, m))) || !(z2 = lf_py_keep(&L, lf_py_contiguous_if(z2, 1))) ||
+            !(dc = lf_py_keep(&L, lf_py_new_output(st, col, m))))
+            goto fail;
+    }
+    if (!(out = lf_py_keep(&L, lf_py_new_output(st, g, m))) || !(g2 = lf_py_keep(&L, lf_py_flatten_2d(g, m)))) goto fail;
+    {
+        const npy_intp n = PyArray_DIM(g2, 0);
+        const lf_view vg = lf_py_view2(g2);
+        const float *pc = PyArray_DATA(col), *pz = z2 ? PyArray_DATA(z2) : NULL;
+        float *po = PyArray_DATA(out), *pdc = dc ? PyArray_DATA(dc) : NULL;
+        lf_py_sigint_guard guard;
+        lf_pool *pool = lf_py_kernel_begin(st, 3.0 * (double)n * (double)m, &guard);
+        int status;
+        Py_BEGIN_ALLOW_THREADS status = lf_dora_grad_f32(pool, n, m, vg, pc, pz, m, po, pdc);
+        Py_END_ALLOW_THREADS
+        if (lf_py_kernel_end(st, &guard, status, F)) goto fail;
+    }
+    PyObject *res = PyTuple_Pack(2, (PyObject *)out, dc ? (PyObject *)dc : Py_None);
+    lf_py_drop_all(&L);
+    return res;
+fail:
+    lf_py_drop_all(&L);
+    return NULL;
 }

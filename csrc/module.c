@@ -472,7 +472,7 @@ static PyMethodDef methods[] = {
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
     {"pack_weight", (PyCFunction)(void (*)(void))py_pack_weight, METH_VARARGS | METH_KEYWORDS, pack_weight_doc},
     LF_PY_GEMM_METHODS, /* sgemm, hgemm, hgemm_path (hgemm.c) */
-    LF_PY_DORA_METHODS, /* dora_forward, dora_backward (dora.c) */
+    LF_PY_DORA_METHODS, /* dora_forward, dora_backward, dora_grad_scale (dora.c) */
     LF_PY_QUANT_METHODS, /* dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c) */
     LF_PY_Q4GEMM_METHODS, /* q4gemm, q4gemm_path (quant.c) */
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_VARARGS | METH_KEYWORDS, dropout_doc},

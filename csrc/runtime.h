@@ -91,12 +91,13 @@ PyObject *lf_py_hgemm_path(PyObject *module, PyObject *args, PyObject *kw);
 int lf_py_parse_alpha_beta(const char *F, PyObject *oalpha, PyObject *obeta, PyObject *oc, PyObject *obias,
                            float *alpha, float *beta);
 
-/* _C.dora_forward, dora_backward (dora.c): the half-base kernels with DoRA's column scale; LF_PY_DORA_METHODS:
- * their entries of the module's method table. */
-extern const char lf_py_dora_forward_doc[], lf_py_dora_backward_doc[];
+/* _C.dora_forward, dora_backward (dora.c): the half-base kernels with DoRA's column scale, and dora_grad_scale (the
+ * float32 layer's pass over g); LF_PY_DORA_METHODS: their entries of the module's method table. */
+extern const char lf_py_dora_forward_doc[], lf_py_dora_backward_doc[], lf_py_dora_grad_scale_doc[];
 PyObject *lf_py_dora_forward(PyObject *module, PyObject *args, PyObject *kw);
 PyObject *lf_py_dora_backward(PyObject *module, PyObject *args, PyObject *kw);
-#define LF_PY_DORA_METHODS LF_PY_KW_METHOD(dora_forward), LF_PY_KW_METHOD(dora_backward)
+PyObject *lf_py_dora_grad_scale(PyObject *module, PyObject *args, PyObject *kw);
+#define LF_PY_DORA_METHODS LF_PY_KW_METHOD(dora_forward), LF_PY_KW_METHOD(dora_backward), LF_PY_KW_METHOD(dora_grad_scale)
 
 /* _C.dequant_4bit, quant_4bit, double_quant, quant_tables (quant.c): bitsandbytes' 4-bit weight storage
  * (lorafuse/quant.h); LF_PY_QUANT_METHODS: their entries of the module's method table. */

@@ -136,6 +136,31 @@ def test_fused_function_gradients_float64(fifo: bool, bias: bool, p: float) -> N
         torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("fifo, p", [(False, 0.0), (True, 0.3)])
+def test_float32_backward_scales_g_in_one_kernel_pass(monkeypatch, fifo: bool, p: float) -> None:
+    """On the C kernels the float32 layer forms g' = g ⊙ c and Σ g ⊙ z̃ in one pass (`ops.dora_grad_scale`, once per
+    backward), and every gradient — μ's from that pass — matches `dora_reference` in float64."""
+    from lorafuse import ops
+
+    calls = []
+    real = ops.dora_grad_scale
+    monkeypatch.setattr(ops, "dora_grad_scale", lambda *a: calls.append(a[2] is not None) or real(*a))
+    gen = torch.Generator().manual_seed(9)
+    n, k, m, r, s = 33, 40, 25, 4, 0.8
+    x, W, A, B = (torch.randn(*shape, generator=gen) for shape in ((n, k), (k, m) if fifo else (m, k), (r, k), (m, r)))
+    mag, b, g = torch.rand(m, generator=gen) + 2.0, torch.randn(m, generator=gen), torch.randn(n, m, generator=gen)
+    leaves = [t.requires_grad_(True) for t in (x, b, A, B, mag)]
+    y = DoraLinearFunction.apply(x, W, b, A, B, mag, s, p, 17, fifo, None, None, ops)
+    got = torch.autograd.grad(y, leaves, g)
+    assert calls == [True]
+    wide = [t.detach().double().requires_grad_(True) for t in (x, b, A, B, mag)]
+    mask = dropout_mask(n, k, p, 17, dtype=torch.float64, device=x.device) if p else None
+    want = torch.autograd.grad(dora_reference(wide[0], W.double(), wide[1], wide[2], wide[3], wide[4], s, fifo, mask),
+                               wide, g.double())
+    for got_t, want_t in zip(got, want):
+        torch.testing.assert_close(got_t.double(), want_t, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("kind, fifo, bias, p", [("dense", False, True, 0.0), ("dense", True, False, 0.0),
                                                  ("dense", False, True, 0.3), ("dense", True, True, 0.3),

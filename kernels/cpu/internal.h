@@ -181,11 +181,12 @@ int lf_rank_rows(lf_pool *pool, int64_t n, int64_t cols, int64_t r, lf_view v, l
                  const lf_mask *mask, float *c, int64_t ldc, lf_dtype pre_dt, lf_dtype out_dt, uint16_t *out,
                  int64_t ldo, const lf_cols_affine *aff);
 
-/* col_scale.c: DoRA's g' on a half base — gh[i·m + j] = round_dt(g[i, j]·c[j]) for g (n, m) bf16 / fp16 of
- * any strides, gh C-contiguous (or NULL: not formed) — and, when dc is not NULL, dc[j] = Σ_i g[i, j]·z[i·ldz + j] (fp32 sums, per
- * thread then added in thread order). Rows on the pool. */
+/* col_scale.c: DoRA's g' — gh[i·m + j] = round_dt(g[i, j]·c[j]) for g (n, m) float32 / bf16 / fp16 of any
+ * strides, gh C-contiguous in dt (float for LF_DT_F32, else uint16_t bits; NULL: not formed) — and, when dc is
+ * not NULL, dc[j] = Σ_i g[i, j]·z[i·ldz + j] (fp32 sums, per thread then added in thread order). Rows on the
+ * pool. */
 int lf_scale_cols(lf_pool *pool, int64_t n, int64_t m, lf_tview g, const float *c, const float *z, int64_t ldz,
-                  lf_dtype dt, uint16_t *gh, float *dc);
+                  lf_dtype dt, void *gh, float *dc);
 
 /* Largest rank the skinny kernels take (beyond it a GEMM's packing pays for itself). */
 #define LF_SKINNY_MAX_R 64

@@ -221,7 +221,7 @@ class DoraLinearFunction(torch.autograd.Function):
             return _differentiable_backward(grad, x, weight, lora_a, lora_b, magnitude, scale, p, seed, fifo, has_bias,
                                             need) + (None,) * 7
         m = grad.shape[-1]
-        g_scaled = grad * c                                   # g' = g ⊙ c
+        g_scaled, dc = _scaled_grad(grad, c, z, need[5], kern)  # g' = g ⊙ c, dc_j = Σ_i g_ij z̃_ij
         dx = dA = dB = None
         if need[0] or need[3] or need[4]:
             dx, dA, dB = adapter_backward(g_scaled, x, u, weight, lora_a, lora_b, scale, p, seed, fifo, need[0], kern,
@@ -233,8 +233,18 @@ class DoraLinearFunction(torch.autograd.Function):
             dx = dx.reshape(-1, k).addcmul_(keep.neg_().add_(1.0), h).view(x.shape)      # + (1 − mask) ⊙ h
         dW = _weight_grad(grad, g_scaled, x, p, seed, fifo) if need[1] else None
         _, db = base_grads(grad, x.detach(), fifo, False, need[2])
-        dmag = (grad * z).reshape(-1, m).sum(0) / nu if need[5] else None  # dμ_j = Σ_i g_ij z̃_ij / ν_j
+        dmag = dc / nu if need[5] else None                    # dμ_j = Σ_i g_ij z̃_ij / ν_j
         return (dx, dW, db, dA if need[3] else None, dB if need[4] else None, dmag) + (None,) * 7
+
+
+def _scaled_grad(grad: torch.Tensor, c: torch.Tensor, z: torch.Tensor, need_dc: bool,
+                 kern: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(g' = g ⊙ c (grad's shape), dc = Σ_i g ⊙ z̃ (m) or None): a float32 g on the C kernels in one pass over g
+    and z̃ (`ops.dora_grad_scale`), else torch ops (CUDA, a bf16 / fp16 layer, the torch math)."""
+    if kern is not None and grad.dtype == torch.float32 and grad.is_cpu:
+        g_scaled, dc = kern.dora_grad_scale(grad, c, z if need_dc else None)
+        return _tensor(g_scaled), None if dc is None else _tensor(dc)
+    return grad * c, (grad * z).reshape(-1, grad.shape[-1]).sum(0) if need_dc else None
 
 
 def _weight_grad(grad: torch.Tensor, g_scaled: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int,

@@ -16,8 +16,8 @@ import numpy as np
 
 from . import _C
 
-__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "merge", "unmerge", "dropout_mask",
-           "sgemm", "hgemm", "pack_weight", "PackedWeight"]
+__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "dora_grad_scale", "merge", "unmerge",
+           "dropout_mask", "sgemm", "hgemm", "pack_weight", "PackedWeight"]
 
 
 class PackedWeight:
@@ -122,6 +122,14 @@ def dora_backward(g: Any, x: Any, u: Any, z: Any, W: Any, A: Any, B: Any, scale:
     :func:`lora_backward`'s ('masked' for dx).
     """
     return _C.dora_backward(g, x, u, z, W, A, B, scale, col_scale, need_dx, need_dc, fan_in_fan_out, plan)
+
+
+def dora_grad_scale(g: Any, col_scale: Any, z: Any = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The float32 DoRA layer's pass over g = ∂L/∂y (..., m): ``(g ⊙ col_scale, Σ_i g ⊙ z)`` — g' (g's shape),
+    the gradient the LoRA backward then runs on, and dc (m,) (DoRA's magnitude gradient is dc / ν), or None for
+    ``z=None`` — in one read of g and z (z̃ (..., m), the forward's sum before the column scale).
+    """
+    return _C.dora_grad_scale(g, col_scale, z)
 
 
 def merge(W: np.ndarray, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool = False) -> None:

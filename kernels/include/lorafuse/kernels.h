@@ -266,6 +266,12 @@ int lf_lora_backward_half(lf_pool *pool, int64_t n, int64_t k, int64_t m, int64_
                           const lf_col_scale *cs, void *dx, void *dA, void *dB, const lf_backward_plan *force,
                           lf_backward_plan *plan);
 
+/* DoRA's pass over a float32 upstream gradient g (n, m), any strides (col_scale.c), with c (m) = μ/ν:
+ *     out (n, m) C-contiguous = g ⊙ c,   dc (m) = Σ_i g_ij·z_ij (z (n, m), rows ldz ≥ m apart; dc NULL: not summed)
+ * one read of g and z; rows on the pool, dc summed per thread then in thread order. LF_EINVAL for bad sizes. */
+int lf_dora_grad_f32(lf_pool *pool, int64_t n, int64_t m, lf_view g, const float *c, const float *z, int64_t ldz,
+                     float *out, float *dc);
+
 /* out (n,k) C-contiguous = x̃ = x ⊙ mask / (1-p) for C-contiguous x — the exact mask the
  * kernels apply (for tests and for the pure-torch path). */
 int lf_dropout_f32(int64_t n, int64_t k, const float *x, float dropout_p,
