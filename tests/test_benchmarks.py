@@ -35,6 +35,9 @@ TRAIN_TWO = [r"# method: one fresh process per candidate", rf"lorafuse +peak RSS
              r"peft +peak RSS .* path peft", re.escape("ratio lorafuse/PEFT")]
 
 
+THIS_BUILD = importlib.util.find_spec("lorafuse._C").origin  # bench_builds.py compares it with itself
+
+
 NO_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                             reason="bitsandbytes not installed: the QLoRA benchmarks compare against it")
 
@@ -60,6 +63,9 @@ RUNS = [
         [rf"{row} .*lorafuse DoRA path: {C_PATH}" for row in PASS_ROWS] + ["cache off", "DoRA ratios measured"]),
     run("bench_dora.py", ["--quick", "--rounds", "1", "--dtype", "bf16"],
         [rf"{row} .*lorafuse DoRA path: {C_PATH}" for row in PASS_ROWS] + ["bf16 base", "DoRA ratios measured"]),
+    run("bench_builds.py", ["--quick", "--rounds", "1", THIS_BUILD, THIS_BUILD],
+        [rf"{row} +#0 .*\(1\.000\) +#1 " for row in ("sgemm", r"LoRA f\+b", r"DoRA f\+b")]
+        + [r"plans +#0 [^:]+: \w+/\w+ \+ \w+/\w+/\w+ +#1 [^:]+: \w+/\w+ \+ \w+/\w+/\w+", "builds measured"]),
     run("bench_ops.py", ["--quick", "--rounds", "1"],
         [rf"  {row} +[0-9.]+ +[0-9.]+ +[0-9.]+ \|" for row in PASS_ROWS]
         + [re.escape("preallocated out=/u_out="), "ratio alternating"]),

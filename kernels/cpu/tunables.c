@@ -40,9 +40,10 @@ const lf_tunables lf_tunables_avx2 = {
 
 /* 12×32 wide tile, 24×16 narrow tile (N ≤ 16: the rank-r GEMMs), 6×64 pair tile. The fields
  * shared with avx512_bf16, whose fp32 work runs these same kernels.
- * Wide blocking (Zen 4, 2026-12-07, builds loaded side by side in one process, interleaved, 2 threads): either tile
- * runs at 98-100 % of the FMA peak with its operands in L2 (a C harness over the bare tiles), 88-92 % through
- * lf_gemm at 2048³ (W packed in advance, as the layers keep it). nb 128 (the 6 rows or the 12-row A micro-panel
+ * Wide blocking (Zen 4, 2026-12-07, builds side by side in one process, interleaved: benchmarks/bench_builds.py; 2
+ * threads): either tile runs at 98-100 % of the FMA peak with its operands in L2 (a C harness over the bare tiles),
+ * through lf_gemm at 2048³ 88-92 % before this blocking and 93-96 % after (W packed in advance: the layers' opt-in
+ * cache). nb 128 (the 6 rows or the 12-row A micro-panel
  * in L1 over 128 columns; was each 32-/64-column sliver over all 120 rows) and kc 512 (was 384: four K blocks
  * at K = 2048 — four passes over C — not five and a short sixth): the fp32 LoRA layer's fwd+bwd at 2048³ 176.2
  * → 169.2 ms, DoRA's 184.5 → 175.9 (nb alone: 173.4, 178.3); 512 × 1024², 512 × 576 × 1536 and 1024 × 4096²
