@@ -109,26 +109,10 @@ PyObject *lf_py_dora_grad_scale(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *g, *col, *z = NULL, *g2, *z2 = NULL, *out, *dc = NULL;
     if (!(g = lf_py_keep(&L, lf_py_as_f32(st, og, F, "g"))) || lf_py_check_ndim(F, "g", g, 0, "(..., m)")) goto fail;
     const npy_intp m = PyArray_DIM(g, PyArray_NDIM(g) - 1);
-    if (!(col = lf_py_keep(&L, lf_py_as_f32(st, ocol, F, "col_scale"))) ||
-        lf_py_check_ndim(F, "col_scale", col, 1, "(m,)") || lf_py_check_dim(F, "col_scale", "(m,) with m = g.shape[-1]",
-                                                                           col, 0, m) ||
-        !(col = lf_py_keep(&L, lf_py_contiguous_if(col, 1))))
+    if (!(col = lf_py_dora_col_scale(st, &L, F, ocol, m, "(m,) with m = g.shape[-1]"))) goto fail;
+    if (oz != Py_None && (!(z = lf_py_dora_z(st, &L, F, oz, g)) || !(z2 = lf_py_keep(&L, lf_py_flatten_2d(z, m))) ||
+                          !(dc = lf_py_keep(&L, lf_py_new_output(st, col, m)))))
         goto fail;
-    if (oz != Py_None) {
-        if (!(z = lf_py_keep(&L, lf_py_as_f32(st, oz, F, "z")))) goto fail;
-        int same = PyArray_NDIM(z) == PyArray_NDIM(g);
-        for (int d = 0; same && d < PyArray_NDIM(g); d++) same = PyArray_DIM(z, d) == PyArray_DIM(g, d);
-        if (!same) {
-            PyObject *gs = lf_py_shape_str(g), *zs = lf_py_shape_str(z);
-            if (gs && zs) PyErr_Format(PyExc_ValueError, "%s: z must have g's shape %U, got %U", F, gs, zs);
-            Py_XDECREF(gs);
-            Py_XDECREF(zs);
-            goto fail;
-        }
-        if (!(z2 = lf_py_keep(&L, lf_py_flatten_2d(z, m))) || !(z2 = lf_py_keep(&L, lf_py_contiguous_if(z2, 1))) ||
-            !(dc = lf_py_keep(&L, lf_py_new_output(st, col, m))))
-            goto fail;
-    }
     if (!(out = lf_py_keep(&L, lf_py_new_output(st, g, m))) || !(g2 = lf_py_keep(&L, lf_py_flatten_2d(g, m)))) goto fail;
     {
         const npy_intp n = PyArray_DIM(g2, 0);

@@ -135,8 +135,29 @@ static PyArrayObject *new_typed(PyArrayObject *like, npy_intp d0, npy_intp last,
     return (PyArrayObject *)PyArray_SimpleNew(nd, dims, type);
 }
 
-/* DoRA's col_scale (m,) float32 as a C-contiguous array kept in L, after checking that the adapters are
- * float32; NULL with TypeError / ValueError */
+PyArrayObject *lf_py_dora_col_scale(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *ocol, npy_intp m,
+                                    const char *expected) {
+    PyArrayObject *col = lf_py_keep(L, lf_py_as_f32(st, ocol, F, "col_scale"));
+    if (!col || lf_py_check_ndim(F, "col_scale", col, 1, "(m,)") || lf_py_check_dim(F, "col_scale", expected, col, 0, m))
+        return NULL;
+    return PyArray_IS_C_CONTIGUOUS(col) ? col : lf_py_keep(L, (PyArrayObject *)PyArray_NewCopy(col, NPY_CORDER));
+}
+
+PyArrayObject *lf_py_dora_z(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oz, PyArrayObject *g) {
+    PyArrayObject *z = lf_py_keep(L, lf_py_as_f32(st, oz, F, "z"));
+    if (!z) return NULL;
+    if (!PyArray_SAMESHAPE(z, g)) {
+        PyObject *gs = lf_py_shape_str(g), *zs = lf_py_shape_str(z);
+        if (gs && zs) PyErr_Format(PyExc_ValueError, "%s: z must have g's shape %U, got %U", F, gs, zs);
+        Py_XDECREF(gs);
+        Py_XDECREF(zs);
+        return NULL;
+    }
+    return lf_py_keep(L, lf_py_contiguous_if(z, 1));
+}
+
+/* DoRA's col_scale (m,) float32 as a C-contiguous array kept in L (lf_py_dora_col_scale), after checking that the
+ * adapters are float32; NULL with TypeError / ValueError */
 static PyArrayObject *col_scale_arg(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *ocol, lf_tview A,
                                     npy_intp m) {
     if (A.dtype != LF_DT_F32) {
@@ -144,11 +165,7 @@ static PyArrayObject *col_scale_arg(lf_state *st, lf_py_arr_list *L, const char 
                      lf_py_dtype_name(A.dtype));
         return NULL;
     }
-    PyArrayObject *col = lf_py_keep(L, lf_py_as_f32(st, ocol, F, "col_scale"));
-    if (!col || lf_py_check_ndim(F, "col_scale", col, 1, "(m,)") ||
-        lf_py_check_dim(F, "col_scale", "(m,) with m from W", col, 0, m))
-        return NULL;
-    return PyArray_IS_C_CONTIGUOUS(col) ? col : lf_py_keep(L, (PyArrayObject *)PyArray_NewCopy(col, NPY_CORDER));
+    return lf_py_dora_col_scale(st, L, F, ocol, m, "(m,) with m from W");
 }
 
 /* a forced plan's 'augmented' path with DoRA's column scale: -1 with ValueError */
@@ -241,12 +258,7 @@ PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObjec
         const npy_intp dims1[1] = {m};
         if (!(col = col_scale_arg(st, L, F, c->ocol, A, m))) return NULL;
         if (c->need_dc) {
-            if (!(z = lf_py_keep(L, lf_py_as_f32(st, c->oz, F, "z")))) return NULL;
-            if (!PyArray_SAMESHAPE(z, g)) {
-                PyErr_Format(PyExc_ValueError, "%s: z must have g's shape (..., m)", F);
-                return NULL;
-            }
-            if (!(z = lf_py_keep(L, lf_py_contiguous_if(z, 1))) ||
+            if (!(z = lf_py_dora_z(st, L, F, c->oz, g)) ||
                 !(dc = lf_py_keep(L, (PyArrayObject *)PyArray_SimpleNew(1, dims1, NPY_FLOAT32))))
                 return NULL;
         }

@@ -32,6 +32,15 @@ typedef struct {
  * W as an ndarray (a new reference, or NULL for a handle or an object that is none), for the caller to reuse. */
 int lf_py_half_weight(lf_state *st, PyObject *oW, lf_dtype *dt, PyArrayObject **arr);
 
+/* DoRA's arguments, for dora_forward / dora_backward here and dora_grad_scale (dora.c); NULL with the exception
+ * set (TypeError / ValueError naming them):
+ *   lf_py_dora_col_scale: col_scale (m,) float32, C-contiguous (copied if it is not), kept in L; `expected` says
+ *                         where m comes from, for the error
+ *   lf_py_dora_z:         z float32 of g's shape, C-contiguous, kept in L */
+PyArrayObject *lf_py_dora_col_scale(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *ocol, npy_intp m,
+                                    const char *expected);
+PyArrayObject *lf_py_dora_z(lf_state *st, lf_py_arr_list *L, const char *F, PyObject *oz, PyArrayObject *g);
+
 PyObject *lf_py_lora_forward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *x, lf_dtype xdt,
                                   const lf_py_forward_call *c);
 PyObject *lf_py_lora_backward_half(lf_state *st, lf_py_arr_list *L, PyArrayObject *g, lf_dtype gdt,
